@@ -1,0 +1,387 @@
+"""Byzantine-robust screening of factored LoRA updates (pure tensor math, no I/O).
+
+Every statistic is taken on the real update ``U_i = s_i B_i A_i`` (d_out x d_in)
+without forming it: ``<U_i, U_j>_F = s_i s_j sum((B_iᵀ B_j) * (A_i A_jᵀ))`` costs
+``O((d_out + d_in) r_i r_j)`` and is computed in float64. A round is summarised
+by the N x N Gram matrix of the clients' adapter-wide updates (the sum of the
+per-module Grams). Norms, pairwise distances, distances to any combination
+``sum_k alpha_k U_k``, clipping (a diagonal rescaling of the Gram) and the
+geometric median (Weiszfeld on the coefficients alpha) all follow from it, so a
+robust aggregate is always a *reweighting* of the clients that the exact engine
+then aggregates factored.
+
+What each piece guarantees:
+
+* non-finite (NaN/Inf) or malformed clients are excluded before any statistic,
+  so one poisoned client cannot disable the defences;
+* clipping: after it every kept client's adapter-wide (or per-module) update has
+  Frobenius norm <= C, hence moves a weighted mean by at most ``w_i * C``;
+* outlier tests (median/MAD robust z on log norms and on log distances to the
+  geometric median): tolerate up to half the clients being arbitrary; they can
+  fire at any N >= 3 (the classic z-score cannot exceed (n-1)/sqrt(n));
+  they are heuristics, not a bound;
+* ``geomedian``: breakdown point 1/2. If attackers hold less than half the
+  weight, the result stays within a constant factor of the honest clients'
+  spread around their centre however large the attack (Minsker 2015, Lemma 2.1);
+* ``trimmed``: the k clients farthest from the geometric median are dropped; the
+  result lies within the largest remaining distance of that median (convexity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chorus_mq.errors import AggregationError, ConfigError
+
+F64 = torch.float64
+#: modified z-score constant: 0.6745 = Phi^-1(3/4), makes MAD consistent for a normal
+_MAD_K = 0.6745
+#: Gram-derived distances carry ~sqrt(machine eps) relative noise; below this
+#: fraction of the median norm two updates are taken to coincide
+_POINT_TOL = 1e-7
+#: bounds the K x K Gram block held at once (K = summed ranks of a client chunk)
+_CHUNK_RANK = 2048
+AGGREGATES = ("mean", "trimmed", "geomedian")
+CLIP_SCOPES = ("adapter", "module")
+
+
+def _factors(u: Any) -> tuple[Tensor, Tensor, float]:
+    """(A, B, scaling) of a ClientUpdate-like object or an (A, B, scaling) tuple."""
+    A, B, s = (u[0], u[1], u[2]) if isinstance(u, (tuple, list)) else (u.A, u.B, u.scaling)
+    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ConfigError(
+            f"LoRA factors do not pair: A {tuple(A.shape)}, B {tuple(B.shape)}; "
+            "expected A (r, d_in) and B (d_out, r)"
+        )
+    return A, B, float(s)
+
+
+def is_finite_update(u: Any) -> bool:
+    """True when the factors and the scaling hold no NaN/Inf."""
+    A, B, s = _factors(u)
+    return math.isfinite(s) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+
+
+def gram_matrix(updates: Sequence[Any]) -> Tensor:
+    """float64 N x N matrix of ``<U_i, U_j>_F`` for one module, never forming U_i."""
+    fs = [_factors(u) for u in updates]
+    shapes = {(B.shape[0], A.shape[1]) for A, B, _ in fs}
+    if len(shapes) > 1:
+        raise ConfigError(f"updates of one module disagree on (d_out, d_in): {sorted(shapes)}")
+    # Clients are processed in chunks so the (K x K) blocks stay bounded; within a
+    # chunk one product of the concatenated factors yields every r_i x r_j block.
+    chunks, cur, k = [], [], 0
+    for i, (A, _, _) in enumerate(fs):
+        if cur and k + A.shape[0] > _CHUNK_RANK:
+            chunks.append(cur)
+            cur, k = [], 0
+        cur.append(i)
+        k += A.shape[0]
+    if cur:
+        chunks.append(cur)
+    packed = [_pack(fs, idx) for idx in chunks]
+    G = torch.zeros(len(fs), len(fs), dtype=F64)
+    for ci, (idx_i, Bi, Ai, own_i) in enumerate(packed):
+        for idx_j, Bj, Aj, own_j in packed[ci:]:
+            H = (Bi.T @ Bj) * (Ai @ Aj.T)
+            rows = torch.zeros(len(idx_i), H.shape[1], dtype=F64).index_add_(0, own_i, H)
+            block = torch.zeros(len(idx_i), len(idx_j), dtype=F64).index_add_(1, own_j, rows)
+            G[_ix(idx_i, idx_j)] = block
+            G[_ix(idx_j, idx_i)] = block.T
+    s = torch.tensor([f[2] for f in fs], dtype=F64)
+    return G * torch.outer(s, s)
+
+
+def _ix(rows: list[int], cols: list[int]) -> tuple[Tensor, Tensor]:
+    """Index pair selecting the rows x cols sub-block (torch has no np.ix_)."""
+    return torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]
+
+
+def _pack(fs, idx):
+    B = torch.cat([fs[i][1].to(F64) for i in idx], dim=1)
+    A = torch.cat([fs[i][0].to(F64) for i in idx], dim=0)
+    ranks = torch.tensor([fs[i][0].shape[0] for i in idx])
+    return idx, B, A, torch.repeat_interleave(torch.arange(len(idx)), ranks)
+
+
+def pairwise_distances(gram: Tensor) -> Tensor:
+    """``||U_i - U_j||_F`` for all pairs, from the Gram matrix."""
+    d = torch.diagonal(gram)
+    d2 = (d[:, None] + d[None, :] - 2 * gram).clamp_min(0.0)
+    return d2.sqrt().fill_diagonal_(0.0)
+
+
+def distances_to(gram: Tensor, alpha: Tensor) -> Tensor:
+    """``||U_i - sum_k alpha_k U_k||_F`` for every i, from the Gram matrix."""
+    ga = gram @ alpha
+    return (torch.diagonal(gram) - 2 * ga + alpha @ ga).clamp_min(0.0).sqrt()
+
+
+def update_norm(A: Tensor, B: Tensor, scaling: float = 1.0) -> float:
+    """``||scaling * B @ A||_F`` via r x r Gram products, in float64."""
+    return math.sqrt(max(gram_matrix([(A, B, scaling)])[0, 0].item(), 0.0))
+
+
+def update_distance(u: Any, v: Any) -> float:
+    """``||U_u - U_v||_F`` of two (A, B, scaling) updates, from the Gram of [B_u|B_v], [A_u;A_v]."""
+    return pairwise_distances(gram_matrix([u, v]))[0, 1].item()
+
+
+def robust_z(x: Tensor, min_spread: float = 0.0) -> Tensor:
+    """Modified z-scores ``0.6745 (x - median) / max(MAD, min_spread)``.
+
+    When the scale is 0 (more than half the values equal), any value off the
+    median scores +-inf: a strict majority agreeing exactly makes it an outlier.
+    """
+    x = x.to(F64)
+    med = torch.quantile(x, 0.5)  # interpolated; torch.median picks the lower middle
+    dev = x - med
+    scale = max(torch.quantile(dev.abs(), 0.5).item(), min_spread)
+    if scale > 0:
+        return _MAD_K * dev / scale
+    return torch.where(dev == 0, torch.zeros_like(dev), dev.sign() * math.inf)
+
+
+def geometric_median(gram: Tensor, weights: Tensor, *, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """Convex coefficients alpha of the weighted geometric median ``sum_k alpha_k U_k``.
+
+    Weiszfeld iterations with the Vardi-Zhang step at data points, started at the
+    weighted medoid; clients of weight 0 get alpha 0. The median of the updates is
+    a reweighting of them, so it stays low-rank and exactly aggregable.
+    """
+    w = weights.to(F64) / weights.sum()
+    live = w > 0
+    norms = torch.diagonal(gram).clamp_min(0).sqrt()[live]
+    ref = norms.median().item() or norms.max().item()
+    if ref == 0.0:  # every update is zero: any combination is the median
+        return w
+    medoid = torch.where(live, pairwise_distances(gram) @ w, torch.full_like(w, math.inf)).argmin()
+    alpha = torch.zeros_like(w)
+    alpha[medoid] = 1.0
+    for _ in range(max_iter):
+        d = distances_to(gram, alpha)
+        at = live & (d <= _POINT_TOL * ref)
+        c = torch.where(live & ~at, w / d.clamp_min(_POINT_TOL * ref), torch.zeros_like(w))
+        if c.sum() == 0:  # all weight sits on the current point
+            break
+        step = c / c.sum() - alpha
+        pull = c.sum() * math.sqrt(max((step @ gram @ step).item(), 0.0))
+        # Vardi-Zhang: at a data point of weight eta, move only if the others pull harder
+        lam = min(1.0, w[at].sum().item() / pull) if pull > 0 else 1.0
+        new = alpha + (1.0 - lam) * step
+        moved = math.sqrt(max(((new - alpha) @ gram @ (new - alpha)).item(), 0.0))
+        alpha = new
+        if moved <= tol * ref:
+            break
+    return alpha
+
+
+@dataclass(frozen=True)
+class RobustPolicy:
+    """How a round is screened. Defaults: detect outliers, no clipping, weighted mean."""
+
+    detect_outliers: bool = True
+    z_threshold: float = 3.5
+    #: floor of the MAD of log norms / log distances: relative differences below
+    #: about ``z_threshold / 0.6745 * min_spread`` (5% by default) never flag
+    min_spread: float = 0.01
+    clip_norm: float | None = None
+    clip_scope: str = "adapter"
+    aggregate: str = "mean"
+    trim: int = 0
+    max_iter: int = 200
+
+    def __post_init__(self):
+        if not self.z_threshold > 0 or not self.min_spread >= 0:
+            raise ConfigError("z_threshold must be > 0 and min_spread >= 0")
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ConfigError(f"clip_norm must be a positive finite number, got {self.clip_norm!r}")
+        if self.clip_scope not in CLIP_SCOPES:
+            raise ConfigError(f"clip_scope must be one of {CLIP_SCOPES}, got {self.clip_scope!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.trim < 0 or (self.trim and self.aggregate != "trimmed"):
+            raise ConfigError("trim must be >= 0 and is only used with aggregate='trimmed'")
+
+
+@dataclass
+class ScreenResult:
+    """Outcome of screening one round.
+
+    ``weights[i]`` (sum 1, 0 when excluded) replaces client i's weight; multiply
+    client i's ``B`` of module m (once: not A too) by ``clip_factors[i, m]``.
+    """
+
+    weights: Tensor
+    excluded: dict[int, str]
+    clip_factors: Tensor
+    modules: list[str]
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i in range(len(self.weights)) if i not in self.excluded]
+
+
+def clip_update(u: Any, factor: float) -> Any:
+    """The same update with B scaled by ``factor``: the update scales linearly."""
+    if isinstance(u, (tuple, list)):
+        return type(u)([u[0], u[1] * factor, *u[2:]])
+    return dataclasses.replace(u, B=u.B * factor)
+
+
+class GramAccumulator:
+    """Ingests a round one module at a time (memory: one module x N), then screens it."""
+
+    def __init__(self, n_clients: int):
+        if n_clients < 1:
+            raise ConfigError("a round needs at least one client")
+        self.n = n_clients
+        self.modules: list[str] = []
+        self.excluded: dict[int, str] = {}
+        self._grams: list[Tensor] = []
+
+    def add(self, name: str, updates: Sequence[Any | None]) -> None:
+        """Add one module's updates (one per client; None = client lacks the module)."""
+        if len(updates) != self.n:
+            raise ConfigError(f"module {name!r}: {len(updates)} updates for {self.n} clients")
+        shapes: dict[int, tuple[int, int]] = {}
+        for i, u in enumerate(updates):
+            if i in self.excluded:
+                continue
+            try:
+                if u is None:
+                    raise ConfigError("module missing")
+                if not is_finite_update(u):
+                    raise ConfigError("non-finite values (NaN/Inf)")
+            except ConfigError as e:
+                self.excluded[i] = f"module {name!r}: {e}"
+                continue
+            A, B, _ = _factors(u)
+            shapes[i] = (B.shape[0], A.shape[1])
+        # One malformed client must not stop the round: the shape most clients agree on wins.
+        common = Counter(shapes.values()).most_common(1)
+        for i, shp in shapes.items():
+            if shp != common[0][0]:
+                self.excluded[i] = f"module {name!r}: shape {shp} differs from the round's {common[0][0]}"
+        ok = [i for i in range(self.n) if i not in self.excluded]
+        g = torch.zeros(self.n, self.n, dtype=F64)
+        if ok:
+            g[_ix(ok, ok)] = gram_matrix([updates[i] for i in ok])
+        self.modules.append(name)
+        self._grams.append(g)
+
+    def screen(self, policy: RobustPolicy | None = None, weights: Sequence[float] | None = None) -> ScreenResult:
+        """Exclude, clip and reweight the clients as ``policy`` says."""
+        policy = policy or RobustPolicy()
+        base = _base_weights(weights, self.n)
+        excluded = dict(self.excluded)
+        live = torch.tensor([i not in excluded for i in range(self.n)]) & (base > 0)
+        grams = torch.stack(self._grams) if self._grams else torch.zeros(1, self.n, self.n, dtype=F64)
+        live_grams = grams * (live[:, None] & live[None, :])  # drop rows of late-excluded clients
+        module_norms = torch.diagonal(live_grams, dim1=1, dim2=2).clamp_min(0).sqrt()
+        G = live_grams.sum(0)
+        norms = torch.diagonal(G).clamp_min(0).sqrt()
+        stats = {"norm": torch.where(live, norms, math.nan), "module_norm": module_norms.T.clone()}
+        if policy.detect_outliers and int(live.sum()) >= 3:
+            _detect(G, norms, base * live, policy, excluded, stats)
+        clip = _clip_factors(module_norms, norms, policy)
+        Gc = (live_grams * clip[:, :, None] * clip[:, None, :]).sum(0)
+        keep = torch.tensor([i not in excluded for i in range(self.n)]) & (base > 0)
+        if not keep.any():
+            raise AggregationError(
+                f"no client passed screening ({len(excluded)} excluded): {_summary(excluded)}"
+            )
+        w = base * keep
+        if policy.aggregate == "trimmed":
+            w = _trim(Gc, w, policy, excluded)
+        elif policy.aggregate == "geomedian":
+            w = geometric_median(Gc, w, max_iter=policy.max_iter)
+        return ScreenResult(w / w.sum(), excluded, clip.T.clone(), list(self.modules), stats)
+
+
+def screen(
+    clients: Sequence[Sequence[Any] | Mapping[str, Any]],
+    policy: RobustPolicy | None = None,
+    weights: Sequence[float] | None = None,
+) -> ScreenResult:
+    """Screen a round given each client's modules (a list aligned by position, or a name->update map)."""
+    acc = GramAccumulator(len(clients))
+    if clients and isinstance(clients[0], Mapping):
+        for name in sorted(set().union(*(c.keys() for c in clients))):
+            acc.add(name, [c.get(name) for c in clients])
+    else:
+        n_mod = {len(c) for c in clients}
+        if len(n_mod) != 1:
+            raise ConfigError(f"clients hold different numbers of modules: {sorted(n_mod)}")
+        for m in range(n_mod.pop()):
+            acc.add(str(m), [c[m] for c in clients])
+    return acc.screen(policy, weights)
+
+
+def _base_weights(weights, n: int) -> Tensor:
+    if weights is None:
+        return torch.ones(n, dtype=F64)
+    w = torch.as_tensor(list(weights), dtype=F64)
+    if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any():
+        raise ConfigError(f"weights must be {n} finite numbers >= 0, got {list(weights)!r}")
+    return w
+
+
+def _log_floor(x: Tensor, ref: float) -> Tensor:
+    # Values below a tiny fraction of the typical norm are noise (or exact zeros);
+    # flooring keeps the logs finite while a zero update still sits far below the rest.
+    return torch.log(x.clamp_min(_POINT_TOL * ref if ref > 0 else 1e-300))
+
+
+def _detect(G, norms, w, policy, excluded, stats) -> None:
+    live = w > 0
+    ref = norms[live].median().item() or norms[live].max().item()
+    centre = geometric_median(G, w, max_iter=policy.max_iter)
+    dist = distances_to(G, centre)
+    zn = torch.full_like(norms, math.nan)
+    zd = torch.full_like(norms, math.nan)
+    # Log scale: scaling attacks are multiplicative, and a zero update scores far low.
+    zn[live] = robust_z(_log_floor(norms[live], ref), policy.min_spread)
+    zd[live] = robust_z(_log_floor(dist[live], ref), policy.min_spread)
+    stats.update(norm_z=zn, centre_distance=torch.where(live, dist, math.nan), distance_z=zd)
+    for i in torch.nonzero(live).flatten().tolist():
+        if abs(zn[i]) > policy.z_threshold:  # two-sided: boosted and free-riding (near-zero) updates
+            excluded[i] = f"update norm {norms[i].item():.4g} is an outlier (robust z {zn[i].item():+.1f})"
+        elif zd[i] > policy.z_threshold:  # one-sided: being close to the centre is fine
+            excluded[i] = (
+                f"distance {dist[i].item():.4g} to the geometric median is an outlier "
+                f"(robust z {zd[i].item():+.1f})"
+            )
+
+
+def _clip_factors(module_norms: Tensor, norms: Tensor, policy: RobustPolicy) -> Tensor:
+    """(M, N) factors min(1, C / ||U||), adapter-wide (same for every module) or per module."""
+    if policy.clip_norm is None:
+        return torch.ones_like(module_norms)
+    ref = norms[None, :] if policy.clip_scope == "adapter" else module_norms
+    return (policy.clip_norm / ref).clamp(max=1.0).expand_as(module_norms).clone()
+
+
+def _trim(Gc: Tensor, w: Tensor, policy: RobustPolicy, excluded: dict[int, str]) -> Tensor:
+    kept = torch.nonzero(w > 0).flatten().tolist()
+    if policy.trim >= len(kept):
+        raise AggregationError(f"cannot trim {policy.trim} of {len(kept)} remaining clients")
+    dist = distances_to(Gc, geometric_median(Gc, w, max_iter=policy.max_iter))
+    w = w.clone()
+    for i in sorted(kept, key=lambda i: -dist[i].item())[: policy.trim]:
+        excluded[i] = f"trimmed: distance {dist[i].item():.4g} to the geometric median is among the {policy.trim} largest"
+        w[i] = 0.0
+    return w
+
+
+def _summary(excluded: dict[int, str]) -> str:
+    return "; ".join(f"client {i}: {r}" for i, r in sorted(excluded.items())[:5])

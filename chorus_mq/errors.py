@@ -1,0 +1,119 @@
+"""One error hierarchy. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class ChorusError(Exception):
+    """Root of every error chorus-mq raises on purpose."""
+
+    exit_code = 1
+    #: short machine-readable reason, used in events and the CLI
+    code = "error"
+
+
+class ConfigError(ChorusError):
+    """Settings or arguments that cannot work together."""
+
+    exit_code = 2
+    code = "config"
+
+
+class InvalidAdapter(ChorusError):
+    """An adapter or delta file is malformed, unsafe or inconsistent."""
+
+    exit_code = 3
+    code = "invalid_adapter"
+
+
+class ChecksumMismatch(InvalidAdapter):
+    code = "checksum_mismatch"
+
+
+class TooLarge(InvalidAdapter):
+    code = "too_large"
+
+
+class IncompatibleDelta(InvalidAdapter):
+    """Well-formed, but does not fit the federation (modules, ranks, base model)."""
+
+    code = "incompatible"
+
+
+class NotFound(ChorusError):
+    exit_code = 4
+    code = "not_found"
+
+
+class UnknownFederation(NotFound):
+    code = "unknown_federation"
+
+
+class UnknownRound(NotFound):
+    code = "unknown_round"
+
+
+class ObjectMissing(NotFound):
+    code = "object_missing"
+
+
+class Conflict(ChorusError):
+    exit_code = 5
+    code = "conflict"
+
+
+class FederationExists(Conflict):
+    code = "federation_exists"
+
+
+class RoundClosed(Conflict):
+    code = "round_closed"
+
+
+class DuplicateDelta(Conflict):
+    """A different delta from the same client in the same round."""
+
+    code = "conflicting_delta"
+
+
+class ObjectExists(Conflict):
+    """A write-once object already exists."""
+
+    code = "object_exists"
+
+
+class Rejected(ChorusError):
+    """The worker rejected an upload; ``reason`` is its explanation."""
+
+    exit_code = 6
+    code = "rejected"
+
+    def __init__(self, reason: str, code: str = "rejected"):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class AuthError(ChorusError):
+    exit_code = 7
+    code = "unauthorized"
+
+
+class AggregationError(ChorusError):
+    code = "aggregation_failed"
+
+
+class StoreError(ChorusError):
+    """Object storage failed in a way that retrying may fix."""
+
+    exit_code = 8
+    code = "store"
+
+
+class ServiceUnavailable(ChorusError):
+    exit_code = 8
+    code = "unavailable"
+
+
+class Timeout(ChorusError):
+    exit_code = 9
+    code = "timeout"

@@ -1,0 +1,1 @@
+"""Celery app and tasks that wire adapters, aggregation, store and state together."""

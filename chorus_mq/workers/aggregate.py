@@ -1,0 +1,190 @@
+"""Aggregate one round: deterministic, module by module, write-once results, manifest last, fenced finalize."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from ..adapters import DeltaFile, LoraSpec, read_residual, write_peft_adapter, write_residual
+from ..aggregation import ClientUpdate, Residual, aggregate_module, chain_residuals, weighted_mean
+from ..errors import AggregationError, InvalidAdapter, ObjectExists, ObjectMissing
+from ..layout import artifact_key, manifest_key
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+FORMAT = "chorus-round/1"
+RESULT_FILES = ("adapter_config.json", "adapter_model.safetensors", "residual.safetensors",
+                "cumulative_residual.safetensors")
+
+
+def aggregate_round(rt: Runtime, federation: str, r: int, epoch: int) -> str:
+    """Aggregate round ``r`` under ``epoch``; returns the finalize status. Idempotent."""
+    info = rt.state.round(federation, r)
+    if info["state"] != "aggregating" or int(info["epoch"]) != epoch:
+        log.info("skip %s round %s epoch %s: state %s epoch %s", federation, r, epoch, info["state"], info["epoch"])
+        return "stale"
+    key = manifest_key(federation, r)
+    try:
+        manifest_bytes = rt.store.get_bytes(key)  # an earlier run already committed the result
+    except ObjectMissing:
+        manifest_bytes = None
+    if manifest_bytes is None:
+        try:
+            manifest_bytes = _compute_and_write(rt, federation, r)
+        except (AggregationError, InvalidAdapter, ObjectMissing) as exc:
+            outcome = rt.state.fail(federation, r, epoch, f"{type(exc).__name__}: {exc}")
+            log.error("round %s/%s failed: %s (%s)", federation, r, exc, outcome.status)
+            return f"failed:{outcome.status}"
+        try:
+            rt.store.put_bytes(key, manifest_bytes, write_once=True)
+        except ObjectExists:
+            manifest_bytes = rt.store.get_bytes(key)  # a concurrent run committed first; adopt its result
+    manifest = json.loads(manifest_bytes)
+    summary = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+               "clients": [c["client_id"] for c in manifest["clients"]],
+               "strategy": manifest["strategy"]}
+    outcome = rt.state.finalize(federation, r, epoch, key, summary)
+    log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
+    return outcome.status
+
+
+def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
+    config = rt.state.config(federation)
+    records = rt.state.deltas(federation, r)  # sorted by client id: a fixed order, deterministic sums
+    if not records:
+        raise AggregationError(f"round {r} has no deltas")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=rt.spool) as tmp, contextlib.ExitStack() as stack:
+        tmpdir = Path(tmp)
+        deltas = {}
+        for client, rec in records.items():
+            path = tmpdir / f"in-{client}.safetensors"
+            rt.store.download(rec["object_key"], path, expected_sha256=rec["sha256"],
+                              max_bytes=rt.settings.max_delta_bytes)
+            deltas[client] = stack.enter_context(DeltaFile.open(path, max_header_bytes=rt.settings.max_header_bytes))
+        weights = _weights(records)
+        modules, residuals, extras = _aggregate_modules(deltas, weights, config.strategy, config.out_rank)
+        previous = _previous_cumulative(rt, federation, r, tmpdir)
+        cumulative = {}
+        for name in sorted(set(previous) | set(residuals)):
+            chained = chain_residuals(previous.get(name), residuals.get(name))
+            if chained is not None:
+                cumulative[name] = chained
+        spec = _output_spec(next(iter(deltas.values())).spec, modules)
+        out = tmpdir / "out"
+        write_peft_adapter(out, modules, spec, extras)
+        write_residual(out / "residual.safetensors", {k: _plain(v) for k, v in residuals.items()})
+        write_residual(out / "cumulative_residual.safetensors", {k: _plain(v) for k, v in cumulative.items()})
+        objects = {name: _put_artifact(rt, federation, r, out / name) for name in RESULT_FILES}
+    manifest = {
+        "format": FORMAT,
+        "federation": federation,
+        "round": r,
+        "strategy": config.strategy,
+        "base_model": config.base_model,
+        "previous_round": _previous_complete(rt, federation, r),
+        "clients": [
+            {"client_id": c, "sha256": rec["sha256"], "object_key": rec["object_key"],
+             "dataset_size": rec.get("dataset_size"), "weight": weights[c]}
+            for c, rec in records.items()
+        ],
+        "modules": len(modules),
+        "residual_bytes": sum(v.nbytes for v in residuals.values()),
+        "cumulative_residual_bytes": sum(v.nbytes for v in cumulative.values()),
+        "objects": objects,
+        "aggregation_seconds": round(time.perf_counter() - started, 4),
+    }
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def _weights(records: dict[str, dict]) -> dict[str, float]:
+    """Dataset-size weights when every client gave one, equal weights otherwise."""
+    sizes = [rec.get("dataset_size") for rec in records.values()]
+    if all(s for s in sizes):
+        total = float(sum(sizes))
+        return {c: float(rec["dataset_size"]) / total for c, rec in records.items()}
+    return {c: 1.0 / len(records) for c in records}
+
+
+def _aggregate_modules(deltas: dict[str, DeltaFile], weights: dict[str, float], strategy: str, out_rank: int):
+    """One module at a time across clients, so memory holds one module x N clients plus the outputs.
+
+    A module absent from some clients is aggregated over the clients that carry it, with
+    their weights renormalised (a client that did not train a module says nothing about it).
+    """
+    names = sorted({m for d in deltas.values() for m in d.modules})
+    modules, residuals = {}, {}
+    for name in names:
+        updates = []
+        for client, delta in deltas.items():
+            if name in delta.modules:
+                A, B = delta.factors(name)
+                updates.append(ClientUpdate(A=A, B=B, scaling=delta.spec.scaling(name, A.shape[0]),
+                                            weight=weights[client]))
+        res = aggregate_module(updates, strategy, out_rank=out_rank or None)
+        modules[name] = (res.A, res.B, res.scaling)
+        if res.residual is not None:
+            residuals[name] = res.residual
+    extras = {}
+    for key in sorted({k for d in deltas.values() for k in d.extras}):
+        holders = [c for c, d in deltas.items() if key in d.extras]
+        extras[key] = weighted_mean([deltas[c].extra(key) for c in holders], [weights[c] for c in holders])
+    return modules, residuals, extras
+
+
+def _output_spec(template: LoraSpec, modules: dict) -> LoraSpec:
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in modules}))
+    if not isinstance(template.target_modules, tuple):
+        return template  # a regex target keeps matching the same modules
+    return dataclasses.replace(template, target_modules=targets)
+
+
+def _plain(res: Residual):
+    return res.dense if res.dense is not None else (res.left, res.right)
+
+
+def _put_artifact(rt: Runtime, federation: str, r: int, path: Path) -> dict:
+    sha = _sha256_file(path)
+    key = artifact_key(federation, r, path.name, sha)
+    try:
+        rt.store.put_file(key, path, write_once=True)
+    except ObjectExists:
+        pass  # content-addressed: the object there is byte-identical
+    return {"key": key, "sha256": sha, "size": path.stat().st_size}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _previous_complete(rt: Runtime, federation: str, r: int) -> int | None:
+    for prev in range(r - 1, 0, -1):
+        if rt.state.round(federation, prev).get("state") == "complete":
+            return prev
+    return None
+
+
+def _previous_cumulative(rt: Runtime, federation: str, r: int, tmpdir: Path) -> dict[str, Residual]:
+    prev = _previous_complete(rt, federation, r)
+    if prev is None:
+        return {}
+    manifest = json.loads(rt.store.get_bytes(manifest_key(federation, prev)))
+    obj = manifest["objects"]["cumulative_residual.safetensors"]
+    path = tmpdir / "previous_cumulative.safetensors"
+    rt.store.download(obj["key"], path, expected_sha256=obj["sha256"])
+    out = {}
+    for name, value in read_residual(path).items():
+        out[name] = Residual(dense=value, left=None, right=None) if not isinstance(value, tuple) \
+            else Residual(left=value[0], right=value[1], dense=None)
+    return out

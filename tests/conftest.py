@@ -1,0 +1,38 @@
+"""Shared fixtures. Services are real and private to the session; none is ever silently skipped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .services import RedisServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server with AOF on a free port, for the whole session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def real_redis(redis_server):
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def any_redis(request):
+    """The Lua scripts run on both: fakeredis for speed, a real server for truth."""
+    if request.param == "fakeredis":
+        import fakeredis
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    else:
+        yield request.getfixturevalue("real_redis")
