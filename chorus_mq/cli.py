@@ -63,11 +63,14 @@ def main(ctx: click.Context, redis_url: str | None, store: str | None) -> None:
 @click.option("--queues", "-Q", default="chorus.ingest,chorus.aggregate", show_default=True)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--pool", default="prefork", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Worker node name, e.g. w1@%h.")
 @_fail_cleanly
-def worker(concurrency, queues, loglevel, pool):
+def worker(concurrency, queues, loglevel, pool, hostname):
     """Start a Celery worker (same as `celery -A chorus_mq.workers.app worker`)."""
     from .workers.app import app
-    argv = ["worker", "-Q", queues, "-l", loglevel, "--pool", pool]
+    argv = ["worker", "-Q", queues, "-l", loglevel, "--pool", pool, "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["--hostname", hostname]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     app.worker_main(argv)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from .services import RedisServer
+from .store.s3server import BUCKET, moto_s3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,3 +37,15 @@ def any_redis(request):
         yield fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
     else:
         yield request.getfixturevalue("real_redis")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of moto's S3 as a real HTTP server on a free loopback port, with ``s3_bucket`` created."""
+    with moto_s3(BUCKET) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    return BUCKET

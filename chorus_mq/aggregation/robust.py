@@ -190,9 +190,11 @@ class RobustPolicy:
 
     detect_outliers: bool = True
     z_threshold: float = 3.5
-    #: floor of the MAD of log norms / log distances: relative differences below
-    #: about ``z_threshold / 0.6745 * min_spread`` (5% by default) never flag
-    min_spread: float = 0.01
+    #: floor of the MAD of log norms / log distances. Honest distances concentrate
+    #: in high dimension, so at small N the MAD can be tiny by chance; with the floor
+    #: a client within ``exp(z_threshold / 0.6745 * min_spread)`` (x1.3) of the
+    #: median never flags
+    min_spread: float = 0.05
     clip_norm: float | None = None
     clip_scope: str = "adapter"
     aggregate: str = "mean"

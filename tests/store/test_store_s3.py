@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import boto3
 import pytest
 
@@ -13,8 +11,10 @@ from chorus_mq.store import open_store
 from chorus_mq.store.file import FileStore
 from chorus_mq.store.s3 import S3Store
 
+from ..services import free_port
 
-def test_retries_absorb_two_503s(make_s3_store, fault_proxy):
+
+def test_retries_absorb_two_503s(make_s3_store, no_backoff, fault_proxy):
     store = make_s3_store(fault_proxy.url)
     fault_proxy.fail_next(2)
     store.put_bytes("k", b"payload")
@@ -24,7 +24,7 @@ def test_retries_absorb_two_503s(make_s3_store, fault_proxy):
     assert fault_proxy.injected == 2
 
 
-def test_write_once_retry_is_safe(make_s3_store, fault_proxy):
+def test_write_once_retry_is_safe(make_s3_store, no_backoff, fault_proxy):
     # A retried conditional PUT must not turn into a silent overwrite.
     store = make_s3_store(fault_proxy.url)
     store.put_bytes("k", b"first")
@@ -34,23 +34,24 @@ def test_write_once_retry_is_safe(make_s3_store, fault_proxy):
     assert store.get_bytes("k") == b"first"
 
 
-def test_persistent_503_becomes_store_error(make_s3_store, fault_proxy):
+def test_persistent_503_becomes_store_error(make_s3_store, no_backoff, fault_proxy):
     store = make_s3_store(fault_proxy.url)
     fault_proxy.fail_next(1000)
     with pytest.raises(StoreError, match="503") as info:
         store.get_bytes("k")
     assert "retry" in str(info.value)
-    assert fault_proxy.requests == 5  # max_attempts in the client config
+    # botocore's retries={"max_attempts": 5} counts retries: 1 try + 5 retries.
+    assert fault_proxy.requests == 6
 
 
-def test_throttling_is_retried_too(make_s3_store, fault_proxy):
+def test_throttling_is_retried_too(make_s3_store, no_backoff, fault_proxy):
     store = make_s3_store(fault_proxy.url)
     store.put_bytes("k", b"v")
     fault_proxy.fail_next(1, status=503, code="SlowDown")
     assert store.exists("k")
 
 
-def test_auth_error_names_credentials_and_bucket(make_s3_store, fault_proxy, s3_bucket):
+def test_auth_error_names_credentials_and_bucket(make_s3_store, no_backoff, fault_proxy, s3_bucket):
     # moto accepts any credentials, so the refusal itself has to be injected.
     store = make_s3_store(fault_proxy.url)
     fault_proxy.fail_next(1, status=403, code="InvalidAccessKeyId")
@@ -70,11 +71,8 @@ def test_missing_credentials(make_s3_store, monkeypatch, tmp_path):
         make_s3_store().exists("k")
 
 
-def test_unreachable_endpoint(make_s3_store):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = make_s3_store(f"http://127.0.0.1:{port}")
+def test_unreachable_endpoint(make_s3_store, no_backoff):
+    store = make_s3_store(f"http://127.0.0.1:{free_port()}")  # nobody listens there
     with pytest.raises(StoreError, match="reachable"):
         store.put_bytes("k", b"v")
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything chorus-mq needs on a fresh Debian machine: redis-server (tests start
+# their own private instances), the CPU build of PyTorch, and the project with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q redis-server
+fi
+
+PY=${PYTHON:-python3}
+# torch first, pinned: an unpinned torch may resolve to a multi-GB CUDA build
+"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "chorus-mq installed: $(command -v chorus-mq)"

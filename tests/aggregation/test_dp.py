@@ -1,0 +1,195 @@
+"""Client-level DP: calibration, accounting and noise on factored updates.
+
+Pinned reference values were computed with Google's dp-accounting 0.6.0
+(PLD and RDP accountants), which the project does not depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from scipy import integrate, stats
+
+from chorus_mq.aggregation.dp import (
+    DEFAULT_ORDERS,
+    PrivacyAccountant,
+    aggregate_sensitivity,
+    analytic_gaussian_sigma,
+    gaussian_log_delta,
+    gaussian_noise_dense,
+    gaussian_rdp,
+    gdp_epsilon,
+    noise_for_budget,
+    noise_B,
+    orthonormal_rows,
+    rdp_to_epsilon,
+)
+from chorus_mq.errors import ConfigError
+
+EPSILONS = [0.1, 0.5, 1, 2, 8, 16]
+
+
+def test_sigma_known_value():
+    # Balle & Wang 2018; dp-accounting's PLD gives delta = 1.0000e-05 at this sigma
+    assert analytic_gaussian_sigma(1.0, 1e-5) == pytest.approx(3.7306316, rel=1e-6)
+    assert analytic_gaussian_sigma(1.0, 1e-5, sensitivity=0.25) == pytest.approx(3.7306316 / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", EPSILONS)
+def test_sigma_is_valid_and_tight_for_any_epsilon(eps):
+    delta = 1e-5
+    sigma = analytic_gaussian_sigma(eps, delta)
+    assert math.exp(gaussian_log_delta(eps, 1 / sigma)) <= delta
+    assert math.exp(gaussian_log_delta(eps, 1 / (sigma * (1 - 1e-6)))) > delta  # no slack left
+    classic = math.sqrt(2 * math.log(1.25 / delta)) / eps
+    if eps < 1:  # the classic formula is valid (and looser) only here
+        assert sigma < classic
+
+
+def test_sigma_decreases_with_epsilon():
+    sigmas = [analytic_gaussian_sigma(e, 1e-5) for e in EPSILONS]
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+
+
+def test_delta_formula_matches_numerical_privacy_loss():
+    """delta(eps) = E_{y~N(0,s^2)}[(1 - e^(eps - L(y)))_+], L the privacy loss vs N(1, s^2)."""
+    rng = random.Random(7)
+    for _ in range(8):  # random eps, and sigma giving a delta somewhere in [1e-10, 1e-2]
+        eps = rng.uniform(0.05, 12)
+        sigma = analytic_gaussian_sigma(eps, 10 ** rng.uniform(-10, -2)) * rng.uniform(0.9, 1.1)
+
+        def integrand(y):
+            loss = (1 - 2 * y) / (2 * sigma**2)  # log p0(y) - log p1(y)
+            return stats.norm.pdf(y, scale=sigma) * max(0.0, 1 - math.exp(eps - loss))
+
+        cut = 0.5 - sigma**2 * eps  # the loss exceeds eps exactly below this point
+        lo = min(cut, 0.0) - 15 * sigma
+        numeric, _ = integrate.quad(integrand, lo, cut, epsabs=0, epsrel=1e-11, limit=500)
+        assert math.exp(gaussian_log_delta(eps, 1 / sigma)) == pytest.approx(numeric, rel=1e-6)
+
+
+def direct_rdp_epsilon(z, delta):
+    return min(
+        a / (2 * z * z) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in DEFAULT_ORDERS
+    )
+
+
+def test_one_round_matches_direct_rdp_and_exact_conversion():
+    z = analytic_gaussian_sigma(1.0, 1e-5)
+    acc = PrivacyAccountant()
+    acc.spend(z)
+    assert acc.epsilon_rdp(1e-5) == pytest.approx(direct_rdp_epsilon(z, 1e-5), rel=1e-12)
+    assert acc.epsilon_rdp(1e-5) == pytest.approx(1.0926, rel=2e-3)  # dp-accounting RdpAccountant
+    assert acc.epsilon(1e-5) == pytest.approx(1.0, rel=1e-6)  # exact: it is one Gaussian mechanism
+
+
+def test_composition_costs_about_sqrt_rounds():
+    z, delta = 20.0, 1e-5
+    one = PrivacyAccountant()
+    one.spend(z)
+    for rounds in (4, 25, 100):
+        acc = PrivacyAccountant()
+        acc.spend(z, rounds=rounds)
+        ratio = acc.epsilon(delta) / one.epsilon(delta)
+        assert 0.9 * math.sqrt(rounds) < ratio < 1.5 * math.sqrt(rounds)
+        same = PrivacyAccountant()  # R Gaussians compose into one with z / sqrt(R)
+        same.spend(z / math.sqrt(rounds))
+        assert acc.epsilon(delta) == pytest.approx(same.epsilon(delta), rel=1e-9)
+
+
+def test_exact_composition_matches_pld():
+    acc = PrivacyAccountant()
+    for _ in range(5):
+        acc.spend(2.0)
+    assert acc.epsilon(1e-6) == pytest.approx(5.5508599, rel=1e-6)  # dp-accounting PLD, 5 x z=2
+    assert acc.epsilon(1e-6) <= acc.epsilon_rdp(1e-6)
+
+
+def test_subsampled_rdp_matches_reference():
+    got = gaussian_rdp(1.1, [2, 3, 10, 32], sample_rate=0.1)
+    assert got == pytest.approx([0.01276995, 0.02231138, 1.57986699, 10.84627846], rel=1e-6)
+    assert math.isinf(gaussian_rdp(1.1, [1.5], sample_rate=0.1)[0])  # fractional orders need q = 1
+    acc = PrivacyAccountant()
+    acc.spend(1.5152578887859993, rounds=1000, sample_rate=0.01)
+    # dp-accounting (finer orders) says 0.99794; ours is a valid, slightly coarser bound
+    assert 0.99794 <= acc.epsilon(1e-5) < 1.02
+    assert acc.epsilon(1e-5) == acc.epsilon_rdp(1e-5)
+
+
+def test_json_round_trip_and_continue():
+    acc = PrivacyAccountant()
+    acc.spend(3.0, rounds=2)
+    acc.spend(1.2, sample_rate=0.05)  # leaves inf at fractional orders
+    back = PrivacyAccountant.from_json(json.loads(json.dumps(acc.to_json(), allow_nan=False)))
+    assert back.epsilon(1e-5) == acc.epsilon(1e-5) and back.rounds == 3 and not back.exact
+    back.spend(3.0)
+    acc.spend(3.0)
+    assert back.to_json() == acc.to_json()
+
+
+@pytest.mark.parametrize("bad", [{}, {"version": 2}, {"version": 1, "orders": [2.0], "rdp": [-1.0], "mu2": 0,
+                                                      "exact": True, "rounds": 0},
+                                 {"version": 1, "orders": [2.0, 3.0], "rdp": [0.0], "mu2": 0, "exact": True,
+                                  "rounds": 0}])  # fmt: skip
+def test_json_rejects_malformed(bad):
+    with pytest.raises(ConfigError):
+        PrivacyAccountant.from_json(bad)
+
+
+@pytest.mark.parametrize("rounds,q", [(1, 1.0), (10, 1.0), (100, 0.1)])
+def test_noise_for_budget(rounds, q):
+    z = noise_for_budget(2.0, 1e-5, rounds=rounds, sample_rate=q)
+    acc = PrivacyAccountant()
+    acc.spend(z, rounds=rounds, sample_rate=q)
+    assert 2.0 * (1 - 1e-6) < acc.epsilon(1e-5) <= 2.0
+    if rounds == 1:
+        assert z == pytest.approx(analytic_gaussian_sigma(2.0, 1e-5), rel=1e-9)
+
+
+def test_gdp_epsilon_inverts_sigma():
+    for eps in EPSILONS:
+        assert gdp_epsilon(1 / analytic_gaussian_sigma(eps, 1e-5), 1e-5) == pytest.approx(eps, rel=1e-9)
+
+
+def test_sensitivity():
+    assert aggregate_sensitivity(2.0, [0.1] * 10) == pytest.approx(0.2)
+    assert aggregate_sensitivity(2.0, [0.5, 0.25, 0.25]) == pytest.approx(1.0)
+
+
+def test_dense_noise_std():
+    g = torch.Generator().manual_seed(0)
+    z = gaussian_noise_dense(256, 256, 0.37, g)
+    assert z.shape == (256, 256) and z.dtype == torch.float32
+    assert z.std().item() == pytest.approx(0.37, rel=0.02) and abs(z.mean().item()) < 0.01
+
+
+def test_noise_on_B_with_frozen_orthonormal_A():
+    g = torch.Generator().manual_seed(1)
+    d_out, d_in, r, s, sigma = 512, 256, 16, 2.0, 0.5
+    A = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))[0].T.float()
+    assert orthonormal_rows(A)
+    B = torch.randn(d_out, r, generator=g)
+    noisy = noise_B(B, A, sigma, s, g)
+    weight_noise = s * (noisy - B).double() @ A.double()  # the noise as it lands in weight space
+    assert (s * (noisy - B)).std().item() == pytest.approx(sigma, rel=0.05)
+    # energy sigma^2 d_out r, not sigma^2 d_out d_in: the mechanism on the row space of A
+    assert weight_noise.norm().item() ** 2 == pytest.approx(sigma**2 * d_out * r, rel=0.08)
+    with pytest.raises(ConfigError):
+        noise_B(B, torch.randn(r, d_in, generator=g), sigma, s, g)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: analytic_gaussian_sigma(0.0, 1e-5), lambda: analytic_gaussian_sigma(1.0, 1.0),
+    lambda: analytic_gaussian_sigma(1.0, 1e-5, sensitivity=-1), lambda: gaussian_rdp(0.0, [2]),
+    lambda: gaussian_rdp(1.0, [2], sample_rate=1.5), lambda: rdp_to_epsilon([0.1], [2], 0.0),
+    lambda: PrivacyAccountant([1.0]), lambda: PrivacyAccountant().spend(1.0, rounds=-1),
+    lambda: aggregate_sensitivity(1.0, [math.nan]), lambda: gaussian_noise_dense(2, 2, -1.0),
+    lambda: noise_for_budget(0.0, 1e-5),
+])  # fmt: skip
+def test_bad_parameters(call):
+    with pytest.raises(ConfigError):
+        call()
