@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import ConfigError, InvalidAdapter
 from .header import DEFAULT_MAX_HEADER_BYTES, Header, read_header, strict_json, write_safetensors
-from .spec import MAX_NAME_LEN, PEFT_PREFIX, LoraSpec, module_path, pattern_fit
+from .spec import MAX_NAME_LEN, PEFT_PREFIX, LoraSpec, default_targets, pattern_fit
 
 DELTA_FORMAT = "chorus-delta/1"
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
@@ -46,13 +46,6 @@ class ModuleShape(NamedTuple):
     r: int
     d_out: int
     d_in: int
-
-
-@dataclass(frozen=True)
-class _Index:
-    modules: dict[str, tuple[str, str]]  # module -> (raw key of A, raw key of B)
-    extras: dict[str, str]  # normalised key -> raw key
-    shapes: dict[str, ModuleShape]
 
 
 def normalise_key(key: str) -> str:
@@ -82,37 +75,11 @@ def classify_key(key: str, spec: LoraSpec | None) -> tuple[str, str] | None:
     )
 
 
-def _index(header: Header, spec: LoraSpec | None) -> _Index:
-    pairs: dict[str, dict[str, str]] = {}
-    extras: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for raw in sorted(header.tensors):
-        key = normalise_key(raw)
-        if key in seen:
-            raise InvalidAdapter(f"tensors {seen[key]!r} and {raw!r} are the same key {key!r}")
-        seen[key] = raw
-        kind = classify_key(key, spec)
-        if kind is None:
-            extras[key] = raw
-        else:
-            pairs.setdefault(kind[0], {})[kind[1]] = raw
-    if not pairs:
-        raise InvalidAdapter("no LoRA tensors in file (expected keys ending in .lora_A.weight / .lora_B.weight)")
-    modules, shapes = {}, {}
-    for module, ab in sorted(pairs.items()):
-        for have, lack in (("A", "B"), ("B", "A")):
-            if lack not in ab:
-                raise InvalidAdapter(f"module {module!r} has lora_{have} but no lora_{lack}")
-        shapes[module] = check_pair(module, header.tensors[ab["A"]].shape, header.tensors[ab["B"]].shape)
-        if spec is not None:
-            _check_spec(module, shapes[module].r, spec)
-        modules[module] = (ab["A"], ab["B"])
-    return _Index(modules=modules, extras=extras, shapes=shapes)
-
-
 def check_matrix(module: str, name: str, shape: tuple[int, ...], layout: str) -> None:
     if len(shape) != 2 or 0 in shape:
-        raise InvalidAdapter(f"module {module!r}: {name} has shape {list(shape)}; expected a non-empty 2-D {layout} matrix")
+        raise InvalidAdapter(
+            f"module {module!r}: {name} has shape {list(shape)}; expected a non-empty 2-D {layout} matrix"
+        )
 
 
 def check_pair(module: str, a: tuple[int, ...], b: tuple[int, ...],
@@ -127,7 +94,8 @@ def check_pair(module: str, a: tuple[int, ...], b: tuple[int, ...],
     return ModuleShape(r=a[0], d_out=b[0], d_in=a[1])
 
 
-def _check_spec(module: str, r: int, spec: LoraSpec) -> None:
+def check_against_spec(module: str, r: int, spec: LoraSpec) -> None:
+    """Refuse a module whose rank or name disagrees with ``spec`` (peft would load it wrongly or not at all)."""
     expected = spec.rank_for(module)
     if r != expected:
         raise InvalidAdapter(f"rank {r} in file but adapter_config says {expected} for module {module!r}")
@@ -160,6 +128,41 @@ def open_safetensors(path: Path) -> safe_open:
         return safe_open(str(path), framework="pt")
     except SafetensorError as exc:
         raise InvalidAdapter(f"{path.name}: safetensors refused the file: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Index:
+    modules: dict[str, tuple[str, str]]  # module -> (raw key of A, raw key of B)
+    extras: dict[str, str]  # normalised key -> raw key
+    shapes: dict[str, ModuleShape]
+
+
+def _index(header: Header, spec: LoraSpec | None) -> _Index:
+    pairs: dict[str, dict[str, str]] = {}
+    extras: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for raw in sorted(header.tensors):
+        key = normalise_key(raw)
+        if key in seen:
+            raise InvalidAdapter(f"tensors {seen[key]!r} and {raw!r} are the same key {key!r}")
+        seen[key] = raw
+        kind = classify_key(key, spec)
+        if kind is None:
+            extras[key] = raw
+        else:
+            pairs.setdefault(kind[0], {})[kind[1]] = raw
+    if not pairs:
+        raise InvalidAdapter("no LoRA tensors in file (expected keys ending in .lora_A.weight / .lora_B.weight)")
+    modules, shapes = {}, {}
+    for module, ab in sorted(pairs.items()):
+        for have, lack in (("A", "B"), ("B", "A")):
+            if lack not in ab:
+                raise InvalidAdapter(f"module {module!r} has lora_{have} but no lora_{lack}")
+        shapes[module] = check_pair(module, header.tensors[ab["A"]].shape, header.tensors[ab["B"]].shape)
+        if spec is not None:
+            check_against_spec(module, shapes[module].r, spec)
+        modules[module] = (ab["A"], ab["B"])
+    return _Index(modules=modules, extras=extras, shapes=shapes)
 
 
 def _embedded_spec(header: Header) -> LoraSpec | None:
@@ -211,8 +214,6 @@ class DeltaFile:
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of ``module`` in the file's dtype, checked finite. A: (r, d_in), B: (d_out, r)."""
-        if module not in self._index.modules:
-            raise KeyError(module)
         key_a, key_b = self._index.modules[module]
         return (read_finite(self._handle, key_a, f"module {module!r} lora_A"),
                 read_finite(self._handle, key_b, f"module {module!r} lora_B"))
@@ -257,7 +258,7 @@ def _infer_spec(shapes: dict[str, ModuleShape], lora_alpha: float | None, use_rs
               for m, rm in ranks.items()}
     alpha, alpha_pattern = pattern_fit(alphas)
     return LoraSpec(r=r, lora_alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
-                    target_modules=tuple({module_path(m).rsplit(".", 1)[-1] for m in shapes}),
+                    target_modules=default_targets(shapes),
                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 

@@ -16,9 +16,10 @@ from typing import Any, Mapping, Union
 import torch
 
 from ..errors import IncompatibleDelta, InvalidAdapter
-from .delta import check_matrix, check_module_name, check_pair, classify_key, open_safetensors, read_finite
+from .delta import (check_against_spec, check_matrix, check_module_name, check_pair, classify_key,
+                    open_safetensors, read_finite)
 from .header import DEFAULT_MAX_HEADER_BYTES, read_header, write_safetensors
-from .spec import LoraSpec, module_path, pattern_fit
+from .spec import LoraSpec, default_targets, module_path, pattern_fit
 
 RESIDUAL_FORMAT = "chorus-residual/1"
 _SUFFIXES = (".residual_left", ".residual_right", ".residual")  # longest first: suffix stripping
@@ -61,9 +62,11 @@ def write_peft_adapter(out_dir: str | os.PathLike[str],
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = A, B
     r, rank_pattern = pattern_fit(ranks)
     alpha, alpha_pattern = pattern_fit(alphas)
-    targets = spec.target_modules or tuple({module_path(m).rsplit(".", 1)[-1] for m in modules})
+    targets = spec.target_modules or default_targets(modules)
     out_spec = spec.replace(r=r, lora_alpha=alpha, use_rslora=False, target_modules=targets,
                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    for name, r_module in ranks.items():  # a module peft would not target is silently dropped on load
+        check_against_spec(name, r_module, out_spec)
     for key, tensor in (extras or {}).items():
         if classify_key(key, out_spec) is not None:
             raise InvalidAdapter(f"extra {key!r} is a LoRA key; pass LoRA factors in modules")
@@ -98,7 +101,9 @@ def read_residual(path: str | os.PathLike[str], *,
     for key in header.tensors:
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None:
-            raise InvalidAdapter(f"unexpected key {key!r} in residual file (expected M.residual or M.residual_left/right)")
+            raise InvalidAdapter(
+                f"unexpected key {key!r} in residual file (expected M.residual or M.residual_left/right)"
+            )
         grouped.setdefault(key[: -len(suffix)], {})[suffix] = key
     out: dict[str, Parts] = {}
     handle = open_safetensors(path)

@@ -219,7 +219,7 @@ def _check_layout(tensors: Mapping[str, TensorInfo], data_len: int) -> None:
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str]) -> str:
+                      metadata: Mapping[str, str] | None = None) -> str:
     """Write ``tensors`` as safetensors with byte-identical output for identical input; return sha256 hex.
 
     The safetensors library orders ``__metadata__`` by a randomly seeded hash map, so two
@@ -234,7 +234,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.
             raise InvalidAdapter(f"cannot write tensor {name!r} of dtype {t.dtype}; use one of {', '.join(DTYPES)}")
         parts.append((name, t.detach().cpu().contiguous()))
     parts.sort(key=lambda p: (-p[1].element_size(), p[0]))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
     offset = 0
     for name, t in parts:
         nbytes = t.numel() * t.element_size()

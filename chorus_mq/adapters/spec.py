@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
 from collections import Counter
-from typing import Any, Mapping, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, TypeVar
 
 from ..errors import InvalidAdapter
 
@@ -73,7 +73,8 @@ def _positive(value: Any, what: str, *, integer: bool) -> Any:
 def _patterns(value: Any, what: str, *, integer: bool) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise _bad(f"{what} must be an object, got {type(value).__name__}")
-    return {_check_regex(k, f"{what} key", 1): _positive(v, f"{what}[{k!r}]", integer=integer) for k, v in value.items()}
+    return {_check_regex(k, f"{what} key", 1): _positive(v, f"{what}[{k!r}]", integer=integer)
+            for k, v in value.items()}
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
@@ -82,6 +83,11 @@ def _names(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) and v for v in value):
         raise _bad(f"{what} must be a list of module names, got {value!r}")
     return tuple(sorted(set(value)))
+
+
+def default_targets(modules: Iterable[str]) -> tuple[str, ...]:
+    """target_modules for ``modules`` when no config says: each module's last path component."""
+    return tuple(sorted({module_path(m).rsplit(".", 1)[-1] for m in modules}))
 
 
 V = TypeVar("V", int, float)
@@ -128,14 +134,19 @@ class LoraSpec:
             if not isinstance(getattr(self, flag), bool):
                 raise _bad(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         targets = self.target_modules
-        targets = _check_regex(targets, "target_modules", 2) if isinstance(targets, str) else _names(targets, "target_modules")
-        set_(self, "target_modules", targets)
+        if isinstance(targets, str):
+            set_(self, "target_modules", _check_regex(targets, "target_modules", 2))
+        else:
+            set_(self, "target_modules", _names(targets, "target_modules"))
         for name in ("task_type", "base_model"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise _bad(f"{name} must be a string or null, got {getattr(self, name)!r}")
         set_(self, "rank_pattern", _patterns(self.rank_pattern, "rank_pattern", integer=True))
         set_(self, "alpha_pattern", _patterns(self.alpha_pattern, "alpha_pattern", integer=False))
         set_(self, "modules_to_save", _names(self.modules_to_save, "modules_to_save"))
+
+    def __hash__(self) -> int:  # the pattern dicts would make the generated hash raise
+        return hash(tuple(tuple(v.items()) if isinstance(v, Mapping) else v for v in dataclasses.astuple(self)))
 
     @classmethod
     def from_peft_config(cls, d: Mapping[str, Any]) -> "LoraSpec":

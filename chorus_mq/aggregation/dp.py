@@ -14,8 +14,8 @@ Why not noise the factors: perturbing both A and B with the classic
 for eps < 1, (b) takes the sensitivity of the *update* as if it bounded each
 factor, and (c) the update becomes ``(B + Z_B)(A + Z_A)`` whose cross term
 ``Z_B Z_A`` is a product of two noises: its norm scales with sigma^2 and with
-sqrt(d_out r d_in), giving errors four to five orders of magnitude above the
-signal at eps = 1 (benchmarks/dp_utility.py). Sound options here: dense noise
+sqrt(d_out r d_in), giving errors 10^3 to 10^5 times the
+signal at eps = 1 and N = 100..10 (benchmarks/dp_utility.py). Sound options here: dense noise
 on the weight-space aggregate, or, with a frozen shared A with orthonormal rows
 (FFA-LoRA), noise on B only.
 
@@ -29,9 +29,7 @@ import math
 import secrets
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.special import gammaln, log_ndtr, logsumexp
 from torch import Tensor
 
 from chorus_mq.errors import ConfigError
@@ -40,6 +38,7 @@ DEFAULT_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24,
     28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024,
 )  # fmt: skip
+F64 = torch.float64
 _BISECT_STEPS = 200
 _JSON_VERSION = 1
 
@@ -57,15 +56,16 @@ def gaussian_log_delta(epsilon: float, mu: float) -> float:
     Balle & Wang 2018, Thm 8 (equivalently mu-GDP, Dong et al. 2019):
     ``delta = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)``, in log space.
     """
-    log_a = log_ndtr(mu / 2 - epsilon / mu)
-    log_b = epsilon + log_ndtr(-mu / 2 - epsilon / mu)
+    x = torch.tensor([mu / 2 - epsilon / mu, -mu / 2 - epsilon / mu], dtype=F64)
+    log_a, log_b = torch.special.log_ndtr(x).tolist()
+    log_b += epsilon
     if log_b >= log_a:  # the difference underflowed to (numerically) zero
         return -math.inf
-    return float(log_a + math.log1p(-math.exp(log_b - log_a)))
+    return log_a + math.log1p(-math.exp(log_b - log_a))
 
 
 def _bisect(f, lo: float, hi: float, *, log_scale: bool) -> tuple[float, float]:
-    """Bracket (lo, hi), adjacent floats at the end, of the switch of a monotone f: f(lo) false, f(hi) true."""
+    """Narrow (lo, hi), f(lo) false and f(hi) true for a monotone f, to adjacent floats."""
     for _ in range(_BISECT_STEPS):
         mid = math.sqrt(lo * hi) if log_scale else (lo + hi) / 2
         if mid in (lo, hi):
@@ -95,7 +95,7 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """Tight epsilon at ``delta`` of a Gaussian mechanism (or a composition of them) with sensitivity/sigma = mu."""
+    """Tight epsilon at ``delta`` of Gaussian mechanisms composing to sensitivity/sigma = mu."""
     log_delta = math.log(_check("delta", delta, hi=1.0))
     if mu == 0.0 or gaussian_log_delta(0.0, mu) <= log_delta:
         return 0.0
@@ -105,7 +105,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     return _bisect(lambda e: gaussian_log_delta(e, mu) <= log_delta, 0.0, hi, log_scale=False)[1]
 
 
-def gaussian_rdp(noise_multiplier: float, orders: Sequence[float], sample_rate: float = 1.0) -> np.ndarray:
+def gaussian_rdp(noise_multiplier: float, orders: Sequence[float], sample_rate: float = 1.0) -> Tensor:
     """RDP of the (Poisson-subsampled) Gaussian mechanism at each order.
 
     ``alpha / (2 z^2)`` without subsampling; with sample rate q < 1 the exact
@@ -115,28 +115,28 @@ def gaussian_rdp(noise_multiplier: float, orders: Sequence[float], sample_rate: 
     q = float(sample_rate)
     if not 0.0 <= q <= 1.0:
         raise ConfigError(f"sample_rate must be in [0, 1], got {sample_rate!r}")
-    alphas = np.asarray(orders, dtype=np.float64)
+    alphas = torch.tensor([float(a) for a in orders], dtype=F64)
     if q == 1.0:
         return alphas / (2 * z * z)
     if q == 0.0:
-        return np.zeros_like(alphas)
-    out = np.full_like(alphas, np.inf)
-    for n, a in enumerate(alphas):
+        return torch.zeros_like(alphas)
+    out = torch.full_like(alphas, math.inf)
+    for n, a in enumerate(alphas.tolist()):
         if a != int(a):
             continue
-        k = np.arange(int(a) + 1, dtype=np.float64)
-        log_binom = gammaln(a + 1) - gammaln(k + 1) - gammaln(a - k + 1)
+        k = torch.arange(int(a) + 1, dtype=F64)
+        log_binom = math.lgamma(a + 1) - torch.lgamma(k + 1) - torch.lgamma(a - k + 1)
         terms = log_binom + k * math.log(q) + (a - k) * math.log1p(-q) + (k * k - k) / (2 * z * z)
-        out[n] = logsumexp(terms) / (a - 1)
+        out[n] = torch.logsumexp(terms, 0) / (a - 1)
     return out
 
 
 def rdp_to_epsilon(rdp: Sequence[float], orders: Sequence[float], delta: float) -> float:
     """(eps, delta) from RDP with the improved conversion (Balle et al. 2020, Canonne et al. 2020)."""
     log_delta = math.log(_check("delta", delta, hi=1.0))
-    a = np.asarray(orders, dtype=np.float64)
-    eps = np.asarray(rdp, dtype=np.float64) + np.log1p(-1 / a) - (log_delta + np.log(a)) / (a - 1)
-    return max(float(np.min(eps)), 0.0)
+    a = torch.as_tensor(orders, dtype=F64)
+    eps = torch.as_tensor(rdp, dtype=F64) + torch.log1p(-1 / a) - (log_delta + torch.log(a)) / (a - 1)
+    return max(eps.min().item(), 0.0)
 
 
 class PrivacyAccountant:
@@ -151,7 +151,7 @@ class PrivacyAccountant:
         if not orders or min(orders) <= 1:
             raise ConfigError("RDP orders must be a non-empty list of numbers > 1")
         self.orders = tuple(float(a) for a in orders)
-        self.rdp = np.zeros(len(self.orders))
+        self.rdp = torch.zeros(len(self.orders), dtype=F64)
         self.mu2 = 0.0
         self.exact = True
         self.rounds = 0
@@ -160,7 +160,10 @@ class PrivacyAccountant:
         """Record ``rounds`` releases with noise std = noise_multiplier x sensitivity."""
         if int(rounds) != rounds or rounds < 0:
             raise ConfigError(f"rounds must be a whole number >= 0, got {rounds!r}")
-        self.rdp = self.rdp + rounds * gaussian_rdp(noise_multiplier, self.orders, sample_rate)
+        cost = gaussian_rdp(noise_multiplier, self.orders, sample_rate)
+        if rounds == 0:  # 0 * inf (fractional orders when subsampled) would be nan
+            return
+        self.rdp = self.rdp + rounds * cost
         if sample_rate < 1.0:
             self.exact = False
         self.mu2 += rounds / float(noise_multiplier) ** 2
@@ -180,7 +183,7 @@ class PrivacyAccountant:
         return {
             "version": _JSON_VERSION,
             "orders": list(self.orders),
-            "rdp": [None if math.isinf(v) else float(v) for v in self.rdp],
+            "rdp": [None if math.isinf(v) else v for v in self.rdp.tolist()],
             "mu2": self.mu2,
             "exact": self.exact,
             "rounds": self.rounds,
@@ -193,11 +196,11 @@ class PrivacyAccountant:
             if data["version"] != _JSON_VERSION:
                 raise ConfigError(f"unsupported privacy accountant version {data['version']!r}")
             acc = cls(data["orders"])
-            rdp = np.array([math.inf if v is None else float(v) for v in data["rdp"]])
+            rdp = torch.tensor([math.inf if v is None else float(v) for v in data["rdp"]], dtype=F64)
             acc.mu2, acc.exact, acc.rounds = float(data["mu2"]), bool(data["exact"]), int(data["rounds"])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"malformed privacy accountant state: {e!r}") from e
-        if rdp.shape != acc.rdp.shape or (rdp < 0).any() or acc.mu2 < 0 or acc.rounds < 0:
+        if rdp.shape != acc.rdp.shape or (rdp < 0).any() or rdp.isnan().any() or acc.mu2 < 0 or acc.rounds < 0:
             raise ConfigError("malformed privacy accountant state: inconsistent values")
         acc.rdp = rdp
         return acc

@@ -78,38 +78,25 @@ def gram_matrix(updates: Sequence[Any]) -> Tensor:
         raise ConfigError(f"updates of one module disagree on (d_out, d_in): {sorted(shapes)}")
     # Clients are processed in chunks so the (K x K) blocks stay bounded; within a
     # chunk one product of the concatenated factors yields every r_i x r_j block.
-    chunks, cur, k = [], [], 0
-    for i, (A, _, _) in enumerate(fs):
-        if cur and k + A.shape[0] > _CHUNK_RANK:
-            chunks.append(cur)
-            cur, k = [], 0
-        cur.append(i)
-        k += A.shape[0]
-    if cur:
-        chunks.append(cur)
-    packed = [_pack(fs, idx) for idx in chunks]
-    G = torch.zeros(len(fs), len(fs), dtype=F64)
-    for ci, (idx_i, Bi, Ai, own_i) in enumerate(packed):
-        for idx_j, Bj, Aj, own_j in packed[ci:]:
+    n = len(fs)
+    step = max(1, _CHUNK_RANK // max([A.shape[0] for A, _, _ in fs] + [1]))
+    packed = [_pack(fs[i : i + step], slice(i, min(i + step, n))) for i in range(0, n, step)]
+    G = torch.zeros(n, n, dtype=F64)
+    for ci, (si, Bi, Ai, own_i) in enumerate(packed):
+        for sj, Bj, Aj, own_j in packed[ci:]:
             H = (Bi.T @ Bj) * (Ai @ Aj.T)
-            rows = torch.zeros(len(idx_i), H.shape[1], dtype=F64).index_add_(0, own_i, H)
-            block = torch.zeros(len(idx_i), len(idx_j), dtype=F64).index_add_(1, own_j, rows)
-            G[_ix(idx_i, idx_j)] = block
-            G[_ix(idx_j, idx_i)] = block.T
+            rows = torch.zeros(si.stop - si.start, H.shape[1], dtype=F64).index_add_(0, own_i, H)
+            block = torch.zeros(si.stop - si.start, sj.stop - sj.start, dtype=F64).index_add_(1, own_j, rows)
+            G[si, sj], G[sj, si] = block, block.T
     s = torch.tensor([f[2] for f in fs], dtype=F64)
     return G * torch.outer(s, s)
 
 
-def _ix(rows: list[int], cols: list[int]) -> tuple[Tensor, Tensor]:
-    """Index pair selecting the rows x cols sub-block (torch has no np.ix_)."""
-    return torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]
-
-
-def _pack(fs, idx):
-    B = torch.cat([fs[i][1].to(F64) for i in idx], dim=1)
-    A = torch.cat([fs[i][0].to(F64) for i in idx], dim=0)
-    ranks = torch.tensor([fs[i][0].shape[0] for i in idx])
-    return idx, B, A, torch.repeat_interleave(torch.arange(len(idx)), ranks)
+def _pack(chunk, where: slice):
+    B = torch.cat([B.to(F64) for _, B, _ in chunk], dim=1)
+    A = torch.cat([A.to(F64) for A, _, _ in chunk], dim=0)
+    ranks = torch.tensor([A.shape[0] for A, _, _ in chunk])
+    return where, B, A, torch.repeat_interleave(torch.arange(len(chunk)), ranks)
 
 
 def pairwise_distances(gram: Tensor) -> Tensor:
@@ -125,9 +112,15 @@ def distances_to(gram: Tensor, alpha: Tensor) -> Tensor:
     return (torch.diagonal(gram) - 2 * ga + alpha @ ga).clamp_min(0.0).sqrt()
 
 
+def _sq_norm(u: Any) -> float:
+    A, B, s = _factors(u)
+    A, B = A.to(F64), B.to(F64)
+    return max(s * s * ((B.T @ B) * (A @ A.T)).sum().item(), 0.0)
+
+
 def update_norm(A: Tensor, B: Tensor, scaling: float = 1.0) -> float:
     """``||scaling * B @ A||_F`` via r x r Gram products, in float64."""
-    return math.sqrt(max(gram_matrix([(A, B, scaling)])[0, 0].item(), 0.0))
+    return math.sqrt(_sq_norm((A, B, scaling)))
 
 
 def update_distance(u: Any, v: Any) -> float:
@@ -218,8 +211,9 @@ class RobustPolicy:
 class ScreenResult:
     """Outcome of screening one round.
 
-    ``weights[i]`` (sum 1, 0 when excluded) replaces client i's weight; multiply
-    client i's ``B`` of module m (once: not A too) by ``clip_factors[i, m]``.
+    Give the engine only the ``kept`` clients (it validates every update it gets),
+    with ``weights[i]`` (sum 1, 0 when excluded) as client i's weight and client
+    i's module m scaled by ``clip_factors[i, m]`` through ``clip_update`` (B only).
     """
 
     weights: Tensor
@@ -241,15 +235,26 @@ def clip_update(u: Any, factor: float) -> Any:
 
 
 class GramAccumulator:
-    """Ingests a round one module at a time (memory: one module x N), then screens it."""
+    """Ingests a round one module at a time, keeping only what ``policy`` needs, then screens it.
 
-    def __init__(self, n_clients: int):
+    Holds M x N squared norms; the N x N Gram only when the policy needs distances
+    (outlier tests, geomedian, trimmed: O(N^2 r^2 (d_out + d_in)) per module), and
+    one per module only for per-module clipping. Never more than one module's factors.
+    """
+
+    def __init__(self, n_clients: int, policy: RobustPolicy | None = None):
         if n_clients < 1:
             raise ConfigError("a round needs at least one client")
         self.n = n_clients
+        self.policy = policy or RobustPolicy()
+        self.pairwise = self.policy.detect_outliers or self.policy.aggregate != "mean"
         self.modules: list[str] = []
         self.excluded: dict[int, str] = {}
-        self._grams: list[Tensor] = []
+        self._sq: list[Tensor] = []
+        per_module_clip = self.policy.clip_norm is not None and self.policy.clip_scope == "module"
+        self._per_module = self.pairwise and per_module_clip
+        self._grams: list[Tensor] = []  # per module, only for per-module clipping
+        self._gram = torch.zeros(self.n, self.n, dtype=F64) if self.pairwise and not per_module_clip else None
 
     def add(self, name: str, updates: Sequence[Any | None]) -> None:
         """Add one module's updates (one per client; None = client lacks the module)."""
@@ -275,33 +280,48 @@ class GramAccumulator:
             if shp != common[0][0]:
                 self.excluded[i] = f"module {name!r}: shape {shp} differs from the round's {common[0][0]}"
         ok = [i for i in range(self.n) if i not in self.excluded]
-        g = torch.zeros(self.n, self.n, dtype=F64)
-        if ok:
-            g[_ix(ok, ok)] = gram_matrix([updates[i] for i in ok])
+        sq = torch.zeros(self.n, dtype=F64)
+        if self.pairwise:
+            g = torch.zeros(self.n, self.n, dtype=F64)
+            if ok:
+                idx = torch.tensor(ok)
+                g[idx[:, None], idx[None, :]] = gram_matrix([updates[i] for i in ok])
+            sq = torch.diagonal(g).clone()
+            if self._per_module:
+                self._grams.append(g)
+            else:
+                self._gram += g
+        elif ok:
+            sq[ok] = torch.tensor([_sq_norm(updates[i]) for i in ok], dtype=F64)
         self.modules.append(name)
-        self._grams.append(g)
+        self._sq.append(sq)
 
-    def screen(self, policy: RobustPolicy | None = None, weights: Sequence[float] | None = None) -> ScreenResult:
-        """Exclude, clip and reweight the clients as ``policy`` says."""
-        policy = policy or RobustPolicy()
+    def screen(self, weights: Sequence[float] | None = None) -> ScreenResult:
+        """Exclude, clip and reweight the clients as the policy says."""
+        policy = self.policy
         base = _base_weights(weights, self.n)
         excluded = dict(self.excluded)
         live = torch.tensor([i not in excluded for i in range(self.n)]) & (base > 0)
-        grams = torch.stack(self._grams) if self._grams else torch.zeros(1, self.n, self.n, dtype=F64)
-        live_grams = grams * (live[:, None] & live[None, :])  # drop rows of late-excluded clients
-        module_norms = torch.diagonal(live_grams, dim1=1, dim2=2).clamp_min(0).sqrt()
-        G = live_grams.sum(0)
-        norms = torch.diagonal(G).clamp_min(0).sqrt()
+        # masking drops the earlier modules of clients excluded at a later one
+        sq = torch.stack(self._sq) * live if self._sq else torch.zeros(1, self.n, dtype=F64)
+        module_norms = sq.sqrt()
+        norms = sq.sum(0).sqrt()
         stats = {"norm": torch.where(live, norms, math.nan), "module_norm": module_norms.T.clone()}
+        clip = _clip_factors(module_norms, norms, policy)
+        if self.pairwise:
+            mask = live[:, None] & live[None, :]
+            if self._per_module:
+                G = sum(self._grams) * mask
+                Gc = sum(g * torch.outer(c, c) for g, c in zip(self._grams, clip)) * mask
+            else:  # adapter-wide (or no) clipping: one factor per client in every module
+                G = self._gram * mask
+                Gc = G * torch.outer(clip[0], clip[0])
         if policy.detect_outliers and int(live.sum()) >= 3:
             _detect(G, norms, base * live, policy, excluded, stats)
-        clip = _clip_factors(module_norms, norms, policy)
-        Gc = (live_grams * clip[:, :, None] * clip[:, None, :]).sum(0)
         keep = torch.tensor([i not in excluded for i in range(self.n)]) & (base > 0)
         if not keep.any():
-            raise AggregationError(
-                f"no client passed screening ({len(excluded)} excluded): {_summary(excluded)}"
-            )
+            detail = "; ".join(f"client {i}: {r}" for i, r in sorted(excluded.items())[:5])
+            raise AggregationError(f"no client passed screening ({len(excluded)} excluded): {detail}")
         w = base * keep
         if policy.aggregate == "trimmed":
             w = _trim(Gc, w, policy, excluded)
@@ -316,7 +336,7 @@ def screen(
     weights: Sequence[float] | None = None,
 ) -> ScreenResult:
     """Screen a round given each client's modules (a list aligned by position, or a name->update map)."""
-    acc = GramAccumulator(len(clients))
+    acc = GramAccumulator(len(clients), policy)
     if clients and isinstance(clients[0], Mapping):
         for name in sorted(set().union(*(c.keys() for c in clients))):
             acc.add(name, [c.get(name) for c in clients])
@@ -326,7 +346,7 @@ def screen(
             raise ConfigError(f"clients hold different numbers of modules: {sorted(n_mod)}")
         for m in range(n_mod.pop()):
             acc.add(str(m), [c[m] for c in clients])
-    return acc.screen(policy, weights)
+    return acc.screen(weights)
 
 
 def _base_weights(weights, n: int) -> Tensor:
@@ -347,22 +367,17 @@ def _log_floor(x: Tensor, ref: float) -> Tensor:
 def _detect(G, norms, w, policy, excluded, stats) -> None:
     live = w > 0
     ref = norms[live].median().item() or norms[live].max().item()
-    centre = geometric_median(G, w, max_iter=policy.max_iter)
-    dist = distances_to(G, centre)
-    zn = torch.full_like(norms, math.nan)
-    zd = torch.full_like(norms, math.nan)
+    dist = distances_to(G, geometric_median(G, w, max_iter=policy.max_iter))
+    zn, zd = torch.full_like(norms, math.nan), torch.full_like(norms, math.nan)
     # Log scale: scaling attacks are multiplicative, and a zero update scores far low.
     zn[live] = robust_z(_log_floor(norms[live], ref), policy.min_spread)
     zd[live] = robust_z(_log_floor(dist[live], ref), policy.min_spread)
     stats.update(norm_z=zn, centre_distance=torch.where(live, dist, math.nan), distance_z=zd)
     for i in torch.nonzero(live).flatten().tolist():
         if abs(zn[i]) > policy.z_threshold:  # two-sided: boosted and free-riding (near-zero) updates
-            excluded[i] = f"update norm {norms[i].item():.4g} is an outlier (robust z {zn[i].item():+.1f})"
+            excluded[i] = f"update norm {norms[i].item():.4g} is an outlier (z {zn[i].item():+.1f})"
         elif zd[i] > policy.z_threshold:  # one-sided: being close to the centre is fine
-            excluded[i] = (
-                f"distance {dist[i].item():.4g} to the geometric median is an outlier "
-                f"(robust z {zd[i].item():+.1f})"
-            )
+            excluded[i] = f"distance {dist[i].item():.4g} to the geometric median is an outlier (z {zd[i].item():+.1f})"
 
 
 def _clip_factors(module_norms: Tensor, norms: Tensor, policy: RobustPolicy) -> Tensor:
@@ -380,10 +395,6 @@ def _trim(Gc: Tensor, w: Tensor, policy: RobustPolicy, excluded: dict[int, str])
     dist = distances_to(Gc, geometric_median(Gc, w, max_iter=policy.max_iter))
     w = w.clone()
     for i in sorted(kept, key=lambda i: -dist[i].item())[: policy.trim]:
-        excluded[i] = f"trimmed: distance {dist[i].item():.4g} to the geometric median is among the {policy.trim} largest"
+        excluded[i] = f"trimmed: distance {dist[i].item():.4g} to the geometric median among the {policy.trim} largest"
         w[i] = 0.0
     return w
-
-
-def _summary(excluded: dict[int, str]) -> str:
-    return "; ".join(f"client {i}: {r}" for i, r in sorted(excluded.items())[:5])

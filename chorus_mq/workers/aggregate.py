@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..adapters import DeltaFile, LoraSpec, read_residual, write_peft_adapter, write_residual
+from ..adapters.spec import default_targets
 from ..aggregation import ClientUpdate, Residual, aggregate_module, chain_residuals, weighted_mean
 from ..errors import AggregationError, InvalidAdapter, ObjectExists, ObjectMissing
 from ..layout import artifact_key, manifest_key
@@ -77,7 +77,7 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
             chained = chain_residuals(previous.get(name), residuals.get(name))
             if chained is not None:
                 cumulative[name] = chained
-        spec = _output_spec(next(iter(deltas.values())).spec, modules)
+        spec = _output_spec(next(iter(deltas.values())).spec, modules, config.base_model)
         out = tmpdir / "out"
         write_peft_adapter(out, modules, spec, extras)
         write_residual(out / "residual.safetensors", {k: _plain(v) for k, v in residuals.items()})
@@ -139,11 +139,10 @@ def _aggregate_modules(deltas: dict[str, DeltaFile], weights: dict[str, float], 
     return modules, residuals, extras
 
 
-def _output_spec(template: LoraSpec, modules: dict) -> LoraSpec:
-    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in modules}))
-    if not isinstance(template.target_modules, tuple):
-        return template  # a regex target keeps matching the same modules
-    return dataclasses.replace(template, target_modules=targets)
+def _output_spec(template: LoraSpec, modules: dict, base_model: str) -> LoraSpec:
+    """The first client's layout and task, with the union of modules and the federation's base model."""
+    targets = template.target_modules if isinstance(template.target_modules, str) else default_targets(modules)
+    return template.replace(target_modules=targets, base_model=base_model, rank_pattern={}, alpha_pattern={})
 
 
 def _plain(res: Residual):

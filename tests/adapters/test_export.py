@@ -7,7 +7,7 @@ from chorus_mq.adapters import (LoraSpec, fold_residuals, load_adapter, read_res
 from chorus_mq.adapters.export import _factor
 from chorus_mq.errors import IncompatibleDelta, InvalidAdapter
 
-from ._util import IDS, P, logits, tiny_gpt2, tiny_llama
+from ._util import P, logits, tiny_gpt2, tiny_llama
 
 LLAMA = [P + f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 # c_proj is square: a missing transpose would go unnoticed by shape checks there
@@ -15,7 +15,8 @@ GPT2 = [P + f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("c_attn", 
 # model factory, modules -> (d_out, d_in) in peft's B@A layout, target_modules, fan_in_fan_out
 LAYOUTS = {
     "linear": (tiny_llama, {m: (32, 32) for m in LLAMA}, ("q_proj", "v_proj"), False),
-    "conv1d": (tiny_gpt2, {m: (96, 32) if m.endswith("c_attn") else (32, 32) for m in GPT2}, ("c_attn", "attn.c_proj"), True),
+    "conv1d": (tiny_gpt2, {m: (96, 32) if m.endswith("c_attn") else (32, 32) for m in GPT2},
+               ("c_attn", "attn.c_proj"), True),
 }
 
 
@@ -73,10 +74,13 @@ def test_peft_adapter_carries_modules_to_save(tmp_path):
         write_peft_adapter(tmp_path, fs, spec, extras={P + "model.norm.weight": torch.ones(32)})
 
 
-def test_peft_adapter_refuses_unprefixed_modules(tmp_path):
+def test_peft_adapter_refuses_modules_peft_would_drop(tmp_path):
+    one = (torch.ones(1, 2), torch.ones(2, 1), 1.0)
     with pytest.raises(InvalidAdapter, match="silently ignore"):
-        write_peft_adapter(tmp_path, {"model.layers.0.q_proj": (torch.ones(1, 2), torch.ones(2, 1), 1.0)},
-                           LoraSpec(r=1, lora_alpha=1))
+        write_peft_adapter(tmp_path, {"model.layers.0.q_proj": one}, LoraSpec(r=1, lora_alpha=1))
+    with pytest.raises(InvalidAdapter, match="not matched by adapter_config target_modules"):
+        write_peft_adapter(tmp_path, {LLAMA[1]: one}, LoraSpec(r=1, lora_alpha=1, target_modules=("q_proj",)))
+    assert not any(tmp_path.iterdir())
 
 
 def test_residual_file_round_trip(tmp_path):
@@ -173,3 +177,26 @@ def test_fold_upcasts_bf16_and_refuses_to_drop_residuals():
         fold_residuals(sd, {LLAMA[1]: torch.ones(32, 32)}, fan_in_fan_out=False)
     with pytest.raises(IncompatibleDelta, match="fan_in_fan_out"):
         fold_residuals(sd, {LLAMA[0]: torch.ones(16, 32)}, fan_in_fan_out=True)
+
+
+def _residual_file(tmp_path, tensors, fmt="chorus-residual/1"):
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "r.safetensors", metadata={"format": fmt})
+    return tmp_path / "r.safetensors"
+
+
+@pytest.mark.parametrize("tensors, fmt, match", [
+    ({LLAMA[0] + ".residual": torch.ones(2, 2)}, "pt", "not a residual file"),
+    ({LLAMA[0] + ".residual_left": torch.ones(2, 1)}, None, "either .residual or both"),
+    ({LLAMA[0] + ".residual": torch.ones(2, 2), LLAMA[0] + ".residual_left": torch.ones(2, 1),
+      LLAMA[0] + ".residual_right": torch.ones(1, 2)}, None, "either .residual or both"),
+    ({LLAMA[0] + ".weight": torch.ones(2, 2)}, None, "unexpected key"),
+    ({LLAMA[0] + ".residual": torch.tensor([[float("nan")]])}, None, "1 NaN"),
+    ({LLAMA[0] + ".residual_left": torch.ones(2, 1), LLAMA[0] + ".residual_right": torch.ones(2, 2)}, None,
+     "rank mismatch"),
+    ({"model.x.residual": torch.ones(2, 2)}, None, "silently ignore"),
+])
+def test_read_residual_refuses_bad_files(tmp_path, tensors, fmt, match):
+    with pytest.raises(InvalidAdapter, match=match):
+        read_residual(_residual_file(tmp_path, tensors, fmt or "chorus-residual/1"))

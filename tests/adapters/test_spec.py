@@ -119,3 +119,9 @@ def test_allowed_patterns_stay_fast_on_hostile_names():
     for _ in range(100):
         assert spec.rank_for("a." * 199) == 1 and not spec.targets("a." * 199)
     assert time.perf_counter() - start < 5  # three quantifiers already take ~50 ms a call here
+
+
+def test_specs_are_hashable_values():
+    a = LoraSpec(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, target_modules=["v_proj", "q_proj"])
+    b = LoraSpec(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, target_modules=("q_proj", "v_proj"))
+    assert a == b and len({a, b}) == 1 and a != a.replace(r=8)

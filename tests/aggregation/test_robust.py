@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -37,11 +38,10 @@ def federation(n, *, n_modules=3, d_out=24, d_in=20, r=4, spread=0.3, seed=0):
     """Honest clients: a shared update plus independent perturbations of both factors."""
     g = torch.Generator().manual_seed(seed)
     base = [(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)) for _ in range(n_modules)]
-    return [
-        [(A + spread * torch.randn(A.shape, generator=g), B + spread * torch.randn(B.shape, generator=g), 2.0)
-         for A, B in base]
-        for _ in range(n)
-    ]  # fmt: skip
+    def jitter(t):
+        return t + spread * torch.randn(t.shape, generator=g)
+
+    return [[(jitter(A), jitter(B), 2.0) for A, B in base] for _ in range(n)]
 
 
 def aggregate(clients, res) -> list[torch.Tensor]:
@@ -68,8 +68,8 @@ def rel_err(got, want) -> float:
 
 def test_gram_matches_dense_mixed_ranks_and_dtypes(monkeypatch):
     g = torch.Generator().manual_seed(1)
-    ups = [(torch.randn(r, 30, generator=g).to(dt), torch.randn(17, r, generator=g).to(dt), s)
-           for r, dt, s in [(2, torch.float32, 0.5), (5, torch.bfloat16, 2.0), (1, F64, 1.0), (3, torch.float16, 4.0)]]  # fmt: skip
+    kinds = [(2, torch.float32, 0.5), (5, torch.bfloat16, 2.0), (1, F64, 1.0), (3, torch.float16, 4.0)]
+    ups = [(torch.randn(r, 30, generator=g).to(dt), torch.randn(17, r, generator=g).to(dt), s) for r, dt, s in kinds]
     D = torch.stack([dense(u).flatten() for u in ups])
     want = D @ D.T
     assert torch.allclose(gram_matrix(ups), want, rtol=1e-10, atol=1e-9)
@@ -287,11 +287,20 @@ def test_accumulator_excludes_malformed_and_missing_clients():
     assert "shape" in res.excluded[1] and "missing" in res.excluded[3]
 
 
-def test_accumulator_memory_is_n_by_n_per_module():
-    acc = GramAccumulator(4)
-    for m, mod in enumerate(zip(*federation(4))):
+@pytest.mark.parametrize("policy,pairwise,per_module", [
+    (RobustPolicy(detect_outliers=False, clip_norm=1.0), False, 0),
+    (RobustPolicy(clip_norm=1.0), True, 0),
+    (RobustPolicy(detect_outliers=False, clip_norm=1.0, clip_scope="module", aggregate="geomedian"), True, 3),
+])  # fmt: skip
+def test_accumulator_keeps_only_what_the_policy_needs(policy, pairwise, per_module):
+    clients = federation(4)
+    acc = GramAccumulator(4, policy)
+    for m, mod in enumerate(zip(*clients)):
         acc.add(f"m{m}", list(mod))
-    assert [g.shape for g in acc._grams] == [(4, 4)] * 3
+    assert acc.pairwise == pairwise and len(acc._grams) == per_module
+    assert (acc._gram is not None) == (pairwise and not per_module)
+    full = screen(clients, dataclasses.replace(policy, detect_outliers=True, aggregate="mean"))
+    assert torch.allclose(acc.screen().clip_factors, full.clip_factors)
 
 
 @pytest.mark.parametrize("kwargs", [dict(z_threshold=0), dict(clip_norm=-1.0), dict(clip_norm=math.nan),
@@ -315,3 +324,23 @@ def test_bad_inputs():
         screen([_nan(c, None) for c in clients])
     with pytest.raises(AggregationError):
         screen(clients, RobustPolicy(detect_outliers=False, aggregate="trimmed", trim=3))
+
+
+def test_screen_then_exact_engine_gives_the_honest_clipped_mean():
+    """The worker's path: ClientUpdates in, kept clients reweighted and clipped, FedEx-LoRA exact."""
+    from chorus_mq.aggregation import ClientUpdate, aggregate_module
+
+    raw = federation(10, seed=13)
+    raw[6] = _scaled(100)(raw[6], None)
+    clients = [[ClientUpdate(A, B, s, weight=1.0 + i % 3) for A, B, s in c] for i, c in enumerate(raw)]
+    res = screen(clients, RobustPolicy(clip_norm=150.0), weights=[c[0].weight for c in clients])
+    assert set(res.excluded) == {6} and (res.clip_factors < 1).any()
+    honest = [i for i in range(10) if i != 6]
+    total = sum(clients[i][0].weight for i in honest)
+    for m in range(3):
+        reweighted = [dataclasses.replace(clients[i][m], weight=res.weights[i].item()) for i in res.kept]
+        ups = [clip_update(u, res.clip_factors[i, m].item()) for i, u in zip(res.kept, reweighted)]
+        out = aggregate_module(ups, "fedex-lora")
+        got = out.scaling * out.B.double() @ out.A.double() + out.residual.to_dense().double()
+        want = sum(clients[i][m].weight / total * res.clip_factors[i, m].item() * dense(raw[i][m]) for i in honest)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())

@@ -1,0 +1,262 @@
+"""Time, memory and exactness of aggregating a whole model, module by module.
+
+Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
+                                    [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
+
+Each (shape, strategy) runs in a fresh subprocess with 2 torch threads, so peak RSS
+(ru_maxrss, read before any exactness check) is that case's own. Inputs: for every
+distinct module shape, one pool of N seeded Gaussian clients (A ~ N(0, 1/d_in),
+B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is generated
+*before* the timed region and reused by every layer; outputs are dropped after each
+module, as a worker writing them out would. Time = median of 3 whole-model passes.
+Exactness = max over the distinct shapes of ||s B A + R - M||_F / ||M||_F against a
+float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out.
+
+The dense-baseline rows run the old HTTP tool's approach (dense M per module, full
+torch.linalg.svd, dense residual): its own code when --baseline-src points at an
+unpacked chorus-fl 0.1.0 wheel (pip download --no-deps chorus-fl), else a faithful
+re-implementation below. It ignores lora_alpha/r, which its exactness column shows.
+On llama-3.2-3b it runs one layer and multiplies by 28 (labelled extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import chorus_mq  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module  # noqa: E402
+
+LLAMA_3B = {
+    "q_proj": (3072, 3072),
+    "k_proj": (1024, 3072),
+    "v_proj": (1024, 3072),
+    "o_proj": (3072, 3072),
+    "gate_proj": (8192, 3072),
+    "up_proj": (8192, 3072),
+    "down_proj": (3072, 8192),
+}
+SHAPES = {
+    # name: (layers, {module: (d_out, d_in)}, rank, clients)
+    "small": (4, {"q_proj": (768, 768), "v_proj": (768, 768)}, 8, 10),
+    "medium": (8, {m: (2048, 2048) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}, 16, 10),
+    "llama-3.2-3b": (28, LLAMA_3B, 16, 10),
+    "medium-n100": (8, {m: (2048, 2048) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}, 16, 100),
+}
+BASELINE = "dense-baseline"
+THREADS = 2
+REPS = 3
+
+
+def client_pool(shape: str) -> dict[tuple[int, int], list[ClientUpdate]]:
+    """N seeded clients per distinct module shape, shared by all layers."""
+    _, modules, rank, n = SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(100, 1000, (n,), generator=gen).tolist()
+    pool = {}
+    for d_out, d_in in sorted(set(modules.values())):
+        pool[(d_out, d_in)] = [
+            ClientUpdate(
+                A=torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in),
+                B=torch.randn(d_out, rank, generator=gen) * 1e-2,
+                scaling=2.0,
+                weight=float(size),
+            )
+            for size in sizes
+        ]
+    return pool
+
+
+def oracle_errors(updates: list[ClientUpdate], scaling: float, B, A, residual_dense) -> tuple[float, float]:
+    weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+    weights /= weights.sum()
+    m = torch.zeros(updates[0].B.shape[0], updates[0].A.shape[1], dtype=torch.float64)
+    for u, w in zip(updates, weights.tolist()):
+        m += (w * u.scaling) * (u.B.double() @ u.A.double())
+    adapter = scaling * (B.double() @ A.double())
+    total = adapter if residual_dense is None else adapter + residual_dense.double()
+    norm = m.norm()
+    return float((total - m).norm() / norm), float((adapter - m).norm() / norm)
+
+
+def run_ours(shape: str, strategy: str, reps: int) -> dict:
+    layers, modules, _, _ = SHAPES[shape]
+    pool = client_pool(shape)
+    times, residual_bytes = [], 0
+    for _ in range(reps):
+        residual_bytes = 0
+        start = time.perf_counter()
+        for _layer in range(layers):
+            for dims in modules.values():
+                res = aggregate_module(pool[dims], strategy)
+                residual_bytes += res.residual.nbytes if res.residual is not None else 0
+                del res
+        times.append(time.perf_counter() - start)
+    peak = _peak_rss_mb()
+    exact, adapter = 0.0, 0.0
+    for updates in pool.values():
+        res = aggregate_module(updates, strategy)
+        dense = None if res.residual is None else res.residual.to_dense()
+        e, a = oracle_errors(updates, res.scaling, res.B, res.A, dense)
+        exact, adapter = max(exact, e), max(adapter, a)
+    return dict(times=times, peak_mb=peak, residual_mb=residual_bytes / 2**20, exact=exact, adapter=adapter)
+
+
+def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
+    """The old tool on the whole shape, or on one layer x 28 for llama-3.2-3b."""
+    layers, modules, _, _ = SHAPES[shape]
+    run_layers = 1 if shape == "llama-3.2-3b" else layers
+    pool = client_pool(shape)
+    fedex, origin = _baseline_impl(baseline_src)
+    n = len(next(iter(pool.values())))
+    deltas = [{} for _ in range(n)]  # the tool takes one dict of PEFT tensors per client
+    for layer in range(run_layers):
+        for name, dims in modules.items():
+            for i, u in enumerate(pool[dims]):
+                deltas[i][f"layers.{layer}.{name}.lora_A.weight"] = u.A
+                deltas[i][f"layers.{layer}.{name}.lora_B.weight"] = u.B
+    weights = [u.weight for u in next(iter(pool.values()))]
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out, residuals = fedex(deltas, weights)
+        times.append(time.perf_counter() - start)
+    peak = _peak_rss_mb()
+    exact, adapter = 0.0, 0.0
+    for name, dims in modules.items():
+        key = f"layers.0.{name}"
+        e, a = oracle_errors(pool[dims], pool[dims][0].scaling, out[f"{key}.lora_B.weight"], out[f"{key}.lora_A.weight"], residuals[key])
+        exact, adapter = max(exact, e), max(adapter, a)
+    factor = layers / run_layers
+    residual_mb = sum(r.numel() * r.element_size() for r in residuals.values()) / 2**20
+    return dict(
+        times=[t * factor for t in times], peak_mb=peak, residual_mb=residual_mb * factor,
+        exact=exact, adapter=adapter, origin=origin, extrapolated=factor != 1,
+    )
+
+
+def _baseline_impl(baseline_src: str | None):
+    if baseline_src:
+        root = Path(baseline_src)
+        # Load only the two modules needed; the package __init__ pulls in the web server.
+        for mod, rel in (("chorus.patterns", "chorus/patterns.py"), ("chorus_fl_aggregation", "chorus/server/aggregation.py")):
+            spec = importlib.util.spec_from_file_location(mod, root / rel)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod] = module
+            spec.loader.exec_module(module)
+
+        def run(deltas, weights):
+            strategy = sys.modules["chorus_fl_aggregation"].FedExLoRA()
+            out = strategy.aggregate(deltas, weights)
+            return out, strategy.get_residuals()
+
+        return run, "chorus-fl 0.1.0 FedExLoRA (its own code)"
+    return _dense_fedex, "re-implementation of chorus-fl 0.1.0 FedExLoRA"
+
+
+def _dense_fedex(deltas, weights):
+    """What the old tool does per module: dense sum of w_i B_i A_i (no alpha/r), full SVD."""
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    out, residuals = {}, {}
+    for key in deltas[0]:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")]
+        a_key, b_key = key, f"{name}.lora_B.weight"
+        target = torch.zeros(deltas[0][b_key].shape[0], deltas[0][a_key].shape[1])
+        for d, w in zip(deltas, weights):
+            target += w * (d[b_key].float() @ d[a_key].float())
+        rank = deltas[0][a_key].shape[0]
+        u, s, vt = torch.linalg.svd(target, full_matrices=False)
+        out[b_key] = (u[:, :rank] * s[:rank]).contiguous()
+        out[a_key] = vt[:rank].contiguous()
+        residuals[name] = target - out[b_key] @ out[a_key]
+    return out, residuals
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child(case: dict) -> None:
+    torch.set_num_threads(THREADS)
+    if case["strategy"] == BASELINE:
+        result = run_baseline(case["shape"], case["reps"], case.get("baseline_src"))
+    else:
+        result = run_ours(case["shape"], case["strategy"], case["reps"])
+    print(json.dumps(result))
+
+
+def run_case(case: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"case {case} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small and medium only, 1 pass each")
+    parser.add_argument("--shapes", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--baseline-src", default=None, help="unpacked chorus-fl wheel to run as the baseline")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        child(json.loads(args.case))
+        return
+    shapes = (args.shapes or ("small,medium" if args.quick else ",".join(SHAPES))).split(",")
+    reps = 1 if args.quick else REPS
+    cases = [(s, st) for s in shapes for st in args.strategies.split(",")]
+    if not args.no_baseline:
+        cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
+    print(f"torch {torch.__version__}, {THREADS} threads, median of {reps}, fresh process per row")
+    header = f"{'shape':<14}{'strategy':<16}{'time s':>10}{'peak MB':>10}{'residual MB':>13}{'exactness':>11}{'adapter err':>13}"
+    print(header)
+    print("-" * len(header))
+    medians, notes = {}, []
+    for shape, strategy in cases:
+        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src)
+        r = run_case(case)
+        med = statistics.median(r["times"])
+        medians[(shape, strategy)] = med
+        mark = "*" if r.get("extrapolated") else ""
+        print(
+            f"{shape:<14}{strategy + mark:<16}{med:>10.3f}{r['peak_mb']:>10.0f}{r['residual_mb']:>13.1f}"
+            f"{r['exact']:>11.1e}{r['adapter']:>13.3f}",
+            flush=True,
+        )
+        if "origin" in r:
+            notes.append(f"{shape} {strategy}: {r['origin']}")
+    for shape in shapes:
+        base = medians.get((shape, BASELINE))
+        for strategy in ("svd", "fedex-lora"):
+            ours = medians.get((shape, strategy))
+            if base and ours:
+                notes.append(f"{shape}: dense-baseline / {strategy} time = {base / ours:.0f}x")
+    if any(s == "llama-3.2-3b" for s, _ in medians):
+        notes.append("* extrapolated: one layer measured, time and residual x28; peak is the one-layer peak")
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
