@@ -103,14 +103,29 @@ def federation():
 @click.option("--expire-policy", type=click.Choice(["extend", "expire"]), default="extend", show_default=True,
               help="At the deadline with fewer than min-quorum deltas: wait another period, or expire the round.")
 @click.option("--out-rank", type=int, default=0, help="svd strategy output rank (default: largest client rank).")
+@click.option("--clip-norm", type=float, default=0.0, help="Bound each client's update norm ||s·B·A|| (0: off).")
+@click.option("--screen-outliers", is_flag=True, help="Exclude median/MAD outliers before aggregating.")
+@click.option("--outlier-z", type=float, default=3.5, show_default=True)
+@click.option("--robust-aggregate", type=click.Choice(["mean", "trimmed", "geomedian"]), default="mean",
+              show_default=True)
+@click.option("--trim", type=int, default=0, help="Clients dropped by --robust-aggregate trimmed.")
+@click.option("--dp-epsilon", type=float, default=None, help="Client-level DP budget over --dp-rounds rounds.")
+@click.option("--dp-rounds", type=int, default=1, show_default=True)
+@click.option("--dp-delta", type=float, default=1e-5, show_default=True)
+@click.option("--dp-noise-multiplier", type=float, default=0.0, help="Set the noise directly instead of --dp-epsilon.")
 @click.pass_context
 @_fail_cleanly
-def federation_create(ctx, name, base_model, quorum, strategy, round_timeout, min_quorum, expire_policy, out_rank):
+def federation_create(ctx, name, base_model, quorum, dp_epsilon, dp_rounds, **options):
     """Create federation NAME and open round 1."""
-    cfg = _client(ctx).create_federation(name, base_model=base_model, quorum=quorum, strategy=strategy,
-                                         round_timeout=round_timeout, min_quorum=min_quorum,
-                                         expire_policy=expire_policy, out_rank=out_rank)
+    if dp_epsilon is not None:
+        from .aggregation.dp import noise_for_budget
+        options["dp_noise_multiplier"] = noise_for_budget(dp_epsilon, options["dp_delta"], dp_rounds)
+    options["screen_outliers"] = int(options["screen_outliers"])
+    cfg = _client(ctx).create_federation(name, base_model=base_model, quorum=quorum, **options)
     click.echo(f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}; round 1 is open")
+    if cfg.dp_noise_multiplier:
+        click.echo(f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
+                   f"delta {cfg.dp_delta}")
 
 
 @main.command()
@@ -152,6 +167,9 @@ def status(ctx, federation, as_json):
     if s["deadline"]:
         click.echo(f"deadline in {max(0, s['deadline'] - time.time()):.0f}s (min quorum {s['min_quorum']})")
     click.echo(f"latest complete round: {s['latest_complete'] or 'none yet'}")
+    for client, spent in sorted(s.get("privacy", {}).items()):
+        click.echo(f"privacy {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
+                   f"over {spent['rounds']} rounds")
 
 
 @main.command()

@@ -77,7 +77,25 @@ class ChorusClient:
             "deltas": rnd["n"],
             "deadline": rnd.get("deadline") or None,
             "latest_complete": int(meta.get("latest_complete", 0)) or None,
+            **({"privacy": self.privacy(federation)} if cfg.dp_noise_multiplier else {}),
         }
+
+    def privacy(self, federation: str) -> dict[str, dict]:
+        """Privacy spent by each authenticated client: every complete round it took part in is one
+        Gaussian release at the federation's noise multiplier, composed by the accountant."""
+        from .aggregation.dp import PrivacyAccountant
+        cfg = self.state.config(federation)
+        rounds: dict[str, int] = {}
+        for info in self.state.rounds(federation):
+            if info["state"] == "complete":
+                for client in self.state.deltas(federation, info["round"]):
+                    rounds[client] = rounds.get(client, 0) + 1
+        out = {}
+        for client, k in rounds.items():
+            acc = PrivacyAccountant()
+            acc.spend(cfg.dp_noise_multiplier, rounds=k)
+            out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": k}
+        return out
 
     def rounds(self, federation: str) -> list[dict[str, Any]]:
         out = []

@@ -21,6 +21,7 @@ RTOL = 1e-7
 _F64 = torch.float64
 _F32 = torch.float32
 _EPS64 = torch.finfo(_F64).eps
+_EPS32_UNIT = torch.finfo(_F32).eps / 2  # unit roundoff of float32
 # Cholesky pivots of the unit-diagonal Gram below this mean nearly dependent columns; the
 # eigen-decomposition then handles them without losing orthogonality in the others.
 _MIN_PIVOT = 1e-4
@@ -60,17 +61,12 @@ def factored_svd(left: Tensor, right: Tensor, mid: Tensor | None = None) -> tupl
     return lf @ small_l, small_r @ rf
 
 
-def keep_significant(u: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Drop the directions ``u[:, j] v[j]`` with norm at most ``RTOL * scale``.
-
-    ``scale`` defaults to the largest direction's norm.
-    """
+def keep_significant(u: Tensor, v: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Drop the directions ``u[:, j] v[j]`` whose norm is at most ``RTOL`` times the largest, or ``floor``."""
     norms = u.norm(dim=0) * v.norm(dim=1)
     if norms.numel() == 0:
         return u, v
-    if scale is None:
-        scale = float(norms.max())
-    keep = norms > RTOL * scale
+    keep = norms > max(RTOL * float(norms.max()), floor)
     if bool(keep.all()):
         return u, v
     idx = keep.nonzero().squeeze(1)
@@ -78,8 +74,14 @@ def keep_significant(u: Tensor, v: Tensor, scale: float | None = None) -> tuple[
 
 
 def compress(left: Tensor, right: Tensor) -> Residual | None:
-    """``left @ right`` re-compressed exactly: only numerically zero directions are dropped."""
-    u, v = keep_significant(*factored_svd(left, right))
+    """``left @ right`` re-compressed exactly: only numerically zero directions are dropped.
+
+    Besides ``RTOL``, a direction is zero when it is below what rounding the given
+    factors to float32 can change: ``eps32 * sum_j |left_j| |right_j|`` bounds that.
+    """
+    lf, rf = left.to(_F64), right.to(_F64)
+    noise = _EPS32_UNIT * float((lf.norm(dim=0) * rf.norm(dim=1)).sum())
+    u, v = keep_significant(*factored_svd(lf, rf), floor=noise)
     return Residual.from_factors(u, v)
 
 

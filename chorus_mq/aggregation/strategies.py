@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.lowrank import factored_svd, keep_significant
+from chorus_mq.aggregation.lowrank import RTOL, factored_svd, keep_significant
 from chorus_mq.aggregation.residual import Residual
 from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, Prepared, prepare
 from chorus_mq.errors import AggregationError
@@ -89,7 +89,7 @@ def _svd(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleRes
     rest = []
     if u.shape[1] > rank:
         top = float(u[:, 0].norm() * v[0].norm())
-        rest.append(keep_significant(u[:, rank:], v[rank:], scale=top))
+        rest.append(keep_significant(u[:, rank:], v[rank:], floor=RTOL * top))
     b_hi, a_hi = _pad(u[:, :rank], v[:rank], rank)
     return _finish(b_hi, a_hi, out_dtype, rest)
 

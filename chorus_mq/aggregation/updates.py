@@ -80,19 +80,21 @@ def normalize_weights(weights: Sequence[float], count: int) -> tuple[float, ...]
 def prepare(updates: Sequence[ClientUpdate]) -> Prepared:
     """Check shapes, dtypes and scalings; drop clients whose weight or scaling is zero."""
     updates = list(updates)
-    weights = normalize_weights([u.weight for u in updates], len(updates))
-    d_out, d_in = _check_factors(0, updates[0])
-    for i, u in enumerate(updates[1:], start=1):
-        if _check_factors(i, u) != (d_out, d_in):
+    if not updates:
+        raise AggregationError("nothing to aggregate: the list of updates is empty")
+    dims = [_check_factors(i, u) for i, u in enumerate(updates)]
+    for i, d in enumerate(dims):
+        if d != dims[0]:
             raise AggregationError(
-                f"client #{i} updates a ({u.B.shape[0]} x {u.A.shape[1]}) module, "
-                f"client #0 a ({d_out} x {d_in}) one; all must target the same module"
+                f"client #{i} updates a ({d[0]} x {d[1]}) module, client #0 a ({dims[0][0]} x {dims[0][1]})"
+                " one; all must target the same module"
             )
+    weights = normalize_weights([u.weight for u in updates], len(updates))
     kept = [(u, w) for u, w in zip(updates, weights) if w > 0 and u.scaling != 0]
     if not kept:
-        raise AggregationError("every client has a zero scaling; nothing to aggregate")
+        raise AggregationError("every client with a nonzero weight has a zero scaling; nothing to aggregate")
     kept_updates, kept_weights = zip(*kept)
-    return Prepared(kept_updates, normalize_weights(kept_weights, len(kept_weights)), d_out, d_in)
+    return Prepared(kept_updates, normalize_weights(kept_weights, len(kept_weights)), *dims[0])
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:

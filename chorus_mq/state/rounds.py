@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -16,6 +17,7 @@ from .keys import FEDERATIONS, FederationKeys
 from .scripts import Scripts
 
 STRATEGIES = ("fedex-lora", "fedavg", "svd", "stack")
+ROBUST_AGGREGATES = ("mean", "trimmed", "geomedian")
 EXPIRE_POLICIES = ("extend", "expire")
 
 
@@ -29,6 +31,15 @@ class FederationConfig:
     round_timeout: int = 0  # seconds; 0 = no deadline
     expire_policy: str = "extend"
     out_rank: int = 0  # svd output rank; 0 = largest client rank
+    # robust aggregation (off by default: every accepted delta counts, exactly)
+    clip_norm: float = 0.0  # bound on each client's adapter-wide update norm ||s B A||_F; 0 = none
+    screen_outliers: int = 0  # 1: exclude median/MAD outliers (norms, distance to the geometric median)
+    outlier_z: float = 3.5
+    robust_aggregate: str = "mean"  # mean | trimmed | geomedian
+    trim: int = 0
+    # server-side client-level differential privacy (Gaussian mechanism on the aggregate update)
+    dp_noise_multiplier: float = 0.0  # noise std / sensitivity; 0 = off
+    dp_delta: float = 1e-5
 
     def __post_init__(self):
         check_name(self.name, "federation name")
@@ -42,6 +53,24 @@ class FederationConfig:
             raise ConfigError(f"expire policy must be one of {', '.join(EXPIRE_POLICIES)}")
         if self.round_timeout < 0 or self.out_rank < 0:
             raise ConfigError("round timeout and output rank cannot be negative")
+        if self.robust_aggregate not in ROBUST_AGGREGATES:
+            raise ConfigError(f"robust aggregate must be one of {', '.join(ROBUST_AGGREGATES)}")
+        if self.clip_norm < 0 or self.outlier_z <= 0 or self.trim < 0 or self.dp_noise_multiplier < 0:
+            raise ConfigError("clip norm, trim and noise multiplier cannot be negative; outlier z must be > 0")
+        if self.trim and self.robust_aggregate != "trimmed":
+            raise ConfigError("--trim applies only to --robust-aggregate trimmed")
+        if self.dp_noise_multiplier:
+            if not self.clip_norm:
+                raise ConfigError("differential privacy needs --clip-norm: the noise is calibrated to it")
+            if self.screen_outliers or self.robust_aggregate != "mean":
+                raise ConfigError("differential privacy needs data-independent weights: "
+                                  "turn off outlier screening and use the mean")
+            if not 0 < self.dp_delta < 1:
+                raise ConfigError("--dp-delta must be between 0 and 1")
+
+    @property
+    def screening(self) -> bool:
+        return bool(self.clip_norm or self.screen_outliers or self.robust_aggregate != "mean")
 
     @property
     def effective_min_quorum(self) -> int:
@@ -50,9 +79,10 @@ class FederationConfig:
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "FederationConfig":
         kw: dict[str, Any] = {}
+        casts = {"int": int, "float": float, "str": str}
         for f in fields(cls):
             if f.name in h:
-                kw[f.name] = int(h[f.name]) if f.type == "int" else h[f.name]
+                kw[f.name] = casts[f.type](h[f.name])
         return cls(**kw)
 
 
@@ -91,7 +121,8 @@ class RoundState:
 
     def create_federation(self, cfg: FederationConfig, now: float | None = None) -> None:
         k = FederationKeys(cfg.name)
-        pairs: list[Any] = []
+        # the DP noise seed is derived from this secret, so a re-run releases identical noise
+        pairs: list[Any] = ["noise_key", secrets.token_hex(32)]
         for key, value in asdict(cfg).items():
             pairs += [key, value]
         self.redis.sadd(FEDERATIONS, cfg.name)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from ..adapters import DeltaFile, LoraSpec, read_residual, write_peft_adapter, write_residual
 from ..adapters.spec import default_targets
-from ..aggregation import ClientUpdate, Residual, aggregate_module, chain_residuals, weighted_mean
+from ..aggregation import Residual, aggregate_module, chain_residuals, weighted_mean
 from ..errors import AggregationError, InvalidAdapter, ObjectExists, ObjectMissing
 from ..layout import artifact_key, manifest_key
+from ..state.rounds import FederationConfig
 from .runtime import Runtime
+from .screening import client_update, dp_release, noise_generator, screen_round
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def aggregate_round(rt: Runtime, federation: str, r: int, epoch: int) -> str:
     manifest = json.loads(manifest_bytes)
     summary = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                "clients": [c["client_id"] for c in manifest["clients"]],
+               "excluded": manifest.get("excluded") or {},
                "strategy": manifest["strategy"]}
     outcome = rt.state.finalize(federation, r, epoch, key, summary)
     log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
@@ -70,7 +73,7 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
                               max_bytes=rt.settings.max_delta_bytes)
             deltas[client] = stack.enter_context(DeltaFile.open(path, max_header_bytes=rt.settings.max_header_bytes))
         weights = _weights(records)
-        modules, residuals, extras = _aggregate_modules(deltas, weights, config.strategy, config.out_rank)
+        modules, residuals, extras, screening = _aggregate_modules(rt, federation, r, deltas, weights, config)
         previous = _previous_cumulative(rt, federation, r, tmpdir)
         cumulative = {}
         for name in sorted(set(previous) | set(residuals)):
@@ -92,9 +95,13 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         "previous_round": _previous_complete(rt, federation, r),
         "clients": [
             {"client_id": c, "sha256": rec["sha256"], "object_key": rec["object_key"],
-             "dataset_size": rec.get("dataset_size"), "weight": weights[c]}
+             "dataset_size": rec.get("dataset_size"), "weight": screening.weights.get(c, 0.0)}
             for c, rec in records.items()
         ],
+        "excluded": screening.excluded,
+        "clipped": {f"{c}:{m}": f for (c, m), f in sorted(screening.clip.items())},
+        "dp": ({"noise_multiplier": config.dp_noise_multiplier, "clip_norm": config.clip_norm,
+                "delta": config.dp_delta, "quorum": config.quorum} if config.dp_noise_multiplier else None),
         "modules": len(modules),
         "residual_bytes": sum(v.nbytes for v in residuals.values()),
         "cumulative_residual_bytes": sum(v.nbytes for v in cumulative.values()),
@@ -113,30 +120,37 @@ def _weights(records: dict[str, dict]) -> dict[str, float]:
     return {c: 1.0 / len(records) for c in records}
 
 
-def _aggregate_modules(deltas: dict[str, DeltaFile], weights: dict[str, float], strategy: str, out_rank: int):
+def _aggregate_modules(rt: Runtime, federation: str, r: int, deltas: dict[str, DeltaFile],
+                       weights: dict[str, float], config: FederationConfig):
     """One module at a time across clients, so memory holds one module x N clients plus the outputs.
 
     A module absent from some clients is aggregated over the clients that carry it, with
     their weights renormalised (a client that did not train a module says nothing about it).
+    Screening, when the federation asks for it, has already decided weights and clip factors.
     """
-    names = sorted({m for d in deltas.values() for m in d.modules})
+    screening = screen_round(deltas, weights, config)
+    kept = {c: d for c, d in deltas.items() if c in screening.weights}
+    if not kept:
+        raise AggregationError(f"screening excluded every client: {screening.excluded}")
+    noise_key = rt.state.meta(federation).get("noise_key", "") if config.dp_noise_multiplier else ""
     modules, residuals = {}, {}
-    for name in names:
-        updates = []
-        for client, delta in deltas.items():
-            if name in delta.modules:
-                A, B = delta.factors(name)
-                updates.append(ClientUpdate(A=A, B=B, scaling=delta.spec.scaling(name, A.shape[0]),
-                                            weight=weights[client]))
-        res = aggregate_module(updates, strategy, out_rank=out_rank or None)
+    for name in sorted({m for d in kept.values() for m in d.modules}):
+        updates = [screening.apply(c, name, client_update(d, name, screening.weights[c]))
+                   for c, d in kept.items() if name in d.modules]
+        if config.dp_noise_multiplier:
+            res = dp_release(updates, quorum=config.quorum, clip_norm=config.clip_norm,
+                             noise_multiplier=config.dp_noise_multiplier,
+                             generator=noise_generator(noise_key, federation, r, name), out_rank=config.out_rank or None)
+        else:
+            res = aggregate_module(updates, config.strategy, out_rank=config.out_rank or None)
         modules[name] = (res.A, res.B, res.scaling)
         if res.residual is not None:
             residuals[name] = res.residual
     extras = {}
-    for key in sorted({k for d in deltas.values() for k in d.extras}):
-        holders = [c for c, d in deltas.items() if key in d.extras]
-        extras[key] = weighted_mean([deltas[c].extra(key) for c in holders], [weights[c] for c in holders])
-    return modules, residuals, extras
+    for key in sorted({k for d in kept.values() for k in d.extras}):
+        holders = [c for c, d in kept.items() if key in d.extras]
+        extras[key] = weighted_mean([kept[c].extra(key) for c in holders], [screening.weights[c] for c in holders])
+    return modules, residuals, extras, screening
 
 
 def _output_spec(template: LoraSpec, modules: dict, base_model: str) -> LoraSpec:

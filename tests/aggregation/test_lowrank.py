@@ -1,0 +1,122 @@
+"""Factored SVD without the dense matrix, exact compression and chained residuals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from agg_oracle import make_clients, rel
+
+from chorus_mq.aggregation import Residual, aggregate_module, chain_residuals
+from chorus_mq.aggregation.lowrank import RTOL, compress, factored_svd, keep_significant
+from chorus_mq.errors import AggregationError
+
+F64 = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "k"),
+    [(50, 40, 12), (30, 60, 12), (8, 50, 20)],  # the last has k > d_out: the dense path
+)
+def test_factored_svd_matches_the_dense_svd(d_out, d_in, k):
+    left, right, mid = rand(d_out, k), rand(k, d_in, seed=1), rand(k, seed=2).abs() + 0.1
+    dense = (left * mid) @ right
+    u, v = factored_svd(left, right, mid)
+    assert rel(u @ v, dense) < 1e-12
+    sigma = torch.linalg.svdvals(dense)
+    got = u.norm(dim=0) * v.norm(dim=1)  # balanced: |u_j| |v_j| = s_j
+    assert torch.allclose(got, sigma[: got.numel()], rtol=1e-9, atol=1e-12 * float(sigma[0]))
+    assert torch.allclose(u.norm(dim=0), v.norm(dim=1), rtol=1e-9)
+    gram = (u / u.norm(dim=0)).mT @ (u / u.norm(dim=0))
+    assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=F64), atol=1e-9)
+
+
+def test_factored_svd_handles_rank_deficient_and_zero_columns():
+    base_l, base_r = rand(40, 6), rand(6, 30, seed=1)
+    # duplicated columns (identical clients) and an all-zero client (a fresh LoRA B)
+    left = torch.cat([base_l, base_l, torch.zeros(40, 6)], 1)
+    right = torch.cat([base_r, base_r, rand(6, 30, seed=2)], 0)
+    u, v = factored_svd(left, right)
+    assert rel(u @ v, left @ right) < 1e-12
+    u, v = keep_significant(u, v)
+    assert u.shape[1] == 6  # the true rank
+
+
+def test_factored_svd_of_zero_is_empty():
+    u, v = factored_svd(torch.zeros(5, 3, dtype=F64), rand(3, 4))
+    assert u.shape == (5, 0) and v.shape == (0, 4)
+
+
+def test_keep_significant_drops_only_negligible_directions():
+    u = torch.eye(4, dtype=F64)
+    v = torch.diag(torch.tensor([1.0, 1e-3, 0.5 * RTOL, 0.0], dtype=F64))
+    ku, kv = keep_significant(u, v)
+    assert ku.shape[1] == 2 and torch.equal(kv, v[:2])
+    assert keep_significant(u, v, floor=0.01)[0].shape[1] == 1
+
+
+def test_compress_is_exact_and_minimal():
+    left = torch.cat([rand(60, 5), rand(60, 5)], 1).float()
+    right = torch.cat([rand(5, 50, seed=1), -rand(5, 50, seed=1)], 0).float()  # cancels half
+    right[5:] *= 0.5
+    res = compress(left, right)
+    assert res.rank == 5
+    assert rel(res.to_dense(), left.double() @ right.double()) < 1e-6
+
+
+def test_chain_with_none_and_shape_checks():
+    res = Residual(left=torch.ones(3, 1), right=torch.ones(1, 2))
+    assert chain_residuals(None, None) is None
+    assert chain_residuals(None, res) is res and chain_residuals(res, None) is res
+    with pytest.raises(AggregationError):
+        chain_residuals(res, Residual(left=torch.ones(3, 1), right=torch.ones(1, 3)))
+
+
+def test_chain_of_opposite_residuals_is_none():
+    res = Residual(dense=torch.ones(3, 2))
+    assert chain_residuals(res, Residual(dense=-torch.ones(3, 2))) is None
+
+
+def test_ten_rounds_in_a_shared_subspace_stay_exact_and_low_rank():
+    """Clients that move in one p-dim subspace: every residual lives there, so must the chain."""
+    d_out, d_in, p = 96, 80, 10
+    u0, v0 = torch.linalg.qr(rand(d_out, p))[0], torch.linalg.qr(rand(d_in, p, seed=1))[0]
+    chained, expected = None, torch.zeros(d_out, d_in, dtype=F64)
+    for rnd in range(10):
+        clients = make_clients(p, p, [4, 4, 3], seed=rnd)
+        clients = [
+            type(c)(A=(c.A.double() @ v0.T).float(), B=(u0 @ c.B.double()).float(), scaling=c.scaling, weight=c.weight)
+            for c in clients
+        ]
+        res = aggregate_module(clients, "svd").residual
+        expected += res.to_dense().to(F64)
+        chained = chain_residuals(chained, res)
+        assert chained.rank <= p
+    assert chained.dense is None
+    assert rel(chained.to_dense(), expected) < 1e-5
+
+
+def test_ten_rounds_in_general_position_switch_to_dense_and_stay_exact():
+    d_out, d_in = 60, 50
+    chained, expected, ranks = None, torch.zeros(d_out, d_in, dtype=F64), []
+    for rnd in range(10):
+        res = aggregate_module(make_clients(d_out, d_in, [3, 2], seed=rnd), "fedex-lora").residual
+        expected += res.to_dense().to(F64)
+        chained = chain_residuals(chained, res)
+        ranks.append(chained.rank)
+    # Each of these residuals has true rank 3 (sum_i w_i s_i B_i (A_i - A_mean)); compression
+    # keeps exactly the real directions, until 30 x (60 + 50) numbers exceed a dense 60 x 50.
+    assert ranks == [8, 6, 9, 12, 15, 18, 21, 24, 27, 50]
+    assert chained.dense is not None
+    assert rel(chained.to_dense(), expected) < 1e-5
+
+
+def test_chain_mixes_dense_and_factored():
+    dense = Residual(dense=rand(20, 10).float())
+    fact = Residual(left=rand(20, 2, seed=1).float(), right=rand(2, 10, seed=2).float())
+    out = chain_residuals(dense, fact)
+    assert out.dense is not None
+    assert rel(out.to_dense(), dense.to_dense().double() + fact.to_dense().double()) < 1e-6
