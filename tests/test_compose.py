@@ -66,7 +66,8 @@ def test_depends_on_conditions(services):
 
 
 def test_healthchecks(services):
-    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    redis_check = services["redis"]["healthcheck"]["test"]
+    assert redis_check[1] == "redis-cli" and redis_check[-1] == "ping"
     assert services["minio"]["healthcheck"]["test"][-3:] == ["mc", "ready", "local"]
     worker_check = " ".join(services["worker"]["healthcheck"]["test"])
     assert "inspect ping" in worker_check and "$$HOSTNAME" in worker_check
@@ -82,7 +83,7 @@ def test_chorus_env_agrees_and_names_services(services):
     env = services["worker"]["environment"]
     assert env == services["beat"]["environment"]
     hosts = set(services)
-    assert re.fullmatch(r"redis://([\w-]+):6379/\d+", env["CHORUS_REDIS_URL"])[1] in hosts
+    assert re.fullmatch(r"redis://[\w-]+:[^@]+@([\w-]+):6379/\d+", env["CHORUS_REDIS_URL"])[1] in hosts
     assert re.fullmatch(r"http://([\w-]+):9000", env["CHORUS_S3_ENDPOINT_URL"])[1] == "minio"
     minio_env = services["minio"]["environment"]
     assert env["AWS_ACCESS_KEY_ID"] == minio_env["MINIO_ROOT_USER"]
@@ -123,3 +124,19 @@ def test_dockerfile():
     assert users and users[-1] not in ("root", "0")
     # No registry host is baked in; the CPU wheel index is a build argument.
     assert not re.search(r"https?://", (ROOT / "Dockerfile").read_text())
+
+
+def test_redis_runs_with_the_tested_acl_file(services):
+    redis = services["redis"]
+    command = _command(redis)
+    acl = command[command.index("--aclfile") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"] if v.startswith("./")}
+    assert (ROOT / mounts[acl]).resolve() == (ROOT / "deploy" / "redis" / "users.acl").resolve()
+    users = {line.split()[1]: line for line in (ROOT / "deploy/redis/users.acl").read_text().splitlines()}
+    assert users["default"].split()[2] == "off"
+    url = services["worker"]["environment"]["CHORUS_REDIS_URL"]
+    user, password = url.removeprefix("redis://").split("@")[0].split(":")
+    assert f">{password}" in users[user]
+    health = " ".join(redis["healthcheck"]["test"])
+    assert "--user health" in health and "health-dev-password" in users["health"]
+    assert services["worker"]["environment"]["CHORUS_REQUIRE_AUTH"] == "true"

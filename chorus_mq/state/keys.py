@@ -46,6 +46,11 @@ class FederationKeys:
         return f"{self._base}:shapes"
 
     @property
+    def secrets(self) -> str:
+        """Server-only secrets (the DP noise key): never readable by client ACL users."""
+        return f"{self._base}:secrets"
+
+    @property
     def clients(self) -> str:
         return f"{self._base}:clients"
 

@@ -121,8 +121,7 @@ class RoundState:
 
     def create_federation(self, cfg: FederationConfig, now: float | None = None) -> None:
         k = FederationKeys(cfg.name)
-        # the DP noise seed is derived from this secret, so a re-run releases identical noise
-        pairs: list[Any] = ["noise_key", secrets.token_hex(32)]
+        pairs: list[Any] = []
         for key, value in asdict(cfg).items():
             pairs += [key, value]
         self.redis.sadd(FEDERATIONS, cfg.name)
@@ -131,6 +130,14 @@ class RoundState:
         )
         if not created:
             raise FederationExists(f"federation {cfg.name!r} already exists")
+        # the DP noise seed derives from this secret, so a re-run releases identical noise
+        self.redis.hsetnx(k.secrets, "noise_key", secrets.token_hex(32))
+
+    def noise_key(self, federation: str) -> str:
+        key = self.redis.hget(FederationKeys(federation).secrets, "noise_key")
+        if not key:
+            raise ConfigError(f"federation {federation!r} has no noise key; it was created incompletely")
+        return key
 
     def federations(self) -> list[str]:
         return sorted(self.redis.smembers(FEDERATIONS))

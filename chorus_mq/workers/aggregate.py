@@ -132,7 +132,7 @@ def _aggregate_modules(rt: Runtime, federation: str, r: int, deltas: dict[str, D
     kept = {c: d for c, d in deltas.items() if c in screening.weights}
     if not kept:
         raise AggregationError(f"screening excluded every client: {screening.excluded}")
-    noise_key = rt.state.meta(federation).get("noise_key", "") if config.dp_noise_multiplier else ""
+    noise_key = rt.state.noise_key(federation) if config.dp_noise_multiplier else ""
     modules, residuals = {}, {}
     for name in sorted({m for d in kept.values() for m in d.modules}):
         updates = [screening.apply(c, name, client_update(d, name, screening.weights[c]))
