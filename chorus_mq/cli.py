@@ -176,19 +176,21 @@ def status(ctx, federation, as_json):
 @click.option("--federation", "-f", required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--from-start", is_flag=True, help="Replay every event from the beginning.")
+@click.option("--after", default=None, help="Resume after this event id (the `id` of the last event seen).")
 @click.option("--until-round", type=int, default=None, help="Exit when this round is complete (non-zero if failed).")
 @click.option("--timeout", type=float, default=None)
 @click.pass_context
 @_fail_cleanly
-def watch(ctx, federation, as_json, from_start, until_round, timeout):
-    """Print round events as they happen."""
+def watch(ctx, federation, as_json, from_start, after, until_round, timeout):
+    """Print round events as they happen; survives Redis restarts, resumable with --after."""
     last = None
-    for event in _client(ctx).watch(federation, from_start=from_start, until_round=until_round, timeout=timeout):
+    for event in _client(ctx).watch(federation, from_start=from_start, after=after, until_round=until_round,
+                                    timeout=timeout):
         last = event
         if as_json:
             click.echo(json.dumps(event, sort_keys=True))
         else:
-            extra = {k: v for k, v in event.items() if k not in ("type", "federation", "round", "ts")}
+            extra = {k: v for k, v in event.items() if k not in ("type", "federation", "round", "ts", "id")}
             click.echo(f"{time.strftime('%H:%M:%S', time.localtime(event['ts']))} round {event['round']} "
                        f"{event['type']} {json.dumps(extra, sort_keys=True) if extra else ''}".rstrip())
         sys.stdout.flush()

@@ -168,17 +168,20 @@ class ChorusClient:
 
     # -- events ----------------------------------------------------------------------
 
-    def watch(self, federation: str, *, from_start: bool = False, until_round: int | None = None,
-              timeout: float | None = None) -> Iterator[dict]:
-        """Yield events as they happen; with ``until_round`` stop after that round ends."""
+    def watch(self, federation: str, *, from_start: bool = False, after: str | None = None,
+              until_round: int | None = None, timeout: float | None = None) -> Iterator[dict]:
+        """Yield events (each with its stream ``id``) as they happen, from now, from the start, or
+        ``after`` a stream id seen before; with ``until_round`` stop after that round ends."""
         self.state.meta(federation)
         log = EventLog(self.redis, federation, self.settings.events_maxlen, self.state.scripts)
-        after = "0-0" if from_start or (until_round and self._ended(federation, until_round)) else log.last_id()
+        if after is None:
+            replay = from_start or (until_round and self._ended(federation, until_round))
+            after = "0-0" if replay else log.last_id()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _id, event in log.follow(after, deadline=deadline):
+        for entry_id, event in log.follow(after, deadline=deadline):
             if not event:
                 continue
-            yield event
+            yield {"id": entry_id, **event}
             if until_round and event.get("round") == until_round and event["type"] in TERMINAL:
                 return
         if until_round:

@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+from chorus_mq.client import ChorusClient
+from chorus_mq.settings import Settings
+from chorus_mq.store import open_store
+from chorus_mq.workers import runtime
+
 from .services import RedisServer
 from .store.s3server import BUCKET, moto_s3
 
@@ -49,3 +54,22 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def s3_bucket() -> str:
     return BUCKET
+
+
+@pytest.fixture
+def make_sdk(real_redis, redis_server, tmp_path):
+    """``make_sdk(**settings)``: a ChorusClient whose uploads run the real tasks in this process
+    (real redis-server, a file:// store, Celery tasks applied eagerly)."""
+    def make(secret: str | None = None, **overrides) -> ChorusClient:
+        settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", eager=True,
+                            spool_dir=str(tmp_path / "spool"), **overrides)
+        rt = runtime.Runtime(settings, real_redis, open_store(settings.store, settings))
+        runtime.install(rt)
+        return ChorusClient(settings, redis=real_redis, store=rt.store, secret=secret)
+    yield make
+    runtime.install(None)
+
+
+@pytest.fixture
+def sdk(make_sdk):
+    return make_sdk()

@@ -14,7 +14,7 @@ from chorus_mq.client import ChorusClient
 from chorus_mq.settings import Settings
 
 from ..services import RedisServer
-from ..workers.conftest import random_factors, write_adapter
+from ..deltas import random_factors, write_adapter
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from chorus_mq.state import FederationKeys
 from chorus_mq.workers import runtime
 from chorus_mq.workers.aggregate import _compute_and_write, aggregate_round
 
-from .conftest import random_factors, write_adapter
+from ..deltas import random_factors, write_adapter
 
 
 def _truth(clients, weights, module, alpha=8.0):

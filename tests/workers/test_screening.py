@@ -12,7 +12,7 @@ from chorus_mq.aggregation import ClientUpdate, aggregate_module
 from chorus_mq.aggregation.dp import PrivacyAccountant, aggregate_sensitivity
 from chorus_mq.workers.screening import dp_release, noise_generator
 
-from .conftest import random_factors, write_adapter
+from ..deltas import random_factors, write_adapter
 
 Q = "layers.0.q"
 

@@ -11,7 +11,7 @@ from chorus_mq.errors import Rejected
 from chorus_mq.layout import delta_key
 from chorus_mq.messages import IngestMessage
 
-from .conftest import random_factors, write_adapter
+from ..deltas import random_factors, write_adapter
 
 
 def _object(sdk, tmp_path, client, seed=0):

@@ -1,35 +1,12 @@
-"""The worker layer in-process: real redis-server, a file:// store, Celery tasks run eagerly."""
+"""Small synthetic deltas for tests: delta files with an embedded adapter_config."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from chorus_mq.adapters import LoraSpec, write_safetensors
-from chorus_mq.client import ChorusClient
-from chorus_mq.settings import Settings
-from chorus_mq.store import open_store
-from chorus_mq.workers import runtime
-
-
-@pytest.fixture
-def make_sdk(real_redis, redis_server, tmp_path):
-    """``make_sdk(**settings)`` -> a ChorusClient whose uploads run the real tasks in this process."""
-    def make(secret: str | None = None, **overrides) -> ChorusClient:
-        settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", eager=True,
-                            spool_dir=str(tmp_path / "spool"), **overrides)
-        rt = runtime.Runtime(settings, real_redis, open_store(settings.store, settings))
-        runtime.install(rt)
-        return ChorusClient(settings, redis=real_redis, store=rt.store, secret=secret)
-    yield make
-    runtime.install(None)
-
-
-@pytest.fixture
-def sdk(make_sdk):
-    return make_sdk()
 
 
 def write_adapter(path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float = 8.0, extras=None):

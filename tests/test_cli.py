@@ -1,0 +1,76 @@
+"""The CLI over a real redis-server: exit codes, one-line errors, status, watch resumption, history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from chorus_mq.cli import main
+
+from .deltas import random_factors, write_adapter
+
+
+@pytest.fixture
+def cli(real_redis, redis_server, tmp_path, make_sdk):
+    make_sdk()  # tasks of this process run against this Redis and store
+    env = {"CHORUS_REDIS_URL": redis_server.url, "CHORUS_STORE": f"file://{tmp_path}/store", "CHORUS_EAGER": "true",
+           "CHORUS_SPOOL_DIR": str(tmp_path / "spool")}
+
+    def run(*args, code=0):
+        res = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+        assert res.exit_code == code, res.output
+        return res
+    return run
+
+
+def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path):
+    res = cli("status", "--federation", "nope", code=4)
+    assert res.output.count("\n") == 1 and "no federation named 'nope'" in res.output
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2")
+    assert "already exists" in cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", code=5).output
+    assert "no complete round" in cli("pull", "--federation", "fed", "--output", str(tmp_path / "o"), code=4).output
+    assert "Invalid value" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1",
+                                  "--strategy", "mean", code=2).output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    res = cli("upload", "--federation", "fed", "--adapter", str(bad), "--client-id", "c", code=3)
+    assert res.output.startswith("error:") and "Traceback" not in res.output
+
+
+def test_round_flow_status_history_and_manual_close(cli, tmp_path):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3", "--min-quorum", "2")
+    for i in range(2):
+        out = cli("upload", "--federation", "fed", "--adapter",
+                  str(write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i))), "--client-id", f"c{i}").output
+        assert out.startswith("accepted")
+    status = json.loads(cli("status", "--federation", "fed", "--json").output)
+    assert (status["current_round"], status["deltas"], status["quorum"], status["state"]) == (1, 2, 3, "open")
+    assert "aggregating" in cli("round", "close", "--federation", "fed").output
+    history = json.loads(cli("rounds", "--federation", "fed", "--json").output)
+    assert history[0]["state"] == "complete" and history[0]["clients"] == ["c0", "c1"]
+    assert history[1]["state"] == "open"
+    assert "complete" in cli("rounds", "--federation", "fed").output
+    assert "not open" in cli("round", "close", "--federation", "fed", "--round", "1", code=1).output
+
+
+def test_watch_replays_and_resumes_after_an_id(cli, tmp_path):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1")
+    cli("upload", "--federation", "fed", "--adapter", str(write_adapter(tmp_path / "a.safetensors", random_factors(0))),
+        "--client-id", "a")
+    lines = cli("watch", "--federation", "fed", "--json", "--from-start", "--until-round", "1").output.splitlines()
+    events = [json.loads(line) for line in lines]
+    types = [e["type"] for e in events]
+    assert types[-1] == "round_complete" and "delta_accepted" in types
+    middle = events[2]["id"]
+    resumed = cli("watch", "--federation", "fed", "--json", "--after", middle, "--until-round", "1").output
+    assert [json.loads(line)["id"] for line in resumed.splitlines()] == [e["id"] for e in events[3:]]
+
+
+def test_client_registry_commands(cli):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1")
+    secret = cli("client", "add", "alice", "--federation", "fed").output.strip().splitlines()[-1]
+    assert len(secret) >= 40
+    cli("client", "revoke", "alice", "--federation", "fed")
+    assert cli("client", "list", "--federation", "fed").output.split() == ["alice", "revoked"]

@@ -1,0 +1,168 @@
+"""Real process topologies on loopback: a private redis-server, moto S3 and chorus-mq processes.
+
+Used by the end-to-end tests and the fault tests. Every process a :class:`Deployment`
+starts runs in its own process group, so a test can SIGKILL a whole worker (main
+process and pool children) and teardown never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from chorus_mq.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the module ``python -m`` runs for a worker or beat: the production CLI ...
+CLI = "chorus_mq.cli"
+#: ... or the same CLI with test-only faults switched on by CHORUS_FAULT_* variables
+FAULTY_CLI = "tests.faults.faulty_app"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` s.
+
+    A liveness bound, not a timing assertion: timeouts are generous.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Deployment:
+    """One deployment: ``env`` is what every process it starts sees (CHORUS_* settings)."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, redis_url: str):
+        self.env = env
+        self.workdir = workdir
+        self.redis_url = redis_url
+        self.workers: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # every process started: workers, beats, watchers
+
+    # -- settings and in-process handles ---------------------------------------------
+
+    def settings(self, **overrides: Any) -> Settings:
+        """The Settings the deployment's processes build from ``env``, for in-process clients."""
+        values = {k.removeprefix("CHORUS_").lower(): v for k, v in self.env.items()
+                  if k.startswith("CHORUS_") and not k.startswith("CHORUS_FAULT_")}
+        return Settings(**{**values, **overrides})
+
+    def sdk(self, **overrides: Any):
+        from chorus_mq.client import ChorusClient
+        return ChorusClient(self.settings(**overrides))
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    # -- the CLI ---------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, "-m", CLI, *args], env={**self.env, **(env or {})},
+                             capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if check and res.returncode != 0:
+            raise AssertionError(f"chorus-mq {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def popen_cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", CLI, *args], env={**self.env, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    # -- services --------------------------------------------------------------------
+
+    def _spawn(self, kind: str, module: str, args: list[str], env: dict[str, str] | None) -> subprocess.Popen:
+        name = f"{kind}{len(self.procs)}-{uuid.uuid4().hex[:6]}"
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self.env, **(env or {})},
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        proc.name = name
+        proc.log_path = log_path
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, *extra: str, env: dict[str, str] | None = None, concurrency: int = 1,
+                     faulty: bool = False, wait: bool = True) -> subprocess.Popen:
+        """``chorus-mq worker`` in its own process group; ``faulty`` runs it through tests/faults/faulty_app."""
+        hostname = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}"
+        proc = self._spawn("worker", FAULTY_CLI if faulty else CLI,
+                           ["worker", "--concurrency", str(concurrency), "-l", "INFO", "--hostname",
+                            f"{hostname}@%h", *extra], env)
+        self.workers.append(proc)
+        if wait:
+            wait_for(lambda: _ready(proc), 90, f"worker {proc.name} to be ready")
+        return proc
+
+    def start_beat(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``chorus-mq beat`` (redbeat) in its own process group."""
+        return self._spawn("beat", CLI, ["beat", "-l", "INFO"], env)
+
+    @staticmethod
+    def log(proc: subprocess.Popen) -> str:
+        return proc.log_path.read_text(errors="replace")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's whole group (a worker's main process and its pool children)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            proc.wait(timeout=30)
+
+    def stop_workers(self) -> None:
+        """Stop every process this deployment started (TERM, then KILL the stragglers)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+        self.procs.clear()
+        self.workers.clear()
+
+
+def _ready(proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"{proc.name} exited early ({proc.returncode}):\n{Deployment.log(proc)}")
+    return "ready." in Deployment.log(proc)
+
+
+def deployment_env(redis_url: str, s3_endpoint: str, bucket: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a fresh deployment: its own store prefix and spool directory."""
+    return {
+        **os.environ,
+        "CHORUS_REDIS_URL": redis_url,
+        "CHORUS_STORE": f"s3://{bucket}/dep-{uuid.uuid4().hex[:8]}",
+        "CHORUS_S3_ENDPOINT_URL": s3_endpoint,
+        "CHORUS_SPOOL_DIR": str(tmp_path / "spool"),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
