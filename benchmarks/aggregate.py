@@ -96,6 +96,7 @@ def oracle_errors(updates: list[ClientUpdate], scaling: float, B, A, residual_de
 def run_ours(shape: str, strategy: str, reps: int) -> dict:
     layers, modules, _, _ = SHAPES[shape]
     pool = client_pool(shape)
+    aggregate_module(next(iter(pool.values())), strategy)  # warm-up: MKL/LAPACK initialise lazily
     times, residual_bytes = [], 0
     for _ in range(reps):
         residual_bytes = 0
@@ -130,6 +131,7 @@ def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
                 deltas[i][f"layers.{layer}.{name}.lora_A.weight"] = u.A
                 deltas[i][f"layers.{layer}.{name}.lora_B.weight"] = u.B
     weights = [u.weight for u in next(iter(pool.values()))]
+    torch.linalg.svd(torch.randn(64, 64))  # warm-up, as for ours
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -139,7 +141,9 @@ def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
     exact, adapter = 0.0, 0.0
     for name, dims in modules.items():
         key = f"layers.0.{name}"
-        e, a = oracle_errors(pool[dims], pool[dims][0].scaling, out[f"{key}.lora_B.weight"], out[f"{key}.lora_A.weight"], residuals[key])
+        # the tool keeps each client's adapter_config, so its adapter loads with that scaling
+        b_new, a_new = out[f"{key}.lora_B.weight"], out[f"{key}.lora_A.weight"]
+        e, a = oracle_errors(pool[dims], pool[dims][0].scaling, b_new, a_new, residuals[key])
         exact, adapter = max(exact, e), max(adapter, a)
     factor = layers / run_layers
     residual_mb = sum(r.numel() * r.element_size() for r in residuals.values()) / 2**20
@@ -153,7 +157,8 @@ def _baseline_impl(baseline_src: str | None):
     if baseline_src:
         root = Path(baseline_src)
         # Load only the two modules needed; the package __init__ pulls in the web server.
-        for mod, rel in (("chorus.patterns", "chorus/patterns.py"), ("chorus_fl_aggregation", "chorus/server/aggregation.py")):
+        files = (("chorus.patterns", "chorus/patterns.py"), ("chorus_fl_aggregation", "chorus/server/aggregation.py"))
+        for mod, rel in files:
             spec = importlib.util.spec_from_file_location(mod, root / rel)
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod] = module
@@ -187,6 +192,13 @@ def _dense_fedex(deltas, weights):
         out[a_key] = vt[:rank].contiguous()
         residuals[name] = target - out[b_key] @ out[a_key]
     return out, residuals
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def _peak_rss_mb() -> float:
@@ -228,8 +240,12 @@ def main() -> None:
     cases = [(s, st) for s in shapes for st in args.strategies.split(",")]
     if not args.no_baseline:
         cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
-    print(f"torch {torch.__version__}, {THREADS} threads, median of {reps}, fresh process per row")
-    header = f"{'shape':<14}{'strategy':<16}{'time s':>10}{'peak MB':>10}{'residual MB':>13}{'exactness':>11}{'adapter err':>13}"
+    print(f"torch {torch.__version__}, {THREADS} threads, median of {reps}, fresh process per row;"
+          f" load average {_load()} at start")
+    header = (
+        f"{'shape':<14}{'strategy':<16}{'time s':>10}{'peak MB':>10}{'residual MB':>13}"
+        f"{'exactness':>11}{'adapter err':>13}"
+    )
     print(header)
     print("-" * len(header))
     medians, notes = {}, []
@@ -254,6 +270,7 @@ def main() -> None:
                 notes.append(f"{shape}: dense-baseline / {strategy} time = {base / ours:.0f}x")
     if any(s == "llama-3.2-3b" for s, _ in medians):
         notes.append("* extrapolated: one layer measured, time and residual x28; peak is the one-layer peak")
+    notes.append(f"load average {_load()} at end (other processes share these cores)")
     for note in notes:
         print(note)
 

@@ -126,7 +126,7 @@ class ChorusClient:
 
     def upload(self, federation: str, adapter: str | Path, client_id: str, *, dataset_size: float | None = None,
                round_: int | None = None, wait: bool = True, timeout: float = 300.0,
-               lora_alpha: float | None = None) -> UploadResult:
+               lora_alpha: float | None = None, secret: str | None = None) -> UploadResult:
         """Validate locally, store the delta, enqueue its message, and (by default) wait for the verdict."""
         check_name(client_id, "client id")
         self.state.meta(federation)
@@ -142,12 +142,14 @@ class ChorusClient:
             size = path.stat().st_size
         msg = IngestMessage(federation=federation, round=round_, client_id=client_id, object_key=key,
                             sha256=sha, size=size, dataset_size=dataset_size)
-        return self.submit(msg, wait=wait, timeout=timeout)
+        return self.submit(msg, wait=wait, timeout=timeout, secret=secret)
 
-    def submit(self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0) -> UploadResult:
-        """Enqueue an ingest message for an object already in the store."""
-        if self.secret:
-            msg = msg.signed(self.secret)
+    def submit(self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0,
+               secret: str | None = None) -> UploadResult:
+        """Enqueue an ingest message for an object already in the store, signed with the client's secret."""
+        secret = secret or self.secret
+        if secret:
+            msg = msg.signed(secret)
         log = EventLog(self.redis, msg.federation, self.settings.events_maxlen, self.state.scripts)
         after = log.last_id()
         self._dispatch_ingest(msg.model_dump())

@@ -41,8 +41,9 @@ class Settings(BaseSettings):
     #: events stream is trimmed to about this many entries per federation
     events_maxlen: int = 100_000
 
-    #: require signed ingest messages (HMAC per client). Off only for local development.
-    require_auth: bool = False
+    #: accept unsigned messages from unregistered clients: local development only.
+    #: Registered clients must sign whatever this says.
+    allow_unsigned: bool = False
     #: a signed message older than this (seconds) is rejected
     auth_max_skew: int = 300
 

@@ -3,7 +3,8 @@
 Round state and Lua scripts run on an in-process Redis-compatible server (fakeredis with
 Lua) unless ``redis_url`` is given, deltas and results go to a ``file://`` store unless
 ``store_url`` is given, and ingest and aggregation are the Celery tasks, run eagerly.
-Every round is checked against a float64 oracle of the true weighted update.
+Clients are registered and sign their uploads, as in production. Every round is checked
+against a float64 oracle of the true weighted update.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def run_simulation(*, clients: int = 5, rounds: int = 3, strategies=("fedex-lora
         for strategy in strategies:
             federation = f"sim-{strategy}-{secrets.token_hex(3)}"
             sdk.create_federation(federation, base_model="simulated-llama", quorum=clients, strategy=strategy)
+            secrets_ = [sdk.clients(federation).add(f"client-{i}") for i in range(clients)]
             for r in range(1, rounds + 1):
-                row = _run_round(sdk, federation, strategy, r, clients, seed, workdir)
+                row = _run_round(sdk, federation, strategy, r, secrets_, seed, workdir)
                 rows.append(row)
                 if echo:
                     echo(_format(row))
@@ -68,7 +70,9 @@ def _redis(url: str | None) -> redis_lib.Redis:
     return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
 
 
-def _run_round(sdk: ChorusClient, federation: str, strategy: str, r: int, n: int, seed: int, workdir: Path) -> dict:
+def _run_round(sdk: ChorusClient, federation: str, strategy: str, r: int, secrets_: list[str], seed: int,
+               workdir: Path) -> dict:
+    n = len(secrets_)
     gen = torch.Generator().manual_seed(seed * 10_007 + r)
     updates, sizes = [], []
     for i in range(n):
@@ -83,7 +87,8 @@ def _run_round(sdk: ChorusClient, federation: str, strategy: str, r: int, n: int
         sizes.append(size)
     started = time.perf_counter()
     for i, size in enumerate(sizes):
-        sdk.upload(federation, workdir / f"{federation}-r{r}-c{i}", f"client-{i}", dataset_size=size, round_=r)
+        sdk.upload(federation, workdir / f"{federation}-r{r}-c{i}", f"client-{i}", dataset_size=size, round_=r,
+                   secret=secrets_[i])
     elapsed = time.perf_counter() - started
     out = workdir / f"{federation}-pull-{r}"
     manifest = sdk.pull(federation, out, r)

@@ -12,7 +12,8 @@ from chorus_mq.store import open_store
 from chorus_mq.workers import runtime
 
 from .services import RedisServer
-from .store.s3server import BUCKET, moto_s3
+from .store.s3server import BUCKET, FaultProxy, moto_s3
+from .topology import Deployment, deployment_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,6 +62,7 @@ def make_sdk(real_redis, redis_server, tmp_path):
     """``make_sdk(**settings)``: a ChorusClient whose uploads run the real tasks in this process
     (real redis-server, a file:// store, Celery tasks applied eagerly)."""
     def make(secret: str | None = None, **overrides) -> ChorusClient:
+        overrides.setdefault("allow_unsigned", True)  # development mode unless a test is about identity
         settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", eager=True,
                             spool_dir=str(tmp_path / "spool"), **overrides)
         rt = runtime.Runtime(settings, real_redis, open_store(settings.store, settings))
@@ -73,3 +75,38 @@ def make_sdk(real_redis, redis_server, tmp_path):
 @pytest.fixture
 def sdk(make_sdk):
     return make_sdk()
+
+
+@pytest.fixture(scope="session")
+def _proxy_server(s3_endpoint):
+    with FaultProxy(s3_endpoint).running() as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def fault_proxy(_proxy_server):
+    """A FaultProxy to moto, reset: no faults pending, counters at zero."""
+    _proxy_server.fail_next(0)
+    yield _proxy_server
+    _proxy_server.fail_next(0)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """Zero boto3's retry sleeps (up to 1+2+4+8+16 s) so retry tests stay fast.
+
+    Only the waiting goes: which errors are retried and how often is still decided by
+    the production client config.
+    """
+    from botocore.retries.standard import ExponentialBackoff
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0)
+
+
+@pytest.fixture
+def deployment(redis_server, s3_endpoint, s3_bucket, tmp_path):
+    """A clean deployment: Redis flushed, a fresh store prefix, no processes yet (see tests/topology.py)."""
+    redis_server.client().flushall()
+    dep = Deployment(deployment_env(redis_server.url, s3_endpoint, s3_bucket, tmp_path), tmp_path, redis_server.url)
+    yield dep
+    dep.stop_workers()

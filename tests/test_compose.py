@@ -139,4 +139,4 @@ def test_redis_runs_with_the_tested_acl_file(services):
     assert f">{password}" in users[user]
     health = " ".join(redis["healthcheck"]["test"])
     assert "--user health" in health and "health-dev-password" in users["health"]
-    assert services["worker"]["environment"]["CHORUS_REQUIRE_AUTH"] == "true"
+    assert "CHORUS_ALLOW_UNSIGNED" not in services["worker"]["environment"]  # signatures required

@@ -163,6 +163,8 @@ def deployment_env(redis_url: str, s3_endpoint: str, bucket: str, tmp_path: Path
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_EC2_METADATA_DISABLED": "true",
         "HF_HUB_OFFLINE": "1",
+        # infrastructure tests run in development mode; tests about identity sign their uploads
+        "CHORUS_ALLOW_UNSIGNED": "true",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }

@@ -1,10 +1,10 @@
 """Exact SVD of a factored product ``L @ diag(mid) @ R`` without forming it, and residual chaining.
 
-The Gram matrices of the factors only *precondition* the problem: every output is
-written as ``L @ (small) `` and ``(small) @ R`` where the small matrices multiply back to
-the identity, so ``U @ V == L @ diag(mid) @ R`` holds to float64 rounding however badly
-conditioned the inputs are. Conditioning only decides how close the top directions are
-to the true singular vectors (to ~1e-8 when the factors are not close to rank-deficient).
+The float64 Gram matrices of the factors only *precondition* the problem: the outputs
+are ``L @ X`` and ``Y @ R`` with small ``X @ Y == diag(mid)`` by construction, so
+``U @ V == L @ diag(mid) @ R`` to float64 rounding however badly conditioned the factors
+are. Conditioning only limits how close the leading directions are to the true singular
+vectors (orthogonality is lost as eps64 * cond^2, so ~1e-8 at cond 1e4).
 """
 
 from __future__ import annotations
@@ -27,62 +27,58 @@ _EPS32_UNIT = torch.finfo(_F32).eps / 2  # unit roundoff of float32
 _MIN_PIVOT = 1e-4
 
 
-def factored_svd(left: Tensor, right: Tensor, mid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def factored_svd(
+    left: Tensor, right: Tensor, mid: Tensor | None = None, *, drop_after: int | None = None, roundoff: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Singular directions of ``M = left @ diag(mid) @ right`` as balanced float64 factors.
 
     Returns ``(U, V)``, ``U (d_out, k)`` and ``V (k, d_in)``, sorted by decreasing singular
-    value, with ``U[:, j] ~ u_j sqrt(s_j)``, ``V[j] ~ sqrt(s_j) v_j^T`` and ``U @ V == M``.
-    Nothing is dropped. Costs ``O((d_out + d_in) K^2 + K^3)``; when ``K`` exceeds
-    ``min(d_out, d_in)`` the dense ``M`` is the smaller problem and is decomposed instead.
+    value ``s_j``, with ``U[:, j] ~ u_j sqrt(s_j)``, ``V[j] ~ sqrt(s_j) v_j^T``, so that
+    ``U @ V == M``. With ``drop_after=n``, directions past the first ``n`` are dropped when
+    numerically zero: ``s_j <= RTOL * s_1``, or below what rounding the inputs with unit
+    ``roundoff`` can change (``roundoff * sum_j |left_j| |mid_j| |right_j|``).
+    Costs ``O((d_out + d_in) K^2 + K^3)``; when ``K`` exceeds ``min(d_out, d_in)`` the dense
+    ``M`` is the smaller problem and is decomposed instead.
     """
     lf, rf = left.to(_F64), right.to(_F64)
     d_out, k_in = lf.shape
     d_in = rf.shape[1]
     mid = torch.ones(k_in, dtype=_F64, device=lf.device) if mid is None else mid.to(_F64)
     if k_in > min(d_out, d_in):
-        return _dense_svd((lf * mid) @ rf)
+        weight = lf.norm(dim=0) * rf.norm(dim=1) * mid.abs()
+        u, sigma, vh = torch.linalg.svd((lf * mid) @ rf, full_matrices=False)
+        idx = _significant(sigma, drop_after, roundoff * float(weight.sum()))
+        root = sigma[idx].sqrt()
+        return u[:, idx] * root, root[:, None] * vh[idx]
     gram_l, gram_r = lf.mT @ lf, rf @ rf.mT
+    weight = (gram_l.diagonal() * gram_r.diagonal()).sqrt() * mid.abs()
     # Columns that contribute nothing are removed exactly; they would make the Grams singular.
-    live = ((gram_l.diagonal() > 0) & (gram_r.diagonal() > 0) & (mid != 0)).nonzero().squeeze(1)
-    k = live.numel()
-    if k == 0:
+    live = (weight > 0).nonzero().squeeze(1)
+    if live.numel() == 0:
         return lf.new_zeros(d_out, 0), rf.new_zeros(0, d_in)
     whiten_l, unwhiten_l = _whitener(gram_l[live][:, live])
     whiten_r, unwhiten_r = _whitener(gram_r[live][:, live])
     core = unwhiten_l @ (mid[live, None] * unwhiten_r.mT)
     vecs = _right_singular_vectors(core)
-    scaled = core @ vecs  # columns u_j * s_j
-    root = scaled.norm(dim=0).sqrt()
-    root = torch.where(root > 0, root, torch.ones_like(root))
-    small_l = lf.new_zeros(k_in, k)
-    small_l[live] = whiten_l @ (scaled / root)
-    small_r = rf.new_zeros(k, k_in)
-    small_r[:, live] = (root[:, None] * vecs.mT) @ whiten_r.mT
+    scaled = core @ vecs  # columns u_j * s_j in the whitened basis
+    sigma = scaled.norm(dim=0)
+    # Select in the small space: the whitened bases are orthonormal, so s_j is the norm.
+    idx = _significant(sigma, drop_after, roundoff * float(weight.sum()))
+    root = sigma[idx].sqrt()
+    small_l = lf.new_zeros(k_in, idx.numel())
+    small_l[live] = whiten_l @ (scaled[:, idx] / torch.where(root > 0, root, torch.ones_like(root)))
+    small_r = rf.new_zeros(idx.numel(), k_in)
+    small_r[:, live] = (root[:, None] * vecs[:, idx].mT) @ whiten_r.mT
     return lf @ small_l, small_r @ rf
-
-
-def keep_significant(u: Tensor, v: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Drop the directions ``u[:, j] v[j]`` whose norm is at most ``RTOL`` times the largest, or ``floor``."""
-    norms = u.norm(dim=0) * v.norm(dim=1)
-    if norms.numel() == 0:
-        return u, v
-    keep = norms > max(RTOL * float(norms.max()), floor)
-    if bool(keep.all()):
-        return u, v
-    idx = keep.nonzero().squeeze(1)
-    return u[:, idx], v[idx]
 
 
 def compress(left: Tensor, right: Tensor) -> Residual | None:
     """``left @ right`` re-compressed exactly: only numerically zero directions are dropped.
 
-    Besides ``RTOL``, a direction is zero when it is below what rounding the given
-    factors to float32 can change: ``eps32 * sum_j |left_j| |right_j|`` bounds that.
+    The factors are taken as float32-rounded, so directions smaller than that rounding
+    can change are zero too.
     """
-    lf, rf = left.to(_F64), right.to(_F64)
-    noise = _EPS32_UNIT * float((lf.norm(dim=0) * rf.norm(dim=1)).sum())
-    u, v = keep_significant(*factored_svd(lf, rf), floor=noise)
-    return Residual.from_factors(u, v)
+    return Residual.from_factors(*factored_svd(left, right, drop_after=0, roundoff=_EPS32_UNIT))
 
 
 def chain_residuals(prev: Residual | None, new: Residual | None) -> Residual | None:
@@ -108,6 +104,15 @@ def _dense64(res: Residual) -> Tensor:
     return res.left.to(_F64) @ res.right.to(_F64)
 
 
+def _significant(sigma: Tensor, drop_after: int | None, floor: float) -> Tensor:
+    """Indices of the directions to keep: all of the first ``drop_after``, then those above the floor."""
+    idx = torch.arange(sigma.numel(), device=sigma.device)
+    if drop_after is None or sigma.numel() == 0:
+        return idx
+    keep = (sigma > max(RTOL * float(sigma.max()), floor)) | (idx < drop_after)
+    return idx[keep]
+
+
 def _whitener(gram: Tensor) -> tuple[Tensor, Tensor]:
     """``(T, R)`` with ``T @ R == I`` and ``X @ T`` (near) orthonormal, for ``gram = X^T X``."""
     scale = gram.diagonal().sqrt()
@@ -128,16 +133,10 @@ def _whitener(gram: Tensor) -> tuple[Tensor, Tensor]:
 
 def _right_singular_vectors(core: Tensor) -> Tensor:
     """Right singular vectors of a small matrix, by decreasing singular value, signs fixed."""
-    # eigh of the Gram is ~2x faster than an SVD here; it loses accuracy only in directions
-    # that are tiny, and the caller never divides by them.
+    # eigh of the Gram is ~2x faster than an SVD here. It is inaccurate only in tiny
+    # directions, and exactness needs nothing but an orthogonal W (C W W^T == C).
     _, vecs = torch.linalg.eigh(core.mT @ core)
     return _fix_signs(vecs.flip(1))
-
-
-def _dense_svd(m: Tensor) -> tuple[Tensor, Tensor]:
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    root = s.sqrt()
-    return u * root, root[:, None] * vh
 
 
 def _fix_signs(vecs: Tensor) -> Tensor:

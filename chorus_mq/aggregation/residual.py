@@ -23,8 +23,8 @@ class Residual:
     """Weight-space residual in ``B @ A`` layout, shape ``(d_out, d_in)``, stored as float32.
 
     Exactly one form is set: the factors ``left (d_out, k)`` and ``right (k, d_in)``
-    whose product is the residual, or ``dense``. Other float dtypes are converted on
-    construction. Fold ``to_dense().T`` into a GPT-2 ``Conv1D`` weight (see
+    whose product is the residual, or ``dense``. Other float dtypes and strided views
+    are converted on construction. Fold ``to_dense().T`` into a GPT-2 ``Conv1D`` weight (see
     :meth:`fold_into`), since that layer stores its weight transposed.
     """
 
@@ -120,4 +120,5 @@ class Residual:
 def _as_f32(t: Tensor) -> Tensor:
     if not t.is_floating_point():
         raise AggregationError(f"residual tensors must be floating point, got {t.dtype}")
-    return t if t.dtype == _F32 else t.to(_F32)
+    # contiguous, because safetensors (and most writers) refuse strided views
+    return t.to(_F32).contiguous()

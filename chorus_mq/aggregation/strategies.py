@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.lowrank import RTOL, factored_svd, keep_significant
+from chorus_mq.aggregation.lowrank import factored_svd
 from chorus_mq.aggregation.residual import Residual
 from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, Prepared, prepare
 from chorus_mq.errors import AggregationError
@@ -83,15 +83,14 @@ def _averaged(p: Prepared, rank: int, out_dtype: torch.dtype, *, exact: bool) ->
 
 def _svd(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
     rank = out_rank or max(p.ranks)
-    b_cat, a_cat = _concat(p, _F64)
+    # B^T rows, contiguous: a column-block layout costs strided writes, and the Gram and
+    # products read the transposed view at full speed anyway.
+    b_rows = torch.cat([u.B.mT for u in p.updates], 0).to(_F64)
+    a_cat = torch.cat([u.A for u in p.updates], 0).to(_F64)
     mid = torch.tensor([ws for ws, r in zip(p.products, p.ranks) for _ in range(r)], dtype=_F64)
-    u, v = factored_svd(b_cat, a_cat, mid.to(b_cat.device))
-    rest = []
-    if u.shape[1] > rank:
-        top = float(u[:, 0].norm() * v[0].norm())
-        rest.append(keep_significant(u[:, rank:], v[rank:], floor=RTOL * top))
+    u, v = factored_svd(b_rows.mT, a_cat, mid.to(a_cat.device), drop_after=rank)
     b_hi, a_hi = _pad(u[:, :rank], v[:rank], rank)
-    return _finish(b_hi, a_hi, out_dtype, rest)
+    return _finish(b_hi, a_hi, out_dtype, [(u[:, rank:], v[rank:])])
 
 
 def _stack(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
@@ -159,7 +158,7 @@ def _pad(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    out = t.to(dtype)
+    out = t.to(dtype).contiguous()
     if dtype == torch.float16 and not bool(torch.isfinite(out).all()):
         raise AggregationError("the global adapter overflows float16; use bfloat16 or float32 as out_dtype")
     return out

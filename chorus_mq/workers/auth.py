@@ -23,9 +23,10 @@ def verify(rt: Runtime, msg: IngestMessage, round_: int) -> int:
     registry = ClientRegistry(rt.redis, msg.federation)
     secret = registry.secret(msg.client_id)
     if secret is None:
-        if rt.settings.require_auth:
-            raise AuthError(f"client {msg.client_id!r} is not registered in federation {msg.federation!r}")
-        return round_  # development mode: unregistered clients are trusted
+        if not rt.settings.allow_unsigned:
+            raise AuthError(f"client {msg.client_id!r} is not registered in federation {msg.federation!r}; "
+                            "an operator registers it with `chorus-mq client add`")
+        return round_  # development mode (CHORUS_ALLOW_UNSIGNED): unregistered clients are trusted
     if not msg.signature_valid(secret):
         raise AuthError("message signature does not verify: wrong secret, or the message was altered")
     skew = rt.settings.auth_max_skew

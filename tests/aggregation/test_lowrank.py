@@ -7,7 +7,7 @@ import torch
 from agg_oracle import make_clients, rel
 
 from chorus_mq.aggregation import Residual, aggregate_module, chain_residuals
-from chorus_mq.aggregation.lowrank import RTOL, compress, factored_svd, keep_significant
+from chorus_mq.aggregation.lowrank import RTOL, compress, factored_svd
 from chorus_mq.errors import AggregationError
 
 F64 = torch.float64
@@ -41,8 +41,9 @@ def test_factored_svd_handles_rank_deficient_and_zero_columns():
     right = torch.cat([base_r, base_r, rand(6, 30, seed=2)], 0)
     u, v = factored_svd(left, right)
     assert rel(u @ v, left @ right) < 1e-12
-    u, v = keep_significant(u, v)
+    u, v = factored_svd(left, right, drop_after=0)
     assert u.shape[1] == 6  # the true rank
+    assert rel(u @ v, left @ right) < 1e-12
 
 
 def test_factored_svd_of_zero_is_empty():
@@ -50,12 +51,14 @@ def test_factored_svd_of_zero_is_empty():
     assert u.shape == (5, 0) and v.shape == (0, 4)
 
 
-def test_keep_significant_drops_only_negligible_directions():
-    u = torch.eye(4, dtype=F64)
-    v = torch.diag(torch.tensor([1.0, 1e-3, 0.5 * RTOL, 0.0], dtype=F64))
-    ku, kv = keep_significant(u, v)
-    assert ku.shape[1] == 2 and torch.equal(kv, v[:2])
-    assert keep_significant(u, v, floor=0.01)[0].shape[1] == 1
+def test_only_numerically_zero_directions_are_dropped():
+    u0, v0 = torch.linalg.qr(rand(30, 4))[0], torch.linalg.qr(rand(20, 4, seed=1))[0].T
+    sigma = torch.tensor([1.0, 1e-3, 0.5 * RTOL, 0.0], dtype=F64)
+    left, right = u0 * sigma, v0
+    assert factored_svd(left, right, drop_after=0)[0].shape[1] == 2
+    assert factored_svd(left, right, drop_after=3)[0].shape[1] == 3  # the first n always stay
+    assert factored_svd(left, right)[0].shape[1] == 3  # nothing dropped; the zero column is not live
+    assert factored_svd(left, right, drop_after=0, roundoff=0.01)[0].shape[1] == 1
 
 
 def test_compress_is_exact_and_minimal():

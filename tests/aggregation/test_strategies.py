@@ -171,6 +171,16 @@ def test_bad_options_raise(kwargs, message):
         aggregate_module(mixed_clients(), **kwargs)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16])
+def test_outputs_are_contiguous_for_writers(strategy, out_dtype):
+    res = aggregate_module(mixed_clients(), strategy, out_dtype=out_dtype)
+    parts = [res.A, res.B]
+    if res.residual is not None:
+        parts += [t for t in (res.residual.left, res.residual.right, res.residual.dense) if t is not None]
+    assert all(t.is_contiguous() for t in parts)
+
+
 def test_larger_out_rank_zero_pads_the_averaging_strategies():
     res = aggregate_module(mixed_clients(), "fedex-lora", out_rank=12)
     assert res.A.shape == (12, 40) and not res.A[8:].any()

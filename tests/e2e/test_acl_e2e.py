@@ -32,6 +32,7 @@ def acl_redis(tmp_path):
 def test_client_user_can_upload_and_nothing_more(acl_redis, deployment, s3_endpoint, tmp_path):
     deployment.redis_url = acl_redis.url
     deployment.env["CHORUS_REDIS_URL"] = acl_redis.url  # workers connect as the worker user
+    deployment.env["CHORUS_ALLOW_UNSIGNED"] = "false"
     deployment.start_worker()
     deployment.cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2")
     admin = acl_redis.client()

@@ -23,8 +23,11 @@ def test_exact_round_over_cli_worker_and_peft(deployment, tmp_path):
     ranks, alphas, sizes = (4, 8, 8), (8, 16, 32), (100, 300, 600)
     clients = [client_adapter(base, tmp_path / f"client{i}", rank=r, alpha=a, seed=10 + i)
                for i, (r, a) in enumerate(zip(ranks, alphas))]
+    deployment.env["CHORUS_ALLOW_UNSIGNED"] = "false"  # production mode: every client signs
     deployment.start_worker(concurrency=2)
     deployment.cli("federation", "create", "e2e", "--base-model", "tiny-llama", "--quorum", "3")
+    secrets = [deployment.cli("client", "add", f"client-{i}", "--federation", "e2e").stdout.strip().splitlines()[-1]
+               for i in range(3)]
     watcher = deployment.popen_cli("watch", "--federation", "e2e", "--json", "--until-round", "1", "--timeout", "180")
 
     # a bad delta first: rejected with a reason, and the round still completes with the good ones
@@ -39,7 +42,8 @@ def test_exact_round_over_cli_worker_and_peft(deployment, tmp_path):
 
     def upload(i):
         results[i] = deployment.cli("upload", "--federation", "e2e", "--adapter", str(tmp_path / f"client{i}"),
-                                    "--client-id", f"client-{i}", "--dataset-size", str(sizes[i]), check=False)
+                                    "--client-id", f"client-{i}", "--dataset-size", str(sizes[i]),
+                                    "--secret", secrets[i], check=False)
 
     threads = [threading.Thread(target=upload, args=(i,)) for i in range(3)]
     for t in threads:

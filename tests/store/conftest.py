@@ -1,5 +1,6 @@
-"""Store fixtures: moto over HTTP, a fault proxy in front of it, and a ``store``
-fixture parametrized over both backends."""
+"""Store fixtures: S3 stores on moto, and a ``store`` fixture parametrized over both backends.
+
+The fault proxy in front of moto (``fault_proxy``) and ``no_backoff`` live in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import pytest
 
 from chorus_mq.settings import Settings
 from chorus_mq.store import open_store
-
-from .s3server import FaultProxy
 
 
 def _s3_store(endpoint: str, bucket: str):
@@ -31,28 +30,3 @@ def store(request, tmp_path):
     if request.param == "file":
         return open_store(f"file://{tmp_path}/store", Settings())
     return request.getfixturevalue("make_s3_store")()
-
-
-@pytest.fixture(scope="session")
-def _proxy_server(s3_endpoint):
-    with FaultProxy(s3_endpoint).running() as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def fault_proxy(_proxy_server):
-    """A FaultProxy to moto, reset: no faults pending, counters at zero."""
-    _proxy_server.fail_next(0)
-    return _proxy_server
-
-
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """Zero boto3's retry sleeps (up to 1+2+4+8+16 s) so retry tests stay fast.
-
-    Only the waiting goes: which errors are retried and how often is still decided by
-    the production client config.
-    """
-    from botocore.retries.standard import ExponentialBackoff
-
-    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import socket
 import threading
+import time
 from typing import Iterator
 
 import boto3
@@ -40,12 +42,17 @@ def moto_s3(bucket: str = BUCKET) -> Iterator[str]:
 
 class FaultProxy:
     """A loopback HTTP proxy to ``upstream`` that answers the next N requests itself
-    with a canned S3 error, then passes requests through. Counts what it sees."""
+    with a canned S3 error (or hangs up on them), then passes requests through.
+    Counts what it sees."""
+
+    #: how an injected fault looks to the client
+    MODES = ("error", "drop", "stall", "lost")
 
     def __init__(self, upstream: str):
         self.upstream = upstream.removeprefix("http://")
         self.failures_left = 0
         self.status, self.code = 503, "ServiceUnavailable"
+        self.mode, self.match, self.stall_s = "error", None, 0.0
         self.requests = 0
         self.injected = 0
         self._lock = threading.Lock()
@@ -53,20 +60,32 @@ class FaultProxy:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def fail_next(self, n: int, status: int = 503, code: str = "ServiceUnavailable") -> None:
-        """Answer the next ``n`` requests with ``status``/``code``; reset the counters."""
+    def fail_next(self, n: int, status: int = 503, code: str = "ServiceUnavailable", *, mode: str = "error",
+                  match: str | None = None, stall_s: float = 2.0) -> None:
+        """Fault the next ``n`` requests (those whose ``"METHOD path"`` contains ``match``, if given);
+        reset the counters.
+
+        ``mode``: ``error`` answers ``status``/``code``; ``drop`` closes the connection without an
+        answer (a reset); ``stall`` holds the request ``stall_s`` seconds, then closes it unanswered
+        (a client with a shorter read timeout sees a timeout); ``lost`` passes the request on and
+        then closes without the answer (the write happened, the client cannot know).
+        """
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}")
         with self._lock:
             self.failures_left, self.status, self.code = n, status, code
+            self.mode, self.match, self.stall_s = mode, match, stall_s
             self.requests = self.injected = 0
 
-    def _take_fault(self) -> bool:
+    def _take_fault(self, request_line: str) -> str | None:
+        """The fault mode to inject into this request, or None to pass it through."""
         with self._lock:
             self.requests += 1
-            if self.failures_left <= 0:
-                return False
+            if self.failures_left <= 0 or (self.match and self.match not in request_line):
+                return None
             self.failures_left -= 1
             self.injected += 1
-            return True
+            return self.mode
 
     @contextlib.contextmanager
     def running(self) -> Iterator["FaultProxy"]:
@@ -89,21 +108,31 @@ class FaultProxy:
 
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._take_fault():
+                mode = proxy._take_fault(f"{self.command} {self.path}")
+                if mode is None:
+                    self._forward(body)
+                elif mode == "error":
                     self._reply(proxy.status, {}, _error_xml(proxy.code))
                 else:
-                    self._forward(body)
+                    if mode == "stall":
+                        time.sleep(proxy.stall_s)
+                    elif mode == "lost":
+                        self._forward(body, reply=False)
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-            def _forward(self, body: bytes):
+            def _forward(self, body: bytes, reply: bool = True):
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 try:
                     conn.request(self.command, self.path, body=body, headers=dict(self.headers))
                     resp = conn.getresponse()
                     data = resp.read()
                     headers = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP}
-                    self._reply(resp.status, headers, data)
+                    if reply:
+                        self._reply(resp.status, headers, data)
                 finally:
                     conn.close()
 

@@ -25,7 +25,7 @@ def _object(sdk, tmp_path, client, seed=0):
 
 @pytest.fixture
 def fed(make_sdk):
-    admin = make_sdk(require_auth=True)
+    admin = make_sdk(allow_unsigned=False)
     admin.create_federation("fed", base_model="m", quorum=5)
     secrets = {name: admin.clients("fed").add(name) for name in ("alice", "bob")}
     return make_sdk, secrets
@@ -33,7 +33,7 @@ def fed(make_sdk):
 
 def test_signed_upload_is_accepted(fed, tmp_path):
     make_sdk, secrets = fed
-    sdk = make_sdk(secret=secrets["alice"], require_auth=True)
+    sdk = make_sdk(secret=secrets["alice"], allow_unsigned=False)
     assert sdk.upload("fed", write_adapter(tmp_path / "a.safetensors", random_factors(0)), "alice").status == "accepted"
 
 
@@ -41,7 +41,7 @@ def test_signed_upload_is_accepted(fed, tmp_path):
                                   "stale", "others-object-key", "revoked"])
 def test_forged_and_unauthorised_messages_are_rejected(fed, tmp_path, case):
     make_sdk, secrets = fed
-    sdk = make_sdk(require_auth=True)
+    sdk = make_sdk(allow_unsigned=False)
     msg = _object(sdk, tmp_path, "alice")
     needle = "signature"
     if case == "unsigned":
@@ -73,7 +73,7 @@ def test_forged_and_unauthorised_messages_are_rejected(fed, tmp_path, case):
 
 def test_replayed_message_changes_nothing(fed, tmp_path):
     make_sdk, secrets = fed
-    sdk = make_sdk(require_auth=True)
+    sdk = make_sdk(allow_unsigned=False)
     msg = _object(sdk, tmp_path, "alice").signed(secrets["alice"])
     assert sdk.submit(msg, timeout=10).status == "accepted"
     assert sdk.submit(msg, timeout=10).status == "duplicate"  # a redelivery or a replay: idempotent

@@ -1,0 +1,83 @@
+"""Fault 1: a worker dies mid-aggregation (after its result objects, before the manifest).
+
+* The whole worker (main process and pool) is SIGKILLed and a new worker started. Recovery
+  either by Celery redelivery (the unacked message comes back after the visibility timeout)
+  or by the lease sweep (``chorus-mq beat`` reclaims the round under a new epoch).
+* Only the pool child running the aggregation is SIGKILLed (found with psutil); the worker
+  survives and ``task_retry_on_worker_lost`` runs the aggregation again.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import psutil
+import pytest
+
+from ..topology import wait_for
+from .conftest import size_of, timing, trials, upload, wait_hook, wait_round
+from .invariants import assert_exactly_once
+
+pytestmark = pytest.mark.faults
+
+
+def _fill_round(sdk, fed, clients, delta_file):
+    return [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in clients]
+
+
+@trials(2)
+@pytest.mark.parametrize("recovery", ["redelivery", "sweep"])
+def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, trial):
+    fed = f"kill-{recovery}-{trial}"
+    if recovery == "redelivery":  # no beat: only the visibility timeout brings the task back
+        env = {**timing(4, 5, 6, 120), "CHORUS_FAULT_RESTORE_INTERVAL": "1"}
+    else:  # the message would come back only after 120 s: the lease sweep must act first
+        env = {**timing(4, 5, 120, 6), "CHORUS_SWEEP_INTERVAL": "0.5", "CHORUS_BEAT_LOCK_TIMEOUT": "5"}
+    deployment.env.update(env, CHORUS_FAULT_AGGREGATE_SLEEP="60")
+    doomed = deployment.start_worker(faulty=True)
+    sdk = deployment.sdk()
+    sdk.create_federation(fed, base_model="tiny", quorum=3)
+    accepted = _fill_round(sdk, fed, range(3), delta_file)
+
+    wait_hook(deployment, fed, 1)
+    deployment.kill(doomed)  # SIGKILL to the process group: main process and pool child
+    assert sdk.state.round(fed, 1)["state"] == "aggregating"
+    assert not sdk.store.exists(f"{fed}/rounds/000001/manifest.json")
+
+    survivor = deployment.start_worker(faulty=True)
+    if recovery == "sweep":
+        deployment.start_beat()
+    assert wait_round(deployment, fed, 1) == "complete"
+    accepted += _fill_round(sdk, fed, range(3, 6), delta_file)  # the fleet goes on: round 2
+    assert wait_round(deployment, fed, 2) == "complete"
+
+    report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
+    assert report.complete == {1: ["c0", "c1", "c2"], 2: ["c3", "c4", "c5"]}
+    done = next(e for e in report.events if e["type"] == "round_complete" and e["round"] == 1)
+    if recovery == "redelivery":
+        assert report.reclaims == 0 and done["epoch"] == 1
+        assert re.search(r"Task chorus\.aggregate\[[^\]]+\] received", deployment.log(survivor))
+    else:
+        assert report.reclaims >= 1 and done["epoch"] >= 2
+
+
+@trials()
+def test_sigkill_pool_child_mid_aggregation(deployment, delta_file, trial):
+    fed = f"child-{trial}"
+    deployment.env.update(timing(4, 5, 120, 120), CHORUS_FAULT_AGGREGATE_SLEEP="60", CHORUS_FAULT_RETRY_DELAY="0.2")
+    worker = deployment.start_worker(faulty=True)
+    sdk = deployment.sdk()
+    sdk.create_federation(fed, base_model="tiny", quorum=3)
+    accepted = _fill_round(sdk, fed, range(3), delta_file)
+
+    pid = wait_hook(deployment, fed, 1)
+    children = {p.pid for p in psutil.Process(worker.pid).children()}
+    assert pid in children, f"the aggregation runs in pid {pid}, not a pool child of {worker.pid}: {children}"
+    psutil.Process(pid).send_signal(signal.SIGKILL)
+
+    assert wait_round(deployment, fed, 1) == "complete"
+    assert worker.poll() is None, "the worker's main process should survive a lost pool child"
+    wait_for(lambda: "WorkerLostError" in deployment.log(worker), 10, "the worker to report the lost child")
+    report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
+    assert report.complete == {1: ["c0", "c1", "c2"]} and report.reclaims == 0
