@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import re
 import socket
 import threading
 import time
@@ -62,8 +63,8 @@ class FaultProxy:
 
     def fail_next(self, n: int, status: int = 503, code: str = "ServiceUnavailable", *, mode: str = "error",
                   match: str | None = None, stall_s: float = 2.0) -> None:
-        """Fault the next ``n`` requests (those whose ``"METHOD path"`` contains ``match``, if given);
-        reset the counters.
+        """Fault the next ``n`` requests (those whose ``"METHOD path"`` matches the regular expression
+        ``match``, if given); reset the counters.
 
         ``mode``: ``error`` answers ``status``/``code``; ``drop`` closes the connection without an
         answer (a reset); ``stall`` holds the request ``stall_s`` seconds, then closes it unanswered
@@ -81,7 +82,7 @@ class FaultProxy:
         """The fault mode to inject into this request, or None to pass it through."""
         with self._lock:
             self.requests += 1
-            if self.failures_left <= 0 or (self.match and self.match not in request_line):
+            if self.failures_left <= 0 or (self.match and not re.search(self.match, request_line)):
                 return None
             self.failures_left -= 1
             self.injected += 1
