@@ -154,6 +154,7 @@ def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
 # -- the undisturbed reference run ---------------------------------------------------------
 
 _REFERENCE: dict[tuple, list[dict[str, str]]] = {}
+_DELTAS: dict[str, bytes] = {}  # sha256 -> the delta's bytes (verified), shared by every reference run
 
 
 def _assert_reference(dep, federation: str, manifests: dict[int, dict], sizes: dict[str, float | None]) -> None:
@@ -181,11 +182,13 @@ def _reference_run(dep, config, rounds) -> list[dict[str, str]]:
         out = []
         for r, clients in enumerate(rounds, start=1):
             for client, sha, size in clients:
-                path = Path(tmp) / f"{sha}.safetensors"
-                real_store.download(delta_key(fed, client, sha), path, expected_sha256=sha)  # the bytes uploaded
-                rt.store.put_file(delta_key(fed, client, sha), path, write_once=False)
+                if sha not in _DELTAS:  # the bytes the client uploaded
+                    path = Path(tmp) / f"{sha}.safetensors"
+                    real_store.download(delta_key(fed, client, sha), path, expected_sha256=sha)
+                    _DELTAS[sha] = path.read_bytes()
+                rt.store.put_bytes(delta_key(fed, client, sha), _DELTAS[sha], write_once=False)
                 msg = IngestMessage(federation=fed, round=r, client_id=client, object_key=delta_key(fed, client, sha),
-                                    sha256=sha, size=path.stat().st_size, dataset_size=size)
+                                    sha256=sha, size=len(_DELTAS[sha]), dataset_size=size)
                 verdict = ingest(rt, msg.model_dump(), lambda *a: None)
                 assert verdict.accepted, f"reference run rejected {client}: {verdict.reason}"
             fired = rt.state.close(fed, r, "manual")

@@ -1,0 +1,73 @@
+"""Fault 8: two federations on one worker fleet stay isolated.
+
+The same client ids upload to both at once; the federations differ in quorum, strategy and
+module shapes. A delta shaped for one is rejected by the other (each federation pins its
+own shapes) and the rejection shows up only there. Events, rounds, registered deltas and
+result objects never cross.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from chorus_mq.errors import Rejected
+
+from ..deltas import random_factors, write_adapter
+from ..topology import wait_for
+from .conftest import size_of, trials, upload, wait_round
+from .invariants import assert_exactly_once, read_events
+
+pytestmark = pytest.mark.faults
+
+
+@trials()
+def test_two_federations_share_a_fleet_in_isolation(deployment, delta_file, tmp_path, trial):
+    a, b = f"iso-a-{trial}", f"iso-b-{trial}"
+    workers = [deployment.start_worker(wait=False) for _ in range(2)]
+    sdk = deployment.sdk()
+    sdk.create_federation(a, base_model="tiny", quorum=3)
+    sdk.create_federation(b, base_model="tiny", quorum=2, strategy="fedavg")
+    small = [write_adapter(tmp_path / f"small{i}.safetensors", random_factors(2000 + i, d_out=8, d_in=6))
+             for i in range(4)]
+    for w in workers:
+        wait_for(lambda w=w: "ready." in deployment.log(w), 90, f"{w.name} ready")
+
+    first_b = upload(sdk, b, "c0", small[0], size_of(0))  # pins b's shapes to 8x6
+    # both federations at once, each filling its rounds in turn on the same two workers
+    plans = {a: [[(0, delta_file(0)), (1, delta_file(1)), (2, delta_file(2))],
+                 [(3, delta_file(3)), (4, delta_file(4)), (5, delta_file(5))]],
+             b: [[(1, small[1])], [(2, small[2]), (3, small[3])]]}
+    accepted = {a: [], b: [first_b]}
+    errors = []
+
+    def run(fed):
+        try:
+            for r, plan in enumerate(plans[fed], start=1):
+                accepted[fed].extend(upload(sdk, fed, f"c{i}", path, size_of(i)) for i, path in plan)
+                assert wait_round(deployment, fed, r) == "complete"
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append((fed, repr(exc)))
+
+    threads = [threading.Thread(target=run, args=(fed,)) for fed in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with pytest.raises(Rejected, match="shape"):  # a-shaped delta into b
+        sdk.upload(b, delta_file(9), "c9", dataset_size=size_of(9), timeout=60)
+
+    reports = {fed: assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(10)},
+                                        accepted=accepted[fed]) for fed in (a, b)}
+    assert reports[a].complete == {1: ["c0", "c1", "c2"], 2: ["c3", "c4", "c5"]}
+    assert reports[b].complete == {1: ["c0", "c1"], 2: ["c2", "c3"]}
+    assert [e["client"] for e in read_events(sdk.redis, b) if e["type"] == "delta_rejected"] == ["c9"]
+    assert not [e for e in read_events(sdk.redis, a) if e["type"] == "delta_rejected"]
+    assert sdk.status(a)["current_round"] == 3 and sdk.status(b)["current_round"] == 3
+    objects = {fed: set(sdk.store.list(f"{fed}/")) for fed in (a, b)}
+    assert objects[a] and objects[b] and not objects[a] & objects[b]
+    results = {fed: {o.split("/")[-1].split("-")[0] for o in objects[fed] if "/rounds/" in o} for fed in (a, b)}
+    assert results[a] == results[b] == {"adapter_config", "adapter_model", "residual", "cumulative_residual",
+                                        "manifest.json"}

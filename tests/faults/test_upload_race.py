@@ -1,0 +1,86 @@
+"""Fault 5: 50 clients upload at once into a federation whose quorum is 10.
+
+Exactly 10 are aggregated in round 1. Each of the other 40 is accounted for: accepted in a
+later round, or told clearly that its round closed (``round N is closed ...``). The told
+ones upload again once a round is open, until everyone is in; then 5 rounds hold exactly
+10 clients each, and no upload was silently lost.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+
+from chorus_mq.errors import Rejected
+
+from ..topology import wait_for
+from .conftest import size_of, trials, upload, wait_round
+from .invariants import assert_exactly_once
+
+pytestmark = pytest.mark.faults
+
+CLIENTS, QUORUM = 50, 10
+
+
+def _race(sdk, fed, clients, delta_file) -> tuple[dict, dict]:
+    """Upload ``clients`` at once (a barrier releases every thread together); accepted and rejected."""
+    accepted, rejected, errors = {}, {}, {}
+    barrier = threading.Barrier(len(clients))
+
+    def go(i):
+        barrier.wait()
+        try:
+            accepted[i] = upload(sdk, fed, f"c{i}", delta_file(i), size_of(i), timeout=120)
+        except Rejected as exc:
+            rejected[i] = exc.reason
+        except Exception as exc:  # noqa: BLE001 - reported below, with the client
+            errors[i] = repr(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"uploads without a verdict: {errors}"
+    assert len(accepted) + len(rejected) == len(clients)
+    return accepted, rejected
+
+
+@trials()
+def test_fifty_uploads_race_a_quorum_of_ten(deployment, delta_file, trial):
+    fed = f"race-{trial}"
+    workers = [deployment.start_worker(concurrency=1, wait=False) for _ in range(2)]
+    sdk = deployment.sdk()
+    sdk.store.exists("warm-up")  # one boto3 client for every thread
+    sdk.create_federation(fed, base_model="tiny", quorum=QUORUM)
+    for w in workers:
+        wait_for(lambda w=w: "ready." in deployment.log(w), 90, f"{w.name} ready")
+
+    accepted, rejected = _race(sdk, fed, list(range(CLIENTS)), delta_file)
+    first = sorted(i for i, a in accepted.items() if a.round == 1)
+    assert len(first) == QUORUM, f"round 1 accepted {len(first)}"
+    assert wait_round(deployment, fed, 1) == "complete"
+    for i, reason in rejected.items():
+        assert re.fullmatch(r"round (\d+) is closed: its quorum was reached and it is aggregating; upload to "
+                            r"round \d+ once round_complete is announced", reason), reason
+    assert all(a.round > 1 for i, a in accepted.items() if i not in first)
+
+    waves = 0
+    while rejected:  # the told clients try again, as the message says, once a round is open
+        waves += 1
+        assert waves <= CLIENTS, "the rejected clients never got in"
+        wait_for(lambda: sdk.status(fed)["state"] == "open", 60, "an open round")
+        more, rejected = _race(sdk, fed, sorted(rejected), delta_file)
+        accepted.update(more)
+
+    rounds = CLIENTS // QUORUM
+    for r in range(1, rounds + 1):
+        assert wait_round(deployment, fed, r) == "complete"
+    report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(CLIENTS)},
+                                 accepted=list(accepted.values()))
+    assert sorted(report.complete) == list(range(1, rounds + 1))
+    assert all(len(clients) == QUORUM for clients in report.complete.values())
+    assert sorted(c for clients in report.complete.values() for c in clients) == sorted(f"c{i}" for i in range(CLIENTS))
+    assert report.pending in ({}, {rounds + 1: []})
