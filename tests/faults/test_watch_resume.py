@@ -1,0 +1,76 @@
+"""Fault 9: ``chorus-mq watch`` misses no event across a Redis restart and a subscriber restart.
+
+A ``watch --json`` process follows the stream while Redis is restarted under it (it must
+reconnect and continue from the last id it saw); then it is SIGKILLed, events happen while
+no one watches, and a new ``watch --after <last id printed>`` picks up. Together the two
+subscribers printed every event of the stream exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from ..topology import wait_for
+from .conftest import size_of, trials, upload, wait_round
+from .invariants import assert_exactly_once, read_events
+
+pytestmark = pytest.mark.faults
+
+
+class Subscriber:
+    """A ``chorus-mq watch --json`` process and the events it printed (read on a thread)."""
+
+    def __init__(self, dep, fed: str, *args: str):
+        self.proc = dep.popen_cli("watch", "--federation", fed, "--json", *args)
+        self.events: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    def saw(self, predicate) -> bool:
+        return any(predicate(e) for e in list(self.events))
+
+    def finish(self, timeout: float = 30) -> list[dict]:
+        self._reader.join(timeout)
+        return self.events
+
+
+@trials()
+def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_server, delta_file, trial):
+    fed = f"watch-{trial}"
+    deployment.start_worker(wait=False)
+    sdk = deployment.sdk()
+    sdk.create_federation(fed, base_model="tiny", quorum=2)
+    first = Subscriber(deployment, fed, "--from-start")
+    accepted = [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i), timeout=120) for i in range(2)]
+    assert wait_round(deployment, fed, 1) == "complete"
+    wait_for(lambda: first.saw(lambda e: e["type"] == "round_complete"), 60, "the first subscriber to see round 1")
+
+    redis_server.restart(sig_kill=trial % 2 == 0)  # under the subscriber's blocking XREAD
+    accepted.append(upload(sdk, fed, "c2", delta_file(2), size_of(2)))
+    wait_for(lambda: first.saw(lambda e: e.get("client") == "c2"), 60, "the subscriber to reconnect and go on")
+
+    deployment.kill(first.proc)  # the subscriber dies; events go on without anyone watching
+    seen = first.finish()
+    accepted.append(upload(sdk, fed, "c3", delta_file(3), size_of(3)))
+    assert wait_round(deployment, fed, 2) == "complete"
+
+    second = Subscriber(deployment, fed, "--after", seen[-1]["id"], "--until-round", "3", "--timeout", "120")
+    accepted += [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in (4, 5)]
+    assert wait_round(deployment, fed, 3) == "complete"
+    assert second.proc.wait(timeout=120) == 0, second.proc.stderr.read()
+    resumed = second.finish()
+
+    stream = read_events(sdk.redis, fed)
+    printed = seen + resumed
+    assert [e["id"] for e in printed] == [e["id"] for e in stream], "a subscriber missed or repeated events"
+    assert printed == stream
+    assert any(e["type"] == "round_complete" and e["round"] == 2 for e in resumed)  # happened while unwatched
+    report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
+    assert report.complete == {1: ["c0", "c1"], 2: ["c2", "c3"], 3: ["c4", "c5"]}
