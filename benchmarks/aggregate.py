@@ -8,12 +8,13 @@ Each (shape, strategy) runs in a fresh subprocess with 2 torch threads, so peak 
 distinct module shape, one pool of N seeded Gaussian clients (A ~ N(0, 1/d_in),
 B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is generated
 *before* the timed region and reused by every layer; outputs are dropped after each
-module, as a worker writing them out would. Time = median of 3 whole-model passes.
+module, as a worker writing them out would. Time = median of 3 whole-model passes after
+one warm-up module; "min s" is the fastest pass (less disturbed by other processes).
 Exactness = max over the distinct shapes of ||s B A + R - M||_F / ||M||_F against a
 float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out.
 
-The dense-baseline rows run the old HTTP tool's approach (dense M per module, full
-torch.linalg.svd, dense residual): its own code when --baseline-src points at an
+The dense-baseline rows run the old HTTP tool's approach (dense M per module, a complete
+SVD of it with torch.linalg.svd, dense residual): its own code when --baseline-src points at an
 unpacked chorus-fl 0.1.0 wheel (pip download --no-deps chorus-fl), else a faithful
 re-implementation below. It ignores lora_alpha/r, which its exactness column shows.
 On llama-3.2-3b it runs one layer and multiplies by 28 (labelled extrapolated).
@@ -243,7 +244,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {THREADS} threads, median of {reps}, fresh process per row;"
           f" load average {_load()} at start")
     header = (
-        f"{'shape':<14}{'strategy':<16}{'time s':>10}{'peak MB':>10}{'residual MB':>13}"
+        f"{'shape':<14}{'strategy':<16}{'time s':>10}{'min s':>9}{'peak MB':>10}{'residual MB':>13}"
         f"{'exactness':>11}{'adapter err':>13}"
     )
     print(header)
@@ -256,7 +257,8 @@ def main() -> None:
         medians[(shape, strategy)] = med
         mark = "*" if r.get("extrapolated") else ""
         print(
-            f"{shape:<14}{strategy + mark:<16}{med:>10.3f}{r['peak_mb']:>10.0f}{r['residual_mb']:>13.1f}"
+            f"{shape:<14}{strategy + mark:<16}{med:>10.3f}{min(r['times']):>9.3f}{r['peak_mb']:>10.0f}"
+            f"{r['residual_mb']:>13.1f}"
             f"{r['exact']:>11.1e}{r['adapter']:>13.3f}",
             flush=True,
         )

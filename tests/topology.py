@@ -107,8 +107,13 @@ class Deployment:
                             f"{hostname}@%h", *extra], env)
         self.workers.append(proc)
         if wait:
-            wait_for(lambda: _ready(proc), 90, f"worker {proc.name} to be ready")
+            self.wait_ready(proc)
         return proc
+
+    def wait_ready(self, *workers: subprocess.Popen) -> None:
+        """Wait until every worker given (started with ``wait=False``, say, to start several at once) is ready."""
+        for proc in workers:
+            wait_for(lambda proc=proc: _ready(proc), 90, f"worker {proc.name} to be ready")
 
     def start_beat(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         """``chorus-mq beat`` (redbeat) in its own process group."""
@@ -128,11 +133,12 @@ class Deployment:
         if sig == signal.SIGKILL:
             proc.wait(timeout=30)
 
-    def stop_workers(self) -> None:
-        """Stop every process this deployment started (TERM, then KILL the stragglers)."""
+    def stop_workers(self, graceful: bool = False) -> None:
+        """Stop every process this deployment started: SIGKILL (the next test flushes Redis), or
+        with ``graceful`` a SIGTERM (Celery's warm shutdown, seconds) and SIGKILL for stragglers."""
         for proc in self.procs:
             if proc.poll() is None:
-                self.kill(proc, signal.SIGTERM)
+                self.kill(proc, signal.SIGTERM if graceful else signal.SIGKILL)
         for proc in self.procs:
             try:
                 proc.wait(timeout=20)

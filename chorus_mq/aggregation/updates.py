@@ -93,7 +93,9 @@ def prepare(updates: Sequence[ClientUpdate]) -> Prepared:
                 " one; all must target the same module"
             )
     weights = normalize_weights([u.weight for u in updates], len(updates))
-    kept = [(replace(u, scaling=float(u.scaling)), w) for u, w in zip(updates, weights) if w > 0 and u.scaling != 0]
+    # float scalings from here on, whatever real type (numpy, 0-d tensor) the caller used
+    kept = [(replace(u, scaling=float(u.scaling)), w) for u, w in zip(updates, weights)]
+    kept = [(u, w) for u, w in kept if w > 0 and u.scaling != 0]
     if not kept:
         raise AggregationError("every client with a nonzero weight has a zero scaling; nothing to aggregate")
     kept_updates, kept_weights = zip(*kept)

@@ -22,18 +22,22 @@ def verify(rt: Runtime, msg: IngestMessage, round_: int) -> int:
     """
     registry = ClientRegistry(rt.redis, msg.federation)
     secret = registry.secret(msg.client_id)
+    skew = rt.settings.auth_max_skew
     if secret is None:
         if not rt.settings.allow_unsigned:
             raise AuthError(f"client {msg.client_id!r} is not registered in federation {msg.federation!r}; "
                             "an operator registers it with `chorus-mq client add`")
-        return round_  # development mode (CHORUS_ALLOW_UNSIGNED): unregistered clients are trusted
-    if not msg.signature_valid(secret):
-        raise AuthError("message signature does not verify: wrong secret, or the message was altered")
-    skew = rt.settings.auth_max_skew
-    if abs(time.time() - msg.ts) > skew:
-        raise AuthError(f"message timestamp is more than {skew}s from the server's clock (stale or replayed)")
+        # development mode (CHORUS_ALLOW_UNSIGNED): unregistered clients are trusted, but a redelivery
+        # still keeps its round, for as long as the broker may redeliver (there is no timestamp check)
+        ttl = max(2 * skew, 2 * rt.settings.visibility_timeout)
+    else:
+        if not msg.signature_valid(secret):
+            raise AuthError("message signature does not verify: wrong secret, or the message was altered")
+        if abs(time.time() - msg.ts) > skew:
+            raise AuthError(f"message timestamp is more than {skew}s from the server's clock (stale or replayed)")
+        ttl = 2 * skew
     digest = hashlib.sha256(msg.canonical() + (msg.signature or "").encode()).hexdigest()
-    bound = registry.claim_nonce(msg.client_id, msg.nonce, f"{digest}|{round_}", 2 * skew)
+    bound = registry.claim_nonce(msg.client_id, msg.nonce, f"{digest}|{round_}", ttl)
     bound_digest, _, bound_round = bound.partition("|")
     if bound_digest != digest:
         raise AuthError("message nonce was already used by another message (replay)")

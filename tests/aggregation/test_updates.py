@@ -60,7 +60,7 @@ def test_zero_weight_clients_do_not_change_the_result():
 
 def test_scalings_may_be_any_real_number_type():
     clients = make_clients(6, 5, [2, 3])
-    as_tensor = [ClientUpdate(A=c.A, B=c.B, scaling=torch.tensor(c.scaling), weight=c.weight) for c in clients]
+    as_tensor = [ClientUpdate(A=c.A, B=c.B, scaling=torch.tensor(c.scaling, dtype=torch.float64), weight=c.weight) for c in clients]
     assert torch.equal(aggregate_module(as_tensor, "svd").A, aggregate_module(clients, "svd").A)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,12 @@ def wait_hook(dep: Deployment, federation: str, r: int, run: int = 1, timeout: f
     redis = dep.redis()
     return wait_for(lambda: hook_pid(redis, federation, r, run), timeout,
                     f"aggregation run {run} of {federation} round {r} to reach the fault hook")
+
+
+def in_threads(target, argsets) -> None:
+    """Run ``target(*args)`` for every ``args`` in ``argsets``, each on its own thread; wait for all."""
+    threads = [threading.Thread(target=target, args=args) for args in argsets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -6,6 +6,7 @@ After whatever a test did to the topology, for one federation:
 * no accepted delta is lost: every ``delta_accepted`` event, and every upload a client was
   told was accepted, is registered in its round and, once the round is complete, in that
   round's manifest with the same sha256; a round still open holds it as pending;
+* each upload takes effect once: no upload id is registered (freshly accepted) twice;
 * each round was closed (fired) exactly once and aggregated into exactly one result: one
   ``round_complete`` event, one manifest (the only ``manifest.json`` under the round's prefix,
   and no result object besides the ones it names), round hash ``complete`` with the
@@ -136,6 +137,10 @@ def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
         complete[r] = sorted(clients)
         manifests[r] = manifest
 
+    # each upload takes effect once: a redelivered message never registers its delta again elsewhere
+    first = collections.Counter(e["upload_id"] for e in events if e["type"] == "delta_accepted"
+                                and not e.get("duplicate"))
+    assert not [u for u, n in first.items() if n > 1], f"uploads registered more than once: {first.most_common(3)}"
     # no accepted delta lost: every acceptance, as announced and as the clients were told
     told = {(e["client"], e["round"], e["sha256"]) for e in events if e["type"] == "delta_accepted"}
     told |= {(a.client_id, a.round, a.sha256) for a in accepted}

@@ -22,7 +22,7 @@ from chorus_mq.workers.runtime import Runtime
 from chorus_mq.workers.sweep import close_due_rounds
 
 from ..topology import wait_for
-from .conftest import size_of, timing, trials, upload, wait_round
+from .conftest import in_threads, size_of, timing, trials, upload, wait_round
 from .invariants import assert_exactly_once
 
 pytestmark = pytest.mark.faults
@@ -41,11 +41,7 @@ def _sweep_together(dep, n: int) -> list[dict]:
         barrier.wait()
         reports.append(close_due_rounds(rt, lambda f, r, e: dispatch.aggregate(settings, f, r, e)))
 
-    threads = [threading.Thread(target=go, args=(rt,)) for rt in runtimes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(go, [(rt,) for rt in runtimes])
     return reports
 
 
@@ -57,7 +53,7 @@ def test_two_beats_and_concurrent_sweeps_close_each_round_once(deployment, delta
     beats = [deployment.start_beat() for _ in range(2)]
     sdk = deployment.sdk()
     sdk.create_federation(fed, base_model="tiny", quorum=100, round_timeout=1, min_quorum=2)
-    wait_for(lambda: "ready." in deployment.log(worker), 90, "the worker")
+    deployment.wait_ready(worker)
     holder = wait_for(lambda: [b for b in beats if "beat: Acquired lock" in deployment.log(b)], 60, "a beat to lead")
     assert len(holder) == 1, "two beats hold the redbeat lock at once"
     accepted = []

@@ -8,15 +8,13 @@ result objects never cross.
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from chorus_mq.errors import Rejected
 
 from ..deltas import random_factors, write_adapter
-from ..topology import wait_for
-from .conftest import size_of, trials, upload, wait_round
+from .conftest import in_threads, size_of, trials, upload, wait_round
 from .invariants import assert_exactly_once, read_events
 
 pytestmark = pytest.mark.faults
@@ -31,8 +29,7 @@ def test_two_federations_share_a_fleet_in_isolation(deployment, delta_file, tmp_
     sdk.create_federation(b, base_model="tiny", quorum=2, strategy="fedavg")
     small = [write_adapter(tmp_path / f"small{i}.safetensors", random_factors(2000 + i, d_out=8, d_in=6))
              for i in range(4)]
-    for w in workers:
-        wait_for(lambda w=w: "ready." in deployment.log(w), 90, f"{w.name} ready")
+    deployment.wait_ready(*workers)
 
     first_b = upload(sdk, b, "c0", small[0], size_of(0))  # pins b's shapes to 8x6
     # both federations at once, each filling its rounds in turn on the same two workers
@@ -50,11 +47,7 @@ def test_two_federations_share_a_fleet_in_isolation(deployment, delta_file, tmp_
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append((fed, repr(exc)))
 
-    threads = [threading.Thread(target=run, args=(fed,)) for fed in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, [(a,), (b,)])
     assert not errors, errors
     with pytest.raises(Rejected, match="shape"):  # a-shaped delta into b
         sdk.upload(b, delta_file(9), "c9", dataset_size=size_of(9), timeout=60)

@@ -16,7 +16,7 @@ import pytest
 from chorus_mq.errors import Rejected
 
 from ..topology import wait_for
-from .conftest import size_of, trials, upload, wait_round
+from .conftest import in_threads, size_of, trials, upload, wait_round
 from .invariants import assert_exactly_once
 
 pytestmark = pytest.mark.faults
@@ -38,11 +38,7 @@ def _race(sdk, fed, clients, delta_file) -> tuple[dict, dict]:
         except Exception as exc:  # noqa: BLE001 - reported below, with the client
             errors[i] = repr(exc)
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(go, [(i,) for i in clients])
     assert not errors, f"uploads without a verdict: {errors}"
     assert len(accepted) + len(rejected) == len(clients)
     return accepted, rejected
@@ -55,8 +51,7 @@ def test_fifty_uploads_race_a_quorum_of_ten(deployment, delta_file, trial):
     sdk = deployment.sdk()
     sdk.store.exists("warm-up")  # one boto3 client for every thread
     sdk.create_federation(fed, base_model="tiny", quorum=QUORUM)
-    for w in workers:
-        wait_for(lambda w=w: "ready." in deployment.log(w), 90, f"{w.name} ready")
+    deployment.wait_ready(*workers)
 
     accepted, rejected = _race(sdk, fed, list(range(CLIENTS)), delta_file)
     first = sorted(i for i, a in accepted.items() if a.round == 1)

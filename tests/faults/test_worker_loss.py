@@ -31,9 +31,9 @@ def _fill_round(sdk, fed, clients, delta_file):
 def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, trial):
     fed = f"kill-{recovery}-{trial}"
     if recovery == "redelivery":  # no beat: only the visibility timeout brings the task back
-        env = {**timing(4, 5, 6, 120), "CHORUS_FAULT_RESTORE_INTERVAL": "1"}
+        env = {**timing(3, 4, 5, 120), "CHORUS_FAULT_RESTORE_INTERVAL": "0.5"}
     else:  # the message would come back only after 120 s: the lease sweep must act first
-        env = {**timing(4, 5, 120, 6), "CHORUS_SWEEP_INTERVAL": "0.5", "CHORUS_BEAT_LOCK_TIMEOUT": "5"}
+        env = {**timing(3, 4, 120, 5), "CHORUS_SWEEP_INTERVAL": "0.5", "CHORUS_BEAT_LOCK_TIMEOUT": "5"}
     deployment.env.update(env, CHORUS_FAULT_AGGREGATE_SLEEP="60")
     doomed = deployment.start_worker(faulty=True)
     sdk = deployment.sdk()
@@ -49,6 +49,8 @@ def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, 
     if recovery == "sweep":
         deployment.start_beat()
     assert wait_round(deployment, fed, 1) == "complete"
+    rerun = wait_hook(deployment, fed, 1, run=2)  # the round was aggregated again, by the new worker
+    assert rerun in {c.pid for c in psutil.Process(survivor.pid).children()}
     accepted += _fill_round(sdk, fed, range(3, 6), delta_file)  # the fleet goes on: round 2
     assert wait_round(deployment, fed, 2) == "complete"
 
@@ -77,6 +79,7 @@ def test_sigkill_pool_child_mid_aggregation(deployment, delta_file, trial):
     psutil.Process(pid).send_signal(signal.SIGKILL)
 
     assert wait_round(deployment, fed, 1) == "complete"
+    assert wait_hook(deployment, fed, 1, run=2) in {c.pid for c in psutil.Process(worker.pid).children()} - {pid}
     assert worker.poll() is None, "the worker's main process should survive a lost pool child"
     wait_for(lambda: "WorkerLostError" in deployment.log(worker), 10, "the worker to report the lost child")
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
