@@ -8,20 +8,20 @@ from dataclasses import dataclass
 
 from ..adapters import DeltaFile
 from ..errors import (
-    ChorusError, DuplicateDelta, IncompatibleDelta, InvalidAdapter, ObjectMissing, RoundClosed, TooLarge,
+    ChorusError, ConfigError, DuplicateDelta, IncompatibleDelta, InvalidAdapter, ObjectMissing, RoundClosed, TooLarge,
     UnknownFederation, UnknownRound,
 )
 from ..ids import check_name
 from ..layout import delta_key
 from ..messages import IngestMessage
-from ..state import EventLog
+from ..state import EventLog, FederationKeys
 from . import auth
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 #: Errors that mean the delta (or its message) is bad: reject it, never retry.
-REJECTABLE = (InvalidAdapter, UnknownFederation, UnknownRound, RoundClosed, DuplicateDelta, ObjectMissing,
+REJECTABLE = (ConfigError, InvalidAdapter, UnknownFederation, UnknownRound, RoundClosed, DuplicateDelta, ObjectMissing,
               auth.AuthError)
 
 
@@ -139,12 +139,10 @@ def _reject(rt: Runtime, msg: IngestMessage, exc: ChorusError) -> Verdict:
     reason = str(exc)
     code = getattr(exc, "code", "rejected")
     log.warning("rejected delta %s/%s: %s", msg.federation, msg.client_id, reason)
-    try:
-        check_name(msg.federation, "federation name")
+    # an unknown or invalid federation has no stream to tell, and none is made up for it
+    if not isinstance(exc, UnknownFederation) and rt.redis.exists(FederationKeys(msg.federation).meta):
         EventLog(rt.redis, msg.federation, rt.settings.events_maxlen, rt.state.scripts).emit(
             "delta_rejected", msg.round or 0, client=msg.client_id, upload_id=msg.upload_id,
             sha256=msg.sha256, reason=reason, code=code,
         )
-    except ChorusError:
-        pass  # an invalid federation name has no event stream to tell
     return Verdict(False, msg.federation, msg.round, msg.client_id, msg.upload_id, code, reason)

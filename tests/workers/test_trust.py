@@ -92,3 +92,13 @@ def test_path_tricks_in_names_are_refused(sdk, tmp_path):
     sdk.create_federation("fed", base_model="m", quorum=1)
     with pytest.raises(ConfigError):
         sdk.upload("fed", write_adapter(tmp_path / "a.safetensors", random_factors(0)), "../bob")
+
+
+def test_messages_for_unknown_or_invalid_federations_leave_no_trace(sdk, tmp_path):
+    from chorus_mq.workers.tasks import ingest_task
+    before = set(sdk.redis.keys("*"))
+    for fed in ("ghost", "../etc"):
+        verdict = ingest_task.apply(args=[{"federation": fed, "client_id": "c", "object_key": "x", "size": 1,
+                                           "sha256": "a" * 64}]).get()
+        assert not verdict["accepted"] and verdict["status"] in ("unknown_federation", "config")
+    assert set(sdk.redis.keys("*")) == before
