@@ -89,9 +89,10 @@ def train_round(start, split: rd.Split, out: Path, *, seed: int, epochs: int, in
 
 def run_strategy(sdk: ChorusClient, strategy: str, base, split: rd.Split, sizes: list[int], first_round,
                  args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """One federation over ``args.rounds`` rounds; round 1 uploads ``first_round``'s clients (shared by strategies)."""
     federation = f"minilm-{strategy}"
     sdk.create_federation(federation, base_model="all-MiniLM-L6-v2", quorum=len(sizes), strategy=strategy)
-    start, (clients, client_acc), rows = base, first_round, []
+    start, (clients, client_acc), pulled, rows = base, first_round, None, []
     for r in range(1, args.rounds + 1):
         if r > 1:
             clients, client_acc = train_round(start, split, workdir / f"{strategy}-r{r}", seed=args.seed * 100 + r,
@@ -105,6 +106,23 @@ def run_strategy(sdk: ChorusClient, strategy: str, base, split: rd.Split, sizes:
                         rd.max_error(got, want), manifest["aggregation_seconds"], client_acc))
         start = rd.corrected_base(base, pulled)  # where the next round's clients begin
     return rows
+
+
+def print_table(args: argparse.Namespace, sizes: list[int], base_acc: float, rows: list[Row],
+                central_acc: float) -> None:
+    def cycle(values):
+        return "/".join(str(values[i % len(values)]) for i in range(args.clients))
+
+    print(f"MiniLM-L6 + LoRA (query, value) + head; Rotten Tomatoes: {args.clients} clients with "
+          f"{'/'.join(map(str, sizes))} reviews, ranks {cycle(rd.RANKS)}, alpha {cycle(rd.ALPHAS)}; "
+          f"{args.epochs} local epochs per round; {args.test} held-out; untrained base acc {base_acc:.3f}")
+    print(f"{'strategy':<11} {'round':>5} {'global acc':>10} {'exact acc':>9} {'logit err':>9} {'aggregate':>9}"
+          "  client acc")
+    for row in rows:
+        print(f"{row.strategy:<11} {row.round:>5} {row.global_acc:>10.3f} {row.exact_acc:>9.3f} "
+              f"{row.logit_err:>9.2e} {row.aggregate_s:>8.3f}s  {' '.join(f'{a:.3f}' for a in row.client_acc)}")
+    print(f"centralised: one rank-8 LoRA on all {sum(sizes)} reviews pooled, {args.epochs * args.rounds} epochs: "
+          f"acc {central_acc:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,16 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         central = rd.train_client(base, split.pooled, workdir / "central", rank=8, alpha=16, seed=args.seed,
                                   epochs=args.epochs * args.rounds)
         central_acc = rd.accuracy(central.model, split.test)
-    print(f"MiniLM-L6 + LoRA (query, value) + head; Rotten Tomatoes: {args.clients} clients with "
-          f"{'/'.join(map(str, sizes))} reviews, ranks {'/'.join(str(rd.RANKS[i % 3]) for i in range(args.clients))}, "
-          f"alpha {'/'.join(str(rd.ALPHAS[i % 3]) for i in range(args.clients))}; {args.epochs} local epochs per round; "
-          f"{args.test} held-out; untrained base acc {rd.accuracy(base, split.test):.3f}")
-    print(f"{'strategy':<11} {'round':>5} {'global acc':>10} {'exact acc':>9} {'logit err':>9} {'aggregate':>9}  client acc")
-    for row in rows:
-        print(f"{row.strategy:<11} {row.round:>5} {row.global_acc:>10.3f} {row.exact_acc:>9.3f} {row.logit_err:>9.2e} "
-              f"{row.aggregate_s:>8.3f}s  {' '.join(f'{a:.3f}' for a in row.client_acc)}")
-    print(f"centralised: one rank-8 LoRA on all {sum(sizes)} reviews pooled, {args.epochs * args.rounds} epochs: "
-          f"acc {central_acc:.3f}")
+    print_table(args, sizes, rd.accuracy(base, split.test), rows, central_acc)
     print(f"({time.perf_counter() - started:.0f}s, {torch.get_num_threads()} torch threads)")
 
 

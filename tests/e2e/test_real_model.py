@@ -4,7 +4,6 @@ sentiment LoRA clients trained on Rotten Tomatoes shards, aggregated exactly, ch
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -37,7 +36,26 @@ def federate(sdk, strategy: str, clients: list[rd.Trained], out) -> dict:
     return sdk.pull(name, out)
 
 
+def with_residual_adapter(base, pulled):
+    """``residual_adapter/`` first, then the global adapter, both active.
+
+    Not the README's order (global first), which fails for a model with a task head: peft's
+    SEQ_CLS model adds the head to the modules_to_save of every adapter loaded into it, and
+    the residual adapter has no head. Loaded task-less into a plain PeftModel first, it needs
+    none; the global adapter, loaded second, brings the head.
+    """
+    from peft import PeftConfig, PeftModel
+    config = PeftConfig.from_pretrained(pulled / "residual_adapter")
+    config.task_type = None
+    model = PeftModel.from_pretrained(copy.deepcopy(base), pulled / "residual_adapter", adapter_name="residual",
+                                      config=config)
+    model.load_adapter(pulled, adapter_name="global")
+    model.base_model.set_adapter(["global", "residual"])
+    return model.eval()
+
+
 def test_fedex_round_on_minilm_is_exact_through_peft(make_sdk, world, tmp_path):
+    """(a) the pulled adapter acts through PEFT; (b) with the cumulative residual folded in, it is exact."""
     from peft import PeftModel
     base, probe, want = world["base"], world["probe"], world["want"]
     pulled = tmp_path / "pulled"
@@ -50,7 +68,7 @@ def test_fedex_round_on_minilm_is_exact_through_peft(make_sdk, world, tmp_path):
     head_only.get_submodule(rd.HEAD).load_state_dict(world["exact"].get_submodule(rd.HEAD).state_dict())
     assert rd.max_error(rd.logits(adapter_only, probe), rd.logits(head_only, probe)) > 1e-2
     # the residual matters: mixed ranks and alphas make the averaged factors alone inexact
-    assert rd.max_error(rd.logits(adapter_only, probe), want) > 1e-3
+    assert rd.max_error(rd.logits(adapter_only, probe), want) > 1e-2
 
     # (b) base + cumulative residual + global adapter == base + Σ wᵢ sᵢ Bᵢ Aᵢ with the averaged head
     torch.testing.assert_close(rd.logits(rd.global_model(base, pulled), probe), want, rtol=1e-4, atol=1e-4)
@@ -63,28 +81,12 @@ def test_residual_adapter_makes_the_global_adapter_exact(make_sdk, world, tmp_pa
     model = with_residual_adapter(world["base"], pulled)
     torch.testing.assert_close(rd.logits(model, world["probe"]), world["want"], rtol=1e-4, atol=1e-4)
     model.base_model.set_adapter("global")  # and it is the residual adapter that closes the gap
-    assert rd.max_error(rd.logits(model, world["probe"]), world["want"]) > 1e-3
+    assert rd.max_error(rd.logits(model, world["probe"]), world["want"]) > 1e-2
 
 
-def with_residual_adapter(base, pulled):
-    """The residual adapter first, then the global one, both active.
-
-    Workaround: peft's SEQ_CLS model adds the head to every adapter's modules_to_save, and the
-    residual adapter (task_type SEQ_CLS, no head) then fails to load. Loading it task-less into a
-    plain PeftModel first, and the global adapter (which carries the head) second, avoids that.
-    """
-    from peft import PeftConfig, PeftModel
-    config = PeftConfig.from_pretrained(pulled / "residual_adapter")
-    config.task_type = None
-    model = PeftModel.from_pretrained(copy.deepcopy(base), pulled / "residual_adapter", adapter_name="residual",
-                                      config=config)
-    model.load_adapter(pulled, adapter_name="global")
-    model.base_model.set_adapter(["global", "residual"])
-    return model.eval()
-
-
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="residual_adapter/ keeps task_type SEQ_CLS without the head, "
-                   "so peft cannot load it as a second adapter (KeyError 'base_model.model.classifier.weight')")
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="peft's SEQ_CLS model wants a head in every adapter and residual_adapter/ has none "
+                          "(KeyError 'base_model.model.classifier.weight'); see with_residual_adapter")
 def test_residual_adapter_loads_as_a_second_adapter_as_documented(make_sdk, world, tmp_path):
     """The README's way: the global adapter first, ``residual_adapter/`` loaded as a second adapter."""
     from peft import PeftModel
@@ -112,9 +114,8 @@ def test_fedavg_over_the_same_uploads_is_measurably_inexact(make_sdk, world, tmp
     errors = {}
     for strategy in ("fedavg", "fedex-lora"):
         pulled = tmp_path / strategy
-        manifest = federate(sdk, strategy, world["clients"], pulled)
+        assert federate(sdk, strategy, world["clients"], pulled)["strategy"] == strategy
         errors[strategy] = rd.max_error(rd.logits(rd.global_model(world["base"], pulled), world["probe"]),
                                         world["want"])
-        assert json.loads((pulled / "manifest.json").read_text())["strategy"] == manifest["strategy"] == strategy
     assert errors["fedex-lora"] < 1e-4
-    assert errors["fedavg"] > 1e-3 and errors["fedavg"] > 100 * errors["fedex-lora"], errors
+    assert errors["fedavg"] > 1e-2 and errors["fedavg"] > 1000 * errors["fedex-lora"], errors

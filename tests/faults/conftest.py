@@ -71,12 +71,6 @@ def wait_round(dep: Deployment, federation: str, r: int, timeout: float = 120) -
                     timeout, f"round {r} of {federation} to finish")
 
 
-def wait_log(proc, needle: str, timeout: float = 60) -> str:
-    """Wait until ``needle`` shows up in a process's log; return the log."""
-    return wait_for(lambda: needle in (log := Deployment.log(proc)) and log, timeout,
-                    f"{needle!r} in {proc.name}'s log")
-
-
 def wait_hook(dep: Deployment, federation: str, r: int, run: int = 1, timeout: float = 60) -> int:
     """Wait until run ``run`` of round ``r``'s aggregation is paused in the faulty app's hook; its pid."""
     redis = dep.redis()

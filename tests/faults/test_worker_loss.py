@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 
 import psutil
@@ -57,10 +56,9 @@ def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"], 2: ["c3", "c4", "c5"]}
     done = next(e for e in report.events if e["type"] == "round_complete" and e["round"] == 1)
-    if recovery == "redelivery":
+    if recovery == "redelivery":  # the same message, same epoch
         assert report.reclaims == 0 and done["epoch"] == 1
-        assert re.search(r"Task chorus\.aggregate\[[^\]]+\] received", deployment.log(survivor))
-    else:
+    else:  # a new epoch fenced the dead run out
         assert report.reclaims >= 1 and done["epoch"] >= 2
 
 
@@ -74,13 +72,13 @@ def test_sigkill_pool_child_mid_aggregation(deployment, delta_file, trial):
     accepted = _fill_round(sdk, fed, range(3), delta_file)
 
     pid = wait_hook(deployment, fed, 1)
-    children = {p.pid for p in psutil.Process(worker.pid).children()}
-    assert pid in children, f"the aggregation runs in pid {pid}, not a pool child of {worker.pid}: {children}"
-    psutil.Process(pid).send_signal(signal.SIGKILL)
+    (child,) = psutil.Process(worker.pid).children()  # concurrency 1: the one pool process
+    assert child.pid == pid, f"the aggregation runs in pid {pid}, not in the pool child {child.pid}"
+    child.send_signal(signal.SIGKILL)
 
     assert wait_round(deployment, fed, 1) == "complete"
     assert wait_hook(deployment, fed, 1, run=2) in {c.pid for c in psutil.Process(worker.pid).children()} - {pid}
     assert worker.poll() is None, "the worker's main process should survive a lost pool child"
-    wait_for(lambda: "WorkerLostError" in deployment.log(worker), 10, "the worker to report the lost child")
+    wait_for(lambda: "WorkerLostError" in deployment.log(worker), 30, "the worker to report the lost child")
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"]} and report.reclaims == 0
