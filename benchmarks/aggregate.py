@@ -3,7 +3,7 @@
 Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
                                     [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
 
-Each (shape, strategy) runs in a fresh subprocess with 2 torch threads, so peak RSS
+Each (shape, strategy) runs in a fresh subprocess with 2 torch threads (--threads), so peak RSS
 (ru_maxrss, read before any exactness check) is that case's own. Inputs: for every
 distinct module shape, one pool of N seeded Gaussian clients (A ~ N(0, 1/d_in),
 B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is generated
@@ -207,7 +207,7 @@ def _peak_rss_mb() -> float:
 
 
 def child(case: dict) -> None:
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(case.get("threads", THREADS))
     if case["strategy"] == BASELINE:
         result = run_baseline(case["shape"], case["reps"], case.get("baseline_src"))
     else:
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--baseline-src", default=None, help="unpacked chorus-fl wheel to run as the baseline")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per case")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -241,7 +242,7 @@ def main() -> None:
     cases = [(s, st) for s in shapes for st in args.strategies.split(",")]
     if not args.no_baseline:
         cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
-    print(f"torch {torch.__version__}, {THREADS} threads, median of {reps}, fresh process per row;"
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {reps}, fresh process per row;"
           f" load average {_load()} at start")
     header = (
         f"{'shape':<14}{'strategy':<16}{'time s':>10}{'min s':>9}{'peak MB':>10}{'residual MB':>13}"
@@ -251,7 +252,7 @@ def main() -> None:
     print("-" * len(header))
     medians, notes = {}, []
     for shape, strategy in cases:
-        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src)
+        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src, threads=args.threads)
         r = run_case(case)
         med = statistics.median(r["times"])
         medians[(shape, strategy)] = med

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from .adapters import load_adapter, read_residual, write_delta, write_residual_adapter, LoraSpec
+from .adapters import LoraSpec, load_adapter, read_residual, write_delta, write_exact_adapter, write_residual_adapter
 from .errors import ChorusError, NotFound, ObjectExists, Rejected, Timeout
 from .ids import check_name
 from .layout import delta_key
@@ -221,6 +221,7 @@ class ChorusClient:
         cumulative = read_residual(out / "cumulative_residual.safetensors")
         if cumulative:
             write_residual_adapter(out / "residual_adapter", cumulative, spec)
+        write_exact_adapter(out / "exact_adapter", out, cumulative)
         return manifest
 
     # -- dispatch --------------------------------------------------------------------

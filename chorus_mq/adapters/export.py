@@ -16,9 +16,9 @@ from typing import Any, Mapping, Union
 import torch
 
 from ..errors import IncompatibleDelta, InvalidAdapter
-from .delta import (check_against_spec, check_matrix, check_module_name, check_pair, classify_key,
+from .delta import (DeltaFile, check_against_spec, check_matrix, check_module_name, check_pair, classify_key,
                     open_safetensors, read_finite)
-from .header import DEFAULT_MAX_HEADER_BYTES, read_header, write_safetensors
+from .header import DEFAULT_MAX_HEADER_BYTES, read_header, strict_json, write_safetensors
 from .spec import LoraSpec, default_targets, module_path, pattern_fit
 
 RESIDUAL_FORMAT = "chorus-residual/1"
@@ -148,8 +148,34 @@ def write_residual_adapter(out_dir: str | os.PathLike[str], residuals: Mapping[s
         if left.shape[1]:  # an all-zero dense residual factors to rank 0
             modules[name] = (right, left, 1.0)
     if modules:
-        write_peft_adapter(out_dir, modules, spec.replace(modules_to_save=()))
+        # no task type: peft would otherwise expect this adapter to carry the task head too
+        write_peft_adapter(out_dir, modules, spec.replace(modules_to_save=(), task_type=None))
     return len(modules)
+
+
+def write_exact_adapter(out_dir: str | os.PathLike[str], global_dir: str | os.PathLike[str],
+                        residuals: Mapping[str, ResidualLike]) -> None:
+    """Write one PEFT adapter equal to the global adapter plus ``residuals``.
+
+    Per module ``B' = [s*B | left]``, ``A' = [A ; right]`` with scaling 1, task heads
+    kept: loaded alone on the untouched base it gives the exact model, for any task type.
+    """
+    global_dir = Path(global_dir)
+    spec = LoraSpec.from_peft_config(strict_json((global_dir / "adapter_config.json").read_bytes(),
+                                                 "adapter_config.json"))
+    modules, extras = {}, {}
+    with DeltaFile.open(global_dir / "adapter_model.safetensors", max_header_bytes=DEFAULT_MAX_HEADER_BYTES,
+                        spec=spec) as adapter:
+        for name in adapter.modules:
+            A, B = adapter.factors(name)
+            B = B.float() * spec.scaling(name, A.shape[0])
+            parts = _parts(name, residuals[name]) if name in residuals else None
+            if parts is not None:
+                left, right = _factor(parts) if isinstance(parts, torch.Tensor) else parts
+                A, B = torch.cat([A.float(), right.float()]), torch.cat([B, left.float()], dim=1)
+            modules[name] = (A.float().contiguous(), B.contiguous(), 1.0)
+        extras = {key: adapter.extra(key) for key in adapter.extras}
+    write_peft_adapter(out_dir, modules, spec, extras)
 
 
 def fold_residuals(state_dict: Mapping[str, torch.Tensor], residuals: Mapping[str, ResidualLike], *,

@@ -35,7 +35,7 @@ class Residual:
     def __post_init__(self) -> None:
         factored = self.left is not None or self.right is not None
         if factored == (self.dense is not None):
-            raise AggregationError("a Residual needs either left and right factors or a dense matrix, not both")
+            raise AggregationError("a Residual needs exactly one form: left and right factors, or dense")
         if factored:
             if self.left is None or self.right is None:
                 raise AggregationError("a factored Residual needs both left and right")

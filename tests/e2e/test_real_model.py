@@ -39,16 +39,12 @@ def federate(sdk, strategy: str, clients: list[rd.Trained], out) -> dict:
 def with_residual_adapter(base, pulled):
     """``residual_adapter/`` first, then the global adapter, both active.
 
-    Not the README's order (global first), which fails for a model with a task head: peft's
-    SEQ_CLS model adds the head to the modules_to_save of every adapter loaded into it, and
-    the residual adapter has no head. Loaded task-less into a plain PeftModel first, it needs
-    none; the global adapter, loaded second, brings the head.
+    With a task head this order matters: peft adds the head to the modules_to_save of every
+    adapter loaded into a SEQ_CLS model, and the residual adapter (task-less) has no head;
+    loaded first into a plain PeftModel it needs none, and the global adapter brings the head.
     """
-    from peft import PeftConfig, PeftModel
-    config = PeftConfig.from_pretrained(pulled / "residual_adapter")
-    config.task_type = None
-    model = PeftModel.from_pretrained(copy.deepcopy(base), pulled / "residual_adapter", adapter_name="residual",
-                                      config=config)
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(copy.deepcopy(base), pulled / "residual_adapter", adapter_name="residual")
     model.load_adapter(pulled, adapter_name="global")
     model.base_model.set_adapter(["global", "residual"])
     return model.eval()
@@ -84,17 +80,12 @@ def test_residual_adapter_makes_the_global_adapter_exact(make_sdk, world, tmp_pa
     assert rd.max_error(rd.logits(model, world["probe"]), world["want"]) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="peft's SEQ_CLS model wants a head in every adapter and residual_adapter/ has none "
-                          "(KeyError 'base_model.model.classifier.weight'); see with_residual_adapter")
-def test_residual_adapter_loads_as_a_second_adapter_as_documented(make_sdk, world, tmp_path):
-    """The README's way: the global adapter first, ``residual_adapter/`` loaded as a second adapter."""
+def test_exact_adapter_alone_is_exact_with_the_head(make_sdk, world, tmp_path):
+    """``exact_adapter/``: one adapter (global + cumulative residual, with the head), loaded the plain way."""
     from peft import PeftModel
     pulled = tmp_path / "pulled"
     federate(make_sdk(), "fedex-lora", world["clients"], pulled)
-    model = PeftModel.from_pretrained(copy.deepcopy(world["base"]), pulled, adapter_name="global")
-    model.load_adapter(pulled / "residual_adapter", adapter_name="residual")
-    model.base_model.set_adapter(["global", "residual"])
+    model = PeftModel.from_pretrained(copy.deepcopy(world["base"]), pulled / "exact_adapter").eval()
     torch.testing.assert_close(rd.logits(model, world["probe"]), world["want"], rtol=1e-4, atol=1e-4)
 
 

@@ -80,6 +80,9 @@ def test_exact_round_over_cli_worker_and_peft(deployment, tmp_path):
     assert not torch.allclose(adapter_only, logits(base), atol=1e-4), "PEFT ignored the pulled adapter"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(adapter_only, want, atol=1e-4), "the residual should matter for mixed ranks"
+    # one adapter carrying global + cumulative residual, loaded on the untouched base, is exact too
+    exact = logits(PeftModel.from_pretrained(copy.deepcopy(base), pulled / "exact_adapter").eval())
+    torch.testing.assert_close(exact, want, rtol=1e-4, atol=1e-4)
 
     rounds = deployment.cli("rounds", "--federation", "e2e")
     assert "complete" in rounds.stdout

@@ -39,11 +39,7 @@ import logging
 import os
 import time
 
-from celery.exceptions import Reject
-
-from chorus_mq.cli import main
-from chorus_mq.workers import aggregate, tasks
-from chorus_mq.workers.app import AGGREGATE_TASK, INGEST_TASK, app
+# Only what tests import (fault_key, hook_pid) is light: the worker's modules load in install().
 
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
@@ -61,6 +57,8 @@ def hook_pid(redis, federation: str, r: int, run: int = 1) -> int | None:
 
 
 def _patch_aggregate_hook(sleep_s: float, barrier: int, rounds: set[int]) -> None:
+    from chorus_mq.workers import aggregate
+
     compute = getattr(aggregate, "_compute_and_write", None)
     if compute is None:  # fail loudly if the production code moved under the hook
         raise RuntimeError("faulty_app: chorus_mq.workers.aggregate._compute_and_write is gone; update the hook")
@@ -85,7 +83,9 @@ def _patch_aggregate_hook(sleep_s: float, barrier: int, rounds: set[int]) -> Non
     aggregate._compute_and_write = compute_then_pause
 
 
-def _patch_redeliver(mode: str, names: list[str]) -> None:
+def _patch_redeliver(app, mode: str, names: list[str]) -> None:
+    from celery.exceptions import Reject
+
     if mode not in ("reject-first", "run-twice"):
         raise RuntimeError(f"CHORUS_FAULT_REDELIVER must be reject-first or run-twice, not {mode!r}")
     for name in names:
@@ -105,7 +105,7 @@ def _patch_redeliver(mode: str, names: list[str]) -> None:
         task.run = run_with_redelivery
 
 
-def _patch_transport(visibility_timeout: str | None, restore_interval: str | None) -> None:
+def _patch_transport(app, visibility_timeout: str | None, restore_interval: str | None) -> None:
     options = dict(app.conf.broker_transport_options or {})
     if visibility_timeout:
         options["visibility_timeout"] = float(visibility_timeout)
@@ -129,6 +129,9 @@ def _patch_boto(no_backoff: bool, read_timeout: str | None) -> None:
 
 def install() -> None:
     """Apply every fault the environment asks for (idempotent per process)."""
+    from chorus_mq.workers import tasks
+    from chorus_mq.workers.app import AGGREGATE_TASK, INGEST_TASK, app
+
     assert tasks.app is app  # the tasks are registered on the app the CLI starts
     if ENV("CHORUS_FAULT_AGGREGATE_SLEEP") or ENV("CHORUS_FAULT_AGGREGATE_BARRIER"):
         _patch_aggregate_hook(float(ENV("CHORUS_FAULT_AGGREGATE_SLEEP") or 0),
@@ -136,8 +139,8 @@ def install() -> None:
                               {int(r) for r in (ENV("CHORUS_FAULT_AGGREGATE_ROUNDS") or "1").split(",")})
     if ENV("CHORUS_FAULT_REDELIVER"):
         names = (ENV("CHORUS_FAULT_REDELIVER_TASKS") or f"{INGEST_TASK},{AGGREGATE_TASK}").split(",")
-        _patch_redeliver(ENV("CHORUS_FAULT_REDELIVER"), names)
-    _patch_transport(ENV("CHORUS_FAULT_VISIBILITY_TIMEOUT"), ENV("CHORUS_FAULT_RESTORE_INTERVAL"))
+        _patch_redeliver(app, ENV("CHORUS_FAULT_REDELIVER"), names)
+    _patch_transport(app, ENV("CHORUS_FAULT_VISIBILITY_TIMEOUT"), ENV("CHORUS_FAULT_RESTORE_INTERVAL"))
     if ENV("CHORUS_FAULT_RETRY_DELAY"):
         for name in (INGEST_TASK, AGGREGATE_TASK):
             app.tasks[name].default_retry_delay = float(ENV("CHORUS_FAULT_RETRY_DELAY"))
@@ -145,5 +148,7 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    from chorus_mq.cli import main
+
     install()
     main(prog_name="chorus-mq")

@@ -20,7 +20,7 @@ from .invariants import assert_exactly_once, read_events
 pytestmark = pytest.mark.faults
 
 
-@trials()
+@trials(2)
 def test_two_federations_share_a_fleet_in_isolation(deployment, delta_file, tmp_path, trial):
     a, b = f"iso-a-{trial}", f"iso-b-{trial}"
     workers = [deployment.start_worker(wait=False) for _ in range(2)]

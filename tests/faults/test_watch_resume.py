@@ -41,7 +41,7 @@ class Subscriber:
         return self.events
 
 
-@trials()
+@trials(2)
 def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_server, delta_file, trial):
     fed = f"watch-{trial}"
     deployment.start_worker(wait=False)
