@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     #: redbeat lock timeout (short, for fast failover)
     beat_lock_timeout: int = 30
     task_max_retries: int = 5
+    #: an aggregation reclaimed this many times (it keeps dying or timing out) fails its round
+    max_aggregation_attempts: int = 3
 
     #: events stream is trimmed to about this many entries per federation
     events_maxlen: int = 100_000

@@ -16,7 +16,11 @@ SWEEP_TASK = "chorus.close_due_rounds"
 
 def make_app(settings: Settings) -> Celery:
     app = Celery("chorus_mq", broker=settings.effective_broker_url, include=["chorus_mq.workers.tasks"])
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    # kombu scans for expired unacked messages only every interval x throttle seconds (100 s by
+    # default), which would dwarf a short visibility timeout after a worker dies
+    restore_every = min(max(settings.visibility_timeout // 10, 1), 10)
+    transport = {"visibility_timeout": settings.visibility_timeout, "unacked_restore_interval": restore_every,
+                 "unacked_restore_throttle": 1}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

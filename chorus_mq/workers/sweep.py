@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def close_due_rounds(rt: Runtime, enqueue_aggregate: Callable[[str, int, int], None],
                      now: float | None = None) -> dict[str, list]:
-    report: dict[str, list] = {"fired": [], "extended": [], "expired": [], "reclaimed": []}
+    report: dict[str, list] = {"fired": [], "extended": [], "expired": [], "reclaimed": [], "failed": []}
     for federation in rt.state.federations():
         due, stale = rt.state.due(federation, now)
         for r in due:
@@ -26,6 +26,14 @@ def close_due_rounds(rt: Runtime, enqueue_aggregate: Callable[[str, int, int], N
             if t.status in report:
                 report[t.status].append((federation, r))
         for r in stale:
+            info = rt.state.round(federation, r)
+            attempts = rt.settings.max_aggregation_attempts
+            if info["state"] == "aggregating" and info.get("reclaims", 0) + 1 >= attempts:
+                t = rt.state.fail(federation, r, int(info["epoch"]),
+                                  f"aggregation did not finish in {attempts} attempts (workers died or timed out)", now)
+                if t.status == "ok":
+                    report["failed"].append((federation, r))
+                continue
             t = rt.state.reclaim(federation, r, now)
             if t.status == "reclaimed":
                 enqueue_aggregate(federation, r, t.epoch)

@@ -17,8 +17,10 @@ log = get_task_logger(__name__)
 
 #: worth retrying with backoff; everything else is a verdict or a bug
 TRANSIENT = (StoreError, ServiceUnavailable, redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
+# a retry is a delayed task: its delay stays well below the visibility timeout (kombu#337)
 _RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
-              max_retries=get_settings().task_max_retries, acks_late=True)
+              max_retries=get_settings().task_max_retries, acks_late=True,
+              default_retry_delay=min(10, get_settings().visibility_timeout // 10))
 
 
 def enqueue_aggregate(federation: str, round_: int, epoch: int) -> None:

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.faults
 
 FED = "fed"
 LEASE = 100.0
+ATTEMPTS = 3  # the sweep fails a round whose aggregation was reclaimed ATTEMPTS - 1 times
 SHAPES = {"m.q": (8, 4), "m.v": (8, 4)}
 BAD_SHAPES = {"m.q": (8, 5)}
 EXAMPLES = int(os.environ.get("CHORUS_FAULT_EXAMPLES", "100"))
@@ -240,8 +241,8 @@ class RoundMachine(RuleBasedStateMachine):
     @rule()
     def sweep(self):
         enqueued = []
-        report = close_due_rounds(types.SimpleNamespace(state=self.state), lambda f, r, e: enqueued.append((r, e)),
-                                  now=self.now)
+        rt = types.SimpleNamespace(state=self.state, settings=types.SimpleNamespace(max_aggregation_attempts=ATTEMPTS))
+        report = close_due_rounds(rt, lambda f, r, e: enqueued.append((r, e)), now=self.now)
         due = sorted(r for r, t in self.deadlines.items() if t <= self.now)
         stale = sorted(r for r, t in self.leases.items() if t <= self.now)
         want = collections.defaultdict(list)
@@ -253,6 +254,15 @@ class RoundMachine(RuleBasedStateMachine):
             if status == "fired":
                 want_enqueued.append((r, self.rounds[r].epoch))
         for r in stale:
+            rnd = self.rounds.get(r)
+            if rnd is not None and rnd.state == "aggregating" and rnd.reclaims + 1 >= ATTEMPTS:
+                # an aggregation that keeps dying fails its round instead of looping forever
+                rnd.state = "failed"
+                self.leases.pop(r, None)
+                self._emit(r, "round_failed")
+                self._open(r + 1)
+                want["failed"].append((FED, r))
+                continue
             if self._reclaim(r) == "reclaimed":
                 want["reclaimed"].append((FED, r))
                 want_enqueued.append((r, self.rounds[r].epoch))
