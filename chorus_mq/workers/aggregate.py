@@ -142,7 +142,9 @@ def _aggregate_modules(rt: Runtime, federation: str, r: int, deltas: dict[str, D
                              noise_multiplier=config.dp_noise_multiplier,
                              generator=noise_generator(noise_key, federation, r, name), out_rank=config.out_rank or None)
         else:
-            res = aggregate_module(updates, config.strategy, out_rank=config.out_rank or None)
+            # the output rank is a choice only for svd; the others keep the clients' largest rank
+            out_rank = (config.out_rank or None) if config.strategy == "svd" else None
+            res = aggregate_module(updates, config.strategy, out_rank=out_rank)
         modules[name] = (res.A, res.B, res.scaling)
         if res.residual is not None:
             residuals[name] = res.residual

@@ -95,3 +95,16 @@ def test_residuals_chain_across_rounds(sdk, tmp_path):
                    for res in per_round)
         torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "out3" / "residual_adapter" / "adapter_config.json").is_file()
+
+
+def test_out_rank_applies_to_svd_only(sdk, tmp_path):
+    for strategy in ("fedex-lora", "svd"):
+        sdk.create_federation(strategy, base_model="m", quorum=2, strategy=strategy, out_rank=2)
+        for i in range(2):
+            sdk.upload(strategy, write_adapter(tmp_path / f"{strategy}{i}.safetensors", random_factors(i)), f"c{i}")
+        out = tmp_path / strategy
+        sdk.pull(strategy, out)
+        rank = load_file(out / "adapter_model.safetensors")["base_model.model.layers.0.q.lora_A.weight"].shape[0]
+        assert rank == (2 if strategy == "svd" else 4)
+        torch.testing.assert_close(_reconstruct(out, "layers.0.q"), _truth(
+            [random_factors(0), random_factors(1)], [1, 1], "layers.0.q"), rtol=1e-5, atol=1e-5)
