@@ -74,7 +74,8 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
             deltas[client] = stack.enter_context(DeltaFile.open(path, max_header_bytes=rt.settings.max_header_bytes))
         weights = _weights(records)
         modules, residuals, extras, screening = _aggregate_modules(rt, federation, r, deltas, weights, config)
-        previous = _previous_cumulative(rt, federation, r, tmpdir)
+        prev_round = _previous_complete(rt, federation, r)
+        previous = _previous_cumulative(rt, federation, prev_round, tmpdir)
         cumulative = {}
         for name in sorted(set(previous) | set(residuals)):
             chained = chain_residuals(previous.get(name), residuals.get(name))
@@ -92,7 +93,7 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         "round": r,
         "strategy": config.strategy,
         "base_model": config.base_model,
-        "previous_round": _previous_complete(rt, federation, r),
+        "previous_round": prev_round,
         "clients": [
             {"client_id": c, "sha256": rec["sha256"], "object_key": rec["object_key"],
              "dataset_size": rec.get("dataset_size"), "weight": screening.weights.get(c, 0.0)}
@@ -190,8 +191,7 @@ def _previous_complete(rt: Runtime, federation: str, r: int) -> int | None:
     return None
 
 
-def _previous_cumulative(rt: Runtime, federation: str, r: int, tmpdir: Path) -> dict[str, Residual]:
-    prev = _previous_complete(rt, federation, r)
+def _previous_cumulative(rt: Runtime, federation: str, prev: int | None, tmpdir: Path) -> dict[str, Residual]:
     if prev is None:
         return {}
     manifest = json.loads(rt.store.get_bytes(manifest_key(federation, prev)))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..adapters import DeltaFile
 from ..errors import (
-    ChorusError, ConfigError, DuplicateDelta, IncompatibleDelta, InvalidAdapter, ObjectMissing, RoundClosed, TooLarge,
+    ChorusError, ConfigError, DuplicateDelta, IncompatibleDelta, InvalidAdapter, ObjectMissing, RoundClosed,
     UnknownFederation, UnknownRound,
 )
 from ..ids import check_name
@@ -66,18 +66,13 @@ def _ingest(rt: Runtime, msg: IngestMessage, enqueue_aggregate) -> Verdict:
     r = auth.verify(rt, msg, msg.round or rt.state.current_round(msg.federation))
     _precheck_round(rt, msg, r)
 
-    limit = rt.settings.max_delta_bytes
-    size = rt.store.size(expected)
-    if size is None:
-        raise ObjectMissing(f"no object at {expected}: upload the delta before enqueueing its message")
-    if size > limit:
-        raise TooLarge(f"delta is {size} bytes; this federation accepts at most {limit}")
-    if size != msg.size:
-        raise InvalidAdapter(f"object is {size} bytes but the message says {msg.size}")
-
     spool = rt.spool / f"{msg.upload_id}.safetensors"
     try:
-        rt.store.download(expected, spool, expected_sha256=msg.sha256, max_bytes=limit)
+        # the store checks the size against the limit before fetching anything, then re-hashes
+        rt.store.download(expected, spool, expected_sha256=msg.sha256, max_bytes=rt.settings.max_delta_bytes)
+        size = spool.stat().st_size
+        if size != msg.size:
+            raise InvalidAdapter(f"object is {size} bytes but the message says {msg.size}")
         shapes, summary = _validate(rt, spool)
     finally:
         spool.unlink(missing_ok=True)
