@@ -84,8 +84,8 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         spec = _output_spec(next(iter(deltas.values())).spec, modules, config.base_model)
         out = tmpdir / "out"
         write_peft_adapter(out, modules, spec, extras)
-        write_residual(out / "residual.safetensors", {k: _plain(v) for k, v in residuals.items()})
-        write_residual(out / "cumulative_residual.safetensors", {k: _plain(v) for k, v in cumulative.items()})
+        write_residual(out / "residual.safetensors", residuals)
+        write_residual(out / "cumulative_residual.safetensors", cumulative)
         objects = {name: _put_artifact(rt, federation, r, out / name) for name in RESULT_FILES}
     manifest = {
         "format": FORMAT,
@@ -162,10 +162,6 @@ def _output_spec(template: LoraSpec, modules: dict, base_model: str) -> LoraSpec
     return template.replace(target_modules=targets, base_model=base_model, rank_pattern={}, alpha_pattern={})
 
 
-def _plain(res: Residual):
-    return res.dense if res.dense is not None else (res.left, res.right)
-
-
 def _put_artifact(rt: Runtime, federation: str, r: int, path: Path) -> dict:
     sha = _sha256_file(path)
     key = artifact_key(federation, r, path.name, sha)
@@ -200,6 +196,5 @@ def _previous_cumulative(rt: Runtime, federation: str, prev: int | None, tmpdir:
     rt.store.download(obj["key"], path, expected_sha256=obj["sha256"])
     out = {}
     for name, value in read_residual(path).items():
-        out[name] = Residual(dense=value, left=None, right=None) if not isinstance(value, tuple) \
-            else Residual(left=value[0], right=value[1], dense=None)
+        out[name] = Residual(left=value[0], right=value[1]) if isinstance(value, tuple) else Residual(dense=value)
     return out
