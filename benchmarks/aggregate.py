@@ -3,13 +3,15 @@
 Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
                                     [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
 
-Each (shape, strategy) runs in a fresh subprocess with 2 torch threads (--threads), so peak RSS
-(ru_maxrss, read before any exactness check) is that case's own. Inputs: for every
+Each (shape, strategy) runs in a fresh subprocess, so peak RSS (ru_maxrss, read before any
+exactness check) is that case's own. Ours runs as the worker runs a round: modules side by
+side through chorus_mq.aggregation.map_ordered (--workers, default the cores), one torch
+thread each, with the worker's allocator tuning (chorus_mq.memory.retain_freed_memory); the
+baseline runs module after module on 2 torch threads (--threads). Inputs: for every
 distinct module shape, one pool of N seeded Gaussian clients (A ~ N(0, 1/d_in),
 B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is generated
 *before* the timed region and reused by every layer; outputs are dropped after each
-module, as a worker writing them out would. Time = median of 3 whole-model passes after
-one warm-up module; "min s" is the fastest pass (less disturbed by other processes).
+module. Time = median of 3 whole-model passes after a warm-up; "min s" is the fastest pass (less disturbed by other processes).
 Exactness = max over the distinct shapes of ||s B A + R - M||_F / ||M||_F against a
 float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out.
 
@@ -40,7 +42,9 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module  # noqa: E402
+from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module, map_ordered  # noqa: E402
+from chorus_mq.aggregation.parallel import default_workers  # noqa: E402
+from chorus_mq.memory import retain_freed_memory  # noqa: E402
 
 LLAMA_3B = {
     "q_proj": (3072, 3072),
@@ -94,19 +98,21 @@ def oracle_errors(updates: list[ClientUpdate], scaling: float, B, A, residual_de
     return float((total - m).norm() / norm), float((adapter - m).norm() / norm)
 
 
-def run_ours(shape: str, strategy: str, reps: int) -> dict:
+def run_ours(shape: str, strategy: str, reps: int, workers: int) -> dict:
     layers, modules, _, _ = SHAPES[shape]
     pool = client_pool(shape)
-    aggregate_module(next(iter(pool.values())), strategy)  # warm-up: MKL/LAPACK initialise lazily
+    jobs = [pool[dims] for _layer in range(layers) for dims in modules.values()]
+
+    def one(updates: list[ClientUpdate]) -> int:
+        res = aggregate_module(updates, strategy)
+        return res.residual.nbytes if res.residual is not None else 0  # outputs dropped, as once written
+
+    sum(map_ordered(one, jobs[:workers], workers=workers))  # warm-up: MKL/LAPACK initialise lazily
     times, residual_bytes = [], 0
     for _ in range(reps):
-        residual_bytes = 0
         start = time.perf_counter()
-        for _layer in range(layers):
-            for dims in modules.values():
-                res = aggregate_module(pool[dims], strategy)
-                residual_bytes += res.residual.nbytes if res.residual is not None else 0
-                del res
+        # as the worker runs a round: modules side by side, one torch thread each
+        residual_bytes = sum(map_ordered(one, jobs, workers=workers))
         times.append(time.perf_counter() - start)
     peak = _peak_rss_mb()
     exact, adapter = 0.0, 0.0
@@ -208,10 +214,11 @@ def _peak_rss_mb() -> float:
 
 def child(case: dict) -> None:
     torch.set_num_threads(case.get("threads", THREADS))
+    retain_freed_memory()  # the allocator tuning the worker applies before it aggregates
     if case["strategy"] == BASELINE:
         result = run_baseline(case["shape"], case["reps"], case.get("baseline_src"))
     else:
-        result = run_ours(case["shape"], case["strategy"], case["reps"])
+        result = run_ours(case["shape"], case["strategy"], case["reps"], case.get("workers") or default_workers())
     print(json.dumps(result))
 
 
@@ -231,7 +238,9 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--baseline-src", default=None, help="unpacked chorus-fl wheel to run as the baseline")
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per case")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per case (the dense baseline)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="modules aggregated side by side, one torch thread each (default: the cores)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -242,7 +251,8 @@ def main() -> None:
     cases = [(s, st) for s in shapes for st in args.strategies.split(",")]
     if not args.no_baseline:
         cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {reps}, fresh process per row;"
+    print(f"torch {torch.__version__}; ours: {args.workers or default_workers()} modules side by side, 1 torch thread"
+          f" each; baseline: {args.threads} torch threads; median of {reps}, fresh process per row;"
           f" load average {_load()} at start")
     header = (
         f"{'shape':<14}{'strategy':<16}{'time s':>10}{'min s':>9}{'peak MB':>10}{'residual MB':>13}"
@@ -252,7 +262,8 @@ def main() -> None:
     print("-" * len(header))
     medians, notes = {}, []
     for shape, strategy in cases:
-        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src, threads=args.threads)
+        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src, threads=args.threads,
+                    workers=args.workers)
         r = run_case(case)
         med = statistics.median(r["times"])
         medians[(shape, strategy)] = med

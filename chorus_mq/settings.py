@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     visibility_timeout: int = 3600
     #: an aggregation not finalized after this long is re-enqueued by the sweep
     aggregation_lease: int = 1900
+    #: modules aggregated side by side, one torch thread each (default: the cores available)
+    aggregation_workers: int | None = Field(default=None, ge=1)
     #: beat period for ``close_due_rounds``
     sweep_interval: float = 5.0
     #: redbeat lock timeout (short, for fast failover)

@@ -28,7 +28,13 @@ _MIN_PIVOT = 1e-4
 
 
 def factored_svd(
-    left: Tensor, right: Tensor, mid: Tensor | None = None, *, drop_after: int | None = None, roundoff: float = 0.0
+    left: Tensor,
+    right: Tensor,
+    mid: Tensor | None = None,
+    *,
+    drop_after: int | None = None,
+    roundoff: float = 0.0,
+    top: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Singular directions of ``M = left @ diag(mid) @ right`` as balanced float64 factors.
 
@@ -36,40 +42,52 @@ def factored_svd(
     value ``s_j``, with ``U[:, j] ~ u_j sqrt(s_j)``, ``V[j] ~ sqrt(s_j) v_j^T``, so that
     ``U @ V == M``. With ``drop_after=n``, directions past the first ``n`` are dropped when
     numerically zero: ``s_j <= RTOL * s_1``, or below what rounding the inputs with unit
-    ``roundoff`` can change (``roundoff * sum_j |left_j| |mid_j| |right_j|``).
+    ``roundoff`` can change (``roundoff * sum_j |left_j| |mid_j| |right_j|``). With ``top=n``
+    only the leading ``n`` of the kept directions are returned; the others are never formed,
+    which saves most of the cost when ``n`` is small.
     Costs ``O((d_out + d_in) K^2 + K^3)``; when ``K`` exceeds ``min(d_out, d_in)`` the dense
     ``M`` is the smaller problem and is decomposed instead.
     """
-    lf, rf = left.to(_F64), right.to(_F64)
-    d_out, k_in = lf.shape
+    # Factors as rows, (k, d): Grams and products then run as row-major GEMMs, about 1.5x
+    # faster than on a column-major (d, k) operand. The left output is a transposed view.
+    lt, rf = left.mT.to(_F64).contiguous(), right.to(_F64).contiguous()
+    k_in, d_out = lt.shape
     d_in = rf.shape[1]
-    mid = torch.ones(k_in, dtype=_F64, device=lf.device) if mid is None else mid.to(_F64)
+    mid = torch.ones(k_in, dtype=_F64, device=lt.device) if mid is None else mid.to(_F64)
     if k_in > min(d_out, d_in):
-        weight = lf.norm(dim=0) * rf.norm(dim=1) * mid.abs()
-        u, sigma, vh = torch.linalg.svd((lf * mid) @ rf, full_matrices=False)
-        idx = _significant(sigma, drop_after, roundoff * float(weight.sum()))
+        weight = lt.norm(dim=1) * rf.norm(dim=1) * mid.abs()
+        u, sigma, vh = torch.linalg.svd((lt.mT * mid) @ rf, full_matrices=False)
+        idx = _significant(sigma, drop_after, roundoff * float(weight.sum()))[:top]
         root = sigma[idx].sqrt()
         return u[:, idx] * root, root[:, None] * vh[idx]
-    gram_l, gram_r = lf.mT @ lf, rf @ rf.mT
+    gram_l, gram_r = lt @ lt.mT, rf @ rf.mT
     weight = (gram_l.diagonal() * gram_r.diagonal()).sqrt() * mid.abs()
     # Columns that contribute nothing are removed exactly; they would make the Grams singular.
     live = (weight > 0).nonzero().squeeze(1)
     if live.numel() == 0:
-        return lf.new_zeros(d_out, 0), rf.new_zeros(0, d_in)
-    whiten_l, unwhiten_l = _whitener(gram_l[live][:, live])
-    whiten_r, unwhiten_r = _whitener(gram_r[live][:, live])
-    core = unwhiten_l @ (mid[live, None] * unwhiten_r.mT)
-    vecs = _right_singular_vectors(core)
+        return lt.new_zeros(0, d_out).mT, rf.new_zeros(0, d_in)
+    if live.numel() < k_in:
+        gram_l, gram_r, mid = gram_l[live][:, live], gram_r[live][:, live], mid[live]
+    (whiten_l, unwhiten_l), (whiten_r, unwhiten_r) = _whiteners(gram_l, gram_r)
+    core = unwhiten_l @ (mid[:, None] * unwhiten_r.mT)
+    vecs = _right_singular_vectors(core, top)
     scaled = core @ vecs  # columns u_j * s_j in the whitened basis
     sigma = scaled.norm(dim=0)
     # Select in the small space: the whitened bases are orthonormal, so s_j is the norm.
     idx = _significant(sigma, drop_after, roundoff * float(weight.sum()))
     root = sigma[idx].sqrt()
-    small_l = lf.new_zeros(k_in, idx.numel())
-    small_l[live] = whiten_l @ (scaled[:, idx] / torch.where(root > 0, root, torch.ones_like(root)))
-    small_r = rf.new_zeros(idx.numel(), k_in)
-    small_r[:, live] = (root[:, None] * vecs[:, idx].mT) @ whiten_r.mT
-    return lf @ small_l, small_r @ rf
+    small_l = (scaled[:, idx] / torch.where(root > 0, root, torch.ones_like(root))).mT @ whiten_l.mT
+    small_r = (root[:, None] * vecs[:, idx].mT) @ whiten_r.mT
+    return (_spread(small_l, live, k_in) @ lt).mT, _spread(small_r, live, k_in) @ rf
+
+
+def _spread(small: Tensor, live: Tensor, k_in: int) -> Tensor:
+    """``small``'s columns placed at the ``live`` ones of ``k_in``, zeros elsewhere."""
+    if live.numel() == k_in:
+        return small
+    out = small.new_zeros(small.shape[0], k_in)
+    out[:, live] = small
+    return out
 
 
 def compress(left: Tensor, right: Tensor) -> Residual | None:
@@ -113,30 +131,42 @@ def _significant(sigma: Tensor, drop_after: int | None, floor: float) -> Tensor:
     return idx[keep]
 
 
-def _whitener(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """``(T, R)`` with ``T @ R == I`` and ``X @ T`` (near) orthonormal, for ``gram = X^T X``."""
-    scale = gram.diagonal().sqrt()
-    unit = gram / scale[:, None] / scale[None, :]
-    chol, info = torch.linalg.cholesky_ex(unit)
-    if int(info) == 0 and float(chol.diagonal().min()) > _MIN_PIVOT:
-        eye = torch.eye(unit.shape[0], dtype=_F64, device=unit.device)
-        whiten = torch.linalg.solve_triangular(chol.mT, eye, upper=True)
-        unwhiten = chol.mT
-    else:
-        lam, vecs = torch.linalg.eigh(unit)
-        # Flooring keeps T invertible; the floored directions are rounding noise of X.
-        root = lam.clamp_min(float(lam[-1]) * _EPS64 * unit.shape[0]).sqrt()
-        whiten = vecs / root
-        unwhiten = root[:, None] * vecs.mT
-    return whiten / scale[:, None], unwhiten * scale[None, :]
+def _whiteners(*grams: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(T, R)`` per ``gram = X^T X``, with ``T @ R == I`` and ``X @ T`` (near) orthonormal."""
+    scales = [g.diagonal().sqrt() for g in grams]
+    units = torch.stack([g / sc[:, None] / sc[None, :] for g, sc in zip(grams, scales)])
+    # One batched Cholesky for all (the common, well-conditioned case).
+    chol, info = torch.linalg.cholesky_ex(units)
+    pivots = chol.diagonal(dim1=-2, dim2=-1).amin(dim=-1)
+    good = (info == 0) & (pivots > _MIN_PIVOT)
+    eye = torch.eye(units.shape[-1], dtype=_F64, device=units.device).expand_as(units)
+    whiten_all = torch.linalg.solve_triangular(chol.mT, eye, upper=True) if bool(good.all()) else None
+    out = []
+    for i, (unit, scale) in enumerate(zip(units, scales)):
+        if whiten_all is not None:
+            whiten, unwhiten = whiten_all[i], chol[i].mT
+        elif bool(good[i]):
+            whiten, unwhiten = torch.linalg.solve_triangular(chol[i].mT, eye[i], upper=True), chol[i].mT
+        else:
+            whiten, unwhiten = _eigen_whitener(unit)
+        out.append((whiten / scale[:, None], unwhiten * scale[None, :]))
+    return out
 
 
-def _right_singular_vectors(core: Tensor) -> Tensor:
-    """Right singular vectors of a small matrix, by decreasing singular value, signs fixed."""
+def _eigen_whitener(unit: Tensor) -> tuple[Tensor, Tensor]:
+    """The whitener of a nearly singular unit-diagonal Gram, from its eigen-decomposition."""
+    lam, vecs = torch.linalg.eigh(unit)
+    # Flooring keeps T invertible; the floored directions are rounding noise of X.
+    root = lam.clamp_min(float(lam[-1]) * _EPS64 * unit.shape[0]).sqrt()
+    return vecs / root, root[:, None] * vecs.mT
+
+
+def _right_singular_vectors(core: Tensor, top: int | None = None) -> Tensor:
+    """The ``top`` (default all) leading right singular vectors of a small matrix, signs fixed."""
     # eigh of the Gram is ~2x faster than an SVD here. It is inaccurate only in tiny
     # directions, and exactness needs nothing but an orthogonal W (C W W^T == C).
     _, vecs = torch.linalg.eigh(core.mT @ core)
-    return _fix_signs(vecs.flip(1))
+    return _fix_signs(vecs.flip(1)[:, :top])
 
 
 def _fix_signs(vecs: Tensor) -> Tensor:

@@ -83,14 +83,20 @@ def _averaged(p: Prepared, rank: int, out_dtype: torch.dtype, *, exact: bool) ->
 
 def _svd(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
     rank = out_rank or max(p.ranks)
-    # B^T rows, contiguous: a column-block layout costs strided writes, and the Gram and
-    # products read the transposed view at full speed anyway.
-    b_rows = torch.cat([u.B.mT for u in p.updates], 0).to(_F64)
-    a_cat = torch.cat([u.A for u in p.updates], 0).to(_F64)
+    # B^T as rows (the layout factored_svd works in), gathered and upcast in one pass.
+    b_rows = _rows64([u.B.mT for u in p.updates])
+    a_cat = _rows64([u.A for u in p.updates])
     mid = torch.tensor([ws for ws, r in zip(p.products, p.ranks) for _ in range(r)], dtype=_F64)
-    u, v = factored_svd(b_rows.mT, a_cat, mid.to(a_cat.device), drop_after=rank)
-    b_hi, a_hi = _pad(u[:, :rank], v[:rank], rank)
-    return _finish(b_hi, a_hi, out_dtype, [(u[:, rank:], v[rank:])])
+    # One direction more than the adapter keeps tells whether anything is left over.
+    u, v = factored_svd(b_rows.mT, a_cat, mid.to(a_cat.device), drop_after=rank, top=rank + 1)
+    if u.shape[1] <= rank:  # the adapter holds the whole update
+        return _finish(*_pad(u, v, rank), out_dtype, [])
+    b_out, a_out = _cast(u[:, :rank], out_dtype), _cast(v[:rank], out_dtype)
+    # The residual is the exact update minus the *cast* adapter, as a concatenation (a copy,
+    # as for fedex-lora): forming the discarded directions would cost d x K^2 more per side.
+    roots = [math.sqrt(ws) for ws in p.products]
+    left, right = _concat(p, _F32, roots, extra=[(b_out, a_out, -1.0)])
+    return ModuleResult(a_out, b_out, 1.0, Residual.from_factors(left, right))
 
 
 def _stack(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
@@ -137,6 +143,12 @@ def _concat(
         left.mul_(torch.cat([per_client, extra_b]).repeat_interleave(ranks))
         right.mul_(torch.cat([per_client, ones]).repeat_interleave(ranks)[:, None])
     return left, right
+
+
+def _rows64(blocks: Sequence[Tensor]) -> Tensor:
+    """Row blocks stacked into one contiguous float64 tensor (cat upcasts while copying)."""
+    out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1], dtype=_F64)
+    return torch.cat(blocks, 0, out=out)
 
 
 def _natural_rank(strategy: str, natural: int, out_rank: int | None) -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ..adapters import DeltaFile, LoraSpec, read_residual, write_peft_adapter, write_residual
 from ..adapters.spec import default_targets
-from ..aggregation import Residual, aggregate_module, chain_residuals, weighted_mean
+from ..aggregation import Residual, aggregate_module, chain_residuals, map_ordered, weighted_mean
 from ..errors import AggregationError, InvalidAdapter, ObjectExists, ObjectMissing
 from ..layout import artifact_key, manifest_key
+from ..memory import retain_freed_memory
 from ..state.rounds import FederationConfig
 from .runtime import Runtime
 from .screening import client_update, dp_release, noise_generator, screen_round
@@ -32,6 +33,7 @@ def aggregate_round(rt: Runtime, federation: str, r: int, epoch: int) -> str:
     if info["state"] != "aggregating" or int(info["epoch"]) != epoch:
         log.info("skip %s round %s epoch %s: state %s epoch %s", federation, r, epoch, info["state"], info["epoch"])
         return "stale"
+    retain_freed_memory()
     key = manifest_key(federation, r)
     try:
         manifest_bytes = rt.store.get_bytes(key)  # an earlier run already committed the result
@@ -76,11 +78,10 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         modules, residuals, extras, screening = _aggregate_modules(rt, federation, r, deltas, weights, config)
         prev_round = _previous_complete(rt, federation, r)
         previous = _previous_cumulative(rt, federation, prev_round, tmpdir)
-        cumulative = {}
-        for name in sorted(set(previous) | set(residuals)):
-            chained = chain_residuals(previous.get(name), residuals.get(name))
-            if chained is not None:
-                cumulative[name] = chained
+        names = sorted(set(previous) | set(residuals))
+        chained = map_ordered(lambda name: chain_residuals(previous.get(name), residuals.get(name)), names,
+                              workers=rt.settings.aggregation_workers)
+        cumulative = {name: res for name, res in zip(names, chained) if res is not None}
         spec = _output_spec(next(iter(deltas.values())).spec, modules, config.base_model)
         out = tmpdir / "out"
         write_peft_adapter(out, modules, spec, extras)
@@ -123,7 +124,8 @@ def _weights(records: dict[str, dict]) -> dict[str, float]:
 
 def _aggregate_modules(rt: Runtime, federation: str, r: int, deltas: dict[str, DeltaFile],
                        weights: dict[str, float], config: FederationConfig):
-    """One module at a time across clients, so memory holds one module x N clients plus the outputs.
+    """Module by module across clients, a few modules in flight (CHORUS_AGGREGATION_WORKERS), so
+    memory holds those modules x N clients plus the outputs.
 
     A module absent from some clients is aggregated over the clients that carry it, with
     their weights renormalised (a client that did not train a module says nothing about it).
@@ -134,18 +136,25 @@ def _aggregate_modules(rt: Runtime, federation: str, r: int, deltas: dict[str, D
     if not kept:
         raise AggregationError(f"screening excluded every client: {screening.excluded}")
     noise_key = rt.state.noise_key(federation) if config.dp_noise_multiplier else ""
-    modules, residuals = {}, {}
-    for name in sorted({m for d in kept.values() for m in d.modules}):
-        updates = [screening.apply(c, name, client_update(d, name, screening.weights[c]))
-                   for c, d in kept.items() if name in d.modules]
+    out_rank = config.out_rank or None
+
+    def load(name: str) -> list:  # in this thread: reads from the spooled files stay sequential
+        return [screening.apply(c, name, client_update(d, name, screening.weights[c]))
+                for c, d in kept.items() if name in d.modules]
+
+    def run(job: tuple[str, list]):
+        name, updates = job
         if config.dp_noise_multiplier:
-            res = dp_release(updates, quorum=config.quorum, clip_norm=config.clip_norm,
-                             noise_multiplier=config.dp_noise_multiplier,
-                             generator=noise_generator(noise_key, federation, r, name), out_rank=config.out_rank or None)
-        else:
-            # the output rank is a choice only for svd; the others keep the clients' largest rank
-            out_rank = (config.out_rank or None) if config.strategy == "svd" else None
-            res = aggregate_module(updates, config.strategy, out_rank=out_rank)
+            return dp_release(updates, quorum=config.quorum, clip_norm=config.clip_norm,
+                              noise_multiplier=config.dp_noise_multiplier,
+                              generator=noise_generator(noise_key, federation, r, name), out_rank=out_rank)
+        # the output rank is a choice only for svd; the others keep the clients' largest rank
+        return aggregate_module(updates, config.strategy, out_rank=out_rank if config.strategy == "svd" else None)
+
+    names = sorted({m for d in kept.values() for m in d.modules})
+    results = map_ordered(run, ((name, load(name)) for name in names), workers=rt.settings.aggregation_workers)
+    modules, residuals = {}, {}
+    for name, res in zip(names, results):
         modules[name] = (res.A, res.B, res.scaling)
         if res.residual is not None:
             residuals[name] = res.residual

@@ -95,9 +95,11 @@ def test_ten_rounds_in_a_shared_subspace_stay_exact_and_low_rank():
             for c in clients
         ]
         res = aggregate_module(clients, "svd").residual
+        # one round's residual is a concatenation (K + r columns); its content has rank <= p
+        assert res.rank == 11 + 4 and compress(res.left, res.right).rank <= p
         expected += res.to_dense().to(F64)
         chained = chain_residuals(chained, res)
-        assert chained.rank <= p
+        assert chained.rank <= (p if rnd else res.rank)
     assert chained.dense is None
     assert rel(chained.to_dense(), expected) < 1e-5
 
@@ -123,3 +125,14 @@ def test_chain_mixes_dense_and_factored():
     out = chain_residuals(dense, fact)
     assert out.dense is not None
     assert rel(out.to_dense(), dense.to_dense().double() + fact.to_dense().double()) < 1e-6
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "k"), [(50, 40, 12), (8, 50, 20)])  # Gram path, dense path
+def test_top_returns_the_leading_directions_only(d_out, d_in, k):
+    left, right, mid = rand(d_out, k), rand(k, d_in, seed=1), rand(k, seed=2).abs() + 0.1
+    u_all, v_all = factored_svd(left, right, mid)
+    u, v = factored_svd(left, right, mid, top=3)
+    assert u.shape == (d_out, 3) and v.shape == (3, d_in)
+    assert torch.allclose(u, u_all[:, :3], atol=1e-9) and torch.allclose(v, v_all[:3], atol=1e-9)
+    # fewer kept directions than asked for: all of them, no padding
+    assert factored_svd(left[:, :2], right[:2], top=5)[0].shape[1] == 2
