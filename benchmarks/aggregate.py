@@ -2,6 +2,7 @@
 
 Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
                                     [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
+                                    [--chain] [--workers N]
 
 Each (shape, strategy) runs in a fresh subprocess, so peak RSS (ru_maxrss, read before any
 exactness check) is that case's own. Ours runs as the worker runs a round: modules side by
@@ -14,6 +15,9 @@ B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is gene
 module. Time = median of 3 whole-model passes after a warm-up; "min s" is the fastest pass (less disturbed by other processes).
 Exactness = max over the distinct shapes of ||s B A + R - M||_F / ||M||_F against a
 float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out.
+With --chain, "chain:<strategy>" rows time chaining a second round's residuals (other
+seeded clients) onto the first's, as the worker does every round; their exactness is
+against the float64 sum of the two residuals.
 
 The dense-baseline rows run the old HTTP tool's approach (dense M per module, a complete
 SVD of it with torch.linalg.svd, dense residual): its own code when --baseline-src points at an
@@ -42,7 +46,13 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module, map_ordered  # noqa: E402
+from chorus_mq.aggregation import (  # noqa: E402
+    STRATEGIES,
+    ClientUpdate,
+    aggregate_module,
+    chain_residuals,
+    map_ordered,
+)
 from chorus_mq.aggregation.parallel import default_workers  # noqa: E402
 from chorus_mq.memory import retain_freed_memory  # noqa: E402
 
@@ -63,14 +73,15 @@ SHAPES = {
     "medium-n100": (8, {m: (2048, 2048) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}, 16, 100),
 }
 BASELINE = "dense-baseline"
+CHAIN = "chain:"
 THREADS = 2
 REPS = 3
 
 
-def client_pool(shape: str) -> dict[tuple[int, int], list[ClientUpdate]]:
+def client_pool(shape: str, seed: int = 0) -> dict[tuple[int, int], list[ClientUpdate]]:
     """N seeded clients per distinct module shape, shared by all layers."""
     _, modules, rank, n = SHAPES[shape]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(100, 1000, (n,), generator=gen).tolist()
     pool = {}
     for d_out, d_in in sorted(set(modules.values())):
@@ -122,6 +133,32 @@ def run_ours(shape: str, strategy: str, reps: int, workers: int) -> dict:
         e, a = oracle_errors(updates, res.scaling, res.B, res.A, dense)
         exact, adapter = max(exact, e), max(adapter, a)
     return dict(times=times, peak_mb=peak, residual_mb=residual_bytes / 2**20, exact=exact, adapter=adapter)
+
+
+def run_chain(shape: str, strategy: str, reps: int, workers: int) -> dict:
+    """Chaining a second round's residuals onto the first's (the worker's per-round re-compression)."""
+    layers, modules, _, _ = SHAPES[shape]
+    rounds = [{dims: aggregate_module(updates, strategy).residual for dims, updates in client_pool(shape, seed).items()}
+              for seed in (0, 1)]
+    jobs = [dims for _layer in range(layers) for dims in modules.values()]
+
+    def one(dims: tuple[int, int]) -> int:
+        chained = chain_residuals(rounds[0][dims], rounds[1][dims])
+        return chained.nbytes if chained is not None else 0
+
+    sum(map_ordered(one, jobs[:workers], workers=workers))
+    times, chained_bytes = [], 0
+    for _ in range(reps):
+        start = time.perf_counter()
+        chained_bytes = sum(map_ordered(one, jobs, workers=workers))
+        times.append(time.perf_counter() - start)
+    peak = _peak_rss_mb()
+    exact = 0.0
+    for dims in rounds[0]:
+        expected = rounds[0][dims].to_dense().double() + rounds[1][dims].to_dense().double()
+        got = chain_residuals(rounds[0][dims], rounds[1][dims]).to_dense().double()
+        exact = max(exact, float((got - expected).norm() / expected.norm()))
+    return dict(times=times, peak_mb=peak, residual_mb=chained_bytes / 2**20, exact=exact, adapter=None)
 
 
 def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
@@ -217,6 +254,9 @@ def child(case: dict) -> None:
     retain_freed_memory()  # the allocator tuning the worker applies before it aggregates
     if case["strategy"] == BASELINE:
         result = run_baseline(case["shape"], case["reps"], case.get("baseline_src"))
+    elif case["strategy"].startswith(CHAIN):
+        result = run_chain(case["shape"], case["strategy"][len(CHAIN):], case["reps"],
+                           case.get("workers") or default_workers())
     else:
         result = run_ours(case["shape"], case["strategy"], case["reps"], case.get("workers") or default_workers())
     print(json.dumps(result))
@@ -238,6 +278,8 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--baseline-src", default=None, help="unpacked chorus-fl wheel to run as the baseline")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--chain", action="store_true",
+                        help="also time chaining a second round's residuals onto the first's, per strategy")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per case (the dense baseline)")
     parser.add_argument("--workers", type=int, default=None,
                         help="modules aggregated side by side, one torch thread each (default: the cores)")
@@ -249,6 +291,8 @@ def main() -> None:
     shapes = (args.shapes or ("small,medium" if args.quick else ",".join(SHAPES))).split(",")
     reps = 1 if args.quick else REPS
     cases = [(s, st) for s in shapes for st in args.strategies.split(",")]
+    if args.chain:
+        cases += [(s, CHAIN + st) for s in shapes for st in args.strategies.split(",") if st in ("fedex-lora", "svd")]
     if not args.no_baseline:
         cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
     print(f"torch {torch.__version__}; ours: {args.workers or default_workers()} modules side by side, 1 torch thread"
@@ -271,7 +315,7 @@ def main() -> None:
         print(
             f"{shape:<14}{strategy + mark:<16}{med:>10.3f}{min(r['times']):>9.3f}{r['peak_mb']:>10.0f}"
             f"{r['residual_mb']:>13.1f}"
-            f"{r['exact']:>11.1e}{r['adapter']:>13.3f}",
+            f"{r['exact']:>11.1e}" + (f"{r['adapter']:>13.3f}" if r["adapter"] is not None else f"{'-':>13}"),
             flush=True,
         )
         if "origin" in r:

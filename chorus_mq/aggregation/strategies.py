@@ -38,7 +38,8 @@ def aggregate_module(
       inexact by design, no residual. A baseline, never the default.
     * ``fedex-lora``: the same factors plus the exact residual (a copy, no factorisation).
     * ``svd``: the best rank-``out_rank`` approximation (default: the largest client
-      rank), scaling 1.0, residual = the discarded singular directions.
+      rank), scaling 1.0; only those singular directions are formed, and the residual is
+      the exact update minus the adapter, as for fedex-lora a concatenation.
     * ``stack``: all client factors side by side (rank ``sum r_i``), scaling 1.0.
 
     ``out_rank`` larger than a strategy's natural rank zero-pads; only svd truncates.
