@@ -88,3 +88,23 @@ def test_results_are_bit_identical_for_any_worker_count(strategy):
                for w in (1, 2)]
     for a, b in zip(*chained):
         assert (a is None and b is None) or torch.equal(a.to_dense(), b.to_dense())
+
+
+def test_an_error_while_loading_inputs_propagates_after_the_started_work_ends():
+    finished = []
+
+    def items():
+        yield from range(3)
+        raise AggregationError("module 3 does not load")
+
+    def fn(i):
+        time.sleep(0.05)
+        finished.append(i)
+        return i
+
+    got = []
+    with pytest.raises(AggregationError, match="module 3 does not load"):
+        for value in map_ordered(fn, items(), workers=2):
+            got.append(value)
+    assert got == [0]  # yielded before the loader failed
+    assert not [t for t in threading.enumerate() if t.name.startswith("chorus-module")]  # pool shut down
