@@ -44,8 +44,10 @@ def _parts(module: str, value: ResidualLike) -> Parts | None:
 
 def write_peft_adapter(out_dir: str | os.PathLike[str],
                        modules: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                       spec: LoraSpec, extras: Mapping[str, torch.Tensor] | None = None) -> None:
+                       spec: LoraSpec, extras: Mapping[str, torch.Tensor] | None = None) -> str:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``.
+
+    Returns the sha256 hex of ``adapter_model.safetensors``.
 
     ``modules`` maps module name -> (A, B, scaling). Per-module ranks and scalings are
     expressed as ``rank_pattern``/``alpha_pattern`` (alpha = scaling * r, rsLoRA off);
@@ -74,8 +76,9 @@ def write_peft_adapter(out_dir: str | os.PathLike[str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # transformers refuses safetensors without format=pt; peft itself does not care
-    write_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
+    digest = write_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(out_spec.to_peft_config(), indent=2, sort_keys=True) + "\n")
+    return digest
 
 
 def write_residual(path: str | os.PathLike[str], residuals: Mapping[str, ResidualLike]) -> str:

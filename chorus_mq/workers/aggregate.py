@@ -84,10 +84,12 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         cumulative = {name: res for name, res in zip(names, chained) if res is not None}
         spec = _output_spec(next(iter(deltas.values())).spec, modules, config.base_model)
         out = tmpdir / "out"
-        write_peft_adapter(out, modules, spec, extras)
-        write_residual(out / "residual.safetensors", residuals)
-        write_residual(out / "cumulative_residual.safetensors", cumulative)
-        objects = {name: _put_artifact(rt, federation, r, out / name) for name in RESULT_FILES}
+        # the writers hash what they write, so the outputs are not read back to hash them
+        digests = {"adapter_model.safetensors": write_peft_adapter(out, modules, spec, extras),
+                   "residual.safetensors": write_residual(out / "residual.safetensors", residuals),
+                   "cumulative_residual.safetensors": write_residual(out / "cumulative_residual.safetensors",
+                                                                     cumulative)}
+        objects = {name: _put_artifact(rt, federation, r, out / name, digests.get(name)) for name in RESULT_FILES}
     manifest = {
         "format": FORMAT,
         "federation": federation,
@@ -171,8 +173,8 @@ def _output_spec(template: LoraSpec, modules: dict, base_model: str) -> LoraSpec
     return template.replace(target_modules=targets, base_model=base_model, rank_pattern={}, alpha_pattern={})
 
 
-def _put_artifact(rt: Runtime, federation: str, r: int, path: Path) -> dict:
-    sha = _sha256_file(path)
+def _put_artifact(rt: Runtime, federation: str, r: int, path: Path, sha: str | None = None) -> dict:
+    sha = sha or _sha256_file(path)
     key = artifact_key(federation, r, path.name, sha)
     try:
         rt.store.put_file(key, path, write_once=True)

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 from peft import PeftModel
@@ -52,7 +54,8 @@ def test_peft_adapter_loads_and_matches_hand_edited_weights(layout, tmp_path):
     factory, shapes, targets, fan = LAYOUTS[layout]
     fs = factors(shapes)
     spec = LoraSpec(r=8, lora_alpha=1, fan_in_fan_out=fan, target_modules=targets, use_rslora=True)
-    write_peft_adapter(tmp_path, fs, spec)
+    digest = write_peft_adapter(tmp_path, fs, spec)
+    assert digest == hashlib.sha256((tmp_path / "adapter_model.safetensors").read_bytes()).hexdigest()
     loaded = PeftModel.from_pretrained(factory(), tmp_path)
     base = logits(factory())
     assert not torch.allclose(logits(loaded), base, atol=1e-3)  # the adapter does something
