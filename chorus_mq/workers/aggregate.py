@@ -79,7 +79,9 @@ def _compute_and_write(rt: Runtime, federation: str, r: int) -> bytes:
         prev_round = _previous_complete(rt, federation, r)
         previous = _previous_cumulative(rt, federation, prev_round, tmpdir)
         names = sorted(set(previous) | set(residuals))
-        chained = map_ordered(lambda name: chain_residuals(previous.get(name), residuals.get(name)), names,
+        # popped: each previous residual is released once chained, so memory never holds two
+        # whole cumulative residuals
+        chained = map_ordered(lambda name: chain_residuals(previous.pop(name, None), residuals.get(name)), names,
                               workers=rt.settings.aggregation_workers)
         cumulative = {name: res for name, res in zip(names, chained) if res is not None}
         spec = _output_spec(next(iter(deltas.values())).spec, modules, config.base_model)
