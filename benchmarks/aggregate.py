@@ -109,6 +109,18 @@ def oracle_errors(updates: list[ClientUpdate], scaling: float, B, A, residual_de
     return float((total - m).norm() / norm), float((adapter - m).norm() / norm)
 
 
+def _timed_passes(one, jobs: list, reps: int, workers: int) -> tuple[list[float], int]:
+    """``reps`` timed passes of ``one`` over ``jobs``, as the worker runs a round: modules side by
+    side, one torch thread each. Returns the pass times and the last pass's summed result."""
+    sum(map_ordered(one, jobs[:workers], workers=workers))  # warm-up: MKL/LAPACK initialise lazily
+    times, total = [], 0
+    for _ in range(reps):
+        start = time.perf_counter()
+        total = sum(map_ordered(one, jobs, workers=workers))
+        times.append(time.perf_counter() - start)
+    return times, total
+
+
 def run_ours(shape: str, strategy: str, reps: int, workers: int) -> dict:
     layers, modules, _, _ = SHAPES[shape]
     pool = client_pool(shape)
@@ -118,13 +130,7 @@ def run_ours(shape: str, strategy: str, reps: int, workers: int) -> dict:
         res = aggregate_module(updates, strategy)
         return res.residual.nbytes if res.residual is not None else 0  # outputs dropped, as once written
 
-    sum(map_ordered(one, jobs[:workers], workers=workers))  # warm-up: MKL/LAPACK initialise lazily
-    times, residual_bytes = [], 0
-    for _ in range(reps):
-        start = time.perf_counter()
-        # as the worker runs a round: modules side by side, one torch thread each
-        residual_bytes = sum(map_ordered(one, jobs, workers=workers))
-        times.append(time.perf_counter() - start)
+    times, residual_bytes = _timed_passes(one, jobs, reps, workers)
     peak = _peak_rss_mb()
     exact, adapter = 0.0, 0.0
     for updates in pool.values():
@@ -146,12 +152,7 @@ def run_chain(shape: str, strategy: str, reps: int, workers: int) -> dict:
         chained = chain_residuals(rounds[0][dims], rounds[1][dims])
         return chained.nbytes if chained is not None else 0
 
-    sum(map_ordered(one, jobs[:workers], workers=workers))
-    times, chained_bytes = [], 0
-    for _ in range(reps):
-        start = time.perf_counter()
-        chained_bytes = sum(map_ordered(one, jobs, workers=workers))
-        times.append(time.perf_counter() - start)
+    times, chained_bytes = _timed_passes(one, jobs, reps, workers)
     peak = _peak_rss_mb()
     exact = 0.0
     for dims in rounds[0]:
