@@ -91,7 +91,7 @@ def _svd(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleRes
     # One direction more than the adapter keeps tells whether anything is left over.
     u, v = factored_svd(b_rows.mT, a_cat, mid.to(a_cat.device), drop_after=rank, top=rank + 1)
     if u.shape[1] <= rank:  # the adapter holds the whole update
-        return _finish(*_pad(u, v, rank), out_dtype, [])
+        return _finish(*_pad(u, v, rank), out_dtype)
     b_out, a_out = _cast(u[:, :rank], out_dtype), _cast(v[:rank], out_dtype)
     # The residual is the exact update minus the *cast* adapter, as a concatenation (a copy,
     # as for fedex-lora): forming the discarded directions would cost d x K^2 more per side.
@@ -104,24 +104,17 @@ def _stack(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleR
     rank = _natural_rank("stack", sum(p.ranks), out_rank)
     b_cat, a_cat = _concat(p, _F64, [math.sqrt(ws) for ws in p.products])
     b_hi, a_hi = _pad(b_cat, a_cat, rank)
-    return _finish(b_hi, a_hi, out_dtype, [])
+    return _finish(b_hi, a_hi, out_dtype)
 
 
-def _finish(
-    b_hi: Tensor, a_hi: Tensor, out_dtype: torch.dtype, parts: list[tuple[Tensor, Tensor]]
-) -> ModuleResult:
-    """Cast a scaling-1.0 float64 adapter; the residual is ``parts`` plus, if lossy, the cast error."""
+def _finish(b_hi: Tensor, a_hi: Tensor, out_dtype: torch.dtype) -> ModuleResult:
+    """Cast a scaling-1.0 float64 adapter that holds the whole update; the residual is the cast error, if any."""
     b_out, a_out = _cast(b_hi, out_dtype), _cast(a_hi, out_dtype)
-    if torch.finfo(out_dtype).eps > torch.finfo(_F32).eps:
-        b_back, a_back = b_out.to(_F64), a_out.to(_F64)
-        # B A - B' A' = (B - B') A + B' (A - A'): rank 2r, exact.
-        parts = [*parts, (torch.cat([b_hi - b_back, b_back], 1), torch.cat([a_hi, a_hi - a_back], 0))]
-    parts = [(left, right) for left, right in parts if left.shape[1] > 0]
-    if not parts:
+    if torch.finfo(out_dtype).eps <= torch.finfo(_F32).eps or b_hi.shape[1] == 0:
         return ModuleResult(a_out, b_out, 1.0, None)
-    if len(parts) == 1:
-        return ModuleResult(a_out, b_out, 1.0, Residual.from_factors(*parts[0]))
-    left, right = torch.cat([lf for lf, _ in parts], 1), torch.cat([rt for _, rt in parts], 0)
+    b_back, a_back = b_out.to(_F64), a_out.to(_F64)
+    # B A - B' A' = (B - B') A + B' (A - A'): rank 2r, exact.
+    left, right = torch.cat([b_hi - b_back, b_back], 1), torch.cat([a_hi, a_hi - a_back], 0)
     return ModuleResult(a_out, b_out, 1.0, Residual.from_factors(left, right))
 
 
