@@ -33,6 +33,18 @@ class TooLarge(InvalidAdapter):
     code = "too_large"
 
 
+class LimitExceeded(InvalidAdapter):
+    """More tensors, patterns or header than the federation's declared model can need."""
+
+    code = "limit_exceeded"
+
+
+class UpdateTooLarge(InvalidAdapter):
+    """A module update whose norm ||s B A|| is not finite or above the federation's bound."""
+
+    code = "update_too_large"
+
+
 class IncompatibleDelta(InvalidAdapter):
     """Well-formed, but does not fit the federation (modules, ranks, base model)."""
 
@@ -69,6 +81,12 @@ class RoundClosed(Conflict):
     code = "round_closed"
 
 
+class NotSelected(Conflict):
+    """Client sampling did not pick this client for the round."""
+
+    code = "not_selected"
+
+
 class DuplicateDelta(Conflict):
     """A different delta from the same client in the same round."""
 
@@ -98,6 +116,12 @@ class AuthError(ChorusError):
     code = "unauthorized"
 
 
+class Unauthenticated(AuthError):
+    """A message whose sender cannot be established: logged and counted, never published."""
+
+    code = "unauthenticated"
+
+
 class AggregationError(ChorusError):
     code = "aggregation_failed"
 
@@ -110,6 +134,8 @@ class StoreError(ChorusError):
 
 
 class ServiceUnavailable(ChorusError):
+    """Redis (or another service) cannot be reached; retrying the same command is safe."""
+
     exit_code = 8
     code = "unavailable"
 
@@ -117,3 +143,10 @@ class ServiceUnavailable(ChorusError):
 class Timeout(ChorusError):
     exit_code = 9
     code = "timeout"
+
+
+class RoundFailed(ChorusError):
+    """A round a command waited for ended without a result (failed, expired or aborted)."""
+
+    exit_code = 10
+    code = "round_failed"

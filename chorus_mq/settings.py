@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,8 +22,8 @@ class Settings(BaseSettings):
 
     #: largest delta object accepted, checked before download
     max_delta_bytes: int = 2 * 1024**3
-    #: largest safetensors header accepted
-    max_header_bytes: int = 16 * 1024**2
+    #: largest safetensors header accepted (a further bound relative to the tensor count applies)
+    max_header_bytes: int = 4 * 1024**2
     #: where workers spool downloaded deltas
     spool_dir: str | None = None
 
@@ -30,16 +31,19 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 1500
     task_time_limit: int = 1800
     visibility_timeout: int = 3600
-    #: an aggregation not finalized after this long is re-enqueued by the sweep
-    aggregation_lease: int = 1900
+    #: an aggregation lease: every running task of a round renews it every third of this;
+    #: when it runs out (the worker died) the sweep re-dispatches the round under a new epoch
+    aggregation_lease: int = Field(default=30, ge=3)
     #: modules aggregated side by side, one torch thread each (default: the cores available)
     aggregation_workers: int | None = Field(default=None, ge=1)
-    #: beat period for ``close_due_rounds``
-    sweep_interval: float = 5.0
-    #: redbeat lock timeout (short, for fast failover)
-    beat_lock_timeout: int = 30
+    #: a round's modules are split into shards of about this many input bytes each ...
+    shard_bytes: int = Field(default=128 * 1024**2, ge=1)
+    #: ... and at most this many shards (each is its own task, any worker takes it)
+    max_shards: int = Field(default=16, ge=1)
+    #: beat period for the sweep (deadlines, expired leases, compactions due)
+    sweep_interval: float = Field(default=5.0, gt=0)
     task_max_retries: int = 5
-    #: an aggregation reclaimed this many times (it keeps dying or timing out) fails its round
+    #: an aggregation reclaimed this many times (its workers keep dying) fails its round
     max_aggregation_attempts: int = 3
 
     #: events stream is trimmed to about this many entries per federation
@@ -50,6 +54,30 @@ class Settings(BaseSettings):
     allow_unsigned: bool = False
     #: a signed message older than this (seconds) is rejected
     auth_max_skew: int = 300
+
+    # -- the client inbox (a data-only Redis Stream per federation) --------------------------
+    #: largest inbox record accepted; larger ones are dropped and counted
+    max_inbox_record_bytes: int = 16 * 1024
+    #: entries a dead pump left pending this long are claimed by another
+    inbox_claim_idle_s: float = 30.0
+    #: how long one pump read blocks waiting for records
+    inbox_block_ms: int = 1000
+
+    # -- bounds on what a client can claim or make a worker do ---------------------------------
+    #: largest dataset size a client may claim
+    max_dataset_size: float = 1e9
+    #: rank_pattern / alpha_pattern entries accepted in an adapter_config
+    max_pattern_entries: int = 1024
+
+    #: Redis ACL users per client: ``auto`` creates them where the connection may (ACL SETUSER),
+    #: ``on`` requires it, ``off`` never tries
+    client_acl: Literal["auto", "on", "off"] = "auto"
+    #: the Redis address clients use, for the connection URL ``client add`` prints
+    #: (default: ``redis_url`` without its credentials)
+    public_redis_url: str | None = None
+
+    #: serve Prometheus metrics at ``/metrics`` on this port (``chorus-mq worker --metrics-port``)
+    metrics_port: int | None = None
 
     #: run Celery tasks in the calling process (used by ``simulate``)
     eager: bool = False
@@ -63,13 +91,16 @@ class Settings(BaseSettings):
                 "need CHORUS_TASK_SOFT_TIME_LIMIT < CHORUS_TASK_TIME_LIMIT < CHORUS_VISIBILITY_TIMEOUT "
                 "(Redis redelivers tasks still running past the visibility timeout)"
             )
-        if self.aggregation_lease <= self.task_time_limit:
-            raise ValueError("CHORUS_AGGREGATION_LEASE must exceed CHORUS_TASK_TIME_LIMIT")
         return self
 
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def lease_renew_interval(self) -> float:
+        """How often a running task of a round renews its lease."""
+        return self.aggregation_lease / 3
 
 
 @lru_cache(maxsize=1)

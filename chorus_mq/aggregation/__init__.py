@@ -5,7 +5,7 @@ No I/O: tensors only. See docs/CONTRACTS.md ("aggregation") and DESIGN.md sectio
 
 from chorus_mq.aggregation.lowrank import chain_residuals
 from chorus_mq.aggregation.parallel import map_ordered
-from chorus_mq.aggregation.residual import Residual
+from chorus_mq.factors import Residual
 from chorus_mq.aggregation.strategies import STRATEGIES, aggregate_module
 from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, weighted_mean
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.residual import Residual
+from chorus_mq.factors import Residual
 from chorus_mq.errors import AggregationError
 
 #: a direction whose weight-space norm is below RTOL times the largest one is numerically zero

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from chorus_mq.aggregation.lowrank import factored_svd
-from chorus_mq.aggregation.residual import Residual
+from chorus_mq.factors import Residual
 from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, Prepared, prepare
 from chorus_mq.errors import AggregationError
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.residual import Residual
+from chorus_mq.factors import Residual
 from chorus_mq.errors import AggregationError
 
 

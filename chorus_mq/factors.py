@@ -1,13 +1,21 @@
-"""The weight-space residual of an aggregation, kept factored unless dense is smaller."""
+"""Torch-only building blocks that both the adapters and the aggregation layers use.
+
+``Residual`` is the weight-space residual of an aggregation (kept factored unless dense is
+smaller); ``update_norm`` bounds a client's module update through r x r Grams; and
+``factor_dense`` turns a dense residual into exact low-rank factors. Nothing here does I/O.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from chorus_mq.errors import AggregationError
+
+__all__ = ["Residual", "dense_is_smaller", "factor_dense", "update_norm"]
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -92,12 +100,6 @@ class Residual:
             return self.dense @ x
         return self.left @ (self.right @ x)
 
-    def transpose(self) -> Residual:
-        """The residual of the transposed weight, e.g. for a ``fan_in_fan_out`` layer."""
-        if self.dense is not None:
-            return Residual(dense=self.dense.T)
-        return Residual(left=self.right.T, right=self.left.T)
-
     def fold_into(self, weight: Tensor, *, fan_in_fan_out: bool = False) -> Tensor:
         """``weight + residual`` in the weight's layout and dtype.
 
@@ -122,3 +124,28 @@ def _as_f32(t: Tensor) -> Tensor:
         raise AggregationError(f"residual tensors must be floating point, got {t.dtype}")
     # contiguous, because safetensors (and most writers) refuse strided views
     return t.to(_F32).contiguous()
+
+
+def update_norm(A: Tensor, B: Tensor, scaling: float) -> float:
+    """``||scaling * B @ A||_F`` without forming the product: ``sqrt(tr((A A^T)(B^T B)))`` in float64.
+
+    Returns ``inf`` when the value (or anything on the way) is not finite, so callers can
+    refuse updates whose factors are finite but whose product overflows.
+    """
+    a, b = A.to(_F64), B.to(_F64)
+    gram_a, gram_b = a @ a.mT, b.mT @ b
+    squared = float((gram_a * gram_b).sum()) * float(scaling) ** 2
+    if not math.isfinite(squared) or squared < 0:
+        # tiny negative values are rounding of an (almost) zero update
+        return 0.0 if math.isfinite(squared) and squared > -1e-300 else math.inf
+    return math.sqrt(squared)
+
+
+def factor_dense(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact low-rank factors ``(left, right)`` of a dense residual: an SVD in float64 that drops
+    only directions below float32 resolution (they are not representable in the fp32 residual)."""
+    U, S, Vh = torch.linalg.svd(dense.to(_F64), full_matrices=False)
+    tol = (float(S[0]) if S.numel() else 0.0) * max(dense.shape) * torch.finfo(_F32).eps
+    k = int((tol < S).sum())
+    root = S[:k].sqrt()
+    return (U[:, :k] * root).to(_F32), (root[:, None] * Vh[:k]).to(_F32)

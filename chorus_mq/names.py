@@ -1,0 +1,167 @@
+"""Every name and list of choices chorus-mq defines, in one torch-free place.
+
+The CLI's choices, the settings' validators, the Lua scripts' states and the workers'
+task routing all import from here, so a name is spelled once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Choice(str, Enum):
+    """A string enum whose ``str()`` is its value (Python 3.10 has no ``StrEnum``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Strategy(_Choice):
+    """How one module's client updates become a global adapter (see DESIGN.md section 1)."""
+
+    FEDEX_LORA = "fedex-lora"
+    FEDAVG = "fedavg"
+    SVD = "svd"
+    STACK = "stack"
+
+
+class RobustAggregate(_Choice):
+    MEAN = "mean"
+    TRIMMED = "trimmed"
+    GEOMEDIAN = "geomedian"
+
+
+class ExpirePolicy(_Choice):
+    """What a deadline does to a round with fewer than min-quorum deltas."""
+
+    EXTEND = "extend"
+    EXPIRE = "expire"
+
+
+class WeightPolicy(_Choice):
+    """Where client weights come from: the client's claim, nobody, or the operator's registry."""
+
+    DATASET_SIZE = "dataset-size"
+    UNIFORM = "uniform"
+    REGISTERED = "registered"
+
+
+class MissingModules(_Choice):
+    """A module a client did not train: a zero update under its weight, or renormalise over holders."""
+
+    ZERO = "zero"
+    RENORMALISE = "renormalise"
+
+
+class RoundStatus(_Choice):
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    ABORTED = "aborted"
+
+
+#: a round in one of these states never changes again
+ENDED_STATES = frozenset({RoundStatus.COMPLETE, RoundStatus.FAILED, RoundStatus.EXPIRED, RoundStatus.ABORTED})
+
+
+class EventType(_Choice):
+    FEDERATION_CREATED = "federation_created"
+    ROUND_OPENED = "round_opened"
+    DELTA_ACCEPTED = "delta_accepted"
+    DELTA_REJECTED = "delta_rejected"
+    DELTA_EVICTED = "delta_evicted"
+    ROUND_AGGREGATING = "round_aggregating"
+    SHARD_DONE = "shard_done"
+    ROUND_EXTENDED = "round_extended"
+    ROUND_EXPIRED = "round_expired"
+    ROUND_COMPLETE = "round_complete"
+    ROUND_FAILED = "round_failed"
+    ROUND_ABORTED = "round_aborted"
+    SNAPSHOT_READY = "snapshot_ready"
+
+
+#: events after which a round never changes again
+TERMINAL_EVENTS = frozenset({EventType.ROUND_COMPLETE, EventType.ROUND_FAILED, EventType.ROUND_EXPIRED,
+                             EventType.ROUND_ABORTED})
+
+
+class Task(_Choice):
+    """Celery task names. Only workers and beat create messages for them; clients never can."""
+
+    INGEST = "chorus.ingest"
+    ROUND = "chorus.round"
+    SHARD = "chorus.shard"
+    COMMIT = "chorus.commit"
+    COMPACT = "chorus.compact"
+
+
+class Queue(_Choice):
+    """Celery queues: ingest and aggregation run in separate pools so uploads never wait behind rounds."""
+
+    INGEST = "chorus.ingest"
+    AGGREGATE = "chorus.aggregate"
+    COMPACT = "chorus.compact"
+
+
+#: which queue each task goes to
+TASK_QUEUES: dict[Task, Queue] = {
+    Task.INGEST: Queue.INGEST,
+    Task.ROUND: Queue.AGGREGATE,
+    Task.SHARD: Queue.AGGREGATE,
+    Task.COMMIT: Queue.AGGREGATE,
+    Task.COMPACT: Queue.COMPACT,
+}
+
+
+class WorkerRole(_Choice):
+    """What a ``chorus-mq worker`` process consumes."""
+
+    ALL = "all"
+    INGEST = "ingest"
+    AGGREGATE = "aggregate"
+
+
+ROLE_QUEUES: dict[WorkerRole, tuple[Queue, ...]] = {
+    WorkerRole.ALL: (Queue.INGEST, Queue.AGGREGATE, Queue.COMPACT),
+    WorkerRole.INGEST: (Queue.INGEST,),
+    WorkerRole.AGGREGATE: (Queue.AGGREGATE, Queue.COMPACT),
+}
+
+
+class TaskType(_Choice):
+    """What a federation's model is trained for (``federation create --task``, ``train --task``)."""
+
+    SEQ_CLS = "seq-cls"
+    CAUSAL_LM = "causal-lm"
+
+
+#: PEFT's task_type string for each of ours
+PEFT_TASK_TYPES: dict[TaskType, str] = {TaskType.SEQ_CLS: "SEQ_CLS", TaskType.CAUSAL_LM: "CAUSAL_LM"}
+
+# -- file and object formats ---------------------------------------------------------------
+
+DELTA_FORMAT = "chorus-delta/1"
+INDEX_FORMAT = "chorus-index/1"
+RESIDUAL_FORMAT = "chorus-residual/1"
+SHARD_FORMAT = "chorus-shard/1"
+MANIFEST_FORMAT = "chorus-round/2"
+LOCAL_FORMAT = "chorus-local/1"
+
+# What ``pull`` writes into its output directory.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RESIDUAL_FILE = "residual.safetensors"
+CUMULATIVE_FILE = "cumulative_residual.safetensors"
+MANIFEST_FILE = "manifest.json"
+LOCAL_STATE_FILE = "state.json"
+EXACT_ADAPTER_DIR = "exact_adapter"
+RESIDUAL_ADAPTER_DIR = "residual_adapter"
+
+#: the Redis consumer group every ingest worker's inbox pump reads through
+INBOX_GROUP = "chorus-ingest"
