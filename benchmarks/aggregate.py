@@ -2,19 +2,22 @@
 
 Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
                                     [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
-                                    [--chain] [--workers N]
+                                    [--chain] [--workers N] [--absent-weight W]
 
 Each (shape, strategy) runs in a fresh subprocess, so peak RSS (ru_maxrss, read before any
 exactness check) is that case's own. Ours runs as the worker runs a round: modules side by
 side through chorus_mq.aggregation.map_ordered (--workers, default the cores), one torch
-thread each, with the worker's allocator tuning (chorus_mq.memory.retain_freed_memory); the
+thread each, with the worker's allocator tuning (chorus_mq.workers.memory.retain_freed_memory); the
 baseline runs module after module on 2 torch threads (--threads). Inputs: for every
 distinct module shape, one pool of N seeded Gaussian clients (A ~ N(0, 1/d_in),
 B ~ N(0, 1e-4), rank r, lora_alpha = 2r, weights = random dataset sizes) is generated
 *before* the timed region and reused by every layer; outputs are dropped after each
-module. Time = median of 3 whole-model passes after a warm-up; "min s" is the fastest pass (less disturbed by other processes).
+module. Time = median of 3 whole-model passes after a warm-up; "min s" is the fastest pass (less
+disturbed by other processes).
 Exactness = max over the distinct shapes of ||s B A + R - M||_F / ||M||_F against a
-float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out.
+float64 dense oracle M = sum_i w_i s_i B_i A_i; "adapter err" leaves R out. Residuals are
+stored at their exact rank ("res. rank": (N-1) r for fedex-lora, N r - r for svd; N r with
+--absent-weight, whose clients count as zero updates, as a module missing from some deltas).
 With --chain, "chain:<strategy>" rows time chaining a second round's residuals (other
 seeded clients) onto the first's, as the worker does every round; their exactness is
 against the float64 sum of the two residuals.
@@ -46,15 +49,15 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chorus_mq.aggregation import (  # noqa: E402
-    STRATEGIES,
+from chorus_mq.aggregation import (
     ClientUpdate,
     aggregate_module,
     chain_residuals,
     map_ordered,
 )
-from chorus_mq.aggregation.parallel import default_workers  # noqa: E402
-from chorus_mq.memory import retain_freed_memory  # noqa: E402
+from chorus_mq.aggregation.parallel import default_workers
+from chorus_mq.names import Strategy
+from chorus_mq.workers.memory import retain_freed_memory
 
 LLAMA_3B = {
     "q_proj": (3072, 3072),
@@ -68,9 +71,9 @@ LLAMA_3B = {
 SHAPES = {
     # name: (layers, {module: (d_out, d_in)}, rank, clients)
     "small": (4, {"q_proj": (768, 768), "v_proj": (768, 768)}, 8, 10),
-    "medium": (8, {m: (2048, 2048) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}, 16, 10),
+    "medium": (8, dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), (2048, 2048)), 16, 10),
     "llama-3.2-3b": (28, LLAMA_3B, 16, 10),
-    "medium-n100": (8, {m: (2048, 2048) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}, 16, 100),
+    "medium-n100": (8, dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), (2048, 2048)), 16, 100),
 }
 BASELINE = "dense-baseline"
 CHAIN = "chain:"
@@ -97,11 +100,13 @@ def client_pool(shape: str, seed: int = 0) -> dict[tuple[int, int], list[ClientU
     return pool
 
 
-def oracle_errors(updates: list[ClientUpdate], scaling: float, B, A, residual_dense) -> tuple[float, float]:
+def oracle_errors(
+    updates: list[ClientUpdate], scaling: float, B, A, residual_dense, *, absent: float = 0.0
+) -> tuple[float, float]:
     weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
-    weights /= weights.sum()
+    weights /= weights.sum() + absent
     m = torch.zeros(updates[0].B.shape[0], updates[0].A.shape[1], dtype=torch.float64)
-    for u, w in zip(updates, weights.tolist()):
+    for u, w in zip(updates, weights.tolist(), strict=False):
         m += (w * u.scaling) * (u.B.double() @ u.A.double())
     adapter = scaling * (B.double() @ A.double())
     total = adapter if residual_dense is None else adapter + residual_dense.double()
@@ -121,31 +126,43 @@ def _timed_passes(one, jobs: list, reps: int, workers: int) -> tuple[list[float]
     return times, total
 
 
-def run_ours(shape: str, strategy: str, reps: int, workers: int) -> dict:
+def run_ours(shape: str, strategy: str, reps: int, workers: int, absent: float = 0.0) -> dict:
     layers, modules, _, _ = SHAPES[shape]
     pool = client_pool(shape)
     jobs = [pool[dims] for _layer in range(layers) for dims in modules.values()]
 
     def one(updates: list[ClientUpdate]) -> int:
-        res = aggregate_module(updates, strategy)
+        res = aggregate_module(updates, strategy, absent_weight=absent)
         return res.residual.nbytes if res.residual is not None else 0  # outputs dropped, as once written
 
     times, residual_bytes = _timed_passes(one, jobs, reps, workers)
     peak = _peak_rss_mb()
-    exact, adapter = 0.0, 0.0
+    exact, adapter, ranks = 0.0, 0.0, set()
     for updates in pool.values():
-        res = aggregate_module(updates, strategy)
+        res = aggregate_module(updates, strategy, absent_weight=absent)
         dense = None if res.residual is None else res.residual.to_dense()
-        e, a = oracle_errors(updates, res.scaling, res.B, res.A, dense)
+        e, a = oracle_errors(updates, res.scaling, res.B, res.A, dense, absent=absent)
         exact, adapter = max(exact, e), max(adapter, a)
-    return dict(times=times, peak_mb=peak, residual_mb=residual_bytes / 2**20, exact=exact, adapter=adapter)
+        ranks.add(
+            "-" if res.residual is None else "dense" if res.residual.dense is not None else str(res.residual.rank)
+        )
+    return {
+        "times": times,
+        "peak_mb": peak,
+        "residual_mb": residual_bytes / 2**20,
+        "exact": exact,
+        "adapter": adapter,
+        "ranks": "/".join(sorted(ranks)),
+    }
 
 
 def run_chain(shape: str, strategy: str, reps: int, workers: int) -> dict:
     """Chaining a second round's residuals onto the first's (the worker's per-round re-compression)."""
     layers, modules, _, _ = SHAPES[shape]
-    rounds = [{dims: aggregate_module(updates, strategy).residual for dims, updates in client_pool(shape, seed).items()}
-              for seed in (0, 1)]
+    rounds = [
+        {dims: aggregate_module(updates, strategy).residual for dims, updates in client_pool(shape, seed).items()}
+        for seed in (0, 1)
+    ]
     jobs = [dims for _layer in range(layers) for dims in modules.values()]
 
     def one(dims: tuple[int, int]) -> int:
@@ -159,7 +176,7 @@ def run_chain(shape: str, strategy: str, reps: int, workers: int) -> dict:
         expected = rounds[0][dims].to_dense().double() + rounds[1][dims].to_dense().double()
         got = chain_residuals(rounds[0][dims], rounds[1][dims]).to_dense().double()
         exact = max(exact, float((got - expected).norm() / expected.norm()))
-    return dict(times=times, peak_mb=peak, residual_mb=chained_bytes / 2**20, exact=exact, adapter=None)
+    return {"times": times, "peak_mb": peak, "residual_mb": chained_bytes / 2**20, "exact": exact, "adapter": None}
 
 
 def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
@@ -192,10 +209,15 @@ def run_baseline(shape: str, reps: int, baseline_src: str | None) -> dict:
         exact, adapter = max(exact, e), max(adapter, a)
     factor = layers / run_layers
     residual_mb = sum(r.numel() * r.element_size() for r in residuals.values()) / 2**20
-    return dict(
-        times=[t * factor for t in times], peak_mb=peak, residual_mb=residual_mb * factor,
-        exact=exact, adapter=adapter, origin=origin, extrapolated=factor != 1,
-    )
+    return {
+        "times": [t * factor for t in times],
+        "peak_mb": peak,
+        "residual_mb": residual_mb * factor,
+        "exact": exact,
+        "adapter": adapter,
+        "origin": origin,
+        "extrapolated": factor != 1,
+    }
 
 
 def _baseline_impl(baseline_src: str | None):
@@ -229,7 +251,7 @@ def _dense_fedex(deltas, weights):
         name = key[: -len(".lora_A.weight")]
         a_key, b_key = key, f"{name}.lora_B.weight"
         target = torch.zeros(deltas[0][b_key].shape[0], deltas[0][a_key].shape[1])
-        for d, w in zip(deltas, weights):
+        for d, w in zip(deltas, weights, strict=False):
             target += w * (d[b_key].float() @ d[a_key].float())
         rank = deltas[0][a_key].shape[0]
         u, s, vt = torch.linalg.svd(target, full_matrices=False)
@@ -256,10 +278,13 @@ def child(case: dict) -> None:
     if case["strategy"] == BASELINE:
         result = run_baseline(case["shape"], case["reps"], case.get("baseline_src"))
     elif case["strategy"].startswith(CHAIN):
-        result = run_chain(case["shape"], case["strategy"][len(CHAIN):], case["reps"],
-                           case.get("workers") or default_workers())
+        result = run_chain(
+            case["shape"], case["strategy"][len(CHAIN) :], case["reps"], case.get("workers") or default_workers()
+        )
     else:
-        result = run_ours(case["shape"], case["strategy"], case["reps"], case.get("workers") or default_workers())
+        result = run_ours(
+            case["shape"], case["strategy"], case["reps"], case.get("workers") or default_workers(), case["absent"]
+        )
     print(json.dumps(result))
 
 
@@ -276,14 +301,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and medium only, 1 pass each")
     parser.add_argument("--shapes", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join(Strategy.values()))
     parser.add_argument("--baseline-src", default=None, help="unpacked chorus-fl wheel to run as the baseline")
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--chain", action="store_true",
-                        help="also time chaining a second round's residuals onto the first's, per strategy")
+    parser.add_argument(
+        "--absent-weight",
+        type=float,
+        default=0.0,
+        help="weight of clients that did not send the modules (zero updates), relative to the N clients' total",
+    )
+    parser.add_argument(
+        "--chain",
+        action="store_true",
+        help="also time chaining a second round's residuals onto the first's, per strategy",
+    )
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per case (the dense baseline)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="modules aggregated side by side, one torch thread each (default: the cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="modules aggregated side by side, one torch thread each (default: the cores)",
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -296,19 +334,28 @@ def main() -> None:
         cases += [(s, CHAIN + st) for s in shapes for st in args.strategies.split(",") if st in ("fedex-lora", "svd")]
     if not args.no_baseline:
         cases += [(s, BASELINE) for s in shapes if s in ("small", "llama-3.2-3b")]
-    print(f"torch {torch.__version__}; ours: {args.workers or default_workers()} modules side by side, 1 torch thread"
-          f" each; baseline: {args.threads} torch threads; median of {reps}, fresh process per row;"
-          f" load average {_load()} at start")
+    print(
+        f"torch {torch.__version__}; ours: {args.workers or default_workers()} modules side by side, 1 torch thread"
+        f" each; baseline: {args.threads} torch threads; median of {reps}, fresh process per row;"
+        f" load average {_load()} at start"
+    )
     header = (
         f"{'shape':<14}{'strategy':<16}{'time s':>10}{'min s':>9}{'peak MB':>10}{'residual MB':>13}"
-        f"{'exactness':>11}{'adapter err':>13}"
+        f"{'exactness':>11}{'adapter err':>13}{'res. rank':>11}"
     )
     print(header)
     print("-" * len(header))
     medians, notes = {}, []
     for shape, strategy in cases:
-        case = dict(shape=shape, strategy=strategy, reps=reps, baseline_src=args.baseline_src, threads=args.threads,
-                    workers=args.workers)
+        case = {
+            "shape": shape,
+            "strategy": strategy,
+            "reps": reps,
+            "baseline_src": args.baseline_src,
+            "threads": args.threads,
+            "workers": args.workers,
+            "absent": args.absent_weight,
+        }
         r = run_case(case)
         med = statistics.median(r["times"])
         medians[(shape, strategy)] = med
@@ -316,7 +363,9 @@ def main() -> None:
         print(
             f"{shape:<14}{strategy + mark:<16}{med:>10.3f}{min(r['times']):>9.3f}{r['peak_mb']:>10.0f}"
             f"{r['residual_mb']:>13.1f}"
-            f"{r['exact']:>11.1e}" + (f"{r['adapter']:>13.3f}" if r["adapter"] is not None else f"{'-':>13}"),
+            f"{r['exact']:>11.1e}"
+            + (f"{r['adapter']:>13.3f}" if r["adapter"] is not None else f"{'-':>13}")
+            + f"{r.get('ranks', '-'):>11}",
             flush=True,
         )
         if "origin" in r:

@@ -34,7 +34,7 @@ from chorus_mq.aggregation.robust import RobustPolicy, screen
 F64 = torch.float64
 
 
-def federation(n, n_modules, dim, rank, spread, g):
+def federation(n, n_modules, dim, rank, spread, *, g):
     """Per module a frozen orthonormal A0 and client B_i = B* + spread * noise."""
     mods = []
     for _ in range(n_modules):
@@ -46,11 +46,11 @@ def federation(n, n_modules, dim, rank, spread, g):
 
 
 def rel(parts, ref) -> float:
-    num = sum(((p - r) ** 2).sum().item() for p, r in zip(parts, ref))
+    num = sum(((p - r) ** 2).sum().item() for p, r in zip(parts, ref, strict=False))
     return math.sqrt(num / sum((r**2).sum().item() for r in ref))
 
 
-def one_round_errors(mods, scaling, clip, sigma, sigma_classic, g):
+def one_round_errors(mods, scaling, clip, sigma, sigma_classic, *, g):
     """Relative errors of (clip only, a, b, c) for one release with noise std sigma."""
     exact, clipped, dense, ffa, broken = [], [], [], [], []
     for A0, Bs in mods:
@@ -90,7 +90,7 @@ def main() -> None:
     for rounds in (1, args.rounds):
         for eps in eps_list:
             for n in (int(x) for x in args.clients.split(",")):
-                mods = federation(n, args.modules, args.dim, args.rank, 0.5, g)
+                mods = federation(n, args.modules, args.dim, args.rank, 0.5, g=g)
                 clients = [[(A0, Bs[i], scaling) for A0, Bs in mods] for i in range(n)]
                 C = screen(clients, RobustPolicy(detect_outliers=False)).stats["norm"].median().item()
                 clip = screen(clients, RobustPolicy(detect_outliers=False, clip_norm=C)).clip_factors[:, 0]
@@ -103,7 +103,7 @@ def main() -> None:
                 acc.spend(z, rounds)
                 # the broken tool split the budget naively: eps/R and delta/R per round
                 classic = math.sqrt(2 * math.log(1.25 * rounds / args.delta)) * sens / (eps / rounds)
-                errs = one_round_errors(mods, scaling, clip.to(F64), z * sens, classic, g)
+                errs = one_round_errors(mods, scaling, clip.to(F64), z * sens, classic, g=g)
                 print(f"{rounds:>6} {eps:>5g} {n:>5} {z:>8.3f} {acc.epsilon(args.delta):>9.4f} "
                       f"{acc.epsilon_rdp(args.delta):>8.4f} {errs[0]:>8.3g} {errs[1]:>10.3g} "
                       f"{errs[2]:>10.3g} {errs[3]:>11.3g}")  # fmt: skip

@@ -1,32 +1,50 @@
-"""The Python SDK. The CLI is a thin layer over it; ``simulate`` drives it in-process."""
+"""The Python SDK. The CLI is a thin layer over it; ``simulate`` and ``train`` drive it too.
+
+A client talks to Redis (its federation's public state and events, and its inbox: a
+data-only stream it may only append to) and to object storage (its own upload prefix, and
+the round results it pulls). Operators use the same class with operator credentials to
+create federations and manage clients. Read-only paths import no torch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
 
-from .adapters import LoraSpec, load_adapter, read_residual, write_delta, write_exact_adapter, write_residual_adapter
-from .errors import ChorusError, NotFound, ObjectExists, Rejected, Timeout
+from .errors import (
+    ChorusError,
+    ConfigError,
+    NotFound,
+    ObjectExists,
+    Rejected,
+    RoundClosed,
+    RoundFailed,
+    ServiceUnavailable,
+    Timeout,
+)
 from .ids import check_name
 from .layout import delta_key
-from .messages import IngestMessage
+from .manifest import Manifest
+from .messages import ClientDP, IngestMessage
+from .names import ENDED_STATES, EventType, RoundStatus, Task
 from .settings import Settings, get_settings
 from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
-from .state.events import TERMINAL
+from .state.events import Event
+from .state.inbox import Inbox
+from .state.rounds import RoundInfo
 from .store import Store, open_store
 
-PULLED_FILES = ("adapter_config.json", "adapter_model.safetensors", "residual.safetensors",
-                "cumulative_residual.safetensors")
+if TYPE_CHECKING:
+    from .adapters import ModelDecl
 
 
 @dataclass(frozen=True)
@@ -39,197 +57,433 @@ class UploadResult:
     round: int | None
     status: str  # queued (no wait) | accepted | duplicate | fired
     n: int | None = None
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Status:
+    """A federation at a glance: its settings, the current round, and what clients spent."""
+
+    federation: str
+    base_model: str
+    strategy: str
+    quorum: int
+    min_quorum: int
+    round_timeout: int
+    current_round: int
+    state: RoundStatus
+    deltas: int
+    deadline: float | None
+    latest_complete: int | None
+    task_type: str | None = None
+    labels: tuple[str, ...] = ()
+    clients_per_round: int = 0
+    selected: tuple[str, ...] = ()
+    #: server-side client-level DP: epsilon spent per client (composed over the rounds it took part in)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: client-side DP: the latest cumulative epsilon each client reported with its upload
+    client_dp: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: inbox records dropped as unauthenticated or malformed, by reason code
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round, as ``rounds`` lists it."""
+
+    round: int
+    state: RoundStatus
+    n: int
+    clients: tuple[str, ...]
+    opened_at: float | None = None
+    completed_at: float | None = None
+    manifest: str | None = None
+    reason: str | None = None
+    selected: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
+        return cls(round=info.round, state=RoundStatus(info.state), n=info.n, clients=clients,
+                   opened_at=info.opened_at, completed_at=info.completed_at, manifest=info.manifest,
+                   reason=info.reason, selected=info.selected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What ``client add`` hands to a new client, once."""
+
+    federation: str
+    client_id: str
+    secret: str
+    redis_username: str | None
+    redis_url: str | None
 
 
 class ChorusClient:
-    """Talk to a chorus-mq deployment: Redis for state and the queue, object storage for tensors."""
+    """Talk to a chorus-mq deployment: Redis for state, events and the inbox; object storage for tensors."""
 
     def __init__(self, settings: Settings | None = None, *, redis: redis_lib.Redis | None = None,
                  store: Store | None = None, secret: str | None = None):
         self.settings = settings or get_settings()
         self.redis = redis or redis_lib.Redis.from_url(self.settings.redis_url, decode_responses=True)
-        self.store = store or open_store(self.settings.store, self.settings)
+        self._store = store
         self.state = RoundState(self.redis, maxlen=self.settings.events_maxlen,
                                 lease_s=self.settings.aggregation_lease)
-        self.secret = secret
+        self.secret = secret or _url_password(self.settings.redis_url)
 
-    # -- federations and rounds ------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.store, self.settings)
+        return self._store
 
-    def create_federation(self, name: str, *, base_model: str, quorum: int, **options: Any) -> FederationConfig:
-        cfg = FederationConfig(name=name, base_model=base_model, quorum=quorum, **options)
-        self.state.create_federation(cfg)
-        return cfg
+    # -- federations and rounds (operators) ------------------------------------------------
 
-    def status(self, federation: str) -> dict[str, Any]:
-        meta = self.state.meta(federation)
-        cfg = FederationConfig.from_hash(meta)
-        current = int(meta["current_round"])
-        rnd = self.state.round(federation, current)
-        return {
-            "federation": federation,
-            "base_model": cfg.base_model,
-            "strategy": cfg.strategy,
-            "quorum": cfg.quorum,
-            "min_quorum": cfg.effective_min_quorum,
-            "round_timeout": cfg.round_timeout,
-            "current_round": current,
-            "state": rnd["state"],
-            "deltas": rnd["n"],
-            "deadline": rnd.get("deadline") or None,
-            "latest_complete": int(meta.get("latest_complete", 0)) or None,
-            **({"privacy": self.privacy(federation)} if cfg.dp_noise_multiplier else {}),
-        }
+    def create_federation(self, config: FederationConfig, *, model: ModelDecl,
+                          initial_adapter: str | Path | None = None) -> FederationConfig:
+        """Create a federation that knows its model (module shapes, task head), optionally with an initial
+        adapter published as round 0 (every client's round 1 starts from it)."""
+        from .federation import create
 
-    def privacy(self, federation: str) -> dict[str, dict]:
-        """Privacy spent by each authenticated client: every complete round it took part in is one
-        Gaussian release at the federation's noise multiplier, composed by the accountant."""
+        return create(self, config, model=model, initial_adapter=initial_adapter)
+
+    def status(self, federation: str) -> Status:
+        """The federation's settings, its current round and the privacy its clients spent."""
+        with _service(self.settings):
+            cfg = self.state.config(federation)
+            current = self.state.current_round(federation)
+            rnd = self.state.round(federation, current)
+            client_dp = {}
+            for info in self.state.rounds(federation)[-50:]:
+                for client, rec in self.state.deltas(federation, info.round).items():
+                    if rec.dp:
+                        client_dp[client] = {**rec.dp, "round": info.round}
+            return Status(
+                federation=federation, base_model=cfg.base_model, strategy=str(cfg.strategy), quorum=cfg.quorum,
+                min_quorum=cfg.effective_min_quorum, round_timeout=cfg.round_timeout, current_round=current,
+                state=RoundStatus(rnd.state), deltas=rnd.n, deadline=rnd.deadline or None,
+                latest_complete=self.state.latest_complete(federation),
+                task_type=None if cfg.task_type is None else str(cfg.task_type), labels=tuple(cfg.labels),
+                clients_per_round=cfg.clients_per_round, selected=rnd.selected,
+                privacy=self.privacy(federation) if cfg.dp_noise_multiplier else {},
+                client_dp=client_dp, rejected=self.state.rejected(federation),
+            )
+
+    def privacy(self, federation: str) -> dict[str, dict[str, float]]:
+        """Server-side DP spent by each authenticated client: every complete round it took part in is one
+        Gaussian release at the federation's noise multiplier, composed by the accountant. Client sampling
+        is public (recorded in each round), so it gives no amplification: only rounds a client was in count."""
         from .aggregation.dp import PrivacyAccountant
+
         cfg = self.state.config(federation)
         rounds: dict[str, int] = {}
         for info in self.state.rounds(federation):
-            if info["state"] == "complete":
-                for client in self.state.deltas(federation, info["round"]):
+            if info.state == RoundStatus.COMPLETE:
+                for client in self.state.deltas(federation, info.round):
                     rounds[client] = rounds.get(client, 0) + 1
         out = {}
         for client, k in rounds.items():
             acc = PrivacyAccountant()
             acc.spend(cfg.dp_noise_multiplier, rounds=k)
-            out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": k}
+            out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": float(k)}
         return out
 
-    def rounds(self, federation: str) -> list[dict[str, Any]]:
-        out = []
-        for info in self.state.rounds(federation):
-            info["clients"] = sorted(self.state.deltas(federation, info["round"]))
-            out.append(info)
-        return out
+    def rounds(self, federation: str) -> list[RoundSummary]:
+        """Every round so far: state, deltas, clients, timings, manifest."""
+        with _service(self.settings):
+            return [RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, info.round))))
+                    for info in self.state.rounds(federation)]
 
-    def close_round(self, federation: str, round_: int | None = None):
+    def round(self, federation: str, round_: int) -> RoundSummary:
+        info = self.state.round(federation, round_)
+        return RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, round_))))
+
+    def close_round(self, federation: str, round_: int | None = None) -> RoundSummary:
         """Close a round by hand: aggregate what it has (at least min-quorum deltas)."""
         r = round_ or self.state.current_round(federation)
         t = self.state.close(federation, r, "manual")
         if t.status == "too_few":
-            raise ChorusError(f"round {r} has {t.n} deltas; at least {t.detail} are needed to close it")
+            raise ConfigError(f"round {r} has {t.n} deltas; at least {t.detail} are needed to close it")
         if t.status == "noop":
-            raise ChorusError(f"round {r} is not open (state {t.detail})")
+            raise RoundClosed(f"round {r} is not open (state {t.detail}); the current round is "
+                              f"{self.state.current_round(federation)}")
         if t.status == "fired":
-            self._dispatch_aggregate(federation, r, t.epoch)
-        return t
+            self._dispatch(Task.ROUND, federation, r, t.epoch)
+        return self.round(federation, r)
 
-    # -- clients ---------------------------------------------------------------------
+    def evict(self, federation: str, client: str, *, round_: int | None = None, reason: str = "") -> RoundSummary:
+        """Remove a client's delta from an open round (operator)."""
+        r = round_ or self.state.current_round(federation)
+        t = self.state.evict(federation, r, client, reason or "evicted by the operator")
+        if t.status != "ok":
+            raise ConfigError(f"cannot evict {client!r} from round {r}: {t.status} {t.detail}".rstrip())
+        return self.round(federation, r)
+
+    def abort_round(self, federation: str, *, round_: int | None = None, reason: str = "") -> RoundSummary:
+        """Abort an open or aggregating round (operator): nothing of it is aggregated; the next one opens."""
+        r = round_ or self.state.current_round(federation)
+        t = self.state.abort(federation, r, reason or "aborted by the operator")
+        if t.status != "ok":
+            raise ConfigError(f"cannot abort round {r}: {t.status} {t.detail}".rstrip())
+        return self.round(federation, r)
+
+    def compact(self, federation: str, round_: int | None = None) -> int:
+        """Ask the workers to compact the cumulative correction up to ``round_`` (default: the latest)."""
+        r = round_ if round_ is not None else self.state.latest_complete(federation)
+        if not r:
+            raise NotFound(f"federation {federation!r} has no complete round to compact")
+        self._dispatch(Task.COMPACT, federation, r)
+        return r
+
+    # -- clients (operators) -----------------------------------------------------------------
 
     def clients(self, federation: str) -> ClientRegistry:
         self.state.meta(federation)
         return ClientRegistry(self.redis, federation)
 
-    # -- upload ----------------------------------------------------------------------
+    def add_client(self, federation: str, client: str, *, weight: float | None = None,
+                   dataset_size: float | None = None) -> ClientCredentials:
+        """Register a client; create its Redis user (append to its inbox, read its federation); return its
+        credentials (shown once)."""
+        from .state.acl import Acl, client_url
+
+        registry = self.clients(federation)
+        secret = registry.add(client, weight=weight, dataset_size=dataset_size)
+        username = url = None
+        if self.settings.client_acl != "off":
+            acl = Acl(self.redis)
+            try:
+                acl.grant(federation, client, secret)
+                acl.save()
+                username = acl.username(federation, client)
+                url = client_url(self.settings.public_redis_url or self.settings.redis_url, federation, client, secret)
+            except redis_lib.ResponseError as exc:
+                if self.settings.client_acl == "on":
+                    registry.revoke(client)
+                    raise ConfigError(f"cannot create the Redis user for {client!r}: {exc}; use operator "
+                                      "credentials (CHORUS_REDIS_URL) that may manage ACL users") from None
+        return ClientCredentials(federation, client, secret, username, url)
+
+    def revoke_client(self, federation: str, client: str) -> None:
+        """Revoke a client: its signatures stop verifying and its Redis user is removed."""
+        from .state.acl import Acl
+
+        self.clients(federation).revoke(client)
+        if self.settings.client_acl != "off":
+            try:
+                acl = Acl(self.redis)
+                acl.revoke(federation, client)
+                acl.save()
+            except redis_lib.ResponseError:
+                if self.settings.client_acl == "on":
+                    raise
+
+    # -- upload --------------------------------------------------------------------------------
 
     def upload(self, federation: str, adapter: str | Path, client_id: str, *, dataset_size: float | None = None,
                round_: int | None = None, wait: bool = True, timeout: float = 300.0,
-               lora_alpha: float | None = None, secret: str | None = None) -> UploadResult:
-        """Validate locally, store the delta, enqueue its message, and (by default) wait for the verdict."""
+               lora_alpha: float | None = None, secret: str | None = None, dp: dict[str, Any] | None = None,
+               progress: bool = False) -> UploadResult:
+        """Validate locally, store the delta under the client's prefix, append its signed record to the
+        federation's inbox, and (by default) wait for the worker's verdict."""
+        from .adapters import load_adapter, write_delta
+
         check_name(client_id, "client id")
-        self.state.meta(federation)
+        with _service(self.settings):
+            self.state.meta(federation)
         local = load_adapter(adapter, lora_alpha=lora_alpha)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "delta.safetensors"
             sha = write_delta(local, path)
             key = delta_key(federation, client_id, sha)
+            size = path.stat().st_size
             try:
-                self.store.put_file(key, path, write_once=True)
+                self.store.put_file(key, path, write_once=True, progress=_bar(progress, size, "upload"))
             except ObjectExists:
                 pass  # content-addressed: the same bytes are already there
-            size = path.stat().st_size
-        msg = IngestMessage(federation=federation, round=round_, client_id=client_id, object_key=key,
-                            sha256=sha, size=size, dataset_size=dataset_size)
-        return self.submit(msg, wait=wait, timeout=timeout, secret=secret)
+        msg = IngestMessage(federation=federation, round=round_, client_id=client_id, sha256=sha, size=size,
+                            dataset_size=dataset_size, dp=None if dp is None else ClientDP(**dp))
+        result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
+        return dataclasses.replace(result, bytes=size)
 
     def submit(self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0,
                secret: str | None = None) -> UploadResult:
-        """Enqueue an ingest message for an object already in the store, signed with the client's secret."""
+        """Append a record for an object already in the store, signed with the client's secret."""
         secret = secret or self.secret
         if secret:
             msg = msg.signed(secret)
         log = EventLog(self.redis, msg.federation, self.settings.events_maxlen, self.state.scripts)
-        after = log.last_id()
-        self._dispatch_ingest(msg.model_dump())
-        result = UploadResult(msg.federation, msg.client_id, msg.upload_id, msg.sha256, msg.object_key,
-                              msg.round, "queued")
+        with _service(self.settings):
+            after = log.last_id()
+            # a registered (signing) client appends to its own inbox; unsigned development uploads to the shared one
+            owner = msg.client_id if msg.signature else None
+            Inbox(self.redis, msg.federation, owner).append(msg.model_dump_json())
+        if self.settings.eager:
+            self._pump(msg.federation)
+        result = UploadResult(msg.federation, msg.client_id, msg.upload_id, msg.sha256,
+                              delta_key(msg.federation, msg.client_id, msg.sha256), msg.round, "queued")
         if not wait:
             return result
-        for _id, event in log.follow(after, deadline=time.monotonic() + timeout):
-            if event.get("upload_id") != msg.upload_id:
+        for event in log.follow(after, deadline=time.monotonic() + timeout):
+            if event is None or event.fields.get("upload_id") != msg.upload_id:
                 continue
-            if event["type"] == "delta_rejected":
-                raise Rejected(event["reason"], event.get("code", "rejected"))
-            if event["type"] == "delta_accepted":
-                status = "duplicate" if event.get("duplicate") else "accepted"
-                return dataclasses.replace(result, status=status, round=event["round"], n=event.get("n"))
-        raise Timeout(f"no verdict for upload {msg.upload_id} within {timeout:.0f}s: is a worker running "
-                      f"(`chorus-mq worker`) against {self.settings.redis_url}?")
+            if event.type == EventType.DELTA_REJECTED:
+                raise Rejected(str(event.fields.get("reason")), str(event.fields.get("code", "rejected")))
+            if event.type == EventType.DELTA_ACCEPTED:
+                status = "duplicate" if event.fields.get("duplicate") else "accepted"
+                return dataclasses.replace(result, status=status, round=event.round, n=event.fields.get("n"))
+        raise Timeout(f"no verdict for upload {msg.upload_id} within {timeout:.0f}s: is an ingest worker running "
+                      f"(`chorus-mq worker`) against {_redacted(self.settings.redis_url)}? Records whose "
+                      "signature does not verify get no answer: check this client's secret (CHORUS_CLIENT_SECRET)")
 
-    # -- events ----------------------------------------------------------------------
+    # -- events --------------------------------------------------------------------------------
 
     def watch(self, federation: str, *, from_start: bool = False, after: str | None = None,
-              until_round: int | None = None, timeout: float | None = None) -> Iterator[dict]:
-        """Yield events (each with its stream ``id``) as they happen, from now, from the start, or
-        ``after`` a stream id seen before; with ``until_round`` stop after that round ends."""
-        self.state.meta(federation)
-        log = EventLog(self.redis, federation, self.settings.events_maxlen, self.state.scripts)
-        if after is None:
-            replay = from_start or (until_round and self._ended(federation, until_round))
-            after = "0-0" if replay else log.last_id()
+              until_round: int | None = None, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events as they happen, from now, from the start, or ``after`` a stream id seen before;
+        with ``until_round`` stop after that round ends."""
+        with _service(self.settings):
+            self.state.meta(federation)
+            log = EventLog(self.redis, federation, self.settings.events_maxlen, self.state.scripts)
+            if after is None:
+                replay = from_start or (until_round is not None and self._ended(federation, until_round))
+                after = "0-0" if replay else log.last_id()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for entry_id, event in log.follow(after, deadline=deadline):
-            if not event:
+        for event in log.follow(after, deadline=deadline):
+            if event is None:
                 continue
-            yield {"id": entry_id, **event}
-            if until_round and event.get("round") == until_round and event["type"] in TERMINAL:
+            yield event
+            if until_round is not None and event.round == until_round and event.terminal:
                 return
-        if until_round:
+        if until_round is not None:
             raise Timeout(f"round {until_round} did not finish within {timeout:.0f}s")
+
+    def wait_round(self, federation: str, round_: int, *, timeout: float | None = None) -> RoundSummary:
+        """Block until round ``round_`` ended (complete, failed, expired or aborted); return it."""
+        if not self._ended(federation, round_):
+            for _event in self.watch(federation, until_round=round_, timeout=timeout):
+                pass
+        return self.round(federation, round_)
 
     def _ended(self, federation: str, r: int) -> bool:
         try:
-            return self.state.round(federation, r)["state"] in ("complete", "failed")
+            return self.state.round(federation, r).state in ENDED_STATES
         except NotFound:
             return False
 
-    # -- pull ------------------------------------------------------------------------
+    # -- pull ------------------------------------------------------------------------------------
 
-    def pull(self, federation: str, output: str | Path, round_: int | None = None) -> dict:
-        """Write the round's PEFT adapter, residuals, residual adapter and manifest into ``output``."""
-        meta = self.state.meta(federation)
-        r = round_ or int(meta.get("latest_complete", 0))
-        if not r:
-            raise NotFound(f"federation {federation!r} has no complete round yet")
-        info = self.state.round(federation, r)
-        if info["state"] != "complete":
-            raise NotFound(f"round {r} of {federation!r} is {info['state']}, not complete")
-        manifest_bytes = self.store.get_bytes(info["manifest"])
-        expected = info.get("manifest_sha256")
-        if expected and hashlib.sha256(manifest_bytes).hexdigest() != expected:
-            raise ChorusError(f"manifest of round {r} does not match the hash recorded at commit")
-        manifest = json.loads(manifest_bytes)
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in PULLED_FILES:
-            obj = manifest["objects"][name]
-            self.store.download(obj["key"], out / name, expected_sha256=obj["sha256"])
-        (out / "manifest.json").write_bytes(manifest_bytes)
-        spec = LoraSpec.from_peft_config(json.loads((out / "adapter_config.json").read_text()))
-        cumulative = read_residual(out / "cumulative_residual.safetensors")
-        if cumulative:
-            write_residual_adapter(out / "residual_adapter", cumulative, spec)
-        write_exact_adapter(out / "exact_adapter", out, cumulative)
-        return manifest
+    def pull(self, federation: str, output: str | Path, round_: int | None = None, *, since: int | None = None,
+             exact_adapter: bool = False, residual_adapter: bool = False, progress: bool = False) -> Manifest:
+        """Write round ``round_``'s global adapter (PEFT-loadable), its residual and the cumulative correction
+        into ``output``. A directory that holds an earlier round of this federation is brought up to date with
+        that round's increments only (``since`` names that round explicitly)."""
+        from .local import pull
 
-    # -- dispatch --------------------------------------------------------------------
+        with _service(self.settings):
+            return pull(self, federation, Path(output), round_, since=since, exact_adapter=exact_adapter,
+                        residual_adapter=residual_adapter, progress=progress)
 
-    def _dispatch_ingest(self, message: dict) -> None:
-        from .workers import dispatch
-        dispatch.ingest(self.settings, message)
+    # -- training --------------------------------------------------------------------------------
 
-    def _dispatch_aggregate(self, federation: str, r: int, epoch: int) -> None:
-        from .workers import dispatch
-        dispatch.aggregate(self.settings, federation, r, epoch)
+    def train(self, **options: Any) -> Iterator[Any]:
+        """Run the federation from this client's side: ``chorus_mq.training.driver.train_federation``."""
+        from .training.driver import train_federation
+
+        return train_federation(self, **options)
+
+    def global_model(self, federation: str, model_dir: str | Path, round_: int | None = None, *,
+                     workdir: str | Path | None = None, trainable: bool = False) -> Any:
+        """The exact global model of a round (base + cumulative correction in fp32 + global adapter)."""
+        from .training.model import exact_model
+
+        workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="chorus-model-"))
+        self.pull(federation, workdir, round_)
+        status = self.status(federation)
+        return exact_model(workdir, Path(model_dir), task=status.task_type, trainable=trainable)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _dispatch(self, task: Task, *args: Any) -> None:
+        from .workers.app import get_dispatcher
+
+        get_dispatcher(self.settings).send(task, *args)
+
+    def _pump(self, federation: str) -> None:
+        """Eager mode (``simulate``, tests): run the inbox pump and the tasks in this process."""
+        from .workers import runtime
+        from .workers.app import get_dispatcher
+        from .workers.pump import InboxPump
+
+        rt = runtime.current() if runtime.installed() else runtime.Runtime(self.settings, self.redis, self.store)
+        InboxPump(rt, get_dispatcher(self.settings), consumer="sdk").drain(federation)
+
+
+class _service:
+    """Turn an unreachable Redis into one clear ``ServiceUnavailable`` (retrying is safe)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, redis_lib.exceptions.AuthenticationError):
+            raise ChorusError(f"Redis refused these credentials ({_redacted(self.settings.redis_url)}): check "
+                              "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)") from None
+        if isinstance(exc, redis_lib.exceptions.NoPermissionError):
+            raise ChorusError(f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: "
+                              f"{exc}") from None
+        if isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError)):
+            raise ServiceUnavailable(f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
+                                     "retrying the same command is safe") from None
+        return False
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f"***@{netloc}"))
+
+
+def _url_password(url: str) -> str | None:
+    """A client's URL carries its secret as the Redis password; it also signs the client's records."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username and parts.password and ":" in unquote(parts.username):
+        return unquote(parts.password)
+    return None
+
+
+def _bar(enabled: bool, total: int, what: str) -> Callable[[int], None] | None:
+    """A tqdm byte counter on a terminal, or None."""
+    if not enabled:
+        return None
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
+    return bar.update
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+__all__ = ["ChorusClient", "ClientCredentials", "RoundFailed", "RoundSummary", "Status", "UploadResult"]

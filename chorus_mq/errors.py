@@ -150,3 +150,18 @@ class RoundFailed(ChorusError):
 
     exit_code = 10
     code = "round_failed"
+
+
+class DataError(ConfigError):
+    """A training or evaluation data set that cannot be used as given (format, columns, labels, size)."""
+
+    code = "bad_data"
+
+
+class StateCorrupt(ChorusError):
+    """A Redis key holds something chorus-mq never writes there (another type, unparsable data).
+
+    The transition that found it changed nothing; the message names the key to inspect.
+    """
+
+    code = "state_corrupt"

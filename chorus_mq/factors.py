@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from chorus_mq.errors import AggregationError
 
-__all__ = ["Residual", "dense_is_smaller", "factor_dense", "update_norm"]
+__all__ = ["Residual", "ResidualForm", "dense_is_smaller", "factor_dense", "update_norm"]
+
+#: how a residual is stored: absent (exactly zero), as ``left @ right`` factors, or dense
+ResidualForm = Literal["none", "factored", "dense"]
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -44,18 +48,18 @@ class Residual:
         factored = self.left is not None or self.right is not None
         if factored == (self.dense is not None):
             raise AggregationError("a Residual needs exactly one form: left and right factors, or dense")
-        if factored:
-            if self.left is None or self.right is None:
-                raise AggregationError("a factored Residual needs both left and right")
-            if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[0]:
-                raise AggregationError(
-                    f"residual factors do not pair: left {tuple(self.left.shape)}, right {tuple(self.right.shape)}"
-                )
-            self.left, self.right = _as_f32(self.left), _as_f32(self.right)
-        else:
+        if self.dense is not None:
             if self.dense.ndim != 2:
                 raise AggregationError(f"a dense residual must be 2-D, got shape {tuple(self.dense.shape)}")
             self.dense = _as_f32(self.dense)
+            return
+        if self.left is None or self.right is None:
+            raise AggregationError("a factored Residual needs both left and right")
+        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[0]:
+            raise AggregationError(
+                f"residual factors do not pair: left {tuple(self.left.shape)}, right {tuple(self.right.shape)}"
+            )
+        self.left, self.right = _as_f32(self.left), _as_f32(self.right)
 
     @classmethod
     def from_factors(cls, left: Tensor, right: Tensor) -> Residual | None:
@@ -71,34 +75,47 @@ class Residual:
             return cls(dense=(left.to(_F64) @ right.to(_F64)).to(_F32))
         return cls(left=left, right=right)
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` of a factored residual; AggregationError for a dense one."""
+        if self.left is None or self.right is None:
+            raise AggregationError("this residual is dense; it has no factors")
+        return self.left, self.right
+
+    @property
+    def form(self) -> ResidualForm:
+        return "dense" if self.dense is not None else "factored"
+
     @property
     def shape(self) -> tuple[int, int]:
         if self.dense is not None:
-            return tuple(self.dense.shape)
-        return self.left.shape[0], self.right.shape[1]
+            return int(self.dense.shape[0]), int(self.dense.shape[1])
+        left, right = self.factors()
+        return int(left.shape[0]), int(right.shape[1])
 
     @property
     def rank(self) -> int:
         """Number of factor columns; for a dense residual, the upper bound ``min(shape)``."""
-        return min(self.shape) if self.dense is not None else self.left.shape[1]
+        return min(self.shape) if self.dense is not None else int(self.factors()[0].shape[1])
 
     @property
     def nbytes(self) -> int:
-        parts = (self.dense,) if self.dense is not None else (self.left, self.right)
+        parts = (self.dense,) if self.dense is not None else self.factors()
         return sum(p.numel() * p.element_size() for p in parts)
 
     def to_dense(self) -> Tensor:
         """The ``(d_out, d_in)`` float32 matrix (factors multiplied in float64)."""
         if self.dense is not None:
             return self.dense
-        return (self.left.to(_F64) @ self.right.to(_F64)).to(_F32)
+        left, right = self.factors()
+        return (left.to(_F64) @ right.to(_F64)).to(_F32)
 
     def matmul_right(self, x: Tensor) -> Tensor:
         """``residual @ x`` without forming the dense matrix (float32)."""
         x = x.to(_F32)
         if self.dense is not None:
             return self.dense @ x
-        return self.left @ (self.right @ x)
+        left, right = self.factors()
+        return left @ (right @ x)
 
     def fold_into(self, weight: Tensor, *, fan_in_fan_out: bool = False) -> Tensor:
         """``weight + residual`` in the weight's layout and dtype.
@@ -122,11 +139,18 @@ class Residual:
 def _as_f32(t: Tensor) -> Tensor:
     if not t.is_floating_point():
         raise AggregationError(f"residual tensors must be floating point, got {t.dtype}")
-    # contiguous, because safetensors (and most writers) refuse strided views
-    return t.to(_F32).contiguous()
+    # contiguous, because safetensors (and most writers) refuse strided views; one copy
+    # converts dtype and layout together (a transposed float64 factor is common here)
+    if t.dtype == _F32:
+        return t.contiguous()
+    if not t.is_contiguous() and t.mT.is_contiguous():
+        # a transposed view: converting first and transposing in float32 is ~3x faster than one
+        # strided converting copy
+        return t.mT.to(_F32).mT.contiguous()
+    return t.to(_F32, memory_format=torch.contiguous_format)
 
 
-def update_norm(A: Tensor, B: Tensor, scaling: float) -> float:
+def update_norm(A: Tensor, B: Tensor, scaling: float = 1.0) -> float:
     """``||scaling * B @ A||_F`` without forming the product: ``sqrt(tr((A A^T)(B^T B)))`` in float64.
 
     Returns ``inf`` when the value (or anything on the way) is not finite, so callers can
@@ -134,11 +158,13 @@ def update_norm(A: Tensor, B: Tensor, scaling: float) -> float:
     """
     a, b = A.to(_F64), B.to(_F64)
     gram_a, gram_b = a @ a.mT, b.mT @ b
-    squared = float((gram_a * gram_b).sum()) * float(scaling) ** 2
-    if not math.isfinite(squared) or squared < 0:
-        # tiny negative values are rounding of an (almost) zero update
-        return 0.0 if math.isfinite(squared) and squared > -1e-300 else math.inf
-    return math.sqrt(squared)
+    trace = float((gram_a * gram_b).sum())
+    if not math.isfinite(trace):
+        return math.inf
+    # a negative trace is rounding of an (almost) zero update: it is a squared norm. The
+    # scaling multiplies the root, so a huge scaling overflows to inf instead of raising.
+    norm = abs(float(scaling)) * math.sqrt(max(trace, 0.0))
+    return norm if math.isfinite(norm) else math.inf
 
 
 def factor_dense(dense: Tensor) -> tuple[Tensor, Tensor]:

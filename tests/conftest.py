@@ -35,7 +35,7 @@ def real_redis(redis_server):
     client.close()
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
+@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.services)])
 def any_redis(request):
     """The Lua scripts run on both: fakeredis for speed, a real server for truth."""
     if request.param == "fakeredis":
@@ -63,6 +63,7 @@ def make_sdk(real_redis, redis_server, tmp_path):
     (real redis-server, a file:// store, Celery tasks applied eagerly)."""
     def make(secret: str | None = None, **overrides) -> ChorusClient:
         overrides.setdefault("allow_unsigned", True)  # development mode unless a test is about identity
+        overrides.setdefault("client_acl", "off")  # per-client Redis users are tested where they matter
         settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", eager=True,
                             spool_dir=str(tmp_path / "spool"), **overrides)
         rt = runtime.Runtime(settings, real_redis, open_store(settings.store, settings))

@@ -26,3 +26,19 @@ def write_adapter(path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *
 def random_factors(seed: int, modules=("layers.0.q", "layers.0.v"), r=4, d_out=16, d_in=12, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return {m: (torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g) * scale) for m in modules}
+
+
+def declared(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], extras=None):
+    """The ModelDecl a federation declares for deltas shaped like ``factors`` (module path -> (A, B))."""
+    from chorus_mq.adapters import ModelDecl
+
+    modules = {f"base_model.model.{m}": (int(B.shape[0]), int(A.shape[1])) for m, (A, B) in factors.items()}
+    return ModelDecl(modules=modules, extras={k: tuple(v.shape) for k, v in (extras or {}).items()})
+
+
+def make_federation(sdk, name: str, *, quorum: int, factors=None, extras=None, base_model: str = "m", **options):
+    """Create federation ``name`` declaring the model of ``factors`` (default: ``random_factors(0)``'s shapes)."""
+    from chorus_mq.state import FederationConfig
+
+    config = FederationConfig(name=name, base_model=base_model, quorum=quorum, **options)
+    return sdk.create_federation(config, model=declared(factors or random_factors(0), extras))

@@ -11,6 +11,14 @@ from chorus_mq.cli import main
 
 from .deltas import random_factors, write_adapter
 
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def ref(tmp_path):
+    """A reference adapter: it declares the model (module shapes) every delta must match."""
+    return str(write_adapter(tmp_path / "reference.safetensors", random_factors(0)))
+
 
 @pytest.fixture
 def cli(real_redis, redis_server, tmp_path, make_sdk):
@@ -25,22 +33,25 @@ def cli(real_redis, redis_server, tmp_path, make_sdk):
     return run
 
 
-def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path):
+def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path, ref):
     res = cli("status", "--federation", "nope", code=4)
     assert res.output.count("\n") == 1 and "no federation named 'nope'" in res.output
-    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2")
-    assert "already exists" in cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", code=5).output
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", "--reference-adapter", ref)
+    assert "already exists" in cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3",
+                                   "--reference-adapter", ref, code=5).output
     assert "no complete round" in cli("pull", "--federation", "fed", "--output", str(tmp_path / "o"), code=4).output
     assert "Invalid value" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1",
                                   "--strategy", "mean", code=2).output
+    assert "declare" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1", code=2).output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     res = cli("upload", "--federation", "fed", "--adapter", str(bad), "--client-id", "c", code=3)
     assert res.output.startswith("error:") and "Traceback" not in res.output
 
 
-def test_round_flow_status_history_and_manual_close(cli, tmp_path):
-    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3", "--min-quorum", "2")
+def test_round_flow_status_history_and_manual_close(cli, tmp_path, ref):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3", "--min-quorum", "2",
+        "--reference-adapter", ref)
     for i in range(2):
         out = cli("upload", "--federation", "fed", "--adapter",
                   str(write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i))), "--client-id", f"c{i}").output
@@ -52,11 +63,11 @@ def test_round_flow_status_history_and_manual_close(cli, tmp_path):
     assert history[0]["state"] == "complete" and history[0]["clients"] == ["c0", "c1"]
     assert history[1]["state"] == "open"
     assert "complete" in cli("rounds", "--federation", "fed").output
-    assert "not open" in cli("round", "close", "--federation", "fed", "--round", "1", code=1).output
+    assert "not open" in cli("round", "close", "--federation", "fed", "--round", "1", code=5).output
 
 
-def test_watch_replays_and_resumes_after_an_id(cli, tmp_path):
-    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1")
+def test_watch_replays_and_resumes_after_an_id(cli, tmp_path, ref):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
     cli("upload", "--federation", "fed", "--adapter", str(write_adapter(tmp_path / "a.safetensors", random_factors(0))),
         "--client-id", "a")
     lines = cli("watch", "--federation", "fed", "--json", "--from-start", "--until-round", "1").output.splitlines()
@@ -68,8 +79,8 @@ def test_watch_replays_and_resumes_after_an_id(cli, tmp_path):
     assert [json.loads(line)["id"] for line in resumed.splitlines()] == [e["id"] for e in events[3:]]
 
 
-def test_client_registry_commands(cli):
-    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1")
+def test_client_registry_commands(cli, ref):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
     secret = cli("client", "add", "alice", "--federation", "fed").output.strip().splitlines()[-1]
     assert len(secret) >= 40
     cli("client", "revoke", "alice", "--federation", "fed")

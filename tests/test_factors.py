@@ -1,12 +1,14 @@
-"""Residual: representation choice, validation, products and folding into Linear / Conv1D weights."""
+"""Residual (representation, validation, products, folding into Linear / Conv1D weights), update norms, factor_dense."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from chorus_mq.aggregation import Residual
 from chorus_mq.errors import AggregationError
+from chorus_mq.factors import Residual, factor_dense, update_norm
 
 F64 = torch.float64
 
@@ -95,3 +97,56 @@ def test_fold_into_keeps_the_weight_dtype():
     res = Residual(left=left, right=right)
     assert res.fold_into(torch.zeros(6, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert res.fold_into(torch.zeros(6, 4, dtype=F64)).dtype == F64
+
+
+def test_form_and_factors_accessor():
+    left, right = factors(8, 6, 2)
+    fact, dense = Residual(left=left, right=right), Residual(dense=torch.zeros(8, 6))
+    assert fact.form == "factored" and dense.form == "dense"
+    assert fact.factors()[0] is fact.left
+    with pytest.raises(AggregationError, match="dense"):
+        dense.factors()
+
+
+def test_a_transposed_float64_factor_becomes_a_contiguous_float32_copy():
+    rows = torch.randn(3, 40, dtype=F64)
+    res = Residual(left=rows.mT, right=torch.randn(3, 5, dtype=F64))
+    assert res.left.is_contiguous() and res.left.dtype == torch.float32
+    assert torch.equal(res.left, rows.mT.float())
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "r", "scaling"), [(30, 20, 4, 2.0), (7, 50, 1, 0.25), (16, 16, 16, 1.0)])
+def test_update_norm_is_the_frobenius_norm_of_the_product(d_out, d_in, r, scaling):
+    gen = torch.Generator().manual_seed(d_out)
+    A, B = torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen)
+    dense = scaling * (B.double() @ A.double())
+    assert update_norm(A, B, scaling) == pytest.approx(float(torch.linalg.norm(dense)), rel=1e-12)
+    assert update_norm(A.bfloat16(), B.bfloat16()) == pytest.approx(
+        float(torch.linalg.norm(B.bfloat16().double() @ A.bfloat16().double())), rel=1e-12
+    )
+
+
+def test_update_norm_of_a_zero_update_is_zero():
+    assert update_norm(torch.zeros(3, 5), torch.randn(4, 3), 2.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("A", "B", "scaling"),
+    [
+        (torch.full((2, 3), 1e160, dtype=F64), torch.full((4, 2), 1e160, dtype=F64), 1.0),  # the Grams overflow
+        (torch.full((2, 3), 1e30), torch.full((4, 2), 1e30), 1e300),  # finite factors, infinite update
+        (torch.tensor([[math.nan, 1.0]]), torch.ones(3, 1), 1.0),
+        (torch.tensor([[math.inf, 1.0]]), torch.ones(3, 1), 1.0),
+    ],
+)
+def test_update_norm_overflow_is_inf(A, B, scaling):
+    assert update_norm(A, B, scaling) == math.inf
+
+
+def test_factor_dense_is_exact_and_keeps_only_the_real_rank():
+    left, right = factors(30, 20, 3)
+    dense = (left.double() @ right.double()).float()
+    got_l, got_r = factor_dense(dense)
+    assert got_l.shape == (30, 3) and got_r.shape == (3, 20)
+    assert torch.allclose(got_l.double() @ got_r.double(), dense.double(), rtol=0, atol=1e-5)
+    assert factor_dense(torch.zeros(5, 4))[0].shape == (5, 0)

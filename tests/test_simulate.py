@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from chorus_mq.cli import main
@@ -26,6 +27,7 @@ def test_compare_on_embedded_defaults():
         assert row["adapter_error"] > 0.1
 
 
+@pytest.mark.services
 def test_against_real_redis_and_a_given_store(redis_server, tmp_path):
     rows = run_simulation(clients=2, rounds=2, strategies=["svd"], redis_url=redis_server.url,
                           store_url=f"file://{tmp_path}/store", echo=None)

@@ -98,13 +98,15 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, *extra: str, env: dict[str, str] | None = None, concurrency: int = 1,
-                     faulty: bool = False, wait: bool = True) -> subprocess.Popen:
-        """``chorus-mq worker`` in its own process group; ``faulty`` runs it through tests/faults/faulty_app."""
+    def start_worker(self, *extra: str, role: str = "all", env: dict[str, str] | None = None,
+                     concurrency: int = 1, faulty: bool = False, wait: bool = True) -> subprocess.Popen:
+        """``chorus-mq worker --role ROLE`` in its own process group; ``faulty`` runs it through
+        tests/faults/faulty_app. ``proc.hostname`` is its node name (its inbox pump's consumer name)."""
         hostname = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}"
         proc = self._spawn("worker", FAULTY_CLI if faulty else CLI,
-                           ["worker", "--concurrency", str(concurrency), "-l", "INFO", "--hostname",
-                            f"{hostname}@%h", *extra], env)
+                           ["worker", "--role", role, "--concurrency", str(concurrency), "-l", "INFO",
+                            "--hostname", f"{hostname}@%h", *extra], env)
+        proc.hostname = hostname
         self.workers.append(proc)
         if wait:
             self.wait_ready(proc)
@@ -115,9 +117,12 @@ class Deployment:
         for proc in workers:
             wait_for(lambda proc=proc: _ready(proc), 90, f"worker {proc.name} to be ready")
 
-    def start_beat(self, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """``chorus-mq beat`` (redbeat) in its own process group."""
-        return self._spawn("beat", CLI, ["beat", "-l", "INFO"], env)
+    def start_beat(self, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen:
+        """``chorus-mq beat`` (the sweep loop) in its own process group."""
+        proc = self._spawn("beat", CLI, ["beat", "-l", "INFO"], env)
+        if wait:
+            wait_for(lambda: _logged(proc, "beat: sweeping every"), 90, f"beat {proc.name} to start")
+        return proc
 
     @staticmethod
     def log(proc: subprocess.Popen) -> str:
@@ -151,10 +156,14 @@ class Deployment:
         self.workers.clear()
 
 
-def _ready(proc: subprocess.Popen) -> bool:
+def _logged(proc: subprocess.Popen, text: str) -> bool:
     if proc.poll() is not None:
         raise AssertionError(f"{proc.name} exited early ({proc.returncode}):\n{Deployment.log(proc)}")
-    return "ready." in Deployment.log(proc)
+    return text in Deployment.log(proc)
+
+
+def _ready(proc: subprocess.Popen) -> bool:
+    return _logged(proc, "ready.")
 
 
 def deployment_env(redis_url: str, s3_endpoint: str, bucket: str, tmp_path: Path) -> dict[str, str]:

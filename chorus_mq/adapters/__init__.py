@@ -3,17 +3,65 @@
 Knows nothing of Redis, S3, Celery or the aggregation layer. Only safetensors is ever read.
 """
 
-from .delta import DELTA_FORMAT, DeltaFile, DeltaSummary, LocalAdapter, ModuleShape, load_adapter, \
-    normalise_key, validate_local, write_delta
-from .export import RESIDUAL_FORMAT, fold_residuals, read_residual, write_peft_adapter, write_residual, \
-    write_exact_adapter, write_residual_adapter
-from .header import DEFAULT_MAX_HEADER_BYTES, Header, TensorInfo, read_header, sniff, write_safetensors
-from .spec import PEFT_PREFIX, LoraSpec, module_path
+from .checks import check_delta
+from .delta import DeltaFile, DeltaSummary, LocalAdapter, load_adapter, validate_local, write_delta
+from .export import write_exact_adapter, write_peft_adapter, write_residual_adapter
+from .header import Header, TensorInfo, read_header, strict_json
+from .index import (
+    DeltaIndex,
+    ExtraEntry,
+    ModuleEntry,
+    TensorSpan,
+    build_index,
+    extra_from_bytes,
+    fetch_ranges,
+    module_from_bytes,
+    slice_span,
+    tensors_from_bytes,
+)
+from .merge import MergeSource, merge_safetensors
+from .model import ModelDecl, model_decl_from_adapter, model_decl_from_dir
+from .residual import ResidualReader, fold_residuals, iter_residual, read_residual, write_residual
+from .spec import LoraSpec
+from .writer import StreamingWriter, layout_key, write_safetensors
 
 __all__ = [
-    "DEFAULT_MAX_HEADER_BYTES", "DELTA_FORMAT", "PEFT_PREFIX", "RESIDUAL_FORMAT",
-    "DeltaFile", "DeltaSummary", "Header", "LocalAdapter", "LoraSpec", "ModuleShape", "TensorInfo",
-    "fold_residuals", "load_adapter", "module_path", "normalise_key", "read_header", "read_residual",
-    "sniff", "validate_local", "write_delta", "write_peft_adapter", "write_residual",
-    "write_exact_adapter", "write_residual_adapter", "write_safetensors",
+    "DeltaFile",
+    "DeltaIndex",
+    "DeltaSummary",
+    "ExtraEntry",
+    "Header",
+    "LocalAdapter",
+    "LoraSpec",
+    "MergeSource",
+    "ModelDecl",
+    "ModuleEntry",
+    "ResidualReader",
+    "StreamingWriter",
+    "TensorInfo",
+    "TensorSpan",
+    "build_index",
+    "check_delta",
+    "extra_from_bytes",
+    "fetch_ranges",
+    "fold_residuals",
+    "iter_residual",
+    "layout_key",
+    "load_adapter",
+    "merge_safetensors",
+    "model_decl_from_adapter",
+    "model_decl_from_dir",
+    "module_from_bytes",
+    "read_header",
+    "read_residual",
+    "slice_span",
+    "strict_json",
+    "tensors_from_bytes",
+    "validate_local",
+    "write_delta",
+    "write_exact_adapter",
+    "write_peft_adapter",
+    "write_residual",
+    "write_residual_adapter",
+    "write_safetensors",
 ]

@@ -11,31 +11,39 @@ full base embedding next to it, so it is not a delta; train embeddings via
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ConfigError, InvalidAdapter
-from .header import DEFAULT_MAX_HEADER_BYTES, Header, read_header, strict_json, write_safetensors
+from ..names import DELTA_FORMAT
+from .header import DEFAULT_MAX_HEADER_BYTES, Header, read_header, strict_json
 from .spec import MAX_NAME_LEN, PEFT_PREFIX, LoraSpec, default_targets, pattern_fit
+from .writer import write_safetensors
 
-DELTA_FORMAT = "chorus-delta/1"
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 _IN_MEMORY = re.compile(r"\.(lora_[AB]|modules_to_save)\.default\.")
 # key fragments of things peft can save that are not LoRA deltas, with the fix
 _REFUSED = (
-    (".lora_embedding_", "embedding LoRA (lora_embedding_A/B) is not supported; drop the embedding from "
-                         "target_modules or list it in modules_to_save"),
+    (
+        ".lora_embedding_",
+        "embedding LoRA (lora_embedding_A/B) is not supported; drop the embedding from "
+        "target_modules or list it in modules_to_save",
+    ),
     (".lora_magnitude_vector", "DoRA magnitude vectors are not supported; train plain LoRA"),
-    (".base_layer.", "base-model weights are in the adapter (save_embedding_layers?); save with "
-                     "save_embedding_layers=False"),
+    (
+        ".base_layer.",
+        "base-model weights are in the adapter (save_embedding_layers?); save with save_embedding_layers=False",
+    ),
     (".original_module.", "this is a model state dict, not a saved adapter; use PeftModel.save_pretrained"),
     (".lora_A.bias", "LoRA biases (lora_bias=True) are not supported"),
     (".lora_B.bias", "LoRA biases (lora_bias=True) are not supported"),
@@ -82,8 +90,9 @@ def check_matrix(module: str, name: str, shape: tuple[int, ...], layout: str) ->
         )
 
 
-def check_pair(module: str, a: tuple[int, ...], b: tuple[int, ...],
-               names: tuple[str, str] = ("lora_A", "lora_B")) -> ModuleShape:
+def check_pair(
+    module: str, a: tuple[int, ...], b: tuple[int, ...], names: tuple[str, str] = ("lora_A", "lora_B")
+) -> ModuleShape:
     """Shapes of a factor pair ``b @ a``: a is (rank, d_in), b is (d_out, rank), all non-empty."""
     check_matrix(module, names[0], a, "(rank, d_in)")
     check_matrix(module, names[1], b, "(d_out, rank)")
@@ -100,9 +109,11 @@ def check_against_spec(module: str, r: int, spec: LoraSpec) -> None:
     if r != expected:
         raise InvalidAdapter(f"rank {r} in file but adapter_config says {expected} for module {module!r}")
     if not spec.targets(module):
-        raise InvalidAdapter(
-            f"module {module!r} is not matched by adapter_config target_modules {spec.target_modules!r}"
-        )
+        targets = spec.target_modules
+        shown = repr(targets)
+        if not isinstance(targets, str) and len(targets) > 8:  # a hostile list stays out of the message
+            shown = f"{targets[:8]!r} (first 8 of {len(targets)})"
+        raise InvalidAdapter(f"module {module!r} is not matched by adapter_config target_modules {shown}")
 
 
 def check_module_name(module: str) -> None:
@@ -110,20 +121,25 @@ def check_module_name(module: str) -> None:
     classify_key(f"{module}.lora_A.weight", None)
 
 
-def read_finite(handle: safe_open, raw_key: str, label: str) -> torch.Tensor:
-    """One tensor from an open safetensors file, refusing NaN/Inf (``label`` names it in errors)."""
-    try:
-        t = handle.get_tensor(raw_key)
-    except SafetensorError as exc:
-        raise InvalidAdapter(f"{label}: cannot read tensor: {exc}") from None
+def check_finite(t: torch.Tensor, label: str) -> None:
+    """Refuse NaN/Inf in ``t`` (``label`` names it in the error)."""
     bad = ~torch.isfinite(t)
     if bad.any():
         nan = int(torch.isnan(t).sum())
         raise InvalidAdapter(f"{label} contains {nan} NaN and {int(bad.sum()) - nan} Inf values")
+
+
+def read_finite(handle: Any, raw_key: str, label: str) -> torch.Tensor:
+    """One tensor from an open safetensors file, refusing NaN/Inf (``label`` names it in errors)."""
+    try:
+        t: torch.Tensor = handle.get_tensor(raw_key)
+    except SafetensorError as exc:
+        raise InvalidAdapter(f"{label}: cannot read tensor: {exc}") from None
+    check_finite(t, label)
     return t
 
 
-def open_safetensors(path: Path) -> safe_open:
+def open_safetensors(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
     except SafetensorError as exc:
@@ -131,13 +147,17 @@ def open_safetensors(path: Path) -> safe_open:
 
 
 @dataclass(frozen=True)
-class _Index:
-    modules: dict[str, tuple[str, str]]  # module -> (raw key of A, raw key of B)
-    extras: dict[str, str]  # normalised key -> raw key
-    shapes: dict[str, ModuleShape]
+class DeltaStructure:
+    """What a delta's keys say, before any spec check: LoRA pairs, their shapes, and extras."""
+
+    modules: Mapping[str, tuple[str, str]]  # module -> (raw key of A, raw key of B), sorted by module
+    extras: Mapping[str, str]  # normalised key -> raw key
+    shapes: Mapping[str, ModuleShape]
 
 
-def _index(header: Header, spec: LoraSpec | None) -> _Index:
+def delta_structure(header: Header, spec: LoraSpec | None) -> DeltaStructure:
+    """Classify every key, pair the factors and check their shapes (no pattern matching: that is
+    :func:`check_against_spec`, run once the module set is known to be reasonable)."""
     pairs: dict[str, dict[str, str]] = {}
     extras: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -153,55 +173,99 @@ def _index(header: Header, spec: LoraSpec | None) -> _Index:
             pairs.setdefault(kind[0], {})[kind[1]] = raw
     if not pairs:
         raise InvalidAdapter("no LoRA tensors in file (expected keys ending in .lora_A.weight / .lora_B.weight)")
-    modules, shapes = {}, {}
+    modules: dict[str, tuple[str, str]] = {}
+    shapes: dict[str, ModuleShape] = {}
     for module, ab in sorted(pairs.items()):
         for have, lack in (("A", "B"), ("B", "A")):
             if lack not in ab:
                 raise InvalidAdapter(f"module {module!r} has lora_{have} but no lora_{lack}")
         shapes[module] = check_pair(module, header.tensors[ab["A"]].shape, header.tensors[ab["B"]].shape)
-        if spec is not None:
-            check_against_spec(module, shapes[module].r, spec)
         modules[module] = (ab["A"], ab["B"])
-    return _Index(modules=modules, extras=extras, shapes=shapes)
+    return DeltaStructure(modules=modules, extras=extras, shapes=shapes)
 
 
-def _embedded_spec(header: Header) -> LoraSpec | None:
+def embedded_spec(header: Header) -> LoraSpec | None:
+    """The spec a file carries in its ``__metadata__`` (``write_delta`` puts it there), if any."""
     raw = header.metadata.get("adapter_config")
     return None if raw is None else LoraSpec.from_peft_config(strict_json(raw, "__metadata__ adapter_config"))
 
 
 class DeltaFile:
-    """An opened, header-validated delta on local disk. Tensors load lazily, one module at a time."""
+    """An opened, header-validated delta on local disk.
 
-    def __init__(self, path: Path, header: Header, spec: LoraSpec):
-        self.path, self.header, self.spec = path, header, spec
-        self._index = _index(header, spec)
-        self._handle = open_safetensors(path)
+    Nothing past the header is read on opening, and nothing is interpreted before it is
+    needed, so a caller can bound the work a file may cause first: the embedded
+    adapter_config becomes a :class:`LoraSpec` when :attr:`spec` is first read, the keys are
+    classified when :attr:`structure` is, ranks and target modules are checked against the
+    spec before any module is handed out (:meth:`check_spec`), and tensors load one at a time.
+    """
+
+    def __init__(self, path: Path, header: Header, spec: LoraSpec | None = None):
+        self.path, self.header = path, header
+        #: the spec given in place of the embedded adapter_config, if any
+        self.spec_override = spec
+        self._handle: Any = None
+        self._spec_checked = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, max_header_bytes: int,
-             spec: LoraSpec | None = None) -> "DeltaFile":
-        """Validate header, keys, pairing and ranks; ``spec`` overrides the file's embedded adapter_config."""
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_header_bytes: int,
+        spec: LoraSpec | None = None,
+        max_tensors: int | None = None,
+    ) -> DeltaFile:
+        """Validate the header; ``spec`` overrides the file's embedded adapter_config (read when first needed).
+
+        ``max_tensors`` (``ModelDecl.max_tensors``) refuses a header listing more tensors before parsing it.
+        """
         path = Path(path)
-        header = read_header(path, max_header_bytes=max_header_bytes)
-        spec = spec or _embedded_spec(header)
-        if spec is None:
+        return cls(path, read_header(path, max_header_bytes=max_header_bytes, max_tensors=max_tensors), spec)
+
+    @functools.cached_property
+    def raw_config(self) -> Any:
+        """The embedded adapter_config as parsed (strict) JSON, not yet validated; None if there is none."""
+        raw = self.header.metadata.get("adapter_config")
+        return None if raw is None else strict_json(raw, "__metadata__ adapter_config")
+
+    @functools.cached_property
+    def spec(self) -> LoraSpec:
+        """The given spec, else the validated embedded adapter_config."""
+        if self.spec_override is not None:
+            return self.spec_override
+        if self.raw_config is None:
             raise InvalidAdapter(
-                f"{path.name} has no adapter_config in its metadata; upload a delta written by write_delta()"
+                f"{self.path.name} has no adapter_config in its metadata; upload a delta written by write_delta()"
             )
-        return cls(path, header, spec)
+        return LoraSpec.from_peft_config(self.raw_config)
+
+    @functools.cached_property
+    def structure(self) -> DeltaStructure:
+        """Keys, pairs and shapes (checked); ranks against the spec are not checked yet."""
+        return delta_structure(self.header, self.spec)
+
+    def check_spec(self) -> None:
+        """Refuse modules whose rank or name disagrees with the spec (done once, before any module is read)."""
+        if not self._spec_checked:
+            for module, shape in self.structure.shapes.items():
+                check_against_spec(module, shape.r, self.spec)
+            self._spec_checked = True
 
     @property
     def modules(self) -> list[str]:
-        return list(self._index.modules)
+        self.check_spec()
+        return list(self.structure.modules)
 
     @property
     def extras(self) -> list[str]:
-        return sorted(self._index.extras)
+        self.check_spec()
+        return sorted(self.structure.extras)
 
     @property
     def shapes(self) -> dict[str, ModuleShape]:
-        return dict(self._index.shapes)
+        self.check_spec()
+        return dict(self.structure.shapes)
 
     @property
     def nbytes(self) -> int:
@@ -212,20 +276,32 @@ class DeltaFile:
     def dtypes(self) -> list[str]:
         return sorted({info.dtype for info in self.header.tensors.values()})
 
+    def _open(self) -> Any:
+        self.check_spec()
+        if self._handle is None:
+            self._handle = open_safetensors(self.path)
+        return self._handle
+
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of ``module`` in the file's dtype, checked finite. A: (r, d_in), B: (d_out, r)."""
-        key_a, key_b = self._index.modules[module]
-        return (read_finite(self._handle, key_a, f"module {module!r} lora_A"),
-                read_finite(self._handle, key_b, f"module {module!r} lora_B"))
+        handle = self._open()
+        key_a, key_b = self.structure.modules[module]
+        return (
+            read_finite(handle, key_a, f"module {module!r} lora_A"),
+            read_finite(handle, key_b, f"module {module!r} lora_B"),
+        )
 
     def extra(self, key: str) -> torch.Tensor:
         """A modules_to_save tensor by its normalised key, checked finite."""
-        return read_finite(self._handle, self._index.extras[key], f"extra {key!r}")
+        handle = self._open()
+        return read_finite(handle, self.structure.extras[key], f"extra {key!r}")
 
     def close(self) -> None:
-        self._handle.__exit__(None, None, None)
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+            self._handle = None
 
-    def __enter__(self) -> "DeltaFile":
+    def __enter__(self) -> DeltaFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,20 +325,30 @@ class DeltaSummary:
     extras: tuple[str, ...]
 
 
-def _infer_spec(shapes: dict[str, ModuleShape], lora_alpha: float | None, use_rslora: bool,
-                fan_in_fan_out: bool) -> LoraSpec:
+def infer_spec(
+    shapes: Mapping[str, ModuleShape], lora_alpha: float | None, use_rslora: bool, fan_in_fan_out: bool
+) -> LoraSpec:
+    """The spec of a bare file: ranks from the shapes, targets from the names, alpha given or scaling 1."""
     ranks = {m: s.r for m, s in shapes.items()}
     r, rank_pattern = pattern_fit(ranks)
     # no alpha given: choose each module's alpha so that its scaling is exactly 1.0
-    alphas = {m: lora_alpha if lora_alpha is not None else (math.sqrt(rm) if use_rslora else rm)
-              for m, rm in ranks.items()}
+    alphas = {
+        m: lora_alpha if lora_alpha is not None else (math.sqrt(rm) if use_rslora else rm) for m, rm in ranks.items()
+    }
     alpha, alpha_pattern = pattern_fit(alphas)
-    return LoraSpec(r=r, lora_alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
-                    target_modules=default_targets(shapes),
-                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return LoraSpec(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        target_modules=default_targets(shapes),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
 
 
-def _adapter_file(directory: Path) -> tuple[Path, LoraSpec]:
+def adapter_dir_files(directory: Path) -> tuple[Path, LoraSpec]:
+    """The weights file and the spec of a PEFT adapter directory (refusing pickled weights)."""
     config = directory / "adapter_config.json"
     if not config.is_file():
         raise InvalidAdapter(f"{directory} has no adapter_config.json: not a PEFT adapter directory")
@@ -278,8 +364,14 @@ def _adapter_file(directory: Path) -> tuple[Path, LoraSpec]:
     return weights, spec
 
 
-def load_adapter(path: str | os.PathLike[str], *, lora_alpha: float | None = None, use_rslora: bool = False,
-                 fan_in_fan_out: bool = False, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> LocalAdapter:
+def load_adapter(
+    path: str | os.PathLike[str],
+    *,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    fan_in_fan_out: bool = False,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> LocalAdapter:
     """Read and fully validate a PEFT adapter directory or a bare ``.safetensors`` with peft key names.
 
     A directory (or a file carrying an embedded adapter_config) is described by its own
@@ -288,18 +380,21 @@ def load_adapter(path: str | os.PathLike[str], *, lora_alpha: float | None = Non
     component, and ``lora_alpha`` defaults to each module's rank: scaling 1.0.
     """
     path = Path(path)
+    spec: LoraSpec | None
     if path.is_dir():
-        file, spec = _adapter_file(path)
+        file, spec = adapter_dir_files(path)
         header = read_header(file, max_header_bytes=max_header_bytes)
     else:
         file = path
         header = read_header(file, max_header_bytes=max_header_bytes)
-        spec = _embedded_spec(header)
+        spec = embedded_spec(header)
     if spec is None:
-        spec = _infer_spec(_index(header, None).shapes, lora_alpha, use_rslora, fan_in_fan_out)
+        spec = infer_spec(delta_structure(header, None).shapes, lora_alpha, use_rslora, fan_in_fan_out)
     elif lora_alpha is not None or use_rslora or fan_in_fan_out:
-        raise ConfigError(f"{path} has its own adapter_config; lora_alpha/use_rslora/fan_in_fan_out "
-                          "apply only to bare .safetensors files")
+        raise ConfigError(
+            f"{path} has its own adapter_config; lora_alpha/use_rslora/fan_in_fan_out "
+            "apply only to bare .safetensors files"
+        )
     with DeltaFile(file, header, spec) as delta:
         tensors: dict[str, torch.Tensor] = {}
         for module in delta.modules:
@@ -311,18 +406,23 @@ def load_adapter(path: str | os.PathLike[str], *, lora_alpha: float | None = Non
 
 def write_delta(adapter: LocalAdapter, path: str | os.PathLike[str]) -> str:
     """Write the normalised upload object (deterministic bytes); return its sha256 hex."""
-    metadata = {"format": DELTA_FORMAT,
-                "adapter_config": json.dumps(adapter.spec.to_peft_config(), sort_keys=True)}
+    metadata = {"format": DELTA_FORMAT, "adapter_config": json.dumps(adapter.spec.to_peft_config(), sort_keys=True)}
     return write_safetensors(path, adapter.tensors, metadata)
 
 
-def validate_local(path: str | os.PathLike[str], *, spec: LoraSpec | None = None,
-                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> DeltaSummary:
+def validate_local(
+    path: str | os.PathLike[str], *, spec: LoraSpec | None = None, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> DeltaSummary:
     """Run every check a worker runs on a delta file (header, keys, ranks, all values finite)."""
     with DeltaFile.open(path, max_header_bytes=max_header_bytes, spec=spec) as delta:
         for module in delta.modules:
             delta.factors(module)
         for key in delta.extras:
             delta.extra(key)
-        return DeltaSummary(modules=tuple(delta.modules), ranks={m: s.r for m, s in delta.shapes.items()},
-                            dtypes=tuple(delta.dtypes), nbytes=delta.nbytes, extras=tuple(delta.extras))
+        return DeltaSummary(
+            modules=tuple(delta.modules),
+            ranks={m: s.r for m, s in delta.shapes.items()},
+            dtypes=tuple(delta.dtypes),
+            nbytes=delta.nbytes,
+            extras=tuple(delta.extras),
+        )

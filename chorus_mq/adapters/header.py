@@ -1,40 +1,34 @@
-"""Strict safetensors header parsing (trusts nothing it reads) and a deterministic writer.
+"""Strict safetensors header parsing: trusts nothing it reads.
 
 Everything here runs on bytes a client sent us, before any tensor library sees them:
 every length, offset and dimension is checked against the real file size, so a lying
-header can neither make us allocate nor read out of bounds. Only float dtypes pass.
+header can neither make us allocate nor read out of bounds. Only float dtypes pass,
+except when reading a base model's checkpoint (``any_dtype``), which holds integer buffers.
+Writing lives in :mod:`.writer`; the layout rule of the files we write in :mod:`.fileformat`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import os
-import sys
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
-import torch
-
-from ..errors import InvalidAdapter, TooLarge
+from ..errors import InvalidAdapter, LimitExceeded, TooLarge
 from ..settings import Settings
+from .fileformat import DTYPES, MAX_DIM, MAX_NDIM
 
-#: safetensors dtype name -> (itemsize, torch dtype); nothing else is a LoRA factor
-DTYPES: dict[str, tuple[int, torch.dtype]] = {
-    "F64": (8, torch.float64),
-    "F32": (4, torch.float32),
-    "BF16": (2, torch.bfloat16),
-    "F16": (2, torch.float16),
-}
-_NAMES = {torch_dtype: name for name, (_, torch_dtype) in DTYPES.items()}
-#: generous for modules_to_save extras; LoRA keys are held to 2-D by the caller
-MAX_NDIM = 8
-#: larger dims exist in no model and would overflow the i64/usize arithmetic downstream
-MAX_DIM = 2**31 - 1
+# re-exported: callers that predate the writer module import it from here
+from .writer import write_safetensors as write_safetensors  # noqa: PLC0414
+
+#: item sizes of the other dtypes a model checkpoint may hold (read with ``any_dtype=True``)
+_OTHER_ITEMSIZES: dict[str, int] = {
+    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
 
 _SNIFF_BYTES = 512
@@ -71,6 +65,11 @@ class Header:
     header_len: int
     data_len: int
 
+    @property
+    def data_begin(self) -> int:
+        """File offset of the first byte of tensor data."""
+        return 8 + self.header_len
+
 
 def sniff(prefix: bytes) -> str | None:
     """Name the format of a file that starts with ``prefix`` if it is a known non-safetensors one."""
@@ -87,11 +86,13 @@ def strict_json(raw: bytes | str, what: str) -> Any:
     """Parse untrusted JSON: UTF-8 only, no duplicate keys, no NaN/Infinity; errors name ``what``."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise InvalidAdapter(f"{what}: duplicate key {key!r} (ambiguous, refusing to pick one)")
-            out[key] = value
+        out = dict(pairs)  # in C; a lost pair shows as a shorter dict
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise InvalidAdapter(f"{what}: duplicate key {key!r} (ambiguous, refusing to pick one)")
+                seen.add(key)
         return out
 
     def no_constant(name: str) -> None:
@@ -108,21 +109,62 @@ def strict_json(raw: bytes | str, what: str) -> Any:
         raise InvalidAdapter(f"{what} is not valid JSON: {exc}") from None
 
 
-def read_header(source: str | os.PathLike[str] | BinaryIO | bytes, *, max_header_bytes: int) -> Header:
+def read_header(
+    source: str | os.PathLike[str] | BinaryIO | bytes,
+    *,
+    max_header_bytes: int,
+    any_dtype: bool = False,
+    max_tensors: int | None = None,
+) -> Header:
     """Validate the safetensors header of a path, a binary file object or raw bytes.
 
     Reads at most the header, never tensor data. Raises InvalidAdapter (TooLarge for an
-    oversized header) with a message naming the problem.
+    oversized header) with a message naming the problem. ``any_dtype`` also accepts the
+    integer and 8-bit dtypes of model checkpoints (never for deltas). ``max_tensors``
+    refuses (LimitExceeded) a header listing more tensors, before its JSON is parsed.
     """
     if isinstance(source, bytes):
-        return _read(io.BytesIO(source), max_header_bytes)
+        return _read(io.BytesIO(source), max_header_bytes, any_dtype, max_tensors)
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return _read(f, max_header_bytes)
-    return _read(source, max_header_bytes)
+            return _read(f, max_header_bytes, any_dtype, max_tensors)
+    return _read(source, max_header_bytes, any_dtype, max_tensors)
 
 
-def _read(f: BinaryIO, max_header_bytes: int) -> Header:
+def header_from_prefix(prefix: bytes, *, max_header_bytes: int) -> Header:
+    """Validate a header given only a file's first ``8 + n`` bytes (what a ranged read fetches).
+
+    The data length is what the entries tile; whoever streams the data must check it has
+    exactly ``data_len`` bytes.
+    """
+    if len(prefix) < 8:
+        raise InvalidAdapter(f"header prefix is {len(prefix)} bytes, shorter than the 8-byte length field")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > max_header_bytes:
+        raise TooLarge(f"safetensors header is {n} bytes, over the {max_header_bytes}-byte limit")
+    if len(prefix) != 8 + n:
+        raise InvalidAdapter(f"header prefix is {len(prefix)} bytes but its length field says 8 + {n}")
+    raw = prefix[8:]
+    if raw[:1] != b"{":
+        raise InvalidAdapter("header does not start with '{': not a safetensors file")
+    parsed = strict_json(raw, "safetensors header")
+    if not isinstance(parsed, dict):
+        raise InvalidAdapter(f"safetensors header must be a JSON object, got {type(parsed).__name__}")
+    ends = [e.get("data_offsets") for k, e in parsed.items() if k != "__metadata__" and isinstance(e, dict)]
+    # a provisional length: every entry is still checked against it and the layout must tile it exactly
+    data_len = max((o[1] for o in ends if isinstance(o, list) and len(o) == 2 and _is_int(o[1])), default=0)
+    return _validate(parsed, header_len=n, data_len=data_len, any_dtype=False)
+
+
+def _count_tensors(raw: bytes, max_tensors: int) -> None:
+    # every tensor entry has exactly one "data_offsets" key, and a quote inside a JSON string is
+    # escaped, so this counts entries without parsing (in C, on bytes)
+    n = raw.count(b'"data_offsets"')
+    if n > max_tensors:
+        raise LimitExceeded(f"the header lists {n} tensors, over the limit of {max_tensors} for this federation")
+
+
+def _read(f: BinaryIO, max_header_bytes: int, any_dtype: bool, max_tensors: int | None) -> Header:
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     head = f.read(_SNIFF_BYTES)
@@ -152,17 +194,19 @@ def _read(f: BinaryIO, max_header_bytes: int) -> Header:
     raw = f.read(n)
     if raw[:1] != b"{":
         raise InvalidAdapter("header does not start with '{': not a safetensors file")
+    if max_tensors is not None:
+        _count_tensors(raw, max_tensors)
     parsed = strict_json(raw, "safetensors header")
-    return _validate(parsed, header_len=n, data_len=size - 8 - n)
+    return _validate(parsed, header_len=n, data_len=size - 8 - n, any_dtype=any_dtype)
 
 
-def _validate(obj: Any, *, header_len: int, data_len: int) -> Header:
+def _validate(obj: Any, *, header_len: int, data_len: int, any_dtype: bool) -> Header:
     if not isinstance(obj, dict):
         raise InvalidAdapter(f"safetensors header must be a JSON object, got {type(obj).__name__}")
     metadata = obj.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidAdapter("__metadata__ must map strings to strings (safetensors format)")
-    tensors = {name: _entry(name, e, data_len) for name, e in obj.items() if name != "__metadata__"}
+    tensors = {name: _entry(name, e, data_len, any_dtype) for name, e in obj.items() if name != "__metadata__"}
     _check_layout(tensors, data_len)
     return Header(tensors=tensors, metadata=metadata, header_len=header_len, data_len=data_len)
 
@@ -171,20 +215,26 @@ def _is_int(x: Any) -> bool:
     return type(x) is int  # JSON true/false arrive as bool, a subclass of int
 
 
-def _entry(name: str, e: Any, data_len: int) -> TensorInfo:
+def _itemsize(name: str, dtype: Any, any_dtype: bool) -> int:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype][0]
+    if any_dtype and isinstance(dtype, str) and dtype in _OTHER_ITEMSIZES:
+        return _OTHER_ITEMSIZES[dtype]
+    raise InvalidAdapter(f"tensor {name!r} has dtype {dtype!r}; only {', '.join(DTYPES)} are accepted for LoRA deltas")
+
+
+def _entry(name: str, e: Any, data_len: int, any_dtype: bool) -> TensorInfo:
     if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
         got = sorted(e) if isinstance(e, dict) else type(e).__name__
         raise InvalidAdapter(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets; got {got}")
     dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-    if dtype not in DTYPES:
-        raise InvalidAdapter(
-            f"tensor {name!r} has dtype {dtype!r}; only {', '.join(DTYPES)} are accepted for LoRA deltas"
-        )
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+    itemsize = _itemsize(name, dtype, any_dtype)
+    # type(...) is int: JSON true/false arrive as bool, a subclass of int (inlined: this runs per tensor)
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         raise InvalidAdapter(f"tensor {name!r} has shape {shape!r}: dimensions must be integers in [0, {MAX_DIM}]")
     if len(shape) > MAX_NDIM:
         raise InvalidAdapter(f"tensor {name!r} has {len(shape)} dimensions, more than {MAX_NDIM}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and type(offsets[0]) is type(offsets[1]) is int):
         raise InvalidAdapter(f"tensor {name!r}: data_offsets must be [begin, end] integers, got {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -194,7 +244,7 @@ def _entry(name: str, e: Any, data_len: int) -> TensorInfo:
             f"tensor {name!r}: data_offsets [{begin}, {end}] reach past the {data_len} bytes of tensor data "
             "in the file (truncated file or lying header)"
         )
-    nbytes = math.prod(shape) * DTYPES[dtype][0]
+    nbytes = math.prod(shape) * itemsize
     if end - begin != nbytes:
         raise InvalidAdapter(
             f"tensor {name!r}: shape {shape} of {dtype} is {nbytes} bytes but data_offsets span {end - begin}"
@@ -218,44 +268,6 @@ def _check_layout(tensors: Mapping[str, TensorInfo], data_len: int) -> None:
         )
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``tensors`` as safetensors with byte-identical output for identical input; return sha256 hex.
-
-    The safetensors library orders ``__metadata__`` by a randomly seeded hash map, so two
-    runs differ; we serialise ourselves (sorted JSON, widest dtype first so every tensor
-    stays aligned) and write atomically (temp file + rename).
-    """
-    if sys.byteorder != "little":  # the format is little-endian and we write raw memory
-        raise RuntimeError("write_safetensors needs a little-endian host")
-    parts: list[tuple[str, torch.Tensor]] = []
-    for name, t in tensors.items():
-        if t.dtype not in _NAMES:
-            raise InvalidAdapter(f"cannot write tensor {name!r} of dtype {t.dtype}; use one of {', '.join(DTYPES)}")
-        parts.append((name, t.detach().cpu().contiguous()))
-    parts.sort(key=lambda p: (-p[1].element_size(), p[0]))
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
-    offset = 0
-    for name, t in parts:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (len(raw).to_bytes(8, "little"), raw):
-                f.write(chunk)
-                digest.update(chunk)
-            for _, t in parts:
-                buf = t.reshape(-1).view(torch.uint8).numpy()
-                f.write(buf)
-                digest.update(buf)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
+def in_file_order(header: Header) -> list[tuple[str, TensorInfo]]:
+    """The header's tensors in the order their bytes appear in the file."""
+    return sorted(header.tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end, kv[0]))

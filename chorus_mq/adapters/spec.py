@@ -3,7 +3,8 @@
 Pattern semantics follow peft 0.21 exactly: ``rank_pattern``/``alpha_pattern`` keys are
 regexes matched with ``re.match(rf"(.*\\.)?({key})$", path)`` against the module path as
 the base model names it (no ``base_model.model.`` prefix); the first matching key in
-dict order wins. ``target_modules`` as a string is ``re.fullmatch``-ed; as a list, an
+dict order wins, and a key is valid when that wrapped form compiles. Each key is compiled
+once, when the spec is built. ``target_modules`` as a string is ``re.fullmatch``-ed; as a list, an
 entry matches the path itself or any dotted suffix of it.
 
 Patterns come from untrusted clients and Python's ``re`` has no timeout, so patterns
@@ -17,8 +18,9 @@ import dataclasses
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import InvalidAdapter
 
@@ -44,18 +46,22 @@ def _bad(msg: str) -> InvalidAdapter:
     return InvalidAdapter(f"adapter_config: {msg}")
 
 
-def _check_regex(pattern: Any, what: str, max_repeats: int) -> str:
+def _check_regex(pattern: Any, what: str, max_repeats: int, *, peft_key: bool = False) -> re.Pattern[str]:
+    """The compiled pattern (a pattern key: as peft wraps it, ``(.*\\.)?(key)$``), if it is simple enough."""
     if not isinstance(pattern, str) or not pattern or len(pattern) > _MAX_PATTERN_LEN:
         raise _bad(f"{what} {pattern!r} must be a non-empty string of at most {_MAX_PATTERN_LEN} characters")
     # bounds backtracking to about quadratic in the name length (peft wraps patterns in "(.*\.)?")
     if _REPEATED_GROUP.search(pattern) or len(_UNBOUNDED.findall(pattern)) > max_repeats:
-        raise _bad(f"{what} {pattern!r} is too complex: repeated groups and more than {max_repeats} "
-                   "'*'/'+'/'{m,n}' are refused; list the module names instead")
+        raise _bad(
+            f"{what} {pattern!r} is too complex: repeated groups and more than {max_repeats} "
+            "'*'/'+'/'{m,n}' are refused; list the module names instead"
+        )
     try:
-        re.compile(pattern)
+        # one compile per key: the wrapped form is what every lookup matches (re's cache holds 512
+        # patterns, so thousands of keys would otherwise be recompiled on every lookup)
+        return re.compile(rf"(.*\.)?({pattern})$" if peft_key else pattern)
     except re.error as exc:
         raise _bad(f"{what} {pattern!r} is not a valid regex: {exc}") from None
-    return pattern
 
 
 def _positive(value: Any, what: str, *, integer: bool) -> Any:
@@ -70,11 +76,19 @@ def _positive(value: Any, what: str, *, integer: bool) -> Any:
     return value
 
 
-def _patterns(value: Any, what: str, *, integer: bool) -> dict[str, Any]:
+def _patterns(
+    value: Any, what: str, *, integer: bool
+) -> tuple[dict[str, Any], tuple[tuple[re.Pattern[str], Any], ...]]:
+    """The checked pattern dict, and its keys compiled in order (first match wins) with their values."""
     if not isinstance(value, Mapping):
         raise _bad(f"{what} must be an object, got {type(value).__name__}")
-    return {_check_regex(k, f"{what} key", 1): _positive(v, f"{what}[{k!r}]", integer=integer)
-            for k, v in value.items()}
+    checked = {}
+    matchers = []
+    for key, v in value.items():
+        compiled = _check_regex(key, f"{what} key", 1, peft_key=True)
+        checked[key] = _positive(v, f"{what}[{key!r}]", integer=integer)
+        matchers.append((compiled, checked[key]))
+    return checked, tuple(matchers)
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
@@ -101,10 +115,10 @@ def pattern_fit(values: Mapping[str, V]) -> tuple[V, dict[str, V]]:
     return default, {re.escape(module_path(m)): v for m, v in sorted(values.items()) if v != default}
 
 
-def _first_match(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+def _first_match(matchers: tuple[tuple[re.Pattern[str], V], ...], module: str, default: V) -> V:
     path = module_path(module)
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+    for pattern, value in matchers:
+        if pattern.match(path):
             return value
     return default
 
@@ -125,6 +139,11 @@ class LoraSpec:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    # the pattern keys compiled once, in order (set on construction; not part of the value)
+    _rank_matchers: tuple[tuple[re.Pattern[str], int], ...] = field(default=(), init=False, repr=False, compare=False)
+    _alpha_matchers: tuple[tuple[re.Pattern[str], float], ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once, at construction
@@ -135,21 +154,27 @@ class LoraSpec:
                 raise _bad(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         targets = self.target_modules
         if isinstance(targets, str):
-            set_(self, "target_modules", _check_regex(targets, "target_modules", 2))
+            _check_regex(targets, "target_modules", 2)
+            set_(self, "target_modules", targets)
         else:
             set_(self, "target_modules", _names(targets, "target_modules"))
         for name in ("task_type", "base_model"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise _bad(f"{name} must be a string or null, got {getattr(self, name)!r}")
-        set_(self, "rank_pattern", _patterns(self.rank_pattern, "rank_pattern", integer=True))
-        set_(self, "alpha_pattern", _patterns(self.alpha_pattern, "alpha_pattern", integer=False))
+        rank_pattern, rank_matchers = _patterns(self.rank_pattern, "rank_pattern", integer=True)
+        alpha_pattern, alpha_matchers = _patterns(self.alpha_pattern, "alpha_pattern", integer=False)
+        set_(self, "rank_pattern", rank_pattern)
+        set_(self, "alpha_pattern", alpha_pattern)
+        set_(self, "_rank_matchers", rank_matchers)
+        set_(self, "_alpha_matchers", alpha_matchers)
         set_(self, "modules_to_save", _names(self.modules_to_save, "modules_to_save"))
 
     def __hash__(self) -> int:  # the pattern dicts would make the generated hash raise
-        return hash(tuple(tuple(v.items()) if isinstance(v, Mapping) else v for v in dataclasses.astuple(self)))
+        values = (getattr(self, f.name) for f in dataclasses.fields(self) if f.compare)
+        return hash(tuple(tuple(v.items()) if isinstance(v, Mapping) else v for v in values))
 
     @classmethod
-    def from_peft_config(cls, d: Mapping[str, Any]) -> "LoraSpec":
+    def from_peft_config(cls, d: Mapping[str, Any]) -> LoraSpec:
         """Build from a parsed ``adapter_config.json``; peft's defaults fill absent keys."""
         if not isinstance(d, Mapping):
             raise _bad(f"must be a JSON object, got {type(d).__name__}")
@@ -160,6 +185,7 @@ class LoraSpec:
                 raise _bad(f"{key}=true is not supported ({why}); train a plain LoRA adapter")
         if d.get("bias", "none") != "none":
             raise _bad(f"bias={d['bias']!r} trains base-model biases, which are not LoRA factors; use bias='none'")
+        saves: Any = d.get("modules_to_save")
         return cls(
             r=d.get("r", 8),
             lora_alpha=d.get("lora_alpha", 8),
@@ -170,7 +196,7 @@ class LoraSpec:
             base_model=d.get("base_model_name_or_path"),
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
-            modules_to_save=d.get("modules_to_save"),
+            modules_to_save=() if saves is None else saves,
         )
 
     def to_peft_config(self) -> dict[str, Any]:
@@ -193,17 +219,21 @@ class LoraSpec:
             "inference_mode": True,
         }
 
-    def replace(self, **changes: Any) -> "LoraSpec":
+    def replace(self, **changes: Any) -> LoraSpec:
         return dataclasses.replace(self, **changes)
 
     def rank_for(self, module: str) -> int:
         """The rank peft gives ``module`` (``rank_pattern`` first match, else ``r``)."""
-        return _first_match(self.rank_pattern, module, self.r)
+        return _first_match(self._rank_matchers, module, self.r)
+
+    def alpha_for(self, module: str) -> float:
+        """The lora_alpha peft gives ``module`` (``alpha_pattern`` first match, else ``lora_alpha``)."""
+        return float(_first_match(self._alpha_matchers, module, self.lora_alpha))
 
     def scaling(self, module: str, r: int | None = None) -> float:
         """PEFT's scaling for ``module`` at rank ``r`` (default: :meth:`rank_for`): alpha/r or alpha/sqrt(r)."""
         r = self.rank_for(module) if r is None else r
-        alpha = float(_first_match(self.alpha_pattern, module, self.lora_alpha))
+        alpha = self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def targets(self, module: str) -> bool:
@@ -221,7 +251,7 @@ class LoraSpec:
         # peft wraps every module whose name ends with an entry (plain suffix, no dot boundary)
         return any(".".join(parts[:i]).endswith(m) for m in self.modules_to_save for i in range(1, len(parts)))
 
-    def incompatibilities(self, other: "LoraSpec") -> list[str]:
+    def incompatibilities(self, other: LoraSpec) -> list[str]:
         """Why deltas under ``self`` and ``other`` cannot be aggregated together (empty: they can).
 
         Ranks, alphas and rsLoRA may differ per client: each client's own scaling is applied
@@ -238,7 +268,7 @@ class LoraSpec:
             problems.append(f"base model differs: {mine!r} vs {theirs!r}")
         return problems
 
-    def compatible_with(self, other: "LoraSpec") -> bool:
+    def compatible_with(self, other: LoraSpec) -> bool:
         return not self.incompatibilities(other)
 
 

@@ -25,14 +25,19 @@ is not hardened against least-significant-bit attacks (Mironov 2012).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from chorus_mq.errors import ConfigError
+from chorus_mq.aggregation.shapes import OutputLayout
+from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, check_finite, module_dims
+from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.factors import Residual
 
 DEFAULT_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24,
@@ -57,14 +62,14 @@ def gaussian_log_delta(epsilon: float, mu: float) -> float:
     ``delta = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)``, in log space.
     """
     x = torch.tensor([mu / 2 - epsilon / mu, -mu / 2 - epsilon / mu], dtype=F64)
-    log_a, log_b = torch.special.log_ndtr(x).tolist()
+    log_a, log_b = (float(v) for v in torch.special.log_ndtr(x).tolist())
     log_b += epsilon
     if log_b >= log_a:  # the difference underflowed to (numerically) zero
         return -math.inf
     return log_a + math.log1p(-math.exp(log_b - log_a))
 
 
-def _bisect(f, lo: float, hi: float, *, log_scale: bool) -> tuple[float, float]:
+def _bisect(f: Callable[[float], bool], lo: float, hi: float, *, log_scale: bool) -> tuple[float, float]:
     """Narrow (lo, hi), f(lo) false and f(hi) true for a monotone f, to adjacent floats."""
     for _ in range(_BISECT_STEPS):
         mid = math.sqrt(lo * hi) if log_scale else (lo + hi) / 2
@@ -131,12 +136,12 @@ def gaussian_rdp(noise_multiplier: float, orders: Sequence[float], sample_rate: 
     return out
 
 
-def rdp_to_epsilon(rdp: Sequence[float], orders: Sequence[float], delta: float) -> float:
+def rdp_to_epsilon(rdp: Sequence[float] | Tensor, orders: Sequence[float], delta: float) -> float:
     """(eps, delta) from RDP with the improved conversion (Balle et al. 2020, Canonne et al. 2020)."""
     log_delta = math.log(_check("delta", delta, hi=1.0))
     a = torch.as_tensor(orders, dtype=F64)
     eps = torch.as_tensor(rdp, dtype=F64) + torch.log1p(-1 / a) - (log_delta + torch.log(a)) / (a - 1)
-    return max(eps.min().item(), 0.0)
+    return max(float(eps.min()), 0.0)
 
 
 class PrivacyAccountant:
@@ -147,7 +152,7 @@ class PrivacyAccountant:
     mechanisms is a Gaussian mechanism), which is tight.
     """
 
-    def __init__(self, orders: Sequence[float] = DEFAULT_ORDERS):
+    def __init__(self, orders: Sequence[float] = DEFAULT_ORDERS) -> None:
         if not orders or min(orders) <= 1:
             raise ConfigError("RDP orders must be a non-empty list of numbers > 1")
         self.orders = tuple(float(a) for a in orders)
@@ -178,7 +183,7 @@ class PrivacyAccountant:
         eps = self.epsilon_rdp(delta)
         return min(eps, gdp_epsilon(math.sqrt(self.mu2), delta)) if self.exact else eps
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """A small JSON-able dict (inf RDP values stored as null)."""
         return {
             "version": _JSON_VERSION,
@@ -190,7 +195,7 @@ class PrivacyAccountant:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> PrivacyAccountant:
+    def from_json(cls, data: dict[str, Any]) -> PrivacyAccountant:
         """Inverse of ``to_json``; ConfigError on anything malformed."""
         try:
             if data["version"] != _JSON_VERSION:
@@ -263,9 +268,7 @@ def orthonormal_rows(A: Tensor, atol: float = 1e-5) -> bool:
     return A.ndim == 2 and torch.allclose(A @ A.T, torch.eye(A.shape[0], dtype=torch.float64), atol=atol)
 
 
-def noise_B(
-    B: Tensor, A: Tensor, sigma: float, scaling: float, generator: torch.Generator | None = None
-) -> Tensor:
+def noise_B(B: Tensor, A: Tensor, sigma: float, scaling: float, generator: torch.Generator | None = None) -> Tensor:
     """FFA-LoRA release: ``B + N(0, (sigma/scaling)^2)`` for a frozen A shared by all clients.
 
     With orthonormal rows, ``||s B_i A||_F = s ||B_i||_F``: clipping the update is
@@ -281,3 +284,91 @@ def noise_B(
     out_dtype = torch.promote_types(B.dtype, torch.float32)
     noise = gaussian_noise_dense(B.shape[0], B.shape[1], sigma / abs(scaling), generator, out_dtype)
     return B.to(out_dtype) + noise
+
+
+def noise_generator(noise_key: str, federation: str, round_: int, module: str) -> torch.Generator:
+    """Deterministic per (federation, round, module) but secret: a re-run releases the same noise,
+    so a duplicate aggregation never leaves two independent noisy copies to average."""
+    digest = hashlib.sha256(f"{noise_key}|{federation}|{round_}|{module}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def frozen_shared_a(updates: Sequence[ClientUpdate]) -> bool:
+    """Whether every client holds the same A with orthonormal rows (FFA-LoRA): noise can go on B alone."""
+    first = updates[0].A
+    return all(torch.equal(u.A, first) for u in updates) and orthonormal_rows(first)
+
+
+def dp_layout(
+    ranks: Sequence[int], d_out: int, d_in: int, *, frozen_a: bool, out_rank: int | None = None
+) -> OutputLayout:
+    """The shapes :func:`dp_release` returns: FFA (``frozen_a``) keeps A's rank and has no residual;
+    the dense mechanism releases a rank-``out_rank`` (default: the largest rank) adapter and a dense residual."""
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise AggregationError(f"ranks must be ints >= 1, got {list(ranks)!r}")
+    if out_rank is not None and (isinstance(out_rank, bool) or not isinstance(out_rank, int) or out_rank < 1):
+        raise AggregationError(f"out_rank must be a positive int or None, got {out_rank!r}")
+    if frozen_a:
+        if len(set(ranks)) != 1:
+            raise AggregationError(f"a frozen shared A has one rank; got ranks {sorted(set(ranks))}")
+        if out_rank is not None and out_rank < ranks[0]:
+            raise AggregationError(f"out_rank={out_rank} is below the frozen A's rank {ranks[0]}")
+        return OutputLayout(out_rank or ranks[0], -1, "none", 0, d_out, d_in)
+    return OutputLayout(out_rank or max(ranks), -1, "dense", 0, d_out, d_in)
+
+
+def dp_release(
+    updates: Sequence[ClientUpdate],
+    *,
+    quorum: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    out_rank: int | None = None,
+    frozen_a: bool | None = None,
+) -> ModuleResult:
+    """Release ``sum_i s_i B_i A_i / quorum + N(0, sigma^2)`` with sigma = z * C / quorum.
+
+    The clients' updates must already be clipped (adapter-wide, to ``clip_norm``); their
+    weights are ignored: the mechanism fixes 1/quorum, so an absent client is a zero update.
+    When every client shares one frozen A with orthonormal rows (FFA-LoRA; ``frozen_a``:
+    None detects it, True requires it), the noise goes on B alone (d_out x r) and there is
+    no residual; otherwise it is dense per module (d_out x d_in) and the released adapter is
+    the best rank-``out_rank`` approximation of the noised update, the rest a dense residual.
+    The shapes are :func:`dp_layout`'s.
+    """
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+        raise ConfigError(f"quorum must be a positive int, got {quorum!r}")
+    d_out, d_in = module_dims(updates)
+    sigma = _check("noise_multiplier", noise_multiplier) * aggregate_sensitivity(clip_norm, [1.0 / quorum] * quorum)
+    ffa = frozen_shared_a(updates) if frozen_a is None else frozen_a
+    if ffa and not frozen_shared_a(updates):
+        raise ConfigError("frozen_a=True needs every client to share one A with orthonormal rows (FFA-LoRA)")
+    ranks = [int(u.A.shape[0]) for u in updates]
+    layout = dp_layout(ranks, d_out, d_in, frozen_a=ffa, out_rank=out_rank)
+    if ffa:
+        a0 = updates[0].A.to(torch.float32)
+        b_sum = torch.zeros(d_out, ranks[0], dtype=F64)
+        for u in updates:
+            b_sum.add_(u.B.to(F64), alpha=float(u.scaling) / quorum)
+        b_out = noise_B(b_sum.to(torch.float32), a0, sigma, 1.0, generator)
+        a_out, b_out = _pad_rows(a0, layout.rank), _pad_rows(b_out.mT, layout.rank).mT.contiguous()
+        return check_finite(ModuleResult(A=a_out, B=b_out, scaling=1.0, residual=None))
+    dense = torch.zeros(d_out, d_in, dtype=F64)
+    for u in updates:
+        dense.addmm_(u.B.to(F64), u.A.to(F64), alpha=float(u.scaling) / quorum)
+    dense += gaussian_noise_dense(d_out, d_in, sigma, generator)
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    n = min(layout.rank, S.numel())
+    root = S[:n].sqrt()
+    left, right = (U[:, :n] * root).to(torch.float32), (root[:, None] * Vh[:n]).to(torch.float32)
+    # the residual is taken against the *cast* adapter, so adapter + residual is the release
+    dense.addmm_(left.to(F64), right.to(F64), alpha=-1.0)
+    a_out, b_out = _pad_rows(right, layout.rank), _pad_rows(left.mT, layout.rank).mT.contiguous()
+    return check_finite(ModuleResult(A=a_out, B=b_out, scaling=1.0, residual=Residual(dense=dense)))
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] >= rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])], 0)

@@ -42,8 +42,9 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise AggregationError(f"workers must be a positive int, got {workers!r}")
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,),
-                            thread_name_prefix="chorus-module") as pool:
+    with ThreadPoolExecutor(
+        workers, initializer=torch.set_num_threads, initargs=(1,), thread_name_prefix="chorus-module"
+    ) as pool:
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))

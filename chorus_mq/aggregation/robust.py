@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.names import RobustAggregate
 
 F64 = torch.float64
 #: modified z-score constant: 0.6745 = Phi^-1(3/4), makes MAD consistent for a normal
@@ -49,7 +50,6 @@ _MAD_K = 0.6745
 _POINT_TOL = 1e-7
 #: bounds the K x K Gram block held at once (K = summed ranks of a client chunk)
 _CHUNK_RANK = 2048
-AGGREGATES = ("mean", "trimmed", "geomedian")
 CLIP_SCOPES = ("adapter", "module")
 
 
@@ -58,8 +58,7 @@ def _factors(u: Any) -> tuple[Tensor, Tensor, float]:
     A, B, s = (u[0], u[1], u[2]) if isinstance(u, (tuple, list)) else (u.A, u.B, u.scaling)
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ConfigError(
-            f"LoRA factors do not pair: A {tuple(A.shape)}, B {tuple(B.shape)}; "
-            "expected A (r, d_in) and B (d_out, r)"
+            f"LoRA factors do not pair: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A (r, d_in) and B (d_out, r)"
         )
     return A, B, float(s)
 
@@ -92,7 +91,7 @@ def gram_matrix(updates: Sequence[Any]) -> Tensor:
     return G * torch.outer(s, s)
 
 
-def _pack(chunk, where: slice):
+def _pack(chunk: Sequence[tuple[Tensor, Tensor, float]], where: slice) -> tuple[slice, Tensor, Tensor, Tensor]:
     B = torch.cat([B.to(F64) for _, B, _ in chunk], dim=1)
     A = torch.cat([A.to(F64) for A, _, _ in chunk], dim=0)
     ranks = torch.tensor([A.shape[0] for A, _, _ in chunk])
@@ -118,11 +117,6 @@ def _sq_norm(u: Any) -> float:
     return max(s * s * ((B.T @ B) * (A @ A.T)).sum().item(), 0.0)
 
 
-def update_norm(A: Tensor, B: Tensor, scaling: float = 1.0) -> float:
-    """``||scaling * B @ A||_F`` via r x r Gram products, in float64."""
-    return math.sqrt(_sq_norm((A, B, scaling)))
-
-
 def update_distance(u: Any, v: Any) -> float:
     """``||U_u - U_v||_F`` of two (A, B, scaling) updates, from the Gram of [B_u|B_v], [A_u;A_v]."""
     return pairwise_distances(gram_matrix([u, v]))[0, 1].item()
@@ -137,7 +131,7 @@ def robust_z(x: Tensor, min_spread: float = 0.0) -> Tensor:
     x = x.to(F64)
     med = torch.quantile(x, 0.5)  # interpolated; torch.median picks the lower middle
     dev = x - med
-    scale = max(torch.quantile(dev.abs(), 0.5).item(), min_spread)
+    scale = max(float(torch.quantile(dev.abs(), 0.5)), min_spread)
     if scale > 0:
         return _MAD_K * dev / scale
     return torch.where(dev == 0, torch.zeros_like(dev), dev.sign() * math.inf)
@@ -153,7 +147,7 @@ def geometric_median(gram: Tensor, weights: Tensor, *, max_iter: int = 200, tol:
     w = weights.to(F64) / weights.sum()
     live = w > 0
     norms = torch.diagonal(gram).clamp_min(0).sqrt()[live]
-    ref = norms.median().item() or norms.max().item()
+    ref = float(norms.median()) or float(norms.max())
     if ref == 0.0:  # every update is zero: any combination is the median
         return w
     medoid = torch.where(live, pairwise_distances(gram) @ w, torch.full_like(w, math.inf)).argmin()
@@ -166,11 +160,11 @@ def geometric_median(gram: Tensor, weights: Tensor, *, max_iter: int = 200, tol:
         if c.sum() == 0:  # all weight sits on the current point
             break
         step = c / c.sum() - alpha
-        pull = c.sum() * math.sqrt(max((step @ gram @ step).item(), 0.0))
+        pull = float(c.sum()) * math.sqrt(max(float(step @ gram @ step), 0.0))
         # Vardi-Zhang: at a data point of weight eta, move only if the others pull harder
-        lam = min(1.0, w[at].sum().item() / pull) if pull > 0 else 1.0
+        lam = min(1.0, float(w[at].sum()) / pull) if pull > 0 else 1.0
         new = alpha + (1.0 - lam) * step
-        moved = math.sqrt(max(((new - alpha) @ gram @ (new - alpha)).item(), 0.0))
+        moved = math.sqrt(max(float((new - alpha) @ gram @ (new - alpha)), 0.0))
         alpha = new
         if moved <= tol * ref:
             break
@@ -194,15 +188,16 @@ class RobustPolicy:
     trim: int = 0
     max_iter: int = 200
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.z_threshold > 0 or not self.min_spread >= 0:
             raise ConfigError("z_threshold must be > 0 and min_spread >= 0")
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ConfigError(f"clip_norm must be a positive finite number, got {self.clip_norm!r}")
         if self.clip_scope not in CLIP_SCOPES:
             raise ConfigError(f"clip_scope must be one of {CLIP_SCOPES}, got {self.clip_scope!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.aggregate not in RobustAggregate.values():
+            choices = ", ".join(RobustAggregate.values())
+            raise ConfigError(f"aggregate must be one of {choices}, got {self.aggregate!r}")
         if self.trim < 0 or (self.trim and self.aggregate != "trimmed"):
             raise ConfigError("trim must be >= 0 and is only used with aggregate='trimmed'")
 
@@ -289,7 +284,7 @@ class GramAccumulator:
             sq = torch.diagonal(g).clone()
             if self._per_module:
                 self._grams.append(g)
-            else:
+            elif self._gram is not None:
                 self._gram += g
         elif ok:
             sq[ok] = torch.tensor([_sq_norm(updates[i]) for i in ok], dtype=F64)
@@ -311,13 +306,14 @@ class GramAccumulator:
         if self.pairwise:
             mask = live[:, None] & live[None, :]
             if self._per_module:
-                G = sum(self._grams) * mask
-                Gc = sum(g * torch.outer(c, c) for g, c in zip(self._grams, clip)) * mask
+                G = torch.stack(self._grams).sum(0) * mask
+                Gc = torch.stack([g * torch.outer(c, c) for g, c in zip(self._grams, clip, strict=True)]).sum(0) * mask
             else:  # adapter-wide (or no) clipping: one factor per client in every module
+                assert self._gram is not None  # allocated for exactly this case
                 G = self._gram * mask
                 Gc = G * torch.outer(clip[0], clip[0])
         if policy.detect_outliers and int(live.sum()) >= 3:
-            _detect(G, norms, base * live, policy, excluded, stats)
+            _detect(G, norms, base * live, policy, excluded=excluded, stats=stats)
         keep = torch.tensor([i not in excluded for i in range(self.n)]) & (base > 0)
         if not keep.any():
             detail = "; ".join(f"client {i}: {r}" for i, r in sorted(excluded.items())[:5])
@@ -337,19 +333,23 @@ def screen(
 ) -> ScreenResult:
     """Screen a round given each client's modules (a list aligned by position, or a name->update map)."""
     acc = GramAccumulator(len(clients), policy)
-    if clients and isinstance(clients[0], Mapping):
-        for name in sorted(set().union(*(c.keys() for c in clients))):
-            acc.add(name, [c.get(name) for c in clients])
-    else:
-        n_mod = {len(c) for c in clients}
-        if len(n_mod) != 1:
-            raise ConfigError(f"clients hold different numbers of modules: {sorted(n_mod)}")
-        for m in range(n_mod.pop()):
-            acc.add(str(m), [c[m] for c in clients])
+    maps = [c for c in clients if isinstance(c, Mapping)]
+    if clients and len(maps) == len(clients):
+        for name in sorted(set().union(*(c.keys() for c in maps))):
+            acc.add(name, [c.get(name) for c in maps])
+        return acc.screen(weights)
+    lists = [c for c in clients if not isinstance(c, Mapping)]
+    if len(lists) != len(clients):
+        raise ConfigError("clients must all be name -> update maps, or all lists aligned by position")
+    n_mod = {len(c) for c in lists}
+    if len(n_mod) != 1:
+        raise ConfigError(f"clients hold different numbers of modules: {sorted(n_mod)}")
+    for m in range(n_mod.pop()):
+        acc.add(str(m), [c[m] for c in lists])
     return acc.screen(weights)
 
 
-def _base_weights(weights, n: int) -> Tensor:
+def _base_weights(weights: Sequence[float] | None, n: int) -> Tensor:
     if weights is None:
         return torch.ones(n, dtype=F64)
     w = torch.as_tensor(list(weights), dtype=F64)
@@ -364,9 +364,11 @@ def _log_floor(x: Tensor, ref: float) -> Tensor:
     return torch.log(x.clamp_min(_POINT_TOL * ref if ref > 0 else 1e-300))
 
 
-def _detect(G, norms, w, policy, excluded, stats) -> None:
+def _detect(
+    G: Tensor, norms: Tensor, w: Tensor, policy: RobustPolicy, *, excluded: dict[int, str], stats: dict[str, Tensor]
+) -> None:
     live = w > 0
-    ref = norms[live].median().item() or norms[live].max().item()
+    ref = float(norms[live].median()) or float(norms[live].max())
     dist = distances_to(G, geometric_median(G, w, max_iter=policy.max_iter))
     zn, zd = torch.full_like(norms, math.nan), torch.full_like(norms, math.nan)
     # Log scale: scaling attacks are multiplicative, and a zero update scores far low.

@@ -1,159 +1,268 @@
 """Aggregation strategies for one module: fedavg, fedex-lora, svd and stack.
 
 All but fedavg are exact: ``scaling * B @ A + residual == sum_i w_i s_i B_i A_i`` with
-``w`` normalised. Inputs of any float dtype are used at their exact values (upcast);
-order and dtypes are fixed, so the same inputs give bit-identical outputs.
+``w`` normalised over the updates' weights plus the absent weight. Inputs of any float
+dtype are used at their exact values (upcast); order and dtypes are fixed, so the same
+inputs give bit-identical outputs. The shapes are those :func:`output_layout` predicts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.lowrank import factored_svd
-from chorus_mq.factors import Residual
-from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, Prepared, prepare
+from chorus_mq.aggregation.lowrank import split_svd
+from chorus_mq.aggregation.shapes import OutputLayout, as_strategy, holders, output_layout
+from chorus_mq.aggregation.updates import (
+    NOT_FINITE,
+    ClientMeta,
+    ClientUpdate,
+    ModuleResult,
+    check_finite,
+    module_dims,
+)
 from chorus_mq.errors import AggregationError
-
-STRATEGIES = ("fedavg", "fedex-lora", "svd", "stack")
+from chorus_mq.factors import Residual
+from chorus_mq.names import Strategy
 
 _F32 = torch.float32
 _F64 = torch.float64
-_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_EPS32 = torch.finfo(_F32).eps
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The updates that count (weight > 0, scaling != 0), their normalised weights and the layout to fill."""
+
+    updates: tuple[ClientUpdate, ...]
+    weights: tuple[float, ...]
+    whole: bool  # no weight is absent: the weights sum to 1
+    layout: OutputLayout
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(int(u.A.shape[0]) for u in self.updates)
+
+    @property
+    def scalings(self) -> tuple[float, ...]:
+        return tuple(float(u.scaling) for u in self.updates)
+
+    @property
+    def products(self) -> tuple[float, ...]:
+        """``w_i * s_i``, the weight of ``B_i @ A_i`` in the ideal update."""
+        return tuple(w * s for w, s in zip(self.weights, self.scalings, strict=True))
+
+    @property
+    def fine(self) -> bool:
+        """The adapter dtype is float32 or finer (its rounding is below the residual's)."""
+        return torch.finfo(self.layout.dtype).eps <= _EPS32
+
+
+def prepare(
+    updates: Sequence[ClientUpdate],
+    strategy: Strategy | str = Strategy.FEDEX_LORA,
+    *,
+    absent_weight: float = 0.0,
+    out_rank: int | None = None,
+    out_dtype: torch.dtype = _F32,
+) -> Prepared:
+    """Check the updates and options and fix the output layout; drops clients that do not count."""
+    d_out, d_in = module_dims(updates)
+    metas = [ClientMeta.of(u) for u in updates]
+    layout = output_layout(
+        strategy, metas, d_out, d_in, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype
+    )
+    who = holders(metas, absent_weight)
+    kept = tuple(updates[i] for i in who.index)
+    return Prepared(kept, who.weights, who.whole, layout)
 
 
 def aggregate_module(
     updates: Sequence[ClientUpdate],
-    strategy: str = "fedex-lora",
+    strategy: Strategy | str = Strategy.FEDEX_LORA,
     *,
+    absent_weight: float = 0.0,
     out_rank: int | None = None,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype = _F32,
 ) -> ModuleResult:
     """Aggregate one module's client updates into a global adapter and its residual.
 
     * ``fedavg``: weighted means of A and of B (B rescaled to the output scaling);
       inexact by design, no residual. A baseline, never the default.
-    * ``fedex-lora``: the same factors plus the exact residual (a copy, no factorisation).
+    * ``fedex-lora``: the same factors plus the exact residual at its exact rank.
     * ``svd``: the best rank-``out_rank`` approximation (default: the largest client
-      rank), scaling 1.0; only those singular directions are formed, and the residual is
-      the exact update minus the adapter, as for fedex-lora a concatenation.
+      rank), scaling 1.0, and the discarded directions as the residual.
     * ``stack``: all client factors side by side (rank ``sum r_i``), scaling 1.0.
 
-    ``out_rank`` larger than a strategy's natural rank zero-pads; only svd truncates.
-    When ``out_dtype`` is coarser than float32 the residual also absorbs the cast error.
+    ``absent_weight`` is the weight of the round's clients that did not send this module:
+    each counts as a zero update. ``out_rank`` larger than a strategy's natural rank
+    zero-pads; only svd truncates. When ``out_dtype`` is coarser than float32 the residual
+    also absorbs the adapter's rounding. The shapes are ``output_layout``'s for the same
+    inputs; a non-finite result raises AggregationError.
     """
-    if strategy not in STRATEGIES:
-        raise AggregationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if out_dtype not in _OUT_DTYPES:
-        raise AggregationError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    if out_rank is not None and (isinstance(out_rank, bool) or not isinstance(out_rank, int) or out_rank < 1):
-        raise AggregationError(f"out_rank must be a positive int or None, got {out_rank!r}")
-    return _RULES[strategy](prepare(updates), out_rank, out_dtype)
+    p = prepare(updates, strategy, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype)
+    result = _RULES[as_strategy(strategy)](p)
+    return check_finite(_conform(result, p.layout))
 
 
-def _fedavg(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
-    return _averaged(p, _natural_rank("fedavg", max(p.ranks), out_rank), out_dtype, exact=False)
+def _fedavg(p: Prepared) -> ModuleResult:
+    a_mean, b_mean, s_out = _means(p)
+    return ModuleResult(_cast(a_mean, p.layout.dtype), _cast(b_mean, p.layout.dtype), s_out, None)
 
 
-def _fedex(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
-    return _averaged(p, _natural_rank("fedex-lora", max(p.ranks), out_rank), out_dtype, exact=True)
-
-
-def _averaged(p: Prepared, rank: int, out_dtype: torch.dtype, *, exact: bool) -> ModuleResult:
-    """FedAvg factors ``A = sum w_i A_i``, ``B = sum w_i (s_i / s) B_i`` and, if exact, their residual."""
-    s_out = p.out_scaling
-    device = p.updates[0].A.device
-    a_mean = torch.zeros(rank, p.d_in, dtype=_F64, device=device)
-    b_mean = torch.zeros(p.d_out, rank, dtype=_F64, device=device)
-    for u, w in zip(p.updates, p.weights):
-        r = u.A.shape[0]
-        a_mean[:r].add_(u.A.to(_F64), alpha=w)
-        b_mean[:, :r].add_(u.B.to(_F64), alpha=w * u.scaling / s_out)
-    a_out, b_out = _cast(a_mean, out_dtype), _cast(b_mean, out_dtype)
-    if not exact or _reproduces_single_client(p, a_out, b_out):
+def _fedex(p: Prepared) -> ModuleResult:
+    a_mean, b_mean, s_out = _means(p)
+    a_out, b_out = _cast(a_mean, p.layout.dtype), _cast(b_mean, p.layout.dtype)
+    if p.layout.residual == "none":
         return ModuleResult(a_out, b_out, s_out, None)
-    # R = [sqrt(w_i s_i) B_i ... | -s B_out] @ [sqrt(w_i s_i) A_i ... ; A_out], from the *cast*
-    # factors, so the residual also absorbs the rounding of a low-precision adapter.
+    if p.fine:
+        return ModuleResult(a_out, b_out, s_out, _fedex_residual(p, a_mean, dense=p.layout.residual == "dense"))
+    # R = [sqrt(w_i s_i) B_i ... | -s B'] @ [sqrt(w_i s_i) A_i ... ; A'] from the *cast* factors,
+    # so the residual also absorbs the rounding of a low-precision adapter.
+    r_max = max(p.ranks)
     roots = [math.sqrt(ws) for ws in p.products]
-    left, right = _concat(p, _F32, roots, extra=[(b_out, a_out, -s_out)])
-    return ModuleResult(a_out, b_out, s_out, Residual.from_factors(left, right))
+    left, right = _concat(p, roots, extra=(b_out[:, :r_max], a_out[:r_max], -s_out))
+    return ModuleResult(a_out, b_out, s_out, _residual(left, right, p.layout))
 
 
-def _svd(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
-    rank = out_rank or max(p.ranks)
-    # B^T as rows (the layout factored_svd works in), gathered and upcast in one pass.
+def _means(p: Prepared) -> tuple[Tensor, Tensor, float]:
+    """FedAvg factors ``A = sum w_i A_i``, ``B = sum w_i (s_i / s) B_i`` in float64, and ``s``."""
+    s_out = p.scalings[p.ranks.index(max(p.ranks))]  # the first client of maximal rank (the paper's rule)
+    rank, (d_out, d_in) = p.layout.rank, (p.layout.d_out, p.layout.d_in)
+    device = p.updates[0].A.device
+    a_mean = torch.zeros(rank, d_in, dtype=_F64, device=device)
+    b_mean = torch.zeros(d_out, rank, dtype=_F64, device=device)
+    for u, w, s in zip(p.updates, p.weights, p.scalings, strict=True):
+        r = u.A.shape[0]
+        # in-place adds promote to the float64 accumulator: no upcast copy of the inputs
+        a_mean[:r].add_(u.A, alpha=w)
+        b_mean[:, :r].add_(u.B, alpha=w * s / s_out)
+    return a_mean, b_mean, s_out
+
+
+def _fedex_residual(p: Prepared, a_mean: Tensor, *, dense: bool) -> Residual:
+    """``sum_i w_i s_i B_i (A_i - A_mean)``, with one client eliminated when the weights sum to 1.
+
+    Then ``w_j (A_j - A_mean) = -sum_{i != j} w_i (A_i - A_mean)`` and the residual is
+    ``sum_{i != j} w_i (s_i B_i - s_j B_j)(A_i - A_mean)`` (padded to each term's rank): with
+    ``j`` of least rank that is ``K - r_j`` columns, the residual's exact rank for clients in
+    general position. Each block is formed in float64 and rounded once.
+    """
+    ranks = p.ranks
+    j = len(ranks) - 1 - ranks[::-1].index(min(ranks)) if p.whole else -1
+    k = sum(r for i, r in enumerate(ranks) if i != j)
+    d_out, d_in = p.layout.d_out, p.layout.d_in
+    store = _F64 if dense else _F32  # a dense residual is the float64 product of the factors
+    left = torch.empty(d_out, k, dtype=store)
+    right = torch.empty(k, d_in, dtype=store)
+    # never in place: .to() returns a float64 input itself
+    neg_b_j = p.updates[j].B.to(_F64) * -p.scalings[j] if j >= 0 else None
+    col = 0
+    for i, (u, w, s) in enumerate(zip(p.updates, p.weights, p.scalings, strict=True)):
+        if i == j:
+            continue
+        r = ranks[i]
+        # Float64 arithmetic written straight into the factors: one rounding, two passes. A
+        # 1-element float64 tensor (unlike a Python scalar) makes the product run in float64.
+        if neg_b_j is None:
+            torch.mul(u.B, _f64(w * s), out=left[:, col : col + r])
+        else:
+            shared = neg_b_j.shape[1]  # r_j <= r_i: j has the least rank
+            torch.mul(torch.add(neg_b_j, u.B[:, :shared], alpha=s), w, out=left[:, col : col + shared])
+            if r > shared:
+                torch.mul(u.B[:, shared:], _f64(w * s), out=left[:, col + shared : col + r])
+        torch.sub(u.A, a_mean[:r], out=right[col : col + r])
+        col += r
+    if dense:
+        return Residual(dense=left @ right)
+    return Residual(left=left, right=right)
+
+
+def _f64(value: float) -> Tensor:
+    return torch.tensor([value], dtype=_F64)
+
+
+def _svd(p: Prepared) -> ModuleResult:
+    rank, dtype = p.layout.rank, p.layout.dtype
+    # B^T as rows (the layout split_svd works in), gathered and upcast in one pass.
     b_rows = _rows64([u.B.mT for u in p.updates])
-    a_cat = _rows64([u.A for u in p.updates])
-    mid = torch.tensor([ws for ws, r in zip(p.products, p.ranks) for _ in range(r)], dtype=_F64)
-    # One direction more than the adapter keeps tells whether anything is left over.
-    u, v = factored_svd(b_rows.mT, a_cat, mid.to(a_cat.device), drop_after=rank, top=rank + 1)
-    if u.shape[1] <= rank:  # the adapter holds the whole update
-        return _finish(*_pad(u, v, rank), out_dtype)
-    b_out, a_out = _cast(u[:, :rank], out_dtype), _cast(v[:rank], out_dtype)
-    # The residual is the exact update minus the *cast* adapter, as a concatenation (a copy,
-    # as for fedex-lora): forming the discarded directions would cost d x K^2 more per side.
-    roots = [math.sqrt(ws) for ws in p.products]
-    left, right = _concat(p, _F32, roots, extra=[(b_out, a_out, -1.0)])
-    return ModuleResult(a_out, b_out, 1.0, Residual.from_factors(left, right))
-
-
-def _stack(p: Prepared, out_rank: int | None, out_dtype: torch.dtype) -> ModuleResult:
-    rank = _natural_rank("stack", sum(p.ranks), out_rank)
-    b_cat, a_cat = _concat(p, _F64, [math.sqrt(ws) for ws in p.products])
-    b_hi, a_hi = _pad(b_cat, a_cat, rank)
-    return _finish(b_hi, a_hi, out_dtype)
-
-
-def _finish(b_hi: Tensor, a_hi: Tensor, out_dtype: torch.dtype) -> ModuleResult:
-    """Cast a scaling-1.0 float64 adapter that holds the whole update; the residual is the cast error, if any."""
-    b_out, a_out = _cast(b_hi, out_dtype), _cast(a_hi, out_dtype)
-    if torch.finfo(out_dtype).eps <= torch.finfo(_F32).eps or b_hi.shape[1] == 0:
+    a_rows = _rows64([u.A for u in p.updates])
+    mid = torch.tensor([ws for ws, r in zip(p.products, p.ranks, strict=True) for _ in range(r)], dtype=_F64)
+    split = split_svd(b_rows, a_rows, mid.to(a_rows.device), rank, residual=p.fine)
+    b_out, a_out = _pad(_cast(split.B, dtype), _cast(split.A, dtype), rank)
+    if p.layout.residual == "none":
         return ModuleResult(a_out, b_out, 1.0, None)
-    b_back, a_back = b_out.to(_F64), a_out.to(_F64)
-    # B A - B' A' = (B - B') A + B' (A - A'): rank 2r, exact.
+    if p.fine:
+        assert split.left is not None and split.right is not None  # asked for with residual=True
+        return ModuleResult(a_out, b_out, 1.0, _residual(split.left, split.right, p.layout))
+    # The exact update minus the *cast* adapter, as a concatenation: it absorbs the rounding.
+    roots = [math.sqrt(ws) for ws in p.products]
+    n = split.B.shape[1]
+    left, right = _concat(p, roots, extra=(b_out[:, :n], a_out[:n], -1.0))
+    return ModuleResult(a_out, b_out, 1.0, _residual(left, right, p.layout))
+
+
+def _stack(p: Prepared) -> ModuleResult:
+    b_hi, a_hi = _concat(p, [math.sqrt(ws) for ws in p.products], dtype=_F64)
+    b_out, a_out = _pad(_cast(b_hi, p.layout.dtype), _cast(a_hi, p.layout.dtype), p.layout.rank)
+    if p.layout.residual == "none":
+        return ModuleResult(a_out, b_out, 1.0, None)
+    k = b_hi.shape[1]
+    b_back, a_back = b_out[:, :k].to(_F64), a_out[:k].to(_F64)
+    # B A - B' A' = (B - B') A + B' (A - A'): rank 2K, exact.
     left, right = torch.cat([b_hi - b_back, b_back], 1), torch.cat([a_hi, a_hi - a_back], 0)
-    return ModuleResult(a_out, b_out, 1.0, Residual.from_factors(left, right))
+    return ModuleResult(a_out, b_out, 1.0, _residual(left, right, p.layout))
+
+
+def _residual(left: Tensor, right: Tensor, layout: OutputLayout) -> Residual:
+    """``left @ right`` in the layout's form, zero-padded to its rank when fewer directions survived."""
+    if layout.residual == "dense":
+        return Residual(dense=left.to(_F64) @ right.to(_F64))
+    k, have = layout.residual_rank, left.shape[1]
+    if have == k:
+        return Residual(left=left, right=right)
+    padded_l = left.new_zeros(left.shape[0], k, dtype=_F32)
+    padded_r = right.new_zeros(k, right.shape[1], dtype=_F32)
+    padded_l[:, :have], padded_r[:have] = left, right
+    return Residual(left=padded_l, right=padded_r)
 
 
 def _concat(
-    p: Prepared, dtype: torch.dtype, scales: Sequence[float] | None = None, *, extra: Sequence[tuple] = ()
+    p: Prepared,
+    scales: Sequence[float],
+    *,
+    extra: tuple[Tensor, Tensor, float] | None = None,
+    dtype: torch.dtype = _F32,
 ) -> tuple[Tensor, Tensor]:
     """``[c_1 B_1 | ... | c_N B_N]`` and ``[c_1 A_1 ; ... ; c_N A_N]`` in ``dtype``.
 
-    ``extra`` holds ``(B, A, c)`` triples appended after the clients; their ``c`` scales B only.
+    ``extra`` is a ``(B, A, c)`` triple appended after the clients; its ``c`` scales B only.
     """
-    bs = [u.B for u in p.updates] + [b for b, _, _ in extra]
-    as_ = [u.A for u in p.updates] + [a for _, a, _ in extra]
+    bs = [u.B for u in p.updates]
+    as_ = [u.A for u in p.updates]
+    factors = list(scales)
+    a_factors = list(scales)
+    if extra is not None:
+        bs.append(extra[0])
+        as_.append(extra[1])
+        factors.append(extra[2])
+        a_factors.append(1.0)
     # cat promotes exactly (bf16 -> f32 -> f64); scaling afterwards rounds once, in dtype.
     left, right = torch.cat(bs, 1).to(dtype), torch.cat(as_, 0).to(dtype)
-    if scales is not None:
-        ranks = torch.tensor([b.shape[1] for b in bs], device=left.device)
-        per_client = torch.tensor(scales, dtype=dtype, device=left.device)
-        ones = torch.ones(len(extra), dtype=dtype, device=left.device)
-        extra_b = torch.tensor([c for _, _, c in extra], dtype=dtype, device=left.device)
-        left.mul_(torch.cat([per_client, extra_b]).repeat_interleave(ranks))
-        right.mul_(torch.cat([per_client, ones]).repeat_interleave(ranks)[:, None])
+    ranks = torch.tensor([b.shape[1] for b in bs], device=left.device)
+    left.mul_(torch.tensor(factors, dtype=dtype, device=left.device).repeat_interleave(ranks))
+    right.mul_(torch.tensor(a_factors, dtype=dtype, device=left.device).repeat_interleave(ranks)[:, None])
     return left, right
 
 
 def _rows64(blocks: Sequence[Tensor]) -> Tensor:
     """Row blocks stacked into one contiguous float64 tensor (cat upcasts while copying)."""
     out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1], dtype=_F64)
-    return torch.cat(blocks, 0, out=out)
-
-
-def _natural_rank(strategy: str, natural: int, out_rank: int | None) -> int:
-    if out_rank is None:
-        return natural
-    if out_rank < natural:
-        raise AggregationError(
-            f"out_rank={out_rank} is below the rank {natural} that {strategy} produces for these"
-            " clients; only the svd strategy truncates"
-        )
-    return out_rank
+    return torch.cat(list(blocks), 0, out=out)
 
 
 def _pad(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -164,28 +273,35 @@ def _pad(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    out = t.to(dtype).contiguous()
+    if t.dtype == dtype:
+        out = t.contiguous()
+    elif not t.is_contiguous() and t.mT.is_contiguous():  # a transposed view: convert, then transpose
+        out = t.mT.to(dtype).mT.contiguous()
+    else:
+        out = t.to(dtype, memory_format=torch.contiguous_format)
     if dtype == torch.float16 and not bool(torch.isfinite(out).all()):
-        raise AggregationError("the global adapter overflows float16; use bfloat16 or float32 as out_dtype")
+        raise AggregationError(f"{NOT_FINITE} in float16: the global adapter overflows; use bfloat16 or float32")
     return out
 
 
-def _reproduces_single_client(p: Prepared, a_out: Tensor, b_out: Tensor) -> bool:
-    """A lone client whose factors survived the cast unchanged leaves an exactly zero residual."""
-    if len(p.updates) != 1:
-        return False
-    u = p.updates[0]
-    r = u.A.shape[0]
-    return bool(
-        torch.equal(a_out[:r].to(_F64), u.A.to(_F64))
-        and torch.equal(b_out[:, :r].to(_F64), u.B.to(_F64))
-        and not a_out[r:].any()
-    )
+def _conform(result: ModuleResult, layout: OutputLayout) -> ModuleResult:
+    """``result`` if its shapes are the layout's (a broken rule here would corrupt a streamed file)."""
+    got = (tuple(result.A.shape), tuple(result.B.shape))
+    res = result.residual
+    got_res: tuple[tuple[int, ...], ...] = ()
+    if res is not None:
+        got_res = (tuple(res.dense.shape),) if res.dense is not None else tuple(tuple(t.shape) for t in res.factors())
+    if got != layout.adapter_shapes or got_res != layout.residual_shapes or result.A.dtype != layout.dtype:
+        raise AggregationError(
+            f"internal error: the aggregate has shapes {got} {got_res}, its layout says"
+            f" {layout.adapter_shapes} {layout.residual_shapes}"
+        )
+    return result
 
 
-_RULES: dict[str, Callable[[Prepared, int | None, torch.dtype], ModuleResult]] = {
-    "fedavg": _fedavg,
-    "fedex-lora": _fedex,
-    "svd": _svd,
-    "stack": _stack,
+_RULES: dict[Strategy, Callable[[Prepared], ModuleResult]] = {
+    Strategy.FEDAVG: _fedavg,
+    Strategy.FEDEX_LORA: _fedex,
+    Strategy.SVD: _svd,
+    Strategy.STACK: _stack,
 }

@@ -1,16 +1,21 @@
-"""Inputs and outputs of the engine, their validation, and the weighted mean of extra tensors."""
+"""Inputs and outputs of the engine, their validation, the finiteness check and the weighted mean."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from chorus_mq.factors import Residual
 from chorus_mq.errors import AggregationError
+from chorus_mq.factors import Residual, update_norm
+
+_F64 = torch.float64
+#: the largest update norm a float32 product can hold; beyond it ``B @ A`` overflows where it is applied
+_F32_MAX = torch.finfo(torch.float32).max
+NOT_FINITE = "the aggregate update is not finite"
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,28 @@ class ClientUpdate:
     A: Tensor  # (r_i, d_in), any float dtype
     B: Tensor  # (d_out, r_i)
     scaling: float  # lora_alpha / r_i, or lora_alpha / sqrt(r_i) with rsLoRA
-    weight: float = 1.0  # >= 0; normalised over the updates of one call
+    weight: float = 1.0  # >= 0; normalised over the updates of one call (plus any absent weight)
+
+
+@dataclass(frozen=True)
+class ClientMeta:
+    """What the output layout of a module depends on: a client's rank, scaling, weight and dtype."""
+
+    rank: int
+    scaling: float = 1.0
+    weight: float = 1.0
+    #: the factors' common dtype (``torch.promote_types(A.dtype, B.dtype)``)
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, update: ClientUpdate) -> ClientMeta:
+        """The metadata of an update whose factors were already checked (see :func:`check_factors`)."""
+        return cls(
+            rank=int(update.A.shape[0]),
+            scaling=_number(update.scaling, "scaling"),
+            weight=_number(update.weight, "weight"),
+            dtype=torch.promote_types(update.A.dtype, update.B.dtype),
+        )
 
 
 @dataclass
@@ -36,92 +62,27 @@ class ModuleResult:
     residual: Residual | None  # None means exactly zero
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """Validated updates with zero-weight clients removed and weights normalised."""
-
-    updates: tuple[ClientUpdate, ...]
-    weights: tuple[float, ...]
-    d_out: int
-    d_in: int
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return tuple(u.A.shape[0] for u in self.updates)
-
-    @property
-    def out_scaling(self) -> float:
-        """The scaling of the first client of maximal rank (the paper's rule when all agree)."""
-        ranks = self.ranks
-        return float(self.updates[ranks.index(max(ranks))].scaling)
-
-    @property
-    def products(self) -> tuple[float, ...]:
-        """``w_i * s_i``, the weight of ``B_i @ A_i`` in the ideal update."""
-        return tuple(w * float(u.scaling) for u, w in zip(self.updates, self.weights))
-
-
 def normalize_weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
     """Weights divided by their sum; errors for negative, non-finite or all-zero weights."""
     try:
-        weights = [float(w) for w in weights]
+        values = [float(w) for w in weights]
     except (TypeError, ValueError) as exc:
         raise AggregationError(f"weights must be numbers: {exc}") from None
-    if len(weights) != count:
-        raise AggregationError(f"got {len(weights)} weights for {count} inputs")
+    if len(values) != count:
+        raise AggregationError(f"got {len(values)} weights for {count} inputs")
     if count == 0:
         raise AggregationError("nothing to aggregate: the list of inputs is empty")
-    for i, w in enumerate(weights):
+    for i, w in enumerate(values):
         if not math.isfinite(w) or w < 0:
             raise AggregationError(f"weight #{i} is {w}; weights must be finite and >= 0")
-    total = math.fsum(weights)
+    total = math.fsum(values)
     if total <= 0:
         raise AggregationError("all weights are zero; at least one input must count")
-    return tuple(w / total for w in weights)
+    return tuple(w / total for w in values)
 
 
-def prepare(updates: Sequence[ClientUpdate]) -> Prepared:
-    """Check shapes, dtypes and scalings; drop clients whose weight or scaling is zero."""
-    updates = list(updates)
-    if not updates:
-        raise AggregationError("nothing to aggregate: the list of updates is empty")
-    dims = [_check_factors(i, u) for i, u in enumerate(updates)]
-    for i, d in enumerate(dims):
-        if d != dims[0]:
-            raise AggregationError(
-                f"client #{i} updates a ({d[0]} x {d[1]}) module, client #0 a ({dims[0][0]} x {dims[0][1]})"
-                " one; all must target the same module"
-            )
-    weights = normalize_weights([u.weight for u in updates], len(updates))
-    # float scalings from here on, whatever real type (numpy, 0-d tensor) the caller used
-    kept = [(replace(u, scaling=float(u.scaling)), w) for u, w in zip(updates, weights)]
-    kept = [(u, w) for u, w in kept if w > 0 and u.scaling != 0]
-    if not kept:
-        raise AggregationError("every client with a nonzero weight has a zero scaling; nothing to aggregate")
-    kept_updates, kept_weights = zip(*kept)
-    return Prepared(kept_updates, normalize_weights(kept_weights, len(kept_weights)), *dims[0])
-
-
-def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """Weighted mean accumulated in float64 in the given order, returned in ``tensors[0]``'s dtype.
-
-    For tensors aggregated whole, such as ``modules_to_save`` heads.
-    """
-    weights = normalize_weights(weights, len(tensors))
-    first = tensors[0]
-    for i, t in enumerate(tensors):
-        if not t.is_floating_point():
-            raise AggregationError(f"tensor #{i} has dtype {t.dtype}; only float tensors can be averaged")
-        if t.shape != first.shape:
-            raise AggregationError(f"tensor #{i} has shape {tuple(t.shape)}, tensor #0 {tuple(first.shape)}")
-    acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
-    for t, w in zip(tensors, weights):
-        if w > 0:
-            acc.add_(t.to(torch.float64), alpha=w)
-    return acc.to(first.dtype)
-
-
-def _check_factors(i: int, u: ClientUpdate) -> tuple[int, int]:
+def check_factors(i: int, u: object) -> tuple[int, int]:
+    """``(d_out, d_in)`` of input ``i`` after checking that it is a well-formed ClientUpdate."""
     if not isinstance(u, ClientUpdate):
         raise AggregationError(f"input #{i} is a {type(u).__name__}, not a ClientUpdate")
     a, b = u.A, u.B
@@ -134,10 +95,96 @@ def _check_factors(i: int, u: ClientUpdate) -> tuple[int, int]:
             f"client #{i}: A {tuple(a.shape)} and B {tuple(b.shape)} do not share a rank >= 1"
             " (A is (r, d_in), B is (d_out, r))"
         )
-    try:
-        scaling = float(u.scaling)
-    except (TypeError, ValueError):
-        scaling = math.nan
+    scaling = _number(u.scaling, "scaling")
     if not math.isfinite(scaling) or scaling < 0:
         raise AggregationError(f"client #{i}: scaling is {u.scaling!r}; it must be a finite number >= 0")
-    return b.shape[0], a.shape[1]
+    return int(b.shape[0]), int(a.shape[1])
+
+
+def module_dims(updates: Sequence[ClientUpdate]) -> tuple[int, int]:
+    """The common ``(d_out, d_in)`` of one module's updates, each checked."""
+    if not updates:
+        raise AggregationError("nothing to aggregate: the list of updates is empty")
+    dims = [check_factors(i, u) for i, u in enumerate(updates)]
+    for i, d in enumerate(dims):
+        if d != dims[0]:
+            raise AggregationError(
+                f"client #{i} updates a ({d[0]} x {d[1]}) module, client #0 a ({dims[0][0]} x {dims[0][1]})"
+                " one; all must target the same module"
+            )
+    return dims[0]
+
+
+def check_finite(result: ModuleResult) -> ModuleResult:
+    """``result`` unchanged, or AggregationError when any value (or the adapter's update) is not finite.
+
+    One min/max pass per tensor: NaN and infinity show in it, and it bounds the products,
+    so the exact (Gram) norm is only needed near float32's range.
+    """
+    bound_a, bound_b = _frobenius_bound(result.A), _frobenius_bound(result.B)
+    _bounded(result.A, result.B, result.scaling, bound_a * bound_b * abs(result.scaling))
+    res = result.residual
+    if res is not None:
+        if res.dense is not None:
+            check_finite_tensor(res.dense, "the residual")
+        else:
+            left, right = res.factors()
+            _bounded(right, left, 1.0, _frobenius_bound(left) * _frobenius_bound(right))
+    return result
+
+
+def check_finite_tensor(t: Tensor, what: str) -> Tensor:
+    """``t`` unchanged, or AggregationError naming ``what`` when an entry is NaN or infinite."""
+    if not math.isfinite(_frobenius_bound(t)):
+        raise AggregationError(f"{NOT_FINITE}: {what} holds NaN or infinite values")
+    return t
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Weighted mean accumulated in float64 in the given order, returned in ``tensors[0]``'s dtype.
+
+    For tensors aggregated whole, such as ``modules_to_save`` heads. A non-finite mean
+    (a NaN input, or an overflow of the output dtype) raises AggregationError.
+    """
+    norm = normalize_weights(weights, len(tensors))
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise AggregationError(f"tensor #{i} has dtype {t.dtype}; only float tensors can be averaged")
+        if t.shape != first.shape:
+            raise AggregationError(f"tensor #{i} has shape {tuple(t.shape)}, tensor #0 {tuple(first.shape)}")
+    acc = torch.zeros(first.shape, dtype=_F64, device=first.device)
+    for t, w in zip(tensors, norm, strict=True):
+        if w > 0:
+            acc.add_(t.to(_F64), alpha=w)
+    return check_finite_tensor(acc.to(first.dtype), "the weighted mean of a whole tensor")
+
+
+def _number(value: object, what: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]  # numpy scalars, 0-d tensors: anything float() takes
+    except (TypeError, ValueError):
+        if what == "weight":
+            raise AggregationError(f"weights must be numbers: got {value!r}") from None
+        return math.nan  # reported by the caller with the client's index
+
+
+def _frobenius_bound(t: Tensor) -> float:
+    """``sqrt(numel) * max |t|`` >= the Frobenius norm; NaN or inf when an entry is (NaN propagates)."""
+    if not t.numel():
+        return 0.0
+    low, high = (float(x) for x in torch.aminmax(t))
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    return math.sqrt(t.numel()) * max(-low, high)
+
+
+def _bounded(a: Tensor | None, b: Tensor | None, scaling: float, bound: float) -> None:
+    if bound <= _F32_MAX:
+        return
+    # The bound is loose (a product of norms); only the exact norm of scaling * B @ A decides.
+    exact = bound if a is None or b is None or not math.isfinite(bound) else update_norm(a, b, scaling)
+    if not exact <= _F32_MAX:
+        raise AggregationError(
+            f"{NOT_FINITE}: its norm {exact:.3g} exceeds float32's range; check the clients' factors and scalings"
+        )

@@ -1,7 +1,37 @@
-"""Round state in Redis: key names, Lua scripts, the round state machine, events."""
+"""Round state in Redis: key names, Lua scripts, the round state machine, events, inbox, clients, ACL users."""
 
-from .events import EventLog, make_event
-from .keys import FederationKeys
-from .rounds import FederationConfig, RoundState
+from .acl import Acl, SyncReport, client_url
+from .clients import ClientRegistry
+from .config import FederationConfig
+from .events import Event, EventLog
+from .inbox import Inbox, InboxEntry, read_group
+from .keys import FEDERATIONS, FederationKeys, client_username
+from .protocol import Reply
+from .records import ClientInfo, DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
+from .rounds import ModelShapes, RoundState
+from .selection import next_selected_round
 
-__all__ = ["EventLog", "FederationConfig", "FederationKeys", "RoundState", "make_event"]
+__all__ = [
+    "FEDERATIONS",
+    "Acl",
+    "ClientInfo",
+    "ClientRegistry",
+    "DeltaRecord",
+    "Event",
+    "EventLog",
+    "FederationConfig",
+    "FederationKeys",
+    "Inbox",
+    "InboxEntry",
+    "ManifestRef",
+    "ModelShapes",
+    "Reply",
+    "RoundInfo",
+    "RoundState",
+    "SnapshotRecord",
+    "SyncReport",
+    "client_url",
+    "client_username",
+    "next_selected_round",
+    "read_group",
+]

@@ -1,20 +1,46 @@
-"""Every Redis key name chorus-mq uses, in one place.
+"""Every Redis key name chorus-mq uses, in one place (the table in docs/CONTRACTS.md).
 
 A federation's keys share the hash tag ``{<federation>}`` so its scripts run on one
-Cluster slot. Only the registry of federations is global.
+Cluster slot. Only the registry of federations is global. Names are checked on the way
+in (``ids.check_name``), so a key or an ACL pattern built here never holds ``:``, a glob
+character or whitespace.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ids import check_name
+
 PREFIX = "chorus"
 FEDERATIONS = f"{PREFIX}:federations"
+
+#: every per-client Redis ACL user is named ``client:<federation>:<client>``; ``:`` cannot occur in a
+#: name, so two (federation, client) pairs never map to one user, nor onto ``worker``/``operator``/...
+CLIENT_USER_PREFIX = "client"
+_USER_SEPARATOR = ":"
+
+
+def client_username(federation: str, client: str) -> str:
+    """The Redis ACL user of ``client`` in ``federation`` (URL-quote it inside a URL: it holds ``:``)."""
+    check_name(federation, "federation name")
+    check_name(client, "client id")
+    return _USER_SEPARATOR.join((CLIENT_USER_PREFIX, federation, client))
+
+
+def client_user_prefix(federation: str) -> str:
+    """What every client user of ``federation`` starts with (to list them)."""
+    return _USER_SEPARATOR.join((CLIENT_USER_PREFIX, check_name(federation, "federation name"), ""))
 
 
 @dataclass(frozen=True)
 class FederationKeys:
+    """The keys of one federation."""
+
     federation: str
+
+    def __post_init__(self) -> None:
+        check_name(self.federation, "federation name")
 
     @property
     def _base(self) -> str:
@@ -22,7 +48,31 @@ class FederationKeys:
 
     @property
     def meta(self) -> str:
+        """Hash: the federation's config, ``current_round``, ``latest_complete``, ``selection_seed``."""
         return f"{self._base}:meta"
+
+    @property
+    def modules(self) -> str:
+        """Hash: declared module -> ``"d_out,d_in"`` (operator input, fixed at creation)."""
+        return f"{self._base}:modules"
+
+    @property
+    def extras(self) -> str:
+        """Hash: declared extra tensor (task head) -> ``"d0,d1,..."``."""
+        return f"{self._base}:extras"
+
+    @property
+    def inbox(self) -> str:
+        """Stream: the federation-wide inbox, for unsigned records of unregistered clients (development
+        mode, ``CHORUS_ALLOW_UNSIGNED``); registered clients each have their own (:meth:`client_inbox`)."""
+        return f"{self._base}:inbox"
+
+    def client_inbox(self, client: str) -> str:
+        """Stream: the only key a registered client writes (XADD), its signed ingest records in field ``m``.
+
+        One per client, so no client's XADD options (MAXLEN/MINID trimming) reach another's records.
+        """
+        return f"{self._base}:inbox:{check_name(client, 'client id')}"
 
     @property
     def events(self) -> str:
@@ -34,35 +84,60 @@ class FederationKeys:
         return f"{self._base}:live"
 
     @property
-    def deadlines(self) -> str:
-        return f"{self._base}:deadlines"
-
-    @property
-    def leases(self) -> str:
-        return f"{self._base}:leases"
-
-    @property
-    def shapes(self) -> str:
-        return f"{self._base}:shapes"
+    def clients(self) -> str:
+        """Hash: client -> registry record (secret, weight, dataset size, revoked)."""
+        return f"{self._base}:clients"
 
     @property
     def secrets(self) -> str:
         """Server-only secrets (the DP noise key): never readable by client ACL users."""
         return f"{self._base}:secrets"
 
-    @property
-    def clients(self) -> str:
-        return f"{self._base}:clients"
-
-    @property
-    def privacy(self) -> str:
-        return f"{self._base}:privacy"
-
     def nonce(self, client: str, nonce: str) -> str:
         return f"{self._base}:nonce:{client}:{nonce}"
 
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: open round -> deadline."""
+        return f"{self._base}:deadlines"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: aggregating round -> lease end."""
+        return f"{self._base}:leases"
+
+    @property
+    def rejected(self) -> str:
+        """Hash: reason code -> count of inbox records dropped before authentication."""
+        return f"{self._base}:rejected"
+
     def round(self, r: int) -> str:
-        return f"{self._base}:round:{r}"
+        return f"{self._base}:round:{int(r)}"
+
+    @property
+    def round_pattern(self) -> str:
+        """ACL glob over every round key (hash, deltas, plan, shards) of this federation only."""
+        return f"{self._base}:round:*"
 
     def deltas(self, r: int) -> str:
-        return f"{self._base}:round:{r}:deltas"
+        return f"{self.round(r)}:deltas"
+
+    def plan(self, r: int) -> str:
+        return f"{self.round(r)}:plan"
+
+    def shards(self, r: int) -> str:
+        return f"{self.round(r)}:shards"
+
+    @property
+    def snapshots(self) -> str:
+        """Hash: round -> snapshot record of the compacted cumulative correction."""
+        return f"{self._base}:snapshots"
+
+    @property
+    def compaction(self) -> str:
+        """String: the lock a running compaction holds (redis-py ``Lock``; workers only)."""
+        return f"{self._base}:compaction"
+
+    def compaction_request(self, r: int) -> str:
+        """String with a TTL: the sweep asked for the snapshot of round ``r`` (so it asks once per retry)."""
+        return f"{self._base}:compaction:{int(r)}"

@@ -3,249 +3,508 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
 
+import redis as redis_lib
 from redis import Redis
 
-from ..errors import ConfigError, FederationExists, UnknownFederation, UnknownRound
+from ..errors import ConfigError, FederationExists, StateCorrupt, UnknownFederation, UnknownRound
 from ..ids import check_name
+from ..names import INBOX_GROUP, CloseReason, RoundStatus
+from .clients import ClientRegistry
+from .config import FederationConfig
 from .events import prelude_args
 from .keys import FEDERATIONS, FederationKeys
-from .scripts import Scripts
+from .protocol import Reply, opt_text, text, text_map
+from .records import DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
+from .scripts import Arg, Scripts
+from .selection import next_selected_round
 
-STRATEGIES = ("fedex-lora", "fedavg", "svd", "stack")
-ROBUST_AGGREGATES = ("mean", "trimmed", "geomedian")
-EXPIRE_POLICIES = ("extend", "expire")
+__all__ = [
+    "DeltaRecord",
+    "FederationConfig",
+    "ManifestRef",
+    "ModelShapes",
+    "RoundInfo",
+    "RoundState",
+    "SnapshotRecord",
+]
+
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
-@dataclass(frozen=True)
-class FederationConfig:
-    name: str
-    base_model: str
-    quorum: int
-    strategy: str = "fedex-lora"
-    min_quorum: int = 0  # 0: the deadline closes a round only once the full quorum is there
-    round_timeout: int = 0  # seconds; 0 = no deadline
-    expire_policy: str = "extend"
-    out_rank: int = 0  # svd output rank; 0 = largest client rank
-    # robust aggregation (off by default: every accepted delta counts, exactly)
-    clip_norm: float = 0.0  # bound on each client's adapter-wide update norm ||s B A||_F; 0 = none
-    screen_outliers: int = 0  # 1: exclude median/MAD outliers (norms, distance to the geometric median)
-    outlier_z: float = 3.5
-    robust_aggregate: str = "mean"  # mean | trimmed | geomedian
-    trim: int = 0
-    # server-side client-level differential privacy (Gaussian mechanism on the aggregate update)
-    dp_noise_multiplier: float = 0.0  # noise std / sensitivity; 0 = off
-    dp_delta: float = 1e-5
-
-    def __post_init__(self):
-        check_name(self.name, "federation name")
-        if self.quorum < 1:
-            raise ConfigError("quorum must be at least 1")
-        if self.min_quorum < 0 or self.min_quorum > self.quorum:
-            raise ConfigError("min-quorum must be between 1 and the quorum")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.expire_policy not in EXPIRE_POLICIES:
-            raise ConfigError(f"expire policy must be one of {', '.join(EXPIRE_POLICIES)}")
-        if self.round_timeout < 0 or self.out_rank < 0:
-            raise ConfigError("round timeout and output rank cannot be negative")
-        if self.robust_aggregate not in ROBUST_AGGREGATES:
-            raise ConfigError(f"robust aggregate must be one of {', '.join(ROBUST_AGGREGATES)}")
-        if self.clip_norm < 0 or self.outlier_z <= 0 or self.trim < 0 or self.dp_noise_multiplier < 0:
-            raise ConfigError("clip norm, trim and noise multiplier cannot be negative; outlier z must be > 0")
-        if self.trim and self.robust_aggregate != "trimmed":
-            raise ConfigError("--trim applies only to --robust-aggregate trimmed")
-        if self.dp_noise_multiplier:
-            if not self.clip_norm:
-                raise ConfigError("differential privacy needs --clip-norm: the noise is calibrated to it")
-            if self.screen_outliers or self.robust_aggregate != "mean":
-                raise ConfigError("differential privacy needs data-independent weights: "
-                                  "turn off outlier screening and use the mean")
-            if not 0 < self.dp_delta < 1:
-                raise ConfigError("--dp-delta must be between 0 and 1")
+class ModelShapes(Protocol):
+    """What ``create_federation`` needs of a model declaration (``adapters.ModelDecl`` fits)."""
 
     @property
-    def screening(self) -> bool:
-        return bool(self.clip_norm or self.screen_outliers or self.robust_aggregate != "mean")
+    def modules(self) -> Mapping[str, tuple[int, int]]: ...
 
     @property
-    def effective_min_quorum(self) -> int:
-        return self.min_quorum or self.quorum
-
-    @classmethod
-    def from_hash(cls, h: dict[str, str]) -> "FederationConfig":
-        kw: dict[str, Any] = {}
-        casts = {"int": int, "float": float, "str": str}
-        for f in fields(cls):
-            if f.name in h:
-                kw[f.name] = casts[f.type](h[f.name])
-        return cls(**kw)
+    def extras(self) -> Mapping[str, tuple[int, ...]]: ...
 
 
-@dataclass(frozen=True)
-class Registration:
-    status: str  # accepted | fired | duplicate | conflict | closed | no_round | shape_mismatch
-    n: int
-    epoch: int
-    detail: str
+@contextmanager
+def _typed(key: str) -> Iterator[None]:
+    """Turn a WRONGTYPE error of a plain command on ``key`` into :class:`StateCorrupt` (nothing was changed)."""
+    try:
+        yield
+    except redis_lib.ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            raise StateCorrupt(f"{key} holds another Redis type than chorus-mq writes there: {exc}") from None
+        raise
 
 
-@dataclass(frozen=True)
-class Transition:
-    status: str
-    n: int = 0
-    epoch: int = 0
-    detail: str = ""
+def _shape_text(shape: tuple[int, ...], what: str) -> str:
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ConfigError(f"{what} must have positive integer dimensions, got {shape!r}")
+    return ",".join(str(d) for d in shape)
+
+
+def _parse_shape(raw: str, where: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in raw.split(","))
+    except ValueError:
+        raise StateCorrupt(f"{where}: {raw!r} is not a shape") from None
 
 
 class RoundState:
-    """Reads and transitions the rounds of every federation on one Redis."""
+    """Reads and transitions the rounds of every federation on one Redis.
 
-    def __init__(self, redis: Redis, *, maxlen: int = 100_000, lease_s: int = 1900):
+    ``lease_s`` is the aggregation lease: a round's running task renews it, and the sweep
+    reclaims a round whose lease ran out. ``maxlen`` bounds each events stream (approximately).
+    Transitions return the script's :class:`Reply`; a key of the wrong type raises
+    :class:`StateCorrupt` and changes nothing.
+    """
+
+    def __init__(self, redis: Redis, *, maxlen: int = 100_000, lease_s: int = 30):
         self.redis = redis
         self.maxlen = maxlen
         self.lease_s = lease_s
         self.scripts = Scripts(redis)
 
-    def _args(self, federation: str, round_: int, now: float | None) -> list:
+    def _args(self, federation: str, round_: int, now: float) -> list[Arg]:
         return prelude_args(federation, round_, self.maxlen, now)
 
-    def _round_keys(self, k: FederationKeys, r: int) -> list[str]:
-        return [k.meta, k.round(r), k.round(r + 1), k.events, k.deadlines, k.leases]
+    @staticmethod
+    def _transition_keys(k: FederationKeys, r: int) -> list[str]:
+        """The KEYS of every script that may end round ``r`` and open the next (see the prelude)."""
+        return [k.meta, k.round(r), k.round(r + 1), k.events, k.deadlines, k.leases, k.clients]
 
-    # -- federations -----------------------------------------------------------------
+    # -- federations -------------------------------------------------------------------------
 
-    def create_federation(self, cfg: FederationConfig, now: float | None = None) -> None:
+    def create_federation(
+        self,
+        cfg: FederationConfig,
+        decl: ModelShapes,
+        *,
+        initial: ManifestRef | tuple[str, str] | None = None,
+        seed: str | None = None,
+        now: float | None = None,
+    ) -> Reply:
+        """Create ``cfg.name`` with its declared modules and extras, and open round 1.
+
+        ``initial`` (a ManifestRef or a ``(key, sha256)`` pair) makes round 0 a complete round whose
+        manifest is the federation's starting adapter. ``seed`` (public; random by default) fixes the
+        client draws. Running it again with the same config is a no-op (status ``exists``); another
+        config raises FederationExists.
+        """
+        now = time.time() if now is None else now
         k = FederationKeys(cfg.name)
-        pairs: list[Any] = []
-        for key, value in asdict(cfg).items():
-            pairs += [key, value]
-        self.redis.sadd(FEDERATIONS, cfg.name)
-        created = self.scripts.create_federation(
-            keys=[k.meta, k.round(1), k.events, k.deadlines], args=[*self._args(cfg.name, 1, now), *pairs]
+        if initial is not None and not isinstance(initial, ManifestRef):
+            initial = ManifestRef(*initial)
+        if not decl.modules:
+            raise ConfigError("a federation needs its model's modules: give --base-model or --reference-adapter")
+        modules: list[Arg] = []
+        for name in sorted(decl.modules):
+            shape = tuple(decl.modules[name])
+            if len(shape) != 2:
+                raise ConfigError(f"module {name} must be (d_out, d_in), got {shape!r}")
+            modules += [_declared_name(name), _shape_text(shape, f"module {name}")]
+        extras: list[Arg] = []
+        for name in sorted(decl.extras):
+            extras += [_declared_name(name), _shape_text(tuple(decl.extras[name]), f"extra tensor {name}")]
+        config: list[Arg] = []
+        for field, value in cfg.to_hash().items():
+            config += [field, value]
+        seed = secrets.token_hex(16) if seed is None else seed
+        reply = self.scripts.create_federation(
+            keys=[
+                k.meta,
+                k.modules,
+                k.extras,
+                k.inbox,
+                k.events,
+                k.deadlines,
+                k.clients,
+                k.secrets,
+                k.round(0),
+                k.round(1),
+            ],
+            args=[
+                *self._args(cfg.name, 1, now),
+                seed,
+                secrets.token_hex(32),
+                INBOX_GROUP,
+                initial.key if initial else "",
+                initial.sha256 if initial else "",
+                cfg.clients_per_round,
+                len(config) // 2,
+                len(modules) // 2,
+                len(extras) // 2,
+                *config,
+                *modules,
+                *extras,
+            ],
         )
-        if not created:
-            raise FederationExists(f"federation {cfg.name!r} already exists")
-        # the DP noise seed derives from this secret, so a re-run releases identical noise
-        self.redis.hsetnx(k.secrets, "noise_key", secrets.token_hex(32))
+        # after the script: a crash in between leaves a federation a re-run of create repairs
+        self.redis.sadd(FEDERATIONS, cfg.name)
+        if reply.status == "exists":
+            stored = self.config(cfg.name)
+            same_model = self.modules(cfg.name) == {m: tuple(s) for m, s in decl.modules.items()}
+            if stored != cfg or not same_model:
+                raise FederationExists(f"federation {cfg.name!r} already exists with another configuration")
+        return reply
 
     def noise_key(self, federation: str) -> str:
-        key = self.redis.hget(FederationKeys(federation).secrets, "noise_key")
+        """The server-only secret the DP noise derives from (so a re-run releases identical noise)."""
+        key = opt_text(self.redis.hget(FederationKeys(federation).secrets, "noise_key"))
         if not key:
             raise ConfigError(f"federation {federation!r} has no noise key; it was created incompletely")
         return key
 
     def federations(self) -> list[str]:
-        return sorted(self.redis.smembers(FEDERATIONS))
+        """Every federation's name, sorted."""
+        return sorted(text(f) for f in self.redis.smembers(FEDERATIONS))
 
     def meta(self, federation: str) -> dict[str, str]:
-        check_name(federation, "federation name")
-        h = self.redis.hgetall(FederationKeys(federation).meta)
+        """The raw ``meta`` hash; :class:`UnknownFederation` when there is none."""
+        k = FederationKeys(federation)
+        with _typed(k.meta):
+            h = text_map(self.redis.hgetall(k.meta))
         if not h:
-            raise UnknownFederation(
-                f"no federation named {federation!r}; create it with `chorus-mq federation create`"
-            )
+            raise UnknownFederation(f"no federation named {federation!r}; create it with `chorus-mq federation create`")
         return h
 
     def config(self, federation: str) -> FederationConfig:
+        """The federation's configuration, typed."""
         return FederationConfig.from_hash(self.meta(federation))
 
     def current_round(self, federation: str) -> int:
+        """The round clients upload to now (open or aggregating)."""
         return int(self.meta(federation)["current_round"])
 
-    # -- rounds ----------------------------------------------------------------------
+    def latest_complete(self, federation: str) -> int | None:
+        """The newest complete round: 0 is the initial adapter's round 0; None when there is none yet."""
+        latest = int(self.meta(federation).get("latest_complete", 0))
+        if latest == 0 and not self.redis.exists(FederationKeys(federation).round(0)):
+            return None
+        return latest
 
-    def round(self, federation: str, r: int) -> dict[str, Any]:
-        h = self.redis.hgetall(FederationKeys(federation).round(r))
+    def modules(self, federation: str) -> dict[str, tuple[int, int]]:
+        """Declared module -> (d_out, d_in)."""
+        k = FederationKeys(federation)
+        with _typed(k.modules):
+            raw = text_map(self.redis.hgetall(k.modules))
+        out: dict[str, tuple[int, int]] = {}
+        for name, shape in raw.items():
+            dims = _parse_shape(shape, f"{k.modules} {name}")
+            if len(dims) != 2:
+                raise StateCorrupt(f"{k.modules} {name}: {shape!r} is not d_out,d_in")
+            out[name] = (dims[0], dims[1])
+        return out
+
+    def extras(self, federation: str) -> dict[str, tuple[int, ...]]:
+        """Declared extra tensor (e.g. the task head every delta must carry) -> shape."""
+        k = FederationKeys(federation)
+        with _typed(k.extras):
+            raw = text_map(self.redis.hgetall(k.extras))
+        return {name: _parse_shape(shape, f"{k.extras} {name}") for name, shape in raw.items()}
+
+    # -- rounds ------------------------------------------------------------------------------
+
+    def round(self, federation: str, r: int) -> RoundInfo:
+        """Round ``r``; :class:`UnknownRound` when it does not exist (yet)."""
+        k = FederationKeys(federation)
+        with _typed(k.round(r)):
+            h = text_map(self.redis.hgetall(k.round(r)))
         if not h:
             self.meta(federation)
             raise UnknownRound(f"federation {federation!r} has no round {r}")
-        out: dict[str, Any] = {"round": r}
-        for key, value in h.items():
-            if key.startswith("sha:"):
-                continue
-            out[key] = _number(value) if key in _NUMERIC else value
+        return RoundInfo.from_hash(r, h)
+
+    def rounds(self, federation: str) -> list[RoundInfo]:
+        """Rounds 1..current (one round trip). Round 0, the initial adapter, is ``round(F, 0)``."""
+        current = self.current_round(federation)
+        k = FederationKeys(federation)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for r in range(1, current + 1):
+                pipe.hgetall(k.round(r))
+            raw = pipe.execute(raise_on_error=False)
+        out: list[RoundInfo] = []
+        for r, h in enumerate(raw, start=1):
+            if isinstance(h, Exception):
+                raise StateCorrupt(f"{k.round(r)} cannot be read as a round: {h}")
+            if h:
+                out.append(RoundInfo.from_hash(r, text_map(h)))
         return out
 
-    def rounds(self, federation: str) -> list[dict[str, Any]]:
-        current = self.current_round(federation)
-        return [self.round(federation, r) for r in range(1, current + 1)]
-
     def registered_sha(self, federation: str, r: int, client: str) -> str | None:
-        return self.redis.hget(FederationKeys(federation).round(r), f"sha:{client}")
+        """The sha256 of ``client``'s delta in round ``r``, if it registered one."""
+        return opt_text(self.redis.hget(FederationKeys(federation).round(r), f"sha:{check_name(client, 'client id')}"))
 
-    def deltas(self, federation: str, r: int) -> dict[str, dict]:
-        raw = self.redis.hgetall(FederationKeys(federation).deltas(r))
-        return {client: json.loads(rec) for client, rec in sorted(raw.items())}
-
-    # -- transitions -----------------------------------------------------------------
-
-    def register(self, federation: str, r: int, *, client: str, sha256: str, record: dict,
-                 upload_id: str, shapes: dict[str, tuple[int, int]], now: float | None = None) -> Registration:
+    def deltas(self, federation: str, r: int) -> dict[str, DeltaRecord]:
+        """The round's registered deltas, by client (sorted)."""
         k = FederationKeys(federation)
+        with _typed(k.deltas(r)):
+            raw = text_map(self.redis.hgetall(k.deltas(r)))
+        return {client: DeltaRecord.from_json(rec) for client, rec in sorted(raw.items())}
+
+    def next_selected_round(self, federation: str, client: str, after_round: int) -> int | None:
+        """The first round after ``after_round`` that will draw ``client``, given today's registry (None: none soon)."""
+        meta = self.meta(federation)
+        k = int(meta.get("clients_per_round", 0))
+        active = ClientRegistry(self.redis, federation).active()
+        return next_selected_round(meta.get("selection_seed", ""), client, frozenset(active), k, after_round)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def register(self, federation: str, r: int, record: DeltaRecord, now: float | None = None) -> Reply:
+        """Register a validated delta in round ``r``.
+
+        Status: accepted | fired (this call fired the quorum; ``epoch`` is the aggregation's) |
+        duplicate | conflict | evicted | closed | not_selected | no_round (see register_delta.lua).
+        """
         now = time.time() if now is None else now
-        shape_args: list[Any] = []
-        for module in sorted(shapes):
-            d_out, d_in = shapes[module]
-            shape_args += [module, f"{d_out},{d_in}"]
-        res = self.scripts.register_delta(
-            keys=[k.meta, k.round(r), k.deltas(r), k.events, k.deadlines, k.leases, k.shapes],
-            args=[*self._args(federation, r, now), client, sha256, json.dumps(record, sort_keys=True),
-                  upload_id, repr(now + self.lease_s), *shape_args],
-        )
-        return Registration(res[0], int(res[1]), int(res[2]), res[3])
-
-    def close(self, federation: str, r: int, mode: str = "manual", now: float | None = None) -> Transition:
         k = FederationKeys(federation)
+        return self.scripts.register_delta(
+            keys=[k.round(r), k.deltas(r), k.events, k.deadlines, k.leases],
+            args=[
+                *self._args(federation, r, now),
+                record.client_id,
+                record.sha256,
+                record.to_json(),
+                record.upload_id,
+                repr(now + self.lease_s),
+            ],
+        )
+
+    def close(
+        self, federation: str, r: int, mode: CloseReason | str = CloseReason.MANUAL, now: float | None = None
+    ) -> Reply:
+        """Close an open round by hand (``manual``) or because its deadline passed (``deadline``).
+
+        Status: fired | not_due | noop | too_few | extended | expired (see close_round.lua).
+        """
+        mode = CloseReason(mode)
+        if mode is CloseReason.QUORUM:
+            raise ConfigError("a round closes by quorum only when a delta is registered; close it manual or deadline")
         now = time.time() if now is None else now
-        res = self.scripts.close_round(
-            keys=self._round_keys(k, r), args=[*self._args(federation, r, now), mode, repr(now + self.lease_s)]
+        k = FederationKeys(federation)
+        return self.scripts.close_round(
+            keys=self._transition_keys(k, r),
+            args=[*self._args(federation, r, now), mode.value, repr(now + self.lease_s)],
         )
-        return Transition(res[0], int(res[1]), int(res[2]), res[3])
 
-    def finalize(self, federation: str, r: int, epoch: int, manifest_key: str, summary: dict,
-                 now: float | None = None) -> Transition:
-        k = FederationKeys(federation)
-        res = self.scripts.finalize(
-            keys=self._round_keys(k, r),
-            args=[*self._args(federation, r, now), epoch, manifest_key, json.dumps(summary)],
-        )
-        return Transition(res[0], detail=str(res[1]))
+    def finalize(  # noqa: PLR0917 (the contract's positional order)
+        self,
+        federation: str,
+        r: int,
+        epoch: int,
+        manifest_key: str,
+        manifest_sha: str,
+        summary: Mapping[str, Any] | None = None,
+        *,
+        now: float | None = None,
+    ) -> Reply:
+        """Commit round ``r`` under ``epoch`` (compare-and-set) with its manifest; opens the next round.
 
-    def fail(self, federation: str, r: int, epoch: int, reason: str, now: float | None = None) -> Transition:
-        k = FederationKeys(federation)
-        res = self.scripts.fail_round(keys=self._round_keys(k, r), args=[*self._args(federation, r, now), epoch, reason])
-        return Transition(res[0], detail=str(res[1]))
-
-    def reclaim(self, federation: str, r: int, now: float | None = None) -> Transition:
-        k = FederationKeys(federation)
+        Status: ok | already | stale | bad_state. ``summary`` is merged into the ``round_complete`` event.
+        """
         now = time.time() if now is None else now
-        res = self.scripts.reclaim(
+        ManifestRef(manifest_key, manifest_sha)  # validates both
+        k = FederationKeys(federation)
+        return self.scripts.finalize(
+            keys=self._transition_keys(k, r),
+            args=[
+                *self._args(federation, r, now),
+                int(epoch),
+                manifest_key,
+                manifest_sha,
+                json.dumps(dict(summary or {})),
+            ],
+        )
+
+    def fail(self, federation: str, r: int, epoch: int, reason: str, now: float | None = None) -> Reply:
+        """Fail round ``r``'s aggregation under ``epoch`` and open the next round. Status: ok | stale | bad_state."""
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.fail_round(
+            keys=self._transition_keys(k, r), args=[*self._args(federation, r, now), int(epoch), reason]
+        )
+
+    def reclaim(self, federation: str, r: int, now: float | None = None) -> Reply:
+        """Take over an aggregation whose lease ran out, under a new epoch. Status: reclaimed | not_due | noop."""
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.reclaim(
             keys=[k.round(r), k.leases, k.events], args=[*self._args(federation, r, now), repr(now + self.lease_s)]
         )
-        return Transition(res[0], epoch=int(res[1]))
+
+    def renew(self, federation: str, r: int, epoch: int, now: float | None = None) -> bool:
+        """Renew the lease of round ``r``'s running task; False when ``epoch`` no longer holds it (stop working)."""
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        reply = self.scripts.renew_lease(
+            keys=[k.round(r), k.leases], args=[*self._args(federation, r, now), int(epoch), repr(now + self.lease_s)]
+        )
+        return reply.status == "renewed"
+
+    def extend_lease(self, federation: str, r: int, now: float | None = None) -> Reply:
+        """Push an aggregating round's lease on without a new epoch (the sweep, when the fleet is busy).
+
+        Status: extended | noop.
+        """
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.extend_lease(
+            keys=[k.round(r), k.leases], args=[*self._args(federation, r, now), repr(now + self.lease_s)]
+        )
+
+    def evict(self, federation: str, r: int, client: str, reason: str, now: float | None = None) -> Reply:
+        """Operator: remove ``client``'s delta from open round ``r``. Status: evicted | noop | closed | no_round."""
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.evict_delta(
+            keys=[k.round(r), k.deltas(r), k.events],
+            args=[*self._args(federation, r, now), check_name(client, "client id"), reason],
+        )
+
+    def abort(self, federation: str, r: int, reason: str, now: float | None = None) -> Reply:
+        """Operator: end open or aggregating round ``r`` as ``aborted`` (new epoch) and open the next.
+
+        Status: aborted | bad_state | no_round.
+        """
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.abort_round(
+            keys=self._transition_keys(k, r), args=[*self._args(federation, r, now), reason]
+        )
+
+    # -- the round's plan and shards ---------------------------------------------------------
+
+    def set_plan(self, federation: str, r: int, plan_json: str) -> str:
+        """Store round ``r``'s plan unless one is stored already; returns the stored one (first wins)."""
+        key = FederationKeys(federation).plan(r)
+        with _typed(key):
+            prev = opt_text(self.redis.set(key, plan_json, nx=True, get=True))
+        return plan_json if prev is None else prev
+
+    def plan(self, federation: str, r: int) -> str | None:
+        """Round ``r``'s plan (JSON), None before the first round task set it."""
+        key = FederationKeys(federation).plan(r)
+        with _typed(key):
+            return opt_text(self.redis.get(key))
+
+    def shard_done(
+        self, federation: str, r: int, k: int, total: int, result_json: str, *, now: float | None = None
+    ) -> Reply:
+        """Record shard ``k`` of ``total`` (write-once). ``n``: shards done; ``detail == "last"`` for exactly one call.
+
+        Status: recorded | duplicate | conflict | stale. A redelivered or reclaimed shard gets
+        ``duplicate`` and never ``last``: after a reclaim, compare ``len(shards())`` with ``total``.
+        """
+        if not 0 <= k < total:
+            raise ConfigError(f"shard index {k} is outside 0..{total - 1}")
+        now = time.time() if now is None else now
+        keys = FederationKeys(federation)
+        return self.scripts.shard_done(
+            keys=[keys.round(r), keys.shards(r), keys.events],
+            args=[*self._args(federation, r, now), int(k), int(total), result_json],
+        )
+
+    def shards(self, federation: str, r: int) -> dict[int, str]:
+        """Shard index -> result (JSON) of every shard done."""
+        key = FederationKeys(federation).shards(r)
+        with _typed(key):
+            raw = text_map(self.redis.hgetall(key))
+        return {int(i): result for i, result in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+    def forget_round_work(self, federation: str, r: int) -> bool:
+        """Drop a complete round's plan and shard results (its manifest holds both); False unless complete."""
+        if self.round(federation, r).state != RoundStatus.COMPLETE:
+            return False
+        k = FederationKeys(federation)
+        self.redis.delete(k.plan(r), k.shards(r))
+        return True
+
+    def keys(self, federation: str) -> FederationKeys:
+        """The key names of ``federation`` (for what the workers lock or inspect directly)."""
+        return FederationKeys(federation)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def add_snapshot(self, federation: str, record: SnapshotRecord | str) -> SnapshotRecord:
+        """Record a snapshot (for ``record.round``) unless one is recorded for that round; returns the stored one."""
+        snap = record if isinstance(record, SnapshotRecord) else SnapshotRecord.from_json(record)
+        key = FederationKeys(federation).snapshots
+        with _typed(key):
+            if self.redis.hsetnx(key, str(snap.round), snap.to_json()):
+                return snap
+            stored = opt_text(self.redis.hget(key, str(snap.round)))
+        return snap if stored is None else SnapshotRecord.from_json(stored)
+
+    def request_compaction(self, federation: str, r: int, retry_s: float) -> bool:
+        """Whether the caller should enqueue round ``r``'s compaction: True once per ``retry_s`` (the sweep)."""
+        key = FederationKeys(federation).compaction_request(r)
+        with _typed(key):
+            return bool(self.redis.set(key, "1", nx=True, px=max(1, int(retry_s * 1000))))
+
+    def snapshots(self, federation: str) -> dict[int, SnapshotRecord]:
+        """Round -> snapshot, oldest first."""
+        key = FederationKeys(federation).snapshots
+        with _typed(key):
+            raw = text_map(self.redis.hgetall(key))
+        return {int(r): SnapshotRecord.from_json(rec) for r, rec in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+    # -- the inbox's rejections --------------------------------------------------------------
+
+    def count_rejected(self, federation: str, code: str) -> int:
+        """Count one inbox record dropped before authentication (logged and counted, never published)."""
+        if not _CODE.fullmatch(code):
+            raise ConfigError(f"rejection code {code!r} must be a short snake_case word")
+        key = FederationKeys(federation).rejected
+        with _typed(key):
+            return int(self.redis.hincrby(key, code, 1))
+
+    def rejected(self, federation: str) -> dict[str, int]:
+        """Reason code -> records dropped before authentication."""
+        key = FederationKeys(federation).rejected
+        with _typed(key):
+            return {code: int(n) for code, n in sorted(text_map(self.redis.hgetall(key)).items())}
+
+    # -- the sweep ---------------------------------------------------------------------------
 
     def due(self, federation: str, now: float | None = None) -> tuple[list[int], list[int]]:
         """Rounds whose deadline passed, and aggregations whose lease ran out."""
         now = time.time() if now is None else now
         k = FederationKeys(federation)
-        deadlines = self.redis.zrangebyscore(k.deadlines, "-inf", now)
-        leases = self.redis.zrangebyscore(k.leases, "-inf", now)
-        return [int(r) for r in deadlines], [int(r) for r in leases]
+        with _typed(k.deadlines):
+            deadlines = self.redis.zrangebyscore(k.deadlines, "-inf", now)
+        with _typed(k.leases):
+            leases = self.redis.zrangebyscore(k.leases, "-inf", now)
+        return _members(deadlines), _members(leases)
 
 
-_NUMERIC = {"epoch", "n", "quorum", "min_quorum", "opened_at", "deadline", "agg_started", "lease_until",
-            "completed_at", "extensions", "reclaims", "failed_at", "closed_at"}
+def _members(raw: list[Any]) -> list[int]:
+    return [int(opt_text(member) or "") for member in raw]
 
 
-def _number(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+def _declared_name(name: str) -> str:
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise ConfigError(f"declared tensor name {name!r} must be a non-empty string without whitespace")
+    return name

@@ -1,45 +1,73 @@
 """Object storage behind one small interface: ``s3://bucket/prefix`` and ``file:///path``.
 
-Keys are relative to the URL's prefix. Every read can be size-capped and re-hashed
-(:meth:`Store.download`), because neither moto nor every S3-compatible store
-verifies checksums.
+Keys are relative to the URL's prefix. Every read can be size-capped and is re-hashed
+(:meth:`Store.download`, :meth:`Store.local_copy`), because neither moto nor every
+S3-compatible store verifies checksums.
 """
 
 from __future__ import annotations
 
-import re
-
 from ..errors import ConfigError
 from ..settings import Settings
-from .base import Store, InvalidKey, check_key
+from .base import Store
+from .keys import InvalidKey, check_bucket, check_key
+from .objects import Head, LocalObject, ObjectWriter, WrittenObject
+from .policy import S3Credentials
 
-__all__ = ["Store", "InvalidKey", "check_key", "open_store"]
+__all__ = [
+    "Head",
+    "InvalidKey",
+    "LocalObject",
+    "ObjectWriter",
+    "S3Credentials",
+    "Store",
+    "WrittenObject",
+    "check_key",
+    "open_store",
+    "split_s3_url",
+]
 
-# S3's rules for new buckets, which MinIO enforces too.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> ``(bucket, prefix)``, both checked (prefix ``""`` when there is none)."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"not an s3:// store URL: {url!r}")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    try:
+        check_bucket(bucket)
+    except ConfigError:
+        raise ConfigError(f"invalid bucket name {bucket!r} in store URL {url!r}") from None
+    prefix = prefix.rstrip("/")
+    if prefix:
+        check_key(prefix)
+    return bucket, prefix
 
 
-def open_store(url: str, settings: Settings) -> Store:
-    """Open the store named by ``url`` (usually ``settings.store``); no I/O happens yet."""
+def open_store(url: str, settings: Settings, *, credentials: S3Credentials | None = None) -> Store:
+    """Open the store named by ``url`` (usually ``settings.store``); no I/O happens yet.
+
+    ``credentials`` are explicit S3 keys (a client's, from ``client add``); without them boto3's
+    usual sources apply (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, ...).
+    """
     if url.startswith("s3://"):
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        if not _BUCKET.match(bucket) or ".." in bucket:
-            raise ConfigError(f"invalid bucket name {bucket!r} in store URL {url!r}")
-        prefix = prefix.rstrip("/")
-        if prefix:
-            check_key(prefix)
+        bucket, prefix = split_s3_url(url)
         from .s3 import S3Store  # boto3 is slow to import; file:// users don't need it
 
-        return S3Store(bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        return S3Store(
+            bucket,
+            prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            credentials=credentials,
+            spool_dir=settings.spool_dir,
+        )
     if url.startswith("file://"):
-        path = url[len("file://"):]
-        if not (path.startswith("/") or path in (".", "..") or path.startswith(("./", "../"))):
-            raise ConfigError(
-                f"store URL {url!r}: use file:///absolute/path or file://./relative/path"
-            )
+        if credentials is not None:
+            raise ConfigError(f"S3 credentials were given for the file store {url!r}; they apply to s3:// only")
+        path = url.removeprefix("file://")
+        if not (path.startswith(("/", "./", "../")) or path in (".", "..")):
+            raise ConfigError(f"store URL {url!r}: use file:///absolute/path or file://./relative/path")
         from .file import FileStore
 
         return FileStore(path)
-    raise ConfigError(
-        f"unsupported store URL {url!r}: use s3://bucket/prefix or file:///path (CHORUS_STORE)"
-    )
+    raise ConfigError(f"unsupported store URL {url!r}: use s3://bucket/prefix or file:///path (CHORUS_STORE)")

@@ -1,25 +1,50 @@
-"""``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS, MinIO, moto)."""
+"""``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS, MinIO, moto).
+
+Every call this backend makes for puts and reads of single objects needs only ``s3:PutObject``
+or ``s3:GetObject`` on that object, so a federation client's least-privilege keys (see
+:mod:`.policy`) work: no HeadBucket, no ListBucket.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from typing import BinaryIO, Iterable, Iterator
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from ..errors import ChorusError, ObjectExists, ObjectMissing, StoreError
-from .base import Head, Store, read_chunks
+from .base import Store
+from .objects import Head
+from .policy import S3Credentials
+from .spool import read_chunks
 
-_AUTH_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
-}
+# The keys themselves are wrong, expired or unknown (as opposed to lacking a permission).
+_BAD_KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+#: the IAM permission each operation of this backend needs
+_PERMISSIONS = {
+    "HEAD": "s3:GetObject",
+    "GET": "s3:GetObject",
+    "PUT": "s3:PutObject",
+    "COPY": "s3:GetObject on the source and s3:PutObject",
+    "LIST": "s3:ListBucket",
+    "DELETE": "s3:DeleteObject",
+}
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+#: S3's limit on the parts of one multipart upload
+MAX_PARTS = 10_000
 
 
 class S3Store(Store):
@@ -29,19 +54,35 @@ class S3Store(Store):
     multipart_threshold = 128 * MiB
     #: part size for multipart uploads (S3's minimum is 5 MiB)
     part_size = 64 * MiB
+    #: the largest object one CopyObject may copy (S3's limit); larger ones are copied in parts
+    copy_limit = 5 * GiB
+    #: part size for those copies (UploadPartCopy)
+    copy_part_size = 512 * MiB
 
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, region: str):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        credentials: S3Credentials | None = None,
+        spool_dir: str | None = None,
+    ):
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint_url = endpoint_url
         self.region = region
+        self.credentials = credentials
+        self.spool_dir = spool_dir
         self._client_pid: int | None = None
+        self._client: Any = None
         self._bucket_checked = False
 
     @property
-    def client(self):
-        # Created lazily and again after fork: a boto3 client's connection pool must
-        # not be shared between Celery's prefork children.
+    def client(self) -> Any:
+        """The boto3 S3 client (made lazily, and again after a fork)."""
+        # A boto3 client's connection pool must not be shared between Celery's prefork children.
         if self._client_pid != os.getpid():
             config = Config(
                 signature_version="s3v4",
@@ -51,9 +92,13 @@ class S3Store(Store):
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+            keys = self.credentials
+            session = boto3.session.Session(
+                aws_access_key_id=keys.access_key_id if keys else None,
+                aws_secret_access_key=keys.secret_access_key if keys else None,
+                aws_session_token=keys.session_token if keys else None,
             )
+            self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
             self._client_pid = os.getpid()
         return self._client
 
@@ -69,13 +114,15 @@ class S3Store(Store):
             with self._errors(key, "HEAD"):
                 resp = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
         except ObjectMissing:
-            # A HEAD 404 has no body, so a missing bucket looks like a missing key.
-            self._check_bucket()
+            self._check_bucket(key)
             return None
+        self._bucket_checked = True
         return Head(size=resp["ContentLength"], etag=resp.get("ETag"))
 
-    def _chunks(self, key: str, head: Head) -> Iterator[bytes]:
+    def _chunks(self, key: str, head: Head, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         extra = {"IfMatch": head.etag} if head.etag else {}
+        if start > 0 or (end is not None and end < head.size):
+            extra["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
         with self._errors(key, "GET"):
             body = self.client.get_object(Bucket=self.bucket, Key=self._full(key), **extra)["Body"]
             with contextlib.closing(body):
@@ -84,14 +131,23 @@ class S3Store(Store):
     def _range(self, key: str, start: int, end: int) -> bytes:
         with self._errors(key, "GET"):
             try:
-                resp = self.client.get_object(
-                    Bucket=self.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
-                )
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}")
             except ClientError as exc:
                 if _code(exc) == "InvalidRange":
                     return b""  # start at or past the end, as data[start:end] would give
                 raise
-            return resp["Body"].read()
+            with contextlib.closing(resp["Body"]) as body:
+                data: bytes = body.read()
+        match = _CONTENT_RANGE.fullmatch(resp.get("ContentRange") or "")
+        if match is None:
+            return data[start:end]  # a store that ignored the Range sent the whole object
+        first, last = int(match[1]), int(match[2])
+        if first != start or len(data) != last - first + 1:
+            raise StoreError(
+                f"GET {self.url_for(key)} bytes {start}-{end - 1}: got {len(data)} bytes for "
+                f"{resp.get('ContentRange')}; the transfer was cut short, retry"
+            )
+        return data
 
     def _put(self, key: str, src: BinaryIO, size: int, write_once: bool) -> None:
         cond = {"IfNoneMatch": "*"} if write_once else {}
@@ -99,59 +155,128 @@ class S3Store(Store):
             if write_once and self._head(key) is not None:
                 # Saves uploading gigabytes for nothing; the guarantee is the condition below.
                 raise ObjectExists(f"object {self.url_for(key)} already exists (write-once)")
-            self._multipart(key, src, cond)
+            self._multipart(key, src, cond, size=size)
             return
         with self._errors(key, "PUT", write=True):
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._full(key), Body=src, ContentLength=size, **cond
-            )
+            self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=src, ContentLength=size, **cond)
 
-    def _multipart(self, key: str, src: BinaryIO, cond: dict) -> None:
+    def _multipart(self, key: str, src: BinaryIO, cond: dict[str, str], *, size: int = 0) -> None:
         full = self._full(key)
+        part = max(self.part_size, math.ceil(size / MAX_PARTS))
         with self._errors(key, "PUT", write=True):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
             try:
                 parts = []
-                for number, chunk in enumerate(iter(lambda: src.read(self.part_size), b""), 1):
+                for number, chunk in enumerate(iter(lambda: src.read(part), b""), 1):
                     resp = self.client.upload_part(
                         Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=chunk
                     )
                     parts.append({"PartNumber": number, "ETag": resp["ETag"]})
                 # S3 checks If-None-Match at completion: that is the atomic write-once.
                 self.client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id,
-                    MultipartUpload={"Parts": parts}, **cond,
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond
                 )
             except BaseException:
-                with contextlib.suppress(BotoCoreError, ClientError):
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+                self._abort(full, upload_id)
                 raise
+
+    def _copy(self, src: str, dst: str, head: Head) -> None:
+        # Early refusal without moving anything; the guarantee is If-None-Match on the copy itself.
+        if self._head(dst) is not None:
+            raise ObjectExists(f"object {self.url_for(dst)} already exists (write-once)")
+        source = {"Bucket": self.bucket, "Key": self._full(src)}
+        # The source must still be the version we sized (a client may overwrite its own deltas).
+        match = {"CopySourceIfMatch": head.etag} if head.etag else {}
+        if head.size > self.copy_limit:
+            self._multipart_copy(src, dst, head, source, match)
+            return
+        try:
+            with self._errors(dst, "COPY", write=True):
+                self.client.copy_object(
+                    Bucket=self.bucket, Key=self._full(dst), CopySource=source, IfNoneMatch="*", **match
+                )
+        except ObjectExists:
+            # 412 is either condition failing: tell them apart.
+            if self._head(dst) is None:
+                raise StoreError(f"{self.url_for(src)} changed since it was sized; retry") from None
+            raise
+
+    def _multipart_copy(self, src: str, dst: str, head: Head, source: dict[str, str], match: dict[str, str]) -> None:
+        full = self._full(dst)
+        part = max(self.copy_part_size, math.ceil(head.size / MAX_PARTS))
+        with self._errors(dst, "COPY", write=True):
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+        try:
+            parts = []
+            for number, first in enumerate(range(0, head.size, part), 1):
+                last = min(first + part, head.size) - 1
+                # A 412 here means the source changed: not write-once, so it maps to a retry.
+                with self._errors(src, "COPY"):
+                    resp = self.client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        CopySource=source,
+                        CopySourceRange=f"bytes={first}-{last}",
+                        **match,
+                    )
+                parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
+            with self._errors(dst, "COPY", write=True):
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                )
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        # Best effort: a client without s3:AbortMultipartUpload leaves it to the bucket's lifecycle rule.
+        with contextlib.suppress(BotoCoreError, ClientError):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+
+    def _writer_dir(self) -> str:
+        return self._default_spool()
+
+    def _default_spool(self) -> str:
+        return self.spool_dir or tempfile.gettempdir()
+
+    def _place(self, tmp: str, key: str, size: int) -> None:
+        with open(tmp, "rb") as src:
+            self._put(key, src, size, write_once=True)
 
     def _list(self, prefix: str) -> Iterable[str]:
         base = self._full("")  # "prefix/" or ""
         with self._errors(prefix, "LIST"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base + prefix
-            )
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    yield obj["Key"][len(base):]
+                    yield obj["Key"][len(base) :]
 
     def _delete(self, key: str) -> None:
         with self._errors(key, "DELETE", write=True):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
 
     # -- errors -----------------------------------------------------------------------
-    def _check_bucket(self) -> None:
+    def _check_bucket(self, key: str) -> None:
+        """After a HEAD 404: raise if the bucket, not the key, is missing.
+
+        A HEAD 404 has no body, so the two look alike. A GET of the same key says which (NoSuchKey
+        or NoSuchBucket) and needs only s3:GetObject, which the HEAD needed anyway: no HeadBucket
+        or ListBucket right is assumed.
+        """
         if self._bucket_checked:
             return
-        with self._errors("", "HEAD bucket"):
-            try:
-                self.client.head_bucket(Bucket=self.bucket)
-            except ClientError as exc:
-                if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                    raise StoreError(self._no_bucket()) from exc
-                raise
+        try:
+            with self._errors(key, "HEAD"):
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key), Range="bytes=0-0")
+                resp["Body"].close()
+        except ObjectMissing:
+            pass
         self._bucket_checked = True
 
     def _no_bucket(self) -> str:
@@ -164,7 +289,7 @@ class S3Store(Store):
         return f" at {self.endpoint_url}" if self.endpoint_url else ""
 
     @contextlib.contextmanager
-    def _errors(self, key: str, op: str, *, write: bool = False):
+    def _errors(self, key: str, op: str, *, write: bool = False) -> Iterator[None]:
         """Turn boto3/botocore failures (after boto3's own retries) into ChorusErrors."""
         url = self.url_for(key)
         try:
@@ -172,7 +297,7 @@ class S3Store(Store):
         except ChorusError:
             raise
         except ClientError as exc:
-            raise self._client_error(exc, url, op, write) from exc
+            raise self._client_error(exc, key, op, write) from exc
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise StoreError(
                 f"{op} {url}: no usable S3 credentials ({exc}); set AWS_ACCESS_KEY_ID and "
@@ -184,7 +309,8 @@ class S3Store(Store):
                 "is the object store up and reachable? Retry later"
             ) from exc
 
-    def _client_error(self, exc: ClientError, url: str, op: str, write: bool) -> ChorusError:
+    def _client_error(self, exc: ClientError, key: str, op: str, write: bool) -> ChorusError:
+        url = self.url_for(key)
         code = _code(exc)
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = exc.response.get("Error", {}).get("Message") or ""
@@ -196,17 +322,34 @@ class S3Store(Store):
             return ObjectMissing(f"object {url} does not exist")
         if code == "NoSuchBucket":
             return StoreError(self._no_bucket())
-        if status in (401, 403) or code in _AUTH_CODES:
+        if code in _BAD_KEY_CODES or status == 401:
             return StoreError(
                 f"{op} {url} was refused ({code}, HTTP {status}): check the S3 credentials "
                 f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and their access to bucket "
-                f"{self.bucket}{self._where()}. Without s3:ListBucket, S3 also answers 403 "
-                "for objects that do not exist"
+                f"{self.bucket}{self._where()}"
             )
+        if status == 403 or code in _DENIED_CODES:
+            return StoreError(self._denied(key, op, code, status))
         return StoreError(
-            f"{op} {url} failed after retries: {code} (HTTP {status}) {message}".rstrip()
-            + "; retry later"
+            f"{op} {url} failed after retries: {code} (HTTP {status}) {message}".rstrip() + "; retry later"
         )
+
+    def _denied(self, key: str, op: str, code: str, status: int | None) -> str:
+        arn = f"arn:aws:s3:::{self.bucket}/{self._full(key)}"
+        needs = _PERMISSIONS.get(op, "a permission")
+        label = "AccessDenied" if code == "403" else code
+        text = (
+            f"{op} {self.url_for(key)} was refused ({label}, HTTP {status}): the S3 credentials in use lack "
+            f"{needs} on {arn}. A federation client's keys allow only s3:PutObject/s3:GetObject under "
+            "its own <federation>/deltas/<client>/ prefix and s3:GetObject under <federation>/rounds/ "
+            "and <federation>/snapshots/"
+        )
+        if op in ("HEAD", "GET"):
+            text += "; without s3:ListBucket, S3 also answers 403 for objects that do not exist"
+        if code == "403":
+            # A HEAD answer has no body, so no error code: it could also be keys the store does not know.
+            text += " (a HEAD refusal carries no reason: the keys themselves may be invalid; see AWS_ACCESS_KEY_ID)"
+        return text
 
 
 def _code(exc: ClientError) -> str:

@@ -1,21 +1,25 @@
-"""The Celery app. Start a worker with ``chorus-mq worker`` or ``celery -A chorus_mq.workers.app worker``."""
+"""The Celery app, built lazily from explicit settings.
+
+``chorus-mq worker`` (or ``celery -A chorus_mq.workers.app worker``) builds it from the
+environment on first use; the SDK, beat and tests build one from their own settings.
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from celery import Celery
-from kombu import Queue
+from kombu import Queue as KombuQueue
 
+from ..names import TASK_QUEUES, Queue
 from ..settings import Settings, get_settings
-
-INGEST_QUEUE = "chorus.ingest"
-AGGREGATE_QUEUE = "chorus.aggregate"
-INGEST_TASK = "chorus.ingest"
-AGGREGATE_TASK = "chorus.aggregate"
-SWEEP_TASK = "chorus.close_due_rounds"
+from .dispatch import Dispatcher
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("chorus_mq", broker=settings.effective_broker_url, include=["chorus_mq.workers.tasks"])
+    """A configured Celery app with chorus-mq's tasks registered."""
+    app = Celery("chorus_mq", broker=settings.effective_broker_url, set_as_current=False)
     # kombu scans for expired unacked messages only every interval x throttle seconds (100 s by
     # default), which would dwarf a short visibility timeout after a worker dies
     restore_every = min(max(settings.visibility_timeout // 10, 1), 10)
@@ -37,20 +41,37 @@ def make_app(settings: Settings) -> Celery:
         # A killed pool child is retried a bounded number of times instead of acked and lost.
         task_retry_on_worker_lost=True,
         task_reject_on_worker_lost=False,
-        task_queues=[Queue(INGEST_QUEUE), Queue(AGGREGATE_QUEUE)],
-        task_default_queue=INGEST_QUEUE,
-        task_routes={INGEST_TASK: {"queue": INGEST_QUEUE}, AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE},
-                     SWEEP_TASK: {"queue": AGGREGATE_QUEUE}},
+        task_queues=[KombuQueue(q.value) for q in Queue],
+        task_default_queue=Queue.INGEST.value,
+        task_routes={task.value: {"queue": queue.value} for task, queue in TASK_QUEUES.items()},
         task_always_eager=settings.eager,
         task_eager_propagates=True,
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        beat_schedule={"close-due-rounds": {"task": SWEEP_TASK, "schedule": settings.sweep_interval}},
-        redbeat_redis_url=settings.redis_url,
-        redbeat_lock_timeout=settings.beat_lock_timeout,
-        redbeat_key_prefix="chorus:redbeat",
+        worker_hijack_root_logger=False,
     )
+    from . import tasks  # the task bodies import torch: only when an app is built
+
+    tasks.register(app, settings)
     return app
 
 
-app = make_app(get_settings())
+@lru_cache(maxsize=8)
+def _cached(settings_json: str) -> Celery:
+    return make_app(Settings.model_validate_json(settings_json))
+
+
+def get_app(settings: Settings) -> Celery:
+    """The app for ``settings`` (one per distinct settings in this process)."""
+    return _cached(settings.model_dump_json())
+
+
+def get_dispatcher(settings: Settings) -> Dispatcher:
+    return Dispatcher(get_app(settings), eager=settings.eager)
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A chorus_mq.workers.app` looks up `app` here: build it from the environment then
+    if name == "app":
+        return get_app(get_settings())
+    raise AttributeError(name)

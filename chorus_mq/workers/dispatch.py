@@ -1,31 +1,31 @@
-"""Sending work to the fleet by task name, or running it in-process when ``settings.eager``."""
+"""Sending work to the fleet by task name, or running it in this process when the settings say eager.
+
+Only workers, beat and operators send tasks; every argument is data the sender produced or
+checked. A client's record never becomes a task name, a queue, a callback or an option.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
-from ..settings import Settings
-from .app import AGGREGATE_QUEUE, AGGREGATE_TASK, INGEST_QUEUE, INGEST_TASK, make_app
+from ..names import TASK_QUEUES, Task
 
 
-@lru_cache(maxsize=8)
-def _app(settings_json: str) -> Celery:
-    return make_app(Settings.model_validate_json(settings_json))
+class Dispatcher:
+    """Enqueue ``Task``s on their queues (or apply them in-process when ``eager``)."""
 
+    def __init__(self, app: Celery, *, eager: bool = False):
+        self.app = app
+        self.eager = eager
 
-def _send(settings: Settings, name: str, queue: str, args: list) -> None:
-    if settings.eager:
-        from . import tasks  # registering the tasks needs the worker's imports
-        tasks.app.tasks[name].apply(args=args, throw=True)
-        return
-    _app(settings.model_dump_json()).send_task(name, args=args, queue=queue)
+    def send(self, task: Task, *args: Any) -> None:
+        if self.eager:
+            self.app.tasks[task.value].apply(args=list(args), throw=True)
+            return
+        # no callbacks, links or options: the message is a task name, its queue and plain arguments
+        self.app.send_task(task.value, args=list(args), queue=TASK_QUEUES[task].value)
 
-
-def ingest(settings: Settings, message: dict) -> None:
-    _send(settings, INGEST_TASK, INGEST_QUEUE, [message])
-
-
-def aggregate(settings: Settings, federation: str, round_: int, epoch: int) -> None:
-    _send(settings, AGGREGATE_TASK, AGGREGATE_QUEUE, [federation, round_, epoch])
+    def __call__(self, task: Task, *args: Any) -> None:
+        self.send(task, *args)

@@ -1,43 +1,111 @@
-"""The periodic sweep: close rounds whose deadline passed, re-enqueue aggregations whose lease ran out.
+"""The periodic sweep: deadlines, aggregations whose lease ran out, compactions that are due.
 
-Every step is a Lua transition that checks the state it expects, so two sweeps at once
-(two beats, or a beat and a manual run) cannot close or aggregate a round twice.
+Every step is a Lua transition that checks the state it expects, so two sweeps at once (two
+beats, or a beat and a manual run) cannot close or aggregate a round twice. Each federation
+is swept on its own: an error in one is logged and counted and never stops the others.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from ..names import Queue, RoundStatus, Task
+from .dispatch import Dispatcher
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+#: a compaction found missing is requested again at most this often (seconds)
+_COMPACTION_RETRY_S = 300
 
-def close_due_rounds(rt: Runtime, enqueue_aggregate: Callable[[str, int, int], None],
-                     now: float | None = None) -> dict[str, list]:
-    report: dict[str, list] = {"fired": [], "extended": [], "expired": [], "reclaimed": [], "failed": []}
+
+@dataclass
+class SweepReport:
+    fired: list[tuple[str, int]] = field(default_factory=list)
+    extended: list[tuple[str, int]] = field(default_factory=list)
+    expired: list[tuple[str, int]] = field(default_factory=list)
+    reclaimed: list[tuple[str, int]] = field(default_factory=list)
+    busy: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, int]] = field(default_factory=list)
+    compactions: list[tuple[str, int]] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return any(bool(v) for v in vars(self).values())
+
+
+def sweep(rt: Runtime, dispatch: Dispatcher, now: float | None = None) -> SweepReport:
+    """One pass over every federation."""
+    report = SweepReport()
+    busy = _fleet_busy(rt)
     for federation in rt.state.federations():
-        due, stale = rt.state.due(federation, now)
-        for r in due:
-            t = rt.state.close(federation, r, "deadline", now)
-            if t.status == "fired":
-                enqueue_aggregate(federation, r, t.epoch)
-            if t.status in report:
-                report[t.status].append((federation, r))
-        for r in stale:
-            info = rt.state.round(federation, r)
-            attempts = rt.settings.max_aggregation_attempts
-            if info["state"] == "aggregating" and info.get("reclaims", 0) + 1 >= attempts:
-                t = rt.state.fail(federation, r, int(info["epoch"]),
-                                  f"aggregation did not finish in {attempts} attempts (workers died or timed out)", now)
-                if t.status == "ok":
-                    report["failed"].append((federation, r))
-                continue
-            t = rt.state.reclaim(federation, r, now)
-            if t.status == "reclaimed":
-                enqueue_aggregate(federation, r, t.epoch)
-                report["reclaimed"].append((federation, r))
-    if any(report.values()):
+        try:
+            _sweep_one(rt, dispatch, federation, now, busy, report)
+        except Exception as exc:  # isolate: one broken federation never stops the sweep of the others
+            log.exception("sweep of federation %s failed", federation)
+            report.errors[federation] = f"{type(exc).__name__}: {exc}"
+    if report:
         log.info("sweep: %s", report)
     return report
+
+
+def _sweep_one(rt: Runtime, dispatch: Dispatcher, federation: str, now: float | None, busy: bool,
+               report: SweepReport) -> None:
+    due, stale = rt.state.due(federation, now)
+    for r in due:
+        t = rt.state.close(federation, r, "deadline", now)
+        if t.status == "fired":
+            dispatch.send(Task.ROUND, federation, r, t.epoch)
+            report.fired.append((federation, r))
+        elif t.status == "extended":
+            report.extended.append((federation, r))
+        elif t.status == "expired":
+            report.expired.append((federation, r))
+    for r in stale:
+        info = rt.state.round(federation, r)
+        if info.state != RoundStatus.AGGREGATING:
+            rt.state.reclaim(federation, r, now)  # drops the stale lease entry
+            continue
+        if busy:
+            # the round's tasks may be waiting behind others in the queue: nobody is running them,
+            # but nothing was lost either. Wait instead of duplicating (and counting an attempt).
+            rt.state.extend_lease(federation, r, now)
+            report.busy.append((federation, r))
+            continue
+        attempts = rt.settings.max_aggregation_attempts
+        if info.reclaims + 1 >= attempts:
+            t = rt.state.fail(federation, r, info.epoch,
+                              f"aggregation did not finish in {attempts} attempts (workers died or timed out)", now)
+            if t.status == "ok":
+                report.failed.append((federation, r))
+            continue
+        t = rt.state.reclaim(federation, r, now)
+        if t.status == "reclaimed":
+            dispatch.send(Task.ROUND, federation, r, t.epoch)
+            report.reclaimed.append((federation, r))
+    _compaction_due(rt, dispatch, federation, report)
+
+
+def _compaction_due(rt: Runtime, dispatch: Dispatcher, federation: str, report: SweepReport) -> None:
+    config = rt.state.config(federation)
+    if not config.checkpoint_every:
+        return
+    latest = rt.state.latest_complete(federation)
+    if latest is None or latest < config.checkpoint_every:
+        return
+    due = latest - latest % config.checkpoint_every
+    if due in rt.state.snapshots(federation):
+        return
+    if rt.state.request_compaction(federation, due, _COMPACTION_RETRY_S):
+        dispatch.send(Task.COMPACT, federation, due)
+        report.compactions.append((federation, due))
+
+
+def _fleet_busy(rt: Runtime) -> bool:
+    """Whether aggregation tasks are waiting in the broker (then an expired lease means a wait, not a loss)."""
+    try:
+        return int(rt.broker.llen(Queue.AGGREGATE.value)) > 0
+    except Exception as exc:  # a broker we cannot read is not a reason to stop sweeping
+        log.warning("cannot read the aggregate queue's length: %s", exc)
+        return False

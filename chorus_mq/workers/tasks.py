@@ -1,42 +1,102 @@
-"""Celery tasks: thin, idempotent wrappers; Redis state decides what actually happens."""
+"""Celery tasks: thin, idempotent wrappers; Redis state decides what actually happens.
+
+Every task is safe to run twice or concurrently: the round's epoch fences commits, outputs are
+write-once content-addressed objects, and each state change is one Lua transition.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import redis as redis_lib
-from celery.utils.log import get_task_logger
+from celery import Celery, bootsteps
+from celery.signals import worker_process_init
 
 from ..errors import ServiceUnavailable, StoreError
-from ..settings import get_settings
-from . import dispatch, runtime
-from .aggregate import aggregate_round
-from .app import AGGREGATE_TASK, INGEST_TASK, SWEEP_TASK, app
-from .ingest import ingest
-from .sweep import close_due_rounds
+from ..names import Queue, Task
+from ..settings import Settings
+from . import runtime
+from .dispatch import Dispatcher
 
-log = get_task_logger(__name__)
+log = logging.getLogger(__name__)
 
 #: worth retrying with backoff; everything else is a verdict or a bug
 TRANSIENT = (StoreError, ServiceUnavailable, redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
-# a retry is a delayed task: its delay stays well below the visibility timeout (kombu#337)
-_RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
-              max_retries=get_settings().task_max_retries, acks_late=True,
-              default_retry_delay=min(10, get_settings().visibility_timeout // 10))
 
 
-def enqueue_aggregate(federation: str, round_: int, epoch: int) -> None:
-    dispatch.aggregate(runtime.current().settings, federation, round_, epoch)
+def register(app: Celery, settings: Settings) -> None:
+    """Register chorus-mq's tasks (and the inbox pump of ingest workers) on ``app``."""
+    # a retry is a delayed task: its delay stays well below the visibility timeout (kombu#337)
+    retry: dict[str, Any] = dict(shared=False, autoretry_for=TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
+                                 max_retries=settings.task_max_retries, acks_late=True,
+                                 default_retry_delay=min(10, settings.visibility_timeout // 10))
+    dispatch = Dispatcher(app, eager=settings.eager)
+
+    @app.task(name=Task.INGEST.value, **retry)
+    def ingest_task(federation: str, inbox_client: str, entry_id: str, message: Any) -> dict[str, Any]:
+        from .ingest import ingest
+
+        return ingest(runtime.current(), federation, inbox_client or None, entry_id, message, dispatch).as_dict()
+
+    @app.task(name=Task.ROUND.value, **retry)
+    def round_task(federation: str, round_: int, epoch: int) -> str:
+        from .plan import plan_round
+
+        return plan_round(runtime.current(), federation, round_, epoch, dispatch)
+
+    @app.task(name=Task.SHARD.value, **retry)
+    def shard_task(federation: str, round_: int, epoch: int, shard: int) -> str:
+        from .shard import run_shard
+
+        return run_shard(runtime.current(), federation, round_, epoch, shard, dispatch)
+
+    @app.task(name=Task.COMMIT.value, **retry)
+    def commit_task(federation: str, round_: int, epoch: int) -> str:
+        from .commit import commit_round
+
+        return commit_round(runtime.current(), federation, round_, epoch, dispatch)
+
+    @app.task(name=Task.COMPACT.value, **retry)
+    def compact_task(federation: str, round_: int) -> str:
+        from .compact import compact
+
+        return compact(runtime.current(), federation, round_)
+
+    app.steps["worker"].add(InboxPumpStep)
 
 
-@app.task(name=INGEST_TASK, bind=True, **_RETRY)
-def ingest_task(self, message: dict) -> dict:
-    return ingest(runtime.current(), message, enqueue_aggregate).as_dict()
+@worker_process_init.connect
+def _per_process(**_: Any) -> None:
+    # Pool children run one task at a time; torch's default threads would oversubscribe the cores
+    # (validation on a busy host ran 100x slower). Modules run side by side on their own threads.
+    import torch
+
+    from .memory import retain_freed_memory
+
+    torch.set_num_threads(1)
+    retain_freed_memory()
 
 
-@app.task(name=AGGREGATE_TASK, bind=True, **_RETRY)
-def aggregate_task(self, federation: str, round_: int, epoch: int) -> str:
-    return aggregate_round(runtime.current(), federation, round_, epoch)
+class InboxPumpStep(bootsteps.StartStopStep):
+    """Runs the inbox pump in the main process of every worker that consumes the ingest queue."""
 
+    requires = {"celery.worker.components:Pool"}
 
-@app.task(name=SWEEP_TASK, bind=True, **_RETRY)
-def close_due_rounds_task(self) -> dict:
-    return close_due_rounds(runtime.current(), enqueue_aggregate)
+    def __init__(self, worker: Any, **kwargs: Any):
+        super().__init__(worker, **kwargs)
+        self.pump: Any = None
+
+    def start(self, worker: Any) -> None:
+        consumed = worker.app.amqp.queues.consume_from or worker.app.amqp.queues
+        if Queue.INGEST.value not in set(consumed):
+            return
+        from .pump import InboxPump
+
+        rt = runtime.current()
+        self.pump = InboxPump(rt, Dispatcher(worker.app), consumer=f"{worker.hostname}")
+        self.pump.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.pump is not None:
+            self.pump.stop()

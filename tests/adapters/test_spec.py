@@ -11,15 +11,30 @@ from chorus_mq.errors import InvalidAdapter
 
 from ._util import P, peft_config, save_peft, tiny_llama
 
-NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
-         "model.layers.0.mlp.up_proj", "transformer.h.0.attn.c_attn"]
+NAMES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.11.self_attn.q_proj",
+    "model.layers.0.mlp.up_proj",
+    "transformer.h.0.attn.c_attn",
+]
 
 
 def test_round_trip_through_peft_config():
-    d = peft_config(r=8, alpha=16, targets=("v_proj", "q_proj"), use_rslora=True, task_type="CAUSAL_LM",
-                    base_model_name_or_path="/home/a/llama", rank_pattern={"layers.1.self_attn.q_proj": 2},
-                    alpha_pattern={"up_proj": 3.5}, modules_to_save=["lm_head"], fan_in_fan_out=False,
-                    lora_dropout=0.05, layers_to_transform=None)
+    d = peft_config(
+        r=8,
+        alpha=16,
+        targets=("v_proj", "q_proj"),
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="/home/a/llama",
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"up_proj": 3.5},
+        modules_to_save=["lm_head"],
+        fan_in_fan_out=False,
+        lora_dropout=0.05,
+        layers_to_transform=None,
+    )
     spec = LoraSpec.from_peft_config(d)
     assert spec.target_modules == ("q_proj", "v_proj") and spec.modules_to_save == ("lm_head",)
     assert LoraSpec.from_peft_config(spec.to_peft_config()) == spec
@@ -34,13 +49,16 @@ def test_regex_target_modules_kept_as_string():
     assert not spec.targets(P + "model.layers.0.mlp.up_proj")
 
 
-@pytest.mark.parametrize("patterns", [
-    {"layers.1.self_attn.q_proj": 2, "q_proj": 3},
-    {"q_proj": 3, "layers.1.self_attn.q_proj": 2},  # first match wins, as in peft
-    {"^model.layers.0.self_attn.q_proj": 5},
-    {r"layers\.1\d?\.self_attn\.q_proj": 6},
-    {"up_proj": 7, "c_attn": 9},
-])
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        {"layers.1.self_attn.q_proj": 2, "q_proj": 3},
+        {"q_proj": 3, "layers.1.self_attn.q_proj": 2},  # first match wins, as in peft
+        {"^model.layers.0.self_attn.q_proj": 5},
+        {r"layers\.1\d?\.self_attn\.q_proj": 6},
+        {"up_proj": 7, "c_attn": 9},
+    ],
+)
 def test_rank_pattern_matches_like_peft(patterns):
     spec = LoraSpec(r=4, lora_alpha=4, rank_pattern=patterns, alpha_pattern=patterns)
     for name in NAMES:
@@ -49,8 +67,9 @@ def test_rank_pattern_matches_like_peft(patterns):
         assert spec.scaling(P + name, 2) == expected / 2
 
 
-@pytest.mark.parametrize("targets", [["q_proj"], ["self_attn.q_proj"], ["c_attn", "up_proj"], ["proj"],
-                                     "model.*q_proj", r".*\.(up|q)_proj"])
+@pytest.mark.parametrize(
+    "targets", [["q_proj"], ["self_attn.q_proj"], ["c_attn", "up_proj"], ["proj"], "model.*q_proj", r".*\.(up|q)_proj"]
+)
 def test_targets_match_like_peft(targets):
     spec = LoraSpec(r=4, lora_alpha=4, target_modules=targets)
     cfg = LoraConfig(target_modules=targets)
@@ -66,8 +85,16 @@ def test_scaling_rslora_and_patterns():
 
 
 def test_scaling_agrees_with_a_real_peft_model(tmp_path):
-    save_peft(tiny_llama(), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
-              rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    save_peft(
+        tiny_llama(),
+        tmp_path,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
@@ -90,12 +117,16 @@ def test_saves_uses_peft_suffix_rule():
 
 def test_compatibility_ignores_ranks_alphas_and_paths():
     a = LoraSpec.from_peft_config(peft_config(r=8, alpha=16, base_model_name_or_path="/home/a/models/llama-3/"))
-    b = LoraSpec.from_peft_config(peft_config(r=4, alpha=4, use_rslora=True, targets=("v_proj", "q_proj"),
-                                              base_model_name_or_path="C:\\models\\llama-3"))
+    b = LoraSpec.from_peft_config(
+        peft_config(
+            r=4, alpha=4, use_rslora=True, targets=("v_proj", "q_proj"), base_model_name_or_path="C:\\models\\llama-3"
+        )
+    )
     assert a.compatible_with(b) and a.compatible_with(a.replace(base_model=None))
     assert not a.compatible_with(a.replace(base_model="mistral"))
     assert a.incompatibilities(a.replace(target_modules=("q_proj",))) == [
-        "target_modules differs: ('q_proj', 'v_proj') vs ('q_proj',)"]
+        "target_modules differs: ('q_proj', 'v_proj') vs ('q_proj',)"
+    ]
     assert not a.compatible_with(a.replace(task_type="SEQ_CLS"))
     assert not a.compatible_with(a.replace(fan_in_fan_out=True))
 

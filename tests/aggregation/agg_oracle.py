@@ -32,13 +32,14 @@ def make_clients(
             scaling=alpha / (math.sqrt(r) if rslora else r),
             weight=w,
         )
-        for r, w in zip(ranks, weights)
+        for r, w in zip(ranks, weights, strict=False)
     ]
 
 
-def oracle(updates: list[ClientUpdate]) -> torch.Tensor:
-    """``sum_i w_i s_i B_i A_i`` in float64 from the inputs' exact values, weights normalised."""
-    total = math.fsum(u.weight for u in updates)
+def oracle(updates: list[ClientUpdate], absent_weight: float = 0.0) -> torch.Tensor:
+    """``sum_i w_i s_i B_i A_i`` in float64 from the inputs' exact values, weights normalised
+    over the updates' weights plus ``absent_weight`` (clients that count as zero updates)."""
+    total = math.fsum(u.weight for u in updates) + absent_weight
     m = torch.zeros(updates[0].B.shape[0], updates[0].A.shape[1], dtype=F64)
     for u in updates:
         m += (u.weight / total * u.scaling) * (u.B.to(F64) @ u.A.to(F64))

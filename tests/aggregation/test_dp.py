@@ -1,4 +1,4 @@
-"""Client-level DP: calibration, accounting and noise on factored updates.
+"""Client-level DP: calibration, accounting, noise on factored updates and the released aggregate.
 
 Pinned reference values were computed with Google's dp-accounting 0.6.0
 (PLD and RDP accountants), which the project does not depend on.
@@ -6,6 +6,7 @@ Pinned reference values were computed with Google's dp-accounting 0.6.0
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -13,21 +14,26 @@ import random
 import pytest
 import torch
 
+from chorus_mq.aggregation import ClientUpdate
 from chorus_mq.aggregation.dp import (
     DEFAULT_ORDERS,
     PrivacyAccountant,
     aggregate_sensitivity,
     analytic_gaussian_sigma,
+    dp_layout,
+    dp_release,
+    frozen_shared_a,
     gaussian_log_delta,
     gaussian_noise_dense,
     gaussian_rdp,
     gdp_epsilon,
-    noise_for_budget,
     noise_B,
+    noise_for_budget,
+    noise_generator,
     orthonormal_rows,
     rdp_to_epsilon,
 )
-from chorus_mq.errors import ConfigError
+from chorus_mq.errors import AggregationError, ConfigError
 
 EPSILONS = [0.1, 0.5, 1, 2, 8, 16]
 
@@ -51,7 +57,7 @@ def test_sigma_is_valid_and_tight_for_any_epsilon(eps):
 
 def test_sigma_decreases_with_epsilon():
     sigmas = [analytic_gaussian_sigma(e, 1e-5) for e in EPSILONS]
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
 
 
 def test_delta_formula_matches_numerical_privacy_loss():
@@ -190,3 +196,93 @@ def test_noise_on_B_with_frozen_orthonormal_A():
 def test_bad_parameters(call):
     with pytest.raises(ConfigError):
         call()
+
+
+def _clients(n, d_out, d_in, r, *, shared_a, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a0 = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))[0].T.float().contiguous()
+    return [
+        ClientUpdate(
+            A=a0 if shared_a else torch.randn(r, d_in, generator=g) / math.sqrt(d_in),
+            B=torch.randn(d_out, r, generator=g) * 0.1,
+            scaling=2.0,
+            weight=123.0,  # ignored: the mechanism fixes 1 / quorum
+        )
+        for _ in range(n)
+    ]
+
+
+def _exact(updates, quorum):
+    return sum((u.scaling / quorum) * (u.B.double() @ u.A.double()) for u in updates)
+
+
+def test_dp_release_ffa_noises_b_only_with_the_calibrated_std():
+    updates = _clients(4, 600, 300, 8, shared_a=True)
+    quorum, clip, z = 5, 2.0, 1.3  # one of five expected clients is absent: a zero update
+    res = dp_release(
+        updates, quorum=quorum, clip_norm=clip, noise_multiplier=z, generator=torch.Generator().manual_seed(0)
+    )
+    sigma = z * clip / quorum
+    assert res.residual is None and res.scaling == 1.0
+    assert torch.equal(res.A, updates[0].A)  # the frozen A is released as is
+    b_exact = sum((u.scaling / quorum) * u.B.double() for u in updates)
+    noise = res.B.double() - b_exact
+    assert float(noise.std()) == pytest.approx(sigma, rel=0.05)
+    assert abs(float(noise.mean())) < 4 * sigma / math.sqrt(noise.numel())  # four standard errors
+    layout = dp_layout([8] * 4, 600, 300, frozen_a=True)
+    assert layout.adapter_shapes == (tuple(res.A.shape), tuple(res.B.shape)) and layout.residual == "none"
+
+
+def test_dp_release_dense_noises_the_weight_space_update():
+    updates = _clients(3, 200, 150, 4, shared_a=False)
+    quorum, clip, z = 3, 1.0, 2.0
+    res = dp_release(
+        updates, quorum=quorum, clip_norm=clip, noise_multiplier=z, generator=torch.Generator().manual_seed(1)
+    )
+    released = res.B.double() @ res.A.double() + res.residual.to_dense().double()
+    noise = released - _exact(updates, quorum)
+    assert float(noise.std()) == pytest.approx(z * clip / quorum, rel=0.03)
+    # the adapter is the best rank-4 approximation of the released (noised) matrix
+    u, s, vh = torch.linalg.svd(released, full_matrices=False)
+    assert float((res.B.double() @ res.A.double() - (u[:, :4] * s[:4]) @ vh[:4]).norm()) < 1e-4 * float(s[0])
+    layout = dp_layout([4, 4, 4], 200, 150, frozen_a=False)
+    assert res.residual.dense is not None and layout.residual_shapes == ((200, 150),)
+    assert layout.adapter_shapes == (tuple(res.A.shape), tuple(res.B.shape))
+    padded = dp_release(updates, quorum=quorum, clip_norm=clip, noise_multiplier=z, generator=torch.Generator(),
+                        out_rank=6)  # fmt: skip
+    assert padded.A.shape == (6, 150)
+
+
+def test_dp_noise_is_deterministic_per_module_and_secret_keyed():
+    updates = _clients(3, 64, 48, 4, shared_a=False)
+
+    def release(key, module):
+        gen = noise_generator(key, "fed", 3, module)
+        return dp_release(updates, quorum=3, clip_norm=1.0, noise_multiplier=1.0, generator=gen).residual.dense
+
+    assert torch.equal(release("k1", "q_proj"), release("k1", "q_proj"))  # a re-run releases the same noise
+    assert not torch.equal(release("k1", "q_proj"), release("k1", "v_proj"))
+    assert not torch.equal(release("k1", "q_proj"), release("k2", "q_proj"))
+
+
+def test_dp_release_detects_or_requires_a_frozen_a():
+    shared, free = _clients(3, 64, 48, 4, shared_a=True), _clients(3, 64, 48, 4, shared_a=False)
+    assert frozen_shared_a(shared) and not frozen_shared_a(free)
+    kwargs = {"quorum": 3, "clip_norm": 1.0, "noise_multiplier": 1.0, "generator": torch.Generator().manual_seed(0)}
+    assert dp_release(shared, **kwargs).residual is None
+    assert dp_release(shared, frozen_a=False, **kwargs).residual.dense is not None
+    with pytest.raises(ConfigError, match="frozen_a"):
+        dp_release(free, frozen_a=True, **kwargs)
+    with pytest.raises(ConfigError, match="quorum"):
+        dp_release(free, **(kwargs | {"quorum": 0}))
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        dp_release(free, **(kwargs | {"noise_multiplier": 0.0}))
+
+
+def test_dp_layout_refuses_what_the_mechanism_cannot_release():
+    with pytest.raises(AggregationError, match="one rank"):
+        dp_layout([4, 8], 10, 10, frozen_a=True)
+    with pytest.raises(AggregationError, match="below"):
+        dp_layout([4], 10, 10, frozen_a=True, out_rank=2)
+    with pytest.raises(AggregationError, match="ranks"):
+        dp_layout([], 10, 10, frozen_a=False)

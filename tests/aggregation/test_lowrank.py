@@ -7,7 +7,7 @@ import torch
 from agg_oracle import make_clients, rel
 
 from chorus_mq.aggregation import Residual, aggregate_module, chain_residuals
-from chorus_mq.aggregation.lowrank import RTOL, compress, factored_svd
+from chorus_mq.aggregation.lowrank import RTOL, compress, factored_svd, split_svd
 from chorus_mq.errors import AggregationError
 
 F64 = torch.float64
@@ -95,8 +95,8 @@ def test_ten_rounds_in_a_shared_subspace_stay_exact_and_low_rank():
             for c in clients
         ]
         res = aggregate_module(clients, "svd").residual
-        # one round's residual is a concatenation (K + r columns); its content has rank <= p
-        assert res.rank == 11 + 4 and compress(res.left, res.right).rank <= p
+        # one round's residual holds the K - r discarded directions; its content has rank <= p - r
+        assert res.rank == 11 - 4 and compress(res.left, res.right).rank <= p - 4
         expected += res.to_dense().to(F64)
         chained = chain_residuals(chained, res)
         assert chained.rank <= (p if rnd else res.rank)
@@ -112,9 +112,9 @@ def test_ten_rounds_in_general_position_switch_to_dense_and_stay_exact():
         expected += res.to_dense().to(F64)
         chained = chain_residuals(chained, res)
         ranks.append(chained.rank)
-    # Each of these residuals has true rank 3 (sum_i w_i s_i B_i (A_i - A_mean)); compression
-    # keeps exactly the real directions, until 30 x (60 + 50) numbers exceed a dense 60 x 50.
-    assert ranks == [8, 6, 9, 12, 15, 18, 21, 24, 27, 50]
+    # Each of these residuals is stored at its true rank K - r_min = 3 (one client eliminated);
+    # compression keeps exactly the real directions, until 30 x (60 + 50) numbers exceed a dense 60 x 50.
+    assert ranks == [3, 6, 9, 12, 15, 18, 21, 24, 27, 50]
     assert chained.dense is not None
     assert rel(chained.to_dense(), expected) < 1e-5
 
@@ -136,3 +136,39 @@ def test_top_returns_the_leading_directions_only(d_out, d_in, k):
     assert torch.allclose(u, u_all[:, :3], atol=1e-9) and torch.allclose(v, v_all[:3], atol=1e-9)
     # fewer kept directions than asked for: all of them, no padding
     assert factored_svd(left[:, :2], right[:2], top=5)[0].shape[1] == 2
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "k"), [(60, 50, 12), (50, 60, 12), (200, 30, 20), (10, 40, 16)])
+def test_split_svd_is_exact_with_the_discarded_directions(d_out, d_in, k):
+    """Both orientations, and K > min(d_out, d_in) (the dense path)."""
+    b_rows, a_rows, mid = rand(k, d_out), rand(k, d_in, seed=1), rand(k, seed=2).abs() + 0.1
+    m = (b_rows.mT * mid) @ a_rows
+    split = split_svd(b_rows, a_rows, mid, 4)
+    assert split.B.shape == (d_out, 4) and split.A.shape == (4, d_in)
+    assert split.left.shape[1] == min(k, d_out, d_in) - 4
+    assert rel(split.B @ split.A + split.left @ split.right, m) < 1e-12
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    assert rel(split.B @ split.A, (u[:, :4] * s[:4]) @ vh[:4]) < 1e-9
+    assert split_svd(b_rows, a_rows, mid, 4, residual=False).left is None
+
+
+def test_split_svd_stays_exact_for_nearly_identical_clients():
+    """Clients one round apart from the same global adapter: badly conditioned factor sets."""
+    base_b, base_a = rand(6, 90), rand(6, 70, seed=1)
+    b_rows = torch.cat([base_b + 1e-7 * rand(6, 90, seed=10 + i) for i in range(5)])
+    a_rows = torch.cat([base_a + 1e-7 * rand(6, 70, seed=20 + i) for i in range(5)])
+    mid = torch.full((30,), 0.2, dtype=F64)
+    m = (b_rows.mT * mid) @ a_rows
+    for rank in (2, 6, 10):
+        split = split_svd(b_rows, a_rows, mid, rank)
+        assert rel(split.B @ split.A + split.left @ split.right, m) < 1e-10
+
+
+def test_split_svd_of_dead_columns_returns_fewer_directions():
+    b_rows = torch.cat([rand(4, 40), torch.zeros(4, 40, dtype=F64)])
+    a_rows = rand(8, 30, seed=1)
+    split = split_svd(b_rows, a_rows, torch.ones(8, dtype=F64), 2)
+    assert split.left.shape[1] == 4 - 2  # the strategy zero-pads to its layout's 8 - 2
+    assert rel(split.B @ split.A + split.left @ split.right, b_rows.mT @ a_rows) < 1e-12
+    empty = split_svd(torch.zeros(3, 40, dtype=F64), a_rows[:3], torch.ones(3, dtype=F64), 2)
+    assert empty.B.shape == (40, 0) and empty.left.shape == (40, 0)

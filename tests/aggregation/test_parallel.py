@@ -77,16 +77,17 @@ def test_results_are_bit_identical_for_any_worker_count(strategy):
     modules = [make_clients(96, 80, [4, 8, 6], seed=s) for s in range(6)]
     runs = [list(map_ordered(lambda m: aggregate_module(m, strategy), modules, workers=w)) for w in (1, 2, 3)]
     for other in runs[1:]:
-        for a, b in zip(runs[0], other):
+        for a, b in zip(runs[0], other, strict=False):
             assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
             assert (a.residual is None) == (b.residual is None)
             if a.residual is not None:
                 assert torch.equal(a.residual.to_dense(), b.residual.to_dense())
     # chaining (the compression) too
-    pairs = list(zip(runs[0][::2], runs[0][1::2]))
-    chained = [list(map_ordered(lambda p: chain_residuals(p[0].residual, p[1].residual), pairs, workers=w))
-               for w in (1, 2)]
-    for a, b in zip(*chained):
+    pairs = list(zip(runs[0][::2], runs[0][1::2], strict=False))
+    chained = [
+        list(map_ordered(lambda p: chain_residuals(p[0].residual, p[1].residual), pairs, workers=w)) for w in (1, 2)
+    ]
+    for a, b in zip(*chained, strict=False):
         assert (a is None and b is None) or torch.equal(a.to_dense(), b.to_dense())
 
 

@@ -22,9 +22,9 @@ from chorus_mq.aggregation.robust import (
     robust_z,
     screen,
     update_distance,
-    update_norm,
 )
 from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.factors import update_norm
 
 F64 = torch.float64
 
@@ -38,6 +38,7 @@ def federation(n, *, n_modules=3, d_out=24, d_in=20, r=4, spread=0.3, seed=0):
     """Honest clients: a shared update plus independent perturbations of both factors."""
     g = torch.Generator().manual_seed(seed)
     base = [(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)) for _ in range(n_modules)]
+
     def jitter(t):
         return t + spread * torch.randn(t.shape, generator=g)
 
@@ -59,7 +60,7 @@ def honest_mean(clients, attackers) -> list[torch.Tensor]:
 
 
 def rel_err(got, want) -> float:
-    num = math.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(got, want)))
+    num = math.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(got, want, strict=False)))
     return num / math.sqrt(sum((b**2).sum().item() for b in want))
 
 
@@ -295,7 +296,7 @@ def test_accumulator_excludes_malformed_and_missing_clients():
 def test_accumulator_keeps_only_what_the_policy_needs(policy, pairwise, per_module):
     clients = federation(4)
     acc = GramAccumulator(4, policy)
-    for m, mod in enumerate(zip(*clients)):
+    for m, mod in enumerate(zip(*clients, strict=False)):
         acc.add(f"m{m}", list(mod))
     assert acc.pairwise == pairwise and len(acc._grams) == per_module
     assert (acc._gram is not None) == (pairwise and not per_module)
@@ -303,8 +304,8 @@ def test_accumulator_keeps_only_what_the_policy_needs(policy, pairwise, per_modu
     assert torch.allclose(acc.screen().clip_factors, full.clip_factors)
 
 
-@pytest.mark.parametrize("kwargs", [dict(z_threshold=0), dict(clip_norm=-1.0), dict(clip_norm=math.nan),
-                                    dict(clip_scope="layer"), dict(aggregate="median"), dict(trim=2)])  # fmt: skip
+@pytest.mark.parametrize("kwargs", [{"z_threshold": 0}, {"clip_norm": -1.0}, {"clip_norm": math.nan},
+                                    {"clip_scope": "layer"}, {"aggregate": "median"}, {"trim": 2}])  # fmt: skip
 def test_bad_policy(kwargs):
     with pytest.raises(ConfigError):
         RobustPolicy(**kwargs)
@@ -339,7 +340,7 @@ def test_screen_then_exact_engine_gives_the_honest_clipped_mean():
     total = sum(clients[i][0].weight for i in honest)
     for m in range(3):
         reweighted = [dataclasses.replace(clients[i][m], weight=res.weights[i].item()) for i in res.kept]
-        ups = [clip_update(u, res.clip_factors[i, m].item()) for i, u in zip(res.kept, reweighted)]
+        ups = [clip_update(u, res.clip_factors[i, m].item()) for i, u in zip(res.kept, reweighted, strict=False)]
         out = aggregate_module(ups, "fedex-lora")
         got = out.scaling * out.B.double() @ out.A.double() + out.residual.to_dense().double()
         want = sum(clients[i][m].weight / total * res.clip_factors[i, m].item() * dense(raw[i][m]) for i in honest)

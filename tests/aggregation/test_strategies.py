@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -11,13 +12,14 @@ import pytest
 import torch
 from agg_oracle import adapter_delta, make_clients, oracle, rel, total_delta
 
-from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module, chain_residuals
+from chorus_mq.aggregation import ClientUpdate, aggregate_module, chain_residuals
 from chorus_mq.errors import AggregationError
+from chorus_mq.names import Strategy
 
 F64 = torch.float64
 EXACT = ("fedex-lora", "svd", "stack")
 # mixed ranks, rsLoRA scalings, unequal weights: the general case
-MIXED = dict(d_out=48, d_in=40, ranks=[4, 8, 6, 8], rslora=True, weights=[3.0, 1.0, 0.5, 2.0])
+MIXED = {"d_out": 48, "d_in": 40, "ranks": [4, 8, 6, 8], "rslora": True, "weights": [3.0, 1.0, 0.5, 2.0]}
 
 
 def mixed_clients(dtype=torch.float32, seed=0):
@@ -25,7 +27,7 @@ def mixed_clients(dtype=torch.float32, seed=0):
     return make_clients(kw.pop("d_out"), kw.pop("d_in"), kw.pop("ranks"), dtype=dtype, seed=seed, **kw)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", list(Strategy))
 def test_exactness_and_adapter_error_against_the_dense_oracle(strategy, record_property):
     clients = mixed_clients()
     m = oracle(clients)
@@ -69,8 +71,8 @@ def test_fedex_homogeneous_is_the_paper():
     clients = make_clients(20, 16, [4, 4, 4], weights=[1.0, 2.0, 1.0])
     res = aggregate_module(clients, "fedex-lora")
     w = torch.tensor([0.25, 0.5, 0.25])
-    assert torch.allclose(res.A, sum(wi * c.A for wi, c in zip(w, clients)), atol=1e-7)
-    assert torch.allclose(res.B, sum(wi * c.B for wi, c in zip(w, clients)), atol=1e-6)
+    assert torch.allclose(res.A, sum(wi * c.A for wi, c in zip(w, clients, strict=False)), atol=1e-7)
+    assert torch.allclose(res.B, sum(wi * c.B for wi, c in zip(w, clients, strict=False)), atol=1e-6)
     assert res.scaling == clients[0].scaling
     m = oracle(clients)
     expected_residual = m - adapter_delta(res)
@@ -85,7 +87,7 @@ def test_fedex_mixed_ranks_zero_pads_and_rescales_b():
     w = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=F64) / 6.5
     a = torch.zeros(8, 40, dtype=F64)
     b = torch.zeros(48, 8, dtype=F64)
-    for wi, c in zip(w, clients):
+    for wi, c in zip(w, clients, strict=False):
         r = c.A.shape[0]
         a[:r] += wi * c.A.double()
         b[:, :r] += wi * c.scaling / s_out * c.B.double()
@@ -142,7 +144,7 @@ def test_more_rank_than_the_module_has(strategy):
         assert res.residual.dense is not None
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", list(Strategy))
 def test_same_inputs_give_bit_identical_outputs(strategy):
     first, second = aggregate_module(mixed_clients(), strategy), aggregate_module(mixed_clients(), strategy)
     assert torch.equal(first.A, second.A) and torch.equal(first.B, second.B) and first.scaling == second.scaling
@@ -158,12 +160,12 @@ def test_same_inputs_give_bit_identical_outputs(strategy):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(strategy="mean"), "unknown strategy"),
-        (dict(out_dtype=torch.int8), "out_dtype"),
-        (dict(out_rank=0), "out_rank"),
-        (dict(out_rank=2.5), "out_rank"),
-        (dict(strategy="fedex-lora", out_rank=4), "only the svd"),
-        (dict(strategy="stack", out_rank=10), "only the svd"),
+        ({"strategy": "mean"}, "unknown strategy"),
+        ({"out_dtype": torch.int8}, "out_dtype"),
+        ({"out_rank": 0}, "out_rank"),
+        ({"out_rank": 2.5}, "out_rank"),
+        ({"strategy": "fedex-lora", "out_rank": 4}, "only the svd"),
+        ({"strategy": "stack", "out_rank": 10}, "only the svd"),
     ],
 )
 def test_bad_options_raise(kwargs, message):
@@ -171,7 +173,7 @@ def test_bad_options_raise(kwargs, message):
         aggregate_module(mixed_clients(), **kwargs)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", list(Strategy))
 @pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16])
 def test_outputs_are_contiguous_for_writers(strategy, out_dtype):
     res = aggregate_module(mixed_clients(), strategy, out_dtype=out_dtype)
@@ -211,3 +213,107 @@ def test_no_dense_matrix_for_a_large_module():
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo)
     assert float(out.stdout.strip()) < 200  # MB of peak growth
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("absent_weight", [0.0, 2.5])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_strategy_against_the_oracle_with_absent_weight(strategy, absent_weight, in_dtype):
+    """Mixed ranks and rsLoRA scalings, unequal weights, clients that did not send the module."""
+    clients = mixed_clients(dtype=in_dtype)
+    res = aggregate_module(clients, strategy, absent_weight=absent_weight)
+    m = oracle(clients, absent_weight)
+    if strategy == "fedavg":
+        assert res.residual is None and rel(total_delta(res), m) > 0.1
+    else:
+        assert rel(total_delta(res), m) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_absent_weight_is_a_zero_update_under_that_weight(strategy):
+    clients = mixed_clients()
+    zero = ClientUpdate(A=torch.zeros(8, 40), B=torch.zeros(48, 8), scaling=1.0, weight=2.5)
+    with_zero = aggregate_module([*clients, zero], strategy)
+    absent = aggregate_module(clients, strategy, absent_weight=2.5)
+    assert rel(total_delta(absent), total_delta(with_zero)) < 1e-6
+    if strategy in ("fedavg", "fedex-lora"):  # the factors are the weighted means over everyone
+        assert torch.allclose(absent.A, with_zero.A, atol=1e-7) and torch.allclose(absent.B, with_zero.B, atol=1e-6)
+
+
+def test_fedex_factors_with_absent_weight():
+    clients = make_clients(20, 16, [4, 4], weights=[1.0, 3.0])
+    res = aggregate_module(clients, "fedex-lora", absent_weight=4.0)
+    w = [1.0 / 8, 3.0 / 8]  # normalised over 1 + 3 + 4
+    assert torch.allclose(res.A, w[0] * clients[0].A + w[1] * clients[1].A, atol=1e-7)
+    assert torch.allclose(res.B, w[0] * clients[0].B + w[1] * clients[1].B, atol=1e-6)
+    assert rel(total_delta(res), oracle(clients, 4.0)) < 1e-6
+
+
+def test_a_module_only_one_client_trains_is_not_that_clients():
+    """The issue's attack: weight 0.0005 published its own module exactly; now it counts at its weight."""
+    lone = make_clients(24, 20, [4], weights=[0.0005])
+    res = aggregate_module(lone, "fedex-lora", absent_weight=0.9995)
+    assert rel(adapter_delta(res) + res.residual.to_dense().double(), 0.0005 * oracle(lone)) < 1e-6
+    assert float(total_delta(res).norm()) < 1e-3 * float(oracle(lone).norm())
+
+
+def test_svd_residual_is_the_discarded_part_of_the_optimal_truncation():
+    clients = make_clients(200, 150, [4, 8, 6, 8], rslora=True, weights=[3.0, 1.0, 0.5, 2.0])
+    m = oracle(clients)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    for rank in (3, 8):
+        res = aggregate_module(clients, "svd", out_rank=rank)
+        rest = (u[:, rank:] * s[rank:]) @ vh[rank:]
+        assert rel(res.residual.to_dense(), rest) < 1e-6
+        assert res.residual.rank == 26 - rank
+
+
+def test_svd_swaps_sides_for_tall_modules_and_stays_exact():
+    for d_out, d_in in ((400, 60), (60, 400)):
+        clients = make_clients(d_out, d_in, [6, 6, 4])
+        res = aggregate_module(clients, "svd", out_rank=5)
+        assert res.residual.rank == 16 - 5
+        assert rel(total_delta(res), oracle(clients)) < 1e-6
+
+
+def test_svd_pads_the_residual_when_a_client_is_a_fresh_lora():
+    clients = make_clients(80, 60, [4, 4, 4])
+    clients[1] = ClientUpdate(A=clients[1].A, B=torch.zeros(80, 4), scaling=clients[1].scaling, weight=1.0)
+    res = aggregate_module(clients, "svd")
+    assert res.residual.rank == 12 - 4  # the layout's, though only 4 directions are nonzero
+    assert not res.residual.left[:, 4:].any() and not res.residual.right[4:].any()
+    assert rel(total_delta(res), oracle(clients)) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_nan_input_fails_clearly(strategy):
+    clients = mixed_clients()
+    bad = clients[2].A.clone()
+    bad[0, 0] = math.nan
+    clients[2] = ClientUpdate(A=bad, B=clients[2].B, scaling=clients[2].scaling, weight=clients[2].weight)
+    with pytest.raises(AggregationError, match="the aggregate update is not finite"):
+        aggregate_module(clients, strategy)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_finite_factors_whose_update_overflows_fail_clearly(strategy):
+    big = [ClientUpdate(A=torch.full((2, 8), 1e19), B=torch.full((6, 2), 1e19), scaling=4.0, weight=1.0)]
+    with pytest.raises(AggregationError, match="the aggregate update is not finite"):
+        aggregate_module(big * 2, strategy)
+
+
+def test_strategy_members_and_strings_give_the_same_result():
+    for member in Strategy:
+        a, b = aggregate_module(mixed_clients(), member), aggregate_module(mixed_clients(), member.value)
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_never_modified(strategy, out_dtype):
+    """float64 inputs are used without a copy (``.to`` returns them): nothing may write into them."""
+    clients = mixed_clients(dtype=torch.float64)
+    before = [(c.A.clone(), c.B.clone()) for c in clients]
+    aggregate_module(clients, strategy, out_dtype=out_dtype, absent_weight=0.0)
+    aggregate_module(clients, strategy, out_dtype=out_dtype, absent_weight=1.0)
+    assert all(torch.equal(c.A, a) and torch.equal(c.B, b) for c, (a, b) in zip(clients, before, strict=True))

@@ -15,7 +15,8 @@ from agg_oracle import adapter_delta, rel, total_delta
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module
+from chorus_mq.aggregation import ClientUpdate, aggregate_module
+from chorus_mq.names import Strategy
 
 # (name, r, lora_alpha, weight): mixed ranks and scalings (rsLoRA merges are off in peft)
 CLIENTS = [("c0", 4, 8, 3.0), ("c1", 8, 8, 1.0), ("c2", 6, 24, 2.0)]
@@ -31,7 +32,7 @@ def peft_with_clients(model, targets, *, fan_in_fan_out=False, seed=0):
         else:
             model.add_adapter(name, config)
     for layer in lora_layers(model).values():
-        for name, r, _, _ in CLIENTS:
+        for name, *_ in CLIENTS:
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             a.data = torch.randn(a.shape, generator=gen) / math.sqrt(a.shape[1])
             b.data = torch.randn(b.shape, generator=gen)  # nonzero, unlike PEFT's init
@@ -65,7 +66,7 @@ class Tiny(torch.nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", Strategy.values())
 def test_linear_layers_match_peft_cat(strategy):
     torch.manual_seed(0)
     model = peft_with_clients(Tiny(), ["up", "down"])

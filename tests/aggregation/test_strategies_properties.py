@@ -1,4 +1,4 @@
-"""Property tests: any mix of clients, ranks, weights, dtypes and output dtypes stays exact."""
+"""Property tests: any mix of clients, ranks, weights, absent weight, dtypes and output dtypes stays exact."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from agg_oracle import oracle, rel, total_delta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chorus_mq.aggregation import STRATEGIES, ClientUpdate, aggregate_module, chain_residuals
+from chorus_mq.aggregation import ClientUpdate, aggregate_module, chain_residuals
+from chorus_mq.names import Strategy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -33,14 +34,19 @@ def federations(draw):
             scaling=alpha / (math.sqrt(r) if rslora else r),
             weight=w,
         )
-        for r, w in zip(ranks, weights)
+        for r, w in zip(ranks, weights, strict=True)
     ]
 
 
-@settings(max_examples=30, deadline=None)
-@given(updates=federations(), strategy=st.sampled_from(STRATEGIES), out_dtype=st.sampled_from(DTYPES))
-def test_any_federation_is_aggregated_exactly(updates, strategy, out_dtype):
-    res = aggregate_module(updates, strategy, out_dtype=out_dtype)
+@settings(max_examples=60, deadline=None)
+@given(
+    updates=federations(),
+    strategy=st.sampled_from(list(Strategy)),
+    out_dtype=st.sampled_from(DTYPES),
+    absent_weight=st.sampled_from([0.0, 0.0, 0.5, 4.0]),
+)
+def test_any_federation_is_aggregated_exactly(updates, strategy, out_dtype, absent_weight):
+    res = aggregate_module(updates, strategy, out_dtype=out_dtype, absent_weight=absent_weight)
     d_out, d_in = updates[0].B.shape[0], updates[0].A.shape[1]
     assert res.A.dtype == res.B.dtype == out_dtype
     assert res.A.shape[1] == d_in and res.B.shape[0] == d_out and res.A.shape[0] == res.B.shape[1]
@@ -49,7 +55,7 @@ def test_any_federation_is_aggregated_exactly(updates, strategy, out_dtype):
     if strategy == "fedavg":
         assert res.residual is None
     else:
-        assert rel(total_delta(res), oracle(updates)) < 1e-5
+        assert rel(total_delta(res), oracle(updates, absent_weight)) < 1e-5
 
 
 @settings(max_examples=30, deadline=None)

@@ -8,9 +8,12 @@ import copy
 import pytest
 import torch
 
+from chorus_mq.adapters import model_decl_from_adapter
+from chorus_mq.state import FederationConfig
+
 from .. import realdata as rd
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 SIZES = (200, 250, 300)  # dataset sizes: unequal weights (ranks and alphas are mixed by rd.train_clients)
 N_TEST, N_PROBE = 400, 64  # accuracy on the held-out set; logit comparisons on its first N_PROBE
@@ -28,12 +31,18 @@ def world(tmp_path_factory):
             "want": rd.logits(exact, probe)}
 
 
-def federate(sdk, strategy: str, clients: list[rd.Trained], out) -> dict:
-    """One round over the real ingest path (quorum = every client); pull it into ``out``."""
+def federate(sdk, strategy: str, clients: list[rd.Trained], out, **pull_options):
+    """One round over the real ingest path (quorum = every client); pull it into ``out``.
+
+    The federation declares its model from a reference adapter (client 0's saved adapter: the
+    modules, their shapes and the classifier head every delta must carry), as
+    ``federation create --reference-adapter`` does.
+    """
     name = f"minilm-{strategy}"
-    sdk.create_federation(name, base_model="all-MiniLM-L6-v2", quorum=len(clients), strategy=strategy)
+    config = FederationConfig(name=name, base_model="all-MiniLM-L6-v2", quorum=len(clients), strategy=strategy)
+    sdk.create_federation(config, model=model_decl_from_adapter(clients[0].path))
     assert rd.upload_round(sdk, name, clients, list(SIZES)) == ["accepted", "accepted", "accepted"]
-    return sdk.pull(name, out)
+    return sdk.pull(name, out, **pull_options)
 
 
 def with_residual_adapter(base, pulled):
@@ -56,7 +65,7 @@ def test_fedex_round_on_minilm_is_exact_through_peft(make_sdk, world, tmp_path):
     base, probe, want = world["base"], world["probe"], world["want"]
     pulled = tmp_path / "pulled"
     manifest = federate(make_sdk(), "fedex-lora", world["clients"], pulled)
-    assert [c["weight"] for c in manifest["clients"]] == pytest.approx([s / sum(SIZES) for s in SIZES])
+    assert [c.weight for c in manifest.clients] == pytest.approx([s / sum(SIZES) for s in SIZES])
 
     # (a) the pulled adapter loads and acts: on the LoRA modules, not only through the head
     adapter_only = PeftModel.from_pretrained(copy.deepcopy(base), pulled).eval()
@@ -73,7 +82,7 @@ def test_fedex_round_on_minilm_is_exact_through_peft(make_sdk, world, tmp_path):
 def test_residual_adapter_makes_the_global_adapter_exact(make_sdk, world, tmp_path):
     """(c) base weights untouched: ``residual_adapter/`` and the global adapter, both active, are exact."""
     pulled = tmp_path / "pulled"
-    federate(make_sdk(), "fedex-lora", world["clients"], pulled)
+    federate(make_sdk(), "fedex-lora", world["clients"], pulled, residual_adapter=True)
     model = with_residual_adapter(world["base"], pulled)
     torch.testing.assert_close(rd.logits(model, world["probe"]), world["want"], rtol=1e-4, atol=1e-4)
     model.base_model.set_adapter("global")  # and it is the residual adapter that closes the gap
@@ -84,7 +93,7 @@ def test_exact_adapter_alone_is_exact_with_the_head(make_sdk, world, tmp_path):
     """``exact_adapter/``: one adapter (global + cumulative residual, with the head), loaded the plain way."""
     from peft import PeftModel
     pulled = tmp_path / "pulled"
-    federate(make_sdk(), "fedex-lora", world["clients"], pulled)
+    federate(make_sdk(), "fedex-lora", world["clients"], pulled, exact_adapter=True)
     model = PeftModel.from_pretrained(copy.deepcopy(world["base"]), pulled / "exact_adapter").eval()
     torch.testing.assert_close(rd.logits(model, world["probe"]), world["want"], rtol=1e-4, atol=1e-4)
 
@@ -105,7 +114,7 @@ def test_fedavg_over_the_same_uploads_is_measurably_inexact(make_sdk, world, tmp
     errors = {}
     for strategy in ("fedavg", "fedex-lora"):
         pulled = tmp_path / strategy
-        assert federate(sdk, strategy, world["clients"], pulled)["strategy"] == strategy
+        assert federate(sdk, strategy, world["clients"], pulled).strategy == strategy
         errors[strategy] = rd.max_error(rd.logits(rd.global_model(world["base"], pulled), world["probe"]),
                                         world["want"])
     assert errors["fedex-lora"] < 1e-4

@@ -1,21 +1,38 @@
 """TEST-ONLY: the production ``chorus-mq`` CLI and Celery app, with faults switched on by environment.
 
-    python -m tests.faults.faulty_app worker --concurrency 1 ...   # = chorus-mq worker + faults
+    python -m tests.faults.faulty_app worker --role all --concurrency 1 ...   # = chorus-mq worker + faults
 
 Nothing here is imported by chorus_mq; production code has no fault hooks. The same app
-object, tasks and settings run; these variables (read only here) bend them:
+object, tasks and settings run; the hooks wrap production functions at the windows that
+matter, and refuse to start if those functions moved or changed their signature:
 
-``CHORUS_FAULT_AGGREGATE_SLEEP=S``
-    The first run of each round's aggregation sleeps S seconds after writing its result
-    objects and before the manifest (the commit marker): a window to kill it mid-aggregation.
-    Each arrival is counted in Redis (see :func:`hook_pid`) and logged.
-``CHORUS_FAULT_AGGREGATE_BARRIER=N``
-    Every run of an aggregation waits at that point until N runs of it have arrived (at most
-    60 s): N concurrent runs of one aggregation, deterministically.
-``CHORUS_FAULT_AGGREGATE_ROUNDS=1,2``
-    The rounds the two hooks above apply to (default: round 1 only).
+``pump``     the inbox pump has read a record (it is pending in the consumer group) and has
+             neither enqueued its ingest task nor acknowledged it;
+``ingest``   the ingest task has copied and indexed the delta and not registered it yet;
+``plan``     the round task has computed the plan and not stored it yet;
+``shard``    a shard task has written its two objects and not recorded ``shard_done`` yet;
+``commit``   the commit task has written the manifest and not finalized yet;
+``compact``  the compaction has written the snapshot object and not recorded it yet.
+
+Every arrival at an enabled hook is counted in Redis with the pid of the process (see
+:func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
+arrival is the round (``plan``, ``commit``, ``compact``), ``round:shard`` (``shard``), or the
+client id (``pump``, ``ingest``). Variables (read only here):
+
+``CHORUS_FAULT_PAUSE=point[=S],...``
+    The first arrival of each subject at ``point`` pauses up to S seconds (default 120), or
+    until a test calls :func:`release` for that subject: a window to kill the process in.
+``CHORUS_FAULT_COUNT=point,...``
+    Count arrivals at ``point`` without pausing.
+``CHORUS_FAULT_BARRIER=point=N,...``
+    Every arrival at ``point`` waits there until N arrivals of its subject (at most 60 s):
+    N concurrent runs of one step, deterministically.
+``CHORUS_FAULT_ROUNDS=1,2``
+    The rounds the round-based hooks apply to (default: round 1 only).
+``CHORUS_FAULT_SHARDS=0,3``
+    The shards whose first arrival pauses (default: every shard; arrivals are counted for all).
 ``CHORUS_FAULT_REDELIVER=reject-first|run-twice`` (tasks in ``CHORUS_FAULT_REDELIVER_TASKS``,
-    default ``chorus.ingest,chorus.aggregate``)
+    default every round-path task: ingest, round, shard, commit)
     ``reject-first``: ``Reject(requeue=True)`` unless the delivery is a redelivery, so only a
     redelivered copy runs. ``run-twice``: run, then ``Reject(requeue=True)`` unless redelivered,
     so every task runs twice.
@@ -23,8 +40,7 @@ object, tasks and settings run; these variables (read only here) bend them:
     The broker's visibility timeout, set below the task time limits (the misconfiguration
     Settings refuses): Redis redelivers tasks that are still running.
 ``CHORUS_FAULT_RESTORE_INTERVAL=S``
-    How often kombu looks for unacked messages past the visibility timeout (default: every
-    ``10 s x 10`` calls), so redelivery comes about one visibility timeout after a loss.
+    How often kombu looks for unacked messages past the visibility timeout.
 ``CHORUS_FAULT_RETRY_DELAY=S``
     The tasks' ``default_retry_delay``: the countdown of the retry after a lost pool child.
 ``CHORUS_FAULT_NO_S3_BACKOFF=1``
@@ -35,52 +51,198 @@ object, tasks and settings run; these variables (read only here) bend them:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
-# Only what tests import (fault_key, hook_pid) is light: the worker's modules load in install().
+# Only what tests import (fault_key, arrivals, release) is light: the worker's modules load in install().
 
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
 
-
-def fault_key(federation: str, r: int) -> str:
-    """Redis counter of the runs of round ``r``'s aggregation that reached the hook; ``:pids`` lists their pids."""
-    return f"chorus:test:fault:{federation}:{r}"
-
-
-def hook_pid(redis, federation: str, r: int, run: int = 1) -> int | None:
-    """The pid of the process whose run number ``run`` reached the aggregate hook, if one has."""
-    pid = redis.lindex(fault_key(federation, r) + ":pids", run - 1)
-    return int(pid) if pid else None
+POINTS = ("pump", "ingest", "plan", "shard", "commit", "compact")
+#: the round-path tasks the redelivery faults apply to by default
+ROUND_TASKS = ("chorus.ingest", "chorus.round", "chorus.shard", "chorus.commit")
 
 
-def _patch_aggregate_hook(sleep_s: float, barrier: int, rounds: set[int]) -> None:
-    from chorus_mq.workers import aggregate
+def fault_key(point: str, federation: str, subject: object) -> str:
+    """Redis list of the pids of the arrivals of ``subject`` at hook ``point``; ``:release`` ends its pause."""
+    assert point in POINTS, point
+    return f"chorus:test:fault:{point}:{federation}:{subject}"
 
-    compute = getattr(aggregate, "_compute_and_write", None)
-    if compute is None:  # fail loudly if the production code moved under the hook
-        raise RuntimeError("faulty_app: chorus_mq.workers.aggregate._compute_and_write is gone; update the hook")
 
-    def compute_then_pause(rt, federation, r, *args, **kwargs):
-        manifest = compute(rt, federation, r, *args, **kwargs)
-        if r not in rounds:
-            return manifest
-        key = fault_key(federation, r)
-        run = rt.redis.incr(key)
-        rt.redis.rpush(key + ":pids", os.getpid())  # tests wait on Redis, not on log buffering
-        log.warning("FAULT aggregate-hook %s %s run %s pid %s", federation, r, run, os.getpid())
-        if sleep_s and run == 1:
-            time.sleep(sleep_s)
-        if barrier:
-            deadline = time.monotonic() + 60
-            while int(rt.redis.get(key) or 0) < barrier and time.monotonic() < deadline:
+def arrivals(redis, point: str, federation: str, subject: object) -> list[int]:
+    """The pids of every arrival of ``subject`` at ``point`` so far, in order."""
+    return [int(pid) for pid in redis.lrange(fault_key(point, federation, subject), 0, -1)]
+
+
+def release(redis, point: str, federation: str, subject: object) -> None:
+    """End the pause of ``subject`` at ``point`` (now, or as soon as it arrives)."""
+    redis.set(fault_key(point, federation, subject) + ":release", "1")
+
+
+def _options(name: str) -> dict[str, str]:
+    """``point[=value],...`` -> {point: value or ""}; unknown points fail loudly."""
+    out = {}
+    for part in filter(None, (ENV(name) or "").split(",")):
+        point, _, value = part.partition("=")
+        if point not in POINTS:
+            raise RuntimeError(f"faulty_app: {name} names {point!r}; hooks are {', '.join(POINTS)}")
+        out[point] = value
+    return out
+
+
+class Hooks:
+    """What the environment asks of each hook point."""
+
+    def __init__(self) -> None:
+        self.pause = {p: float(v or 120) for p, v in _options("CHORUS_FAULT_PAUSE").items()}
+        self.barrier = {p: int(v) for p, v in _options("CHORUS_FAULT_BARRIER").items()}
+        self.count = set(_options("CHORUS_FAULT_COUNT"))
+        self.rounds = {int(r) for r in (ENV("CHORUS_FAULT_ROUNDS") or "1").split(",")}
+        shards = ENV("CHORUS_FAULT_SHARDS")
+        self.shards = None if not shards else {int(k) for k in shards.split(",")}
+
+    def enabled(self, point: str) -> bool:
+        return point in self.pause or point in self.barrier or point in self.count
+
+    def arrive(self, redis, point: str, federation: str, subject: object, *, pausable: bool = True) -> None:
+        """Count this arrival; pause the first one (until released) and hold every one at a barrier."""
+        key = fault_key(point, federation, subject)
+        run = redis.rpush(key, os.getpid())
+        log.warning("FAULT %s-hook %s %s run %s pid %s", point, federation, subject, run, os.getpid())
+        if point in self.pause and pausable and run == 1:
+            deadline = time.monotonic() + self.pause[point]
+            while time.monotonic() < deadline and not redis.exists(key + ":release"):
                 time.sleep(0.05)
-            log.warning("FAULT aggregate-barrier %s %s passed", federation, r)
-        return manifest
+            log.warning("FAULT %s-pause %s %s over", point, federation, subject)
+        if point in self.barrier:
+            deadline = time.monotonic() + 60
+            while redis.llen(key) < self.barrier[point] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            log.warning("FAULT %s-barrier %s %s passed", point, federation, subject)
 
-    aggregate._compute_and_write = compute_then_pause
+
+def _target(module: Any, name: str, params: tuple[str, ...]) -> Callable[..., Any]:
+    """The production function ``module.name``, checked to still take ``params`` (fail loudly if it moved)."""
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise RuntimeError(f"faulty_app: {module.__name__}.{name} is gone; move the fault hook with it")
+    got = tuple(inspect.signature(fn).parameters)[: len(params)]
+    if got != params:
+        raise RuntimeError(f"faulty_app: {module.__name__}.{name}{got} no longer takes {params}; update the hook")
+    return fn
+
+
+@contextlib.contextmanager
+def _before(obj: Any, method: str, hook: Callable[..., None]) -> Iterator[None]:
+    """Within the block, ``obj.method(*args)`` first calls ``hook(*args)`` (an instance attribute, removed after)."""
+    original = getattr(obj, method)
+
+    @functools.wraps(original)
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        hook(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(obj, method, hooked)
+    try:
+        yield
+    finally:
+        delattr(obj, method)
+
+
+def _client_of(raw: Any) -> str:
+    try:
+        return str(json.loads(raw)["client_id"]) if isinstance(raw, str) else str(raw["client_id"])
+    except (ValueError, KeyError, TypeError):
+        return "unparsable"
+
+
+def _install_hooks(hooks: Hooks) -> None:
+    from chorus_mq.layout import manifest_key
+    from chorus_mq.workers import commit, compact, ingest, plan, pump, shard
+
+    if hooks.enabled("pump"):
+        handle = _target(pump.InboxPump, "_handle", ("self", "inbox", "entry"))
+
+        def handle_after_hook(self, inbox, entry):
+            hooks.arrive(self.rt.redis, "pump", entry.federation, _client_of(entry.record))
+            return handle(self, inbox, entry)
+
+        pump.InboxPump._handle = handle_after_hook
+
+    if hooks.enabled("ingest"):
+        run_ingest = _target(ingest, "ingest", ("rt", "federation", "inbox_client", "entry_id", "raw", "dispatch"))
+
+        def ingest_with_hook(rt, federation, inbox_client, entry_id, raw, dispatch):
+            def before_register(fed, r, record, *args, **kwargs):
+                hooks.arrive(rt.redis, "ingest", fed, record.client_id)
+
+            with _before(rt.state, "register", before_register):
+                return run_ingest(rt, federation, inbox_client, entry_id, raw, dispatch)
+
+        ingest.ingest = ingest_with_hook
+
+    if hooks.enabled("plan"):
+        make_plan = _target(plan, "make_plan", ("rt", "federation", "r"))
+
+        def plan_then_hook(rt, federation, r):
+            result = make_plan(rt, federation, r)
+            if r in hooks.rounds:
+                hooks.arrive(rt.redis, "plan", federation, r)
+            return result
+
+        plan.make_plan = plan_then_hook
+
+    if hooks.enabled("shard"):
+        compute = _target(shard, "compute_shard", ("rt", "federation", "r", "k", "plan", "config"))
+
+        def compute_then_hook(rt, federation, r, k, plan_, config):
+            result = compute(rt, federation, r, k, plan_, config)
+            if r in hooks.rounds:
+                if not rt.store.exists(result.adapter.key):
+                    raise RuntimeError("faulty_app: the shard hook runs before the shard's objects are written")
+                pausable = hooks.shards is None or k in hooks.shards
+                hooks.arrive(rt.redis, "shard", federation, f"{r}:{k}", pausable=pausable)
+            return result
+
+        shard.compute_shard = compute_then_hook
+
+    if hooks.enabled("commit"):
+        commit_round = _target(commit, "commit_round", ("rt", "federation", "r", "epoch", "dispatch"))
+
+        def commit_with_hook(rt, federation, r, epoch, dispatch):
+            def before_finalize(fed, r_, *args, **kwargs):
+                if not rt.store.exists(manifest_key(fed, r_)):
+                    raise RuntimeError("faulty_app: the commit hook runs before the manifest is written")
+                if r_ in hooks.rounds:
+                    hooks.arrive(rt.redis, "commit", fed, r_)
+
+            with _before(rt.state, "finalize", before_finalize):
+                return commit_round(rt, federation, r, epoch, dispatch)
+
+        commit.commit_round = commit_with_hook
+
+    if hooks.enabled("compact"):
+        run_compact = _target(compact, "compact", ("rt", "federation", "upto"))
+
+        def compact_with_hook(rt, federation, upto):
+            def before_record(fed, record, *args, **kwargs):
+                if not rt.store.exists(record.key):
+                    raise RuntimeError("faulty_app: the compaction hook runs before the snapshot is written")
+                if record.round in hooks.rounds:
+                    hooks.arrive(rt.redis, "compact", fed, record.round)
+
+            with _before(rt.state, "add_snapshot", before_record):
+                return run_compact(rt, federation, upto)
+
+        compact.compact = compact_with_hook
 
 
 def _patch_redeliver(app, mode: str, names: list[str]) -> None:
@@ -121,28 +283,36 @@ def _patch_transport(app, visibility_timeout: str | None, restore_interval: str 
 def _patch_boto(no_backoff: bool, read_timeout: str | None) -> None:
     if no_backoff:
         from botocore.retries.standard import ExponentialBackoff
+
         ExponentialBackoff.delay_amount = lambda self, context: 0
     if read_timeout:
         from botocore.config import Config
+
         Config.OPTION_DEFAULTS["read_timeout"] = float(read_timeout)
 
 
 def install() -> None:
-    """Apply every fault the environment asks for (idempotent per process)."""
-    from chorus_mq.workers import tasks
-    from chorus_mq.workers.app import AGGREGATE_TASK, INGEST_TASK, app
+    """Apply every fault the environment asks for to the app the CLI will start."""
+    from chorus_mq.settings import get_settings
+    from chorus_mq.workers import app as app_module
 
-    assert tasks.app is app  # the tasks are registered on the app the CLI starts
-    if ENV("CHORUS_FAULT_AGGREGATE_SLEEP") or ENV("CHORUS_FAULT_AGGREGATE_BARRIER"):
-        _patch_aggregate_hook(float(ENV("CHORUS_FAULT_AGGREGATE_SLEEP") or 0),
-                              int(ENV("CHORUS_FAULT_AGGREGATE_BARRIER") or 0),
-                              {int(r) for r in (ENV("CHORUS_FAULT_AGGREGATE_ROUNDS") or "1").split(",")})
+    get_app = _target(app_module, "get_app", ("settings",))
+    app = get_app(get_settings())
+
+    def same_app(settings):  # the CLI must start the app these faults were applied to
+        started = get_app(settings)
+        if started is not app:
+            raise RuntimeError("faulty_app: the CLI built another Celery app than the one the faults patched")
+        return started
+
+    app_module.get_app = same_app
+    _install_hooks(Hooks())
     if ENV("CHORUS_FAULT_REDELIVER"):
-        names = (ENV("CHORUS_FAULT_REDELIVER_TASKS") or f"{INGEST_TASK},{AGGREGATE_TASK}").split(",")
+        names = (ENV("CHORUS_FAULT_REDELIVER_TASKS") or ",".join(ROUND_TASKS)).split(",")
         _patch_redeliver(app, ENV("CHORUS_FAULT_REDELIVER"), names)
     _patch_transport(app, ENV("CHORUS_FAULT_VISIBILITY_TIMEOUT"), ENV("CHORUS_FAULT_RESTORE_INTERVAL"))
     if ENV("CHORUS_FAULT_RETRY_DELAY"):
-        for name in (INGEST_TASK, AGGREGATE_TASK):
+        for name in ROUND_TASKS:
             app.tasks[name].default_retry_delay = float(ENV("CHORUS_FAULT_RETRY_DELAY"))
     _patch_boto(bool(ENV("CHORUS_FAULT_NO_S3_BACKOFF")), ENV("CHORUS_FAULT_S3_READ_TIMEOUT"))
 

@@ -30,3 +30,12 @@ def store(request, tmp_path):
     if request.param == "file":
         return open_store(f"file://{tmp_path}/store", Settings())
     return request.getfixturevalue("make_s3_store")()
+
+
+@pytest.fixture(scope="session")
+def auth_s3():
+    """A dedicated moto server that enforces IAM policies on S3 (see tests/store/iamserver.py)."""
+    from .iamserver import enforcing_moto
+
+    with enforcing_moto() as server:
+        yield server

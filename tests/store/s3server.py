@@ -9,7 +9,7 @@ import re
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import boto3
 import pytest
@@ -61,8 +61,16 @@ class FaultProxy:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def fail_next(self, n: int, status: int = 503, code: str = "ServiceUnavailable", *, mode: str = "error",
-                  match: str | None = None, stall_s: float = 2.0) -> None:
+    def fail_next(
+        self,
+        n: int,
+        status: int = 503,
+        code: str = "ServiceUnavailable",
+        *,
+        mode: str = "error",
+        match: str | None = None,
+        stall_s: float = 2.0,
+    ) -> None:
         """Fault the next ``n`` requests (those whose ``"METHOD path"`` matches the regular expression
         ``match``, if given); reset the counters.
 
@@ -89,7 +97,7 @@ class FaultProxy:
             return self.mode
 
     @contextlib.contextmanager
-    def running(self) -> Iterator["FaultProxy"]:
+    def running(self) -> Iterator[FaultProxy]:
         thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         thread.start()
         try:

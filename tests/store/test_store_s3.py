@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import boto3
 import pytest
 
@@ -83,10 +86,10 @@ def test_missing_bucket_is_explained(make_s3_store, op):
     call = {
         "put": lambda: store.put_bytes("k", b"v"),
         "exists": lambda: store.exists("k"),
-        "list": lambda: store.list(),
+        "list": store.list,
         "get": lambda: store.get_bytes("k"),
     }[op]
-    with pytest.raises(StoreError, match="bucket no-such-bucket does not exist.*minio-init"):
+    with pytest.raises(StoreError, match=r"bucket no-such-bucket does not exist.*minio-init"):
         call()
 
 
@@ -138,15 +141,27 @@ def test_open_store_urls(tmp_path, monkeypatch):
     s3 = open_store("s3://chorus/federations/", settings)
     assert isinstance(s3, S3Store)
     assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region) == (
-        "chorus", "federations", "http://minio:9000", "eu-west-1")
+        "chorus",
+        "federations",
+        "http://minio:9000",
+        "eu-west-1",
+    )
     assert s3.url_for("a/b") == "s3://chorus/federations/a/b"
     assert open_store("s3://chorus", settings).url_for("a") == "s3://chorus/a"
     assert open_store(f"file://{tmp_path}", settings).url_for("a") == f"file://{tmp_path}/a"
     monkeypatch.chdir(tmp_path)
     local = open_store("file://./data", settings)
     assert isinstance(local, FileStore) and local.root == str(tmp_path / "data")
-    for bad in ("s3://", "s3://Bad_Bucket/x", "s3://b/x", "s3://chorus/../x", "file://data",
-                "http://x/y", "/plain/path", "s3://chorus/a//b"):
+    for bad in (
+        "s3://",
+        "s3://Bad_Bucket/x",
+        "s3://b/x",
+        "s3://chorus/../x",
+        "file://data",
+        "http://x/y",
+        "/plain/path",
+        "s3://chorus/a//b",
+    ):
         with pytest.raises(ConfigError):
             open_store(bad, settings)
 
@@ -156,3 +171,166 @@ def test_default_store_setting_opens(tmp_path, monkeypatch):
     store = open_store(Settings().store, Settings())
     with pytest.raises(ObjectMissing):
         store.get_bytes("x")
+
+
+# -- what each operation sends -------------------------------------------------------------------
+
+#: every S3 operation that s3:PutObject or s3:GetObject on the object itself allows
+PUT_OR_GET = {"PutObject", "HeadObject", "GetObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
+
+
+def _record(store):
+    """Record (operation, parameters) of every request the store's boto3 client makes."""
+    calls: list[tuple[str, dict]] = []
+    store.client.meta.events.register(
+        "provide-client-params.s3", lambda params, model, **kw: calls.append((model.name, dict(params)))
+    )
+    return calls
+
+
+def test_client_side_operations_need_only_put_and_get(make_s3_store, tmp_path):
+    # A federation client's keys allow PutObject/GetObject and nothing else: no HeadBucket, no ListBucket.
+    store = make_s3_store()
+    store.multipart_threshold = store.part_size = 5 * 1024 * 1024
+    calls = _record(store)
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 45_000)  # ~11 MiB: a multipart upload
+    small = tmp_path / "small"
+    small.write_bytes(b"delta bytes")
+    assert store.size("d/absent") is None and not store.exists("d/absent")
+    store.put_file("d/big", big)
+    store.put_file("d/small", small)
+    store.put_bytes("d/bytes", b"b")
+    assert store.size("d/small") == 11
+    store.download("d/small", tmp_path / "back", expected_sha256=hashlib.sha256(b"delta bytes").hexdigest())
+    with store.local_copy("d/big", expected_sha256=None, max_bytes=None, spool_dir=tmp_path / "spool") as obj:
+        assert obj.size == big.stat().st_size
+    assert store.get_bytes("d/bytes") == b"b"
+    assert store.get_range("d/small", 0, 5) == b"delta"
+    assert b"".join(store.stream("d/small", 6)) == b"bytes"
+    ops = {name for name, _ in calls}
+    assert ops <= PUT_OR_GET, ops - PUT_OR_GET
+    assert {"CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"} <= ops
+
+
+def test_ranges_and_streams_are_ranged_conditional_gets(make_s3_store):
+    store = make_s3_store()
+    store.put_bytes("k", b"0123456789")
+    etag = store._head("k").etag
+    calls = _record(store)
+    assert store.get_range("k", 2, 5) == b"234"
+    assert b"".join(store.stream("k", 4, 6)) == b"45"
+    assert b"".join(store.stream("k")) == b"0123456789"
+    gets = [params for name, params in calls if name == "GetObject"]
+    assert gets[0]["Range"] == "bytes=2-4"
+    assert gets[1]["Range"] == "bytes=4-5" and gets[1]["IfMatch"] == etag
+    assert "Range" not in gets[2] and gets[2]["IfMatch"] == etag
+
+
+def test_copy_is_server_side_and_conditional(make_s3_store):
+    store = make_s3_store()
+    store.put_bytes("F/deltas/c/x", b"delta")
+    etag = store._head("F/deltas/c/x").etag
+    calls = _record(store)
+    store.copy("F/deltas/c/x", "F/accepted/c/x")
+    assert [name for name, _ in calls] == ["HeadObject", "HeadObject", "CopyObject"]  # no bytes through us
+    params = calls[-1][1]
+    assert params["CopySourceIfMatch"] == etag and params["IfNoneMatch"] == "*"
+    assert params["CopySource"] == {"Bucket": store.bucket, "Key": f"{store.prefix}/F/deltas/c/x"}
+    assert store.get_bytes("F/accepted/c/x") == b"delta"
+
+
+def test_copy_refused_by_a_changed_source(make_s3_store, fault_proxy):
+    # moto does not evaluate CopySourceIfMatch; S3 and MinIO answer 412, which the proxy plays here.
+    store = make_s3_store(fault_proxy.url)
+    store.put_bytes("src", b"v1")
+    fault_proxy.fail_next(1, status=412, code="PreconditionFailed", match=r"^PUT .*/dst")
+    with pytest.raises(StoreError, match="changed since it was sized") as info:
+        store.copy("src", "dst")
+    assert not isinstance(info.value, ObjectExists) and fault_proxy.injected == 1
+    assert not store.exists("dst")
+
+
+def test_copy_in_parts_above_the_single_copy_limit(make_s3_store, s3_endpoint, s3_bucket):
+    store = make_s3_store()
+    store.copy_limit = store.copy_part_size = 5 * 1024 * 1024
+    data = bytes(range(251)) * 50_000  # ~12 MiB: three part copies
+    store.put_bytes("big", data)
+    etag = store._head("big").etag
+    calls = _record(store)
+    store.copy("big", "big-copy")
+    parts = [params for name, params in calls if name == "UploadPartCopy"]
+    assert [p["CopySourceRange"] for p in parts] == [
+        "bytes=0-5242879",
+        "bytes=5242880-10485759",
+        f"bytes=10485760-{len(data) - 1}",
+    ]
+    assert all(p["CopySourceIfMatch"] == etag for p in parts)
+    assert not any(name in ("GetObject", "PutObject", "UploadPart") for name, _ in calls)
+    assert store.get_bytes("big-copy") == data
+    with pytest.raises(ObjectExists):
+        store.copy("big", "big-copy")
+    # The atomic guarantee is If-None-Match on completion: skip the early check, as a racer would.
+    source = {"Bucket": store.bucket, "Key": f"{store.prefix}/big"}
+    with pytest.raises(ObjectExists):
+        store._multipart_copy("big", "big-copy", store._head("big"), source, {})
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=s3_bucket, Prefix=store.prefix)
+
+
+def test_local_copy_and_writer_use_the_configured_spool(s3_endpoint, s3_bucket, tmp_path):
+    spool = tmp_path / "spool"
+    settings = Settings(s3_endpoint_url=s3_endpoint, s3_region="us-east-1", spool_dir=str(spool))
+    store = open_store(f"s3://{s3_bucket}/t-spool-{os.getpid()}-{id(tmp_path)}", settings)
+    store.put_bytes("k", b"spooled")
+    with store.local_copy("k", expected_sha256=None, max_bytes=None) as obj:
+        assert obj.owned and obj.path.parent == spool and obj.path.read_bytes() == b"spooled"
+    assert os.listdir(spool) == []
+    with store.writer(lambda sha: f"out/{sha}") as w:
+        assert w.path.parent == spool
+        w.file.write(b"output")
+    assert store.get_bytes(w.result.key) == b"output" and os.listdir(spool) == []
+
+
+def test_writer_uploads_large_outputs_in_parts(make_s3_store):
+    store = make_s3_store()
+    store.multipart_threshold = store.part_size = 5 * 1024 * 1024
+    calls = _record(store)
+    data = bytes(range(253)) * 45_000
+    with store.writer(lambda sha: f"out/{sha}") as w:
+        for i in range(0, len(data), 1 << 20):
+            w.file.write(data[i : i + (1 << 20)])
+    assert w.result.sha256 == hashlib.sha256(data).hexdigest() and w.result.size == len(data)
+    assert store.get_bytes(w.result.key) == data
+    assert sum(name == "UploadPart" for name, _ in calls) == 3
+
+
+# -- refusals name the key and the permission --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "method", "permission"),
+    [("put", "PUT", "s3:PutObject"), ("delete", "DELETE", "s3:DeleteObject"), ("list", "GET", "s3:ListBucket")],
+)
+def test_access_denied_names_key_and_permission(make_s3_store, no_backoff, fault_proxy, op, method, permission):
+    store = make_s3_store(fault_proxy.url)
+    fault_proxy.fail_next(1, status=403, code="AccessDenied", match=f"^{method} ")
+    call = {
+        "put": lambda: store.put_bytes("F/deltas/bob/x", b"v"),
+        "delete": lambda: store.delete("F/deltas/bob/x"),
+        "list": lambda: store.list("F/"),
+    }[op]
+    with pytest.raises(StoreError) as info:
+        call()
+    msg = str(info.value)
+    assert permission in msg and "F/" in msg and "AccessDenied" in msg
+    assert fault_proxy.requests == 1  # a refusal is not retried
+
+
+def test_head_refusal_explains_missing_list_right(make_s3_store, no_backoff, fault_proxy):
+    store = make_s3_store(fault_proxy.url)
+    fault_proxy.fail_next(1, status=403, code="AccessDenied", match="^HEAD ")
+    with pytest.raises(StoreError) as info:
+        store.size("F/deltas/bob/x")
+    msg = str(info.value)
+    assert "F/deltas/bob/x" in msg and "s3:GetObject" in msg and "s3:ListBucket" in msg

@@ -1,4 +1,4 @@
-"""Aggregation inside the worker: weights, policies, idempotency, chained residuals."""
+"""Aggregation through the worker path (eager): weights, missing modules, heads, idempotency, chained rounds."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, read_residual
-from chorus_mq.layout import manifest_key
-from chorus_mq.state import FederationKeys
+from chorus_mq.names import MissingModules
 from chorus_mq.workers import runtime
-from chorus_mq.workers.aggregate import _compute_and_write, aggregate_round
+from chorus_mq.workers.plan import Plan, plan_round
+from chorus_mq.workers.shard import ShardResult, compute_shard
 
-from ..deltas import random_factors, write_adapter
+from ..deltas import make_federation, random_factors, write_adapter
 
 
 def _truth(clients, weights, module, alpha=8.0):
+    """Σ wᵢ sᵢ Bᵢ Aᵢ over the clients that carry ``module``, weights normalised over all of ``weights``."""
     total = sum(weights)
     return sum((w / total) * (alpha / f[module][0].shape[0]) * f[module][1].double() @ f[module][0].double()
-               for w, f in zip(weights, clients))
+               for w, f in zip(weights, clients) if module in f)
 
 
 def _reconstruct(out, module):
@@ -30,76 +31,93 @@ def _reconstruct(out, module):
     got = spec.scaling(key, A.shape[0]) * B @ A
     res = read_residual(out / "residual.safetensors").get(key)
     if res is not None:
-        got = got + (res[0].double() @ res[1].double() if isinstance(res, tuple) else res.double())
+        got = got + (res.left.double() @ res.right.double() if res.dense is None else res.dense.double())
     return got
 
 
-def test_missing_module_is_renormalised_over_its_holders(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=3)
+def _upload_three(sdk, tmp_path):
     full = [random_factors(i) for i in range(2)]
     partial = {"layers.0.q": random_factors(9)["layers.0.q"]}
     sizes = [100, 200, 300]
     for i, f in enumerate([*full, partial]):
         sdk.upload("fed", write_adapter(tmp_path / f"c{i}.safetensors", f), f"c{i}", dataset_size=sizes[i])
+    return [*full, partial], sizes
+
+
+def test_a_missing_module_is_a_zero_update_under_the_clients_weight(sdk, tmp_path):
+    make_federation(sdk, "fed", quorum=3)
+    clients, sizes = _upload_three(sdk, tmp_path)
     out = tmp_path / "out"
     sdk.pull("fed", out)
-    q = _reconstruct(out, "layers.0.q")
-    torch.testing.assert_close(q, _truth([*full, partial], sizes, "layers.0.q"), rtol=1e-5, atol=1e-5)
-    v = _reconstruct(out, "layers.0.v")  # only c0 and c1 carry v: their weights renormalise to 1/3, 2/3
-    torch.testing.assert_close(v, _truth(full, sizes[:2], "layers.0.v"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_reconstruct(out, "layers.0.q"), _truth(clients, sizes, "layers.0.q"),
+                               rtol=1e-5, atol=1e-5)
+    # c2 (weight 1/2) did not train v: it counts as a zero update, so nobody owns a module alone
+    torch.testing.assert_close(_reconstruct(out, "layers.0.v"), _truth(clients, sizes, "layers.0.v"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_renormalising_over_holders_is_an_explicit_option(sdk, tmp_path):
+    make_federation(sdk, "fed", quorum=3, missing_modules=MissingModules.RENORMALISE)
+    clients, sizes = _upload_three(sdk, tmp_path)
+    out = tmp_path / "out"
+    sdk.pull("fed", out)
+    # only c0 and c1 carry v: their weights renormalise to 1/3, 2/3
+    torch.testing.assert_close(_reconstruct(out, "layers.0.v"), _truth(clients[:2], sizes[:2], "layers.0.v"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_modules_to_save_are_weighted_means(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=2)
+    head = "base_model.model.score.weight"
+    make_federation(sdk, "fed", quorum=2, extras={head: torch.zeros(3, 4)}, max_client_weight=1.0)
     heads = [torch.full((3, 4), 1.0), torch.full((3, 4), 4.0)]
     for i in range(2):
-        extras = {"base_model.model.score.weight": heads[i]}
-        write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i), extras=extras)
+        write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i), extras={head: heads[i]})
         sdk.upload("fed", tmp_path / f"c{i}.safetensors", f"c{i}", dataset_size=[1, 3][i])
     out = tmp_path / "out"
     sdk.pull("fed", out)
-    head = load_file(out / "adapter_model.safetensors")["base_model.model.score.weight"]
-    torch.testing.assert_close(head, torch.full((3, 4), 0.25 * 1 + 0.75 * 4))
+    torch.testing.assert_close(load_file(out / "adapter_model.safetensors")[head],
+                               torch.full((3, 4), 0.25 * 1 + 0.75 * 4))
 
 
 def test_aggregation_is_idempotent_and_deterministic(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=2)
+    make_federation(sdk, "fed", quorum=2)
     for i in range(2):
         sdk.upload("fed", write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i)), f"c{i}")
     rt = runtime.current()
     info = rt.state.round("fed", 1)
-    assert info["state"] == "complete"
-    assert aggregate_round(rt, "fed", 1, int(info["epoch"])) == "stale"  # already done: nothing happens
-    first = rt.store.get_bytes(manifest_key("fed", 1))
-    # a second, independent computation of the same round produces byte-identical objects
-    rt.redis.hset(FederationKeys("fed").round(1), "state", "aggregating")
-    again = json.loads(_compute_and_write(rt, "fed", 1))
-    objects = json.loads(first)["objects"]
-    for name in ("adapter_model.safetensors", "residual.safetensors"):
-        assert again["objects"][name]["sha256"] == objects[name]["sha256"]
+    assert info.state == "complete"
+    assert plan_round(rt, "fed", 1, info.epoch, dispatch=None) == "stale"  # already done: nothing happens
+    manifest = sdk.pull("fed", tmp_path / "out")
+    # a second, independent computation of the same shard writes byte-identical objects
+    from chorus_mq.workers.plan import make_plan
+
+    plan = make_plan(rt, "fed", 1)
+    again = compute_shard(rt, "fed", 1, 0, plan, rt.state.config("fed"))
+    assert isinstance(plan, Plan) and isinstance(again, ShardResult)
+    assert again.adapter == manifest.shards[0].adapter
+    assert again.residual == manifest.shards[0].residual
 
 
 def test_residuals_chain_across_rounds(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=2)
+    make_federation(sdk, "fed", quorum=2)
     per_round = []
+    out = tmp_path / "out"
     for r in (1, 2, 3):
         for i in range(2):
             sdk.upload("fed", write_adapter(tmp_path / f"r{r}c{i}.safetensors", random_factors(10 * r + i)), f"c{i}")
-        out = tmp_path / f"out{r}"
-        sdk.pull("fed", out, r)
+        sdk.pull("fed", out, r, residual_adapter=(r == 3))  # a continuing client: increments only
         per_round.append(read_residual(out / "residual.safetensors"))
-    total = read_residual(tmp_path / "out3" / "cumulative_residual.safetensors")
+    total = read_residual(out / "cumulative_residual.safetensors")
+    assert set(total) == set(per_round[0])
     for key, value in total.items():
-        dense = value[0].double() @ value[1].double() if isinstance(value, tuple) else value.double()
-        want = sum((res[key][0].double() @ res[key][1].double() if isinstance(res[key], tuple) else res[key].double())
-                   for res in per_round)
-        torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "out3" / "residual_adapter" / "adapter_config.json").is_file()
+        want = sum(res[key].to_dense().double() for res in per_round)
+        torch.testing.assert_close(value.to_dense().double(), want, rtol=1e-5, atol=1e-5)
+    assert (out / "residual_adapter" / "adapter_config.json").is_file()
 
 
 def test_out_rank_applies_to_svd_only(sdk, tmp_path):
     for strategy in ("fedex-lora", "svd"):
-        sdk.create_federation(strategy, base_model="m", quorum=2, strategy=strategy, out_rank=2)
+        make_federation(sdk, strategy, quorum=2, strategy=strategy, out_rank=2)
         for i in range(2):
             sdk.upload(strategy, write_adapter(tmp_path / f"{strategy}{i}.safetensors", random_factors(i)), f"c{i}")
         out = tmp_path / strategy

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from chorus_mq.aggregation import ClientUpdate, aggregate_module
 from chorus_mq.aggregation.dp import PrivacyAccountant, aggregate_sensitivity
-from chorus_mq.workers.screening import dp_release, noise_generator
+from chorus_mq.aggregation.dp import dp_release, noise_generator
 
-from ..deltas import random_factors, write_adapter
+from ..deltas import make_federation, random_factors, write_adapter
 
 Q = "layers.0.q"
 
@@ -27,12 +27,12 @@ def _upload_all(sdk, tmp_path, clients):
 
 @pytest.mark.parametrize("n", [5, 10])
 def test_planted_attacker_is_excluded(sdk, tmp_path, n):
-    sdk.create_federation("fed", base_model="m", quorum=n, screen_outliers=1)
+    make_federation(sdk, "fed", quorum=n, screen_outliers=True)
     honest = [random_factors(i) for i in range(n - 1)]
     attacker = random_factors(99, scale=100.0)
     manifest, adapter = _upload_all(sdk, tmp_path, [*honest, attacker])
-    assert list(manifest["excluded"]) == [f"c{n - 1}"]
-    assert manifest["clients"][-1]["weight"] == 0.0
+    assert list(manifest.excluded) == [f"c{n - 1}"]
+    assert manifest.clients[-1].weight == 0.0
     want = aggregate_module([ClientUpdate(A, B, 2.0, 1.0) for A, B in (f[Q] for f in honest)], "fedex-lora")
     torch.testing.assert_close(adapter[f"base_model.model.{Q}.lora_B.weight"], want.B)
 
@@ -45,7 +45,7 @@ def test_nan_cannot_switch_defences_off(sdk, tmp_path):
     from chorus_mq.errors import InvalidAdapter, Rejected
     from chorus_mq.layout import delta_key
     from chorus_mq.messages import IngestMessage
-    sdk.create_federation("fed", base_model="m", quorum=5, screen_outliers=1)
+    make_federation(sdk, "fed", quorum=5, screen_outliers=True)
     bad = random_factors(1)
     bad[Q][1][0, 0] = float("nan")
     path = write_adapter(tmp_path / "nan.safetensors", bad)
@@ -55,18 +55,17 @@ def test_nan_cannot_switch_defences_off(sdk, tmp_path):
     sha = hashlib.sha256(data).hexdigest()
     sdk.store.put_bytes(delta_key("fed", "mallory", sha), data)
     with pytest.raises(Rejected, match="NaN"):
-        sdk.submit(IngestMessage(federation="fed", client_id="mallory", object_key=delta_key("fed", "mallory", sha),
-                                 sha256=sha, size=len(data)), timeout=10)
+        sdk.submit(IngestMessage(federation="fed", client_id="mallory", sha256=sha, size=len(data)), timeout=10)
     manifest, _ = _upload_all(sdk, tmp_path, [random_factors(i) for i in range(4)] + [random_factors(9, scale=100.0)])
-    assert list(manifest["excluded"]) == ["c4"]
+    assert list(manifest.excluded) == ["c4"]
 
 
 def test_clipping_bounds_the_update_linearly(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=3, clip_norm=5.0)
+    make_federation(sdk, "fed", quorum=3, clip_norm=5.0)
     clients = [random_factors(i) for i in range(2)] + [random_factors(7, scale=50.0)]
     manifest, _ = _upload_all(sdk, tmp_path, clients)
-    assert any(key.startswith("c2:") for key in manifest["clipped"])
-    assert all(0 < f < 1 for f in manifest["clipped"].values())
+    assert any(key.startswith("c2|") for key in manifest.clipped)
+    assert all(0 < f < 1 for f in manifest.clipped.values())
 
 
 def test_dp_ffa_noise_has_the_calibrated_std():
@@ -95,13 +94,14 @@ def test_dp_dense_release_is_noised_aggregate():
 
 
 def test_dp_federation_reports_privacy_spent(sdk, tmp_path):
-    sdk.create_federation("fed", base_model="m", quorum=2, clip_norm=1.0, dp_noise_multiplier=2.0)
+    make_federation(sdk, "fed", quorum=2, clip_norm=1.0, dp_noise_multiplier=2.0)
     for r in (1, 2):
         for i in range(2):
             sdk.upload("fed", write_adapter(tmp_path / f"r{r}c{i}.safetensors", random_factors(10 * r + i)), f"c{i}")
-    manifest = json.loads((lambda o: (sdk.pull("fed", o), (o / "manifest.json").read_text())[1])(tmp_path / "o"))
+    sdk.pull("fed", tmp_path / "o")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["dp"]["noise_multiplier"] == 2.0
-    privacy = sdk.status("fed")["privacy"]
+    privacy = sdk.status("fed").privacy
     acc = PrivacyAccountant()
     acc.spend(2.0, rounds=2)
     assert privacy["c0"]["rounds"] == 2
@@ -111,7 +111,6 @@ def test_dp_federation_reports_privacy_spent(sdk, tmp_path):
 def test_dp_config_needs_clip_and_data_independent_weights(sdk):
     from chorus_mq.errors import ConfigError
     with pytest.raises(ConfigError, match="clip"):
-        sdk.create_federation("f1", base_model="m", quorum=2, dp_noise_multiplier=1.0)
+        make_federation(sdk, "f1", quorum=2, dp_noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="data-independent"):
-        sdk.create_federation("f2", base_model="m", quorum=2, dp_noise_multiplier=1.0, clip_norm=1.0,
-                              screen_outliers=1)
+        make_federation(sdk, "f2", quorum=2, dp_noise_multiplier=1.0, clip_norm=1.0, screen_outliers=True)

@@ -1,10 +1,29 @@
 -- Shared prelude, prepended to every script by chorus_mq.state.scripts.
 -- Convention for every script: ARGV[1]=federation, ARGV[2]=round, ARGV[3]=now (unix s),
 -- ARGV[4]=events stream MAXLEN (approximate), ARGV[5]=pub/sub channel.
+-- Every script replies {status, n, epoch, detail} (see chorus_mq/state/protocol.py).
+-- Every script checks the type of each key it writes before its first write, so a key of the
+-- wrong type is a 'wrong_type' reply and never a half-done transition.
 -- Events go to the stream first (replayable) and are then PUBLISHed (a wake-up only).
 
 local FED, ROUND, NOW = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local MAXLEN, CHANNEL = ARGV[4], ARGV[5]
+
+local function reply(status, n, epoch, detail)
+  return {status, tonumber(n) or 0, tonumber(epoch) or 0, tostring(detail or '')}
+end
+
+-- An error reply when a key exists with a type other than expected; nil when every key fits.
+-- expected: a list of {key, type}
+local function wrong_type(expected)
+  for _, e in ipairs(expected) do
+    local t = redis.call('TYPE', e[1])['ok']
+    if t ~= 'none' and t ~= e[2] then
+      return reply('wrong_type', 0, 0, e[1] .. ' is a ' .. t .. ', not a ' .. e[2])
+    end
+  end
+  return nil
+end
 
 local function emit(stream, ev)
   ev['federation'] = FED
@@ -16,8 +35,41 @@ local function emit(stream, ev)
   return id
 end
 
--- Open round r: copy the federation's quorum settings, arm its deadline, make it current.
-local function open_round(meta, rkey, deadlines, stream, r)
+-- The clients of round r when the federation samples k of them: the k active (not revoked)
+-- registered clients with the smallest sha1(seed .. ':' .. r .. ':' .. client), sorted by name.
+-- nil (every client may take part) when k is 0 or fewer than k clients are active, e.g. for a
+-- round opened before the operator registered them. O(clients): operator input, never a client's.
+-- Call it before a script's first write: it only reads, and may fail.
+local function draw_from(k, seed, clients, r)
+  if k <= 0 then return nil end
+  local flat = redis.call('HGETALL', clients)
+  local ranked = {}
+  for i = 1, #flat, 2 do
+    local ok, rec = pcall(cjson.decode, flat[i + 1])
+    if ok and type(rec) == 'table' and rec['revoked'] ~= true then
+      ranked[#ranked + 1] = {h = redis.sha1hex(seed .. ':' .. r .. ':' .. flat[i]), c = flat[i]}
+    end
+  end
+  if #ranked < k then return nil end
+  table.sort(ranked, function(a, b)
+    if a.h ~= b.h then return a.h < b.h end
+    return a.c < b.c
+  end)
+  local chosen = {}
+  for i = 1, k do chosen[i] = ranked[i].c end
+  table.sort(chosen)
+  return chosen
+end
+
+-- draw_from() with the federation's own clients_per_round and seed
+local function draw(meta, clients, r)
+  local cfg = redis.call('HMGET', meta, 'clients_per_round', 'selection_seed')
+  return draw_from(tonumber(cfg[1]) or 0, cfg[2] or '', clients, r)
+end
+
+-- Open round r with the clients draw() chose: copy the federation's quorum settings, arm its
+-- deadline, make it current.
+local function open_round(meta, rkey, deadlines, stream, r, selected)
   local q = redis.call('HMGET', meta, 'quorum', 'min_quorum', 'round_timeout')
   local timeout = tonumber(q[3]) or 0
   local deadline = 0
@@ -27,8 +79,13 @@ local function open_round(meta, rkey, deadlines, stream, r)
   end
   redis.call('HSET', rkey, 'state', 'open', 'epoch', 0, 'n', 0, 'quorum', q[1],
     'min_quorum', q[2], 'opened_at', NOW, 'deadline', deadline)
+  local ev = {type = 'round_opened', round = r, quorum = tonumber(q[1]), deadline = deadline}
+  if selected then
+    redis.call('HSET', rkey, 'selected', cjson.encode(selected))
+    ev['selected'] = selected
+  end
   redis.call('HSET', meta, 'current_round', r)
-  emit(stream, {type = 'round_opened', round = r, quorum = tonumber(q[1]), deadline = deadline})
+  emit(stream, ev)
 end
 
 -- Move an open round to 'aggregating' under a new epoch (the fencing token).
@@ -40,4 +97,12 @@ local function fire(rkey, deadlines, leases, stream, lease_until, n, reason)
   redis.call('ZADD', leases, lease_until, ROUND)
   emit(stream, {type = 'round_aggregating', n = n, epoch = epoch, reason = reason})
   return epoch
+end
+
+-- The keys of a transition that may end the round and open the next one:
+-- KEYS[1] meta hash   KEYS[2] round hash   KEYS[3] next round hash   KEYS[4] events stream
+-- KEYS[5] deadlines zset   KEYS[6] leases zset   KEYS[7] clients hash (read: the next round's draw)
+local function transition_keys_wrong()
+  return wrong_type({{KEYS[1], 'hash'}, {KEYS[2], 'hash'}, {KEYS[3], 'hash'}, {KEYS[4], 'stream'},
+    {KEYS[5], 'zset'}, {KEYS[6], 'zset'}, {KEYS[7], 'hash'}})
 end

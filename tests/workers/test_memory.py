@@ -12,7 +12,7 @@ def _minor_faults_per_module(tune: bool) -> float:
     code = textwrap.dedent(f"""
         import math, resource, torch
         from chorus_mq.aggregation import ClientUpdate, aggregate_module
-        from chorus_mq.memory import retain_freed_memory
+        from chorus_mq.workers.memory import retain_freed_memory
         if {tune}:
             assert retain_freed_memory() is True and retain_freed_memory() is True
         gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,126 @@
+"""Creating a federation (operators): the declared model, and an optional initial adapter as round 0.
+
+The federation knows its model from the start: every module's shape and the task head every
+delta must carry are pinned at creation, never by the first upload. With an initial adapter
+(the shared LoRA initialisation and task head), round 0 is a complete round whose global
+adapter it is, so independent clients start round 1 from identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, IncompatibleDelta, ObjectExists
+from .layout import manifest_key, shard_key
+from .manifest import Manifest, ObjectRef, ShardEntry
+from .names import SHARD_FORMAT, TaskType
+from .state import FederationConfig
+
+if TYPE_CHECKING:
+    from .adapters import ModelDecl
+    from .client import ChorusClient
+
+
+def create(sdk: ChorusClient, config: FederationConfig, *, model: ModelDecl,
+           initial_adapter: str | Path | None = None) -> FederationConfig:
+    if not model.modules:
+        raise ConfigError("the declared model has no modules: give --base-model DIR (a local model directory) "
+                          "or --reference-adapter PATH")
+    initial = None
+    if initial_adapter is not None:
+        initial = _publish_initial(sdk, config, model, Path(initial_adapter))
+    sdk.state.create_federation(config, model, initial=initial)
+    return config
+
+
+def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDecl,
+                     path: Path) -> tuple[str, str]:
+    """Write the initial adapter as round 0's only shard and its manifest; returns (manifest key, sha256)."""
+    import torch
+
+    from .adapters import StreamingWriter, load_adapter
+
+    adapter = load_adapter(path)
+    spec = adapter.spec
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter.tensors if ".lora_A." in k or ".lora_B." in k})
+    extras = sorted(k for k in adapter.tensors if ".lora_A." not in k and ".lora_B." not in k)
+    for name in modules:
+        if name not in model.modules:
+            raise IncompatibleDelta(f"initial adapter module {name!r} is not in the declared model")
+    if set(extras) != set(model.extras):
+        raise IncompatibleDelta(f"initial adapter extras {extras} differ from the declared task head "
+                                f"{sorted(model.extras)}")
+    items = sorted([*modules, *extras])
+    layout = []
+    tensors: dict[str, torch.Tensor] = {}
+    for item in items:
+        if item in model.extras:
+            tensors[item] = adapter.tensors[item].to(torch.float32).contiguous()
+            layout.append((item, torch.float32, tuple(tensors[item].shape)))
+        else:
+            for part in ("lora_A", "lora_B"):
+                key = f"{item}.{part}.weight"
+                tensors[key] = adapter.tensors[key].to(torch.float32).contiguous()
+                layout.append((key, torch.float32, tuple(tensors[key].shape)))
+    federation = config.name
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "shard.safetensors"
+        writer = StreamingWriter(local, layout, {"format": SHARD_FORMAT})
+        for name, _dtype, _shape in layout:
+            writer.write(name, tensors[name])
+        sha = writer.close()
+        key = shard_key(federation, 0, 0, "adapter", sha)
+        try:
+            sdk.store.put_file(key, local, write_once=True)
+        except ObjectExists:
+            pass  # content-addressed
+        size = local.stat().st_size
+    peft = spec.replace(base_model=config.base_model).to_peft_config()
+    manifest = Manifest(federation=federation, round=0, epoch=0, strategy=str(config.strategy),
+                        base_model=config.base_model, adapter_config=peft, clients=(),
+                        shards=(ShardEntry(index=0, first=items[0], last=items[-1], items=len(items),
+                                           adapter=ObjectRef(key, sha, size), residual=None),),
+                        modules=len(modules), adapter_bytes=size)
+    raw = manifest.to_json()
+    mkey = manifest_key(federation, 0)
+    try:
+        sdk.store.put_bytes(mkey, raw, write_once=True)
+    except ObjectExists:
+        existing = sdk.store.get_bytes(mkey)
+        if existing != raw:
+            raise ConfigError(f"the store already holds a different round-0 manifest at {mkey} (an earlier "
+                              f"federation named {federation!r}?); choose another name") from None
+    return mkey, hashlib.sha256(raw).hexdigest()
+
+
+def canonical_decl(decl: ModelDecl, model_dir: Path, task: TaskType | None) -> ModelDecl:
+    """Module names as PEFT names them for ``task``: a BERT checkpoint says ``encoder.layer.0...`` while a
+    ``BertForSequenceClassification`` adapter says ``bert.encoder.layer.0...``; add the task model's prefix."""
+    if task is None:
+        return decl
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the train extra brings it
+        return decl
+    config = json.loads((model_dir / "config.json").read_text())
+    auto = (transformers.AutoModelForSequenceClassification if task == TaskType.SEQ_CLS
+            else transformers.AutoModelForCausalLM)
+    model_config = transformers.AutoConfig.for_model(**config)
+    try:
+        cls = auto._model_mapping[type(model_config)]  # noqa: SLF001 - the public API needs weights
+    except KeyError:
+        return decl
+    prefix = getattr(cls, "base_model_prefix", "")
+    base = "base_model.model."
+    # a task-model checkpoint (LlamaForCausalLM: model.layers..., lm_head) already has the prefix;
+    # only a bare base checkpoint (BertModel: encoder..., embeddings...) lacks it everywhere
+    if not prefix or any(m.removeprefix(base).startswith(prefix + ".") for m in decl.modules):
+        return decl
+    from dataclasses import replace
+
+    renamed = {f"{base}{prefix}.{m.removeprefix(base)}": shape for m, shape in decl.modules.items()}
+    return replace(decl, modules=renamed)

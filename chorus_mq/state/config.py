@@ -1,0 +1,143 @@
+"""A federation's configuration: typed, validated, stored as the ``meta`` hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ..errors import ConfigError
+from ..ids import check_name
+from ..names import ExpirePolicy, MissingModules, RobustAggregate, SnapshotDtype, Strategy, TaskType, WeightPolicy
+from .protocol import decode_fields, encode_value, field_types
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the operator fixes at ``federation create``. Enum fields also accept their string values."""
+
+    name: str
+    base_model: str
+    quorum: int
+    strategy: Strategy = Strategy.FEDEX_LORA
+    min_quorum: int = 0  # 0: the deadline closes a round only once the full quorum is there
+    round_timeout: int = 0  # seconds; 0 = no deadline
+    expire_policy: ExpirePolicy = ExpirePolicy.EXTEND
+    out_rank: int = 0  # svd output rank; 0 = largest client rank
+    # robust aggregation (off by default: every accepted delta counts, exactly)
+    clip_norm: float = 0.0  # bound on each client's adapter-wide update norm ||s B A||_F; 0 = none
+    screen_outliers: bool = False  # exclude median/MAD outliers (norms, distance to the geometric median)
+    outlier_z: float = 3.5
+    robust_aggregate: RobustAggregate = RobustAggregate.MEAN
+    trim: int = 0
+    # server-side client-level differential privacy (Gaussian mechanism on the aggregate update)
+    dp_noise_multiplier: float = 0.0  # noise std / sensitivity; 0 = off
+    dp_delta: float = 1e-5
+    # whose word sets the weights, and how far any one client's weight may go
+    weights: WeightPolicy = WeightPolicy.DATASET_SIZE
+    max_client_weight: float = 0.5
+    missing_modules: MissingModules = MissingModules.ZERO
+    #: ingest refuses a module update whose ||s B A||_F is above this
+    max_update_norm: float = 1e4
+    #: clients drawn per round; 0 = every registered client may take part
+    clients_per_round: int = 0
+    #: compact the cumulative correction every this many rounds; 0 = only on demand
+    checkpoint_every: int = 10
+    snapshot_dtype: SnapshotDtype = SnapshotDtype.FLOAT32
+    task_type: TaskType | None = None
+    labels: tuple[str, ...] = ()
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self)
+        check_name(self.name, "federation name")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value!r}")
+        if self.quorum < 1:
+            raise ConfigError("quorum must be at least 1")
+        if self.min_quorum < 0 or self.min_quorum > self.quorum:
+            raise ConfigError("min-quorum must be between 1 and the quorum (0: the quorum itself)")
+        if self.round_timeout < 0 or self.out_rank < 0:
+            raise ConfigError("round timeout and output rank cannot be negative")
+        if self.clip_norm < 0 or self.outlier_z <= 0 or self.trim < 0 or self.dp_noise_multiplier < 0:
+            raise ConfigError("clip norm, trim and noise multiplier cannot be negative; outlier z must be > 0")
+        if self.trim and self.robust_aggregate != RobustAggregate.TRIMMED:
+            raise ConfigError("--trim applies only to --robust-aggregate trimmed")
+        if self.dp_noise_multiplier:
+            if not self.clip_norm:
+                raise ConfigError("differential privacy needs --clip-norm: the noise is calibrated to it")
+            if self.screen_outliers or self.robust_aggregate != RobustAggregate.MEAN:
+                raise ConfigError(
+                    "differential privacy needs data-independent weights: turn off outlier screening and use the mean"
+                )
+            if not 0 < self.dp_delta < 1:
+                raise ConfigError("--dp-delta must be between 0 and 1")
+        if not 0 < self.max_client_weight <= 1:
+            raise ConfigError("--max-client-weight must be in (0, 1]: it is a share of the round")
+        if self.max_update_norm <= 0:
+            raise ConfigError("--max-update-norm must be a finite number above 0")
+        if self.clients_per_round < 0:
+            raise ConfigError("--clients-per-round cannot be negative (0: every client, every round)")
+        if self.clients_per_round and self.quorum > self.clients_per_round:
+            raise ConfigError(
+                f"quorum {self.quorum} can never be reached with {self.clients_per_round} clients per round: "
+                "lower the quorum or raise --clients-per-round"
+            )
+        if self.checkpoint_every < 0:
+            raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
+        if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):
+            raise ConfigError("labels must be a tuple of non-empty strings")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels must be distinct, got {list(self.labels)}")
+
+    @property
+    def screening(self) -> bool:
+        return bool(self.clip_norm or self.screen_outliers or self.robust_aggregate != RobustAggregate.MEAN)
+
+    @property
+    def effective_min_quorum(self) -> int:
+        return self.min_quorum or self.quorum
+
+    def to_hash(self) -> dict[str, str]:
+        """Every field as a string (booleans ``"1"``/``"0"``); :meth:`from_hash` reads it back equal."""
+        return {f.name: encode_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_hash(cls, h: Mapping[str, str]) -> FederationConfig:
+        """Read a ``meta`` hash; fields it lacks (an older federation) take their defaults, others are ignored."""
+        return cls(**decode_fields(cls, h, where="federation config"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce_enums(cfg: FederationConfig) -> None:
+    """Turn string values of enum fields into their members; an unknown one is a ConfigError naming the choices."""
+    hints = field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        enum_type = _enum_of(hints[f.name])
+        value = getattr(cfg, f.name)
+        if enum_type is None or value is None or isinstance(value, enum_type):
+            continue
+        try:
+            object.__setattr__(cfg, f.name, enum_type(value))
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in enum_type)
+            raise ConfigError(f"unknown {_flag(f.name)} {value!r}; choose one of {choices}") from None
+    if isinstance(cfg.labels, list):
+        object.__setattr__(cfg, "labels", tuple(cfg.labels))
+
+
+def _enum_of(tp: Any) -> type[Enum] | None:
+    candidates = typing.get_args(tp) if typing.get_origin(tp) is not None else (tp,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, Enum):
+            return candidate
+    return None

@@ -1,0 +1,62 @@
+"""Client sampling, in Python: the same rule the round scripts apply when they open a round.
+
+A federation with ``clients_per_round`` K > 0 draws, for round r, the K active clients with
+the smallest ``sha1(seed:r:client)`` (the prelude's ``draw_from``); with fewer than K active
+clients a round is open to all of them. Knowing the rule, a refused client can be told when
+it is next drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Collection
+
+#: how many hashes one look-ahead may cost at most (a refused upload must stay cheap to answer)
+MAX_LOOKAHEAD_HASHES = 200_000
+
+
+def rank_key(seed: str, round_: int, client: str) -> str:
+    """What the scripts sort by: ``redis.sha1hex(seed .. ":" .. round .. ":" .. client)``."""
+    return hashlib.sha1(f"{seed}:{int(round_)}:{client}".encode()).hexdigest()
+
+
+def draw(seed: str, round_: int, active: Collection[str], k: int) -> tuple[str, ...]:
+    """The clients of ``round_``, sorted; empty (everyone may take part) when k is 0 or too few are active."""
+    if k <= 0 or len(active) < k:
+        return ()
+    ranked = sorted(active, key=lambda c: (rank_key(seed, round_, c), c))
+    return tuple(sorted(ranked[:k]))
+
+
+def selected_in(seed: str, round_: int, client: str, active: Collection[str], k: int) -> bool:
+    """Whether ``client`` may take part in ``round_`` (without sorting everyone)."""
+    if client not in active:
+        return False
+    if k <= 0 or len(active) < k:
+        return True
+    mine = (rank_key(seed, round_, client), client)
+    ahead = 0
+    for other in active:
+        if other != client and (rank_key(seed, round_, other), other) < mine:
+            ahead += 1
+            if ahead >= k:
+                return False
+    return True
+
+
+def next_selected_round(seed: str, client: str, active: Collection[str], k: int, after_round: int) -> int | None:
+    """The first round after ``after_round`` that draws ``client``, given today's active clients.
+
+    None when the client is not active, or not drawn within the look-ahead (about 20 N/K rounds,
+    bounded by :data:`MAX_LOOKAHEAD_HASHES`). Registering or revoking clients changes the answer.
+    """
+    if client not in active:
+        return None
+    if k <= 0 or len(active) < k:
+        return after_round + 1
+    horizon = min(20 * math.ceil(len(active) / k) + 1, max(1, MAX_LOOKAHEAD_HASHES // len(active)))
+    for r in range(after_round + 1, after_round + 1 + horizon):
+        if selected_in(seed, r, client, active, k):
+            return r
+    return None

@@ -1,0 +1,308 @@
+"""``chorus-mq train`` and ``chorus-mq export`` (registered on the main group by ``chorus_mq.cli``).
+
+Nothing heavy is imported here: torch, transformers and peft load when a command runs, so
+``chorus-mq --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json as json_lib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from chorus_mq.errors import ChorusError, ConfigError, ServiceUnavailable
+from chorus_mq.names import DPAccountant, ExportDtype, TaskType
+
+if TYPE_CHECKING:
+    from chorus_mq.client import ChorusClient
+
+    from .driver import RoundRecord
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(fn: F) -> F:
+    """A ChorusError becomes one line on stderr and its exit code; service failures say a retry is safe."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ChorusError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            if type(exc).__module__.startswith(("redis", "botocore", "boto3")):
+                click.echo(f"error: {type(exc).__name__}: {exc} (retrying is safe: the work dir resumes)", err=True)
+                sys.exit(ServiceUnavailable.exit_code)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _sdk(ctx: click.Context, secret: str | None) -> ChorusClient:
+    """The SDK with the settings of the environment and the main group's ``--redis-url``/``--store``."""
+    from chorus_mq.client import ChorusClient
+    from chorus_mq.settings import Settings
+
+    root = ctx.find_root().obj
+    overrides = {k: v for k, v in root.items() if v is not None} if isinstance(root, dict) else {}
+    return ChorusClient(Settings(**overrides), secret=secret)
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _format(record: RoundRecord) -> str:
+    parts = [f"round {record.round} {record.state} ({record.upload})", f"local loss {record.local_loss:.4f}"]
+    if record.eval_accuracy is not None and record.eval_loss is not None:
+        parts.append(f"eval accuracy {record.eval_accuracy:.4f} loss {record.eval_loss:.4f}")
+    parts.append(f"uploaded {record.upload_bytes / 1024:.0f} KiB")
+    if record.epsilon is not None:
+        parts.append(f"epsilon {record.epsilon:.3f}")
+    parts.append(f"{record.seconds:.1f}s")
+    return ", ".join(parts)
+
+
+@click.command("train")
+@click.option("--federation", "-f", required=True, help="Federation to take part in.")
+@click.option("--client-id", required=True, help="This client's registered id.")
+@click.option(
+    "--secret",
+    envvar="CHORUS_CLIENT_SECRET",
+    default=None,
+    help="This client's signing secret (or CHORUS_CLIENT_SECRET; `client add` printed it).",
+)
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    help="The base model: a local directory (config.json + safetensors + tokenizer) or 'minilm'.",
+)
+@click.option(
+    "--data",
+    required=True,
+    help="Training data: CSV, JSON Lines, Parquet, a saved datasets directory, or 'rotten-tomatoes'.",
+)
+@click.option("--text-column", default=None, help="Column holding the text.  [default: text]")
+@click.option(
+    "--label-column",
+    default=None,
+    help="Column holding the label (seq-cls), a name from the federation's labels or its index.  [default: label]",
+)
+@click.option(
+    "--task",
+    type=click.Choice(TaskType.values()),
+    default=None,
+    help="seq-cls or causal-lm (default: the federation's task).",
+)
+@click.option("--rounds", type=int, default=1, show_default=True, help="Complete rounds to take part in.")
+@click.option("--steps-per-round", type=int, default=None, help="Optimizer steps per round (or --epochs).")
+@click.option("--epochs", type=float, default=None, help="Passes over the data per round (default: 1).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per step (DP: expected).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text, truncated.")
+@click.option(
+    "--lora-rank",
+    type=int,
+    default=None,
+    help="LoRA rank to train (default: the global adapter's, an exact start; lower ranks start from "
+    "its best approximation).",
+)
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha with --lora-rank (default: 2 x rank).")
+@click.option(
+    "--target-modules",
+    default=None,
+    help="Comma-separated LoRA targets, for a causal-lm federation without an initial adapter.",
+)
+@click.option("--eval-data", default=None, help="Held-out data (same formats): evaluate each round's global model.")
+@click.option(
+    "--dp-epsilon",
+    type=float,
+    default=None,
+    help="Client-side DP-SGD: the epsilon this client may spend over all --rounds.",
+)
+@click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="DP delta.")
+@click.option("--dp-clip", type=float, default=1.0, show_default=True, help="Per-example gradient norm bound.")
+@click.option(
+    "--dp-accountant",
+    type=click.Choice(DPAccountant.values()),
+    default=DPAccountant.RDP.value,
+    show_default=True,
+    help="Accountant calibrating the noise (Opacus' RDP or PRV).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="This client's work dir (pulled model, trained adapters, privacy ledger); a restart with the "
+    "same one resumes.  [default: ./chorus-train/FEDERATION/CLIENT]",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of batch order and new LoRA rows.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for a round to open or end.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per round, no progress bars.")
+@click.pass_context
+@_one_line_errors
+def train(
+    ctx: click.Context,
+    *,
+    federation: str,
+    client_id: str,
+    secret: str | None,
+    model: str,
+    data: str,
+    text_column: str | None,
+    label_column: str | None,
+    task: str | None,
+    rounds: int,
+    steps_per_round: int | None,
+    epochs: float | None,
+    batch_size: int,
+    lr: float,
+    max_length: int,
+    lora_rank: int | None,
+    lora_alpha: float | None,
+    target_modules: str | None,
+    eval_data: str | None,
+    dp_epsilon: float | None,
+    dp_delta: float,
+    dp_clip: float,
+    dp_accountant: str,
+    workdir: str | None,
+    seed: int,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Run a federation from this client's side: train locally, upload, wait, pull, repeat.
+
+    Each round starts from the exact global model of the latest complete round (base model +
+    cumulative residual in float32 + global adapter). Killed and restarted with the same
+    --workdir, it resumes at the right round; a re-upload is answered 'duplicate'.
+    """
+    from .dp import DPConfig
+    from .driver import train_federation
+
+    dp = DPConfig(dp_epsilon, dp_delta, dp_clip, DPAccountant(dp_accountant)) if dp_epsilon is not None else None
+    sdk = _sdk(ctx, secret)
+    records = train_federation(
+        sdk,
+        federation=federation,
+        client_id=client_id,
+        model_dir=model,
+        data=data,
+        text_column=text_column,
+        label_column=label_column,
+        task=task,
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        target_modules=_csv(target_modules),
+        eval_data=eval_data,
+        dp=dp,
+        seed=seed,
+        json=as_json,
+        workdir=Path(workdir) if workdir else Path("chorus-train") / federation / client_id,
+        timeout=timeout,
+    )
+    for record in records:
+        click.echo(json_lib.dumps(record.to_dict(), sort_keys=True) if as_json else _format(record))
+
+
+@click.command("export")
+@click.option("--federation", "-f", default=None, help="Federation to export a round of (pulls it).")
+@click.option("--round", "round_", type=int, default=None, help="Round to export (default: the latest complete).")
+@click.option(
+    "--from",
+    "from_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Export an already pulled directory instead of pulling.",
+)
+@click.option("--model", "model", required=True, help="The base model directory (or 'minilm').")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="New directory for the standalone model (AutoModelFor....from_pretrained loads it).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(ExportDtype.values()),
+    default=ExportDtype.FLOAT32.value,
+    show_default=True,
+    help="Weight dtype (merged in float32 first).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(TaskType.values()),
+    default=None,
+    help="seq-cls or causal-lm (default: the federation's, or the pulled adapter's).",
+)
+@click.option("--labels", default=None, help="With --from: comma-separated label names for the model config.")
+@click.option("--secret", envvar="CHORUS_CLIENT_SECRET", default=None, help="Client secret, if Redis needs one.")
+@click.pass_context
+@_one_line_errors
+def export(
+    ctx: click.Context,
+    *,
+    federation: str | None,
+    round_: int | None,
+    from_dir: str | None,
+    model: str,
+    output: str,
+    dtype: str,
+    task: str | None,
+    labels: str | None,
+    secret: str | None,
+) -> None:
+    """Write a round's model as a standalone transformers model: base + cumulative residual + adapter merged."""
+    import tempfile
+
+    from .data import resolve_model
+    from .export import export_model
+
+    if (federation is None) == (from_dir is None):
+        raise ConfigError("give exactly one of --federation F (to pull a round) and --from PULLED_DIR")
+    model_dir = resolve_model(model)
+    label_list = _csv(labels)
+    with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
+        if federation is not None:
+            sdk = _sdk(ctx, secret)
+            status = sdk.status(federation)
+            pulled = Path(tmp)
+            manifest = sdk.pull(federation, pulled, round_)
+            task = task or status.task_type
+            label_list = label_list or (tuple(status.labels) or None)
+            what = f"round {getattr(manifest, 'round', round_)} of {federation}"
+        else:
+            pulled = Path(str(from_dir))
+            task = task or _task_of_adapter(pulled)
+            what = str(pulled)
+        if task is None:
+            raise ConfigError("the task is unknown: pass --task seq-cls or --task causal-lm")
+        out = export_model(pulled, model_dir, Path(output), task=TaskType(task), dtype=dtype, labels=label_list)
+    click.echo(f"exported {what} to {out} ({dtype})")
+
+
+def _task_of_adapter(pulled: Path) -> str | None:
+    from chorus_mq.names import ADAPTER_CONFIG, PEFT_TASK_TYPES
+
+    config = json_lib.loads((pulled / ADAPTER_CONFIG).read_text())
+    for ours, theirs in PEFT_TASK_TYPES.items():
+        if config.get("task_type") == theirs:
+            return str(ours)
+    return None

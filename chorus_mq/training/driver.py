@@ -1,0 +1,427 @@
+"""``chorus-mq train``: one client's side of a whole federation, round after round, restartable.
+
+Each round: wait for an open round this client may upload to, pull the latest complete round
+into the work dir (increments only), build the exact global model, train LoRA locally, upload
+with the dataset size (and the DP spend), wait for the verdict and the round's end, evaluate,
+and yield a :class:`RoundRecord`.
+
+The work dir makes a restart safe: the adapter trained for a round is kept there before it is
+uploaded, so a client killed after training re-uploads the same bytes (the workers answer
+``duplicate``, and nothing is counted twice); rounds already taken part in are recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chorus_mq.errors import ConfigError, NotSelected, Rejected, RoundClosed, Timeout
+from chorus_mq.names import (
+    ENDED_STATES,
+    PRIVACY_FILE,
+    PULLED_DIR,
+    TRAIN_STATE_FILE,
+    TRAIN_STATE_FORMAT,
+    RoundStatus,
+    TaskType,
+)
+
+from .data import Examples, load_examples
+from .dp import DPConfig, DPReport, PrivacyLedger
+from .local import Evaluation, TrainConfig, evaluate, save_adapter, train_local
+
+if TYPE_CHECKING:
+    from chorus_mq.client import ChorusClient
+
+_TRAINED_FILE = "trained.json"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What ``train`` reports per round it took part in (``--json`` prints one per line)."""
+
+    round: int
+    state: str  # how the round ended: complete | failed | expired | aborted
+    upload: str  # accepted | duplicate | fired
+    start_round: int | None  # the global round this client's training started from
+    local_loss: float
+    eval_accuracy: float | None
+    eval_loss: float | None
+    upload_bytes: int
+    seconds: float
+    steps: int
+    examples: int
+    epsilon: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkState:
+    """``train_state.json``: whose work dir this is and which rounds it has finished."""
+
+    path: Path
+    federation: str
+    client_id: str
+    done: list[int] = field(default_factory=list)  # rounds taken part in that ended complete
+
+    @classmethod
+    def open(cls, workdir: Path, federation: str, client_id: str) -> WorkState:
+        path = workdir / TRAIN_STATE_FILE
+        if path.exists():
+            raw = json.loads(path.read_text())
+            if raw.get("format") != TRAIN_STATE_FORMAT:
+                raise ConfigError(f"{path} is not a chorus-mq train work dir ({TRAIN_STATE_FORMAT})")
+            if (raw["federation"], raw["client_id"]) != (federation, client_id):
+                raise ConfigError(
+                    f"work dir {workdir} belongs to client {raw['client_id']!r} of federation "
+                    f"{raw['federation']!r}: give each client its own --workdir"
+                )
+            return cls(path, federation, client_id, [int(r) for r in raw["done"]])
+        workdir.mkdir(parents=True, exist_ok=True)
+        state = cls(path, federation, client_id)
+        state.save()
+        return state
+
+    def finish(self, round_: int) -> None:
+        if round_ not in self.done:
+            self.done.append(round_)
+            self.save()
+
+    def save(self) -> None:
+        raw = {
+            "format": TRAIN_STATE_FORMAT,
+            "federation": self.federation,
+            "client_id": self.client_id,
+            "done": sorted(self.done),
+        }
+        _write_json(self.path, raw)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A round's trained adapter in the work dir, and what its upload needs to say."""
+
+    round: int
+    start_round: int | None
+    adapter: Path
+    loss: float
+    steps: int
+    examples: int
+    dp: DPReport | None
+
+    @classmethod
+    def load(cls, round_dir: Path) -> Trained | None:
+        path = round_dir / _TRAINED_FILE
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        dp = DPReport(**raw["dp"]) if raw.get("dp") else None
+        return cls(
+            raw["round"], raw["start_round"], round_dir / "adapter", raw["loss"], raw["steps"], raw["examples"], dp
+        )
+
+    def save(self, round_dir: Path) -> None:
+        raw = {
+            "round": self.round,
+            "start_round": self.start_round,
+            "loss": self.loss,
+            "steps": self.steps,
+            "examples": self.examples,
+            "dp": self.dp.to_dict() if self.dp else None,
+        }
+        _write_json(round_dir / _TRAINED_FILE, raw)
+
+
+def _write_json(path: Path, raw: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def train_federation(
+    sdk: ChorusClient,
+    *,
+    federation: str,
+    client_id: str,
+    model_dir: str | Path,
+    data: str | Path | Examples,
+    workdir: str | Path,
+    rounds: int = 1,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    task: TaskType | str | None = None,
+    steps_per_round: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    max_length: int = 128,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    eval_data: str | Path | Examples | None = None,
+    dp: DPConfig | None = None,
+    seed: int = 0,
+    json: bool = False,
+    progress: bool = True,
+    timeout: float | None = None,
+    poll: float = 0.5,
+    dp_seed: int | None = None,
+) -> Iterator[RoundRecord]:
+    """Take part in ``rounds`` complete rounds of ``federation`` as ``client_id``; yield one record per round.
+
+    ``lora_rank`` None trains the global adapter at its own rank (an exact start); a rank
+    below it starts from the best approximation of the global update (see ``model.start_model``).
+    ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
+    """
+    from .data import resolve_model
+
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be positive, got {rounds}")
+    model_path = resolve_model(model_dir)
+    work = Path(workdir)
+    state = WorkState.open(work, federation, client_id)
+    status = sdk.status(federation)
+    task_type = _task(task, status.task_type)
+    labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
+    if task_type == TaskType.SEQ_CLS and not labels:
+        raise ConfigError(
+            f"federation {federation!r} declares no labels: a seq-cls client cannot map its data "
+            "onto the head (the operator creates it with --labels)"
+        )
+    examples = _examples(data, text_column, label_column, labels)
+    evaluation = _examples(eval_data, text_column, label_column, labels) if eval_data is not None else None
+    config = TrainConfig(
+        task=task_type,
+        steps=steps_per_round,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        seed=seed,
+        progress=progress and not json,
+    )
+    ledger = None
+    if dp is not None:
+        ledger = PrivacyLedger.open(
+            work / PRIVACY_FILE,
+            dp,
+            sample_rate=config.sample_rate(len(examples)),
+            planned_steps=rounds * config.planned_steps(len(examples)),
+        )
+    from .model import load_tokenizer
+
+    session = _Session(
+        sdk,
+        federation,
+        model_path,
+        work,
+        examples,
+        evaluation,
+        load_tokenizer(model_path),
+        config,
+        labels,
+        ledger,
+        lora_rank,
+        lora_alpha,
+        tuple(target_modules) if target_modules else None,
+        dp_seed,
+    )
+    while _reconcile(sdk, federation, client_id, state, work) < rounds:
+        started = time.monotonic()
+        status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=poll)
+        r = status.current_round
+        if status.selected and client_id not in status.selected:
+            sdk.wait_round(federation, r, timeout=timeout)  # not drawn this round: wait for the next
+            continue
+        start = status.latest_complete
+        trained = Trained.load(session.round_dir(r))
+        if trained is None or trained.start_round != start:
+            trained = session.train(r, start)
+        if ledger is not None:
+            # counted before the upload: once the bytes are in the store they are released, whatever the
+            # verdict; a re-upload of the same round replaces its entry (no double counting)
+            ledger.commit(r, trained.steps)
+        try:
+            result = sdk.upload(
+                federation,
+                trained.adapter,
+                client_id,
+                dataset_size=float(trained.examples),
+                round_=r,
+                dp=trained.dp.to_dict() if trained.dp else None,
+                progress=config.progress,
+            )
+        except Rejected as exc:
+            if exc.code == NotSelected.code:
+                sdk.wait_round(federation, r, timeout=timeout)
+                continue
+            if exc.code == RoundClosed.code:
+                continue  # the round moved on while this client trained: train again for the current one
+            raise
+        summary = sdk.wait_round(federation, r, timeout=timeout)
+        score: Evaluation | None = None
+        if summary.state == RoundStatus.COMPLETE:
+            score = session.evaluate(r)
+            state.finish(r)
+            _prune(work, keep=r)
+        yield RoundRecord(
+            r,
+            str(summary.state),
+            result.status,
+            start,
+            trained.loss,
+            None if score is None else score.accuracy,
+            None if score is None else score.loss,
+            result.bytes,
+            time.monotonic() - started,
+            trained.steps,
+            trained.examples,
+            None if trained.dp is None else trained.dp.epsilon,
+        )
+
+
+@dataclass
+class _Session:
+    """What stays fixed over one ``train`` run: the client's data, model, settings and ledger."""
+
+    sdk: ChorusClient
+    federation: str
+    model_dir: Path
+    work: Path
+    examples: Examples
+    evaluation: Examples | None
+    tokenizer: Any
+    config: TrainConfig
+    labels: tuple[str, ...] | None
+    ledger: PrivacyLedger | None
+    lora_rank: int | None
+    lora_alpha: float | None
+    target_modules: tuple[str, ...] | None
+    dp_seed: int | None
+
+    @property
+    def pulled(self) -> Path:
+        return self.work / PULLED_DIR
+
+    def round_dir(self, r: int) -> Path:
+        return self.work / "rounds" / f"{r:06d}"
+
+    def train(self, r: int, start: int | None) -> Trained:
+        """Train round ``r`` from the global model of round ``start``; keep the adapter in the round's dir."""
+        from .model import start_model
+
+        if start is not None:
+            self.sdk.pull(self.federation, self.pulled, start, progress=self.config.progress)
+        steps = self.config.planned_steps(len(self.examples))
+        ledger = self.ledger
+        report = ledger.report(r, steps) if ledger is not None else None  # refuses before training if over budget
+        model, _gap = start_model(
+            self.pulled if start is not None else None,
+            self.model_dir,
+            task=self.config.task,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            labels=self.labels,
+            target_modules=self.target_modules,
+            seed=self.config.seed + r,
+        )
+        round_config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + r})
+        privacy = (ledger.noise_multiplier, ledger.config.clip) if ledger is not None else None
+        result = train_local(model, self.tokenizer, self.examples, round_config, privacy=privacy, dp_seed=self.dp_seed)
+        round_dir = self.round_dir(r)
+        if round_dir.exists():
+            shutil.rmtree(round_dir)
+        staging = round_dir.with_name(round_dir.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        save_adapter(model, staging / "adapter", base_model=self.model_dir.name)
+        trained = Trained(r, start, round_dir / "adapter", result.loss, result.steps, result.examples, report)
+        trained.save(staging)
+        os.replace(staging, round_dir)  # the round's adapter appears whole or not at all
+        return trained
+
+    def evaluate(self, r: int) -> Evaluation | None:
+        """Round ``r``'s exact global model on the evaluation data (None without ``--eval-data``)."""
+        from .model import exact_model
+
+        if self.evaluation is None:
+            return None
+        self.sdk.pull(self.federation, self.pulled, r, progress=self.config.progress)
+        model = exact_model(self.pulled, self.model_dir, task=self.config.task, labels=self.labels)
+        return evaluate(
+            model, self.tokenizer, self.evaluation, task=self.config.task, max_length=self.config.max_length
+        )
+
+
+def _task(option: TaskType | str | None, declared: str | None) -> TaskType:
+    if option is None and declared is None:
+        raise ConfigError("the federation declares no task: pass --task seq-cls or --task causal-lm")
+    task = TaskType(option or declared)
+    if declared is not None and TaskType(declared) != task:
+        raise ConfigError(f"--task {task} differs from the federation's task {declared}")
+    return task
+
+
+def _examples(
+    data: str | Path | Examples, text_column: str | None, label_column: str | None, labels: tuple[str, ...] | None
+) -> Examples:
+    if isinstance(data, Examples):
+        return data
+    return load_examples(data, text_column=text_column, label_column=label_column, labels=labels)
+
+
+def _wait_for_open_round(
+    sdk: ChorusClient, federation: str, state: WorkState, *, timeout: float | None, poll: float
+) -> Any:
+    """The status once the current round is open and not one this client already finished."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = sdk.status(federation)
+        r = status.current_round
+        if status.state == RoundStatus.OPEN and r not in state.done:
+            return status
+        if status.state not in ENDED_STATES and r not in state.done:
+            sdk.wait_round(federation, r, timeout=timeout)  # aggregating: wait for it to end
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"no round of {federation!r} after round {r} opened within {timeout:.0f}s")
+        time.sleep(poll)  # ended: the workers open the next round
+
+
+def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkState, work: Path) -> int:
+    """Mark rounds this client uploaded to that completed unrecorded (it was killed, or restarted while the
+    round aggregated); return how many rounds it has finished."""
+    from chorus_mq.errors import NotFound
+
+    rounds = work / "rounds"
+    if not rounds.is_dir():
+        return len(state.done)
+    for child in sorted(rounds.iterdir()):
+        if not child.name.isdigit() or int(child.name) in state.done or Trained.load(child) is None:
+            continue
+        try:
+            summary = sdk.round(federation, int(child.name))
+        except NotFound:
+            continue
+        if summary.state == RoundStatus.COMPLETE and client_id in summary.clients:
+            state.finish(int(child.name))
+    return len(state.done)
+
+
+def _prune(work: Path, *, keep: int) -> None:
+    """Drop the trained adapters of rounds before ``keep`` (finished; nothing will re-upload them)."""
+    rounds = work / "rounds"
+    if not rounds.is_dir():
+        return
+    for child in rounds.iterdir():
+        stem = child.name.removesuffix(".partial")
+        if stem.isdigit() and int(stem) < keep:
+            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,269 @@
+"""A client's local round: LoRA training (seq-cls or causal-lm), evaluation, and the adapter it uploads."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chorus_mq.errors import ConfigError, DataError
+from chorus_mq.names import TaskType
+
+from .data import Examples
+from .dp import DPReport, PrivateTraining, make_private
+from .model import normalise_adapter_config
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+#: examples sorted by length inside windows of this many batches: padding is most of the CPU cost otherwise
+_LENGTH_WINDOW = 32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a client trains each round (``--steps-per-round`` or ``--epochs``, batch size, lr, ...)."""
+
+    task: TaskType = TaskType.SEQ_CLS
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_length: int = 128
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", TaskType(self.task))
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps-per-round or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps-per-round must be positive, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError("--batch-size must be positive and --max-length at least 2")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+
+    def planned_steps(self, n: int) -> int:
+        """Steps per round on ``n`` examples (one epoch when neither steps nor epochs is given)."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs or 1.0) * n / self.batch_size))
+
+    def sample_rate(self, n: int) -> float:
+        """Each example's chance to be in a DP batch: the expected batch size is ``batch_size``."""
+        return min(1.0, self.batch_size / n)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """One round of local training."""
+
+    steps: int
+    examples: int
+    loss: float  # mean training loss over the round's steps
+    first_loss: float
+    last_loss: float
+    seconds: float
+    dp: DPReport | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float  # seq-cls: label accuracy; causal-lm: next-token accuracy
+    examples: int
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, truncated to ``max_length`` and padded to its longest text."""
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    # single-segment text: BERT's default token types are these zeros, and GPT-2 would add an embedding for them
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def example_losses(
+    logits: torch.Tensor, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, task: TaskType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example loss and per-example correct fraction (label, or next tokens for causal-lm)."""
+    import torch
+    from torch.nn import functional
+
+    if task == TaskType.SEQ_CLS:
+        assert labels is not None
+        return functional.cross_entropy(logits, labels, reduction="none"), (logits.argmax(-1) == labels).float()
+    # the mean over each text's own tokens: an example's weight does not depend on its batch-mates
+    mask = inputs["attention_mask"][:, 1:].to(logits.dtype)
+    targets = inputs["input_ids"][:, 1:]
+    shifted = logits[:, :-1]
+    tokens = functional.cross_entropy(shifted.transpose(1, 2), targets, reduction="none")
+    count = mask.sum(1).clamp(min=1)
+    correct = ((shifted.argmax(-1) == targets).to(logits.dtype) * mask).sum(1) / count
+    return (tokens * mask).sum(1) / count, correct.detach().to(torch.float32)
+
+
+def batches(examples: Examples, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Shuffled batches, epoch after epoch; inside windows of batches, examples of similar length go together."""
+    n = len(examples)
+    window = batch_size * _LENGTH_WINDOW
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        epoch: list[list[int]] = []
+        for start in range(0, n, window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(examples.texts[i]))
+            epoch.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        rng.shuffle(epoch)
+        yield from epoch
+
+
+def _labels(examples: Examples, idx: list[int], task: TaskType) -> torch.Tensor | None:
+    import torch
+
+    if task != TaskType.SEQ_CLS:
+        return None
+    if examples.labels is None:
+        raise DataError("seq-cls training needs labelled examples (--label-column)")
+    return torch.tensor([examples.labels[i] for i in idx])
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def train_local(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Examples,
+    config: TrainConfig,
+    *,
+    privacy: tuple[float, float] | None = None,
+    dp_seed: int | None = None,
+) -> LocalResult:
+    """Train the model's trainable parameters (LoRA and the head) for one round; the model ends in eval mode.
+
+    ``privacy`` is ``(noise_multiplier, clip)``: DP-SGD with Poisson batches at
+    ``config.sample_rate``; the caller accounts for the steps (see :mod:`.dp`).
+    """
+    import torch
+
+    if not len(examples):
+        raise DataError("no training examples")
+    steps = config.planned_steps(len(examples))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("the model has no trainable parameters (load the adapter with trainable=True)")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    private: PrivateTraining | None = None
+    forward: Any = model
+    if privacy is None:
+        stream: Iterator[list[int]] = batches(examples, config.batch_size, random.Random(config.seed))
+    else:
+        sigma, clip = privacy
+        private = make_private(
+            model,
+            optimizer,
+            noise_multiplier=sigma,
+            clip=clip,
+            sample_rate=config.sample_rate(len(examples)),
+            n=len(examples),
+            seed=dp_seed,
+        )
+        forward, optimizer, stream = private.module, private.optimizer, private.batches()
+    losses: list[float] = []
+    started = time.perf_counter()
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), _progress(steps, config.progress, "train") as bar:
+            torch.manual_seed(config.seed)  # dropout masks, without touching the caller's generator
+            for idx in islice(stream, steps):
+                if idx:
+                    inputs = encode(tokenizer, [examples.texts[i] for i in idx], config.max_length)
+                    per_example, _ = example_losses(
+                        forward(**inputs).logits, inputs, _labels(examples, idx, config.task), config.task
+                    )
+                    loss = per_example.mean()
+                    torch.autograd.backward(loss)
+                    losses.append(float(loss))
+                elif private is not None:
+                    private.empty_step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if private is not None:
+            private.close()
+        model.eval()
+    if not losses or not all(math.isfinite(v) for v in losses):
+        raise ConfigError(f"training diverged (losses {losses[-3:]}): lower --lr")
+    return LocalResult(
+        steps, len(examples), sum(losses) / len(losses), losses[0], losses[-1], time.perf_counter() - started
+    )
+
+
+def evaluate(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Examples,
+    *,
+    task: TaskType,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> Evaluation:
+    """Mean loss and accuracy over ``examples`` (the model is left in eval mode)."""
+    import torch
+
+    task = TaskType(task)
+    model.eval()
+    total_loss = total_correct = 0.0
+    order = sorted(range(len(examples)), key=lambda i: len(examples.texts[i]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            inputs = encode(tokenizer, [examples.texts[i] for i in idx], max_length)
+            losses, correct = example_losses(model(**inputs).logits, inputs, _labels(examples, idx, task), task)
+            total_loss += float(losses.sum())
+            total_correct += float(correct.sum())
+    n = max(1, len(examples))
+    return Evaluation(total_loss / n, total_correct / n, len(examples))
+
+
+def predict(
+    model: Any, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, batch_size: int = 64, max_length: int = 128
+) -> torch.Tensor:
+    """The model's logits for ``texts`` in their order (seq-cls: ``(n, labels)``; causal-lm: last position)."""
+    import torch
+
+    model.eval()
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            inputs = encode(tokenizer, texts[start : start + batch_size], max_length)
+            logits = model(**inputs).logits
+            if logits.ndim == 3:  # causal-lm: the logits after each text's last real token
+                last = inputs["attention_mask"].sum(1) - 1
+                logits = logits[torch.arange(logits.shape[0]), last]
+            out.append(logits.float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """``save_pretrained`` the trained adapter (LoRA + head) into ``out_dir``: ready for ``sdk.upload``."""
+    out = Path(out_dir)
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    normalise_adapter_config(out, base_model=base_model)
+    return out

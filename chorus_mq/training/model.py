@@ -1,0 +1,475 @@
+"""The models a client trains and serves: the federation's initial adapter, and the exact global model.
+
+The exact global model of round r is the base model in float32, with round r's cumulative
+residual folded into its weights in float32 (never into a bf16 base: that loses about 11% of
+the correction), and round r's global adapter on top through PEFT. Round r+1's clients start
+training from exactly that model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chorus_mq.errors import ConfigError, IncompatibleDelta, InvalidAdapter
+from chorus_mq.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CUMULATIVE_FILE, PEFT_TASK_TYPES, TaskType
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PEFT_PREFIX = "base_model.model."
+#: task heads peft keeps as ``modules_to_save`` for sequence classification, by architecture
+HEAD_NAMES = ("classifier", "score")
+#: weights a checkpoint lacks are initialised from this seed, so every party builds the same base
+_BASE_SEED = 0
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a padding token (GPT-2 style tokenizers have none: use EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    model_dir: str | Path, task: TaskType | str, *, num_labels: int | None = None, labels: Sequence[str] | None = None
+) -> PreTrainedModel:
+    """The base model in float32, eval mode. Weights the checkpoint lacks (a new head) come from a fixed seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    hf_logging: Any = logging
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if task == TaskType.SEQ_CLS:
+        n = num_labels or (len(labels) if labels else None)
+        if not n:
+            raise ConfigError("a seq-cls model needs the federation's labels (or a head to read their count from)")
+        kwargs["num_labels"] = n
+        if labels:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+    loader = AutoModelForSequenceClassification if task == TaskType.SEQ_CLS else AutoModelForCausalLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a new head is reported as "MISSING": expected, and seeded below
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_BASE_SEED)
+            model: Any = loader.from_pretrained(str(model_dir), **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:  # seq-cls heads on decoder models find the last token by it
+        tokenizer_pad = _pad_token_id(model_dir)
+        model.config.pad_token_id = tokenizer_pad
+    out: PreTrainedModel = model.float().eval()
+    return out
+
+
+def _pad_token_id(model_dir: str | Path) -> int | None:
+    tokenizer = load_tokenizer(model_dir)
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else None
+
+
+def head_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The task head modules of a seq-cls model (what peft saves as ``modules_to_save``)."""
+    names = tuple(name for name in HEAD_NAMES if _has_module(model, name))
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no task head named {' or '.join(HEAD_NAMES)}")
+    return names
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def uses_conv1d(model: torch.nn.Module, target_modules: Sequence[str]) -> bool:
+    """Whether the targeted layers are GPT-2 ``Conv1D`` (weights stored ``d_in x d_out``: fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(target_modules)
+    return any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rpartition(".")[2] in wanted)
+
+
+def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
+    """peft's default LoRA targets for this architecture (``query,value`` for BERT, ``c_attn`` for GPT-2)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = DEFAULTS.get(model.config.model_type)
+    if not targets:
+        raise ConfigError(f"no default LoRA target modules for {model.config.model_type!r}: pass --target-modules")
+    return tuple(targets)
+
+
+def lora_config(
+    *,
+    task: TaskType | str,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    heads: Sequence[str] = (),
+    fan_in_fan_out: bool = False,
+) -> Any:
+    """The LoraConfig every party of a federation uses (dropout off: averaging wants deterministic steps)."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be positive, got {rank}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ConfigError(f"LoRA alpha must be positive, got {alpha}")
+    options: dict[str, Any] = {"lora_alpha": int(alpha) if float(alpha).is_integer() else alpha}
+    return LoraConfig(
+        task_type=PEFT_TASK_TYPES[TaskType(task)],
+        r=rank,
+        **options,
+        target_modules=sorted(set(target_modules)),
+        modules_to_save=list(heads) or None,
+        lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def build_initial_adapter(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    task: TaskType | str,
+    labels: Sequence[str] = (),
+    target_modules: Sequence[str] | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    seed: int = 0,
+    base_model: str | None = None,
+) -> Path:
+    """Write the federation's round-0 adapter: PEFT LoRA (B = 0, A seeded) plus, for seq-cls, the task head.
+
+    Two builds with the same arguments are byte-identical, so any party can check the
+    federation's initial adapter. ``alpha`` defaults to ``2 * rank``.
+    """
+    import torch
+    from peft import get_peft_model
+
+    task = TaskType(task)
+    if task == TaskType.SEQ_CLS and len(labels) < 2:
+        raise ConfigError(f"a seq-cls federation needs at least two labels, got {list(labels)}")
+    base = load_base(model_dir, task, labels=labels or None)
+    heads = head_names(base) if task == TaskType.SEQ_CLS else ()
+    targets = tuple(target_modules) if target_modules else default_target_modules(base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for head in heads:  # the head is new: every party gets the same one from the seed
+            init_head(base.get_submodule(head), std=float(getattr(base.config, "initializer_range", 0.02)))
+        config = lora_config(
+            task=task,
+            rank=rank,
+            alpha=alpha or 2.0 * rank,
+            target_modules=targets,
+            heads=heads,
+            fan_in_fan_out=uses_conv1d(base, targets),
+        )
+        model = get_peft_model(base, config)
+    out = Path(out_dir)
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    normalise_adapter_config(out, base_model=base_model or Path(model_dir).name)
+    return out
+
+
+def init_head(head: torch.nn.Module, *, std: float) -> None:
+    """Normal(0, std) weights and zero biases for every linear layer of a task head (from the current seed)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in head.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+
+
+def normalise_adapter_config(adapter_dir: Path, *, base_model: str | None = None) -> dict[str, Any]:
+    """Rewrite ``adapter_config.json`` deterministically: sorted targets, no duplicate heads, no local path.
+
+    peft writes ``target_modules`` in set order (which changes with the hash seed) and lists
+    its default heads again after ours; the same adapter must give the same bytes everywhere.
+    """
+    path = adapter_dir / ADAPTER_CONFIG
+    config: dict[str, Any] = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(set(config["target_modules"]))
+    if config.get("modules_to_save"):
+        config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
+    config["base_model_name_or_path"] = base_model
+    config["inference_mode"] = True
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+# -- the exact global model ------------------------------------------------------------------------
+
+
+def adapter_head_rows(adapter_dir: str | Path) -> int | None:
+    """The number of labels the adapter's task head has (None when it carries no head)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if any(key == f"{PEFT_PREFIX}{head}.weight" for head in HEAD_NAMES):
+                return int(handle.get_slice(key).get_shape()[0])
+    return None
+
+
+def fold_cumulative_residual(model: torch.nn.Module, pulled_dir: str | Path) -> int:
+    """Fold the pulled ``cumulative_residual.safetensors`` into ``model``'s weights (float32); return modules folded."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from chorus_mq.adapters import read_residual
+
+    path = Path(pulled_dir) / CUMULATIVE_FILE
+    if not path.exists():
+        return 0
+    residuals = read_residual(path)
+    with torch.no_grad():
+        for name, residual in residuals.items():
+            module = find_module(model, name)
+            weight = module.weight
+            if weight.dtype != torch.float32:
+                raise ConfigError(
+                    f"refusing to fold the residual into a {weight.dtype} weight ({name}): load the base in float32"
+                )
+            weight.copy_(residual.fold_into(weight, fan_in_fan_out=isinstance(module, Conv1D)))
+    return len(residuals)
+
+
+def find_module(model: torch.nn.Module, name: str) -> Any:
+    """The module a PEFT module name (``base_model.model.<path>``) refers to in the plain base model."""
+    path = name.removeprefix(PEFT_PREFIX)
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        pass
+    # a federation may declare names without the architecture prefix (``encoder...`` for ``bert.encoder...``)
+    matches = [m for n, m in model.named_modules() if n.endswith("." + path)]
+    if len(matches) != 1:
+        raise IncompatibleDelta(
+            f"residual module {name!r} is not in the base model "
+            f"({'ambiguous' if matches else 'no such module'}): a different base model?"
+        )
+    return matches[0]
+
+
+def corrected_base(
+    pulled_dir: str | Path | None, model_dir: str | Path, *, task: TaskType | str, labels: Sequence[str] | None = None
+) -> PreTrainedModel:
+    """The base model (float32) with the pulled cumulative residual folded in; the plain base without ``pulled_dir``."""
+    num_labels = adapter_head_rows(pulled_dir) if pulled_dir is not None and task == TaskType.SEQ_CLS else None
+    base = load_base(model_dir, task, num_labels=num_labels, labels=labels)
+    if pulled_dir is not None:
+        fold_cumulative_residual(base, pulled_dir)
+    return base
+
+
+def exact_model(
+    pulled_dir: str | Path,
+    model_dir: str | Path,
+    *,
+    task: TaskType | str,
+    trainable: bool = False,
+    labels: Sequence[str] | None = None,
+) -> PeftModel:
+    """Base + cumulative residual (float32) + the pulled global adapter: round r's exact global model.
+
+    With ``trainable`` the global adapter's LoRA factors and head are trainable, so a client's
+    round r+1 starts exactly from round r's global model.
+    """
+    from peft import PeftModel
+
+    task = TaskType(task)
+    base = corrected_base(pulled_dir, model_dir, task=task, labels=labels)
+    model = PeftModel.from_pretrained(base, str(pulled_dir), is_trainable=trainable)
+    check_adapter_loaded(model, Path(pulled_dir))
+    if not trainable:
+        model.eval()
+    return model
+
+
+def check_adapter_loaded(model: PeftModel, adapter_dir: Path) -> None:
+    """Refuse an adapter whose tensors did not all land in the model (peft only warns, and then does nothing)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
+        saved = set(handle.keys())
+    loaded = set(get_peft_model_state_dict(model))
+    missing = sorted(saved - loaded)
+    if missing:
+        raise InvalidAdapter(
+            f"{len(missing)} tensors of {adapter_dir} match nothing in the model "
+            f"(first: {missing[0]}): built for a different base model or task?"
+        )
+
+
+# -- a client's starting point at its own rank ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartGap:
+    """How far a client's start is from the global model: 0 unless its rank is below the global adapter's."""
+
+    modules: int
+    truncated: int
+    relative: float  # largest ||G - G_r||_F / ||G||_F over modules (G: the global adapter's s·B·A)
+
+
+def start_model(
+    pulled_dir: str | Path | None,
+    model_dir: str | Path,
+    *,
+    task: TaskType | str,
+    rank: int | None = None,
+    alpha: float | None = None,
+    labels: Sequence[str] | None = None,
+    target_modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[PeftModel, StartGap]:
+    """A trainable PeftModel for the next round, with LoRA rank ``rank`` and scaling ``alpha / rank``.
+
+    Without ``rank`` it is :func:`exact_model` (trainable): the global adapter's own rank. With a
+    rank at least the global adapter's, the global factors are kept and padded (new A rows from
+    peft's init, B columns zero): the start is still exact. With a lower rank each module starts
+    from the best rank-``rank`` approximation of the global update (the client's model is then
+    what it trains, so the federation stays exact; only this client's start is approximate,
+    as reported in the ``StartGap``). Without ``pulled_dir`` (a causal-lm federation created
+    without an initial adapter) it is a fresh LoRA on the base model, seeded.
+    """
+    import torch
+    from peft import get_peft_model
+
+    task = TaskType(task)
+    if pulled_dir is not None and rank is None:
+        return exact_model(pulled_dir, model_dir, task=task, trainable=True, labels=labels), StartGap(0, 0, 0.0)
+    if pulled_dir is None and task == TaskType.SEQ_CLS:
+        raise ConfigError(
+            "a seq-cls federation needs an initial adapter (round 0) so that every client starts "
+            "from the same task head: create it with `federation create --task seq-cls --labels ...`"
+        )
+    base = corrected_base(pulled_dir, model_dir, task=task, labels=labels)
+    global_factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    head_state: dict[str, torch.Tensor] = {}
+    if pulled_dir is not None:
+        global_factors, head_state, targets = read_adapter(Path(pulled_dir))
+        target_modules = target_modules or targets
+    rank = rank or 8
+    heads = head_names(base) if task == TaskType.SEQ_CLS else ()
+    targets = tuple(target_modules or default_target_modules(base))
+    config = lora_config(
+        task=task,
+        rank=rank,
+        alpha=alpha or 2.0 * rank,
+        target_modules=targets,
+        heads=heads,
+        fan_in_fan_out=uses_conv1d(base, targets),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, config)
+    gap = _load_start(model, global_factors, head_state)
+    return model, gap
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], dict[str, Any], tuple[str, ...]]:
+    """Per module (A, B, scaling) of a saved PEFT adapter, its other tensors (the head), and its target modules."""
+    from safetensors.torch import load_file
+
+    from chorus_mq.adapters import LoraSpec
+
+    spec = LoraSpec.from_peft_config(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    factors: dict[str, tuple[Any, Any, float]] = {}
+    head: dict[str, Any] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            factors[module] = (tensor, tensors[f"{module}.lora_B.weight"], spec.scaling(module, tensor.shape[0]))
+        elif not key.endswith(".lora_B.weight"):
+            head[key] = tensor
+    return factors, head, tuple(spec.target_modules) if not isinstance(spec.target_modules, str) else ()
+
+
+def _load_start(model: PeftModel, factors: dict[str, tuple[Any, Any, float]], head: dict[str, Any]) -> StartGap:
+    """Write each module's starting factors (padded or truncated global ones) and the global head into ``model``."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    current = get_peft_model_state_dict(model)
+    state = dict(head)
+    truncated, worst = 0, 0.0
+    for module, (A, B, scaling) in factors.items():
+        fresh = current.get(f"{module}.lora_A.weight")
+        if fresh is None:
+            raise IncompatibleDelta(f"the global adapter's module {module!r} is not a LoRA module of this model")
+        inner: Any = model.base_model.model
+        lora = inner.get_submodule(module.removeprefix(PEFT_PREFIX))
+        a_new, b_new, lost = fit_rank(A, B, scaling, fresh, float(lora.scaling["default"]))
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a_new, b_new
+        truncated += lost > 0
+        worst = max(worst, lost)
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise IncompatibleDelta(f"{len(unexpected)} tensors of the global adapter fit nothing (first: {unexpected[0]})")
+    return StartGap(len(factors), truncated, worst)
+
+
+def fit_rank(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, fresh_a: torch.Tensor, out_scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factors ``(A', B')`` of rank ``fresh_a.shape[0]`` with ``out_scaling·B'A'`` closest to ``scaling·B·A``.
+
+    Returns them and the relative Frobenius error of the start (0 when the rank suffices).
+    Rows of ``A'`` the global update does not need keep their fresh init, with zero ``B'``
+    columns, so they start at zero and still train.
+    """
+    import torch
+
+    rank, d_in = fresh_a.shape
+    r_global = A.shape[0]
+    if A.shape[1] != d_in:
+        raise IncompatibleDelta(f"global A has {A.shape[1]} columns; the model's module has {d_in}")
+    a64, b64 = A.double(), B.double()
+    if r_global <= rank or not bool(b64.any()):
+        # pad (or, when B = 0, keep the first rows of the shared A): exact
+        keep = min(r_global, rank)
+        a_out = fresh_a.clone().double()
+        b_out = torch.zeros(B.shape[0], rank, dtype=torch.float64)
+        a_out[:keep] = a64[:keep]
+        b_out[:, :keep] = b64[:, :keep] * (scaling / out_scaling)
+        return a_out.float(), b_out.float(), 0.0
+    # best rank-`rank` approximation of scaling·B·A through QR of each factor and an SVD of the r x r core
+    qb, rb = torch.linalg.qr(b64)
+    qa, ra = torch.linalg.qr(a64.T)
+    u, s, vh = torch.linalg.svd(scaling * rb @ ra.T)
+    root = s[:rank].sqrt()
+    b_out = (qb @ u[:, :rank]) * root / out_scaling
+    a_out = root[:, None] * (vh[:rank] @ qa.T)
+    # directions the update does not have would start dead (A and B zero): give them fresh A rows
+    dead = s[:rank] <= s[0] * torch.finfo(torch.float32).eps * max(B.shape[0], d_in)
+    a_out[dead] = fresh_a[dead].double()
+    b_out[:, dead] = 0.0
+    total = float(s.square().sum())
+    lost = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+    return a_out.float(), b_out.float(), lost

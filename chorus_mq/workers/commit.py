@@ -1,0 +1,129 @@
+"""Commit a round: the manifest (write-once, the commit marker) and the fenced finalize.
+
+Runs once every shard is done. The manifest lists each shard's objects with their hashes and
+the global adapter's PEFT config; finalize is a compare-and-set on the round's epoch, and its
+sha256 goes to Redis with it, so readers verify the manifest before trusting anything it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+from ..adapters import LoraSpec
+from ..adapters.spec import default_targets, pattern_fit
+from ..errors import ObjectExists, ObjectMissing
+from ..layout import manifest_key
+from ..manifest import ClientEntry, Manifest, ShardEntry
+from ..names import RoundStatus, Task
+from ..state import FederationConfig
+from .dispatch import Dispatcher
+from .metrics import METRICS
+from .plan import Plan
+from .runtime import Runtime
+from .shard import ShardResult
+
+log = logging.getLogger(__name__)
+
+
+def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dispatcher) -> str:
+    """Write the manifest and finalize round ``r`` under ``epoch``. Idempotent; returns the outcome."""
+    started = time.perf_counter()
+    info = rt.state.round(federation, r)
+    if info.state == RoundStatus.COMPLETE:
+        return "already"
+    if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
+        return "stale"
+    key = manifest_key(federation, r)
+    try:
+        raw = rt.store.get_bytes(key)  # an earlier commit wrote it and died before finalizing
+    except ObjectMissing:
+        raw = None
+    if raw is None:
+        manifest = build_manifest(rt, federation, r, epoch, info.agg_started, started)
+        raw = manifest.to_json()
+        try:
+            rt.store.put_bytes(key, raw, write_once=True)
+        except ObjectExists:
+            raw = rt.store.get_bytes(key)  # a concurrent commit won; adopt its manifest
+    manifest = Manifest.from_json(raw)
+    sha = hashlib.sha256(raw).hexdigest()
+    summary = {"clients": [c.client_id for c in manifest.clients], "excluded": manifest.excluded,
+               "strategy": manifest.strategy, "shards": len(manifest.shards),
+               "seconds": manifest.timings.get("quorum_to_commit")}
+    outcome = rt.state.finalize(federation, r, epoch, key, sha, summary)
+    log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
+    if outcome.status == "ok":
+        METRICS.rounds.labels(state="complete").inc()
+        if info.agg_started:
+            METRICS.round_seconds.observe(max(0.0, time.time() - info.agg_started))
+        METRICS.phase_seconds.labels(phase="commit").observe(time.perf_counter() - started)
+        rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
+        config = rt.state.config(federation)
+        if config.checkpoint_every and r % config.checkpoint_every == 0:
+            dispatch.send(Task.COMPACT, federation, r)
+    return outcome.status
+
+
+def build_manifest(rt: Runtime, federation: str, r: int, epoch: int, agg_started: float | None,
+                   commit_started: float) -> Manifest:
+    config = rt.state.config(federation)
+    raw_plan = rt.state.plan(federation, r)
+    if raw_plan is None:
+        raise ObjectMissing(f"round {r} of {federation!r} has no plan")
+    plan = Plan.from_json(raw_plan)
+    results = {k: ShardResult.from_json(v) for k, v in rt.state.shards(federation, r).items()}
+    records = rt.state.deltas(federation, r)
+    shards = []
+    out: dict[str, tuple[int, float]] = {}
+    timings = {"fetch": 0.0, "math": 0.0, "write": 0.0}
+    for k in range(len(plan.shards)):
+        res = results[k]
+        items = plan.shard_items(k)
+        shards.append(ShardEntry(index=k, first=items[0], last=items[-1], items=len(items), adapter=res.adapter,
+                                 residual=res.residual))
+        out.update(res.out)
+        for phase in timings:
+            timings[phase] += res.seconds.get(phase, 0.0)
+    timings = {p: round(v, 4) for p, v in timings.items()}
+    timings["commit"] = round(time.perf_counter() - commit_started, 4)
+    if agg_started:
+        timings["quorum_to_commit"] = round(max(0.0, time.time() - agg_started), 4)
+    info = rt.state.round(federation, r)
+    return Manifest(
+        federation=federation, round=r, epoch=epoch, strategy=str(config.strategy), base_model=config.base_model,
+        adapter_config=adapter_config(plan.template, out, config, plan.extras),
+        clients=tuple(ClientEntry(client_id=c, sha256=rec.sha256, dataset_size=rec.dataset_size,
+                                  weight=plan.weights.get(c, 0.0)) for c, rec in records.items()),
+        shards=tuple(shards), excluded=plan.excluded, clipped=plan.clip,
+        dp=_dp(config), selected=info.selected, modules=len(out),
+        adapter_bytes=sum(res.adapter_bytes for res in results.values()),
+        residual_bytes=sum(res.residual_bytes for res in results.values()), timings=timings,
+    )
+
+
+def adapter_config(template: dict[str, Any], out: dict[str, tuple[int, float]], config: FederationConfig,
+                   extras: tuple[str, ...]) -> dict[str, Any]:
+    """The global adapter's PEFT config: the template's layout and task, per-module ranks and scalings
+    expressed as rank/alpha patterns (alpha = scaling · rank, rsLoRA off), the federation's base model."""
+    spec = LoraSpec.from_peft_config(template)
+    ranks = {m: rank for m, (rank, _) in out.items()}
+    alphas = {m: scaling * rank for m, (rank, scaling) in out.items()}
+    r, rank_pattern = pattern_fit(ranks)
+    alpha, alpha_pattern = pattern_fit(alphas)
+    targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules else \
+        default_targets(out)
+    modules_to_save = spec.modules_to_save if extras else ()
+    result = spec.replace(r=r, lora_alpha=alpha, use_rslora=False, target_modules=targets,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model=config.base_model,
+                          modules_to_save=modules_to_save)
+    return result.to_peft_config()
+
+
+def _dp(config: FederationConfig) -> dict[str, Any] | None:
+    if not config.dp_noise_multiplier:
+        return None
+    return {"noise_multiplier": config.dp_noise_multiplier, "clip_norm": config.clip_norm, "delta": config.dp_delta,
+            "quorum": config.quorum}

@@ -1,0 +1,79 @@
+"""Compaction, off every round's critical path: a snapshot of the cumulative correction.
+
+The correction a late joiner, an export or an audit needs is the sum of every round's residual.
+Rounds never compute it; this task does, on demand (``chorus-mq compact``) and every
+``--checkpoint-every`` rounds: the latest snapshot before plus the increments after it,
+summed module by module, written write-once, and recorded in Redis only once complete. A
+compaction that dies midway leaves nothing recorded, so every round stays pullable, and a
+failed compaction never fails a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from ..layout import snapshot_key
+from ..names import RESIDUAL_FORMAT, EventType, RoundStatus
+from ..results import fetch_manifest, fold_residuals, merge_objects
+from ..state import EventLog
+from ..state.rounds import SnapshotRecord
+from .metrics import METRICS
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def compact(rt: Runtime, federation: str, upto: int) -> str:
+    """Snapshot Σ residuals of the complete rounds <= ``upto``. Idempotent; safe to run twice at once."""
+    started = time.perf_counter()
+    snapshots = rt.state.snapshots(federation)
+    if upto in snapshots:
+        return "exists"
+    config = rt.state.config(federation)
+    lock = rt.redis.lock(rt.state.keys(federation).compaction, timeout=rt.settings.task_time_limit,
+                         blocking=False)
+    if not lock.acquire():
+        return "busy"  # another worker is on it; write-once objects make a second run harmless anyway
+    try:
+        base = max((r for r in snapshots if r < upto), default=None)
+        with tempfile.TemporaryDirectory(dir=rt.spool, prefix="compact-") as tmp:
+            spool = Path(tmp)
+            parts: list[Path] = []
+            if base is not None:
+                rec = snapshots[base]
+                path = spool / "base.safetensors"
+                rt.store.download(rec.key, path, expected_sha256=rec.sha256)
+                parts.append(path)
+            rounds = [info.round for info in rt.state.rounds(federation)
+                      if (base or 0) < info.round <= upto and info.state == RoundStatus.COMPLETE]
+            for r in rounds:
+                manifest, _ = fetch_manifest(rt.state, rt.store, federation, r)
+                path = spool / f"residual-{r}.safetensors"
+                refs = [s.residual for s in manifest.shards if s.residual is not None]
+                if merge_objects(rt.store, refs, path, {"format": RESIDUAL_FORMAT}):
+                    parts.append(path)
+            out = spool / "snapshot.safetensors"
+            sha = fold_residuals(parts, out, dtype=config.snapshot_dtype)
+            key = snapshot_key(federation, upto, sha)
+            size = out.stat().st_size
+            rt.store.put_file(key, out, write_once=True)
+        record = SnapshotRecord(round=upto, key=key, sha256=sha, size=size, dtype=config.snapshot_dtype,
+                                base=base, rounds=len(rounds), created_at=time.time())
+        stored = rt.state.add_snapshot(federation, record)
+        seconds = time.perf_counter() - started
+        METRICS.phase_seconds.labels(phase="compact").observe(seconds)
+        METRICS.bytes_out.labels(task="compact").inc(size)
+        EventLog(rt.redis, federation, rt.settings.events_maxlen, rt.state.scripts).emit(
+            EventType.SNAPSHOT_READY, upto, key=stored.key, sha256=stored.sha256, size=stored.size,
+            seconds=round(seconds, 3))
+        log.info("compacted %s up to round %s (%d increments, %d bytes) in %.2fs", federation, upto, len(rounds),
+                 size, seconds)
+        return "ok"
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired: fine, the objects are write-once
+            log.debug("compaction lock of %s already released", federation)

@@ -1,0 +1,184 @@
+"""Plan a round once its quorum fired: who counts with which weight, and how the modules are sharded.
+
+The first round task of a round computes the plan and stores it with SET NX, so every later
+run (redelivery, reclaim after a worker died) uses the same plan and produces the same bytes.
+Then it enqueues every shard that is not done yet (or the commit, when all are).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..adapters import LoraSpec, strict_json
+from ..aggregation import policy_weights
+from ..errors import AggregationError, NotFound
+from ..names import RoundStatus, Task
+from ..state import FederationConfig
+from ..state.clients import ClientRegistry
+from ..state.rounds import DeltaRecord
+from .declared import Declared, declared_model, present_modules
+from .dispatch import Dispatcher
+from .lease import Heartbeat
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: fp32 bytes per element, for balancing shards by bytes (exact dtypes do not matter for balance)
+_ITEM_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a shard or the commit needs to know about a round, fixed once."""
+
+    clients: tuple[str, ...]  # kept clients, sorted
+    weights: dict[str, float]  # normalised over the kept clients
+    items: tuple[str, ...]  # modules present in some delta, and the declared extras, sorted
+    extras: tuple[str, ...]  # which items are extras (modules_to_save tensors)
+    shards: tuple[tuple[int, int], ...]  # contiguous [start, end) ranges over items
+    strategy: str
+    missing: str
+    out_rank: int
+    template: dict[str, Any]  # the first kept client's PEFT config: layout, task, modules_to_save
+    excluded: dict[str, str] = field(default_factory=dict)
+    clip: dict[str, float] = field(default_factory=dict)  # "client|module" -> factor
+    dp: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Plan:
+        d = json.loads(raw)
+        return cls(clients=tuple(d["clients"]), weights=dict(d["weights"]), items=tuple(d["items"]),
+                   extras=tuple(d["extras"]), shards=tuple((int(a), int(b)) for a, b in d["shards"]),
+                   strategy=d["strategy"], missing=d["missing"], out_rank=int(d["out_rank"]),
+                   template=dict(d["template"]), excluded=dict(d["excluded"]), clip=dict(d["clip"]),
+                   dp=bool(d["dp"]))
+
+    def shard_items(self, k: int) -> tuple[str, ...]:
+        start, end = self.shards[k]
+        return self.items[start:end]
+
+
+def plan_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dispatcher) -> str:
+    """Make (or load) the round's plan and enqueue what is left to do. Idempotent."""
+    info = rt.state.round(federation, r)
+    if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
+        log.info("skip planning %s/%s epoch %s: state %s epoch %s", federation, r, epoch, info.state, info.epoch)
+        return "stale"
+    stored = rt.state.plan(federation, r)
+    if stored is None:
+        with Heartbeat(rt, federation, r, epoch):
+            try:
+                plan = make_plan(rt, federation, r)
+            except AggregationError as exc:
+                outcome = rt.state.fail(federation, r, epoch, f"{type(exc).__name__}: {exc}")
+                log.error("round %s/%s cannot be planned: %s (%s)", federation, r, exc, outcome.status)
+                return "failed"
+        stored = rt.state.set_plan(federation, r, plan.to_json())
+    plan = Plan.from_json(stored)
+    done = rt.state.shards(federation, r)
+    missing = [k for k in range(len(plan.shards)) if k not in done]
+    for k in missing:
+        dispatch.send(Task.SHARD, federation, r, epoch, k)
+    if not missing:
+        dispatch.send(Task.COMMIT, federation, r, epoch)
+    return f"dispatched {len(missing)}/{len(plan.shards)} shards"
+
+
+def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
+    config = rt.state.config(federation)
+    records = rt.state.deltas(federation, r)  # sorted by client id: a fixed order, deterministic sums
+    if not records:
+        raise AggregationError(f"round {r} has no deltas")
+    declared = declared_model(rt, federation, config)
+    present = {c: present_modules(declared.modules, rec.present) for c, rec in records.items()}
+    weights = _weights(rt, federation, config, records)
+    excluded: dict[str, str] = {}
+    clip: dict[str, float] = {}
+    if config.screening:
+        from .screening import screen_round
+
+        screening = screen_round(rt, records, weights, config)
+        weights, excluded, clip = screening.weights, screening.excluded, screening.clip
+        if not weights:
+            raise AggregationError(f"screening excluded every client: {excluded}")
+    kept = sorted(weights)
+    modules = sorted(set().union(*(present[c] for c in kept)))
+    items = tuple(sorted([*modules, *declared.extras]))
+    sizes = [_item_bytes(item, declared, {c: records[c] for c in kept}, present) for item in items]
+    shard_count = min(rt.settings.max_shards, len(items), max(1, math.ceil(sum(sizes) / rt.settings.shard_bytes)))
+    return Plan(clients=tuple(kept), weights={c: weights[c] for c in kept}, items=items, extras=declared.extras,
+                shards=balanced_ranges(sizes, shard_count), strategy=str(config.strategy),
+                missing=str(config.missing_modules), out_rank=config.out_rank,
+                template=_template(rt, records[kept[0]]), excluded=excluded, clip=clip,
+                dp=bool(config.dp_noise_multiplier))
+
+
+def _weights(rt: Runtime, federation: str, config: FederationConfig,
+             records: Mapping[str, DeltaRecord]) -> dict[str, float]:
+    if config.dp_noise_multiplier:
+        # the mechanism fixes public weights 1/quorum itself; these only order the clients
+        return {c: 1.0 / len(records) for c in records}
+    registry = ClientRegistry(rt.redis, federation)
+    registered: dict[str, float] = {}
+    for client in records:
+        try:
+            info = registry.record(client)
+        except NotFound:  # development mode: an unregistered, unsigned client
+            continue
+        value = info.weight if info.weight is not None else info.dataset_size
+        if value is not None:
+            registered[client] = float(value)
+    claims = {c: rec.dataset_size for c, rec in records.items()}
+    return policy_weights(claims, config.weights, registered=registered, cap=config.max_client_weight)
+
+
+def _item_bytes(item: str, declared: Declared, records: Mapping[str, DeltaRecord],
+                present: Mapping[str, frozenset[str]]) -> int:
+    if item in declared.decl.extras:
+        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * len(records)
+    d_out, d_in = declared.decl.modules[item]
+    total = 0
+    for client, rec in records.items():
+        if item in present[client]:
+            rank = rec.rank if rec.rank is not None else max(rec.ranks or (1,))
+            total += rank * (d_out + d_in) * _ITEM_BYTES
+    return total
+
+
+def balanced_ranges(sizes: Sequence[int], parts: int) -> tuple[tuple[int, int], ...]:
+    """Split ``sizes`` into ``parts`` contiguous non-empty ranges whose sums are about equal."""
+    n = len(sizes)
+    parts = max(1, min(parts, n))
+    prefix = list(itertools.accumulate(max(0, s) for s in sizes))
+    total = prefix[-1] if prefix else 0
+    cuts = [0]
+    for j in range(1, parts):
+        target = total * j / parts
+        # the boundary whose prefix sum is closest to the target, leaving one item for every later part
+        above = bisect.bisect_left(prefix, target) + 1
+        i = min((c for c in (above - 1, above) if c >= 1), key=lambda c: abs(prefix[c - 1] - target))
+        i = min(max(i, cuts[-1] + 1), n - (parts - j))
+        cuts.append(i)
+    cuts.append(n)
+    return tuple((cuts[j], cuts[j + 1]) for j in range(parts))
+
+
+def _template(rt: Runtime, record: DeltaRecord) -> dict[str, Any]:
+    """The PEFT config embedded in an accepted delta (its layout, task type and modules_to_save).
+
+    The header was validated at ingest, and the accepted copy is out of the client's reach.
+    """
+    n = int.from_bytes(rt.store.get_range(record.key, 0, 8), "little")
+    header = strict_json(rt.store.get_range(record.key, 8, 8 + n), "delta header")
+    spec = LoraSpec.from_peft_config(strict_json(header["__metadata__"]["adapter_config"], "adapter_config"))
+    return spec.to_peft_config()

@@ -1,0 +1,299 @@
+"""Aggregate one shard of a round: a contiguous run of its modules, streamed to write-once objects.
+
+Any worker takes any shard. A shard reads only its modules' bytes of each accepted delta,
+aggregates them (modules side by side, one torch thread each, at most a few in flight), and
+streams the results into two objects (the adapter part and the residual part) whose header
+is known before the first tensor is computed. The outputs depend only on the plan and the
+deltas, never on the shard count or the worker, so a rerun writes the same bytes. The last
+shard to finish (a fenced counter in Redis) enqueues the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters import StreamingWriter
+from ..adapters.fileformat import DTYPES
+from ..aggregation import (
+    ClientMeta,
+    ClientUpdate,
+    ModuleResult,
+    aggregate_module,
+    map_ordered,
+    output_layout,
+    weighted_mean,
+)
+from ..aggregation.dp import dp_release, noise_generator
+from ..aggregation.robust import clip_update
+from ..errors import AggregationError
+from ..layout import shard_key
+from ..manifest import ObjectRef
+from ..names import RESIDUAL_FORMAT, SHARD_FORMAT, MissingModules, RoundStatus, Strategy, Task
+from ..state import FederationConfig
+from .declared import Declared, declared_model
+from .dispatch import Dispatcher
+from .lease import Heartbeat
+from .metrics import METRICS
+from .plan import Plan
+from .reading import RoundInputs
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard reports to the commit (stored in Redis with the fenced counter)."""
+
+    adapter: ObjectRef
+    residual: ObjectRef | None
+    #: module -> [adapter rank, adapter scaling]
+    out: dict[str, tuple[int, float]]
+    residual_bytes: int
+    adapter_bytes: int
+    bytes_in: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> ShardResult:
+        d = json.loads(raw)
+        residual = d.get("residual")
+        return cls(adapter=ObjectRef.from_dict(d["adapter"]),
+                   residual=None if residual is None else ObjectRef.from_dict(residual),
+                   out={k: (int(v[0]), float(v[1])) for k, v in d["out"].items()},
+                   residual_bytes=int(d["residual_bytes"]), adapter_bytes=int(d["adapter_bytes"]),
+                   bytes_in=int(d["bytes_in"]), seconds={k: float(v) for k, v in d["seconds"].items()})
+
+
+def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch: Dispatcher) -> str:
+    """Compute shard ``k`` of round ``r`` (idempotent); the last shard to finish enqueues the commit."""
+    info = rt.state.round(federation, r)
+    if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
+        log.info("skip shard %s/%s/%s epoch %s: state %s epoch %s", federation, r, k, epoch, info.state, info.epoch)
+        return "stale"
+    if k in rt.state.shards(federation, r):
+        return "done"
+    raw_plan = rt.state.plan(federation, r)
+    if raw_plan is None:
+        raise AggregationError(f"round {r} of {federation!r} has no plan; its round task must run first")
+    plan = Plan.from_json(raw_plan)
+    config = rt.state.config(federation)
+    METRICS.shards_in_flight.inc()
+    try:
+        with Heartbeat(rt, federation, r, epoch) as beat:
+            try:
+                result = compute_shard(rt, federation, r, k, plan, config)
+            except AggregationError as exc:
+                # deterministic: every rerun would fail the same way, so the round fails now, cleanly
+                outcome = rt.state.fail(federation, r, epoch, f"{type(exc).__name__}: {exc}")
+                log.error("round %s/%s shard %s failed: %s (%s)", federation, r, k, exc, outcome.status)
+                METRICS.rounds.labels(state="failed").inc()
+                return "failed"
+    finally:
+        METRICS.shards_in_flight.dec()
+    if beat.lost:
+        return "stale"
+    reply = rt.state.shard_done(federation, r, k, len(plan.shards), result.to_json())
+    if reply.detail == "last":
+        dispatch.send(Task.COMMIT, federation, r, epoch)
+    return reply.status
+
+
+@dataclass
+class _Job:
+    """One item of the shard: a LoRA module or an extra (a modules_to_save tensor)."""
+
+    name: str
+    extra: bool
+    holders: list[str]
+    absent: float = 0.0
+    rank: int = 0
+    residual: str = "none"
+    residual_rank: int = 0
+    shape: tuple[int, ...] = ()
+
+
+def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
+    """Aggregate shard ``k``'s items and write its two objects; returns what the commit needs."""
+    started = time.perf_counter()
+    records = rt.state.deltas(federation, r)
+    inputs = RoundInputs(rt, {c: records[c] for c in plan.clients})
+    declared = declared_model(rt, federation, config)
+    jobs = [_job(item, plan, inputs, declared) for item in plan.shard_items(k)]
+    seconds = {"fetch": 0.0, "math": 0.0, "write": 0.0}
+    seconds["fetch"] += time.perf_counter() - started
+    if plan.dp:
+        _dp_layouts(jobs, inputs, plan)
+    adapter_layout, residual_layout = _layouts(jobs, declared)
+    out: dict[str, tuple[int, float]] = {}
+    residual_bytes = adapter_bytes = 0
+    with contextlib.ExitStack() as stack:
+        adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
+        adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
+        residual_out = residual_file = None
+        if residual_layout:
+            residual_out = stack.enter_context(
+                rt.store.writer(lambda sha: shard_key(federation, r, k, "residual", sha)))
+            residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
+        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
+            seconds["math"] += took
+            t0 = time.perf_counter()
+            if job.extra:
+                tensor = result.to(_F32).contiguous()
+                adapter_file.write(job.name, tensor)
+                adapter_bytes += tensor.numel() * 4
+            else:
+                assert isinstance(result, ModuleResult)
+                _check_shape(job, result)
+                adapter_file.write(f"{job.name}.lora_A.weight", result.A.to(_F32).contiguous())
+                adapter_file.write(f"{job.name}.lora_B.weight", result.B.to(_F32).contiguous())
+                adapter_bytes += (result.A.numel() + result.B.numel()) * 4
+                out[job.name] = (int(result.A.shape[0]), float(result.scaling))
+                res = result.residual
+                if job.residual == "dense":
+                    assert res is not None and residual_file is not None
+                    residual_file.write(f"{job.name}.residual", res.to_dense())
+                    residual_bytes += res.nbytes
+                elif job.residual == "factored":
+                    assert res is not None and res.left is not None and res.right is not None
+                    assert residual_file is not None
+                    residual_file.write(f"{job.name}.residual_left", res.left)
+                    residual_file.write(f"{job.name}.residual_right", res.right)
+                    residual_bytes += res.nbytes
+            seconds["write"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        adapter_out.sha256 = adapter_file.close()
+        if residual_file is not None and residual_out is not None:
+            residual_out.sha256 = residual_file.close()
+    seconds["write"] += time.perf_counter() - t0
+    for phase, value in seconds.items():
+        METRICS.phase_seconds.labels(phase=phase).observe(value)
+    METRICS.bytes_in.labels(task="shard").inc(inputs.bytes_read)
+    adapter_ref = _ref(adapter_out.result)
+    residual_ref = _ref(residual_out.result) if residual_out is not None else None
+    METRICS.bytes_out.labels(task="shard").inc(adapter_ref.size + (residual_ref.size if residual_ref else 0))
+    return ShardResult(adapter=adapter_ref, residual=residual_ref, out=out,
+                       residual_bytes=residual_bytes, adapter_bytes=adapter_bytes, bytes_in=inputs.bytes_read,
+                       seconds={k_: round(v, 4) for k_, v in seconds.items()})
+
+
+def _ref(written: Any) -> ObjectRef:
+    return ObjectRef(key=written.key, sha256=written.sha256, size=written.size)
+
+
+def _job(item: str, plan: Plan, inputs: RoundInputs, declared: Declared) -> _Job:
+    if item in plan.extras:
+        return _Job(item, True, list(plan.clients), shape=tuple(declared.decl.extras[item]))
+    holders = inputs.holders(item)
+    absent = 0.0
+    if plan.missing == MissingModules.ZERO:
+        absent = sum(plan.weights[c] for c in plan.clients if c not in holders)
+    d_out, d_in = declared.decl.modules[item]
+    job = _Job(item, False, holders, absent=absent, shape=(d_out, d_in))
+    if not plan.dp:
+        metas = [_meta(inputs, c, item, plan.weights[c]) for c in holders]
+        layout = output_layout(plan.strategy, metas, d_out, d_in, absent_weight=absent,
+                               out_rank=_out_rank(plan))
+        job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
+    return job
+
+
+def _meta(inputs: RoundInputs, client: str, module: str, weight: float) -> ClientMeta:
+    entry = inputs.indexes[client].modules[module]
+    dtype = torch.promote_types(DTYPES[entry.a.dtype][1], DTYPES[entry.b.dtype][1])
+    return ClientMeta(rank=entry.rank, scaling=entry.scaling, weight=weight, dtype=dtype)
+
+
+def _out_rank(plan: Plan) -> int | None:
+    # the output rank is a choice only for svd; the others keep the clients' largest rank
+    if plan.strategy != Strategy.SVD:
+        return None
+    return plan.out_rank or None
+
+
+def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
+    """DP results depend on values (a shared frozen orthonormal A keeps noise on B): look at the A's first."""
+    from ..aggregation.dp import dp_layout, frozen_shared_a
+
+    for job in jobs:
+        if job.extra:
+            continue
+        updates = [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
+        layout = dp_layout([int(u.A.shape[0]) for u in updates], job.shape[0], job.shape[1],
+                           frozen_a=frozen_shared_a(updates), out_rank=plan.out_rank or None)
+        job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
+
+
+def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], ...]:
+    adapter: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    residual: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for job in jobs:
+        if job.extra:
+            adapter.append((job.name, _F32, job.shape))
+            continue
+        d_out, d_in = job.shape
+        adapter.append((f"{job.name}.lora_A.weight", _F32, (job.rank, d_in)))
+        adapter.append((f"{job.name}.lora_B.weight", _F32, (d_out, job.rank)))
+        if job.residual == "dense":
+            residual.append((f"{job.name}.residual", _F32, (d_out, d_in)))
+        elif job.residual == "factored":
+            residual.append((f"{job.name}.residual_left", _F32, (d_out, job.residual_rank)))
+            residual.append((f"{job.name}.residual_right", _F32, (job.residual_rank, d_in)))
+    return adapter, residual
+
+
+def _results(jobs: Sequence[_Job], inputs: RoundInputs, plan: Plan, config: FederationConfig, federation: str,
+             r: int, rt: Runtime, seconds: dict[str, float]) -> Iterator[tuple[_Job, Any, float]]:
+    """Each job's result, in order, computed a few at a time (inputs load in this thread)."""
+    noise_key = rt.state.noise_key(federation) if plan.dp else ""
+
+    def load(job: _Job) -> tuple[_Job, list[Any]]:
+        t0 = time.perf_counter()
+        if job.extra:
+            loaded: list[Any] = [inputs.extra(c, job.name) for c in job.holders]
+        else:
+            loaded = [_clipped(inputs.update(c, job.name, plan.weights[c]), plan.clip.get(f"{c}|{job.name}"))
+                      for c in job.holders]
+        seconds["fetch"] += time.perf_counter() - t0
+        return job, loaded
+
+    def run(work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
+        job, loaded = work
+        t0 = time.perf_counter()
+        if job.extra:
+            result: Any = weighted_mean(loaded, [plan.weights[c] for c in job.holders])
+            if not bool(torch.isfinite(result).all()):
+                raise AggregationError(f"the aggregate of {job.name!r} is not finite")
+        elif plan.dp:
+            result = dp_release(loaded, quorum=config.quorum, clip_norm=config.clip_norm,
+                                noise_multiplier=config.dp_noise_multiplier,
+                                generator=noise_generator(noise_key, federation, r, job.name),
+                                out_rank=plan.out_rank or None)
+        else:
+            result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
+        return job, result, time.perf_counter() - t0
+
+    yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)
+
+
+def _clipped(update: ClientUpdate, factor: float | None) -> ClientUpdate:
+    return update if factor is None or factor == 1.0 else clip_update(update, factor)
+
+
+def _check_shape(job: _Job, result: ModuleResult) -> None:
+    if int(result.A.shape[0]) != job.rank:
+        raise AggregationError(f"module {job.name!r}: adapter rank {result.A.shape[0]} differs from the layout's "
+                               f"{job.rank} (engine and layout disagree)")

@@ -1,0 +1,207 @@
+"""Three ``chorus-mq train`` processes over redis-server, moto S3 and a worker subprocess, on MiniLM and
+disjoint shares of Rotten Tomatoes (one share per data format); one client is SIGKILLed mid-round and
+restarted. Then ``chorus-mq export`` writes a plain model with the exact logits, and a DP client reports
+the epsilon its accountant computed."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+import torch
+from pyarrow import csv, parquet
+
+from chorus_mq.names import TaskType
+from chorus_mq.training.data import Examples, load_examples, resolve_model
+from chorus_mq.training.local import evaluate, predict
+from chorus_mq.training.model import exact_model, load_tokenizer
+
+from ..topology import wait_for
+
+pytestmark = pytest.mark.e2e
+
+LABELS = ("rotten", "fresh")
+SHARE, HELD_OUT = 160, 200
+TRAIN_ARGS = (
+    "--rounds",
+    "2",
+    "--steps-per-round",
+    "12",
+    "--batch-size",
+    "16",
+    "--max-length",
+    "48",
+    "--lr",
+    "5e-3",
+    "--timeout",
+    "600",
+    "--json",
+)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _table(examples: Examples) -> pa.Table:
+    assert examples.labels is not None
+    return pa.table({"review": list(examples.texts), "verdict": [LABELS[i] for i in examples.labels]})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Held-out reviews (CSV) and three disjoint training shares: CSV, JSON Lines, Parquet."""
+    root = tmp_path_factory.mktemp("data")
+    reviews = load_examples("rotten-tomatoes")
+    order = list(range(len(reviews)))
+    random.Random(0).shuffle(order)
+    held_out = reviews.subset(order[:HELD_OUT])
+    csv.write_csv(_table(held_out), root / "held_out.csv")
+    files = []
+    for i, fmt in enumerate(("csv", "jsonl", "parquet")):
+        share = _table(reviews.subset(order[HELD_OUT + i * SHARE : HELD_OUT + (i + 1) * SHARE]))
+        path = root / f"share{i}.{fmt}"
+        if fmt == "csv":
+            csv.write_csv(share, path)
+        elif fmt == "jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in share.to_pylist()))
+        else:
+            parquet.write_table(share, path)
+        files.append(path)
+    return {"held_out": root / "held_out.csv", "shares": files, "examples": held_out}
+
+
+def _create(deployment, name: str, quorum: int) -> None:
+    deployment.cli(
+        "federation",
+        "create",
+        name,
+        "--base-model",
+        str(resolve_model("minilm")),
+        "--quorum",
+        str(quorum),
+        "--task",
+        "seq-cls",
+        "--labels",
+        ",".join(LABELS),
+        "--target-modules",
+        "query,value",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--seed",
+        "0",
+    )
+
+
+def _train(deployment, name: str, client: str, secret: str, data_file, workdir, *extra: str):
+    return deployment.popen_cli(
+        "train",
+        "-f",
+        name,
+        "--client-id",
+        client,
+        "--model",
+        "minilm",
+        "--data",
+        str(data_file),
+        "--text-column",
+        "review",
+        "--label-column",
+        "verdict",
+        "--workdir",
+        str(workdir),
+        *TRAIN_ARGS,
+        *extra,
+        env={**ONE_THREAD, "CHORUS_CLIENT_SECRET": secret},
+    )
+
+
+def _records(proc) -> list[dict]:
+    out, err = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, f"train exited {proc.returncode}\n{out}\n{err[-4000:]}"
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_three_clients_one_killed_and_restarted_learn_and_export_exactly(deployment, data, tmp_path):
+    torch.set_num_threads(1)
+    deployment.start_worker(concurrency=1)
+    _create(deployment, "rt", quorum=3)
+    sdk = deployment.sdk()
+    secrets = [sdk.add_client("rt", f"c{i}").secret for i in range(3)]
+    eval_args = ("--eval-data", str(data["held_out"]))
+
+    # c2 first: once its round-1 upload is in (the round still waits for the other two), SIGKILL it
+    c2 = _train(deployment, "rt", "c2", secrets[2], data["shares"][2], tmp_path / "c2", *eval_args)
+    wait_for(lambda: "c2" in sdk.round("rt", 1).clients, 600, "c2's round-1 upload")
+    deployment.kill(c2)
+    c2 = _train(deployment, "rt", "c2", secrets[2], data["shares"][2], tmp_path / "c2", *eval_args)
+    c0 = _train(deployment, "rt", "c0", secrets[0], data["shares"][0], tmp_path / "c0", *eval_args)
+    c1 = _train(deployment, "rt", "c1", secrets[1], data["shares"][1], tmp_path / "c1", *eval_args)
+    records = [_records(p) for p in (c0, c1, c2)]
+
+    assert [[r["round"] for r in rec] for rec in records] == [[1, 2]] * 3
+    assert records[2][0]["upload"] == "duplicate"  # the restart re-sent the very bytes it had trained
+    for r in (1, 2):
+        summary = sdk.round("rt", r)
+        assert str(summary.state) == "complete" and summary.clients == ("c0", "c1", "c2") and summary.n == 3
+
+    # every client evaluated the same global model; it learned the task
+    tokenizer = load_tokenizer(resolve_model("minilm"))
+    untrained = evaluate(
+        exact_model(sdk_pull(sdk, "rt", 0, tmp_path / "r0"), resolve_model("minilm"), task=TaskType.SEQ_CLS),
+        tokenizer,
+        data["examples"],
+        task=TaskType.SEQ_CLS,
+        max_length=48,
+    )
+    finals = {rec[1]["eval_accuracy"] for rec in records}
+    assert len(finals) == 1
+    assert finals.pop() > untrained.accuracy + 0.05
+
+    # export: a plain transformers model with the exact PEFT model's logits
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "exported"
+    deployment.cli("export", "-f", "rt", "--model", "minilm", "--output", str(out))
+    pulled = sdk_pull(sdk, "rt", 2, tmp_path / "r2")
+    texts = list(data["examples"].texts[:32])
+    want = predict(exact_model(pulled, resolve_model("minilm"), task=TaskType.SEQ_CLS), tokenizer, texts)
+    got = predict(AutoModelForSequenceClassification.from_pretrained(out).eval(), tokenizer, texts)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == dict(enumerate(LABELS))
+
+
+def test_train_with_dp_reports_its_accountants_epsilon(deployment, data, tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    deployment.start_worker(concurrency=1)
+    _create(deployment, "dp", quorum=1)
+    sdk = deployment.sdk()
+    secret = sdk.add_client("dp", "solo").secret
+    proc = _train(
+        deployment,
+        "dp",
+        "solo",
+        secret,
+        data["shares"][0],
+        tmp_path / "solo",
+        "--dp-epsilon",
+        "3",
+        "--dp-delta",
+        "1e-5",
+        "--dp-clip",
+        "1.0",
+    )
+    records = _records(proc)
+    ledger = json.loads((tmp_path / "solo" / "privacy.json").read_text())
+    accountant = RDPAccountant()
+    accountant.history = [(ledger["noise_multiplier"], 16 / SHARE, 24)]
+    assert records[-1]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+    assert records[-1]["epsilon"] == pytest.approx(3.0, rel=0.02)  # the two planned rounds spend the budget
+    assert sdk.status("dp").client_dp["solo"]["epsilon"] == pytest.approx(records[-1]["epsilon"])
+
+
+def sdk_pull(sdk, federation: str, round_: int, out):
+    sdk.pull(federation, out, round_)
+    return out
