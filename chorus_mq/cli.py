@@ -8,6 +8,7 @@ Read-only commands import no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -271,7 +272,7 @@ def client_list(ctx: click.Context, federation: str, as_json: bool) -> None:
     """The federation's clients: active or revoked, registered weight and dataset size."""
     rows = _client(ctx).clients(federation).list()
     if as_json:
-        _echo_json([r.to_dict() for r in rows])
+        _echo_json([dataclasses.asdict(r) for r in rows])
         return
     for c in rows:
         extra = "".join(f" {k} {v:g}" for k, v in (("weight", c.weight), ("dataset-size", c.dataset_size)) if v)

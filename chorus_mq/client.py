@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis as redis_lib
 
 from .errors import (
-    ChorusError,
+    AuthError,
     ConfigError,
     NotFound,
     ObjectExists,
@@ -34,7 +35,8 @@ from .ids import check_name
 from .layout import delta_key
 from .manifest import Manifest
 from .messages import ClientDP, IngestMessage
-from .names import ENDED_STATES, EventType, RoundStatus, Task
+from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
+from .progress import byte_bar
 from .settings import Settings, get_settings
 from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
@@ -130,12 +132,12 @@ class ChorusClient:
 
     def __init__(self, settings: Settings | None = None, *, redis: redis_lib.Redis | None = None,
                  store: Store | None = None, secret: str | None = None):
-        self.settings = settings or get_settings()
+        self.settings = settings or Settings()  # read from the environment now, not a cached copy
         self.redis = redis or redis_lib.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self._store = store
         self.state = RoundState(self.redis, maxlen=self.settings.events_maxlen,
                                 lease_s=self.settings.aggregation_lease)
-        self.secret = secret or _url_password(self.settings.redis_url)
+        self.secret = secret or self.settings.client_secret or _url_password(self.settings.redis_url)
 
     @property
     def store(self) -> Store:
@@ -172,8 +174,16 @@ class ChorusClient:
                 task_type=None if cfg.task_type is None else str(cfg.task_type), labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round, selected=rnd.selected,
                 privacy=self.privacy(federation) if cfg.dp_noise_multiplier else {},
-                client_dp=client_dp, rejected=self.state.rejected(federation),
+                client_dp=client_dp, rejected=self._rejected(federation),
             )
+
+    def _rejected(self, federation: str) -> dict[str, int]:
+        """Inbox records dropped before authentication: the operator's figure; a client's Redis user may not
+        read it (another client's junk is none of its business), so a client sees none."""
+        try:
+            return self.state.rejected(federation)
+        except redis_lib.exceptions.NoPermissionError:
+            return {}
 
     def privacy(self, federation: str) -> dict[str, dict[str, float]]:
         """Server-side DP spent by each authenticated client: every complete round it took part in is one
@@ -221,7 +231,7 @@ class ChorusClient:
         """Remove a client's delta from an open round (operator)."""
         r = round_ or self.state.current_round(federation)
         t = self.state.evict(federation, r, client, reason or "evicted by the operator")
-        if t.status != "ok":
+        if t.status != ScriptStatus.EVICTED:
             raise ConfigError(f"cannot evict {client!r} from round {r}: {t.status} {t.detail}".rstrip())
         return self.round(federation, r)
 
@@ -229,7 +239,7 @@ class ChorusClient:
         """Abort an open or aggregating round (operator): nothing of it is aggregated; the next one opens."""
         r = round_ or self.state.current_round(federation)
         t = self.state.abort(federation, r, reason or "aborted by the operator")
-        if t.status != "ok":
+        if t.status != ScriptStatus.ABORTED:
             raise ConfigError(f"cannot abort round {r}: {t.status} {t.detail}".rstrip())
         return self.round(federation, r)
 
@@ -295,6 +305,8 @@ class ChorusClient:
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
+        if dataset_size is not None and not (math.isfinite(dataset_size) and dataset_size > 0):
+            raise ConfigError(f"dataset size must be a finite number above 0, got {dataset_size!r}")
         with _service(self.settings):
             self.state.meta(federation)
         local = load_adapter(adapter, lora_alpha=lora_alpha)
@@ -304,7 +316,7 @@ class ChorusClient:
             key = delta_key(federation, client_id, sha)
             size = path.stat().st_size
             try:
-                self.store.put_file(key, path, write_once=True, progress=_bar(progress, size, "upload"))
+                self.store.put_file(key, path, write_once=True, progress=byte_bar(progress, size, "upload"))
             except ObjectExists:
                 pass  # content-addressed: the same bytes are already there
         msg = IngestMessage(federation=federation, round=round_, client_id=client_id, sha256=sha, size=size,
@@ -355,6 +367,7 @@ class ChorusClient:
                 replay = from_start or (until_round is not None and self._ended(federation, until_round))
                 after = "0-0" if replay else log.last_id()
         deadline = None if timeout is None else time.monotonic() + timeout
+        assert after is not None
         for event in log.follow(after, deadline=deadline):
             if event is None:
                 continue
@@ -380,15 +393,20 @@ class ChorusClient:
     # -- pull ------------------------------------------------------------------------------------
 
     def pull(self, federation: str, output: str | Path, round_: int | None = None, *, since: int | None = None,
-             exact_adapter: bool = False, residual_adapter: bool = False, progress: bool = False) -> Manifest:
-        """Write round ``round_``'s global adapter (PEFT-loadable), its residual and the cumulative correction
-        into ``output``. A directory that holds an earlier round of this federation is brought up to date with
-        that round's increments only (``since`` names that round explicitly)."""
+             exact_adapter: bool = False, residual_adapter: bool = False, fold: bool = False,
+             progress: bool = False) -> Manifest:
+        """Write round ``round_``'s global adapter (PEFT-loadable), its residual and the base correction into
+        ``output``. A directory that holds an earlier round of this federation is brought up to date with the
+        increments only (``since`` names that round explicitly); a new one starts from the latest snapshot.
+
+        The correction is ``cumulative_residual.safetensors`` plus the files in ``increments/``
+        (:func:`chorus_mq.local.iter_correction` sums them); ``fold=True`` folds it into the one file now.
+        """
         from .local import pull
 
         with _service(self.settings):
             return pull(self, federation, Path(output), round_, since=since, exact_adapter=exact_adapter,
-                        residual_adapter=residual_adapter, progress=progress)
+                        residual_adapter=residual_adapter, fold=fold, progress=progress)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -406,6 +424,9 @@ class ChorusClient:
         workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="chorus-model-"))
         self.pull(federation, workdir, round_)
         status = self.status(federation)
+        if status.task_type is None:
+            raise ConfigError(f"federation {federation!r} declares no task (seq-cls or causal-lm); it was created "
+                              "without --task or a task-typed adapter")
         return exact_model(workdir, Path(model_dir), task=status.task_type, trainable=trainable)
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -434,17 +455,16 @@ class _service:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, redis_lib.exceptions.AuthenticationError):
-            raise ChorusError(f"Redis refused these credentials ({_redacted(self.settings.redis_url)}): check "
+            raise AuthError(f"Redis refused these credentials ({_redacted(self.settings.redis_url)}): check "
                               "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)") from None
         if isinstance(exc, redis_lib.exceptions.NoPermissionError):
-            raise ChorusError(f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: "
+            raise AuthError(f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: "
                               f"{exc}") from None
         if isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError)):
             raise ServiceUnavailable(f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
                                      "retrying the same command is safe") from None
-        return False
 
 
 def _redacted(url: str) -> str:
@@ -466,20 +486,6 @@ def _url_password(url: str) -> str | None:
     if parts.username and parts.password and ":" in unquote(parts.username):
         return unquote(parts.password)
     return None
-
-
-def _bar(enabled: bool, total: int, what: str) -> Callable[[int], None] | None:
-    """A tqdm byte counter on a terminal, or None."""
-    if not enabled:
-        return None
-    import sys
-
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
-    return bar.update
 
 
 def load_json(path: Path) -> Any:

@@ -165,3 +165,9 @@ class StateCorrupt(ChorusError):
     """
 
     code = "state_corrupt"
+
+
+class DeltaEvicted(Conflict):
+    """The operator evicted this very delta from the round: it cannot be registered there again."""
+
+    code = "evicted"

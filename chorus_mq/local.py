@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from .names import (
     ADAPTER_WEIGHTS,
     CUMULATIVE_FILE,
     EXACT_ADAPTER_DIR,
+    INCREMENTS_DIR,
     LOCAL_FORMAT,
     LOCAL_STATE_FILE,
     MANIFEST_FILE,
@@ -33,6 +35,9 @@ from .names import (
     RESIDUAL_FORMAT,
     RoundStatus,
 )
+from .factors import Residual
+from .manifest import ObjectRef
+from .progress import byte_bar
 from .results import fetch_manifest, fold_residuals, merge_objects, write_empty_residual
 
 if TYPE_CHECKING:
@@ -41,10 +46,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LocalState:
-    """``state.json``: which federation and round a pulled directory holds."""
+    """``state.json``: which federation and round a pulled directory holds, and how its correction is kept.
+
+    The correction is ``cumulative_residual.safetensors`` (every round <= ``folded``) plus one file per
+    later round in ``increments/``. Increments are folded into the cumulative file once they outweigh it,
+    so each round's residual is rewritten a bounded number of times: a pull's cost stays flat.
+    """
 
     federation: str
     round: int
+    folded: int
+    increments: tuple[int, ...]
     manifest_sha256: str
 
     @classmethod
@@ -56,19 +68,54 @@ class LocalState:
             d = json.loads(path.read_text())
             if d.get("format") != LOCAL_FORMAT:
                 return None
-            return cls(federation=str(d["federation"]), round=int(d["round"]),
-                       manifest_sha256=str(d["manifest_sha256"]))
+            state = cls(federation=str(d["federation"]), round=int(d["round"]), folded=int(d["folded"]),
+                        increments=tuple(int(r) for r in d["increments"]),
+                        manifest_sha256=str(d["manifest_sha256"]))
         except (ValueError, KeyError, TypeError):
             return None
+        if not all(increment_path(out, r).is_file() for r in state.increments):
+            return None  # a directory someone edited: start over rather than fold something wrong
+        return state
 
     def save(self, out: Path) -> None:
-        body = {"format": LOCAL_FORMAT, "federation": self.federation, "round": self.round,
-                "manifest_sha256": self.manifest_sha256}
+        body = {"format": LOCAL_FORMAT, "federation": self.federation, "round": self.round, "folded": self.folded,
+                "increments": list(self.increments), "manifest_sha256": self.manifest_sha256}
         _atomic_write(out / LOCAL_STATE_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
 
 
+def increment_path(out: Path, r: int) -> Path:
+    return out / INCREMENTS_DIR / f"{r:06d}.safetensors"
+
+
+def correction_files(out: Path) -> list[Path]:
+    """The files whose sum is the base correction of a pulled directory (cumulative first)."""
+    state = LocalState.load(out)
+    parts = [out / CUMULATIVE_FILE]
+    if state is not None:
+        parts += [increment_path(out, r) for r in state.increments]
+    return parts
+
+
+def iter_correction(out: Path) -> Iterator[tuple[str, Residual]]:
+    """``(module, Σ residuals)`` of a pulled directory's base correction, one module in memory at a time
+    (exact: concatenated factors while smaller than dense, else a float64 dense sum)."""
+    from .adapters import ResidualReader
+    from .aggregation import sum_residuals
+
+    readers = [ResidualReader(p) for p in correction_files(out)]
+    try:
+        for module in sorted({m for r in readers for m in r.modules}):
+            total = sum_residuals([r.get(module) for r in readers if module in r.modules])
+            if total is not None:
+                yield module, total
+    finally:
+        for r in readers:
+            r.close()
+
+
 def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, since: int | None = None,
-         exact_adapter: bool = False, residual_adapter: bool = False, progress: bool = False) -> Manifest:
+         exact_adapter: bool = False, residual_adapter: bool = False, fold: bool = False,
+         progress: bool = False) -> Manifest:
     """See :meth:`chorus_mq.client.ChorusClient.pull`."""
     state = sdk.state
     target = round_ if round_ is not None else state.latest_complete(federation)
@@ -83,50 +130,72 @@ def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, s
             raise ConfigError(f"--since {since}: {out} holds {have}; pull without --since to start over")
         if since > target:
             raise ConfigError(f"--since {since} is after the round asked for ({target})")
+    (out / INCREMENTS_DIR).mkdir(exist_ok=True)
     if held is not None and held.federation == federation and held.round <= target:
-        base: Path | None = out / CUMULATIVE_FILE
-        start = held.round
+        folded, increments, start = held.folded, list(held.increments), held.round
     else:
-        base, start = None, None
-    with tempfile.TemporaryDirectory(dir=out, prefix=".pull-") as tmp:
-        spool = Path(tmp)
-        if start is None:
-            snapshot = _latest_snapshot(sdk, federation, target)
-            if snapshot is not None:
-                base = spool / "snapshot.safetensors"
-                sdk.store.download(snapshot.key, base, expected_sha256=snapshot.sha256)
-                start = snapshot.round
-            else:
-                start = 0
-        this_round = spool / f"residual-{target}.safetensors"
-        has_residual = merge_objects(sdk.store, [s.residual for s in manifest.shards if s.residual is not None],
-                                     this_round, {"format": RESIDUAL_FORMAT})
-        increments: list[Path] = []
-        for r in _complete_rounds(sdk, federation, start, target):
-            if r == target:
-                if has_residual:
-                    increments.append(this_round)
-                continue
-            m = fetch_manifest(sdk.state, sdk.store, federation, r)[0]
-            path = spool / f"residual-{r}.safetensors"
-            if merge_objects(sdk.store, [s.residual for s in m.shards if s.residual is not None], path,
-                             {"format": RESIDUAL_FORMAT}):
-                increments.append(path)
-        if not has_residual:
-            write_empty_residual(this_round)
-        # the round's adapter, written once (into the spool, then moved into place)
-        merge_objects(sdk.store, [s.adapter for s in manifest.shards], spool / ADAPTER_WEIGHTS, {"format": "pt"})
-        cumulative = spool / CUMULATIVE_FILE
-        fold_residuals(([base] if base is not None and base.exists() else []) + increments, cumulative)
-        os.replace(spool / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
-        os.replace(this_round, out / RESIDUAL_FILE)
-        os.replace(cumulative, out / CUMULATIVE_FILE)
+        # a new directory (or another federation's): the latest snapshot <= target, written once into place
+        shutil.rmtree(out / INCREMENTS_DIR, ignore_errors=True)
+        (out / INCREMENTS_DIR).mkdir()
+        snapshot = _latest_snapshot(sdk, federation, target)
+        if snapshot is not None:
+            sdk.store.download(snapshot.key, out / CUMULATIVE_FILE, expected_sha256=snapshot.sha256)
+            folded = snapshot.round
+        else:
+            write_empty_residual(out / CUMULATIVE_FILE)
+            folded = 0
+        increments, start = [], folded
+    rounds = _complete_rounds(sdk, federation, start, target)
+    manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0]
+                 for r in rounds}
+    residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
+    total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(s.adapter.size for s in manifest.shards)
+    bar = byte_bar(progress, total, f"pull round {target}")
+    for r in rounds:
+        if _merge_into(sdk, residuals[r], increment_path(out, r), RESIDUAL_FORMAT, bar):
+            increments.append(r)
+    # the round's own files, each written once
+    if target in increments:
+        _link(increment_path(out, target), out / RESIDUAL_FILE)
+    elif not _merge_into(sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE,
+                         RESIDUAL_FORMAT, bar):
+        write_empty_residual(out / RESIDUAL_FILE)
+    _merge_into(sdk, [s.adapter for s in manifest.shards], out / ADAPTER_WEIGHTS, "pt", bar)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
     _atomic_write(out / MANIFEST_FILE, manifest.to_json())
-    LocalState(federation, target, manifest_sha).save(out)
+    pending = sum(increment_path(out, r).stat().st_size for r in increments)
+    if increments and (fold or pending > (out / CUMULATIVE_FILE).stat().st_size):
+        folded_path = out / f".{CUMULATIVE_FILE}.folding"
+        fold_residuals([out / CUMULATIVE_FILE, *(increment_path(out, r) for r in increments)], folded_path)
+        os.replace(folded_path, out / CUMULATIVE_FILE)
+        for r in increments:
+            increment_path(out, r).unlink()
+        folded, increments = max(folded, increments[-1]), []
+    LocalState(federation, target, folded, tuple(increments), manifest_sha).save(out)
     if exact_adapter or residual_adapter:
         _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
     return manifest
+
+
+def _merge_into(sdk: ChorusClient, refs: list[ObjectRef], path: Path, fmt: str,
+                progress: Callable[[int], object] | None = None) -> bool:
+    """Merge the objects into ``path`` (via a temp file beside it); False when there are none."""
+    tmp = path.with_name(f".{path.name}.part")
+    if not merge_objects(sdk.store, refs, tmp, {"format": fmt}, progress):
+        return False
+    os.replace(tmp, path)
+    return True
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` names the same bytes as ``src`` (a hard link; a copy where links are not possible)."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 @dataclass(frozen=True)
@@ -151,9 +220,9 @@ def _complete_rounds(sdk: ChorusClient, federation: str, after: int, upto: int) 
 
 def _extra_adapters(out: Path, *, exact_adapter: bool, residual_adapter: bool) -> None:
     """Outputs that factorise dense residuals (expensive): built only on request."""
-    from .adapters import LoraSpec, read_residual, write_exact_adapter, write_residual_adapter
+    from .adapters import LoraSpec, write_exact_adapter, write_residual_adapter
 
-    cumulative = read_residual(out / CUMULATIVE_FILE)
+    cumulative = dict(iter_correction(out))
     if residual_adapter:
         shutil.rmtree(out / RESIDUAL_ADAPTER_DIR, ignore_errors=True)
         if cumulative:

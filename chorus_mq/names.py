@@ -159,6 +159,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
 CUMULATIVE_FILE = "cumulative_residual.safetensors"
+#: residuals of rounds after the cumulative file's, not folded yet (the correction is their sum)
+INCREMENTS_DIR = "increments"
 MANIFEST_FILE = "manifest.json"
 LOCAL_STATE_FILE = "state.json"
 EXACT_ADAPTER_DIR = "exact_adapter"

@@ -8,7 +8,7 @@ smaller than dense, else a float64 dense sum stored fp32) and written module by 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ def fetch_manifest(state: RoundState, store: Store, federation: str, r: int) -> 
     return Manifest.from_json(raw), sha
 
 
-def merge_objects(store: Store, refs: list[ObjectRef], path: Path, metadata: dict[str, str]) -> bool:
+def merge_objects(store: Store, refs: list[ObjectRef], path: Path, metadata: dict[str, str],
+                  progress: Callable[[int], object] | None = None) -> bool:
     """Stream the objects' tensors into one safetensors file at ``path``, each object checked against its
-    hash; returns False (and writes nothing) when there are none."""
+    hash; returns False (and writes nothing) when there are none. ``progress`` gets each chunk's size."""
     from .adapters import merge_safetensors
 
     if not refs:
@@ -47,13 +48,17 @@ def merge_objects(store: Store, refs: list[ObjectRef], path: Path, metadata: dic
         if n > ref.size - 8:
             raise ChecksumMismatch(f"{ref.key}: header length {n} does not fit its {ref.size} bytes")
         header = head + store.get_range(ref.key, 8, 8 + n)
-        sources.append((header, _chunks(store, ref.key, 8 + n, ref.size), ref.sha256))
+        sources.append((header, _chunks(store, ref.key, 8 + n, ref.size, progress), ref.sha256))
     merge_safetensors(sources, path, metadata)
     return True
 
 
-def _chunks(store: Store, key: str, start: int, end: int) -> Iterator[bytes]:
-    yield from store.stream(key, start, end)
+def _chunks(store: Store, key: str, start: int, end: int,
+            progress: Callable[[int], object] | None) -> Iterator[bytes]:
+    for chunk in store.stream(key, start, end):
+        if progress is not None:
+            progress(len(chunk))
+        yield chunk
 
 
 def write_empty_residual(path: Path) -> None:

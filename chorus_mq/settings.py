@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     #: events stream is trimmed to about this many entries per federation
     events_maxlen: int = 100_000
 
+    #: the uploading client's secret (signs its records); also the password of its Redis user
+    client_secret: str | None = None
+
     #: accept unsigned messages from unregistered clients: local development only.
     #: Registered clients must sign whatever this says.
     allow_unsigned: bool = False

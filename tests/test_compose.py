@@ -1,21 +1,39 @@
-"""Static checks of docker-compose.yml and the Dockerfile (no Docker needed)."""
+"""Static checks of docker-compose.yml and the Dockerfile (no Docker engine here): the stack runs ingest and
+aggregate workers as separate scalable services, every process logs in as its own Redis user, the ACL file
+lives on a writable volume seeded from deploy/redis/users.acl, no chorus-mq process or client ever holds
+MinIO's root keys, and every command the stack (or its comments) runs is a real `chorus-mq` command."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import click
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from chorus_mq.cli import main
+from chorus_mq.store.policy import minio_commands
 
-# The chorus-mq subcommands the stack runs (checked against the real CLI below).
-EXPECTED_SUBCOMMANDS = {"worker": "worker", "beat": "beat"}
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
+
+#: the services that run the chorus-mq image (its ENTRYPOINT is `chorus-mq`)
+CHORUS_SERVICES = ("worker-ingest", "worker-aggregate", "beat", "operator")
+#: the long-running chorus-mq services: the same settings, the `worker` Redis user
+FLEET = ("worker-ingest", "worker-aggregate", "beat")
+#: the only services that may see MinIO's root keys
+MINIO_ADMINS = {"minio", "minio-init", "mc"}
 
 CONDITIONS = {
+    "redis-init": "service_completed_successfully",
     "redis": "service_healthy",
     "minio": "service_healthy",
     "minio-init": "service_completed_successfully",
@@ -24,7 +42,7 @@ CONDITIONS = {
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return yaml.safe_load(COMPOSE.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -37,71 +55,269 @@ def _command(service: dict) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
 
 
+def _script(service: dict) -> str:
+    """The shell script of a `sh -c` service."""
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    return " ".join(_command(service))
+
+
+def _default(value: str) -> str:
+    """``${VAR:-default}`` -> ``default`` (what compose substitutes without a .env file)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _users() -> dict[str, list[str]]:
+    return {line.split()[1]: line.split() for line in ACL_FILE.read_text().splitlines() if line.startswith("user ")}
+
+
+def _password(user: str) -> str:
+    return next(word[1:] for word in _users()[user] if word.startswith(">"))
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """Container path -> (source, read-only) of a service's short-syntax volumes."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        out[target] = (source, mode == ["ro"])
+    return out
+
+
+def parse_cli(args: list[str]) -> click.Context:
+    """Parse ``chorus-mq ARGS`` with the real CLI, without running it: unknown commands, options or choices fail."""
+    ctx = click.Context(main, info_name="chorus-mq")
+    command: click.Command = main
+    rest = list(args)
+    while isinstance(command, click.Group):
+        name, rest = rest[0], rest[1:]
+        sub = command.get_command(ctx, name)
+        assert sub is not None, f"chorus-mq has no command {name!r} (in {args})"
+        ctx = click.Context(sub, info_name=name, parent=ctx)
+        command = sub
+    return command.make_context(ctx.info_name, rest, parent=ctx.parent)
+
+
+def _command_path(args: list[str]) -> list[str]:
+    """The command words of ``args`` (``client s3-policy``), without their arguments and options."""
+    words, command = [], main
+    for word in args:
+        if not isinstance(command, click.Group) or word.startswith("-"):
+            break
+        command = command.commands[word]
+        words.append(word)
+    return words
+
+
+def _documented_operator_commands() -> list[list[str]]:
+    """The chorus-mq commands the compose file's comments tell an operator to run (`... run ... operator ARGS`)."""
+    text = re.sub(r"\\\n#\s*", " ", COMPOSE.read_text())
+    out = []
+    for line in text.splitlines():
+        match = re.match(r"#\s+docker compose run (.*)", line)
+        if match:
+            words = shlex.split(match[1].split(">")[0].split("<")[0])
+            if "operator" in words:
+                out.append(words[words.index("operator") + 1 :])
+    return out
+
+
+# -- services, images, start order -------------------------------------------------------------
+
+
 def test_services_exist(services):
-    assert {"redis", "minio", "minio-init", "worker", "beat"} <= set(services)
-
-
-def test_redis_is_durable_and_never_evicts(services):
-    cmd = _command(services["redis"])
-    assert cmd[cmd.index("--appendonly") + 1] == "yes"
-    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
-    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    assert set(services) == {"redis-init", "redis", "minio", "minio-init", "mc", *CHORUS_SERVICES}
+    for tool in ("operator", "mc"):
+        assert services[tool]["profiles"] == ["tools"]  # run on demand, never started by `up`
 
 
 def test_images_are_pinned(services):
     minio = services["minio"]["image"]
     assert re.fullmatch(r"quay\.io/minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", minio)
-    assert services["minio-init"]["image"] == minio
+    assert services["minio-init"]["image"] == services["mc"]["image"] == minio
     redis_tag = services["redis"]["image"].partition(":")[2]
     assert redis_tag and redis_tag != "latest"
+    assert services["redis-init"]["image"] == services["redis"]["image"]  # its `redis` user owns the ACL file
+    assert {services[name]["image"] for name in CHORUS_SERVICES} == {"chorus-mq:local"}
 
 
 def test_depends_on_conditions(services):
     for name, service in services.items():
         for dep, spec in service.get("depends_on", {}).items():
             assert spec["condition"] == CONDITIONS[dep], (name, dep)
-    for name in ("worker", "beat"):
+    for name in CHORUS_SERVICES:
         assert set(services[name]["depends_on"]) == {"redis", "minio-init"}
+    assert set(services["redis"]["depends_on"]) == {"redis-init"}
     assert set(services["minio-init"]["depends_on"]) == {"minio"}
+
+
+def test_redis_is_durable_and_never_evicts(services):
+    cmd = _command(services["redis"])
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert _mounts(services["redis"])["/data"] == ("redis-data", False)
 
 
 def test_healthchecks(services):
     redis_check = services["redis"]["healthcheck"]["test"]
     assert redis_check[1] == "redis-cli" and redis_check[-1] == "ping"
+    assert redis_check[redis_check.index("--user") + 1] == "health"
+    assert redis_check[redis_check.index("--pass") + 1] == _password("health")
     assert services["minio"]["healthcheck"]["test"][-3:] == ["mc", "ready", "local"]
-    worker_check = " ".join(services["worker"]["healthcheck"]["test"])
-    assert "inspect ping" in worker_check and "$$HOSTNAME" in worker_check
+    for name in ("worker-ingest", "worker-aggregate"):
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert "chorus_mq.workers.app inspect ping" in check and "$$HOSTNAME" in check, name
 
 
-def test_worker_is_scalable(services):
-    worker = services["worker"]
-    assert "container_name" not in worker and "ports" not in worker
-    assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
+# -- workers ---------------------------------------------------------------------------------------
 
 
-def test_chorus_env_agrees_and_names_services(services):
-    env = services["worker"]["environment"]
-    assert env == services["beat"]["environment"]
-    hosts = set(services)
-    assert re.fullmatch(r"redis://[\w-]+:[^@]+@([\w-]+):6379/\d+", env["CHORUS_REDIS_URL"])[1] in hosts
+def test_ingest_and_aggregate_workers_are_separate_scalable_services(services):
+    for name, role in (("worker-ingest", "ingest"), ("worker-aggregate", "aggregate")):
+        service = services[name]
+        ctx = parse_cli(_command(service))
+        assert ctx.command.name == "worker" and ctx.params["role"] == role, name
+        # `docker compose up --scale NAME=N` needs no fixed name, no host port and no replica count
+        assert not {"container_name", "ports", "deploy"} & set(service), name
+        assert service["stop_grace_period"] == "120s"
+    assert parse_cli(_command(services["beat"])).command.name == "beat"
+    assert services["beat"]["deploy"]["replicas"] == 1
+
+
+def test_the_fleet_agrees_on_its_settings(services):
+    env = services["worker-ingest"]["environment"]
+    for name in FLEET:
+        assert services[name]["environment"] == env, name
+    operator = dict(services["operator"]["environment"])
+    assert {k: v for k, v in operator.items() if k not in ("CHORUS_REDIS_URL", "CHORUS_PUBLIC_REDIS_URL")} == {
+        k: v for k, v in env.items() if k != "CHORUS_REDIS_URL"
+    }
+    assert urlsplit(env["CHORUS_REDIS_URL"]).hostname in services
     assert re.fullmatch(r"http://([\w-]+):9000", env["CHORUS_S3_ENDPOINT_URL"])[1] == "minio"
-    minio_env = services["minio"]["environment"]
-    assert env["AWS_ACCESS_KEY_ID"] == minio_env["MINIO_ROOT_USER"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == minio_env["MINIO_ROOT_PASSWORD"]
+    for name in CHORUS_SERVICES:
+        assert "CHORUS_ALLOW_UNSIGNED" not in services[name]["environment"], name  # signatures required
 
 
-def test_minio_init_creates_the_store_bucket(services):
-    bucket = services["worker"]["environment"]["CHORUS_STORE"].removeprefix("s3://").split("/")[0]
-    script = " ".join(_command(services["minio-init"]))
-    assert re.search(rf"mc mb --ignore-existing local/{re.escape(bucket)}(\s|$)", script)
+# -- Redis users and the ACL file ---------------------------------------------------------------
+
+
+def test_redis_acl_file_is_on_a_writable_volume_seeded_from_deploy(services):
+    redis, init = services["redis"], services["redis-init"]
+    command = _command(redis)
+    acl = command[command.index("--aclfile") + 1]
+    acl_dir = str(Path(acl).parent)
+    volume, read_only = _mounts(redis)[acl_dir]
+    # a named volume, writable: `client add` runs ACL SAVE (a temporary file beside it, then a rename)
+    assert not volume.startswith((".", "/")) and not read_only
+    assert _mounts(init)[acl_dir] == (volume, False)
+    seeds = [(target, source) for target, (source, ro) in _mounts(init).items() if source.startswith("./") and ro]
+    assert len(seeds) == 1 and (ROOT / seeds[0][1]).resolve() == ACL_FILE.resolve()
+    script = _script(init)
+    # copied only when absent (a restart keeps the users `client add` saved), then owned by Redis
+    assert f"[ -s {acl} ] || cp {seeds[0][0]} {acl}" in script
+    assert f"chown -R redis:redis {acl_dir}" in script and f"chmod 0600 {acl}" in script
+    assert init["restart"] == "no"
+
+
+def test_every_process_logs_in_as_its_own_redis_user(services):
+    users = _users()
+    assert set(users) == {"default", "worker", "operator", "health"}  # no shared client user
+    assert users["default"][2] == "off"
+    expected = {**dict.fromkeys(FLEET, "worker"), "operator": "operator"}
+    for name, user in expected.items():
+        url = urlsplit(services[name]["environment"]["CHORUS_REDIS_URL"])
+        assert (url.username, url.password) == (user, _password(user)), name
+        assert url.hostname == "redis" and url.port == 6379
+    public = urlsplit(_default(services["operator"]["environment"]["CHORUS_PUBLIC_REDIS_URL"]))
+    assert public.username is None and public.password is None  # `client add` puts the client's user in
+    assert public.port == 6379 and "127.0.0.1:6379:6379" in services["redis"]["ports"]
+
+
+# -- MinIO credentials ----------------------------------------------------------------------------
+
+
+def test_no_chorus_process_holds_minio_root_keys(services):
+    root_user = _default(services["minio"]["environment"]["MINIO_ROOT_USER"])
+    for name, service in services.items():
+        env = service.get("environment", {})
+        if name not in MINIO_ADMINS:
+            assert not any(k.startswith("MINIO_ROOT") for k in env), name
+        if "AWS_ACCESS_KEY_ID" in env:
+            assert "MINIO_ROOT" not in env["AWS_ACCESS_KEY_ID"] + env["AWS_SECRET_ACCESS_KEY"], name
+            assert _default(env["AWS_ACCESS_KEY_ID"]) != root_user, name
+    # the fleet's keys are the user minio-init creates
+    init_env = services["minio-init"]["environment"]
+    fleet_env = services["worker-ingest"]["environment"]
+    assert _default(fleet_env["AWS_ACCESS_KEY_ID"]) == _default(init_env["CHORUS_S3_ACCESS_KEY"])
+    assert _default(fleet_env["AWS_SECRET_ACCESS_KEY"]) == _default(init_env["CHORUS_S3_SECRET_KEY"])
+
+
+def test_minio_init_creates_the_bucket_and_a_bucket_scoped_worker_user(services):
+    bucket = services["worker-ingest"]["environment"]["CHORUS_STORE"].removeprefix("s3://").split("/")[0]
+    init = services["minio-init"]
+    script = _script(init)
     assert "mc alias set local http://minio:9000" in script
+    assert re.search(rf"mc mb --ignore-existing local/{re.escape(bucket)}(\s|$)", script)
+    policy_path = re.search(r"mc admin policy create local chorus-worker (\S+)", script)[1]
+    source, read_only = _mounts(init)[policy_path]
+    assert read_only and source.startswith("./")
+    policy = json.loads((ROOT / source).read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert all(a.startswith("s3:") for a in actions) and all(s["Effect"] == "Allow" for s in policy["Statement"])
+    assert 'mc admin user add local "$$CHORUS_S3_ACCESS_KEY" "$$CHORUS_S3_SECRET_KEY"' in script
+    assert 'mc admin policy attach local chorus-worker --user "$$CHORUS_S3_ACCESS_KEY"' in script
 
 
-def test_services_run_chorus_subcommands(services):
-    from chorus_mq.cli import main
-    for name, sub in EXPECTED_SUBCOMMANDS.items():
-        assert _command(services[name])[0] == sub  # ENTRYPOINT supplies "chorus-mq"
-        assert sub in main.commands, f"docker-compose runs `chorus-mq {sub}`, which the CLI lacks"
+def test_minio_purges_abandoned_multipart_uploads(services):
+    # a client's policy cannot abort its multipart uploads, and MinIO refuses AbortIncompleteMultipartUpload
+    # lifecycle rules: its own stale-upload sweep is the cleanup, set explicitly
+    env = services["minio"]["environment"]
+    for key in ("MINIO_API_STALE_UPLOADS_EXPIRY", "MINIO_API_STALE_UPLOADS_CLEANUP_INTERVAL"):
+        assert re.fullmatch(r"\d+h", env[key]), key
+    assert int(env["MINIO_API_STALE_UPLOADS_CLEANUP_INTERVAL"][:-1]) < int(env["MINIO_API_STALE_UPLOADS_EXPIRY"][:-1])
+
+
+def test_client_minio_users_come_from_the_generated_policy(services):
+    text = COMPOSE.read_text()
+    assert "client s3-policy" in text and "--minio" in text
+    documented = _documented_operator_commands()
+    s3_policy = [args for args in documented if args[:2] == ["client", "s3-policy"]]
+    assert s3_policy and all(parse_cli(args).params["minio"] for args in s3_policy)
+    # the script `client s3-policy --minio` prints uses an alias the mc tool service sets up
+    lines = minio_commands("chorus", "federations", "fed", "alice", secret_key="x" * 20)
+    aliases = {shlex.split(line)[4] for line in lines if line.startswith("mc admin")}  # mc admin user add ALIAS
+    assert aliases == {"chorus"}
+    assert "mc alias set chorus http://minio:9000" in _script(services["mc"])
+
+
+# -- every command is a real command -------------------------------------------------------------
+
+
+def _chorus_mq() -> list[str]:
+    script = shutil.which("chorus-mq")  # the console script the image's ENTRYPOINT runs
+    return [script] if script else [sys.executable, "-m", "chorus_mq.cli"]
+
+
+def test_every_command_the_stack_runs_exists_in_the_cli(services):
+    commands = [_command(services[name]) for name in CHORUS_SERVICES] + _documented_operator_commands()
+    assert len(commands) >= len(CHORUS_SERVICES) + 3
+    seen = set()
+    for args in commands:
+        if args != ["--help"]:
+            parse_cli(args)  # options and choices as written
+        path = tuple(_command_path(args))
+        if path in seen:
+            continue
+        seen.add(path)
+        res = subprocess.run([*_chorus_mq(), *path, "--help"], capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, (path, res.stderr)
+        assert "Usage:" in res.stdout
+    with pytest.raises(click.UsageError):
+        parse_cli(["worker", "--role", "everything"])  # the check does fail on a command that cannot run
+
+
+# -- the image -----------------------------------------------------------------------------------
 
 
 def _dockerfile() -> list[tuple[str, str]]:
@@ -126,17 +342,10 @@ def test_dockerfile():
     assert not re.search(r"https?://", (ROOT / "Dockerfile").read_text())
 
 
-def test_redis_runs_with_the_tested_acl_file(services):
-    redis = services["redis"]
-    command = _command(redis)
-    acl = command[command.index("--aclfile") + 1]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"] if v.startswith("./")}
-    assert (ROOT / mounts[acl]).resolve() == (ROOT / "deploy" / "redis" / "users.acl").resolve()
-    users = {line.split()[1]: line for line in (ROOT / "deploy/redis/users.acl").read_text().splitlines()}
-    assert users["default"].split()[2] == "off"
-    url = services["worker"]["environment"]["CHORUS_REDIS_URL"]
-    user, password = url.removeprefix("redis://").split("@")[0].split(":")
-    assert f">{password}" in users[user]
-    health = " ".join(redis["healthcheck"]["test"])
-    assert "--user health" in health and "health-dev-password" in users["health"]
-    assert "CHORUS_ALLOW_UNSIGNED" not in services["worker"]["environment"]  # signatures required
+def test_dockerignore_keeps_the_image_to_the_package():
+    ignored = {
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
+    assert {"tests", ".env", "*.safetensors", ".git"} <= ignored
+    copies = [arg.split()[0] for op, arg in _dockerfile() if op == "COPY"]
+    assert copies == ["pyproject.toml", "chorus_mq"]

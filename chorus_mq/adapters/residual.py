@@ -17,7 +17,8 @@ import torch
 from ..errors import IncompatibleDelta, InvalidAdapter
 from ..factors import Residual
 from ..names import RESIDUAL_FORMAT
-from .delta import check_matrix, check_module_name, check_pair, open_safetensors, read_finite
+from .delta import check_finite, check_matrix, check_module_name, check_pair, open_safetensors, read_finite
+from .fileformat import DTYPES
 from .header import DEFAULT_MAX_HEADER_BYTES, Header, read_header
 from .spec import module_path
 from .writer import write_safetensors
@@ -115,17 +116,38 @@ class ResidualReader:
         return ("dense", 0) if _DENSE in shapes else ("factored", shapes[_LEFT][1])
 
     def get(self, module: str) -> Residual:
-        """``module``'s residual (float32), checked finite."""
+        """``module``'s residual (float32), checked finite.
+
+        Read with ``pread`` into fresh buffers, not through a memory map: a pass over a large file
+        then keeps about one module resident, not every page it touched.
+        """
         if self._handle is None:
-            self._handle = open_safetensors(self.path)
-        loaded = {s: read_finite(self._handle, k, f"residual {k!r}") for s, k in self._plan[module].items()}
+            self._handle = os.open(self.path, os.O_RDONLY)
+        loaded = {s: self._read(k) for s, k in self._plan[module].items()}
         if _DENSE in loaded:
             return Residual(dense=loaded[_DENSE])
         return Residual(left=loaded[_LEFT], right=loaded[_RIGHT])
 
+    def _read(self, key: str) -> torch.Tensor:
+        info = self.header.tensors[key]
+        start = 8 + self.header.header_len + info.begin
+        buffer = bytearray(info.end - info.begin)
+        view = memoryview(buffer)
+        done = 0
+        while done < len(buffer):  # pread may return less than asked
+            got = os.preadv(self._handle, [view[done:]], start + done)
+            if got <= 0:
+                raise InvalidAdapter(f"{self.path.name}: tensor {key!r} is cut short (file changed while read?)")
+            done += got
+        dtype = DTYPES[info.dtype][1]
+        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info.shape) if buffer else torch.empty(
+            info.shape, dtype=dtype)
+        check_finite(tensor, f"residual {key!r}")
+        return tensor
+
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.__exit__(None, None, None)
+            os.close(self._handle)
             self._handle = None
 
     def __enter__(self) -> ResidualReader:

@@ -26,6 +26,7 @@ from .keys import FederationKeys, client_user_prefix, client_username
 from .protocol import text
 
 log = logging.getLogger(__name__)
+_warned_no_file = False
 
 #: what a client's connection may run (keys and channels restrict them further). No XLEN: Redis lets a
 #: command that reads no content (XLEN, EXISTS) through a write-only pattern, and the inbox's depth is
@@ -159,7 +160,11 @@ class Acl:
         except redis_lib.ResponseError as exc:
             message = str(exc)
             if "not configured" in message:
-                log.warning("Redis has no ACL file: client users last until it restarts (then: `chorus-mq acl sync`)")
+                global _warned_no_file
+                if not _warned_no_file:  # once per process: an operator adding many clients needs it once
+                    _warned_no_file = True
+                    log.warning("Redis has no ACL file: client users last until it restarts "
+                                "(then: `chorus-mq acl sync`)")
                 return False
             if "error trying to save" in message:
                 log.error(

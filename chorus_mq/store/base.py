@@ -118,16 +118,23 @@ class Store(abc.ABC):
     def writer(self, key_for: Callable[[str], str]) -> Iterator[ObjectWriter]:
         """Stream one output to a local file; on a clean exit store it write-once at ``key_for(sha256)``.
 
-        The sha256 is of what the file holds at the end. An object already at that key with the same
-        content is fine (``result.existed``); other content there raises ObjectExists. On an
-        exception nothing is stored and the local file is removed.
+        The sha256 is of what the file holds at the end; a digest the caller reports in ``.sha256`` is
+        checked against it. A caller that hashed every byte it wrote itself in this process (as
+        ``StreamingWriter`` does) may set ``.trusted_sha256`` instead: the file is then not read again
+        (0.4 s per GB here). An object already at that key with the same content is fine
+        (``result.existed``); other content there raises ObjectExists. On an exception nothing is
+        stored and the local file is removed.
         """
         fd, tmp = make_temp(self._writer_dir())
         out = ObjectWriter(fd, tmp)
         try:
             yield out
             out._finish_file(durable=self._durable_writes)
-            digest, size = _hash_path(tmp)
+            trusted = check_sha256(out.trusted_sha256)
+            if trusted is not None:
+                digest, size = trusted, os.stat(tmp).st_size
+            else:
+                digest, size = _hash_path(tmp)
             if out.sha256 is not None and out.sha256.lower() != digest:
                 raise StoreError(
                     f"the output file hashes to {digest} but its writer reported {out.sha256}: "

@@ -85,6 +85,9 @@ class ObjectWriter:
         #: optional: the digest the caller computed while writing (e.g. ``StreamingWriter.close()``);
         #: the store still hashes the file and refuses to store it if the two differ
         self.sha256: str | None = None
+        #: optional: a digest of every byte written, computed by this process while writing; the store
+        #: trusts it and does not read the file again
+        self.trusted_sha256: str | None = None
         self._result: WrittenObject | None = None
 
     @property

@@ -68,7 +68,7 @@ def client_policy(bucket: str, prefix: str, federation: str, client: str) -> dic
                 "Sid": "OwnDeltas",
                 "Effect": "Allow",
                 # GetObject too: the SDK sizes and re-reads its own uploads.
-                "Action": ["s3:PutObject", "s3:GetObject"],
+                "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"],
                 "Resource": [own],
             },
             {"Sid": "FederationResults", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": results},

@@ -196,7 +196,7 @@ def train_local(
                     )
                     loss = per_example.mean()
                     torch.autograd.backward(loss)
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                 elif private is not None:
                     private.empty_step()
                 optimizer.step()

@@ -315,7 +315,7 @@ def check_adapter_loaded(model: PeftModel, adapter_dir: Path) -> None:
 
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
         saved = set(handle.keys())
-    loaded = set(get_peft_model_state_dict(model))
+    loaded = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     missing = sorted(saved - loaded)
     if missing:
         raise InvalidAdapter(
@@ -408,14 +408,16 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], 
             factors[module] = (tensor, tensors[f"{module}.lora_B.weight"], spec.scaling(module, tensor.shape[0]))
         elif not key.endswith(".lora_B.weight"):
             head[key] = tensor
-    return factors, head, tuple(spec.target_modules) if not isinstance(spec.target_modules, str) else ()
+    if isinstance(spec.target_modules, str):  # a regex: name the modules it matched instead
+        return factors, head, tuple(sorted(m.removeprefix(PEFT_PREFIX) for m in factors))
+    return factors, head, tuple(spec.target_modules)
 
 
 def _load_start(model: PeftModel, factors: dict[str, tuple[Any, Any, float]], head: dict[str, Any]) -> StartGap:
     """Write each module's starting factors (padded or truncated global ones) and the global head into ``model``."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    current = get_peft_model_state_dict(model)
+    current = get_peft_model_state_dict(model, save_embedding_layers=False)
     state = dict(head)
     truncated, worst = 0, 0.0
     for module, (A, B, scaling) in factors.items():

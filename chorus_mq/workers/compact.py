@@ -55,11 +55,11 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
                 refs = [s.residual for s in manifest.shards if s.residual is not None]
                 if merge_objects(rt.store, refs, path, {"format": RESIDUAL_FORMAT}):
                     parts.append(path)
-            out = spool / "snapshot.safetensors"
-            sha = fold_residuals(parts, out, dtype=config.snapshot_dtype)
-            key = snapshot_key(federation, upto, sha)
-            size = out.stat().st_size
-            rt.store.put_file(key, out, write_once=True)
+            # written once, in place for file:// (the store names it by its hash at the end)
+            with rt.store.writer(lambda digest: snapshot_key(federation, upto, digest)) as out:
+                out.file.close()
+                out.trusted_sha256 = fold_residuals(parts, out.path, dtype=config.snapshot_dtype)
+            key, sha, size = out.result.key, out.result.sha256, out.result.size
         record = SnapshotRecord(round=upto, key=key, sha256=sha, size=size, dtype=config.snapshot_dtype,
                                 base=base, rounds=len(rounds), created_at=time.time())
         stored = rt.state.add_snapshot(federation, record)

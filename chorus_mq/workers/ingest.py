@@ -18,6 +18,7 @@ from ..errors import (
     AuthError,
     ChorusError,
     ConfigError,
+    DeltaEvicted,
     DuplicateDelta,
     InvalidAdapter,
     NotSelected,
@@ -44,8 +45,8 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 #: the delta (or its message) is bad: tell the client, never retry
-REJECTABLE = (ConfigError, InvalidAdapter, UnknownRound, RoundClosed, NotSelected, DuplicateDelta, ObjectMissing,
-              AuthError)
+REJECTABLE = (ConfigError, InvalidAdapter, UnknownRound, RoundClosed, NotSelected, DuplicateDelta, DeltaEvicted,
+              ObjectMissing, AuthError)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,9 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         )
     if reply.status == "closed":
         raise RoundClosed(_closed_reason(r, reply.detail))
+    if reply.status == "evicted":
+        raise DeltaEvicted(f"the operator evicted this delta (sha256 {msg.sha256[:12]}...) from round {r}; it cannot "
+                           "come back into this round: upload another delta, or to the next round")
     if reply.status == "no_round":
         raise UnknownRound(f"federation {msg.federation!r} has no round {r}")
     if reply.status == "not_selected":

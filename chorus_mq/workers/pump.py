@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 #: records taken per read
 BATCH = 64
 #: how often the list of federations (and their consumer groups) is refreshed
-REFRESH_S = 5.0
+REFRESH_S = 2.0
 
 
 class InboxPump:

@@ -124,6 +124,7 @@ class _Job:
     residual: str = "none"
     residual_rank: int = 0
     shape: tuple[int, ...] = ()
+    frozen_a: bool = False  # DP: every client shares one frozen orthonormal A (noise on B alone)
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -142,11 +143,13 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
         adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
+        adapter_out.file.close()  # written through its path by the streaming writer (then fsynced by path)
         adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
         residual_out = residual_file = None
         if residual_layout:
             residual_out = stack.enter_context(
                 rt.store.writer(lambda sha: shard_key(federation, r, k, "residual", sha)))
+            residual_out.file.close()
             residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
         for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
             seconds["math"] += took
@@ -175,9 +178,10 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
                     residual_bytes += res.nbytes
             seconds["write"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        adapter_out.sha256 = adapter_file.close()
+        # the streaming writers hashed every byte they wrote: the store need not read them again
+        adapter_out.trusted_sha256 = adapter_file.close()
         if residual_file is not None and residual_out is not None:
-            residual_out.sha256 = residual_file.close()
+            residual_out.trusted_sha256 = residual_file.close()
     seconds["write"] += time.perf_counter() - t0
     for phase, value in seconds.items():
         METRICS.phase_seconds.labels(phase=phase).observe(value)
@@ -232,8 +236,9 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
         if job.extra:
             continue
         updates = [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
+        job.frozen_a = frozen_shared_a(updates)
         layout = dp_layout([int(u.A.shape[0]) for u in updates], job.shape[0], job.shape[1],
-                           frozen_a=frozen_shared_a(updates), out_rank=plan.out_rank or None)
+                           frozen_a=job.frozen_a, out_rank=plan.out_rank or None)
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
 
 
@@ -274,14 +279,12 @@ def _results(jobs: Sequence[_Job], inputs: RoundInputs, plan: Plan, config: Fede
         job, loaded = work
         t0 = time.perf_counter()
         if job.extra:
-            result: Any = weighted_mean(loaded, [plan.weights[c] for c in job.holders])
-            if not bool(torch.isfinite(result).all()):
-                raise AggregationError(f"the aggregate of {job.name!r} is not finite")
+            result: Any = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
         elif plan.dp:
             result = dp_release(loaded, quorum=config.quorum, clip_norm=config.clip_norm,
                                 noise_multiplier=config.dp_noise_multiplier,
                                 generator=noise_generator(noise_key, federation, r, job.name),
-                                out_rank=plan.out_rank or None)
+                                out_rank=plan.out_rank or None, frozen_a=job.frozen_a)
         else:
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
         return job, result, time.perf_counter() - t0

@@ -12,17 +12,28 @@ TARGETS = ("q_proj", "v_proj")
 
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def client_adapter(base, out_dir: Path, *, rank: int, alpha: float, seed: int, use_rslora: bool = False) -> dict:
     """Save a PEFT adapter with random non-zero A and B; return {module path: (A, B, scaling)}."""
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS),
-                                                           use_rslora=use_rslora, lora_dropout=0.0))
+
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS), use_rslora=use_rslora, lora_dropout=0.0),
+    )
     gen = torch.Generator().manual_seed(seed)
     factors = {}
     for name, module in model.named_modules():
@@ -43,8 +54,11 @@ def exact_model(base, clients: list[dict], weights: list[float]):
     total = sum(weights)
     params = dict(model.named_parameters())
     for path in clients[0]:
-        update = sum((w / total) * s * B.double() @ A.double() for w, c in zip(weights, clients)
-                     for A, B, s in [c[path]])
+        update = sum(
+            (w / total) * s * B.double() @ A.double()
+            for w, c in zip(weights, clients, strict=True)
+            for A, B, s in [c[path]]
+        )
         params[f"{path}.weight"].data += update.float()
     return model
 

@@ -31,6 +31,10 @@ client id (``pump``, ``ingest``). Variables (read only here):
     The rounds the round-based hooks apply to (default: round 1 only).
 ``CHORUS_FAULT_SHARDS=0,3``
     The shards whose first arrival pauses (default: every shard; arrivals are counted for all).
+``CHORUS_FAULT_CLIENTS=c0``
+    The clients whose first arrival at ``pump`` or ``ingest`` pauses (default: every client).
+``CHORUS_FAULT_FEDERATIONS=a,b``
+    The federations whose arrivals pause (default: every federation).
 ``CHORUS_FAULT_REDELIVER=reject-first|run-twice`` (tasks in ``CHORUS_FAULT_REDELIVER_TASKS``,
     default every round-path task: ingest, round, shard, commit)
     ``reject-first``: ``Reject(requeue=True)`` unless the delivery is a redelivery, so only a
@@ -108,6 +112,13 @@ class Hooks:
         self.rounds = {int(r) for r in (ENV("CHORUS_FAULT_ROUNDS") or "1").split(",")}
         shards = ENV("CHORUS_FAULT_SHARDS")
         self.shards = None if not shards else {int(k) for k in shards.split(",")}
+        clients = ENV("CHORUS_FAULT_CLIENTS")
+        self.clients = None if not clients else set(clients.split(","))
+        federations = ENV("CHORUS_FAULT_FEDERATIONS")
+        self.federations = None if not federations else set(federations.split(","))
+
+    def client_pauses(self, client: str) -> bool:
+        return self.clients is None or client in self.clients
 
     def enabled(self, point: str) -> bool:
         return point in self.pause or point in self.barrier or point in self.count
@@ -117,16 +128,27 @@ class Hooks:
         key = fault_key(point, federation, subject)
         run = redis.rpush(key, os.getpid())
         log.warning("FAULT %s-hook %s %s run %s pid %s", point, federation, subject, run, os.getpid())
+        pausable = pausable and (self.federations is None or federation in self.federations)
         if point in self.pause and pausable and run == 1:
-            deadline = time.monotonic() + self.pause[point]
-            while time.monotonic() < deadline and not redis.exists(key + ":release"):
-                time.sleep(0.05)
+            _wait(lambda: redis.exists(key + ":release"), self.pause[point])
             log.warning("FAULT %s-pause %s %s over", point, federation, subject)
         if point in self.barrier:
-            deadline = time.monotonic() + 60
-            while redis.llen(key) < self.barrier[point] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait(lambda: redis.llen(key) >= self.barrier[point], 60)
             log.warning("FAULT %s-barrier %s %s passed", point, federation, subject)
+
+
+def _wait(done: Callable[[], Any], timeout: float) -> None:
+    """Poll ``done`` for up to ``timeout`` s; a Redis restart meanwhile only makes it poll again."""
+    import redis as redis_lib
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if done():
+                return
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+            pass
+        time.sleep(0.05)
 
 
 def _target(module: Any, name: str, params: tuple[str, ...]) -> Callable[..., Any]:
@@ -172,7 +194,8 @@ def _install_hooks(hooks: Hooks) -> None:
         handle = _target(pump.InboxPump, "_handle", ("self", "inbox", "entry"))
 
         def handle_after_hook(self, inbox, entry):
-            hooks.arrive(self.rt.redis, "pump", entry.federation, _client_of(entry.record))
+            client = _client_of(entry.record)
+            hooks.arrive(self.rt.redis, "pump", entry.federation, client, pausable=hooks.client_pauses(client))
             return handle(self, inbox, entry)
 
         pump.InboxPump._handle = handle_after_hook
@@ -182,7 +205,8 @@ def _install_hooks(hooks: Hooks) -> None:
 
         def ingest_with_hook(rt, federation, inbox_client, entry_id, raw, dispatch):
             def before_register(fed, r, record, *args, **kwargs):
-                hooks.arrive(rt.redis, "ingest", fed, record.client_id)
+                client = record.client_id
+                hooks.arrive(rt.redis, "ingest", fed, client, pausable=hooks.client_pauses(client))
 
             with _before(rt.state, "register", before_register):
                 return run_ingest(rt, federation, inbox_client, entry_id, raw, dispatch)

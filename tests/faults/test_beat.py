@@ -1,45 +1,47 @@
-"""Fault 6: more than one scheduler sweeps the deadlines at once.
+"""Fault 6: the scheduler. More than one sweeps the deadlines at once; Redis restarts under one.
 
-Two ``chorus-mq beat`` processes (redbeat holds a lock; one schedules, the other waits) and
-rounds with a 1 s deadline and a min-quorum of 2, so only the sweep closes them:
+Two ``chorus-mq beat`` processes (plain sweep loops: no lock, both sweep every 0.3 s) and
+rounds with a 1 s deadline and a min-quorum of 2, so only a sweep closes them:
 
-* round 1: both beats running;
-* round 2: the lock holder SIGKILLed, the standby takes over once the lock expires;
-* round 3: at the deadline, 8 threads call ``close_due_rounds`` together, racing the beat.
+* round 1: both beats sweeping;
+* round 2: one beat SIGKILLed, the other goes on alone (nothing to take over);
+* round 3: at the deadline, 8 threads call ``sweep`` together, racing the beat.
 
-Each round is closed exactly once and aggregated exactly once.
+Each round is closed exactly once and aggregated exactly once. And a beat survives Redis
+restarts (SIGKILL and SIGTERM, three in a row: celery-redbeat's beat exited for good on the
+first): afterwards it still closes a round at its deadline.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
-import pytest
-
-from chorus_mq.workers import dispatch
+from chorus_mq.workers.app import get_dispatcher
 from chorus_mq.workers.runtime import Runtime
-from chorus_mq.workers.sweep import close_due_rounds
+from chorus_mq.workers.sweep import SweepReport, sweep
 
 from ..topology import wait_for
-from .conftest import in_threads, size_of, timing, trials, upload, wait_round
-from .invariants import assert_exactly_once
+from .conftest import MARKS, federation, in_threads, size_of, timing, trials, upload_all, wait_round
+from .invariants import assert_exactly_once, read_events
 
-pytestmark = pytest.mark.faults
+pytestmark = MARKS
 
 THREADS = 8
 
 
-def _sweep_together(dep, n: int) -> list[dict]:
-    """``close_due_rounds`` from ``n`` threads released at once, each with its own connections."""
+def _sweep_together(dep, n: int) -> list[SweepReport]:
+    """``sweep`` from ``n`` threads released at once, each with its own connections."""
     settings = dep.settings()
+    dispatch = get_dispatcher(settings)
     runtimes = [Runtime.from_settings(settings) for _ in range(n)]
     barrier = threading.Barrier(n)
-    reports: list[dict] = []
+    reports: list[SweepReport] = []
 
     def go(rt):
         barrier.wait()
-        reports.append(close_due_rounds(rt, lambda f, r, e: dispatch.aggregate(settings, f, r, e)))
+        reports.append(sweep(rt, dispatch))
 
     in_threads(go, [(rt,) for rt in runtimes])
     return reports
@@ -48,37 +50,62 @@ def _sweep_together(dep, n: int) -> list[dict]:
 @trials(2)
 def test_two_beats_and_concurrent_sweeps_close_each_round_once(deployment, delta_file, trial):
     fed = f"beat-{trial}"
-    deployment.env.update(timing(8, 10, 30, 40), CHORUS_SWEEP_INTERVAL="0.3", CHORUS_BEAT_LOCK_TIMEOUT="3")
-    worker = deployment.start_worker(wait=False)
-    beats = [deployment.start_beat() for _ in range(2)]
+    deployment.env.update(timing(8, 10, 30, 40), CHORUS_SWEEP_INTERVAL="0.3")
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=100, round_timeout=1, min_quorum=2)
+    federation(sdk, fed, quorum=100, round_timeout=1, min_quorum=2)
+    worker = deployment.start_worker(wait=False)
+    beats = [deployment.start_beat(wait=False) for _ in range(2)]
     deployment.wait_ready(worker)
-    holder = wait_for(lambda: [b for b in beats if "beat: Acquired lock" in deployment.log(b)], 60, "a beat to lead")
-    assert len(holder) == 1, "two beats hold the redbeat lock at once"
     accepted = []
 
     def fill(r: int):
-        accepted.extend(upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in (2 * r - 2, 2 * r - 1))
+        accepted.extend(upload_all(sdk, fed, (2 * r - 2, 2 * r - 1), delta_file))
 
     fill(1)
     assert wait_round(deployment, fed, 1) == "complete"
+    assert all(b.poll() is None and "beat: sweeping every" in deployment.log(b) for b in beats)
 
-    deployment.kill(holder[0])  # SIGKILL: the lock is not released, it expires
-    standby = next(b for b in beats if b is not holder[0])
+    deployment.kill(beats[0])  # SIGKILL mid-loop: nothing was held, nothing must be released
     fill(2)
     assert wait_round(deployment, fed, 2) == "complete"
-    assert "beat: Acquired lock" in deployment.log(standby)
 
     fill(3)
-    deadline = sdk.state.round(fed, 3)["deadline"]
+    deadline = sdk.state.round(fed, 3).deadline
     time.sleep(max(0.0, deadline - time.time()))  # due now: the beat's sweep and the threads race
     reports = _sweep_together(deployment, THREADS)
     assert wait_round(deployment, fed, 3) == "complete"
-    fired = [entry for rep in reports for entry in rep["fired"]]
+    fired = [entry for rep in reports for entry in rep.fired]
     assert fired in ([], [(fed, 3)]), f"threads fired {fired}"
+    assert not [rep.errors for rep in reports if rep.errors]
 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1"], 2: ["c2", "c3"], 3: ["c4", "c5"]}
     closes = [e for e in report.events if e["type"] == "round_aggregating"]
     assert [e["reason"] for e in closes] == ["deadline"] * 3
+
+
+def test_beat_survives_redis_restarts(deployment, redis_server, delta_file):
+    fed = "beat-restarts"
+    deployment.env.update(timing(8, 10, 30, 40), CHORUS_SWEEP_INTERVAL="0.3")
+    sdk = deployment.sdk()
+    federation(sdk, fed, quorum=100, round_timeout=2, min_quorum=1)
+    worker = deployment.start_worker(wait=False)
+    beat = deployment.start_beat()
+    deployment.wait_ready(worker)
+    for sig_kill in (True, False, True):  # SIGKILL, SIGTERM (a clean shutdown), SIGKILL
+        seen = deployment.log(beat).count("unavailable")
+        redis_server.stop(sig_kill=sig_kill)
+        wait_for(lambda seen=seen: deployment.log(beat).count("unavailable") > seen, 30, "the beat to notice")
+        redis_server.start()
+        assert beat.poll() is None, f"beat exited after a Redis restart:\n{deployment.log(beat)}"
+    restarted = time.time()
+
+    accepted = upload_all(sdk, fed, (0,), delta_file)
+    assert wait_round(deployment, fed, 1) == "complete"
+    closes = [e for e in read_events(sdk.redis, fed) if e["type"] == "round_aggregating"]
+    assert [e["reason"] for e in closes] == ["deadline"] and closes[0]["ts"] > restarted
+    assert beat.poll() is None and worker.poll() is None
+    report = assert_exactly_once(deployment, fed, sizes={"c0": size_of(0)}, accepted=accepted)
+    assert report.complete == {1: ["c0"]}
+    deployment.kill(beat, signal.SIGTERM)  # a signal stops it cleanly
+    assert beat.wait(timeout=30) == 0

@@ -9,22 +9,21 @@ and all of round 2 with no new worker started.
 
 from __future__ import annotations
 
-import pytest
-
-from .conftest import size_of, timing, trials, upload, wait_hook, wait_round
+from .conftest import MARKS, federation, size_of, timing, trials, upload, upload_all, wait_hook, wait_round
+from .faulty_app import release
 from .invariants import assert_exactly_once
 
-pytestmark = pytest.mark.faults
+pytestmark = MARKS
 
 
-@trials()
+@trials(2)
 def test_redis_restart_and_client_kill_mid_round(deployment, redis_server, delta_file, trial):
     fed = f"redis-{trial}"
     hard_kill = trial % 2 == 0  # SIGKILL: only the AOF (appendfsync always) keeps the state
-    deployment.env.update(timing(8, 10, 30, 40), CHORUS_FAULT_AGGREGATE_SLEEP="2")
-    worker = deployment.start_worker(faulty=True)
+    deployment.env.update(timing(8, 10, 30, 40), CHORUS_FAULT_PAUSE="shard=30")
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=3)
+    federation(sdk, fed, quorum=3)
+    worker = deployment.start_worker(faulty=True)
 
     accepted = [upload(sdk, fed, "c0", delta_file(0), size_of(0))]
     redis_server.restart(sig_kill=hard_kill)
@@ -33,11 +32,12 @@ def test_redis_restart_and_client_kill_mid_round(deployment, redis_server, delta
     assert killed >= 2, "the worker's and the SDK's connections should have been killed"
     accepted.append(upload(sdk, fed, "c2", delta_file(2), size_of(2)))  # fires the quorum
 
-    wait_hook(deployment, fed, 1)  # the aggregation is paused after writing its result objects
+    wait_hook(deployment, "shard", fed, "1:0")  # the shard is paused after writing its objects
     redis_server.restart(sig_kill=hard_kill)
+    release(sdk.redis, "shard", fed, "1:0")
     assert wait_round(deployment, fed, 1) == "complete"
 
-    accepted += [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in range(3, 6)]
+    accepted += upload_all(sdk, fed, range(3, 6), delta_file)
     assert wait_round(deployment, fed, 2) == "complete"
     assert worker.poll() is None and len(deployment.workers) == 1
 

@@ -103,7 +103,7 @@ class RoundMachine(RuleBasedStateMachine):
         self.now = 1000.0
         self.rounds: dict[int, Round] = {}
         self.current = 0
-        self.latest_complete = 0
+        self.latest_complete: int | None = None  # no initial adapter: no round 0, nothing complete yet
         self.deadlines: dict[int, float] = {}
         self.leases: dict[int, float] = {}
         self.clients: dict[str, bool] = {}  # registered client -> revoked

@@ -16,10 +16,10 @@ from botocore.config import Config
 
 from chorus_mq.errors import StoreError
 
-from .conftest import size_of, upload, wait_round
+from .conftest import MARKS, federation, size_of, upload, wait_round
 from .invariants import assert_exactly_once
 
-pytestmark = pytest.mark.faults
+pytestmark = MARKS
 
 #: boto3 tries a request this often (retries={"max_attempts": 5} counts retries: 1 + 5)
 ATTEMPTS = 6
@@ -36,9 +36,9 @@ def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, faul
     deployment.env.update(CHORUS_S3_ENDPOINT_URL=fault_proxy.url, CHORUS_FAULT_NO_S3_BACKOFF="1",
                           CHORUS_FAULT_S3_READ_TIMEOUT="1")
     outage = BURST if mode == "stall" else OUTAGE  # each stalled attempt costs a timeout: keep them few
-    deployment.start_worker(faulty=True)
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=4)
+    federation(sdk, fed, quorum=4)
+    deployment.start_worker(faulty=True)
     sizes = {f"c{i}": size_of(i) for i in range(4)}
     accepted = []
 
@@ -49,10 +49,10 @@ def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, faul
     # ... an outage is the client's to retry, and leaves nothing behind
     if mode != "stall":
         fault_proxy.fail_next(ATTEMPTS, mode=mode, match=r"^PUT .*/deltas/c1/")
-        with pytest.raises(StoreError, match="(?i)retry"):
+        with pytest.raises(StoreError, match=r"(?i)retry"):
             sdk.upload(fed, delta_file(1), "c1", dataset_size=sizes["c1"], timeout=60)
         assert fault_proxy.injected == ATTEMPTS
-        assert sdk.status(fed)["deltas"] == 1 and sdk.state.registered_sha(fed, 1, "c1") is None
+        assert sdk.status(fed).deltas == 1 and sdk.state.registered_sha(fed, 1, "c1") is None
     accepted.append(upload(sdk, fed, "c1", delta_file(1), sizes["c1"]))
 
     # the worker's HEAD/GET of the delta during ingest: the task retries
@@ -60,7 +60,7 @@ def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, faul
     accepted.append(upload(sdk, fed, "c2", delta_file(2), sizes["c2"]))
     assert fault_proxy.injected == outage
 
-    # everything the aggregation reads and writes under the round's prefix
+    # everything the round's tasks read and write under its prefix: shard objects, the manifest
     fault_proxy.fail_next(outage, mode=mode, match=r" .*/rounds/")
     accepted.append(upload(sdk, fed, "c3", delta_file(3), sizes["c3"]))
     assert wait_round(deployment, fed, 1) == "complete"

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
-
 from ..topology import wait_for
-from .conftest import size_of, trials, upload, wait_round
+from .conftest import MARKS, federation, size_of, trials, upload, upload_all, wait_round
 from .invariants import assert_exactly_once, read_events
 
-pytestmark = pytest.mark.faults
+pytestmark = MARKS
 
 
 class Subscriber:
@@ -44,11 +42,11 @@ class Subscriber:
 @trials(2)
 def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_server, delta_file, trial):
     fed = f"watch-{trial}"
-    deployment.start_worker(wait=False)
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=2)
+    federation(sdk, fed, quorum=2)
+    deployment.start_worker(wait=False)
     first = Subscriber(deployment, fed, "--from-start")
-    accepted = [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i), timeout=120) for i in range(2)]
+    accepted = upload_all(sdk, fed, range(2), delta_file)
     assert wait_round(deployment, fed, 1) == "complete"
     wait_for(lambda: first.saw(lambda e: e["type"] == "round_complete"), 60, "the first subscriber to see round 1")
 
@@ -62,7 +60,7 @@ def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_se
     assert wait_round(deployment, fed, 2) == "complete"
 
     second = Subscriber(deployment, fed, "--after", seen[-1]["id"], "--until-round", "3", "--timeout", "120")
-    accepted += [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in (4, 5)]
+    accepted += upload_all(sdk, fed, (4, 5), delta_file)
     assert wait_round(deployment, fed, 3) == "complete"
     assert second.proc.wait(timeout=120) == 0, second.proc.stderr.read()
     resumed = second.finish()

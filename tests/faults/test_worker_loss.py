@@ -1,10 +1,10 @@
-"""Fault 1: a worker dies mid-aggregation (after its result objects, before the manifest).
+"""Fault 1: a worker dies mid-aggregation (a shard's objects written, ``shard_done`` not recorded yet).
 
 * The whole worker (main process and pool) is SIGKILLed and a new worker started. Recovery
-  either by Celery redelivery (the unacked message comes back after the visibility timeout)
-  or by the lease sweep (``chorus-mq beat`` reclaims the round under a new epoch).
-* Only the pool child running the aggregation is SIGKILLed (found with psutil); the worker
-  survives and ``task_retry_on_worker_lost`` runs the aggregation again.
+  either by Celery redelivery (the unacked shard message comes back after the visibility
+  timeout) or by the lease sweep (``chorus-mq beat`` reclaims the round under a new epoch).
+* Only the pool child running the shard is SIGKILLed (found with psutil); the worker survives
+  and ``task_retry_on_worker_lost`` runs the shard again.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import signal
 import psutil
 import pytest
 
+from chorus_mq.layout import manifest_key
+
 from ..topology import wait_for
-from .conftest import size_of, timing, trials, upload, wait_hook, wait_round
+from .conftest import MARKS, federation, size_of, timing, trials, upload_all, wait_hook, wait_round
 from .invariants import assert_exactly_once
 
-pytestmark = pytest.mark.faults
-
-
-def _fill_round(sdk, fed, clients, delta_file):
-    return [upload(sdk, fed, f"c{i}", delta_file(i), size_of(i)) for i in clients]
+pytestmark = MARKS
 
 
 @trials(2)
@@ -32,25 +30,25 @@ def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, 
     if recovery == "redelivery":  # no beat: only the visibility timeout brings the task back
         env = {**timing(3, 4, 5, 120), "CHORUS_FAULT_RESTORE_INTERVAL": "0.5"}
     else:  # the message would come back only after 120 s: the lease sweep must act first
-        env = {**timing(3, 4, 120, 5), "CHORUS_SWEEP_INTERVAL": "0.5", "CHORUS_BEAT_LOCK_TIMEOUT": "5"}
-    deployment.env.update(env, CHORUS_FAULT_AGGREGATE_SLEEP="60")
-    doomed = deployment.start_worker(faulty=True)
+        env = {**timing(3, 4, 120, 5), "CHORUS_SWEEP_INTERVAL": "0.5"}
+    deployment.env.update(env, CHORUS_FAULT_PAUSE="shard=60")
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=3)
-    accepted = _fill_round(sdk, fed, range(3), delta_file)
+    federation(sdk, fed, quorum=3)
+    doomed = deployment.start_worker(faulty=True)
+    accepted = upload_all(sdk, fed, range(3), delta_file)
 
-    wait_hook(deployment, fed, 1)
+    wait_hook(deployment, "shard", fed, "1:0")
     deployment.kill(doomed)  # SIGKILL to the process group: main process and pool child
-    assert sdk.state.round(fed, 1)["state"] == "aggregating"
-    assert not sdk.store.exists(f"{fed}/rounds/000001/manifest.json")
+    assert sdk.state.round(fed, 1).state == "aggregating"
+    assert not sdk.store.exists(manifest_key(fed, 1))
 
     survivor = deployment.start_worker(faulty=True)
     if recovery == "sweep":
         deployment.start_beat()
     assert wait_round(deployment, fed, 1) == "complete"
-    rerun = wait_hook(deployment, fed, 1, run=2)  # the round was aggregated again, by the new worker
+    rerun = wait_hook(deployment, "shard", fed, "1:0", run=2)  # the shard ran again, in the new worker
     assert rerun in {c.pid for c in psutil.Process(survivor.pid).children()}
-    accepted += _fill_round(sdk, fed, range(3, 6), delta_file)  # the fleet goes on: round 2
+    accepted += upload_all(sdk, fed, range(3, 6), delta_file)  # the fleet goes on: round 2
     assert wait_round(deployment, fed, 2) == "complete"
 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
@@ -62,22 +60,23 @@ def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, 
         assert report.reclaims >= 1 and done["epoch"] >= 2
 
 
-@trials()
+@trials(2)
 def test_sigkill_pool_child_mid_aggregation(deployment, delta_file, trial):
     fed = f"child-{trial}"
-    deployment.env.update(timing(4, 5, 120, 120), CHORUS_FAULT_AGGREGATE_SLEEP="60", CHORUS_FAULT_RETRY_DELAY="0.2")
-    worker = deployment.start_worker(faulty=True)
+    deployment.env.update(timing(4, 5, 120, 120), CHORUS_FAULT_PAUSE="shard=60", CHORUS_FAULT_RETRY_DELAY="0.2")
     sdk = deployment.sdk()
-    sdk.create_federation(fed, base_model="tiny", quorum=3)
-    accepted = _fill_round(sdk, fed, range(3), delta_file)
+    federation(sdk, fed, quorum=3)
+    worker = deployment.start_worker(faulty=True)
+    accepted = upload_all(sdk, fed, range(3), delta_file)
 
-    pid = wait_hook(deployment, fed, 1)
+    pid = wait_hook(deployment, "shard", fed, "1:0")
     (child,) = psutil.Process(worker.pid).children()  # concurrency 1: the one pool process
-    assert child.pid == pid, f"the aggregation runs in pid {pid}, not in the pool child {child.pid}"
+    assert child.pid == pid, f"the shard runs in pid {pid}, not in the pool child {child.pid}"
     child.send_signal(signal.SIGKILL)
 
     assert wait_round(deployment, fed, 1) == "complete"
-    assert wait_hook(deployment, fed, 1, run=2) in {c.pid for c in psutil.Process(worker.pid).children()} - {pid}
+    rerun = wait_hook(deployment, "shard", fed, "1:0", run=2)
+    assert rerun in {c.pid for c in psutil.Process(worker.pid).children()} - {pid}
     assert worker.poll() is None, "the worker's main process should survive a lost pool child"
     wait_for(lambda: "WorkerLostError" in deployment.log(worker), 30, "the worker to report the lost child")
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)

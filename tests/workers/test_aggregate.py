@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, read_residual
+from chorus_mq.local import iter_correction
 from chorus_mq.names import MissingModules
 from chorus_mq.workers import runtime
 from chorus_mq.workers.plan import Plan, plan_round
@@ -107,7 +108,7 @@ def test_residuals_chain_across_rounds(sdk, tmp_path):
             sdk.upload("fed", write_adapter(tmp_path / f"r{r}c{i}.safetensors", random_factors(10 * r + i)), f"c{i}")
         sdk.pull("fed", out, r, residual_adapter=(r == 3))  # a continuing client: increments only
         per_round.append(read_residual(out / "residual.safetensors"))
-    total = read_residual(out / "cumulative_residual.safetensors")
+    total = dict(iter_correction(out))
     assert set(total) == set(per_round[0])
     for key, value in total.items():
         want = sum(res[key].to_dense().double() for res in per_round)

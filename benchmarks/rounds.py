@@ -1,0 +1,336 @@
+"""Rounds through the real worker path: what users get, round after round.
+
+    python benchmarks/rounds.py                                   # llama-3.2-3b shapes, N=10, r=16, 20 rounds
+    python benchmarks/rounds.py --shapes small --rounds 5         # a quick run
+    python benchmarks/rounds.py --workers 1,2 --rounds 3          # the shard speed-up of a second worker
+
+A private redis-server, a file:// store, and real ``chorus-mq worker`` processes (one ingest
+worker, W aggregate workers, each ``--concurrency 1``); N registered clients upload fresh signed
+deltas every round through the SDK (the inbox, the pump, ingest), the last upload fires the
+quorum, and the round runs as the fleet runs it (plan, shards, commit). Per round it prints:
+
+  quorum→done  seconds from the quorum firing to round_complete (the round hash's timestamps)
+  fetch/math/write/commit  the manifest's phase seconds (summed over shards)
+  worker RSS   peak resident memory of the aggregate worker processes during the round
+  written      bytes the round wrote (the adapter and this round's residual)
+  pull         a continuing client's pull of this round (a separate process): MB downloaded,
+               seconds, peak RSS, and the size of its folded correction on disk
+  compact      seconds of the compaction (every --checkpoint-every rounds), off the critical path
+
+Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
+every worker count runs its own federation and the table compares their median round times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chorus_mq.adapters import LoraSpec, ModelDecl  # noqa: E402
+from chorus_mq.adapters.delta import LocalAdapter, write_delta  # noqa: E402
+from chorus_mq.client import ChorusClient  # noqa: E402
+from chorus_mq.names import Strategy  # noqa: E402
+from chorus_mq.settings import Settings  # noqa: E402
+from chorus_mq.state import FederationConfig  # noqa: E402
+from tests.services import RedisServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: preset -> (layers, [(module, d_out, d_in)])
+SHAPES = {
+    "llama-3.2-3b": (28, [("self_attn.q_proj", 3072, 3072), ("self_attn.k_proj", 1024, 3072),
+                          ("self_attn.v_proj", 1024, 3072), ("self_attn.o_proj", 3072, 3072),
+                          ("mlp.gate_proj", 8192, 3072), ("mlp.up_proj", 8192, 3072), ("mlp.down_proj", 3072, 8192)]),
+    "medium": (8, [("self_attn.q_proj", 2048, 2048), ("self_attn.v_proj", 2048, 2048),
+                   ("mlp.up_proj", 5632, 2048), ("mlp.down_proj", 2048, 5632)]),
+    "small": (4, [("self_attn.q_proj", 256, 256), ("self_attn.v_proj", 256, 256)]),
+}
+
+
+def modules(preset: str) -> dict[str, tuple[int, int]]:
+    layers, per_layer = SHAPES[preset]
+    return {f"base_model.model.model.layers.{i}.{name}": (d_out, d_in)
+            for i in range(layers) for name, d_out, d_in in per_layer}
+
+
+@dataclass
+class Row:
+    round: int
+    seconds: float
+    phases: dict[str, float]
+    rss_mb: float
+    written_mb: float
+    pull_mb: float = 0.0
+    pull_s: float = 0.0
+    pull_rss_mb: float = 0.0
+    correction_mb: float = 0.0
+    compact_s: float | None = None
+    shards: int = 0
+
+
+@dataclass
+class Deployment:
+    workdir: Path
+    redis: RedisServer
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    aggregators: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, role: str, *, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{role}-{len(self.procs)}.log", "w")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen([sys.executable, "-m", "chorus_mq.cli", "worker", "--role", role, "-c", "1",
+                                 "-l", "WARNING", "--hostname", f"{role}{len(self.procs)}@%h"],
+                                env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+        self.procs.append(proc)
+        if role == "aggregate":
+            self.aggregators.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+        self.procs.clear()
+        self.aggregators.clear()
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the worker's pool children)."""
+    out = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for child in children:
+        out += _tree(int(child))
+    return out
+
+
+def reset_peaks(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        for pid in _tree(proc.pid):
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+            except OSError:
+                pass
+
+
+def peak_rss_mb(procs: list[subprocess.Popen]) -> float:
+    """The largest peak RSS of any one process of the workers (each pool child runs one task at a time)."""
+    peak = 0
+    for proc in procs:
+        for pid in _tree(proc.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+    return peak / 1024
+
+
+def make_delta(path: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (d_out, d_in) in shapes.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+        tensors[f"{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) / rank**0.5
+    spec = LoraSpec(r=rank, lora_alpha=2.0 * rank, target_modules=tuple(sorted({n.rsplit(".", 1)[1] for n in shapes})),
+                    task_type="CAUSAL_LM")
+    write_delta(LocalAdapter(spec, tensors), path)
+    return path
+
+
+_PULL = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from chorus_mq.client import ChorusClient
+from chorus_mq.settings import Settings
+sdk = ChorusClient(Settings(redis_url={url!r}, store={store!r}))
+t = time.perf_counter()
+m = sdk.pull({fed!r}, {out!r}, {round})
+took = time.perf_counter() - t
+down = sum(s.adapter.size + (s.residual.size if s.residual else 0) for s in m.shards)
+print(json.dumps({{"seconds": took, "bytes": down, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+"""
+
+
+def pull_in_subprocess(dep: Deployment, federation: str, out: Path, r: int) -> dict[str, float]:
+    code = _PULL.format(root=str(ROOT), url=dep.env["CHORUS_REDIS_URL"], store=dep.env["CHORUS_STORE"],
+                        fed=federation, out=str(out), round=r)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dep.env, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_federation(dep: Deployment, sdk: ChorusClient, name: str, args: argparse.Namespace, shapes: dict,
+                   *, pull: bool, echo: bool) -> list[Row]:
+    config = FederationConfig(name=name, base_model=args.shapes, quorum=args.clients, strategy=Strategy(args.strategy),
+                              checkpoint_every=args.checkpoint_every, max_client_weight=1.0)
+    sdk.create_federation(config, model=ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM"))
+    secrets = [sdk.add_client(name, f"c{i}").secret for i in range(args.clients)]
+    clients = [ChorusClient(sdk.settings, secret=s) for s in secrets]
+    deltas = dep.workdir / "deltas"
+    deltas.mkdir(exist_ok=True)
+    pulled = dep.workdir / f"pulled-{name}"
+    rows = []
+    for r in range(1, args.rounds + 1):
+        paths = [make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i)
+                 for i in range(args.clients)]
+        for i, path in enumerate(paths[:-1]):
+            clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600)
+        reset_peaks(dep.aggregators)
+        clients[-1].upload(name, paths[-1], f"c{args.clients - 1}", dataset_size=100.0 + args.clients, timeout=600)
+        sdk.wait_round(name, r, timeout=1800)
+        info = sdk.state.round(name, r)
+        if info.state != "complete":
+            raise SystemExit(f"round {r} ended {info.state}: {info.reason}")
+        manifest = json.loads(sdk.store.get_bytes(info.manifest))
+        row = Row(round=r, seconds=(info.completed_at or 0) - (info.agg_started or 0),
+                  phases={k: manifest["timings"].get(k, 0.0) for k in ("fetch", "math", "write", "commit")},
+                  rss_mb=peak_rss_mb(dep.aggregators),
+                  written_mb=(manifest["adapter_bytes"] + manifest["residual_bytes"]) / 2**20,
+                  shards=len(manifest["shards"]))
+        if pull:
+            got = pull_in_subprocess(dep, name, pulled, r)
+            row.pull_mb, row.pull_s, row.pull_rss_mb = got["bytes"] / 2**20, got["seconds"], got["rss_kb"] / 1024
+            row.correction_mb = (pulled / "cumulative_residual.safetensors").stat().st_size / 2**20
+        if args.checkpoint_every and r % args.checkpoint_every == 0:
+            row.compact_s = _wait_snapshot(sdk, name, r)
+        _forget_inputs(dep, name)
+        rows.append(row)
+        if echo:
+            print(_format(row), flush=True)
+    return rows
+
+
+def _wait_snapshot(sdk: ChorusClient, name: str, r: int, timeout: float = 1800) -> float | None:
+    deadline = time.monotonic() + timeout
+    for event in sdk.watch(name, from_start=True, timeout=timeout):
+        if event.type == "snapshot_ready" and event.round == r:
+            return float(event.fields.get("seconds", 0.0))
+        if time.monotonic() > deadline:
+            break
+    return None
+
+
+def _forget_inputs(dep: Deployment, name: str) -> None:
+    """Free the disk a benchmark of many rounds would fill: the round's deltas are no longer needed."""
+    store = Path(dep.env["CHORUS_STORE"].removeprefix("file://"))
+    for sub in ("deltas", "accepted"):
+        for path in (store / name / sub).rglob("*.safetensors"):
+            path.chmod(0o644)
+            path.unlink()
+
+
+HEADER = (f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
+          f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
+          f"{'compact':>8}")
+
+
+def _format(row: Row) -> str:
+    p = row.phases
+    compact = f"{row.compact_s:7.2f}s" if row.compact_s is not None else f"{'-':>8}"
+    return (f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
+            f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
+            f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.0f}MB {compact}")
+
+
+def summary(rows: list[Row]) -> None:
+    secs = [r.seconds for r in rows]
+    rss = [r.rss_mb for r in rows]
+    print(f"median quorum→done {statistics.median(secs):.2f}s (round 1 {secs[0]:.2f}s, round {rows[-1].round} "
+          f"{secs[-1]:.2f}s, ratio {secs[-1] / secs[0]:.2f}); worker peak RSS median {statistics.median(rss):.0f}MB, "
+          f"max {max(rss):.0f}MB (ratio last/first {rss[-1] / rss[0]:.2f})")
+    if any(r.pull_s for r in rows):
+        pulls = [r.pull_mb for r in rows]
+        print(f"continuing client's pull: median {statistics.median(pulls):.0f}MB, "
+              f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="llama-3.2-3b")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--strategy", choices=Strategy.values(), default="fedex-lora")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--workers", default=None,
+                        help="Comma-separated aggregate worker counts to compare (each worker --concurrency 1 "
+                             "and CHORUS_AGGREGATION_WORKERS=1), e.g. 1,2")
+    parser.add_argument("--no-pull", action="store_true", help="Skip the continuing client's pulls.")
+    args = parser.parse_args()
+    shapes = modules(args.shapes)
+    with tempfile.TemporaryDirectory(prefix="chorus-rounds-", dir=os.environ.get("CHORUS_BENCH_DIR")) as tmp:
+        workdir = Path(tmp)
+        redis = RedisServer(workdir / "redis", args=("--appendfsync", "everysec")).start()
+        env = {**os.environ, "CHORUS_REDIS_URL": redis.url, "CHORUS_STORE": f"file://{workdir}/store",
+               "CHORUS_SPOOL_DIR": str(workdir / "spool"), "PYTHONUNBUFFERED": "1"}
+        dep = Deployment(workdir, redis, env)
+        sdk = ChorusClient(Settings(redis_url=redis.url, store=env["CHORUS_STORE"]))
+        try:
+            if args.workers:
+                counts = [int(x) for x in args.workers.split(",")]
+                results = {}
+                for count in counts:
+                    dep.start("ingest")
+                    for _ in range(count):
+                        dep.start("aggregate", extra_env={"CHORUS_AGGREGATION_WORKERS": "1"})
+                    time.sleep(8)
+                    print(f"\n{count} aggregate worker(s), --concurrency 1, CHORUS_AGGREGATION_WORKERS=1")
+                    print(HEADER)
+                    results[count] = run_federation(dep, sdk, f"w{count}", args, shapes, pull=False, echo=True)
+                    dep.stop()
+                base = statistics.median(r.seconds for r in results[counts[0]])
+                print(f"\n{'workers':>7} {'median quorum→done':>18} {'speed-up':>8}")
+                for count in counts:
+                    t = statistics.median(r.seconds for r in results[count])
+                    print(f"{count:>7} {t:>17.2f}s {base / t:>7.2f}x")
+                _model(results, counts)
+            else:
+                dep.start("ingest")
+                dep.start("aggregate")
+                time.sleep(8)
+                print(f"{args.shapes}: {len(shapes)} modules, N={args.clients}, r={args.rank}, {args.strategy}, "
+                      "default settings (one aggregate worker, one ingest worker)")
+                print(HEADER)
+                rows = run_federation(dep, sdk, "bench", args, shapes, pull=not args.no_pull, echo=True)
+                summary(rows)
+        finally:
+            dep.stop()
+            redis.stop()
+
+
+def _model(results: dict[int, list[Row]], counts: list[int]) -> None:
+    """Where more workers stop helping: the serial part (plan, commit, dispatch) against the shard work."""
+    rows = results[counts[0]]
+    total = statistics.median(r.seconds for r in rows)
+    shard_work = statistics.median(r.phases["fetch"] + r.phases["math"] + r.phases["write"] for r in rows)
+    serial = max(total - shard_work, 0.0)
+    shards = rows[0].shards
+    print(f"\nmodel: T(W) ≈ serial {serial:.2f}s + shard work {shard_work:.2f}s / min(W, {shards} shards); "
+          "the store's write bandwidth bounds the write phase")
+    for w in (1, 2, 4, 8, 16):
+        t = serial + shard_work / min(w, shards)
+        print(f"  W={w:>2}: {t:6.2f}s ({total / t:4.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The SDK's public surface: typed results, clear errors, a client's own credentials."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis as redis_lib
+
+from chorus_mq.client import ChorusClient, RoundSummary, Status, UploadResult, _redacted, _url_password
+from chorus_mq.errors import ChorusError, ServiceUnavailable, Timeout
+from chorus_mq.names import RoundStatus
+from chorus_mq.settings import Settings
+from chorus_mq.state.events import Event
+
+from .deltas import make_federation, random_factors, write_adapter
+from .services import free_port
+
+pytestmark = pytest.mark.services
+
+
+def test_results_are_typed_and_serialisable(sdk, tmp_path):
+    make_federation(sdk, "fed", quorum=1)
+    res = sdk.upload("fed", write_adapter(tmp_path / "a.safetensors", random_factors(0)), "a")
+    assert isinstance(res, UploadResult) and (res.status, res.round, res.n) == ("accepted", 1, 1) and res.bytes > 0
+    status = sdk.status("fed")
+    assert isinstance(status, Status) and status.state == RoundStatus.OPEN and status.latest_complete == 1
+    json.dumps(status.to_dict())
+    rounds = sdk.rounds("fed")
+    assert [type(r) for r in rounds] == [RoundSummary, RoundSummary]
+    assert (rounds[0].state, rounds[0].clients) == (RoundStatus.COMPLETE, ("a",))
+    json.dumps([r.to_dict() for r in rounds])
+    assert sdk.wait_round("fed", 1, timeout=5).state == RoundStatus.COMPLETE
+    events = list(sdk.watch("fed", from_start=True, until_round=1, timeout=5))
+    assert all(isinstance(e, Event) for e in events)
+    assert events[-1].type == "round_complete" and events[-1].round == 1
+
+
+def test_no_verdict_names_the_likely_causes(real_redis, redis_server, tmp_path):
+    admin = ChorusClient(Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", client_acl="off"))
+    make_federation(admin, "fed", quorum=2)
+    secret = admin.add_client("fed", "alice").secret
+    alice = ChorusClient(admin.settings, secret=secret)  # no worker runs: nobody answers
+    with pytest.raises(Timeout, match="CHORUS_CLIENT_SECRET"):
+        alice.upload("fed", write_adapter(tmp_path / "a.safetensors", random_factors(0)), "alice", timeout=1)
+
+
+def test_an_unreachable_redis_is_one_clear_error_that_says_retrying_is_safe(tmp_path):
+    sdk = ChorusClient(Settings(redis_url=f"redis://user:hunter2@127.0.0.1:{free_port()}/0",
+                                store=f"file://{tmp_path}/store"))
+    with pytest.raises(ServiceUnavailable, match="retrying the same command is safe") as err:
+        sdk.status("fed")
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_clients_url_carries_its_user_and_secret(real_redis, redis_server, tmp_path):
+    admin = ChorusClient(Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", client_acl="on"))
+    make_federation(admin, "fed", quorum=1)
+    creds = admin.add_client("fed", "alice")
+    assert creds.redis_username == "client:fed:alice" and creds.secret in creds.redis_url.replace("%", "")
+    alice = ChorusClient(Settings(redis_url=creds.redis_url, store=f"file://{tmp_path}/store"))
+    assert alice.secret == creds.secret  # the URL's password signs its records too
+    assert alice.status("fed").quorum == 1
+    with pytest.raises(redis_lib.exceptions.NoPermissionError):
+        alice.clients("fed").list()  # the registry holds every client's secret: not for clients
+    admin.revoke_client("fed", "alice")
+    with pytest.raises(ChorusError, match="refused these credentials"):
+        ChorusClient(Settings(redis_url=creds.redis_url, store=f"file://{tmp_path}/store")).status("fed")
+    real_redis.execute_command("ACL", "DELUSER", "client:fed:alice")
+
+
+def test_urls_are_redacted_and_only_client_urls_lend_a_secret():
+    assert _redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert _redacted("redis://h:1/0") == "redis://h:1/0"
+    assert _url_password("redis://client%3Afed%3Aa:s%2F1@h/0") == "s/1"
+    assert _url_password("redis://worker:pw@h/0") is None
+    with pytest.raises(redis_lib.ConnectionError):
+        redis_lib.Redis(port=free_port(), socket_connect_timeout=0.5).ping()
