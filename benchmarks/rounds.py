@@ -16,6 +16,7 @@ quorum, and the round runs as the fleet runs it (plan, shards, commit). Per roun
   pull         a continuing client's pull of this round (a separate process): MB downloaded,
                seconds, peak RSS, and the size of its folded correction on disk
   compact      seconds of the compaction (every --checkpoint-every rounds), off the critical path
+  verdict      seconds an upload to another federation waits for its verdict while the round aggregates
 
 Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
 every worker count runs its own federation and the table compares their median round times.
@@ -39,31 +40,50 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chorus_mq.adapters import LoraSpec, ModelDecl  # noqa: E402
-from chorus_mq.adapters.delta import LocalAdapter, write_delta  # noqa: E402
-from chorus_mq.client import ChorusClient  # noqa: E402
-from chorus_mq.names import Strategy  # noqa: E402
-from chorus_mq.settings import Settings  # noqa: E402
-from chorus_mq.state import FederationConfig  # noqa: E402
-from tests.services import RedisServer  # noqa: E402
+from chorus_mq.adapters import LoraSpec, ModelDecl
+from chorus_mq.adapters.delta import LocalAdapter, write_delta
+from chorus_mq.client import ChorusClient
+from chorus_mq.names import Strategy
+from chorus_mq.settings import Settings
+from chorus_mq.state import FederationConfig
+from tests.services import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: preset -> (layers, [(module, d_out, d_in)])
 SHAPES = {
-    "llama-3.2-3b": (28, [("self_attn.q_proj", 3072, 3072), ("self_attn.k_proj", 1024, 3072),
-                          ("self_attn.v_proj", 1024, 3072), ("self_attn.o_proj", 3072, 3072),
-                          ("mlp.gate_proj", 8192, 3072), ("mlp.up_proj", 8192, 3072), ("mlp.down_proj", 3072, 8192)]),
-    "medium": (8, [("self_attn.q_proj", 2048, 2048), ("self_attn.v_proj", 2048, 2048),
-                   ("mlp.up_proj", 5632, 2048), ("mlp.down_proj", 2048, 5632)]),
+    "llama-3.2-3b": (
+        28,
+        [
+            ("self_attn.q_proj", 3072, 3072),
+            ("self_attn.k_proj", 1024, 3072),
+            ("self_attn.v_proj", 1024, 3072),
+            ("self_attn.o_proj", 3072, 3072),
+            ("mlp.gate_proj", 8192, 3072),
+            ("mlp.up_proj", 8192, 3072),
+            ("mlp.down_proj", 3072, 8192),
+        ],
+    ),
+    "medium": (
+        8,
+        [
+            ("self_attn.q_proj", 2048, 2048),
+            ("self_attn.v_proj", 2048, 2048),
+            ("mlp.up_proj", 5632, 2048),
+            ("mlp.down_proj", 2048, 5632),
+        ],
+    ),
     "small": (4, [("self_attn.q_proj", 256, 256), ("self_attn.v_proj", 256, 256)]),
 }
 
 
 def modules(preset: str) -> dict[str, tuple[int, int]]:
     layers, per_layer = SHAPES[preset]
-    return {f"base_model.model.model.layers.{i}.{name}": (d_out, d_in)
-            for i in range(layers) for name, d_out, d_in in per_layer}
+    return {
+        f"base_model.model.model.layers.{i}.{name}": (d_out, d_in)
+        for i in range(layers)
+        for name, d_out, d_in in per_layer
+    }
 
 
 @dataclass
@@ -77,6 +97,7 @@ class Row:
     pull_s: float = 0.0
     pull_rss_mb: float = 0.0
     correction_mb: float = 0.0
+    verdict_s: float | None = None
     compact_s: float | None = None
     shards: int = 0
 
@@ -89,12 +110,32 @@ class Deployment:
     procs: list[subprocess.Popen] = field(default_factory=list)
     aggregators: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, role: str, *, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self, role: str, *, concurrency: int | None = None, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """``chorus-mq worker --role ROLE`` (its default concurrency: the cores, unless given)."""
         log = open(self.workdir / f"{role}-{len(self.procs)}.log", "w")  # noqa: SIM115 - lives with the process
-        proc = subprocess.Popen([sys.executable, "-m", "chorus_mq.cli", "worker", "--role", role, "-c", "1",
-                                 "-l", "WARNING", "--hostname", f"{role}{len(self.procs)}@%h"],
-                                env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, start_new_session=True)
+        extra = ["-c", str(concurrency)] if concurrency else []
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chorus_mq.cli",
+                "worker",
+                "--role",
+                role,
+                *extra,
+                "-l",
+                "WARNING",
+                "--hostname",
+                f"{role}{len(self.procs)}@%h",
+            ],
+            env={**self.env, **(extra_env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         if role == "aggregate":
             self.aggregators.append(proc)
@@ -152,8 +193,8 @@ def make_delta(path: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: 
     for name, (d_out, d_in) in shapes.items():
         tensors[f"{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
         tensors[f"{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) / rank**0.5
-    spec = LoraSpec(r=rank, lora_alpha=2.0 * rank, target_modules=tuple(sorted({n.rsplit(".", 1)[1] for n in shapes})),
-                    task_type="CAUSAL_LM")
+    targets = tuple(sorted({n.rsplit(".", 1)[1] for n in shapes}))
+    spec = LoraSpec(r=rank, lora_alpha=2.0 * rank, target_modules=targets, task_type="CAUSAL_LM")
     write_delta(LocalAdapter(spec, tensors), path)
     return path
 
@@ -173,16 +214,59 @@ print(json.dumps({{"seconds": took, "bytes": down, "rss_kb": resource.getrusage(
 
 
 def pull_in_subprocess(dep: Deployment, federation: str, out: Path, r: int) -> dict[str, float]:
-    code = _PULL.format(root=str(ROOT), url=dep.env["CHORUS_REDIS_URL"], store=dep.env["CHORUS_STORE"],
-                        fed=federation, out=str(out), round=r)
+    code = _PULL.format(
+        root=str(ROOT),
+        url=dep.env["CHORUS_REDIS_URL"],
+        store=dep.env["CHORUS_STORE"],
+        fed=federation,
+        out=str(out),
+        round=r,
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dep.env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_federation(dep: Deployment, sdk: ChorusClient, name: str, args: argparse.Namespace, shapes: dict,
-                   *, pull: bool, echo: bool) -> list[Row]:
-    config = FederationConfig(name=name, base_model=args.shapes, quorum=args.clients, strategy=Strategy(args.strategy),
-                              checkpoint_every=args.checkpoint_every, max_client_weight=1.0)
+class Probe:
+    """A small federation beside the benchmark's: how long an upload's verdict takes while a round aggregates."""
+
+    def __init__(self, sdk: ChorusClient, workdir: Path):
+        shapes = modules("small")
+        decl = ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM")
+        sdk.create_federation(FederationConfig(name="probe", base_model="small", quorum=10_000), model=decl)
+        # one client per benchmark round: the probe's own round never fills, and nobody uploads twice to it
+        self.clients = [
+            ChorusClient(sdk.settings, secret=sdk.add_client("probe", f"p{r}").secret) for r in range(1, 101)
+        ]
+        self.shapes, self.workdir = shapes, workdir
+
+    def upload(self, r: int) -> float:
+        path = make_delta(self.workdir / "probe.safetensors", self.shapes, 4, seed=r)
+        started = time.perf_counter()
+        self.clients[(r - 1) % len(self.clients)].upload(
+            "probe", path, f"p{(r - 1) % len(self.clients) + 1}", timeout=600
+        )
+        return time.perf_counter() - started
+
+
+def run_federation(
+    dep: Deployment,
+    sdk: ChorusClient,
+    name: str,
+    args: argparse.Namespace,
+    shapes: dict,
+    *,
+    pull: bool,
+    echo: bool,
+    probe: Probe | None = None,
+) -> list[Row]:
+    config = FederationConfig(
+        name=name,
+        base_model=args.shapes,
+        quorum=args.clients,
+        strategy=Strategy(args.strategy),
+        checkpoint_every=args.checkpoint_every,
+        max_client_weight=1.0,
+    )
     sdk.create_federation(config, model=ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM"))
     secrets = [sdk.add_client(name, f"c{i}").secret for i in range(args.clients)]
     clients = [ChorusClient(sdk.settings, secret=s) for s in secrets]
@@ -191,26 +275,33 @@ def run_federation(dep: Deployment, sdk: ChorusClient, name: str, args: argparse
     pulled = dep.workdir / f"pulled-{name}"
     rows = []
     for r in range(1, args.rounds + 1):
-        paths = [make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i)
-                 for i in range(args.clients)]
+        paths = [
+            make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i) for i in range(args.clients)
+        ]
         for i, path in enumerate(paths[:-1]):
             clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600)
         reset_peaks(dep.aggregators)
         clients[-1].upload(name, paths[-1], f"c{args.clients - 1}", dataset_size=100.0 + args.clients, timeout=600)
+        verdict = probe.upload(r) if probe else None  # another federation's upload while this round aggregates
         sdk.wait_round(name, r, timeout=1800)
         info = sdk.state.round(name, r)
         if info.state != "complete":
             raise SystemExit(f"round {r} ended {info.state}: {info.reason}")
         manifest = json.loads(sdk.store.get_bytes(info.manifest))
-        row = Row(round=r, seconds=(info.completed_at or 0) - (info.agg_started or 0),
-                  phases={k: manifest["timings"].get(k, 0.0) for k in ("fetch", "math", "write", "commit")},
-                  rss_mb=peak_rss_mb(dep.aggregators),
-                  written_mb=(manifest["adapter_bytes"] + manifest["residual_bytes"]) / 2**20,
-                  shards=len(manifest["shards"]))
+        row = Row(
+            round=r,
+            seconds=(info.completed_at or 0) - (info.agg_started or 0),
+            phases={k: manifest["timings"].get(k, 0.0) for k in ("fetch", "math", "write", "commit")},
+            rss_mb=peak_rss_mb(dep.aggregators),
+            written_mb=(manifest["adapter_bytes"] + manifest["residual_bytes"]) / 2**20,
+            shards=len(manifest["shards"]),
+            verdict_s=verdict,
+        )
         if pull:
             got = pull_in_subprocess(dep, name, pulled, r)
             row.pull_mb, row.pull_s, row.pull_rss_mb = got["bytes"] / 2**20, got["seconds"], got["rss_kb"] / 1024
-            row.correction_mb = (pulled / "cumulative_residual.safetensors").stat().st_size / 2**20
+            parts = [pulled / "cumulative_residual.safetensors", *(pulled / "increments").glob("*.safetensors")]
+            row.correction_mb = sum(p.stat().st_size for p in parts) / 2**20
         if args.checkpoint_every and r % args.checkpoint_every == 0:
             row.compact_s = _wait_snapshot(sdk, name, r)
         _forget_inputs(dep, name)
@@ -239,29 +330,39 @@ def _forget_inputs(dep: Deployment, name: str) -> None:
             path.unlink()
 
 
-HEADER = (f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
-          f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
-          f"{'compact':>8}")
+HEADER = (
+    f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
+    f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
+    f"{'compact':>8}"
+)
 
 
 def _format(row: Row) -> str:
     p = row.phases
     compact = f"{row.compact_s:7.2f}s" if row.compact_s is not None else f"{'-':>8}"
-    return (f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
-            f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
-            f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.0f}MB {compact}")
+    verdict = f"{row.verdict_s:7.2f}s" if row.verdict_s is not None else f"{'-':>8}"
+    return (
+        f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
+        f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
+        f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.0f}MB {compact} "
+        f"{verdict}"
+    )
 
 
 def summary(rows: list[Row]) -> None:
     secs = [r.seconds for r in rows]
     rss = [r.rss_mb for r in rows]
-    print(f"median quorum→done {statistics.median(secs):.2f}s (round 1 {secs[0]:.2f}s, round {rows[-1].round} "
-          f"{secs[-1]:.2f}s, ratio {secs[-1] / secs[0]:.2f}); worker peak RSS median {statistics.median(rss):.0f}MB, "
-          f"max {max(rss):.0f}MB (ratio last/first {rss[-1] / rss[0]:.2f})")
+    print(
+        f"median quorum→done {statistics.median(secs):.2f}s (round 1 {secs[0]:.2f}s, round {rows[-1].round} "
+        f"{secs[-1]:.2f}s, ratio {secs[-1] / secs[0]:.2f}); worker peak RSS median {statistics.median(rss):.0f}MB, "
+        f"max {max(rss):.0f}MB (ratio last/first {rss[-1] / rss[0]:.2f})"
+    )
     if any(r.pull_s for r in rows):
         pulls = [r.pull_mb for r in rows]
-        print(f"continuing client's pull: median {statistics.median(pulls):.0f}MB, "
-              f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB")
+        print(
+            f"continuing client's pull: median {statistics.median(pulls):.0f}MB, "
+            f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB"
+        )
 
 
 def main() -> None:
@@ -272,17 +373,25 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--strategy", choices=Strategy.values(), default="fedex-lora")
     parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--workers", default=None,
-                        help="Comma-separated aggregate worker counts to compare (each worker --concurrency 1 "
-                             "and CHORUS_AGGREGATION_WORKERS=1), e.g. 1,2")
+    parser.add_argument(
+        "--workers",
+        default=None,
+        help="Comma-separated aggregate worker counts to compare (each worker --concurrency 1 "
+        "and CHORUS_AGGREGATION_WORKERS=1), e.g. 1,2",
+    )
     parser.add_argument("--no-pull", action="store_true", help="Skip the continuing client's pulls.")
     args = parser.parse_args()
     shapes = modules(args.shapes)
     with tempfile.TemporaryDirectory(prefix="chorus-rounds-", dir=os.environ.get("CHORUS_BENCH_DIR")) as tmp:
         workdir = Path(tmp)
         redis = RedisServer(workdir / "redis", args=("--appendfsync", "everysec")).start()
-        env = {**os.environ, "CHORUS_REDIS_URL": redis.url, "CHORUS_STORE": f"file://{workdir}/store",
-               "CHORUS_SPOOL_DIR": str(workdir / "spool"), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "CHORUS_REDIS_URL": redis.url,
+            "CHORUS_STORE": f"file://{workdir}/store",
+            "CHORUS_SPOOL_DIR": str(workdir / "spool"),
+            "PYTHONUNBUFFERED": "1",
+        }
         dep = Deployment(workdir, redis, env)
         sdk = ChorusClient(Settings(redis_url=redis.url, store=env["CHORUS_STORE"]))
         try:
@@ -290,9 +399,9 @@ def main() -> None:
                 counts = [int(x) for x in args.workers.split(",")]
                 results = {}
                 for count in counts:
-                    dep.start("ingest")
+                    dep.start("ingest", concurrency=1)
                     for _ in range(count):
-                        dep.start("aggregate", extra_env={"CHORUS_AGGREGATION_WORKERS": "1"})
+                        dep.start("aggregate", concurrency=1, extra_env={"CHORUS_AGGREGATION_WORKERS": "1"})
                     time.sleep(8)
                     print(f"\n{count} aggregate worker(s), --concurrency 1, CHORUS_AGGREGATION_WORKERS=1")
                     print(HEADER)
@@ -307,11 +416,16 @@ def main() -> None:
             else:
                 dep.start("ingest")
                 dep.start("aggregate")
+                dep.start("compact")
                 time.sleep(8)
-                print(f"{args.shapes}: {len(shapes)} modules, N={args.clients}, r={args.rank}, {args.strategy}, "
-                      "default settings (one aggregate worker, one ingest worker)")
+                print(
+                    f"{args.shapes}: {len(shapes)} modules, N={args.clients}, r={args.rank}, {args.strategy}, "
+                    "default settings (`chorus-mq worker --role aggregate` and `--role ingest`, default concurrency)"
+                )
                 print(HEADER)
-                rows = run_federation(dep, sdk, "bench", args, shapes, pull=not args.no_pull, echo=True)
+                rows = run_federation(
+                    dep, sdk, "bench", args, shapes, pull=not args.no_pull, echo=True, probe=Probe(sdk, workdir)
+                )
                 summary(rows)
         finally:
             dep.stop()
@@ -325,8 +439,10 @@ def _model(results: dict[int, list[Row]], counts: list[int]) -> None:
     shard_work = statistics.median(r.phases["fetch"] + r.phases["math"] + r.phases["write"] for r in rows)
     serial = max(total - shard_work, 0.0)
     shards = rows[0].shards
-    print(f"\nmodel: T(W) ≈ serial {serial:.2f}s + shard work {shard_work:.2f}s / min(W, {shards} shards); "
-          "the store's write bandwidth bounds the write phase")
+    print(
+        f"\nmodel: T(W) ≈ serial {serial:.2f}s + shard work {shard_work:.2f}s / min(W, {shards} shards); "
+        "the store's write bandwidth bounds the write phase"
+    )
     for w in (1, 2, 4, 8, 16):
         t = serial + shard_work / min(w, shards)
         print(f"  W={w:>2}: {t:6.2f}s ({total / t:4.2f}x)")

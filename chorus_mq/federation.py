@@ -25,11 +25,14 @@ if TYPE_CHECKING:
     from .client import ChorusClient
 
 
-def create(sdk: ChorusClient, config: FederationConfig, *, model: ModelDecl,
-           initial_adapter: str | Path | None = None) -> FederationConfig:
+def create(
+    sdk: ChorusClient, config: FederationConfig, *, model: ModelDecl, initial_adapter: str | Path | None = None
+) -> FederationConfig:
     if not model.modules:
-        raise ConfigError("the declared model has no modules: give --base-model DIR (a local model directory) "
-                          "or --reference-adapter PATH")
+        raise ConfigError(
+            "the declared model has no modules: give --base-model DIR (a local model directory) "
+            "or --reference-adapter PATH"
+        )
     initial = None
     if initial_adapter is not None:
         initial = _publish_initial(sdk, config, model, Path(initial_adapter))
@@ -37,8 +40,7 @@ def create(sdk: ChorusClient, config: FederationConfig, *, model: ModelDecl,
     return config
 
 
-def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDecl,
-                     path: Path) -> tuple[str, str]:
+def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
     """Write the initial adapter as round 0's only shard and its manifest; returns (manifest key, sha256)."""
     import torch
 
@@ -52,8 +54,9 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
         if name not in model.modules:
             raise IncompatibleDelta(f"initial adapter module {name!r} is not in the declared model")
     if set(extras) != set(model.extras):
-        raise IncompatibleDelta(f"initial adapter extras {extras} differ from the declared task head "
-                                f"{sorted(model.extras)}")
+        raise IncompatibleDelta(
+            f"initial adapter extras {extras} differ from the declared task head {sorted(model.extras)}"
+        )
     items = sorted([*modules, *extras])
     layout = []
     tensors: dict[str, torch.Tensor] = {}
@@ -80,11 +83,27 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
             pass  # content-addressed
         size = local.stat().st_size
     peft = spec.replace(base_model=config.base_model).to_peft_config()
-    manifest = Manifest(federation=federation, round=0, epoch=0, strategy=str(config.strategy),
-                        base_model=config.base_model, adapter_config=peft, clients=(),
-                        shards=(ShardEntry(index=0, first=items[0], last=items[-1], items=len(items),
-                                           adapter=ObjectRef(key, sha, size), residual=None),),
-                        modules=len(modules), adapter_bytes=size)
+    manifest = Manifest(
+        federation=federation,
+        round=0,
+        epoch=0,
+        strategy=str(config.strategy),
+        base_model=config.base_model,
+        adapter_config=peft,
+        clients=(),
+        shards=(
+            ShardEntry(
+                index=0,
+                first=items[0],
+                last=items[-1],
+                items=len(items),
+                adapter=ObjectRef(key, sha, size),
+                residual=None,
+            ),
+        ),
+        modules=len(modules),
+        adapter_bytes=size,
+    )
     raw = manifest.to_json()
     mkey = manifest_key(federation, 0)
     try:
@@ -92,8 +111,10 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
     except ObjectExists:
         existing = sdk.store.get_bytes(mkey)
         if existing != raw:
-            raise ConfigError(f"the store already holds a different round-0 manifest at {mkey} (an earlier "
-                              f"federation named {federation!r}?); choose another name") from None
+            raise ConfigError(
+                f"the store already holds a different round-0 manifest at {mkey} (an earlier "
+                f"federation named {federation!r}?); choose another name"
+            ) from None
     return mkey, hashlib.sha256(raw).hexdigest()
 
 
@@ -107,11 +128,14 @@ def canonical_decl(decl: ModelDecl, model_dir: Path, task: TaskType | None) -> M
     except ImportError:  # pragma: no cover - the train extra brings it
         return decl
     config = json.loads((model_dir / "config.json").read_text())
-    auto = (transformers.AutoModelForSequenceClassification if task == TaskType.SEQ_CLS
-            else transformers.AutoModelForCausalLM)
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if task == TaskType.SEQ_CLS
+        else transformers.AutoModelForCausalLM
+    )
     model_config = transformers.AutoConfig.for_model(**config)
     try:
-        cls = auto._model_mapping[type(model_config)]  # noqa: SLF001 - the public API needs weights
+        cls = auto._model_mapping[type(model_config)]
     except KeyError:
         return decl
     prefix = getattr(cls, "base_model_prefix", "")

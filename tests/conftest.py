@@ -40,6 +40,7 @@ def any_redis(request):
     """The Lua scripts run on both: fakeredis for speed, a real server for truth."""
     if request.param == "fakeredis":
         import fakeredis
+
         yield fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
     else:
         yield request.getfixturevalue("real_redis")
@@ -61,14 +62,21 @@ def s3_bucket() -> str:
 def make_sdk(real_redis, redis_server, tmp_path):
     """``make_sdk(**settings)``: a ChorusClient whose uploads run the real tasks in this process
     (real redis-server, a file:// store, Celery tasks applied eagerly)."""
+
     def make(secret: str | None = None, **overrides) -> ChorusClient:
         overrides.setdefault("allow_unsigned", True)  # development mode unless a test is about identity
         overrides.setdefault("client_acl", "off")  # per-client Redis users are tested where they matter
-        settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", eager=True,
-                            spool_dir=str(tmp_path / "spool"), **overrides)
+        settings = Settings(
+            redis_url=redis_server.url,
+            store=f"file://{tmp_path}/store",
+            eager=True,
+            spool_dir=str(tmp_path / "spool"),
+            **overrides,
+        )
         rt = runtime.Runtime(settings, real_redis, open_store(settings.store, settings))
         runtime.install(rt)
         return ChorusClient(settings, redis=real_redis, store=rt.store, secret=secret)
+
     yield make
     runtime.install(None)
 

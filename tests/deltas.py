@@ -12,8 +12,12 @@ from chorus_mq.adapters import LoraSpec, write_safetensors
 def write_adapter(path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float = 8.0, extras=None):
     """A delta file with an embedded adapter_config; ``factors`` maps module path -> (A, B)."""
     rank = next(iter(factors.values()))[0].shape[0]
-    spec = LoraSpec(r=rank, lora_alpha=alpha, target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in factors})),
-                    modules_to_save=tuple(sorted({k.split(".")[2] for k in (extras or {})})))
+    spec = LoraSpec(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in factors})),
+        modules_to_save=tuple(sorted({k.split(".")[2] for k in (extras or {})})),
+    )
     tensors = {}
     for module, (A, B) in factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = A

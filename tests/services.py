@@ -20,12 +20,20 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server we own: tests may kill it, restart it (AOF keeps the data) or CLIENT KILL."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, args: tuple[str, ...] = (),
-                 username: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        args: tuple[str, ...] = (),
+        username: str | None = None,
+        password: str | None = None,
+    ):
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed: install the Debian package redis-server "
-                               "(.ci/run does this)")
+            raise RuntimeError(
+                "redis-server is not installed: install the Debian package redis-server (.ci/run does this)"
+            )
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
@@ -41,18 +49,34 @@ class RedisServer:
         auth = f"{username}:{password}@" if username else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+                "--maxmemory-policy",
+                "noeviction",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if redis.Redis(port=self.port, socket_timeout=1, username=self.username,
-                               password=self.password).ping():
+                if redis.Redis(port=self.port, socket_timeout=1, username=self.username, password=self.password).ping():
                     return self
             except redis.ConnectionError:
                 time.sleep(0.05)

@@ -23,13 +23,18 @@ def ref(tmp_path):
 @pytest.fixture
 def cli(real_redis, redis_server, tmp_path, make_sdk):
     make_sdk()  # tasks of this process run against this Redis and store
-    env = {"CHORUS_REDIS_URL": redis_server.url, "CHORUS_STORE": f"file://{tmp_path}/store", "CHORUS_EAGER": "true",
-           "CHORUS_SPOOL_DIR": str(tmp_path / "spool")}
+    env = {
+        "CHORUS_REDIS_URL": redis_server.url,
+        "CHORUS_STORE": f"file://{tmp_path}/store",
+        "CHORUS_EAGER": "true",
+        "CHORUS_SPOOL_DIR": str(tmp_path / "spool"),
+    }
 
     def run(*args, code=0):
         res = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
         assert res.exit_code == code, res.output
         return res
+
     return run
 
 
@@ -37,11 +42,17 @@ def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path, ref):
     res = cli("status", "--federation", "nope", code=4)
     assert res.output.count("\n") == 1 and "no federation named 'nope'" in res.output
     cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", "--reference-adapter", ref)
-    assert "already exists" in cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3",
-                                   "--reference-adapter", ref, code=5).output
+    assert (
+        "already exists"
+        in cli(
+            "federation", "create", "fed", "--base-model", "m", "--quorum", "3", "--reference-adapter", ref, code=5
+        ).output
+    )
     assert "no complete round" in cli("pull", "--federation", "fed", "--output", str(tmp_path / "o"), code=4).output
-    assert "Invalid value" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1",
-                                  "--strategy", "mean", code=2).output
+    assert (
+        "Invalid value"
+        in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1", "--strategy", "mean", code=2).output
+    )
     assert "declare" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1", code=2).output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
@@ -50,11 +61,29 @@ def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path, ref):
 
 
 def test_round_flow_status_history_and_manual_close(cli, tmp_path, ref):
-    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "3", "--min-quorum", "2",
-        "--reference-adapter", ref)
+    cli(
+        "federation",
+        "create",
+        "fed",
+        "--base-model",
+        "m",
+        "--quorum",
+        "3",
+        "--min-quorum",
+        "2",
+        "--reference-adapter",
+        ref,
+    )
     for i in range(2):
-        out = cli("upload", "--federation", "fed", "--adapter",
-                  str(write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i))), "--client-id", f"c{i}").output
+        out = cli(
+            "upload",
+            "--federation",
+            "fed",
+            "--adapter",
+            str(write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i))),
+            "--client-id",
+            f"c{i}",
+        ).output
         assert out.startswith("accepted")
     status = json.loads(cli("status", "--federation", "fed", "--json").output)
     assert (status["current_round"], status["deltas"], status["quorum"], status["state"]) == (1, 2, 3, "open")
@@ -68,8 +97,15 @@ def test_round_flow_status_history_and_manual_close(cli, tmp_path, ref):
 
 def test_watch_replays_and_resumes_after_an_id(cli, tmp_path, ref):
     cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
-    cli("upload", "--federation", "fed", "--adapter", str(write_adapter(tmp_path / "a.safetensors", random_factors(0))),
-        "--client-id", "a")
+    cli(
+        "upload",
+        "--federation",
+        "fed",
+        "--adapter",
+        str(write_adapter(tmp_path / "a.safetensors", random_factors(0))),
+        "--client-id",
+        "a",
+    )
     lines = cli("watch", "--federation", "fed", "--json", "--from-start", "--until-round", "1").output.splitlines()
     events = [json.loads(line) for line in lines]
     types = [e["type"] for e in events]

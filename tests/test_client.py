@@ -46,8 +46,9 @@ def test_no_verdict_names_the_likely_causes(real_redis, redis_server, tmp_path):
 
 
 def test_an_unreachable_redis_is_one_clear_error_that_says_retrying_is_safe(tmp_path):
-    sdk = ChorusClient(Settings(redis_url=f"redis://user:hunter2@127.0.0.1:{free_port()}/0",
-                                store=f"file://{tmp_path}/store"))
+    sdk = ChorusClient(
+        Settings(redis_url=f"redis://user:hunter2@127.0.0.1:{free_port()}/0", store=f"file://{tmp_path}/store")
+    )
     with pytest.raises(ServiceUnavailable, match="retrying the same command is safe") as err:
         sdk.status("fed")
     assert "hunter2" not in str(err.value)

@@ -26,9 +26,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
 
 #: the services that run the chorus-mq image (its ENTRYPOINT is `chorus-mq`)
-CHORUS_SERVICES = ("worker-ingest", "worker-aggregate", "beat", "operator")
+CHORUS_SERVICES = ("worker-ingest", "worker-aggregate", "worker-compact", "beat", "operator")
 #: the long-running chorus-mq services: the same settings, the `worker` Redis user
-FLEET = ("worker-ingest", "worker-aggregate", "beat")
+FLEET = ("worker-ingest", "worker-aggregate", "worker-compact", "beat")
 #: the only services that may see MinIO's root keys
 MINIO_ADMINS = {"minio", "minio-init", "mc"}
 
@@ -163,7 +163,7 @@ def test_healthchecks(services):
     assert redis_check[redis_check.index("--user") + 1] == "health"
     assert redis_check[redis_check.index("--pass") + 1] == _password("health")
     assert services["minio"]["healthcheck"]["test"][-3:] == ["mc", "ready", "local"]
-    for name in ("worker-ingest", "worker-aggregate"):
+    for name in ("worker-ingest", "worker-aggregate", "worker-compact"):
         check = " ".join(services[name]["healthcheck"]["test"])
         assert "chorus_mq.workers.app inspect ping" in check and "$$HOSTNAME" in check, name
 
@@ -171,8 +171,9 @@ def test_healthchecks(services):
 # -- workers ---------------------------------------------------------------------------------------
 
 
-def test_ingest_and_aggregate_workers_are_separate_scalable_services(services):
-    for name, role in (("worker-ingest", "ingest"), ("worker-aggregate", "aggregate")):
+def test_ingest_aggregate_and_compact_workers_are_separate_scalable_services(services):
+    for name, role in (("worker-ingest", "ingest"), ("worker-aggregate", "aggregate"),
+                       ("worker-compact", "compact")):
         service = services[name]
         ctx = parse_cli(_command(service))
         assert ctx.command.name == "worker" and ctx.params["role"] == role, name

@@ -29,8 +29,10 @@ def _round_update(pulled, clients: dict[str, dict], weights: dict[str, float]) -
     out = {}
     for module in MODULES:
         key = f"base_model.model.{module}"
-        truth = sum(weights[c] * (8.0 / f[module][0].shape[0]) * f[module][1].double() @ f[module][0].double()
-                    for c, f in clients.items())
+        truth = sum(
+            weights[c] * (8.0 / f[module][0].shape[0]) * f[module][1].double() @ f[module][0].double()
+            for c, f in clients.items()
+        )
         A, B = tensors[f"{key}.lora_A.weight"].double(), tensors[f"{key}.lora_B.weight"].double()
         out[key] = truth - spec.scaling(key, A.shape[0]) * B @ A
     return out

@@ -23,11 +23,18 @@ def test_the_python_example_runs(make_sdk, redis_server, tmp_path, monkeypatch, 
     secret = admin.add_client("demo", "hospital-a").secret
     monkeypatch.chdir(tmp_path)
     factors = random_factors(0)
-    write_peft_adapter(tmp_path / "my-adapter", {f"base_model.model.{m}": (A, B, 2.0) for m, (A, B) in factors.items()},
-                       LoraSpec(r=4, lora_alpha=8, target_modules=("q", "v")))
-    for key, value in {"CHORUS_REDIS_URL": redis_server.url, "CHORUS_STORE": admin.settings.store,
-                       "CHORUS_EAGER": "true", "CHORUS_SPOOL_DIR": str(tmp_path / "spool"),
-                       "CHORUS_CLIENT_SECRET": secret}.items():
+    write_peft_adapter(
+        tmp_path / "my-adapter",
+        {f"base_model.model.{m}": (A, B, 2.0) for m, (A, B) in factors.items()},
+        LoraSpec(r=4, lora_alpha=8, target_modules=("q", "v")),
+    )
+    for key, value in {
+        "CHORUS_REDIS_URL": redis_server.url,
+        "CHORUS_STORE": admin.settings.store,
+        "CHORUS_EAGER": "true",
+        "CHORUS_SPOOL_DIR": str(tmp_path / "spool"),
+        "CHORUS_CLIENT_SECRET": secret,
+    }.items():
         monkeypatch.setenv(key, value)
     exec(compile(block.group(1), str(README), "exec"), {})
     printed = capsys.readouterr().out.split()

@@ -12,12 +12,17 @@ from chorus_mq.simulate import run_simulation
 
 
 def test_compare_on_embedded_defaults():
-    res = CliRunner().invoke(main, ["simulate", "--clients", "3", "--rounds", "2", "--compare", "--json"],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        main, ["simulate", "--clients", "3", "--rounds", "2", "--compare", "--json"], catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
-    assert [(r["strategy"], r["round"]) for r in rows] == [("fedavg", 1), ("fedavg", 2), ("fedex-lora", 1),
-                                                           ("fedex-lora", 2)]
+    assert [(r["strategy"], r["round"]) for r in rows] == [
+        ("fedavg", 1),
+        ("fedavg", 2),
+        ("fedex-lora", 1),
+        ("fedex-lora", 2),
+    ]
     for row in rows:
         assert row["clients"] == 3
         if row["strategy"] == "fedex-lora":
@@ -29,8 +34,14 @@ def test_compare_on_embedded_defaults():
 
 @pytest.mark.services
 def test_against_real_redis_and_a_given_store(redis_server, tmp_path):
-    rows = run_simulation(clients=2, rounds=2, strategies=["svd"], redis_url=redis_server.url,
-                          store_url=f"file://{tmp_path}/store", echo=None)
+    rows = run_simulation(
+        clients=2,
+        rounds=2,
+        strategies=["svd"],
+        redis_url=redis_server.url,
+        store_url=f"file://{tmp_path}/store",
+        echo=None,
+    )
     assert [r["exact_error"] < 1e-6 for r in rows] == [True, True]
     assert any(p.name == "manifest.json" for p in (tmp_path / "store").rglob("*"))
     assert redis_server.client().smembers("chorus:federations")

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from chorus_mq.names import WorkerRole
 from chorus_mq.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +59,16 @@ class Deployment:
 
     def settings(self, **overrides: Any) -> Settings:
         """The Settings the deployment's processes build from ``env``, for in-process clients."""
-        values = {k.removeprefix("CHORUS_").lower(): v for k, v in self.env.items()
-                  if k.startswith("CHORUS_") and not k.startswith("CHORUS_FAULT_")}
+        values = {
+            k.removeprefix("CHORUS_").lower(): v
+            for k, v in self.env.items()
+            if k.startswith("CHORUS_") and not k.startswith("CHORUS_FAULT_")
+        }
         return Settings(**{**values, **overrides})
 
     def sdk(self, **overrides: Any):
         from chorus_mq.client import ChorusClient
+
         return ChorusClient(self.settings(**overrides))
 
     def redis(self) -> redis.Redis:
@@ -71,18 +76,32 @@ class Deployment:
 
     # -- the CLI ---------------------------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        res = subprocess.run([sys.executable, "-m", CLI, *args], env={**self.env, **(env or {})},
-                             capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            [sys.executable, "-m", CLI, *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            check=False,
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"chorus-mq {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
         return res
 
     def popen_cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", CLI, *args], env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", CLI, *args],
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -92,21 +111,48 @@ class Deployment:
         name = f"{kind}{len(self.procs)}-{uuid.uuid4().hex[:6]}"
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self.env, **(env or {})},
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
         proc.name = name
         proc.log_path = log_path
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, *extra: str, role: str = "all", env: dict[str, str] | None = None,
-                     concurrency: int = 1, faulty: bool = False, wait: bool = True) -> subprocess.Popen:
+    def start_worker(
+        self,
+        *extra: str,
+        role: WorkerRole | str = WorkerRole.ALL,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        faulty: bool = False,
+        wait: bool = True,
+    ) -> subprocess.Popen:
         """``chorus-mq worker --role ROLE`` in its own process group; ``faulty`` runs it through
         tests/faults/faulty_app. ``proc.hostname`` is its node name (its inbox pump's consumer name)."""
         hostname = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}"
-        proc = self._spawn("worker", FAULTY_CLI if faulty else CLI,
-                           ["worker", "--role", role, "--concurrency", str(concurrency), "-l", "INFO",
-                            "--hostname", f"{hostname}@%h", *extra], env)
+        proc = self._spawn(
+            "worker",
+            FAULTY_CLI if faulty else CLI,
+            [
+                "worker",
+                "--role",
+                str(role),
+                "--concurrency",
+                str(concurrency),
+                "-l",
+                "INFO",
+                "--hostname",
+                f"{hostname}@%h",
+                *extra,
+            ],
+            env,
+        )
         proc.hostname = hostname
         self.workers.append(proc)
         if wait:

@@ -18,7 +18,7 @@ from ..factors import Residual, factor_dense
 from .delta import DeltaFile, check_against_spec, check_module_name, check_pair, classify_key
 from .header import DEFAULT_MAX_HEADER_BYTES, strict_json
 from .residual import checked_residual
-from .spec import LoraSpec, default_targets, pattern_fit
+from .spec import LoraSpec, fit_spec
 from .writer import write_safetensors
 
 
@@ -52,23 +52,13 @@ def write_peft_adapter(
     if not modules:
         raise InvalidAdapter("no modules to write: a PEFT adapter needs at least one LoRA module")
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas = {}, {}
+    ranks, scalings = {}, {}
     for name, (A, B, scaling) in sorted(modules.items()):
         check_module_name(name)
         ranks[name] = check_pair(name, tuple(A.shape), tuple(B.shape)).r
-        alphas[name] = float(scaling) * ranks[name]
+        scalings[name] = float(scaling)
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = A, B
-    r, rank_pattern = pattern_fit(ranks)
-    alpha, alpha_pattern = pattern_fit(alphas)
-    targets = spec.target_modules or default_targets(modules)
-    out_spec = spec.replace(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=False,
-        target_modules=targets,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-    )
+    out_spec = fit_spec(spec, ranks, scalings)
     for name, r_module in ranks.items():  # a module peft would not target is silently dropped on load
         check_against_spec(name, r_module, out_spec)
     for key, tensor in (extras or {}).items():

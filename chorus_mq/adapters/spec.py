@@ -274,3 +274,19 @@ class LoraSpec:
 
 def _base_name(path: str | None) -> str:
     return (path or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def fit_spec(
+    template: LoraSpec,
+    ranks: Mapping[str, int],
+    scalings: Mapping[str, float],
+    targets: tuple[str, ...] | str | None = None,
+) -> LoraSpec:
+    """``template`` with per-module ranks and scalings expressed peft's way: the most common rank and alpha
+    as defaults plus exact-path patterns (alpha = scaling · rank, rsLoRA off). ``targets`` default to the
+    template's, or to the modules' last path components when it has none."""
+    r, rank_pattern = pattern_fit(dict(ranks))
+    alpha, alpha_pattern = pattern_fit({m: float(scalings[m]) * ranks[m] for m in ranks})
+    chosen = targets if targets is not None else (template.target_modules or default_targets(ranks))
+    return template.replace(r=r, lora_alpha=alpha, use_rslora=False, target_modules=chosen,
+                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)

@@ -310,7 +310,7 @@ class RoundState:
             args=[*self._args(federation, r, now), mode.value, repr(now + self.lease_s)],
         )
 
-    def finalize(  # noqa: PLR0917 (the contract's positional order)
+    def finalize(
         self,
         federation: str,
         r: int,

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from ..errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectMissing, StoreError, TooLarge
 from .keys import InvalidKey, check_key, check_sha256
@@ -96,7 +96,8 @@ class Store(abc.ABC):
             raise ConfigError(f"cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from exc
         with src:
             size = os.fstat(src.fileno()).st_size
-            self._put(key, src if progress is None else _Counting(src, progress), size, write_once)
+            source: BinaryIO = src if progress is None else cast(BinaryIO, _Counting(src, progress))
+            self._put(key, source, size, write_once)
 
     def copy(self, src_key: str, dst_key: str, *, if_etag: str | None = None) -> None:
         """Copy ``src_key`` to ``dst_key`` inside the store (S3 CopyObject; file: a hard link), write-once.

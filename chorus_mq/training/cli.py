@@ -6,17 +6,16 @@ Nothing heavy is imported here: torch, transformers and peft load when a command
 
 from __future__ import annotations
 
-import functools
 import json as json_lib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from chorus_mq.errors import ChorusError, ConfigError, ServiceUnavailable
-from chorus_mq.names import DPAccountant, ExportDtype, TaskType
+from chorus_mq.cli_base import client_of, one_line_errors
+from chorus_mq.errors import ConfigError
+from chorus_mq.names import DPAccountant, ExportDtype, LocalOptimizer, TaskType
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -26,33 +25,11 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _one_line_errors(fn: F) -> F:
-    """A ChorusError becomes one line on stderr and its exit code; service failures say a retry is safe."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ChorusError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except Exception as exc:
-            if type(exc).__module__.startswith(("redis", "botocore", "boto3")):
-                click.echo(f"error: {type(exc).__name__}: {exc} (retrying is safe: the work dir resumes)", err=True)
-                sys.exit(ServiceUnavailable.exit_code)
-            raise
-
-    return wrapper  # type: ignore[return-value]
+_one_line_errors = one_line_errors
 
 
 def _sdk(ctx: click.Context, secret: str | None) -> ChorusClient:
-    """The SDK with the settings of the environment and the main group's ``--redis-url``/``--store``."""
-    from chorus_mq.client import ChorusClient
-    from chorus_mq.settings import Settings
-
-    root = ctx.find_root().obj
-    overrides = {k: v for k, v in root.items() if v is not None} if isinstance(root, dict) else {}
-    return ChorusClient(Settings(**overrides), secret=secret)
+    return client_of(ctx, secret)
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -108,7 +85,19 @@ def _format(record: RoundRecord) -> str:
 @click.option("--steps-per-round", type=int, default=None, help="Optimizer steps per round (or --epochs).")
 @click.option("--epochs", type=float, default=None, help="Passes over the data per round (default: 1).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per step (DP: expected).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(LocalOptimizer.values()),
+    default=LocalOptimizer.ADAMW.value,
+    show_default=True,
+    help="Local optimizer.",
+)
+@click.option(
+    "--balance-labels",
+    is_flag=True,
+    help="seq-cls: logit adjustment by this client's label frequencies (for skewed local labels).",
+)
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text, truncated.")
 @click.option(
     "--lora-rank",
@@ -167,6 +156,8 @@ def train(
     epochs: float | None,
     batch_size: int,
     lr: float,
+    optimizer: str,
+    balance_labels: bool,
     max_length: int,
     lora_rank: int | None,
     lora_alpha: float | None,
@@ -206,6 +197,8 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        optimizer=optimizer,
+        balance_labels=balance_labels,
         max_length=max_length,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,

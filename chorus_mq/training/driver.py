@@ -28,7 +28,9 @@ from chorus_mq.names import (
     PULLED_DIR,
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
+    LocalOptimizer,
     RoundStatus,
+    Strategy,
     TaskType,
 )
 
@@ -168,6 +170,8 @@ def train_federation(
     target_modules: Sequence[str] | None = None,
     eval_data: str | Path | Examples | None = None,
     dp: DPConfig | None = None,
+    optimizer: str = "adamw",
+    balance_labels: bool = False,
     seed: int = 0,
     json: bool = False,
     progress: bool = True,
@@ -207,6 +211,8 @@ def train_federation(
         max_length=max_length,
         seed=seed,
         progress=progress and not json,
+        optimizer=LocalOptimizer(optimizer),
+        balance_labels=balance_labels,
     )
     ledger = None
     if dp is not None:
@@ -233,6 +239,7 @@ def train_federation(
         lora_alpha,
         tuple(target_modules) if target_modules else None,
         dp_seed,
+        keep_remainder=status.strategy != Strategy.STACK,
     )
     while _reconcile(sdk, federation, client_id, state, work) < rounds:
         started = time.monotonic()
@@ -306,6 +313,8 @@ class _Session:
     lora_alpha: float | None
     target_modules: tuple[str, ...] | None
     dp_seed: int | None
+    #: stack's global rank is the sum of its uploads': a client below it drops the remainder (see start_model)
+    keep_remainder: bool = True
 
     @property
     def pulled(self) -> Path:
@@ -323,7 +332,7 @@ class _Session:
         steps = self.config.planned_steps(len(self.examples))
         ledger = self.ledger
         report = ledger.report(r, steps) if ledger is not None else None  # refuses before training if over budget
-        model, _gap = start_model(
+        start_point = start_model(
             self.pulled if start is not None else None,
             self.model_dir,
             task=self.config.task,
@@ -332,7 +341,9 @@ class _Session:
             labels=self.labels,
             target_modules=self.target_modules,
             seed=self.config.seed + r,
+            keep_remainder=self.keep_remainder,
         )
+        model = start_point.model
         round_config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + r})
         privacy = (ledger.noise_multiplier, ledger.config.clip) if ledger is not None else None
         result = train_local(model, self.tokenizer, self.examples, round_config, privacy=privacy, dp_seed=self.dp_seed)
@@ -342,7 +353,7 @@ class _Session:
         staging = round_dir.with_name(round_dir.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)
-        save_adapter(model, staging / "adapter", base_model=self.model_dir.name)
+        save_adapter(model, staging / "adapter", base_model=self.model_dir.name, remainder=start_point.remainder)
         trained = Trained(r, start, round_dir / "adapter", result.loss, result.steps, result.examples, report)
         trained.save(staging)
         os.replace(staging, round_dir)  # the round's adapter appears whole or not at all

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, DataError
-from chorus_mq.names import TaskType
+from chorus_mq.names import ADAPTER_CONFIG, LocalOptimizer, TaskType
 
 from .data import Examples
-from .dp import DPReport, PrivateTraining, make_private
-from .model import normalise_adapter_config
+from .dp import PrivateTraining, make_private
+from .model import normalise_adapter_config, read_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +42,14 @@ class TrainConfig:
     max_length: int = 128
     seed: int = 0
     progress: bool = False
+    optimizer: LocalOptimizer = LocalOptimizer.ADAMW
+    #: seq-cls: train on logits shifted by the log of this client's label frequencies (logit adjustment), so
+    #: that a client with skewed labels learns the classes rather than its own prior
+    balance_labels: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", TaskType(self.task))
+        object.__setattr__(self, "optimizer", LocalOptimizer(self.optimizer))
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give --steps-per-round or --epochs, not both")
         if self.steps is not None and self.steps < 1:
@@ -75,7 +82,6 @@ class LocalResult:
     first_loss: float
     last_loss: float
     seconds: float
-    dp: DPReport | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,16 @@ def train_local(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("the model has no trainable parameters (load the adapter with trainable=True)")
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    if privacy is not None and config.balance_labels:
+        raise ConfigError(
+            "--balance-labels uses this client's exact label counts, which DP-SGD does not protect: "
+            "use one or the other"
+        )
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == LocalOptimizer.SGD:
+        optimizer = torch.optim.SGD(trainable, lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     private: PrivateTraining | None = None
     forward: Any = model
     if privacy is None:
@@ -182,6 +197,7 @@ def train_local(
             seed=dp_seed,
         )
         forward, optimizer, stream = private.module, private.optimizer, private.batches()
+    prior = label_log_prior(examples, model) if config.balance_labels and config.task == TaskType.SEQ_CLS else None
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
@@ -191,9 +207,10 @@ def train_local(
             for idx in islice(stream, steps):
                 if idx:
                     inputs = encode(tokenizer, [examples.texts[i] for i in idx], config.max_length)
-                    per_example, _ = example_losses(
-                        forward(**inputs).logits, inputs, _labels(examples, idx, config.task), config.task
-                    )
+                    logits = forward(**inputs).logits
+                    if prior is not None:
+                        logits = logits + prior
+                    per_example, _ = example_losses(logits, inputs, _labels(examples, idx, config.task), config.task)
                     loss = per_example.mean()
                     torch.autograd.backward(loss)
                     losses.append(float(loss.detach()))
@@ -213,6 +230,16 @@ def train_local(
     return LocalResult(
         steps, len(examples), sum(losses) / len(losses), losses[0], losses[-1], time.perf_counter() - started
     )
+
+
+def label_log_prior(examples: Examples, model: Any) -> torch.Tensor:
+    """log of the examples' label frequencies (add-one smoothed), one entry per class of the model's head."""
+    import torch
+
+    if examples.labels is None:
+        raise DataError("balancing labels needs labelled examples")
+    counts = torch.bincount(torch.tensor(examples.labels), minlength=int(model.config.num_labels)).double() + 1.0
+    return (counts / counts.sum()).log().float()
 
 
 def evaluate(
@@ -261,9 +288,43 @@ def predict(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path, *, base_model: str | None = None) -> Path:
-    """``save_pretrained`` the trained adapter (LoRA + head) into ``out_dir``: ready for ``sdk.upload``."""
+def save_adapter(
+    model: PeftModel,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    remainder: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Path:
+    """Save the trained adapter (LoRA + head) into ``out_dir``, ready for ``sdk.upload``.
+
+    ``remainder`` (from :class:`~.model.Start`) is the frozen part of the global update this
+    client kept in its base: appended to each module's factors, the upload is the client's whole
+    model (``[s·B | left] @ [A ; right]`` with scaling 1).
+    """
+    import torch
+
+    from chorus_mq.adapters import LoraSpec, write_peft_adapter
+
     out = Path(out_dir)
-    model.save_pretrained(str(out), save_embedding_layers=False)
+    if not remainder:
+        model.save_pretrained(str(out), save_embedding_layers=False)
+        normalise_adapter_config(out, base_model=base_model)
+        return out
+    with tempfile.TemporaryDirectory(prefix="chorus-adapter-") as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        factors, head, _targets = read_adapter(Path(tmp))
+        spec = LoraSpec.from_peft_config(json.loads((Path(tmp) / ADAPTER_CONFIG).read_text()))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name, (A, B, scaling) in factors.items():
+        if name in remainder:
+            left, right = remainder[name]
+            modules[name] = (
+                torch.cat([A.float(), right.float()]),
+                torch.cat([scaling * B.float(), left.float()], 1),
+                1.0,
+            )
+        else:
+            modules[name] = (A, B, scaling)
+    write_peft_adapter(out, modules, spec, head)
     normalise_adapter_config(out, base_model=base_model)
     return out

@@ -234,18 +234,21 @@ def adapter_head_rows(adapter_dir: str | Path) -> int | None:
 
 
 def fold_cumulative_residual(model: torch.nn.Module, pulled_dir: str | Path) -> int:
-    """Fold the pulled ``cumulative_residual.safetensors`` into ``model``'s weights (float32); return modules folded."""
+    """Fold a pulled directory's base correction into ``model``'s weights (float32); return modules folded.
+
+    The correction is ``cumulative_residual.safetensors`` plus the later rounds' increments that
+    ``pull`` keeps beside it until they outweigh it (``chorus_mq.local.iter_correction`` sums them).
+    """
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from chorus_mq.adapters import read_residual
+    from chorus_mq.local import iter_correction
 
-    path = Path(pulled_dir) / CUMULATIVE_FILE
-    if not path.exists():
+    if not (Path(pulled_dir) / CUMULATIVE_FILE).exists():
         return 0
-    residuals = read_residual(path)
+    folded = 0
     with torch.no_grad():
-        for name, residual in residuals.items():
+        for name, residual in iter_correction(Path(pulled_dir)):
             module = find_module(model, name)
             weight = module.weight
             if weight.dtype != torch.float32:
@@ -253,7 +256,8 @@ def fold_cumulative_residual(model: torch.nn.Module, pulled_dir: str | Path) -> 
                     f"refusing to fold the residual into a {weight.dtype} weight ({name}): load the base in float32"
                 )
             weight.copy_(residual.fold_into(weight, fan_in_fan_out=isinstance(module, Conv1D)))
-    return len(residuals)
+            folded += 1
+    return folded
 
 
 def find_module(model: torch.nn.Module, name: str) -> Any:
@@ -329,11 +333,23 @@ def check_adapter_loaded(model: PeftModel, adapter_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class StartGap:
-    """How far a client's start is from the global model: 0 unless its rank is below the global adapter's."""
+    """The part of the global update beyond a client's rank: 0 unless its rank is below the global adapter's."""
 
     modules: int
-    truncated: int
+    truncated: int  # modules whose global update has more directions than the client's rank
     relative: float  # largest ||G - G_r||_F / ||G||_F over modules (G: the global adapter's s·B·A)
+    kept: bool = True  # kept frozen in the client's model and upload (exact), or dropped
+
+
+@dataclass(frozen=True)
+class Start:
+    """A client's trainable starting model, and the frozen remainder its upload must carry."""
+
+    model: PeftModel
+    gap: StartGap
+    #: module -> (left (d_out, k), right (k, d_in)): the global update's directions beyond the client's rank,
+    #: folded (fp32) into this client's copy of the base and appended to its upload by ``save_adapter``
+    remainder: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def start_model(
@@ -346,23 +362,28 @@ def start_model(
     labels: Sequence[str] | None = None,
     target_modules: Sequence[str] | None = None,
     seed: int = 0,
-) -> tuple[PeftModel, StartGap]:
-    """A trainable PeftModel for the next round, with LoRA rank ``rank`` and scaling ``alpha / rank``.
+    keep_remainder: bool = True,
+) -> Start:
+    """A client's starting model for the next round: trainable LoRA of rank ``rank``, scaling ``alpha / rank``.
 
     Without ``rank`` it is :func:`exact_model` (trainable): the global adapter's own rank. With a
     rank at least the global adapter's, the global factors are kept and padded (new A rows from
-    peft's init, B columns zero): the start is still exact. With a lower rank each module starts
-    from the best rank-``rank`` approximation of the global update (the client's model is then
-    what it trains, so the federation stays exact; only this client's start is approximate,
-    as reported in the ``StartGap``). Without ``pulled_dir`` (a causal-lm federation created
-    without an initial adapter) it is a fresh LoRA on the base model, seeded.
+    peft's init, B columns zero). With a lower rank each module trains the top ``rank``
+    directions of the global update; the rest (the remainder) stays frozen: folded into this
+    client's base copy and appended to its upload, so the start is the global model and the
+    upload is the client's whole model (both exact; the upload has the global rank). With
+    ``keep_remainder=False`` the remainder is dropped instead (for ``stack``, whose global rank
+    is the sum of the uploads' and would otherwise multiply every round): the client then
+    starts from the best rank-``rank`` approximation. Without ``pulled_dir`` (a causal-lm
+    federation created without an initial adapter) it is a fresh LoRA on the base, seeded.
     """
     import torch
     from peft import get_peft_model
 
     task = TaskType(task)
     if pulled_dir is not None and rank is None:
-        return exact_model(pulled_dir, model_dir, task=task, trainable=True, labels=labels), StartGap(0, 0, 0.0)
+        model = exact_model(pulled_dir, model_dir, task=task, trainable=True, labels=labels)
+        return Start(model, StartGap(0, 0, 0.0), {})
     if pulled_dir is None and task == TaskType.SEQ_CLS:
         raise ConfigError(
             "a seq-cls federation needs an initial adapter (round 0) so that every client starts "
@@ -388,8 +409,8 @@ def start_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
-    gap = _load_start(model, global_factors, head_state)
-    return model, gap
+    gap, remainder = _load_start(model, global_factors, head_state, keep_remainder=keep_remainder)
+    return Start(model, gap, remainder)
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], dict[str, Any], tuple[str, ...]]:
@@ -413,38 +434,64 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], 
     return factors, head, tuple(spec.target_modules)
 
 
-def _load_start(model: PeftModel, factors: dict[str, tuple[Any, Any, float]], head: dict[str, Any]) -> StartGap:
-    """Write each module's starting factors (padded or truncated global ones) and the global head into ``model``."""
+def _load_start(
+    model: PeftModel, factors: dict[str, tuple[Any, Any, float]], head: dict[str, Any], *, keep_remainder: bool
+) -> tuple[StartGap, dict[str, tuple[Any, Any]]]:
+    """Write each module's starting factors and the global head into ``model``; fold kept remainders into its base."""
+    import torch
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers.pytorch_utils import Conv1D
+
+    from chorus_mq.factors import Residual
 
     current = get_peft_model_state_dict(model, save_embedding_layers=False)
     state = dict(head)
+    remainders: dict[str, tuple[Any, Any]] = {}
     truncated, worst = 0, 0.0
+    inner: Any = model.base_model.model
     for module, (A, B, scaling) in factors.items():
         fresh = current.get(f"{module}.lora_A.weight")
         if fresh is None:
             raise IncompatibleDelta(f"the global adapter's module {module!r} is not a LoRA module of this model")
-        inner: Any = model.base_model.model
         lora = inner.get_submodule(module.removeprefix(PEFT_PREFIX))
-        a_new, b_new, lost = fit_rank(A, B, scaling, fresh, float(lora.scaling["default"]))
-        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a_new, b_new
-        truncated += lost > 0
-        worst = max(worst, lost)
+        fit = fit_rank(A, B, scaling, fresh, float(lora.scaling["default"]))
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = fit.A, fit.B
+        if fit.lost > 0:
+            truncated += 1
+            worst = max(worst, fit.lost)
+            if keep_remainder and fit.remainder is not None:
+                left, right = fit.remainder
+                base_layer = lora.get_base_layer()
+                with torch.no_grad():
+                    folded = Residual(left=left, right=right).fold_into(
+                        base_layer.weight, fan_in_fan_out=isinstance(base_layer, Conv1D)
+                    )
+                    base_layer.weight.copy_(folded)
+                remainders[module] = (left, right)
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise IncompatibleDelta(f"{len(unexpected)} tensors of the global adapter fit nothing (first: {unexpected[0]})")
-    return StartGap(len(factors), truncated, worst)
+    return StartGap(len(factors), truncated, worst, kept=keep_remainder), remainders
 
 
-def fit_rank(
-    A: torch.Tensor, B: torch.Tensor, scaling: float, fresh_a: torch.Tensor, out_scaling: float
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+@dataclass(frozen=True)
+class RankFit:
+    """Starting factors at a client's rank, the relative size of what did not fit, and that remainder's factors."""
+
+    A: Any
+    B: Any
+    lost: float
+    remainder: tuple[Any, Any] | None = None  # (left, right), scaling 1
+
+
+def fit_rank(A: torch.Tensor, B: torch.Tensor, scaling: float, fresh_a: torch.Tensor, out_scaling: float) -> RankFit:
     """Factors ``(A', B')`` of rank ``fresh_a.shape[0]`` with ``out_scaling·B'A'`` closest to ``scaling·B·A``.
 
-    Returns them and the relative Frobenius error of the start (0 when the rank suffices).
-    Rows of ``A'`` the global update does not need keep their fresh init, with zero ``B'``
-    columns, so they start at zero and still train.
+    Also returns the relative Frobenius size of what does not fit (0 when the rank suffices) and
+    its exact factors, so ``out_scaling·B'A' + left @ right == scaling·B·A``. Rows of ``A'`` the
+    global update does not need keep their fresh init, with zero ``B'`` columns, so they start
+    at zero and still train.
     """
     import torch
 
@@ -460,7 +507,7 @@ def fit_rank(
         b_out = torch.zeros(B.shape[0], rank, dtype=torch.float64)
         a_out[:keep] = a64[:keep]
         b_out[:, :keep] = b64[:, :keep] * (scaling / out_scaling)
-        return a_out.float(), b_out.float(), 0.0
+        return RankFit(a_out.float(), b_out.float(), 0.0)
     # best rank-`rank` approximation of scaling·B·A through QR of each factor and an SVD of the r x r core
     qb, rb = torch.linalg.qr(b64)
     qa, ra = torch.linalg.qr(a64.T)
@@ -474,4 +521,7 @@ def fit_rank(
     b_out[:, dead] = 0.0
     total = float(s.square().sum())
     lost = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
-    return a_out.float(), b_out.float(), lost
+    tail = s[rank:].sqrt()
+    left = (qb @ u[:, rank:]) * tail
+    right = tail[:, None] * (vh[rank:] @ qa.T)
+    return RankFit(a_out.float(), b_out.float(), lost, (left.float(), right.float()))

@@ -14,8 +14,10 @@ Columns (per strategy and round):
                weighted average of the round's client models (base + cumulative residual +
                Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
                about 1e-6 for exact strategies, large for fedavg
-  start gap    largest relative distance of a client's start from the global update (clients
-               whose rank is below the global adapter's start from its best approximation)
+  remainder    largest relative size of the part of the global update beyond a client's LoRA rank
+               (ranks below the global adapter's): kept frozen in the client's model and appended to
+               its upload (exact), except for stack, whose rank would multiply: there it is dropped
+               and the client starts from the best approximation at its rank
   up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
   secs         wall time of the round: pulls, training, uploads, aggregation
   eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import CENTRALISED, RoundStatus, Strategy, TaskType
+from chorus_mq.names import CENTRALISED, LocalOptimizer, RoundStatus, Strategy, TaskType
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
@@ -63,7 +65,7 @@ class SimRow:
     accuracy: float
     loss: float
     exact_error: float | None = None
-    start_gap: float | None = None
+    remainder: float | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
@@ -93,6 +95,8 @@ class SimConfig:
     seed: int
     text_column: str = "text"
     label_column: str = "label"
+    optimizer: str = "adamw"
+    balance_labels: bool = False
 
     @property
     def per_round(self) -> int:
@@ -153,6 +157,8 @@ def run_model_simulation(
     examples_per_client: int | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    optimizer: str = "adamw",
+    balance_labels: bool = False,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -184,6 +190,8 @@ def run_model_simulation(
         seed=seed,
         text_column=text_column,
         label_column=label_column,
+        optimizer=str(LocalOptimizer(optimizer)),
+        balance_labels=balance_labels,
     )
     _check(config)
     show = None if as_json else echo
@@ -323,6 +331,8 @@ class _Runner:
             lr=cfg.lr,
             max_length=cfg.max_length,
             seed=seed,
+            optimizer=LocalOptimizer(cfg.optimizer),
+            balance_labels=cfg.balance_labels,
         )
 
     def _selected(self, fed: _Federation, r: int) -> tuple[int, list[_Client]]:
@@ -345,12 +355,12 @@ class _Runner:
         start, chosen = self._selected(fed, r)
         updates: list[tuple[str, Path]] = []
         up = down = 0
-        worst_gap = 0.0
+        worst_remainder = 0.0
         epsilon: float | None = None
         for client in chosen:
             pulled = client.workdir / "pulled"
             down += self._pull(fed, client, pulled, start)
-            model, gap = start_model(
+            start_point = start_model(
                 pulled,
                 self.model_dir,
                 task=TaskType.SEQ_CLS,
@@ -358,15 +368,19 @@ class _Runner:
                 alpha=2.0 * client.rank,
                 labels=self.labels,
                 seed=self.config.seed * 7919 + r,
+                keep_remainder=fed.strategy != Strategy.STACK,
             )
-            worst_gap = max(worst_gap, gap.relative)
+            model = start_point.model
+            worst_remainder = max(worst_remainder, start_point.gap.relative)
             train = self._train_config(self.config.seed * 7919 + r * 101 + client.index)
             privacy, report = None, None
             if client.ledger is not None:
                 report = client.ledger.report(r, train.planned_steps(len(client.examples)))
                 privacy = (client.ledger.noise_multiplier, client.ledger.config.clip)
             train_local(model, self.tokenizer, client.examples, train, privacy=privacy)
-            adapter = save_adapter(model, client.workdir / f"round-{r}", base_model=self.model_dir.name)
+            adapter = save_adapter(
+                model, client.workdir / f"round-{r}", base_model=self.model_dir.name, remainder=start_point.remainder
+            )
             if client.ledger is not None and report is not None:
                 client.ledger.commit(r, train.planned_steps(len(client.examples)))
                 epsilon = max(epsilon or 0.0, report.epsilon)
@@ -394,7 +408,7 @@ class _Runner:
         error = _max_error(self._logits(pulled_model), self._logits(oracle))
         score = self._evaluate(pulled_model)
         return SimRow(
-            fed.strategy, r, len(chosen), score.accuracy, score.loss, error, worst_gap, up, down, seconds, epsilon
+            fed.strategy, r, len(chosen), score.accuracy, score.loss, error, worst_remainder, up, down, seconds, epsilon
         )
 
     def _pull(self, fed: _Federation, client: _Client, pulled: Path, start: int) -> int:
@@ -431,6 +445,7 @@ class _Runner:
                 lr=cfg.lr,
                 max_length=cfg.max_length,
                 seed=cfg.seed + r,
+                optimizer=LocalOptimizer(cfg.optimizer),
             )
             train_local(model, self.tokenizer, pooled, train)
             seconds = time.perf_counter() - started
@@ -509,7 +524,7 @@ def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 _HEADER = (
-    f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'start gap':>9} "
+    f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'remainder':>9} "
     f"{'up KiB':>8} {'down KiB':>8} {'secs':>6} {'eps':>6}"
 )
 
@@ -520,7 +535,7 @@ def _format(row: SimRow) -> str:
 
     return (
         f"{row.strategy:<12} {row.round:>5} {row.clients:>7} {row.accuracy:>6.3f} {row.loss:>7.4f} "
-        f"{opt(row.exact_error, '.2e', 9)} {opt(row.start_gap, '.3f', 9)} {row.bytes_up / 1024:>8.0f} "
+        f"{opt(row.exact_error, '.2e', 9)} {opt(row.remainder, '.3f', 9)} {row.bytes_up / 1024:>8.0f} "
         f"{row.bytes_down / 1024:>8.0f} {row.seconds:>6.1f} {opt(row.epsilon, '.2f', 6)}"
     )
 

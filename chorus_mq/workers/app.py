@@ -9,8 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import kombu
 from celery import Celery
-from kombu import Queue as KombuQueue
 
 from ..names import TASK_QUEUES, Queue
 from ..settings import Settings, get_settings
@@ -23,8 +23,11 @@ def make_app(settings: Settings) -> Celery:
     # kombu scans for expired unacked messages only every interval x throttle seconds (100 s by
     # default), which would dwarf a short visibility timeout after a worker dies
     restore_every = min(max(settings.visibility_timeout // 10, 1), 10)
-    transport = {"visibility_timeout": settings.visibility_timeout, "unacked_restore_interval": restore_every,
-                 "unacked_restore_throttle": 1}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": restore_every,
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -41,7 +44,7 @@ def make_app(settings: Settings) -> Celery:
         # A killed pool child is retried a bounded number of times instead of acked and lost.
         task_retry_on_worker_lost=True,
         task_reject_on_worker_lost=False,
-        task_queues=[KombuQueue(q.value) for q in Queue],
+        task_queues=[kombu.Queue(q.value) for q in Queue],  # type: ignore[attr-defined,no-untyped-call]
         task_default_queue=Queue.INGEST.value,
         task_routes={task.value: {"queue": queue.value} for task, queue in TASK_QUEUES.items()},
         task_always_eager=settings.eager,

@@ -30,6 +30,7 @@ def run_beat(settings: Settings, *, stop: threading.Event | None = None, max_bac
     """Sweep forever (until ``stop`` is set or SIGTERM/SIGINT)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
+
         def _stop(signum: int, frame: FrameType | None) -> None:
             log.info("beat: signal %s, stopping", signum)
             stop.set()

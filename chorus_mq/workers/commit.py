@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from ..adapters import LoraSpec
-from ..adapters.spec import default_targets, pattern_fit
+from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
@@ -50,9 +50,13 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
             raw = rt.store.get_bytes(key)  # a concurrent commit won; adopt its manifest
     manifest = Manifest.from_json(raw)
     sha = hashlib.sha256(raw).hexdigest()
-    summary = {"clients": [c.client_id for c in manifest.clients], "excluded": manifest.excluded,
-               "strategy": manifest.strategy, "shards": len(manifest.shards),
-               "seconds": manifest.timings.get("quorum_to_commit")}
+    summary = {
+        "clients": [c.client_id for c in manifest.clients],
+        "excluded": manifest.excluded,
+        "strategy": manifest.strategy,
+        "shards": len(manifest.shards),
+        "seconds": manifest.timings.get("quorum_to_commit"),
+    }
     outcome = rt.state.finalize(federation, r, epoch, key, sha, summary)
     log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
     if outcome.status == "ok":
@@ -67,8 +71,9 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
     return outcome.status
 
 
-def build_manifest(rt: Runtime, federation: str, r: int, epoch: int, agg_started: float | None,
-                   commit_started: float) -> Manifest:
+def build_manifest(
+    rt: Runtime, federation: str, r: int, epoch: int, agg_started: float | None, commit_started: float
+) -> Manifest:
     config = rt.state.config(federation)
     raw_plan = rt.state.plan(federation, r)
     if raw_plan is None:
@@ -82,8 +87,11 @@ def build_manifest(rt: Runtime, federation: str, r: int, epoch: int, agg_started
     for k in range(len(plan.shards)):
         res = results[k]
         items = plan.shard_items(k)
-        shards.append(ShardEntry(index=k, first=items[0], last=items[-1], items=len(items), adapter=res.adapter,
-                                 residual=res.residual))
+        shards.append(
+            ShardEntry(
+                index=k, first=items[0], last=items[-1], items=len(items), adapter=res.adapter, residual=res.residual
+            )
+        )
         out.update(res.out)
         for phase in timings:
             timings[phase] += res.seconds.get(phase, 0.0)
@@ -93,37 +101,48 @@ def build_manifest(rt: Runtime, federation: str, r: int, epoch: int, agg_started
         timings["quorum_to_commit"] = round(max(0.0, time.time() - agg_started), 4)
     info = rt.state.round(federation, r)
     return Manifest(
-        federation=federation, round=r, epoch=epoch, strategy=str(config.strategy), base_model=config.base_model,
+        federation=federation,
+        round=r,
+        epoch=epoch,
+        strategy=str(config.strategy),
+        base_model=config.base_model,
         adapter_config=adapter_config(plan.template, out, config, plan.extras),
-        clients=tuple(ClientEntry(client_id=c, sha256=rec.sha256, dataset_size=rec.dataset_size,
-                                  weight=plan.weights.get(c, 0.0)) for c, rec in records.items()),
-        shards=tuple(shards), excluded=plan.excluded, clipped=plan.clip,
-        dp=_dp(config), selected=info.selected, modules=len(out),
+        clients=tuple(
+            ClientEntry(client_id=c, sha256=rec.sha256, dataset_size=rec.dataset_size, weight=plan.weights.get(c, 0.0))
+            for c, rec in records.items()
+        ),
+        shards=tuple(shards),
+        excluded=plan.excluded,
+        clipped=plan.clip,
+        dp=_dp(config),
+        selected=info.selected,
+        modules=len(out),
         adapter_bytes=sum(res.adapter_bytes for res in results.values()),
-        residual_bytes=sum(res.residual_bytes for res in results.values()), timings=timings,
+        residual_bytes=sum(res.residual_bytes for res in results.values()),
+        timings=timings,
     )
 
 
-def adapter_config(template: dict[str, Any], out: dict[str, tuple[int, float]], config: FederationConfig,
-                   extras: tuple[str, ...]) -> dict[str, Any]:
+def adapter_config(
+    template: dict[str, Any], out: dict[str, tuple[int, float]], config: FederationConfig, extras: tuple[str, ...]
+) -> dict[str, Any]:
     """The global adapter's PEFT config: the template's layout and task, per-module ranks and scalings
-    expressed as rank/alpha patterns (alpha = scaling · rank, rsLoRA off), the federation's base model."""
+    (``fit_spec``), the federation's base model, and modules_to_save only when the round has extras."""
     spec = LoraSpec.from_peft_config(template)
-    ranks = {m: rank for m, (rank, _) in out.items()}
-    alphas = {m: scaling * rank for m, (rank, scaling) in out.items()}
-    r, rank_pattern = pattern_fit(ranks)
-    alpha, alpha_pattern = pattern_fit(alphas)
-    targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules else \
-        default_targets(out)
-    modules_to_save = spec.modules_to_save if extras else ()
-    result = spec.replace(r=r, lora_alpha=alpha, use_rslora=False, target_modules=targets,
-                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model=config.base_model,
-                          modules_to_save=modules_to_save)
-    return result.to_peft_config()
+    # a regex stays; a list becomes the modules' own names (the union over clients may exceed one client's list)
+    targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules else None
+    fitted = fit_spec(spec, {m: rank for m, (rank, _) in out.items()}, {m: s for m, (_, s) in out.items()},
+                      targets=targets if targets is not None else default_targets(out))
+    return fitted.replace(base_model=config.base_model,
+                          modules_to_save=spec.modules_to_save if extras else ()).to_peft_config()
 
 
 def _dp(config: FederationConfig) -> dict[str, Any] | None:
     if not config.dp_noise_multiplier:
         return None
-    return {"noise_multiplier": config.dp_noise_multiplier, "clip_norm": config.clip_norm, "delta": config.dp_delta,
-            "quorum": config.quorum}
+    return {
+        "noise_multiplier": config.dp_noise_multiplier,
+        "clip_norm": config.clip_norm,
+        "delta": config.dp_delta,
+        "quorum": config.quorum,
+    }

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..layout import snapshot_key
 from ..names import RESIDUAL_FORMAT, EventType, RoundStatus
@@ -33,10 +35,13 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
     if upto in snapshots:
         return "exists"
     config = rt.state.config(federation)
-    lock = rt.redis.lock(rt.state.keys(federation).compaction, timeout=rt.settings.task_time_limit,
-                         blocking=False)
+    # a short lock, renewed while this runs: a compaction killed midway blocks the next one for one lease only
+    lock = rt.redis.lock(rt.state.keys(federation).compaction, timeout=rt.settings.aggregation_lease, blocking=False)
     if not lock.acquire():
         return "busy"  # another worker is on it; write-once objects make a second run harmless anyway
+    stop = threading.Event()
+    keeper = threading.Thread(target=_keep, args=(lock, stop, rt.settings.lease_renew_interval), daemon=True)
+    keeper.start()
     try:
         base = max((r for r in snapshots if r < upto), default=None)
         with tempfile.TemporaryDirectory(dir=rt.spool, prefix="compact-") as tmp:
@@ -47,8 +52,11 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
                 path = spool / "base.safetensors"
                 rt.store.download(rec.key, path, expected_sha256=rec.sha256)
                 parts.append(path)
-            rounds = [info.round for info in rt.state.rounds(federation)
-                      if (base or 0) < info.round <= upto and info.state == RoundStatus.COMPLETE]
+            rounds = [
+                info.round
+                for info in rt.state.rounds(federation)
+                if (base or 0) < info.round <= upto and info.state == RoundStatus.COMPLETE
+            ]
             for r in rounds:
                 manifest, _ = fetch_manifest(rt.state, rt.store, federation, r)
                 path = spool / f"residual-{r}.safetensors"
@@ -60,20 +68,50 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
                 out.file.close()
                 out.trusted_sha256 = fold_residuals(parts, out.path, dtype=config.snapshot_dtype)
             key, sha, size = out.result.key, out.result.sha256, out.result.size
-        record = SnapshotRecord(round=upto, key=key, sha256=sha, size=size, dtype=config.snapshot_dtype,
-                                base=base, rounds=len(rounds), created_at=time.time())
+        record = SnapshotRecord(
+            round=upto,
+            key=key,
+            sha256=sha,
+            size=size,
+            dtype=config.snapshot_dtype,
+            base=base,
+            rounds=len(rounds),
+            created_at=time.time(),
+        )
         stored = rt.state.add_snapshot(federation, record)
         seconds = time.perf_counter() - started
         METRICS.phase_seconds.labels(phase="compact").observe(seconds)
         METRICS.bytes_out.labels(task="compact").inc(size)
         EventLog(rt.redis, federation, rt.settings.events_maxlen, rt.state.scripts).emit(
-            EventType.SNAPSHOT_READY, upto, key=stored.key, sha256=stored.sha256, size=stored.size,
-            seconds=round(seconds, 3))
-        log.info("compacted %s up to round %s (%d increments, %d bytes) in %.2fs", federation, upto, len(rounds),
-                 size, seconds)
+            EventType.SNAPSHOT_READY,
+            upto,
+            key=stored.key,
+            sha256=stored.sha256,
+            size=stored.size,
+            seconds=round(seconds, 3),
+        )
+        log.info(
+            "compacted %s up to round %s (%d increments, %d bytes) in %.2fs",
+            federation,
+            upto,
+            len(rounds),
+            size,
+            seconds,
+        )
         return "ok"
     finally:
+        stop.set()
+        keeper.join(timeout=5)
         try:
             lock.release()
         except Exception:  # expired: fine, the objects are write-once
             log.debug("compaction lock of %s already released", federation)
+
+
+def _keep(lock: Any, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        try:
+            lock.reacquire()
+        except Exception as exc:  # lost it (expired, Redis blinked): the run goes on, write-once keeps it safe
+            log.warning("compaction lock could not be renewed: %s", exc)
+            return

@@ -36,8 +36,12 @@ def declared_model(rt: Runtime, federation: str, config: FederationConfig) -> De
     if found is None:
         modules = rt.state.modules(federation)
         extras = rt.state.extras(federation)
-        decl = ModelDecl(modules=modules, extras=extras, fan_in_fan_out=config.fan_in_fan_out,
-                         task_type=None if config.task_type is None else str(config.task_type))
+        decl = ModelDecl(
+            modules=modules,
+            extras=extras,
+            fan_in_fan_out=config.fan_in_fan_out,
+            task_type=None if config.task_type is None else str(config.task_type),
+        )
         found = Declared(decl=decl, modules=tuple(sorted(modules)), extras=tuple(sorted(extras)))
         if len(_cache) > 256:
             _cache.clear()

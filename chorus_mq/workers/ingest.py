@@ -45,8 +45,17 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 #: the delta (or its message) is bad: tell the client, never retry
-REJECTABLE = (ConfigError, InvalidAdapter, UnknownRound, RoundClosed, NotSelected, DuplicateDelta, DeltaEvicted,
-              ObjectMissing, AuthError)
+REJECTABLE = (
+    ConfigError,
+    InvalidAdapter,
+    UnknownRound,
+    RoundClosed,
+    NotSelected,
+    DuplicateDelta,
+    DeltaEvicted,
+    ObjectMissing,
+    AuthError,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,9 @@ class Verdict:
         return asdict(self)
 
 
-def ingest(rt: Runtime, federation: str, inbox_client: str | None, entry_id: str, raw: Any,
-           dispatch: Dispatcher) -> Verdict:
+def ingest(
+    rt: Runtime, federation: str, inbox_client: str | None, entry_id: str, raw: Any, dispatch: Dispatcher
+) -> Verdict:
     """Run the whole ingest of one inbox record (from ``inbox_client``'s own inbox, or the federation-wide one
     when None); transient failures raise so Celery retries."""
     try:
@@ -110,23 +120,28 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         raise Unauthenticated(str(exc)) from None
     r = auth.verify(rt, msg, msg.round or rt.state.current_round(msg.federation))
     if msg.dataset_size is not None and msg.dataset_size > rt.settings.max_dataset_size:
-        raise InvalidAdapter(f"dataset size {msg.dataset_size:g} is over the limit of "
-                             f"{rt.settings.max_dataset_size:g} (CHORUS_MAX_DATASET_SIZE)")
+        raise InvalidAdapter(
+            f"dataset size {msg.dataset_size:g} is over the limit of "
+            f"{rt.settings.max_dataset_size:g} (CHORUS_MAX_DATASET_SIZE)"
+        )
     _precheck_round(rt, msg, r)
 
     source = delta_key(msg.federation, msg.client_id, msg.sha256)
     decl = declared_model(rt, msg.federation, config)
     # file:// hashes the object in place; s3:// downloads it to the spool. The size limit is checked first.
-    with rt.store.local_copy(source, expected_sha256=msg.sha256, max_bytes=rt.settings.max_delta_bytes,
-                             spool_dir=rt.spool) as local:
+    with rt.store.local_copy(
+        source, expected_sha256=msg.sha256, max_bytes=rt.settings.max_delta_bytes, spool_dir=rt.spool
+    ) as local:
         etag = local.etag
         size = local.path.stat().st_size
         if size != msg.size:
             raise InvalidAdapter(f"object is {size} bytes but the message says {msg.size}")
-        with DeltaFile.open(local.path, max_header_bytes=rt.settings.max_header_bytes,
-                            max_tensors=decl.decl.max_tensors) as delta:
-            check_delta(delta, decl.decl, max_pattern_entries=rt.settings.max_pattern_entries,
-                        max_rank=rt.settings.max_rank)  # header only: before any tensor data is read
+        with DeltaFile.open(
+            local.path, max_header_bytes=rt.settings.max_header_bytes, max_tensors=decl.decl.max_tensors
+        ) as delta:
+            check_delta(
+                delta, decl.decl, max_pattern_entries=rt.settings.max_pattern_entries, max_rank=rt.settings.max_rank
+            )  # header only: before any tensor data is read
             index = build_index(delta)  # reads every tensor once: finite, digests, norms
     _check_norms(index, config)
     METRICS.bytes_in.labels(task="ingest").inc(size)
@@ -155,8 +170,10 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
     if reply.status == "closed":
         raise RoundClosed(_closed_reason(r, reply.detail))
     if reply.status == "evicted":
-        raise DeltaEvicted(f"the operator evicted this delta (sha256 {msg.sha256[:12]}...) from round {r}; it cannot "
-                           "come back into this round: upload another delta, or to the next round")
+        raise DeltaEvicted(
+            f"the operator evicted this delta (sha256 {msg.sha256[:12]}...) from round {r}; it cannot "
+            "come back into this round: upload another delta, or to the next round"
+        )
     if reply.status == "no_round":
         raise UnknownRound(f"federation {msg.federation!r} has no round {r}")
     if reply.status == "not_selected":
@@ -165,30 +182,41 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         dispatch.send(Task.ROUND, msg.federation, r, reply.epoch)
     METRICS.deltas.labels(outcome=reply.status, code="ok").inc()
     METRICS.phase_seconds.labels(phase="ingest").observe(time.perf_counter() - started)
-    log.info("delta %s/%s round %s: %s (%d/%s)", msg.federation, msg.client_id, r, reply.status, reply.n,
-             config.quorum)
+    log.info("delta %s/%s round %s: %s (%d/%s)", msg.federation, msg.client_id, r, reply.status, reply.n, config.quorum)
     return Verdict(True, msg.federation, r, msg.client_id, msg.upload_id, reply.status, epoch=reply.epoch)
 
 
 def _check_norms(index: DeltaIndex, config: FederationConfig) -> None:
     for module, entry in index.modules.items():
         if entry.norm > config.max_update_norm:
-            raise UpdateTooLarge(f"module {module!r}: update norm ||s·B·A|| = {entry.norm:.4g} is above the "
-                                 f"federation's bound {config.max_update_norm:g} (--max-update-norm)")
+            raise UpdateTooLarge(
+                f"module {module!r}: update norm ||s·B·A|| = {entry.norm:.4g} is above the "
+                f"federation's bound {config.max_update_norm:g} (--max-update-norm)"
+            )
 
 
-def _record(msg: IngestMessage, size: int, key: str, ikey: str, index_bytes: bytes, index: DeltaIndex,
-            declared: tuple[str, ...]) -> DeltaRecord:
+def _record(
+    msg: IngestMessage, size: int, key: str, ikey: str, index_bytes: bytes, index: DeltaIndex, declared: tuple[str, ...]
+) -> DeltaRecord:
     import hashlib
 
     ranks = [index.modules[m].rank for m in declared if m in index.modules]
     uniform = len(set(ranks)) == 1
     return DeltaRecord(
-        client_id=msg.client_id, sha256=msg.sha256, size=size, dataset_size=msg.dataset_size,
-        upload_id=msg.upload_id, ts=msg.ts, key=key, index_key=ikey,
-        index_sha256=hashlib.sha256(index_bytes).hexdigest(), modules=len(ranks),
-        present=present_bitmap(declared, index.modules), rank=ranks[0] if uniform else None,
-        ranks=None if uniform else tuple(ranks), bytes=tensor_bytes(index),
+        client_id=msg.client_id,
+        sha256=msg.sha256,
+        size=size,
+        dataset_size=msg.dataset_size,
+        upload_id=msg.upload_id,
+        ts=msg.ts,
+        key=key,
+        index_key=ikey,
+        index_sha256=hashlib.sha256(index_bytes).hexdigest(),
+        modules=len(ranks),
+        present=present_bitmap(declared, index.modules),
+        rank=ranks[0] if uniform else None,
+        ranks=None if uniform else tuple(ranks),
+        bytes=tensor_bytes(index),
         max_norm=max((e.norm for e in index.modules.values()), default=0.0),
         dp=None if msg.dp is None else msg.dp.model_dump(),
     )
@@ -205,16 +233,20 @@ def _precheck_round(rt: Runtime, msg: IngestMessage, r: int) -> None:
 
 def _closed_reason(r: int, state: str) -> str:
     if state == RoundStatus.AGGREGATING:
-        return (f"round {r} is closed: its quorum was reached and it is aggregating; "
-                f"upload to round {r + 1} once round_complete is announced")
+        return (
+            f"round {r} is closed: its quorum was reached and it is aggregating; "
+            f"upload to round {r + 1} once round_complete is announced"
+        )
     return f"round {r} is closed (state {state}); upload to the current round"
 
 
 def _not_selected_reason(rt: Runtime, msg: IngestMessage, r: int) -> str:
     nxt = rt.state.next_selected_round(msg.federation, msg.client_id, r)
     when = f"it is next selected in round {nxt}" if nxt else "it is not selected in the next 1000 rounds"
-    return (f"client {msg.client_id!r} was not selected for round {r} (client sampling: the workers draw "
-            f"the federation's clients_per_round clients each round); {when} if the set of clients stays the same")
+    return (
+        f"client {msg.client_id!r} was not selected for round {r} (client sampling: the workers draw "
+        f"the federation's clients_per_round clients each round); {when} if the set of clients stays the same"
+    )
 
 
 def _reject(rt: Runtime, msg: IngestMessage, exc: ChorusError) -> Verdict:
@@ -224,8 +256,13 @@ def _reject(rt: Runtime, msg: IngestMessage, exc: ChorusError) -> Verdict:
     log.warning("rejected delta %s/%s: %s", msg.federation, msg.client_id, reason)
     METRICS.deltas.labels(outcome="rejected", code=code).inc()
     EventLog(rt.redis, msg.federation, rt.settings.events_maxlen, rt.state.scripts).emit(
-        EventType.DELTA_REJECTED, msg.round or 0, client=msg.client_id, upload_id=msg.upload_id,
-        sha256=msg.sha256, reason=reason, code=code,
+        EventType.DELTA_REJECTED,
+        msg.round or 0,
+        client=msg.client_id,
+        upload_id=msg.upload_id,
+        sha256=msg.sha256,
+        reason=reason,
+        code=code,
     )
     return Verdict(False, msg.federation, msg.round, msg.client_id, msg.upload_id, code, reason)
 

@@ -42,19 +42,23 @@ class Heartbeat:
         interval = self.rt.settings.lease_renew_interval
         while not self._stop.wait(interval):
             if not self.renew():
-                log.warning("round %s/%s epoch %s was reclaimed; this run's results will be discarded",
-                            self.federation, self.round, self.epoch)
+                log.warning(
+                    "round %s/%s epoch %s was reclaimed; this run's results will be discarded",
+                    self.federation,
+                    self.round,
+                    self.epoch,
+                )
                 return
 
     def __enter__(self) -> Heartbeat:
         self.renew()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{self.federation}-{self.round}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.federation}-{self.round}", daemon=True)
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

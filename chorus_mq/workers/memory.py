@@ -42,4 +42,4 @@ def _mallopt(param: int, value: int) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(param, value) == 1
+    return bool(mallopt(param, value) == 1)

@@ -33,17 +33,22 @@ class Metrics:
 
 
 def _build() -> Metrics:
-    live = {"multiprocess_mode": "livesum"} if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else {}
     return Metrics(
         deltas=Counter("chorus_deltas", "Inbox records and deltas by outcome and reason code", ["outcome", "code"]),
         rounds=Counter("chorus_rounds", "Rounds by end state", ["state"]),
-        round_seconds=Histogram("chorus_round_seconds", "Seconds from a round's quorum to its commit",
-                                buckets=_PHASE_BUCKETS),
-        phase_seconds=Histogram("chorus_phase_seconds", "Seconds per aggregation phase (summed over a task)",
-                                ["phase"], buckets=_PHASE_BUCKETS),
+        round_seconds=Histogram(
+            "chorus_round_seconds", "Seconds from a round's quorum to its commit", buckets=_PHASE_BUCKETS
+        ),
+        phase_seconds=Histogram(
+            "chorus_phase_seconds",
+            "Seconds per aggregation phase (summed over a task)",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+        ),
         bytes_in=Counter("chorus_bytes_in", "Bytes read from the store by workers", ["task"]),
         bytes_out=Counter("chorus_bytes_out", "Bytes written to the store by workers", ["task"]),
-        shards_in_flight=Gauge("chorus_shards_in_flight", "Shard tasks running now", **live),
+        # livesum: the running shards of every live pool child, summed (only used in multiprocess mode)
+        shards_in_flight=Gauge("chorus_shards_in_flight", "Shard tasks running now", multiprocess_mode="livesum"),
     )
 
 
@@ -72,7 +77,7 @@ def serve(port: int, *, broker: Any, queues: list[str]) -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         from prometheus_client import REGISTRY
 

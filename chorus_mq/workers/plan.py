@@ -57,11 +57,20 @@ class Plan:
     @classmethod
     def from_json(cls, raw: str) -> Plan:
         d = json.loads(raw)
-        return cls(clients=tuple(d["clients"]), weights=dict(d["weights"]), items=tuple(d["items"]),
-                   extras=tuple(d["extras"]), shards=tuple((int(a), int(b)) for a, b in d["shards"]),
-                   strategy=d["strategy"], missing=d["missing"], out_rank=int(d["out_rank"]),
-                   template=dict(d["template"]), excluded=dict(d["excluded"]), clip=dict(d["clip"]),
-                   dp=bool(d["dp"]))
+        return cls(
+            clients=tuple(d["clients"]),
+            weights=dict(d["weights"]),
+            items=tuple(d["items"]),
+            extras=tuple(d["extras"]),
+            shards=tuple((int(a), int(b)) for a, b in d["shards"]),
+            strategy=d["strategy"],
+            missing=d["missing"],
+            out_rank=int(d["out_rank"]),
+            template=dict(d["template"]),
+            excluded=dict(d["excluded"]),
+            clip=dict(d["clip"]),
+            dp=bool(d["dp"]),
+        )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
         start, end = self.shards[k]
@@ -116,15 +125,25 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     items = tuple(sorted([*modules, *declared.extras]))
     sizes = [_item_bytes(item, declared, {c: records[c] for c in kept}, present) for item in items]
     shard_count = min(rt.settings.max_shards, len(items), max(1, math.ceil(sum(sizes) / rt.settings.shard_bytes)))
-    return Plan(clients=tuple(kept), weights={c: weights[c] for c in kept}, items=items, extras=declared.extras,
-                shards=balanced_ranges(sizes, shard_count), strategy=str(config.strategy),
-                missing=str(config.missing_modules), out_rank=config.out_rank,
-                template=_template(rt, records[kept[0]]), excluded=excluded, clip=clip,
-                dp=bool(config.dp_noise_multiplier))
+    return Plan(
+        clients=tuple(kept),
+        weights={c: weights[c] for c in kept},
+        items=items,
+        extras=declared.extras,
+        shards=balanced_ranges(sizes, shard_count),
+        strategy=str(config.strategy),
+        missing=str(config.missing_modules),
+        out_rank=config.out_rank,
+        template=_template(rt, records[kept[0]]),
+        excluded=excluded,
+        clip=clip,
+        dp=bool(config.dp_noise_multiplier),
+    )
 
 
-def _weights(rt: Runtime, federation: str, config: FederationConfig,
-             records: Mapping[str, DeltaRecord]) -> dict[str, float]:
+def _weights(
+    rt: Runtime, federation: str, config: FederationConfig, records: Mapping[str, DeltaRecord]
+) -> dict[str, float]:
     if config.dp_noise_multiplier:
         # the mechanism fixes public weights 1/quorum itself; these only order the clients
         return {c: 1.0 / len(records) for c in records}
@@ -142,8 +161,9 @@ def _weights(rt: Runtime, federation: str, config: FederationConfig,
     return policy_weights(claims, config.weights, registered=registered, cap=config.max_client_weight)
 
 
-def _item_bytes(item: str, declared: Declared, records: Mapping[str, DeltaRecord],
-                present: Mapping[str, frozenset[str]]) -> int:
+def _item_bytes(
+    item: str, declared: Declared, records: Mapping[str, DeltaRecord], present: Mapping[str, frozenset[str]]
+) -> int:
     if item in declared.decl.extras:
         return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * len(records)
     d_out, d_in = declared.decl.modules[item]

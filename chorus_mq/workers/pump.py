@@ -111,8 +111,10 @@ class InboxPump:
         """The federation-wide inbox and every registered client's own (a revoked client's too: what it left
         there is drained and counted as unauthenticated)."""
         inboxes = [Inbox(self.rt.redis, federation)]
-        inboxes += [Inbox(self.rt.redis, federation, info.client_id)
-                    for info in ClientRegistry(self.rt.redis, federation).list()]
+        inboxes += [
+            Inbox(self.rt.redis, federation, info.client_id)
+            for info in ClientRegistry(self.rt.redis, federation).list()
+        ]
         for inbox in inboxes:
             inbox.ensure_group()
         return inboxes

@@ -36,8 +36,10 @@ def load_index(rt: Runtime, record: DeltaRecord) -> DeltaIndex:
     raw = rt.store.get_bytes(record.index_key)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != record.index_sha256:
-        raise ChecksumMismatch(f"index {record.index_key} has sha256 {digest}, but {record.index_sha256} was "
-                               "recorded when the delta was accepted")
+        raise ChecksumMismatch(
+            f"index {record.index_key} has sha256 {digest}, but {record.index_sha256} was "
+            "recorded when the delta was accepted"
+        )
     index = DeltaIndex.from_json(raw)
     with _lock:
         _INDEX_CACHE[record.index_sha256] = index

@@ -27,22 +27,29 @@ class Screening:
     clip: dict[str, float] = field(default_factory=dict)
 
 
-def screen_round(rt: Runtime, records: Mapping[str, DeltaRecord], weights: Mapping[str, float],
-                 config: FederationConfig) -> Screening:
+def screen_round(
+    rt: Runtime, records: Mapping[str, DeltaRecord], weights: Mapping[str, float], config: FederationConfig
+) -> Screening:
     """Run the federation's robust policy over every module; memory stays one module x N clients."""
     inputs = RoundInputs(rt, records)
     clients = list(records)
-    policy = RobustPolicy(detect_outliers=bool(config.screen_outliers), z_threshold=config.outlier_z,
-                          clip_norm=config.clip_norm or None, aggregate=str(config.robust_aggregate),
-                          trim=config.trim)
+    policy = RobustPolicy(
+        detect_outliers=bool(config.screen_outliers),
+        z_threshold=config.outlier_z,
+        clip_norm=config.clip_norm or None,
+        aggregate=str(config.robust_aggregate),
+        trim=config.trim,
+    )
     acc = GramAccumulator(len(clients), policy)
     modules = sorted({m for c in clients for m in inputs.indexes[c].modules})
     for name in modules:
         acc.add(name, [inputs.update(c, name, 1.0) if name in inputs.indexes[c].modules else None for c in clients])
     res = acc.screen(weights=[weights[c] for c in clients])
     kept = set(res.kept)
-    screening = Screening(weights={c: float(res.weights[i]) for i, c in enumerate(clients) if i in kept},
-                          excluded={clients[i]: reason for i, reason in res.excluded.items()})
+    screening = Screening(
+        weights={c: float(res.weights[i]) for i, c in enumerate(clients) if i in kept},
+        excluded={clients[i]: reason for i, reason in res.excluded.items()},
+    )
     for i, c in enumerate(clients):
         for m, name in enumerate(res.modules):
             factor = float(res.clip_factors[i, m])

@@ -71,11 +71,15 @@ class ShardResult:
     def from_json(cls, raw: str) -> ShardResult:
         d = json.loads(raw)
         residual = d.get("residual")
-        return cls(adapter=ObjectRef.from_dict(d["adapter"]),
-                   residual=None if residual is None else ObjectRef.from_dict(residual),
-                   out={k: (int(v[0]), float(v[1])) for k, v in d["out"].items()},
-                   residual_bytes=int(d["residual_bytes"]), adapter_bytes=int(d["adapter_bytes"]),
-                   bytes_in=int(d["bytes_in"]), seconds={k: float(v) for k, v in d["seconds"].items()})
+        return cls(
+            adapter=ObjectRef.from_dict(d["adapter"]),
+            residual=None if residual is None else ObjectRef.from_dict(residual),
+            out={k: (int(v[0]), float(v[1])) for k, v in d["out"].items()},
+            residual_bytes=int(d["residual_bytes"]),
+            adapter_bytes=int(d["adapter_bytes"]),
+            bytes_in=int(d["bytes_in"]),
+            seconds={k: float(v) for k, v in d["seconds"].items()},
+        )
 
 
 def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch: Dispatcher) -> str:
@@ -84,7 +88,12 @@ def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch
     if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
         log.info("skip shard %s/%s/%s epoch %s: state %s epoch %s", federation, r, k, epoch, info.state, info.epoch)
         return "stale"
-    if k in rt.state.shards(federation, r):
+    done = rt.state.shards(federation, r)
+    if k in done:
+        raw = rt.state.plan(federation, r)
+        if raw is not None and len(done) == len(Plan.from_json(raw).shards):
+            # every shard is in: the run that finished last may have died before enqueueing the commit
+            dispatch.send(Task.COMMIT, federation, r, epoch)
         return "done"
     raw_plan = rt.state.plan(federation, r)
     if raw_plan is None:
@@ -148,7 +157,8 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         residual_out = residual_file = None
         if residual_layout:
             residual_out = stack.enter_context(
-                rt.store.writer(lambda sha: shard_key(federation, r, k, "residual", sha)))
+                rt.store.writer(lambda sha: shard_key(federation, r, k, "residual", sha))
+            )
             residual_out.file.close()
             residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
         for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
@@ -189,9 +199,15 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     adapter_ref = _ref(adapter_out.result)
     residual_ref = _ref(residual_out.result) if residual_out is not None else None
     METRICS.bytes_out.labels(task="shard").inc(adapter_ref.size + (residual_ref.size if residual_ref else 0))
-    return ShardResult(adapter=adapter_ref, residual=residual_ref, out=out,
-                       residual_bytes=residual_bytes, adapter_bytes=adapter_bytes, bytes_in=inputs.bytes_read,
-                       seconds={k_: round(v, 4) for k_, v in seconds.items()})
+    return ShardResult(
+        adapter=adapter_ref,
+        residual=residual_ref,
+        out=out,
+        residual_bytes=residual_bytes,
+        adapter_bytes=adapter_bytes,
+        bytes_in=inputs.bytes_read,
+        seconds={k_: round(v, 4) for k_, v in seconds.items()},
+    )
 
 
 def _ref(written: Any) -> ObjectRef:
@@ -209,8 +225,7 @@ def _job(item: str, plan: Plan, inputs: RoundInputs, declared: Declared) -> _Job
     job = _Job(item, False, holders, absent=absent, shape=(d_out, d_in))
     if not plan.dp:
         metas = [_meta(inputs, c, item, plan.weights[c]) for c in holders]
-        layout = output_layout(plan.strategy, metas, d_out, d_in, absent_weight=absent,
-                               out_rank=_out_rank(plan))
+        layout = output_layout(plan.strategy, metas, d_out, d_in, absent_weight=absent, out_rank=_out_rank(plan))
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
     return job
 
@@ -237,8 +252,13 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
             continue
         updates = [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
         job.frozen_a = frozen_shared_a(updates)
-        layout = dp_layout([int(u.A.shape[0]) for u in updates], job.shape[0], job.shape[1],
-                           frozen_a=job.frozen_a, out_rank=plan.out_rank or None)
+        layout = dp_layout(
+            [int(u.A.shape[0]) for u in updates],
+            job.shape[0],
+            job.shape[1],
+            frozen_a=job.frozen_a,
+            out_rank=plan.out_rank or None,
+        )
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
 
 
@@ -260,8 +280,16 @@ def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, 
     return adapter, residual
 
 
-def _results(jobs: Sequence[_Job], inputs: RoundInputs, plan: Plan, config: FederationConfig, federation: str,
-             r: int, rt: Runtime, seconds: dict[str, float]) -> Iterator[tuple[_Job, Any, float]]:
+def _results(
+    jobs: Sequence[_Job],
+    inputs: RoundInputs,
+    plan: Plan,
+    config: FederationConfig,
+    federation: str,
+    r: int,
+    rt: Runtime,
+    seconds: dict[str, float],
+) -> Iterator[tuple[_Job, Any, float]]:
     """Each job's result, in order, computed a few at a time (inputs load in this thread)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
 
@@ -270,8 +298,10 @@ def _results(jobs: Sequence[_Job], inputs: RoundInputs, plan: Plan, config: Fede
         if job.extra:
             loaded: list[Any] = [inputs.extra(c, job.name) for c in job.holders]
         else:
-            loaded = [_clipped(inputs.update(c, job.name, plan.weights[c]), plan.clip.get(f"{c}|{job.name}"))
-                      for c in job.holders]
+            loaded = [
+                _clipped(inputs.update(c, job.name, plan.weights[c]), plan.clip.get(f"{c}|{job.name}"))
+                for c in job.holders
+            ]
         seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
 
@@ -281,10 +311,15 @@ def _results(jobs: Sequence[_Job], inputs: RoundInputs, plan: Plan, config: Fede
         if job.extra:
             result: Any = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
         elif plan.dp:
-            result = dp_release(loaded, quorum=config.quorum, clip_norm=config.clip_norm,
-                                noise_multiplier=config.dp_noise_multiplier,
-                                generator=noise_generator(noise_key, federation, r, job.name),
-                                out_rank=plan.out_rank or None, frozen_a=job.frozen_a)
+            result = dp_release(
+                loaded,
+                quorum=config.quorum,
+                clip_norm=config.clip_norm,
+                noise_multiplier=config.dp_noise_multiplier,
+                generator=noise_generator(noise_key, federation, r, job.name),
+                out_rank=plan.out_rank or None,
+                frozen_a=job.frozen_a,
+            )
         else:
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
         return job, result, time.perf_counter() - t0
@@ -298,5 +333,7 @@ def _clipped(update: ClientUpdate, factor: float | None) -> ClientUpdate:
 
 def _check_shape(job: _Job, result: ModuleResult) -> None:
     if int(result.A.shape[0]) != job.rank:
-        raise AggregationError(f"module {job.name!r}: adapter rank {result.A.shape[0]} differs from the layout's "
-                               f"{job.rank} (engine and layout disagree)")
+        raise AggregationError(
+            f"module {job.name!r}: adapter rank {result.A.shape[0]} differs from the layout's "
+            f"{job.rank} (engine and layout disagree)"
+        )

@@ -50,8 +50,9 @@ def sweep(rt: Runtime, dispatch: Dispatcher, now: float | None = None) -> SweepR
     return report
 
 
-def _sweep_one(rt: Runtime, dispatch: Dispatcher, federation: str, now: float | None, busy: bool,
-               report: SweepReport) -> None:
+def _sweep_one(
+    rt: Runtime, dispatch: Dispatcher, federation: str, now: float | None, busy: bool, report: SweepReport
+) -> None:
     due, stale = rt.state.due(federation, now)
     for r in due:
         t = rt.state.close(federation, r, "deadline", now)
@@ -75,8 +76,13 @@ def _sweep_one(rt: Runtime, dispatch: Dispatcher, federation: str, now: float | 
             continue
         attempts = rt.settings.max_aggregation_attempts
         if info.reclaims + 1 >= attempts:
-            t = rt.state.fail(federation, r, info.epoch,
-                              f"aggregation did not finish in {attempts} attempts (workers died or timed out)", now)
+            t = rt.state.fail(
+                federation,
+                r,
+                info.epoch,
+                f"aggregation did not finish in {attempts} attempts (workers died or timed out)",
+                now,
+            )
             if t.status == "ok":
                 report.failed.append((federation, r))
             continue

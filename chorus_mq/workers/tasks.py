@@ -7,7 +7,7 @@ write-once content-addressed objects, and each state change is one Lua transitio
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import redis as redis_lib
 from celery import Celery, bootsteps
@@ -28,36 +28,43 @@ TRANSIENT = (StoreError, ServiceUnavailable, redis_lib.ConnectionError, redis_li
 def register(app: Celery, settings: Settings) -> None:
     """Register chorus-mq's tasks (and the inbox pump of ingest workers) on ``app``."""
     # a retry is a delayed task: its delay stays well below the visibility timeout (kombu#337)
-    retry: dict[str, Any] = dict(shared=False, autoretry_for=TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
-                                 max_retries=settings.task_max_retries, acks_late=True,
-                                 default_retry_delay=min(10, settings.visibility_timeout // 10))
+    retry: dict[str, Any] = {
+        "shared": False,  # registered on this app only: one process may hold apps for several settings
+        "autoretry_for": TRANSIENT,
+        "retry_backoff": 1,
+        "retry_backoff_max": 60,
+        "retry_jitter": True,
+        "max_retries": settings.task_max_retries,
+        "acks_late": True,
+        "default_retry_delay": min(10, settings.visibility_timeout // 10),
+    }
     dispatch = Dispatcher(app, eager=settings.eager)
 
-    @app.task(name=Task.INGEST.value, **retry)
+    @app.task(name=Task.INGEST.value, **retry)  # type: ignore[untyped-decorator]
     def ingest_task(federation: str, inbox_client: str, entry_id: str, message: Any) -> dict[str, Any]:
         from .ingest import ingest
 
         return ingest(runtime.current(), federation, inbox_client or None, entry_id, message, dispatch).as_dict()
 
-    @app.task(name=Task.ROUND.value, **retry)
+    @app.task(name=Task.ROUND.value, **retry)  # type: ignore[untyped-decorator]
     def round_task(federation: str, round_: int, epoch: int) -> str:
         from .plan import plan_round
 
         return plan_round(runtime.current(), federation, round_, epoch, dispatch)
 
-    @app.task(name=Task.SHARD.value, **retry)
+    @app.task(name=Task.SHARD.value, **retry)  # type: ignore[untyped-decorator]
     def shard_task(federation: str, round_: int, epoch: int, shard: int) -> str:
         from .shard import run_shard
 
         return run_shard(runtime.current(), federation, round_, epoch, shard, dispatch)
 
-    @app.task(name=Task.COMMIT.value, **retry)
+    @app.task(name=Task.COMMIT.value, **retry)  # type: ignore[untyped-decorator]
     def commit_task(federation: str, round_: int, epoch: int) -> str:
         from .commit import commit_round
 
         return commit_round(runtime.current(), federation, round_, epoch, dispatch)
 
-    @app.task(name=Task.COMPACT.value, **retry)
+    @app.task(name=Task.COMPACT.value, **retry)  # type: ignore[untyped-decorator]
     def compact_task(federation: str, round_: int) -> str:
         from .compact import compact
 
@@ -66,7 +73,7 @@ def register(app: Celery, settings: Settings) -> None:
     app.steps["worker"].add(InboxPumpStep)
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _per_process(**_: Any) -> None:
     # Pool children run one task at a time; torch's default threads would oversubscribe the cores
     # (validation on a busy host ran 100x slower). Modules run side by side on their own threads.
@@ -78,10 +85,10 @@ def _per_process(**_: Any) -> None:
     retain_freed_memory()
 
 
-class InboxPumpStep(bootsteps.StartStopStep):
+class InboxPumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs the inbox pump in the main process of every worker that consumes the ingest queue."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any):
         super().__init__(worker, **kwargs)

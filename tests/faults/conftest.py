@@ -43,8 +43,12 @@ def trials(n: int = 3):
 def timing(soft: int, hard: int, visibility: int, lease: int) -> dict[str, str]:
     """Settings for short tasks: soft < hard time limit < visibility timeout."""
     assert soft < hard < visibility
-    return {"CHORUS_TASK_SOFT_TIME_LIMIT": str(soft), "CHORUS_TASK_TIME_LIMIT": str(hard),
-            "CHORUS_VISIBILITY_TIMEOUT": str(visibility), "CHORUS_AGGREGATION_LEASE": str(lease)}
+    return {
+        "CHORUS_TASK_SOFT_TIME_LIMIT": str(soft),
+        "CHORUS_TASK_TIME_LIMIT": str(hard),
+        "CHORUS_VISIBILITY_TIMEOUT": str(visibility),
+        "CHORUS_AGGREGATION_LEASE": str(lease),
+    }
 
 
 def _delta_files(tmp_path_factory, name: str, modules: tuple[str, ...]):
@@ -74,8 +78,7 @@ def wide_delta_file(tmp_path_factory):
 
 def federation(sdk, name: str, *, quorum: int, modules: tuple[str, ...] = MODULES, **config) -> None:
     """Create federation ``name`` declaring the shapes of the test deltas (``modules``)."""
-    make_federation(sdk, name, quorum=quorum, factors=random_factors(0, modules=modules), base_model="tiny",
-                    **config)
+    make_federation(sdk, name, quorum=quorum, factors=random_factors(0, modules=modules), base_model="tiny", **config)
 
 
 def size_of(i: int) -> float:
@@ -83,8 +86,9 @@ def size_of(i: int) -> float:
     return float(100 + 37 * i)
 
 
-def upload(sdk, federation: str, client: str, path: Path, size: float | None, *, timeout: float = 120,
-           **kwargs) -> Accepted:
+def upload(
+    sdk, federation: str, client: str, path: Path, size: float | None, *, timeout: float = 120, **kwargs
+) -> Accepted:
     """Upload and wait for the worker's verdict; an acceptance becomes an :class:`Accepted`."""
     res = sdk.upload(federation, path, client, dataset_size=size, timeout=timeout, **kwargs)
     assert res.status in ("accepted", "duplicate"), res
@@ -112,12 +116,14 @@ def upload_all(sdk, federation: str, clients, delta_file, **kwargs) -> list[Acce
 def wait_round(dep: Deployment, federation: str, r: int, timeout: float = 120) -> str:
     """Wait until round ``r`` ended (complete, failed, expired or aborted); return its state."""
     state = RoundState(dep.redis())
-    return wait_for(lambda: (s := state.round(federation, r).state) in ENDED_STATES and str(s),
-                    timeout, f"round {r} of {federation} to finish")
+    return wait_for(
+        lambda: (s := state.round(federation, r).state) in ENDED_STATES and str(s),
+        timeout,
+        f"round {r} of {federation} to finish",
+    )
 
 
-def wait_hook(dep: Deployment, point: str, federation: str, subject: object, run: int = 1,
-              timeout: float = 60) -> int:
+def wait_hook(dep: Deployment, point: str, federation: str, subject: object, run: int = 1, timeout: float = 60) -> int:
     """Wait until arrival number ``run`` of ``subject`` at the faulty app's hook ``point``; its pid."""
     redis = dep.redis()
 

@@ -188,17 +188,23 @@ def _client_of(raw: Any) -> str:
 
 def _install_hooks(hooks: Hooks) -> None:
     from chorus_mq.layout import manifest_key
+    from chorus_mq.state import RoundState
     from chorus_mq.workers import commit, compact, ingest, plan, pump, shard
+
+    # the transitions the ingest, commit and compaction hooks run just before
+    _target(RoundState, "register", ("self", "federation", "r", "record"))
+    _target(RoundState, "finalize", ("self", "federation", "r", "epoch", "manifest_key", "manifest_sha"))
+    _target(RoundState, "add_snapshot", ("self", "federation", "record"))
 
     if hooks.enabled("pump"):
         handle = _target(pump.InboxPump, "_handle", ("self", "inbox", "entry"))
 
-        def handle_after_hook(self, inbox, entry):
+        def hook_then_handle(self, inbox, entry):
             client = _client_of(entry.record)
             hooks.arrive(self.rt.redis, "pump", entry.federation, client, pausable=hooks.client_pauses(client))
             return handle(self, inbox, entry)
 
-        pump.InboxPump._handle = handle_after_hook
+        pump.InboxPump._handle = hook_then_handle
 
     if hooks.enabled("ingest"):
         run_ingest = _target(ingest, "ingest", ("rt", "federation", "inbox_client", "entry_id", "raw", "dispatch"))

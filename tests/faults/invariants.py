@@ -44,6 +44,7 @@ from chorus_mq.names import (
     MANIFEST_FILE,
     RESIDUAL_FILE,
     CloseReason,
+    EventType,
     RoundStatus,
 )
 from chorus_mq.state import EventLog, FederationKeys, RoundState
@@ -84,8 +85,9 @@ def read_events(redis, federation: str) -> list[dict[str, Any]]:
     return events
 
 
-def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
-                        accepted: list[Accepted] = (), allow_failed: bool = False) -> Report:
+def assert_exactly_once(
+    dep, federation: str, *, sizes: dict[str, float | None], accepted: list[Accepted] = (), allow_failed: bool = False
+) -> Report:
     """Assert every invariant above for ``federation`` of deployment ``dep``; return what was found.
 
     ``sizes``: each client's dataset size as the test uploaded it (None: not given).
@@ -112,29 +114,38 @@ def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
         records = state.deltas(federation, r)
         assert {c: rec.sha256 for c, rec in records.items()} == registered, f"round {r}: deltas vs hashes"
         assert info.n == len(registered), f"round {r}: n={info.n} but {len(registered)} registered"
-        fresh = [e["client"] for e in events
-                 if e["round"] == r and e["type"] == "delta_accepted" and not e.get("duplicate")]
+        fresh = [
+            e["client"]
+            for e in events
+            if e["round"] == r and e["type"] == EventType.DELTA_ACCEPTED and not e.get("duplicate")
+        ]
         assert sorted(fresh) == sorted(registered), f"round {r}: first acceptances {fresh} vs {sorted(registered)}"
-        closes = [e for e in events if e["round"] == r and e["type"] == "round_aggregating"
-                  and e.get("reason") in CLOSE_REASONS]
+        closes = [
+            e
+            for e in events
+            if e["round"] == r and e["type"] == EventType.ROUND_AGGREGATING and e.get("reason") in CLOSE_REASONS
+        ]
         counts = by_round[r]
         assert info.state != RoundStatus.AGGREGATING, f"round {r} is still aggregating (the test should wait for it)"
         if info.state == RoundStatus.FAILED:
             assert allow_failed, f"round {r} failed: {info.reason}"
-            assert counts["round_complete"] == 0 and counts["round_failed"] == 1
+            assert counts[EventType.ROUND_COMPLETE] == 0 and counts[EventType.ROUND_FAILED] == 1
             continue
         if info.state in (RoundStatus.OPEN, RoundStatus.EXPIRED):
-            assert not closes and counts["round_complete"] == 0, f"round {r} is {info.state} but was closed: {counts}"
+            assert not closes and counts[EventType.ROUND_COMPLETE] == 0, (
+                f"round {r} is {info.state} but was closed: {counts}"
+            )
             assert not store.list(round_prefix(federation, r) + "/"), f"round {r} is {info.state} but has results"
             if info.state == RoundStatus.OPEN:
                 pending[r] = sorted(registered)
             continue
         assert info.state == RoundStatus.COMPLETE, f"round {r} has state {info.state}"
         assert len(closes) == 1, f"round {r} was closed {len(closes)} times: {closes}"
-        assert counts["round_complete"] == 1, f"round {r} has {counts['round_complete']} round_complete events"
-        assert redis.zscore(keys.leases, r) is None and redis.zscore(keys.deadlines, r) is None, \
+        assert counts[EventType.ROUND_COMPLETE] == 1, f"round {r} has {counts['round_complete']} round_complete events"
+        assert redis.zscore(keys.leases, r) is None and redis.zscore(keys.deadlines, r) is None, (
             f"round {r} is complete but still has a lease or a deadline"
-        done = next(e for e in events if e["round"] == r and e["type"] == "round_complete")
+        )
+        done = next(e for e in events if e["round"] == r and e["type"] == EventType.ROUND_COMPLETE)
         raw = store.get_bytes(info.manifest)
         digest = hashlib.sha256(raw).hexdigest()
         assert info.manifest_sha256 == digest == done["manifest_sha256"], f"round {r}: manifest hash"
@@ -150,19 +161,23 @@ def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
             assert m.dataset_size == sizes[c], f"round {r}: {c} dataset size {m.dataset_size} vs {sizes[c]}"
         assert [s.index for s in manifest.shards] == list(range(len(manifest.shards))), f"round {r}: shard order"
         # exactly one result: the manifest and the objects it names, nothing a second run wrote differently
-        named = {info.manifest} | {s.adapter.key for s in manifest.shards} | \
-            {s.residual.key for s in manifest.shards if s.residual is not None}
+        named = (
+            {info.manifest}
+            | {s.adapter.key for s in manifest.shards}
+            | {s.residual.key for s in manifest.shards if s.residual is not None}
+        )
         listed = set(store.list(round_prefix(federation, r) + "/"))
         assert listed == named, f"round {r}: objects {sorted(listed ^ named)} are not the result's"
         complete[r] = sorted(clients)
         manifests[r] = manifest
 
     # each upload takes effect once: a redelivered record never registers its delta again elsewhere
-    first = collections.Counter(e["upload_id"] for e in events if e["type"] == "delta_accepted"
-                                and not e.get("duplicate"))
+    first = collections.Counter(
+        e["upload_id"] for e in events if e["type"] == EventType.DELTA_ACCEPTED and not e.get("duplicate")
+    )
     assert not [u for u, n in first.items() if n > 1], f"uploads registered more than once: {first.most_common(3)}"
     # no accepted delta lost: every acceptance, as announced and as the clients were told
-    told = {(e["client"], e["round"], e["sha256"]) for e in events if e["type"] == "delta_accepted"}
+    told = {(e["client"], e["round"], e["sha256"]) for e in events if e["type"] == EventType.DELTA_ACCEPTED}
     told |= {(a.client_id, a.round, a.sha256) for a in accepted}
     for client, r, sha in sorted(told):
         where = complete.get(r, pending.get(r))
@@ -173,7 +188,9 @@ def assert_exactly_once(dep, federation: str, *, sizes: dict[str, float | None],
 
     if manifests:
         _assert_reference(dep, federation, manifests, sizes)
-    reclaims = sum(1 for e in events if e["type"] == "round_aggregating" and e.get("reason") == "lease_expired")
+    # reclaim.lua's reason: the round's lease ran out and the sweep took it over under a new epoch
+    reclaimed = [e for e in events if e["type"] == EventType.ROUND_AGGREGATING and e.get("reason") == "lease_expired"]
+    reclaims = len(reclaimed)
     return Report(complete, pending, events, reclaims, manifests)
 
 
@@ -186,8 +203,11 @@ _DELTAS: dict[str, bytes] = {}  # sha256 -> the delta's bytes (verified), shared
 
 def held(out: Path) -> dict[str, bytes]:
     """Every file of a pulled directory (relative path -> bytes) but those naming the federation."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in NAMING}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in NAMING
+    }
 
 
 def pull_rounds(sdk, federation: str, rounds: list[int], out: Path) -> list[dict[str, bytes]]:
@@ -205,8 +225,9 @@ def _assert_reference(dep, federation: str, manifests: dict[int, Manifest], size
     state = sdk.state
     config = state.config(federation)
     decl = (tuple(sorted(state.modules(federation).items())), tuple(sorted(state.extras(federation).items())))
-    rounds = tuple(tuple((c.client_id, c.sha256, sizes[c.client_id]) for c in manifests[r].clients)
-                   for r in sorted(manifests))
+    rounds = tuple(
+        tuple((c.client_id, c.sha256, sizes[c.client_id]) for c in manifests[r].clients) for r in sorted(manifests)
+    )
     # the reference keeps one shard per round and compacts nothing: neither may change what users get
     key = (dataclasses.replace(config, name="reference", checkpoint_every=0), decl, rounds)
     if key not in _REFERENCE:
@@ -249,8 +270,10 @@ def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[
         work = Path(tmp)
         sdk = embedded_sdk(work, allow_unsigned=True)
         try:
-            sdk.create_federation(dataclasses.replace(config, quorum=10**6, min_quorum=1, round_timeout=0),
-                                  model=ModelDecl(modules=dict(decl[0]), extras=dict(decl[1])))
+            sdk.create_federation(
+                dataclasses.replace(config, quorum=10**6, min_quorum=1, round_timeout=0),
+                model=ModelDecl(modules=dict(decl[0]), extras=dict(decl[1])),
+            )
             for r, clients in enumerate(rounds, start=1):
                 for client, sha, size in clients:
                     if sha not in _DELTAS:  # the bytes the deployment accepted, checked against their hash
@@ -259,8 +282,12 @@ def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[
                         _DELTAS[sha] = path.read_bytes()
                     data = _DELTAS[sha]
                     sdk.store.put_bytes(delta_key(fed, client, sha), data, write_once=False)
-                    res = sdk.submit(IngestMessage(federation=fed, round=r, client_id=client, sha256=sha,
-                                                   size=len(data), dataset_size=size), timeout=60)
+                    res = sdk.submit(
+                        IngestMessage(
+                            federation=fed, round=r, client_id=client, sha256=sha, size=len(data), dataset_size=size
+                        ),
+                        timeout=60,
+                    )
                     assert res.status == "accepted", f"the reference run did not accept {client}: {res}"
                 sdk.close_round(fed, r)
                 assert sdk.round(fed, r).state == RoundStatus.COMPLETE, f"reference round {r}: {sdk.round(fed, r)}"

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 
+from chorus_mq.names import EventType
 from chorus_mq.workers.app import get_dispatcher
 from chorus_mq.workers.runtime import Runtime
 from chorus_mq.workers.sweep import SweepReport, sweep
@@ -80,7 +81,7 @@ def test_two_beats_and_concurrent_sweeps_close_each_round_once(deployment, delta
 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1"], 2: ["c2", "c3"], 3: ["c4", "c5"]}
-    closes = [e for e in report.events if e["type"] == "round_aggregating"]
+    closes = [e for e in report.events if e["type"] == EventType.ROUND_AGGREGATING]
     assert [e["reason"] for e in closes] == ["deadline"] * 3
 
 
@@ -102,7 +103,7 @@ def test_beat_survives_redis_restarts(deployment, redis_server, delta_file):
 
     accepted = upload_all(sdk, fed, (0,), delta_file)
     assert wait_round(deployment, fed, 1) == "complete"
-    closes = [e for e in read_events(sdk.redis, fed) if e["type"] == "round_aggregating"]
+    closes = [e for e in read_events(sdk.redis, fed) if e["type"] == EventType.ROUND_AGGREGATING]
     assert [e["reason"] for e in closes] == ["deadline"] and closes[0]["ts"] > restarted
     assert beat.poll() is None and worker.poll() is None
     report = assert_exactly_once(deployment, fed, sizes={"c0": size_of(0)}, accepted=accepted)

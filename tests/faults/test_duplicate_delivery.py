@@ -20,6 +20,7 @@ import pytest
 
 from chorus_mq.layout import delta_key
 from chorus_mq.messages import IngestMessage
+from chorus_mq.names import EventType
 
 from ..topology import wait_for
 from .conftest import (
@@ -54,8 +55,12 @@ def test_visibility_timeout_shorter_than_the_round_two_workers(deployment, delta
     fed = f"vt-{trial}"
     # Settings are valid (soft < hard < visibility); the faulty app then lowers the broker's
     # visibility timeout below the held steps' duration, which Settings would refuse.
-    deployment.env.update(timing(20, 25, 30, 40), CHORUS_FAULT_VISIBILITY_TIMEOUT="2",
-                          CHORUS_FAULT_RESTORE_INTERVAL="0.5", CHORUS_FAULT_BARRIER="shard=2,commit=2")
+    deployment.env.update(
+        timing(20, 25, 30, 40),
+        CHORUS_FAULT_VISIBILITY_TIMEOUT="2",
+        CHORUS_FAULT_RESTORE_INTERVAL="0.5",
+        CHORUS_FAULT_BARRIER="shard=2,commit=2",
+    )
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=3)
     workers = [deployment.start_worker(faulty=True, wait=False) for _ in range(2)]
@@ -67,15 +72,22 @@ def test_visibility_timeout_shorter_than_the_round_two_workers(deployment, delta
         owners = {worker_of(deployment, pid).pid for pid in runs}
         assert len(owners) == 2, f"both workers should run the {point} at once"
     assert wait_round(deployment, fed, 1) == "complete"
-    log = wait_for(lambda: len(re.findall(r"finalize: (\w+)", text := _logs(deployment, workers))) >= 2 and text,
-                   30, "both commits to finalize")
+    log = wait_for(
+        lambda: len(re.findall(r"finalize: (\w+)", text := _logs(deployment, workers))) >= 2 and text,
+        30,
+        "both commits to finalize",
+    )
     finals = re.findall(r"finalize: (\w+)", log)
     assert finals.count("ok") == 1 and "already" in finals, finals
-    shards = wait_for(lambda: len(s := _results(_logs(deployment, workers), "chorus.shard")) >= 2 and s, 30,
-                      "both shard runs to end")
+    shards = wait_for(
+        lambda: len(s := _results(_logs(deployment, workers), "chorus.shard")) >= 2 and s, 30, "both shard runs to end"
+    )
     # one result recorded, the other run found it there (a later redelivery finds the shard done)
-    assert shards.count("recorded") == 1 and "duplicate" in shards and set(shards) <= {"recorded", "duplicate",
-                                                                                        "done", "stale"}, shards
+    assert (
+        shards.count("recorded") == 1
+        and "duplicate" in shards
+        and set(shards) <= {"recorded", "duplicate", "done", "stale"}
+    ), shards
 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"]}
@@ -107,7 +119,7 @@ def test_reject_and_requeue_every_task(deployment, delta_file, mode, trial):
     assert requeued["chorus.shard"] >= 2 and requeued["chorus.commit"] >= 2  # a rerun round task may enqueue again
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"], 2: ["c3", "c4", "c5"]}
-    duplicates = [e["client"] for e in report.events if e["type"] == "delta_accepted" and e.get("duplicate")]
+    duplicates = [e["client"] for e in report.events if e["type"] == EventType.DELTA_ACCEPTED and e.get("duplicate")]
     # run-twice: the second run of each ingest found its delta registered, a no-op announced as a duplicate
     assert sorted(duplicates) == ([f"c{i}" for i in range(6)] if mode == "run-twice" else [])
 
@@ -126,10 +138,10 @@ def test_record_delivered_again_after_its_round_completed(deployment, delta_file
         data = delta_file(i).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         sdk.store.put_bytes(delta_key(fed, f"c{i}", sha), data)
-        messages.append(IngestMessage(federation=fed, client_id=f"c{i}", sha256=sha, size=len(data),
-                                      dataset_size=size_of(i)))
-    accepted = [Accepted(m.client_id, res.round, m.sha256) for m in messages
-                for res in [sdk.submit(m, timeout=60)]]
+        messages.append(
+            IngestMessage(federation=fed, client_id=f"c{i}", sha256=sha, size=len(data), dataset_size=size_of(i))
+        )
+    accepted = [Accepted(m.client_id, res.round, m.sha256) for m in messages for res in [sdk.submit(m, timeout=60)]]
     assert wait_round(deployment, fed, 1) == "complete"
 
     again = sdk.submit(messages[1], timeout=60)  # the very same record, appended again

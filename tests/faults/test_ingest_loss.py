@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from chorus_mq.names import EventType
+from chorus_mq.names import INBOX_GROUP, EventType, WorkerRole
 from chorus_mq.state import Inbox
 
 from ..topology import wait_for
@@ -39,25 +39,26 @@ def test_pump_dies_with_records_pending(deployment, delta_file, trial):
     # the records are in the inbox before any pump runs: the first read takes all three
     queued = [sdk.upload(fed, delta_file(i), f"c{i}", dataset_size=size_of(i), wait=False) for i in range(3)]
     assert {u.status for u in queued} == {"queued"}
-    aggregator = deployment.start_worker(role="aggregate", wait=False)
-    doomed = deployment.start_worker(role="ingest", faulty=True)
+    aggregator = deployment.start_worker(role=WorkerRole.AGGREGATE, wait=False)
+    doomed = deployment.start_worker(role=WorkerRole.INGEST, faulty=True)
     inbox = Inbox(sdk.redis, fed)
     wait_for(lambda: any(arrivals(sdk.redis, "pump", fed, f"c{i}") for i in range(3)), 60, "the pump to read")
-    pending = sdk.redis.xpending_range(inbox.key, "chorus-ingest", "-", "+", 10)
+    pending = sdk.redis.xpending_range(inbox.key, INBOX_GROUP, "-", "+", 10)
     assert len(pending) == 3 and inbox.length() == 3, pending
     assert all(p["consumer"].startswith(f"{doomed.hostname}@") for p in pending), pending
     assert not [e for e in read_events(sdk.redis, fed) if e["type"] == EventType.DELTA_ACCEPTED]
     deployment.kill(doomed)
 
     deployment.wait_ready(aggregator)
-    rescuer = deployment.start_worker(role="ingest")
+    rescuer = deployment.start_worker(role=WorkerRole.INGEST)
     accepted = wait_for(lambda: _verdicts(sdk, fed, queued), 60, "the rescuing pump to ingest the records")
     assert wait_round(deployment, fed, 1) == "complete"
     assert (inbox.length(), inbox.pending()) == (0, 0), "the claimed records should be acknowledged and deleted"
     assert f"inbox pump {rescuer.hostname}" in deployment.log(rescuer)
     events = read_events(sdk.redis, fed)
-    assert not [e for e in events if e["type"] == EventType.DELTA_ACCEPTED and e.get("duplicate")], \
+    assert not [e for e in events if e["type"] == EventType.DELTA_ACCEPTED and e.get("duplicate")], (
         "a claimed record was ingested twice"
+    )
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"]}
 
@@ -65,19 +66,23 @@ def test_pump_dies_with_records_pending(deployment, delta_file, trial):
 @trials(2)
 def test_ingest_killed_before_registering(deployment, delta_file, trial):
     fed = f"ingest-{trial}"
-    deployment.env.update(timing(3, 4, 5, 120), CHORUS_FAULT_RESTORE_INTERVAL="0.5", CHORUS_FAULT_PAUSE="ingest=60",
-                          CHORUS_FAULT_CLIENTS="c0")
+    deployment.env.update(
+        timing(3, 4, 5, 120),
+        CHORUS_FAULT_RESTORE_INTERVAL="0.5",
+        CHORUS_FAULT_PAUSE="ingest=60",
+        CHORUS_FAULT_CLIENTS="c0",
+    )
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=2)
-    aggregator = deployment.start_worker(role="aggregate", wait=False)
-    doomed = deployment.start_worker(role="ingest", faulty=True)
+    aggregator = deployment.start_worker(role=WorkerRole.AGGREGATE, wait=False)
+    doomed = deployment.start_worker(role=WorkerRole.INGEST, faulty=True)
     queued = sdk.upload(fed, delta_file(0), "c0", dataset_size=size_of(0), wait=False)
     wait_hook(deployment, "ingest", fed, "c0")  # the accepted copy and the index are written
     assert sdk.state.registered_sha(fed, 1, "c0") is None
     deployment.kill(doomed)
 
     deployment.wait_ready(aggregator)
-    deployment.start_worker(role="ingest", faulty=True)
+    deployment.start_worker(role=WorkerRole.INGEST, faulty=True)
     accepted = wait_for(lambda: _verdicts(sdk, fed, [queued]), 60, "the redelivered ingest to register the delta")
     assert len(arrivals(sdk.redis, "ingest", fed, "c0")) == 2, "the ingest should have run again"
     accepted.append(upload(sdk, fed, "c1", delta_file(1), size_of(1)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from chorus_mq.names import RoundStatus
+from chorus_mq.names import RoundStatus, WorkerRole
 from chorus_mq.settings import Settings
 
 from .conftest import MARKS, federation, size_of, upload_all, wait_hook, wait_round
@@ -24,15 +24,19 @@ BOUND_S = 75
 
 def test_recovery_within_a_minute_with_default_settings(deployment, delta_file, capsys):
     fed = "defaults"
-    assert not [k for k in deployment.env if k.startswith("CHORUS_") and any(
-        word in k for word in ("LEASE", "SWEEP", "VISIBILITY", "TIME_LIMIT", "CLAIM"))], "timings must be defaults"
+    assert not [
+        k
+        for k in deployment.env
+        if k.startswith("CHORUS_")
+        and any(word in k for word in ("LEASE", "SWEEP", "VISIBILITY", "TIME_LIMIT", "CLAIM"))
+    ], "timings must be defaults"
     defaults = Settings(redis_url=deployment.redis_url)
     assert (defaults.aggregation_lease, defaults.sweep_interval, defaults.visibility_timeout) == (30, 5.0, 3600)
     deployment.env.update(CHORUS_FAULT_PAUSE="shard=600")
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=3)
-    ingest = deployment.start_worker(role="ingest", wait=False)
-    doomed = deployment.start_worker(role="aggregate", faulty=True, wait=False)
+    ingest = deployment.start_worker(role=WorkerRole.INGEST, wait=False)
+    doomed = deployment.start_worker(role=WorkerRole.AGGREGATE, faulty=True, wait=False)
     deployment.wait_ready(ingest, doomed)
     deployment.start_beat()
     accepted = upload_all(sdk, fed, range(3), delta_file)
@@ -40,7 +44,7 @@ def test_recovery_within_a_minute_with_default_settings(deployment, delta_file, 
     wait_hook(deployment, "shard", fed, "1:0")
     killed = time.monotonic()
     deployment.kill(doomed)
-    deployment.start_worker(role="aggregate", faulty=True)
+    deployment.start_worker(role=WorkerRole.AGGREGATE, faulty=True)
     assert wait_round(deployment, fed, 1, timeout=BOUND_S + 30) == "complete"
     took = time.monotonic() - killed
     with capsys.disabled():

@@ -28,13 +28,15 @@ BURST, OUTAGE = 2, ATTEMPTS + 1
 
 
 @pytest.mark.parametrize("mode", ["error", "drop", "stall", "lost"])
-def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, fault_proxy, no_backoff, monkeypatch,
-                                                                delta_file, mode):
+def test_s3_transient_failures_in_upload_ingest_and_aggregation(
+    deployment, fault_proxy, no_backoff, monkeypatch, delta_file, mode
+):
     fed = f"s3-{mode}"
     # a 1 s read timeout (boto3's default is 60 s) makes a stalled request a quick timeout
     monkeypatch.setitem(Config.OPTION_DEFAULTS, "read_timeout", 1.0)
-    deployment.env.update(CHORUS_S3_ENDPOINT_URL=fault_proxy.url, CHORUS_FAULT_NO_S3_BACKOFF="1",
-                          CHORUS_FAULT_S3_READ_TIMEOUT="1")
+    deployment.env.update(
+        CHORUS_S3_ENDPOINT_URL=fault_proxy.url, CHORUS_FAULT_NO_S3_BACKOFF="1", CHORUS_FAULT_S3_READ_TIMEOUT="1"
+    )
     outage = BURST if mode == "stall" else OUTAGE  # each stalled attempt costs a timeout: keep them few
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=4)

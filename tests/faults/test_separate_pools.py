@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from chorus_mq.names import RoundStatus
+from chorus_mq.names import RoundStatus, WorkerRole
 
 from ..deltas import make_federation, random_factors, write_adapter
 from .conftest import MARKS, federation, size_of, upload, upload_all, wait_hook, wait_round
@@ -31,11 +31,15 @@ def test_upload_verdict_while_another_federation_aggregates(deployment, delta_fi
     shape = {"d_out": 512, "d_in": 512}
     federation(sdk, small, quorum=2)
     make_federation(sdk, big, quorum=3, factors=random_factors(0, modules=BIG, **shape), base_model="tiny")
-    big_deltas = {i: write_adapter(tmp_path / f"big{i}.safetensors",
-                                   random_factors(3000 + i, modules=BIG, r=(8, 16)[i % 2], scale=0.01, **shape))
-                  for i in range(3)}
-    ingest = deployment.start_worker(role="ingest", wait=False)
-    aggregate = deployment.start_worker(role="aggregate", faulty=True, wait=False)
+    big_deltas = {
+        i: write_adapter(
+            tmp_path / f"big{i}.safetensors",
+            random_factors(3000 + i, modules=BIG, r=(8, 16)[i % 2], scale=0.01, **shape),
+        )
+        for i in range(3)
+    }
+    ingest = deployment.start_worker(role=WorkerRole.INGEST, wait=False)
+    aggregate = deployment.start_worker(role=WorkerRole.AGGREGATE, faulty=True, wait=False)
     deployment.wait_ready(ingest, aggregate)
 
     accepted_big = upload_all(sdk, big, range(3), big_deltas.__getitem__)
@@ -52,9 +56,9 @@ def test_upload_verdict_while_another_federation_aggregates(deployment, delta_fi
     release(sdk.redis, "shard", big, "1:0")
     accepted_small.append(upload(sdk, small, "c1", delta_file(1), size_of(1)))
     assert wait_round(deployment, big, 1) == "complete" and wait_round(deployment, small, 1) == "complete"
-    report = assert_exactly_once(deployment, big, sizes={f"c{i}": size_of(i) for i in range(3)},
-                                 accepted=accepted_big)
+    report = assert_exactly_once(deployment, big, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted_big)
     assert report.complete == {1: ["c0", "c1", "c2"]}
-    report = assert_exactly_once(deployment, small, sizes={f"c{i}": size_of(i) for i in range(2)},
-                                 accepted=accepted_small)
+    report = assert_exactly_once(
+        deployment, small, sizes={f"c{i}": size_of(i) for i in range(2)}, accepted=accepted_small
+    )
     assert report.complete == {1: ["c0", "c1"]}

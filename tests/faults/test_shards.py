@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from chorus_mq.layout import manifest_key
-from chorus_mq.names import RoundStatus
+from chorus_mq.names import EventType, RoundStatus
 
 from ..topology import wait_for
 from .conftest import (
@@ -42,8 +42,13 @@ pytestmark = MARKS
 @trials(2)
 def test_sigkill_one_worker_mid_shard_of_a_sharded_round(deployment, wide_delta_file, trial):
     fed = f"shards-{trial}"
-    deployment.env.update(timing(8, 10, 120, 5), CHORUS_SHARD_BYTES="1", CHORUS_SWEEP_INTERVAL="0.5",
-                          CHORUS_FAULT_PAUSE="shard=120", CHORUS_FAULT_SHARDS="3")
+    deployment.env.update(
+        timing(8, 10, 120, 5),
+        CHORUS_SHARD_BYTES="1",
+        CHORUS_SWEEP_INTERVAL="0.5",
+        CHORUS_FAULT_PAUSE="shard=120",
+        CHORUS_FAULT_SHARDS="3",
+    )
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=3, modules=WIDE)
     workers = [deployment.start_worker(faulty=True, wait=False) for _ in range(2)]
@@ -62,8 +67,9 @@ def test_sigkill_one_worker_mid_shard_of_a_sharded_round(deployment, wide_delta_
     assert wait_round(deployment, fed, 1) == "complete"
     rerun = wait_hook(deployment, "shard", fed, "1:3", run=2)
     assert rerun in {c.pid for c in psutil.Process(survivor.pid).children()}
-    assert [len(arrivals(sdk.redis, "shard", fed, f"1:{k}")) for k in range(4)] == [1, 1, 1, 2], \
+    assert [len(arrivals(sdk.redis, "shard", fed, f"1:{k}")) for k in range(4)] == [1, 1, 1, 2], (
         "only the lost shard should run again"
+    )
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"]} and report.reclaims == 1
     assert [s.items for s in report.manifests[1].shards] == [1, 1, 1, 1]
@@ -95,5 +101,5 @@ def test_sigkill_mid_commit(deployment, delta_file, recovery):
     assert sdk.store.get_bytes(manifest_key(fed, 1)) == written, "the second commit must adopt the manifest"
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"]}
-    done = next(e for e in report.events if e["type"] == "round_complete")
+    done = next(e for e in report.events if e["type"] == EventType.ROUND_COMPLETE)
     assert (report.reclaims, done["epoch"]) == ((0, 1) if recovery == "redelivery" else (1, 2))

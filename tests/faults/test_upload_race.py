@@ -56,9 +56,11 @@ def test_fifty_uploads_race_a_quorum_of_ten(deployment, delta_file, trial):
     assert len(first) == QUORUM, f"round 1 accepted {len(first)}"
     assert wait_round(deployment, fed, 1) == "complete"
     for reason in rejected.values():  # aggregating, or (a message resolved to it just before) complete
-        assert re.fullmatch(r"round \d+ is closed(: its quorum was reached and it is aggregating; upload to round "
-                            r"\d+ once round_complete is announced| \(state complete\); upload to the current round)",
-                            reason), reason
+        assert re.fullmatch(
+            r"round \d+ is closed(: its quorum was reached and it is aggregating; upload to round "
+            r"\d+ once round_complete is announced| \(state complete\); upload to the current round)",
+            reason,
+        ), reason
     assert all(a.round > 1 for i, a in accepted.items() if i not in first)
 
     waves = 0
@@ -72,8 +74,9 @@ def test_fifty_uploads_race_a_quorum_of_ten(deployment, delta_file, trial):
     rounds = CLIENTS // QUORUM
     for r in range(1, rounds + 1):
         assert wait_round(deployment, fed, r) == "complete"
-    report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(CLIENTS)},
-                                 accepted=list(accepted.values()))
+    report = assert_exactly_once(
+        deployment, fed, sizes={f"c{i}": size_of(i) for i in range(CLIENTS)}, accepted=list(accepted.values())
+    )
     assert sorted(report.complete) == list(range(1, rounds + 1))
     assert all(len(clients) == QUORUM for clients in report.complete.values())
     assert sorted(c for clients in report.complete.values() for c in clients) == sorted(f"c{i}" for i in range(CLIENTS))

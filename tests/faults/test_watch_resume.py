@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import threading
 
+from chorus_mq.names import EventType
+
 from ..topology import wait_for
 from .conftest import MARKS, federation, size_of, trials, upload, upload_all, wait_round
 from .invariants import assert_exactly_once, read_events
@@ -48,7 +50,9 @@ def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_se
     first = Subscriber(deployment, fed, "--from-start")
     accepted = upload_all(sdk, fed, range(2), delta_file)
     assert wait_round(deployment, fed, 1) == "complete"
-    wait_for(lambda: first.saw(lambda e: e["type"] == "round_complete"), 60, "the first subscriber to see round 1")
+    wait_for(
+        lambda: first.saw(lambda e: e["type"] == EventType.ROUND_COMPLETE), 60, "the first subscriber to see round 1"
+    )
 
     redis_server.restart(sig_kill=trial % 2 == 0)  # under the subscriber's blocking XREAD
     accepted.append(upload(sdk, fed, "c2", delta_file(2), size_of(2)))
@@ -66,11 +70,11 @@ def test_watch_resumes_across_redis_and_subscriber_restarts(deployment, redis_se
     resumed = second.finish()
 
     stream = read_events(sdk.redis, fed)
-    end = next(i for i, e in enumerate(stream) if e["type"] == "round_complete" and e["round"] == 3)
-    stream = stream[:end + 1]  # --until-round 3 stops there (round 4's round_opened comes next)
+    end = next(i for i, e in enumerate(stream) if e["type"] == EventType.ROUND_COMPLETE and e["round"] == 3)
+    stream = stream[: end + 1]  # --until-round 3 stops there (round 4's round_opened comes next)
     printed = seen + resumed
     assert [e["id"] for e in printed] == [e["id"] for e in stream], "a subscriber missed or repeated events"
     assert printed == stream
-    assert any(e["type"] == "round_complete" and e["round"] == 2 for e in resumed)  # happened while unwatched
+    assert any(e["type"] == EventType.ROUND_COMPLETE and e["round"] == 2 for e in resumed)  # happened while unwatched
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1"], 2: ["c2", "c3"], 3: ["c4", "c5"]}

@@ -1,8 +1,10 @@
-"""Fault 1: a worker dies mid-aggregation (a shard's objects written, ``shard_done`` not recorded yet).
+"""Fault 1: a worker dies mid-aggregation.
 
-* The whole worker (main process and pool) is SIGKILLed and a new worker started. Recovery
-  either by Celery redelivery (the unacked shard message comes back after the visibility
-  timeout) or by the lease sweep (``chorus-mq beat`` reclaims the round under a new epoch).
+* The whole worker (main process and pool) is SIGKILLed and a new worker started, either in
+  the round task (the plan computed, not stored) or in a shard (its objects written,
+  ``shard_done`` not recorded). Recovery either by Celery redelivery (the unacked message
+  comes back after the visibility timeout) or by the lease sweep (``chorus-mq beat`` reclaims
+  the round under a new epoch).
 * Only the pool child running the shard is SIGKILLed (found with psutil); the worker survives
   and ``task_retry_on_worker_lost`` runs the shard again.
 """
@@ -14,7 +16,8 @@ import signal
 import psutil
 import pytest
 
-from chorus_mq.layout import manifest_key
+from chorus_mq.layout import manifest_key, round_prefix
+from chorus_mq.names import EventType
 
 from ..topology import wait_for
 from .conftest import MARKS, federation, size_of, timing, trials, upload_all, wait_hook, wait_round
@@ -23,37 +26,48 @@ from .invariants import assert_exactly_once
 pytestmark = MARKS
 
 
-@trials(2)
+#: each kill point's hook subject (round 1; its only shard)
+SUBJECTS = {"plan": 1, "shard": "1:0"}
+
+
+@trials(1)
+@pytest.mark.parametrize("point", ["plan", "shard"])
 @pytest.mark.parametrize("recovery", ["redelivery", "sweep"])
-def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, trial):
-    fed = f"kill-{recovery}-{trial}"
+def test_sigkill_whole_worker_mid_aggregation(deployment, delta_file, recovery, point, trial):
+    fed = f"kill-{point}-{recovery}-{trial}"
+    subject = SUBJECTS[point]
     if recovery == "redelivery":  # no beat: only the visibility timeout brings the task back
         env = {**timing(3, 4, 5, 120), "CHORUS_FAULT_RESTORE_INTERVAL": "0.5"}
     else:  # the message would come back only after 120 s: the lease sweep must act first
         env = {**timing(3, 4, 120, 5), "CHORUS_SWEEP_INTERVAL": "0.5"}
-    deployment.env.update(env, CHORUS_FAULT_PAUSE="shard=60")
+    deployment.env.update(env, CHORUS_FAULT_PAUSE=f"{point}=60")
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=3)
     doomed = deployment.start_worker(faulty=True)
     accepted = upload_all(sdk, fed, range(3), delta_file)
 
-    wait_hook(deployment, "shard", fed, "1:0")
+    wait_hook(deployment, point, fed, subject)
     deployment.kill(doomed)  # SIGKILL to the process group: main process and pool child
     assert sdk.state.round(fed, 1).state == "aggregating"
     assert not sdk.store.exists(manifest_key(fed, 1))
+    if point == "plan":  # the plan was computed and never stored
+        assert sdk.state.plan(fed, 1) is None
+    else:  # the shard's objects are written, its result not recorded
+        assert sdk.state.plan(fed, 1) is not None and sdk.state.shards(fed, 1) == {}
+        assert sdk.store.list(round_prefix(fed, 1) + "/")
 
     survivor = deployment.start_worker(faulty=True)
     if recovery == "sweep":
         deployment.start_beat()
     assert wait_round(deployment, fed, 1) == "complete"
-    rerun = wait_hook(deployment, "shard", fed, "1:0", run=2)  # the shard ran again, in the new worker
+    rerun = wait_hook(deployment, point, fed, subject, run=2)  # it ran again, in the new worker
     assert rerun in {c.pid for c in psutil.Process(survivor.pid).children()}
     accepted += upload_all(sdk, fed, range(3, 6), delta_file)  # the fleet goes on: round 2
     assert wait_round(deployment, fed, 2) == "complete"
 
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(6)}, accepted=accepted)
     assert report.complete == {1: ["c0", "c1", "c2"], 2: ["c3", "c4", "c5"]}
-    done = next(e for e in report.events if e["type"] == "round_complete" and e["round"] == 1)
+    done = next(e for e in report.events if e["type"] == EventType.ROUND_COMPLETE and e["round"] == 1)
     if recovery == "redelivery":  # the same message, same epoch
         assert report.reclaims == 0 and done["epoch"] == 1
     else:  # a new epoch fenced the dead run out

@@ -24,7 +24,7 @@ def make_s3_store(s3_endpoint, s3_bucket):
     return lambda endpoint=None, bucket=None: _s3_store(endpoint or s3_endpoint, bucket or s3_bucket)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.services)])
 def store(request, tmp_path):
     """A fresh, empty store of each kind."""
     if request.param == "file":

@@ -16,6 +16,8 @@ from chorus_mq.store.s3 import S3Store
 
 from ..services import free_port
 
+pytestmark = pytest.mark.services  # moto's S3 as a real HTTP server
+
 
 def test_retries_absorb_two_503s(make_s3_store, no_backoff, fault_proxy):
     store = make_s3_store(fault_proxy.url)

@@ -136,3 +136,11 @@ def test_an_empty_poisson_batch_is_still_a_noisy_step():
     private.close()
     moved = [float((b - p).abs().max()) for b, p in zip(before, layer.parameters(), strict=True)]
     assert all(m > 0 for m in moved)
+
+
+def test_label_balancing_is_refused_under_dp(trainable, tokenizer):
+    config = TrainConfig(task=TaskType.SEQ_CLS, steps=1, batch_size=8, balance_labels=True)
+    before = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match="DP-SGD does not protect"):
+        train_local(trainable, tokenizer, DATA, config, privacy=(1.0, 1.0))
+    assert all(torch.equal(p, before[n]) for n, p in trainable.named_parameters() if p.requires_grad)

@@ -50,8 +50,9 @@ def test_seq_cls_training_lowers_the_loss_and_saves_an_uploadable_adapter(tiny_b
 
 
 def test_causal_lm_training_lowers_the_loss(tiny_gpt2_dir, tokenizer):
-    model, gap = start_model(None, tiny_gpt2_dir, task=TaskType.CAUSAL_LM, rank=4, alpha=8.0, seed=0)
-    assert gap.truncated == 0
+    start = start_model(None, tiny_gpt2_dir, task=TaskType.CAUSAL_LM, rank=4, alpha=8.0, seed=0)
+    assert start.gap.truncated == 0 and not start.remainder
+    model = start.model
     texts = Examples(tuple("one two three four five six seven eight" for _ in range(16)))
     before = evaluate(model, tokenizer, texts, task=TaskType.CAUSAL_LM)
     train_local(model, tokenizer, texts, TrainConfig(task=TaskType.CAUSAL_LM, steps=30, batch_size=4, lr=5e-2))
@@ -69,3 +70,34 @@ def test_train_config_refuses_contradictions():
         TrainConfig(steps=3, epochs=1.0)
     assert TrainConfig(epochs=2.0, batch_size=8).planned_steps(20) == 5
     assert TrainConfig(batch_size=8).sample_rate(20) == 0.4
+
+
+def test_balanced_labels_learn_the_classes_rather_than_a_skewed_clients_prior(tiny_bert_dir, tokenizer, tmp_path):
+    """A client with 16 examples of class 1 and 2 of each other class: logit adjustment does better on balanced data."""
+    from chorus_mq.training.local import label_log_prior
+
+    initial = build_initial_adapter(
+        tiny_bert_dir,
+        tmp_path / "r0",
+        task=TaskType.SEQ_CLS,
+        labels=LABELS,
+        target_modules=("query", "value"),
+        rank=4,
+        seed=0,
+    )
+    others = [i for i, y in enumerate(DATA.labels) if y != 1]
+    skewed = DATA.subset([i for i, y in enumerate(DATA.labels) if y == 1] + others[:2] + others[-2:])
+    assert sorted(skewed.labels).count(1) == 16
+    scores = {}
+    for balance in (False, True):
+        model = exact_model(initial, tiny_bert_dir, task=TaskType.SEQ_CLS, trainable=True)
+        train_local(
+            model,
+            tokenizer,
+            skewed,
+            TrainConfig(task=TaskType.SEQ_CLS, steps=40, batch_size=8, lr=1e-2, max_length=32, balance_labels=balance),
+        )
+        scores[balance] = evaluate(model, tokenizer, DATA, task=TaskType.SEQ_CLS)
+    assert scores[True].accuracy > scores[False].accuracy + 0.1, scores
+    counts = torch.tensor([2.0, 16.0, 2.0]) + 1.0
+    torch.testing.assert_close(label_log_prior(skewed, model), (counts / counts.sum()).log())

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from chorus_mq.errors import ConfigError, InvalidAdapter
-from chorus_mq.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TaskType
-from chorus_mq.training.model import build_initial_adapter, exact_model, fit_rank, load_base, start_model
+from chorus_mq.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CUMULATIVE_FILE, TaskType
+from chorus_mq.training.local import save_adapter
+from chorus_mq.training.model import (
+    build_initial_adapter,
+    exact_model,
+    fit_rank,
+    load_base,
+    read_adapter,
+    start_model,
+)
 
 from .common import LABELS, TEXTS
 from .pulled import logits, make_pulled, oracle_model
@@ -82,24 +91,49 @@ def test_fit_rank_pads_exactly_and_truncates_to_the_best_approximation():
     A, B = torch.randn(6, 20, generator=gen), torch.randn(12, 6, generator=gen)
     want = 2.0 * B.double() @ A.double()
     fresh = torch.randn(8, 20, generator=gen)
-    a8, b8, lost = fit_rank(A, B, 2.0, fresh, 0.5)  # rank 8 >= 6: the global factors, rescaled, plus fresh rows
-    assert lost == 0.0 and torch.equal(a8[:6], A) and torch.equal(a8[6:], fresh[6:]) and not b8[:, 6:].any()
-    torch.testing.assert_close(0.5 * b8.double() @ a8.double(), want)
-    a3, b3, lost3 = fit_rank(A, B, 2.0, fresh[:3], 1.0)  # rank 3 < 6: Eckart-Young
+    pad = fit_rank(A, B, 2.0, fresh, 0.5)  # rank 8 >= 6: the global factors, rescaled, plus fresh rows
+    assert pad.lost == 0.0 and pad.remainder is None
+    assert torch.equal(pad.A[:6], A) and torch.equal(pad.A[6:], fresh[6:]) and not pad.B[:, 6:].any()
+    torch.testing.assert_close(0.5 * pad.B.double() @ pad.A.double(), want)
+    cut = fit_rank(A, B, 2.0, fresh[:3], 1.0)  # rank 3 < 6: Eckart-Young, and the rest as exact factors
     s = torch.linalg.svdvals(want)
-    best = (want - 1.0 * b3.double() @ a3.double()).norm()
-    torch.testing.assert_close(best, s[3:].norm(), rtol=1e-5, atol=1e-8)
-    assert lost3 == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-6)
+    top = cut.B.double() @ cut.A.double()
+    torch.testing.assert_close((want - top).norm(), s[3:].norm(), rtol=1e-5, atol=1e-8)
+    assert cut.lost == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-6)
+    left, right = cut.remainder
+    assert left.shape == (12, 3) and right.shape == (3, 20)
+    torch.testing.assert_close(top + left.double() @ right.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_start_model_at_a_larger_rank_starts_exactly_from_the_global_model(tiny_bert_dir, tokenizer, tmp_path):
+def test_a_client_below_the_global_rank_starts_and_uploads_exactly(tiny_bert_dir, tokenizer, tmp_path):
     pulled = make_pulled(
         tiny_bert_dir, tmp_path / "p", task=TaskType.SEQ_CLS, labels=LABELS, targets=("query", "value")
     )
     exact = logits(exact_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS), tokenizer, TEXTS)
-    model, gap = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=8, alpha=8.0, seed=1)
-    assert gap.modules == 4 and gap.truncated == 0
-    torch.testing.assert_close(logits(model, tokenizer, TEXTS), exact, rtol=0, atol=1e-5)
-    small, small_gap = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=2, alpha=4.0, seed=1)
-    assert small_gap.truncated == 4 and 0 < small_gap.relative < 1
-    assert (logits(small, tokenizer, TEXTS) - exact).abs().max() > 1e-4
+    wide = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=8, alpha=8.0, seed=1)
+    assert wide.gap.modules == 4 and wide.gap.truncated == 0 and not wide.remainder
+    torch.testing.assert_close(logits(wide.model, tokenizer, TEXTS), exact, rtol=0, atol=1e-5)
+
+    narrow = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=2, alpha=4.0, seed=1)
+    assert (
+        narrow.gap.truncated == 4
+        and 0 < narrow.gap.relative < 1
+        and set(narrow.remainder) == set(read_adapter(pulled)[0])
+    )
+    torch.testing.assert_close(logits(narrow.model, tokenizer, TEXTS), exact, rtol=0, atol=1e-5)  # frozen, kept
+    assert sum(p.numel() for n, p in narrow.model.named_parameters() if p.requires_grad and "lora_A" in n) == 4 * 2 * 32
+    with torch.no_grad():  # as if trained: move the trainable factors
+        for name, p in narrow.model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(0.05)
+    trained = logits(narrow.model, tokenizer, TEXTS)
+    upload = save_adapter(narrow.model, tmp_path / "upload", remainder=narrow.remainder)
+    assert json.loads((upload / ADAPTER_CONFIG).read_text())["r"] == 4  # the global rank: 2 trained + 2 frozen
+    shutil.copy(pulled / CUMULATIVE_FILE, upload / CUMULATIVE_FILE)  # the client's model: base + correction + upload
+    torch.testing.assert_close(
+        logits(exact_model(upload, tiny_bert_dir, task=TaskType.SEQ_CLS), tokenizer, TEXTS), trained, rtol=0, atol=1e-5
+    )  # the upload is the client's whole model
+
+    dropped = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=2, alpha=4.0, seed=1, keep_remainder=False)
+    assert not dropped.remainder and not dropped.gap.kept
+    assert (logits(dropped.model, tokenizer, TEXTS) - exact).abs().max() > 1e-4

@@ -20,8 +20,11 @@ from ..deltas import make_federation, random_factors, write_adapter
 def _truth(clients, weights, module, alpha=8.0):
     """Σ wᵢ sᵢ Bᵢ Aᵢ over the clients that carry ``module``, weights normalised over all of ``weights``."""
     total = sum(weights)
-    return sum((w / total) * (alpha / f[module][0].shape[0]) * f[module][1].double() @ f[module][0].double()
-               for w, f in zip(weights, clients) if module in f)
+    return sum(
+        (w / total) * (alpha / f[module][0].shape[0]) * f[module][1].double() @ f[module][0].double()
+        for w, f in zip(weights, clients, strict=True)
+        if module in f
+    )
 
 
 def _reconstruct(out, module):
@@ -50,11 +53,13 @@ def test_a_missing_module_is_a_zero_update_under_the_clients_weight(sdk, tmp_pat
     clients, sizes = _upload_three(sdk, tmp_path)
     out = tmp_path / "out"
     sdk.pull("fed", out)
-    torch.testing.assert_close(_reconstruct(out, "layers.0.q"), _truth(clients, sizes, "layers.0.q"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _reconstruct(out, "layers.0.q"), _truth(clients, sizes, "layers.0.q"), rtol=1e-5, atol=1e-5
+    )
     # c2 (weight 1/2) did not train v: it counts as a zero update, so nobody owns a module alone
-    torch.testing.assert_close(_reconstruct(out, "layers.0.v"), _truth(clients, sizes, "layers.0.v"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _reconstruct(out, "layers.0.v"), _truth(clients, sizes, "layers.0.v"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_renormalising_over_holders_is_an_explicit_option(sdk, tmp_path):
@@ -63,8 +68,9 @@ def test_renormalising_over_holders_is_an_explicit_option(sdk, tmp_path):
     out = tmp_path / "out"
     sdk.pull("fed", out)
     # only c0 and c1 carry v: their weights renormalise to 1/3, 2/3
-    torch.testing.assert_close(_reconstruct(out, "layers.0.v"), _truth(clients[:2], sizes[:2], "layers.0.v"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _reconstruct(out, "layers.0.v"), _truth(clients[:2], sizes[:2], "layers.0.v"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_modules_to_save_are_weighted_means(sdk, tmp_path):
@@ -76,8 +82,9 @@ def test_modules_to_save_are_weighted_means(sdk, tmp_path):
         sdk.upload("fed", tmp_path / f"c{i}.safetensors", f"c{i}", dataset_size=[1, 3][i])
     out = tmp_path / "out"
     sdk.pull("fed", out)
-    torch.testing.assert_close(load_file(out / "adapter_model.safetensors")[head],
-                               torch.full((3, 4), 0.25 * 1 + 0.75 * 4))
+    torch.testing.assert_close(
+        load_file(out / "adapter_model.safetensors")[head], torch.full((3, 4), 0.25 * 1 + 0.75 * 4)
+    )
 
 
 def test_aggregation_is_idempotent_and_deterministic(sdk, tmp_path):
@@ -125,5 +132,9 @@ def test_out_rank_applies_to_svd_only(sdk, tmp_path):
         sdk.pull(strategy, out)
         rank = load_file(out / "adapter_model.safetensors")["base_model.model.layers.0.q.lora_A.weight"].shape[0]
         assert rank == (2 if strategy == "svd" else 4)
-        torch.testing.assert_close(_reconstruct(out, "layers.0.q"), _truth(
-            [random_factors(0), random_factors(1)], [1, 1], "layers.0.q"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            _reconstruct(out, "layers.0.q"),
+            _truth([random_factors(0), random_factors(1)], [1, 1], "layers.0.q"),
+            rtol=1e-5,
+            atol=1e-5,
+        )

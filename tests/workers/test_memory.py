@@ -6,6 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.services  # measures page faults in a subprocess
+
 
 def _minor_faults_per_module(tune: bool) -> float:
     """Minor page faults of an svd aggregation of llama-sized modules, after a warm-up, in a fresh process."""

@@ -35,13 +35,23 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 def test_a_workers_metrics_count_deltas_rounds_phases_and_queues(redis_server, real_redis, tmp_path):
     port = free_port()
-    env = {**os.environ, "CHORUS_REDIS_URL": redis_server.url, "CHORUS_STORE": f"file://{tmp_path}/store",
-           "CHORUS_SPOOL_DIR": str(tmp_path / "spool"), "CHORUS_CLIENT_ACL": "off"}
+    env = {
+        **os.environ,
+        "CHORUS_REDIS_URL": redis_server.url,
+        "CHORUS_STORE": f"file://{tmp_path}/store",
+        "CHORUS_SPOOL_DIR": str(tmp_path / "spool"),
+        "CHORUS_CLIENT_ACL": "off",
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen([sys.executable, "-m", "chorus_mq.cli", "worker", "-c", "2", "--metrics-port", str(port),
-                               "-l", "INFO"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "chorus_mq.cli", "worker", "-c", "2", "--metrics-port", str(port), "-l", "INFO"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         settings = Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", client_acl="off")
         admin = ChorusClient(settings)

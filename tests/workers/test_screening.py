@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.aggregation import ClientUpdate, aggregate_module
-from chorus_mq.aggregation.dp import PrivacyAccountant, aggregate_sensitivity
-from chorus_mq.aggregation.dp import dp_release, noise_generator
+from chorus_mq.aggregation.dp import PrivacyAccountant, aggregate_sensitivity, dp_release, noise_generator
 
 from ..deltas import make_federation, random_factors, write_adapter
 
@@ -45,6 +44,7 @@ def test_nan_cannot_switch_defences_off(sdk, tmp_path):
     from chorus_mq.errors import InvalidAdapter, Rejected
     from chorus_mq.layout import delta_key
     from chorus_mq.messages import IngestMessage
+
     make_federation(sdk, "fed", quorum=5, screen_outliers=True)
     bad = random_factors(1)
     bad[Q][1][0, 0] = float("nan")
@@ -71,22 +71,25 @@ def test_clipping_bounds_the_update_linearly(sdk, tmp_path):
 def test_dp_ffa_noise_has_the_calibrated_std():
     A = torch.linalg.qr(torch.randn(64, 4, dtype=torch.float64))[0].T.float()  # shared frozen A, orthonormal rows
     updates = [ClientUpdate(A, torch.randn(256, 4), 1.0, 1.0) for _ in range(10)]
-    res = dp_release(updates, quorum=10, clip_norm=2.0, noise_multiplier=3.0,
-                     generator=noise_generator("k", "fed", 1, Q))
+    res = dp_release(
+        updates, quorum=10, clip_norm=2.0, noise_multiplier=3.0, generator=noise_generator("k", "fed", 1, Q)
+    )
     exact = sum(u.B for u in updates) / 10
     noise = res.B - exact
     sigma = 3.0 * aggregate_sensitivity(2.0, [0.1] * 10)
     assert res.residual is None and torch.equal(res.A, A)
     assert noise.std().item() == pytest.approx(sigma, rel=0.1)
-    again = dp_release(updates, quorum=10, clip_norm=2.0, noise_multiplier=3.0,
-                       generator=noise_generator("k", "fed", 1, Q))
+    again = dp_release(
+        updates, quorum=10, clip_norm=2.0, noise_multiplier=3.0, generator=noise_generator("k", "fed", 1, Q)
+    )
     assert torch.equal(again.B, res.B)  # a re-run releases identical noise, never a fresh sample
 
 
 def test_dp_dense_release_is_noised_aggregate():
     updates = [ClientUpdate(torch.randn(4, 48), torch.randn(32, 4), 0.5, 1.0) for _ in range(4)]
-    res = dp_release(updates, quorum=5, clip_norm=1.0, noise_multiplier=2.0,
-                     generator=noise_generator("k", "fed", 1, Q))
+    res = dp_release(
+        updates, quorum=5, clip_norm=1.0, noise_multiplier=2.0, generator=noise_generator("k", "fed", 1, Q)
+    )
     released = res.B.double() @ res.A.double() + res.residual.to_dense().double()
     exact = sum(0.5 * u.B.double() @ u.A.double() for u in updates) / 5
     noise = released - exact
@@ -110,6 +113,7 @@ def test_dp_federation_reports_privacy_spent(sdk, tmp_path):
 
 def test_dp_config_needs_clip_and_data_independent_weights(sdk):
     from chorus_mq.errors import ConfigError
+
     with pytest.raises(ConfigError, match="clip"):
         make_federation(sdk, "f1", quorum=2, dp_noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="data-independent"):

@@ -43,8 +43,9 @@ def test_signed_upload_is_accepted(fed, tmp_path):
     assert sdk.upload("fed", write_adapter(tmp_path / "a.safetensors", random_factors(0)), "alice").status == "accepted"
 
 
-@pytest.mark.parametrize("case", ["unsigned", "wrong-secret", "unregistered", "posing-as-bob", "altered", "revoked",
-                                  "in-bobs-inbox"])
+@pytest.mark.parametrize(
+    "case", ["unsigned", "wrong-secret", "unregistered", "posing-as-bob", "altered", "revoked", "in-bobs-inbox"]
+)
 def test_unauthenticated_records_are_counted_never_published(fed, tmp_path, case):
     make_sdk, secrets = fed
     sdk = make_sdk(allow_unsigned=False)
