@@ -172,8 +172,7 @@ def test_healthchecks(services):
 
 
 def test_ingest_aggregate_and_compact_workers_are_separate_scalable_services(services):
-    for name, role in (("worker-ingest", "ingest"), ("worker-aggregate", "aggregate"),
-                       ("worker-compact", "compact")):
+    for name, role in (("worker-ingest", "ingest"), ("worker-aggregate", "aggregate"), ("worker-compact", "compact")):
         service = services[name]
         ctx = parse_cli(_command(service))
         assert ctx.command.name == "worker" and ctx.params["role"] == role, name

@@ -288,5 +288,11 @@ def fit_spec(
     r, rank_pattern = pattern_fit(dict(ranks))
     alpha, alpha_pattern = pattern_fit({m: float(scalings[m]) * ranks[m] for m in ranks})
     chosen = targets if targets is not None else (template.target_modules or default_targets(ranks))
-    return template.replace(r=r, lora_alpha=alpha, use_rslora=False, target_modules=chosen,
-                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return template.replace(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=False,
+        target_modules=chosen,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )

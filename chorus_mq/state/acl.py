@@ -163,8 +163,9 @@ class Acl:
                 global _warned_no_file
                 if not _warned_no_file:  # once per process: an operator adding many clients needs it once
                     _warned_no_file = True
-                    log.warning("Redis has no ACL file: client users last until it restarts "
-                                "(then: `chorus-mq acl sync`)")
+                    log.warning(
+                        "Redis has no ACL file: client users last until it restarts (then: `chorus-mq acl sync`)"
+                    )
                 return False
             if "error trying to save" in message:
                 log.error(

@@ -83,8 +83,9 @@ class Store(abc.ABC):
         """Store ``data``; with ``write_once`` raise ObjectExists if ``key`` exists."""
         self._put(check_key(key), io.BytesIO(data), len(data), write_once)
 
-    def put_file(self, key: str, path: PathArg, *, write_once: bool = True,
-                 progress: Callable[[int], object] | None = None) -> None:
+    def put_file(
+        self, key: str, path: PathArg, *, write_once: bool = True, progress: Callable[[int], object] | None = None
+    ) -> None:
         """Stream the local file ``path`` to ``key``; write-once as in :meth:`put_bytes`.
 
         ``progress`` is called with the number of bytes read each time the backend reads a piece.

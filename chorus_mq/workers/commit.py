@@ -131,10 +131,15 @@ def adapter_config(
     spec = LoraSpec.from_peft_config(template)
     # a regex stays; a list becomes the modules' own names (the union over clients may exceed one client's list)
     targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules else None
-    fitted = fit_spec(spec, {m: rank for m, (rank, _) in out.items()}, {m: s for m, (_, s) in out.items()},
-                      targets=targets if targets is not None else default_targets(out))
-    return fitted.replace(base_model=config.base_model,
-                          modules_to_save=spec.modules_to_save if extras else ()).to_peft_config()
+    fitted = fit_spec(
+        spec,
+        {m: rank for m, (rank, _) in out.items()},
+        {m: s for m, (_, s) in out.items()},
+        targets=targets if targets is not None else default_targets(out),
+    )
+    return fitted.replace(
+        base_model=config.base_model, modules_to_save=spec.modules_to_save if extras else ()
+    ).to_peft_config()
 
 
 def _dp(config: FederationConfig) -> dict[str, Any] | None:

@@ -106,7 +106,8 @@ def test_read_group_blocks_until_a_record_arrives(real_redis):
     make_state(real_redis)
     box = _inboxes(real_redis, ("fed", "alice"))[0]
     later = threading.Timer(
-        0.3, lambda: Inbox(redis_lib.Redis.from_url(url_of(real_redis)), "fed", "alice").append("{}"))
+        0.3, lambda: Inbox(redis_lib.Redis.from_url(url_of(real_redis)), "fed", "alice").append("{}")
+    )
     later.start()
     start = time.monotonic()
     got = read_group(real_redis, [box], "pump", count=10, block_ms=5000)

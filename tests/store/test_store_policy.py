@@ -24,7 +24,10 @@ def test_policy_allows_exactly_what_a_client_needs():
     assert doc["Version"] == "2012-10-17"
     grants = {(tuple(s["Action"]), tuple(s["Resource"])) for s in doc["Statement"]}
     assert grants == {
-        (("s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"), ("arn:aws:s3:::chorus/fed-data/bank/deltas/alice/*",)),
+        (
+            ("s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"),
+            ("arn:aws:s3:::chorus/fed-data/bank/deltas/alice/*",),
+        ),
         (
             ("s3:GetObject",),
             ("arn:aws:s3:::chorus/fed-data/bank/rounds/*", "arn:aws:s3:::chorus/fed-data/bank/snapshots/*"),

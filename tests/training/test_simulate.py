@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from chorus_mq.names import CENTRALISED
 from chorus_mq.training.simulate import SimRow, plot_accuracy
 
 
+@pytest.mark.e2e
 def test_simulate_minilm_two_rounds_three_clients(tmp_path):
     from chorus_mq.cli import main
 
