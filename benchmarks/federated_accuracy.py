@@ -4,8 +4,10 @@ Run: python benchmarks/federated_accuracy.py [--out benchmarks/out/federated_acc
 
 10 clients with Dirichlet(0.1) and Dirichlet(1.0) label skew, half of them drawn each round
 by the workers (fraction-fit 0.5), LoRA ranks 4/8/16 in turn (a client below the global
-adapter's rank starts from its best approximation), 5 rounds of fedavg, fedex-lora, svd and
-stack, and the centralised baseline (the same total steps on the pooled data). Clients train
+adapter's rank keeps the part beyond its rank frozen and uploads it with its update, so its start
+is exact; stack, whose rank would multiply, starts it from the best approximation), 5 rounds
+of fedavg, fedex-lora, svd and stack, and the centralised baseline (the same total steps on the
+pooled data). Clients train
 with logit adjustment by their own label frequencies (``--no-balance`` turns it off: at these
 skews every strategy then collapses to predicting one class after 5 rounds). Every client
 round goes through the production path (uploads, inbox pump, ingest, aggregation shards and

@@ -333,7 +333,7 @@ def _forget_inputs(dep: Deployment, name: str) -> None:
 HEADER = (
     f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
     f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
-    f"{'compact':>8}"
+    f"{'compact':>8} {'verdict':>8}"
 )
 
 

@@ -5,10 +5,21 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import redis
+
+
+def spawn_logged(log_path: Path, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """``python ARGV`` in its own process group (so a test can kill its whole tree), output to ``log_path``."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
+    proc.name, proc.log_path = log_path.stem, log_path  # type: ignore[attr-defined]
+    return proc
 
 
 def free_port() -> int:

@@ -23,6 +23,8 @@ import redis
 from chorus_mq.names import WorkerRole
 from chorus_mq.settings import Settings
 
+from .services import spawn_logged
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the module ``python -m`` runs for a worker or beat: the production CLI ...
 CLI = "chorus_mq.cli"
@@ -108,19 +110,8 @@ class Deployment:
     # -- services --------------------------------------------------------------------
 
     def _spawn(self, kind: str, module: str, args: list[str], env: dict[str, str] | None) -> subprocess.Popen:
-        name = f"{kind}{len(self.procs)}-{uuid.uuid4().hex[:6]}"
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                env={**self.env, **(env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        proc.name = name
-        proc.log_path = log_path
+        log_path = self.workdir / f"{kind}{len(self.procs)}-{uuid.uuid4().hex[:6]}.log"
+        proc = spawn_logged(log_path, ["-m", module, *args], {**self.env, **(env or {})}, ROOT)
         self.procs.append(proc)
         return proc
 

@@ -364,6 +364,17 @@ def adapter_dir_files(directory: Path) -> tuple[Path, LoraSpec]:
     return weights, spec
 
 
+def open_adapter_header(
+    path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[Path, Header, LoraSpec | None]:
+    """The weights file, header and own config (None for a bare file without one) of an adapter path."""
+    if path.is_dir():
+        file, spec = adapter_dir_files(path)
+        return file, read_header(file, max_header_bytes=max_header_bytes), spec
+    header = read_header(path, max_header_bytes=max_header_bytes)
+    return path, header, embedded_spec(header)
+
+
 def load_adapter(
     path: str | os.PathLike[str],
     *,
@@ -380,14 +391,7 @@ def load_adapter(
     component, and ``lora_alpha`` defaults to each module's rank: scaling 1.0.
     """
     path = Path(path)
-    spec: LoraSpec | None
-    if path.is_dir():
-        file, spec = adapter_dir_files(path)
-        header = read_header(file, max_header_bytes=max_header_bytes)
-    else:
-        file = path
-        header = read_header(file, max_header_bytes=max_header_bytes)
-        spec = embedded_spec(header)
+    file, header, spec = open_adapter_header(path, max_header_bytes)
     if spec is None:
         spec = infer_spec(delta_structure(header, None).shapes, lora_alpha, use_rslora, fan_in_fan_out)
     elif lora_alpha is not None or use_rslora or fan_in_fan_out:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError, InvalidAdapter
 from ..names import PEFT_TASK_TYPES, TaskType
-from .delta import DeltaFile, adapter_dir_files, delta_structure, embedded_spec, infer_spec
+from .delta import DeltaFile, delta_structure, infer_spec, open_adapter_header
 from .fileformat import DTYPES, MAX_DIM, MAX_NDIM
 from .header import Header, read_header, strict_json
 from .spec import MAX_NAME_LEN, PEFT_PREFIX, LoraSpec, default_targets
@@ -249,15 +249,8 @@ def model_decl_from_adapter(
     Modules and shapes come from its factors, target modules, task type and layout from its
     config, extras from its modules_to_save tensors. Headers only: no tensor is read.
     """
-    path = Path(path)
-    if path.is_dir():
-        file, spec = adapter_dir_files(path)
-        header = read_header(file, max_header_bytes=max_header_bytes)
-    else:
-        file = path
-        header = read_header(file, max_header_bytes=max_header_bytes)
-        found = embedded_spec(header)
-        spec = found if found is not None else infer_spec(delta_structure(header, None).shapes, None, False, False)
+    file, header, found = open_adapter_header(Path(path), max_header_bytes)
+    spec = found if found is not None else infer_spec(delta_structure(header, None).shapes, None, False, False)
     delta = DeltaFile(file, header, spec)
     delta.check_spec()
     shapes = delta.structure.shapes

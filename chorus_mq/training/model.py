@@ -168,25 +168,33 @@ def build_initial_adapter(
     if task == TaskType.SEQ_CLS and len(labels) < 2:
         raise ConfigError(f"a seq-cls federation needs at least two labels, got {list(labels)}")
     base = load_base(model_dir, task, labels=labels or None)
-    heads = head_names(base) if task == TaskType.SEQ_CLS else ()
-    targets = tuple(target_modules) if target_modules else default_target_modules(base)
+    config, heads = _base_lora_config(base, task, rank, alpha, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for head in heads:  # the head is new: every party gets the same one from the seed
             init_head(base.get_submodule(head), std=float(getattr(base.config, "initializer_range", 0.02)))
-        config = lora_config(
-            task=task,
-            rank=rank,
-            alpha=alpha or 2.0 * rank,
-            target_modules=targets,
-            heads=heads,
-            fan_in_fan_out=uses_conv1d(base, targets),
-        )
         model = get_peft_model(base, config)
     out = Path(out_dir)
     model.save_pretrained(str(out), save_embedding_layers=False)
     normalise_adapter_config(out, base_model=base_model or Path(model_dir).name)
     return out
+
+
+def _base_lora_config(
+    base: Any, task: TaskType, rank: int, alpha: float | None, target_modules: Sequence[str] | None
+) -> tuple[Any, tuple[str, ...]]:
+    """The LoRA config for ``base`` (``alpha`` defaults to ``2 * rank``) and its task-head module names."""
+    heads = head_names(base) if task == TaskType.SEQ_CLS else ()
+    targets = tuple(target_modules) if target_modules else default_target_modules(base)
+    config = lora_config(
+        task=task,
+        rank=rank,
+        alpha=alpha or 2.0 * rank,
+        target_modules=targets,
+        heads=heads,
+        fan_in_fan_out=uses_conv1d(base, targets),
+    )
+    return config, heads
 
 
 def init_head(head: torch.nn.Module, *, std: float) -> None:
@@ -395,17 +403,7 @@ def start_model(
     if pulled_dir is not None:
         global_factors, head_state, targets = read_adapter(Path(pulled_dir))
         target_modules = target_modules or targets
-    rank = rank or 8
-    heads = head_names(base) if task == TaskType.SEQ_CLS else ()
-    targets = tuple(target_modules or default_target_modules(base))
-    config = lora_config(
-        task=task,
-        rank=rank,
-        alpha=alpha or 2.0 * rank,
-        target_modules=targets,
-        heads=heads,
-        fan_in_fan_out=uses_conv1d(base, targets),
-    )
+    config, _ = _base_lora_config(base, task, rank or 8, alpha, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)

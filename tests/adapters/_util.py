@@ -57,7 +57,8 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, *, kv_heads=4):
+    """A 2-layer random Llama (hidden 32) from a config; ``kv_heads`` < 4 makes k/v narrower than q."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -66,7 +67,7 @@ def tiny_llama(seed=0):
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         vocab_size=64,
         max_position_embeddings=64,
     )

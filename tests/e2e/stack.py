@@ -37,7 +37,7 @@ from chorus_mq.settings import Settings
 from chorus_mq.store import S3Credentials, open_store, split_s3_url
 from chorus_mq.store.policy import provision_iam_client
 
-from ..services import RedisServer
+from ..services import RedisServer, spawn_logged
 from ..store.iamserver import AuthS3
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,18 +199,8 @@ class Stack:
 
     def spawn(self, kind: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """``chorus-mq ARGS`` in its own process group, logging to ``<kind>-<id>.log``."""
-        name = f"{kind}-{uuid.uuid4().hex[:6]}"
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", CLI, *args],
-                env={**self.env, **(env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        proc.name, proc.log_path = name, log_path  # type: ignore[attr-defined]
+        log_path = self.workdir / f"{kind}-{uuid.uuid4().hex[:6]}.log"
+        proc = spawn_logged(log_path, ["-m", CLI, *args], {**self.env, **(env or {})}, ROOT)
         self.procs.append(proc)
         return proc
 

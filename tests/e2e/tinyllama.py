@@ -7,23 +7,14 @@ from pathlib import Path
 
 import torch
 
+from ..adapters._util import tiny_llama as adapters_tiny_llama
+
 TARGETS = ("q_proj", "v_proj")
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """The adapters tests' tiny Llama with grouped k/v (2 heads), so that k/v and q differ in shape."""
+    return adapters_tiny_llama(seed, kv_heads=2)
 
 
 def client_adapter(base, out_dir: Path, *, rank: int, alpha: float, seed: int, use_rslora: bool = False) -> dict:
