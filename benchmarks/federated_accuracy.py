@@ -7,9 +7,9 @@ by the workers (fraction-fit 0.5), LoRA ranks 4/8/16 in turn (a client below the
 adapter's rank keeps the part beyond its rank frozen and uploads it with its update, so its start
 is exact; stack, whose rank would multiply, starts it from the best approximation), 5 rounds
 of fedavg, fedex-lora, svd and stack, and the centralised baseline (the same total steps on the
-pooled data). Clients train
-with logit adjustment by their own label frequencies (``--no-balance`` turns it off: at these
-skews every strategy then collapses to predicting one class after 5 rounds). Every client
+pooled data). Clients train with logit adjustment by their own label frequencies
+(``--no-balance`` turns it off: at these skews every strategy then collapses to predicting one
+class after 5 rounds). Every client
 round goes through the production path (uploads, inbox pump, ingest, aggregation shards and
 commit as Celery tasks run eagerly, pulls). Prints one table per alpha (columns explained in
 ``chorus_mq/training/simulate.py``), a summary of the last round, and writes CSV, JSON and a

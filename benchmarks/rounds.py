@@ -19,7 +19,10 @@ quorum, and the round runs as the fleet runs it (plan, shards, commit). Per roun
   verdict      seconds an upload to another federation waits for its verdict while the round aggregates
 
 Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
-every worker count runs its own federation and the table compares their median round times.
+every worker count runs its own federation, each aggregate worker ``--concurrency 1``,
+``CHORUS_AGGREGATION_WORKERS=1`` and pinned to a core of its own (``--no-pin`` leaves them free),
+and the table compares their median round times; a model fitted to them (serial part, shard
+work, shard count, the store's measured write bandwidth) says where more workers stop helping.
 """
 
 from __future__ import annotations
@@ -111,9 +114,15 @@ class Deployment:
     aggregators: list[subprocess.Popen] = field(default_factory=list)
 
     def start(
-        self, role: str, *, concurrency: int | None = None, extra_env: dict[str, str] | None = None
+        self,
+        role: str,
+        *,
+        concurrency: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        cpu: int | None = None,
     ) -> subprocess.Popen:
-        """``chorus-mq worker --role ROLE`` (its default concurrency: the cores, unless given)."""
+        """``chorus-mq worker --role ROLE`` (its default concurrency: the cores, unless given), pinned to
+        core ``cpu`` when given (its pool children and threads inherit the affinity)."""
         log = open(self.workdir / f"{role}-{len(self.procs)}.log", "w")  # noqa: SIM115 - lives with the process
         extra = ["-c", str(concurrency)] if concurrency else []
         proc = subprocess.Popen(
@@ -136,6 +145,8 @@ class Deployment:
             cwd=ROOT,
             start_new_session=True,
         )
+        if cpu is not None:  # at once, before the worker starts threads or forks its pool: they inherit it
+            os.sched_setaffinity(proc.pid, {cpu})
         self.procs.append(proc)
         if role == "aggregate":
             self.aggregators.append(proc)
@@ -379,6 +390,13 @@ def main() -> None:
         help="Comma-separated aggregate worker counts to compare (each worker --concurrency 1 "
         "and CHORUS_AGGREGATION_WORKERS=1), e.g. 1,2",
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="With --workers: leave the aggregate workers unpinned (by default worker i runs on core i alone, "
+        "so that each is limited to one core: a worker's prefetch and hashing threads otherwise spill onto "
+        "the other core)",
+    )
     parser.add_argument("--no-pull", action="store_true", help="Skip the continuing client's pulls.")
     args = parser.parse_args()
     shapes = modules(args.shapes)
@@ -400,10 +418,17 @@ def main() -> None:
                 results = {}
                 for count in counts:
                     dep.start("ingest", concurrency=1)
-                    for _ in range(count):
-                        dep.start("aggregate", concurrency=1, extra_env={"CHORUS_AGGREGATION_WORKERS": "1"})
+                    cores = sorted(os.sched_getaffinity(0))
+                    for i in range(count):
+                        dep.start(
+                            "aggregate",
+                            concurrency=1,
+                            extra_env={"CHORUS_AGGREGATION_WORKERS": "1"},
+                            cpu=None if args.no_pin else cores[i % len(cores)],
+                        )
                     time.sleep(8)
-                    print(f"\n{count} aggregate worker(s), --concurrency 1, CHORUS_AGGREGATION_WORKERS=1")
+                    pinned = "unpinned" if args.no_pin else "each pinned to its own core"
+                    print(f"\n{count} aggregate worker(s), --concurrency 1, CHORUS_AGGREGATION_WORKERS=1, {pinned}")
                     print(HEADER)
                     results[count] = run_federation(dep, sdk, f"w{count}", args, shapes, pull=False, echo=True)
                     dep.stop()
@@ -412,7 +437,7 @@ def main() -> None:
                 for count in counts:
                     t = statistics.median(r.seconds for r in results[count])
                     print(f"{count:>7} {t:>17.2f}s {base / t:>7.2f}x")
-                _model(results, counts)
+                _model(results, counts, _write_bandwidth(workdir))
             else:
                 dep.start("ingest")
                 dep.start("aggregate")
@@ -432,20 +457,45 @@ def main() -> None:
             redis.stop()
 
 
-def _model(results: dict[int, list[Row]], counts: list[int]) -> None:
-    """Where more workers stop helping: the serial part (plan, commit, dispatch) against the shard work."""
+def _write_bandwidth(directory: Path, size: int = 512 * 2**20) -> float:
+    """MB/s of a file written and fsynced where the file:// store lives (what bounds the write phase)."""
+    path = directory / "bandwidth.probe"
+    block = os.urandom(16 * 2**20)
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return size / 2**20 / seconds
+
+
+def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float) -> None:
+    """Where more workers stop helping: an Amdahl fit of the measured rounds, the shard count, the store.
+
+    With T(1) and T(W) measured, the serial part s (plan, commit, dispatch, the slowest shard's
+    imbalance) and the parallel shard work w solve T(W) = s + w / W; a round cannot go faster than
+    its shards (one per worker at most) nor than the store can take the bytes it writes.
+    """
+    one = statistics.median(r.seconds for r in results[counts[0]])
+    many = max(counts)
+    if many == counts[0]:
+        return
+    t_many = statistics.median(r.seconds for r in results[many])
+    work = (one - t_many) * many / (many - 1)
+    serial = max(one - work, 0.0)
     rows = results[counts[0]]
-    total = statistics.median(r.seconds for r in rows)
-    shard_work = statistics.median(r.phases["fetch"] + r.phases["math"] + r.phases["write"] for r in rows)
-    serial = max(total - shard_work, 0.0)
     shards = rows[0].shards
+    floor = statistics.median(r.written_mb for r in rows) / bandwidth
     print(
-        f"\nmodel: T(W) ≈ serial {serial:.2f}s + shard work {shard_work:.2f}s / min(W, {shards} shards); "
-        "the store's write bandwidth bounds the write phase"
+        f"\nmodel (fitted to W=1 and W={many}): T(W) ≈ max(serial {serial:.2f}s + shard work {work:.2f}s / "
+        f"min(W, {shards} shards), written {rows[0].written_mb:.0f}MB / store {bandwidth:.0f}MB/s = {floor:.2f}s)"
     )
     for w in (1, 2, 4, 8, 16):
-        t = serial + shard_work / min(w, shards)
-        print(f"  W={w:>2}: {t:6.2f}s ({total / t:4.2f}x)")
+        t = max(serial + work / min(w, shards), floor)
+        print(f"  W={w:>2}: {t:6.2f}s ({one / t:4.2f}x)")
 
 
 if __name__ == "__main__":
