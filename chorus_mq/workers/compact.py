@@ -10,6 +10,7 @@ failed compaction never fails a round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import snapshot_key
-from ..names import RESIDUAL_FORMAT, EventType, RoundStatus
-from ..results import fetch_manifest, fold_residuals, merge_objects
+from ..names import EventType, RoundStatus
+from ..results import fetch_manifest, fold_residuals
 from ..state import EventLog
 from ..state.rounds import SnapshotRecord
 from .metrics import METRICS
@@ -44,14 +45,18 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
     keeper.start()
     try:
         base = max((r for r in snapshots if r < upto), default=None)
-        with tempfile.TemporaryDirectory(dir=rt.spool, prefix="compact-") as tmp:
-            spool = Path(tmp)
+        with tempfile.TemporaryDirectory(dir=rt.spool, prefix="compact-") as tmp, contextlib.ExitStack() as held:
+
+            def local(key: str, sha256: str) -> Path:
+                # file:// hashes the object in place (no copy of history on the worker's disk); s3:// spools it
+                obj = held.enter_context(
+                    rt.store.local_copy(key, expected_sha256=sha256, max_bytes=None, spool_dir=tmp)
+                )
+                return obj.path
+
             parts: list[Path] = []
             if base is not None:
-                rec = snapshots[base]
-                path = spool / "base.safetensors"
-                rt.store.download(rec.key, path, expected_sha256=rec.sha256)
-                parts.append(path)
+                parts.append(local(snapshots[base].key, snapshots[base].sha256))
             rounds = [
                 info.round
                 for info in rt.state.rounds(federation)
@@ -59,10 +64,8 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
             ]
             for r in rounds:
                 manifest, _ = fetch_manifest(rt.state, rt.store, federation, r)
-                path = spool / f"residual-{r}.safetensors"
-                refs = [s.residual for s in manifest.shards if s.residual is not None]
-                if merge_objects(rt.store, refs, path, {"format": RESIDUAL_FORMAT}):
-                    parts.append(path)
+                # shards hold disjoint modules: their objects are summed as they are, in round order
+                parts += [local(s.residual.key, s.residual.sha256) for s in manifest.shards if s.residual is not None]
             # written once, in place for file:// (the store names it by its hash at the end)
             with rt.store.writer(lambda digest: snapshot_key(federation, upto, digest)) as out:
                 out.file.close()
