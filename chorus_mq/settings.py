@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     eager: bool = False
 
     worker_concurrency: int | None = Field(default=None)
+    #: a pool child whose resident memory passed this many MB is replaced after its task (0: never), so a
+    #: worker's memory stays bounded over any number of rounds whatever a library keeps between tasks
+    worker_max_memory_mb: int = Field(default=1536, ge=0)
 
     @model_validator(mode="after")
     def _ordered_limits(self) -> Settings:

@@ -52,6 +52,7 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
+        worker_max_memory_per_child=settings.worker_max_memory_mb * 1024 or None,  # KiB
     )
     from . import tasks  # the task bodies import torch: only when an app is built
 
