@@ -573,6 +573,11 @@ def _describe(event: Any) -> str:
 )
 @click.option("--exact-adapter", is_flag=True, help="Also write exact_adapter/: one PEFT adapter exact on the base.")
 @click.option("--residual-adapter", is_flag=True, help="Also write residual_adapter/: the correction as an adapter.")
+@click.option(
+    "--fold",
+    is_flag=True,
+    help="Fold increments/ into cumulative_residual.safetensors now (by default: once they outweigh it).",
+)
 @click.pass_context
 @_fail_cleanly
 def pull(
@@ -583,6 +588,7 @@ def pull(
     since: int | None,
     exact_adapter: bool,
     residual_adapter: bool,
+    fold: bool,
 ) -> None:
     """Write a round's global adapter (PEFT-loadable), its residual and the cumulative correction into OUTPUT;
     a directory holding an earlier round is brought up to date with the increments only."""
@@ -593,6 +599,7 @@ def pull(
         since=since,
         exact_adapter=exact_adapter,
         residual_adapter=residual_adapter,
+        fold=fold,
         progress=True,
     )
     click.echo(f"round {manifest.round} ({manifest.strategy}, {len(manifest.clients)} clients) -> {output}")

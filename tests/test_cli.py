@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from chorus_mq.cli import main
+from chorus_mq.local import LocalState
 
 from .deltas import random_factors, write_adapter
 
@@ -121,3 +122,19 @@ def test_client_registry_commands(cli, ref):
     assert len(secret) >= 40
     cli("client", "revoke", "alice", "--federation", "fed")
     assert cli("client", "list", "--federation", "fed").output.split() == ["alice", "revoked"]
+
+
+def test_pull_keeps_increments_and_folds_them_on_request(cli, tmp_path, ref):
+    cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", "--reference-adapter", ref)
+    out = tmp_path / "pulled"
+    for r in (1, 2):  # round 2's increment does not outweigh round 1's file: it stays an increment
+        for c in ("c0", "c1"):  # two clients: a round's residual is not zero
+            delta = write_adapter(tmp_path / f"{c}-{r}.safetensors", random_factors(10 * r + int(c[1])))
+            cli("upload", "--federation", "fed", "--adapter", str(delta), "--client-id", c)
+        assert f"round {r}" in cli("pull", "--federation", "fed", "--output", str(out)).output
+    state = LocalState.load(out)
+    assert state is not None and state.round == 2 and state.folded == 1 and state.increments == (2,)
+    cli("pull", "--federation", "fed", "--output", str(out), "--fold")
+    state = LocalState.load(out)
+    assert state is not None and state.folded == 2 and state.increments == ()
+    assert not list((out / "increments").glob("*.safetensors"))

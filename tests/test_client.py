@@ -7,7 +7,7 @@ import json
 import pytest
 import redis as redis_lib
 
-from chorus_mq.client import ChorusClient, RoundSummary, Status, UploadResult, _redacted, _url_password
+from chorus_mq.client import ChorusClient, RoundSummary, Status, UploadResult
 from chorus_mq.errors import ChorusError, ServiceUnavailable, Timeout
 from chorus_mq.names import RoundStatus
 from chorus_mq.settings import Settings
@@ -70,10 +70,17 @@ def test_a_clients_url_carries_its_user_and_secret(real_redis, redis_server, tmp
     real_redis.execute_command("ACL", "DELUSER", "client:fed:alice")
 
 
-def test_urls_are_redacted_and_only_client_urls_lend_a_secret():
-    assert _redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
-    assert _redacted("redis://h:1/0") == "redis://h:1/0"
-    assert _url_password("redis://client%3Afed%3Aa:s%2F1@h/0") == "s/1"
-    assert _url_password("redis://worker:pw@h/0") is None
+def test_urls_are_redacted_and_only_client_urls_lend_a_secret(tmp_path):
+    store = f"file://{tmp_path}/store"
+    assert ChorusClient(Settings(redis_url="redis://client%3Afed%3Aa:s%2F1@h/0", store=store)).secret == "s/1"
+    assert ChorusClient(Settings(redis_url="redis://worker:pw@h/0", store=store)).secret is None
+    port = free_port()
+    for url, shown in (
+        (f"redis://u:pw@127.0.0.1:{port}/0", f"redis://u:***@127.0.0.1:{port}/0"),
+        (f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"),
+    ):
+        with pytest.raises(ServiceUnavailable) as caught:
+            ChorusClient(Settings(redis_url=url, store=store)).status("fed")
+        assert shown in str(caught.value) and "pw" not in str(caught.value)
     with pytest.raises(redis_lib.ConnectionError):
         redis_lib.Redis(port=free_port(), socket_connect_timeout=0.5).ping()

@@ -63,13 +63,17 @@ def load_base(
             kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
     loader = AutoModelForSequenceClassification if task == TaskType.SEQ_CLS else AutoModelForCausalLM
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # a new head is reported as "MISSING": expected, and seeded below
+    hf_logging.disable_progress_bar()  # a local checkpoint loads in well under a second: no bar per client round
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_BASE_SEED)
             model: Any = loader.from_pretrained(str(model_dir), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:  # seq-cls heads on decoder models find the last token by it
         tokenizer_pad = _pad_token_id(model_dir)
         model.config.pad_token_id = tokenizer_pad
