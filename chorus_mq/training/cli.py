@@ -103,8 +103,8 @@ def _format(record: RoundRecord) -> str:
     "--lora-rank",
     type=int,
     default=None,
-    help="LoRA rank to train (default: the global adapter's, an exact start; lower ranks start from "
-    "its best approximation).",
+    help="LoRA rank to train (default: the global adapter's). A lower rank trains the global adapter's top "
+    "directions and keeps the rest frozen and uploaded with its update, so its start is exact too.",
 )
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha with --lora-rank (default: 2 x rank).")
 @click.option(

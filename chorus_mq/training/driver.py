@@ -181,8 +181,9 @@ def train_federation(
 ) -> Iterator[RoundRecord]:
     """Take part in ``rounds`` complete rounds of ``federation`` as ``client_id``; yield one record per round.
 
-    ``lora_rank`` None trains the global adapter at its own rank (an exact start); a rank
-    below it starts from the best approximation of the global update (see ``model.start_model``).
+    ``lora_rank`` None trains the global adapter at its own rank; a rank below it trains its top
+    directions and keeps the rest frozen, uploaded with the update, so the start is exact too (stack
+    federations drop the rest instead: their rank would multiply; see ``model.start_model``).
     ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
     """
     from .data import resolve_model
