@@ -22,6 +22,28 @@ def spawn_logged(log_path: Path, argv: list[str], env: dict[str, str], cwd: Path
     return proc
 
 
+#: the production CLI, as ``python -m`` runs it
+CLI = "chorus_mq.cli"
+
+
+def run_cli(
+    args: tuple[str, ...], env: dict[str, str], cwd: Path, *, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``chorus-mq ARGS`` in a subprocess; with ``check``, a non-zero exit fails the test with its output."""
+    res = subprocess.run(
+        [sys.executable, "-m", CLI, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(f"chorus-mq {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
+    return res
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,11 +23,10 @@ import redis
 from chorus_mq.names import WorkerRole
 from chorus_mq.settings import Settings
 
-from .services import spawn_logged
+from .services import CLI, run_cli, spawn_logged
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the module ``python -m`` runs for a worker or beat: the production CLI ...
-CLI = "chorus_mq.cli"
+#: the module ``python -m`` runs for a worker or beat: the production CLI (``CLI``) ...
 #: ... or the same CLI with test-only faults switched on by CHORUS_FAULT_* variables
 FAULTY_CLI = "tests.faults.faulty_app"
 
@@ -81,18 +80,7 @@ class Deployment:
     def cli(
         self, *args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess:
-        res = subprocess.run(
-            [sys.executable, "-m", CLI, *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"chorus-mq {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-        return res
+        return run_cli(args, {**self.env, **(env or {})}, ROOT, timeout=timeout, check=check)
 
     def popen_cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,12 +36,11 @@ from chorus_mq.settings import Settings
 from chorus_mq.store import S3Credentials, open_store, split_s3_url
 from chorus_mq.store.policy import provision_iam_client
 
-from ..services import RedisServer, spawn_logged
+from ..services import CLI, RedisServer, run_cli, spawn_logged
 from ..store.iamserver import AuthS3
 
 ROOT = Path(__file__).resolve().parents[2]
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
-CLI = "chorus_mq.cli"
 #: a user only the tests have (never in deploy/): what an attacker who owns the store or Redis could do
 ADMIN_USER, ADMIN_PASSWORD = "test-admin", "test-admin-password"
 
@@ -175,18 +173,7 @@ class Stack:
             role = {"CHORUS_REDIS_URL": as_.redis_url, **as_.s3.env()}
         else:
             role = {"CHORUS_REDIS_URL": {"operator": self.operator_url, "worker": self.worker_url}[as_]}
-        res = subprocess.run(
-            [sys.executable, "-m", CLI, *args],
-            env={**self.env, **role, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"chorus-mq {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-        return res
+        return run_cli(args, {**self.env, **role, **(env or {})}, ROOT, timeout=timeout, check=check)
 
     def add_client(self, federation: str, client: str, *options: str) -> ClientCreds:
         """``chorus-mq client add`` (operator), then the client's least-privilege S3 keys (IAM)."""

@@ -13,23 +13,15 @@ from chorus_mq.errors import ConfigError
 from chorus_mq.names import TaskType
 from chorus_mq.training.dp import DPConfig, PrivacyLedger, make_private
 from chorus_mq.training.local import TrainConfig, encode, example_losses, train_local
-from chorus_mq.training.model import build_initial_adapter, exact_model
+from chorus_mq.training.model import exact_model
 
-from .common import LABELS
+from .common import seq_cls_initial
 from .test_local import DATA
 
 
 @pytest.fixture
 def trainable(tiny_bert_dir, tmp_path):
-    initial = build_initial_adapter(
-        tiny_bert_dir,
-        tmp_path / "r0",
-        task=TaskType.SEQ_CLS,
-        labels=LABELS,
-        target_modules=("query", "value"),
-        rank=4,
-        seed=0,
-    )
+    initial = seq_cls_initial(tiny_bert_dir, tmp_path / "r0")
     model = exact_model(initial, tiny_bert_dir, task=TaskType.SEQ_CLS, trainable=True)
     with torch.no_grad():  # B = 0 at round 0 would leave A without gradients: make every factor matter
         for name, p in model.named_parameters():

@@ -20,8 +20,8 @@ from chorus_mq.state import FederationConfig
 from chorus_mq.training.data import Examples
 from chorus_mq.training.dp import DPConfig
 from chorus_mq.training.driver import train_federation
-from chorus_mq.training.model import build_initial_adapter
 
+from .common import seq_cls_initial
 from .test_local import DATA, WORDS
 
 LABELS = ("awful", "great", "okay")
@@ -40,15 +40,7 @@ def sdk(tmp_path):
 @pytest.fixture
 def federation(sdk, tiny_bert_dir, tmp_path):
     """A seq-cls federation with round 0 built from a seed, and one registered client."""
-    initial = build_initial_adapter(
-        tiny_bert_dir,
-        tmp_path / "initial",
-        task=TaskType.SEQ_CLS,
-        labels=LABELS,
-        target_modules=("query", "value"),
-        rank=4,
-        seed=0,
-    )
+    initial = seq_cls_initial(tiny_bert_dir, tmp_path / "initial", LABELS)
     config = FederationConfig(name="fed", base_model="tiny-bert", quorum=1, task_type=TaskType.SEQ_CLS, labels=LABELS)
     sdk.create_federation(config, model=model_decl_from_adapter(initial), initial_adapter=initial)
     return "fed", sdk.add_client("fed", "alice").secret

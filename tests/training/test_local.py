@@ -10,9 +10,9 @@ from chorus_mq.errors import ConfigError
 from chorus_mq.names import TaskType
 from chorus_mq.training.data import Examples
 from chorus_mq.training.local import TrainConfig, evaluate, predict, save_adapter, train_local
-from chorus_mq.training.model import build_initial_adapter, exact_model, start_model
+from chorus_mq.training.model import exact_model, start_model
 
-from .common import LABELS
+from .common import LABELS, seq_cls_initial
 
 # a learnable toy task: the label is which of three words the text contains
 WORDS = ("awful", "great", "okay")
@@ -23,15 +23,7 @@ DATA = Examples(
 
 
 def test_seq_cls_training_lowers_the_loss_and_saves_an_uploadable_adapter(tiny_bert_dir, tokenizer, tmp_path):
-    initial = build_initial_adapter(
-        tiny_bert_dir,
-        tmp_path / "r0",
-        task=TaskType.SEQ_CLS,
-        labels=LABELS,
-        target_modules=("query", "value"),
-        rank=4,
-        seed=0,
-    )
+    initial = seq_cls_initial(tiny_bert_dir, tmp_path / "r0")
     model = exact_model(initial, tiny_bert_dir, task=TaskType.SEQ_CLS, trainable=True)
     before = evaluate(model, tokenizer, DATA, task=TaskType.SEQ_CLS)
     config = TrainConfig(task=TaskType.SEQ_CLS, steps=40, batch_size=8, lr=1e-2, max_length=32, seed=0)
@@ -76,15 +68,7 @@ def test_balanced_labels_learn_the_classes_rather_than_a_skewed_clients_prior(ti
     """A client with 16 examples of class 1 and 2 of each other class: logit adjustment does better on balanced data."""
     from chorus_mq.training.local import label_log_prior
 
-    initial = build_initial_adapter(
-        tiny_bert_dir,
-        tmp_path / "r0",
-        task=TaskType.SEQ_CLS,
-        labels=LABELS,
-        target_modules=("query", "value"),
-        rank=4,
-        seed=0,
-    )
+    initial = seq_cls_initial(tiny_bert_dir, tmp_path / "r0")
     others = [i for i, y in enumerate(DATA.labels) if y != 1]
     skewed = DATA.subset([i for i, y in enumerate(DATA.labels) if y == 1] + others[:2] + others[-2:])
     assert sorted(skewed.labels).count(1) == 16
