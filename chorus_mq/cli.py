@@ -13,9 +13,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import click
 
@@ -25,18 +24,11 @@ from .names import (
     ExpirePolicy,
     MissingModules,
     RobustAggregate,
-    RoundStatus,
     Strategy,
     TaskType,
     WeightPolicy,
     WorkerRole,
 )
-
-if TYPE_CHECKING:
-    pass
-
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 _fail_cleanly = one_line_errors
 _settings = settings_of
@@ -255,44 +247,11 @@ def federation() -> None:
 @click.option("--dp-noise-multiplier", type=float, default=0.0, help="Set the noise directly instead of --dp-epsilon.")
 @click.pass_context  # type: ignore[arg-type]
 @_fail_cleanly
-def federation_create(
-    ctx: click.Context,
-    name: str,
-    base_model: str,
-    quorum: int,
-    reference_adapter: str | None,
-    initial_adapter: str | None,
-    task: str | None,
-    labels: str | None,
-    target_modules: str | None,
-    lora_rank: int,
-    lora_alpha: float,
-    seed: int,
-    dp_epsilon: float | None,
-    dp_rounds: int,
-    **options: Any,
-) -> None:
+def federation_create(ctx: click.Context, **params: Any) -> None:
     """Create federation NAME, declare its model and open round 1."""
     from .federation_cli import build_federation
 
-    sdk = _client(ctx)
-    cfg, initial = build_federation(
-        sdk,
-        name=name,
-        base_model=base_model,
-        quorum=quorum,
-        reference_adapter=reference_adapter,
-        initial_adapter=initial_adapter,
-        task=task,
-        labels=labels,
-        target_modules=target_modules,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        seed=seed,
-        dp_epsilon=dp_epsilon,
-        dp_rounds=dp_rounds,
-        options=options,
-    )
+    cfg, initial = build_federation(_client(ctx), **params)
     click.echo(
         f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
         f"{cfg.weights}; round 1 is open"
@@ -805,8 +764,6 @@ def _register_training() -> None:
 
 
 _register_training()
-
-__all__ = ["RoundStatus", "main"]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ create federations and manage clients. Read-only paths import no torch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -583,10 +582,6 @@ def _url_password(url: str) -> str | None:
     if parts.username and parts.password and ":" in unquote(parts.username):
         return unquote(parts.password)
     return None
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 __all__ = ["ChorusClient", "ClientCredentials", "RoundFailed", "RoundSummary", "Status", "UploadResult"]

@@ -44,7 +44,7 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
     """Write the initial adapter as round 0's only shard and its manifest; returns (manifest key, sha256)."""
     import torch
 
-    from .adapters import StreamingWriter, load_adapter
+    from .adapters import load_adapter, write_safetensors
 
     adapter = load_adapter(path)
     spec = adapter.spec
@@ -58,24 +58,16 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
             f"initial adapter extras {extras} differ from the declared task head {sorted(model.extras)}"
         )
     items = sorted([*modules, *extras])
-    layout = []
     tensors: dict[str, torch.Tensor] = {}
     for item in items:
-        if item in model.extras:
-            tensors[item] = adapter.tensors[item].to(torch.float32).contiguous()
-            layout.append((item, torch.float32, tuple(tensors[item].shape)))
-        else:
-            for part in ("lora_A", "lora_B"):
-                key = f"{item}.{part}.weight"
-                tensors[key] = adapter.tensors[key].to(torch.float32).contiguous()
-                layout.append((key, torch.float32, tuple(tensors[key].shape)))
+        keys = [item] if item in model.extras else [f"{item}.{part}.weight" for part in ("lora_A", "lora_B")]
+        for key in keys:
+            tensors[key] = adapter.tensors[key].to(torch.float32)
     federation = config.name
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "shard.safetensors"
-        writer = StreamingWriter(local, layout, {"format": SHARD_FORMAT})
-        for name, _dtype, _shape in layout:
-            writer.write(name, tensors[name])
-        sha = writer.close()
+        # one shard in the canonical order every round's shard objects use (all float32: by name)
+        sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
         key = shard_key(federation, 0, 0, "adapter", sha)
         try:
             sdk.store.put_file(key, local, write_once=True)

@@ -30,9 +30,11 @@ def build_federation(
     seed: int,
     dp_epsilon: float | None,
     dp_rounds: int,
-    options: dict[str, Any],
+    **options: Any,
 ) -> tuple[FederationConfig, bool]:
-    """Create the federation; returns its config and whether round 0 holds an initial adapter."""
+    """Create the federation from ``federation create``'s options (``options``: the FederationConfig
+    fields the CLI passes through as they are); returns its config and whether round 0 holds an
+    initial adapter."""
     from .adapters import model_decl_from_adapter, model_decl_from_dir
     from .federation import canonical_decl
 

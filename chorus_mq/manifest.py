@@ -81,10 +81,6 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
-    @property
-    def has_residual(self) -> bool:
-        return any(s.residual is not None for s in self.shards)
-
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
 

@@ -341,8 +341,8 @@ def dp_release(
         raise ConfigError(f"quorum must be a positive int, got {quorum!r}")
     d_out, d_in = module_dims(updates)
     sigma = _check("noise_multiplier", noise_multiplier) * aggregate_sensitivity(clip_norm, [1.0 / quorum] * quorum)
-    ffa = frozen_shared_a(updates) if frozen_a is None else frozen_a
-    if ffa and not frozen_shared_a(updates):
+    ffa = frozen_a is not False and frozen_shared_a(updates)  # checked once: it compares every client's A
+    if frozen_a and not ffa:
         raise ConfigError("frozen_a=True needs every client to share one A with orthonormal rows (FFA-LoRA)")
     ranks = [int(u.A.shape[0]) for u in updates]
     layout = dp_layout(ranks, d_out, d_in, frozen_a=ffa, out_rank=out_rank)

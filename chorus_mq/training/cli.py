@@ -7,9 +7,8 @@ Nothing heavy is imported here: torch, transformers and peft load when a command
 from __future__ import annotations
 
 import json as json_lib
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
     from .driver import RoundRecord
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 _one_line_errors = one_line_errors

@@ -20,10 +20,6 @@ class Declared:
     modules: tuple[str, ...]  # sorted
     extras: tuple[str, ...]  # sorted
 
-    @property
-    def sorted_modules(self) -> tuple[str, ...]:
-        return self.modules
-
 
 _cache: dict[tuple[str, str], Declared] = {}
 

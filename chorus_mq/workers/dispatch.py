@@ -26,6 +26,3 @@ class Dispatcher:
             return
         # no callbacks, links or options: the message is a task name, its queue and plain arguments
         self.app.send_task(task.value, args=list(args), queue=TASK_QUEUES[task].value)
-
-    def __call__(self, task: Task, *args: Any) -> None:
-        self.send(task, *args)

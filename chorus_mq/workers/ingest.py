@@ -161,7 +161,7 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         # host's BLAS), so the stored index is the one every reader checks against
         index_bytes = rt.store.get_bytes(ikey)
         index = DeltaIndex.from_json(index_bytes)
-    record = _record(msg, size, key, ikey, index_bytes, index, decl.sorted_modules)
+    record = _record(msg, size, key, ikey, index_bytes, index, decl.modules)
     reply = rt.state.register(msg.federation, r, record)
     if reply.status == "conflict":
         raise DuplicateDelta(
