@@ -134,6 +134,9 @@ class _Job:
     residual_rank: int = 0
     shape: tuple[int, ...] = ()
     frozen_a: bool = False  # DP: every client shares one frozen orthonormal A (noise on B alone)
+    #: DP: the holders' updates, read once to look at their A's and kept for the math (a shard's inputs
+    #: are bounded by CHORUS_SHARD_BYTES)
+    loaded: list[ClientUpdate] | None = None
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -252,6 +255,7 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
             continue
         updates = [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
         job.frozen_a = frozen_shared_a(updates)
+        job.loaded = updates
         layout = dp_layout(
             [int(u.A.shape[0]) for u in updates],
             job.shape[0],
@@ -298,10 +302,9 @@ def _results(
         if job.extra:
             loaded: list[Any] = [inputs.extra(c, job.name) for c in job.holders]
         else:
-            loaded = [
-                _clipped(inputs.update(c, job.name, plan.weights[c]), plan.clip.get(f"{c}|{job.name}"))
-                for c in job.holders
-            ]
+            updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
+            job.loaded = None
+            loaded = [_clipped(u, plan.clip.get(f"{c}|{job.name}")) for c, u in zip(job.holders, updates, strict=True)]
         seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
 
