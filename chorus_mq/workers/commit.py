@@ -17,13 +17,14 @@ from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
-from ..names import RoundStatus, Task
-from ..state import FederationConfig
+from ..names import RoundStatus
+from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
 from .metrics import METRICS
 from .plan import Plan
 from .runtime import Runtime
 from .shard import ShardResult
+from .sweep import request_compaction
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,14 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
         return "already"
     if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
         return "stale"
+    config = rt.state.config(federation)
     key = manifest_key(federation, r)
     try:
         raw = rt.store.get_bytes(key)  # an earlier commit wrote it and died before finalizing
     except ObjectMissing:
         raw = None
     if raw is None:
-        manifest = build_manifest(rt, federation, r, epoch, info.agg_started, started)
+        manifest = build_manifest(rt, federation, info, config, started)
         raw = manifest.to_json()
         try:
             rt.store.put_bytes(key, raw, write_once=True)
@@ -65,16 +67,17 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
             METRICS.round_seconds.observe(max(0.0, time.time() - info.agg_started))
         METRICS.phase_seconds.labels(phase="commit").observe(time.perf_counter() - started)
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
-        config = rt.state.config(federation)
         if config.checkpoint_every and r % config.checkpoint_every == 0:
-            dispatch.send(Task.COMPACT, federation, r)
+            request_compaction(rt, dispatch, federation, r)
     return outcome.status
 
 
 def build_manifest(
-    rt: Runtime, federation: str, r: int, epoch: int, agg_started: float | None, commit_started: float
+    rt: Runtime, federation: str, info: RoundInfo, config: FederationConfig, commit_started: float
 ) -> Manifest:
-    config = rt.state.config(federation)
+    """Round ``info``'s manifest from its plan and shard results (``info``: the round as the commit read it,
+    aggregating under its epoch; its selection is fixed while that epoch holds)."""
+    r, epoch, agg_started = info.round, info.epoch, info.agg_started
     raw_plan = rt.state.plan(federation, r)
     if raw_plan is None:
         raise ObjectMissing(f"round {r} of {federation!r} has no plan")
@@ -99,7 +102,6 @@ def build_manifest(
     timings["commit"] = round(time.perf_counter() - commit_started, 4)
     if agg_started:
         timings["quorum_to_commit"] = round(max(0.0, time.time() - agg_started), 4)
-    info = rt.state.round(federation, r)
     return Manifest(
         federation=federation,
         round=r,

@@ -103,9 +103,17 @@ def _compaction_due(rt: Runtime, dispatch: Dispatcher, federation: str, report: 
     due = latest - latest % config.checkpoint_every
     if due in rt.state.snapshots(federation):
         return
-    if rt.state.request_compaction(federation, due, _COMPACTION_RETRY_S):
-        dispatch.send(Task.COMPACT, federation, due)
+    if request_compaction(rt, dispatch, federation, due):
         report.compactions.append((federation, due))
+
+
+def request_compaction(rt: Runtime, dispatch: Dispatcher, federation: str, r: int) -> bool:
+    """Enqueue round ``r``'s compaction unless it was enqueued in the last few minutes (the commit of a
+    checkpoint round and the sweep both ask; one task goes out). Returns whether it was enqueued."""
+    if not rt.state.request_compaction(federation, r, _COMPACTION_RETRY_S):
+        return False
+    dispatch.send(Task.COMPACT, federation, r)
+    return True
 
 
 def _fleet_busy(rt: Runtime) -> bool:
