@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..adapters import LoraSpec, strict_json
+from ..adapters.delta import embedded_spec
+from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
-from ..errors import AggregationError, NotFound
+from ..errors import AggregationError, NotFound, StateCorrupt
 from ..names import RoundStatus, Task
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
@@ -199,6 +200,8 @@ def _template(rt: Runtime, record: DeltaRecord) -> dict[str, Any]:
     The header was validated at ingest, and the accepted copy is out of the client's reach.
     """
     n = int.from_bytes(rt.store.get_range(record.key, 0, 8), "little")
-    header = strict_json(rt.store.get_range(record.key, 8, 8 + n), "delta header")
-    spec = LoraSpec.from_peft_config(strict_json(header["__metadata__"]["adapter_config"], "adapter_config"))
+    prefix = rt.store.get_range(record.key, 0, 8 + n)
+    spec = embedded_spec(header_from_prefix(prefix, max_header_bytes=rt.settings.max_header_bytes))
+    if spec is None:  # ingest embeds the config in every accepted copy
+        raise StateCorrupt(f"accepted delta {record.key} carries no adapter_config")
     return spec.to_peft_config()
