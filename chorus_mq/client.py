@@ -41,7 +41,7 @@ from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
-from .state.rounds import RoundInfo
+from .state.rounds import DeltaRecord, RoundInfo
 from .store import Store, open_store
 
 if TYPE_CHECKING:
@@ -171,12 +171,17 @@ class ChorusClient:
     def status(self, federation: str) -> Status:
         """The federation's settings, its current round and the privacy its clients spent."""
         with _service(self.settings):
-            cfg = self.state.config(federation)
-            current = self.state.current_round(federation)
+            meta = self.state.meta(federation)
+            cfg = FederationConfig.from_hash(meta)
+            current = int(meta["current_round"])
             rnd = self.state.round(federation, current)
+            history = self.state.rounds(federation)
+            recent = history[-50:]
+            # each round's deltas read once: the ledger needs every complete round, client DP the recent ones
+            deltas = self._deltas(federation, history if cfg.dp_noise_multiplier else recent)
             client_dp = {}
-            for info in self.state.rounds(federation)[-50:]:
-                for client, rec in self.state.deltas(federation, info.round).items():
+            for info in recent:
+                for client, rec in deltas[info.round].items():
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
             return Status(
@@ -195,7 +200,7 @@ class ChorusClient:
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
                 selected=rnd.selected,
-                privacy=self.privacy(federation) if cfg.dp_noise_multiplier else {},
+                privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
                 rejected=self._rejected(federation),
             )
@@ -212,20 +217,13 @@ class ChorusClient:
         """Server-side DP spent by each authenticated client: every complete round it took part in is one
         Gaussian release at the federation's noise multiplier, composed by the accountant. Client sampling
         is public (recorded in each round), so it gives no amplification: only rounds a client was in count."""
-        from .aggregation.dp import PrivacyAccountant
-
         cfg = self.state.config(federation)
-        rounds: dict[str, int] = {}
-        for info in self.state.rounds(federation):
-            if info.state == RoundStatus.COMPLETE:
-                for client in self.state.deltas(federation, info.round):
-                    rounds[client] = rounds.get(client, 0) + 1
-        out = {}
-        for client, k in rounds.items():
-            acc = PrivacyAccountant()
-            acc.spend(cfg.dp_noise_multiplier, rounds=k)
-            out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": float(k)}
-        return out
+        history = self.state.rounds(federation)
+        complete = [info for info in history if info.state == RoundStatus.COMPLETE]
+        return _privacy_spent(cfg, history, self._deltas(federation, complete))
+
+    def _deltas(self, federation: str, rounds: list[RoundInfo]) -> dict[int, dict[str, DeltaRecord]]:
+        return {info.round: self.state.deltas(federation, info.round) for info in rounds}
 
     def rounds(self, federation: str) -> list[RoundSummary]:
         """Every round so far: state, deltas, clients, timings, manifest."""
@@ -512,13 +510,14 @@ class ChorusClient:
 
         workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="chorus-model-"))
         self.pull(federation, workdir, round_)
-        status = self.status(federation)
-        if status.task_type is None:
+        with _service(self.settings):
+            task_type = self.state.config(federation).task_type
+        if task_type is None:
             raise ConfigError(
                 f"federation {federation!r} declares no task (seq-cls or causal-lm); it was created "
                 "without --task or a task-typed adapter"
             )
-        return exact_model(workdir, Path(model_dir), task=status.task_type, trainable=trainable)
+        return exact_model(workdir, Path(model_dir), task=task_type, trainable=trainable)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -535,6 +534,25 @@ class ChorusClient:
 
         rt = runtime.current() if runtime.installed() else runtime.Runtime(self.settings, self.redis, self.store)
         InboxPump(rt, get_dispatcher(self.settings), consumer="sdk").drain(federation)
+
+
+def _privacy_spent(
+    cfg: FederationConfig, history: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
+) -> dict[str, dict[str, float]]:
+    """Per client, the accountant's epsilon over the complete rounds of ``history`` it has a delta in."""
+    from .aggregation.dp import PrivacyAccountant
+
+    rounds: dict[str, int] = {}
+    for info in history:
+        if info.state == RoundStatus.COMPLETE:
+            for client in deltas[info.round]:
+                rounds[client] = rounds.get(client, 0) + 1
+    out = {}
+    for client, k in rounds.items():
+        acc = PrivacyAccountant()
+        acc.spend(cfg.dp_noise_multiplier, rounds=k)
+        out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": float(k)}
+    return out
 
 
 class _service:

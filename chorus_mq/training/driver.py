@@ -396,11 +396,15 @@ def _wait_for_open_round(
     """The status once the current round is open and not one this client already finished."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        status = sdk.status(federation)
-        r = status.current_round
-        if status.state == RoundStatus.OPEN and r not in state.done:
-            return status
-        if status.state not in ENDED_STATES and r not in state.done:
+        # a poll reads the current round only; the full status (history, privacy) once it is open
+        r = sdk.state.current_round(federation)
+        round_state = sdk.state.round(federation, r).state
+        if round_state == RoundStatus.OPEN and r not in state.done:
+            status = sdk.status(federation)
+            if status.state == RoundStatus.OPEN and status.current_round not in state.done:
+                return status
+            continue  # it moved on between the two reads: look again
+        if round_state not in ENDED_STATES and r not in state.done:
             sdk.wait_round(federation, r, timeout=timeout)  # aggregating: wait for it to end
             continue
         if deadline is not None and time.monotonic() > deadline:
