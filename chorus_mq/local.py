@@ -148,6 +148,14 @@ def pull(
             raise ConfigError(f"--since {since}: {out} holds {have}; pull without --since to start over")
         if since > target:
             raise ConfigError(f"--since {since} is after the round asked for ({target})")
+    if (
+        held is not None
+        and (held.federation, held.round, held.manifest_sha256) == (federation, target, manifest_sha)
+        and all((out / name).is_file() for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RESIDUAL_FILE, MANIFEST_FILE))
+        and not (fold and held.increments)
+        and not (exact_adapter or residual_adapter)
+    ):
+        return manifest  # this directory holds exactly this round already (a second pull downloads nothing)
     (out / INCREMENTS_DIR).mkdir(exist_ok=True)
     if held is not None and held.federation == federation and held.round <= target:
         folded, increments, start = held.folded, list(held.increments), held.round

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, read_residual
-from chorus_mq.errors import ConfigError
+from chorus_mq.errors import ConfigError, ObjectMissing
 from chorus_mq.local import iter_correction
 from chorus_mq.workers import runtime
 
@@ -137,3 +137,23 @@ def test_sharded_and_unsharded_rounds_are_byte_identical(make_sdk, tmp_path):
     assert len(one.shards) == 1 and len(split.shards) > 3
     for name in ("adapter_model.safetensors", "residual.safetensors", "cumulative_residual.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
+
+
+def test_pulling_the_round_a_directory_holds_downloads_nothing(make_sdk, tmp_path):
+    sdk = make_sdk()
+    make_federation(sdk, "fed", quorum=2)
+    for i in range(2):
+        sdk.upload("fed", write_adapter(tmp_path / f"d{i}.safetensors", random_factors(i)), f"c{i}")
+    out = tmp_path / "out"
+    first = sdk.pull("fed", out, 1)
+    files = {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    manifest_sha = sdk.state.round("fed", 1).manifest_sha256
+    for shard in first.shards:  # gone from the store: a pull that fetched them again would fail
+        for ref in (shard.adapter, shard.residual):
+            if ref is not None:
+                sdk.store.delete(ref.key)
+    again = sdk.pull("fed", out, 1)
+    assert again == first and sdk.state.round("fed", 1).manifest_sha256 == manifest_sha
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+    with pytest.raises(ObjectMissing):  # asking for more than the directory holds fetches again
+        sdk.pull("fed", out, 1, exact_adapter=True)
