@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.shapes import OutputLayout
-from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, check_finite, module_dims
+from chorus_mq.aggregation.shapes import OutputLayout, check_options
+from chorus_mq.aggregation.updates import ClientUpdate, ModuleResult, check_finite, module_dims, pad_rank
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.factors import Residual
 
@@ -306,8 +306,7 @@ def dp_layout(
     the dense mechanism releases a rank-``out_rank`` (default: the largest rank) adapter and a dense residual."""
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise AggregationError(f"ranks must be ints >= 1, got {list(ranks)!r}")
-    if out_rank is not None and (isinstance(out_rank, bool) or not isinstance(out_rank, int) or out_rank < 1):
-        raise AggregationError(f"out_rank must be a positive int or None, got {out_rank!r}")
+    check_options(out_rank, torch.float32)
     if frozen_a:
         if len(set(ranks)) != 1:
             raise AggregationError(f"a frozen shared A has one rank; got ranks {sorted(set(ranks))}")
@@ -352,8 +351,8 @@ def dp_release(
         for u in updates:
             b_sum.add_(u.B.to(F64), alpha=float(u.scaling) / quorum)
         b_out = noise_B(b_sum.to(torch.float32), a0, sigma, 1.0, generator)
-        a_out, b_out = _pad_rows(a0, layout.rank), _pad_rows(b_out.mT, layout.rank).mT.contiguous()
-        return check_finite(ModuleResult(A=a_out, B=b_out, scaling=1.0, residual=None))
+        b_out, a_out = pad_rank(b_out, a0, layout.rank)
+        return check_finite(ModuleResult(A=a_out.contiguous(), B=b_out.contiguous(), scaling=1.0, residual=None))
     dense = torch.zeros(d_out, d_in, dtype=F64)
     for u in updates:
         dense.addmm_(u.B.to(F64), u.A.to(F64), alpha=float(u.scaling) / quorum)
@@ -364,11 +363,6 @@ def dp_release(
     left, right = (U[:, :n] * root).to(torch.float32), (root[:, None] * Vh[:n]).to(torch.float32)
     # the residual is taken against the *cast* adapter, so adapter + residual is the release
     dense.addmm_(left.to(F64), right.to(F64), alpha=-1.0)
-    a_out, b_out = _pad_rows(right, layout.rank), _pad_rows(left.mT, layout.rank).mT.contiguous()
-    return check_finite(ModuleResult(A=a_out, B=b_out, scaling=1.0, residual=Residual(dense=dense)))
-
-
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    if t.shape[0] >= rows:
-        return t.contiguous()
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])], 0)
+    b_out, a_out = pad_rank(left, right, layout.rank)
+    residual = Residual(dense=dense)
+    return check_finite(ModuleResult(A=a_out.contiguous(), B=b_out.contiguous(), scaling=1.0, residual=residual))

@@ -24,6 +24,7 @@ from chorus_mq.aggregation.updates import (
     ModuleResult,
     check_finite,
     module_dims,
+    pad_rank,
 )
 from chorus_mq.errors import AggregationError
 from chorus_mq.factors import Residual
@@ -193,7 +194,7 @@ def _svd(p: Prepared) -> ModuleResult:
     a_rows = _rows64([u.A for u in p.updates])
     mid = torch.tensor([ws for ws, r in zip(p.products, p.ranks, strict=True) for _ in range(r)], dtype=_F64)
     split = split_svd(b_rows, a_rows, mid.to(a_rows.device), rank, residual=p.fine)
-    b_out, a_out = _pad(_cast(split.B, dtype), _cast(split.A, dtype), rank)
+    b_out, a_out = pad_rank(_cast(split.B, dtype), _cast(split.A, dtype), rank)
     if p.layout.residual == "none":
         return ModuleResult(a_out, b_out, 1.0, None)
     if p.fine:
@@ -208,7 +209,7 @@ def _svd(p: Prepared) -> ModuleResult:
 
 def _stack(p: Prepared) -> ModuleResult:
     b_hi, a_hi = _concat(p, [math.sqrt(ws) for ws in p.products], dtype=_F64)
-    b_out, a_out = _pad(_cast(b_hi, p.layout.dtype), _cast(a_hi, p.layout.dtype), p.layout.rank)
+    b_out, a_out = pad_rank(_cast(b_hi, p.layout.dtype), _cast(a_hi, p.layout.dtype), p.layout.rank)
     if p.layout.residual == "none":
         return ModuleResult(a_out, b_out, 1.0, None)
     k = b_hi.shape[1]
@@ -263,13 +264,6 @@ def _rows64(blocks: Sequence[Tensor]) -> Tensor:
     """Row blocks stacked into one contiguous float64 tensor (cat upcasts while copying)."""
     out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1], dtype=_F64)
     return torch.cat(list(blocks), 0, out=out)
-
-
-def _pad(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    missing = rank - b.shape[1]
-    if missing <= 0:
-        return b, a
-    return torch.cat([b, b.new_zeros(b.shape[0], missing)], 1), torch.cat([a, a.new_zeros(missing, a.shape[1])], 0)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

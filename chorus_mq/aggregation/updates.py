@@ -188,3 +188,11 @@ def _bounded(a: Tensor | None, b: Tensor | None, scaling: float, bound: float) -
         raise AggregationError(
             f"{NOT_FINITE}: its norm {exact:.3g} exceeds float32's range; check the clients' factors and scalings"
         )
+
+
+def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``B`` with zero columns and ``A`` with zero rows up to ``rank`` (as they are when already that wide)."""
+    missing = rank - b.shape[1]
+    if missing <= 0:
+        return b, a
+    return torch.cat([b, b.new_zeros(b.shape[0], missing)], 1), torch.cat([a, a.new_zeros(missing, a.shape[1])], 0)
