@@ -34,10 +34,9 @@ from .names import (
     RESIDUAL_ADAPTER_DIR,
     RESIDUAL_FILE,
     RESIDUAL_FORMAT,
-    RoundStatus,
 )
 from .progress import byte_bar
-from .results import fetch_manifest, fold_residuals, merge_objects, write_empty_residual
+from .results import complete_rounds, fetch_manifest, fold_residuals, merge_objects, write_empty_residual
 
 if TYPE_CHECKING:
     from .client import ChorusClient
@@ -171,7 +170,7 @@ def pull(
             write_empty_residual(out / CUMULATIVE_FILE)
             folded = 0
         increments, start = [], folded
-    rounds = _complete_rounds(sdk, federation, start, target)
+    rounds = complete_rounds(sdk.state, federation, start, target)
     manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0] for r in rounds}
     residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
     total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(s.adapter.size for s in manifest.shards)
@@ -238,14 +237,6 @@ def _latest_snapshot(sdk: ChorusClient, federation: str, target: int) -> _Snapsh
         if r <= target and (best is None or r > best.round):
             best = _Snapshot(r, rec.key, rec.sha256)
     return best
-
-
-def _complete_rounds(sdk: ChorusClient, federation: str, after: int, upto: int) -> list[int]:
-    return [
-        info.round
-        for info in sdk.state.rounds(federation)
-        if after < info.round <= upto and info.state == RoundStatus.COMPLETE
-    ]
 
 
 def _extra_adapters(out: Path, *, exact_adapter: bool, residual_adapter: bool) -> None:

@@ -37,6 +37,15 @@ def fetch_manifest(state: RoundState, store: Store, federation: str, r: int) -> 
     return Manifest.from_json(raw), sha
 
 
+def complete_rounds(state: RoundState, federation: str, after: int, upto: int) -> list[int]:
+    """The complete rounds in ``(after, upto]``, oldest first: the increments a correction needs."""
+    return [
+        info.round
+        for info in state.rounds(federation)
+        if after < info.round <= upto and info.state == RoundStatus.COMPLETE
+    ]
+
+
 def merge_objects(
     store: Store,
     refs: list[ObjectRef],

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import snapshot_key
-from ..names import EventType, RoundStatus
-from ..results import fetch_manifest, fold_residuals
+from ..names import EventType
+from ..results import complete_rounds, fetch_manifest, fold_residuals
 from ..state import EventLog
 from ..state.rounds import SnapshotRecord
 from .metrics import METRICS
@@ -57,11 +57,7 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
             parts: list[Path] = []
             if base is not None:
                 parts.append(local(snapshots[base].key, snapshots[base].sha256))
-            rounds = [
-                info.round
-                for info in rt.state.rounds(federation)
-                if (base or 0) < info.round <= upto and info.state == RoundStatus.COMPLETE
-            ]
+            rounds = complete_rounds(rt.state, federation, base or 0, upto)
             for r in rounds:
                 manifest, _ = fetch_manifest(rt.state, rt.store, federation, r)
                 # shards hold disjoint modules: their objects are summed as they are, in round order
