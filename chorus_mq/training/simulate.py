@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
+from chorus_mq.local import LocalState
 from chorus_mq.names import CENTRALISED, LocalOptimizer, RoundStatus, Strategy, TaskType
 
 from .data import Examples, embedded_data, load_examples, resolve_model
@@ -122,7 +123,6 @@ class _Client:
     def name(self) -> str:
         return f"client-{self.index}"
 
-    held: int | None = None  # the round its pulled directory holds
     ledger: PrivacyLedger | None = None
 
 
@@ -413,10 +413,10 @@ class _Runner:
 
     def _pull(self, fed: _Federation, client: _Client, pulled: Path, start: int) -> int:
         """Bring the client's directory to round ``start``; the bytes that took, from the manifests."""
+        held = LocalState.load(pulled)  # the round the directory held before: its increments are not fetched
+        after = held.round if held is not None and held.federation == fed.name else -1
         manifest = self.sdk.pull(fed.name, pulled, start)
         fed.increments.setdefault(start, (manifest.adapter_bytes, manifest.residual_bytes))
-        after = client.held if client.held is not None else -1
-        client.held = start
         residuals = sum(res for r, (_a, res) in fed.increments.items() if after < r <= start)
         return manifest.adapter_bytes + residuals
 
