@@ -12,9 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,12 @@ import redis
 from chorus_mq.names import WorkerRole
 from chorus_mq.settings import Settings
 
-from .services import CLI, run_cli, spawn_logged
+from .services import CLI, run_cli, spawn_logged, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the module ``python -m`` runs for a worker or beat: the production CLI (``CLI``) ...
 #: ... or the same CLI with test-only faults switched on by CHORUS_FAULT_* variables
 FAULTY_CLI = "tests.faults.faulty_app"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` s.
-
-    A liveness bound, not a timing assertion: timeouts are generous.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Deployment:

@@ -20,9 +20,8 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from chorus_mq.settings import Settings
 from chorus_mq.store import S3Credentials, open_store, split_s3_url
 from chorus_mq.store.policy import provision_iam_client
 
-from ..services import CLI, RedisServer, run_cli, spawn_logged
+from ..services import CLI, RedisServer, run_cli, spawn_logged, wait_for
 from ..store.iamserver import AuthS3
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,18 +66,6 @@ def start_acl_redis(workdir: Path, *args: str) -> RedisServer:
     return RedisServer(
         workdir / "data", args=("--aclfile", str(acl), *args), username="operator", password=acl_passwords()["operator"]
     ).start()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
