@@ -396,7 +396,11 @@ class ChorusClient:
         if not wait:
             return result
         for event in log.follow(after, deadline=time.monotonic() + timeout):
-            if event is None or event.fields.get("upload_id") != msg.upload_id:
+            # The stream is the federation's: another client can reuse this upload_id on its own records.
+            if event is None or (event.fields.get("upload_id"), event.fields.get("client")) != (
+                msg.upload_id,
+                msg.client_id,
+            ):
                 continue
             if event.type == EventType.DELTA_REJECTED:
                 raise Rejected(str(event.fields.get("reason")), str(event.fields.get("code", "rejected")))

@@ -1,8 +1,11 @@
 """Least-privilege S3 credentials for federation clients.
 
-A client may put (and read back) objects under its own ``<F>/deltas/<client>/`` prefix and read
-its federation's published results (``rounds/``, ``snapshots/``); nothing else: no delete, no
-list, no other client's deltas, no other federation. :func:`client_policy` is that rule as an
+A client may put (and read back, and abort its failed multipart uploads of) objects under its own
+``<F>/deltas/<client>/`` prefix and read its federation's published results (``rounds/``,
+``snapshots/``); nothing else: no delete, no list, no other client's deltas, no other federation.
+Every read the client's code makes is an ``s3:GetObject`` (objects are sized with a ranged GET,
+see :mod:`.s3`); the workers delete its uploads once judged, and a lifecycle rule on ``<F>/deltas/``
+bounds the rest (deploy/minio/README.md). :func:`client_policy` is that rule as an
 IAM policy document; :func:`provision_iam_client` applies it through the IAM API (AWS, or any
 store with one); :func:`minio_commands` prints what a MinIO operator runs instead (MinIO has
 no IAM API, only ``mc admin``).
@@ -67,7 +70,7 @@ def client_policy(bucket: str, prefix: str, federation: str, client: str) -> dic
             {
                 "Sid": "OwnDeltas",
                 "Effect": "Allow",
-                # GetObject too: the SDK sizes and re-reads its own uploads.
+                # GetObject too: the SDK sizes and re-reads its own uploads; Abort: it cleans up a failed multipart.
                 "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"],
                 "Resource": [own],
             },

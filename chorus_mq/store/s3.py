@@ -2,7 +2,9 @@
 
 Every call this backend makes for puts and reads of single objects needs only ``s3:PutObject``
 or ``s3:GetObject`` on that object, so a federation client's least-privilege keys (see
-:mod:`.policy`) work: no HeadBucket, no ListBucket.
+:mod:`.policy`) work: no HeadBucket, no ListBucket, and no HeadObject either (objects are sized
+with a one-byte ranged GET). Without ``s3:ListBucket``, real S3 answers 403, not 404, for a key
+that does not exist: client code never probes keys that may be absent except where noted.
 """
 
 from __future__ import annotations
@@ -77,7 +79,6 @@ class S3Store(Store):
         self.spool_dir = spool_dir
         self._client_pid: int | None = None
         self._client: Any = None
-        self._bucket_checked = False
 
     @property
     def client(self) -> Any:
@@ -110,14 +111,42 @@ class S3Store(Store):
 
     # -- primitives -------------------------------------------------------------------
     def _head(self, key: str) -> Head | None:
+        # A one-byte ranged GET, not HeadObject: IAM authorises both with s3:GetObject, but some
+        # evaluators (moto 5.2.6) check HeadObject against an "s3:HeadObject" action that IAM does
+        # not have, refusing a client's reads under its least-privilege policy. A GET also carries
+        # an error body, so a missing bucket (NoSuchBucket) and key (NoSuchKey) are told apart.
         try:
             with self._errors(key, "HEAD"):
-                resp = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+                try:
+                    resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key), Range="bytes=0-0")
+                except ClientError as exc:
+                    if _code(exc) != "InvalidRange":
+                        raise
+                    # Only an empty object cannot serve byte 0.
+                    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                    return Head(size=0, etag=headers.get("etag"))
+                resp["Body"].close()
         except ObjectMissing:
-            self._check_bucket(key)
             return None
-        self._bucket_checked = True
-        return Head(size=resp["ContentLength"], etag=resp.get("ETag"))
+        match = _CONTENT_RANGE.fullmatch(resp.get("ContentRange") or "")
+        if match is not None and match[3] != "*":
+            size = int(match[3])
+        elif match is None and resp.get("ContentLength") is not None:
+            size = int(resp["ContentLength"])  # a store that ignored the Range: the whole object's length
+        else:
+            raise StoreError(f"GET {self.url_for(key)}: no object size in the answer ({resp.get('ContentRange')!r})")
+        return Head(size=size, etag=resp.get("ETag"))
+
+    def _probably_exists(self, key: str) -> bool:
+        """A hint only: False when the key is missing *or* its probe is refused.
+
+        A client's keys lack s3:ListBucket, so real S3 answers 403 for its own key that does not
+        exist yet; the write that follows is conditional anyway and fails clearly if refused.
+        """
+        try:
+            return self._head(key) is not None
+        except StoreError:
+            return False
 
     def _chunks(self, key: str, head: Head, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         extra = {"IfMatch": head.etag} if head.etag else {}
@@ -152,7 +181,7 @@ class S3Store(Store):
     def _put(self, key: str, src: BinaryIO, size: int, write_once: bool) -> None:
         cond = {"IfNoneMatch": "*"} if write_once else {}
         if size > self.multipart_threshold:
-            if write_once and self._head(key) is not None:
+            if write_once and self._probably_exists(key):
                 # Saves uploading gigabytes for nothing; the guarantee is the condition below.
                 raise ObjectExists(f"object {self.url_for(key)} already exists (write-once)")
             self._multipart(key, src, cond, size=size)
@@ -262,23 +291,6 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
 
     # -- errors -----------------------------------------------------------------------
-    def _check_bucket(self, key: str) -> None:
-        """After a HEAD 404: raise if the bucket, not the key, is missing.
-
-        A HEAD 404 has no body, so the two look alike. A GET of the same key says which (NoSuchKey
-        or NoSuchBucket) and needs only s3:GetObject, which the HEAD needed anyway: no HeadBucket
-        or ListBucket right is assumed.
-        """
-        if self._bucket_checked:
-            return
-        try:
-            with self._errors(key, "HEAD"):
-                resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key), Range="bytes=0-0")
-                resp["Body"].close()
-        except ObjectMissing:
-            pass
-        self._bucket_checked = True
-
     def _no_bucket(self) -> str:
         return (
             f"bucket {self.bucket} does not exist{self._where()}; create it "

@@ -126,7 +126,7 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         )
     _precheck_round(rt, msg, r)
 
-    source = delta_key(msg.federation, msg.client_id, msg.sha256)
+    source = _source_key(rt, msg, r)
     decl = declared_model(rt, msg.federation, config)
     # file:// hashes the object in place; s3:// downloads it to the spool. The size limit is checked first.
     with rt.store.local_copy(
@@ -180,6 +180,7 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         raise NotSelected(_not_selected_reason(rt, msg, r))
     if reply.status == "fired":
         dispatch.send(Task.ROUND, msg.federation, r, reply.epoch)
+    _discard_upload(rt, msg)
     METRICS.deltas.labels(outcome=reply.status, code="ok").inc()
     METRICS.phase_seconds.labels(phase="ingest").observe(time.perf_counter() - started)
     log.info("delta %s/%s round %s: %s (%d/%s)", msg.federation, msg.client_id, r, reply.status, reply.n, config.quorum)
@@ -264,7 +265,28 @@ def _reject(rt: Runtime, msg: IngestMessage, exc: ChorusError) -> Verdict:
         reason=reason,
         code=code,
     )
+    _discard_upload(rt, msg)
     return Verdict(False, msg.federation, msg.round, msg.client_id, msg.upload_id, code, reason)
+
+
+def _discard_upload(rt: Runtime, msg: IngestMessage) -> None:
+    """Delete the client's uploaded object once its verdict is recorded, so its own prefix holds only
+    uploads in flight. Only for authenticated records (a forged one must not delete another's upload);
+    an accepted delta lives on as the worker's own copy under ``accepted/``. Best effort: the bucket's
+    lifecycle rule on ``<F>/deltas/`` is the backstop (README, deploy/minio/)."""
+    key = delta_key(msg.federation, msg.client_id, msg.sha256)
+    try:
+        rt.store.delete(key)
+    except ChorusError as exc:
+        log.warning("could not delete %s after its verdict (the lifecycle rule will): %s", key, exc)
+
+
+def _source_key(rt: Runtime, msg: IngestMessage, r: int) -> str:
+    """Where to read the delta: the client's upload, or, for a record already registered in round ``r``
+    (a redelivery: its upload went with the first verdict), the worker's own verified copy."""
+    if rt.state.registered_sha(msg.federation, r, msg.client_id) == msg.sha256:
+        return accepted_key(msg.federation, msg.client_id, msg.sha256)
+    return delta_key(msg.federation, msg.client_id, msg.sha256)
 
 
 def _drop(rt: Runtime, federation: str, entry_id: str, msg: IngestMessage | None, exc: ChorusError) -> Verdict:

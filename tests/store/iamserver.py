@@ -1,7 +1,8 @@
 """A moto server of our own that enforces IAM policies on S3, for least-privilege tests.
 
 moto checks policies in server mode once authentication is switched on (``/moto-api/reset-auth``),
-for the whole process, so this runs apart from the session's shared S3 server. The bucket and an
+for the whole process, so this runs apart from the session's shared S3 server. It runs through
+moto_iam.py, which makes every moto version judge S3 operations by IAM's action names. The bucket and an
 admin user are made while authentication is still off; after that every request needs keys.
 """
 
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -53,10 +55,10 @@ class AuthS3:
 
 @contextlib.contextmanager
 def enforcing_moto() -> Iterator[AuthS3]:
-    """Start ``python -m moto.server`` on a free port, prepare it, switch authentication on; yield it."""
+    """Start moto's server (through moto_iam.py) on a free port, prepare it, switch authentication on; yield it."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).with_name("moto_iam.py")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -223,7 +223,10 @@ def test_ranges_and_streams_are_ranged_conditional_gets(make_s3_store):
     assert store.get_range("k", 2, 5) == b"234"
     assert b"".join(store.stream("k", 4, 6)) == b"45"
     assert b"".join(store.stream("k")) == b"0123456789"
-    gets = [params for name, params in calls if name == "GetObject"]
+    # Sizing is a one-byte ranged GET (s3:GetObject, like every read), never a HeadObject.
+    assert [params.get("Range") for name, params in calls if name == "GetObject"].count("bytes=0-0") == 2
+    assert not any(name == "HeadObject" for name, _ in calls)
+    gets = [params for name, params in calls if name == "GetObject" and params.get("Range") != "bytes=0-0"]
     assert gets[0]["Range"] == "bytes=2-4"
     assert gets[1]["Range"] == "bytes=4-5" and gets[1]["IfMatch"] == etag
     assert "Range" not in gets[2] and gets[2]["IfMatch"] == etag
@@ -235,7 +238,12 @@ def test_copy_is_server_side_and_conditional(make_s3_store):
     etag = store._head("F/deltas/c/x").etag
     calls = _record(store)
     store.copy("F/deltas/c/x", "F/accepted/c/x")
-    assert [name for name, _ in calls] == ["HeadObject", "HeadObject", "CopyObject"]  # no bytes through us
+    # no bytes through us: two one-byte sizing GETs, then the server-side copy
+    assert [(name, params.get("Range")) for name, params in calls] == [
+        ("GetObject", "bytes=0-0"),
+        ("GetObject", "bytes=0-0"),
+        ("CopyObject", None),
+    ]
     params = calls[-1][1]
     assert params["CopySourceIfMatch"] == etag and params["IfNoneMatch"] == "*"
     assert params["CopySource"] == {"Bucket": store.bucket, "Key": f"{store.prefix}/F/deltas/c/x"}
@@ -268,7 +276,8 @@ def test_copy_in_parts_above_the_single_copy_limit(make_s3_store, s3_endpoint, s
         f"bytes=10485760-{len(data) - 1}",
     ]
     assert all(p["CopySourceIfMatch"] == etag for p in parts)
-    assert not any(name in ("GetObject", "PutObject", "UploadPart") for name, _ in calls)
+    assert not any(name in ("PutObject", "UploadPart") for name, _ in calls)
+    assert all(params["Range"] == "bytes=0-0" for name, params in calls if name == "GetObject")  # sizing only
     assert store.get_bytes("big-copy") == data
     with pytest.raises(ObjectExists):
         store.copy("big", "big-copy")
@@ -330,8 +339,9 @@ def test_access_denied_names_key_and_permission(make_s3_store, no_backoff, fault
 
 
 def test_head_refusal_explains_missing_list_right(make_s3_store, no_backoff, fault_proxy):
+    # Sizing is a GET: without s3:ListBucket, S3 answers a missing key with 403.
     store = make_s3_store(fault_proxy.url)
-    fault_proxy.fail_next(1, status=403, code="AccessDenied", match="^HEAD ")
+    fault_proxy.fail_next(1, status=403, code="AccessDenied", match="^GET ")
     with pytest.raises(StoreError) as info:
         store.size("F/deltas/bob/x")
     msg = str(info.value)
