@@ -41,6 +41,7 @@ from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
+from .state.keys import parse_client_username
 from .state.rounds import DeltaRecord, RoundInfo
 from .store import Store, open_store
 
@@ -321,6 +322,31 @@ class ChorusClient:
                 if self.settings.client_acl == "on":
                     raise
 
+    def check_identity(self, federation: str, client_id: str) -> None:
+        """Fail fast, before any local work, where these credentials cannot be ``client_id``'s in ``federation``.
+
+        A client URL from ``client add`` names its own user: it must be this client's, and its password
+        must be the signing secret (records signed with another secret get no verdict at all). The
+        federation's meta is then read with them, so a refused password fails here too.
+        """
+        check_name(client_id, "client id")
+        owner = _url_client(self.settings.redis_url)
+        if owner is not None and owner != (federation, client_id):
+            raise ConfigError(
+                f"CHORUS_REDIS_URL holds the credentials of client {owner[1]!r} of federation {owner[0]!r}, "
+                f"not of client {client_id!r} of federation {federation!r}: use the URL `client add` printed "
+                "for this client"
+            )
+        password = _url_password(self.settings.redis_url)
+        if owner is not None and password is not None and self.secret != password:
+            raise ConfigError(
+                f"the signing secret (--secret / CHORUS_CLIENT_SECRET) is not the password of client "
+                f"{client_id!r}'s Redis URL: both come from `chorus-mq client add`, and records signed with "
+                "another secret get no verdict"
+            )
+        with _service(self.settings):
+            self.state.meta(federation)
+
     # -- upload --------------------------------------------------------------------------------
 
     def upload(
@@ -571,8 +597,10 @@ class _service:
                 "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)"
             ) from None
         if isinstance(exc, redis_lib.exceptions.NoPermissionError):
+            owner = _url_client(self.settings.redis_url)
+            whose = f" (they belong to client {owner[1]!r} of federation {owner[0]!r})" if owner else ""
             raise AuthError(
-                f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: {exc}"
+                f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user{whose}: {exc}"
             ) from None
         if isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError)):
             raise ServiceUnavailable(
@@ -590,6 +618,14 @@ def _redacted(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[-1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f"***@{netloc}"))
+
+
+def _url_client(url: str) -> tuple[str, str] | None:
+    """``(federation, client)`` whose Redis user the URL names; None for any other user or none."""
+    from urllib.parse import unquote, urlsplit
+
+    user = urlsplit(url).username
+    return parse_client_username(unquote(user)) if user else None
 
 
 def _url_password(url: str) -> str | None:

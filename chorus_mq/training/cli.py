@@ -7,6 +7,8 @@ Nothing heavy is imported here: torch, transformers and peft load when a command
 from __future__ import annotations
 
 import json as json_lib
+import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,18 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     if not value:
         return None
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _print_phases(logger: logging.Logger) -> None:
+    """Print ``train``'s phase lines on stderr, so a run outside a terminal (or under --json, whose records
+    stay alone on stdout) is never silent for minutes."""
+    if any(getattr(h, "chorus_phases", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("train: %(message)s"))
+    handler.chorus_phases = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _format(record: RoundRecord) -> str:
@@ -176,8 +190,10 @@ def train(
     --workdir, it resumes at the right round; a re-upload is answered 'duplicate'.
     """
     from .dp import DPConfig
+    from .driver import log as phase_log
     from .driver import train_federation
 
+    _print_phases(phase_log)
     dp = DPConfig(dp_epsilon, dp_delta, dp_clip, DPAccountant(dp_accountant)) if dp_epsilon is not None else None
     sdk = _sdk(ctx, secret)
     records = train_federation(

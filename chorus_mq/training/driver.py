@@ -13,6 +13,7 @@ uploaded, so a client killed after training re-uploads the same bytes (the worke
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
 _TRAINED_FILE = "trained.json"
+#: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
+log = logging.getLogger(__name__)
+#: how long ``upload`` waits for a verdict when ``timeout`` is None
+_VERDICT_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,7 @@ def train_federation(
 
     if rounds < 1:
         raise ConfigError(f"--rounds must be positive, got {rounds}")
+    sdk.check_identity(federation, client_id)  # a wrong secret or URL fails now, not after a round of training
     model_path = resolve_model(model_dir)
     work = Path(workdir)
     state = WorkState.open(work, federation, client_id)
@@ -247,16 +253,27 @@ def train_federation(
         status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=poll)
         r = status.current_round
         if status.selected and client_id not in status.selected:
+            log.info("round %d: not drawn (selected: %s); waiting for the next round", r, ", ".join(status.selected))
             sdk.wait_round(federation, r, timeout=timeout)  # not drawn this round: wait for the next
             continue
         start = status.latest_complete
         trained = Trained.load(session.round_dir(r))
         if trained is None or trained.start_round != start:
+            log.info(
+                "round %d: training %d steps on %d examples from %s",
+                r,
+                config.planned_steps(len(examples)),
+                len(examples),
+                "the initial adapter" if start is None else f"round {start}'s global model",
+            )
             trained = session.train(r, start)
+        else:
+            log.info("round %d: re-uploading the adapter trained before a restart", r)
         if ledger is not None:
             # counted before the upload: once the bytes are in the store they are released, whatever the
             # verdict; a re-upload of the same round replaces its entry (no double counting)
             ledger.commit(r, trained.steps)
+        log.info("round %d: uploading (local loss %.4f)", r, trained.loss)
         try:
             result = sdk.upload(
                 federation,
@@ -266,17 +283,22 @@ def train_federation(
                 round_=r,
                 dp=trained.dp.to_dict() if trained.dp else None,
                 progress=config.progress,
+                timeout=_VERDICT_WAIT_S if timeout is None else timeout,
             )
         except Rejected as exc:
             if exc.code == NotSelected.code:
                 sdk.wait_round(federation, r, timeout=timeout)
                 continue
             if exc.code == RoundClosed.code:
+                log.info("round %d closed while this client trained: training for the next one", r)
                 continue  # the round moved on while this client trained: train again for the current one
             raise
+        log.info("round %d: %s; %s", r, result.status, _waiting(sdk, federation, r))
         summary = sdk.wait_round(federation, r, timeout=timeout)
         score: Evaluation | None = None
         if summary.state == RoundStatus.COMPLETE:
+            if session.evaluation is not None:
+                log.info("round %d: complete; evaluating the global model on %d examples", r, len(session.evaluation))
             score = session.evaluate(r)
             state.finish(r)
             _prune(work, keep=r)
@@ -371,6 +393,20 @@ class _Session:
         return evaluate(
             model, self.tokenizer, self.evaluation, task=self.config.task, max_length=self.config.max_length
         )
+
+
+def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:
+    """What round ``r`` waits for: ``k/n`` deltas and, where the round drew its clients, who is missing."""
+    status = sdk.status(federation)
+    if status.current_round != r or status.state != RoundStatus.OPEN:
+        return f"round is {status.state if status.current_round == r else 'over'}"
+    line = f"waiting for quorum ({status.deltas}/{status.quorum} deltas)"
+    if status.selected:
+        sent = set(sdk.round(federation, r).clients)
+        missing = [c for c in status.selected if c not in sent]
+        if missing:
+            line += f", missing: {', '.join(missing)}"
+    return line
 
 
 def _task(option: TaskType | str | None, declared: str | None) -> TaskType:

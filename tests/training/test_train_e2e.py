@@ -120,7 +120,12 @@ def _train(deployment, name: str, client: str, secret: str, data_file, workdir, 
 def _records(proc) -> list[dict]:
     out, err = proc.communicate(timeout=1500)
     assert proc.returncode == 0, f"train exited {proc.returncode}\n{out}\n{err[-4000:]}"
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # never silent outside a terminal: every round it took part in has its phase lines on stderr
+    for rec in records:
+        assert f"train: round {rec['round']}: uploading" in err, err[-4000:]
+        assert f"train: round {rec['round']}: {rec['upload']}" in err, err[-4000:]
+    return records
 
 
 def test_three_clients_one_killed_and_restarted_learn_and_export_exactly(deployment, data, tmp_path):
