@@ -72,8 +72,9 @@ def _format(record: RoundRecord) -> str:
 @click.option(
     "--model",
     "model",
-    required=True,
-    help="The base model: a local directory (config.json + safetensors + tokenizer) or 'minilm'.",
+    default=None,
+    help="The base model: a local directory (config.json + safetensors + tokenizer) or 'minilm'.  "
+    "[default: the federation's base model, where it is available here]",
 )
 @click.option(
     "--data",
@@ -157,7 +158,7 @@ def train(
     federation: str,
     client_id: str,
     secret: str | None,
-    model: str,
+    model: str | None,
     data: str,
     text_column: str | None,
     label_column: str | None,
@@ -237,7 +238,13 @@ def train(
     default=None,
     help="Export an already pulled directory instead of pulling.",
 )
-@click.option("--model", "model", required=True, help="The base model directory (or 'minilm').")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="The base model directory (or 'minilm').  [default: the federation's base model, where it is available "
+    "here; required with --from]",
+)
 @click.option(
     "--output",
     "-o",
@@ -268,7 +275,7 @@ def export(
     federation: str | None,
     round_: int | None,
     from_dir: str | None,
-    model: str,
+    model: str | None,
     output: str,
     dtype: str,
     task: str | None,
@@ -278,23 +285,26 @@ def export(
     """Write a round's model as a standalone transformers model: base + cumulative residual + adapter merged."""
     import tempfile
 
-    from .data import resolve_model
+    from .data import model_of_federation, resolve_model
     from .export import export_model
 
     if (federation is None) == (from_dir is None):
         raise ConfigError("give exactly one of --federation F (to pull a round) and --from PULLED_DIR")
-    model_dir = resolve_model(model)
+    if from_dir is not None and model is None:
+        raise ConfigError("--from needs --model: a pulled directory does not say where its base model is")
     label_list = _csv(labels)
     with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
         if federation is not None:
             sdk = _sdk(ctx, secret)
             status = sdk.status(federation)
+            model_dir = model_of_federation(model, status.base_model)
             pulled = Path(tmp)
             manifest = sdk.pull(federation, pulled, round_)
             task = task or status.task_type
             label_list = label_list or (tuple(status.labels) or None)
             what = f"round {getattr(manifest, 'round', round_)} of {federation}"
         else:
+            model_dir = resolve_model(str(model))
             pulled = Path(str(from_dir))
             task = task or _task_of_adapter(pulled)
             what = str(pulled)

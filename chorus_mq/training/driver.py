@@ -158,7 +158,7 @@ def train_federation(
     *,
     federation: str,
     client_id: str,
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     data: str | Path | Examples,
     workdir: str | Path,
     rounds: int = 1,
@@ -191,15 +191,17 @@ def train_federation(
     federations drop the rest instead: their rank would multiply; see ``model.start_model``).
     ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
     """
-    from .data import resolve_model
+    from .data import model_of_federation
 
     if rounds < 1:
         raise ConfigError(f"--rounds must be positive, got {rounds}")
     sdk.check_identity(federation, client_id)  # a wrong secret or URL fails now, not after a round of training
-    model_path = resolve_model(model_dir)
     work = Path(workdir)
     state = WorkState.open(work, federation, client_id)
     status = sdk.status(federation)
+    model_path = model_of_federation(model_dir, status.base_model)
+    if model_dir is None:
+        log.info("model: the federation's base model %s (%s)", status.base_model, model_path)
     task_type = _task(task, status.task_type)
     labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
     if task_type == TaskType.SEQ_CLS and not labels:
