@@ -575,11 +575,12 @@ def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
-    click.echo(f"{'round':>5}  {'state':<11} {'deltas':>6}  {'took':>8}  manifest")
+    # "waited" is open -> aggregation (uploads, the quorum, a deadline); "aggregated" is the workers' part
+    click.echo(f"{'round':>5}  {'state':<11} {'deltas':>6}  {'waited':>8}  {'aggregated':>10}  manifest")
     for r in rows:
-        took = (r.completed_at - r.opened_at) if r.completed_at and r.opened_at else None
-        shown = f"{took:.1f}s" if took is not None else "-"
-        click.echo(f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {shown:>8}  {r.manifest or r.reason or '-'}")
+        waited, aggregated = (f"{t:.1f}s" if t is not None else "-" for t in (r.waited, r.aggregated))
+        line = f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {waited:>8}  {aggregated:>10}"
+        click.echo(f"{line}  {r.manifest or r.reason or '-'}")
 
 
 @main.group("round")

@@ -105,6 +105,18 @@ class RoundSummary:
     manifest: str | None = None
     reason: str | None = None
     selected: tuple[str, ...] = ()
+    #: when its (latest) aggregation started: open -> this is waiting for uploads, this -> complete is the work
+    aggregation_started_at: float | None = None
+
+    @property
+    def waited(self) -> float | None:
+        """Seconds from opening to the start of aggregation (waiting for the quorum or the deadline)."""
+        return _span(self.opened_at, self.aggregation_started_at)
+
+    @property
+    def aggregated(self) -> float | None:
+        """Seconds from the start of aggregation to the commit (the workers' time, reclaims included)."""
+        return _span(self.aggregation_started_at, self.completed_at)
 
     @classmethod
     def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
@@ -113,6 +125,7 @@ class RoundSummary:
             state=RoundStatus(info.state),
             n=info.n,
             clients=clients,
+            aggregation_started_at=info.agg_started,
             opened_at=info.opened_at,
             completed_at=info.completed_at,
             manifest=info.manifest,
@@ -607,6 +620,10 @@ class _service:
                 f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
                 "retrying the same command is safe"
             ) from None
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return end - start if start and end else None
 
 
 def _redacted(url: str) -> str:
