@@ -8,21 +8,7 @@ and commit run as the Celery tasks, eagerly, on whatever in-process SDK ``sdk_fa
 builds. After each round the pulled global model is evaluated on held-out data and checked
 against the exact weighted average of that round's client models.
 
-Columns (per strategy and round):
-  acc, loss    held-out accuracy and mean cross-entropy of the pulled global model
-  exact err    max |logit difference| on a probe set between the pulled global model and the
-               weighted average of the round's client models (base + cumulative residual +
-               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
-               about 1e-6 for exact strategies, large for fedavg
-  remainder    largest relative size of the part of the global update beyond a client's LoRA rank
-               (ranks below the global adapter's): kept frozen in the client's model and appended to
-               its upload (exact), except for stack, whose rank would multiply: there it is dropped
-               and the client starts from the best approximation at its rank
-  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
-  secs         wall time of the round: pulls, training, uploads, aggregation
-  eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
-The centralised row trains one LoRA of the initial adapter's rank on every client's data
-pooled, for the same total steps as the round's clients together (no DP).
+The table's columns are explained by ``LEGEND``, which ``simulate`` prints under the table.
 """
 
 from __future__ import annotations
@@ -276,6 +262,7 @@ class _Runner:
                 self._say(_format(rows[-1]))
         if self.config.centralised:
             rows.extend(self._centralised(initial, start))
+        self._say(LEGEND)
         return rows
 
     def _say(self, line: str) -> None:
@@ -522,6 +509,24 @@ def _shares(config: SimConfig, train: Examples) -> list[list[int]]:
 def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max())
 
+
+LEGEND = """\
+Columns (per strategy and round):
+  acc, loss    held-out accuracy and mean cross-entropy of the pulled global model
+  exact err    max |logit difference| on a probe set between the pulled global model and the
+               weighted average of the round's client models (base + cumulative residual +
+               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
+               about 1e-6 for exact strategies, large for fedavg
+  remainder    largest relative size of the part of the global update beyond a client's LoRA rank
+               (ranks below the global adapter's): kept frozen in the client's model and appended to
+               its upload (exact), except for stack, whose rank would multiply: there it is dropped
+               and the client starts from the best approximation at its rank
+  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
+  secs         wall time of the round: pulls, training, uploads, aggregation
+  eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
+The centralised row trains one LoRA of the initial adapter's rank on every client's data
+pooled, for the same total steps as the round's clients together (no DP).
+"""
 
 _HEADER = (
     f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'remainder':>9} "
