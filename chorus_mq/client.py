@@ -87,6 +87,8 @@ class Status:
     client_dp: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: inbox records dropped as unauthenticated or malformed, by reason code
     rejected: dict[str, int] = field(default_factory=dict)
+    #: FedProx weight the federation asks its clients to train with
+    prox_mu: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +215,7 @@ class ChorusClient:
                 task_type=None if cfg.task_type is None else str(cfg.task_type),
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
+                prox_mu=cfg.prox_mu,
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,

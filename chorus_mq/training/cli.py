@@ -16,7 +16,7 @@ import click
 
 from chorus_mq.cli_base import client_of, one_line_errors
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import DPAccountant, ExportDtype, LocalOptimizer, TaskType
+from chorus_mq.names import DPAccountant, ExportDtype, LabelBalance, LocalOptimizer, TaskType
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -107,8 +107,20 @@ def _format(record: RoundRecord) -> str:
 )
 @click.option(
     "--balance-labels",
-    is_flag=True,
-    help="seq-cls: logit adjustment by this client's label frequencies (for skewed local labels).",
+    type=click.Choice(LabelBalance.values()),
+    default=LabelBalance.AUTO.value,
+    show_default=True,
+    is_flag=False,
+    flag_value=LabelBalance.ON.value,
+    help="seq-cls: logit adjustment by this client's label frequencies; auto: when they are skewed (not "
+    "with --dp-epsilon). A bare --balance-labels means on.",
+)
+@click.option(
+    "--prox-mu",
+    type=float,
+    default=None,
+    help="FedProx: pull local training toward the round's global model with this weight (default: the "
+    "federation's --prox-mu).",
 )
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text, truncated.")
 @click.option(
@@ -169,7 +181,8 @@ def train(
     batch_size: int,
     lr: float,
     optimizer: str,
-    balance_labels: bool,
+    balance_labels: str,
+    prox_mu: float | None,
     max_length: int,
     lora_rank: int | None,
     lora_alpha: float | None,
@@ -213,6 +226,7 @@ def train(
         lr=lr,
         optimizer=optimizer,
         balance_labels=balance_labels,
+        prox_mu=prox_mu,
         max_length=max_length,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,

@@ -27,8 +27,10 @@ from chorus_mq.names import (
     ENDED_STATES,
     PRIVACY_FILE,
     PULLED_DIR,
+    SKEWED_LABELS,
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
+    LabelBalance,
     LocalOptimizer,
     RoundStatus,
     Strategy,
@@ -37,7 +39,7 @@ from chorus_mq.names import (
 
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
-from .local import Evaluation, TrainConfig, evaluate, save_adapter, train_local
+from .local import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -176,7 +178,8 @@ def train_federation(
     eval_data: str | Path | Examples | None = None,
     dp: DPConfig | None = None,
     optimizer: str = "adamw",
-    balance_labels: bool = False,
+    balance_labels: LabelBalance | str = LabelBalance.AUTO,
+    prox_mu: float | None = None,
     seed: int = 0,
     json: bool = False,
     progress: bool = True,
@@ -211,6 +214,7 @@ def train_federation(
         )
     examples = _examples(data, text_column, label_column, labels)
     evaluation = _examples(eval_data, text_column, label_column, labels) if eval_data is not None else None
+    balance = _balance(balance_labels, examples, labels, task_type, private=dp is not None)
     config = TrainConfig(
         task=task_type,
         steps=steps_per_round,
@@ -221,8 +225,11 @@ def train_federation(
         seed=seed,
         progress=progress and not json,
         optimizer=LocalOptimizer(optimizer),
-        balance_labels=balance_labels,
+        balance_labels=balance,
+        prox_mu=status.prox_mu if prox_mu is None else prox_mu,
     )
+    if config.prox_mu:
+        log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
     ledger = None
     if dp is not None:
         ledger = PrivacyLedger.open(
@@ -395,6 +402,21 @@ class _Session:
         return evaluate(
             model, self.tokenizer, self.evaluation, task=self.config.task, max_length=self.config.max_length
         )
+
+
+def _balance(
+    option: LabelBalance | str, examples: Examples, labels: tuple[str, ...] | None, task: TaskType, *, private: bool
+) -> bool:
+    """Whether to balance this client's labels, saying so when its labels are skewed."""
+    balance = should_balance(option, examples, len(labels or ()), task, private=private)
+    if task == TaskType.SEQ_CLS and examples.labels is not None and labels:
+        skew = label_skew(examples.labels, len(labels))
+        counts = ", ".join(f"{name} {examples.labels.count(i)}" for i, name in enumerate(labels))
+        if skew >= SKEWED_LABELS:
+            what = "balancing them (logit adjustment)" if balance else "not balancing them"
+            why = " under DP-SGD: the counts are not private" if private and not balance else ""
+            log.warning("this client's labels are skewed (%s; %.2f from uniform): %s%s", counts, skew, what, why)
+    return balance
 
 
 def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
 from chorus_mq.local import LocalState
-from chorus_mq.names import CENTRALISED, LocalOptimizer, RoundStatus, Strategy, TaskType
+from chorus_mq.names import CENTRALISED, LabelBalance, LocalOptimizer, RoundStatus, Strategy, TaskType
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
-from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, train_local
+from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
 
 if TYPE_CHECKING:
@@ -83,7 +83,10 @@ class SimConfig:
     text_column: str = "text"
     label_column: str = "label"
     optimizer: str = "adamw"
-    balance_labels: bool = False
+    #: auto | on | off, decided per client as ``train`` does (see ``local.should_balance``)
+    balance_labels: str = "auto"
+    #: FedProx weight of every federation (``federation create --prox-mu``)
+    prox_mu: float = 0.0
 
     @property
     def per_round(self) -> int:
@@ -144,7 +147,8 @@ def run_model_simulation(
     text_column: str = "text",
     label_column: str = "label",
     optimizer: str = "adamw",
-    balance_labels: bool = False,
+    balance_labels: str = "auto",
+    prox_mu: float = 0.0,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -177,7 +181,8 @@ def run_model_simulation(
         text_column=text_column,
         label_column=label_column,
         optimizer=str(LocalOptimizer(optimizer)),
-        balance_labels=balance_labels,
+        balance_labels=str(LabelBalance(balance_labels)),
+        prox_mu=prox_mu,
     )
     _check(config)
     show = None if as_json else echo
@@ -286,6 +291,7 @@ class _Runner:
             clients_per_round=k if k < cfg.clients else 0,
             task_type=TaskType.SEQ_CLS,
             labels=self.labels,
+            prox_mu=cfg.prox_mu,
         )
         self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
         parties = []
@@ -296,7 +302,7 @@ class _Runner:
             client.workdir = self.workdir / name / client.name
             client.workdir.mkdir(parents=True)
             if cfg.dp_epsilon is not None:
-                train = self._train_config(0)
+                train = self._train_config(0, client.examples)
                 n = len(client.examples)
                 client.ledger = PrivacyLedger.open(
                     client.workdir / "privacy.json",
@@ -309,8 +315,10 @@ class _Runner:
         self.sdk.pull(name, server_view, 0)
         return _Federation(strategy, name, parties, server_view)
 
-    def _train_config(self, seed: int) -> TrainConfig:
+    def _train_config(self, seed: int, examples: Examples) -> TrainConfig:
         cfg = self.config
+        private = cfg.dp_epsilon is not None
+        balance = should_balance(cfg.balance_labels, examples, len(self.labels), TaskType.SEQ_CLS, private=private)
         return TrainConfig(
             task=TaskType.SEQ_CLS,
             steps=cfg.steps_per_round,
@@ -319,7 +327,8 @@ class _Runner:
             max_length=cfg.max_length,
             seed=seed,
             optimizer=LocalOptimizer(cfg.optimizer),
-            balance_labels=cfg.balance_labels,
+            balance_labels=balance,
+            prox_mu=cfg.prox_mu,
         )
 
     def _selected(self, fed: _Federation, r: int) -> tuple[int, list[_Client]]:
@@ -359,7 +368,7 @@ class _Runner:
             )
             model = start_point.model
             worst_remainder = max(worst_remainder, start_point.gap.relative)
-            train = self._train_config(self.config.seed * 7919 + r * 101 + client.index)
+            train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
             privacy, report = None, None
             if client.ledger is not None:
                 report = client.ledger.report(r, train.planned_steps(len(client.examples)))
