@@ -7,9 +7,9 @@ by the workers (fraction-fit 0.5), LoRA ranks 4/8/16 in turn (a client below the
 adapter's rank keeps the part beyond its rank frozen and uploads it with its update, so its start
 is exact; stack, whose rank would multiply, starts it from the best approximation), 5 rounds
 of fedavg, fedex-lora, svd and stack, and the centralised baseline (the same total steps on the
-pooled data). Clients train with logit adjustment by their own label frequencies
-(``--no-balance`` turns it off: at these skews every strategy then collapses to predicting one
-class after 5 rounds). Every client
+pooled data). Clients train with logit adjustment by their own label frequencies where their labels
+are skewed (``--balance auto``, train's default; ``off``: at these skews every strategy then collapses
+to predicting one class after 5 rounds), and ``--prox-mu`` adds FedProx. Every client
 round goes through the production path (uploads, inbox pump, ingest, aggregation shards and
 commit as Celery tasks run eagerly, pulls). Prints one table per alpha (columns explained in
 ``chorus_mq/training/simulate.py``), a summary of the last round, and writes CSV, JSON and a
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--test", type=int, default=400, help="held-out reviews")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--no-balance", action="store_true", help="train on the plain loss (no logit adjustment)")
+    parser.add_argument("--balance", default="auto", choices=("auto", "on", "off"), help="logit adjustment")
+    parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx weight (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/federated_accuracy"))
     args = parser.parse_args(argv)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             strategies=args.strategies.split(","),
             centralised=True,
             steps_per_round=args.steps,
-            balance_labels=not args.no_balance,
+            balance_labels=args.balance,
+            prox_mu=args.prox_mu,
             batch_size=args.batch_size,
             lr=args.lr,
             test_examples=args.test,

@@ -22,6 +22,7 @@ from .cli_base import client_of, one_line_errors, settings_of
 from .errors import ConfigError, RoundFailed
 from .names import (
     ExpirePolicy,
+    LabelBalance,
     MissingModules,
     RobustAggregate,
     Strategy,
@@ -209,6 +210,14 @@ def federation() -> None:
     default=1e4,
     show_default=True,
     help="Refuse deltas with a module update ||s·B·A||_F above this.",
+)
+@click.option(
+    "--prox-mu",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="FedProx: every client's local training is pulled toward the round's global model with this weight "
+    "(published with the federation; against drift on skewed client data; 0: off).",
 )
 @click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
 @click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
@@ -575,11 +584,12 @@ def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
-    click.echo(f"{'round':>5}  {'state':<11} {'deltas':>6}  {'took':>8}  manifest")
+    # "waited" is open -> aggregation (uploads, the quorum, a deadline); "aggregated" is the workers' part
+    click.echo(f"{'round':>5}  {'state':<11} {'deltas':>6}  {'waited':>8}  {'aggregated':>10}  manifest")
     for r in rows:
-        took = (r.completed_at - r.opened_at) if r.completed_at and r.opened_at else None
-        shown = f"{took:.1f}s" if took is not None else "-"
-        click.echo(f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {shown:>8}  {r.manifest or r.reason or '-'}")
+        waited, aggregated = (f"{t:.1f}s" if t is not None else "-" for t in (r.waited, r.aggregated))
+        line = f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {waited:>8}  {aggregated:>10}"
+        click.echo(f"{line}  {r.manifest or r.reason or '-'}")
 
 
 @main.group("round")
@@ -659,8 +669,20 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--steps-per-round", type=int, default=None, help="With --model: local steps per client round.")
 @click.option(
     "--balance-labels",
-    is_flag=True,
-    help="With --model: adjust each client's logits by its own label frequencies (helps non-IID data).",
+    type=click.Choice(LabelBalance.values()),
+    default=LabelBalance.AUTO.value,
+    show_default=True,
+    is_flag=False,
+    flag_value=LabelBalance.ON.value,
+    help="With --model: adjust each client's logits by its own label frequencies; auto: clients whose labels "
+    "are skewed (as `train`).",
+)
+@click.option(
+    "--prox-mu",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="With --model: FedProx weight of the federations (pulls local training toward the global model).",
 )
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
@@ -692,7 +714,8 @@ def simulate(
     centralised: bool,
     dp_epsilon: float | None,
     steps_per_round: int | None,
-    balance_labels: bool,
+    balance_labels: str,
+    prox_mu: float,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -730,6 +753,7 @@ def simulate(
             dp_epsilon=dp_epsilon,
             steps_per_round=steps_per_round,
             balance_labels=balance_labels,
+            prox_mu=prox_mu,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,

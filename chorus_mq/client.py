@@ -41,6 +41,7 @@ from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
+from .state.keys import parse_client_username
 from .state.rounds import DeltaRecord, RoundInfo
 from .store import Store, open_store
 
@@ -86,6 +87,8 @@ class Status:
     client_dp: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: inbox records dropped as unauthenticated or malformed, by reason code
     rejected: dict[str, int] = field(default_factory=dict)
+    #: FedProx weight the federation asks its clients to train with
+    prox_mu: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +107,18 @@ class RoundSummary:
     manifest: str | None = None
     reason: str | None = None
     selected: tuple[str, ...] = ()
+    #: when its (latest) aggregation started: open -> this is waiting for uploads, this -> complete is the work
+    aggregation_started_at: float | None = None
+
+    @property
+    def waited(self) -> float | None:
+        """Seconds from opening to the start of aggregation (waiting for the quorum or the deadline)."""
+        return _span(self.opened_at, self.aggregation_started_at)
+
+    @property
+    def aggregated(self) -> float | None:
+        """Seconds from the start of aggregation to the commit (the workers' time, reclaims included)."""
+        return _span(self.aggregation_started_at, self.completed_at)
 
     @classmethod
     def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
@@ -112,6 +127,7 @@ class RoundSummary:
             state=RoundStatus(info.state),
             n=info.n,
             clients=clients,
+            aggregation_started_at=info.agg_started,
             opened_at=info.opened_at,
             completed_at=info.completed_at,
             manifest=info.manifest,
@@ -199,6 +215,7 @@ class ChorusClient:
                 task_type=None if cfg.task_type is None else str(cfg.task_type),
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
+                prox_mu=cfg.prox_mu,
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
@@ -320,6 +337,31 @@ class ChorusClient:
             except redis_lib.ResponseError:
                 if self.settings.client_acl == "on":
                     raise
+
+    def check_identity(self, federation: str, client_id: str) -> None:
+        """Fail fast, before any local work, where these credentials cannot be ``client_id``'s in ``federation``.
+
+        A client URL from ``client add`` names its own user: it must be this client's, and its password
+        must be the signing secret (records signed with another secret get no verdict at all). The
+        federation's meta is then read with them, so a refused password fails here too.
+        """
+        check_name(client_id, "client id")
+        owner = _url_client(self.settings.redis_url)
+        if owner is not None and owner != (federation, client_id):
+            raise ConfigError(
+                f"CHORUS_REDIS_URL holds the credentials of client {owner[1]!r} of federation {owner[0]!r}, "
+                f"not of client {client_id!r} of federation {federation!r}: use the URL `client add` printed "
+                "for this client"
+            )
+        password = _url_password(self.settings.redis_url)
+        if owner is not None and password is not None and self.secret != password:
+            raise ConfigError(
+                f"the signing secret (--secret / CHORUS_CLIENT_SECRET) is not the password of client "
+                f"{client_id!r}'s Redis URL: both come from `chorus-mq client add`, and records signed with "
+                "another secret get no verdict"
+            )
+        with _service(self.settings):
+            self.state.meta(federation)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -575,14 +617,20 @@ class _service:
                 "CHORUS_REDIS_URL (a client's URL comes from `chorus-mq client add`)"
             ) from None
         if isinstance(exc, redis_lib.exceptions.NoPermissionError):
+            owner = _url_client(self.settings.redis_url)
+            whose = f" (they belong to client {owner[1]!r} of federation {owner[0]!r})" if owner else ""
             raise AuthError(
-                f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user: {exc}"
+                f"Redis denied this operation to {_redacted(self.settings.redis_url)}'s user{whose}: {exc}"
             ) from None
         if isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError)):
             raise ServiceUnavailable(
                 f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
                 "retrying the same command is safe"
             ) from None
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return end - start if start and end else None
 
 
 def _redacted(url: str) -> str:
@@ -594,6 +642,14 @@ def _redacted(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[-1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f"***@{netloc}"))
+
+
+def _url_client(url: str) -> tuple[str, str] | None:
+    """``(federation, client)`` whose Redis user the URL names; None for any other user or none."""
+    from urllib.parse import unquote, urlsplit
+
+    user = urlsplit(url).username
+    return parse_client_username(unquote(user)) if user else None
 
 
 def _url_password(url: str) -> str | None:

@@ -209,6 +209,22 @@ class LocalOptimizer(_Choice):
     SGD = "sgd"
 
 
+class LabelBalance(_Choice):
+    """``train --balance-labels``: logit adjustment by the client's own label frequencies.
+
+    ``auto`` turns it on for a seq-cls client whose labels are skewed (total variation from uniform at
+    least ``SKEWED_LABELS``) and off under client-side DP (the counts it uses are not private)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+#: a client's labels count as skewed when their total variation distance from uniform is at least this
+#: (70/30 for two classes)
+SKEWED_LABELS = 0.2
+
+
 class DPAccountant(_Choice):
     """Privacy accountants a client's DP-SGD can calibrate its noise with (Opacus' implementations)."""
 

@@ -92,7 +92,11 @@ def test_round_flow_status_history_and_manual_close(cli, tmp_path, ref):
     history = json.loads(cli("rounds", "--federation", "fed", "--json").output)
     assert history[0]["state"] == "complete" and history[0]["clients"] == ["c0", "c1"]
     assert history[1]["state"] == "open"
-    assert "complete" in cli("rounds", "--federation", "fed").output
+    table = cli("rounds", "--federation", "fed").output.splitlines()
+    assert table[0].split() == ["round", "state", "deltas", "waited", "aggregated", "manifest"]
+    first = table[1].split()
+    assert first[:3] == ["1", "complete", "2"] and all(t.endswith("s") for t in first[3:5])
+    assert history[0]["aggregation_started_at"] >= history[0]["opened_at"]
     assert "not open" in cli("round", "close", "--federation", "fed", "--round", "1", code=5).output
 
 

@@ -8,7 +8,7 @@ import pytest
 import redis as redis_lib
 
 from chorus_mq.client import ChorusClient, RoundSummary, Status, UploadResult
-from chorus_mq.errors import ChorusError, ServiceUnavailable, Timeout
+from chorus_mq.errors import AuthError, ChorusError, ConfigError, ServiceUnavailable, Timeout
 from chorus_mq.names import RoundStatus
 from chorus_mq.settings import Settings
 from chorus_mq.state.events import Event
@@ -84,3 +84,25 @@ def test_urls_are_redacted_and_only_client_urls_lend_a_secret(tmp_path):
         assert shown in str(caught.value) and "pw" not in str(caught.value)
     with pytest.raises(redis_lib.ConnectionError):
         redis_lib.Redis(port=free_port(), socket_connect_timeout=0.5).ping()
+
+
+def test_a_client_learns_of_wrong_credentials_before_any_local_work(real_redis, redis_server, tmp_path):
+    admin = ChorusClient(Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", client_acl="on"))
+    make_federation(admin, "fed", quorum=1)
+    make_federation(admin, "other", quorum=1)
+    creds = admin.add_client("fed", "alice")
+    settings = Settings(redis_url=creds.redis_url, store=f"file://{tmp_path}/store")
+    ChorusClient(settings).check_identity("fed", "alice")  # its own URL and secret: fine
+    with pytest.raises(ConfigError, match=r"signing secret .* is not the password"):
+        ChorusClient(settings, secret="not-" + creds.secret).check_identity("fed", "alice")
+    with pytest.raises(ConfigError, match="credentials of client 'alice' of federation 'fed', not of client 'bob'"):
+        ChorusClient(settings).check_identity("fed", "bob")
+    with pytest.raises(ConfigError, match="not of client 'alice' of federation 'other'"):
+        ChorusClient(settings).check_identity("other", "alice")
+    # another federation's state: Redis's refusal says whose credentials these are
+    with pytest.raises(AuthError, match="belong to client 'alice' of federation 'fed'"):
+        ChorusClient(settings).status("other")
+    admin.revoke_client("fed", "alice")
+    with pytest.raises(AuthError, match="refused these credentials"):
+        ChorusClient(settings).check_identity("fed", "alice")
+    real_redis.execute_command("ACL", "DELUSER", "client:fed:alice")

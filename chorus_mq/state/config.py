@@ -51,6 +51,8 @@ class FederationConfig:
     task_type: TaskType | None = None
     labels: tuple[str, ...] = ()
     fan_in_fan_out: bool = False
+    #: FedProx weight every client's local training uses unless it overrides it (``train --prox-mu``)
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -89,6 +91,8 @@ class FederationConfig:
                 f"quorum {self.quorum} can never be reached with {self.clients_per_round} clients per round: "
                 "lower the quorum or raise --clients-per-round"
             )
+        if self.prox_mu < 0:
+            raise ConfigError("--prox-mu cannot be negative (0: off)")
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):

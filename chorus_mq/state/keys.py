@@ -28,6 +28,14 @@ def client_username(federation: str, client: str) -> str:
     return _USER_SEPARATOR.join((CLIENT_USER_PREFIX, federation, client))
 
 
+def parse_client_username(user: str) -> tuple[str, str] | None:
+    """``(federation, client)`` of a client user's name; None for any other user (worker, operator, ...)."""
+    parts = user.split(_USER_SEPARATOR)
+    if len(parts) != 3 or parts[0] != CLIENT_USER_PREFIX:
+        return None
+    return parts[1], parts[2]
+
+
 def client_user_prefix(federation: str) -> str:
     """What every client user of ``federation`` starts with (to list them)."""
     return _USER_SEPARATOR.join((CLIENT_USER_PREFIX, check_name(federation, "federation name"), ""))

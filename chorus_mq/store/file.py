@@ -166,8 +166,7 @@ class FileStore(Store):
             os.makedirs(os.path.dirname(self._path(key)), exist_ok=True)
         except OSError as exc:
             raise StoreError(
-                f"cannot create the directory for {self.url_for(key)}: {exc.strerror or exc} "
-                "(is a prefix of the key an object?)"
+                f"cannot create the directory for {self.url_for(key)}: {exc.strerror or exc}{_mkdir_hint(exc)}"
             ) from exc
 
     def _install(self, tmp: str, key: str, write_once: bool) -> None:
@@ -233,3 +232,12 @@ class FileStore(Store):
 def _walk_error(exc: OSError) -> None:
     if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         raise StoreError(f"cannot list {exc.filename}: {exc.strerror or exc}") from exc
+
+
+def _mkdir_hint(exc: OSError) -> str:
+    """What a failed ``makedirs`` most likely means, by its errno."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return " (a prefix of the key is a file, not a directory)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return " (no permission to write there: check CHORUS_STORE)"
+    return ""

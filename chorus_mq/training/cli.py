@@ -7,6 +7,8 @@ Nothing heavy is imported here: torch, transformers and peft load when a command
 from __future__ import annotations
 
 import json as json_lib
+import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ import click
 
 from chorus_mq.cli_base import client_of, one_line_errors
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import DPAccountant, ExportDtype, LocalOptimizer, TaskType
+from chorus_mq.names import DPAccountant, ExportDtype, LabelBalance, LocalOptimizer, TaskType
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -33,6 +35,18 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     if not value:
         return None
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _print_phases(logger: logging.Logger) -> None:
+    """Print ``train``'s phase lines on stderr, so a run outside a terminal (or under --json, whose records
+    stay alone on stdout) is never silent for minutes."""
+    if any(getattr(h, "chorus_phases", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("train: %(message)s"))
+    handler.chorus_phases = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _format(record: RoundRecord) -> str:
@@ -58,8 +72,9 @@ def _format(record: RoundRecord) -> str:
 @click.option(
     "--model",
     "model",
-    required=True,
-    help="The base model: a local directory (config.json + safetensors + tokenizer) or 'minilm'.",
+    default=None,
+    help="The base model: a local directory (config.json + safetensors + tokenizer) or 'minilm'.  "
+    "[default: the federation's base model, where it is available here]",
 )
 @click.option(
     "--data",
@@ -92,8 +107,20 @@ def _format(record: RoundRecord) -> str:
 )
 @click.option(
     "--balance-labels",
-    is_flag=True,
-    help="seq-cls: logit adjustment by this client's label frequencies (for skewed local labels).",
+    type=click.Choice(LabelBalance.values()),
+    default=LabelBalance.AUTO.value,
+    show_default=True,
+    is_flag=False,
+    flag_value=LabelBalance.ON.value,
+    help="seq-cls: logit adjustment by this client's label frequencies; auto: when they are skewed (not "
+    "with --dp-epsilon). A bare --balance-labels means on.",
+)
+@click.option(
+    "--prox-mu",
+    type=float,
+    default=None,
+    help="FedProx: pull local training toward the round's global model with this weight (default: the "
+    "federation's --prox-mu).",
 )
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text, truncated.")
 @click.option(
@@ -143,7 +170,7 @@ def train(
     federation: str,
     client_id: str,
     secret: str | None,
-    model: str,
+    model: str | None,
     data: str,
     text_column: str | None,
     label_column: str | None,
@@ -154,7 +181,8 @@ def train(
     batch_size: int,
     lr: float,
     optimizer: str,
-    balance_labels: bool,
+    balance_labels: str,
+    prox_mu: float | None,
     max_length: int,
     lora_rank: int | None,
     lora_alpha: float | None,
@@ -176,8 +204,10 @@ def train(
     --workdir, it resumes at the right round; a re-upload is answered 'duplicate'.
     """
     from .dp import DPConfig
+    from .driver import log as phase_log
     from .driver import train_federation
 
+    _print_phases(phase_log)
     dp = DPConfig(dp_epsilon, dp_delta, dp_clip, DPAccountant(dp_accountant)) if dp_epsilon is not None else None
     sdk = _sdk(ctx, secret)
     records = train_federation(
@@ -196,6 +226,7 @@ def train(
         lr=lr,
         optimizer=optimizer,
         balance_labels=balance_labels,
+        prox_mu=prox_mu,
         max_length=max_length,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
@@ -221,7 +252,13 @@ def train(
     default=None,
     help="Export an already pulled directory instead of pulling.",
 )
-@click.option("--model", "model", required=True, help="The base model directory (or 'minilm').")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="The base model directory (or 'minilm').  [default: the federation's base model, where it is available "
+    "here; required with --from]",
+)
 @click.option(
     "--output",
     "-o",
@@ -252,7 +289,7 @@ def export(
     federation: str | None,
     round_: int | None,
     from_dir: str | None,
-    model: str,
+    model: str | None,
     output: str,
     dtype: str,
     task: str | None,
@@ -262,23 +299,26 @@ def export(
     """Write a round's model as a standalone transformers model: base + cumulative residual + adapter merged."""
     import tempfile
 
-    from .data import resolve_model
+    from .data import model_of_federation, resolve_model
     from .export import export_model
 
     if (federation is None) == (from_dir is None):
         raise ConfigError("give exactly one of --federation F (to pull a round) and --from PULLED_DIR")
-    model_dir = resolve_model(model)
+    if from_dir is not None and model is None:
+        raise ConfigError("--from needs --model: a pulled directory does not say where its base model is")
     label_list = _csv(labels)
     with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
         if federation is not None:
             sdk = _sdk(ctx, secret)
             status = sdk.status(federation)
+            model_dir = model_of_federation(model, status.base_model)
             pulled = Path(tmp)
             manifest = sdk.pull(federation, pulled, round_)
             task = task or status.task_type
             label_list = label_list or (tuple(status.labels) or None)
             what = f"round {getattr(manifest, 'round', round_)} of {federation}"
         else:
+            model_dir = resolve_model(str(model))
             pulled = Path(str(from_dir))
             task = task or _task_of_adapter(pulled)
             what = str(pulled)

@@ -114,6 +114,19 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
+def model_of_federation(model: str | Path | None, declared: str) -> Path:
+    """``model`` resolved, or (None) the federation's declared base model where it is available here."""
+    if model is not None:
+        return resolve_model(model)
+    try:
+        return resolve_model(declared)
+    except ConfigError:
+        raise ConfigError(
+            f"the federation's base model is {declared!r}, which is neither an embedded model nor a directory "
+            "with config.json here: pass --model DIR (a local copy of it)"
+        ) from None
+
+
 def embedded_data(name: str) -> EmbeddedData | None:
     """The embedded data set called ``name``, if there is one."""
     return _EMBEDDED_DATA.get(name)

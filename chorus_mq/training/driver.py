@@ -13,6 +13,7 @@ uploaded, so a client killed after training re-uploads the same bytes (the worke
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,8 +27,10 @@ from chorus_mq.names import (
     ENDED_STATES,
     PRIVACY_FILE,
     PULLED_DIR,
+    SKEWED_LABELS,
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
+    LabelBalance,
     LocalOptimizer,
     RoundStatus,
     Strategy,
@@ -36,12 +39,16 @@ from chorus_mq.names import (
 
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
-from .local import Evaluation, TrainConfig, evaluate, save_adapter, train_local
+from .local import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
 _TRAINED_FILE = "trained.json"
+#: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
+log = logging.getLogger(__name__)
+#: how long ``upload`` waits for a verdict when ``timeout`` is None
+_VERDICT_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def train_federation(
     *,
     federation: str,
     client_id: str,
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     data: str | Path | Examples,
     workdir: str | Path,
     rounds: int = 1,
@@ -171,7 +178,8 @@ def train_federation(
     eval_data: str | Path | Examples | None = None,
     dp: DPConfig | None = None,
     optimizer: str = "adamw",
-    balance_labels: bool = False,
+    balance_labels: LabelBalance | str = LabelBalance.AUTO,
+    prox_mu: float | None = None,
     seed: int = 0,
     json: bool = False,
     progress: bool = True,
@@ -186,14 +194,17 @@ def train_federation(
     federations drop the rest instead: their rank would multiply; see ``model.start_model``).
     ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
     """
-    from .data import resolve_model
+    from .data import model_of_federation
 
     if rounds < 1:
         raise ConfigError(f"--rounds must be positive, got {rounds}")
-    model_path = resolve_model(model_dir)
+    sdk.check_identity(federation, client_id)  # a wrong secret or URL fails now, not after a round of training
     work = Path(workdir)
     state = WorkState.open(work, federation, client_id)
     status = sdk.status(federation)
+    model_path = model_of_federation(model_dir, status.base_model)
+    if model_dir is None:
+        log.info("model: the federation's base model %s (%s)", status.base_model, model_path)
     task_type = _task(task, status.task_type)
     labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
     if task_type == TaskType.SEQ_CLS and not labels:
@@ -203,6 +214,7 @@ def train_federation(
         )
     examples = _examples(data, text_column, label_column, labels)
     evaluation = _examples(eval_data, text_column, label_column, labels) if eval_data is not None else None
+    balance = _balance(balance_labels, examples, labels, task_type, private=dp is not None)
     config = TrainConfig(
         task=task_type,
         steps=steps_per_round,
@@ -213,8 +225,11 @@ def train_federation(
         seed=seed,
         progress=progress and not json,
         optimizer=LocalOptimizer(optimizer),
-        balance_labels=balance_labels,
+        balance_labels=balance,
+        prox_mu=status.prox_mu if prox_mu is None else prox_mu,
     )
+    if config.prox_mu:
+        log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
     ledger = None
     if dp is not None:
         ledger = PrivacyLedger.open(
@@ -247,16 +262,27 @@ def train_federation(
         status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=poll)
         r = status.current_round
         if status.selected and client_id not in status.selected:
+            log.info("round %d: not drawn (selected: %s); waiting for the next round", r, ", ".join(status.selected))
             sdk.wait_round(federation, r, timeout=timeout)  # not drawn this round: wait for the next
             continue
         start = status.latest_complete
         trained = Trained.load(session.round_dir(r))
         if trained is None or trained.start_round != start:
+            log.info(
+                "round %d: training %d steps on %d examples from %s",
+                r,
+                config.planned_steps(len(examples)),
+                len(examples),
+                "the initial adapter" if start is None else f"round {start}'s global model",
+            )
             trained = session.train(r, start)
+        else:
+            log.info("round %d: re-uploading the adapter trained before a restart", r)
         if ledger is not None:
             # counted before the upload: once the bytes are in the store they are released, whatever the
             # verdict; a re-upload of the same round replaces its entry (no double counting)
             ledger.commit(r, trained.steps)
+        log.info("round %d: uploading (local loss %.4f)", r, trained.loss)
         try:
             result = sdk.upload(
                 federation,
@@ -266,17 +292,22 @@ def train_federation(
                 round_=r,
                 dp=trained.dp.to_dict() if trained.dp else None,
                 progress=config.progress,
+                timeout=_VERDICT_WAIT_S if timeout is None else timeout,
             )
         except Rejected as exc:
             if exc.code == NotSelected.code:
                 sdk.wait_round(federation, r, timeout=timeout)
                 continue
             if exc.code == RoundClosed.code:
+                log.info("round %d closed while this client trained: training for the next one", r)
                 continue  # the round moved on while this client trained: train again for the current one
             raise
+        log.info("round %d: %s; %s", r, result.status, _waiting(sdk, federation, r))
         summary = sdk.wait_round(federation, r, timeout=timeout)
         score: Evaluation | None = None
         if summary.state == RoundStatus.COMPLETE:
+            if session.evaluation is not None:
+                log.info("round %d: complete; evaluating the global model on %d examples", r, len(session.evaluation))
             score = session.evaluate(r)
             state.finish(r)
             _prune(work, keep=r)
@@ -371,6 +402,35 @@ class _Session:
         return evaluate(
             model, self.tokenizer, self.evaluation, task=self.config.task, max_length=self.config.max_length
         )
+
+
+def _balance(
+    option: LabelBalance | str, examples: Examples, labels: tuple[str, ...] | None, task: TaskType, *, private: bool
+) -> bool:
+    """Whether to balance this client's labels, saying so when its labels are skewed."""
+    balance = should_balance(option, examples, len(labels or ()), task, private=private)
+    if task == TaskType.SEQ_CLS and examples.labels is not None and labels:
+        skew = label_skew(examples.labels, len(labels))
+        counts = ", ".join(f"{name} {examples.labels.count(i)}" for i, name in enumerate(labels))
+        if skew >= SKEWED_LABELS:
+            what = "balancing them (logit adjustment)" if balance else "not balancing them"
+            why = " under DP-SGD: the counts are not private" if private and not balance else ""
+            log.warning("this client's labels are skewed (%s; %.2f from uniform): %s%s", counts, skew, what, why)
+    return balance
+
+
+def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:
+    """What round ``r`` waits for: ``k/n`` deltas and, where the round drew its clients, who is missing."""
+    status = sdk.status(federation)
+    if status.current_round != r or status.state != RoundStatus.OPEN:
+        return f"round is {status.state if status.current_round == r else 'over'}"
+    line = f"waiting for quorum ({status.deltas}/{status.quorum} deltas)"
+    if status.selected:
+        sent = set(sdk.round(federation, r).clients)
+        missing = [c for c in status.selected if c not in sent]
+        if missing:
+            line += f", missing: {', '.join(missing)}"
+    return line
 
 
 def _task(option: TaskType | str | None, declared: str | None) -> TaskType:

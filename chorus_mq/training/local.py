@@ -8,14 +8,15 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, DataError
-from chorus_mq.names import ADAPTER_CONFIG, LocalOptimizer, TaskType
+from chorus_mq.names import ADAPTER_CONFIG, SKEWED_LABELS, LabelBalance, LocalOptimizer, TaskType
 
 from .data import Examples
 from .dp import PrivateTraining, make_private
@@ -46,6 +47,9 @@ class TrainConfig:
     #: seq-cls: train on logits shifted by the log of this client's label frequencies (logit adjustment), so
     #: that a client with skewed labels learns the classes rather than its own prior
     balance_labels: bool = False
+    #: FedProx: after each step, pull the trainable parameters toward the round's start by ``lr * prox_mu``
+    #: times their distance (the proximal term's gradient, decoupled from the optimizer like AdamW's decay)
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", TaskType(self.task))
@@ -60,6 +64,8 @@ class TrainConfig:
             raise ConfigError("--batch-size must be positive and --max-length at least 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not (self.prox_mu >= 0 and math.isfinite(self.prox_mu)) or self.lr * self.prox_mu >= 1:
+            raise ConfigError(f"--prox-mu must be >= 0 with lr x mu below 1, got {self.prox_mu} (lr {self.lr})")
 
     def planned_steps(self, n: int) -> int:
         """Steps per round on ``n`` examples (one epoch when neither steps nor epochs is given)."""
@@ -198,6 +204,8 @@ def train_local(
         )
         forward, optimizer, stream = private.module, private.optimizer, private.batches()
     prior = label_log_prior(examples, model) if config.balance_labels and config.task == TaskType.SEQ_CLS else None
+    # FedProx's anchor: where this round started (the global model), for the trainable parameters only
+    anchor = [p.detach().clone() for p in trainable] if config.prox_mu else None
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
@@ -218,6 +226,8 @@ def train_local(
                     private.empty_step()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if anchor is not None:
+                    _proximal_pull(trainable, anchor, config.lr * config.prox_mu)
                 bar.update(1)
                 if losses:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -230,6 +240,37 @@ def train_local(
     return LocalResult(
         steps, len(examples), sum(losses) / len(losses), losses[0], losses[-1], time.perf_counter() - started
     )
+
+
+def _proximal_pull(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rate: float) -> None:
+    """``p <- p - rate * (p - p0)``: one step on FedProx's ``mu/2 ||p - p0||^2`` with step ``lr``."""
+    import torch
+
+    with torch.no_grad():
+        for p, p0 in zip(params, anchor, strict=True):
+            p.lerp_(p0, rate)
+
+
+def label_skew(labels: Sequence[int], num_labels: int) -> float:
+    """Total variation distance between the labels' frequencies and uniform (0: balanced; near 1: one class)."""
+    if not labels or num_labels < 2:
+        return 0.0
+    counts = Counter(labels)
+    n = len(labels)
+    return 0.5 * sum(abs(counts.get(k, 0) / n - 1 / num_labels) for k in range(num_labels))
+
+
+def should_balance(
+    option: LabelBalance | str, examples: Examples, num_labels: int, task: TaskType, *, private: bool
+) -> bool:
+    """Whether a client balances its labels: ``on``/``off`` as asked; ``auto`` for skewed seq-cls data, not
+    under DP (logit adjustment uses the exact label counts, which DP-SGD does not protect)."""
+    option = LabelBalance(option)
+    if option != LabelBalance.AUTO:
+        return option == LabelBalance.ON
+    if task != TaskType.SEQ_CLS or private or examples.labels is None:
+        return False
+    return label_skew(examples.labels, num_labels) >= SKEWED_LABELS
 
 
 def label_log_prior(examples: Examples, model: Any) -> torch.Tensor:

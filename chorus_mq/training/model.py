@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, IncompatibleDelta, InvalidAdapter
 from chorus_mq.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CUMULATIVE_FILE, PEFT_TASK_TYPES, TaskType
+
+# peft 0.21 calls transformers 5's deprecated ``is_gradient_checkpointing``: the warning was the first
+# line every user saw from train, export and federation create, and says nothing they can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 if TYPE_CHECKING:
     import torch

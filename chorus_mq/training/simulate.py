@@ -8,21 +8,7 @@ and commit run as the Celery tasks, eagerly, on whatever in-process SDK ``sdk_fa
 builds. After each round the pulled global model is evaluated on held-out data and checked
 against the exact weighted average of that round's client models.
 
-Columns (per strategy and round):
-  acc, loss    held-out accuracy and mean cross-entropy of the pulled global model
-  exact err    max |logit difference| on a probe set between the pulled global model and the
-               weighted average of the round's client models (base + cumulative residual +
-               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
-               about 1e-6 for exact strategies, large for fedavg
-  remainder    largest relative size of the part of the global update beyond a client's LoRA rank
-               (ranks below the global adapter's): kept frozen in the client's model and appended to
-               its upload (exact), except for stack, whose rank would multiply: there it is dropped
-               and the client starts from the best approximation at its rank
-  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
-  secs         wall time of the round: pulls, training, uploads, aggregation
-  eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
-The centralised row trains one LoRA of the initial adapter's rank on every client's data
-pooled, for the same total steps as the round's clients together (no DP).
+The table's columns are explained by ``LEGEND``, which ``simulate`` prints under the table.
 """
 
 from __future__ import annotations
@@ -41,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
 from chorus_mq.local import LocalState
-from chorus_mq.names import CENTRALISED, LocalOptimizer, RoundStatus, Strategy, TaskType
+from chorus_mq.names import CENTRALISED, LabelBalance, LocalOptimizer, RoundStatus, Strategy, TaskType
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
-from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, train_local
+from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
 
 if TYPE_CHECKING:
@@ -97,7 +83,10 @@ class SimConfig:
     text_column: str = "text"
     label_column: str = "label"
     optimizer: str = "adamw"
-    balance_labels: bool = False
+    #: auto | on | off, decided per client as ``train`` does (see ``local.should_balance``)
+    balance_labels: str = "auto"
+    #: FedProx weight of every federation (``federation create --prox-mu``)
+    prox_mu: float = 0.0
 
     @property
     def per_round(self) -> int:
@@ -158,7 +147,8 @@ def run_model_simulation(
     text_column: str = "text",
     label_column: str = "label",
     optimizer: str = "adamw",
-    balance_labels: bool = False,
+    balance_labels: str = "auto",
+    prox_mu: float = 0.0,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -191,7 +181,8 @@ def run_model_simulation(
         text_column=text_column,
         label_column=label_column,
         optimizer=str(LocalOptimizer(optimizer)),
-        balance_labels=balance_labels,
+        balance_labels=str(LabelBalance(balance_labels)),
+        prox_mu=prox_mu,
     )
     _check(config)
     show = None if as_json else echo
@@ -276,6 +267,7 @@ class _Runner:
                 self._say(_format(rows[-1]))
         if self.config.centralised:
             rows.extend(self._centralised(initial, start))
+        self._say(LEGEND)
         return rows
 
     def _say(self, line: str) -> None:
@@ -299,6 +291,7 @@ class _Runner:
             clients_per_round=k if k < cfg.clients else 0,
             task_type=TaskType.SEQ_CLS,
             labels=self.labels,
+            prox_mu=cfg.prox_mu,
         )
         self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
         parties = []
@@ -309,7 +302,7 @@ class _Runner:
             client.workdir = self.workdir / name / client.name
             client.workdir.mkdir(parents=True)
             if cfg.dp_epsilon is not None:
-                train = self._train_config(0)
+                train = self._train_config(0, client.examples)
                 n = len(client.examples)
                 client.ledger = PrivacyLedger.open(
                     client.workdir / "privacy.json",
@@ -322,8 +315,10 @@ class _Runner:
         self.sdk.pull(name, server_view, 0)
         return _Federation(strategy, name, parties, server_view)
 
-    def _train_config(self, seed: int) -> TrainConfig:
+    def _train_config(self, seed: int, examples: Examples) -> TrainConfig:
         cfg = self.config
+        private = cfg.dp_epsilon is not None
+        balance = should_balance(cfg.balance_labels, examples, len(self.labels), TaskType.SEQ_CLS, private=private)
         return TrainConfig(
             task=TaskType.SEQ_CLS,
             steps=cfg.steps_per_round,
@@ -332,7 +327,8 @@ class _Runner:
             max_length=cfg.max_length,
             seed=seed,
             optimizer=LocalOptimizer(cfg.optimizer),
-            balance_labels=cfg.balance_labels,
+            balance_labels=balance,
+            prox_mu=cfg.prox_mu,
         )
 
     def _selected(self, fed: _Federation, r: int) -> tuple[int, list[_Client]]:
@@ -372,7 +368,7 @@ class _Runner:
             )
             model = start_point.model
             worst_remainder = max(worst_remainder, start_point.gap.relative)
-            train = self._train_config(self.config.seed * 7919 + r * 101 + client.index)
+            train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
             privacy, report = None, None
             if client.ledger is not None:
                 report = client.ledger.report(r, train.planned_steps(len(client.examples)))
@@ -522,6 +518,24 @@ def _shares(config: SimConfig, train: Examples) -> list[list[int]]:
 def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max())
 
+
+LEGEND = """\
+Columns (per strategy and round):
+  acc, loss    held-out accuracy and mean cross-entropy of the pulled global model
+  exact err    max |logit difference| on a probe set between the pulled global model and the
+               weighted average of the round's client models (base + cumulative residual +
+               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
+               about 1e-6 for exact strategies, large for fedavg
+  remainder    largest relative size of the part of the global update beyond a client's LoRA rank
+               (ranks below the global adapter's): kept frozen in the client's model and appended to
+               its upload (exact), except for stack, whose rank would multiply: there it is dropped
+               and the client starts from the best approximation at its rank
+  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
+  secs         wall time of the round: pulls, training, uploads, aggregation
+  eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
+The centralised row trains one LoRA of the initial adapter's rank on every client's data
+pooled, for the same total steps as the round's clients together (no DP).
+"""
 
 _HEADER = (
     f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'remainder':>9} "

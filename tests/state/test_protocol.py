@@ -52,6 +52,7 @@ EVERY_FIELD = {
     "task_type": TaskType.SEQ_CLS,
     "labels": ("neg", "pos", 'a,b "quoted"'),
     "fan_in_fan_out": True,
+    "prox_mu": 0.01,
 }
 
 

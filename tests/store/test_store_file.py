@@ -188,3 +188,12 @@ def test_key_under_an_object_is_a_store_error(fs):
     with pytest.raises(StoreError, match="a/b"), fs.writer(lambda sha: "a/b") as w:
         w.file.write(b"y")
     assert fs.list() == ["a"] and _hidden(fs) == []
+
+
+def test_a_store_that_cannot_be_created_says_why(tmp_path):
+    (tmp_path / "blocker").write_bytes(b"x")
+    with pytest.raises(StoreError, match=r"a prefix of the key is a file"):
+        open_store(f"file://{tmp_path}", Settings()).put_bytes("blocker/obj", b"data")
+    # root writes anywhere, so a permission failure is shown through the errno it would raise
+    assert "no permission" in file_backend._mkdir_hint(PermissionError(errno.EACCES, "Permission denied"))
+    assert file_backend._mkdir_hint(OSError(errno.ENOSPC, "No space left")) == ""

@@ -143,3 +143,14 @@ def test_by_column_keeps_groups_whole():
         partition(ex, 8, PartitionSpec.parse("by:g"))
     with pytest.raises(DataError, match="skews labels: the examples have none"):
         partition(Examples(ex.texts), 3, PartitionSpec.parse("dirichlet:1"))
+
+
+def test_the_federations_base_model_is_the_default_where_it_is_here(tmp_path):
+    from chorus_mq.training.data import model_of_federation, resolve_model
+
+    assert model_of_federation(None, "minilm") == resolve_model("minilm")
+    assert model_of_federation("minilm", "/elsewhere/Llama-3.2-3B") == resolve_model("minilm")
+    with pytest.raises(ConfigError, match=r"base model is '/elsewhere/Llama-3.2-3B'.*pass --model"):
+        model_of_federation(None, "/elsewhere/Llama-3.2-3B")
+    (tmp_path / "config.json").write_text("{}")
+    assert model_of_federation(None, str(tmp_path)) == tmp_path

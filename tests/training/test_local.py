@@ -85,3 +85,45 @@ def test_balanced_labels_learn_the_classes_rather_than_a_skewed_clients_prior(ti
     assert scores[True].accuracy > scores[False].accuracy + 0.1, scores
     counts = torch.tensor([2.0, 16.0, 2.0]) + 1.0
     torch.testing.assert_close(label_log_prior(skewed, model), (counts / counts.sum()).log())
+
+
+def test_fedprox_keeps_local_training_near_the_rounds_start(tiny_bert_dir, tokenizer, tmp_path):
+    """The proximal pull shrinks how far the trainable parameters move; mu = 0 is plain training, bit for bit."""
+    initial = seq_cls_initial(tiny_bert_dir, tmp_path / "r0")
+
+    def moved(mu: float) -> tuple[float, list[torch.Tensor]]:
+        model = exact_model(initial, tiny_bert_dir, task=TaskType.SEQ_CLS, trainable=True)
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        config = TrainConfig(task=TaskType.SEQ_CLS, steps=20, batch_size=8, lr=1e-2, max_length=32, prox_mu=mu)
+        train_local(model, tokenizer, DATA, config)
+        end = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        return sum(float((a - b).square().sum()) for a, b in zip(end, start, strict=True)) ** 0.5, end
+
+    plain, plain_params = moved(0.0)
+    again, again_params = moved(0.0)
+    assert plain == again and all(torch.equal(a, b) for a, b in zip(plain_params, again_params, strict=True))
+    pulled, _ = moved(20.0)  # lr x mu = 0.2 per step
+    assert 0 < pulled < 0.7 * plain, (pulled, plain)
+    with pytest.raises(ConfigError, match="prox-mu"):
+        TrainConfig(lr=1e-2, prox_mu=100.0)  # lr x mu >= 1 would overshoot the anchor
+    with pytest.raises(ConfigError, match="prox-mu"):
+        TrainConfig(prox_mu=-1.0)
+
+
+def test_labels_are_balanced_by_default_only_where_they_are_skewed():
+    from chorus_mq.names import LabelBalance
+    from chorus_mq.training.local import label_skew, should_balance
+
+    assert label_skew([0, 1] * 10, 2) == 0.0
+    assert label_skew([1] * 10, 2) == pytest.approx(0.5)
+    assert label_skew([0] * 82 + [1] * 18, 2) == pytest.approx(0.32)
+    assert label_skew([0, 1, 2] * 4 + [2] * 6, 3) == pytest.approx(2 / 9)  # 4, 4, 10 of 18
+    skewed = Examples(("t",) * 10, (0,) * 8 + (1,) * 2)
+    even = Examples(("t",) * 10, (0, 1) * 5)
+    seq = TaskType.SEQ_CLS
+    assert should_balance(LabelBalance.AUTO, skewed, 2, seq, private=False)
+    assert not should_balance("auto", even, 2, seq, private=False)
+    assert not should_balance("auto", skewed, 2, seq, private=True)  # DP: the counts are not private
+    assert not should_balance("auto", skewed, 2, TaskType.CAUSAL_LM, private=False)
+    assert should_balance("on", even, 2, seq, private=False)
+    assert not should_balance("off", skewed, 2, seq, private=False)

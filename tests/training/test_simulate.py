@@ -41,6 +41,7 @@ def test_simulate_minilm_two_rounds_three_clients(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "exact err" in result.output and "fedex-lora" in result.output
+    assert "remainder    largest relative size" in result.output  # the legend explains every column
     rows = [SimRow(**row) for row in json.loads((out / "results.json").read_text())["rows"]]
     by = {(r.strategy, r.round): r for r in rows}
     assert set(by) == {(s, r) for s in ("fedex-lora", "fedavg", CENTRALISED) for r in (0, 1, 2)}

@@ -70,7 +70,7 @@ def data(tmp_path_factory):
     return {"held_out": root / "held_out.csv", "shares": files, "examples": held_out}
 
 
-def _create(deployment, name: str, quorum: int) -> None:
+def _create(deployment, name: str, quorum: int, *extra: str) -> None:
     deployment.cli(
         "federation",
         "create",
@@ -91,6 +91,7 @@ def _create(deployment, name: str, quorum: int) -> None:
         "8",
         "--seed",
         "0",
+        *extra,
     )
 
 
@@ -117,10 +118,17 @@ def _train(deployment, name: str, client: str, secret: str, data_file, workdir, 
     )
 
 
-def _records(proc) -> list[dict]:
+def _records(proc, *phases: str) -> list[dict]:
     out, err = proc.communicate(timeout=1500)
     assert proc.returncode == 0, f"train exited {proc.returncode}\n{out}\n{err[-4000:]}"
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # never silent outside a terminal: every round it took part in has its phase lines on stderr
+    for rec in records:
+        assert f"train: round {rec['round']}: uploading" in err, err[-4000:]
+        assert f"train: round {rec['round']}: {rec['upload']}" in err, err[-4000:]
+    for phase in phases:
+        assert phase in err, err[-4000:]
+    return records
 
 
 def test_three_clients_one_killed_and_restarted_learn_and_export_exactly(deployment, data, tmp_path):
@@ -176,7 +184,7 @@ def test_train_with_dp_reports_its_accountants_epsilon(deployment, data, tmp_pat
     from opacus.accountants import RDPAccountant
 
     deployment.start_worker(concurrency=1)
-    _create(deployment, "dp", quorum=1)
+    _create(deployment, "dp", 1, "--prox-mu", "0.01")  # the federation's FedProx weight reaches train
     sdk = deployment.sdk()
     secret = sdk.add_client("dp", "solo").secret
     proc = _train(
@@ -193,7 +201,7 @@ def test_train_with_dp_reports_its_accountants_epsilon(deployment, data, tmp_pat
         "--dp-clip",
         "1.0",
     )
-    records = _records(proc)
+    records = _records(proc, "FedProx: pulled toward each round's global model with mu 0.01")
     ledger = json.loads((tmp_path / "solo" / "privacy.json").read_text())
     accountant = RDPAccountant()
     accountant.history = [(ledger["noise_multiplier"], 16 / SHARE, 24)]
