@@ -12,8 +12,8 @@ in front of Redis for clients (workers connect to Redis directly, so they always
 * forwards replies verbatim, closing a connection whose reader has not taken them within
   ``slow_reader_s`` (Redis's output-buffer limit bounds what waits meanwhile).
 
-A refused command closes the connection (its replies so far are delivered first); Redis's ACL does the
-rest of the checking.
+A refused command closes the connection at once (the SDK never sends one); Redis's ACL does the rest of
+the checking.
 """
 
 from __future__ import annotations
@@ -144,9 +144,14 @@ class Gateway:
         source = source_of(peer[0]) if peer else "unknown"
         if self.by_source[source] >= self.limits.per_source or self.total >= self.limits.total:
             self.refused += 1
-            log.warning(
-                "refused a connection from %s: %d open from it, %d in all", source, self.by_source[source], self.total
-            )
+            if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: a flood must not flood the log
+                log.warning(
+                    "refused a connection from %s: %d open from it, %d in all (%d refused so far)",
+                    source,
+                    self.by_source[source],
+                    self.total,
+                    self.refused,
+                )
             writer.write(
                 b"-ERR too many connections: the gateway allows "
                 + f"{self.limits.per_source} per address and {self.limits.total} in all\r\n".encode()

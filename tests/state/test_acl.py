@@ -21,7 +21,7 @@ from chorus_mq.state import (
     client_url,
     client_username,
 )
-from chorus_mq.state.functions import InboxLimits, load_functions
+from chorus_mq.state.functions import InboxLimits, load_functions, loaded
 from chorus_mq.state.keys import CLIENT_USER_PREFIX
 
 from ..services import REDIS_CONF, RedisServer
@@ -114,7 +114,9 @@ def test_script_effects_survive_a_restart(acl_server):
     state = make_state(op, quorum=1)
     fired = state.register("fed", 1, record("alice"))
     state.finalize("fed", 1, fired.epoch, "k", sha_of("m"))
+    load_functions(op, InboxLimits())
     acl_server.restart(sig_kill=True)
+    assert loaded(acl_server.client())  # the append function is in the AOF too: clients can append at once
     state = RoundState(acl_server.client())
     assert [(r.round, r.state) for r in state.rounds("fed")] == [(1, "complete"), (2, "open")]
     assert sorted(state.deltas("fed", 1)) == ["alice"]
