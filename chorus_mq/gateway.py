@@ -9,6 +9,8 @@ in front of Redis for clients (workers connect to Redis directly, so they always
   interpreting its arguments, refuses any command longer than ``max_command_bytes`` or whose name is not
   one a client needs (:data:`chorus_mq.state.acl.GATEWAY_COMMANDS`: no XADD, so appends go through the
   bounded ``chorus_inbox_append`` function), and forwards the command's bytes verbatim;
+* lets only client users log in (``AUTH``/``HELLO ... AUTH`` naming ``client:...``), so the workers' and
+  the operator's passwords are useless from the client side;
 * forwards replies verbatim, closing a connection whose reader has not taken them within
   ``slow_reader_s`` (Redis's output-buffer limit bounds what waits meanwhile).
 
@@ -28,6 +30,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .state.acl import GATEWAY_COMMANDS
+from .state.keys import CLIENT_USER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,8 @@ async def _header(reader: asyncio.StreamReader, kind: bytes) -> int:
         raise Refused(f"malformed RESP header {line[:_HEADER_LIMIT]!r}") from None
 
 
-async def read_command(reader: asyncio.StreamReader, limits: GatewayLimits) -> tuple[str, bytes]:
-    """One command's name (lower case) and its exact bytes; :class:`Refused` beyond the limits.
+async def read_command(reader: asyncio.StreamReader, limits: GatewayLimits) -> tuple[str, list[bytes], bytes]:
+    """One command's name (lower case), its arguments and its exact bytes; :class:`Refused` beyond the limits.
 
     Raises ``asyncio.IncompleteReadError`` when the client closes the connection.
     """
@@ -89,6 +92,7 @@ async def read_command(reader: asyncio.StreamReader, limits: GatewayLimits) -> t
     parts = [f"*{count}\r\n".encode()]
     size = len(parts[0])
     name = ""
+    args: list[bytes] = []
     for i in range(count):
         length = await _header(reader, b"$")
         size += len(str(length)) + 3 + length + 2
@@ -99,8 +103,38 @@ async def read_command(reader: asyncio.StreamReader, limits: GatewayLimits) -> t
             raise Refused("malformed RESP bulk string")
         if i == 0:
             name = body[:-2].decode("ascii", "replace").lower()
+        else:
+            args.append(body[:-2])
         parts += [f"${length}\r\n".encode(), body]
-    return name, b"".join(parts)
+    return name, args, b"".join(parts)
+
+
+def login_users(name: str, args: list[bytes]) -> list[bytes]:
+    """The users an ``AUTH`` or ``HELLO`` logs in as (``b"default"`` for a password alone), read the way Redis
+    reads them: HELLO's options in order, AUTH taking two words and SETNAME one."""
+    if name == "auth":
+        return [args[0] if len(args) == 2 else b"default"]
+    users = []
+    if name == "hello":
+        i = 1
+        while i < len(args):
+            option = args[i].upper()
+            if option == b"AUTH" and i + 2 < len(args) + 1:
+                users.append(args[i + 1] if i + 1 < len(args) else b"")
+                i += 3
+            elif option == b"SETNAME":
+                i += 2
+            else:
+                i += 1  # Redis refuses the command; nothing logs in
+    return users
+
+
+def check_login(name: str, args: list[bytes]) -> None:
+    """Only client users log in through the gateway: a worker's or the operator's password (a leaked or
+    shipped one) is useless from here."""
+    for user in login_users(name, args):
+        if not user.startswith(CLIENT_USER_PREFIX.encode() + b":"):
+            raise Refused(f"only client users log in through the gateway, not {user[:64]!r}")
 
 
 class Gateway:
@@ -195,9 +229,10 @@ class Gateway:
     ) -> None:
         try:
             while True:
-                name, raw = await read_command(reader, self.limits)
+                name, args, raw = await read_command(reader, self.limits)
                 if name not in self.commands:
                     raise Refused(f"{name.upper()!r} is not a command clients may send")
+                check_login(name, args)
                 last[0] = time.monotonic()
                 up.write(raw)
                 await up.drain()

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis as redis_lib
 
-from chorus_mq.gateway import GatewayLimits, source_of
+from chorus_mq.gateway import GatewayLimits, Refused, check_login, login_users, source_of
 from chorus_mq.state import EventLog, FederationKeys, Inbox
 
 from .limits_support import closed, deployment, dial, first_line, resp
@@ -144,6 +144,10 @@ def test_the_sdk_works_through_the_gateway(deployed):
         b"*1\r\n$-1\r\n",
         b"*999999\r\n",
         b"+OK\r\n",
+        resp("AUTH", "worker", "worker-dev-password"),  # a worker's password is useless from the client side
+        resp("HELLO", "3", "AUTH", "operator", "operator-dev-password"),
+        resp("HELLO", "3", "SETNAME", "AUTH", "AUTH", "worker", "worker-dev-password"),
+        resp("AUTH", "worker-dev-password"),
     ],
     ids=[
         "xadd",
@@ -158,6 +162,10 @@ def test_the_sdk_works_through_the_gateway(deployed):
         "null",
         "many-args",
         "not-a-command",
+        "auth-worker",
+        "hello-operator",
+        "hello-setname-auth",
+        "auth-default",
     ],
 )
 def test_what_clients_may_not_send_closes_the_connection(deployed, command):
@@ -184,6 +192,20 @@ def test_redis_refuses_what_the_gateway_forwards_beyond_a_clients_rights(deploye
     with pytest.raises(redis_lib.exceptions.NoPermissionError):
         alice.xrange(K.client_inbox("alice"))
     assert alice.ping()  # refused by Redis, the connection stays
+
+
+def test_logins_are_read_the_way_redis_reads_them():
+    assert login_users("auth", [b"client:f:c", b"pw"]) == [b"client:f:c"]
+    assert login_users("auth", [b"pw"]) == [b"default"]
+    assert login_users("hello", [b"3"]) == []
+    assert login_users("hello", [b"3", b"SETNAME", b"auth", b"auth", b"worker", b"pw"]) == [b"worker"]
+    assert login_users("hello", [b"3", b"auth", b"client:f:c", b"pw", b"AUTH", b"worker", b"pw"]) == [
+        b"client:f:c",
+        b"worker",
+    ]
+    check_login("hello", [b"3", b"AUTH", b"client:f:c", b"pw", b"SETNAME", b"x"])
+    with pytest.raises(Refused, match="only client users"):
+        check_login("hello", [b"3", b"AUTH", b"client:f:c", b"pw", b"AUTH", b"operator", b"pw"])
 
 
 def test_limits_and_sources():
