@@ -110,8 +110,11 @@ def worker(
     os.environ.setdefault("CHORUS_AGGREGATION_WORKERS", str(max(1, cores // (concurrency or cores))))
     from .settings import get_settings
     from .workers.app import get_app
+    from .workers.startup import check_redis_credentials, keep_functions_loaded
 
     settings = get_settings()
+    check_redis_credentials(settings)
+    keep_functions_loaded(settings)  # the bounded inbox append clients call
     app = get_app(settings)
     selected = queues or ",".join(q.value for q in ROLE_QUEUES[WorkerRole(role)])
     if metrics_port:
@@ -137,9 +140,76 @@ def beat(loglevel: str) -> None:
 
     from .settings import get_settings
     from .workers.beat import run_beat
+    from .workers.startup import check_redis_credentials
 
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/beat] %(message)s")
-    run_beat(get_settings())
+    settings = get_settings()
+    check_redis_credentials(settings)
+    run_beat(settings)
+
+
+@main.command("redis-gateway")
+@click.option(
+    "--listen",
+    envvar="CHORUS_GATEWAY_LISTEN",
+    default="127.0.0.1:6380",
+    show_default=True,
+    help="HOST:PORT for clients.",
+)
+@click.option(
+    "--redis",
+    "upstream",
+    envvar="CHORUS_GATEWAY_REDIS",
+    default="127.0.0.1:6379",
+    show_default=True,
+    help="HOST:PORT of Redis.",
+)
+@click.option(
+    "--per-source",
+    envvar="CHORUS_GATEWAY_PER_SOURCE",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Connections one address (an IPv6 /64) may hold open.",
+)
+@click.option(
+    "--max-connections",
+    envvar="CHORUS_GATEWAY_MAX_CONNECTIONS",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Connections in all; keep Redis's maxclients above this plus the workers'.",
+)
+@click.option(
+    "--idle-timeout",
+    envvar="CHORUS_GATEWAY_IDLE_TIMEOUT",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Close connections silent both ways this many seconds.",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@_fail_cleanly
+def redis_gateway(
+    listen: str, upstream: str, per_source: int, max_connections: int, idle_timeout: float, loglevel: str
+) -> None:
+    """Relay clients to Redis with per-address and total connection limits; refuse XADD and oversized
+    commands (clients append through Redis's bounded function). Workers connect to Redis directly."""
+    import logging
+
+    from .gateway import GatewayLimits, run_gateway
+    from .settings import get_settings
+
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/gateway] %(message)s")
+    settings = get_settings()
+    # the largest command a client needs: one record, its key and the FCALL around it
+    limits = GatewayLimits(
+        per_source=per_source,
+        total=max_connections,
+        idle_timeout_s=idle_timeout,
+        max_command_bytes=settings.max_inbox_record_bytes + 4096,
+    )
+    run_gateway(listen, upstream, limits)
 
 
 # -- federations ------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ RESIDUAL_ADAPTER_DIR = "residual_adapter"
 
 #: the Redis consumer group every ingest worker's inbox pump reads through
 INBOX_GROUP = "chorus-ingest"
+#: the Redis Function library (``state/lua/chorus_functions.lua``) and the one function clients may call
+FUNCTION_LIBRARY = "chorus"
+INBOX_APPEND_FUNCTION = "chorus_inbox_append"
 
 # -- client-side training (chorus_mq.training) -----------------------------------------------
 

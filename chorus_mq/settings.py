@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     auth_max_skew: int = 300
 
     # -- the client inbox (a data-only Redis Stream per federation) --------------------------
-    #: largest inbox record accepted; larger ones are dropped and counted
-    max_inbox_record_bytes: int = 16 * 1024
+    #: largest inbox record accepted: Redis's append function refuses larger ones (and the pump drops them)
+    max_inbox_record_bytes: int = Field(default=16 * 1024, ge=1, le=512 * 1024)
+    #: records one client's inbox may hold (read or not) before the append function refuses more
+    inbox_max_records: int = Field(default=64, ge=1)
     #: entries a dead pump left pending this long are claimed by another
     inbox_claim_idle_s: float = 30.0
     #: how long one pump read blocks waiting for records

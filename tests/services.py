@@ -78,6 +78,7 @@ class RedisServer:
         args: tuple[str, ...] = (),
         username: str | None = None,
         password: str | None = None,
+        config: Path | None = None,
     ):
         binary = shutil.which("redis-server")
         if binary is None:
@@ -89,6 +90,8 @@ class RedisServer:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.args = args
+        #: a redis.conf (deploy/redis/redis.conf) read first; this fixture's own options override it
+        self.config = config
         self.username, self.password = username, password
 
     @property
@@ -104,6 +107,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
+                *([str(self.config)] if self.config else []),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -144,3 +148,69 @@ class RedisServer:
 
     def client(self, **kw) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True, **kw)
+
+
+#: the Redis configuration the deployment ships (compose mounts it; production notes use it)
+REDIS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "redis.conf"
+
+
+class GatewayProcess:
+    """``chorus-mq redis-gateway`` in front of a RedisServer, as a subprocess on a free loopback port."""
+
+    def __init__(self, workdir: Path, redis_port: int, *options: str, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.argv = [
+            "-m",
+            CLI,
+            "redis-gateway",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--redis",
+            f"127.0.0.1:{redis_port}",
+            *options,
+        ]
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> GatewayProcess:
+        import os
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root), **self.env}
+        self.proc = spawn_logged(self.workdir / "gateway.log", self.argv, env, root)
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the gateway exited:\n{self.log()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, 60, "the gateway to listen")
+        return self
+
+    def log(self) -> str:
+        return (self.workdir / "gateway.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+def start_shipped_redis(workdir: Path, *args: str) -> RedisServer:
+    """redis-server as deployed: deploy/redis/redis.conf and a writable copy of deploy/redis/users.acl, logged in
+    as the shipped ``operator`` (``args`` override the file, as this fixture's own port and directory do)."""
+    root = Path(__file__).resolve().parents[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    acl = workdir / "users.acl"
+    shutil.copy(root / "deploy" / "redis" / "users.acl", acl)
+    return RedisServer(
+        workdir / "data",
+        args=("--aclfile", str(acl), *args),
+        username="operator",
+        password="operator-dev-password",
+        config=REDIS_CONF,
+    ).start()

@@ -24,6 +24,13 @@ from chorus_mq.store.policy import minio_commands
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
+REDIS_CONF = ROOT / "deploy" / "redis" / "redis.conf"
+#: the .env variable that holds each shipped Redis user's password
+PASSWORD_VARS = {
+    "worker": "CHORUS_REDIS_WORKER_PASSWORD",
+    "operator": "CHORUS_REDIS_OPERATOR_PASSWORD",
+    "health": "CHORUS_REDIS_HEALTH_PASSWORD",
+}
 
 #: the services that run the chorus-mq image (its ENTRYPOINT is `chorus-mq`)
 CHORUS_SERVICES = ("worker-ingest", "worker-aggregate", "worker-compact", "beat", "operator")
@@ -34,6 +41,7 @@ MINIO_ADMINS = {"minio", "minio-init", "mc"}
 
 CONDITIONS = {
     "redis-init": "service_completed_successfully",
+    "redis-gateway": "service_started",
     "redis": "service_healthy",
     "minio": "service_healthy",
     "minio-init": "service_completed_successfully",
@@ -62,8 +70,15 @@ def _script(service: dict) -> str:
 
 
 def _default(value: str) -> str:
-    """``${VAR:-default}`` -> ``default`` (what compose substitutes without a .env file)."""
+    """``${VAR:-default}`` -> ``default`` (what compose substitutes without a .env file); ``${VAR:?message}`` (no
+    default: compose refuses to start without it) -> ``VAR``."""
+    value = re.sub(r"\$\{(\w+):\?[^}]*\}", r"\1", value)
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _required(var: str) -> str:
+    """``${VAR:?message}``: compose refuses to start unless VAR is set (in .env)."""
+    return f"${{{var}:?set it in .env, see the header}}"
 
 
 def _users() -> dict[str, list[str]]:
@@ -125,7 +140,7 @@ def _documented_operator_commands() -> list[list[str]]:
 
 
 def test_services_exist(services):
-    assert set(services) == {"redis-init", "redis", "minio", "minio-init", "mc", *CHORUS_SERVICES}
+    assert set(services) == {"redis-init", "redis", "redis-gateway", "minio", "minio-init", "mc", *CHORUS_SERVICES}
     for tool in ("operator", "mc"):
         assert services[tool]["profiles"] == ["tools"]  # run on demand, never started by `up`
 
@@ -137,7 +152,7 @@ def test_images_are_pinned(services):
     redis_tag = services["redis"]["image"].partition(":")[2]
     assert redis_tag and redis_tag != "latest"
     assert services["redis-init"]["image"] == services["redis"]["image"]  # its `redis` user owns the ACL file
-    assert {services[name]["image"] for name in CHORUS_SERVICES} == {"chorus-mq:local"}
+    assert {services[name]["image"] for name in (*CHORUS_SERVICES, "redis-gateway")} == {"chorus-mq:local"}
 
 
 def test_depends_on_conditions(services):
@@ -147,21 +162,54 @@ def test_depends_on_conditions(services):
     for name in CHORUS_SERVICES:
         assert set(services[name]["depends_on"]) == {"redis", "minio-init"}
     assert set(services["redis"]["depends_on"]) == {"redis-init"}
+    assert set(services["redis-gateway"]["depends_on"]) == {"redis"}
     assert set(services["minio-init"]["depends_on"]) == {"minio"}
 
 
-def test_redis_is_durable_and_never_evicts(services):
+def _redis_conf() -> dict[str, str]:
+    lines = [ln.split(None, 1) for ln in REDIS_CONF.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return {
+        words[0] + (" " + words[1].split()[0] if words[0] == "client-output-buffer-limit" else ""): words[1]
+        for words in lines
+    }
+
+
+def test_redis_runs_the_shipped_config(services):
     cmd = _command(services["redis"])
-    assert cmd[cmd.index("--appendonly") + 1] == "yes"
-    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
-    assert _mounts(services["redis"])["/data"] == ("redis-data", False)
+    assert cmd[0] == "redis-server"
+    source, read_only = _mounts(services["redis"])[cmd[1]]
+    assert read_only and (ROOT / source).resolve() == REDIS_CONF.resolve()
+    assert cmd[cmd.index("--dir") + 1] == "/data" and _mounts(services["redis"])["/data"] == ("redis-data", False)
+    assert "--appendonly" not in cmd and "--maxmemory-policy" not in cmd  # one place: the file
+    conf = _redis_conf()
+    assert conf["appendonly"] == "yes" and conf["maxmemory-policy"] == "noeviction"
+    # what one connection can make Redis hold (deploy/redis/README.md)
+    assert conf["proto-max-bulk-len"] == conf["client-query-buffer-limit"] == "1mb"
+    assert conf["client-output-buffer-limit normal"].split()[1] == "16mb"
+    assert conf["client-output-buffer-limit pubsub"].split()[1] == "1mb"
+
+
+def test_clients_reach_redis_only_through_the_gateway(services):
+    assert "ports" not in services["redis"]
+    gateway = services["redis-gateway"]
+    ctx = parse_cli(_command(gateway))
+    assert ctx.command.name == "redis-gateway"
+    assert ctx.params["listen"] == "0.0.0.0:6379" and ctx.params["upstream"] == "redis:6379"
+    # maxclients leaves room above the gateway's total for every worker connection
+    assert int(_redis_conf()["maxclients"]) >= ctx.params["max_connections"] + 1000
+    assert gateway["ports"] == ["127.0.0.1:6379:6379"]
+    assert gateway["environment"] == {}  # no Redis user, no S3 keys: it relays bytes
+    assert gateway["restart"] == "unless-stopped"
+    public = urlsplit(_default(services["operator"]["environment"]["CHORUS_PUBLIC_REDIS_URL"]))
+    assert public.port == 6379  # `client add` prints the gateway's address
 
 
 def test_healthchecks(services):
     redis_check = services["redis"]["healthcheck"]["test"]
-    assert redis_check[1] == "redis-cli" and redis_check[-1] == "ping"
-    assert redis_check[redis_check.index("--user") + 1] == "health"
-    assert redis_check[redis_check.index("--pass") + 1] == _password("health")
+    assert redis_check[0] == "CMD-SHELL"
+    assert f'redis-cli --user health --pass "$${PASSWORD_VARS["health"]}"' in redis_check[1]
+    assert redis_check[1].endswith("ping | grep -q PONG")
+    assert services["redis"]["environment"][PASSWORD_VARS["health"]] == _required(PASSWORD_VARS["health"])
     assert services["minio"]["healthcheck"]["test"][-3:] == ["mc", "ready", "local"]
     for name in ("worker-ingest", "worker-aggregate", "worker-compact"):
         check = " ".join(services[name]["healthcheck"]["test"])
@@ -191,7 +239,7 @@ def test_the_fleet_agrees_on_its_settings(services):
     assert {k: v for k, v in operator.items() if k not in ("CHORUS_REDIS_URL", "CHORUS_PUBLIC_REDIS_URL")} == {
         k: v for k, v in env.items() if k != "CHORUS_REDIS_URL"
     }
-    assert urlsplit(env["CHORUS_REDIS_URL"]).hostname in services
+    assert urlsplit(_default(env["CHORUS_REDIS_URL"])).hostname in services
     assert re.fullmatch(r"http://([\w-]+):9000", env["CHORUS_S3_ENDPOINT_URL"])[1] == "minio"
     for name in CHORUS_SERVICES:
         assert "CHORUS_ALLOW_UNSIGNED" not in services[name]["environment"], name  # signatures required
@@ -212,24 +260,35 @@ def test_redis_acl_file_is_on_a_writable_volume_seeded_from_deploy(services):
     seeds = [(target, source) for target, (source, ro) in _mounts(init).items() if source.startswith("./") and ro]
     assert len(seeds) == 1 and (ROOT / seeds[0][1]).resolve() == ACL_FILE.resolve()
     script = _script(init)
-    # copied only when absent (a restart keeps the users `client add` saved), then owned by Redis
-    assert f"[ -s {acl} ] || cp {seeds[0][0]} {acl}" in script
+    # written only when absent (a restart keeps the users `client add` saved), with the passwords from .env
+    assert f"[ -s {acl} ] || sed" in script and f"{seeds[0][0]} > {acl}" in script
+    for user, var in PASSWORD_VARS.items():
+        assert f'-e "s/>{_password(user)}/>$${var}/"' in script, user
+        assert init["environment"][var] == _required(var), user
+        assert f'"$${var}"' in script.split("&&")[0], user  # checked: letters, digits, - and _ only
     assert f"chown -R redis:redis {acl_dir}" in script and f"chmod 0600 {acl}" in script
     assert init["restart"] == "no"
 
 
-def test_every_process_logs_in_as_its_own_redis_user(services):
+def test_every_process_logs_in_as_its_own_redis_user_with_a_password_from_env(services):
     users = _users()
     assert set(users) == {"default", "worker", "operator", "health"}  # no shared client user
     assert users["default"][2] == "off"
     expected = {**dict.fromkeys(FLEET, "worker"), "operator": "operator"}
     for name, user in expected.items():
-        url = urlsplit(services[name]["environment"]["CHORUS_REDIS_URL"])
-        assert (url.username, url.password) == (user, _password(user)), name
-        assert url.hostname == "redis" and url.port == 6379
+        url = services[name]["environment"]["CHORUS_REDIS_URL"]
+        # never the shipped password: the one .env holds (compose refuses to start without it)
+        assert url == f"redis://{user}:{_required(PASSWORD_VARS[user])}@redis:6379/0", name
+        assert _password(user) not in url
     public = urlsplit(_default(services["operator"]["environment"]["CHORUS_PUBLIC_REDIS_URL"]))
     assert public.username is None and public.password is None  # `client add` puts the client's user in
-    assert public.port == 6379 and "127.0.0.1:6379:6379" in services["redis"]["ports"]
+
+
+def test_compose_never_holds_a_shipped_redis_password():
+    text = COMPOSE.read_text()
+    for user in PASSWORD_VARS:
+        # only in redis-init's substitution of the seed file
+        assert len(re.findall(rf"(?<![\w-]){re.escape(_password(user))}", text)) == 1, user
 
 
 # -- MinIO credentials ----------------------------------------------------------------------------
@@ -300,8 +359,9 @@ def _chorus_mq() -> list[str]:
 
 
 def test_every_command_the_stack_runs_exists_in_the_cli(services):
-    commands = [_command(services[name]) for name in CHORUS_SERVICES] + _documented_operator_commands()
-    assert len(commands) >= len(CHORUS_SERVICES) + 3
+    commands = [_command(services[name]) for name in (*CHORUS_SERVICES, "redis-gateway")]
+    commands += _documented_operator_commands()
+    assert len(commands) >= len(CHORUS_SERVICES) + 4
     seen = set()
     for args in commands:
         if args != ["--help"]:

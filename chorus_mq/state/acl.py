@@ -2,11 +2,12 @@
 
 A client user (``client:<federation>:<client>``, password = the client's secret, which Redis
 keeps only as its sha256) may read its federation's ``meta``, ``round:*`` (round hashes,
-deltas, plan, shards), ``events`` and ``snapshots``; XADD to its own ``inbox:<client>`` and nothing else
-there; SUBSCRIBE to its ``live`` channel; and PING/HELLO/AUTH/CLIENT SETNAME/SELECT. No other
-key, channel or command: no Celery queue, no other federation, not ``clients``/``secrets``/
-``nonce``, not reading the inbox, no EVAL, no DEL. Managing these users takes the
-``operator`` user of ``deploy/redis/users.acl``.
+deltas, plan, shards), ``events`` and ``snapshots``; append to its own ``inbox:<client>`` through the
+``chorus_inbox_append`` function (a selector of its own: the function's XADD and XLEN on that one key);
+SUBSCRIBE to its ``live`` channel; and PING/HELLO/AUTH/CLIENT SETNAME. No other key, channel or
+command: no Celery queue, no other federation, no other database (no SELECT), not ``clients``/
+``secrets``/``nonce``, not reading the inbox, no EVAL, no other function, no FUNCTION LOAD, no DEL.
+Managing these users takes the ``operator`` user of ``deploy/redis/users.acl``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import redis as redis_lib
 from redis import Redis
 
 from ..errors import ConfigError
+from ..names import INBOX_APPEND_FUNCTION
 from .clients import ClientRegistry
 from .keys import FederationKeys, client_user_prefix, client_username
 from .protocol import text
@@ -28,16 +30,14 @@ from .protocol import text
 log = logging.getLogger(__name__)
 _warned_no_file = False
 
-#: what a client's connection may run (keys and channels restrict them further). No XLEN: Redis lets a
-#: command that reads no content (XLEN, EXISTS) through a write-only pattern, and the inbox's depth is
-#: other clients' business.
+#: what a client's connection may run on its federation's public keys and channel. No SELECT: every key a
+#: client may touch lives in database 0 (redis-py sends SELECT only for a URL naming another database).
 CLIENT_COMMANDS = (
     # the connection handshake redis-py (and redis-cli) performs
     "ping",
     "hello",
     "auth",
     "client|setname",
-    "select",
     # reading its federation's public state
     "exists",
     "get",
@@ -51,10 +51,19 @@ CLIENT_COMMANDS = (
     "xread",
     "xrange",
     "xrevrange",
-    # its one write
-    "xadd",
     "subscribe",
     "unsubscribe",
+)
+
+#: what it may run on its own inbox, in a selector of their own (so none of the reads above reach the inbox):
+#: the bounded append function, and the two commands that function runs, which Redis checks against the
+#: caller's rights. Clients reach Redis through the gateway, which refuses a direct XADD or XLEN.
+INBOX_COMMANDS = (f"fcall|{INBOX_APPEND_FUNCTION}", "xadd", "xlen")
+
+#: commands a client's connection may send through the gateway: the first word of each command above
+#: (Redis checks the rest), without the two only the append function may run
+GATEWAY_COMMANDS = frozenset(
+    [c.split("|")[0] for c in CLIENT_COMMANDS] + [c.split("|")[0] for c in INBOX_COMMANDS if c.startswith("fcall")]
 )
 
 
@@ -79,9 +88,9 @@ def client_rules(federation: str, client: str, secret: str) -> list[str]:
         f"%R~{k.round_pattern}",
         f"%R~{k.events}",
         f"%R~{k.snapshots}",
-        f"%W~{k.client_inbox(client)}",
         f"&{k.channel}",
         *(f"+{command}" for command in CLIENT_COMMANDS),
+        f"({' '.join([f'~{k.client_inbox(client)}', *(f'+{command}' for command in INBOX_COMMANDS)])})",
         "on",
     ]
 

@@ -1,9 +1,10 @@
 """Client inboxes: data-only Redis Streams, read by workers through one consumer group.
 
-Each registered client has its own stream and may only XADD to it (its ACL user can do nothing
-else to this key), so no client's XADD options (a ``MAXLEN 0`` trim) can touch another's
-records; unsigned records of unregistered clients (development mode) go to one federation-wide
-stream. Every entry is one signed ingest record in field ``m``, which workers verify and turn
+Each registered client has its own stream and appends to it only through the Redis Function
+``chorus_inbox_append`` (``lua/chorus_functions.lua``), which refuses records over the size limit and
+appends beyond the inbox's record limit, so what a client can make Redis hold is bounded; no client's
+commands can touch another's records. Unsigned records of unregistered clients (development mode) go to
+one federation-wide stream. Every entry is one signed ingest record in field ``m``, which workers verify and turn
 into their own tasks. Nothing a client writes is ever a task, a queue name or an option.
 """
 
@@ -17,8 +18,10 @@ import redis as redis_lib
 from redis import Redis
 from redis.typing import KeyT, StreamIdT
 
+from ..errors import ServiceUnavailable, TooLarge
 from ..messages import RECORD_FIELD
-from ..names import INBOX_GROUP
+from ..names import INBOX_APPEND_FUNCTION, INBOX_GROUP
+from .functions import InboxLimits, load_functions
 from .keys import FederationKeys
 from .protocol import stream_items, text
 
@@ -49,24 +52,58 @@ def _entries(federation: str, raw: Sequence[Any], client: str | None = None) -> 
     return out
 
 
+def _append_error(exc: redis_lib.ResponseError) -> Exception:
+    """The error a refused append raises: the function's own codes become ours, anything else stays as it was."""
+    message = str(exc)
+    code, _, detail = message.partition(" ")
+    if code == "CHORUS_TOO_LARGE":
+        return TooLarge(f"inbox record refused: {detail}")
+    if code == "CHORUS_INBOX_FULL":
+        return ServiceUnavailable(f"inbox record refused: {detail}")
+    return exc
+
+
 class Inbox:
     """A client's inbox (or, with ``client=None``, the federation-wide one): :meth:`append` for clients,
     the rest for workers."""
 
-    def __init__(self, redis: Redis, federation: str, client: str | None = None, *, maxlen: int = 10_000):
+    def __init__(self, redis: Redis, federation: str, client: str | None = None, *, limits: InboxLimits | None = None):
         self.redis = redis
         self.keys = FederationKeys(federation)
         self.federation = self.keys.federation
         self.client = client
         self.key = self.keys.inbox if client is None else self.keys.client_inbox(client)
-        self.maxlen = maxlen
+        #: used only to load the function library where no worker has yet (development, tests)
+        self.limits = limits or InboxLimits()
 
     # -- client side -------------------------------------------------------------------------
 
     def append(self, record_json: str) -> str:
-        """XADD one signed record (approximately capped at ``maxlen`` entries); returns the entry id."""
-        entry_id = self.redis.xadd(self.key, {RECORD_FIELD: record_json}, maxlen=self.maxlen, approximate=True)
-        return text(entry_id)
+        """Append one signed record through the bounded ``chorus_inbox_append`` function; returns the entry id.
+
+        Raises :class:`TooLarge` for a record over the workers' limit and :class:`ServiceUnavailable` while
+        the inbox is full (its records not yet handled) or no worker has loaded the function yet.
+        """
+        try:
+            return self._append(record_json)
+        except redis_lib.ResponseError as exc:
+            if "function not found" not in str(exc).lower():
+                raise _append_error(exc) from exc
+        # no worker has loaded the library yet: load it where this connection may (never replacing one)
+        try:
+            load_functions(self.redis, self.limits, replace=False)
+        except redis_lib.exceptions.NoPermissionError as exc:
+            raise ServiceUnavailable(
+                f"Redis has no {INBOX_APPEND_FUNCTION} function yet: the workers load it when they start; "
+                "start them, then upload again"
+            ) from exc
+        try:
+            return self._append(record_json)
+        except redis_lib.ResponseError as exc:
+            raise _append_error(exc) from exc
+
+    def _append(self, record_json: str) -> str:
+        return text(self.redis.fcall(INBOX_APPEND_FUNCTION, 1, self.key, record_json))
 
     # -- worker side -------------------------------------------------------------------------
 

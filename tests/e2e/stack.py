@@ -35,7 +35,7 @@ from chorus_mq.settings import Settings
 from chorus_mq.store import S3Credentials, open_store, split_s3_url
 from chorus_mq.store.policy import provision_iam_client
 
-from ..services import CLI, RedisServer, run_cli, spawn_logged, wait_for
+from ..services import CLI, REDIS_CONF, RedisServer, run_cli, spawn_logged, wait_for
 from ..store.iamserver import AuthS3
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,14 +57,19 @@ def acl_passwords(path: Path = ACL_FILE) -> dict[str, str]:
 
 
 def start_acl_redis(workdir: Path, *args: str) -> RedisServer:
-    """A redis-server with a writable copy of users.acl (and the test-only admin), logged in as the operator."""
+    """A redis-server with the shipped redis.conf and a writable copy of users.acl (and the test-only admin),
+    logged in as the operator."""
     workdir.mkdir(parents=True, exist_ok=True)
     acl = workdir / "users.acl"
     shutil.copy(ACL_FILE, acl)
     with acl.open("a") as f:
         f.write(f"user {ADMIN_USER} on >{ADMIN_PASSWORD} ~* &* +@all\n")
     return RedisServer(
-        workdir / "data", args=("--aclfile", str(acl), *args), username="operator", password=acl_passwords()["operator"]
+        workdir / "data",
+        args=("--aclfile", str(acl), *args),
+        username="operator",
+        password=acl_passwords()["operator"],
+        config=REDIS_CONF,  # the shipped limits: every worker write must fit them
     ).start()
 
 

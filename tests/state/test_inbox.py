@@ -8,8 +8,10 @@ import time
 import pytest
 import redis as redis_lib
 
+from chorus_mq.errors import ServiceUnavailable, TooLarge
 from chorus_mq.names import INBOX_GROUP
 from chorus_mq.state import FederationKeys, Inbox, InboxEntry, read_group
+from chorus_mq.state.functions import InboxLimits, load_functions
 
 from .support import make_state, url_of
 
@@ -93,12 +95,32 @@ def test_group_is_created_where_missing(any_redis):
     assert [g["name"] for g in groups] == [INBOX_GROUP]
 
 
-def test_inbox_is_capped(any_redis):
+def test_inbox_is_bounded_by_the_append_function(any_redis):
     make_state(any_redis)
-    inbox = Inbox(any_redis, "fed", maxlen=10)
-    for i in range(500):
-        inbox.append(str(i))
-    assert inbox.length() < 500  # approximate MAXLEN trims whole nodes
+    limits = InboxLimits(max_record_bytes=100, max_records=10)
+    load_functions(any_redis, limits)
+    try:
+        inbox = Inbox(any_redis, "fed", "alice")
+        with pytest.raises(TooLarge, match="101 bytes; at most 100"):
+            inbox.append("x" * 101)
+        ids = [inbox.append("x" * 100) for _ in range(10)]
+        with pytest.raises(ServiceUnavailable, match="holds 10 records"):
+            inbox.append("{}")
+        assert inbox.length() == 10 and len(set(ids)) == 10
+        inbox.ack_delete(ids[:3])  # the workers handled three: three more fit
+        for _ in range(3):
+            inbox.append("{}")
+        with pytest.raises(ServiceUnavailable):
+            inbox.append("{}")
+    finally:
+        load_functions(any_redis, InboxLimits())  # the server is shared: leave the default limits
+
+
+def test_append_loads_the_library_where_none_is(any_redis):
+    make_state(any_redis)
+    any_redis.function_flush()
+    assert Inbox(any_redis, "fed", "alice").append("{}")
+    assert any_redis.function_list(library="chorus")
 
 
 @pytest.mark.services
