@@ -303,9 +303,11 @@ class ChorusClient:
     ) -> ClientCredentials:
         """Register a client; create its Redis user (append to its inbox, read its federation); return its
         credentials (shown once)."""
-        from .state.acl import Acl, client_url
+        from .state.acl import Acl, check_client_database, client_url
 
         registry = self.clients(federation)
+        if self.settings.client_acl != "off":
+            check_client_database(self.settings.public_redis_url or self.settings.redis_url)  # before registering
         secret = registry.add(client, weight=weight, dataset_size=dataset_size)
         username = url = None
         if self.settings.client_acl != "off":

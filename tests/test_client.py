@@ -106,3 +106,16 @@ def test_a_client_learns_of_wrong_credentials_before_any_local_work(real_redis, 
     with pytest.raises(AuthError, match="refused these credentials"):
         ChorusClient(settings).check_identity("fed", "alice")
     real_redis.execute_command("ACL", "DELUSER", "client:fed:alice")
+
+
+def test_client_users_need_database_0_and_nothing_is_registered_otherwise(real_redis, redis_server, tmp_path):
+    """A client user may not SELECT: a federation on another database would hand out URLs that cannot connect."""
+    admin = ChorusClient(Settings(redis_url=redis_server.url, store=f"file://{tmp_path}/store", client_acl="on"))
+    make_federation(admin, "fed", quorum=1)
+    elsewhere = ChorusClient(
+        Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + "/3", store=f"file://{tmp_path}/s3", client_acl="on")
+    )
+    make_federation(elsewhere, "fed3", quorum=1)
+    with pytest.raises(ConfigError, match="database 0"):
+        elsewhere.add_client("fed3", "alice")
+    assert elsewhere.clients("fed3").list() == []

@@ -95,11 +95,23 @@ def client_rules(federation: str, client: str, secret: str) -> list[str]:
     ]
 
 
+def check_client_database(base_url: str) -> None:
+    """Client users cannot SELECT (a client could write where no worker reads): the federation's data must
+    live in database 0, which every connection starts in."""
+    db = urlsplit(base_url).path.strip("/") or "0"
+    if db != "0":
+        raise ConfigError(
+            f"client users can only use Redis database 0 (they may not SELECT), but {base_url.rsplit('@', 1)[-1]!r} "
+            f"names database {db}: run chorus-mq on database 0 (or give clients their own Redis)"
+        )
+
+
 def client_url(base_url: str, federation: str, client: str, secret: str) -> str:
     """``base_url`` (any credentials in it dropped) with the client's user and secret, URL-quoted."""
     parts = urlsplit(base_url)
     if not parts.hostname:
         raise ConfigError(f"{base_url!r} is not a redis:// URL with a host")
+    check_client_database(base_url)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     port = f":{parts.port}" if parts.port else ""
     user = quote(client_username(federation, client), safe="")

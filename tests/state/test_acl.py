@@ -294,7 +294,10 @@ def test_saved_users_survive_a_restart(acl_server):
     assert secret not in stored and client_username("fed", "alice") in stored  # Redis keeps only the sha256
 
 
-def test_save_without_an_acl_file_reports_instead_of_failing(real_redis, caplog):
+def test_save_without_an_acl_file_reports_instead_of_failing(real_redis, caplog, monkeypatch):
+    from chorus_mq.state import acl
+
+    monkeypatch.setattr(acl, "_warned_no_file", False)  # the warning is once per process: earlier tests may have had it
     assert Acl(real_redis).save() is False
     assert "no ACL file" in caplog.text
 
