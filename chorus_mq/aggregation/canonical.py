@@ -1,4 +1,4 @@
-"""A canonical factorisation of each client's ``B @ A`` that depends on the product alone (DESIGN.md 1.4).
+"""A canonical factorisation of each client's ``B @ A`` that depends on the product alone (DESIGN.md section 1).
 
 A client chooses how to factorise its update: ``(B c, A / c)`` or ``(B G, G^-1 A)`` leave
 ``B @ A`` and every product check unchanged, but strategies that average B and A separately

@@ -44,7 +44,7 @@ class FederationConfig:
     #: ingest refuses a module update whose ||s B A||_F is above this
     max_update_norm: float = 1e4
     #: clip each client's update (per module and adapter-wide) to this many times the round's
-    #: lower-median client norm; 0 = off. Off under DP. See DESIGN.md 1.5
+    #: lower-median client norm; 0 = off. Off under DP. See docs/DESIGN.md section 1
     relative_clip: float = 10.0
     #: clients drawn per round; 0 = every registered client may take part
     clients_per_round: int = 0

@@ -123,7 +123,7 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
             raise AggregationError(f"screening excluded every client: {excluded}")
     kept = sorted(weights)
     if config.relative_clip and not config.dp_noise_multiplier:
-        # on by default: no client counts for more than k x the round's median (DESIGN.md 1.5);
+        # on by default: no client counts for more than k x the round's median (docs/DESIGN.md section 1);
         # never under DP, whose sensitivity bound must not depend on the other clients' updates
         from .screening import relative_clip
 
