@@ -12,9 +12,9 @@ with ``A_i^T = Q_i R_i`` (QR in float64) and ``Omega_i`` the orthogonal Procrust
 and ``||A'_j|| = c0 sqrt(r_j)``: every cross term is bounded by a client's own product norm,
 whatever factors it sent. ``Omega_i Q_i^T`` does not depend on which basis of A's row space the
 client sent (a rotation of ``Q_i`` rotates the Procrustes problem with it), so the same product
-gives the same canonical factors. The reference (the top right singular vectors of the exact
-aggregate, signs fixed in weight space) makes the averaged A constructive: clients whose
-updates share a row space average to an A of full norm, as a common starting A would.
+gives the same canonical factors. The reference (a weighted Procrustes mean of the clients' row
+bases, see :func:`_reference`) makes the averaged A constructive: clients whose updates share a
+row space average to an A of full norm, as a common starting A would.
 A client whose product is exactly zero gets zero factors (it averages as an absent client);
 directions a rank-deficient B does not use keep rows of norm ``c0`` against zero columns of B'.
 """
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.lowrank import factored_svd
 from chorus_mq.aggregation.updates import ClientUpdate, check_finite_tensor
 
 #: the row norm of every canonical A: PEFT's Kaiming-uniform init draws rows of norm ~ 1/sqrt(3)
@@ -58,19 +57,43 @@ def _row_basis(u: ClientUpdate) -> tuple[Tensor, Tensor]:
 
 
 def _reference(bases: Sequence[tuple[Tensor, Tensor]], products: Sequence[float], rank: int) -> Tensor:
-    """``(rank, d_in)``: unit rows along the aggregate's top right singular vectors (zero rows past its rank)."""
-    left = torch.cat([lt * ws for (lt, _), ws in zip(bases, products, strict=True)], 1)
-    right = torch.cat([q.mT for _, q in bases], 0)
-    _, v = factored_svd(left, right, top=rank)
-    norms = v.norm(dim=1, keepdim=True)
-    v = torch.where(norms > 0, v / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(v))
-    # signs in weight space (the largest entry of each row positive), not in a basis the factors chose
-    pivot = v.abs().argmax(dim=1, keepdim=True)
-    signs = v.gather(1, pivot).sign()
-    v = v * torch.where(signs == 0, torch.ones_like(signs), signs)
-    out = v.new_zeros(rank, v.shape[1])
-    out[: v.shape[0]] = v
-    return out
+    """``(rank, d_in)`` orthonormal rows: the contribution-weighted Procrustes mean of the clients' row bases.
+
+    It starts from the right singular vectors of the largest contributor's own product (among
+    the clients of largest rank; signs fixed in weight space), rotates every client's basis onto
+    it and takes the polar factor of their sum weighted by ``|w_i s_i| ||B_i A_i||``. Everything
+    here depends on products only, and costs ``O(N r^2 d_in)``: no Gram of all clients' factors.
+    """
+    d_in = bases[0][1].shape[0]
+    weights = [abs(ws) * float(left.norm()) for (left, _), ws in zip(bases, products, strict=True)]
+    ks = [q.shape[1] for _, q in bases]
+    first = max(range(len(bases)), key=lambda i: (ks[i], weights[i], -i))
+    left, q = bases[first]
+    # right singular vectors of left @ q^T are q @ (eigenvectors of left^T left), largest first
+    _, vecs = torch.linalg.eigh(left.mT @ left)
+    start = _positive_rows((q @ vecs.flip(1)).mT)
+    total = left.new_zeros(rank, d_in)
+    for (_, q_i), weight in zip(bases, weights, strict=True):
+        if weight > 0:
+            k = q_i.shape[1]
+            total[:k] += weight * (_procrustes(start[:k], q_i) @ q_i.mT)
+    u, _, vh = torch.linalg.svd(total, full_matrices=False)
+    polar: Tensor = u @ vh
+    return polar
+
+
+def _procrustes(ref: Tensor, q: Tensor) -> Tensor:
+    """The orthogonal ``Omega`` (k x k) that takes ``q^T`` closest to ``ref``: the polar factor of ``ref @ q``."""
+    u, _, vh = torch.linalg.svd(ref @ q)
+    omega: Tensor = u @ vh
+    return omega
+
+
+def _positive_rows(rows: Tensor) -> Tensor:
+    """Each row with its largest entry positive: a sign convention in weight space, not in a basis the factors chose."""
+    pivot = rows.abs().argmax(dim=1, keepdim=True)
+    signs = rows.gather(1, pivot).sign()
+    return rows * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def _canonical(u: ClientUpdate, left: Tensor, q: Tensor, ref: Tensor) -> ClientUpdate:
@@ -82,11 +105,10 @@ def _canonical(u: ClientUpdate, left: Tensor, q: Tensor, ref: Tensor) -> ClientU
             scaling=u.scaling,
             weight=u.weight,
         )
-    # Procrustes: the rotation taking Q^T closest to the reference's first k rows
-    u_, _, vh = torch.linalg.svd(ref[:k] @ q)
-    omega = u_ @ vh
-    a = left.new_zeros(rank, q.shape[0])
-    b = left.new_zeros(left.shape[0], rank)
-    a[:k] = (omega @ q.mT) * ROW_NORM
-    b[:, :k] = (left @ omega.mT) / ROW_NORM
+    omega = _procrustes(ref[:k], q)
+    # the scale folded into the k x k rotation: one pass over each large factor
+    a, b = (omega * ROW_NORM) @ q.mT, left @ (omega.mT / ROW_NORM)
+    if k < rank:  # fewer directions than the rank (d_in < r): zero rows and columns pad it
+        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], 0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], 1)
     return ClientUpdate(A=a, B=b, scaling=u.scaling, weight=u.weight)
