@@ -97,13 +97,14 @@ def aggregate_module(
     * ``fedavg``: weighted means of the clients' canonical A and B (B rescaled to the output
       scaling); inexact by design, no residual. A baseline, never the default.
     * ``fedex-lora``: the same factors plus the exact residual at its exact rank.
-
-    Factors are first rewritten in a canonical form that depends on each client's product
-    only (:mod:`chorus_mq.aggregation.canonical`), so no factorisation a client picks can
-    inflate the cross terms of an average; see :func:`_canonicalises` for when.
     * ``svd``: the best rank-``out_rank`` approximation (default: the largest client
       rank), scaling 1.0, and the discarded directions as the residual.
     * ``stack``: all client factors side by side (rank ``sum r_i``), scaling 1.0.
+
+    Factors are first rewritten in a canonical form that depends on each client's product
+    only (:mod:`chorus_mq.aggregation.canonical`), so no factorisation a client picks can
+    inflate the cross terms of an average or reach the published adapter; see
+    :func:`_canonicalises` for when.
 
     ``absent_weight`` is the weight of the round's clients that did not send this module:
     each counts as a zero update. ``out_rank`` larger than a strategy's natural rank
@@ -122,12 +123,13 @@ def aggregate_module(
 def _canonicalises(rule: Strategy, p: Prepared) -> bool:
     """Whether the rule rounds or averages the clients' factors themselves, so it needs them canonical.
 
-    fedavg and fedex-lora average factors (a lone client is its own average: its factors are
-    kept, exactly); stack and a low-precision svd round scaled client factors. A fine svd works
-    on the products in float64 and needs nothing.
+    fedavg and fedex-lora average factors, and publish a lone client's (so it cannot hand the
+    next round a start of B c, A / c either), except where the layout promised a bf16/fp16
+    adapter with no residual because that client's own factors survive the cast; stack and a
+    low-precision svd round scaled client factors. A fine svd works on the products in float64.
     """
     if rule in (Strategy.FEDAVG, Strategy.FEDEX_LORA):
-        return len(p.updates) > 1
+        return len(p.updates) > 1 or p.fine or p.layout.residual != "none"
     return rule == Strategy.STACK or not p.fine
 
 

@@ -189,3 +189,17 @@ def test_the_correction_stays_exact_over_rounds(chain):
     assert rel(fresh, target) < 1e-5
     # and against the model: base + everything published equals base + the exact updates' chain
     assert float((correction.to_dense().double()).norm()) < 10 * float(target.norm())
+
+
+@pytest.mark.parametrize("absent_weight", [0.0, 3.0])
+def test_a_lone_rebalanced_client_does_not_hand_the_next_round_its_scale(absent_weight):
+    """A module only one client sent: the published adapter (the next round's start) is balanced."""
+    a, b = honest(7)
+    lone = [ClientUpdate(*rebalance(a, b, "scalar", 1e18), scaling=2.0, weight=1.0)]
+    for strategy in ("fedavg", "fedex-lora"):
+        res = aggregate_module(lone, strategy, absent_weight=absent_weight)
+        if strategy == "fedex-lora" or not absent_weight:  # fedavg with an absent share is inexact by design
+            assert rel(total_delta(res), oracle(lone, absent_weight)) < 1e-6
+        share = 1.0 / (1.0 + absent_weight)  # the adapter is the client's factors times its share
+        assert float(res.A.norm()) == pytest.approx(share * ROW_NORM * math.sqrt(R), rel=1e-5)
+        assert float(res.B.norm()) < 10 * float((b.double() @ a.double()).norm())
