@@ -1,8 +1,12 @@
 """Time, memory and exactness of aggregating a whole model, module by module.
 
-Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,medium-n100]
-                                    [--strategies fedavg,fedex-lora,svd,stack] [--baseline-src DIR]
+Run: python benchmarks/aggregate.py [--quick] [--shapes small,medium,llama-3.2-3b,llama-3.2-3b-layer,medium-n100]
+                                    [--strategies fedavg,fedex-lora,svd,stack,fedex-lora-raw] [--baseline-src DIR]
                                     [--chain] [--workers N] [--absent-weight W]
+
+"fedex-lora-raw" is fedex-lora without the canonical factors (chorus_mq.aggregation.canonical):
+what the rule costs, e.g. ``--shapes llama-3.2-3b-layer --strategies fedex-lora,fedex-lora-raw
+--no-baseline`` (one llama-3.2-3b layer: 3072x3072 ... 3072x8192, r = 16, N = 10).
 
 Each (shape, strategy) runs in a fresh subprocess, so peak RSS (ru_maxrss, read before any
 exactness check) is that case's own. Ours runs as the worker runs a round: modules side by
@@ -74,7 +78,10 @@ SHAPES = {
     "medium": (8, dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), (2048, 2048)), 16, 10),
     "llama-3.2-3b": (28, LLAMA_3B, 16, 10),
     "medium-n100": (8, dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), (2048, 2048)), 16, 100),
+    "llama-3.2-3b-layer": (1, LLAMA_3B, 16, 10),
 }
+#: fedex-lora with the clients' factors averaged as sent (no canonical form): the rule's cost
+RAW = "fedex-lora-raw"
 BASELINE = "dense-baseline"
 CHAIN = "chain:"
 THREADS = 2
@@ -131,15 +138,17 @@ def run_ours(shape: str, strategy: str, reps: int, workers: int, absent: float =
     pool = client_pool(shape)
     jobs = [pool[dims] for _layer in range(layers) for dims in modules.values()]
 
+    aggregate = _raw_fedex if strategy == RAW else aggregate_module
+
     def one(updates: list[ClientUpdate]) -> int:
-        res = aggregate_module(updates, strategy, absent_weight=absent)
+        res = aggregate(updates, strategy, absent_weight=absent)
         return res.residual.nbytes if res.residual is not None else 0  # outputs dropped, as once written
 
     times, residual_bytes = _timed_passes(one, jobs, reps, workers)
     peak = _peak_rss_mb()
     exact, adapter, ranks = 0.0, 0.0, set()
     for updates in pool.values():
-        res = aggregate_module(updates, strategy, absent_weight=absent)
+        res = aggregate(updates, strategy, absent_weight=absent)
         dense = None if res.residual is None else res.residual.to_dense()
         e, a = oracle_errors(updates, res.scaling, res.B, res.A, dense, absent=absent)
         exact, adapter = max(exact, e), max(adapter, a)
@@ -154,6 +163,14 @@ def run_ours(shape: str, strategy: str, reps: int, workers: int, absent: float =
         "adapter": adapter,
         "ranks": "/".join(sorted(ranks)),
     }
+
+
+def _raw_fedex(updates: list[ClientUpdate], _strategy: str, *, absent_weight: float = 0.0):
+    """fedex-lora on the factors as sent: the engine's steps without its canonical form (benchmark only)."""
+    from chorus_mq.aggregation import strategies
+
+    p = strategies.prepare(updates, Strategy.FEDEX_LORA, absent_weight=absent_weight)
+    return strategies._conform(strategies._fedex(p), p.layout)  # private steps: what the rule costs
 
 
 def run_chain(shape: str, strategy: str, reps: int, workers: int) -> dict:
@@ -371,6 +388,9 @@ def main() -> None:
         if "origin" in r:
             notes.append(f"{shape} {strategy}: {r['origin']}")
     for shape in shapes:
+        raw, canon = medians.get((shape, RAW)), medians.get((shape, "fedex-lora"))
+        if raw and canon:
+            notes.append(f"{shape}: fedex-lora with / without canonical factors = {canon / raw:.2f}x")
         base = medians.get((shape, BASELINE))
         for strategy in ("svd", "fedex-lora"):
             ours = medians.get((shape, strategy))

@@ -289,6 +289,15 @@ def federation() -> None:
     help="FedProx: every client's local training is pulled toward the round's global model with this weight "
     "(published with the federation; against drift on skewed client data; 0: off).",
 )
+@click.option(
+    "--relative-clip",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Clip each client's update, per module and as a whole, to K times the round's median client"
+    " norm (the lower median: with two clients, the smaller), so no outlier owns a round; rounds where"
+    " nobody exceeds it are unchanged. 0: off. Not applied with differential privacy.",
+)
 @click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
 @click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
 @click.option(

@@ -16,7 +16,20 @@ from torch import Tensor
 
 from chorus_mq.errors import AggregationError
 
-__all__ = ["Residual", "ResidualForm", "dense_is_smaller", "factor_dense", "update_norm"]
+__all__ = [
+    "MAX_CONDITIONING",
+    "Residual",
+    "ResidualForm",
+    "conditioning",
+    "dense_is_smaller",
+    "factor_dense",
+    "update_norm",
+]
+
+#: the largest ``||B||_F ||A||_F / ||B @ A||_F`` ingest accepts. Honest factors sit near sqrt(r)
+#: (a trained B against PEFT's init A); float64 loses ``eps64 * kappa`` of a product to rounding,
+#: so 1e8 keeps the canonical factors exact to ~1e-8 of the client's own update
+MAX_CONDITIONING = 1e8
 
 #: how a residual is stored: absent (exactly zero), as ``left @ right`` factors, or dense
 ResidualForm = Literal["none", "factored", "dense"]
@@ -165,6 +178,18 @@ def update_norm(A: Tensor, B: Tensor, scaling: float = 1.0) -> float:
     # scaling multiplies the root, so a huge scaling overflows to inf instead of raising.
     norm = abs(float(scaling)) * math.sqrt(max(trace, 0.0))
     return norm if math.isfinite(norm) else math.inf
+
+
+def conditioning(A: Tensor, B: Tensor, norm: float, scaling: float = 1.0) -> float:
+    """``|scaling| ||B||_F ||A||_F / norm`` with ``norm = ||scaling B A||_F``: how much the factors cancel.
+
+    Scale-invariant (``B c, A / c`` leave it unchanged); 1.0 when a factor is zero (the product is
+    exactly zero), ``inf`` for nonzero factors whose product is zero.
+    """
+    spread = abs(float(scaling)) * float(A.to(_F64).norm()) * float(B.to(_F64).norm())
+    if spread == 0.0:
+        return 1.0
+    return spread / norm if norm > 0 else math.inf
 
 
 def factor_dense(dense: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ChecksumMismatch, InvalidAdapter, UpdateTooLarge
-from ..factors import update_norm
+from ..factors import MAX_CONDITIONING, conditioning, update_norm
 from ..names import INDEX_FORMAT
 from .delta import DeltaFile, check_finite
 from .fileformat import DTYPES, MAX_NDIM, nbytes
@@ -217,6 +217,15 @@ def _check_norm(module: str, norm: float) -> None:
         )
 
 
+def _check_conditioning(module: str, kappa: float) -> None:
+    if not kappa <= MAX_CONDITIONING:
+        raise InvalidAdapter(
+            f"module {module!r}: the factors cancel each other (||s*B||*||A|| / ||s*B@A|| = {kappa:.3g},"
+            f" above {MAX_CONDITIONING:.0e}); trained LoRA factors are near sqrt(rank): upload B and A as"
+            " trained, not rewritten as B@G and G^-1@A"
+        )
+
+
 def build_index(delta: DeltaFile) -> DeltaIndex:
     """Read every tensor of ``delta`` once (checked finite) and index it; the file's sha256 comes along.
 
@@ -283,6 +292,7 @@ def _module_entry(
     _check_scaling(module, scaling)  # first: squaring a huge scaling overflows
     norm = update_norm(A, B, scaling)
     _check_norm(module, norm)
+    _check_conditioning(module, conditioning(A, B, norm, scaling))
     pair = hashlib.sha256(buf_a)
     pair.update(buf_b)
     return ModuleEntry(a=span_a, b=span_b, rank=int(A.shape[0]), scaling=scaling, sha256=pair.hexdigest(), norm=norm)

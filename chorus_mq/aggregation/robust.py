@@ -400,3 +400,52 @@ def _trim(Gc: Tensor, w: Tensor, policy: RobustPolicy, excluded: dict[int, str])
         excluded[i] = f"trimmed: distance {dist[i].item():.4g} to the geometric median among the {policy.trim} largest"
         w[i] = 0.0
     return w
+
+
+#: default k of :func:`relative_clip_factors`: no client's update counts for more than 10x the
+#: round's median client (per module and adapter-wide)
+RELATIVE_CLIP = 10.0
+
+
+def lower_median(values: Tensor) -> float:
+    """The lower middle value (the smaller of the two middles for an even count; NaN when empty).
+
+    With two clients it is the smaller norm: one client alone never sets the scale.
+    """
+    if values.numel() == 0:
+        return math.nan
+    return float(values.sort().values[(values.numel() - 1) // 2])
+
+
+def relative_clip_factors(module_norms: Tensor, k: float) -> Tensor:
+    """(M, N) factors ``min(1, k med_m / |U_im|, k med / |U_i|)`` that cap every client relative to the round.
+
+    ``module_norms[m, i]`` is ``||s B A||_F`` of client i's module m, NaN where the client did
+    not send it. ``med_m`` is the lower median over the clients that sent module m, ``med`` the
+    lower median of the adapter-wide norms ``|U_i|`` (over the modules each sent). After
+    clipping no client's module update exceeds ``k`` times the module's median and no client's
+    whole update ``k`` times the round's median, so with weights capped at ``w`` the published
+    update is at most ``(1 - w + w k)`` times the largest honest client's while fewer than half
+    the clients are outliers. A client already within both bounds keeps factor exactly 1.0: a
+    round where nobody exceeds ``k`` times the median is unchanged. A zero median (most clients
+    sent zero) carries no scale and clips nothing.
+    """
+    if not (math.isfinite(k) and k >= 1):
+        raise ConfigError(f"the relative clip k must be a finite number >= 1, got {k!r}")
+    norms = module_norms.to(F64)
+    present = ~torch.isnan(norms)
+    factors = torch.ones_like(norms)
+    whole = torch.where(present, norms, torch.zeros_like(norms)).square().sum(0).sqrt()
+    sent = present.any(0)
+    caps = [(whole, lower_median(whole[sent]), sent)]
+    for m in range(norms.shape[0]):
+        caps.append((norms[m], lower_median(norms[m][present[m]]), present[m]))
+    for i, (values, med, mask) in enumerate(caps):
+        if not med > 0:
+            continue
+        cap = torch.where(mask & (values > k * med), (k * med) / values, torch.ones_like(values))
+        if i == 0:
+            factors = torch.minimum(factors, cap[None, :].expand_as(factors))
+        else:
+            factors[i - 1] = torch.minimum(factors[i - 1], cap)
+    return factors

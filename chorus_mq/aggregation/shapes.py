@@ -9,7 +9,7 @@ options, never by the values. This module holds those rules; the strategies foll
 Residual ranks (``H`` clients that count, ``K = sum r_i``, ``r`` the adapter rank):
 
 * fedex-lora, float32/float64 adapter: ``R = sum_{i != j} w_i (s_i B_i - s_j B_j)(A_i - A_mean)``
-  with ``j`` the last client of least rank, ``K - r_j`` columns, when no weight is absent
+  with ``j`` the heaviest client of least rank, ``K - r_j`` columns, when no weight is absent
   (then ``sum_i w_i (A_i - A_mean) = 0``); ``R = sum_i w_i s_i B_i (A_i - A_mean)``, ``K``
   columns, otherwise. A bf16/fp16 adapter keeps the concatenation
   ``[sqrt(w_i s_i) B_i ... | -s B'] @ [sqrt(w_i s_i) A_i ... ; A']`` of ``K + r`` columns, so the

@@ -8,6 +8,7 @@ inputs give bit-identical outputs. The shapes are those :func:`output_layout` pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from chorus_mq.aggregation.canonical import canonical_updates
 from chorus_mq.aggregation.lowrank import split_svd
 from chorus_mq.aggregation.shapes import OutputLayout, as_strategy, holders, output_layout
 from chorus_mq.aggregation.updates import (
@@ -92,12 +94,17 @@ def aggregate_module(
 ) -> ModuleResult:
     """Aggregate one module's client updates into a global adapter and its residual.
 
-    * ``fedavg``: weighted means of A and of B (B rescaled to the output scaling);
-      inexact by design, no residual. A baseline, never the default.
+    * ``fedavg``: weighted means of the clients' canonical A and B (B rescaled to the output
+      scaling); inexact by design, no residual. A baseline, never the default.
     * ``fedex-lora``: the same factors plus the exact residual at its exact rank.
     * ``svd``: the best rank-``out_rank`` approximation (default: the largest client
       rank), scaling 1.0, and the discarded directions as the residual.
     * ``stack``: all client factors side by side (rank ``sum r_i``), scaling 1.0.
+
+    Factors are first rewritten in a canonical form that depends on each client's product
+    only (:mod:`chorus_mq.aggregation.canonical`), so no factorisation a client picks can
+    inflate the cross terms of an average or reach the published adapter; see
+    :func:`_canonicalises` for when.
 
     ``absent_weight`` is the weight of the round's clients that did not send this module:
     each counts as a zero update. ``out_rank`` larger than a strategy's natural rank
@@ -105,9 +112,25 @@ def aggregate_module(
     also absorbs the adapter's rounding. The shapes are ``output_layout``'s for the same
     inputs; a non-finite result raises AggregationError.
     """
-    p = prepare(updates, strategy, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype)
-    result = _RULES[as_strategy(strategy)](p)
+    rule = as_strategy(strategy)
+    p = prepare(updates, rule, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype)
+    if _canonicalises(rule, p):
+        p = dataclasses.replace(p, updates=canonical_updates(p.updates, p.products))
+    result = _RULES[rule](p)
     return check_finite(_conform(result, p.layout))
+
+
+def _canonicalises(rule: Strategy, p: Prepared) -> bool:
+    """Whether the rule rounds or averages the clients' factors themselves, so it needs them canonical.
+
+    fedavg and fedex-lora average factors, and publish a lone client's (so it cannot hand the
+    next round a start of B c, A / c either), except where the layout promised a bf16/fp16
+    adapter with no residual because that client's own factors survive the cast; stack and a
+    low-precision svd round scaled client factors. A fine svd works on the products in float64.
+    """
+    if rule in (Strategy.FEDAVG, Strategy.FEDEX_LORA):
+        return len(p.updates) > 1 or p.fine or p.layout.residual != "none"
+    return rule == Strategy.STACK or not p.fine
 
 
 def _fedavg(p: Prepared) -> ModuleResult:
@@ -150,11 +173,15 @@ def _fedex_residual(p: Prepared, a_mean: Tensor, *, dense: bool) -> Residual:
 
     Then ``w_j (A_j - A_mean) = -sum_{i != j} w_i (A_i - A_mean)`` and the residual is
     ``sum_{i != j} w_i (s_i B_i - s_j B_j)(A_i - A_mean)`` (padded to each term's rank): with
-    ``j`` of least rank that is ``K - r_j`` columns, the residual's exact rank for clients in
-    general position. Each block is formed in float64 and rounded once.
+    ``j`` of least rank (the heaviest of those) that is ``K - r_j`` columns, the residual's exact
+    rank for clients in general position. Each block is formed in float64 and rounded once.
     """
     ranks = p.ranks
-    j = len(ranks) - 1 - ranks[::-1].index(min(ranks)) if p.whole else -1
+    # Of the least-rank clients, eliminate the heaviest: its B enters every other term times
+    # that term's weight, so a light client with a large product (weight 0.0005, norm 1e4x)
+    # would carry its size into everyone's block and its rounding with it.
+    least = [i for i, r in enumerate(ranks) if r == min(ranks)]
+    j = max(least, key=lambda i: (p.weights[i], i)) if p.whole else -1
     k = sum(r for i, r in enumerate(ranks) if i != j)
     d_out, d_in = p.layout.d_out, p.layout.d_in
     store = _F64 if dense else _F32  # a dense residual is the float64 product of the factors

@@ -43,6 +43,9 @@ class FederationConfig:
     missing_modules: MissingModules = MissingModules.ZERO
     #: ingest refuses a module update whose ||s B A||_F is above this
     max_update_norm: float = 1e4
+    #: clip each client's update (per module and adapter-wide) to this many times the round's
+    #: lower-median client norm; 0 = off. Off under DP. See docs/DESIGN.md section 1
+    relative_clip: float = 10.0
     #: clients drawn per round; 0 = every registered client may take part
     clients_per_round: int = 0
     #: compact the cumulative correction every this many rounds; 0 = only on demand
@@ -84,6 +87,8 @@ class FederationConfig:
             raise ConfigError("--max-client-weight must be in (0, 1]: it is a share of the round")
         if self.max_update_norm <= 0:
             raise ConfigError("--max-update-norm must be a finite number above 0")
+        if self.relative_clip and self.relative_clip < 1:
+            raise ConfigError("--relative-clip must be 0 (off) or at least 1: it is a multiple of the median norm")
         if self.clients_per_round < 0:
             raise ConfigError("--clients-per-round cannot be negative (0: every client, every round)")
         if self.clients_per_round and self.quorum > self.clients_per_round:

@@ -122,6 +122,13 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         if not weights:
             raise AggregationError(f"screening excluded every client: {excluded}")
     kept = sorted(weights)
+    if config.relative_clip and not config.dp_noise_multiplier:
+        # on by default: no client counts for more than k x the round's median (docs/DESIGN.md section 1);
+        # never under DP, whose sensitivity bound must not depend on the other clients' updates
+        from .screening import relative_clip
+
+        for key, factor in relative_clip(rt, {c: records[c] for c in kept}, kept, config.relative_clip).items():
+            clip[key] = clip.get(key, 1.0) * factor
     modules = sorted(set().union(*(present[c] for c in kept)))
     items = tuple(sorted([*modules, *declared.extras]))
     sizes = [_item_bytes(item, declared, {c: records[c] for c in kept}, present) for item in items]

@@ -8,13 +8,16 @@ decision goes into the round's plan and the shards apply it. The math is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..aggregation.robust import GramAccumulator, RobustPolicy
+import torch
+
+from ..aggregation.robust import GramAccumulator, RobustPolicy, relative_clip_factors
 from ..state import FederationConfig
 from ..state.rounds import DeltaRecord
-from .reading import RoundInputs
+from .reading import RoundInputs, load_index
 from .runtime import Runtime
 
 
@@ -56,3 +59,26 @@ def screen_round(
             if i in kept and factor != 1.0:
                 screening.clip[f"{c}|{name}"] = factor
     return screening
+
+
+def relative_clip(rt: Runtime, records: Mapping[str, DeltaRecord], clients: list[str], k: float) -> dict[str, float]:
+    """Clip factors ("client|module", only those below 1) capping each client at ``k`` x the round's median.
+
+    The norms are the ones ingest computed (r x r Grams) into each accepted delta's index, which
+    the workers wrote and hashed: no tensor is read.
+    """
+    indexes = {c: load_index(rt, records[c]) for c in clients}
+    modules = sorted({m for c in clients for m in indexes[c].modules})
+    norms = torch.full((len(modules), len(clients)), math.nan, dtype=torch.float64)
+    for i, c in enumerate(clients):
+        for m, name in enumerate(modules):
+            entry = indexes[c].modules.get(name)
+            if entry is not None:
+                norms[m, i] = entry.norm
+    factors = relative_clip_factors(norms, k)
+    return {
+        f"{c}|{name}": float(factors[m, i])
+        for i, c in enumerate(clients)
+        for m, name in enumerate(modules)
+        if float(factors[m, i]) != 1.0
+    }

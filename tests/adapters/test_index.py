@@ -22,6 +22,7 @@ from chorus_mq.adapters import (
     write_delta,
 )
 from chorus_mq.errors import ChecksumMismatch, InvalidAdapter, UpdateTooLarge
+from chorus_mq.factors import MAX_CONDITIONING, conditioning, update_norm
 
 from ._util import P, Q, V, delta_bytes, entry, lora_tensors, peft_config, raw_file, write
 
@@ -240,5 +241,61 @@ def test_non_finite_values_are_refused_while_indexing(tmp_path):
     with (
         DeltaFile.open(path, max_header_bytes=LIMIT) as delta,
         pytest.raises(InvalidAdapter, match=f"module '{V}' lora_B contains 1 NaN and 0 Inf"),
+    ):
+        build_index(delta)
+
+
+# -- factor conditioning (issue 15 finding 1): cancelling factors are refused, honest ones never are ------------
+
+
+def _kaiming_a(r: int, d_in: int, gen: torch.Generator) -> torch.Tensor:
+    """PEFT's LoRA A init: Kaiming-uniform with a = sqrt(5), i.e. uniform(-1/sqrt(d_in), 1/sqrt(d_in))."""
+    return (torch.rand(r, d_in, generator=gen) * 2 - 1) / math.sqrt(d_in)
+
+
+def _trained(d_out: int, d_in: int, r: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT init (B = 0) then SGD on both factors against a low-rank gradient of W, as training moves them."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _kaiming_a(r, d_in, gen), torch.zeros(d_out, r)
+    u, v = torch.randn(d_out, 32, generator=gen), torch.randn(32, d_in, generator=gen)  # G = u @ v
+    lr = 1e-3 / math.sqrt(d_out * d_in)
+    for _ in range(steps):
+        b, a = b - lr * u @ (v @ a.mT), a - lr * (b.mT @ u) @ v
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "r"),
+    [(16, 12, 4), (64, 64, 16), (32, 8, 64), (768, 768, 8), (3072, 3072, 64), (8192, 3072, 64), (3072, 8192, 16)],
+)
+@pytest.mark.parametrize("steps", [0, 1, 50])
+def test_honest_factors_are_far_below_the_conditioning_bound(d_out, d_in, r, steps):
+    a, b = _trained(d_out, d_in, r, steps)
+    kappa = conditioning(a, b, update_norm(a, b))
+    # a fresh LoRA (B = 0) is exactly zero: nothing to cancel; trained factors sit near sqrt(r)
+    assert kappa == 1.0 if steps == 0 else kappa < MAX_CONDITIONING / 1e4
+
+
+def test_rebalanced_factors_keep_their_conditioning_and_are_indexed(tmp_path):
+    t = lora_tensors()
+    a, b = t[f"{Q}.lora_A.weight"], t[f"{Q}.lora_B.weight"]
+    t[f"{Q}.lora_A.weight"], t[f"{Q}.lora_B.weight"] = a * 1e-18, b * 1e18  # kappa is scale invariant
+    path = write(tmp_path / "d.safetensors", delta_bytes(t, peft_config()))
+    with DeltaFile.open(path, max_header_bytes=LIMIT) as delta:
+        index = build_index(delta)
+    assert index.modules[Q].norm == pytest.approx(update_norm(a, b, 2.0), rel=1e-5)
+
+
+def test_factors_that_cancel_each_other_are_refused(tmp_path):
+    t = lora_tensors()
+    gen = torch.Generator().manual_seed(3)
+    b, a = torch.randn(32, 1, generator=gen) * 1e6, torch.randn(1, 32, generator=gen) * 1e6
+    # B = [b, b, b, b'], A = [a; -a; a'; a''] with tiny a', a'': a product of norm ~1 out of factors of 1e12
+    t[f"{Q}.lora_B.weight"] = torch.cat([b, b, torch.randn(32, 2, generator=gen)], 1)
+    t[f"{Q}.lora_A.weight"] = torch.cat([a, -a, torch.randn(2, 32, generator=gen) * 1e-3], 0)
+    path = write(tmp_path / "d.safetensors", delta_bytes(t, peft_config()))
+    with (
+        DeltaFile.open(path, max_header_bytes=LIMIT) as delta,
+        pytest.raises(InvalidAdapter, match=f"module '{Q}': the factors cancel each other"),
     ):
         build_index(delta)

@@ -13,6 +13,7 @@ import torch
 from agg_oracle import adapter_delta, make_clients, oracle, rel, total_delta
 
 from chorus_mq.aggregation import ClientUpdate, aggregate_module, chain_residuals
+from chorus_mq.aggregation.canonical import canonical_updates
 from chorus_mq.errors import AggregationError
 from chorus_mq.names import Strategy
 
@@ -67,12 +68,19 @@ def test_svd_pads_when_asked_for_more_rank_than_there_is():
     assert rel(total_delta(res), oracle(clients)) < 1e-6
 
 
+def canonical(clients, w):
+    """The clients' canonical factors (what fedavg and fedex-lora average), for normalised weights ``w``."""
+    return canonical_updates(clients, [float(wi) * c.scaling for wi, c in zip(w, clients, strict=True)])
+
+
 def test_fedex_homogeneous_is_the_paper():
+    """The paper's rule on the canonical factors: A and B are their weighted means."""
     clients = make_clients(20, 16, [4, 4, 4], weights=[1.0, 2.0, 1.0])
     res = aggregate_module(clients, "fedex-lora")
-    w = torch.tensor([0.25, 0.5, 0.25])
-    assert torch.allclose(res.A, sum(wi * c.A for wi, c in zip(w, clients, strict=False)), atol=1e-7)
-    assert torch.allclose(res.B, sum(wi * c.B for wi, c in zip(w, clients, strict=False)), atol=1e-6)
+    w = torch.tensor([0.25, 0.5, 0.25], dtype=F64)
+    canon = canonical(clients, w)
+    assert torch.allclose(res.A.double(), sum(wi * c.A for wi, c in zip(w, canon, strict=True)), atol=1e-7)
+    assert torch.allclose(res.B.double(), sum(wi * c.B for wi, c in zip(w, canon, strict=True)), atol=1e-6)
     assert res.scaling == clients[0].scaling
     m = oracle(clients)
     expected_residual = m - adapter_delta(res)
@@ -87,7 +95,7 @@ def test_fedex_mixed_ranks_zero_pads_and_rescales_b():
     w = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=F64) / 6.5
     a = torch.zeros(8, 40, dtype=F64)
     b = torch.zeros(48, 8, dtype=F64)
-    for wi, c in zip(w, clients, strict=False):
+    for wi, c in zip(w, canonical(clients, w), strict=True):
         r = c.A.shape[0]
         a[:r] += wi * c.A.double()
         b[:, :r] += wi * c.scaling / s_out * c.B.double()
@@ -244,8 +252,9 @@ def test_fedex_factors_with_absent_weight():
     clients = make_clients(20, 16, [4, 4], weights=[1.0, 3.0])
     res = aggregate_module(clients, "fedex-lora", absent_weight=4.0)
     w = [1.0 / 8, 3.0 / 8]  # normalised over 1 + 3 + 4
-    assert torch.allclose(res.A, w[0] * clients[0].A + w[1] * clients[1].A, atol=1e-7)
-    assert torch.allclose(res.B, w[0] * clients[0].B + w[1] * clients[1].B, atol=1e-6)
+    canon = canonical(clients, w)
+    assert torch.allclose(res.A.double(), w[0] * canon[0].A + w[1] * canon[1].A, atol=1e-7)
+    assert torch.allclose(res.B.double(), w[0] * canon[0].B + w[1] * canon[1].B, atol=1e-6)
     assert rel(total_delta(res), oracle(clients, 4.0)) < 1e-6
 
 
