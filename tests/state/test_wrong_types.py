@@ -60,7 +60,7 @@ CASES = {
     "extend/leases": (_aggregating, K.leases, lambda s: s.extend_lease("fed", 1, now=9000.0)),
     "evict/deltas": (_one_delta, K.deltas(1), lambda s: s.evict("fed", 1, "a", "x")),
     "abort/events": (_aggregating, K.events, lambda s: s.abort("fed", 1, "x")),
-    "shard/shards": (_aggregating, K.shards(1), lambda s: s.shard_done("fed", 1, 0, 2, "{}")),
+    "shard/shards": (_aggregating, K.shards(1), lambda s: s.shard_done("fed", 1, 0, 2, "{}", epoch=1)),
     "plan/plan": (_aggregating, K.plan(1), lambda s: s.set_plan("fed", 1, "{}")),
     "snapshot/snapshots": (_aggregating, K.snapshots, lambda s: s.snapshots("fed")),
     "due/deadlines": (_open, K.deadlines, lambda s: s.due("fed", now=5000.0)),
