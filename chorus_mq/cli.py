@@ -223,7 +223,8 @@ def federation() -> None:
     "--clients-per-round",
     type=int,
     default=0,
-    help="Client sampling: the workers draw this many of the active clients for each round (0: all).",
+    help="Client sampling: the workers draw this many of the active clients for each round (0: all); "
+    "needs --round-timeout and --expire-policy expire, so a drawn client that never uploads cannot stall it.",
 )
 @click.option(
     "--checkpoint-every",
@@ -336,9 +337,22 @@ def client_list(ctx: click.Context, federation: str, as_json: bool) -> None:
 @click.pass_context
 @_fail_cleanly
 def client_revoke(ctx: click.Context, name: str, federation: str) -> None:
-    """Revoke client NAME: its records stop verifying and its Redis user is deleted."""
-    _client(ctx).revoke_client(federation, name)
+    """Revoke client NAME: its records stop verifying, its Redis user is deleted, and its delta leaves the
+    open round (a round already aggregating keeps it)."""
+    done = _client(ctx).revoke_client(federation, name)
     click.echo(f"client {name} revoked")
+    if done.outcome == "evicted":
+        click.echo(
+            f"its delta {done.sha256[:12]} was evicted from open round {done.round} "
+            f"({done.n} deltas left; event delta_evicted)"
+        )
+    elif done.outcome == "kept":
+        click.echo(
+            f"its delta {done.sha256[:12]} stays in round {done.round}, which is already aggregating "
+            "(its quorum was reached with it)"
+        )
+    else:
+        click.echo(f"it has no delta in the current round {done.round}")
 
 
 @client_group.command("s3-policy")

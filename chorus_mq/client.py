@@ -41,7 +41,7 @@ from .state import EventLog, FederationConfig, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
-from .state.rounds import DeltaRecord, RoundInfo
+from .state.rounds import DeltaRecord, RevokedDelta, RoundInfo
 from .store import Store, open_store
 
 if TYPE_CHECKING:
@@ -307,8 +307,9 @@ class ChorusClient:
                     ) from None
         return ClientCredentials(federation, client, secret, username, url)
 
-    def revoke_client(self, federation: str, client: str) -> None:
-        """Revoke a client: its signatures stop verifying and its Redis user is removed."""
+    def revoke_client(self, federation: str, client: str) -> RevokedDelta:
+        """Revoke a client: its signatures stop verifying, its Redis user is removed, and its delta leaves the
+        open current round (an aggregating round keeps it). Returns what happened to that delta."""
         from .state.acl import Acl
 
         self.clients(federation).revoke(client)
@@ -320,6 +321,7 @@ class ChorusClient:
             except redis_lib.ResponseError:
                 if self.settings.client_acl == "on":
                     raise
+        return self.state.evict_revoked(federation, client)
 
     # -- upload --------------------------------------------------------------------------------
 
