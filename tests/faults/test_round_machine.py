@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from chorus_mq.errors import Conflict, NotFound
+from chorus_mq.errors import ConfigError, Conflict, NotFound
 from chorus_mq.names import CloseReason, EventType
 from chorus_mq.state import ClientRegistry, DeltaRecord, EventLog, FederationConfig, FederationKeys, RoundState
 from chorus_mq.state.selection import draw
@@ -164,16 +164,17 @@ class RoundMachine(RuleBasedStateMachine):
     def create(self, quorum, min_quorum, timeout, policy, k, initial):
         self.k = k
         self.quorum = min(quorum, k) if k else quorum
+        public = {"name": FED, "base_model": "m", "quorum": self.quorum, "clients_per_round": k}
+        if k and (not timeout or policy != "expire"):
+            # a sampled round could wait on its drawn clients for ever: refused, and nothing is written
+            with pytest.raises(ConfigError, match="clients-per-round"):
+                self.state.create_federation(
+                    FederationConfig(**public, round_timeout=timeout, expire_policy=policy), Decl(), seed=SEED
+                )
+            assert not self.state.federations()
+            timeout, policy = 60, "expire"
         self.min_quorum, self.timeout, self.policy = min(min_quorum, self.quorum), timeout, policy
-        cfg = FederationConfig(
-            name=FED,
-            base_model="m",
-            quorum=self.quorum,
-            min_quorum=self.min_quorum,
-            round_timeout=timeout,
-            expire_policy=policy,
-            clients_per_round=k,
-        )
+        cfg = FederationConfig(**public, min_quorum=self.min_quorum, round_timeout=timeout, expire_policy=policy)
         assert self.state.create_federation(cfg, Decl(), seed=SEED, now=self.now).status == "created"
         self._emit(0, "federation_created")
         self._open(1)  # drawn before anyone is registered: open to all
@@ -367,13 +368,18 @@ class RoundMachine(RuleBasedStateMachine):
         self._emit(r, "shard_done")
         return "recorded", len(rnd.shards) + 1 == total
 
-    @rule(which=WHICH, k=st.integers(0, 2), total=st.sampled_from([2, 3, 3]))
-    def shard_done(self, which, k, total):
+    @rule(which=WHICH, k=st.integers(0, 2), total=st.sampled_from([2, 3, 3]), behind=st.sampled_from([0, 0, 0, 1]))
+    def shard_done(self, which, k, total, behind):
         r = self._round(which)
         if k >= total:
             return
         result = json.dumps({"k": k, "call": next(self.shard_calls)})
-        got = self.state.shard_done(FED, r, k, total, result, now=self.now)
+        rnd = self.rounds.get(r)
+        epoch = (rnd.epoch if rnd else 0) - behind  # behind: a run the sweep reclaimed
+        got = self.state.shard_done(FED, r, k, total, result, epoch=epoch, now=self.now)
+        if behind and rnd is not None and rnd.state == "aggregating":
+            assert (got.status, got.detail, got.epoch) == ("stale", "epoch", rnd.epoch), got  # ignored
+            return
         want, last = self._shard(r, k, total)
         if want == "recorded":
             self.rounds[r].shards[k] = result
@@ -389,7 +395,9 @@ class RoundMachine(RuleBasedStateMachine):
         def finish(i: int) -> list[tuple[int, str, str]]:
             out = []
             for k in [*range(i % total, total), *range(i % total)]:  # each its own order
-                reply = self.finishers[i].shard_done(FED, r, k, total, json.dumps({"k": k}), now=self.now)
+                reply = self.finishers[i].shard_done(
+                    FED, r, k, total, json.dumps({"k": k}), epoch=rnd.epoch, now=self.now
+                )
                 out.append((k, reply.status, reply.detail))
             return out
 
