@@ -339,7 +339,8 @@ def client_list(ctx: click.Context, federation: str, as_json: bool) -> None:
 def client_revoke(ctx: click.Context, name: str, federation: str) -> None:
     """Revoke client NAME: its records stop verifying, its Redis user is deleted, and its delta leaves the
     open round (a round already aggregating keeps it)."""
-    done = _client(ctx).revoke_client(federation, name)
+    sdk = _client(ctx)
+    done = sdk.revoke_client(federation, name)
     click.echo(f"client {name} revoked")
     if done.outcome == "evicted":
         click.echo(
@@ -353,6 +354,12 @@ def client_revoke(ctx: click.Context, name: str, federation: str) -> None:
         )
     else:
         click.echo(f"it has no delta in the current round {done.round}")
+    config, active = sdk.state.config(federation), len(sdk.clients(federation).active())
+    if not config.round_timeout and active < config.quorum:  # the open round can wait for ever now
+        click.echo(
+            f"warning: {active} active clients for a quorum of {config.quorum} and no --round-timeout: round "
+            f"{done.round} waits until more clients are added (client add) or it is aborted (round abort)"
+        )
 
 
 @client_group.command("s3-policy")
