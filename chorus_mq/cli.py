@@ -311,7 +311,8 @@ def federation() -> None:
     "--clients-per-round",
     type=int,
     default=0,
-    help="Client sampling: the workers draw this many of the active clients for each round (0: all).",
+    help="Client sampling: the workers draw this many of the active clients for each round (0: all); "
+    "needs --round-timeout and --expire-policy expire, so a drawn client that never uploads cannot stall it.",
 )
 @click.option(
     "--checkpoint-every",
@@ -424,9 +425,29 @@ def client_list(ctx: click.Context, federation: str, as_json: bool) -> None:
 @click.pass_context
 @_fail_cleanly
 def client_revoke(ctx: click.Context, name: str, federation: str) -> None:
-    """Revoke client NAME: its records stop verifying and its Redis user is deleted."""
-    _client(ctx).revoke_client(federation, name)
+    """Revoke client NAME: its records stop verifying, its Redis user is deleted, and its delta leaves the
+    open round (a round already aggregating keeps it)."""
+    sdk = _client(ctx)
+    done = sdk.revoke_client(federation, name)
     click.echo(f"client {name} revoked")
+    if done.outcome == "evicted":
+        click.echo(
+            f"its delta {done.sha256[:12]} was evicted from open round {done.round} "
+            f"({done.n} deltas left; event delta_evicted)"
+        )
+    elif done.outcome == "kept":
+        click.echo(
+            f"its delta {done.sha256[:12]} stays in round {done.round}, which is already aggregating "
+            "(its quorum was reached with it)"
+        )
+    else:
+        click.echo(f"it has no delta in the current round {done.round}")
+    config, active = sdk.state.config(federation), len(sdk.clients(federation).active())
+    if not config.round_timeout and active < config.quorum:  # the open round can wait for ever now
+        click.echo(
+            f"warning: {active} active clients for a quorum of {config.quorum} and no --round-timeout: round "
+            f"{done.round} waits until more clients are added (client add) or it is aborted (round abort)"
+        )
 
 
 @client_group.command("s3-policy")

@@ -42,7 +42,7 @@ from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
 from .state.keys import parse_client_username
-from .state.rounds import DeltaRecord, RoundInfo
+from .state.rounds import DeltaRecord, RevokedDelta, RoundInfo
 from .store import Store, open_store
 
 if TYPE_CHECKING:
@@ -326,8 +326,9 @@ class ChorusClient:
                     ) from None
         return ClientCredentials(federation, client, secret, username, url)
 
-    def revoke_client(self, federation: str, client: str) -> None:
-        """Revoke a client: its signatures stop verifying and its Redis user is removed."""
+    def revoke_client(self, federation: str, client: str) -> RevokedDelta:
+        """Revoke a client: its signatures stop verifying, its Redis user is removed, and its delta leaves the
+        open current round (an aggregating round keeps it). Returns what happened to that delta."""
         from .state.acl import Acl
 
         self.clients(federation).revoke(client)
@@ -339,6 +340,7 @@ class ChorusClient:
             except redis_lib.ResponseError:
                 if self.settings.client_acl == "on":
                     raise
+        return self.state.evict_revoked(federation, client)
 
     def check_identity(self, federation: str, client_id: str) -> None:
         """Fail fast, before any local work, where these credentials cannot be ``client_id``'s in ``federation``.

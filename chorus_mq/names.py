@@ -273,6 +273,9 @@ class ScriptStatus(_Choice):
     RENEWED = "renewed"
     ABORTED = "aborted"
     RECORDED = "recorded"
+    #: redispatch: re-send the epoch's missing tasks / a re-send made no progress (reclaim instead)
+    RESEND = "resend"
+    STUCK = "stuck"
     #: a key the script would write holds another Redis type: nothing was changed
     WRONG_TYPE = "wrong_type"
 

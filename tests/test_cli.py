@@ -124,7 +124,9 @@ def test_client_registry_commands(cli, ref):
     cli("federation", "create", "fed", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
     secret = cli("client", "add", "alice", "--federation", "fed").output.strip().splitlines()[-1]
     assert len(secret) >= 40
-    cli("client", "revoke", "alice", "--federation", "fed")
+    revoked = cli("client", "revoke", "alice", "--federation", "fed").output
+    assert "it has no delta in the current round 1" in revoked
+    assert "warning: 0 active clients for a quorum of 1 and no --round-timeout" in revoked  # it would wait
     assert cli("client", "list", "--federation", "fed").output.split() == ["alice", "revoked"]
 
 

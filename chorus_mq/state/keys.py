@@ -137,6 +137,11 @@ class FederationKeys:
         return f"{self.round(r)}:shards"
 
     @property
+    def collected(self) -> str:
+        """String: the sweep's cursor, the first round whose plan and shard keys it has not collected yet."""
+        return f"{self._base}:collected"
+
+    @property
     def snapshots(self) -> str:
         """Hash: round -> snapshot record of the compacted cumulative correction."""
         return f"{self._base}:snapshots"

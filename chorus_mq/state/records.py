@@ -83,6 +83,8 @@ class RoundInfo:
     extensions: int = 0
     reclaims: int = 0
     lease_extensions: int = 0
+    #: how often the sweep re-sent an epoch's missing tasks (a lost message) before any reclaim
+    resends: int = 0
     #: client -> sha256 of its registered delta
     shas: Mapping[str, str] = field(default_factory=dict)
     #: client -> sha256 of a delta the operator evicted from this round (it cannot come back)

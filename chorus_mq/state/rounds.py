@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis as redis_lib
@@ -23,19 +24,35 @@ from .keys import FEDERATIONS, FederationKeys
 from .protocol import Reply, opt_text, text, text_map
 from .records import DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
 from .scripts import Arg, Scripts
-from .selection import next_selected_round
+from .selection import check_progress, next_selected_round
 
 __all__ = [
     "DeltaRecord",
     "FederationConfig",
     "ManifestRef",
     "ModelShapes",
+    "RevokedDelta",
     "RoundInfo",
     "RoundState",
     "SnapshotRecord",
 ]
 
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+@dataclass(frozen=True)
+class RevokedDelta:
+    """What revoking a client did to its delta in the current round ``round``.
+
+    ``outcome``: ``evicted`` (it was in the open round: removed, ``delta_evicted`` published, ``n``
+    deltas left), ``kept`` (the round was already aggregating it: the aggregation goes on with it), or
+    ``none`` (no delta of the client in the current round).
+    """
+
+    round: int
+    outcome: str
+    sha256: str = ""
+    n: int = 0
 
 
 class ModelShapes(Protocol):
@@ -93,7 +110,7 @@ class RoundState:
     @staticmethod
     def _transition_keys(k: FederationKeys, r: int) -> list[str]:
         """The KEYS of every script that may end round ``r`` and open the next (see the prelude)."""
-        return [k.meta, k.round(r), k.round(r + 1), k.events, k.deadlines, k.leases, k.clients]
+        return [k.meta, k.round(r), k.round(r + 1), k.events, k.deadlines, k.leases, k.clients, k.secrets]
 
     # -- federations -------------------------------------------------------------------------
 
@@ -109,10 +126,12 @@ class RoundState:
         """Create ``cfg.name`` with its declared modules and extras, and open round 1.
 
         ``initial`` (a ManifestRef or a ``(key, sha256)`` pair) makes round 0 a complete round whose
-        manifest is the federation's starting adapter. ``seed`` (public; random by default) fixes the
-        client draws. Running it again with the same config is a no-op (status ``exists``); another
-        config raises FederationExists.
+        manifest is the federation's starting adapter. ``seed`` (secret, workers-only; random by default)
+        fixes the client draws. A configuration under which a round can wait on specific clients forever
+        is refused (:func:`selection.check_progress`). Running it again with the same config is a no-op
+        (status ``exists``); another config raises FederationExists.
         """
+        check_progress(cfg)
         now = time.time() if now is None else now
         k = FederationKeys(cfg.name)
         if initial is not None and not isinstance(initial, ManifestRef):
@@ -265,11 +284,23 @@ class RoundState:
         return {client: DeltaRecord.from_json(rec) for client, rec in sorted(raw.items())}
 
     def next_selected_round(self, federation: str, client: str, after_round: int) -> int | None:
-        """The first round after ``after_round`` that will draw ``client``, given today's registry (None: none soon)."""
+        """The first round after ``after_round`` that will draw ``client``, given today's registry (None: none soon).
+
+        Operators and workers only: the answer comes from the secret seed, and telling it to a client
+        would let it predict its draws.
+        """
         meta = self.meta(federation)
         k = int(meta.get("clients_per_round", 0))
         active = ClientRegistry(self.redis, federation).active()
-        return next_selected_round(meta.get("selection_seed", ""), client, frozenset(active), k, after_round)
+        return next_selected_round(self.selection_seed(federation), client, frozenset(active), k, after_round)
+
+    def selection_seed(self, federation: str) -> str:
+        """The secret seed of the client draws (in ``secrets``; a federation created before it moved there
+        still has it in ``meta``)."""
+        k = FederationKeys(federation)
+        with _typed(k.secrets):
+            seed = opt_text(self.redis.hget(k.secrets, "selection_seed"))
+        return seed if seed is not None else self.meta(federation).get("selection_seed", "")
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -355,6 +386,16 @@ class RoundState:
             keys=[k.round(r), k.leases, k.events], args=[*self._args(federation, r, now), repr(now + self.lease_s)]
         )
 
+    def redispatch(self, federation: str, r: int, now: float | None = None) -> Reply:
+        """An expired lease: re-send the epoch's missing tasks (``resend``: the lease is extended, same epoch)
+        unless the last re-send made no progress (``stuck``: reclaim). Status: resend | stuck | not_due | noop."""
+        now = time.time() if now is None else now
+        k = FederationKeys(federation)
+        return self.scripts.redispatch(
+            keys=[k.round(r), k.leases, k.plan(r), k.shards(r)],
+            args=[*self._args(federation, r, now), repr(now + self.lease_s)],
+        )
+
     def renew(self, federation: str, r: int, epoch: int, now: float | None = None) -> bool:
         """Renew the lease of round ``r``'s running task; False when ``epoch`` no longer holds it (stop working)."""
         now = time.time() if now is None else now
@@ -384,6 +425,18 @@ class RoundState:
             args=[*self._args(federation, r, now), check_name(client, "client id"), reason],
         )
 
+    def evict_revoked(self, federation: str, client: str, now: float | None = None) -> RevokedDelta:
+        """A revoked client's delta leaves the open current round (the fenced ``evict`` transition, event
+        ``delta_evicted``); an aggregating round keeps it (its quorum was counted with it)."""
+        r = self.current_round(federation)
+        reply = self.evict(federation, r, client, "client revoked by the operator", now)
+        if reply.status == "evicted":
+            return RevokedDelta(r, "evicted", reply.detail, reply.n)
+        sha = self.registered_sha(federation, r, client)
+        if reply.status == "closed" and sha is not None:
+            return RevokedDelta(r, "kept", sha, reply.n)
+        return RevokedDelta(r, "none", n=reply.n)
+
     def abort(self, federation: str, r: int, reason: str, now: float | None = None) -> Reply:
         """Operator: end open or aggregating round ``r`` as ``aborted`` (new epoch) and open the next.
 
@@ -411,12 +464,15 @@ class RoundState:
             return opt_text(self.redis.get(key))
 
     def shard_done(
-        self, federation: str, r: int, k: int, total: int, result_json: str, *, now: float | None = None
+        self, federation: str, r: int, k: int, total: int, result_json: str, *, epoch: int, now: float | None = None
     ) -> Reply:
-        """Record shard ``k`` of ``total`` (write-once). ``n``: shards done; ``detail == "last"`` for exactly one call.
+        """Record shard ``k`` of ``total`` computed under ``epoch`` (write-once). ``n``: shards done;
+        ``detail == "last"`` for exactly one call.
 
         Status: recorded | duplicate | conflict | stale. A redelivered or reclaimed shard gets
-        ``duplicate`` and never ``last``: after a reclaim, compare ``len(shards())`` with ``total``.
+        ``duplicate`` and never ``last``: after a reclaim, compare ``len(shards())`` with ``total``. A run
+        under another epoch than the round's (the sweep reclaimed it) is ``stale`` (detail ``epoch``) and
+        changes nothing.
         """
         if not 0 <= k < total:
             raise ConfigError(f"shard index {k} is outside 0..{total - 1}")
@@ -424,7 +480,7 @@ class RoundState:
         keys = FederationKeys(federation)
         return self.scripts.shard_done(
             keys=[keys.round(r), keys.shards(r), keys.events],
-            args=[*self._args(federation, r, now), int(k), int(total), result_json],
+            args=[*self._args(federation, r, now), int(k), int(total), result_json, int(epoch)],
         )
 
     def shards(self, federation: str, r: int) -> dict[int, str]:
@@ -441,6 +497,27 @@ class RoundState:
         k = FederationKeys(federation)
         self.redis.delete(k.plan(r), k.shards(r))
         return True
+
+    def collect_round_work(self, federation: str) -> list[int]:
+        """Drop the plan and shard keys of every round before the current one (each has ended: complete,
+        failed, expired or aborted) not collected yet; returns the rounds looked at. A commit that died
+        between finalize and its own clean-up leaves them; so does a failed round. Idempotent, and safe
+        to run twice at once (DEL; the cursor only moves forward)."""
+        k = FederationKeys(federation)
+        current = self.current_round(federation)
+        with _typed(k.collected):
+            start = int(opt_text(self.redis.get(k.collected)) or 0)
+        rounds = list(range(max(1, start), current))
+        if not rounds:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for r in rounds:
+                pipe.delete(k.plan(r), k.shards(r))
+            pipe.execute()
+        # the cursor: the first round not collected yet (a concurrent sweep writing a smaller one costs a
+        # few repeated DELs, never a leak)
+        self.redis.set(k.collected, current)
+        return rounds
 
     def keys(self, federation: str) -> FederationKeys:
         """The key names of ``federation`` (for what the workers lock or inspect directly)."""

@@ -41,6 +41,7 @@ class Scripts:
         self.finalize = Script(redis, "finalize")
         self.fail_round = Script(redis, "fail_round")
         self.reclaim = Script(redis, "reclaim")
+        self.redispatch = Script(redis, "redispatch")
         self.renew_lease = Script(redis, "renew_lease")
         self.extend_lease = Script(redis, "extend_lease")
         self.evict_delta = Script(redis, "evict_delta")

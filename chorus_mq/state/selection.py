@@ -2,8 +2,11 @@
 
 A federation with ``clients_per_round`` K > 0 draws, for round r, the K active clients with
 the smallest ``sha1(seed:r:client)`` (the prelude's ``draw_from``); with fewer than K active
-clients a round is open to all of them. Knowing the rule, a refused client can be told when
-it is next drawn.
+clients a round is open to all of them. The seed is a per-federation secret in the workers-only
+``secrets`` hash: a client learns a draw when its round opens (``round_opened``), never before.
+
+A sampled round waits on the clients it drew, so sampling needs a deadline that ends the round
+and draws again (:func:`check_progress`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,50 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection
+from typing import Protocol
+
+from ..errors import ConfigError
+from ..names import ExpirePolicy
 
 #: how many hashes one look-ahead may cost at most (a refused upload must stay cheap to answer)
 MAX_LOOKAHEAD_HASHES = 200_000
+
+
+class _Sampling(Protocol):
+    """What :func:`check_progress` reads of a ``FederationConfig``."""
+
+    @property
+    def clients_per_round(self) -> int: ...
+
+    @property
+    def round_timeout(self) -> int: ...
+
+    @property
+    def expire_policy(self) -> ExpirePolicy: ...
+
+
+def check_progress(cfg: _Sampling) -> None:
+    """Refuse a configuration under which a round can wait on specific clients forever.
+
+    Client sampling (``clients_per_round`` > 0) makes a round wait on the K clients it drew: one of
+    them that never uploads (offline, revoked, hostile) would hold the federation. Such a round
+    needs a deadline (``round_timeout``) that ends it and draws again (``expire_policy expire``);
+    ``extend`` would keep waiting on the same draw for ever.
+    """
+    if cfg.clients_per_round <= 0:
+        return
+    if cfg.round_timeout <= 0:
+        raise ConfigError(
+            f"--clients-per-round {cfg.clients_per_round} needs --round-timeout SECONDS: a sampled round waits "
+            "on the clients it drew, and without a deadline one of them that never uploads stalls the "
+            "federation for ever"
+        )
+    if ExpirePolicy(cfg.expire_policy) is not ExpirePolicy.EXPIRE:
+        raise ConfigError(
+            f"--clients-per-round {cfg.clients_per_round} needs --expire-policy expire: with "
+            f"'{ExpirePolicy(cfg.expire_policy).value}' a round whose drawn clients do not upload waits on "
+            "the same draw for ever; expire ends it at the deadline and draws again"
+        )
 
 
 def rank_key(seed: str, round_: int, client: str) -> str:

@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
 from chorus_mq.local import LocalState
-from chorus_mq.names import CENTRALISED, LabelBalance, LocalOptimizer, RoundStatus, Strategy, TaskType
+from chorus_mq.names import (
+    CENTRALISED,
+    ExpirePolicy,
+    LabelBalance,
+    LocalOptimizer,
+    RoundStatus,
+    Strategy,
+    TaskType,
+)
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
 _PROBE = 64
+#: the deadline of a sampled round (seconds): every drawn client of a simulation uploads well before it
+_SAMPLED_ROUND_TIMEOUT = 3600
 
 
 @dataclass(frozen=True)
@@ -289,6 +299,10 @@ class _Runner:
             quorum=k,
             strategy=Strategy(strategy),
             clients_per_round=k if k < cfg.clients else 0,
+            # sampling needs a deadline that draws again (a drawn client may never upload); every drawn
+            # client of a simulation uploads, so it is long
+            round_timeout=_SAMPLED_ROUND_TIMEOUT if k < cfg.clients else 0,
+            expire_policy=ExpirePolicy.EXPIRE if k < cfg.clients else ExpirePolicy.EXTEND,
             task_type=TaskType.SEQ_CLS,
             labels=self.labels,
             prox_mu=cfg.prox_mu,

@@ -242,11 +242,11 @@ def _closed_reason(r: int, state: str) -> str:
 
 
 def _not_selected_reason(rt: Runtime, msg: IngestMessage, r: int) -> str:
-    nxt = rt.state.next_selected_round(msg.federation, msg.client_id, r)
-    when = f"it is next selected in round {nxt}" if nxt else "it is not selected in the next 1000 rounds"
+    # never say when it is drawn next: the draw is secret until its round opens (round_opened names it)
     return (
         f"client {msg.client_id!r} was not selected for round {r} (client sampling: the workers draw "
-        f"the federation's clients_per_round clients each round); {when} if the set of clients stays the same"
+        "the federation's clients_per_round clients each round, in secret until the round opens); "
+        "watch for a round_opened event that lists it"
     )
 
 

@@ -115,7 +115,7 @@ def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch
         METRICS.shards_in_flight.dec()
     if beat.lost:
         return "stale"
-    reply = rt.state.shard_done(federation, r, k, len(plan.shards), result.to_json())
+    reply = rt.state.shard_done(federation, r, k, len(plan.shards), result.to_json(), epoch=epoch)
     if reply.detail == "last":
         dispatch.send(Task.COMMIT, federation, r, epoch)
     return reply.status

@@ -1,12 +1,18 @@
-"""The periodic sweep: deadlines, aggregations whose lease ran out, compactions that are due.
+"""The periodic sweep: deadlines, aggregations whose lease ran out, compactions that are due, and the
+plan and shard keys of ended rounds.
 
 Every step is a Lua transition that checks the state it expects, so two sweeps at once (two
 beats, or a beat and a manual run) cannot close or aggregate a round twice. Each federation
 is swept on its own: an error in one is logged and counted and never stops the others.
+
+An expired lease with nothing waiting in the broker first gets the same epoch's missing tasks
+re-sent (a lost message costs one lease period, not an attempt); only when a re-send made no
+progress does the round get a new epoch (a reclaim, one of its attempts).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -16,9 +22,6 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-#: a compaction found missing is requested again at most this often (seconds)
-_COMPACTION_RETRY_S = 300
-
 
 @dataclass
 class SweepReport:
@@ -26,9 +29,11 @@ class SweepReport:
     extended: list[tuple[str, int]] = field(default_factory=list)
     expired: list[tuple[str, int]] = field(default_factory=list)
     reclaimed: list[tuple[str, int]] = field(default_factory=list)
+    resent: list[tuple[str, int]] = field(default_factory=list)
     busy: list[tuple[str, int]] = field(default_factory=list)
     failed: list[tuple[str, int]] = field(default_factory=list)
     compactions: list[tuple[str, int]] = field(default_factory=list)
+    collected: list[tuple[str, int]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -74,6 +79,13 @@ def _sweep_one(
             rt.state.extend_lease(federation, r, now)
             report.busy.append((federation, r))
             continue
+        again = rt.state.redispatch(federation, r, now)
+        if again.status == "resend":
+            _resend(rt, dispatch, federation, r, again.epoch)
+            report.resent.append((federation, r))
+            continue
+        if again.status != "stuck":  # another sweep acted, or the round ended meanwhile
+            continue
         attempts = rt.settings.max_aggregation_attempts
         if info.reclaims + 1 >= attempts:
             t = rt.state.fail(
@@ -91,6 +103,30 @@ def _sweep_one(
             dispatch.send(Task.ROUND, federation, r, t.epoch)
             report.reclaimed.append((federation, r))
     _compaction_due(rt, dispatch, federation, report)
+    report.collected += [(federation, r) for r in rt.state.collect_round_work(federation)]
+
+
+def _resend(rt: Runtime, dispatch: Dispatcher, federation: str, r: int, epoch: int) -> None:
+    """Send what round ``r`` still needs under ``epoch``: its round task (no plan yet), its missing shards,
+    or its commit. Every task is idempotent under the epoch; a duplicate of a live one only repeats it."""
+    raw = rt.state.plan(federation, r)
+    if raw is None:
+        dispatch.send(Task.ROUND, federation, r, epoch)
+        return
+    total = len(json.loads(raw)["shards"])
+    done = rt.state.shards(federation, r)
+    missing = [k for k in range(total) if k not in done]
+    for k in missing:
+        dispatch.send(Task.SHARD, federation, r, epoch, k)
+    if not missing:
+        dispatch.send(Task.COMMIT, federation, r, epoch)
+    log.warning(
+        "round %s/%s epoch %s: lease ran out with nothing queued; re-sent %s",
+        federation,
+        r,
+        epoch,
+        f"shards {missing}" if missing else "the commit",
+    )
 
 
 def _compaction_due(rt: Runtime, dispatch: Dispatcher, federation: str, report: SweepReport) -> None:
@@ -103,23 +139,33 @@ def _compaction_due(rt: Runtime, dispatch: Dispatcher, federation: str, report: 
     due = latest - latest % config.checkpoint_every
     if due in rt.state.snapshots(federation):
         return
+    if rt.redis.exists(rt.state.keys(federation).compaction) or _queued(rt, Queue.COMPACT):
+        return  # a live compaction renews its lock; a queued one will run: asking again would only repeat it
     if request_compaction(rt, dispatch, federation, due):
         report.compactions.append((federation, due))
 
 
 def request_compaction(rt: Runtime, dispatch: Dispatcher, federation: str, r: int) -> bool:
-    """Enqueue round ``r``'s compaction unless it was enqueued in the last few minutes (the commit of a
-    checkpoint round and the sweep both ask; one task goes out). Returns whether it was enqueued."""
-    if not rt.state.request_compaction(federation, r, _COMPACTION_RETRY_S):
+    """Enqueue round ``r``'s compaction unless it was enqueued within the last lease period (the commit of a
+    checkpoint round and the sweep both ask; one task goes out). Returns whether it was enqueued.
+
+    A compaction lost with its worker, or refused as ``busy`` by the lock of a killed one, is asked again
+    by the sweep once both this request and that lock have expired: within about two lease periods."""
+    if not rt.state.request_compaction(federation, r, rt.settings.aggregation_lease):
         return False
     dispatch.send(Task.COMPACT, federation, r)
     return True
 
 
+def _queued(rt: Runtime, queue: Queue) -> bool:
+    """Whether tasks wait in ``queue`` (a broker we cannot read counts as empty: keep sweeping)."""
+    try:
+        return int(rt.broker.llen(queue.value)) > 0
+    except Exception as exc:
+        log.warning("cannot read the length of %s: %s", queue.value, exc)
+        return False
+
+
 def _fleet_busy(rt: Runtime) -> bool:
     """Whether aggregation tasks are waiting in the broker (then an expired lease means a wait, not a loss)."""
-    try:
-        return int(rt.broker.llen(Queue.AGGREGATE.value)) > 0
-    except Exception as exc:  # a broker we cannot read is not a reason to stop sweeping
-        log.warning("cannot read the aggregate queue's length: %s", exc)
-        return False
+    return _queued(rt, Queue.AGGREGATE)

@@ -12,11 +12,12 @@ matter, and refuse to start if those functions moved or changed their signature:
 ``plan``     the round task has computed the plan and not stored it yet;
 ``shard``    a shard task has written its two objects and not recorded ``shard_done`` yet;
 ``commit``   the commit task has written the manifest and not finalized yet;
+``forget``   the commit task has finalized the round and not dropped its plan and shard keys yet;
 ``compact``  the compaction has written the snapshot object and not recorded it yet.
 
 Every arrival at an enabled hook is counted in Redis with the pid of the process (see
 :func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
-arrival is the round (``plan``, ``commit``, ``compact``), ``round:shard`` (``shard``), or the
+arrival is the round (``plan``, ``commit``, ``forget``, ``compact``), ``round:shard`` (``shard``), or the
 client id (``pump``, ``ingest``). Variables (read only here):
 
 ``CHORUS_FAULT_PAUSE=point[=S],...``
@@ -70,7 +71,7 @@ from typing import Any
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
 
-POINTS = ("pump", "ingest", "plan", "shard", "commit", "compact")
+POINTS = ("pump", "ingest", "plan", "shard", "commit", "forget", "compact")
 #: the round-path tasks the redelivery faults apply to by default
 ROUND_TASKS = ("chorus.ingest", "chorus.round", "chorus.shard", "chorus.commit")
 
@@ -195,6 +196,7 @@ def _install_hooks(hooks: Hooks) -> None:
     _target(RoundState, "register", ("self", "federation", "r", "record"))
     _target(RoundState, "finalize", ("self", "federation", "r", "epoch", "manifest_key", "manifest_sha"))
     _target(RoundState, "add_snapshot", ("self", "federation", "record"))
+    _target(RoundState, "forget_round_work", ("self", "federation", "r"))
 
     if hooks.enabled("pump"):
         handle = _target(pump.InboxPump, "_handle", ("self", "inbox", "entry"))
@@ -258,6 +260,21 @@ def _install_hooks(hooks: Hooks) -> None:
                 return commit_round(rt, federation, r, epoch, dispatch)
 
         commit.commit_round = commit_with_hook
+
+    if hooks.enabled("forget"):
+        finish_round = _target(commit, "commit_round", ("rt", "federation", "r", "epoch", "dispatch"))
+
+        def commit_with_forget_hook(rt, federation, r, epoch, dispatch):
+            def before_forget(fed, r_, *args, **kwargs):
+                if rt.state.round(fed, r_).state != "complete":
+                    raise RuntimeError("faulty_app: the forget hook runs before the round is finalized")
+                if r_ in hooks.rounds:
+                    hooks.arrive(rt.redis, "forget", fed, r_)
+
+            with _before(rt.state, "forget_round_work", before_forget):
+                return finish_round(rt, federation, r, epoch, dispatch)
+
+        commit.commit_round = commit_with_forget_hook
 
     if hooks.enabled("compact"):
         run_compact = _target(compact, "compact", ("rt", "federation", "upto"))

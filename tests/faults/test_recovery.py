@@ -52,4 +52,6 @@ def test_recovery_within_a_minute_with_default_settings(deployment, delta_file, 
     assert took <= BOUND_S, f"the round took {took:.0f}s to recover (bound {BOUND_S}s)"
     assert sdk.state.round(fed, 1).state == RoundStatus.COMPLETE
     report = assert_exactly_once(deployment, fed, sizes={f"c{i}": size_of(i) for i in range(3)}, accepted=accepted)
-    assert report.complete == {1: ["c0", "c1", "c2"]} and report.reclaims == 1
+    # the lost shard was re-sent under the same epoch: the round kept all of its attempts
+    assert report.complete == {1: ["c0", "c1", "c2"]} and report.reclaims == 0
+    assert sdk.state.round(fed, 1).resends >= 1

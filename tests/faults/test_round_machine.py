@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from chorus_mq.errors import Conflict, NotFound
+from chorus_mq.errors import ConfigError, Conflict, NotFound
 from chorus_mq.names import CloseReason, EventType
 from chorus_mq.state import ClientRegistry, DeltaRecord, EventLog, FederationConfig, FederationKeys, RoundState
 from chorus_mq.state.selection import draw
@@ -84,7 +84,8 @@ class Round:
         self.lease_until: float | None = None
         self.shas: dict[str, str] = {}
         self.evicted: dict[str, str] = {}
-        self.extensions = self.reclaims = self.lease_extensions = 0
+        self.extensions = self.reclaims = self.lease_extensions = self.resends = 0
+        self.resend_mark: str | None = None
         self.shard_total = 0
         self.shards: dict[int, str] = {}
 
@@ -164,16 +165,17 @@ class RoundMachine(RuleBasedStateMachine):
     def create(self, quorum, min_quorum, timeout, policy, k, initial):
         self.k = k
         self.quorum = min(quorum, k) if k else quorum
+        public = {"name": FED, "base_model": "m", "quorum": self.quorum, "clients_per_round": k}
+        if k and (not timeout or policy != "expire"):
+            # a sampled round could wait on its drawn clients for ever: refused, and nothing is written
+            with pytest.raises(ConfigError, match="clients-per-round"):
+                self.state.create_federation(
+                    FederationConfig(**public, round_timeout=timeout, expire_policy=policy), Decl(), seed=SEED
+                )
+            assert not self.state.federations()
+            timeout, policy = 60, "expire"
         self.min_quorum, self.timeout, self.policy = min(min_quorum, self.quorum), timeout, policy
-        cfg = FederationConfig(
-            name=FED,
-            base_model="m",
-            quorum=self.quorum,
-            min_quorum=self.min_quorum,
-            round_timeout=timeout,
-            expire_policy=policy,
-            clients_per_round=k,
-        )
+        cfg = FederationConfig(**public, min_quorum=self.min_quorum, round_timeout=timeout, expire_policy=policy)
         assert self.state.create_federation(cfg, Decl(), seed=SEED, now=self.now).status == "created"
         self._emit(0, "federation_created")
         self._open(1)  # drawn before anyone is registered: open to all
@@ -322,6 +324,29 @@ class RoundMachine(RuleBasedStateMachine):
         if want == "reclaimed":
             assert got.epoch == self.rounds[r].epoch
 
+    def _redispatch(self, r: int) -> str:
+        rnd = self.rounds.get(r)
+        if rnd is None or rnd.state != "aggregating":
+            self.leases.pop(r, None)
+            return "noop"
+        if rnd.lease_until > self.now:
+            return "not_due"
+        mark = f"{rnd.epoch}:{len(rnd.shards)}"  # progress: shards recorded (no plan is set here)
+        if rnd.resend_mark == mark:
+            return "stuck"
+        rnd.resend_mark, rnd.resends = mark, rnd.resends + 1
+        rnd.lease_until = self.leases[r] = self.now + LEASE
+        return "resend"
+
+    @rule(which=WHICH)
+    def redispatch(self, which):
+        r = self._round(which)
+        got = self.state.redispatch(FED, r, now=self.now)
+        want = self._redispatch(r)
+        assert got.status == want, (got, want)
+        if want in ("resend", "stuck"):
+            assert got.epoch == self.rounds[r].epoch  # a re-send never changes the epoch
+
     def _push_lease(self, rnd: Round, r: int, now: float) -> None:
         rnd.lease_until = max(rnd.lease_until or 0.0, now + LEASE)
         self.leases[r] = rnd.lease_until
@@ -367,13 +392,18 @@ class RoundMachine(RuleBasedStateMachine):
         self._emit(r, "shard_done")
         return "recorded", len(rnd.shards) + 1 == total
 
-    @rule(which=WHICH, k=st.integers(0, 2), total=st.sampled_from([2, 3, 3]))
-    def shard_done(self, which, k, total):
+    @rule(which=WHICH, k=st.integers(0, 2), total=st.sampled_from([2, 3, 3]), behind=st.sampled_from([0, 0, 0, 1]))
+    def shard_done(self, which, k, total, behind):
         r = self._round(which)
         if k >= total:
             return
         result = json.dumps({"k": k, "call": next(self.shard_calls)})
-        got = self.state.shard_done(FED, r, k, total, result, now=self.now)
+        rnd = self.rounds.get(r)
+        epoch = (rnd.epoch if rnd else 0) - behind  # behind: a run the sweep reclaimed
+        got = self.state.shard_done(FED, r, k, total, result, epoch=epoch, now=self.now)
+        if behind and rnd is not None and rnd.state == "aggregating":
+            assert (got.status, got.detail, got.epoch) == ("stale", "epoch", rnd.epoch), got  # ignored
+            return
         want, last = self._shard(r, k, total)
         if want == "recorded":
             self.rounds[r].shards[k] = result
@@ -389,7 +419,9 @@ class RoundMachine(RuleBasedStateMachine):
         def finish(i: int) -> list[tuple[int, str, str]]:
             out = []
             for k in [*range(i % total, total), *range(i % total)]:  # each its own order
-                reply = self.finishers[i].shard_done(FED, r, k, total, json.dumps({"k": k}), now=self.now)
+                reply = self.finishers[i].shard_done(
+                    FED, r, k, total, json.dumps({"k": k}), epoch=rnd.epoch, now=self.now
+                )
                 out.append((k, reply.status, reply.detail))
             return out
 
@@ -452,9 +484,27 @@ class RoundMachine(RuleBasedStateMachine):
     def tick(self, dt):
         self.now += dt
 
+    @precondition(_aggregating)
+    @rule(progress=st.lists(st.booleans(), min_size=1, max_size=3))
+    def lost_message(self, progress):
+        """The aggregating round's task message was lost: nobody renews its lease, and the sweep re-sends;
+        each re-sent shard that records is progress, and a re-send without progress is stuck (checked
+        against the model by the redispatch rule)."""
+        rnd = self.rounds[self.current]
+        for recorded in [*progress, False]:
+            if rnd.state != "aggregating":
+                return
+            self.now = max(self.now, rnd.lease_until + 0.5)
+            self.redispatch(0)
+            total = rnd.shard_total or 3
+            missing = [k for k in range(total) if k not in rnd.shards]
+            if recorded and missing:
+                self.shard_done(0, missing[0], total, 0)
+
     @rule()
     def sweep(self):
-        """What the sweep does with ``due``: close what is due, reclaim (or, after too many tries, fail)."""
+        """What the sweep does with ``due``: close what is due; for an expired lease re-send under the same
+        epoch, and only when a re-send made no progress reclaim (or, after too many tries, fail)."""
         due, stale = self.state.due(FED, now=self.now)
         assert due == sorted(r for r, t in self.deadlines.items() if t <= self.now)
         assert stale == sorted(r for r, t in self.leases.items() if t <= self.now)
@@ -463,6 +513,11 @@ class RoundMachine(RuleBasedStateMachine):
         for r in stale:
             info = self.state.round(FED, r)
             rnd = self.rounds[r]
+            if info.state == "aggregating":
+                again = self.state.redispatch(FED, r, now=self.now)
+                assert again.status == self._redispatch(r), again
+                if again.status != "stuck":
+                    continue
             if info.state == "aggregating" and info.reclaims + 1 >= ATTEMPTS:
                 assert self.state.fail(FED, r, info.epoch, "gave up", now=self.now).status == "ok"
                 self._end(r, "failed", "round_failed")
@@ -485,10 +540,11 @@ class RoundMachine(RuleBasedStateMachine):
             assert info.deadline == pytest.approx(rnd.deadline)
             if rnd.lease_until is not None:
                 assert info.lease_until == pytest.approx(rnd.lease_until)
-            assert (info.extensions, info.reclaims, info.lease_extensions) == (
+            assert (info.extensions, info.reclaims, info.lease_extensions, info.resends) == (
                 rnd.extensions,
                 rnd.reclaims,
                 rnd.lease_extensions,
+                rnd.resends,
             )
             assert dict(info.shas) == rnd.shas and dict(info.evicted) == rnd.evicted
             assert info.selected == rnd.selected

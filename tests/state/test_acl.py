@@ -14,6 +14,7 @@ from chorus_mq.state import (
     Acl,
     ClientRegistry,
     EventLog,
+    FederationConfig,
     FederationKeys,
     Inbox,
     RoundState,
@@ -25,7 +26,7 @@ from chorus_mq.state.functions import InboxLimits, load_functions, loaded
 from chorus_mq.state.keys import CLIENT_USER_PREFIX
 
 from ..services import REDIS_CONF, RedisServer
-from .support import make_state, record, sha_of
+from .support import Decl, make_state, record, sha_of
 
 pytestmark = pytest.mark.services
 
@@ -63,7 +64,7 @@ def _federations(server):
         state = make_state(op, name=name, quorum=1)
         fired = state.register(name, 1, record("alice"))
         state.set_plan(name, 1, '{"clients": ["alice"]}')
-        state.shard_done(name, 1, 0, 1, "{}")
+        state.shard_done(name, 1, 0, 1, "{}", epoch=fired.epoch)
         state.finalize(name, 1, fired.epoch, f"{name}/rounds/000001/manifest.json", sha_of("m"))
         state.add_snapshot(name, SnapshotRecord(round=1, key="k", sha256=sha_of("s"), size=1))
         ClientRegistry(op, name).claim_nonce("alice", "nonce-1", "u", 60)
@@ -339,3 +340,29 @@ def test_users_lists_only_this_federations_clients(acl_server):
         for i in range(3):
             Acl(op).grant(name, f"c{i}", f"secret-{name}-{i}")
     assert Acl(op).users("fed") == [client_username("fed", f"c{i}") for i in range(3)]
+
+
+def test_a_client_cannot_read_the_selection_seed(acl_server, tmp_path):
+    """The draw's seed is a secret: the Redis user `client add` makes reads meta and every round, never it."""
+    from chorus_mq.client import ChorusClient
+    from chorus_mq.settings import Settings
+
+    op = acl_server.client()
+    settings = Settings(redis_url=acl_server.url, store=f"file://{tmp_path}/store", client_acl="on")
+    sdk = ChorusClient(settings, redis=op)
+    cfg = FederationConfig(
+        name="fed", base_model="tiny", quorum=2, clients_per_round=2, round_timeout=60, expire_policy="expire"
+    )
+    state = RoundState(op)
+    state.create_federation(cfg, Decl())
+    creds = {c: sdk.add_client("fed", c) for c in ("alice", "bob", "carol")}
+    state.abort("fed", 1, "clients registered: draw again")
+    seed = state.selection_seed("fed")
+    assert len(seed) == 32
+    alice = redis_lib.Redis.from_url(creds["alice"].redis_url, decode_responses=True)
+    readable = [*alice.hgetall(K.meta).values(), *alice.hgetall(K.round(2)).values()]
+    assert readable and not any(seed in value for value in readable)
+    assert RoundState(alice).round("fed", 2).selected  # the opened round's draw is public
+    for attempt in (lambda: alice.hget(K.secrets, "selection_seed"), lambda: alice.hgetall(K.secrets)):
+        with pytest.raises(NoPermission):
+            attempt()

@@ -49,11 +49,14 @@ def test_create_stores_model_inbox_group_seed_and_noise_key(any_redis):
     extras = {"base_model.model.score.weight": (2, 8)}
     state = RoundState(any_redis)
     state.create_federation(
-        FederationConfig(name="fed", base_model="tiny", quorum=1), Decl(extras=extras), seed="public-seed", now=1000.0
+        FederationConfig(name="fed", base_model="tiny", quorum=1), Decl(extras=extras), seed="secret-seed", now=1000.0
     )
     assert state.modules("fed") == MODULES
     assert state.extras("fed") == extras
-    assert state.meta("fed")["selection_seed"] == "public-seed"
+    # the draw's seed is a secret: in the workers-only secrets hash, nowhere a client may read
+    assert "selection_seed" not in state.meta("fed")
+    assert state.selection_seed("fed") == "secret-seed"
+    assert any_redis.hget(FederationKeys("fed").secrets, "selection_seed") == "secret-seed"
     assert len(state.noise_key("fed")) == 64
     groups = any_redis.xinfo_groups(FederationKeys("fed").inbox)
     assert [(g["name"], g["last-delivered-id"]) for g in groups] == [(INBOX_GROUP, "0-0")]
@@ -182,6 +185,73 @@ def test_reclaim_not_due_and_noop(any_redis):
     assert state.reclaim("fed", 2, now=5000.0).status == "noop"
 
 
+def test_redispatch_resends_under_the_same_epoch_until_a_resend_makes_no_progress(any_redis):
+    """A lost task message costs a lease period, not an attempt: the epoch and reclaims stay as they are
+    while each re-send makes progress (plan stored, shards recorded); a re-send that went nowhere is stuck."""
+    state = make_state(any_redis, quorum=1)  # lease 100 s
+    fired = _register(state, "a", now=1001.0)  # lease until 1101
+    assert state.redispatch("fed", 1, now=1050.0).status == "not_due"
+    first = state.redispatch("fed", 1, now=1102.0)  # the round task's message was lost
+    assert (first.status, first.epoch, first.detail) == ("resend", fired.epoch, "0")
+    assert state.due("fed", now=1150.0) == ([], [])  # the lease runs another period
+    assert state.redispatch("fed", 1, now=1150.0).status == "not_due"  # a second sweep meanwhile
+    state.set_plan("fed", 1, '{"shards": [[0, 1], [1, 2]]}')  # the re-sent round task planned...
+    state.shard_done("fed", 1, 0, 2, "{}", epoch=fired.epoch)  # ...and one shard ran; the other was lost
+    again = state.redispatch("fed", 1, now=1203.0)
+    assert (again.status, again.epoch, again.detail) == ("resend", fired.epoch, "2")
+    stuck = state.redispatch("fed", 1, now=1304.0)  # that re-send went nowhere
+    assert (stuck.status, stuck.epoch) == ("stuck", fired.epoch)
+    assert state.redispatch("fed", 1, now=1305.0).status == "stuck"  # and stays so (the caller reclaims)
+    info = state.round("fed", 1)
+    assert (info.epoch, info.reclaims, info.resends, info.lease_until) == (fired.epoch, 0, 2, 1303.0)
+    reclaimed = state.reclaim("fed", 1, now=1306.0)
+    assert state.redispatch("fed", 1, now=1407.0).status == "resend"  # a new epoch gets its own re-send
+    assert state.round("fed", 1).epoch == reclaimed.epoch
+    assert state.finalize("fed", 1, reclaimed.epoch, "k", MANIFEST_SHA).status == "ok"
+    assert state.redispatch("fed", 1, now=1500.0).status == "noop"
+    assert state.due("fed", now=5000.0) == ([], [])
+
+
+def test_collect_round_work_drops_the_plan_and_shards_of_ended_rounds_only(any_redis):
+    """A commit killed between finalize and its clean-up (and a failed round) leave plan and shard keys:
+    the sweep's collection drops them for every round before the current one, idempotently."""
+    state = make_state(any_redis, quorum=1)
+    k = FederationKeys("fed")
+    fired = _register(state, "a")
+    state.set_plan("fed", 1, "{}")
+    state.shard_done("fed", 1, 0, 1, "{}", epoch=fired.epoch)
+    state.finalize("fed", 1, fired.epoch, "k", MANIFEST_SHA)  # and died before forget_round_work
+    fired = _register(state, "a", r=2)
+    state.set_plan("fed", 2, "{}")
+    assert state.fail("fed", 2, fired.epoch, "shard failed").status == "ok"
+    fired = _register(state, "a", r=3)  # round 3 aggregates now: its work stays
+    state.set_plan("fed", 3, "{}")
+    state.shard_done("fed", 3, 0, 2, "{}", epoch=fired.epoch)
+    assert state.collect_round_work("fed") == [1, 2]
+    assert not any_redis.exists(k.plan(1), k.shards(1), k.plan(2), k.shards(2))
+    assert state.plan("fed", 3) == "{}" and list(state.shards("fed", 3)) == [0]
+    assert state.round("fed", 1).state == "complete" and state.deltas("fed", 1)  # nothing else touched
+    assert state.collect_round_work("fed") == []  # twice: nothing to do, nothing looked at again
+    any_redis.delete(k.collected)  # a lost cursor only repeats the DELs
+    assert state.collect_round_work("fed") == [1, 2]
+    assert state.plan("fed", 3) == "{}"
+
+
+def test_evict_revoked_evicts_from_the_open_round_and_keeps_an_aggregating_one(any_redis):
+    state = make_state(any_redis, quorum=2)
+    _register(state, "a")
+    gone = state.evict_revoked("fed", "a")
+    assert (gone.round, gone.outcome, gone.sha256, gone.n) == (1, "evicted", sha_of("a"), 0)
+    assert state.round("fed", 1).evicted == {"a": sha_of("a")} and state.deltas("fed", 1) == {}
+    assert state.evict_revoked("fed", "a").outcome == "none"
+    _register(state, "b")
+    assert _register(state, "c").status == "fired"
+    kept = state.evict_revoked("fed", "c")
+    assert (kept.round, kept.outcome, kept.sha256) == (1, "kept", sha_of("c"))
+    assert sorted(state.deltas("fed", 1)) == ["b", "c"]  # the aggregation goes on with it
+    assert [e.get("client") for e in EventLog(any_redis, "fed").read() if e.type == "delta_evicted"] == ["a"]
+
+
 def test_renew_pushes_the_lease_for_the_current_epoch_only(any_redis):
     state = make_state(any_redis, quorum=1)
     fired = _register(state, "a", now=1001.0)  # lease until 1101
@@ -257,16 +327,16 @@ def test_abort_fences_the_round_and_opens_the_next(any_redis, aggregating):
 
 def test_shard_done_counts_each_shard_once_and_one_caller_is_last(any_redis):
     state = make_state(any_redis, quorum=1)
-    assert state.shard_done("fed", 1, 0, 3, "{}").status == "stale"  # still open
-    _register(state, "a")
-    first = state.shard_done("fed", 1, 2, 3, '{"k": 2}')
+    assert state.shard_done("fed", 1, 0, 3, "{}", epoch=0).status == "stale"  # still open
+    epoch = _register(state, "a").epoch
+    first = state.shard_done("fed", 1, 2, 3, '{"k": 2}', epoch=epoch)
     assert (first.status, first.n, first.detail) == ("recorded", 1, "")
-    assert state.shard_done("fed", 1, 2, 3, '{"k": "again"}').status == "duplicate"
-    assert state.shard_done("fed", 1, 0, 4, "{}").status == "conflict"  # another split
-    assert state.shard_done("fed", 1, 0, 3, '{"k": 0}').detail == ""
-    last = state.shard_done("fed", 1, 1, 3, '{"k": 1}')
+    assert state.shard_done("fed", 1, 2, 3, '{"k": "again"}', epoch=epoch).status == "duplicate"
+    assert state.shard_done("fed", 1, 0, 4, "{}", epoch=epoch).status == "conflict"  # another split
+    assert state.shard_done("fed", 1, 0, 3, '{"k": 0}', epoch=epoch).detail == ""
+    last = state.shard_done("fed", 1, 1, 3, '{"k": 1}', epoch=epoch)
     assert (last.status, last.n, last.detail) == ("recorded", 3, "last")
-    assert state.shard_done("fed", 1, 1, 3, "{}").detail == ""
+    assert state.shard_done("fed", 1, 1, 3, "{}", epoch=epoch).detail == ""
     assert state.shards("fed", 1) == {0: '{"k": 0}', 1: '{"k": 1}', 2: '{"k": 2}'}
     assert state.round("fed", 1).shards == 3
     done = [
@@ -276,19 +346,39 @@ def test_shard_done_counts_each_shard_once_and_one_caller_is_last(any_redis):
     ]
     assert done == [(2, 1, 3), (0, 2, 3), (1, 3, 3)]
     with pytest.raises(ConfigError):
-        state.shard_done("fed", 1, 3, 3, "{}")
+        state.shard_done("fed", 1, 3, 3, "{}", epoch=epoch)
+
+
+def test_a_shard_done_under_a_stale_epoch_is_ignored(any_redis):
+    """A run the sweep reclaimed (epoch 1, the round now under 2) cannot record, nor complete the set."""
+    state = make_state(any_redis, quorum=1, lease_s=100)
+    old = _register(state, "a").epoch
+    assert state.reclaim("fed", 1, now=1001.0 + 101).status == "reclaimed"
+    new = state.round("fed", 1).epoch
+    assert new == old + 1
+    for k in (0, 1):
+        stale = state.shard_done("fed", 1, k, 2, f'{{"old": {k}}}', epoch=old)
+        assert (stale.status, stale.detail, stale.epoch) == ("stale", "epoch", new)
+    assert state.shards("fed", 1) == {} and state.round("fed", 1).shards == 0
+    assert state.shard_done("fed", 1, 0, 2, "{}", epoch=new + 1).status == "stale"  # nor a future one
+    assert state.shard_done("fed", 1, 0, 2, '{"new": 0}', epoch=new).status == "recorded"
+    assert state.shard_done("fed", 1, 1, 2, '{"old": 1}', epoch=old).status == "stale"
+    last = state.shard_done("fed", 1, 1, 2, '{"new": 1}', epoch=new)
+    assert (last.status, last.detail) == ("recorded", "last")
+    assert state.shards("fed", 1) == {0: '{"new": 0}', 1: '{"new": 1}'}
+    assert [e.get("shard") for e in EventLog(any_redis, "fed").read() if e.type == "shard_done"] == [0, 1]
 
 
 @pytest.mark.services
 def test_shard_done_has_one_last_among_concurrent_finishers(real_redis):
     state = make_state(real_redis, quorum=1)
-    _register(state, "a")
+    epoch = _register(state, "a").epoch
     total, lasts, lock = 8, [], threading.Lock()
 
     def finish(k):
         own = RoundState(redis_lib.Redis.from_url(url_of(real_redis), decode_responses=True))
         for _ in range(3):  # each shard also redelivered twice
-            reply = own.shard_done("fed", 1, k, total, f'{{"k": {k}}}')
+            reply = own.shard_done("fed", 1, k, total, f'{{"k": {k}}}', epoch=epoch)
             with lock:
                 lasts.append((k, reply.status, reply.detail))
 
@@ -345,7 +435,7 @@ def test_forget_round_work_only_once_the_round_is_complete(any_redis):
     state = make_state(any_redis, quorum=1)
     fired = _register(state, "a")
     state.set_plan("fed", 1, "{}")
-    state.shard_done("fed", 1, 0, 1, "{}")
+    state.shard_done("fed", 1, 0, 1, "{}", epoch=fired.epoch)
     assert state.forget_round_work("fed", 1) is False
     assert state.plan("fed", 1) == "{}"
     state.finalize("fed", 1, fired.epoch, "k", MANIFEST_SHA, {"clients": ["a"]})

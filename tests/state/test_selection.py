@@ -1,33 +1,39 @@
-"""Client sampling: the scripts draw K active clients per round, the Python rule agrees, refusals say when."""
+"""Client sampling: the scripts draw K active clients per round from a secret seed, the Python rule agrees,
+and a configuration whose sampled rounds could wait for ever is refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from chorus_mq.state import ClientRegistry, EventLog, RoundState
+from chorus_mq.errors import ConfigError
+from chorus_mq.state import ClientRegistry, EventLog, FederationConfig, FederationKeys, RoundState
 from chorus_mq.state.selection import draw, next_selected_round, rank_key, selected_in
 
-from .support import fake_with_sha1hex, make_state, record, sha_of
+from .support import Decl, fake_with_sha1hex, make_state, record, sha_of
 
 CLIENTS = [f"org-{i:02d}" for i in range(12)]
 MANIFEST = sha_of("m")
 
 
-def _sampled(redis, k=4, quorum=2, clients=CLIENTS, **cfg) -> RoundState:
+#: what client sampling needs: a deadline that ends a round whose drawn clients stay away, and draws again
+DEADLINE = {"round_timeout": 60, "expire_policy": "expire"}
+
+
+def _sampled(redis, k=4, quorum=2, clients=CLIENTS, seed="pinned-seed", name="fed", **cfg) -> RoundState:
     """A federation whose clients are registered before round 1 is drawn (as ``train`` sees it from round 2)."""
-    state = make_state(redis, quorum=quorum, clients_per_round=k, seed="pinned-seed", **cfg)
-    registry = ClientRegistry(redis, "fed")
+    state = make_state(redis, name=name, quorum=quorum, clients_per_round=k, seed=seed, **{**DEADLINE, **cfg})
+    registry = ClientRegistry(redis, name)
     for c in clients:
         registry.add(c)
-    state.abort("fed", 1, "clients registered: draw again", now=1000.0)
+    state.abort(name, 1, "clients registered: draw again", now=1000.0)
     return state
 
 
-def _finish(state, r, clients):
+def _finish(state, r, clients, federation="fed"):
     for c in clients:
-        reply = state.register("fed", r, record(c))
+        reply = state.register(federation, r, record(c))
     assert reply.status == "fired"
-    state.finalize("fed", r, reply.epoch, f"k{r}", MANIFEST)
+    state.finalize(federation, r, reply.epoch, f"k{r}", MANIFEST)
 
 
 @pytest.mark.services
@@ -79,7 +85,7 @@ def test_revoked_clients_are_never_drawn(either_redis):
 
 
 def test_too_few_active_clients_leaves_the_round_open_to_all(either_redis):
-    state = make_state(either_redis, quorum=2, clients_per_round=3)
+    state = make_state(either_redis, quorum=2, clients_per_round=3, **DEADLINE)
     assert state.round("fed", 1).selected == ()  # drawn before anyone was registered
     registry = ClientRegistry(either_redis, "fed")
     registry.add("a")
@@ -99,7 +105,7 @@ def test_an_unsampled_federation_never_refuses(either_redis):
 
 
 def test_every_opening_script_draws(either_redis):
-    state = _sampled(either_redis, k=4, quorum=4, round_timeout=10, expire_policy="expire")  # round 2 via abort
+    state = _sampled(either_redis, k=4, quorum=4, round_timeout=10)  # round 2 via abort
     assert state.round("fed", 2).selected == draw("pinned-seed", 2, CLIENTS, 4)
     assert state.close("fed", 2, "deadline", now=5000.0).status == "expired"
     assert state.round("fed", 3).selected == draw("pinned-seed", 3, CLIENTS, 4)
@@ -123,3 +129,41 @@ def test_next_selected_round_is_the_first_draw_that_has_the_client():
         assert r is not None and r > 10
         assert client in draw("seed", r, CLIENTS, 2)
         assert all(client not in draw("seed", q, CLIENTS, 2) for q in range(11, r))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needs"),
+    [
+        ({"clients_per_round": 2}, "--round-timeout"),  # the finding: K 2, quorum 2, no deadline
+        ({"clients_per_round": 3, "round_timeout": 60}, "--expire-policy expire"),  # extend waits on the same draw
+        ({"clients_per_round": 3, "round_timeout": 60, "expire_policy": "extend", "min_quorum": 1}, "expire"),
+    ],
+)
+def test_a_sampled_federation_that_could_wait_for_ever_is_refused(either_redis, cfg, needs):
+    state = RoundState(either_redis)
+    with pytest.raises(ConfigError, match=needs) as refused:
+        state.create_federation(FederationConfig(name="fed", base_model="tiny", quorum=2, **cfg), Decl())
+    assert "for ever" in str(refused.value)
+    assert either_redis.keys("*") == []  # nothing written
+    ok = FederationConfig(name="fed", base_model="tiny", quorum=2, **{**cfg, **DEADLINE})
+    assert state.create_federation(ok, Decl()).status == "created"
+
+
+def test_the_seed_is_secret_and_draws_differ_between_federations(either_redis):
+    """Two federations with the same public parameters and clients draw differently: the seed is theirs alone."""
+    feds = ("fed-a", "fed-b")
+    state = _sampled(either_redis, k=3, name=feds[0], seed=None)
+    _sampled(either_redis, k=3, name=feds[1], seed=None)
+    seeds = {state.selection_seed(f) for f in feds}
+    assert len(seeds) == 2 and all(len(s) == 32 for s in seeds)
+    for f in feds:  # not among anything a client may read of its federation
+        public = [*either_redis.hvals(FederationKeys(f).meta), *either_redis.hvals(FederationKeys(f).round(2))]
+        assert not any(seed in value for seed in seeds for value in public)
+    draws: dict[str, list[tuple[str, ...]]] = {f: [] for f in feds}
+    for r in range(2, 12):  # ten draws of 3 in 12 each: equal by chance with probability 220**-10
+        for f in feds:
+            selected = state.round(f, r).selected
+            assert selected == draw(state.selection_seed(f), r, CLIENTS, 3)
+            draws[f].append(selected)
+            _finish(state, r, selected[:2], federation=f)
+    assert draws[feds[0]] != draws[feds[1]]

@@ -61,10 +61,13 @@ local function draw_from(k, seed, clients, r)
   return chosen
 end
 
--- draw_from() with the federation's own clients_per_round and seed
-local function draw(meta, clients, r)
-  local cfg = redis.call('HMGET', meta, 'clients_per_round', 'selection_seed')
-  return draw_from(tonumber(cfg[1]) or 0, cfg[2] or '', clients, r)
+-- draw_from() with the federation's own clients_per_round and its secret seed (in the workers-only
+-- secrets hash, so no client can compute a draw before its round opens; a federation created before
+-- the seed moved there still has it in meta)
+local function draw(meta, secrets, clients, r)
+  local k = tonumber(redis.call('HGET', meta, 'clients_per_round')) or 0
+  local seed = redis.call('HGET', secrets, 'selection_seed') or redis.call('HGET', meta, 'selection_seed') or ''
+  return draw_from(k, seed, clients, r)
 end
 
 -- Open round r with the clients draw() chose: copy the federation's quorum settings, arm its
@@ -102,7 +105,8 @@ end
 -- The keys of a transition that may end the round and open the next one:
 -- KEYS[1] meta hash   KEYS[2] round hash   KEYS[3] next round hash   KEYS[4] events stream
 -- KEYS[5] deadlines zset   KEYS[6] leases zset   KEYS[7] clients hash (read: the next round's draw)
+-- KEYS[8] secrets hash (read: the draw's seed)
 local function transition_keys_wrong()
   return wrong_type({{KEYS[1], 'hash'}, {KEYS[2], 'hash'}, {KEYS[3], 'hash'}, {KEYS[4], 'stream'},
-    {KEYS[5], 'zset'}, {KEYS[6], 'zset'}, {KEYS[7], 'hash'}})
+    {KEYS[5], 'zset'}, {KEYS[6], 'zset'}, {KEYS[7], 'hash'}, {KEYS[8], 'hash'}})
 end

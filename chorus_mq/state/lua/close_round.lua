@@ -1,6 +1,6 @@
 -- Close an open round by deadline (beat's sweep) or by hand. Safe to run twice at once.
--- KEYS[1..7] the transition keys (see the prelude: meta, round, next round, events, deadlines,
---   leases, clients)
+-- KEYS[1..8] the transition keys (see the prelude: meta, round, next round, events, deadlines,
+--   leases, clients, secrets)
 -- ARGV[1..5] prelude convention
 -- ARGV[6] mode: 'deadline' or 'manual'   ARGV[7] lease deadline if the aggregation fires
 -- Reply {status, n, epoch, detail}; status is one of
@@ -32,7 +32,7 @@ if mode == 'manual' then return reply('too_few', n, 0, min_quorum) end
 
 local policy = redis.call('HGET', KEYS[1], 'expire_policy')
 if policy == 'expire' then
-  local selected = draw(KEYS[1], KEYS[7], ROUND + 1)
+  local selected = draw(KEYS[1], KEYS[8], KEYS[7], ROUND + 1)
   redis.call('HSET', KEYS[2], 'state', 'expired', 'closed_at', NOW)
   redis.call('ZREM', KEYS[5], ROUND)
   emit(KEYS[4], {type = 'round_expired', n = n, min_quorum = min_quorum})

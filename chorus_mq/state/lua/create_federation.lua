@@ -3,7 +3,7 @@
 -- KEYS[5] events stream   KEYS[6] deadlines zset   KEYS[7] clients hash   KEYS[8] secrets hash
 -- KEYS[9] round 0 hash   KEYS[10] round 1 hash
 -- ARGV[1..5] prelude convention (round = 1)
--- ARGV[6] selection seed (public)   ARGV[7] DP noise key (secret)   ARGV[8] inbox consumer group
+-- ARGV[6] selection seed (secret: kept in the secrets hash)   ARGV[7] DP noise key (secret)   ARGV[8] inbox consumer group
 -- ARGV[9] initial adapter's manifest key ('' = none)   ARGV[10] its sha256
 -- ARGV[11] clients per round (also among the config pairs; here so round 1 is drawn before any write)
 -- ARGV[12] C, ARGV[13] M, ARGV[14] X: how many config, module and extra pairs follow, in that order:
@@ -36,8 +36,9 @@ end
 local at = put_pairs(KEYS[1], 15, n_cfg)
 at = put_pairs(KEYS[2], at, n_mod)
 put_pairs(KEYS[3], at, n_extra)
-redis.call('HSET', KEYS[1], 'created_at', NOW, 'latest_complete', 0, 'selection_seed', seed)
+redis.call('HSET', KEYS[1], 'created_at', NOW, 'latest_complete', 0)
 redis.call('HSETNX', KEYS[8], 'noise_key', noise_key)
+redis.call('HSETNX', KEYS[8], 'selection_seed', seed)
 if initial ~= '' then
   redis.call('HSET', KEYS[9], 'state', 'complete', 'epoch', 0, 'n', 0, 'quorum', 0, 'min_quorum', 0,
     'opened_at', NOW, 'deadline', 0, 'completed_at', NOW, 'manifest', initial, 'manifest_sha256', initial_sha)

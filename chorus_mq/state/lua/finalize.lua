@@ -1,5 +1,5 @@
 -- Commit an aggregation: compare-and-set on the round's epoch (the fencing token), then open the next round.
--- KEYS[1..7] the transition keys (see the prelude)
+-- KEYS[1..8] the transition keys (see the prelude)
 -- ARGV[1..5] prelude convention
 -- ARGV[6] epoch the caller aggregated under   ARGV[7] manifest object key   ARGV[8] manifest sha256
 -- ARGV[9] result summary (JSON object, merged into the round_complete event)
@@ -17,7 +17,7 @@ if r[1] ~= 'aggregating' then return reply('bad_state', r[3], r[2], r[1] or 'mis
 if tonumber(r[2]) ~= epoch then return reply('stale', r[3], r[2], '') end
 
 local ev = cjson.decode(ARGV[9])
-local selected = draw(KEYS[1], KEYS[7], ROUND + 1)
+local selected = draw(KEYS[1], KEYS[8], KEYS[7], ROUND + 1)
 redis.call('HSET', KEYS[2], 'state', 'complete', 'completed_at', NOW, 'manifest', manifest,
   'manifest_sha256', manifest_sha)
 redis.call('ZREM', KEYS[6], ROUND)
