@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-import time
 from urllib.parse import unquote, urlsplit
 
 import redis as redis_lib
@@ -59,21 +58,25 @@ def ensure_functions(settings: Settings, redis: redis_lib.Redis, *, replace: boo
     return load_functions(redis, inbox_limits(settings), replace=True)
 
 
-def keep_functions_loaded(settings: Settings, interval_s: float = 30.0) -> threading.Thread:
+def keep_functions_loaded(
+    settings: Settings, interval_s: float = 30.0, stop: threading.Event | None = None
+) -> threading.Thread:
     """Load the library now (with this worker's limits) and check every ``interval_s`` that Redis still has it
-    (a Redis restarted without its AOF loses it), in a daemon thread that outlives Redis outages."""
+    (a Redis restarted without its AOF loses it), in a daemon thread that outlives Redis outages (until
+    ``stop`` is set; a worker never sets it)."""
     redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=10)
+    stopped = stop or threading.Event()
 
     def run() -> None:
         replace = True
-        while True:
+        while not stopped.is_set():
             try:
                 if ensure_functions(settings, redis, replace=replace):
                     log.info("loaded the inbox append function (%s)", inbox_limits(settings))
                 replace = False
             except redis_lib.RedisError as exc:
                 log.warning("could not load the inbox append function yet: %s", exc)
-            time.sleep(interval_s)
+            stopped.wait(interval_s)
 
     thread = threading.Thread(target=run, name="chorus-functions", daemon=True)
     thread.start()

@@ -4,6 +4,7 @@ that is not on this machine (issue 15, finding 11), and the bounded inbox append
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,15 @@ def test_worker_and_beat_refuse_to_start_with_a_shipped_password(command, tmp_pa
 @pytest.mark.services
 def test_a_worker_keeps_the_append_function_loaded(real_redis):
     real_redis.function_flush()
-    keep_functions_loaded(Settings(redis_url=url_of(real_redis)), interval_s=0.2)
-    wait_for(lambda: loaded(real_redis), 10, "the library to be loaded")
-    real_redis.function_flush()  # e.g. a Redis restarted without its AOF
-    wait_for(lambda: loaded(real_redis), 10, "the library to be loaded again")
+    stop = threading.Event()
+    keeper = keep_functions_loaded(Settings(redis_url=url_of(real_redis)), interval_s=0.2, stop=stop)
+    try:
+        wait_for(lambda: loaded(real_redis), 10, "the library to be loaded")
+        real_redis.function_flush()  # e.g. a Redis restarted without its AOF
+        wait_for(lambda: loaded(real_redis), 10, "the library to be loaded again")
+    finally:
+        stop.set()
+        keeper.join(5)
+    assert not keeper.is_alive()
     source = str(real_redis.function_list(library="chorus", withcode=True))  # the worker's limits, written in
     assert "local MAX_RECORD_BYTES = 16384" in source and "local MAX_RECORDS = 64" in source
