@@ -254,6 +254,11 @@ class ScriptStatus(_Choice):
     RENEWED = "renewed"
     ABORTED = "aborted"
     RECORDED = "recorded"
+    #: judge.lua: the inbox entry was judged before / a drop counted / a rejection published / a repeat counted
+    JUDGED = "judged"
+    DROPPED = "dropped"
+    PUBLISHED = "published"
+    COUNTED = "counted"
     #: a key the script would write holds another Redis type: nothing was changed
     WRONG_TYPE = "wrong_type"
 
