@@ -420,7 +420,8 @@ class ChorusClient:
             f"{inbox} of {msg.federation!r} (appended at {_redacted(self.settings.redis_url)}) and no worker has "
             "judged it. The ingest workers may be down or behind (`chorus-mq worker --role ingest`); the record "
             "stays in the inbox and is judged when they are back, so waiting again for the same upload is safe. "
-            "A record whose signature does not verify is dropped without an answer (`status` counts those)"
+            "Records whose signature does not verify, and records over the client's rate budget "
+            "(CHORUS_INBOX_RATE_PER_S), are dropped without an answer (`status` counts those)"
         )
 
     def _repeated_rejection(self, msg: IngestMessage) -> tuple[str, str] | None:
