@@ -283,7 +283,7 @@ def read_group(
 ) -> list[InboxEntry]:
     """New entries of every given inbox, at most ``count`` from each, for ``consumer`` of the shared group.
 
-    One XREADGROUP over all of them, blocking up to ``block_ms`` (None: not at all) for the first
+    One XREADGROUP over all of them, blocking up to ``block_ms`` (0 or None: not at all) for the first
     entry, read without decoding (a client's bytes are not promised to be text) and decoded per
     entry. When that read fails (an inbox without the group, a key of another type), each inbox
     is read on its own, so one inbox's failure reaches no other's entries; inboxes without the
@@ -295,7 +295,7 @@ def read_group(
         return []
     by_key = {inbox.key: inbox for inbox in inboxes}
     args: list[Any] = ["XREADGROUP", "GROUP", INBOX_GROUP, consumer, "COUNT", count]
-    if block_ms is not None:
+    if block_ms:  # 0 or None: do not block (Redis reads BLOCK 0 as "forever")
         args += ["BLOCK", block_ms]
     args += ["STREAMS", *by_key, *([">"] * len(by_key))]
     try:
