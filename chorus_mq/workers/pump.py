@@ -202,7 +202,9 @@ class InboxPump:
         for key, batch in grouped.items():
             inbox = by_key[key]
             try:
-                if budget:
+                if budget and inbox.client is not None:
+                    # registered clients' own inboxes; the development-mode shared inbox (unregistered
+                    # clients, CHORUS_ALLOW_UNSIGNED) serves many senders and is bounded by in-flight work only
                     batch = self._within_budget(inbox, batch)
                 for entry in batch:
                     handled += self._handle(inbox, entry)
