@@ -207,7 +207,12 @@ class InboxPump:
                     # clients, CHORUS_ALLOW_UNSIGNED) serves many senders and is bounded by in-flight work only
                     batch = self._within_budget(inbox, batch)
                 for entry in batch:
-                    handled += self._handle(inbox, entry)
+                    try:
+                        handled += self._handle(inbox, entry)
+                    except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.ResponseError):
+                        raise
+                    except Exception:  # a bug on one record: it stays pending (claimed again later), the rest go on
+                        log.exception("inbox %s: record %s could not be handled; it stays pending", inbox.key, entry.id)
             except redis_lib.ResponseError as exc:  # this inbox's state is broken: its entries wait
                 log.warning("inbox %s: %s; its entries stay pending", inbox.key, exc)
         return handled
