@@ -9,6 +9,7 @@ create federations and manage clients. Read-only paths import no torch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -21,6 +22,7 @@ import redis as redis_lib
 
 from .errors import (
     AuthError,
+    ChorusError,
     ConfigError,
     NotFound,
     ObjectExists,
@@ -37,7 +39,7 @@ from .messages import ClientDP, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
 from .settings import Settings
-from .state import EventLog, FederationConfig, RoundState
+from .state import EventLog, FederationConfig, FederationKeys, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
@@ -441,23 +443,49 @@ class ChorusClient:
         )
         if not wait:
             return result
-        for event in log.follow(after, deadline=time.monotonic() + timeout):
-            # The stream is the federation's: another client can reuse this upload_id on its own records.
-            if event is None or (event.fields.get("upload_id"), event.fields.get("client")) != (
-                msg.upload_id,
-                msg.client_id,
-            ):
+        started = checked = time.monotonic()
+        for event in log.follow(after, deadline=started + timeout):
+            if event is None or time.monotonic() - checked > 2:
+                # a repeated rejection is counted in its round, not published: look there now and then
+                checked = time.monotonic()
+                repeated = self._repeated_rejection(msg)
+                if repeated is not None:
+                    raise Rejected(*repeated)
+            if event is None:
+                continue
+            # the stream is the federation's: another client can reuse this upload_id on its own records
+            if event.fields.get("upload_id") != msg.upload_id or event.fields.get("client") != msg.client_id:
                 continue
             if event.type == EventType.DELTA_REJECTED:
                 raise Rejected(str(event.fields.get("reason")), str(event.fields.get("code", "rejected")))
             if event.type == EventType.DELTA_ACCEPTED:
                 status = "duplicate" if event.fields.get("duplicate") else "accepted"
                 return dataclasses.replace(result, status=status, round=event.round, n=event.fields.get("n"))
+        inbox = "its own inbox" if owner else "the federation's shared inbox"
         raise Timeout(
-            f"no verdict for upload {msg.upload_id} within {timeout:.0f}s: is an ingest worker running "
-            f"(`chorus-mq worker`) against {_redacted(self.settings.redis_url)}? Records whose "
-            "signature does not verify get no answer: check this client's secret (CHORUS_CLIENT_SECRET)"
+            f"no verdict yet for upload {msg.upload_id} after {time.monotonic() - started:.0f}s: its record is in "
+            f"{inbox} of {msg.federation!r} (appended at {_redacted(self.settings.redis_url)}) and no worker has "
+            "judged it. The ingest workers may be down or behind (`chorus-mq worker --role ingest`); the record "
+            "stays in the inbox and is judged when they are back, so waiting again for the same upload is safe. "
+            "Records whose signature does not verify, and records over the client's rate budget "
+            "(CHORUS_INBOX_RATE_PER_S), are dropped without an answer (`status` counts those)"
         )
+
+    def _repeated_rejection(self, msg: IngestMessage) -> tuple[str, str] | None:
+        """(reason, code) when the workers rejected this upload as a repeat (counted in its round, not published)."""
+        keys = FederationKeys(msg.federation)
+        try:
+            rounds = [msg.round] if msg.round else [self.state.current_round(msg.federation)]
+            for r in rounds:
+                raw = self.redis.hget(keys.rejections(r), f"last:{msg.client_id}")
+                if raw is None:
+                    continue
+                last = json.loads(raw)
+                if isinstance(last, dict) and last.get("upload_id") == msg.upload_id:
+                    return str(last.get("reason", "")), str(last.get("code", "rejected"))
+        except (redis_lib.RedisError, ChorusError, ValueError):
+            return None  # unreadable now: keep waiting for the event
+        return None
 
     # -- events --------------------------------------------------------------------------------
 

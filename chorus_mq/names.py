@@ -276,6 +276,11 @@ class ScriptStatus(_Choice):
     #: redispatch: re-send the epoch's missing tasks / a re-send made no progress (reclaim instead)
     RESEND = "resend"
     STUCK = "stuck"
+    #: judge.lua: the inbox entry was judged before / a drop counted / a rejection published / a repeat counted
+    JUDGED = "judged"
+    DROPPED = "dropped"
+    PUBLISHED = "published"
+    COUNTED = "counted"
     #: a key the script would write holds another Redis type: nothing was changed
     WRONG_TYPE = "wrong_type"
 

@@ -63,8 +63,17 @@ class Settings(BaseSettings):
     max_inbox_record_bytes: int = Field(default=16 * 1024, ge=1, le=512 * 1024)
     #: records one client's inbox may hold (read or not) before the append function refuses more
     inbox_max_records: int = Field(default=64, ge=1)
-    #: entries a dead pump left pending this long are claimed by another
-    inbox_claim_idle_s: float = 30.0
+    #: an entry stays pending until its verdict is stored; one pending this long (its pump or worker died,
+    #: its task was lost) is claimed and queued again, so every record gets a verdict within about
+    #: 4/3 of this after the services are back
+    inbox_claim_idle_s: float = Field(default=30.0, gt=0)
+    #: a client's inbox is not read while this many of its entries await their verdict (bounds the ingest
+    #: queue per client; at most this plus one pass's worth, 64, are queued)
+    inbox_max_in_flight: int = Field(default=8, ge=1)
+    #: each inbox's rate budget: a token bucket refilled at this many records per second ...
+    inbox_rate_per_s: float = Field(default=2.0, gt=0)
+    #: ... holding at most this many; records over the budget are dropped and counted (``rate_limited``)
+    inbox_burst: int = Field(default=30, ge=1)
     #: how long one pump read blocks waiting for records
     inbox_block_ms: int = 1000
 

@@ -119,6 +119,17 @@ class FederationKeys:
         """Hash: reason code -> count of inbox records dropped before authentication."""
         return f"{self._base}:rejected"
 
+    def rate(self, client: str | None) -> str:
+        """Hash with a TTL: the token bucket (``tokens``, ``at``) of a client's inbox, or of the federation-wide
+        one (``None``): the inbox's rate budget (workers only)."""
+        if client is None:
+            return f"{self._base}:rate"
+        return f"{self._base}:rate:{check_name(client, 'client id')}"
+
+    def fetch_lock(self, client: str, sha256: str) -> str:
+        """String with a TTL: one worker fetches and judges an object at a time (redis-py ``Lock``)."""
+        return f"{self._base}:fetch:{check_name(client, 'client id')}:{sha256}"
+
     def round(self, r: int) -> str:
         return f"{self._base}:round:{int(r)}"
 
@@ -129,6 +140,16 @@ class FederationKeys:
 
     def deltas(self, r: int) -> str:
         return f"{self.round(r)}:deltas"
+
+    def verdicts(self, r: int) -> str:
+        """Hash with a TTL: ``client|sha256|size`` -> the verdict on those bytes in round ``r`` (JSON), so an
+        object already judged is never fetched again."""
+        return f"{self.round(r)}:verdicts"
+
+    def rejections(self, r: int) -> str:
+        """Hash: ``client|code`` -> rejections of the client in round ``r`` under that code (only the first is
+        published), and ``last:client`` -> its latest rejection (JSON: upload_id, code, reason, count)."""
+        return f"{self.round(r)}:rejections"
 
     def plan(self, r: int) -> str:
         return f"{self.round(r)}:plan"

@@ -304,16 +304,26 @@ class RoundState:
 
     # -- transitions -------------------------------------------------------------------------
 
-    def register(self, federation: str, r: int, record: DeltaRecord, now: float | None = None) -> Reply:
-        """Register a validated delta in round ``r``.
+    def register(
+        self,
+        federation: str,
+        r: int,
+        record: DeltaRecord,
+        now: float | None = None,
+        *,
+        inbox: tuple[str, str] | None = None,
+    ) -> Reply:
+        """Register a validated delta in round ``r``; ``inbox`` (stream key, entry id) is the record it came
+        from, retired in the same transition when the verdict accepts it.
 
         Status: accepted | fired (this call fired the quorum; ``epoch`` is the aggregation's) |
         duplicate | conflict | evicted | closed | not_selected | no_round (see register_delta.lua).
         """
         now = time.time() if now is None else now
         k = FederationKeys(federation)
+        stream, entry = inbox or (k.inbox, "")
         return self.scripts.register_delta(
-            keys=[k.round(r), k.deltas(r), k.events, k.deadlines, k.leases],
+            keys=[k.round(r), k.deltas(r), k.events, k.deadlines, k.leases, stream],
             args=[
                 *self._args(federation, r, now),
                 record.client_id,
@@ -321,6 +331,8 @@ class RoundState:
                 record.to_json(),
                 record.upload_id,
                 repr(now + self.lease_s),
+                entry,
+                INBOX_GROUP,
             ],
         )
 

@@ -48,3 +48,5 @@ class Scripts:
         self.abort_round = Script(redis, "abort_round")
         self.shard_done = Script(redis, "shard_done")
         self.emit = Script(redis, "emit")
+        self.judge = Script(redis, "judge")
+        self.take_tokens = Script(redis, "take_tokens")

@@ -4,16 +4,24 @@ index, register (atomically) and maybe fire the quorum.
 Order matters: everything cheap and everything that needs no bytes comes first (parse, identity,
 round, size), then the header checks against the federation's declared model (before any tensor
 data is read), then the full read (finite values, per-module digests and update norms).
+
+The inbox entry the record came from stays pending in its consumer group until the verdict is
+stored, and is retired in the same Lua transition that stores it (``register_delta`` for an
+acceptance, ``judge`` for everything else): a worker or Redis dying before that leaves the entry
+for the pump to claim again; after it, a redelivered task finds nothing to redo. A (client,
+sha256) judged once in a round is answered from that verdict without fetching the object again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ..adapters import DeltaFile, DeltaIndex, build_index, check_delta
+from ..adapters import DeltaFile, DeltaIndex, ModelDecl, build_index, check_delta
 from ..errors import (
     AuthError,
     ChorusError,
@@ -25,6 +33,8 @@ from ..errors import (
     ObjectExists,
     ObjectMissing,
     RoundClosed,
+    ServiceUnavailable,
+    TooLarge,
     Unauthenticated,
     UnknownFederation,
     UnknownRound,
@@ -33,11 +43,13 @@ from ..errors import (
 from ..ids import check_name
 from ..layout import accepted_key, delta_key, index_key
 from ..messages import IngestMessage
-from ..names import EventType, RoundStatus, Task
-from ..state import EventLog, FederationConfig
+from ..names import RoundStatus, ScriptStatus, Task
+from ..settings import Settings
+from ..state import FederationConfig, FederationKeys, Inbox
+from ..state.protocol import opt_text
 from ..state.rounds import DeltaRecord
 from . import auth
-from .declared import declared_model, present_bitmap, tensor_bytes
+from .declared import Declared, declared_model, present_bitmap, tensor_bytes
 from .dispatch import Dispatcher
 from .metrics import METRICS
 from .runtime import Runtime
@@ -56,6 +68,32 @@ REJECTABLE = (
     ObjectMissing,
     AuthError,
 )
+
+
+#: a remembered verdict on a (client, sha256) lives this long (a round's worth of repeats)
+VERDICT_TTL_S = 7 * 24 * 3600
+#: bytes per element of the widest dtype a delta may hold (F64)
+_WIDEST = 8
+#: the safetensors length prefix
+_PREFIX = 8
+
+
+class _Remembered(ChorusError):
+    """A verdict given before on the same bytes, given again without fetching them."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def max_delta_size(decl: ModelDecl, settings: Settings) -> int:
+    """The largest object a delta for this declared model can be: every declared module at
+    ``CHORUS_MAX_RANK`` in the widest dtype, every declared extra, the largest header allowed; never
+    above ``CHORUS_MAX_DELTA_BYTES``."""
+    factors = sum(settings.max_rank * (d_out + d_in) for d_out, d_in in decl.modules.values())
+    extras = sum(math.prod(shape) for shape in decl.extras.values())
+    bound = _PREFIX + settings.max_header_bytes + _WIDEST * (factors + extras)
+    return min(settings.max_delta_bytes, bound)
 
 
 @dataclass(frozen=True)
@@ -81,72 +119,167 @@ def ingest(
     try:
         check_name(federation, "federation name")
         rt.state.meta(federation)
+        inbox = Inbox(rt.redis, federation, inbox_client)
     except (ConfigError, UnknownFederation) as exc:  # no such federation: nobody to tell, nothing to count
         log.warning("dropped inbox record %s: %s", entry_id, exc)
         METRICS.deltas.labels(outcome="dropped", code=exc.code).inc()
         return Verdict(False, federation, None, "", "", exc.code, str(exc))
     try:
-        msg = _parse(rt, federation, raw)
-        if inbox_client is not None and msg.client_id != inbox_client:
-            raise Unauthenticated(f"a record in {inbox_client!r}'s inbox claims to be from {msg.client_id!r}")
+        msg = parse_record(federation, inbox_client, raw, rt.settings.max_inbox_record_bytes)
     except (InvalidAdapter, Unauthenticated) as exc:
-        return _drop(rt, federation, entry_id, None, exc)
+        return _drop(rt, inbox, entry_id, None, exc)
+    r: int | None = msg.round
     try:
-        return _ingest(rt, msg, dispatch)
+        r = msg.round or rt.state.current_round(msg.federation)
+        return _ingest(rt, inbox, entry_id, msg, r, dispatch)
     except Unauthenticated as exc:
-        return _drop(rt, federation, entry_id, msg, exc)
+        return _drop(rt, inbox, entry_id, msg, exc)
     except UnknownFederation as exc:
-        return _drop(rt, federation, entry_id, msg, exc)
-    except REJECTABLE as exc:
-        return _reject(rt, msg, exc)
+        return _drop(rt, inbox, entry_id, msg, exc)
+    except (*REJECTABLE, _Remembered) as exc:
+        return _reject(rt, inbox, entry_id, msg, r or 0, exc)
 
 
-def _parse(rt: Runtime, federation: str, raw: Any) -> IngestMessage:
+def parse_record(federation: str, inbox_client: str | None, raw: Any, max_bytes: int) -> IngestMessage:
+    """The message an inbox record carries, held to the inbox it was found in (the pump and the ingest task
+    both parse with this); :class:`InvalidAdapter` for junk, :class:`Unauthenticated` for a record that
+    claims another sender than its inbox's owner."""
     if isinstance(raw, str):
-        msg = IngestMessage.from_record({"m": raw}, rt.settings.max_inbox_record_bytes)
+        msg = IngestMessage.from_record({"m": raw}, max_bytes)
     else:
         msg = IngestMessage.parse(raw)
     if msg.federation != federation:
         raise Unauthenticated(f"a record in {federation!r}'s inbox names federation {msg.federation!r}")
-    return msg
-
-
-def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
-    started = time.perf_counter()
-    config = rt.state.config(msg.federation)
+    if inbox_client is not None and msg.client_id != inbox_client:
+        raise Unauthenticated(f"a record in {inbox_client!r}'s inbox claims to be from {msg.client_id!r}")
     try:
         check_name(msg.client_id, "client id")
     except ConfigError as exc:
         raise Unauthenticated(str(exc)) from None
-    r = auth.verify(rt, msg, msg.round or rt.state.current_round(msg.federation))
+    return msg
+
+
+def _remembered(rt: Runtime, msg: IngestMessage, r: int, inbox: Inbox, entry_id: str) -> Verdict | None:
+    """The verdict on this (client, sha256) in round ``r`` when it was judged before: an acceptance is
+    registered again (a duplicate, retiring the entry), a rejection raised again; None: judge it."""
+    keys = FederationKeys(msg.federation)
+    raw = opt_text(rt.redis.hget(keys.deltas(r), msg.client_id))
+    if raw is not None:
+        record = DeltaRecord.from_json(raw)
+        if record.sha256 == msg.sha256 and record.size == msg.size:
+            record = replace(record, upload_id=msg.upload_id)
+            reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
+            if reply.status == ScriptStatus.DUPLICATE:
+                METRICS.deltas.labels(outcome="duplicate", code="remembered").inc()
+                return Verdict(True, msg.federation, r, msg.client_id, msg.upload_id, reply.status)
+    known = opt_text(rt.redis.hget(keys.verdicts(r), f"{msg.client_id}|{msg.sha256}"))
+    if known is not None:
+        try:
+            verdict = json.loads(known)
+            size, code, reason = int(verdict["size"]), str(verdict["code"]), str(verdict["reason"])
+        except (ValueError, KeyError, TypeError):
+            return None  # not what a worker wrote: judge it afresh
+        if size == msg.size:
+            METRICS.deltas.labels(outcome="rejected", code="remembered").inc()
+            raise _Remembered(code, reason)
+    return None
+
+
+def _remember(rt: Runtime, msg: IngestMessage, r: int, exc: ChorusError) -> None:
+    """Keep a verdict that follows from the bytes alone (they hashed to the claimed sha256)."""
+    key = FederationKeys(msg.federation).verdicts(r)
+    value = json.dumps({"size": msg.size, "code": getattr(exc, "code", "rejected"), "reason": str(exc)})
+    with rt.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, f"{msg.client_id}|{msg.sha256}", value)
+        pipe.expire(key, VERDICT_TTL_S)
+        pipe.execute()
+
+
+def _ingest(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage, r: int, dispatch: Dispatcher) -> Verdict:
+    started = time.perf_counter()
+    config = rt.state.config(msg.federation)
+    r = auth.verify(rt, msg, r)
     if msg.dataset_size is not None and msg.dataset_size > rt.settings.max_dataset_size:
         raise InvalidAdapter(
             f"dataset size {msg.dataset_size:g} is over the limit of "
             f"{rt.settings.max_dataset_size:g} (CHORUS_MAX_DATASET_SIZE)"
         )
-    _precheck_round(rt, msg, r)
-
-    source = _source_key(rt, msg, r)
     decl = declared_model(rt, msg.federation, config)
+    cap = max_delta_size(decl.decl, rt.settings)
+    if msg.size > cap:
+        raise TooLarge(
+            f"the message says the object is {msg.size} bytes; a delta of this federation's declared model "
+            f"is at most {cap} bytes (every declared module at rank CHORUS_MAX_RANK={rt.settings.max_rank})"
+        )
+    # one worker at a time fetches a given object; the others then find its verdict. The lock lasts as long
+    # as an entry may wait before it is claimed again: a dead holder delays the next try no further
+    hold = rt.settings.inbox_claim_idle_s
+    lock = rt.redis.lock(
+        FederationKeys(msg.federation).fetch_lock(msg.client_id, msg.sha256), timeout=hold, blocking_timeout=hold
+    )
+    if not lock.acquire():
+        raise ServiceUnavailable(f"another worker is still judging {msg.client_id}'s object {msg.sha256[:12]}...")
+    try:
+        remembered = _remembered(rt, msg, r, inbox, entry_id)
+        if remembered is not None:
+            return remembered
+        _precheck_round(rt, msg, r)
+        index, size, etag = _fetch_and_check(rt, msg, r, decl, cap, config)
+        return _register(rt, inbox, entry_id, msg, r, config, decl.modules, index, size, etag, dispatch, started)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired or Redis gone: the lock times out on its own
+            log.debug("fetch lock of %s/%s already released", msg.client_id, msg.sha256[:12])
+
+
+def _fetch_and_check(
+    rt: Runtime, msg: IngestMessage, r: int, decl: Declared, cap: int, config: FederationConfig
+) -> tuple[DeltaIndex, int, str | None]:
+    """Fetch (once), re-hash and validate the object; a verdict that follows from its bytes is remembered."""
+    source = delta_key(msg.federation, msg.client_id, msg.sha256)
     # file:// hashes the object in place; s3:// downloads it to the spool. The size limit is checked first.
-    with rt.store.local_copy(
-        source, expected_sha256=msg.sha256, max_bytes=rt.settings.max_delta_bytes, spool_dir=rt.spool
-    ) as local:
+    with rt.store.local_copy(source, expected_sha256=msg.sha256, max_bytes=cap, spool_dir=rt.spool) as local:
         etag = local.etag
         size = local.path.stat().st_size
+        METRICS.fetches.inc()
+        log.info("fetched %s (%d bytes) for round %s", source, size, r)
         if size != msg.size:
             raise InvalidAdapter(f"object is {size} bytes but the message says {msg.size}")
-        with DeltaFile.open(
-            local.path, max_header_bytes=rt.settings.max_header_bytes, max_tensors=decl.decl.max_tensors
-        ) as delta:
-            check_delta(
-                delta, decl.decl, max_pattern_entries=rt.settings.max_pattern_entries, max_rank=rt.settings.max_rank
-            )  # header only: before any tensor data is read
-            index = build_index(delta)  # reads every tensor once: finite, digests, norms
-    _check_norms(index, config)
+        try:  # the bytes hash to the claimed sha256: what they fail now, they fail for good
+            with DeltaFile.open(
+                local.path, max_header_bytes=rt.settings.max_header_bytes, max_tensors=decl.decl.max_tensors
+            ) as delta:
+                check_delta(
+                    delta, decl.decl, max_pattern_entries=rt.settings.max_pattern_entries, max_rank=rt.settings.max_rank
+                )  # header only: before any tensor data is read
+                index = build_index(delta)  # reads every tensor once: finite, digests, norms
+            _check_norms(index, config)
+        except InvalidAdapter as exc:
+            _remember(rt, msg, r, exc)
+            raise
     METRICS.bytes_in.labels(task="ingest").inc(size)
 
+    return index, size, etag
+
+
+def _register(
+    rt: Runtime,
+    inbox: Inbox,
+    entry_id: str,
+    msg: IngestMessage,
+    r: int,
+    config: FederationConfig,
+    modules: tuple[str, ...],
+    index: DeltaIndex,
+    size: int,
+    etag: str | None,
+    dispatch: Dispatcher,
+    started: float,
+) -> Verdict:
+
     # the worker's own copy, out of the client's writable prefix, and the index shards will read by
+    source = delta_key(msg.federation, msg.client_id, msg.sha256)
     key = accepted_key(msg.federation, msg.client_id, msg.sha256)
     try:
         rt.store.copy(source, key, if_etag=etag)  # the bytes that were verified, not a swapped object
@@ -161,8 +294,8 @@ def _ingest(rt: Runtime, msg: IngestMessage, dispatch: Dispatcher) -> Verdict:
         # host's BLAS), so the stored index is the one every reader checks against
         index_bytes = rt.store.get_bytes(ikey)
         index = DeltaIndex.from_json(index_bytes)
-    record = _record(msg, size, key, ikey, index_bytes, index, decl.modules)
-    reply = rt.state.register(msg.federation, r, record)
+    record = _record(msg, size, key, ikey, index_bytes, index, modules)
+    reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
     if reply.status == "conflict":
         raise DuplicateDelta(
             f"client {msg.client_id!r} already has a different delta (sha256 {reply.detail[:12]}...) in round {r}"
@@ -250,21 +383,28 @@ def _not_selected_reason(rt: Runtime, msg: IngestMessage, r: int) -> str:
     )
 
 
-def _reject(rt: Runtime, msg: IngestMessage, exc: ChorusError) -> Verdict:
-    """An authenticated client's delta was refused: tell it why, in its federation's stream."""
+def _reject(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage, r: int, exc: ChorusError) -> Verdict:
+    """An authenticated client's delta was refused: tell it why in its federation's stream (the first time per
+    round and reason; repeats are counted), and retire its entry in the same transition."""
     reason = str(exc)
     code = getattr(exc, "code", "rejected")
-    log.warning("rejected delta %s/%s: %s", msg.federation, msg.client_id, reason)
+    event = {"client": msg.client_id, "upload_id": msg.upload_id, "sha256": msg.sha256, "reason": reason, "code": code}
+    event["round"] = msg.round or 0
+    reply = inbox.reject(rt.state.scripts, entry_id, r, msg.client_id, code, event, maxlen=rt.settings.events_maxlen)
+    if reply.status == ScriptStatus.JUDGED:
+        log.info("inbox entry %s of %s was judged before; nothing to add", entry_id, inbox.key)
+    elif reply.status == ScriptStatus.COUNTED:
+        if _is_power_of_ten(reply.n):  # the log grows with the logarithm of the repeats
+            log.warning(
+                "rejected delta %s/%s x%d (repeats are counted, not published): %s",
+                msg.federation,
+                msg.client_id,
+                reply.n,
+                reason,
+            )
+    else:
+        log.warning("rejected delta %s/%s: %s", msg.federation, msg.client_id, reason)
     METRICS.deltas.labels(outcome="rejected", code=code).inc()
-    EventLog(rt.redis, msg.federation, rt.settings.events_maxlen, rt.state.scripts).emit(
-        EventType.DELTA_REJECTED,
-        msg.round or 0,
-        client=msg.client_id,
-        upload_id=msg.upload_id,
-        sha256=msg.sha256,
-        reason=reason,
-        code=code,
-    )
     _discard_upload(rt, msg)
     return Verdict(False, msg.federation, msg.round, msg.client_id, msg.upload_id, code, reason)
 
@@ -281,21 +421,21 @@ def _discard_upload(rt: Runtime, msg: IngestMessage) -> None:
         log.warning("could not delete %s after its verdict (the lifecycle rule will): %s", key, exc)
 
 
-def _source_key(rt: Runtime, msg: IngestMessage, r: int) -> str:
-    """Where to read the delta: the client's upload, or, for a record already registered in round ``r``
-    (a redelivery: its upload went with the first verdict), the worker's own verified copy."""
-    if rt.state.registered_sha(msg.federation, r, msg.client_id) == msg.sha256:
-        return accepted_key(msg.federation, msg.client_id, msg.sha256)
-    return delta_key(msg.federation, msg.client_id, msg.sha256)
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
-def _drop(rt: Runtime, federation: str, entry_id: str, msg: IngestMessage | None, exc: ChorusError) -> Verdict:
-    """A record whose sender cannot be established: logged and counted, never published."""
+def _drop(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage | None, exc: ChorusError) -> Verdict:
+    """A record whose sender cannot be established: logged and counted, never published; its entry retired."""
     code = getattr(exc, "code", "unauthenticated")
-    log.warning("dropped inbox record %s of %s: %s", entry_id, federation, exc)
+    log.warning("dropped inbox record %s of %s: %s", entry_id, inbox.federation, exc)
     METRICS.deltas.labels(outcome="dropped", code=code).inc()
-    if not isinstance(exc, UnknownFederation):
-        rt.state.count_rejected(federation, code)
+    if isinstance(exc, UnknownFederation):
+        inbox.ack_delete([entry_id])
+    else:
+        inbox.drop(rt.state.scripts, entry_id, code, maxlen=rt.settings.events_maxlen)
     client = msg.client_id if msg else ""
     upload = msg.upload_id if msg else ""
-    return Verdict(False, federation, msg.round if msg else None, client, upload, code, str(exc))
+    return Verdict(False, inbox.federation, msg.round if msg else None, client, upload, code, str(exc))

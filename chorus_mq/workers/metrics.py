@@ -30,6 +30,8 @@ class Metrics:
     bytes_in: Counter
     bytes_out: Counter
     shards_in_flight: Gauge
+    fetches: Counter
+    reclaimed: Counter
 
 
 def _build() -> Metrics:
@@ -49,6 +51,8 @@ def _build() -> Metrics:
         bytes_out=Counter("chorus_bytes_out", "Bytes written to the store by workers", ["task"]),
         # livesum: the running shards of every live pool child, summed (only used in multiprocess mode)
         shards_in_flight=Gauge("chorus_shards_in_flight", "Shard tasks running now", multiprocess_mode="livesum"),
+        fetches=Counter("chorus_delta_fetches", "Delta objects fetched and hashed by ingest (repeats are not)"),
+        reclaimed=Counter("chorus_inbox_reclaimed", "Inbox entries claimed again: their verdict was late"),
     )
 
 

@@ -112,7 +112,12 @@ def test_worker_rejects_bad_deltas_and_round_completes(stack, tmp_path):
     events = list(sdks["good-0"].watch("rej", from_start=True, until_round=1, timeout=60))
     assert events[-1].type == "round_complete"
     rejected = [e for e in events if e.type == "delta_rejected"]
-    assert len(rejected) == len(cases) + 3
+    # issue 15, finding 10: the first rejection per client, round and reason is published, repeats are counted
+    # (every submit above still got its own verdict)
+    codes = [code for _, _, code in cases.values()]
+    assert len(rejected) == len(set(codes)) + 3
+    repeats = {f"{code}_repeats": codes.count(code) - 1 for code in set(codes) if codes.count(code) > 1}
+    assert {k: v for k, v in op.status("rej").rejected.items() if k.endswith("_repeats")} == repeats
     assert all(e.fields["reason"] and e.fields["code"] for e in rejected)
     assert {e.fields["client"] for e in rejected} == {"mallory", "good-0"}
 

@@ -150,3 +150,81 @@ def test_resp3_replies_read_the_same(real_redis):
     time.sleep(0.05)
     assert box.claim("survivor", min_idle_ms=10, count=10) == got
     assert box.pending() == 1
+
+
+# -- issue 15: whatever bytes a client XADDs, verdicts retire entries atomically, rate budgets -----------------
+
+
+def test_any_bytes_are_one_junk_entry_and_never_an_error_for_the_rest(any_redis):
+    make_state(any_redis)
+    for name in ("fed", "other"):
+        make_state(any_redis, name=name)
+    mallory, alice, carol = _inboxes(any_redis, ("fed", "mallory"), ("fed", "alice"), ("other", "carol"))
+    junk = [
+        any_redis.xadd(mallory.key, {"m": b"\xff"}),  # not UTF-8
+        any_redis.xadd(mallory.key, {"m": b"\xc3\x28" * 10}),
+        any_redis.xadd(mallory.key, {b"\xff": b"\xfe"}),
+        any_redis.xadd(mallory.key, {"m": "{}", "task": "x"}),  # two fields
+        any_redis.xadd(mallory.key, {"m": "x" * 100}),  # over the size bound given below
+    ]
+    good = [
+        ("alice", alice.append('{"n": 1}')),
+        ("carol", carol.append('{"n": 2}')),
+        ("mallory", mallory.append('{"ok": "\u00e9"}')),
+    ]
+    got = read_group(any_redis, [mallory, alice, carol], "pump", count=10, block_ms=None, max_bytes=50)
+    records = {(e.client, e.id): e.record for e in got}
+    assert [records[("mallory", i)] for i in junk] == [None] * 5
+    assert [records[k] for k in good] == ['{"n": 1}', '{"n": 2}', '{"ok": "\u00e9"}']
+    # a claim reads the same way: the junk comes back as junk, not as an exception
+    time.sleep(0.02)
+    claimed = mallory.claim("survivor", min_idle_ms=1, count=10, max_bytes=50)
+    assert [e.record for e in claimed if e.id in junk] == [None] * 5
+
+
+@pytest.mark.services  # fakeredis raises a Python error reading a key of another type
+def test_one_broken_inbox_does_not_stop_the_others_being_read(real_redis):
+    make_state(real_redis)
+    alice, broken, bob = _inboxes(real_redis, ("fed", "alice"), ("fed", "broken"), ("fed", "bob"))
+    real_redis.delete(broken.key)
+    real_redis.set(broken.key, "not a stream")  # what an admin (never a client) could plant
+    ids = [alice.append("{}"), bob.append("[]")]
+    got = read_group(real_redis, [alice, broken, bob], "pump", count=10, block_ms=None)
+    assert sorted((e.client, e.id) for e in got) == sorted(zip(("alice", "bob"), ids, strict=True))
+
+
+def test_a_verdict_retires_its_entry_once_and_repeated_rejections_are_counted(any_redis):
+    state = make_state(any_redis)
+    inbox = _inboxes(any_redis, ("fed", "alice"))[0]
+    ids = [inbox.append(f'{{"n": {i}}}') for i in range(5)]
+    assert len(read_group(any_redis, [inbox], "pump", count=10, block_ms=None)) == 5
+    keys = FederationKeys("fed")
+    before = any_redis.xlen(keys.events)
+    event = {"client": "alice", "upload_id": "u0000000", "sha256": "0" * 64, "reason": "stale", "code": "unauthorized"}
+    replies = [
+        inbox.reject(state.scripts, i, 1, "alice", "unauthorized", {**event, "upload_id": f"u000000{n}"}, maxlen=100)
+        for n, i in enumerate(ids[:3])
+    ]
+    assert [(r.status, r.n) for r in replies] == [("published", 1), ("counted", 2), ("counted", 3)]
+    assert any_redis.xlen(keys.events) == before + 1  # the first is published, the repeats counted
+    assert inbox.drop(state.scripts, ids[3], "malformed", maxlen=100).status == "dropped"
+    assert inbox.drop(state.scripts, ids[3], "malformed", maxlen=100).status == "judged"  # once only
+    assert inbox.reject(state.scripts, ids[0], 1, "alice", "unauthorized", event, maxlen=100).status == "judged"
+    assert (inbox.pending(), inbox.length()) == (1, 1)
+    assert inbox.drop_many([ids[4]], "rate_limited") == 1
+    assert (inbox.pending(), inbox.length()) == (0, 0)
+    assert state.rejected("fed") == {"malformed": 1, "rate_limited": 1, "unauthorized_repeats": 2}
+    rejections = any_redis.hgetall(keys.rejections(1))
+    assert rejections["alice|unauthorized"] == "3"
+    assert '"upload_id":"u0000002"' in rejections["last:alice"].replace(" ", "")
+
+
+def test_a_clients_rate_budget_is_a_token_bucket(any_redis):
+    state = make_state(any_redis)
+    inbox, other = _inboxes(any_redis, ("fed", "alice"), ("fed", "bob"))
+    assert inbox.take_tokens(state.scripts, 25, rate=2.0, burst=20) == 20
+    assert inbox.take_tokens(state.scripts, 5, rate=2.0, burst=20) == 0
+    assert other.take_tokens(state.scripts, 5, rate=2.0, burst=20) == 5  # each client its own budget
+    time.sleep(1.1)
+    assert inbox.take_tokens(state.scripts, 5, rate=2.0, burst=20) == 2
+    assert 0 < any_redis.ttl(FederationKeys("fed").rate("alice")) <= 11

@@ -2,9 +2,13 @@
 -- Shapes are not checked here: ingest checked the delta against the federation's declared model.
 -- KEYS[1] round hash   KEYS[2] round deltas hash (client -> record)   KEYS[3] events stream
 -- KEYS[4] deadlines zset   KEYS[5] leases zset (aggregations in flight)
+-- KEYS[6] the inbox stream that held the record (acknowledged and deleted with an accepting verdict)
 -- ARGV[1..5] prelude convention
 -- ARGV[6] client id   ARGV[7] sha256   ARGV[8] record (JSON)   ARGV[9] upload id
 -- ARGV[10] lease deadline if this call fires the quorum
+-- ARGV[11] the inbox entry id ('' for none)   ARGV[12] the inbox consumer group
+-- The entry is retired here, in the same transition as its verdict (accepted, fired, duplicate), so it
+-- stays pending until the verdict is stored; other replies are verdicts the caller records (judge.lua).
 -- Reply {status, n, epoch, detail}; status is one of
 --   accepted      registered; n deltas now
 --   fired         registered, and the quorum fired: the round is aggregating under epoch
@@ -15,9 +19,16 @@
 --   not_selected  the round drew its clients and this one is not among them
 --   no_round      no such round
 local client, sha, record, upload = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local entry, group = ARGV[11] or '', ARGV[12] or ''
 local bad = wrong_type({{KEYS[1], 'hash'}, {KEYS[2], 'hash'}, {KEYS[3], 'stream'}, {KEYS[4], 'zset'},
-  {KEYS[5], 'zset'}})
+  {KEYS[5], 'zset'}, {KEYS[6], 'stream'}})
 if bad then return bad end
+local function retire()
+  if entry ~= '' then
+    redis.call('XACK', KEYS[6], group, entry)
+    redis.call('XDEL', KEYS[6], entry)
+  end
+end
 local r = redis.call('HMGET', KEYS[1], 'state', 'n', 'sha:' .. client, 'evicted:' .. client, 'selected')
 local state, n, prev, evicted, selected = r[1], tonumber(r[2]) or 0, r[3], r[4], r[5]
 if not state then return reply('no_round', 0, 0, '') end
@@ -26,6 +37,7 @@ if prev then
   if prev == sha then
     emit(KEYS[3], {type = 'delta_accepted', client = client, sha256 = sha, upload_id = upload,
       n = n, duplicate = true})
+    retire()
     return reply('duplicate', n, 0, state)
   end
   return reply('conflict', n, 0, prev)
@@ -47,6 +59,7 @@ n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local quorum = tonumber(redis.call('HGET', KEYS[1], 'quorum'))
 emit(KEYS[3], {type = 'delta_accepted', client = client, sha256 = sha, upload_id = upload,
   n = n, quorum = quorum})
+retire()
 if n >= quorum then
   local epoch = fire(KEYS[1], KEYS[4], KEYS[5], KEYS[3], tonumber(ARGV[10]), n, 'quorum')
   return reply('fired', n, epoch, '')
