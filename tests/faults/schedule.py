@@ -52,7 +52,7 @@ KINDS = {
     # on arrival at a hook of tests/faults/faulty_app (a task paused between two lines), from ``at`` on:
     "kill_at": 3,  # SIGKILL the whole worker holding the task; a new one after hold
     "kill_child_at": 1,  # SIGKILL only the pool child running the task
-    "redis_at": 2,  # SIGKILL redis-server under the task; restarted after hold, then the task goes on
+    "redis_at": 2,  # SIGKILL redis-server under the task, which goes on while Redis is down; restarted after hold
 }
 #: hook point -> the role of the worker that arrives there
 HOOK_ROLES = {
@@ -63,8 +63,10 @@ HOOK_ROLES = {
     "finalized": WorkerRole.AGGREGATE,
     "compact": WorkerRole.COMPACT,  # subject: a checkpoint round
 }
-#: how long a task waits at a hook for its fault before it goes on by itself
+#: how long a task waits at a hook for its fault before it goes on by itself; at a point with a
+#: ``redis_at`` fault, REDIS_PAUSE_S (< the fault's hold: the task goes on while Redis is down)
 HOOK_PAUSE_S = 10
+REDIS_PAUSE_S, REDIS_HOLD_S = 2, 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,7 @@ def draw(
             if f"{point}:{subject}" in hooks:
                 continue
             hooks.add(f"{point}:{subject}")
+            hold = max(hold, REDIS_HOLD_S) if kind == "redis_at" else hold
             faults.append(Fault(round(at / 4, 2), kind, f"{point}:{subject}", hold))
         else:
             faults.append(Fault(at, kind, str(rng.choice(ROLES)), hold))
@@ -134,10 +137,13 @@ def hook_env(schedule: list[Fault]) -> dict[str, str]:
     hooks = [f.hook for f in schedule if f.hook]
     if not hooks:
         return {}
+    under = {f.hook[0] for f in schedule if f.hook and f.kind == "redis_at"}
     rounds = {int(s.split(":")[0]) for p, s in hooks if p != "ingest"} or {1}
     clients = {s for p, s in hooks if p == "ingest"}
     return {
-        "CHORUS_FAULT_PAUSE": ",".join(sorted({f"{p}={HOOK_PAUSE_S}" for p, _ in hooks})),
+        "CHORUS_FAULT_PAUSE": ",".join(
+            sorted({f"{p}={REDIS_PAUSE_S if p in under else HOOK_PAUSE_S}" for p, _ in hooks})
+        ),
         "CHORUS_FAULT_ROUNDS": ",".join(map(str, sorted(rounds))),
         "CHORUS_FAULT_SHARDS": "0",
         # a point paused for no client pauses only the client "-" (none): the variable must name one
@@ -254,10 +260,9 @@ class Chaos:
             self._release(point, subject)
             return
         self.trace(f"fault {fault}: pid {pid} arrived")
-        if fault.kind == "redis_at":
+        if fault.kind == "redis_at":  # the task goes on REDIS_PAUSE_S after its arrival, Redis still down
             with self._locks["redis"]:
                 self._kill_redis(fault.hold)
-            self._release(point, subject)
             return
         with self._locks[role]:
             worker = self.workers[role]

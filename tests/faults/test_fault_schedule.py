@@ -187,4 +187,5 @@ def _run(deployment, redis_server, delta_file, seed, names, schedule, trace) -> 
     unsure = [u for up in uploaders for u in up.unsure]
     errors = {up.client: len(up.errors) for up in uploaders}
     trace(f"client errors (Redis or S3 away): {errors}; records whose XADD raised: {len(unsure)}")
-    assert not failures, "\n".join(failures)
+    if failures:  # every invariant that failed, each named
+        raise AssertionError("\n".join(failures))
