@@ -67,6 +67,8 @@ HOOK_ROLES = {
 #: ``redis_at`` fault, REDIS_PAUSE_S (< the fault's hold: the task goes on while Redis is down)
 HOOK_PAUSE_S = 10
 REDIS_PAUSE_S, REDIS_HOLD_S = 2, 3.0
+#: a hook fault gives up this long after the clients are done (the last round and a compaction follow them)
+QUIET_S = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,15 +228,17 @@ class Chaos:
         self.beat = dep.start_beat(wait=False)
         self._locks = {name: threading.Lock() for name in [*self.workers, "beat", "redis"]}
         self._threads: list[threading.Thread] = []
+        self._limit = 0.0
         dep.wait_ready(*self.workers.values())
         wait_for(lambda: "beat: sweeping every" in dep.log(self.beat), 90, "the beat to start")
 
     def _start(self, role: WorkerRole | str):
         return self.dep.start_worker(role=role, faulty=True, wait=False)
 
-    def start(self, schedule: list[Fault], quiet: Callable[[], bool]) -> None:
-        """Start applying the schedule's process and Redis faults; ``quiet()``: the clients are done
-        (a hook fault whose task has not arrived 5 s after that gives up)."""
+    def start(self, schedule: list[Fault], quiet: Callable[[], bool], limit: float) -> None:
+        """Start applying the schedule's process and Redis faults; ``quiet()``: the clients are done (a
+        hook fault whose task has not arrived QUIET_S after that, or ``limit`` s into the run, gives up)."""
+        self._limit = limit
         for fault in schedule:
             if fault.kind != "kill_client":
                 thread = threading.Thread(target=self._run, args=(fault, quiet), daemon=True)
@@ -280,7 +284,7 @@ class Chaos:
             self._release(point, subject)
 
     def _arrival(self, point: str, subject: str, quiet: Callable[[], bool]) -> int | None:
-        """The pid of the first arrival of ``subject`` at ``point``; None once the clients have been done 5 s."""
+        """The pid of the first arrival of ``subject`` at ``point``; None once the clients have been done QUIET_S."""
         quiet_since = None
         while True:
             try:
@@ -291,8 +295,10 @@ class Chaos:
                 pass  # Redis is away (another fault): look again
             if quiet():
                 quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since > 5:
+                if time.monotonic() - quiet_since > QUIET_S:
                     return None
+            if self.trace.now() > self._limit:
+                return None
             time.sleep(0.05)
 
     def _release(self, point: str, subject: str) -> None:

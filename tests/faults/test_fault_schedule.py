@@ -58,6 +58,8 @@ WINDOW = 10.0
 #: every input has a verdict, every round ended and every snapshot is written this long after
 #: every service is back (issue 15: a verdict within 60 s)
 SETTLE_S = 60.0
+#: a hook fault waits at most this long after WINDOW for its task (a stalled run then goes to the checks)
+HOOK_WAIT_S = 40.0
 #: a client that sees no verdict this long uploads again
 VERDICT_WAIT_S = 10.0
 REPLAY = "CHORUS_FAULT_SEEDS={seed} python3 -m pytest -p no:cacheprovider tests/faults/test_fault_schedule.py"
@@ -149,7 +151,7 @@ def _run(deployment, redis_server, delta_file, seed, names, schedule, trace) -> 
     ]
     for t in threads:
         t.start()
-    chaos.start(schedule, quiet=lambda: not any(t.is_alive() for t in threads))
+    chaos.start(schedule, quiet=lambda: not any(t.is_alive() for t in threads), limit=WINDOW + HOOK_WAIT_S)
     chaos.restore()
     back = time.monotonic()
     far = back + SETTLE_S  # the clients give up then
