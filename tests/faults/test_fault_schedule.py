@@ -4,8 +4,13 @@ Each seed draws a schedule (tests/faults/schedule.py): SIGKILL and SIGSTOP/SIGCO
 aggregate and compact workers and of their pool children, the beat SIGKILLed and restarted,
 redis-server SIGKILLed and restarted on its AOF, and clients killed after their delta's S3 PUT
 (before the XADD) or after the XADD (before the verdict), at random offsets in the first
-``WINDOW`` seconds, while ``CLIENTS`` registered clients upload ``ROUNDS`` rounds (signed, through
-their own inboxes; a killed client starts again and uploads until its delta is registered).
+``WINDOW`` seconds; and hook faults: a task paused at a hook of tests/faults/faulty_app (ingest
+before it registers, plan, shard, commit, after finalize before the clean-up, a compaction before
+it records its snapshot) has its whole worker or its pool child SIGKILLed, or Redis killed under it.
+Meanwhile ``CLIENTS`` registered clients upload ``ROUNDS`` rounds (signed, through their own
+inboxes; a killed client starts again and uploads until its delta is registered). The broker's
+visibility timeout is 120 s, longer than ``SETTLE_S`` as production's 3,600 s is: no verdict and
+no round may wait for Celery's redelivery.
 
 Then, every service back (Redis up, a worker per role, a beat), within ``SETTLE_S`` seconds:
 
