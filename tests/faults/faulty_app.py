@@ -12,12 +12,13 @@ matter, and refuse to start if those functions moved or changed their signature:
 ``plan``     the round task has computed the plan and not stored it yet;
 ``shard``    a shard task has written its two objects and not recorded ``shard_done`` yet;
 ``commit``   the commit task has written the manifest and not finalized yet;
-``forget``   the commit task has finalized the round and not dropped its plan and shard keys yet;
+``finalized`` the commit task has finalized the round and neither dropped its plan and shard
+             results nor asked for a checkpoint's compaction yet;
 ``compact``  the compaction has written the snapshot object and not recorded it yet.
 
 Every arrival at an enabled hook is counted in Redis with the pid of the process (see
 :func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
-arrival is the round (``plan``, ``commit``, ``forget``, ``compact``), ``round:shard`` (``shard``), or the
+arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``), ``round:shard`` (``shard``), or the
 client id (``pump``, ``ingest``). Variables (read only here):
 
 ``CHORUS_FAULT_PAUSE=point[=S],...``
@@ -71,7 +72,7 @@ from typing import Any
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
 
-POINTS = ("pump", "ingest", "plan", "shard", "commit", "forget", "compact")
+POINTS = ("pump", "ingest", "plan", "shard", "commit", "finalized", "compact")
 #: the round-path tasks the redelivery faults apply to by default
 ROUND_TASKS = ("chorus.ingest", "chorus.round", "chorus.shard", "chorus.commit")
 
@@ -261,20 +262,21 @@ def _install_hooks(hooks: Hooks) -> None:
 
         commit.commit_round = commit_with_hook
 
-    if hooks.enabled("forget"):
-        finish_round = _target(commit, "commit_round", ("rt", "federation", "r", "epoch", "dispatch"))
+    if hooks.enabled("finalized"):
+        _target(RoundState, "forget_round_work", ("self", "federation", "r"))
+        commit_then = _target(commit, "commit_round", ("rt", "federation", "r", "epoch", "dispatch"))
 
-        def commit_with_forget_hook(rt, federation, r, epoch, dispatch):
+        def commit_with_finalized_hook(rt, federation, r, epoch, dispatch):
             def before_forget(fed, r_, *args, **kwargs):
                 if rt.state.round(fed, r_).state != "complete":
-                    raise RuntimeError("faulty_app: the forget hook runs before the round is finalized")
+                    raise RuntimeError("faulty_app: the finalized hook runs before the round is finalized")
                 if r_ in hooks.rounds:
-                    hooks.arrive(rt.redis, "forget", fed, r_)
+                    hooks.arrive(rt.redis, "finalized", fed, r_)
 
             with _before(rt.state, "forget_round_work", before_forget):
-                return finish_round(rt, federation, r, epoch, dispatch)
+                return commit_then(rt, federation, r, epoch, dispatch)
 
-        commit.commit_round = commit_with_forget_hook
+        commit.commit_round = commit_with_finalized_hook
 
     if hooks.enabled("compact"):
         run_compact = _target(compact, "compact", ("rt", "federation", "upto"))

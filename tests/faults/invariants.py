@@ -12,6 +12,11 @@ After whatever a test did to the topology, for one federation:
   the registered clients and hashes equal to the manifest's, no lease or deadline left
   behind, and no object under the round's prefix besides the manifest and the shard objects
   it names (a rerun wrote the very same bytes, or nothing);
+* (the randomized fault schedules, tests/faults/test_fault_schedule.py, add) every record that reached
+  an inbox has a verdict and no inbox holds a record, read or not (:func:`assert_every_input_a_verdict`,
+  :func:`assert_inboxes_drained`); an ended round leaves no plan, shard, lease or deadline key behind
+  (:func:`assert_no_leftover_round_keys`); every round's published update is exact against a float64
+  oracle of its inputs, and so is a fresh pull's base correction (:func:`assert_exact_against_oracle`);
 * what a user gets is byte-identical to an undisturbed run: a client that pulls every round
   in turn holds, after each, the very same files (``adapter_config.json``,
   ``adapter_model.safetensors``, ``residual.safetensors``, its base correction) as one that
@@ -26,13 +31,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from chorus_mq.adapters import ModelDecl
+from chorus_mq.adapters import LoraSpec, ModelDecl, read_residual
 from chorus_mq.layout import accepted_key, delta_key, round_prefix
 from chorus_mq.local import iter_correction
 from chorus_mq.manifest import Manifest
@@ -40,6 +49,7 @@ from chorus_mq.messages import IngestMessage
 from chorus_mq.names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    ENDED_STATES,
     LOCAL_STATE_FILE,
     MANIFEST_FILE,
     RESIDUAL_FILE,
@@ -47,7 +57,7 @@ from chorus_mq.names import (
     EventType,
     RoundStatus,
 )
-from chorus_mq.state import EventLog, FederationKeys, RoundState
+from chorus_mq.state import ClientRegistry, EventLog, FederationKeys, Inbox, RoundState
 
 #: the files of a pulled directory that name the federation or its manifest's hash (not the result)
 NAMING = (MANIFEST_FILE, LOCAL_STATE_FILE)
@@ -294,3 +304,116 @@ def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[
             return pull_rounds(sdk, fed, list(range(1, len(rounds) + 1)), work / "pulled")
         finally:
             runtime.install(None)
+
+
+# -- every input a verdict, nothing left pending, exact against a float64 oracle ---------------------
+
+F64 = torch.float64
+
+
+def verdicts(redis, federation: str) -> dict[str, dict[str, Any]]:
+    """upload id -> its verdict event: ``delta_accepted`` (fresh or a duplicate) or ``delta_rejected``."""
+    kinds = (EventType.DELTA_ACCEPTED, EventType.DELTA_REJECTED)
+    return {e["upload_id"]: e for e in read_events(redis, federation) if e["type"] in kinds and e.get("upload_id")}
+
+
+def assert_every_input_a_verdict(redis, federation: str, upload_ids: list[str]) -> None:
+    """Every record whose XADD returned (``upload_ids``) has a verdict event in ``federation``'s stream."""
+    found = verdicts(redis, federation)
+    missing = [u for u in upload_ids if u not in found]
+    assert not missing, f"{len(missing)} of {len(upload_ids)} records that reached an inbox have no verdict: {missing}"
+
+
+def assert_inboxes_drained(redis, federation: str) -> None:
+    """No inbox of ``federation`` (the shared one, every registered client's) holds a record, read or not:
+    XLEN 0 and nothing pending in the consumer group."""
+    inboxes = [Inbox(redis, federation)]
+    inboxes += [Inbox(redis, federation, info.client_id) for info in ClientRegistry(redis, federation).list()]
+    left = {i.key: {"xlen": i.length(), "pending": i.pending()} for i in inboxes}
+    left = {key: n for key, n in left.items() if n["xlen"] or n["pending"]}
+    assert not left, f"inboxes still holding records: {left}"
+
+
+def assert_no_leftover_round_keys(redis, federation: str) -> None:
+    """An ended round (complete, failed, expired, aborted) leaves no plan, shard results, lease or deadline."""
+    state, keys = RoundState(redis), FederationKeys(federation)
+    left = {}
+    for r in range(1, state.current_round(federation) + 1):
+        if state.round(federation, r).state not in ENDED_STATES:
+            continue
+        found = [k for k in (keys.plan(r), keys.shards(r)) if redis.exists(k)]
+        found += [f"{k}[{r}]" for k in (keys.leases, keys.deadlines) if redis.zscore(k, r) is not None]
+        if found:
+            left[r] = found
+    assert not left, f"ended rounds still holding keys: {left}"
+
+
+def _products(tensors: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """module -> ``s·B·A`` in float64, from peft-named factors."""
+    out = {}
+    for name, A in tensors.items():
+        if name.endswith(".lora_A.weight"):
+            module = name.removesuffix(".lora_A.weight")
+            B = tensors[f"{module}.lora_B.weight"]
+            out[module] = spec.scaling(module, A.shape[0]) * (B.to(F64) @ A.to(F64))
+    return out
+
+
+def _input_products(path: Path) -> dict[str, torch.Tensor]:
+    """``s·B·A`` of a client's delta file (its adapter_config embedded in the safetensors header)."""
+    with safe_open(path, "pt") as f:
+        spec = LoraSpec.from_peft_config(json.loads(f.metadata()["adapter_config"]))
+    return _products(load_file(path), spec)
+
+
+def _pulled_products(out: Path) -> dict[str, torch.Tensor]:
+    spec = LoraSpec.from_peft_config(json.loads((out / ADAPTER_CONFIG).read_text()))
+    return _products(load_file(out / ADAPTER_WEIGHTS), spec)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
+    return float((x - ref).norm()) / max(scale, 1e-30)
+
+
+def assert_exact_against_oracle(
+    dep,
+    federation: str,
+    manifests: dict[int, Manifest],
+    inputs: dict[tuple[str, int], Path],
+    sizes: dict[str, float],
+    *,
+    tol: float = 1e-5,
+) -> None:
+    """A fresh pull of every complete round is exact against a float64 oracle of what was uploaded.
+
+    ``inputs``: (client, round) -> the delta file it uploaded. For round r, with weights proportional to
+    the dataset sizes, ``M_r = Σ wᵢ sᵢ Bᵢ Aᵢ`` (float64, from the files); the pulled adapter's ``s·B·A``
+    plus the round's residual equals ``M_r``, and the pull's base correction equals the sum over rounds
+    t ≤ r of ``M_t − s·B_t·A_t``, both to ``tol`` relative to the updates' norms.
+    """
+    sdk = dep.sdk()
+    want_correction: dict[str, torch.Tensor] = {}
+    scale = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in sorted(manifests):
+            clients = [c.client_id for c in manifests[r].clients]
+            total = math.fsum(sizes[c] for c in clients)
+            oracle: dict[str, torch.Tensor] = {}
+            for c in clients:
+                for module, product in _input_products(inputs[(c, r)]).items():
+                    oracle[module] = oracle.get(module, torch.zeros_like(product)) + sizes[c] / total * product
+            out = Path(tmp) / f"fresh-{r}"  # a fresh pull of round r: a late joiner's
+            sdk.pull(federation, out, r)
+            adapter = _pulled_products(out)
+            residual = {m: res.to_dense().to(F64) for m, res in read_residual(out / RESIDUAL_FILE).items()}
+            assert sorted(adapter) == sorted(oracle), f"round {r}: modules {sorted(adapter)} vs {sorted(oracle)}"
+            for module, m in oracle.items():
+                got = adapter[module] + residual.get(module, torch.zeros_like(m))
+                err = _rel(got, m, float(m.norm()))
+                assert err <= tol, f"round {r} {module}: adapter + residual is {err:.2e} from the float64 oracle"
+                want_correction[module] = want_correction.get(module, torch.zeros_like(m)) + m - adapter[module]
+                scale = max(scale, float(m.norm()))
+            correction = {m: res.to_dense().to(F64) for m, res in iter_correction(out)}
+            for module, want in want_correction.items():
+                err = _rel(correction.get(module, torch.zeros_like(want)), want, scale)
+                assert err <= tol, f"round {r} {module}: a fresh pull's correction is {err:.2e} from the oracle"

@@ -144,13 +144,13 @@ def test_a_compaction_killed_midway_is_retried_within_the_lease(deployment, delt
 
 def test_work_keys_left_by_a_commit_killed_after_finalize_are_collected(deployment, delta_file):
     fed = "collect"
-    deployment.env.update(CHORUS_FAULT_PAUSE="forget=120", CHORUS_SWEEP_INTERVAL=str(SWEEP_S))
+    deployment.env.update(CHORUS_FAULT_PAUSE="finalized=120", CHORUS_SWEEP_INTERVAL=str(SWEEP_S))
     sdk = deployment.sdk()
     federation(sdk, fed, quorum=3, checkpoint_every=0)
     doomed = deployment.start_worker(faulty=True)
     accepted = upload_all(sdk, fed, range(3), delta_file)
 
-    wait_hook(deployment, "forget", fed, 1)  # finalized; the plan and shard keys not dropped yet
+    wait_hook(deployment, "finalized", fed, 1)  # finalized; the plan and shard keys not dropped yet
     deployment.kill(doomed)
     redis, keys = deployment.redis(), sdk.state.keys(fed)
     assert sdk.state.round(fed, 1).state == RoundStatus.COMPLETE
