@@ -1,6 +1,7 @@
 """Ingest cost of an honest delta versus the worst files the caps still let through.
 
 Run: python benchmarks/hostile_ingest.py [--quick] [--reps 5] [--threads 1] [--max-rank-row R]
+     python benchmarks/hostile_ingest.py --attacks [--uploads 3]   (live attacks: hostile_clients.py)
 
 Times what the ingest worker does with a downloaded delta: ``DeltaFile.open`` (header),
 ``check_delta`` against the federation's declared model (header only) and ``build_index``
@@ -180,10 +181,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-rank-row", type=int, default=None)
+    parser.add_argument("--attacks", action="store_true", help="the live attack rows instead (hostile_clients.py)")
+    parser.add_argument("--uploads", type=int, default=3, help="with --attacks: honest uploads timed per phase")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--unchecked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attacks:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from hostile_clients import main as attacks
+
+        attacks(["--uploads", str(args.uploads)])
+        return
     if args.row:
         print(json.dumps(run_row(Path(args.row), args.layers, args.reps, args.threads, not args.unchecked)))
         return
