@@ -19,9 +19,10 @@ from .dispatch import Dispatcher
 
 def make_app(settings: Settings) -> Celery:
     """A configured Celery app with chorus-mq's tasks registered."""
-    from .broker import install
+    from . import broker, crash
 
-    install()  # a failed ack must not stop a worker consuming (see broker.py)
+    broker.install()  # a failed ack must not stop a worker consuming (see broker.py)
+    crash.install()  # nor may a worker hang for ever after an unrecoverable error (see crash.py)
     app = Celery("chorus_mq", broker=settings.effective_broker_url, set_as_current=False)
     # kombu scans for expired unacked messages only every interval x throttle seconds (100 s by
     # default), which would dwarf a short visibility timeout after a worker dies

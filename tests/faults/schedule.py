@@ -235,6 +235,21 @@ class Chaos:
     def _start(self, role: WorkerRole | str):
         return self.dep.start_worker(role=role, faulty=True, wait=False)
 
+    def supervise(self, stop: threading.Event) -> None:
+        """What the compose file's ``restart: unless-stopped`` does, until ``stop``: a worker that exited by
+        itself (no fault holds its role down) is started again."""
+        while not stop.wait(1.0):
+            for role in list(self.workers):
+                if self.workers[role].poll() is None or not self._locks[role].acquire(blocking=False):
+                    continue
+                try:
+                    proc = self.workers[role]
+                    if proc.poll() is not None:
+                        self.workers[role] = self._start(role)
+                        self.trace(f"{role} worker exited by itself (code {proc.returncode}); restarted by policy")
+                finally:
+                    self._locks[role].release()
+
     def start(self, schedule: list[Fault], quiet: Callable[[], bool], limit: float) -> None:
         """Start applying the schedule's process and Redis faults; ``quiet()``: the clients are done (a
         hook fault whose task has not arrived QUIET_S after that, or ``limit`` s into the run, gives up)."""

@@ -149,6 +149,8 @@ def _run(deployment, redis_server, delta_file, seed, names, schedule, trace) -> 
     think = {c: [round(rng.uniform(0, 2.5), 2) for _ in range(ROUNDS)] for c in names}
 
     chaos = Chaos(deployment, redis_server, fed, trace)
+    policy = threading.Event()  # set at the end: the restart policy stops with the run
+    threading.Thread(target=chaos.supervise, args=(policy,), daemon=True).start()
     trace.t0 = time.monotonic()  # offsets count from here: the topology is up
     faults = ClientFaults(schedule)
     uploaders = [
@@ -209,5 +211,6 @@ def _run(deployment, redis_server, delta_file, seed, names, schedule, trace) -> 
     unsure = [u for up in uploaders for u in up.unsure]
     errors = {up.client: len(up.errors) for up in uploaders}
     trace(f"client errors (Redis or S3 away): {errors}; records whose XADD raised: {len(unsure)}")
+    policy.set()
     if failures:  # every invariant that failed, each named
         raise AssertionError("\n".join(failures))
