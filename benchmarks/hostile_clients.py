@@ -77,15 +77,16 @@ class Sampler:
 
 
 class Honest:
-    """The honest federation: a fresh round every ``quorum`` uploads, each timed from SDK call to verdict."""
+    """The honest federation, whose round never fills: each upload is a new client's (one delta per client
+    and round), timed from the SDK call to its verdict."""
 
-    def __init__(self, stack: Stack, tmp: Path, clients: list[ClientCreds]):
-        self.stack, self.tmp, self.clients = stack, tmp, clients
+    def __init__(self, stack: Stack, tmp: Path, federation: str):
+        self.stack, self.tmp, self.federation = stack, tmp, federation
         self.n = 0
 
     def one(self) -> float:
-        creds = self.clients[self.n % len(self.clients)]
         self.n += 1
+        creds = self.stack.add_client(self.federation, f"h{self.n}")  # not timed
         path = write_adapter(self.tmp / f"honest-{self.n}.safetensors", random_factors(self.n))
         started = time.monotonic()
         result = self.stack.client(creds).upload(creds.federation, path, creds.client, dataset_size=100.0, timeout=120)
@@ -183,9 +184,11 @@ def flood(r: redis_lib.Redis, key: str) -> Callable[[threading.Event], None]:
     return attack
 
 
-def fetches(stack: Stack) -> int:
-    """Objects the ingest workers downloaded so far (their log says each)."""
-    return sum(stack.log(p).count(" fetched ") for p in stack.procs if p.name.startswith("worker-ingest"))
+def fetches(stack: Stack, client: str) -> int:
+    """Objects of ``client`` the ingest workers downloaded so far (their log names each)."""
+    mark = f"/deltas/{client}/"
+    logs = (stack.log(p) for p in stack.procs if p.name.startswith("worker-ingest"))
+    return sum(1 for log in logs for line in log.splitlines() if " fetched " in line and mark in line)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="chorus-attacks-") as tmp_name, enforcing_moto() as s3:
         tmp = Path(tmp_name)
         server = start_acl_redis(tmp / "redis")
+        (tmp / "stack").mkdir()
         try:
             with running_stack(server, s3, tmp / "stack") as stack:
                 run_rows(stack, tmp, args.uploads)
@@ -204,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rows(stack: Stack, tmp: Path, k: int) -> None:
-    honest_fed = make_fed(stack, "honest", quorum=1000)  # never fires: each upload is one verdict
-    honest = Honest(stack, tmp, [stack.add_client(honest_fed, f"h{i}") for i in range(3)])
+    honest = Honest(stack, tmp, make_fed(stack, "honest", quorum=1000))  # never fires: each upload is one verdict
     attackers = make_fed(stack, "attackers", quorum=1000)
     admin = stack.admin_redis()
     print(f"honest verdict latency in another federation, median of {k} uploads; default settings")
@@ -224,8 +227,7 @@ def run_rows(stack: Stack, tmp: Path, k: int) -> None:
         ), lambda: f"refused: {len(refused)} ({', '.join(sorted(set(refused)))})"
 
     def amp(creds: ClientCreds):
-        before = fetches(stack)
-        return amplification(stack, creds, tmp), lambda: f"downloads: {fetches(stack) - before} for 31 records"
+        return amplification(stack, creds, tmp), lambda: f"attacker's downloads: {fetches(stack, creds.client)} for 31"
 
     def junk_flood(creds: ClientCreds):
         r = redis_lib.Redis.from_url(creds.redis_url)
