@@ -18,11 +18,10 @@ from typing import Any
 
 import click
 
-from .cli_base import client_of, one_line_errors, settings_of
+from .cli_base import balance_labels_option, client_of, one_line_errors, settings_of
 from .errors import ConfigError, RoundFailed
 from .names import (
     ExpirePolicy,
-    LabelBalance,
     MissingModules,
     RobustAggregate,
     Strategy,
@@ -767,15 +766,9 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--centralised", is_flag=True, help="With --model: also train on the pooled data, same total steps.")
 @click.option("--dp-epsilon", type=float, default=None, help="With --model: client-side DP-SGD budget.")
 @click.option("--steps-per-round", type=int, default=None, help="With --model: local steps per client round.")
-@click.option(
-    "--balance-labels",
-    type=click.Choice(LabelBalance.values()),
-    default=LabelBalance.AUTO.value,
-    show_default=True,
-    is_flag=False,
-    flag_value=LabelBalance.ON.value,
-    help="With --model: adjust each client's logits by its own label frequencies; auto: clients whose labels "
-    "are skewed (as `train`).",
+@balance_labels_option(
+    "With --model: adjust each client's logits by its own label frequencies; auto: clients whose labels "
+    "are skewed (as `train`)."
 )
 @click.option(
     "--prox-mu",

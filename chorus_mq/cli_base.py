@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .errors import ChorusError, ServiceUnavailable
+from .names import LabelBalance
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -50,3 +51,16 @@ def client_of(ctx: click.Context, secret: str | None = None) -> ChorusClient:
     from .client import ChorusClient
 
     return ChorusClient(settings_of(ctx), secret=secret)
+
+
+def balance_labels_option(help_text: str) -> Callable[[F], F]:
+    """``--balance-labels auto|on|off`` (a bare flag means on), shared by ``train`` and ``simulate``."""
+    return click.option(
+        "--balance-labels",
+        type=click.Choice(LabelBalance.values()),
+        default=LabelBalance.AUTO.value,
+        show_default=True,
+        is_flag=False,
+        flag_value=LabelBalance.ON.value,
+        help=help_text,
+    )

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chorus_mq.cli_base import client_of, one_line_errors
+from chorus_mq.cli_base import balance_labels_option, client_of, one_line_errors
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import DPAccountant, ExportDtype, LabelBalance, LocalOptimizer, TaskType
+from chorus_mq.names import DPAccountant, ExportDtype, LocalOptimizer, TaskType
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -105,15 +105,9 @@ def _format(record: RoundRecord) -> str:
     show_default=True,
     help="Local optimizer.",
 )
-@click.option(
-    "--balance-labels",
-    type=click.Choice(LabelBalance.values()),
-    default=LabelBalance.AUTO.value,
-    show_default=True,
-    is_flag=False,
-    flag_value=LabelBalance.ON.value,
-    help="seq-cls: logit adjustment by this client's label frequencies; auto: when they are skewed (not "
-    "with --dp-epsilon). A bare --balance-labels means on.",
+@balance_labels_option(
+    "seq-cls: logit adjustment by this client's label frequencies; auto: when they are skewed (not "
+    "with --dp-epsilon). A bare --balance-labels means on."
 )
 @click.option(
     "--prox-mu",
