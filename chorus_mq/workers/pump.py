@@ -120,14 +120,7 @@ class InboxPump:
                 self._stop.wait(min(block_ms, 200) / 1000)
             return handled
         # at most `limit` new entries per inbox and pass: fewer than 2 x limit of a client's await their verdict
-        entries = read_group(
-            self.rt.redis,
-            readable,
-            self.consumer,
-            count=limit,
-            block_ms=block_ms,
-            max_bytes=self.rt.settings.max_inbox_record_bytes,
-        )
+        entries = self._read(readable, limit, block_ms)
         return handled + self._admit(readable, entries, budget=True)
 
     def drain(self, federation: str) -> int:
@@ -135,17 +128,21 @@ class InboxPump:
         inboxes = self._federation_inboxes(federation)
         total = 0
         while True:
-            batch = read_group(
-                self.rt.redis,
-                inboxes,
-                self.consumer,
-                count=PER_CLIENT,
-                block_ms=None,
-                max_bytes=self.rt.settings.max_inbox_record_bytes,
-            )
+            batch = self._read(inboxes, PER_CLIENT, None)
             if not batch:
                 return total
             total += self._admit(inboxes, batch, budget=False)
+
+    def _read(self, inboxes: list[Inbox], count: int, block_ms: int | None) -> list[InboxEntry]:
+        """New entries of ``inboxes`` for this consumer, at most ``count`` per inbox (undecoded, size-bounded)."""
+        return read_group(
+            self.rt.redis,
+            inboxes,
+            self.consumer,
+            count=count,
+            block_ms=block_ms,
+            max_bytes=self.rt.settings.max_inbox_record_bytes,
+        )
 
     def _federation_inboxes(self, federation: str) -> list[Inbox]:
         """The federation-wide inbox and every registered client's own (a revoked client's too: what it left
