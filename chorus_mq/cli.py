@@ -764,6 +764,9 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--fraction-fit", type=float, default=1.0, show_default=True, help="Clients sampled per round.")
 @click.option("--ranks", default=None, help="Comma-separated client LoRA ranks, e.g. 4,8,16 (heterogeneous).")
 @click.option("--centralised", is_flag=True, help="With --model: also train on the pooled data, same total steps.")
+@click.option(
+    "--alone", is_flag=True, help="With --model: also train each client alone (all rounds' steps); report the best."
+)
 @click.option("--dp-epsilon", type=float, default=None, help="With --model: client-side DP-SGD budget.")
 @click.option("--steps-per-round", type=int, default=None, help="With --model: local steps per client round.")
 @balance_labels_option(
@@ -805,6 +808,7 @@ def simulate(
     fraction_fit: float,
     ranks: str | None,
     centralised: bool,
+    alone: bool,
     dp_epsilon: float | None,
     steps_per_round: int | None,
     balance_labels: str,
@@ -843,6 +847,7 @@ def simulate(
             ranks=[int(x) for x in ranks.split(",")] if ranks else None,
             strategies=chosen,
             centralised=centralised,
+            alone=alone,
             dp_epsilon=dp_epsilon,
             steps_per_round=steps_per_round,
             balance_labels=balance_labels,

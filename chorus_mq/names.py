@@ -243,6 +243,8 @@ PRIVACY_FORMAT = "chorus-privacy/1"
 PULLED_DIR = "pulled"
 #: the row of ``simulate --model --centralised`` that trains on the pooled data (next to the strategies)
 CENTRALISED = "centralised"
+#: the simulation row of the best client trained alone on its own data (same local steps as all its rounds)
+BEST_ALONE = "best-alone"
 
 # -- round state (chorus_mq.state) ----------------------------------------------------------
 

@@ -21,13 +21,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
 from chorus_mq.local import LocalState
 from chorus_mq.names import (
+    BEST_ALONE,
     CENTRALISED,
     ExpirePolicy,
     LabelBalance,
@@ -97,6 +98,8 @@ class SimConfig:
     balance_labels: str = "auto"
     #: FedProx weight of every federation (``federation create --prox-mu``)
     prox_mu: float = 0.0
+    #: also train every client alone (rounds x steps on its own data) and report the best
+    alone: bool = False
 
     @property
     def per_round(self) -> int:
@@ -159,6 +162,7 @@ def run_model_simulation(
     optimizer: str = "adamw",
     balance_labels: str = "auto",
     prox_mu: float = 0.0,
+    alone: bool = False,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -193,6 +197,7 @@ def run_model_simulation(
         optimizer=str(LocalOptimizer(optimizer)),
         balance_labels=str(LabelBalance(balance_labels)),
         prox_mu=prox_mu,
+        alone=alone,
     )
     _check(config)
     show = None if as_json else echo
@@ -277,6 +282,8 @@ class _Runner:
                 self._say(_format(rows[-1]))
         if self.config.centralised:
             rows.extend(self._centralised(initial, start))
+        if self.config.alone:
+            rows.extend(self._alone(initial, start))
         self._say(LEGEND)
         return rows
 
@@ -464,6 +471,36 @@ class _Runner:
             self._say(_format(rows[-1]))
         return rows
 
+    # -- the best single client ------------------------------------------------------------------
+
+    def _alone(self, initial: Path, start: Evaluation) -> list[SimRow]:
+        """Each client trains alone from the initial model for every round's steps (the local work it could
+        do without a federation, as ``train`` would: its own label balance); the best on held-out data."""
+        from .model import exact_model
+
+        cfg = self.config
+        best: tuple[Evaluation, int] | None = None
+        started = time.perf_counter()
+        for i, idx in enumerate(self.shares):
+            examples = self.train.subset(idx)
+            model = exact_model(initial, self.model_dir, task=TaskType.SEQ_CLS, trainable=True, labels=self.labels)
+            base = self._train_config(cfg.seed * 7919 + i, examples)
+            train_local(
+                model, self.tokenizer, examples, replace(base, steps=cfg.steps_per_round * cfg.rounds, prox_mu=0.0)
+            )
+            score = self._evaluate(model)
+            self._say(f"{'alone':<12} client-{i}: accuracy {score.accuracy:.3f} loss {score.loss:.4f}")
+            if best is None or score.accuracy > best[0].accuracy:
+                best = (score, i)
+        assert best is not None
+        seconds = time.perf_counter() - started
+        rows = [
+            SimRow(BEST_ALONE, 0, 0, start.accuracy, start.loss),
+            SimRow(BEST_ALONE, cfg.rounds, 1, best[0].accuracy, best[0].loss, seconds=seconds),
+        ]
+        self._say(_format(rows[-1]))
+        return rows
+
 
 def weighted_average(base: Any, clients: Sequence[tuple[float, Path]]) -> Any:
     """``base`` plus Σ wᵢ sᵢ Bᵢ Aᵢ (float64 sum) on each LoRA module and the heads averaged: the exact
@@ -548,7 +585,9 @@ Columns (per strategy and round):
   secs         wall time of the round: pulls, training, uploads, aggregation
   eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
 The centralised row trains one LoRA of the initial adapter's rank on every client's data
-pooled, for the same total steps as the round's clients together (no DP).
+pooled, for the same total steps as the round's clients together (no DP). The best-alone row
+(--alone) is the client that scored best on the held-out data after training alone on its own
+data from the initial model for every round's local steps.
 """
 
 _HEADER = (

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from chorus_mq.names import CENTRALISED
+from chorus_mq.names import BEST_ALONE, CENTRALISED
 from chorus_mq.training.simulate import SimRow, plot_accuracy
 
 
@@ -34,6 +34,7 @@ def test_simulate_minilm_two_rounds_three_clients(tmp_path):
             "--steps-per-round",
             "2",
             "--centralised",
+            "--alone",
             "--out",
             str(out),
         ],
@@ -44,7 +45,14 @@ def test_simulate_minilm_two_rounds_three_clients(tmp_path):
     assert "remainder    largest relative size" in result.output  # the legend explains every column
     rows = [SimRow(**row) for row in json.loads((out / "results.json").read_text())["rows"]]
     by = {(r.strategy, r.round): r for r in rows}
-    assert set(by) == {(s, r) for s in ("fedex-lora", "fedavg", CENTRALISED) for r in (0, 1, 2)}
+    assert set(by) - {(BEST_ALONE, 0), (BEST_ALONE, 2)} == {
+        (s, r) for s in ("fedex-lora", "fedavg", CENTRALISED) for r in (0, 1, 2)
+    }
+    # the best client alone: the best of the three printed, each trained for every round's steps
+    alone = [
+        float(line.split("accuracy ")[1].split()[0]) for line in result.output.splitlines() if line.startswith("alone ")
+    ]
+    assert len(alone) == 3 and by[BEST_ALONE, 2].accuracy == pytest.approx(max(alone), abs=1e-3)
     for r in (1, 2):
         exact, avg = by["fedex-lora", r], by["fedavg", r]
         assert exact.clients == 3 and exact.bytes_up > 0 and exact.bytes_down > 0
