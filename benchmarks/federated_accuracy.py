@@ -9,7 +9,8 @@ is exact; stack, whose rank would multiply, starts it from the best approximatio
 of fedavg, fedex-lora, svd and stack, and the centralised baseline (the same total steps on the
 pooled data). Clients train with logit adjustment by their own label frequencies where their labels
 are skewed (``--balance auto``, train's default; ``off``: at these skews every strategy then collapses
-to predicting one class after 5 rounds), and ``--prox-mu`` adds FedProx. Every client
+to predicting one class after 5 rounds), ``--prox-mu`` adds FedProx and ``--scaffold`` SCAFFOLD's
+control variates (one rank for every client, default 8; not stack). Every client
 round goes through the production path (uploads, inbox pump, ingest, aggregation shards and
 commit as Celery tasks run eagerly, pulls). Prints one table per alpha (columns explained in
 ``chorus_mq/training/simulate.py``), a summary of the last round, and writes CSV, JSON and a
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alphas", default="0.1,1.0", help="Dirichlet concentrations, comma-separated")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--fraction-fit", type=float, default=0.5)
-    parser.add_argument("--ranks", default="4,8,16")
+    parser.add_argument("--ranks", default=None, help="client LoRA ranks in turn (default 4,8,16; --scaffold: 8)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="local steps per client round")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -48,9 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--balance", default="auto", choices=("auto", "on", "off"), help="logit adjustment")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx weight (0: off)")
+    parser.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates in every federation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/federated_accuracy"))
     args = parser.parse_args(argv)
+    args.ranks = args.ranks or ("8" if args.scaffold else "4,8,16")
+    if args.scaffold and "stack" in args.strategies.split(","):
+        args.strategies = ",".join(s for s in args.strategies.split(",") if s != "stack")
+        print("--scaffold: stack left out (its global rank is the sum of the uploads')", flush=True)
     started = time.perf_counter()
     finals: dict[float, list[SimRow]] = {}
     for alpha in (float(a) for a in args.alphas.split(",")):
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             steps_per_round=args.steps,
             balance_labels=args.balance,
             prox_mu=args.prox_mu,
+            scaffold=args.scaffold,
             batch_size=args.batch_size,
             lr=args.lr,
             test_examples=args.test,
