@@ -100,6 +100,13 @@ def test_the_clients_variate_is_kept_newest_first_and_carried_into_a_new_basis(t
     assert all(float(v.abs().max()) == 0 for v in rnd.server.values())  # no server variate pulled: zero
 
 
+def test_simulate_refuses_mixed_ranks_with_scaffold():
+    from chorus_mq.training.simulate import run_model_simulation
+
+    with pytest.raises(ConfigError, match="one rank for every client"):
+        run_model_simulation(ranks=[4, 8], scaffold=True, echo=None)
+
+
 @pytest.fixture
 def sdk(tmp_path):
     from chorus_mq.simulate import embedded_sdk

@@ -54,6 +54,7 @@ def test_skewed_clients_with_a_restart_publish_the_oracles_variate(deployment, t
     )
     operator = deployment.sdk()
     assert operator.status("sc").scaffold
+    assert "local training: SCAFFOLD control variates" in deployment.cli("status", "-f", "sc").stdout
     secrets = {f"c{i}": operator.add_client("sc", f"c{i}").secret for i in range(3)}
     failures: list[BaseException] = []
 
