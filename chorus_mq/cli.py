@@ -289,6 +289,13 @@ def federation() -> None:
     "(published with the federation; against drift on skewed client data; 0: off).",
 )
 @click.option(
+    "--scaffold",
+    is_flag=True,
+    help="SCAFFOLD control variates (published with the federation): every client corrects its local steps by "
+    "the server variate each round publishes next to its adapter, against drift on skewed client data. Needs "
+    "an initial adapter (--task ... --lora-rank) and one rank for every client; not with stack or server DP.",
+)
+@click.option(
     "--relative-clip",
     type=float,
     default=10.0,
@@ -564,6 +571,10 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         click.echo(f"deadline in {max(0, s.deadline - time.time()):.0f}s (min quorum {s.min_quorum})")
     latest = "none yet" if s.latest_complete is None else s.latest_complete
     click.echo(f"latest complete round: {latest}")
+    drift = [f"FedProx mu {s.prox_mu:g}"] if s.prox_mu else []
+    drift += ["SCAFFOLD control variates"] if s.scaffold else []
+    if drift:
+        click.echo(f"local training: {', '.join(drift)}")
     for client, spent in sorted(s.privacy.items()):
         click.echo(
             f"server-side DP {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
@@ -780,6 +791,11 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     show_default=True,
     help="With --model: FedProx weight of the federations (pulls local training toward the global model).",
 )
+@click.option(
+    "--scaffold",
+    is_flag=True,
+    help="With --model: SCAFFOLD control variates in every federation (one rank for every client).",
+)
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -813,6 +829,7 @@ def simulate(
     steps_per_round: int | None,
     balance_labels: str,
     prox_mu: float,
+    scaffold: bool,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -852,6 +869,7 @@ def simulate(
             steps_per_round=steps_per_round,
             balance_labels=balance_labels,
             prox_mu=prox_mu,
+            scaffold=scaffold,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,

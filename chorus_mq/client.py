@@ -91,6 +91,8 @@ class Status:
     rejected: dict[str, int] = field(default_factory=dict)
     #: FedProx weight the federation asks its clients to train with
     prox_mu: float = 0.0
+    #: SCAFFOLD: every client corrects its local steps by the round's server variate and declares its lr_sum
+    scaffold: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +220,7 @@ class ChorusClient:
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
                 prox_mu=cfg.prox_mu,
+                scaffold=cfg.scaffold,
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
@@ -385,14 +388,18 @@ class ChorusClient:
         secret: str | None = None,
         dp: dict[str, Any] | None = None,
         progress: bool = False,
+        lr_sum: float | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
-        federation's inbox, and (by default) wait for the worker's verdict."""
+        federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
+        federations): the learning rate summed over the local steps that trained the adapter."""
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
         if dataset_size is not None and not (math.isfinite(dataset_size) and dataset_size > 0):
             raise ConfigError(f"dataset size must be a finite number above 0, got {dataset_size!r}")
+        if lr_sum is not None and not (math.isfinite(lr_sum) and lr_sum > 0):
+            raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")
         with _service(self.settings):
             self.state.meta(federation)
         local = load_adapter(adapter, lora_alpha=lora_alpha)
@@ -413,6 +420,7 @@ class ChorusClient:
             size=size,
             dataset_size=dataset_size,
             dp=None if dp is None else ClientDP(**dp),
+            lr_sum=lr_sum,
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)

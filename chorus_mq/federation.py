@@ -33,6 +33,12 @@ def create(
             "the declared model has no modules: give --base-model DIR (a local model directory) "
             "or --reference-adapter PATH"
         )
+    if config.scaffold and initial_adapter is None:
+        raise ConfigError(
+            "--scaffold needs an initial adapter (round 0): the server variate is measured from the global "
+            "adapter every client starts from; create the federation with --task, --labels, --target-modules "
+            "and --lora-rank (or --initial-adapter)"
+        )
     initial = None
     if initial_adapter is not None:
         initial = _publish_initial(sdk, config, model, Path(initial_adapter))

@@ -66,9 +66,10 @@ def manifest_key(federation: str, round_: int) -> str:
 
 
 def shard_key(federation: str, round_: int, shard: int, part: str, sha256: str) -> str:
-    """A shard's output (``part`` is ``adapter`` or ``residual``), content-addressed: reruns never collide."""
-    if part not in ("adapter", "residual"):
-        raise ValueError(f"shard part must be adapter or residual, got {part!r}")
+    """A shard's output (``part`` is ``adapter``, ``residual`` or, with SCAFFOLD, ``variate``), content-addressed:
+    reruns never collide."""
+    if part not in ("adapter", "residual", "variate"):
+        raise ValueError(f"shard part must be adapter, residual or variate, got {part!r}")
     return f"{round_prefix(federation, round_)}/shard-{shard:03d}-{part}-{_check_sha(sha256)[:16]}.safetensors"
 
 

@@ -34,6 +34,8 @@ from .names import (
     RESIDUAL_ADAPTER_DIR,
     RESIDUAL_FILE,
     RESIDUAL_FORMAT,
+    VARIATE_FILE,
+    VARIATE_FORMAT,
 )
 from .progress import byte_bar
 from .results import complete_rounds, fetch_manifest, fold_residuals, merge_objects, write_empty_residual
@@ -173,7 +175,9 @@ def pull(
     rounds = complete_rounds(sdk.state, federation, start, target)
     manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0] for r in rounds}
     residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
-    total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(s.adapter.size for s in manifest.shards)
+    total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
+        s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in manifest.shards
+    )
     bar = byte_bar(progress, total, f"pull round {target}")
     for r in rounds:
         if _merge_into(sdk, residuals[r], increment_path(out, r), RESIDUAL_FORMAT, bar):
@@ -186,6 +190,10 @@ def pull(
     ):
         write_empty_residual(out / RESIDUAL_FILE)
     _merge_into(sdk, [s.adapter for s in manifest.shards], out / ADAPTER_WEIGHTS, "pt", bar)
+    # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
+    variates = [s.variate for s in manifest.shards if s.variate is not None]
+    if not _merge_into(sdk, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
+        (out / VARIATE_FILE).unlink(missing_ok=True)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
     _atomic_write(out / MANIFEST_FILE, manifest.to_json())
     pending = sum(increment_path(out, r).stat().st_size for r in increments)

@@ -45,10 +45,12 @@ class ShardEntry:
     items: int
     adapter: ObjectRef
     residual: ObjectRef | None
+    #: SCAFFOLD: the server variate of this shard's items (the adapter's keys and shapes)
+    variate: ObjectRef | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
-        residual = d.get("residual")
+        residual, variate = d.get("residual"), d.get("variate")
         return cls(
             index=int(d["index"]),
             first=str(d["first"]),
@@ -56,6 +58,7 @@ class ShardEntry:
             items=int(d["items"]),
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
+            variate=None if variate is None else ObjectRef.from_dict(variate),
         )
 
 
@@ -79,6 +82,8 @@ class Manifest:
     residual_bytes: int = 0
     #: seconds: quorum_to_commit, fetch, math, write, commit (phases summed over shards)
     timings: dict[str, float] = field(default_factory=dict)
+    #: SCAFFOLD: "client|item" -> the factor a client's variate update was clipped by (only those below 1)
+    variate_clipped: dict[str, float] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -107,6 +112,7 @@ class Manifest:
                 adapter_bytes=int(d.get("adapter_bytes", 0)),
                 residual_bytes=int(d.get("residual_bytes", 0)),
                 timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
+                variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

@@ -36,6 +36,8 @@ SIGNED_FIELDS = (
     "ts",
     "nonce",
 )
+#: signed only when present, so records from clients that never send them keep their signatures
+OPTIONAL_SIGNED_FIELDS = ("lr_sum",)
 _TOKEN = r"^[A-Za-z0-9_-]{8,64}$"
 
 
@@ -65,6 +67,8 @@ class IngestMessage(BaseModel):
     size: int = Field(ge=0)
     dataset_size: float | None = Field(default=None, gt=0)
     dp: ClientDP | None = None
+    #: SCAFFOLD federations: the learning rate summed over the client's local steps (K·η); ingest checks its range
+    lr_sum: float | None = None
     upload_id: str = Field(default_factory=lambda: secrets.token_hex(12), pattern=_TOKEN)
     ts: float = Field(default_factory=time.time)
     nonce: str = Field(default_factory=lambda: secrets.token_hex(16), pattern=_TOKEN)
@@ -89,6 +93,9 @@ class IngestMessage(BaseModel):
         for name in SIGNED_FIELDS:
             value = getattr(self, name)
             body[name] = value.model_dump() if isinstance(value, BaseModel) else value
+        for name in OPTIONAL_SIGNED_FIELDS:
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def signed(self, secret: str) -> IngestMessage:

@@ -156,6 +156,8 @@ RESIDUAL_FORMAT = "chorus-residual/1"
 SHARD_FORMAT = "chorus-shard/1"
 MANIFEST_FORMAT = "chorus-round/2"
 LOCAL_FORMAT = "chorus-local/1"
+#: a round's SCAFFOLD server variate (shard objects, and the pulled ``variate.safetensors``)
+VARIATE_FORMAT = "chorus-variate/1"
 
 # What ``pull`` writes into its output directory.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -168,6 +170,8 @@ MANIFEST_FILE = "manifest.json"
 LOCAL_STATE_FILE = "state.json"
 EXACT_ADAPTER_DIR = "exact_adapter"
 RESIDUAL_ADAPTER_DIR = "residual_adapter"
+#: the round's SCAFFOLD server variate (only in federations created with ``--scaffold``)
+VARIATE_FILE = "variate.safetensors"
 
 #: the Redis consumer group every ingest worker's inbox pump reads through
 INBOX_GROUP = "chorus-ingest"
@@ -241,6 +245,8 @@ TRAIN_STATE_FILE = "train_state.json"
 PRIVACY_FILE = "privacy.json"
 PRIVACY_FORMAT = "chorus-privacy/1"
 PULLED_DIR = "pulled"
+#: the client's own SCAFFOLD variate (and the start factors it is expressed against), in its work dir
+CLIENT_VARIATE_FILE = "client_variate.safetensors"
 #: the row of ``simulate --model --centralised`` that trains on the pooled data (next to the strategies)
 CENTRALISED = "centralised"
 #: the simulation row of the best client trained alone on its own data (same local steps as all its rounds)

@@ -82,5 +82,7 @@ def test_bad_hashes_never_reach_a_key(sha):
 
 
 def test_shard_parts_are_named():
-    with pytest.raises(ValueError, match="adapter or residual"):
+    with pytest.raises(ValueError, match="adapter, residual or variate"):
         layout.shard_key("fed", 1, 0, "manifest", SHA)
+    key = layout.shard_key("fed", 1, 0, "variate", SHA)
+    assert key == f"fed/rounds/000001/shard-000-variate-{SHA[:16]}.safetensors"

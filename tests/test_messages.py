@@ -35,6 +35,19 @@ def test_a_signature_covers_every_field_that_changes_the_meaning():
     assert not tampered_dp.signature_valid("s3cret")
 
 
+def test_lr_sum_is_signed_when_sent_and_records_without_it_keep_their_signatures():
+    plain = _msg(dataset_size=5.0).signed("k")
+    assert b"lr_sum" not in plain.canonical()  # what clients that never send it signed
+    assert plain.signature_valid("k")
+    assert not plain.model_copy(update={"lr_sum": 0.1}).signature_valid("k")  # cannot be added on the way
+    signed = _msg(lr_sum=0.1).signed("k")
+    assert signed.signature_valid("k")
+    assert not signed.model_copy(update={"lr_sum": 1e-9}).signature_valid("k")
+    assert not signed.model_copy(update={"lr_sum": None}).signature_valid("k")
+    with pytest.raises(InvalidAdapter, match="lr_sum"):
+        IngestMessage.parse({**json.loads(signed.model_dump_json()), "lr_sum": "Infinity"})
+
+
 def test_a_record_round_trips_through_the_inbox_field():
     msg = _msg().signed("k")
     fields = msg.to_record()

@@ -56,6 +56,9 @@ class FederationConfig:
     fan_in_fan_out: bool = False
     #: FedProx weight every client's local training uses unless it overrides it (``train --prox-mu``)
     prox_mu: float = 0.0
+    #: SCAFFOLD control variates on the trained LoRA tensors: every client corrects its local steps by the
+    #: server variate published with each round (docs/DESIGN.md section 1)
+    scaffold: bool = False
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -98,6 +101,17 @@ class FederationConfig:
             )
         if self.prox_mu < 0:
             raise ConfigError("--prox-mu cannot be negative (0: off)")
+        if self.scaffold:
+            if self.strategy == Strategy.STACK:
+                raise ConfigError(
+                    "--scaffold needs a global adapter at the clients' own rank; stack's rank is the sum of "
+                    "the uploads': use fedex-lora, fedavg or svd"
+                )
+            if self.dp_noise_multiplier:
+                raise ConfigError(
+                    "--scaffold publishes a variate computed from the clients' un-noised updates, which would "
+                    "bypass server-side differential privacy: use one or the other"
+                )
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):

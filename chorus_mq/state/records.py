@@ -137,12 +137,15 @@ class DeltaRecord:
     max_norm: float = 0.0
     #: the client's own DP report (from the signed message)
     dp: Mapping[str, Any] | None = None
+    #: SCAFFOLD: the learning rate summed over the client's local steps (from the signed message)
+    lr_sum: float | None = None
 
     def __post_init__(self) -> None:
         check_name(self.client_id, "client id")
         _check_sha(self.sha256, "delta sha256")
         _check_sha(self.index_sha256, "index sha256")
         _finite_positive(self.dataset_size, "dataset size")
+        _finite_positive(self.lr_sum, "lr_sum")
         if self.size < 0 or self.bytes < 0 or self.modules < 0:
             raise ConfigError("delta size, tensor bytes and module count cannot be negative")
         if not set(self.present) <= _HEX:

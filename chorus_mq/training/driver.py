@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, NotSelected, Rejected, RoundClosed, Timeout
 from chorus_mq.names import (
+    CLIENT_VARIATE_FILE,
     ENDED_STATES,
     PRIVACY_FILE,
     PULLED_DIR,
@@ -125,6 +126,8 @@ class Trained:
     steps: int
     examples: int
     dp: DPReport | None
+    #: SCAFFOLD: the learning rate summed over the round's steps (the upload declares it); None: not SCAFFOLD
+    lr_sum: float | None = None
 
     @classmethod
     def load(cls, round_dir: Path) -> Trained | None:
@@ -134,7 +137,14 @@ class Trained:
         raw = json.loads(path.read_text())
         dp = DPReport(**raw["dp"]) if raw.get("dp") else None
         return cls(
-            raw["round"], raw["start_round"], round_dir / "adapter", raw["loss"], raw["steps"], raw["examples"], dp
+            raw["round"],
+            raw["start_round"],
+            round_dir / "adapter",
+            raw["loss"],
+            raw["steps"],
+            raw["examples"],
+            dp,
+            raw.get("lr_sum"),
         )
 
     def save(self, round_dir: Path) -> None:
@@ -145,6 +155,7 @@ class Trained:
             "steps": self.steps,
             "examples": self.examples,
             "dp": self.dp.to_dict() if self.dp else None,
+            "lr_sum": self.lr_sum,
         }
         _write_json(round_dir / _TRAINED_FILE, raw)
 
@@ -230,6 +241,13 @@ def train_federation(
     )
     if config.prox_mu:
         log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
+    if status.scaffold:
+        if lora_rank is not None or lora_alpha is not None:
+            raise ConfigError(
+                f"federation {federation!r} uses SCAFFOLD, whose variates live on the global adapter's tensors: "
+                "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
+            )
+        log.info("SCAFFOLD: local steps corrected by the server's and this client's control variates")
     ledger = None
     if dp is not None:
         ledger = PrivacyLedger.open(
@@ -256,6 +274,7 @@ def train_federation(
         tuple(target_modules) if target_modules else None,
         dp_seed,
         keep_remainder=status.strategy != Strategy.STACK,
+        scaffold=status.scaffold,
     )
     while _reconcile(sdk, federation, client_id, state, work) < rounds:
         started = time.monotonic()
@@ -267,7 +286,7 @@ def train_federation(
             continue
         start = status.latest_complete
         trained = Trained.load(session.round_dir(r))
-        if trained is None or trained.start_round != start:
+        if trained is None or trained.start_round != start or (session.scaffold and trained.lr_sum is None):
             log.info(
                 "round %d: training %d steps on %d examples from %s",
                 r,
@@ -293,6 +312,7 @@ def train_federation(
                 dp=trained.dp.to_dict() if trained.dp else None,
                 progress=config.progress,
                 timeout=_VERDICT_WAIT_S if timeout is None else timeout,
+                lr_sum=trained.lr_sum,
             )
         except Rejected as exc:
             if exc.code == NotSelected.code:
@@ -309,6 +329,8 @@ def train_federation(
             if session.evaluation is not None:
                 log.info("round %d: complete; evaluating the global model on %d examples", r, len(session.evaluation))
             score = session.evaluate(r)
+            if client_id in summary.clients:
+                _keep_variate(work, r)
             state.finish(r)
             _prune(work, keep=r)
         yield RoundRecord(
@@ -347,6 +369,8 @@ class _Session:
     dp_seed: int | None
     #: stack's global rank is the sum of its uploads': a client below it drops the remainder (see start_model)
     keep_remainder: bool = True
+    #: SCAFFOLD: correct each step by the control variates, and keep this client's own (see .scaffold)
+    scaffold: bool = False
 
     @property
     def pulled(self) -> Path:
@@ -354,6 +378,10 @@ class _Session:
 
     def round_dir(self, r: int) -> Path:
         return self.work / "rounds" / f"{r:06d}"
+
+    @property
+    def own_variate(self) -> Path:
+        return self.work / CLIENT_VARIATE_FILE
 
     def train(self, r: int, start: int | None) -> Trained:
         """Train round ``r`` from the global model of round ``start``; keep the adapter in the round's dir."""
@@ -378,7 +406,20 @@ class _Session:
         model = start_point.model
         round_config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + r})
         privacy = (ledger.noise_multiplier, ledger.config.clip) if ledger is not None else None
-        result = train_local(model, self.tokenizer, self.examples, round_config, privacy=privacy, dp_seed=self.dp_seed)
+        variates = None
+        if self.scaffold:
+            from .scaffold import ScaffoldRound
+
+            variates = ScaffoldRound.begin(model, self.pulled if start is not None else None, self.own_variate)
+        result = train_local(
+            model,
+            self.tokenizer,
+            self.examples,
+            round_config,
+            privacy=privacy,
+            dp_seed=self.dp_seed,
+            correction=None if variates is None else variates.correction(),
+        )
         round_dir = self.round_dir(r)
         if round_dir.exists():
             shutil.rmtree(round_dir)
@@ -386,7 +427,14 @@ class _Session:
         if staging.exists():
             shutil.rmtree(staging)
         save_adapter(model, staging / "adapter", base_model=self.model_dir.name, remainder=start_point.remainder)
-        trained = Trained(r, start, round_dir / "adapter", result.loss, result.steps, result.examples, report)
+        lr_sum = None
+        if variates is not None:
+            from .scaffold import save_variate
+
+            lr_sum = result.steps * round_config.lr
+            # kept as this client's own once the round completes with its update in it (_keep_variate)
+            save_variate(staging / CLIENT_VARIATE_FILE, variates.finish(model, lr_sum), variates.basis(), r)
+        trained = Trained(r, start, round_dir / "adapter", result.loss, result.steps, result.examples, report, lr_sum)
         trained.save(staging)
         os.replace(staging, round_dir)  # the round's adapter appears whole or not at all
         return trained
@@ -488,8 +536,17 @@ def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkSt
         except NotFound:
             continue
         if summary.state == RoundStatus.COMPLETE and client_id in summary.clients:
+            _keep_variate(work, int(child.name))
             state.finish(int(child.name))
     return len(state.done)
+
+
+def _keep_variate(work: Path, r: int) -> None:
+    """SCAFFOLD: round ``r`` completed with this client's update, so its variate update is the client's own."""
+    from .scaffold import keep_variate
+
+    if keep_variate(work / "rounds" / f"{r:06d}" / CLIENT_VARIATE_FILE, work / CLIENT_VARIATE_FILE):
+        log.info("round %d: keeping this client's updated SCAFFOLD variate", r)
 
 
 def _prune(work: Path, *, keep: int) -> None:

@@ -163,11 +163,14 @@ def train_local(
     *,
     privacy: tuple[float, float] | None = None,
     dp_seed: int | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train the model's trainable parameters (LoRA and the head) for one round; the model ends in eval mode.
 
     ``privacy`` is ``(noise_multiplier, clip)``: DP-SGD with Poisson batches at
-    ``config.sample_rate``; the caller accounts for the steps (see :mod:`.dp`).
+    ``config.sample_rate``; the caller accounts for the steps (see :mod:`.dp`). ``correction``
+    (SCAFFOLD's ``c - c_i``, by adapter-file key, see :mod:`.scaffold`): after each step every
+    trained tensor moves by ``-lr`` times it.
     """
     import torch
 
@@ -206,6 +209,7 @@ def train_local(
     prior = label_log_prior(examples, model) if config.balance_labels and config.task == TaskType.SEQ_CLS else None
     # FedProx's anchor: where this round started (the global model), for the trainable parameters only
     anchor = [p.detach().clone() for p in trainable] if config.prox_mu else None
+    drift = _aligned(model, correction) if correction is not None else None
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
@@ -228,6 +232,8 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 if anchor is not None:
                     _proximal_pull(trainable, anchor, config.lr * config.prox_mu)
+                if drift is not None:
+                    _corrected(drift, config.lr)
                 bar.update(1)
                 if losses:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -249,6 +255,32 @@ def _proximal_pull(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor
     with torch.no_grad():
         for p, p0 in zip(params, anchor, strict=True):
             p.lerp_(p0, rate)
+
+
+def _aligned(model: Any, correction: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its correction) for every trained tensor; the correction must cover each exactly."""
+    from .scaffold import trained_tensors
+
+    params = trained_tensors(model)
+    if set(params) != set(correction):
+        missing = sorted(set(params) ^ set(correction))
+        raise ConfigError(f"the SCAFFOLD correction does not match the trained tensors (first: {missing[0]!r})")
+    pairs = []
+    for key, p in params.items():
+        c = correction[key]
+        if c.shape != p.shape:
+            raise ConfigError(f"the SCAFFOLD correction of {key!r} has shape {tuple(c.shape)}, not {tuple(p.shape)}")
+        pairs.append((p, c.to(p.dtype)))
+    return pairs
+
+
+def _corrected(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+    """``p <- p - lr (c - c_i)``: SCAFFOLD's correction of one step, decoupled from the optimizer."""
+    import torch
+
+    with torch.no_grad():
+        for p, c in pairs:
+            p.sub_(c, alpha=lr)
 
 
 def label_skew(labels: Sequence[int], num_labels: int) -> float:

@@ -30,6 +30,7 @@ from chorus_mq.local import LocalState
 from chorus_mq.names import (
     BEST_ALONE,
     CENTRALISED,
+    CLIENT_VARIATE_FILE,
     ExpirePolicy,
     LabelBalance,
     LocalOptimizer,
@@ -42,6 +43,7 @@ from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
 from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
+from .scaffold import ScaffoldRound, save_variate
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +102,8 @@ class SimConfig:
     prox_mu: float = 0.0
     #: also train every client alone (rounds x steps on its own data) and report the best
     alone: bool = False
+    #: SCAFFOLD control variates in every federation (``federation create --scaffold``)
+    scaffold: bool = False
 
     @property
     def per_round(self) -> int:
@@ -163,6 +167,7 @@ def run_model_simulation(
     balance_labels: str = "auto",
     prox_mu: float = 0.0,
     alone: bool = False,
+    scaffold: bool = False,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -198,6 +203,7 @@ def run_model_simulation(
         balance_labels=str(LabelBalance(balance_labels)),
         prox_mu=prox_mu,
         alone=alone,
+        scaffold=scaffold,
     )
     _check(config)
     show = None if as_json else echo
@@ -234,6 +240,11 @@ def _check(config: SimConfig) -> None:
         raise ConfigError(f"--ranks must be positive, got {list(config.ranks)}")
     if not config.strategies:
         raise ConfigError("no strategies to run")
+    if config.scaffold and config.ranks and len(set(config.ranks)) > 1:
+        raise ConfigError(
+            f"--scaffold needs one rank for every client (its variates live on the global adapter's tensors), "
+            f"got --ranks {','.join(map(str, config.ranks))}"
+        )
 
 
 def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], ChorusClient]:
@@ -313,6 +324,7 @@ class _Runner:
             task_type=TaskType.SEQ_CLS,
             labels=self.labels,
             prox_mu=cfg.prox_mu,
+            scaffold=cfg.scaffold,
         )
         self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
         parties = []
@@ -371,6 +383,7 @@ class _Runner:
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
         updates: list[tuple[str, Path]] = []
+        pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # SCAFFOLD: each client's next variate
         up = down = 0
         worst_remainder = 0.0
         epsilon: float | None = None
@@ -381,27 +394,41 @@ class _Runner:
                 pulled,
                 self.model_dir,
                 task=TaskType.SEQ_CLS,
-                rank=client.rank,
-                alpha=2.0 * client.rank,
+                # SCAFFOLD trains the global adapter's own tensors (its rank and scaling: svd's is 1)
+                rank=None if self.config.scaffold else client.rank,
+                alpha=None if self.config.scaffold else 2.0 * client.rank,
                 labels=self.labels,
                 seed=self.config.seed * 7919 + r,
                 keep_remainder=fed.strategy != Strategy.STACK,
             )
             model = start_point.model
+            own = client.workdir / CLIENT_VARIATE_FILE
+            variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
             worst_remainder = max(worst_remainder, start_point.gap.relative)
             train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
             privacy, report = None, None
             if client.ledger is not None:
                 report = client.ledger.report(r, train.planned_steps(len(client.examples)))
                 privacy = (client.ledger.noise_multiplier, client.ledger.config.clip)
-            train_local(model, self.tokenizer, client.examples, train, privacy=privacy)
+            result = train_local(
+                model,
+                self.tokenizer,
+                client.examples,
+                train,
+                privacy=privacy,
+                correction=None if variates is None else variates.correction(),
+            )
             adapter = save_adapter(
                 model, client.workdir / f"round-{r}", base_model=self.model_dir.name, remainder=start_point.remainder
             )
+            lr_sum = None
+            if variates is not None:
+                lr_sum = result.steps * train.lr
+                pending[client.name] = (variates.finish(model, lr_sum), variates.basis())
             if client.ledger is not None and report is not None:
                 client.ledger.commit(r, train.planned_steps(len(client.examples)))
                 epsilon = max(epsilon or 0.0, report.epsilon)
-            result = self.sdk.upload(
+            uploaded = self.sdk.upload(
                 fed.name,
                 adapter,
                 client.name,
@@ -409,12 +436,16 @@ class _Runner:
                 round_=r,
                 secret=client.secret,
                 dp=None if report is None else report.to_dict(),
+                lr_sum=lr_sum,
             )
-            up += result.bytes
+            up += uploaded.bytes
             updates.append((client.name, adapter))
         summary = self.sdk.wait_round(fed.name, r, timeout=600)
         if summary.state != RoundStatus.COMPLETE:
             raise ConfigError(f"{fed.name} round {r} ended {summary.state}: {summary.reason}")
+        for client in chosen:  # the round completed with their updates: their variates move on
+            if client.name in pending:
+                save_variate(client.workdir / CLIENT_VARIATE_FILE, *pending[client.name], r)
         previous = corrected_base(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         manifest = self.sdk.pull(fed.name, fed.server_view, r)
         fed.increments[r] = (manifest.adapter_bytes, manifest.residual_bytes)

@@ -92,7 +92,13 @@ def build_manifest(
         items = plan.shard_items(k)
         shards.append(
             ShardEntry(
-                index=k, first=items[0], last=items[-1], items=len(items), adapter=res.adapter, residual=res.residual
+                index=k,
+                first=items[0],
+                last=items[-1],
+                items=len(items),
+                adapter=res.adapter,
+                residual=res.residual,
+                variate=res.variate,
             )
         )
         out.update(res.out)
@@ -122,6 +128,7 @@ def build_manifest(
         adapter_bytes=sum(res.adapter_bytes for res in results.values()),
         residual_bytes=sum(res.residual_bytes for res in results.values()),
         timings=timings,
+        variate_clipped={key: f for res in results.values() for key, f in sorted(res.variate_clipped.items())},
     )
 
 

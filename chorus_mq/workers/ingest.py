@@ -28,6 +28,7 @@ from ..errors import (
     ConfigError,
     DeltaEvicted,
     DuplicateDelta,
+    IncompatibleDelta,
     InvalidAdapter,
     NotSelected,
     ObjectExists,
@@ -224,7 +225,11 @@ def _ingest(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage, r: int
         if remembered is not None:
             return remembered
         _precheck_round(rt, msg, r)
+        if config.scaffold:
+            _check_lr_sum(msg)  # before any download: the message alone says it
         index, size, etag = _fetch_and_check(rt, msg, r, decl, cap, config)
+        if config.scaffold:
+            _check_scaffold_ranks(rt, msg.federation, index)
         return _register(rt, inbox, entry_id, msg, r, config, decl.modules, index, size, etag, dispatch, started)
     finally:
         try:
@@ -329,6 +334,39 @@ def _check_norms(index: DeltaIndex, config: FederationConfig) -> None:
             )
 
 
+def _check_lr_sum(msg: IngestMessage) -> None:
+    """A SCAFFOLD federation's uploads declare the learning rate summed over their local steps, in range."""
+    from ..aggregation.variates import MIN_LR_SUM
+
+    if msg.lr_sum is None:
+        raise InvalidAdapter(
+            "this federation uses SCAFFOLD: the upload must declare lr_sum, the learning rate summed over "
+            "the local steps that trained it (`chorus-mq train` does; the SDK's upload(lr_sum=...))"
+        )
+    if not (math.isfinite(msg.lr_sum) and msg.lr_sum >= MIN_LR_SUM):
+        raise InvalidAdapter(f"lr_sum must be a finite number of at least {MIN_LR_SUM:g}, got {msg.lr_sum!r}")
+
+
+def _check_scaffold_ranks(rt: Runtime, federation: str, index: DeltaIndex) -> None:
+    """SCAFFOLD's variates live on the global adapter's tensors: every module at the global rank and scaling."""
+    from ..adapters import LoraSpec
+    from ..results import fetch_manifest
+
+    start = rt.state.latest_complete(federation)
+    if start is None:
+        raise InvalidAdapter("this SCAFFOLD federation has no global adapter to start from (no round 0)")
+    manifest, _sha = fetch_manifest(rt.state, rt.store, federation, start)
+    spec = LoraSpec.from_peft_config(manifest.adapter_config)
+    for module, entry in sorted(index.modules.items()):
+        rank, scaling = spec.rank_for(module), spec.scaling(module)
+        if entry.rank != rank or not math.isclose(entry.scaling, scaling, rel_tol=1e-9):
+            raise IncompatibleDelta(
+                f"module {module!r} has rank {entry.rank} and scaling {entry.scaling:g}; this SCAFFOLD federation's "
+                f"global adapter (round {start}) has rank {rank} and scaling {scaling:g}: its variates live on "
+                "those tensors, so every client trains at the global adapter's own rank and alpha"
+            )
+
+
 def _record(
     msg: IngestMessage, size: int, key: str, ikey: str, index_bytes: bytes, index: DeltaIndex, declared: tuple[str, ...]
 ) -> DeltaRecord:
@@ -353,6 +391,7 @@ def _record(
         bytes=tensor_bytes(index),
         max_norm=max((e.norm for e in index.modules.values()), default=0.0),
         dp=None if msg.dp is None else msg.dp.model_dump(),
+        lr_sum=msg.lr_sum,
     )
 
 

@@ -51,6 +51,8 @@ class Plan:
     excluded: dict[str, str] = field(default_factory=dict)
     clip: dict[str, float] = field(default_factory=dict)  # "client|module" -> factor
     dp: bool = False
+    #: SCAFFOLD: |S|/N, the share of the federation's clients this round's variate updates stand for; 0: off
+    variate_fraction: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -71,6 +73,7 @@ class Plan:
             excluded=dict(d["excluded"]),
             clip=dict(d["clip"]),
             dp=bool(d["dp"]),
+            variate_fraction=float(d.get("variate_fraction", 0.0)),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -146,7 +149,15 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         excluded=excluded,
         clip=clip,
         dp=bool(config.dp_noise_multiplier),
+        variate_fraction=_variate_fraction(rt, federation, kept) if config.scaffold else 0.0,
     )
+
+
+def _variate_fraction(rt: Runtime, federation: str, kept: Sequence[str]) -> float:
+    """|S|/N for SCAFFOLD's server step: the round's kept clients over the federation's active ones, fixed in
+    the plan so that a rerun after a client joined or left computes the same variate."""
+    population = len(set(ClientRegistry(rt.redis, federation).active()) | set(kept))
+    return len(kept) / population
 
 
 def _weights(

@@ -63,6 +63,9 @@ class ShardResult:
     adapter_bytes: int
     bytes_in: int
     seconds: dict[str, float] = field(default_factory=dict)
+    #: SCAFFOLD: the shard's server variate, and the clip factors below 1 ("client|item")
+    variate: ObjectRef | None = None
+    variate_clipped: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -70,7 +73,7 @@ class ShardResult:
     @classmethod
     def from_json(cls, raw: str) -> ShardResult:
         d = json.loads(raw)
-        residual = d.get("residual")
+        residual, variate = d.get("residual"), d.get("variate")
         return cls(
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
@@ -79,6 +82,8 @@ class ShardResult:
             adapter_bytes=int(d["adapter_bytes"]),
             bytes_in=int(d["bytes_in"]),
             seconds={k: float(v) for k, v in d["seconds"].items()},
+            variate=None if variate is None else ObjectRef.from_dict(variate),
+            variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
         )
 
 
@@ -137,6 +142,8 @@ class _Job:
     #: DP: the holders' updates, read once to look at their A's and kept for the math (a shard's inputs
     #: are bounded by CHORUS_SHARD_BYTES)
     loaded: list[ClientUpdate] | None = None
+    #: the holders' inputs as uploaded (before any clip), until the item is written (SCAFFOLD reads them)
+    raw: list[Any] | None = None
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -164,6 +171,11 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             )
             residual_out.file.close()
             residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
+        variates = None
+        if plan.variate_fraction:
+            from .variates import ShardVariates
+
+            variates = ShardVariates(rt, federation, r, k, plan, config, stack, adapter_layout)
         for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
             seconds["math"] += took
             t0 = time.perf_counter()
@@ -189,12 +201,17 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
                     residual_file.write(f"{job.name}.residual_left", res.left)
                     residual_file.write(f"{job.name}.residual_right", res.right)
                     residual_bytes += res.nbytes
+            if variates is not None:
+                variates.add(job.name, job.extra, job.holders, job.raw or [], result)
+            job.raw = None
             seconds["write"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         # the streaming writers hashed every byte they wrote: the store need not read them again
         adapter_out.trusted_sha256 = adapter_file.close()
         if residual_file is not None and residual_out is not None:
             residual_out.trusted_sha256 = residual_file.close()
+        if variates is not None:
+            variates.finish()
     seconds["write"] += time.perf_counter() - t0
     for phase, value in seconds.items():
         METRICS.phase_seconds.labels(phase=phase).observe(value)
@@ -210,6 +227,8 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         adapter_bytes=adapter_bytes,
         bytes_in=inputs.bytes_read,
         seconds={k_: round(v, 4) for k_, v in seconds.items()},
+        variate=None if variates is None else variates.ref,
+        variate_clipped={} if variates is None else variates.clipped,
     )
 
 
@@ -301,9 +320,10 @@ def _results(
         t0 = time.perf_counter()
         if job.extra:
             loaded: list[Any] = [inputs.extra(c, job.name) for c in job.holders]
+            job.raw = loaded
         else:
             updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
-            job.loaded = None
+            job.loaded, job.raw = None, updates
             loaded = [_clipped(u, plan.clip.get(f"{c}|{job.name}")) for c, u in zip(job.holders, updates, strict=True)]
         seconds["fetch"] += time.perf_counter() - t0
         return job, loaded

@@ -54,6 +54,7 @@ EVERY_FIELD = {
     "labels": ("neg", "pos", 'a,b "quoted"'),
     "fan_in_fan_out": True,
     "prox_mu": 0.01,
+    "scaffold": True,
 }
 
 
@@ -62,7 +63,7 @@ def test_every_config_field_round_trips_through_the_hash():
     cfg = FederationConfig(**EVERY_FIELD)
     h = cfg.to_hash()
     assert all(isinstance(v, str) for v in h.values())
-    assert (h["screen_outliers"], h["fan_in_fan_out"], h["task_type"]) == ("1", "1", "seq-cls")
+    assert (h["screen_outliers"], h["fan_in_fan_out"], h["task_type"], h["scaffold"]) == ("1", "1", "seq-cls", "1")
     back = FederationConfig.from_hash({**h, "current_round": "4", "latest_complete": "3"})
     assert back == cfg
     for f in dataclasses.fields(FederationConfig):
@@ -193,7 +194,9 @@ def test_round_info_types_every_field():
 
 
 def test_delta_record_round_trips_as_the_contract_json():
-    rec = dataclasses.replace(record("alice", dataset_size=1000.0), ranks=(4, 8), rank=None, dp={"epsilon": 2.0})
+    rec = dataclasses.replace(
+        record("alice", dataset_size=1000.0), ranks=(4, 8), rank=None, dp={"epsilon": 2.0}, lr_sum=0.25
+    )
     body = json.loads(rec.to_json())
     assert set(body) == {
         "client_id",
@@ -212,8 +215,9 @@ def test_delta_record_round_trips_as_the_contract_json():
         "bytes",
         "max_norm",
         "dp",
+        "lr_sum",
     }
-    assert body["ranks"] == [4, 8] and body["dp"] == {"epsilon": 2.0}
+    assert body["ranks"] == [4, 8] and body["dp"] == {"epsilon": 2.0} and body["lr_sum"] == 0.25
     assert DeltaRecord.from_json(rec.to_json()) == rec
     assert DeltaRecord.from_json(rec.to_json().encode()) == rec
 
@@ -225,6 +229,8 @@ def test_delta_record_round_trips_as_the_contract_json():
         {"sha256": "x" * 64},
         {"dataset_size": float("inf")},
         {"dataset_size": 0.0},
+        {"lr_sum": 0.0},
+        {"lr_sum": float("nan")},
         {"size": -1},
         {"present": "xyz"},
         {"upload_id": ""},
