@@ -289,6 +289,12 @@ def federation() -> None:
     "(published with the federation; against drift on skewed client data; 0: off).",
 )
 @click.option(
+    "--personal-heads",
+    is_flag=True,
+    help="seq-cls: every client keeps its own task head, trained on its own data and never uploaded; only "
+    "the LoRA body is aggregated. The published head stays round 0's (`export --head own` takes a client's).",
+)
+@click.option(
     "--relative-clip",
     type=float,
     default=10.0,

@@ -91,6 +91,8 @@ class Status:
     rejected: dict[str, int] = field(default_factory=dict)
     #: FedProx weight the federation asks its clients to train with
     prox_mu: float = 0.0
+    #: each client keeps its own task head (``federation create --personal-heads``)
+    personal_heads: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +220,7 @@ class ChorusClient:
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
                 prox_mu=cfg.prox_mu,
+                personal_heads=cfg.personal_heads,
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,

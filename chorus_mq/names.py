@@ -212,6 +212,13 @@ class LocalOptimizer(_Choice):
     SGD = "sgd"
 
 
+class HeadChoice(_Choice):
+    """``export --head``: the federation's published task head, or this client's own (``--personal-heads``)."""
+
+    GLOBAL = "global"
+    OWN = "own"
+
+
 class LabelBalance(_Choice):
     """``train --balance-labels``: logit adjustment by the client's own label frequencies.
 
@@ -241,6 +248,9 @@ TRAIN_STATE_FILE = "train_state.json"
 PRIVACY_FILE = "privacy.json"
 PRIVACY_FORMAT = "chorus-privacy/1"
 PULLED_DIR = "pulled"
+#: a ``--personal-heads`` client's own task head (safetensors, the adapter's head keys), kept across rounds
+PERSONAL_HEAD_FILE = "personal_head.safetensors"
+PERSONAL_HEAD_FORMAT = "chorus-head/1"
 #: the row of ``simulate --model --centralised`` that trains on the pooled data (next to the strategies)
 CENTRALISED = "centralised"
 

@@ -56,6 +56,9 @@ class FederationConfig:
     fan_in_fan_out: bool = False
     #: FedProx weight every client's local training uses unless it overrides it (``train --prox-mu``)
     prox_mu: float = 0.0
+    #: seq-cls: each client keeps its own task head (never uploaded); the LoRA body is aggregated as usual
+    #: and every round publishes round 0's head as the global one (docs/DESIGN.md section 1)
+    personal_heads: bool = False
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -98,6 +101,11 @@ class FederationConfig:
             )
         if self.prox_mu < 0:
             raise ConfigError("--prox-mu cannot be negative (0: off)")
+        if self.personal_heads and self.task_type != TaskType.SEQ_CLS:
+            raise ConfigError(
+                "--personal-heads keeps each client's task head local: it needs a seq-cls federation "
+                "(--task seq-cls --labels ...)"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):

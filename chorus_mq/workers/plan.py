@@ -20,7 +20,9 @@ from ..adapters.delta import embedded_spec
 from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
 from ..errors import AggregationError, NotFound, StateCorrupt
+from ..manifest import ObjectRef
 from ..names import RoundStatus, Task
+from ..results import fetch_manifest
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
 from ..state.rounds import DeltaRecord
@@ -51,6 +53,9 @@ class Plan:
     excluded: dict[str, str] = field(default_factory=dict)
     clip: dict[str, float] = field(default_factory=dict)  # "client|module" -> factor
     dp: bool = False
+    #: ``--personal-heads``: round 0's adapter objects holding the head every round publishes unchanged (the
+    #: clients keep their own and upload none); empty: the extras are the weighted mean of the deltas'
+    heads: tuple[ObjectRef, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -71,6 +76,7 @@ class Plan:
             excluded=dict(d["excluded"]),
             clip=dict(d["clip"]),
             dp=bool(d["dp"]),
+            heads=tuple(ObjectRef.from_dict(h) for h in d.get("heads", ())),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -131,7 +137,12 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
             clip[key] = clip.get(key, 1.0) * factor
     modules = sorted(set().union(*(present[c] for c in kept)))
     items = tuple(sorted([*modules, *declared.extras]))
-    sizes = [_item_bytes(item, declared, {c: records[c] for c in kept}, present) for item in items]
+    template = _template(rt, records[kept[0]])
+    heads: tuple[ObjectRef, ...] = ()
+    if declared.heads_local:
+        heads, template = _initial_heads(rt, federation, declared, template)
+    holders = {c: records[c] for c in kept}
+    sizes = [_item_bytes(item, declared, {} if heads else holders, present) for item in items]
     shard_count = min(rt.settings.max_shards, len(items), max(1, math.ceil(sum(sizes) / rt.settings.shard_bytes)))
     return Plan(
         clients=tuple(kept),
@@ -142,10 +153,11 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         strategy=str(config.strategy),
         missing=str(config.missing_modules),
         out_rank=config.out_rank,
-        template=_template(rt, records[kept[0]]),
+        template=template,
         excluded=excluded,
         clip=clip,
         dp=bool(config.dp_noise_multiplier),
+        heads=heads,
     )
 
 
@@ -173,7 +185,7 @@ def _item_bytes(
     item: str, declared: Declared, records: Mapping[str, DeltaRecord], present: Mapping[str, frozenset[str]]
 ) -> int:
     if item in declared.decl.extras:
-        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * len(records)
+        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * max(1, len(records))
     d_out, d_in = declared.decl.modules[item]
     total = 0
     for client, rec in records.items():
@@ -199,6 +211,23 @@ def balanced_ranges(sizes: Sequence[int], parts: int) -> tuple[tuple[int, int], 
         cuts.append(i)
     cuts.append(n)
     return tuple((cuts[j], cuts[j + 1]) for j in range(parts))
+
+
+def _initial_heads(
+    rt: Runtime, federation: str, declared: Declared, template: dict[str, Any]
+) -> tuple[tuple[ObjectRef, ...], dict[str, Any]]:
+    """Where round 0 keeps the task head (its shard objects whose name range holds a head tensor), and the
+    template with round 0's modules_to_save (the clients' deltas carry none)."""
+    manifest, _sha = fetch_manifest(rt.state, rt.store, federation, 0)
+    heads = tuple(
+        shard.adapter for shard in manifest.shards if any(shard.first <= name <= shard.last for name in declared.extras)
+    )
+    saved = manifest.adapter_config.get("modules_to_save")
+    if not heads or not saved:
+        raise AggregationError(
+            "--personal-heads: round 0 holds no task head to publish (the federation was created without one)"
+        )
+    return heads, {**template, "modules_to_save": saved}
 
 
 def _template(rt: Runtime, record: DeltaRecord) -> dict[str, Any]:

@@ -54,6 +54,7 @@ EVERY_FIELD = {
     "labels": ("neg", "pos", 'a,b "quoted"'),
     "fan_in_fan_out": True,
     "prox_mu": 0.01,
+    "personal_heads": True,
 }
 
 
