@@ -783,6 +783,12 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     show_default=True,
     help="With --model: FedProx weight of the federations (pulls local training toward the global model).",
 )
+@click.option(
+    "--personal-heads",
+    is_flag=True,
+    help="With --model: every client keeps its own task head (federation create --personal-heads); each holds "
+    "out a fifth of its examples, and `pers acc` is the mean of its own model on them.",
+)
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -815,6 +821,7 @@ def simulate(
     steps_per_round: int | None,
     balance_labels: str,
     prox_mu: float,
+    personal_heads: bool,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -853,6 +860,7 @@ def simulate(
             steps_per_round=steps_per_round,
             balance_labels=balance_labels,
             prox_mu=prox_mu,
+            personal_heads=personal_heads,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,
