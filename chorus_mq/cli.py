@@ -563,6 +563,8 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         _echo_json(s.to_dict())
         return
     click.echo(f"federation {s.federation} ({s.strategy}, base {s.base_model})")
+    if s.personal_heads:
+        click.echo("task heads: each client keeps its own (--personal-heads); the published head is round 0's")
     click.echo(f"round {s.current_round}: {s.state}, {s.deltas}/{s.quorum} deltas")
     if s.selected:
         click.echo(f"selected for this round: {', '.join(s.selected)}")

@@ -142,7 +142,7 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     if declared.heads_local:
         heads, template = _initial_heads(rt, federation, declared, template)
     holders = {c: records[c] for c in kept}
-    sizes = [_item_bytes(item, declared, {} if heads else holders, present) for item in items]
+    sizes = [_item_bytes(item, declared, holders, present, carried=bool(heads)) for item in items]
     shard_count = min(rt.settings.max_shards, len(items), max(1, math.ceil(sum(sizes) / rt.settings.shard_bytes)))
     return Plan(
         clients=tuple(kept),
@@ -182,10 +182,15 @@ def _weights(
 
 
 def _item_bytes(
-    item: str, declared: Declared, records: Mapping[str, DeltaRecord], present: Mapping[str, frozenset[str]]
+    item: str,
+    declared: Declared,
+    records: Mapping[str, DeltaRecord],
+    present: Mapping[str, frozenset[str]],
+    *,
+    carried: bool = False,
 ) -> int:
-    if item in declared.decl.extras:
-        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * max(1, len(records))
+    if item in declared.decl.extras:  # one copy of round 0's head when it is carried, else one per client
+        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * (1 if carried else len(records))
     d_out, d_in = declared.decl.modules[item]
     total = 0
     for client, rec in records.items():

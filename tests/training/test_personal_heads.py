@@ -204,3 +204,42 @@ def test_head_files_are_checked_and_heads_must_fit_the_model(initial, tiny_bert_
     assert set(head_state(model)) == HEAD_KEYS
     with pytest.raises(IncompatibleDelta, match="does not fit this model"):
         apply_head(model, {**head, f"{PEFT_PREFIX}score.weight": head[f"{PEFT_PREFIX}classifier.weight"]})
+
+
+def test_a_round_in_many_shards_publishes_the_body_and_round_0s_head(initial, tiny_bert_dir, tokenizer, tmp_path):
+    """Shards of one item each: the shard holding the head copies round 0's; the others aggregate the body."""
+    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.workers import runtime
+
+    sdk = embedded_sdk(tmp_path / "deployment", shard_bytes=1, max_shards=16)
+    try:
+        secrets = _create(sdk, initial)
+        body = tmp_path / "body"
+        model = exact_model(initial, tiny_bert_dir, task=TaskType.SEQ_CLS, trainable=True)
+        with torch.no_grad():  # a body that differs from round 0's, and a head the workers must not see
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn_like(param))
+        from chorus_mq.training.local import save_adapter
+
+        save_adapter(model, body)
+        split_head(body)
+        sdk.upload("fed", body, "alice", dataset_size=10, secret=secrets["alice"], timeout=30)
+        manifest = sdk.pull("fed", tmp_path / "r1", 1)
+    finally:
+        runtime.install(None)
+    assert len(manifest.shards) == 6  # 4 LoRA modules and the head's 2 tensors, one per shard
+    published = _published_head(tmp_path / "r1")
+    initial_head = _published_head(initial)
+    assert all(torch.equal(published[k], initial_head[k]) for k in HEAD_KEYS)
+    # the round's model is the uploaded body with round 0's head
+    want_dir = tmp_path / "want"
+    shutil.copytree(body, want_dir)
+    config = json.loads((want_dir / ADAPTER_CONFIG).read_text())
+    (want_dir / ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": ["classifier"]}))
+    from safetensors.torch import save_file
+
+    save_file({**load_file(str(body / ADAPTER_WEIGHTS)), **initial_head}, str(want_dir / ADAPTER_WEIGHTS))
+    want = predict(exact_model(want_dir, tiny_bert_dir, task=TaskType.SEQ_CLS), tokenizer, TEXTS)
+    got = predict(exact_model(tmp_path / "r1", tiny_bert_dir, task=TaskType.SEQ_CLS), tokenizer, TEXTS)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

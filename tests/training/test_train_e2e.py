@@ -236,6 +236,7 @@ def test_personal_heads_stay_with_each_client_and_export_per_client(deployment, 
     )  # fmt: skip
     sdk = deployment.sdk()
     assert sdk.status("ph").personal_heads
+    assert "each client keeps its own (--personal-heads)" in deployment.cli("status", "-f", "ph").stdout
 
     def table(idx):
         return pa.table({"text": [DATA.texts[i] for i in idx], "label": [labels[DATA.labels[i]] for i in idx]})
