@@ -332,7 +332,7 @@ def _patch_boto(no_backoff: bool) -> None:
     if no_backoff:
         from chorus_mq.store.s3 import S3Transport
 
-        S3Transport.delay = lambda self, attempt: 0.0  # type: ignore[method-assign]
+        S3Transport.delay = lambda self, attempt: 0.0
 
 
 def install() -> None:

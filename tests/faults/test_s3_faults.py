@@ -28,9 +28,7 @@ BURST, OUTAGE = 2, ATTEMPTS + 1
 
 
 @pytest.mark.parametrize("mode", ["error", "drop", "stall", "lost"])
-def test_s3_transient_failures_in_upload_ingest_and_aggregation(
-    deployment, fault_proxy, no_backoff, delta_file, mode
-):
+def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, fault_proxy, no_backoff, delta_file, mode):
     fed = f"s3-{mode}"
     # a 1 s read timeout (30 s by default) makes a stalled request a quick timeout, in workers and the SDK alike
     deployment.env.update(
