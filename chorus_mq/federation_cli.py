@@ -95,6 +95,7 @@ def build_federation(
         if task_type is None and decl.task_type:
             task_type = _task_from_peft(decl.task_type)
         options["screen_outliers"] = bool(options.get("screen_outliers"))
+        options["personal_heads"] = bool(options.get("personal_heads"))
         config = FederationConfig(
             name=name,
             base_model=base_model,

@@ -216,6 +216,13 @@ class LocalOptimizer(_Choice):
     SGD = "sgd"
 
 
+class HeadChoice(_Choice):
+    """``export --head``: the federation's published task head, or this client's own (``--personal-heads``)."""
+
+    GLOBAL = "global"
+    OWN = "own"
+
+
 class LabelBalance(_Choice):
     """``train --balance-labels``: logit adjustment by the client's own label frequencies.
 
@@ -247,6 +254,9 @@ PRIVACY_FORMAT = "chorus-privacy/1"
 PULLED_DIR = "pulled"
 #: the client's own SCAFFOLD variate (and the start factors it is expressed against), in its work dir
 CLIENT_VARIATE_FILE = "client_variate.safetensors"
+#: a ``--personal-heads`` client's own task head (safetensors, the adapter's head keys), kept across rounds
+PERSONAL_HEAD_FILE = "personal_head.safetensors"
+PERSONAL_HEAD_FORMAT = "chorus-head/1"
 #: the row of ``simulate --model --centralised`` that trains on the pooled data (next to the strategies)
 CENTRALISED = "centralised"
 #: the simulation row of the best client trained alone on its own data (same local steps as all its rounds)

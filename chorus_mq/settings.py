@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     store: str = "file://./chorus-data"
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    #: seconds to open a connection to the object store, and to wait for each read of an answer
+    s3_connect_timeout: float = Field(default=2.0, gt=0)
+    s3_read_timeout: float = Field(default=30.0, gt=0)
+    #: attempts per S3 request on transient errors (5xx, throttling, timeouts, dropped connections), with
+    #: jittered backoff of at most 4 s between them; an endpoint that cannot be connected to gets at most 3
+    s3_max_attempts: int = Field(default=5, ge=1)
 
     #: largest delta object accepted, checked before download
     max_delta_bytes: int = 2 * 1024**3

@@ -102,14 +102,14 @@ def fault_proxy(_proxy_server):
 
 @pytest.fixture
 def no_backoff(monkeypatch):
-    """Zero boto3's retry sleeps (up to 1+2+4+8+16 s) so retry tests stay fast.
+    """Zero the S3 store's retry sleeps so retry tests stay fast.
 
     Only the waiting goes: which errors are retried and how often is still decided by
     the production client config.
     """
-    from botocore.retries.standard import ExponentialBackoff
+    from chorus_mq.store.s3 import S3Transport
 
-    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0)
+    monkeypatch.setattr(S3Transport, "delay", lambda self, attempt: 0.0)
 
 
 @pytest.fixture

@@ -55,6 +55,8 @@ def test_errors_are_one_line_with_specific_exit_codes(cli, tmp_path, ref):
         in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1", "--strategy", "mean", code=2).output
     )
     assert "declare" in cli("federation", "create", "x", "--base-model", "m", "--quorum", "1", code=2).output
+    personal = ("federation", "create", "x", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
+    assert "needs a seq-cls federation" in cli(*personal, "--personal-heads", code=2).output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     res = cli("upload", "--federation", "fed", "--adapter", str(bad), "--client-id", "c", code=3)

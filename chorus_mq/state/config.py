@@ -59,6 +59,9 @@ class FederationConfig:
     #: SCAFFOLD control variates on the trained LoRA tensors: every client corrects its local steps by the
     #: server variate published with each round (docs/DESIGN.md section 1)
     scaffold: bool = False
+    #: seq-cls: each client keeps its own task head (never uploaded); the LoRA body is aggregated as usual
+    #: and every round publishes round 0's head as the global one (docs/DESIGN.md section 1)
+    personal_heads: bool = False
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -112,6 +115,16 @@ class FederationConfig:
                     "--scaffold publishes a variate computed from the clients' un-noised updates, which would "
                     "bypass server-side differential privacy: use one or the other"
                 )
+        if self.scaffold and self.personal_heads:
+            raise ConfigError(
+                "--scaffold and --personal-heads do not combine yet: the server variate covers the head, which "
+                "personal heads keep off the server; use one or the other"
+            )
+        if self.personal_heads and self.task_type != TaskType.SEQ_CLS:
+            raise ConfigError(
+                "--personal-heads keeps each client's task head local: it needs a seq-cls federation "
+                "(--task seq-cls --labels ...)"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):

@@ -51,7 +51,7 @@ def open_store(url: str, settings: Settings, *, credentials: S3Credentials | Non
     """
     if url.startswith("s3://"):
         bucket, prefix = split_s3_url(url)
-        from .s3 import S3Store  # boto3 is slow to import; file:// users don't need it
+        from .s3 import S3Store, S3Transport  # boto3 is slow to import; file:// users don't need it
 
         return S3Store(
             bucket,
@@ -60,6 +60,11 @@ def open_store(url: str, settings: Settings, *, credentials: S3Credentials | Non
             region=settings.s3_region,
             credentials=credentials,
             spool_dir=settings.spool_dir,
+            transport=S3Transport(
+                connect_timeout=settings.s3_connect_timeout,
+                read_timeout=settings.s3_read_timeout,
+                max_attempts=settings.s3_max_attempts,
+            ),
         )
     if url.startswith("file://"):
         if credentials is not None:

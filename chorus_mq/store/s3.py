@@ -10,16 +10,27 @@ that does not exist: client code never probes keys that may be absent except whe
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import random
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.retries.standard import RetryEventAdapter, StandardRetryConditions
 
 from ..errors import ChorusError, ObjectExists, ObjectMissing, StoreError
 from .base import Store
@@ -48,6 +59,78 @@ GiB = 1024 * MiB
 #: S3's limit on the parts of one multipart upload
 MAX_PARTS = 10_000
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class S3Transport:
+    """How long the store waits and how often it tries (``CHORUS_S3_CONNECT_TIMEOUT`` etc.).
+
+    botocore's own defaults (60 s to connect, 60 s per read, backoff up to 20 s between attempts)
+    kept a user waiting 30-48 s in silence before an unreachable store was reported.
+    """
+
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    #: attempts on transient errors: 5xx, throttling, timeouts, connections dropped mid-request
+    max_attempts: int = 5
+    #: attempts when no connection can be made at all (refused, unreachable): a store that is down
+    #: is reported within seconds; a worker's task retries later anyway
+    connect_attempts: int = 3
+    #: backoff before attempt n+1: uniform in [0, min(cap, base * 2**(n-1))] (full jitter)
+    backoff_base: float = 0.25
+    backoff_cap: float = 4.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        return random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+
+
+class _Retries:
+    """botocore's ``needs-retry`` handler with our bounds, saying in the log what it retries and why.
+
+    botocore's standard conditions decide what is transient (its own retries are off); this adds the
+    bound on connection failures, a short backoff, and one warning per retry naming the endpoint.
+    """
+
+    def __init__(self, transport: S3Transport):
+        self.transport = transport
+        self._conditions = StandardRetryConditions(max_attempts=transport.max_attempts)
+        self._adapter = RetryEventAdapter()
+
+    def __call__(self, **kwargs: Any) -> float | None:
+        attempts = int(kwargs["attempts"])
+        error = kwargs.get("caught_exception")
+        unreachable = isinstance(error, (EndpointConnectionError, ConnectTimeoutError))
+        limit = min(self.transport.connect_attempts, self.transport.max_attempts) if unreachable else None
+        if limit is not None and attempts >= limit:
+            return None
+        if not self._conditions.is_retryable(self._adapter.create_retry_context(**kwargs)):
+            return None
+        delay = self.transport.delay(attempts)
+        operation = getattr(kwargs.get("operation"), "name", "request")
+        url = str(kwargs.get("request_dict", {}).get("url", "")).split("?", 1)[0]
+        log.warning(
+            "S3 %s %s: %s; retrying in %.1f s (attempt %d of %d)",
+            operation,
+            url,
+            _cause(error, kwargs.get("response")),
+            delay,
+            attempts + 1,
+            limit or self.transport.max_attempts,
+        )
+        return delay
+
+
+def _cause(error: BaseException | None, response: Any) -> str:
+    if error is not None:
+        return str(error) or type(error).__name__
+    if response is not None:
+        http, parsed = response
+        code = (parsed or {}).get("Error", {}).get("Code") or ""
+        return f"HTTP {getattr(http, 'status_code', '?')} {code}".rstrip()
+    return "no answer"
+
 
 class S3Store(Store):
     """Objects under ``s3://bucket/prefix``. Write-once uses ``If-None-Match: *``."""
@@ -70,6 +153,7 @@ class S3Store(Store):
         region: str,
         credentials: S3Credentials | None = None,
         spool_dir: str | None = None,
+        transport: S3Transport | None = None,
     ):
         self.bucket = bucket
         self.prefix = prefix
@@ -77,6 +161,7 @@ class S3Store(Store):
         self.region = region
         self.credentials = credentials
         self.spool_dir = spool_dir
+        self.transport = transport or S3Transport()
         self._client_pid: int | None = None
         self._client: Any = None
 
@@ -85,9 +170,13 @@ class S3Store(Store):
         """The boto3 S3 client (made lazily, and again after a fork)."""
         # A boto3 client's connection pool must not be shared between Celery's prefork children.
         if self._client_pid != os.getpid():
+            transport = self.transport
             config = Config(
                 signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=transport.connect_timeout,
+                read_timeout=transport.read_timeout,
+                # botocore's retries off: _Retries decides (its conditions, our bounds and backoff, a log line)
+                retries={"mode": "standard", "total_max_attempts": 1},
                 # Some S3-compatible stores reject boto3's default CRC32 checksums;
                 # integrity is ours to check anyway (sha256 on every read).
                 request_checksum_calculation="when_required",
@@ -99,7 +188,9 @@ class S3Store(Store):
                 aws_secret_access_key=keys.secret_access_key if keys else None,
                 aws_session_token=keys.session_token if keys else None,
             )
-            self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+            client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+            client.meta.events.register("needs-retry.s3", _Retries(transport))
+            self._client = client
             self._client_pid = os.getpid()
         return self._client
 
@@ -298,7 +389,10 @@ class S3Store(Store):
         )
 
     def _where(self) -> str:
-        return f" at {self.endpoint_url}" if self.endpoint_url else ""
+        endpoint = self.endpoint_url
+        if endpoint is None and self._client is not None:
+            endpoint = self._client.meta.endpoint_url  # AWS's, for this region
+        return f" at {endpoint}" if endpoint else ""
 
     @contextlib.contextmanager
     def _errors(self, key: str, op: str, *, write: bool = False) -> Iterator[None]:
@@ -318,7 +412,7 @@ class S3Store(Store):
         except BotoCoreError as exc:
             raise StoreError(
                 f"{op} {url} failed{self._where()} after retries: {exc}; "
-                "is the object store up and reachable? Retry later"
+                "is the object store up and reachable (CHORUS_S3_ENDPOINT_URL)? Retry later"
             ) from exc
 
     def _client_error(self, exc: ClientError, key: str, op: str, write: bool) -> ChorusError:

@@ -10,13 +10,13 @@ import json as json_lib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from chorus_mq.cli_base import balance_labels_option, client_of, one_line_errors
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import DPAccountant, ExportDtype, LocalOptimizer, TaskType
+from chorus_mq.names import DPAccountant, ExportDtype, HeadChoice, LocalOptimizer, TaskType
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
@@ -274,6 +274,21 @@ def train(
     help="seq-cls or causal-lm (default: the federation's, or the pulled adapter's).",
 )
 @click.option("--labels", default=None, help="With --from: comma-separated label names for the model config.")
+@click.option(
+    "--head",
+    type=click.Choice(HeadChoice.values()),
+    default=HeadChoice.GLOBAL.value,
+    show_default=True,
+    help="The task head: the federation's published one, or (--personal-heads federations) this client's own, "
+    "from its train work dir; --round then defaults to the round that head was trained in.",
+)
+@click.option("--client-id", default=None, help="With --head own: the client (its work dir is the train default).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --head own: the client's train work dir.  [default: ./chorus-train/FEDERATION/CLIENT]",
+)
 @click.option("--secret", envvar="CHORUS_CLIENT_SECRET", default=None, help="Client secret, if Redis needs one.")
 @click.pass_context
 @_one_line_errors
@@ -288,9 +303,15 @@ def export(
     dtype: str,
     task: str | None,
     labels: str | None,
+    head: str,
+    client_id: str | None,
+    workdir: str | None,
     secret: str | None,
 ) -> None:
-    """Write a round's model as a standalone transformers model: base + cumulative residual + adapter merged."""
+    """Write a round's model as a standalone transformers model: base + cumulative residual + adapter merged.
+
+    With --head own, a --personal-heads client's model: the round's body with its own task head.
+    """
     import tempfile
 
     from .data import model_of_federation, resolve_model
@@ -300,6 +321,9 @@ def export(
         raise ConfigError("give exactly one of --federation F (to pull a round) and --from PULLED_DIR")
     if from_dir is not None and model is None:
         raise ConfigError("--from needs --model: a pulled directory does not say where its base model is")
+    own = _own_head(HeadChoice(head), federation, client_id, workdir)
+    if own is not None and round_ is None and from_dir is None:
+        round_ = own.round  # the model this client evaluated and trains on next: that round's body, its head
     label_list = _csv(labels)
     with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
         if federation is not None:
@@ -311,6 +335,8 @@ def export(
             task = task or status.task_type
             label_list = label_list or (tuple(status.labels) or None)
             what = f"round {getattr(manifest, 'round', round_)} of {federation}"
+            if status.personal_heads and own is None:
+                what += " (its task head is round 0's: clients keep their own; --head own exports one)"
         else:
             model_dir = resolve_model(str(model))
             pulled = Path(str(from_dir))
@@ -318,8 +344,37 @@ def export(
             what = str(pulled)
         if task is None:
             raise ConfigError("the task is unknown: pass --task seq-cls or --task causal-lm")
-        out = export_model(pulled, model_dir, Path(output), task=TaskType(task), dtype=dtype, labels=label_list)
-    click.echo(f"exported {what} to {out} ({dtype})")
+        out = export_model(
+            pulled,
+            model_dir,
+            Path(output),
+            task=TaskType(task),
+            dtype=dtype,
+            labels=label_list,
+            head=None if own is None else own.tensors,
+        )
+    whose = "" if own is None else f" with {own.client_id}'s own head (trained in round {own.round})"
+    click.echo(f"exported {what}{whose} to {out} ({dtype})")
+
+
+def _own_head(choice: HeadChoice, federation: str | None, client_id: str | None, workdir: str | None) -> Any:
+    """The client's own head for ``--head own`` (None for ``global``)."""
+    if choice == HeadChoice.GLOBAL:
+        if client_id is not None or workdir is not None:
+            raise ConfigError("--client-id and --workdir choose whose head --head own exports; --head is global")
+        return None
+    from .heads import own_head
+
+    if workdir is None:
+        if federation is None or client_id is None:
+            raise ConfigError(
+                "--head own needs the client's train work dir: --workdir DIR, or --federation and --client-id"
+            )
+        workdir = str(Path("chorus-train") / federation / client_id)
+    head = own_head(workdir, federation)
+    if client_id is not None and head.client_id != client_id:
+        raise ConfigError(f"the head in {workdir} is client {head.client_id!r}'s, not {client_id!r}'s")
+    return head
 
 
 def _task_of_adapter(pulled: Path) -> str | None:

@@ -40,12 +40,15 @@ from chorus_mq.names import (
 
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
+from .heads import PersonalHead, head_path
 from .local import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
 _TRAINED_FILE = "trained.json"
+#: a --personal-heads round's trained head, beside its (headless) adapter until the round completes
+_ROUND_HEAD_FILE = "head.safetensors"
 #: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
 log = logging.getLogger(__name__)
 #: how long ``upload`` waits for a verdict when ``timeout`` is None
@@ -248,6 +251,9 @@ def train_federation(
                 "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
             )
         log.info("SCAFFOLD: local steps corrected by the server's and this client's control variates")
+    personal = bool(status.personal_heads) and task_type == TaskType.SEQ_CLS
+    if personal:
+        log.info("personal heads: this client keeps its own task head in %s (never uploaded)", head_path(work))
     ledger = None
     if dp is not None:
         ledger = PrivacyLedger.open(
@@ -275,8 +281,10 @@ def train_federation(
         dp_seed,
         keep_remainder=status.strategy != Strategy.STACK,
         scaffold=status.scaffold,
+        client_id=client_id,
+        personal_heads=personal,
     )
-    while _reconcile(sdk, federation, client_id, state, work) < rounds:
+    while _reconcile(sdk, federation, client_id, state, session) < rounds:
         started = time.monotonic()
         status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=poll)
         r = status.current_round
@@ -326,8 +334,10 @@ def train_federation(
         summary = sdk.wait_round(federation, r, timeout=timeout)
         score: Evaluation | None = None
         if summary.state == RoundStatus.COMPLETE:
+            session.adopt_head(r)  # before the round is recorded as done: a restart adopts it again
             if session.evaluation is not None:
-                log.info("round %d: complete; evaluating the global model on %d examples", r, len(session.evaluation))
+                what = "the global body with this client's own head" if personal else "the global model"
+                log.info("round %d: complete; evaluating %s on %d examples", r, what, len(session.evaluation))
             score = session.evaluate(r)
             if client_id in summary.clients:
                 _keep_variate(work, r)
@@ -371,6 +381,9 @@ class _Session:
     keep_remainder: bool = True
     #: SCAFFOLD: correct each step by the control variates, and keep this client's own (see .scaffold)
     scaffold: bool = False
+    client_id: str = ""
+    #: ``--personal-heads``: train on this client's own head, upload the body only, keep the head here
+    personal_heads: bool = False
 
     @property
     def pulled(self) -> Path:
@@ -404,6 +417,11 @@ class _Session:
             keep_remainder=self.keep_remainder,
         )
         model = start_point.model
+        own = self.own_head()
+        if own is not None:
+            from .heads import apply_head
+
+            apply_head(model, own.tensors)  # the global body, this client's head
         round_config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + r})
         privacy = (ledger.noise_multiplier, ledger.config.clip) if ledger is not None else None
         variates = None
@@ -435,18 +453,47 @@ class _Session:
             # kept as this client's own once the round completes with its update in it (_keep_variate)
             save_variate(staging / CLIENT_VARIATE_FILE, variates.finish(model, lr_sum), variates.basis(), r)
         trained = Trained(r, start, round_dir / "adapter", result.loss, result.steps, result.examples, report, lr_sum)
+        if self.personal_heads:
+            from .heads import split_head
+
+            head = split_head(staging / "adapter")  # the upload carries the body only
+            PersonalHead(head, self.federation, self.client_id, r).save(staging / _ROUND_HEAD_FILE)
         trained.save(staging)
         os.replace(staging, round_dir)  # the round's adapter appears whole or not at all
         return trained
 
+    def own_head(self) -> PersonalHead | None:
+        """This client's head (``--personal-heads``), None before its first complete round (or otherwise)."""
+        path = head_path(self.work)
+        if not self.personal_heads or not path.exists():
+            return None
+        return PersonalHead.load(path)
+
+    def adopt_head(self, r: int) -> None:
+        """Round ``r`` completed: the head this client trained in it becomes its own (kept across rounds)."""
+        if not self.personal_heads:
+            return
+        trained = self.round_dir(r) / _ROUND_HEAD_FILE
+        current = self.own_head()
+        if not trained.exists() or (current is not None and current.round >= r):
+            return
+        PersonalHead.load(trained).save(head_path(self.work))
+        log.info("round %d: this client's own head is now the one it trained in round %d", r, r)
+
     def evaluate(self, r: int) -> Evaluation | None:
-        """Round ``r``'s exact global model on the evaluation data (None without ``--eval-data``)."""
+        """Round ``r``'s exact global model on the evaluation data (None without ``--eval-data``); with
+        personal heads, round ``r``'s body and this client's own head (the model it trains on next)."""
         from .model import exact_model
 
         if self.evaluation is None:
             return None
         self.sdk.pull(self.federation, self.pulled, r, progress=self.config.progress)
         model = exact_model(self.pulled, self.model_dir, task=self.config.task, labels=self.labels)
+        own = self.own_head()
+        if own is not None:
+            from .heads import apply_head
+
+            apply_head(model, own.tensors)
         return evaluate(
             model, self.tokenizer, self.evaluation, task=self.config.task, max_length=self.config.max_length
         )
@@ -520,12 +567,12 @@ def _wait_for_open_round(
         time.sleep(poll)  # ended: the workers open the next round
 
 
-def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkState, work: Path) -> int:
+def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkState, session: _Session) -> int:
     """Mark rounds this client uploaded to that completed unrecorded (it was killed, or restarted while the
-    round aggregated); return how many rounds it has finished."""
+    round aggregated), adopting the head it trained there; return how many rounds it has finished."""
     from chorus_mq.errors import NotFound
 
-    rounds = work / "rounds"
+    rounds = session.work / "rounds"
     if not rounds.is_dir():
         return len(state.done)
     for child in sorted(rounds.iterdir()):
@@ -536,7 +583,8 @@ def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkSt
         except NotFound:
             continue
         if summary.state == RoundStatus.COMPLETE and client_id in summary.clients:
-            _keep_variate(work, int(child.name))
+            _keep_variate(session.work, int(child.name))
+            session.adopt_head(int(child.name))
             state.finish(int(child.name))
     return len(state.done)
 

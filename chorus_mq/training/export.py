@@ -7,14 +7,17 @@ float32, task head included, then cast to the requested dtype and saved with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
 from chorus_mq.names import ExportDtype, TaskType
 
 from .model import exact_model, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def export_model(
@@ -25,8 +28,12 @@ def export_model(
     task: TaskType | str,
     dtype: ExportDtype | str = ExportDtype.FLOAT32,
     labels: Sequence[str] | None = None,
+    head: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Merge round ``pulled_dir``'s exact model into plain weights and save it (and the tokenizer) in ``out_dir``."""
+    """Merge round ``pulled_dir``'s exact model into plain weights and save it (and the tokenizer) in ``out_dir``.
+
+    ``head`` (a ``--personal-heads`` client's own, by adapter key names) replaces the published task head.
+    """
     import torch
 
     try:
@@ -37,6 +44,10 @@ def export_model(
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {out} is not empty: export writes a fresh model directory")
     model = exact_model(pulled_dir, model_dir, task=TaskType(task), labels=labels)
+    if head is not None:
+        from .heads import apply_head
+
+        apply_head(model, head)
     merged: Any = model.merge_and_unload()  # float32: the base was loaded, and corrected, in float32
     if target == ExportDtype.BFLOAT16:
         merged = merged.to(torch.bfloat16)

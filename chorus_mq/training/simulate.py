@@ -20,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from chorus_mq.names import (
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
+from .heads import apply_head, head_state, split_head
 from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
 from .scaffold import ScaffoldRound, save_variate
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient
 
 _PROBE = 64
+#: with --personal-heads, the share of each client's examples held out to evaluate its personalised model
+PERSONAL_HELD_OUT = 0.2
 #: the deadline of a sampled round (seconds): every drawn client of a simulation uploads well before it
 _SAMPLED_ROUND_TIMEOUT = 3600
 
@@ -70,6 +73,10 @@ class SimRow:
     bytes_down: int = 0
     seconds: float = 0.0
     epsilon: float | None = None
+    #: ``--personal-heads``: mean over clients of each one's model (the round's body, its own head) on its own
+    #: held-out share
+    personal_accuracy: float | None = None
+    personal_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class SimConfig:
     alone: bool = False
     #: SCAFFOLD control variates in every federation (``federation create --scaffold``)
     scaffold: bool = False
+    #: every federation keeps its clients' heads local (``federation create --personal-heads``); each
+    #: client's share is split, ``PERSONAL_HELD_OUT`` of it held out to evaluate its own model
+    personal_heads: bool = False
 
     @property
     def per_round(self) -> int:
@@ -124,6 +134,9 @@ class _Client:
     rank: int  # fixed, even when the global adapter's rank grows (stack): a lower rank starts from its approximation
     secret: str = ""
     workdir: Path = Path()
+    #: --personal-heads: its own examples held out, and its own head (None until it first trains)
+    held_out: Examples | None = None
+    head: dict[str, torch.Tensor] | None = None
 
     @property
     def name(self) -> str:
@@ -168,6 +181,7 @@ def run_model_simulation(
     prox_mu: float = 0.0,
     alone: bool = False,
     scaffold: bool = False,
+    personal_heads: bool = False,
     out_dir: Path | None = None,
     seed: int = 0,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
@@ -204,6 +218,7 @@ def run_model_simulation(
         prox_mu=prox_mu,
         alone=alone,
         scaffold=scaffold,
+        personal_heads=personal_heads,
     )
     _check(config)
     show = None if as_json else echo
@@ -269,6 +284,10 @@ class _Runner:
         self.labels, self.train, self.test = _load_split(config)
         self.probe = self.test.head(_PROBE)
         self.shares = _shares(config, self.train)
+        #: --personal-heads: each client's own held-out examples (taken from its share: the rest trains)
+        self.local_tests: list[list[int]] = [[] for _ in self.shares]
+        if config.personal_heads:
+            self.shares, self.local_tests = _split_shares(self.shares, PERSONAL_HELD_OUT)
 
     def run(self) -> list[SimRow]:
         from .model import build_initial_adapter, exact_model
@@ -281,13 +300,25 @@ class _Runner:
             rank=self.config.initial_rank,
             seed=self.config.seed,
         )
-        start = self._evaluate(exact_model(initial, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels))
+        start_model_ = exact_model(initial, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
+        start = self._evaluate(start_model_)
         self._say(_HEADER)
         rows: list[SimRow] = []
         for strategy in self.config.strategies:
-            rows.append(SimRow(strategy, 0, 0, start.accuracy, start.loss))
-            self._say(_format(rows[-1]))
             federation = self._create(strategy, initial)
+            mine = self._personal(start_model_, federation.clients) if self.config.personal_heads else None
+            rows.append(
+                SimRow(
+                    strategy,
+                    0,
+                    0,
+                    start.accuracy,
+                    start.loss,
+                    personal_accuracy=None if mine is None else mine.accuracy,
+                    personal_loss=None if mine is None else mine.loss,
+                )
+            )
+            self._say(_format(rows[-1]))
             for r in range(1, self.config.rounds + 1):
                 rows.append(self._round(federation, r))
                 self._say(_format(rows[-1]))
@@ -325,12 +356,15 @@ class _Runner:
             labels=self.labels,
             prox_mu=cfg.prox_mu,
             scaffold=cfg.scaffold,
+            personal_heads=cfg.personal_heads,
         )
         self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
         parties = []
         for i, idx in enumerate(self.shares):
             rank = cfg.ranks[i % len(cfg.ranks)] if cfg.ranks else cfg.initial_rank
             client = _Client(i, self.train.subset(idx), rank)
+            if self.local_tests[i]:
+                client.held_out = self.train.subset(self.local_tests[i])
             client.secret = self.sdk.add_client(name, client.name).secret
             client.workdir = self.workdir / name / client.name
             client.workdir.mkdir(parents=True)
@@ -378,12 +412,13 @@ class _Runner:
         return start, list(fed.clients)
 
     def _round(self, fed: _Federation, r: int) -> SimRow:
-        from .model import corrected_base, exact_model, start_model
+        from .model import corrected_base, exact_model, read_adapter, start_model
 
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
         updates: list[tuple[str, Path]] = []
         pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # SCAFFOLD: each client's next variate
+        trained_heads: dict[str, dict[str, torch.Tensor]] = {}
         up = down = 0
         worst_remainder = 0.0
         epsilon: float | None = None
@@ -404,6 +439,8 @@ class _Runner:
             model = start_point.model
             own = client.workdir / CLIENT_VARIATE_FILE
             variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
+            if client.head is not None:
+                apply_head(model, client.head)  # --personal-heads: the global body, this client's own head
             worst_remainder = max(worst_remainder, start_point.gap.relative)
             train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
             privacy, report = None, None
@@ -425,6 +462,8 @@ class _Runner:
             if variates is not None:
                 lr_sum = result.steps * train.lr
                 pending[client.name] = (variates.finish(model, lr_sum), variates.basis())
+            if self.config.personal_heads:
+                trained_heads[client.name] = split_head(adapter)  # the body goes up; the head stays
             if client.ledger is not None and report is not None:
                 client.ledger.commit(r, train.planned_steps(len(client.examples)))
                 epsilon = max(epsilon or 0.0, report.epsilon)
@@ -446,17 +485,55 @@ class _Runner:
         for client in chosen:  # the round completed with their updates: their variates move on
             if client.name in pending:
                 save_variate(client.workdir / CLIENT_VARIATE_FILE, *pending[client.name], r)
+        for client in chosen:
+            client.head = trained_heads.get(client.name, client.head)  # the round completed: its heads are theirs
         previous = corrected_base(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         manifest = self.sdk.pull(fed.name, fed.server_view, r)
         fed.increments[r] = (manifest.adapter_bytes, manifest.residual_bytes)
         seconds = time.perf_counter() - started
         weights = {c.client_id: float(c.weight) for c in manifest.clients}
-        oracle = weighted_average(previous, [(weights[name], adapter) for name, adapter in updates])
+        published = read_adapter(fed.server_view)[1] if self.config.personal_heads else None
+        oracle = weighted_average(previous, [(weights[name], adapter) for name, adapter in updates], head=published)
         pulled_model = exact_model(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         error = _max_error(self._logits(pulled_model), self._logits(oracle))
         score = self._evaluate(pulled_model)
+        personal = self._personal(pulled_model, fed.clients) if self.config.personal_heads else None
         return SimRow(
-            fed.strategy, r, len(chosen), score.accuracy, score.loss, error, worst_remainder, up, down, seconds, epsilon
+            fed.strategy,
+            r,
+            len(chosen),
+            score.accuracy,
+            score.loss,
+            error,
+            worst_remainder,
+            up,
+            down,
+            seconds,
+            epsilon,
+            None if personal is None else personal.accuracy,
+            None if personal is None else personal.loss,
+        )
+
+    def _personal(self, model: Any, clients: Sequence[_Client]) -> Evaluation:
+        """Each client's model (``model``'s body, the client's own head: round 0's until it first trains) on its
+        own held-out examples; the mean over clients (each client counts once, whatever its share)."""
+        scores = []
+        initial = head_state(model)
+        for client in clients:
+            if client.held_out is None or not len(client.held_out):
+                continue
+            apply_head(model, client.head if client.head is not None else initial)
+            scores.append(
+                evaluate(
+                    model, self.tokenizer, client.held_out, task=TaskType.SEQ_CLS, max_length=self.config.max_length
+                )
+            )
+        apply_head(model, initial)
+        if not scores:
+            raise ConfigError("--personal-heads: no client has examples to hold out (give them more data)")
+        n = len(scores)
+        return Evaluation(
+            sum(s.loss for s in scores) / n, sum(s.accuracy for s in scores) / n, sum(s.examples for s in scores)
         )
 
     def _pull(self, fed: _Federation, client: _Client, pulled: Path, start: int) -> int:
@@ -533,9 +610,12 @@ class _Runner:
         return rows
 
 
-def weighted_average(base: Any, clients: Sequence[tuple[float, Path]]) -> Any:
+def weighted_average(
+    base: Any, clients: Sequence[tuple[float, Path]], *, head: Mapping[str, torch.Tensor] | None = None
+) -> Any:
     """``base`` plus Σ wᵢ sᵢ Bᵢ Aᵢ (float64 sum) on each LoRA module and the heads averaged: the exact
-    weighted average of client models that all started from ``base`` (modified in place and returned)."""
+    weighted average of client models that all started from ``base`` (modified in place and returned).
+    ``head`` (``--personal-heads``: the clients send none) is the head to give it instead."""
     import torch
 
     from .model import PEFT_PREFIX, find_module, read_adapter
@@ -543,17 +623,19 @@ def weighted_average(base: Any, clients: Sequence[tuple[float, Path]]) -> Any:
     total: dict[str, torch.Tensor] = {}
     heads: dict[str, torch.Tensor] = {}
     for weight, adapter in clients:
-        factors, head, _targets = read_adapter(adapter)
+        factors, client_head, _targets = read_adapter(adapter)
         for module, (A, B, scaling) in factors.items():
             update = weight * scaling * (B.double() @ A.double())
             total[module] = total[module] + update if module in total else update
-        for key, tensor in head.items():
+        for key, tensor in client_head.items():
             heads[key] = heads[key] + weight * tensor.double() if key in heads else weight * tensor.double()
     with torch.no_grad():
         for module, update in total.items():
             layer = find_module(base, module)
             layer.weight.copy_((layer.weight.double() + update).float())
         params = dict(base.named_parameters())
+        if head is not None:
+            heads = {k: v.double() for k, v in head.items()}
         for key, tensor in heads.items():
             params[key.removeprefix(PEFT_PREFIX)].copy_(tensor.float())
     return base.eval()
@@ -597,6 +679,15 @@ def _shares(config: SimConfig, train: Examples) -> list[list[int]]:
     return shares
 
 
+def _split_shares(shares: list[list[int]], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """Each share split into (training, held out): every k-th example held out, k = round(1 / fraction), so a
+    client's held-out examples follow its own label mix; a share of one example holds none out."""
+    step = max(2, round(1 / fraction))
+    train = [[i for j, i in enumerate(share) if j % step or len(share) < 2] for share in shares]
+    held = [[i for j, i in enumerate(share) if not j % step and len(share) >= 2] for share in shares]
+    return train, held
+
+
 def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max())
 
@@ -615,6 +706,9 @@ Columns (per strategy and round):
   up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
   secs         wall time of the round: pulls, training, uploads, aggregation
   eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
+  pers acc     with --personal-heads: the mean over clients of each client's own model (the round's
+               global body with its own head) on its own held-out examples (a fifth of its share,
+               which it does not train on); acc is then the published model, whose head is round 0's
 The centralised row trains one LoRA of the initial adapter's rank on every client's data
 pooled, for the same total steps as the round's clients together (no DP). The best-alone row
 (--alone) is the client that scored best on the held-out data after training alone on its own
@@ -623,7 +717,7 @@ data from the initial model for every round's local steps.
 
 _HEADER = (
     f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'remainder':>9} "
-    f"{'up KiB':>8} {'down KiB':>8} {'secs':>6} {'eps':>6}"
+    f"{'up KiB':>8} {'down KiB':>8} {'secs':>6} {'eps':>6} {'pers acc':>8}"
 )
 
 
@@ -634,7 +728,8 @@ def _format(row: SimRow) -> str:
     return (
         f"{row.strategy:<12} {row.round:>5} {row.clients:>7} {row.accuracy:>6.3f} {row.loss:>7.4f} "
         f"{opt(row.exact_error, '.2e', 9)} {opt(row.remainder, '.3f', 9)} {row.bytes_up / 1024:>8.0f} "
-        f"{row.bytes_down / 1024:>8.0f} {row.seconds:>6.1f} {opt(row.epsilon, '.2f', 6)}"
+        f"{row.bytes_down / 1024:>8.0f} {row.seconds:>6.1f} {opt(row.epsilon, '.2f', 6)} "
+        f"{opt(row.personal_accuracy, '.3f', 8)}"
     )
 
 
@@ -673,6 +768,9 @@ def plot_accuracy(rows: list[SimRow], path: Path, *, title: str = "") -> None:
         mine = [r for r in rows if r.strategy == strategy]
         style: dict[str, Any] = {"linestyle": "--", "color": "black"} if strategy == CENTRALISED else {"marker": "o"}
         ax.plot([r.round for r in mine], [r.accuracy for r in mine], label=strategy, **style)
+        own = [(r.round, r.personal_accuracy) for r in mine if r.personal_accuracy is not None]
+        if own:  # --personal-heads: each client's own model on its own held-out examples, mean over clients
+            ax.plot([x for x, _ in own], [y for _, y in own], ":", marker="s", label=f"{strategy} (own heads)")
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title, fontsize=9)

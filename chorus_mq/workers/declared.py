@@ -6,6 +6,7 @@ as a bitmap over that order (a few dozen bytes instead of a list of names).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -19,6 +20,10 @@ class Declared:
     decl: ModelDecl
     modules: tuple[str, ...]  # sorted
     extras: tuple[str, ...]  # sorted
+    #: what a delta must match: the declared model, less its task head where clients keep theirs
+    #: (``--personal-heads``: round 0's head is what every round publishes)
+    uploads: ModelDecl
+    heads_local: bool = False
 
 
 _cache: dict[tuple[str, str], Declared] = {}
@@ -38,7 +43,14 @@ def declared_model(rt: Runtime, federation: str, config: FederationConfig) -> De
             fan_in_fan_out=config.fan_in_fan_out,
             task_type=None if config.task_type is None else str(config.task_type),
         )
-        found = Declared(decl=decl, modules=tuple(sorted(modules)), extras=tuple(sorted(extras)))
+        uploads = dataclasses.replace(decl, extras={}) if config.personal_heads else decl
+        found = Declared(
+            decl=decl,
+            modules=tuple(sorted(modules)),
+            extras=tuple(sorted(extras)),
+            uploads=uploads,
+            heads_local=config.personal_heads,
+        )
         if len(_cache) > 256:
             _cache.clear()
         _cache[key] = found

@@ -255,8 +255,17 @@ def _fetch_and_check(
             with DeltaFile.open(
                 local.path, max_header_bytes=rt.settings.max_header_bytes, max_tensors=decl.decl.max_tensors
             ) as delta:
+                if decl.heads_local and delta.structure.extras:
+                    raise IncompatibleDelta(
+                        f"federation {msg.federation!r} keeps every client's task head local (--personal-heads): "
+                        f"a delta must not carry it ({', '.join(sorted(delta.structure.extras))}); upload the "
+                        "LoRA modules only (chorus-mq train does)"
+                    )
                 check_delta(
-                    delta, decl.decl, max_pattern_entries=rt.settings.max_pattern_entries, max_rank=rt.settings.max_rank
+                    delta,
+                    decl.uploads,
+                    max_pattern_entries=rt.settings.max_pattern_entries,
+                    max_rank=rt.settings.max_rank,
                 )  # header only: before any tensor data is read
                 index = build_index(delta)  # reads every tensor once: finite, digests, norms
             _check_norms(index, config)

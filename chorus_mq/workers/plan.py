@@ -20,7 +20,9 @@ from ..adapters.delta import embedded_spec
 from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
 from ..errors import AggregationError, NotFound, StateCorrupt
+from ..manifest import ObjectRef
 from ..names import RoundStatus, Task
+from ..results import fetch_manifest
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
 from ..state.rounds import DeltaRecord
@@ -53,6 +55,9 @@ class Plan:
     dp: bool = False
     #: SCAFFOLD: |S|/N, the share of the federation's clients this round's variate updates stand for; 0: off
     variate_fraction: float = 0.0
+    #: ``--personal-heads``: round 0's adapter objects holding the head every round publishes unchanged (the
+    #: clients keep their own and upload none); empty: the extras are the weighted mean of the deltas'
+    heads: tuple[ObjectRef, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -74,6 +79,7 @@ class Plan:
             clip=dict(d["clip"]),
             dp=bool(d["dp"]),
             variate_fraction=float(d.get("variate_fraction", 0.0)),
+            heads=tuple(ObjectRef.from_dict(h) for h in d.get("heads", ())),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -134,7 +140,12 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
             clip[key] = clip.get(key, 1.0) * factor
     modules = sorted(set().union(*(present[c] for c in kept)))
     items = tuple(sorted([*modules, *declared.extras]))
-    sizes = [_item_bytes(item, declared, {c: records[c] for c in kept}, present) for item in items]
+    template = _template(rt, records[kept[0]])
+    heads: tuple[ObjectRef, ...] = ()
+    if declared.heads_local:
+        heads, template = _initial_heads(rt, federation, declared, template)
+    holders = {c: records[c] for c in kept}
+    sizes = [_item_bytes(item, declared, holders, present, carried=bool(heads)) for item in items]
     shard_count = min(rt.settings.max_shards, len(items), max(1, math.ceil(sum(sizes) / rt.settings.shard_bytes)))
     return Plan(
         clients=tuple(kept),
@@ -145,11 +156,12 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         strategy=str(config.strategy),
         missing=str(config.missing_modules),
         out_rank=config.out_rank,
-        template=_template(rt, records[kept[0]]),
+        template=template,
         excluded=excluded,
         clip=clip,
         dp=bool(config.dp_noise_multiplier),
         variate_fraction=_variate_fraction(rt, federation, kept) if config.scaffold else 0.0,
+        heads=heads,
     )
 
 
@@ -181,10 +193,15 @@ def _weights(
 
 
 def _item_bytes(
-    item: str, declared: Declared, records: Mapping[str, DeltaRecord], present: Mapping[str, frozenset[str]]
+    item: str,
+    declared: Declared,
+    records: Mapping[str, DeltaRecord],
+    present: Mapping[str, frozenset[str]],
+    *,
+    carried: bool = False,
 ) -> int:
-    if item in declared.decl.extras:
-        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * len(records)
+    if item in declared.decl.extras:  # one copy of round 0's head when it is carried, else one per client
+        return math.prod(declared.decl.extras[item]) * _ITEM_BYTES * (1 if carried else len(records))
     d_out, d_in = declared.decl.modules[item]
     total = 0
     for client, rec in records.items():
@@ -210,6 +227,23 @@ def balanced_ranges(sizes: Sequence[int], parts: int) -> tuple[tuple[int, int], 
         cuts.append(i)
     cuts.append(n)
     return tuple((cuts[j], cuts[j + 1]) for j in range(parts))
+
+
+def _initial_heads(
+    rt: Runtime, federation: str, declared: Declared, template: dict[str, Any]
+) -> tuple[tuple[ObjectRef, ...], dict[str, Any]]:
+    """Where round 0 keeps the task head (its shard objects whose name range holds a head tensor), and the
+    template with round 0's modules_to_save (the clients' deltas carry none)."""
+    manifest, _sha = fetch_manifest(rt.state, rt.store, federation, 0)
+    heads = tuple(
+        shard.adapter for shard in manifest.shards if any(shard.first <= name <= shard.last for name in declared.extras)
+    )
+    saved = manifest.adapter_config.get("modules_to_save")
+    if not heads or not saved:
+        raise AggregationError(
+            "--personal-heads: round 0 holds no task head to publish (the federation was created without one)"
+        )
+    return heads, {**template, "modules_to_save": saved}
 
 
 def _template(rt: Runtime, record: DeltaRecord) -> dict[str, Any]:

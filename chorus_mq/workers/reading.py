@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from torch import Tensor
 
 from ..adapters import DeltaIndex, extra_from_bytes, module_from_bytes
 from ..aggregation import ClientUpdate
-from ..errors import ChecksumMismatch
+from ..errors import AggregationError, ChecksumMismatch
+from ..manifest import ObjectRef
 from ..state.rounds import DeltaRecord
 from .runtime import Runtime
 
@@ -84,3 +85,33 @@ class RoundInputs:
         raw = self.rt.store.get_range(self.records[client].key, entry.span.begin, entry.span.end)
         self.bytes_read += len(raw)
         return extra_from_bytes(entry, raw)
+
+
+_HEAD_CACHE: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+_HEAD_CACHE_SIZE = 8
+
+
+def carried_heads(rt: Runtime, refs: Sequence[ObjectRef], names: Collection[str]) -> dict[str, Tensor]:
+    """The tensors ``names`` (a task head) from the adapter objects ``refs`` of an earlier round, each object
+    checked against its manifest's sha256 (``--personal-heads``: every round publishes round 0's head)."""
+    from safetensors.torch import load as load_safetensors
+
+    found: dict[str, Tensor] = {}
+    for ref in refs:
+        with _lock:
+            cached = _HEAD_CACHE.get(ref.sha256)
+        if cached is None:
+            raw = rt.store.get_bytes(ref.key)
+            digest = hashlib.sha256(raw).hexdigest()
+            if digest != ref.sha256:
+                raise ChecksumMismatch(f"{ref.key} has sha256 {digest}, but its manifest lists {ref.sha256}")
+            cached = {k: v.float().contiguous() for k, v in load_safetensors(raw).items() if k in names}
+            with _lock:
+                _HEAD_CACHE[ref.sha256] = cached
+                while len(_HEAD_CACHE) > _HEAD_CACHE_SIZE:
+                    _HEAD_CACHE.popitem(last=False)
+        found.update(cached)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise AggregationError(f"the initial adapter's objects lack the task head tensor(s) {missing}")
+    return found

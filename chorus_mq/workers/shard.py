@@ -43,7 +43,7 @@ from .dispatch import Dispatcher
 from .lease import Heartbeat
 from .metrics import METRICS
 from .plan import Plan
-from .reading import RoundInputs
+from .reading import RoundInputs, carried_heads
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,9 @@ def _ref(written: Any) -> ObjectRef:
 
 def _job(item: str, plan: Plan, inputs: RoundInputs, declared: Declared) -> _Job:
     if item in plan.extras:
-        return _Job(item, True, list(plan.clients), shape=tuple(declared.decl.extras[item]))
+        # --personal-heads: no client sends its head; the one published is round 0's (plan.heads)
+        holders = [] if plan.heads else list(plan.clients)
+        return _Job(item, True, holders, shape=tuple(declared.decl.extras[item]))
     holders = inputs.holders(item)
     absent = 0.0
     if plan.missing == MissingModules.ZERO:
@@ -318,8 +320,11 @@ def _results(
 
     def load(job: _Job) -> tuple[_Job, list[Any]]:
         t0 = time.perf_counter()
-        if job.extra:
-            loaded: list[Any] = [inputs.extra(c, job.name) for c in job.holders]
+        loaded: list[Any]
+        if job.extra and plan.heads:
+            loaded = [carried_heads(rt, plan.heads, plan.extras)[job.name]]
+        elif job.extra:
+            loaded = [inputs.extra(c, job.name) for c in job.holders]
             job.raw = loaded
         else:
             updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
@@ -331,8 +336,10 @@ def _results(
     def run(work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
         job, loaded = work
         t0 = time.perf_counter()
-        if job.extra:
-            result: Any = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
+        if job.extra and plan.heads:
+            result: Any = weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
+        elif job.extra:
+            result = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
         elif plan.dp:
             result = dp_release(
                 loaded,

@@ -50,9 +50,8 @@ client id (``pump``, ``ingest``). Variables (read only here):
 ``CHORUS_FAULT_RETRY_DELAY=S``
     The tasks' ``default_retry_delay``: the countdown of the retry after a lost pool child.
 ``CHORUS_FAULT_NO_S3_BACKOFF=1``
-    boto3 retries without sleeping (which errors are retried, and how often, is unchanged).
-``CHORUS_FAULT_S3_READ_TIMEOUT=S``
-    boto3's read timeout (default 60 s), so a stalled S3 request times out quickly.
+    S3 requests are retried without sleeping (which errors are retried, and how often, is unchanged).
+    (A stalled request times out quickly with the real setting ``CHORUS_S3_READ_TIMEOUT``.)
 """
 
 from __future__ import annotations
@@ -329,15 +328,11 @@ def _patch_transport(app, visibility_timeout: str | None, restore_interval: str 
         app.conf.visibility_timeout = float(visibility_timeout)
 
 
-def _patch_boto(no_backoff: bool, read_timeout: str | None) -> None:
+def _patch_boto(no_backoff: bool) -> None:
     if no_backoff:
-        from botocore.retries.standard import ExponentialBackoff
+        from chorus_mq.store.s3 import S3Transport
 
-        ExponentialBackoff.delay_amount = lambda self, context: 0
-    if read_timeout:
-        from botocore.config import Config
-
-        Config.OPTION_DEFAULTS["read_timeout"] = float(read_timeout)
+        S3Transport.delay = lambda self, attempt: 0.0
 
 
 def install() -> None:
@@ -363,7 +358,7 @@ def install() -> None:
     if ENV("CHORUS_FAULT_RETRY_DELAY"):
         for name in ROUND_TASKS:
             app.tasks[name].default_retry_delay = float(ENV("CHORUS_FAULT_RETRY_DELAY"))
-    _patch_boto(bool(ENV("CHORUS_FAULT_NO_S3_BACKOFF")), ENV("CHORUS_FAULT_S3_READ_TIMEOUT"))
+    _patch_boto(bool(ENV("CHORUS_FAULT_NO_S3_BACKOFF")))
 
 
 if __name__ == "__main__":

@@ -12,30 +12,27 @@ half-registered and the result is the undisturbed one.
 from __future__ import annotations
 
 import pytest
-from botocore.config import Config
 
 from chorus_mq.errors import StoreError
+from chorus_mq.settings import Settings
 
 from .conftest import MARKS, federation, size_of, upload, wait_round
 from .invariants import assert_exactly_once
 
 pytestmark = MARKS
 
-#: boto3 tries a request this often (retries={"max_attempts": 5} counts retries: 1 + 5)
-ATTEMPTS = 6
+#: the store tries a request this often on transient errors (CHORUS_S3_MAX_ATTEMPTS)
+ATTEMPTS = Settings().s3_max_attempts
 #: failures per phase: a burst boto3 absorbs, and an outage longer than its attempts
 BURST, OUTAGE = 2, ATTEMPTS + 1
 
 
 @pytest.mark.parametrize("mode", ["error", "drop", "stall", "lost"])
-def test_s3_transient_failures_in_upload_ingest_and_aggregation(
-    deployment, fault_proxy, no_backoff, monkeypatch, delta_file, mode
-):
+def test_s3_transient_failures_in_upload_ingest_and_aggregation(deployment, fault_proxy, no_backoff, delta_file, mode):
     fed = f"s3-{mode}"
-    # a 1 s read timeout (boto3's default is 60 s) makes a stalled request a quick timeout
-    monkeypatch.setitem(Config.OPTION_DEFAULTS, "read_timeout", 1.0)
+    # a 1 s read timeout (30 s by default) makes a stalled request a quick timeout, in workers and the SDK alike
     deployment.env.update(
-        CHORUS_S3_ENDPOINT_URL=fault_proxy.url, CHORUS_FAULT_NO_S3_BACKOFF="1", CHORUS_FAULT_S3_READ_TIMEOUT="1"
+        CHORUS_S3_ENDPOINT_URL=fault_proxy.url, CHORUS_FAULT_NO_S3_BACKOFF="1", CHORUS_S3_READ_TIMEOUT="1"
     )
     outage = BURST if mode == "stall" else OUTAGE  # each stalled attempt costs a timeout: keep them few
     sdk = deployment.sdk()

@@ -55,6 +55,7 @@ EVERY_FIELD = {
     "fan_in_fan_out": True,
     "prox_mu": 0.01,
     "scaffold": True,
+    "personal_heads": True,
 }
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
+import time
 
 import boto3
 import pytest
@@ -15,15 +18,25 @@ from chorus_mq.store.file import FileStore
 from chorus_mq.store.s3 import S3Store
 
 from ..services import free_port
+from .s3server import BUCKET, moto_s3
 
 pytestmark = pytest.mark.services  # moto's S3 as a real HTTP server
 
 
-def test_retries_absorb_two_503s(make_s3_store, no_backoff, fault_proxy):
+def _retry_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "chorus_mq.store.s3" and "retrying" in r.getMessage()]
+
+
+def test_retries_absorb_two_503s(make_s3_store, no_backoff, fault_proxy, caplog):
+    caplog.set_level(logging.WARNING, logger="chorus_mq.store.s3")
     store = make_s3_store(fault_proxy.url)
     fault_proxy.fail_next(2)
     store.put_bytes("k", b"payload")
     assert fault_proxy.injected == 2 and fault_proxy.requests == 3
+    # each retry says so, naming the request, the endpoint and the cause
+    lines = _retry_lines(caplog)
+    assert len(lines) == 2 and all(fault_proxy.url in line and "HTTP 503" in line for line in lines)
+    assert "PutObject" in lines[0] and "attempt 2 of 5" in lines[0] and "attempt 3 of 5" in lines[1]
     fault_proxy.fail_next(2)
     assert store.get_bytes("k") == b"payload"
     assert fault_proxy.injected == 2
@@ -45,8 +58,7 @@ def test_persistent_503_becomes_store_error(make_s3_store, no_backoff, fault_pro
     with pytest.raises(StoreError, match="503") as info:
         store.get_bytes("k")
     assert "retry" in str(info.value)
-    # botocore's retries={"max_attempts": 5} counts retries: 1 try + 5 retries.
-    assert fault_proxy.requests == 6
+    assert fault_proxy.requests == Settings().s3_max_attempts == 5  # CHORUS_S3_MAX_ATTEMPTS, the first included
 
 
 def test_throttling_is_retried_too(make_s3_store, no_backoff, fault_proxy):
@@ -76,10 +88,47 @@ def test_missing_credentials(make_s3_store, monkeypatch, tmp_path):
         make_s3_store().exists("k")
 
 
-def test_unreachable_endpoint(make_s3_store, no_backoff):
-    store = make_s3_store(f"http://127.0.0.1:{free_port()}")  # nobody listens there
-    with pytest.raises(StoreError, match="reachable"):
+#: what a store that cannot be reached may cost a user before the error (3 attempts, backoff under 0.75 s)
+UNREACHABLE_BOUND_S = 3.0
+
+
+def test_unreachable_endpoint_fails_within_seconds_naming_it(make_s3_store, caplog):
+    caplog.set_level(logging.WARNING, logger="chorus_mq.store.s3")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    store = make_s3_store(endpoint)
+    for call in (lambda: store.put_bytes("k", b"v"), lambda: store.get_bytes("k")):
+        caplog.clear()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="reachable") as info:
+            call()
+        assert time.monotonic() - started < UNREACHABLE_BOUND_S  # real backoff: no fixture zeroes it here
+        assert f"at {endpoint}" in str(info.value) and "CHORUS_S3_ENDPOINT_URL" in str(info.value)
+        lines = _retry_lines(caplog)
+        assert len(lines) == 2 and "attempt 3 of 3" in lines[-1] and endpoint in lines[-1]
+
+
+def test_a_store_that_went_down_fails_within_seconds(s3_bucket):
+    """moto's server stopped under a store that was working: the next request fails fast and says where."""
+    with moto_s3(s3_bucket) as endpoint:
+        store = open_store(f"s3://{s3_bucket}/down", Settings(s3_endpoint_url=endpoint))
         store.put_bytes("k", b"v")
+        assert store.get_bytes("k") == b"v"
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"at {re.escape(endpoint)}.*reachable"):
+        store.get_bytes("k")
+    assert time.monotonic() - started < UNREACHABLE_BOUND_S
+
+
+def test_a_stalled_store_times_out_at_the_read_timeout(no_backoff, fault_proxy, monkeypatch):
+    monkeypatch.setenv("CHORUS_S3_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("CHORUS_S3_MAX_ATTEMPTS", "2")
+    store = open_store(f"s3://{BUCKET}/stall", Settings(s3_endpoint_url=fault_proxy.url))
+    assert isinstance(store, S3Store) and store.transport.read_timeout == 0.5 and store.transport.max_attempts == 2
+    fault_proxy.fail_next(2, mode="stall")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"Read timeout.*Retry later"):
+        store.get_bytes("k")
+    assert fault_proxy.injected == 2 and time.monotonic() - started < 5  # 2 x 0.5 s, not botocore's 2 x 60 s
 
 
 @pytest.mark.parametrize("op", ["put", "exists", "list", "get"])

@@ -69,3 +69,45 @@ def test_the_plot_draws_every_strategy(tmp_path):
     rows = [SimRow(s, r, 1, 0.5 + 0.1 * r, 0.7) for s in ("fedex-lora", CENTRALISED) for r in range(3)]
     plot_accuracy(rows, tmp_path / "p.png", title="t")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_dir, tmp_path):
+    """Two clients with opposite label skews keep their own heads: the body stays the exact average, the published
+    head stays round 0's, and each client's own model beats the published one on its own held-out examples."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    from chorus_mq.training.simulate import run_model_simulation
+
+    from .test_local import DATA, WORDS
+
+    rows = []
+    for copy in range(3):  # 144 rows: alice's org holds 3/4 of the "awful" reviews, bob's 3/4 of the others
+        for i, (text, label) in enumerate(zip(DATA.texts, DATA.labels, strict=True)):
+            group = "alice" if (label == 0) == (i % 4 != 0) else "bob"
+            rows.append({"text": f"{text} #{copy}", "label": WORDS[label], "org": group})
+    data = tmp_path / "orgs.csv"
+    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    result = run_model_simulation(
+        model=str(tiny_bert_dir),
+        dataset=str(data),
+        clients=2,
+        rounds=2,
+        partition="by:org",
+        strategies=("fedex-lora",),
+        steps_per_round=8,
+        batch_size=8,
+        lr=2e-2,
+        max_length=32,
+        test_examples=24,
+        balance_labels="off",
+        personal_heads=True,
+        echo=None,
+    )
+    assert [r.round for r in result] == [0, 1, 2]
+    for row in result:
+        assert row.personal_accuracy is not None and row.personal_loss is not None
+        if row.round:
+            assert row.exact_error is not None and row.exact_error < 1e-4  # the oracle keeps round 0's head
+    final = result[-1]
+    assert final.personal_accuracy > final.accuracy + 0.2 and final.personal_accuracy > result[0].personal_accuracy

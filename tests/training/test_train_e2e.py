@@ -213,3 +213,83 @@ def test_train_with_dp_reports_its_accountants_epsilon(deployment, data, tmp_pat
 def sdk_pull(sdk, federation: str, round_: int, out):
     sdk.pull(federation, out, round_)
     return out
+
+
+def test_personal_heads_stay_with_each_client_and_export_per_client(deployment, tiny_bert_dir, tmp_path):
+    """Two `train` processes on a tiny BERT, a --personal-heads federation, 2 rounds of quorum 2: the body is
+    aggregated, each client keeps its own head (never uploaded), and `export --head own` gives each client's
+    model, the one its `train` evaluated."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from chorus_mq.names import ADAPTER_WEIGHTS
+    from chorus_mq.training.heads import apply_head, own_head
+
+    from .test_local import DATA
+
+    torch.set_num_threads(1)
+    deployment.start_worker(concurrency=1)
+    labels = ("awful", "great", "okay")
+    deployment.cli(
+        "federation", "create", "ph", "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
+        "--labels", ",".join(labels), "--target-modules", "query,value", "--lora-rank", "4", "--personal-heads",
+    )  # fmt: skip
+    sdk = deployment.sdk()
+    assert sdk.status("ph").personal_heads
+    assert "each client keeps its own (--personal-heads)" in deployment.cli("status", "-f", "ph").stdout
+
+    def table(idx):
+        return pa.table({"text": [DATA.texts[i] for i in idx], "label": [labels[DATA.labels[i]] for i in idx]})
+
+    held_out = tmp_path / "held_out.csv"
+    csv.write_csv(table(range(48)), held_out)
+    procs = {}
+    for client, majority in (("a", 0), ("b", 1)):  # opposite label skews: 16 of one class, 5 others
+        others = [i for i in range(48) if DATA.labels[i] != majority][:5]
+        share = tmp_path / f"{client}.csv"
+        csv.write_csv(table([i for i in range(48) if DATA.labels[i] == majority] + others), share)
+        secret = sdk.add_client("ph", client).secret
+        procs[client] = deployment.popen_cli(
+            "train", "-f", "ph", "--client-id", client, "--model", str(tiny_bert_dir), "--data", str(share),
+            "--eval-data", str(held_out), "--workdir", str(tmp_path / client), "--rounds", "2",
+            "--steps-per-round", "10", "--batch-size", "8", "--lr", "2e-2", "--max-length", "32",
+            "--balance-labels", "off", "--timeout", "300", "--json",
+            env={**ONE_THREAD, "CHORUS_CLIENT_SECRET": secret},
+        )  # fmt: skip
+    records = {c: _records(p, "personal heads: this client keeps its own task head") for c, p in procs.items()}
+    assert all([r["round"] for r in rec] == [1, 2] for rec in records.values())
+    assert sdk.round("ph", 2).clients == ("a", "b")
+
+    pulled = sdk_pull(sdk, "ph", 2, tmp_path / "r2")
+    initial = load_file(str(sdk_pull(sdk, "ph", 0, tmp_path / "r0") / ADAPTER_WEIGHTS))
+    published = load_file(str(pulled / ADAPTER_WEIGHTS))
+    heads = {c: own_head(tmp_path / c, "ph") for c in procs}
+    assert {h.round for h in heads.values()} == {2}
+    for key in heads["a"].tensors:
+        assert torch.equal(published[key], initial[key])  # the published head stays round 0's
+        assert float((heads["a"].tensors[key] - heads["b"].tensors[key]).abs().max()) > 1e-4  # one head per client
+    for client in procs:  # what went up: the body only
+        uploaded = load_file(str(tmp_path / client / "rounds" / "000002" / "adapter" / ADAPTER_WEIGHTS))
+        assert not set(uploaded) & set(heads[client].tensors)
+
+    tokenizer = load_tokenizer(tiny_bert_dir)
+    texts = list(DATA.texts[:12])
+    exported = {}
+    for client in procs:
+        out = tmp_path / f"export-{client}"
+        res = deployment.cli(
+            "export", "-f", "ph", "--model", str(tiny_bert_dir), "--head", "own", "--client-id", client,
+            "--workdir", str(tmp_path / client), "--output", str(out),
+        )  # fmt: skip
+        assert f"with {client}'s own head (trained in round 2)" in res.stdout
+        plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        exported[client] = predict(plain, tokenizer, texts)
+        # the client's model: round 2's exact body with its own head, which its train evaluated
+        model = exact_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS)
+        apply_head(model, heads[client].tensors)
+        torch.testing.assert_close(exported[client], predict(model, tokenizer, texts), rtol=0, atol=1e-5)
+        score = evaluate(plain, tokenizer, load_examples(held_out, labels=labels), task=TaskType.SEQ_CLS, max_length=32)
+        assert records[client][-1]["eval_loss"] == pytest.approx(score.loss, abs=1e-5)
+    assert float((exported["a"] - exported["b"]).abs().max()) > 1e-3
+    res = deployment.cli("export", "-f", "ph", "--model", str(tiny_bert_dir), "--output", str(tmp_path / "global"))
+    assert "its task head is round 0's" in res.stdout
