@@ -55,7 +55,7 @@ EVERY_FIELD = {
     "fan_in_fan_out": True,
     "prox_mu": 0.01,
     "scaffold": True,
-    "personal_heads": True,
+    "personal_heads": False,  # not with scaffold (below)
 }
 
 
@@ -70,6 +70,11 @@ def test_every_config_field_round_trips_through_the_hash():
     for f in dataclasses.fields(FederationConfig):
         assert type(getattr(back, f.name)) is type(getattr(cfg, f.name)), f.name
     assert FederationConfig.from_hash({**h, "screen_outliers": "0"}).screen_outliers is False
+    # the one pair that excludes each other: the other side round-trips too
+    heads = FederationConfig(**{**EVERY_FIELD, "scaffold": False, "personal_heads": True})
+    assert FederationConfig.from_hash(heads.to_hash()) == heads
+    with pytest.raises(ConfigError, match="do not combine"):
+        FederationConfig(**{**EVERY_FIELD, "personal_heads": True})
 
 
 def test_defaults_round_trip_and_missing_fields_take_defaults():
