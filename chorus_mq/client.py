@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from .errors import (
     AuthError,
     ChorusError,
     ConfigError,
+    InvalidAdapter,
+    InvalidReport,
     NotFound,
     ObjectExists,
     Rejected,
@@ -31,11 +33,12 @@ from .errors import (
     RoundFailed,
     ServiceUnavailable,
     Timeout,
+    TooLarge,
 )
 from .ids import check_name
 from .layout import delta_key
 from .manifest import Manifest
-from .messages import ClientDP, IngestMessage
+from .messages import ClientDP, GlobalEval, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
 from .settings import Settings
@@ -390,12 +393,18 @@ class ChorusClient:
         lora_alpha: float | None = None,
         secret: str | None = None,
         dp: dict[str, Any] | None = None,
+        label_counts: Mapping[str, int] | None = None,
+        global_eval: GlobalEval | Mapping[str, Any] | None = None,
         progress: bool = False,
         lr_sum: float | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
-        federations): the learning rate summed over the local steps that trained the adapter."""
+        federations): the learning rate summed over the local steps that trained the adapter.
+
+        ``label_counts`` (label -> examples of the training data) and ``global_eval`` (this client's evaluation
+        of the global model it started from: round, loss, accuracy, examples) are optional reports that
+        ``status`` and the round's manifest show; they are checked here as the workers will check them."""
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
@@ -404,7 +413,16 @@ class ChorusClient:
         if lr_sum is not None and not (math.isfinite(lr_sum) and lr_sum > 0):
             raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")
         with _service(self.settings):
-            self.state.meta(federation)
+            cfg = FederationConfig.from_hash(self.state.meta(federation))
+        report = _report(
+            federation,
+            client_id,
+            label_counts,
+            global_eval,
+            labels=cfg.labels,
+            round_=round_,
+            max_examples=self.settings.max_dataset_size,
+        )
         local = load_adapter(adapter, lora_alpha=lora_alpha)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "delta.safetensors"
@@ -424,6 +442,8 @@ class ChorusClient:
             dataset_size=dataset_size,
             dp=None if dp is None else ClientDP(**dp),
             lr_sum=lr_sum,
+            label_counts=report.label_counts,
+            global_eval=report.global_eval,
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
@@ -435,12 +455,19 @@ class ChorusClient:
         secret = secret or self.secret
         if secret:
             msg = msg.signed(secret)
+        record = msg.model_dump_json()
+        if len(record) > self.settings.max_inbox_record_bytes:
+            counts = f" (its label_counts name {len(msg.label_counts)} labels)" if msg.label_counts else ""
+            raise TooLarge(
+                f"the upload record is {len(record)} bytes{counts}, over the {self.settings.max_inbox_record_bytes}"
+                "-byte limit on inbox records (CHORUS_MAX_INBOX_RECORD_BYTES)"
+            )
         log = EventLog(self.redis, msg.federation, self.settings.events_maxlen, self.state.scripts)
         with _service(self.settings):
             after = log.last_id()
             # a registered (signing) client appends to its own inbox; unsigned development uploads to the shared one
             owner = msg.client_id if msg.signature else None
-            Inbox(self.redis, msg.federation, owner).append(msg.model_dump_json())
+            Inbox(self.redis, msg.federation, owner).append(record)
         if self.settings.eager:
             self._pump(msg.federation)
         result = UploadResult(
@@ -670,6 +697,31 @@ class _service:
                 f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
                 "retrying the same command is safe"
             ) from None
+
+
+def _report(
+    federation: str,
+    client_id: str,
+    label_counts: Mapping[str, int] | None,
+    global_eval: GlobalEval | Mapping[str, Any] | None,
+    *,
+    labels: tuple[str, ...],
+    round_: int | None,
+    max_examples: float,
+) -> IngestMessage:
+    """A client's optional reports, parsed and checked as the workers will (a clear error now, not a lost
+    record); returned on a message that carries nothing else."""
+    body: dict[str, Any] = {"federation": federation, "client_id": client_id, "sha256": "0" * 64, "size": 0}
+    if label_counts is not None:
+        body["label_counts"] = dict(label_counts)
+    if global_eval is not None:
+        body["global_eval"] = global_eval.model_dump() if isinstance(global_eval, GlobalEval) else dict(global_eval)
+    try:
+        msg = IngestMessage.parse(body)
+    except InvalidAdapter as exc:
+        raise InvalidReport(str(exc).replace("malformed ingest message", "upload report")) from None
+    msg.check_report(labels, round_, max_examples)
+    return msg
 
 
 def _span(start: float | None, end: float | None) -> float | None:
