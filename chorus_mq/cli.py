@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .cli_base import balance_labels_option, client_of, one_line_errors, settings_of
+from .cli_drift import drift_block
 from .errors import ConfigError, RoundFailed
 from .names import (
     ExpirePolicy,
@@ -595,6 +596,11 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         )
     for code, count in sorted(s.rejected.items()):
         click.echo(f"inbox records dropped ({code}): {count}")
+    # what clients declared and reported, and how their updates aligned with the aggregate
+    for line in drift_block(s.recent_rounds, s.labels):
+        click.echo(line)
+    for warning in s.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -694,11 +700,20 @@ def pull(
 @main.command()
 @click.option("--federation", "-f", required=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--detail",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="For the latest N rounds, per client: declared label counts, cosine to the aggregate (read from the "
+    "round's manifest), and its evaluation of the global model it started from.",
+)
 @click.pass_context
 @_fail_cleanly
-def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
-    """Round history: state, deltas, timings, manifest."""
-    rows = _client(ctx).rounds(federation)
+def rounds(ctx: click.Context, federation: str, as_json: bool, detail: int) -> None:
+    """Round history: state, deltas, timings, manifest; drift for the latest rounds."""
+    sdk = _client(ctx)
+    rows = sdk.rounds(federation, cosines=detail)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
@@ -708,6 +723,8 @@ def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
         waited, aggregated = (f"{t:.1f}s" if t is not None else "-" for t in (r.waited, r.aggregated))
         line = f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {waited:>8}  {aggregated:>10}"
         click.echo(f"{line}  {r.manifest or r.reason or '-'}")
+    for line in drift_block(rows[-detail:] if detail else [], sdk.state.config(federation).labels):
+        click.echo(line)
 
 
 @main.group("round")

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .ids import check_name
 from .layout import delta_key
-from .manifest import Manifest
+from .manifest import EvalSummary, Manifest, mean_eval
 from .messages import ClientDP, GlobalEval, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
@@ -98,6 +98,11 @@ class Status:
     scaffold: bool = False
     #: each client keeps its own task head (``federation create --personal-heads``)
     personal_heads: bool = False
+    #: the latest complete round (with its clients' cosines to the aggregate) and the current round, if it
+    #: differs: what each client declared and reported with its upload (see :class:`RoundSummary`)
+    recent_rounds: tuple[RoundSummary, ...] = ()
+    #: what status could not show, and why (e.g. the latest manifest could not be read)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +123,14 @@ class RoundSummary:
     selected: tuple[str, ...] = ()
     #: when its (latest) aggregation started: open -> this is waiting for uploads, this -> complete is the work
     aggregation_started_at: float | None = None
+    #: each client's label histogram of its training data, as it declared it with its upload
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: each client's evaluation of the global model it started from (round, loss, accuracy, examples)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: their example-weighted mean (over the reports of the latest round evaluated)
+    global_eval: EvalSummary | None = None
+    #: each client's cosine to the round's aggregate, from its manifest (None: not read, or not complete)
+    cosine: dict[str, float | None] | None = None
 
     @property
     def waited(self) -> float | None:
@@ -130,12 +143,19 @@ class RoundSummary:
         return _span(self.aggregation_started_at, self.completed_at)
 
     @classmethod
-    def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
+    def of(
+        cls, info: RoundInfo, records: Mapping[str, DeltaRecord], manifest: Manifest | None = None
+    ) -> RoundSummary:
+        """The round as its hash and its delta records say, with the cosines of its ``manifest`` when given."""
         return cls(
             round=info.round,
             state=RoundStatus(info.state),
             n=info.n,
-            clients=clients,
+            clients=tuple(sorted(records)),
+            label_counts={c: dict(rec.label_counts) for c, rec in sorted(records.items()) if rec.label_counts},
+            evals={c: dict(rec.global_eval) for c, rec in sorted(records.items()) if rec.global_eval},
+            global_eval=mean_eval(rec.global_eval for rec in records.values()),
+            cosine=None if manifest is None else {c.client_id: c.cosine for c in manifest.clients},
             aggregation_started_at=info.agg_started,
             opened_at=info.opened_at,
             completed_at=info.completed_at,
@@ -209,6 +229,8 @@ class ChorusClient:
                 for client, rec in deltas[info.round].items():
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
+            latest = self.state.latest_complete(federation)
+            shown, warnings = self._recent_rounds(federation, [info for info in recent if info.round in (latest, current)], deltas)
             return Status(
                 federation=federation,
                 base_model=cfg.base_model,
@@ -220,7 +242,7 @@ class ChorusClient:
                 state=RoundStatus(rnd.state),
                 deltas=rnd.n,
                 deadline=rnd.deadline or None,
-                latest_complete=self.state.latest_complete(federation),
+                latest_complete=latest,
                 task_type=None if cfg.task_type is None else str(cfg.task_type),
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
@@ -231,7 +253,25 @@ class ChorusClient:
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
                 rejected=self._rejected(federation),
+                recent_rounds=shown,
+                warnings=warnings,
             )
+
+    def _recent_rounds(
+        self, federation: str, infos: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
+    ) -> tuple[tuple[RoundSummary, ...], tuple[str, ...]]:
+        """The rounds ``status`` details (the latest complete one with its cosines), and what it could not read:
+        the manifest lives in the store, and a store that cannot be read leaves the rest of status standing."""
+        shown, warnings = [], []
+        for info in infos:
+            manifest = None
+            if info.state == RoundStatus.COMPLETE and deltas[info.round]:
+                try:
+                    manifest = self._manifest(federation, info.round)
+                except ChorusError as exc:
+                    warnings.append(f"no cosines for round {info.round}: its manifest could not be read: {exc}")
+            shown.append(RoundSummary.of(info, deltas[info.round], manifest))
+        return tuple(shown), tuple(warnings)
 
     def _rejected(self, federation: str) -> dict[str, int]:
         """Inbox records dropped before authentication: the operator's figure; a client's Redis user may not
@@ -253,17 +293,32 @@ class ChorusClient:
     def _deltas(self, federation: str, rounds: list[RoundInfo]) -> dict[int, dict[str, DeltaRecord]]:
         return {info.round: self.state.deltas(federation, info.round) for info in rounds}
 
-    def rounds(self, federation: str) -> list[RoundSummary]:
-        """Every round so far: state, deltas, clients, timings, manifest."""
+    def rounds(self, federation: str, *, cosines: int = 0) -> list[RoundSummary]:
+        """Every round so far: state, deltas, clients, timings, manifest, what clients reported; the latest
+        ``cosines`` complete rounds also with each client's cosine to the aggregate (one manifest read each)."""
         with _service(self.settings):
+            history = self.state.rounds(federation)
+            complete = [info.round for info in history if info.state == RoundStatus.COMPLETE]
+            with_cosines = set(complete[-cosines:]) if cosines > 0 else set()
             return [
-                RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, info.round))))
-                for info in self.state.rounds(federation)
+                RoundSummary.of(
+                    info,
+                    self.state.deltas(federation, info.round),
+                    self._manifest(federation, info.round) if info.round in with_cosines else None,
+                )
+                for info in history
             ]
 
-    def round(self, federation: str, round_: int) -> RoundSummary:
+    def round(self, federation: str, round_: int, *, cosines: bool = False) -> RoundSummary:
+        """One round; ``cosines``: a complete round also with each client's cosine (reads its manifest)."""
         info = self.state.round(federation, round_)
-        return RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, round_))))
+        manifest = self._manifest(federation, round_) if cosines and info.state == RoundStatus.COMPLETE else None
+        return RoundSummary.of(info, self.state.deltas(federation, round_), manifest)
+
+    def _manifest(self, federation: str, round_: int) -> Manifest:
+        from .results import fetch_manifest
+
+        return fetch_manifest(self.state, self.store, federation, round_)[0]
 
     def close_round(self, federation: str, round_: int | None = None) -> RoundSummary:
         """Close a round by hand: aggregate what it has (at least min-quorum deltas)."""
