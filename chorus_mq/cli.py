@@ -840,6 +840,12 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--redis-url", "sim_redis", default=None, help="Real Redis instead of the embedded one.")
 @click.option("--store", "sim_store", default=None, help="Store URL instead of a temporary file:// store.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seeds",
+    default=None,
+    help="With --model: comma-separated seeds (e.g. 0,1,2), one whole simulation each (its own split, partition "
+    "and initial adapter); the table, CSV, JSON and plot then give mean ± sd over them. Overrides --seed.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def simulate(
@@ -869,6 +875,7 @@ def simulate(
     sim_redis: str | None,
     sim_store: str | None,
     seed: int,
+    seeds: str | None,
     as_json: bool,
 ) -> None:
     """Run whole federations through the production code paths on embedded defaults.
@@ -908,6 +915,7 @@ def simulate(
             lr=lr,
             out_dir=Path(out_dir) if out_dir else None,
             seed=seed,
+            seeds=_seeds(seeds),
             redis_url=sim_redis,
             store_url=sim_store,
             as_json=as_json,
@@ -924,6 +932,15 @@ def simulate(
     )
     if as_json:
         _echo_json(rows)
+
+
+def _seeds(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {value!r}") from None
 
 
 def _register_training() -> None:
