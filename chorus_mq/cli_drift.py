@@ -62,9 +62,8 @@ def round_lines(summary: RoundSummary, labels: Sequence[str] = (), indent: str =
         cosine = "-" if value is None else f"{value:+.3f}"
         counts = summary.label_counts.get(client)
         declared = "-" if counts is None else compact_counts(counts, labels)
-        lines.append(
-            f"{indent}  {client:<{width}}  cosine {cosine:>6}  labels {declared}  eval {_eval(summary.evals.get(client))}"
-        )
+        report = _eval(summary.evals.get(client))
+        lines.append(f"{indent}  {client:<{width}}  cosine {cosine:>6}  labels {declared}  eval {report}")
     return lines
 
 

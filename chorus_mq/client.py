@@ -143,9 +143,7 @@ class RoundSummary:
         return _span(self.aggregation_started_at, self.completed_at)
 
     @classmethod
-    def of(
-        cls, info: RoundInfo, records: Mapping[str, DeltaRecord], manifest: Manifest | None = None
-    ) -> RoundSummary:
+    def of(cls, info: RoundInfo, records: Mapping[str, DeltaRecord], manifest: Manifest | None = None) -> RoundSummary:
         """The round as its hash and its delta records say, with the cosines of its ``manifest`` when given."""
         return cls(
             round=info.round,
@@ -230,7 +228,9 @@ class ChorusClient:
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
             latest = self.state.latest_complete(federation)
-            shown, warnings = self._recent_rounds(federation, [info for info in recent if info.round in (latest, current)], deltas)
+            shown, warnings = self._recent_rounds(
+                federation, [info for info in recent if info.round in (latest, current)], deltas
+            )
             return Status(
                 federation=federation,
                 base_model=cfg.base_model,

@@ -30,12 +30,18 @@ _STYLES: dict[str, dict[str, Any]] = {
 
 
 class _Row(Protocol):
-    strategy: str
-    round: int
-    seed: int
-    accuracy: float
-    loss: float
-    cosine: float | None
+    """What :func:`summarise` reads of a row (``simulate.SimRow``)."""
+
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def accuracy(self) -> float: ...
+    @property
+    def loss(self) -> float: ...
+    @property
+    def cosine(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ def _drawn(ax: Any) -> dict[str, Series]:
         err = None
         if bars:
             err = tuple(float(abs(seg[1][1] - seg[0][1]) / 2) for seg in bars[0].get_segments())
-        series[container.get_label()] = Series(_floats(line.get_xdata()), _floats(line.get_ydata()), err)
+        series[str(container.get_label())] = Series(_floats(line.get_xdata()), _floats(line.get_ydata()), err)
     for line in ax.get_lines():
         label = line.get_label()
         if id(line) not in in_containers and not label.startswith("_"):

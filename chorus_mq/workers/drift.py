@@ -15,8 +15,8 @@ from typing import Any
 
 from ..aggregation import ClientUpdate
 from ..aggregation.drift import AlignmentSums, ModuleAlignment, combine, module_alignment
-from ..manifest import ClientEntry, EvalSummary, mean_eval
 from ..errors import ChorusError
+from ..manifest import ClientEntry, EvalSummary, mean_eval
 from ..state.rounds import DeltaRecord
 
 log = logging.getLogger(__name__)

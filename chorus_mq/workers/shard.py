@@ -359,7 +359,8 @@ def _results(
             )
         else:
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
-            job.alignment = drift.alignment(job.name, loaded, job.absent)
+            if rt.settings.round_cosines:
+                job.alignment = drift.alignment(job.name, loaded, job.absent)
         return job, result, time.perf_counter() - t0
 
     yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from agg_oracle import make_clients
 
 from chorus_mq.aggregation.drift import AlignmentSums, combine, cosine, module_alignment
 from chorus_mq.errors import AggregationError
-
-from agg_oracle import make_clients
 
 F64 = torch.float64
 #: module -> (d_out, d_in, ranks of the clients that sent it; None: that client did not)
@@ -72,7 +71,7 @@ def test_cosines_from_factors_equal_the_dense_float64_oracle():
 
 
 def test_one_module_inner_products_and_norms_equal_dense():
-    holders, updates, absent = _round(3)["o"]
+    _holders, updates, _absent = _round(3)["o"]
     part = module_alignment(updates, absent_weight=0.25)
     dense = [u.scaling * u.B.to(F64) @ u.A.to(F64) for u in updates]
     total = sum(u.weight for u in updates) + 0.25

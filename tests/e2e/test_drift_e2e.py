@@ -65,7 +65,12 @@ def test_label_counts_evaluations_and_cosines_reach_manifest_status_and_rounds(s
 
     for i, sdk in enumerate(sdks):
         res = sdk.upload(
-            "drift", tmp_path / f"c{i}", f"client-{i}", dataset_size=SIZES[i], label_counts=COUNTS[i], global_eval=EVALS[i]
+            "drift",
+            tmp_path / f"c{i}",
+            f"client-{i}",
+            dataset_size=SIZES[i],
+            label_counts=COUNTS[i],
+            global_eval=EVALS[i],
         )
         assert res.status in ("accepted", "fired")
     assert sdks[0].wait_round("drift", 1, timeout=120).state == "complete"
@@ -99,6 +104,7 @@ def test_label_counts_evaluations_and_cosines_reach_manifest_status_and_rounds(s
     assert "round 0's global model as 2 client(s) evaluated it: loss 0.7200, accuracy 0.5000 over 100 examples" in text
     rounds = stack.cli("rounds", "-f", "drift", as_=creds[2]).stdout
     assert f"client-1  cosine {want[1]:+.3f}  labels 200: neg 25% pos 75%  eval round 0: loss 0.6000 (60 ex)" in rounds
-    assert json.loads(stack.cli("rounds", "-f", "drift", "--json", "--detail", "0", as_=creds[2]).stdout)[0][
-        "cosine"
-    ] is None
+    assert (
+        json.loads(stack.cli("rounds", "-f", "drift", "--json", "--detail", "0", as_=creds[2]).stdout)[0]["cosine"]
+        is None
+    )

@@ -88,7 +88,9 @@ def test_simulate_over_seeds_writes_mean_and_sd_and_the_rounds_cosines(tmp_path)
     accuracies = [r.accuracy for r in rows if r.round == 1]
     assert last["seeds"] == 2 and last["accuracy_mean"] == pytest.approx(statistics.fmean(accuracies))
     assert last["accuracy_sd"] == pytest.approx(statistics.stdev(accuracies))
-    assert [b["seed"] for b in body["baselines"]] == [0, 1] and all(b["chance_accuracy"] == 0.5 for b in body["baselines"])
+    assert [b["seed"] for b in body["baselines"]] == [0, 1] and all(
+        b["chance_accuracy"] == 0.5 for b in body["baselines"]
+    )
     assert body["config"]["seeds"] == [0, 1]
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and (out / "summary.csv").exists()
 
@@ -113,7 +115,9 @@ def test_several_seeds_plot_and_write_mean_and_sd_with_the_chance_and_majority_l
     for panel, field, offset in ((acc, "accuracy", 0.02), (loss, "loss", -0.01)):
         for strategy in ("fedex-lora", CENTRALISED):
             series = panel[strategy]
-            values = [[getattr(r, field) for r in _rows(seeds) if r.strategy == strategy and r.round == k] for k in range(3)]
+            values = [
+                [getattr(r, field) for r in _rows(seeds) if r.strategy == strategy and r.round == k] for k in range(3)
+            ]
             assert series.x == (0.0, 1.0, 2.0)
             assert series.y == pytest.approx([statistics.fmean(v) for v in values])
             assert series.err == pytest.approx([statistics.stdev(v) for v in values])
