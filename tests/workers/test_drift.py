@@ -79,3 +79,15 @@ def test_no_cosines_under_server_side_dp(sdk, tmp_path):
     )
     _upload(sdk, tmp_path)
     assert _cosines(sdk) == dict.fromkeys(CLIENTS)
+
+
+def test_a_record_over_the_inbox_limit_is_refused_before_it_is_sent(sdk, tmp_path):
+    from chorus_mq.errors import TooLarge
+    from chorus_mq.state.inbox import Inbox
+
+    make_federation(sdk, "fed", quorum=1)  # no declared labels: any names, within the message's bounds
+    counts = {f"label-{i:04d}-{'x' * 200}": i for i in range(100)}
+    path = write_adapter(tmp_path / "a.safetensors", random_factors(0))
+    with pytest.raises(TooLarge, match=r"bytes \(its label_counts name 100 labels\), over the 16384-byte limit"):
+        sdk.upload("fed", path, "alice", label_counts=counts)
+    assert Inbox(sdk.redis, "fed", None).length() == 0 and sdk.round("fed", 1).n == 0
