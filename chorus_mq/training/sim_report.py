@@ -42,6 +42,10 @@ class _Row(Protocol):
     def loss(self) -> float: ...
     @property
     def cosine(self) -> float | None: ...
+    @property
+    def personal_accuracy(self) -> float | None: ...
+    @property
+    def personal_loss(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ class SummaryRow:
     loss_sd: float | None
     #: the mean over seeds of the round's mean client cosine to the aggregate (None: not measured)
     cosine_mean: float | None = None
+    #: ``--personal-heads``: each client's own model on its own held-out examples (None: not measured)
+    personal_accuracy_mean: float | None = None
+    personal_accuracy_sd: float | None = None
+    personal_loss_mean: float | None = None
+    personal_loss_sd: float | None = None
 
 
 def _sd(values: Sequence[float]) -> float | None:
@@ -102,6 +111,8 @@ def summarise(rows: Sequence[_Row]) -> list[SummaryRow]:
     for (strategy, r), mine in groups.items():
         accuracy, loss = [x.accuracy for x in mine], [x.loss for x in mine]
         cosines = [x.cosine for x in mine if x.cosine is not None]
+        own_acc = [x.personal_accuracy for x in mine if x.personal_accuracy is not None]
+        own_loss = [x.personal_loss for x in mine if x.personal_loss is not None]
         out.append(
             SummaryRow(
                 strategy=strategy,
@@ -112,6 +123,10 @@ def summarise(rows: Sequence[_Row]) -> list[SummaryRow]:
                 loss_mean=statistics.fmean(loss),
                 loss_sd=_sd(loss),
                 cosine_mean=statistics.fmean(cosines) if cosines else None,
+                personal_accuracy_mean=statistics.fmean(own_acc) if own_acc else None,
+                personal_accuracy_sd=_sd(own_acc),
+                personal_loss_mean=statistics.fmean(own_loss) if own_loss else None,
+                personal_loss_sd=_sd(own_loss),
             )
         )
     return out
@@ -180,15 +195,11 @@ def plot_rounds(
         for strategy in dict.fromkeys(s.strategy for s in summary):
             mine = [s for s in summary if s.strategy == strategy]
             style = _STYLES.get(strategy, {"marker": "o"})
-            sds = [getattr(s, f"{panel}_sd") for s in mine]
-            ax.errorbar(
-                [s.round for s in mine],
-                [getattr(s, f"{panel}_mean") for s in mine],
-                yerr=None if any(sd is None for sd in sds) else sds,
-                capsize=3,
-                label=strategy,
-                **style,
-            )
+            _series(ax, mine, panel, strategy, style)
+            # --personal-heads: each client's own model on its own held-out examples, mean over clients
+            own = [s for s in mine if getattr(s, f"personal_{panel}_mean") is not None]
+            if own:
+                _series(ax, own, f"personal_{panel}", f"{strategy} (own heads)", {"linestyle": ":", "marker": "s"})
         for name, value in lines.items():
             if name.endswith(panel):
                 dotted = name.startswith(CHANCE)
@@ -205,6 +216,19 @@ def plot_rounds(
     drawn = {panel: _drawn(ax) for ax, (panel, _label) in zip(axes, PANELS, strict=True)}
     plt.close(fig)
     return drawn
+
+
+def _series(ax: Any, rows: Sequence[SummaryRow], field: str, label: str, style: Mapping[str, Any]) -> None:
+    """One line of means per round, with ± sd bars where every point has one (several seeds)."""
+    sds = [getattr(s, f"{field}_sd") for s in rows]
+    ax.errorbar(
+        [s.round for s in rows],
+        [getattr(s, f"{field}_mean") for s in rows],
+        yerr=None if any(sd is None for sd in sds) else sds,
+        capsize=3,
+        label=label,
+        **style,
+    )
 
 
 def _drawn(ax: Any) -> dict[str, Series]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -146,9 +147,14 @@ def test_several_seeds_plot_and_write_mean_and_sd_with_the_chance_and_majority_l
 
 
 def test_one_seed_plots_its_values_without_error_bars(tmp_path):
-    drawn = write_results(tmp_path, {}, _rows([4]), [Baselines.of(4, 3, [2, 2, 1], [2, 0, 1])])
+    rows = [dataclasses.replace(r, personal_accuracy=0.9, personal_loss=0.3) if r.round else r for r in _rows([4])]
+    drawn = write_results(tmp_path, {}, rows, [Baselines.of(4, 3, [2, 2, 1], [2, 0, 1])])
     series = drawn["accuracy"]["fedex-lora"]
     assert series.y == pytest.approx([0.58, 0.68, 0.78]) and series.err is None
+    # --personal-heads: the clients' own models, where measured (rounds 1 and 2 here)
+    own = drawn["accuracy"]["fedex-lora (own heads)"]
+    assert own.x == (1.0, 2.0) and own.y == pytest.approx([0.9, 0.9]) and own.err is None
+    assert drawn["loss"]["fedex-lora (own heads)"].y == pytest.approx([0.3, 0.3])
     assert drawn["accuracy"]["chance accuracy"].y == pytest.approx((1 / 3, 1 / 3))
     assert drawn["accuracy"]["majority class accuracy"].y == pytest.approx((1 / 3, 1 / 3))
     with (tmp_path / "summary.csv").open() as f:
