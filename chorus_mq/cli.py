@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .cli_base import balance_labels_option, client_of, one_line_errors, settings_of
+from .cli_drift import drift_block
 from .errors import ConfigError, RoundFailed
 from .names import (
     ExpirePolicy,
@@ -595,6 +596,11 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         )
     for code, count in sorted(s.rejected.items()):
         click.echo(f"inbox records dropped ({code}): {count}")
+    # what clients declared and reported, and how their updates aligned with the aggregate
+    for line in drift_block(s.recent_rounds, s.labels):
+        click.echo(line)
+    for warning in s.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -694,11 +700,20 @@ def pull(
 @main.command()
 @click.option("--federation", "-f", required=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--detail",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="For the latest N rounds, per client: declared label counts, cosine to the aggregate (read from the "
+    "round's manifest), and its evaluation of the global model it started from.",
+)
 @click.pass_context
 @_fail_cleanly
-def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
-    """Round history: state, deltas, timings, manifest."""
-    rows = _client(ctx).rounds(federation)
+def rounds(ctx: click.Context, federation: str, as_json: bool, detail: int) -> None:
+    """Round history: state, deltas, timings, manifest; drift for the latest rounds."""
+    sdk = _client(ctx)
+    rows = sdk.rounds(federation, cosines=detail)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
@@ -708,6 +723,8 @@ def rounds(ctx: click.Context, federation: str, as_json: bool) -> None:
         waited, aggregated = (f"{t:.1f}s" if t is not None else "-" for t in (r.waited, r.aggregated))
         line = f"{r.round:>5}  {r.state!s:<11} {r.n:>6}  {waited:>8}  {aggregated:>10}"
         click.echo(f"{line}  {r.manifest or r.reason or '-'}")
+    for line in drift_block(rows[-detail:] if detail else [], sdk.state.config(federation).labels):
+        click.echo(line)
 
 
 @main.group("round")
@@ -823,6 +840,12 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
 @click.option("--redis-url", "sim_redis", default=None, help="Real Redis instead of the embedded one.")
 @click.option("--store", "sim_store", default=None, help="Store URL instead of a temporary file:// store.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seeds",
+    default=None,
+    help="With --model: comma-separated seeds (e.g. 0,1,2), one whole simulation each (its own split, partition "
+    "and initial adapter); the table, CSV, JSON and plot then give mean ± sd over them. Overrides --seed.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def simulate(
@@ -852,6 +875,7 @@ def simulate(
     sim_redis: str | None,
     sim_store: str | None,
     seed: int,
+    seeds: str | None,
     as_json: bool,
 ) -> None:
     """Run whole federations through the production code paths on embedded defaults.
@@ -891,6 +915,7 @@ def simulate(
             lr=lr,
             out_dir=Path(out_dir) if out_dir else None,
             seed=seed,
+            seeds=_seeds(seeds),
             redis_url=sim_redis,
             store_url=sim_store,
             as_json=as_json,
@@ -907,6 +932,15 @@ def simulate(
     )
     if as_json:
         _echo_json(rows)
+
+
+def _seeds(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {value!r}") from None
 
 
 def _register_training() -> None:

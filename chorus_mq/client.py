@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from .errors import (
     AuthError,
     ChorusError,
     ConfigError,
+    InvalidAdapter,
+    InvalidReport,
     NotFound,
     ObjectExists,
     Rejected,
@@ -31,11 +33,12 @@ from .errors import (
     RoundFailed,
     ServiceUnavailable,
     Timeout,
+    TooLarge,
 )
 from .ids import check_name
 from .layout import delta_key
-from .manifest import Manifest
-from .messages import ClientDP, IngestMessage
+from .manifest import EvalSummary, Manifest, mean_eval
+from .messages import ClientDP, GlobalEval, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
 from .settings import Settings
@@ -95,6 +98,11 @@ class Status:
     scaffold: bool = False
     #: each client keeps its own task head (``federation create --personal-heads``)
     personal_heads: bool = False
+    #: the latest complete round (with its clients' cosines to the aggregate) and the current round, if it
+    #: differs: what each client declared and reported with its upload (see :class:`RoundSummary`)
+    recent_rounds: tuple[RoundSummary, ...] = ()
+    #: what status could not show, and why (e.g. the latest manifest could not be read)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +123,14 @@ class RoundSummary:
     selected: tuple[str, ...] = ()
     #: when its (latest) aggregation started: open -> this is waiting for uploads, this -> complete is the work
     aggregation_started_at: float | None = None
+    #: each client's label histogram of its training data, as it declared it with its upload
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: each client's evaluation of the global model it started from (round, loss, accuracy, examples)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: their example-weighted mean (over the reports of the latest round evaluated)
+    global_eval: EvalSummary | None = None
+    #: each client's cosine to the round's aggregate, from its manifest (None: not read, or not complete)
+    cosine: dict[str, float | None] | None = None
 
     @property
     def waited(self) -> float | None:
@@ -127,12 +143,17 @@ class RoundSummary:
         return _span(self.aggregation_started_at, self.completed_at)
 
     @classmethod
-    def of(cls, info: RoundInfo, clients: tuple[str, ...]) -> RoundSummary:
+    def of(cls, info: RoundInfo, records: Mapping[str, DeltaRecord], manifest: Manifest | None = None) -> RoundSummary:
+        """The round as its hash and its delta records say, with the cosines of its ``manifest`` when given."""
         return cls(
             round=info.round,
             state=RoundStatus(info.state),
             n=info.n,
-            clients=clients,
+            clients=tuple(sorted(records)),
+            label_counts={c: dict(rec.label_counts) for c, rec in sorted(records.items()) if rec.label_counts},
+            evals={c: dict(rec.global_eval) for c, rec in sorted(records.items()) if rec.global_eval},
+            global_eval=mean_eval(rec.global_eval for rec in records.values()),
+            cosine=None if manifest is None else {c.client_id: c.cosine for c in manifest.clients},
             aggregation_started_at=info.agg_started,
             opened_at=info.opened_at,
             completed_at=info.completed_at,
@@ -206,6 +227,10 @@ class ChorusClient:
                 for client, rec in deltas[info.round].items():
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
+            latest = self.state.latest_complete(federation)
+            shown, warnings = self._recent_rounds(
+                federation, [info for info in recent if info.round in (latest, current)], deltas
+            )
             return Status(
                 federation=federation,
                 base_model=cfg.base_model,
@@ -217,7 +242,7 @@ class ChorusClient:
                 state=RoundStatus(rnd.state),
                 deltas=rnd.n,
                 deadline=rnd.deadline or None,
-                latest_complete=self.state.latest_complete(federation),
+                latest_complete=latest,
                 task_type=None if cfg.task_type is None else str(cfg.task_type),
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
@@ -228,7 +253,25 @@ class ChorusClient:
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
                 rejected=self._rejected(federation),
+                recent_rounds=shown,
+                warnings=warnings,
             )
+
+    def _recent_rounds(
+        self, federation: str, infos: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
+    ) -> tuple[tuple[RoundSummary, ...], tuple[str, ...]]:
+        """The rounds ``status`` details (the latest complete one with its cosines), and what it could not read:
+        the manifest lives in the store, and a store that cannot be read leaves the rest of status standing."""
+        shown, warnings = [], []
+        for info in infos:
+            manifest = None
+            if info.state == RoundStatus.COMPLETE and deltas[info.round]:
+                try:
+                    manifest = self._manifest(federation, info.round)
+                except ChorusError as exc:
+                    warnings.append(f"no cosines for round {info.round}: its manifest could not be read: {exc}")
+            shown.append(RoundSummary.of(info, deltas[info.round], manifest))
+        return tuple(shown), tuple(warnings)
 
     def _rejected(self, federation: str) -> dict[str, int]:
         """Inbox records dropped before authentication: the operator's figure; a client's Redis user may not
@@ -250,17 +293,32 @@ class ChorusClient:
     def _deltas(self, federation: str, rounds: list[RoundInfo]) -> dict[int, dict[str, DeltaRecord]]:
         return {info.round: self.state.deltas(federation, info.round) for info in rounds}
 
-    def rounds(self, federation: str) -> list[RoundSummary]:
-        """Every round so far: state, deltas, clients, timings, manifest."""
+    def rounds(self, federation: str, *, cosines: int = 0) -> list[RoundSummary]:
+        """Every round so far: state, deltas, clients, timings, manifest, what clients reported; the latest
+        ``cosines`` complete rounds also with each client's cosine to the aggregate (one manifest read each)."""
         with _service(self.settings):
+            history = self.state.rounds(federation)
+            complete = [info.round for info in history if info.state == RoundStatus.COMPLETE]
+            with_cosines = set(complete[-cosines:]) if cosines > 0 else set()
             return [
-                RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, info.round))))
-                for info in self.state.rounds(federation)
+                RoundSummary.of(
+                    info,
+                    self.state.deltas(federation, info.round),
+                    self._manifest(federation, info.round) if info.round in with_cosines else None,
+                )
+                for info in history
             ]
 
-    def round(self, federation: str, round_: int) -> RoundSummary:
+    def round(self, federation: str, round_: int, *, cosines: bool = False) -> RoundSummary:
+        """One round; ``cosines``: a complete round also with each client's cosine (reads its manifest)."""
         info = self.state.round(federation, round_)
-        return RoundSummary.of(info, tuple(sorted(self.state.deltas(federation, round_))))
+        manifest = self._manifest(federation, round_) if cosines and info.state == RoundStatus.COMPLETE else None
+        return RoundSummary.of(info, self.state.deltas(federation, round_), manifest)
+
+    def _manifest(self, federation: str, round_: int) -> Manifest:
+        from .results import fetch_manifest
+
+        return fetch_manifest(self.state, self.store, federation, round_)[0]
 
     def close_round(self, federation: str, round_: int | None = None) -> RoundSummary:
         """Close a round by hand: aggregate what it has (at least min-quorum deltas)."""
@@ -390,12 +448,18 @@ class ChorusClient:
         lora_alpha: float | None = None,
         secret: str | None = None,
         dp: dict[str, Any] | None = None,
+        label_counts: Mapping[str, int] | None = None,
+        global_eval: GlobalEval | Mapping[str, Any] | None = None,
         progress: bool = False,
         lr_sum: float | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
-        federations): the learning rate summed over the local steps that trained the adapter."""
+        federations): the learning rate summed over the local steps that trained the adapter.
+
+        ``label_counts`` (label -> examples of the training data) and ``global_eval`` (this client's evaluation
+        of the global model it started from: round, loss, accuracy, examples) are optional reports that
+        ``status`` and the round's manifest show; they are checked here as the workers will check them."""
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
@@ -404,7 +468,16 @@ class ChorusClient:
         if lr_sum is not None and not (math.isfinite(lr_sum) and lr_sum > 0):
             raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")
         with _service(self.settings):
-            self.state.meta(federation)
+            cfg = FederationConfig.from_hash(self.state.meta(federation))
+        report = _report(
+            federation,
+            client_id,
+            label_counts,
+            global_eval,
+            labels=cfg.labels,
+            round_=round_,
+            max_examples=self.settings.max_dataset_size,
+        )
         local = load_adapter(adapter, lora_alpha=lora_alpha)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "delta.safetensors"
@@ -424,6 +497,8 @@ class ChorusClient:
             dataset_size=dataset_size,
             dp=None if dp is None else ClientDP(**dp),
             lr_sum=lr_sum,
+            label_counts=report.label_counts,
+            global_eval=report.global_eval,
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
@@ -435,12 +510,19 @@ class ChorusClient:
         secret = secret or self.secret
         if secret:
             msg = msg.signed(secret)
+        record = msg.model_dump_json()
+        if len(record) > self.settings.max_inbox_record_bytes:
+            counts = f" (its label_counts name {len(msg.label_counts)} labels)" if msg.label_counts else ""
+            raise TooLarge(
+                f"the upload record is {len(record)} bytes{counts}, over the {self.settings.max_inbox_record_bytes}"
+                "-byte limit on inbox records (CHORUS_MAX_INBOX_RECORD_BYTES)"
+            )
         log = EventLog(self.redis, msg.federation, self.settings.events_maxlen, self.state.scripts)
         with _service(self.settings):
             after = log.last_id()
             # a registered (signing) client appends to its own inbox; unsigned development uploads to the shared one
             owner = msg.client_id if msg.signature else None
-            Inbox(self.redis, msg.federation, owner).append(msg.model_dump_json())
+            Inbox(self.redis, msg.federation, owner).append(record)
         if self.settings.eager:
             self._pump(msg.federation)
         result = UploadResult(
@@ -670,6 +752,31 @@ class _service:
                 f"Redis at {_redacted(self.settings.redis_url)} is unreachable ({exc}); "
                 "retrying the same command is safe"
             ) from None
+
+
+def _report(
+    federation: str,
+    client_id: str,
+    label_counts: Mapping[str, int] | None,
+    global_eval: GlobalEval | Mapping[str, Any] | None,
+    *,
+    labels: tuple[str, ...],
+    round_: int | None,
+    max_examples: float,
+) -> IngestMessage:
+    """A client's optional reports, parsed and checked as the workers will (a clear error now, not a lost
+    record); returned on a message that carries nothing else."""
+    body: dict[str, Any] = {"federation": federation, "client_id": client_id, "sha256": "0" * 64, "size": 0}
+    if label_counts is not None:
+        body["label_counts"] = dict(label_counts)
+    if global_eval is not None:
+        body["global_eval"] = global_eval.model_dump() if isinstance(global_eval, GlobalEval) else dict(global_eval)
+    try:
+        msg = IngestMessage.parse(body)
+    except InvalidAdapter as exc:
+        raise InvalidReport(str(exc).replace("malformed ingest message", "upload report")) from None
+    msg.check_report(labels, round_, max_examples)
+    return msg
 
 
 def _span(start: float | None, end: float | None) -> float | None:

@@ -51,6 +51,12 @@ class IncompatibleDelta(InvalidAdapter):
     code = "incompatible"
 
 
+class InvalidReport(InvalidAdapter):
+    """An upload record's label counts or evaluation report do not fit its federation."""
+
+    code = "invalid_report"
+
+
 class NotFound(ChorusError):
     exit_code = 4
     code = "not_found"

@@ -7,6 +7,8 @@ finalized, so a reader verifies the manifest before trusting the object hashes i
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +35,58 @@ class ClientEntry:
     sha256: str
     dataset_size: float | None
     weight: float
+    #: the client's label histogram of its training data, as it declared it (label -> examples)
+    label_counts: dict[str, int] | None = None
+    #: cosine of the client's update to the round's exact aggregate over the whole adapter; None when not
+    #: computed (a DP round, an excluded client, a zero update)
+    cosine: float | None = None
+    #: the client's evaluation of the global model it started from (round, loss, accuracy, examples)
+    global_eval: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The example-weighted mean of the evaluations clients reported of one round's global model."""
+
+    round: int
+    loss: float
+    #: over the reports that have an accuracy (None: none has)
+    accuracy: float | None
+    examples: int
+    clients: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalSummary:
+        accuracy = d.get("accuracy")
+        return cls(
+            round=int(d["round"]),
+            loss=float(d["loss"]),
+            accuracy=None if accuracy is None else float(accuracy),
+            examples=int(d["examples"]),
+            clients=int(d["clients"]),
+        )
+
+
+def mean_eval(reports: Iterable[Mapping[str, Any] | None]) -> EvalSummary | None:
+    """The mean of the reports of the latest round any of them evaluated, weighted by their examples
+    (a client that started from an older round reported another model); None without reports."""
+    given = [r for r in reports if r]
+    if not given:
+        return None
+    latest = max(int(r["round"]) for r in given)
+    mine = [r for r in given if int(r["round"]) == latest]
+    examples = sum(int(r["examples"]) for r in mine)
+    scored = [r for r in mine if r.get("accuracy") is not None]
+    scored_examples = sum(int(r["examples"]) for r in scored)
+    return EvalSummary(
+        round=latest,
+        loss=math.fsum(float(r["loss"]) * int(r["examples"]) for r in mine) / examples,
+        accuracy=(
+            math.fsum(float(r["accuracy"]) * int(r["examples"]) for r in scored) / scored_examples if scored else None
+        ),
+        examples=examples,
+        clients=len(mine),
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +138,8 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     #: SCAFFOLD: "client|item" -> the factor a client's variate update was clipped by (only those below 1)
     variate_clipped: dict[str, float] = field(default_factory=dict)
+    #: the mean of the evaluations this round's clients reported of the global model they started from
+    global_eval: EvalSummary | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -113,6 +169,7 @@ class Manifest:
                 residual_bytes=int(d.get("residual_bytes", 0)),
                 timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
                 variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
+                global_eval=None if d.get("global_eval") is None else EvalSummary.from_dict(d["global_eval"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

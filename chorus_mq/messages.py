@@ -14,11 +14,12 @@ import json
 import math
 import secrets
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from .errors import InvalidAdapter
+from .errors import InvalidAdapter, InvalidReport
 
 VERSION = 2
 #: the stream field that carries the message
@@ -37,8 +38,13 @@ SIGNED_FIELDS = (
     "nonce",
 )
 #: signed only when present, so records from clients that never send them keep their signatures
-OPTIONAL_SIGNED_FIELDS = ("lr_sum",)
+OPTIONAL_SIGNED_FIELDS = ("lr_sum", "label_counts", "global_eval")
 _TOKEN = r"^[A-Za-z0-9_-]{8,64}$"
+#: a label histogram names at most this many labels, each at most this long; a count is at most this
+MAX_HISTOGRAM_LABELS = 1024
+MAX_LABEL_NAME = 256
+MAX_COUNT = 10**12
+_Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 
 
 class ClientDP(BaseModel):
@@ -52,6 +58,19 @@ class ClientDP(BaseModel):
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=0)
     accountant: str = Field(default="rdp", max_length=32)
+
+
+class GlobalEval(BaseModel):
+    """A client's evaluation of a round's global model on its own evaluation data (as it reports it)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    #: the round whose global model was evaluated (before this upload's round)
+    round: StrictInt = Field(ge=0)
+    loss: float = Field(ge=0)
+    #: seq-cls: label accuracy; causal-lm: next-token accuracy
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    examples: StrictInt = Field(gt=0, le=MAX_COUNT)
 
 
 class IngestMessage(BaseModel):
@@ -69,6 +88,10 @@ class IngestMessage(BaseModel):
     dp: ClientDP | None = None
     #: SCAFFOLD federations: the learning rate summed over the client's local steps (K·η); ingest checks its range
     lr_sum: float | None = None
+    #: the client's own label histogram of its training data (label name -> examples), as it declares it
+    label_counts: dict[str, _Count] | None = Field(default=None, max_length=MAX_HISTOGRAM_LABELS)
+    #: the client's evaluation of the global model it started this round from
+    global_eval: GlobalEval | None = None
     upload_id: str = Field(default_factory=lambda: secrets.token_hex(12), pattern=_TOKEN)
     ts: float = Field(default_factory=time.time)
     nonce: str = Field(default_factory=lambda: secrets.token_hex(16), pattern=_TOKEN)
@@ -88,14 +111,48 @@ class IngestMessage(BaseModel):
             raise ValueError("dataset_size must be finite")
         return value
 
+    @field_validator("label_counts")
+    @classmethod
+    def _label_names(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for name in value or {}:
+            if not name or len(name) > MAX_LABEL_NAME:
+                raise ValueError(f"label names must have 1 to {MAX_LABEL_NAME} characters, got {name[:40]!r}")
+        return value
+
+    def check_report(self, labels: Sequence[str], round_: int | None, max_examples: float) -> None:
+        """What the client reports beside its delta must fit its federation: label counts over the declared
+        ``labels`` (when there are any) and no more examples than any client may claim, an evaluation of an
+        earlier round than ``round_``. The parse bounded sizes and types; this needs the federation."""
+        counts = self.label_counts or {}
+        if labels:
+            unknown = sorted(set(counts) - set(labels))
+            if unknown:
+                shown = ", ".join(repr(name[:40]) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+                raise InvalidReport(
+                    f"label_counts names {len(unknown)} label(s) federation {self.federation!r} does not declare "
+                    f"({shown}); its labels are {', '.join(labels)}"
+                )
+        limit = f"over the limit of {max_examples:g} (CHORUS_MAX_DATASET_SIZE)"
+        if sum(counts.values()) > max_examples:
+            raise InvalidReport(f"label_counts add up to {sum(counts.values())} examples, {limit}")
+        report = self.global_eval
+        if report is None:
+            return
+        if round_ is not None and report.round >= round_:
+            raise InvalidReport(
+                f"global_eval is of round {report.round}, but an upload to round {round_} can only report an "
+                "earlier round's global model"
+            )
+        if report.examples > max_examples:
+            raise InvalidReport(f"global_eval counts {report.examples} examples, {limit}")
+
     def canonical(self) -> bytes:
         body: dict[str, Any] = {}
-        for name in SIGNED_FIELDS:
+        for name in SIGNED_FIELDS + OPTIONAL_SIGNED_FIELDS:
             value = getattr(self, name)
+            if value is None and name in OPTIONAL_SIGNED_FIELDS:
+                continue
             body[name] = value.model_dump() if isinstance(value, BaseModel) else value
-        for name in OPTIONAL_SIGNED_FIELDS:
-            if getattr(self, name) is not None:
-                body[name] = getattr(self, name)
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def signed(self, secret: str) -> IngestMessage:

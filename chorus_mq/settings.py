@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     aggregation_lease: int = Field(default=30, ge=3)
     #: modules aggregated side by side, one torch thread each (default: the cores available)
     aggregation_workers: int | None = Field(default=None, ge=1)
+    #: each client's cosine to the round's aggregate, in the manifest (float64 Grams of the round's factors:
+    #: O(K² (d_out + d_in)) per module for K summed ranks; off saves that on the round's critical path)
+    round_cosines: bool = True
     #: a round's modules are split into shards of about this many input bytes each ...
     shard_bytes: int = Field(default=128 * 1024**2, ge=1)
     #: ... and at most this many shards (each is its own task, any worker takes it)

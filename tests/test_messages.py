@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from chorus_mq.errors import InvalidAdapter
-from chorus_mq.messages import RECORD_FIELD, IngestMessage
+from chorus_mq.errors import InvalidAdapter, InvalidReport
+from chorus_mq.messages import MAX_HISTOGRAM_LABELS, RECORD_FIELD, GlobalEval, IngestMessage
 
 SHA = "ab" * 32
 
@@ -98,3 +99,71 @@ def test_the_object_key_is_not_the_clients_to_choose():
                 "object_key": "fed/deltas/bob/x.safetensors",
             }
         )
+
+
+# -- what a client reports beside its delta: label counts and its evaluation of the global model -------
+
+
+def _report_record(**report) -> dict[str, str]:
+    return {"m": json.dumps({"federation": "fed", "client_id": "a", "sha256": SHA, "size": 1, **report})}
+
+
+def test_reports_are_signed_and_a_record_without_them_signs_as_before():
+    plain = _msg(nonce="n" * 16, upload_id="u" * 16, ts=1.0)
+    assert b"label_counts" not in plain.canonical() and b"global_eval" not in plain.canonical()
+    signed = plain.model_copy(
+        update={"label_counts": {"neg": 8, "pos": 2}, "global_eval": GlobalEval(round=1, loss=0.5, examples=10)}
+    ).signed("k")
+    assert signed.signature_valid("k")
+    back = IngestMessage.from_record(signed.to_record(), max_bytes=16_384)
+    assert back.label_counts == {"neg": 8, "pos": 2} and back.global_eval.loss == 0.5 and back.signature_valid("k")
+    for change in (
+        {"label_counts": {"neg": 9, "pos": 2}},
+        {"label_counts": None},
+        {"global_eval": GlobalEval(round=1, loss=0.4, examples=10)},
+        {"global_eval": None},
+    ):
+        assert not signed.model_copy(update=change).signature_valid("k"), change
+
+
+@pytest.mark.parametrize(
+    ("report", "needle"),
+    [
+        ({"label_counts": {f"l{i}": 1 for i in range(MAX_HISTOGRAM_LABELS + 1)}}, "at most 1024 items"),
+        ({"label_counts": {"neg": -1}}, "label_counts.neg: Input should be greater than or equal to 0"),
+        ({"label_counts": {"neg": 1.5}}, "label_counts.neg: Input should be a valid integer"),
+        ({"label_counts": {"neg": True}}, "label_counts.neg: Input should be a valid integer"),
+        ({"label_counts": {"neg": "7"}}, "label_counts.neg: Input should be a valid integer"),
+        ({"label_counts": {"neg": 10**13}}, "label_counts.neg: Input should be less than or equal to"),
+        ({"label_counts": {"neg": {"deep": 1}}}, "label_counts.neg: Input should be a valid integer"),
+        ({"label_counts": {"": 3}}, "label names must have 1 to 256 characters"),
+        ({"label_counts": {"x" * 257: 3}}, "label names must have 1 to 256 characters"),
+        ({"label_counts": [["neg", 1]]}, "label_counts: Input should be a valid dictionary"),
+        ({"global_eval": {"round": 1, "loss": -0.1, "examples": 5}}, "global_eval.loss"),
+        ({"global_eval": {"round": 1, "loss": 0.1, "accuracy": 1.5, "examples": 5}}, "global_eval.accuracy"),
+        ({"global_eval": {"round": 1, "loss": 0.1, "examples": 0}}, "global_eval.examples"),
+        ({"global_eval": {"round": -1, "loss": 0.1, "examples": 5}}, "global_eval.round"),
+        ({"global_eval": {"round": 1, "loss": 0.1, "examples": 5, "task": "x"}}, "global_eval.task"),
+    ],
+)
+def test_hostile_reports_are_refused_with_a_reason(report, needle):
+    with pytest.raises(InvalidAdapter, match=re.escape(needle)):
+        IngestMessage.from_record(_report_record(**report), max_bytes=1 << 20)
+
+
+def test_a_histogram_too_big_for_a_record_is_refused_by_the_record_limit():
+    counts = {f"label-{i:04d}-{'x' * 20}": i for i in range(MAX_HISTOGRAM_LABELS)}
+    with pytest.raises(InvalidAdapter, match="over the 16384-byte limit"):
+        IngestMessage.from_record(_report_record(label_counts=counts), max_bytes=16_384)
+
+
+def test_reports_must_fit_the_federation():
+    ok = _msg(label_counts={"neg": 3, "pos": 1}, global_eval={"round": 2, "loss": 0.7, "accuracy": 0.5, "examples": 4})
+    ok.check_report(("neg", "pos"), 3, 1e9)
+    ok.check_report((), None, 1e9)  # a federation without declared labels takes any names
+    with pytest.raises(InvalidReport, match=r"names 1 label\(s\) federation 'fed' does not declare \('maybe'\)"):
+        _msg(label_counts={"neg": 3, "maybe": 1}).check_report(("neg", "pos"), 3, 1e9)
+    with pytest.raises(InvalidReport, match="add up to 4 examples, over the limit of 3"):
+        ok.check_report(("neg", "pos"), 3, 3)
+    with pytest.raises(InvalidReport, match="of round 2, but an upload to round 2 can only report an earlier"):
+        ok.check_report(("neg", "pos"), 2, 1e9)

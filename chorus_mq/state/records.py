@@ -139,6 +139,10 @@ class DeltaRecord:
     dp: Mapping[str, Any] | None = None
     #: SCAFFOLD: the learning rate summed over the client's local steps (from the signed message)
     lr_sum: float | None = None
+    #: the client's label histogram of its training data, as it declared it (label -> examples)
+    label_counts: Mapping[str, int] | None = None
+    #: the client's evaluation of the global model it started from: round, loss, accuracy, examples
+    global_eval: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_name(self.client_id, "client id")
@@ -159,7 +163,9 @@ class DeltaRecord:
         """The record as stored (compact, sorted keys)."""
         body = asdict(self)
         body["ranks"] = None if self.ranks is None else list(self.ranks)
-        body["dp"] = None if self.dp is None else dict(self.dp)
+        for name in ("dp", "label_counts", "global_eval"):
+            value = getattr(self, name)
+            body[name] = None if value is None else dict(value)
         return _dumps(body)
 
     @classmethod

@@ -137,6 +137,12 @@ def _format(record: RoundRecord) -> str:
     default=None,
     help="Client-side DP-SGD: the epsilon this client may spend over all --rounds.",
 )
+@click.option(
+    "--share-stats/--no-share-stats",
+    default=None,
+    help="Send this client's label counts and its evaluation of the global model it starts from (with "
+    "--eval-data) with each upload; `status` shows them to the federation.  [default: on, off with --dp-epsilon]",
+)
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="DP delta.")
 @click.option("--dp-clip", type=float, default=1.0, show_default=True, help="Per-example gradient norm bound.")
 @click.option(
@@ -182,6 +188,7 @@ def train(
     lora_alpha: float | None,
     target_modules: str | None,
     eval_data: str | None,
+    share_stats: bool | None,
     dp_epsilon: float | None,
     dp_delta: float,
     dp_clip: float,
@@ -226,6 +233,7 @@ def train(
         lora_alpha=lora_alpha,
         target_modules=_csv(target_modules),
         eval_data=eval_data,
+        share_stats=share_stats,
         dp=dp,
         seed=seed,
         json=as_json,

@@ -84,6 +84,9 @@ class WorkState:
     federation: str
     client_id: str
     done: list[int] = field(default_factory=list)  # rounds taken part in that ended complete
+    #: this client's latest evaluation of a global model (round, loss, accuracy, examples): reported with
+    #: the next upload that starts from that round
+    last_eval: dict[str, Any] | None = None
 
     @classmethod
     def open(cls, workdir: Path, federation: str, client_id: str) -> WorkState:
@@ -97,7 +100,7 @@ class WorkState:
                     f"work dir {workdir} belongs to client {raw['client_id']!r} of federation "
                     f"{raw['federation']!r}: give each client its own --workdir"
                 )
-            return cls(path, federation, client_id, [int(r) for r in raw["done"]])
+            return cls(path, federation, client_id, [int(r) for r in raw["done"]], raw.get("last_eval"))
         workdir.mkdir(parents=True, exist_ok=True)
         state = cls(path, federation, client_id)
         state.save()
@@ -108,12 +111,23 @@ class WorkState:
             self.done.append(round_)
             self.save()
 
+    def remember_eval(self, round_: int, score: Evaluation) -> None:
+        self.last_eval = {"round": round_, "loss": score.loss, "accuracy": score.accuracy, "examples": score.examples}
+        self.save()
+
+    def eval_of(self, round_: int | None) -> dict[str, Any] | None:
+        """The evaluation of round ``round_``'s global model, when this client made it."""
+        if round_ is None or self.last_eval is None or self.last_eval.get("round") != round_:
+            return None
+        return self.last_eval
+
     def save(self) -> None:
         raw = {
             "format": TRAIN_STATE_FORMAT,
             "federation": self.federation,
             "client_id": self.client_id,
             "done": sorted(self.done),
+            "last_eval": self.last_eval,
         }
         _write_json(self.path, raw)
 
@@ -194,6 +208,7 @@ def train_federation(
     optimizer: str = "adamw",
     balance_labels: LabelBalance | str = LabelBalance.AUTO,
     prox_mu: float | None = None,
+    share_stats: bool | None = None,
     seed: int = 0,
     json: bool = False,
     progress: bool = True,
@@ -207,6 +222,9 @@ def train_federation(
     directions and keeps the rest frozen, uploaded with the update, so the start is exact too (stack
     federations drop the rest instead: their rank would multiply; see ``model.start_model``).
     ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
+    ``share_stats`` sends the label counts of ``data`` and this client's evaluation of the global model it
+    starts from (made after the previous round, with ``eval_data``) with each upload; None: unless under DP,
+    whose guarantee does not cover them.
     """
     from .data import model_of_federation
 
@@ -229,6 +247,8 @@ def train_federation(
     examples = _examples(data, text_column, label_column, labels)
     evaluation = _examples(eval_data, text_column, label_column, labels) if eval_data is not None else None
     balance = _balance(balance_labels, examples, labels, task_type, private=dp is not None)
+    share = dp is None if share_stats is None else share_stats
+    label_counts = _label_counts(examples, labels) if share else None
     config = TrainConfig(
         task=task_type,
         steps=steps_per_round,
@@ -318,6 +338,8 @@ def train_federation(
                 dataset_size=float(trained.examples),
                 round_=r,
                 dp=trained.dp.to_dict() if trained.dp else None,
+                label_counts=label_counts,
+                global_eval=state.eval_of(start) if share else None,
                 progress=config.progress,
                 timeout=_VERDICT_WAIT_S if timeout is None else timeout,
                 lr_sum=trained.lr_sum,
@@ -341,6 +363,8 @@ def train_federation(
             score = session.evaluate(r)
             if client_id in summary.clients:
                 _keep_variate(work, r)
+            if score is not None:
+                state.remember_eval(r, score)
             state.finish(r)
             _prune(work, keep=r)
         yield RoundRecord(
@@ -512,6 +536,13 @@ def _balance(
             why = " under DP-SGD: the counts are not private" if private and not balance else ""
             log.warning("this client's labels are skewed (%s; %.2f from uniform): %s%s", counts, skew, what, why)
     return balance
+
+
+def _label_counts(examples: Examples, labels: tuple[str, ...] | None) -> dict[str, int] | None:
+    """Examples per declared label (zeros included), as this client declares them with its uploads."""
+    if not labels or examples.labels is None:
+        return None
+    return {name: examples.labels.count(i) for i, name in enumerate(labels)}
 
 
 def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:

@@ -13,7 +13,6 @@ The table's columns are explained by ``LEGEND``, which ``simulate`` prints under
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import secrets
@@ -45,6 +44,7 @@ from .heads import apply_head, head_state, split_head
 from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
 from .scaffold import ScaffoldRound, save_variate
+from .sim_report import Baselines, summarise, write_results
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +77,9 @@ class SimRow:
     #: held-out share
     personal_accuracy: float | None = None
     personal_loss: float | None = None
+    #: the mean over the round's clients of their update's cosine to the aggregate (from the manifest)
+    cosine: float | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class SimConfig:
     #: every federation keeps its clients' heads local (``federation create --personal-heads``); each
     #: client's share is split, ``PERSONAL_HELD_OUT`` of it held out to evaluate its own model
     personal_heads: bool = False
+    #: every seed the simulation runs (each its own split, partition and initial adapter); ``seed`` is one
+    seeds: tuple[int, ...] = ()
 
     @property
     def per_round(self) -> int:
@@ -184,14 +189,18 @@ def run_model_simulation(
     personal_heads: bool = False,
     out_dir: Path | None = None,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
     redis_url: str | None = None,
     store_url: str | None = None,
     as_json: bool = False,
     echo: Callable[[str], None] | None = print,
 ) -> list[SimRow]:
-    """Run one federation per strategy (plus the centralised baseline); return every row."""
+    """Run one federation per strategy (plus the centralised baseline) for each of ``seeds`` (default:
+    ``seed`` alone); return every row."""
     import torch
+
+    seeds = tuple(seeds) if seeds else (seed,)
 
     config = SimConfig(
         model=model,
@@ -219,6 +228,7 @@ def run_model_simulation(
         alone=alone,
         scaffold=scaffold,
         personal_heads=personal_heads,
+        seeds=seeds,
     )
     _check(config)
     show = None if as_json else echo
@@ -228,12 +238,22 @@ def run_model_simulation(
     try:
         torch.set_num_threads(1)  # the eager workers aggregate on their own threads; one each avoids oversubscribing
         sdk = (sdk_factory or _default_factory(redis_url, store_url))(workdir)
-        runner = _Runner(config, sdk, workdir, show)
-        rows = runner.run()
+        rows: list[SimRow] = []
+        baselines: list[Baselines] = []
+        for s in seeds:
+            if show and len(seeds) > 1:
+                show(f"seed {s}:")
+            runner = _Runner(replace(config, seed=s), sdk, workdir / f"seed-{s}", show)
+            rows.extend(runner.run())
+            baselines.append(runner.baselines)
+        if show:
+            show(LEGEND)
+            if len(seeds) > 1:
+                show(summary_table(rows, len(seeds)))
         if out_dir is not None:
-            write_results(Path(out_dir), config, rows)
+            write_results(Path(out_dir), asdict(config), rows, baselines, title=_title(config))
             if show:
-                show(f"wrote {Path(out_dir) / 'results.csv'}, results.json and accuracy.png")
+                show(f"wrote {Path(out_dir) / 'results.csv'}, summary.csv, results.json and accuracy.png")
         if as_json and echo:
             echo(json.dumps([asdict(r) for r in rows], indent=2))
         return rows
@@ -260,6 +280,8 @@ def _check(config: SimConfig) -> None:
             f"--scaffold needs one rank for every client (its variates live on the global adapter's tensors), "
             f"got --ranks {','.join(map(str, config.ranks))}"
         )
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"--seeds must be distinct, got {list(config.seeds)}")
 
 
 def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], ChorusClient]:
@@ -288,6 +310,8 @@ class _Runner:
         self.local_tests: list[list[int]] = [[] for _ in self.shares]
         if config.personal_heads:
             self.shares, self.local_tests = _split_shares(self.shares, PERSONAL_HELD_OUT)
+        pooled = [self.train.labels[i] for idx in self.shares for i in idx] if self.train.labels else []
+        self.baselines = Baselines.of(config.seed, len(self.labels), pooled, self.test.labels or ())
 
     def run(self) -> list[SimRow]:
         from .model import build_initial_adapter, exact_model
@@ -316,6 +340,7 @@ class _Runner:
                     start.loss,
                     personal_accuracy=None if mine is None else mine.accuracy,
                     personal_loss=None if mine is None else mine.loss,
+                    seed=self.config.seed,
                 )
             )
             self._say(_format(rows[-1]))
@@ -326,7 +351,6 @@ class _Runner:
             rows.extend(self._centralised(initial, start))
         if self.config.alone:
             rows.extend(self._alone(initial, start))
-        self._say(LEGEND)
         return rows
 
     def _say(self, line: str) -> None:
@@ -476,6 +500,7 @@ class _Runner:
                 secret=client.secret,
                 dp=None if report is None else report.to_dict(),
                 lr_sum=lr_sum,
+                label_counts=None if report is not None else self._label_counts(client.examples),
             )
             up += uploaded.bytes
             updates.append((client.name, adapter))
@@ -498,6 +523,7 @@ class _Runner:
         error = _max_error(self._logits(pulled_model), self._logits(oracle))
         score = self._evaluate(pulled_model)
         personal = self._personal(pulled_model, fed.clients) if self.config.personal_heads else None
+        cosines = [c.cosine for c in manifest.clients if c.cosine is not None]
         return SimRow(
             fed.strategy,
             r,
@@ -512,6 +538,8 @@ class _Runner:
             epsilon,
             None if personal is None else personal.accuracy,
             None if personal is None else personal.loss,
+            cosine=sum(cosines) / len(cosines) if cosines else None,
+            seed=self.config.seed,
         )
 
     def _personal(self, model: Any, clients: Sequence[_Client]) -> Evaluation:
@@ -536,6 +564,11 @@ class _Runner:
             sum(s.loss for s in scores) / n, sum(s.accuracy for s in scores) / n, sum(s.examples for s in scores)
         )
 
+    def _label_counts(self, examples: Examples) -> dict[str, int]:
+        """What a client declares with its upload, as ``train`` does (not under DP)."""
+        labels = examples.labels or ()
+        return {name: labels.count(i) for i, name in enumerate(self.labels)}
+
     def _pull(self, fed: _Federation, client: _Client, pulled: Path, start: int) -> int:
         """Bring the client's directory to round ``start``; the bytes that took, from the manifests."""
         held = LocalState.load(pulled)  # the round the directory held before: its increments are not fetched
@@ -559,7 +592,7 @@ class _Runner:
         cfg = self.config
         pooled = self.train.subset(sorted(i for idx in self.shares for i in idx))
         model = exact_model(initial, self.model_dir, task=TaskType.SEQ_CLS, trainable=True, labels=self.labels)
-        rows = [SimRow(CENTRALISED, 0, 0, start.accuracy, start.loss)]
+        rows = [SimRow(CENTRALISED, 0, 0, start.accuracy, start.loss, seed=cfg.seed)]
         self._say(_format(rows[-1]))
         for r in range(1, cfg.rounds + 1):
             started = time.perf_counter()
@@ -575,7 +608,7 @@ class _Runner:
             train_local(model, self.tokenizer, pooled, train)
             seconds = time.perf_counter() - started
             score = self._evaluate(model)
-            rows.append(SimRow(CENTRALISED, r, 1, score.accuracy, score.loss, seconds=seconds))
+            rows.append(SimRow(CENTRALISED, r, 1, score.accuracy, score.loss, seconds=seconds, seed=cfg.seed))
             self._say(_format(rows[-1]))
         return rows
 
@@ -603,8 +636,8 @@ class _Runner:
         assert best is not None
         seconds = time.perf_counter() - started
         rows = [
-            SimRow(BEST_ALONE, 0, 0, start.accuracy, start.loss),
-            SimRow(BEST_ALONE, cfg.rounds, 1, best[0].accuracy, best[0].loss, seconds=seconds),
+            SimRow(BEST_ALONE, 0, 0, start.accuracy, start.loss, seed=cfg.seed),
+            SimRow(BEST_ALONE, cfg.rounds, 1, best[0].accuracy, best[0].loss, seconds=seconds, seed=cfg.seed),
         ]
         self._say(_format(rows[-1]))
         return rows
@@ -709,6 +742,8 @@ Columns (per strategy and round):
   pers acc     with --personal-heads: the mean over clients of each client's own model (the round's
                global body with its own head) on its own held-out examples (a fifth of its share,
                which it does not train on); acc is then the published model, whose head is round 0's
+  cos          mean over the round's clients of the cosine between a client's update and the round's
+               exact aggregate (over the whole adapter; low or negative: the clients pull apart)
 The centralised row trains one LoRA of the initial adapter's rank on every client's data
 pooled, for the same total steps as the round's clients together (no DP). The best-alone row
 (--alone) is the client that scored best on the held-out data after training alone on its own
@@ -717,7 +752,7 @@ data from the initial model for every round's local steps.
 
 _HEADER = (
     f"{'strategy':<12} {'round':>5} {'clients':>7} {'acc':>6} {'loss':>7} {'exact err':>9} {'remainder':>9} "
-    f"{'up KiB':>8} {'down KiB':>8} {'secs':>6} {'eps':>6} {'pers acc':>8}"
+    f"{'up KiB':>8} {'down KiB':>8} {'secs':>6} {'eps':>6} {'pers acc':>8} {'cos':>6}"
 )
 
 
@@ -729,23 +764,24 @@ def _format(row: SimRow) -> str:
         f"{row.strategy:<12} {row.round:>5} {row.clients:>7} {row.accuracy:>6.3f} {row.loss:>7.4f} "
         f"{opt(row.exact_error, '.2e', 9)} {opt(row.remainder, '.3f', 9)} {row.bytes_up / 1024:>8.0f} "
         f"{row.bytes_down / 1024:>8.0f} {row.seconds:>6.1f} {opt(row.epsilon, '.2f', 6)} "
-        f"{opt(row.personal_accuracy, '.3f', 8)}"
+        f"{opt(row.personal_accuracy, '.3f', 8)} {opt(row.cosine, '.3f', 6)}"
     )
 
 
-def write_results(out: Path, config: SimConfig, rows: list[SimRow]) -> None:
-    """``results.csv``, ``results.json`` (config + rows) and ``accuracy.png`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in SimRow.__dataclass_fields__.values()]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-    (out / "results.json").write_text(
-        json.dumps({"config": asdict(config), "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
-    )
-    plot_accuracy(rows, out / "accuracy.png", title=_title(config))
+def summary_table(rows: Sequence[SimRow], seeds: int) -> str:
+    """Mean ± sd over the seeds of each strategy's held-out accuracy and loss, per round."""
+    lines = [
+        f"mean ± sd over {seeds} seeds:",
+        f"{'strategy':<12} {'round':>5} {'acc':>15} {'loss':>17} {'cos':>6}",
+    ]
+    for s in summarise(rows):
+        sd_acc, sd_loss = (f"{v:.3f}" if v is not None else "-" for v in (s.accuracy_sd, s.loss_sd))
+        cos = "-" if s.cosine_mean is None else f"{s.cosine_mean:.3f}"
+        lines.append(
+            f"{s.strategy:<12} {s.round:>5} {s.accuracy_mean:>7.3f} ± {sd_acc:<5} {s.loss_mean:>8.4f} ± {sd_loss:<6} "
+            f"{cos:>6}"
+        )
+    return "\n".join(lines)
 
 
 def _title(config: SimConfig) -> str:
@@ -754,28 +790,3 @@ def _title(config: SimConfig) -> str:
         f"{config.model} on {Path(config.dataset).name}: {config.clients} clients, {config.partition}, "
         f"fraction {config.fraction_fit:g}, ranks {ranks}"
     )
-
-
-def plot_accuracy(rows: list[SimRow], path: Path, *, title: str = "") -> None:
-    """Held-out accuracy per round, one line per strategy; the centralised baseline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in dict.fromkeys(r.strategy for r in rows):
-        mine = [r for r in rows if r.strategy == strategy]
-        style: dict[str, Any] = {"linestyle": "--", "color": "black"} if strategy == CENTRALISED else {"marker": "o"}
-        ax.plot([r.round for r in mine], [r.accuracy for r in mine], label=strategy, **style)
-        own = [(r.round, r.personal_accuracy) for r in mine if r.personal_accuracy is not None]
-        if own:  # --personal-heads: each client's own model on its own held-out examples, mean over clients
-            ax.plot([x for x, _ in own], [y for _, y in own], ":", marker="s", label=f"{strategy} (own heads)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -16,10 +16,11 @@ from ..adapters import LoraSpec
 from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
-from ..manifest import ClientEntry, Manifest, ShardEntry
+from ..manifest import Manifest, ShardEntry
 from ..names import RoundStatus
 from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
+from .drift import client_entries, reported_eval, round_cosines
 from .metrics import METRICS
 from .plan import Plan
 from .runtime import Runtime
@@ -59,6 +60,9 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
         "shards": len(manifest.shards),
         "seconds": manifest.timings.get("quorum_to_commit"),
     }
+    cosines = {c.client_id: c.cosine for c in manifest.clients if c.cosine is not None}
+    if cosines:  # (Lua's cjson writes an empty object back as a list)
+        summary["cosine"] = cosines
     outcome = rt.state.finalize(federation, r, epoch, key, sha, summary)
     log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
     if outcome.status == "ok":
@@ -115,10 +119,7 @@ def build_manifest(
         strategy=str(config.strategy),
         base_model=config.base_model,
         adapter_config=adapter_config(plan.template, out, config, plan.extras),
-        clients=tuple(
-            ClientEntry(client_id=c, sha256=rec.sha256, dataset_size=rec.dataset_size, weight=plan.weights.get(c, 0.0))
-            for c, rec in records.items()
-        ),
+        clients=client_entries(records, plan.weights, round_cosines(results[k].drift for k in range(len(plan.shards)))),
         shards=tuple(shards),
         excluded=plan.excluded,
         clipped=plan.clip,
@@ -129,6 +130,7 @@ def build_manifest(
         residual_bytes=sum(res.residual_bytes for res in results.values()),
         timings=timings,
         variate_clipped={key: f for res in results.values() for key, f in sorted(res.variate_clipped.items())},
+        global_eval=reported_eval(records),
     )
 
 

@@ -205,6 +205,7 @@ def _ingest(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage, r: int
             f"dataset size {msg.dataset_size:g} is over the limit of "
             f"{rt.settings.max_dataset_size:g} (CHORUS_MAX_DATASET_SIZE)"
         )
+    msg.check_report(config.labels, r, rt.settings.max_dataset_size)
     decl = declared_model(rt, msg.federation, config)
     cap = max_delta_size(decl.decl, rt.settings)
     if msg.size > cap:
@@ -401,6 +402,8 @@ def _record(
         max_norm=max((e.norm for e in index.modules.values()), default=0.0),
         dp=None if msg.dp is None else msg.dp.model_dump(),
         lr_sum=msg.lr_sum,
+        label_counts=None if msg.label_counts is None else dict(msg.label_counts),
+        global_eval=None if msg.global_eval is None else msg.global_eval.model_dump(),
     )
 
 

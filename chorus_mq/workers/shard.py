@@ -32,12 +32,14 @@ from ..aggregation import (
     weighted_mean,
 )
 from ..aggregation.dp import dp_release, noise_generator
+from ..aggregation.drift import ModuleAlignment
 from ..aggregation.robust import clip_update
 from ..errors import AggregationError
 from ..layout import shard_key
 from ..manifest import ObjectRef
 from ..names import RESIDUAL_FORMAT, SHARD_FORMAT, MissingModules, RoundStatus, Strategy, Task
 from ..state import FederationConfig
+from . import drift
 from .declared import Declared, declared_model
 from .dispatch import Dispatcher
 from .lease import Heartbeat
@@ -66,6 +68,8 @@ class ShardResult:
     #: SCAFFOLD: the shard's server variate, and the clip factors below 1 ("client|item")
     variate: ObjectRef | None = None
     variate_clipped: dict[str, float] = field(default_factory=dict)
+    #: the shard's sums for each client's cosine to the aggregate (``aggregation.drift.AlignmentSums``)
+    drift: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -84,6 +88,7 @@ class ShardResult:
             seconds={k: float(v) for k, v in d["seconds"].items()},
             variate=None if variate is None else ObjectRef.from_dict(variate),
             variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
+            drift=d.get("drift"),
         )
 
 
@@ -144,6 +149,7 @@ class _Job:
     loaded: list[ClientUpdate] | None = None
     #: the holders' inputs as uploaded (before any clip), until the item is written (SCAFFOLD reads them)
     raw: list[Any] | None = None
+    alignment: ModuleAlignment | None = None  # this module's part of each holder's cosine to the aggregate
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -229,6 +235,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         seconds={k_: round(v, 4) for k_, v in seconds.items()},
         variate=None if variates is None else variates.ref,
         variate_clipped={} if variates is None else variates.clipped,
+        drift=drift.shard_sums((job.holders, job.alignment) for job in jobs),
     )
 
 
@@ -352,6 +359,8 @@ def _results(
             )
         else:
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
+            if rt.settings.round_cosines:
+                job.alignment = drift.alignment(job.name, loaded, job.absent)
         return job, result, time.perf_counter() - t0
 
     yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)

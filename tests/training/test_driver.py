@@ -73,6 +73,19 @@ def test_rounds_run_end_to_end_and_a_restart_resumes_without_recounting(sdk, fed
     assert all(r.upload_bytes > 0 and r.steps == 10 and r.examples == len(DATA) for r in records)
     assert records[-1].eval_accuracy is not None and records[-1].eval_loss is not None
     assert json.loads((work / TRAIN_STATE_FILE).read_text())["done"] == [1, 2]
+    # every upload declared the client's label counts; round 2's also its evaluation of round 1's global model
+    first, second = sdk.round("fed", 1), sdk.round("fed", 2, cosines=True)
+    assert first.label_counts == second.label_counts == {"alice": {"awful": 16, "great": 16, "okay": 16}}
+    assert first.evals == {} and first.global_eval is None
+    assert second.evals["alice"] == {
+        "round": 1,
+        "loss": pytest.approx(records[0].eval_loss),
+        "accuracy": pytest.approx(records[0].eval_accuracy),
+        "examples": len(EVAL),
+    }
+    assert (second.global_eval.round, second.global_eval.examples, second.global_eval.clients) == (1, len(EVAL), 1)
+    assert second.global_eval.loss == pytest.approx(records[0].eval_loss)
+    assert second.cosine == {"alice": 1.0}  # a lone client is its round's aggregate
     # the same work dir with the same --rounds has nothing left to do ...
     assert _run(sdk, federation, tiny_bert_dir, work, rounds=2) == []
     # ... and with one more round it takes part in round 3 only
@@ -107,6 +120,7 @@ def test_client_side_dp_reports_the_accountants_epsilon(sdk, federation, tiny_be
     assert records[1].epsilon == pytest.approx(acc.get_epsilon(1e-5)) and records[1].epsilon <= 4.0 * 1.02
     assert ledger["released"] == {"1": 10, "2": 10}
     reported = sdk.status("fed").client_dp["alice"]
+    assert sdk.round("fed", 1).label_counts == {}  # DP-SGD does not cover label counts: not sent by default
     assert reported["epsilon"] == pytest.approx(records[1].epsilon) and reported["steps"] == 20
     with pytest.raises(ConfigError, match="over its budget"):
         _run(sdk, federation, tiny_bert_dir, work, rounds=3, dp=dp, dp_seed=0)

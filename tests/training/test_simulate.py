@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
+import statistics
 
 import pytest
 from click.testing import CliRunner
 
 from chorus_mq.names import BEST_ALONE, CENTRALISED
-from chorus_mq.training.simulate import SimRow, plot_accuracy
+from chorus_mq.training.sim_report import Baselines, write_results
+from chorus_mq.training.simulate import SimRow
 
 
 @pytest.mark.e2e
@@ -65,10 +69,96 @@ def test_simulate_minilm_two_rounds_three_clients(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_plot_draws_every_strategy(tmp_path):
-    rows = [SimRow(s, r, 1, 0.5 + 0.1 * r, 0.7) for s in ("fedex-lora", CENTRALISED) for r in range(3)]
-    plot_accuracy(rows, tmp_path / "p.png", title="t")
-    assert (tmp_path / "p.png").stat().st_size > 1000
+@pytest.mark.e2e
+def test_simulate_over_seeds_writes_mean_and_sd_and_the_rounds_cosines(tmp_path):
+    from chorus_mq.cli import main
+
+    out = tmp_path / "out"
+    args = ["simulate", "--model", "minilm", "--seeds", "0,1", "--clients", "2", "--rounds", "1"]
+    args += ["--strategies", "fedex-lora", "--steps-per-round", "1", "--test-examples", "40", "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "seed 0:" in result.output and "seed 1:" in result.output and "mean ± sd over 2 seeds:" in result.output
+    assert result.output.count("Columns (per strategy and round)") == 1
+    body = json.loads((out / "results.json").read_text())
+    rows = [SimRow(**row) for row in body["rows"]]
+    assert sorted((r.seed, r.round) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in rows:  # round 1: the clients' mean cosine to the aggregate, from the round's manifest
+        assert (r.cosine is None) == (r.round == 0) and (r.cosine is None or -1 <= r.cosine <= 1)
+    last = next(s for s in body["summary"] if s["round"] == 1)
+    accuracies = [r.accuracy for r in rows if r.round == 1]
+    assert last["seeds"] == 2 and last["accuracy_mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert last["accuracy_sd"] == pytest.approx(statistics.stdev(accuracies))
+    assert [b["seed"] for b in body["baselines"]] == [0, 1] and all(
+        b["chance_accuracy"] == 0.5 for b in body["baselines"]
+    )
+    assert body["config"]["seeds"] == [0, 1]
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and (out / "summary.csv").exists()
+
+
+def _rows(seeds):
+    """Rows as simulate writes them: fedex-lora and centralised, rounds 0-2, an offset per seed."""
+    return [
+        SimRow(s, r, 1, 0.5 + 0.1 * r + 0.02 * seed, 0.7 - 0.05 * r - 0.01 * seed, cosine=0.3 + seed / 10, seed=seed)
+        for seed in seeds
+        for s in ("fedex-lora", CENTRALISED)
+        for r in range(3)
+    ]
+
+
+def test_several_seeds_plot_and_write_mean_and_sd_with_the_chance_and_majority_lines(tmp_path):
+    seeds = (0, 1, 2)
+    baselines = [Baselines.of(seed, 2, [0, 0, 0, 1], [0, 1, 1, 1][: 3 + (seed == 0)]) for seed in seeds]
+    drawn = write_results(tmp_path, {"seeds": list(seeds)}, _rows(seeds), baselines, title="t")
+
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    acc, loss = drawn["accuracy"], drawn["loss"]
+    for panel, field, offset in ((acc, "accuracy", 0.02), (loss, "loss", -0.01)):
+        for strategy in ("fedex-lora", CENTRALISED):
+            series = panel[strategy]
+            values = [
+                [getattr(r, field) for r in _rows(seeds) if r.strategy == strategy and r.round == k] for k in range(3)
+            ]
+            assert series.x == (0.0, 1.0, 2.0)
+            assert series.y == pytest.approx([statistics.fmean(v) for v in values])
+            assert series.err == pytest.approx([statistics.stdev(v) for v in values])
+            assert series.err == pytest.approx([abs(offset)] * 3)  # sd of offsets 0, 1, 2 times the step
+    # chance: 1/2 and ln 2; majority: the training majority (0) scored on held-out labels; prior: its loss
+    assert acc["chance accuracy"].y == pytest.approx((0.5, 0.5))
+    majority = statistics.fmean([1 / 4, 1 / 3, 1 / 3])  # held-out [0, 1, 1, 1], [0, 1, 1], ...
+    assert acc["majority class accuracy"].y == pytest.approx((majority, majority))
+    assert loss["chance loss"].y == pytest.approx((math.log(2), math.log(2)))
+    prior = [4 / 6, 2 / 6]  # add-one smoothed training frequencies of labels 0 and 1
+    second = -(math.log(prior[0]) + 2 * math.log(prior[1])) / 3
+    want = statistics.fmean([-(math.log(prior[0]) + 3 * math.log(prior[1])) / 4, second, second])
+    assert loss["label prior loss"].y == pytest.approx((want, want))
+
+    with (tmp_path / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 6 and {row["seeds"] for row in summary} == {"3"}
+    first = next(r for r in summary if r["strategy"] == "fedex-lora" and r["round"] == "1")
+    assert float(first["accuracy_mean"]) == pytest.approx(0.62) and float(first["accuracy_sd"]) == pytest.approx(0.02)
+    assert float(first["cosine_mean"]) == pytest.approx(0.4)
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert len(body["rows"]) == 18 and {r["seed"] for r in body["rows"]} == set(seeds)
+    assert len(body["summary"]) == 6 and len(body["baselines"]) == 3
+    with (tmp_path / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 18
+
+
+def test_one_seed_plots_its_values_without_error_bars(tmp_path):
+    rows = [dataclasses.replace(r, personal_accuracy=0.9, personal_loss=0.3) if r.round else r for r in _rows([4])]
+    drawn = write_results(tmp_path, {}, rows, [Baselines.of(4, 3, [2, 2, 1], [2, 0, 1])])
+    series = drawn["accuracy"]["fedex-lora"]
+    assert series.y == pytest.approx([0.58, 0.68, 0.78]) and series.err is None
+    # --personal-heads: the clients' own models, where measured (rounds 1 and 2 here)
+    own = drawn["accuracy"]["fedex-lora (own heads)"]
+    assert own.x == (1.0, 2.0) and own.y == pytest.approx([0.9, 0.9]) and own.err is None
+    assert drawn["loss"]["fedex-lora (own heads)"].y == pytest.approx([0.3, 0.3])
+    assert drawn["accuracy"]["chance accuracy"].y == pytest.approx((1 / 3, 1 / 3))
+    assert drawn["accuracy"]["majority class accuracy"].y == pytest.approx((1 / 3, 1 / 3))
+    with (tmp_path / "summary.csv").open() as f:
+        assert {row["accuracy_sd"] for row in csv.DictReader(f)} == {""}
 
 
 def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_dir, tmp_path):
