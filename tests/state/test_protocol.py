@@ -222,6 +222,8 @@ def test_delta_record_round_trips_as_the_contract_json():
         "max_norm",
         "dp",
         "lr_sum",
+        "label_counts",
+        "global_eval",
     }
     assert body["ranks"] == [4, 8] and body["dp"] == {"epsilon": 2.0} and body["lr_sum"] == 0.25
     assert DeltaRecord.from_json(rec.to_json()) == rec
