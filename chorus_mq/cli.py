@@ -24,6 +24,7 @@ from .names import (
     ExpirePolicy,
     MissingModules,
     RobustAggregate,
+    ServerOptimizer,
     Strategy,
     TaskType,
     WeightPolicy,
@@ -289,6 +290,19 @@ def federation() -> None:
     "(published with the federation; against drift on skewed client data; 0: off).",
 )
 @click.option(
+    "--server-opt",
+    type=_choice(ServerOptimizer),
+    default=ServerOptimizer.NONE.value,
+    show_default=True,
+    help="Server optimiser on each round's exact update (the aggregate minus the global clients started "
+    "from): momentum (fedavgm) or adaptive steps (fedadam, fedyogi), as in Reddi et al. 2021. Not with stack.",
+)
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="fedavgm's momentum.")
+@click.option("--server-beta1", type=float, default=0.9, show_default=True, help="fedadam/fedyogi's first moment.")
+@click.option("--server-beta2", type=float, default=0.99, show_default=True, help="fedadam/fedyogi's second moment.")
+@click.option("--server-tau", type=float, default=1e-3, show_default=True, help="fedadam/fedyogi's adaptivity floor τ.")
+@click.option(
     "--relative-clip",
     type=float,
     default=10.0,
@@ -344,6 +358,8 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
         f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
         f"{cfg.weights}; round 1 is open"
     )
+    if cfg.server_opt != ServerOptimizer.NONE:
+        click.echo(f"server optimiser: {_server_opt(cfg.server_opt_settings())}")
     if initial:
         click.echo("round 0 holds the initial adapter: clients start round 1 from it (`chorus-mq pull --round 0`)")
     if cfg.dp_noise_multiplier:
@@ -351,6 +367,12 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
             f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
             f"delta {cfg.dp_delta}"
         )
+
+
+def _server_opt(settings: dict[str, Any]) -> str:
+    """``fedadam (lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)``: the optimiser and the settings it uses."""
+    rest = ", ".join(f"{k} {v:g}" for k, v in settings.items() if k != "optimizer")
+    return f"{settings['optimizer']} ({rest})"
 
 
 @federation.command("list")
@@ -564,6 +586,8 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         click.echo(f"deadline in {max(0, s.deadline - time.time()):.0f}s (min quorum {s.min_quorum})")
     latest = "none yet" if s.latest_complete is None else s.latest_complete
     click.echo(f"latest complete round: {latest}")
+    if s.server_opt:
+        click.echo(f"server optimiser: {_server_opt(s.server_opt)}")
     for client, spent in sorted(s.privacy.items()):
         click.echo(
             f"server-side DP {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "

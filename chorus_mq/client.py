@@ -91,6 +91,9 @@ class Status:
     rejected: dict[str, int] = field(default_factory=dict)
     #: FedProx weight the federation asks its clients to train with
     prox_mu: float = 0.0
+    #: the server optimiser on each round's exact update and the settings it uses (``optimizer``, ``lr``,
+    #: ...; empty when there is none)
+    server_opt: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +221,7 @@ class ChorusClient:
                 labels=tuple(cfg.labels),
                 clients_per_round=cfg.clients_per_round,
                 prox_mu=cfg.prox_mu,
+                server_opt=cfg.server_opt_settings(),
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
