@@ -45,10 +45,13 @@ class ShardEntry:
     items: int
     adapter: ObjectRef
     residual: ObjectRef | None
+    #: the server optimiser's state for the shard's items (with ``--server-opt`` only; collected once a
+    #: later round completes: only the next round reads it)
+    opt_state: ObjectRef | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
-        residual = d.get("residual")
+        residual, state = d.get("residual"), d.get("opt_state")
         return cls(
             index=int(d["index"]),
             first=str(d["first"]),
@@ -56,6 +59,7 @@ class ShardEntry:
             items=int(d["items"]),
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
+            opt_state=None if state is None else ObjectRef.from_dict(state),
         )
 
 
@@ -79,10 +83,20 @@ class Manifest:
     residual_bytes: int = 0
     #: seconds: quorum_to_commit, fetch, math, write, commit (phases summed over shards)
     timings: dict[str, float] = field(default_factory=dict)
+    #: the server optimiser's settings and ``previous_round``, the round whose global it stepped from
+    #: (None: no server optimiser)
+    server_opt: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        d = asdict(self)
+        # without a server optimiser a manifest is byte-identical to one written before it existed
+        if d["server_opt"] is None:
+            del d["server_opt"]
+        for shard in d["shards"]:
+            if shard["opt_state"] is None:
+                del shard["opt_state"]
+        return json.dumps(d, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -107,6 +121,7 @@ class Manifest:
                 adapter_bytes=int(d.get("adapter_bytes", 0)),
                 residual_bytes=int(d.get("residual_bytes", 0)),
                 timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
+                server_opt=None if d.get("server_opt") is None else dict(d["server_opt"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

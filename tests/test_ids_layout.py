@@ -82,5 +82,5 @@ def test_bad_hashes_never_reach_a_key(sha):
 
 
 def test_shard_parts_are_named():
-    with pytest.raises(ValueError, match="adapter or residual"):
+    with pytest.raises(ValueError, match="adapter, residual or opt-state"):
         layout.shard_key("fed", 1, 0, "manifest", SHA)

@@ -17,12 +17,13 @@ from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
-from ..names import RoundStatus
+from ..names import RoundStatus, ServerOptimizer
 from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
 from .metrics import METRICS
 from .plan import Plan
 from .runtime import Runtime
+from .server_step import collect_states
 from .shard import ShardResult
 from .sweep import request_compaction
 
@@ -67,6 +68,8 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
             METRICS.round_seconds.observe(max(0.0, time.time() - info.agg_started))
         METRICS.phase_seconds.labels(phase="commit").observe(time.perf_counter() - started)
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
+        if config.server_opt != ServerOptimizer.NONE:
+            collect_states(rt, federation)  # only this round's optimiser state is read again (by the next)
         if config.checkpoint_every and r % config.checkpoint_every == 0:
             request_compaction(rt, dispatch, federation, r)
     return outcome.status
@@ -92,7 +95,13 @@ def build_manifest(
         items = plan.shard_items(k)
         shards.append(
             ShardEntry(
-                index=k, first=items[0], last=items[-1], items=len(items), adapter=res.adapter, residual=res.residual
+                index=k,
+                first=items[0],
+                last=items[-1],
+                items=len(items),
+                adapter=res.adapter,
+                residual=res.residual,
+                opt_state=res.opt_state,
             )
         )
         out.update(res.out)
@@ -122,6 +131,7 @@ def build_manifest(
         adapter_bytes=sum(res.adapter_bytes for res in results.values()),
         residual_bytes=sum(res.residual_bytes for res in results.values()),
         timings=timings,
+        server_opt=_server_opt(config, plan),
     )
 
 
@@ -142,6 +152,11 @@ def adapter_config(
     return fitted.replace(
         base_model=config.base_model, modules_to_save=spec.modules_to_save if extras else ()
     ).to_peft_config()
+
+
+def _server_opt(config: FederationConfig, plan: Plan) -> dict[str, Any] | None:
+    settings = config.server_opt_settings()
+    return {**settings, "previous_round": plan.previous} if settings else None
 
 
 def _dp(config: FederationConfig) -> dict[str, Any] | None:

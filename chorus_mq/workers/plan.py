@@ -20,7 +20,7 @@ from ..adapters.delta import embedded_spec
 from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
 from ..errors import AggregationError, NotFound, StateCorrupt
-from ..names import RoundStatus, Task
+from ..names import RoundStatus, ServerOptimizer, Task
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
 from ..state.rounds import DeltaRecord
@@ -51,6 +51,9 @@ class Plan:
     excluded: dict[str, str] = field(default_factory=dict)
     clip: dict[str, float] = field(default_factory=dict)  # "client|module" -> factor
     dp: bool = False
+    #: with a server optimiser: the complete round whose published global (and optimiser state) this round
+    #: steps from, the latest complete round when it was planned; None: none (or no optimiser)
+    previous: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -71,6 +74,7 @@ class Plan:
             excluded=dict(d["excluded"]),
             clip=dict(d["clip"]),
             dp=bool(d["dp"]),
+            previous=None if d.get("previous") is None else int(d["previous"]),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -146,6 +150,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         excluded=excluded,
         clip=clip,
         dp=bool(config.dp_noise_multiplier),
+        # fixed here, so every shard run of this round reads the same previous round, whatever completes later
+        previous=rt.state.latest_complete(federation) if config.server_opt != ServerOptimizer.NONE else None,
     )
 
 

@@ -2,8 +2,9 @@
 
 Any worker takes any shard. A shard reads only its modules' bytes of each accepted delta,
 aggregates them (modules side by side, one torch thread each, at most a few in flight), and
-streams the results into two objects (the adapter part and the residual part) whose header
-is known before the first tensor is computed. The outputs depend only on the plan and the
+streams the results into two objects (the adapter part and the residual part; with a server
+optimiser a third, its state: ``server_step.py``) whose header is known before the first tensor
+is computed. The outputs depend only on the plan and the
 deltas, never on the shard count or the worker, so a rerun writes the same bytes. The last
 shard to finish (a fenced counter in Redis) enqueues the commit.
 """
@@ -36,7 +37,15 @@ from ..aggregation.robust import clip_update
 from ..errors import AggregationError
 from ..layout import shard_key
 from ..manifest import ObjectRef
-from ..names import RESIDUAL_FORMAT, SHARD_FORMAT, MissingModules, RoundStatus, Strategy, Task
+from ..names import (
+    RESIDUAL_FORMAT,
+    SERVER_STATE_FORMAT,
+    SHARD_FORMAT,
+    MissingModules,
+    RoundStatus,
+    Strategy,
+    Task,
+)
 from ..state import FederationConfig
 from .declared import Declared, declared_model
 from .dispatch import Dispatcher
@@ -45,6 +54,7 @@ from .metrics import METRICS
 from .plan import Plan
 from .reading import RoundInputs
 from .runtime import Runtime
+from .server_step import ServerStep
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,8 @@ class ShardResult:
     adapter_bytes: int
     bytes_in: int
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the server optimiser's state for the shard's items (``--server-opt`` only)
+    opt_state: ObjectRef | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -70,7 +82,7 @@ class ShardResult:
     @classmethod
     def from_json(cls, raw: str) -> ShardResult:
         d = json.loads(raw)
-        residual = d.get("residual")
+        residual, state = d.get("residual"), d.get("opt_state")
         return cls(
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
@@ -79,6 +91,7 @@ class ShardResult:
             adapter_bytes=int(d["adapter_bytes"]),
             bytes_in=int(d["bytes_in"]),
             seconds={k: float(v) for k, v in d["seconds"].items()},
+            opt_state=None if state is None else ObjectRef.from_dict(state),
         )
 
 
@@ -150,6 +163,12 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
         _dp_layouts(jobs, inputs, plan)
+    step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k))
+    state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    if step is not None:
+        for job in jobs:
+            job.residual = step.residual_form(job.extra, job.residual)
+            state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
     adapter_layout, residual_layout = _layouts(jobs, declared)
     out: dict[str, tuple[int, float]] = {}
     residual_bytes = adapter_bytes = 0
@@ -164,9 +183,19 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             )
             residual_out.file.close()
             residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
-        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
+        state_out = state_file = None
+        if state_layout:
+            state_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "opt-state", sha)))
+            state_out.file.close()
+            state_file = StreamingWriter(state_out.path, state_layout, {"format": SERVER_STATE_FORMAT})
+        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds, step):
             seconds["math"] += took
             t0 = time.perf_counter()
+            if step is not None:
+                result, state = result
+                assert state_file is not None
+                for name, tensor in state.items():
+                    state_file.write(name, tensor)
             if job.extra:
                 tensor = result.to(_F32).contiguous()
                 adapter_file.write(job.name, tensor)
@@ -195,13 +224,18 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         adapter_out.trusted_sha256 = adapter_file.close()
         if residual_file is not None and residual_out is not None:
             residual_out.trusted_sha256 = residual_file.close()
+        if state_file is not None and state_out is not None:
+            state_out.trusted_sha256 = state_file.close()
     seconds["write"] += time.perf_counter() - t0
     for phase, value in seconds.items():
         METRICS.phase_seconds.labels(phase=phase).observe(value)
     METRICS.bytes_in.labels(task="shard").inc(inputs.bytes_read)
     adapter_ref = _ref(adapter_out.result)
     residual_ref = _ref(residual_out.result) if residual_out is not None else None
-    METRICS.bytes_out.labels(task="shard").inc(adapter_ref.size + (residual_ref.size if residual_ref else 0))
+    state_ref = _ref(state_out.result) if state_out is not None else None
+    METRICS.bytes_out.labels(task="shard").inc(
+        adapter_ref.size + sum(ref.size for ref in (residual_ref, state_ref) if ref is not None)
+    )
     return ShardResult(
         adapter=adapter_ref,
         residual=residual_ref,
@@ -210,6 +244,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         adapter_bytes=adapter_bytes,
         bytes_in=inputs.bytes_read,
         seconds={k_: round(v, 4) for k_, v in seconds.items()},
+        opt_state=state_ref,
     )
 
 
@@ -293,8 +328,10 @@ def _results(
     r: int,
     rt: Runtime,
     seconds: dict[str, float],
+    step: ServerStep | None = None,
 ) -> Iterator[tuple[_Job, Any, float]]:
-    """Each job's result, in order, computed a few at a time (inputs load in this thread)."""
+    """Each job's result, in order, computed a few at a time (inputs load in this thread); with a server
+    ``step``, each result is a pair (the stepped result, its new state)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
 
     def load(job: _Job) -> tuple[_Job, list[Any]]:
@@ -325,6 +362,8 @@ def _results(
             )
         else:
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
+        if step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
+            result = step.extra(job.name, result) if job.extra else step.module(job.name, result)
         return job, result, time.perf_counter() - t0
 
     yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)
