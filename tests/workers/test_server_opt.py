@@ -230,3 +230,23 @@ def test_the_config_round_trips_and_says_what_it_uses():
     assert FederationConfig.from_hash(cfg.to_hash()) == cfg
     assert cfg.server_opt_settings() == {"optimizer": "fedyogi", "lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-4}
     assert FederationConfig(name="f", base_model="m", quorum=2).server_opt_settings() == {}
+
+
+def test_the_sweep_collects_states_a_killed_commit_left(sdk, tmp_path, monkeypatch):
+    """A commit killed between finalize and its collection leaves the older state: the sweep deletes it."""
+    from chorus_mq.workers import commit
+    from chorus_mq.workers.app import get_dispatcher
+    from chorus_mq.workers.sweep import sweep
+
+    monkeypatch.setattr(commit, "collect_states", lambda rt, federation: [])  # the commit "dies" before it
+    _create(sdk, tmp_path, "swept", server_opt="fedavgm")
+    states = []
+    for r in (1, 2):
+        _round(sdk, tmp_path, "swept", r)
+        states.append(sdk.pull("swept", tmp_path / f"swept-{r}", r).shards[0].opt_state)
+    rt = runtime.current()
+    assert all(rt.store.exists(s.key) for s in states)
+    report = sweep(rt, get_dispatcher(rt.settings))
+    assert report.states == [("swept", 1)]
+    assert not rt.store.exists(states[0].key) and rt.store.exists(states[1].key)
+    assert sweep(rt, get_dispatcher(rt.settings)).states == []  # the cursor moved on: nothing to read again
