@@ -9,7 +9,8 @@ is exact; stack, whose rank would multiply, starts it from the best approximatio
 of fedavg, fedex-lora, svd and stack, and the centralised baseline (the same total steps on the
 pooled data). Clients train with logit adjustment by their own label frequencies where their labels
 are skewed (``--balance auto``, train's default; ``off``: at these skews every strategy then collapses
-to predicting one class after 5 rounds), and ``--prox-mu`` adds FedProx. Every client
+to predicting one class after 5 rounds), ``--prox-mu`` adds FedProx and ``--server-opt``/``--server-lr``
+a server optimiser on the exact update. Every client
 round goes through the production path (uploads, inbox pump, ingest, aggregation shards and
 commit as Celery tasks run eagerly, pulls). Prints one table per alpha (columns explained in
 ``chorus_mq/training/simulate.py``), a summary of the last round, and writes CSV, JSON and a
@@ -48,9 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--balance", default="auto", choices=("auto", "on", "off"), help="logit adjustment")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx weight (0: off)")
+    parser.add_argument(
+        "--server-opt",
+        default="none",
+        choices=("none", "fedavgm", "fedadam", "fedyogi"),
+        help="server optimiser on the exact update (stack is left out with one)",
+    )
+    parser.add_argument("--server-lr", type=float, default=1.0, help="the server optimiser's step size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/federated_accuracy"))
     args = parser.parse_args(argv)
+    strategies = args.strategies.split(",")
+    if args.server_opt != "none" and "stack" in strategies:
+        strategies.remove("stack")  # a server optimiser cannot step stack (its clients start from an approximation)
+        print("stack left out: a server optimiser cannot step it", flush=True)
     started = time.perf_counter()
     finals: dict[float, list[SimRow]] = {}
     for alpha in (float(a) for a in args.alphas.split(",")):
@@ -67,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
             partition=f"dirichlet:{alpha:g}",
             fraction_fit=args.fraction_fit,
             ranks=[int(r) for r in args.ranks.split(",")],
-            strategies=args.strategies.split(","),
+            strategies=strategies,
             centralised=True,
             steps_per_round=args.steps,
             balance_labels=args.balance,
             prox_mu=args.prox_mu,
+            server_opt=args.server_opt,
+            server_lr=args.server_lr,
             batch_size=args.batch_size,
             lr=args.lr,
             test_examples=args.test,
@@ -81,11 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         finals[alpha] = [r for r in rows if r.round == args.rounds]
     print(f"\n== last round (round {args.rounds}): held-out accuracy ==")
-    strategies = [*args.strategies.split(","), CENTRALISED]
-    print(f"{'alpha':>6} " + " ".join(f"{s:>11}" for s in strategies))
+    columns = [*strategies, CENTRALISED]
+    print(f"{'alpha':>6} " + " ".join(f"{s:>11}" for s in columns))
     for alpha, rows in finals.items():
         by = {r.strategy: r.accuracy for r in rows}
-        print(f"{alpha:>6g} " + " ".join(f"{by.get(s, float('nan')):>11.3f}" for s in strategies))
+        print(f"{alpha:>6g} " + " ".join(f"{by.get(s, float('nan')):>11.3f}" for s in columns))
     print(f"({time.perf_counter() - started:.0f}s)")
 
 

@@ -801,6 +801,14 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     show_default=True,
     help="With --model: FedProx weight of the federations (pulls local training toward the global model).",
 )
+@click.option(
+    "--server-opt",
+    type=_choice(ServerOptimizer),
+    default=ServerOptimizer.NONE.value,
+    show_default=True,
+    help="The federations' server optimiser on each round's exact update (exact err is then against its step).",
+)
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -833,6 +841,8 @@ def simulate(
     steps_per_round: int | None,
     balance_labels: str,
     prox_mu: float,
+    server_opt: str,
+    server_lr: float,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -871,6 +881,8 @@ def simulate(
             steps_per_round=steps_per_round,
             balance_labels=balance_labels,
             prox_mu=prox_mu,
+            server_opt=server_opt,
+            server_lr=server_lr,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,
@@ -888,6 +900,8 @@ def simulate(
         redis_url=sim_redis,
         store_url=sim_store,
         seed=seed,
+        server_opt=server_opt,
+        server_lr=server_lr,
         echo=None if as_json else click.echo,
     )
     if as_json:
