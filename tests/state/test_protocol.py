@@ -15,6 +15,7 @@ from chorus_mq.names import (
     RobustAggregate,
     RoundStatus,
     ScriptStatus,
+    ServerOptimizer,
     SnapshotDtype,
     Strategy,
     TaskType,
@@ -54,6 +55,12 @@ EVERY_FIELD = {
     "labels": ("neg", "pos", 'a,b "quoted"'),
     "fan_in_fan_out": True,
     "prox_mu": 0.01,
+    "server_opt": ServerOptimizer.FEDADAM,
+    "server_lr": 0.003,
+    "server_momentum": 0.9,  # fedadam uses none: it must stay at its default
+    "server_beta1": 0.8,
+    "server_beta2": 0.95,
+    "server_tau": 1e-4,
 }
 
 
