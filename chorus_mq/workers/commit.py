@@ -68,10 +68,13 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
             METRICS.round_seconds.observe(max(0.0, time.time() - info.agg_started))
         METRICS.phase_seconds.labels(phase="commit").observe(time.perf_counter() - started)
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
-        if config.server_opt != ServerOptimizer.NONE:
-            collect_states(rt, federation)  # only this round's optimiser state is read again (by the next)
         if config.checkpoint_every and r % config.checkpoint_every == 0:
             request_compaction(rt, dispatch, federation, r)
+        if config.server_opt != ServerOptimizer.NONE:
+            try:  # only this round's optimiser state is read again (by the next); the sweep retries the rest
+                collect_states(rt, federation)
+            except Exception as exc:
+                log.warning("round %s/%s: older server optimiser states not collected yet: %s", federation, r, exc)
     return outcome.status
 
 

@@ -10,8 +10,10 @@ contiguous runs of the sorted items, so only the shards whose name range covers 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -69,26 +71,63 @@ def read_part(
     keys: Collection[str],
 ) -> dict[str, Tensor]:
     """The tensors named ``keys`` of the objects ``part`` picks from the shards of ``manifest`` that hold
-    any of ``items`` (each object checked against its hash before a byte of it is parsed)."""
+    any of ``items``, read now."""
+    with contextlib.ExitStack() as stack:
+        opened = open_part(rt, manifest, part, items, keys, stack)
+        return {key: opened.get(key) for key in opened.names()}
+
+
+class Part:
+    """Named tensors of some of a round's objects, opened once and read on demand (one at a time: the
+    handles are shared by the threads that aggregate a shard's modules)."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def add(self, key: str, handle: Any, where: str) -> None:
+        if key in self._where:
+            raise StateCorrupt(f"{where}: tensor {key!r} is in more than one shard")
+        self._where[key] = handle
+
+    def get(self, key: str) -> Tensor:
+        with self._lock:
+            tensor: Tensor = self._where[key].get_tensor(key)
+        return tensor
+
+    def find(self, key: str) -> Tensor | None:
+        return self.get(key) if key in self._where else None
+
+
+def open_part(
+    rt: Runtime,
+    manifest: Manifest,
+    part: Callable[[ShardEntry], ObjectRef | None],
+    items: Collection[str],
+    keys: Collection[str],
+    stack: contextlib.ExitStack,
+) -> Part:
+    """Open the objects ``part`` picks from the shards of ``manifest`` that hold any of ``items`` (each checked
+    against its hash before a byte of it is parsed; closed with ``stack``) for their tensors named ``keys``."""
     from safetensors import safe_open
 
-    out: dict[str, Tensor] = {}
+    out = Part()
     ordered = sorted(items)
     for shard in manifest.shards:
         ref = part(shard)
         if ref is None or not _covers(shard, ordered):
             continue
         # file:// hashes the object where it lies; s3:// spools it once
-        with contextlib.ExitStack() as stack:
-            local = stack.enter_context(
-                rt.store.local_copy(ref.key, expected_sha256=ref.sha256, max_bytes=ref.size, spool_dir=rt.spool)
-            )
-            handle = stack.enter_context(safe_open(str(local.path), "pt"))
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key in keys:
-                    if key in out:
-                        raise StateCorrupt(f"round {manifest.round}: tensor {key!r} is in more than one shard")
-                    out[key] = handle.get_tensor(key)
+        local = stack.enter_context(
+            rt.store.local_copy(ref.key, expected_sha256=ref.sha256, max_bytes=ref.size, spool_dir=rt.spool)
+        )
+        handle = stack.enter_context(safe_open(str(local.path), "pt"))
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key in keys:
+                out.add(key, handle, f"round {manifest.round}")
     return out
 
 

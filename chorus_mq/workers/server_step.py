@@ -10,6 +10,7 @@ next round reads a state: older ones are deleted by :func:`collect_states`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ..names import RoundStatus
 from ..results import fetch_manifest
 from ..state import FederationConfig
 from .plan import Plan
-from .previous import PreviousGlobal, previous_global, read_part
+from .previous import Part, PreviousGlobal, open_part, previous_global
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -65,24 +66,30 @@ class ServerStep:
     cfg: ServerOptConfig
     product: bool
     previous: PreviousGlobal
-    state: dict[str, Tensor]
+    state: Part  # the previous state, read item by item (dense: the shard's whole state may be large)
 
     @classmethod
     def open(
-        cls, rt: Runtime, federation: str, plan: Plan, config: FederationConfig, items: Iterable[str]
+        cls,
+        rt: Runtime,
+        federation: str,
+        plan: Plan,
+        config: FederationConfig,
+        items: Iterable[str],
+        stack: contextlib.ExitStack,
     ) -> ServerStep | None:
-        """The step for ``items`` of a round under ``plan``; None without a server optimiser."""
+        """The step for ``items`` of a round under ``plan`` (its state objects stay open until ``stack``
+        closes); None without a server optimiser."""
         cfg = server_opt_config(config)
         if not cfg.enabled:
             return None
         items = sorted(items)
         previous = previous_global(rt, federation, plan.previous, items)
-        state: dict[str, Tensor] = {}
+        state = Part()
         if plan.previous is not None:
             manifest, _ = fetch_manifest(rt.state, rt.store, federation, plan.previous)
-            slots = [*cfg.slots, *(f"{f}.{s}" for f in ("lora_A", "lora_B") for s in cfg.slots)]
-            keys = {state_key(item, slot) for item in items for slot in slots}
-            state = read_part(rt, manifest, lambda shard: shard.opt_state, items, keys)
+            keys = {state_key(item, slot) for item in items for slot in _all_slots(cfg)}
+            state = open_part(rt, manifest, lambda shard: shard.opt_state, items, keys, stack)
         return cls(cfg, product_space(plan.strategy, dp=plan.dp), previous, state)
 
     def residual_form(self, extra: bool, form: str) -> str:
@@ -112,12 +119,17 @@ class ServerStep:
         return stepped, self._named(name, new)
 
     def _state(self, item: str) -> State:
-        prefix = state_key(item, "")
-        return {key.removeprefix(prefix): value for key, value in self.state.items() if key.startswith(prefix)}
+        found = {slot: self.state.find(state_key(item, slot)) for slot in _all_slots(self.cfg)}
+        return {slot: value for slot, value in found.items() if value is not None}
 
     @staticmethod
     def _named(item: str, state: State) -> dict[str, Tensor]:
         return {state_key(item, slot): value.to(_F32).contiguous() for slot, value in state.items()}
+
+
+def _all_slots(cfg: ServerOptConfig) -> list[str]:
+    """Every slot name a state may hold: product space or a tensor, and fedavg's factors."""
+    return [*cfg.slots, *(f"{factor}.{slot}" for factor in ("lora_A", "lora_B") for slot in cfg.slots)]
 
 
 def collect_states(rt: Runtime, federation: str) -> list[int]:

@@ -163,16 +163,16 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
         _dp_layouts(jobs, inputs, plan)
-    step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k))
-    state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    if step is not None:
-        for job in jobs:
-            job.residual = step.residual_form(job.extra, job.residual)
-            state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
-    adapter_layout, residual_layout = _layouts(jobs, declared)
     out: dict[str, tuple[int, float]] = {}
     residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
+        step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack)
+        state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        if step is not None:
+            for job in jobs:
+                job.residual = step.residual_form(job.extra, job.residual)
+                state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
+        adapter_layout, residual_layout = _layouts(jobs, declared)
         adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
         adapter_out.file.close()  # written through its path by the streaming writer (then fsynced by path)
         adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
