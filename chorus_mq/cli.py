@@ -25,6 +25,7 @@ from .names import (
     ExpirePolicy,
     MissingModules,
     RobustAggregate,
+    ServerOptimizer,
     Strategy,
     TaskType,
     WeightPolicy,
@@ -303,6 +304,19 @@ def federation() -> None:
     "the LoRA body is aggregated. The published head stays round 0's (`export --head own` takes a client's).",
 )
 @click.option(
+    "--server-opt",
+    type=_choice(ServerOptimizer),
+    default=ServerOptimizer.NONE.value,
+    show_default=True,
+    help="Server optimiser on each round's exact update (the aggregate minus the global clients started "
+    "from): momentum (fedavgm) or adaptive steps (fedadam, fedyogi), as in Reddi et al. 2021. Not with stack.",
+)
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="fedavgm's momentum.")
+@click.option("--server-beta1", type=float, default=0.9, show_default=True, help="fedadam/fedyogi's first moment.")
+@click.option("--server-beta2", type=float, default=0.99, show_default=True, help="fedadam/fedyogi's second moment.")
+@click.option("--server-tau", type=float, default=1e-3, show_default=True, help="fedadam/fedyogi's adaptivity floor τ.")
+@click.option(
     "--relative-clip",
     type=float,
     default=10.0,
@@ -358,6 +372,8 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
         f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
         f"{cfg.weights}; round 1 is open"
     )
+    if cfg.server_opt != ServerOptimizer.NONE:
+        click.echo(f"server optimiser: {_server_opt(cfg.server_opt_settings())}")
     if initial:
         click.echo("round 0 holds the initial adapter: clients start round 1 from it (`chorus-mq pull --round 0`)")
     if cfg.dp_noise_multiplier:
@@ -365,6 +381,12 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
             f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
             f"delta {cfg.dp_delta}"
         )
+
+
+def _server_opt(settings: dict[str, Any]) -> str:
+    """``fedadam (lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)``: the optimiser and the settings it uses."""
+    rest = ", ".join(f"{k} {v:g}" for k, v in settings.items() if k != "optimizer")
+    return f"{settings['optimizer']} ({rest})"
 
 
 @federation.command("list")
@@ -584,6 +606,8 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
     drift += ["SCAFFOLD control variates"] if s.scaffold else []
     if drift:
         click.echo(f"local training: {', '.join(drift)}")
+    if s.server_opt:
+        click.echo(f"server optimiser: {_server_opt(s.server_opt)}")
     for client, spent in sorted(s.privacy.items()):
         click.echo(
             f"server-side DP {client}: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
@@ -827,6 +851,14 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     help="With --model: every client keeps its own task head (federation create --personal-heads); each holds "
     "out a fifth of its examples, and `pers acc` is the mean of its own model on them.",
 )
+@click.option(
+    "--server-opt",
+    type=_choice(ServerOptimizer),
+    default=ServerOptimizer.NONE.value,
+    show_default=True,
+    help="The federations' server optimiser on each round's exact update (exact err is then against its step).",
+)
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -868,6 +900,8 @@ def simulate(
     prox_mu: float,
     scaffold: bool,
     personal_heads: bool,
+    server_opt: str,
+    server_lr: float,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -910,6 +944,8 @@ def simulate(
             prox_mu=prox_mu,
             scaffold=scaffold,
             personal_heads=personal_heads,
+            server_opt=server_opt,
+            server_lr=server_lr,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,
@@ -928,6 +964,8 @@ def simulate(
         redis_url=sim_redis,
         store_url=sim_store,
         seed=seed,
+        server_opt=server_opt,
+        server_lr=server_lr,
         echo=None if as_json else click.echo,
     )
     if as_json:

@@ -103,6 +103,9 @@ class Status:
     recent_rounds: tuple[RoundSummary, ...] = ()
     #: what status could not show, and why (e.g. the latest manifest could not be read)
     warnings: tuple[str, ...] = ()
+    #: the server optimiser on each round's exact update and the settings it uses (``optimizer``, ``lr``,
+    #: ...; empty when there is none)
+    server_opt: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,6 +252,7 @@ class ChorusClient:
                 prox_mu=cfg.prox_mu,
                 scaffold=cfg.scaffold,
                 personal_heads=cfg.personal_heads,
+                server_opt=cfg.server_opt_settings(),
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,

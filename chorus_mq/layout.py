@@ -10,6 +10,8 @@ from __future__ import annotations
 from .ids import check_name
 
 _HEX = frozenset("0123456789abcdef")
+#: what a shard writes: the adapter part, the residual part, and the server optimiser's state
+SHARD_PARTS = ("adapter", "residual", "variate", "opt-state")
 
 
 def _check_sha(sha256: str) -> str:
@@ -66,10 +68,10 @@ def manifest_key(federation: str, round_: int) -> str:
 
 
 def shard_key(federation: str, round_: int, shard: int, part: str, sha256: str) -> str:
-    """A shard's output (``part`` is ``adapter``, ``residual`` or, with SCAFFOLD, ``variate``), content-addressed:
-    reruns never collide."""
-    if part not in ("adapter", "residual", "variate"):
-        raise ValueError(f"shard part must be adapter, residual or variate, got {part!r}")
+    """A shard's output (``part`` is ``adapter``, ``residual``, with SCAFFOLD ``variate``, or ``opt-state``, the
+    server optimiser's state), content-addressed: reruns never collide."""
+    if part not in SHARD_PARTS:
+        raise ValueError(f"shard part must be one of {', '.join(SHARD_PARTS)}, got {part!r}")
     return f"{round_prefix(federation, round_)}/shard-{shard:03d}-{part}-{_check_sha(sha256)[:16]}.safetensors"
 
 

@@ -102,9 +102,13 @@ class ShardEntry:
     #: SCAFFOLD: the server variate of this shard's items (the adapter's keys and shapes)
     variate: ObjectRef | None = None
 
+    #: the server optimiser's state for the shard's items (with ``--server-opt`` only; collected once a
+    #: later round completes: only the next round reads it)
+    opt_state: ObjectRef | None = None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
-        residual, variate = d.get("residual"), d.get("variate")
+        residual, variate, state = d.get("residual"), d.get("variate"), d.get("opt_state")
         return cls(
             index=int(d["index"]),
             first=str(d["first"]),
@@ -113,6 +117,7 @@ class ShardEntry:
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
             variate=None if variate is None else ObjectRef.from_dict(variate),
+            opt_state=None if state is None else ObjectRef.from_dict(state),
         )
 
 
@@ -140,10 +145,20 @@ class Manifest:
     variate_clipped: dict[str, float] = field(default_factory=dict)
     #: the mean of the evaluations this round's clients reported of the global model they started from
     global_eval: EvalSummary | None = None
+    #: the server optimiser's settings and ``previous_round``, the round whose global it stepped from
+    #: (None: no server optimiser)
+    server_opt: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        d = asdict(self)
+        # without a server optimiser a manifest is byte-identical to one written before it existed
+        if d["server_opt"] is None:
+            del d["server_opt"]
+        for shard in d["shards"]:
+            if shard["opt_state"] is None:
+                del shard["opt_state"]
+        return json.dumps(d, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -170,6 +185,7 @@ class Manifest:
                 timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
                 variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
                 global_eval=None if d.get("global_eval") is None else EvalSummary.from_dict(d["global_eval"]),
+                server_opt=None if d.get("server_opt") is None else dict(d["server_opt"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

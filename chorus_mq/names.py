@@ -29,6 +29,15 @@ class Strategy(_Choice):
     STACK = "stack"
 
 
+class ServerOptimizer(_Choice):
+    """The server's step on each round's exact pseudo-gradient (Reddi et al. 2021; DESIGN.md section 1)."""
+
+    NONE = "none"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
 class RobustAggregate(_Choice):
     MEAN = "mean"
     TRIMMED = "trimmed"
@@ -155,6 +164,8 @@ INDEX_FORMAT = "chorus-index/1"
 RESIDUAL_FORMAT = "chorus-residual/1"
 SHARD_FORMAT = "chorus-shard/1"
 MANIFEST_FORMAT = "chorus-round/2"
+#: a shard's server optimiser state (``<item>.opt_<slot>`` tensors, float32), read by the next round's shards
+SERVER_STATE_FORMAT = "chorus-server-state/1"
 LOCAL_FORMAT = "chorus-local/1"
 #: a round's SCAFFOLD server variate (shard objects, and the pulled ``variate.safetensors``)
 VARIATE_FORMAT = "chorus-variate/1"

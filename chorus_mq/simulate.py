@@ -23,7 +23,7 @@ import torch
 
 from .adapters import LoraSpec, ModelDecl, read_residual, write_peft_adapter
 from .client import ChorusClient
-from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESIDUAL_FILE, Strategy
+from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESIDUAL_FILE, ServerOptimizer, Strategy
 from .settings import Settings
 from .state import FederationConfig
 from .store import open_store
@@ -76,26 +76,36 @@ def run_simulation(
     redis_url: str | None = None,
     store_url: str | None = None,
     seed: int = 0,
+    server_opt: str = "none",
+    server_lr: float = 1.0,
     echo: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
-    """Run the federation(s); returns one row per (strategy, round)."""
+    """Run the federation(s); returns one row per (strategy, round). With ``server_opt`` every federation
+    steps its exact aggregate with that server optimiser, and the oracle is that step (in float64)."""
+    configs = {
+        strategy: FederationConfig(
+            name=f"sim-{strategy}-{secrets.token_hex(3)}",
+            base_model="simulated-llama",
+            quorum=clients,
+            strategy=Strategy(strategy),
+            server_opt=ServerOptimizer(server_opt),
+            server_lr=server_lr,
+        )
+        for strategy in strategies
+    }  # bad options are refused before anything runs
     workdir = Path(tempfile.mkdtemp(prefix="chorus-sim-"))
     try:
         sdk = embedded_sdk(workdir, redis_url=redis_url, store_url=store_url)
         rows = []
         if echo:
             echo(_HEADER)
-        for strategy in strategies:
-            federation = f"sim-{strategy}-{secrets.token_hex(3)}"
-            sdk.create_federation(
-                FederationConfig(
-                    name=federation, base_model="simulated-llama", quorum=clients, strategy=Strategy(strategy)
-                ),
-                model=declared_model(),
-            )
+        for strategy, config in configs.items():
+            federation = config.name
+            sdk.create_federation(config, model=declared_model())
             keys = [sdk.add_client(federation, f"client-{i}").secret for i in range(clients)]
+            oracle = _Oracle(config)
             for r in range(1, rounds + 1):
-                row = _run_round(sdk, federation, strategy, r, keys, seed, workdir)
+                row = _run_round(sdk, federation, strategy, r, keys, seed, workdir, oracle)
                 rows.append(row)
                 if echo:
                     echo(_format(row))
@@ -126,8 +136,36 @@ def _redis(url: str | None) -> redis_lib.Redis:
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+class _Oracle:
+    """What adapter + residual of a round must be, on the base its clients trained from: Σ wᵢ sᵢ Bᵢ Aᵢ, or
+    under a server optimiser the previous adapter plus the step on (that sum − the previous adapter),
+    in float64 with the oracle's own state."""
+
+    def __init__(self, config: FederationConfig):
+        from .aggregation.server_opt import ServerOptConfig
+
+        self.cfg = ServerOptConfig(config.server_opt, lr=config.server_lr)
+        self.state: dict[str, Any] = {}
+
+    def target(self, module: str, exact: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.enabled:
+            return exact
+        from .aggregation.server_opt import step
+
+        old = previous if previous is not None else torch.zeros_like(exact)
+        change, self.state[module] = step(exact - old, self.state.get(module), self.cfg)
+        return old + change
+
+
 def _run_round(
-    sdk: ChorusClient, federation: str, strategy: str, r: int, keys: list[str], seed: int, workdir: Path
+    sdk: ChorusClient,
+    federation: str,
+    strategy: str,
+    r: int,
+    keys: list[str],
+    seed: int,
+    workdir: Path,
+    oracle: _Oracle,
 ) -> dict[str, Any]:
     n = len(keys)
     gen = torch.Generator().manual_seed(seed * 10_007 + r)
@@ -158,9 +196,12 @@ def _run_round(
         )
     elapsed = time.perf_counter() - started
     out = workdir / f"{federation}-pull"
+    previous = _products(out) if (out / ADAPTER_CONFIG).is_file() else {}  # the global round r started from
     manifest = sdk.pull(federation, out, r)
     weights = {c.client_id: c.weight for c in manifest.clients}
-    exact, adapter = errors(out, updates, weights)
+    exact, adapter = errors(
+        out, updates, weights, target=lambda module, truth: oracle.target(module, truth, previous.get(module))
+    )
     return {
         "strategy": strategy,
         "round": r,
@@ -173,23 +214,26 @@ def _run_round(
     }
 
 
-def errors(pulled: Path, updates: dict[str, tuple[float, Factors]], weights: dict[str, float]) -> tuple[float, float]:
+def errors(
+    pulled: Path,
+    updates: dict[str, tuple[float, Factors]],
+    weights: dict[str, float],
+    *,
+    target: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
     """Worst relative Frobenius error over modules: adapter + this round's residual, and the adapter alone,
-    against the float64 Σ wᵢ sᵢ Bᵢ Aᵢ with the weights the workers applied."""
-    import json
-
-    from safetensors.torch import load_file
-
-    spec = LoraSpec.from_peft_config(json.loads((pulled / ADAPTER_CONFIG).read_text()))
-    adapter = load_file(pulled / ADAPTER_WEIGHTS)
+    against the float64 Σ wᵢ sᵢ Bᵢ Aᵢ with the weights the workers applied (or what ``target`` makes of it:
+    a server optimiser's step)."""
+    adapter = _products(pulled)
     residual = read_residual(pulled / RESIDUAL_FILE)
     worst_exact = worst_adapter = 0.0
     for path, _d_out, _d_in in MODULES:
         module = f"base_model.model.{path}"
         truth = sum(weights[c] * s * f[module][1].double() @ f[module][0].double() for c, (s, f) in updates.items())
         assert isinstance(truth, torch.Tensor)
-        A, B = adapter[f"{module}.lora_A.weight"].double(), adapter[f"{module}.lora_B.weight"].double()
-        got = spec.scaling(module, A.shape[0]) * B @ A
+        if target is not None:
+            truth = target(module, truth)
+        got = adapter[module]
         norm = torch.linalg.norm(truth)
         worst_adapter = max(worst_adapter, float(torch.linalg.norm(got - truth) / norm))
         res = residual.get(module)
@@ -197,6 +241,23 @@ def errors(pulled: Path, updates: dict[str, tuple[float, Factors]], weights: dic
             got = got + res.to_dense().double()
         worst_exact = max(worst_exact, float(torch.linalg.norm(got - truth) / norm))
     return worst_exact, worst_adapter
+
+
+def _products(pulled: Path) -> dict[str, torch.Tensor]:
+    """``scaling · B @ A`` in float64 per module of a pulled adapter."""
+    import json
+
+    from safetensors.torch import load_file
+
+    spec = LoraSpec.from_peft_config(json.loads((pulled / ADAPTER_CONFIG).read_text()))
+    tensors = load_file(pulled / ADAPTER_WEIGHTS)
+    out = {}
+    for key, A in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            B = tensors[f"{module}.lora_B.weight"].double()
+            out[module] = spec.scaling(module, A.shape[0]) * B @ A.double()
+    return out
 
 
 _HEADER = (

@@ -146,3 +146,19 @@ def test_pull_keeps_increments_and_folds_them_on_request(cli, tmp_path, ref):
     state = LocalState.load(out)
     assert state is not None and state.folded == 2 and state.increments == ()
     assert not list((out / "increments").glob("*.safetensors"))
+
+
+def test_server_optimiser_options_are_published_and_stack_is_refused(cli, ref):
+    base = ("federation", "create", "--base-model", "m", "--quorum", "1", "--reference-adapter", ref)
+    res = cli(*base[:2], "adam", *base[2:], "--server-opt", "fedadam", "--server-lr", "0.01", "--server-tau", "1e-4")
+    assert "server optimiser: fedadam (lr 0.01, beta1 0.9, beta2 0.99, tau 0.0001)" in res.output
+    status = json.loads(cli("status", "--federation", "adam", "--json").output)
+    assert status["server_opt"] == {"optimizer": "fedadam", "lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-4}
+    assert "server optimiser: fedadam (lr 0.01" in cli("status", "--federation", "adam").output
+    refused = cli(*base[:2], "st", *base[2:], "--server-opt", "fedavgm", "--strategy", "stack", code=2).output
+    assert refused.startswith("error:") and "cannot step --strategy stack" in refused
+    assert "does not apply" in cli(*base[:2], "x", *base[2:], "--server-lr", "0.5", code=2).output
+    assert "Invalid value" in cli(*base[:2], "y", *base[2:], "--server-opt", "sgd", code=2).output
+    cli(*base[:2], "plain", *base[2:])
+    assert json.loads(cli("status", "--federation", "plain", "--json").output)["server_opt"] == {}
+    assert "server optimiser" not in cli("status", "--federation", "plain").output

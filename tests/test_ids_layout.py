@@ -82,7 +82,8 @@ def test_bad_hashes_never_reach_a_key(sha):
 
 
 def test_shard_parts_are_named():
-    with pytest.raises(ValueError, match="adapter, residual or variate"):
+    with pytest.raises(ValueError, match="adapter, residual, variate, opt-state"):
         layout.shard_key("fed", 1, 0, "manifest", SHA)
+    assert layout.shard_key("fed", 1, 0, "opt-state", SHA).endswith(f"shard-000-opt-state-{SHA[:16]}.safetensors")
     key = layout.shard_key("fed", 1, 0, "variate", SHA)
     assert key == f"fed/rounds/000001/shard-000-variate-{SHA[:16]}.safetensors"

@@ -45,3 +45,19 @@ def test_against_real_redis_and_a_given_store(redis_server, tmp_path):
     assert [r["exact_error"] < 1e-6 for r in rows] == [True, True]
     assert any(p.name == "manifest.json" for p in (tmp_path / "store").rglob("*"))
     assert redis_server.client().smembers("chorus:federations")
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("fedadam", 0.01), ("fedavgm", 0.5)])
+def test_exactness_is_against_the_server_optimisers_step(optimizer, lr):
+    rows = run_simulation(
+        clients=3, rounds=3, strategies=["fedex-lora", "svd"], server_opt=optimizer, server_lr=lr, echo=None
+    )
+    assert len(rows) == 6
+    for row in rows:
+        assert row["exact_error"] < 1e-5, row  # adapter + residual is the documented step, round after round
+        assert row["residual_bytes"] > 0
+
+
+def test_a_server_optimiser_refuses_stack_before_anything_runs():
+    res = CliRunner().invoke(main, ["simulate", "--strategies", "fedex-lora,stack", "--server-opt", "fedyogi"])
+    assert res.exit_code == 2 and "cannot step --strategy stack" in res.output

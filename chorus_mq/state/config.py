@@ -12,7 +12,16 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..ids import check_name
-from ..names import ExpirePolicy, MissingModules, RobustAggregate, SnapshotDtype, Strategy, TaskType, WeightPolicy
+from ..names import (
+    ExpirePolicy,
+    MissingModules,
+    RobustAggregate,
+    ServerOptimizer,
+    SnapshotDtype,
+    Strategy,
+    TaskType,
+    WeightPolicy,
+)
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -62,6 +71,13 @@ class FederationConfig:
     #: seq-cls: each client keeps its own task head (never uploaded); the LoRA body is aggregated as usual
     #: and every round publishes round 0's head as the global one (docs/DESIGN.md section 1)
     personal_heads: bool = False
+    #: the server optimiser stepping each round's exact pseudo-gradient (docs/DESIGN.md section 1)
+    server_opt: ServerOptimizer = ServerOptimizer.NONE
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam, fedyogi
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -125,12 +141,42 @@ class FederationConfig:
                 "--personal-heads keeps each client's task head local: it needs a seq-cls federation "
                 "(--task seq-cls --labels ...)"
             )
+        self._check_server_opt()
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):
             raise ConfigError("labels must be a tuple of non-empty strings")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"labels must be distinct, got {list(self.labels)}")
+
+    def _check_server_opt(self) -> None:
+        # the same bounds as aggregation.server_opt.ServerOptConfig, said with the CLI's flags (no torch here)
+        if self.server_lr <= 0 or self.server_tau <= 0:
+            raise ConfigError("--server-lr and --server-tau must be above 0")
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
+        used = _SERVER_OPT_SETTINGS[self.server_opt]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("lr", "momentum", "beta1", "beta2", "tau"):
+            field_name = f"server_{name}"
+            if name not in used and getattr(self, field_name) != defaults[field_name]:
+                raise ConfigError(f"{_flag(field_name)} does not apply to --server-opt {self.server_opt}")
+        if self.server_opt == ServerOptimizer.NONE:
+            return
+        if self.strategy == Strategy.STACK:
+            raise ConfigError(
+                f"--server-opt {self.server_opt} cannot step --strategy stack: its clients start from a "
+                "rank-truncated approximation of the global, not from it; use fedex-lora, svd or fedavg"
+            )
+
+    def server_opt_settings(self) -> dict[str, Any]:
+        """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""
+        if self.server_opt == ServerOptimizer.NONE:
+            return {}
+        return {"optimizer": str(self.server_opt)} | {
+            name: getattr(self, f"server_{name}") for name in _SERVER_OPT_SETTINGS[self.server_opt]
+        }
 
     @property
     def screening(self) -> bool:
@@ -148,6 +194,15 @@ class FederationConfig:
     def from_hash(cls, h: Mapping[str, str]) -> FederationConfig:
         """Read a ``meta`` hash; fields it lacks (an older federation) take their defaults, others are ignored."""
         return cls(**decode_fields(cls, h, where="federation config"))
+
+
+#: the ``server_*`` settings each server optimiser uses
+_SERVER_OPT_SETTINGS: dict[ServerOptimizer, tuple[str, ...]] = {
+    ServerOptimizer.NONE: (),
+    ServerOptimizer.FEDAVGM: ("lr", "momentum"),
+    ServerOptimizer.FEDADAM: ("lr", "beta1", "beta2", "tau"),
+    ServerOptimizer.FEDYOGI: ("lr", "beta1", "beta2", "tau"),
+}
 
 
 def _flag(name: str) -> str:

@@ -163,6 +163,11 @@ class FederationKeys:
         return f"{self._base}:collected"
 
     @property
+    def opt_collected(self) -> str:
+        """String: the first round whose server optimiser state objects may not be collected yet."""
+        return f"{self._base}:opt_collected"
+
+    @property
     def snapshots(self) -> str:
         """Hash: round -> snapshot record of the compacted cumulative correction."""
         return f"{self._base}:snapshots"

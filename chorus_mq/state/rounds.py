@@ -531,6 +531,17 @@ class RoundState:
         self.redis.set(k.collected, current)
         return rounds
 
+    def opt_cursor(self, federation: str) -> int:
+        """The first round whose server optimiser state objects may still exist (0 when none was collected)."""
+        k = FederationKeys(federation)
+        with _typed(k.opt_collected):
+            return int(opt_text(self.redis.get(k.opt_collected)) or 0)
+
+    def advance_opt_cursor(self, federation: str, r: int) -> None:
+        """Record that the states of every round before ``r`` are collected (a concurrent writer of a smaller
+        value costs a few repeated reads, never a leak)."""
+        self.redis.set(FederationKeys(federation).opt_collected, r)
+
     def keys(self, federation: str) -> FederationKeys:
         """The key names of ``federation`` (for what the workers lock or inspect directly)."""
         return FederationKeys(federation)

@@ -34,6 +34,7 @@ from chorus_mq.names import (
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
+    ServerOptimizer,
     Strategy,
     TaskType,
 )
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from chorus_mq.client import ChorusClient
+    from chorus_mq.state import FederationConfig
 
 _PROBE = 64
 #: with --personal-heads, the share of each client's examples held out to evaluate its personalised model
@@ -119,6 +121,9 @@ class SimConfig:
     personal_heads: bool = False
     #: every seed the simulation runs (each its own split, partition and initial adapter); ``seed`` is one
     seeds: tuple[int, ...] = ()
+    #: the server optimiser of every federation and its step size (``federation create --server-opt``)
+    server_opt: str = "none"
+    server_lr: float = 1.0
 
     @property
     def per_round(self) -> int:
@@ -159,6 +164,8 @@ class _Federation:
     clients: list[_Client]
     server_view: Path  # the simulation's own pulled directory (evaluation and the oracle)
     increments: dict[int, tuple[int, int]] = field(default_factory=dict)  # round -> (adapter, residual) bytes
+    #: the oracle's own server optimiser state (float64), per module and head
+    opt_state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_model_simulation(
@@ -187,6 +194,8 @@ def run_model_simulation(
     alone: bool = False,
     scaffold: bool = False,
     personal_heads: bool = False,
+    server_opt: str = "none",
+    server_lr: float = 1.0,
     out_dir: Path | None = None,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
@@ -229,6 +238,8 @@ def run_model_simulation(
         scaffold=scaffold,
         personal_heads=personal_heads,
         seeds=seeds,
+        server_opt=server_opt,
+        server_lr=server_lr,
     )
     _check(config)
     show = None if as_json else echo
@@ -282,6 +293,8 @@ def _check(config: SimConfig) -> None:
         )
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"--seeds must be distinct, got {list(config.seeds)}")
+    for strategy in config.strategies:  # refused before any training, as federation create would refuse it
+        _federation_config(config, "check", strategy, "check", ())
 
 
 def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], ChorusClient]:
@@ -361,27 +374,10 @@ class _Runner:
 
     def _create(self, strategy: str, initial: Path) -> _Federation:
         from chorus_mq.adapters import model_decl_from_adapter
-        from chorus_mq.state import FederationConfig
 
         cfg = self.config
         name = f"sim-{strategy}-{secrets.token_hex(3)}"
-        k = cfg.per_round
-        fed_config = FederationConfig(
-            name=name,
-            base_model=self.model_dir.name,
-            quorum=k,
-            strategy=Strategy(strategy),
-            clients_per_round=k if k < cfg.clients else 0,
-            # sampling needs a deadline that draws again (a drawn client may never upload); every drawn
-            # client of a simulation uploads, so it is long
-            round_timeout=_SAMPLED_ROUND_TIMEOUT if k < cfg.clients else 0,
-            expire_policy=ExpirePolicy.EXPIRE if k < cfg.clients else ExpirePolicy.EXTEND,
-            task_type=TaskType.SEQ_CLS,
-            labels=self.labels,
-            prox_mu=cfg.prox_mu,
-            scaffold=cfg.scaffold,
-            personal_heads=cfg.personal_heads,
-        )
+        fed_config = _federation_config(cfg, name, strategy, self.model_dir.name, self.labels)
         self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
         parties = []
         for i, idx in enumerate(self.shares):
@@ -513,12 +509,17 @@ class _Runner:
         for client in chosen:
             client.head = trained_heads.get(client.name, client.head)  # the round completed: its heads are theirs
         previous = corrected_base(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
+        started_from = read_adapter(fed.server_view)  # the global this round's clients trained from
         manifest = self.sdk.pull(fed.name, fed.server_view, r)
         fed.increments[r] = (manifest.adapter_bytes, manifest.residual_bytes)
         seconds = time.perf_counter() - started
         weights = {c.client_id: float(c.weight) for c in manifest.clients}
-        published = read_adapter(fed.server_view)[1] if self.config.personal_heads else None
-        oracle = weighted_average(previous, [(weights[name], adapter) for name, adapter in updates], head=published)
+        total, heads = weighted_updates([(weights[name], adapter) for name, adapter in updates])
+        if self.config.server_opt != ServerOptimizer.NONE:
+            total, heads = self._server_step(fed, started_from, total, heads)
+        if self.config.personal_heads:  # the clients send no head: the published one is round 0's
+            heads = {k: v.double() for k, v in read_adapter(fed.server_view)[1].items()}
+        oracle = apply_updates(previous, total, heads)
         pulled_model = exact_model(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         error = _max_error(self._logits(pulled_model), self._logits(oracle))
         score = self._evaluate(pulled_model)
@@ -568,6 +569,35 @@ class _Runner:
         """What a client declares with its upload, as ``train`` does (not under DP)."""
         labels = examples.labels or ()
         return {name: labels.count(i) for i, name in enumerate(self.labels)}
+
+    def _server_step(
+        self, fed: _Federation, started_from: Any, total: dict[str, Any], heads: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The oracle of a round under a server optimiser: each module's update is the published adapter the
+        clients started from plus the optimiser's step on (exact average − that adapter), in float64 with
+        the oracle's own state; each head the previous head plus its step (the average as it is when the
+        previous global had none)."""
+        import torch
+
+        from chorus_mq.aggregation.server_opt import ServerOptConfig, step
+
+        cfg = ServerOptConfig(ServerOptimizer(self.config.server_opt), lr=self.config.server_lr)
+        factors, old_heads, _targets = started_from
+        stepped, stepped_heads = {}, {}
+        for module, update in total.items():
+            old = torch.zeros_like(update)
+            if module in factors:
+                A, B, scaling = factors[module]
+                old = scaling * (B.double() @ A.double())
+            change, fed.opt_state[module] = step(update - old, fed.opt_state.get(module), cfg)
+            stepped[module] = old + change
+        for key, head in heads.items():
+            if key not in old_heads:
+                stepped_heads[key] = head
+                continue
+            change, fed.opt_state[key] = step(head - old_heads[key].double(), fed.opt_state.get(key), cfg)
+            stepped_heads[key] = old_heads[key].double() + change
+        return stepped, stepped_heads
 
     def _pull(self, fed: _Federation, client: _Client, pulled: Path, start: int) -> int:
         """Bring the client's directory to round ``start``; the bytes that took, from the manifests."""
@@ -649,12 +679,18 @@ def weighted_average(
     """``base`` plus Σ wᵢ sᵢ Bᵢ Aᵢ (float64 sum) on each LoRA module and the heads averaged: the exact
     weighted average of client models that all started from ``base`` (modified in place and returned).
     ``head`` (``--personal-heads``: the clients send none) is the head to give it instead."""
-    import torch
+    total, heads = weighted_updates(clients)
+    if head is not None:
+        heads = {k: v.double() for k, v in head.items()}
+    return apply_updates(base, total, heads)
 
-    from .model import PEFT_PREFIX, find_module, read_adapter
 
-    total: dict[str, torch.Tensor] = {}
-    heads: dict[str, torch.Tensor] = {}
+def weighted_updates(clients: Sequence[tuple[float, Path]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per module Σ wᵢ sᵢ Bᵢ Aᵢ and per head Σ wᵢ hᵢ of the saved client adapters, in float64."""
+    from .model import read_adapter
+
+    total: dict[str, Any] = {}
+    heads: dict[str, Any] = {}
     for weight, adapter in clients:
         factors, client_head, _targets = read_adapter(adapter)
         for module, (A, B, scaling) in factors.items():
@@ -662,16 +698,49 @@ def weighted_average(
             total[module] = total[module] + update if module in total else update
         for key, tensor in client_head.items():
             heads[key] = heads[key] + weight * tensor.double() if key in heads else weight * tensor.double()
+    return total, heads
+
+
+def apply_updates(base: Any, total: dict[str, Any], heads: dict[str, Any]) -> Any:
+    """``base`` with each module's weight plus its update (in float64) and each head replaced (in place)."""
+    import torch
+
+    from .model import PEFT_PREFIX, find_module
+
     with torch.no_grad():
         for module, update in total.items():
             layer = find_module(base, module)
             layer.weight.copy_((layer.weight.double() + update).float())
         params = dict(base.named_parameters())
-        if head is not None:
-            heads = {k: v.double() for k, v in head.items()}
         for key, tensor in heads.items():
             params[key.removeprefix(PEFT_PREFIX)].copy_(tensor.float())
     return base.eval()
+
+
+def _federation_config(
+    config: SimConfig, name: str, strategy: str, base_model: str, labels: Sequence[str]
+) -> FederationConfig:
+    from chorus_mq.state import FederationConfig
+
+    k = config.per_round
+    return FederationConfig(
+        name=name,
+        base_model=base_model,
+        quorum=k,
+        strategy=Strategy(strategy),
+        clients_per_round=k if k < config.clients else 0,
+        # sampling needs a deadline that draws again (a drawn client may never upload); every drawn
+        # client of a simulation uploads, so it is long
+        round_timeout=_SAMPLED_ROUND_TIMEOUT if k < config.clients else 0,
+        expire_policy=ExpirePolicy.EXPIRE if k < config.clients else ExpirePolicy.EXTEND,
+        task_type=TaskType.SEQ_CLS,
+        labels=tuple(labels),
+        prox_mu=config.prox_mu,
+        scaffold=config.scaffold,
+        personal_heads=config.personal_heads,
+        server_opt=ServerOptimizer(config.server_opt),
+        server_lr=config.server_lr,
+    )
 
 
 def _load_split(config: SimConfig) -> tuple[tuple[str, ...], Examples, Examples]:
@@ -730,7 +799,9 @@ Columns (per strategy and round):
   acc, loss    held-out accuracy and mean cross-entropy of the pulled global model
   exact err    max |logit difference| on a probe set between the pulled global model and the
                weighted average of the round's client models (base + cumulative residual +
-               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied);
+               Σ wᵢ sᵢ Bᵢ Aᵢ in float64, heads averaged, the weights the workers applied), or with
+               --server-opt the optimiser's step on it (the global the clients started from plus
+               the step on average − global, in float64 with the oracle's own state);
                about 1e-6 for exact strategies, large for fedavg
   remainder    largest relative size of the part of the global update beyond a client's LoRA rank
                (ranks below the global adapter's): kept frozen in the client's model and appended to

@@ -17,13 +17,14 @@ from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
 from ..manifest import Manifest, ShardEntry
-from ..names import RoundStatus
+from ..names import RoundStatus, ServerOptimizer
 from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
 from .metrics import METRICS
 from .plan import Plan
 from .runtime import Runtime
+from .server_step import collect_states
 from .shard import ShardResult
 from .sweep import request_compaction
 
@@ -73,6 +74,11 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
         if config.checkpoint_every and r % config.checkpoint_every == 0:
             request_compaction(rt, dispatch, federation, r)
+        if config.server_opt != ServerOptimizer.NONE:
+            try:  # only this round's optimiser state is read again (by the next); the sweep retries the rest
+                collect_states(rt, federation)
+            except Exception as exc:
+                log.warning("round %s/%s: older server optimiser states not collected yet: %s", federation, r, exc)
     return outcome.status
 
 
@@ -103,6 +109,7 @@ def build_manifest(
                 adapter=res.adapter,
                 residual=res.residual,
                 variate=res.variate,
+                opt_state=res.opt_state,
             )
         )
         out.update(res.out)
@@ -131,6 +138,7 @@ def build_manifest(
         timings=timings,
         variate_clipped={key: f for res in results.values() for key, f in sorted(res.variate_clipped.items())},
         global_eval=reported_eval(records),
+        server_opt=_server_opt(config, plan),
     )
 
 
@@ -151,6 +159,11 @@ def adapter_config(
     return fitted.replace(
         base_model=config.base_model, modules_to_save=spec.modules_to_save if extras else ()
     ).to_peft_config()
+
+
+def _server_opt(config: FederationConfig, plan: Plan) -> dict[str, Any] | None:
+    settings = config.server_opt_settings()
+    return {**settings, "previous_round": plan.previous} if settings else None
 
 
 def _dp(config: FederationConfig) -> dict[str, Any] | None:

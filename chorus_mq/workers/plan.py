@@ -21,7 +21,7 @@ from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
 from ..errors import AggregationError, NotFound, StateCorrupt
 from ..manifest import ObjectRef
-from ..names import RoundStatus, Task
+from ..names import RoundStatus, ServerOptimizer, Task
 from ..results import fetch_manifest
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
@@ -58,6 +58,9 @@ class Plan:
     #: ``--personal-heads``: round 0's adapter objects holding the head every round publishes unchanged (the
     #: clients keep their own and upload none); empty: the extras are the weighted mean of the deltas'
     heads: tuple[ObjectRef, ...] = ()
+    #: with a server optimiser: the complete round whose published global (and optimiser state) this round
+    #: steps from, the latest complete round when it was planned; None: none (or no optimiser)
+    previous: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -80,6 +83,7 @@ class Plan:
             dp=bool(d["dp"]),
             variate_fraction=float(d.get("variate_fraction", 0.0)),
             heads=tuple(ObjectRef.from_dict(h) for h in d.get("heads", ())),
+            previous=None if d.get("previous") is None else int(d["previous"]),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -162,6 +166,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         dp=bool(config.dp_noise_multiplier),
         variate_fraction=_variate_fraction(rt, federation, kept) if config.scaffold else 0.0,
         heads=heads,
+        # fixed here, so every shard run of this round reads the same previous round, whatever completes later
+        previous=rt.state.latest_complete(federation) if config.server_opt != ServerOptimizer.NONE else None,
     )
 
 

@@ -2,8 +2,9 @@
 
 Any worker takes any shard. A shard reads only its modules' bytes of each accepted delta,
 aggregates them (modules side by side, one torch thread each, at most a few in flight), and
-streams the results into two objects (the adapter part and the residual part) whose header
-is known before the first tensor is computed. The outputs depend only on the plan and the
+streams the results into two objects (the adapter part and the residual part; with a server
+optimiser a third, its state: ``server_step.py``) whose header is known before the first tensor
+is computed. The outputs depend only on the plan and the
 deltas, never on the shard count or the worker, so a rerun writes the same bytes. The last
 shard to finish (a fenced counter in Redis) enqueues the commit.
 """
@@ -37,7 +38,15 @@ from ..aggregation.robust import clip_update
 from ..errors import AggregationError
 from ..layout import shard_key
 from ..manifest import ObjectRef
-from ..names import RESIDUAL_FORMAT, SHARD_FORMAT, MissingModules, RoundStatus, Strategy, Task
+from ..names import (
+    RESIDUAL_FORMAT,
+    SERVER_STATE_FORMAT,
+    SHARD_FORMAT,
+    MissingModules,
+    RoundStatus,
+    Strategy,
+    Task,
+)
 from ..state import FederationConfig
 from . import drift
 from .declared import Declared, declared_model
@@ -47,6 +56,7 @@ from .metrics import METRICS
 from .plan import Plan
 from .reading import RoundInputs, carried_heads
 from .runtime import Runtime
+from .server_step import ServerStep
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,8 @@ class ShardResult:
     variate_clipped: dict[str, float] = field(default_factory=dict)
     #: the shard's sums for each client's cosine to the aggregate (``aggregation.drift.AlignmentSums``)
     drift: dict[str, Any] | None = None
+    #: the server optimiser's state for the shard's items (``--server-opt`` only)
+    opt_state: ObjectRef | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -77,7 +89,7 @@ class ShardResult:
     @classmethod
     def from_json(cls, raw: str) -> ShardResult:
         d = json.loads(raw)
-        residual, variate = d.get("residual"), d.get("variate")
+        residual, variate, state = d.get("residual"), d.get("variate"), d.get("opt_state")
         return cls(
             adapter=ObjectRef.from_dict(d["adapter"]),
             residual=None if residual is None else ObjectRef.from_dict(residual),
@@ -89,6 +101,7 @@ class ShardResult:
             variate=None if variate is None else ObjectRef.from_dict(variate),
             variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
             drift=d.get("drift"),
+            opt_state=None if state is None else ObjectRef.from_dict(state),
         )
 
 
@@ -163,10 +176,16 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
         _dp_layouts(jobs, inputs, plan)
-    adapter_layout, residual_layout = _layouts(jobs, declared)
     out: dict[str, tuple[int, float]] = {}
     residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
+        step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack)
+        state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        if step is not None:
+            for job in jobs:
+                job.residual = step.residual_form(job.extra, job.residual)
+                state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
+        adapter_layout, residual_layout = _layouts(jobs, declared)
         adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
         adapter_out.file.close()  # written through its path by the streaming writer (then fsynced by path)
         adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
@@ -182,9 +201,19 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             from .variates import ShardVariates
 
             variates = ShardVariates(rt, federation, r, k, plan, config, stack, adapter_layout)
-        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds):
+        state_out = state_file = None
+        if state_layout:
+            state_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "opt-state", sha)))
+            state_out.file.close()
+            state_file = StreamingWriter(state_out.path, state_layout, {"format": SERVER_STATE_FORMAT})
+        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds, step):
             seconds["math"] += took
             t0 = time.perf_counter()
+            if step is not None:
+                result, state = result
+                assert state_file is not None
+                for name, tensor in state.items():
+                    state_file.write(name, tensor)
             if job.extra:
                 tensor = result.to(_F32).contiguous()
                 adapter_file.write(job.name, tensor)
@@ -218,13 +247,18 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             residual_out.trusted_sha256 = residual_file.close()
         if variates is not None:
             variates.finish()
+        if state_file is not None and state_out is not None:
+            state_out.trusted_sha256 = state_file.close()
     seconds["write"] += time.perf_counter() - t0
     for phase, value in seconds.items():
         METRICS.phase_seconds.labels(phase=phase).observe(value)
     METRICS.bytes_in.labels(task="shard").inc(inputs.bytes_read)
     adapter_ref = _ref(adapter_out.result)
     residual_ref = _ref(residual_out.result) if residual_out is not None else None
-    METRICS.bytes_out.labels(task="shard").inc(adapter_ref.size + (residual_ref.size if residual_ref else 0))
+    state_ref = _ref(state_out.result) if state_out is not None else None
+    METRICS.bytes_out.labels(task="shard").inc(
+        adapter_ref.size + sum(ref.size for ref in (residual_ref, state_ref) if ref is not None)
+    )
     return ShardResult(
         adapter=adapter_ref,
         residual=residual_ref,
@@ -236,6 +270,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
         variate=None if variates is None else variates.ref,
         variate_clipped={} if variates is None else variates.clipped,
         drift=drift.shard_sums((job.holders, job.alignment) for job in jobs),
+        opt_state=state_ref,
     )
 
 
@@ -321,8 +356,10 @@ def _results(
     r: int,
     rt: Runtime,
     seconds: dict[str, float],
+    step: ServerStep | None = None,
 ) -> Iterator[tuple[_Job, Any, float]]:
-    """Each job's result, in order, computed a few at a time (inputs load in this thread)."""
+    """Each job's result, in order, computed a few at a time (inputs load in this thread); with a server
+    ``step``, each result is a pair (the stepped result, its new state)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
 
     def load(job: _Job) -> tuple[_Job, list[Any]]:
@@ -361,6 +398,10 @@ def _results(
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
             if rt.settings.round_cosines:
                 job.alignment = drift.alignment(job.name, loaded, job.absent)
+        if step is not None and job.extra and plan.heads:
+            result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
+        elif step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
+            result = step.extra(job.name, result) if job.extra else step.module(job.name, result)
         return job, result, time.perf_counter() - t0
 
     yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from ..names import Queue, RoundStatus, Task
+from ..names import Queue, RoundStatus, ServerOptimizer, Task
 from .dispatch import Dispatcher
 from .runtime import Runtime
 
@@ -34,6 +34,7 @@ class SweepReport:
     failed: list[tuple[str, int]] = field(default_factory=list)
     compactions: list[tuple[str, int]] = field(default_factory=list)
     collected: list[tuple[str, int]] = field(default_factory=list)
+    states: list[tuple[str, int]] = field(default_factory=list)  # rounds whose server optimiser state went
     errors: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -104,6 +105,11 @@ def _sweep_one(
             report.reclaimed.append((federation, r))
     _compaction_due(rt, dispatch, federation, report)
     report.collected += [(federation, r) for r in rt.state.collect_round_work(federation)]
+    if rt.state.config(federation).server_opt != ServerOptimizer.NONE:
+        from .server_step import collect_states  # torch: imported only where a federation steps
+
+        # what a commit killed between finalize and its own collection leaves
+        report.states += [(federation, r) for r in collect_states(rt, federation)]
 
 
 def _resend(rt: Runtime, dispatch: Dispatcher, federation: str, r: int, epoch: int) -> None:

@@ -15,6 +15,7 @@ from chorus_mq.names import (
     RobustAggregate,
     RoundStatus,
     ScriptStatus,
+    ServerOptimizer,
     SnapshotDtype,
     Strategy,
     TaskType,
@@ -56,6 +57,12 @@ EVERY_FIELD = {
     "prox_mu": 0.01,
     "scaffold": True,
     "personal_heads": False,  # not with scaffold (below)
+    "server_opt": ServerOptimizer.FEDADAM,
+    "server_lr": 0.003,
+    "server_momentum": 0.9,  # fedadam uses none: it must stay at its default
+    "server_beta1": 0.8,
+    "server_beta2": 0.95,
+    "server_tau": 1e-4,
 }
 
 

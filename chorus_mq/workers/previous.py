@@ -1,0 +1,139 @@
+"""What an earlier round published, read back by the workers for some of its items.
+
+A round that steps from the previous global (a server optimiser, control variates) reads, for its
+own shard's items, the published adapter of a complete round and whatever else that round's shards
+wrote (the optimiser's state). Round objects are write-once and named in a manifest whose hash Redis
+recorded at commit, so every read is checked and a rerun reads the same bytes. Shards hold
+contiguous runs of the sorted items, so only the shards whose name range covers an item are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from ..adapters import LoraSpec
+from ..errors import StateCorrupt
+from ..manifest import Manifest, ObjectRef, ShardEntry
+from ..results import fetch_manifest
+from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class PreviousModule:
+    """One LoRA module of a published global adapter: ``scaling · B @ A``."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+
+
+@dataclass(frozen=True)
+class PreviousGlobal:
+    """A complete round's published global adapter for some items (``round`` None: there was none)."""
+
+    round: int | None
+    modules: dict[str, PreviousModule] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def previous_global(rt: Runtime, federation: str, round_: int | None, items: Iterable[str]) -> PreviousGlobal:
+    """Round ``round_``'s published global for ``items`` (module names and extra tensor keys): each module's
+    A, B and scaling (from the round's adapter config), each extra's tensor. An item that round did not
+    publish is absent; ``round_`` None (no complete round yet, e.g. no initial adapter) gives nothing."""
+    wanted = sorted(set(items))
+    if round_ is None or not wanted:
+        return PreviousGlobal(round_)
+    manifest, _ = fetch_manifest(rt.state, rt.store, federation, round_)
+    keys = {key for item in wanted for key in (item, f"{item}.lora_A.weight", f"{item}.lora_B.weight")}
+    tensors = read_part(rt, manifest, lambda s: s.adapter, wanted, keys)
+    spec = LoraSpec.from_peft_config(manifest.adapter_config)
+    out = PreviousGlobal(round_)
+    for item in wanted:
+        a, b = tensors.get(f"{item}.lora_A.weight"), tensors.get(f"{item}.lora_B.weight")
+        if a is not None and b is not None:
+            out.modules[item] = PreviousModule(a, b, spec.scaling(item, int(a.shape[0])))
+        elif item in tensors:
+            out.extras[item] = tensors[item]
+    return out
+
+
+def read_part(
+    rt: Runtime,
+    manifest: Manifest,
+    part: Callable[[ShardEntry], ObjectRef | None],
+    items: Collection[str],
+    keys: Collection[str],
+) -> dict[str, Tensor]:
+    """The tensors named ``keys`` of the objects ``part`` picks from the shards of ``manifest`` that hold
+    any of ``items``, read now."""
+    with contextlib.ExitStack() as stack:
+        opened = open_part(rt, manifest, part, items, keys, stack)
+        return {key: opened.get(key) for key in opened.names()}
+
+
+class Part:
+    """Named tensors of some of a round's objects, opened once and read on demand (one at a time: the
+    handles are shared by the threads that aggregate a shard's modules)."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def add(self, key: str, handle: Any, where: str) -> None:
+        if key in self._where:
+            raise StateCorrupt(f"{where}: tensor {key!r} is in more than one shard")
+        self._where[key] = handle
+
+    def get(self, key: str) -> Tensor:
+        with self._lock:
+            tensor: Tensor = self._where[key].get_tensor(key)
+        return tensor
+
+    def find(self, key: str) -> Tensor | None:
+        return self.get(key) if key in self._where else None
+
+
+def open_part(
+    rt: Runtime,
+    manifest: Manifest,
+    part: Callable[[ShardEntry], ObjectRef | None],
+    items: Collection[str],
+    keys: Collection[str],
+    stack: contextlib.ExitStack,
+) -> Part:
+    """Open the objects ``part`` picks from the shards of ``manifest`` that hold any of ``items`` (each checked
+    against its hash before a byte of it is parsed; closed with ``stack``) for their tensors named ``keys``."""
+    from safetensors import safe_open
+
+    out = Part()
+    ordered = sorted(items)
+    for shard in manifest.shards:
+        ref = part(shard)
+        if ref is None or not _covers(shard, ordered):
+            continue
+        # file:// hashes the object where it lies; s3:// spools it once
+        local = stack.enter_context(
+            rt.store.local_copy(ref.key, expected_sha256=ref.sha256, max_bytes=ref.size, spool_dir=rt.spool)
+        )
+        handle = stack.enter_context(safe_open(str(local.path), "pt"))
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key in keys:
+                out.add(key, handle, f"round {manifest.round}")
+    return out
+
+
+def _covers(shard: ShardEntry, ordered: list[str]) -> bool:
+    """Whether the shard's name range ``[first, last]`` holds any of the sorted ``ordered`` names."""
+    import bisect
+
+    i = bisect.bisect_left(ordered, shard.first)
+    return i < len(ordered) and ordered[i] <= shard.last
