@@ -206,13 +206,20 @@ class ChorusClient:
     # -- federations and rounds (operators) ------------------------------------------------
 
     def create_federation(
-        self, config: FederationConfig, *, model: ModelDecl, initial_adapter: str | Path | None = None
+        self,
+        config: FederationConfig,
+        *,
+        model: ModelDecl,
+        initial_adapter: str | Path | None = None,
+        selection_seed: str | None = None,
     ) -> FederationConfig:
         """Create a federation that knows its model (module shapes, task head), optionally with an initial
-        adapter published as round 0 (every client's round 1 starts from it)."""
+        adapter published as round 0 (every client's round 1 starts from it). ``selection_seed`` fixes the
+        workers' draw of clients per round (secret and random by default: set it only where reproducible
+        draws matter more than unpredictable ones, as in a simulation)."""
         from .federation import create
 
-        return create(self, config, model=model, initial_adapter=initial_adapter)
+        return create(self, config, model=model, initial_adapter=initial_adapter, selection_seed=selection_seed)
 
     def status(self, federation: str) -> Status:
         """The federation's settings, its current round and the privacy its clients spent."""

@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 
 
 def create(
-    sdk: ChorusClient, config: FederationConfig, *, model: ModelDecl, initial_adapter: str | Path | None = None
+    sdk: ChorusClient,
+    config: FederationConfig,
+    *,
+    model: ModelDecl,
+    initial_adapter: str | Path | None = None,
+    selection_seed: str | None = None,
 ) -> FederationConfig:
     if not model.modules:
         raise ConfigError(
@@ -53,7 +58,7 @@ def create(
     initial = None
     if initial_adapter is not None:
         initial = _publish_initial(sdk, config, model, Path(initial_adapter))
-    sdk.state.create_federation(config, model, initial=initial)
+    sdk.state.create_federation(config, model, initial=initial, seed=selection_seed)
     return config
 
 

@@ -122,3 +122,17 @@ def test_client_users_need_database_0_and_nothing_is_registered_otherwise(real_r
     with pytest.raises(ConfigError, match="database 0"):
         elsewhere.add_client("fed3", "alice")
     assert elsewhere.clients("fed3").list() == []
+
+
+@pytest.mark.services
+def test_a_simulation_may_fix_the_workers_draw_and_a_federation_otherwise_gets_a_secret_one(sdk):
+    from chorus_mq.state import FederationConfig
+
+    from .deltas import declared
+
+    model = declared(random_factors(0), None)
+    sdk.create_federation(FederationConfig(name="fixed", base_model="m", quorum=1), model=model, selection_seed="s-0")
+    sdk.create_federation(FederationConfig(name="drawn", base_model="m", quorum=1), model=model)
+    assert sdk.state.selection_seed("fixed") == "s-0"
+    drawn = sdk.state.selection_seed("drawn")
+    assert len(drawn) == 32 and drawn != "s-0"  # 16 random bytes, hex

@@ -378,7 +378,13 @@ class _Runner:
         cfg = self.config
         name = f"sim-{strategy}-{secrets.token_hex(3)}"
         fed_config = _federation_config(cfg, name, strategy, self.model_dir.name, self.labels)
-        self.sdk.create_federation(fed_config, model=model_decl_from_adapter(initial), initial_adapter=initial)
+        self.sdk.create_federation(
+            fed_config,
+            model=model_decl_from_adapter(initial),
+            initial_adapter=initial,
+            # the workers draw the same clients for every strategy of a seed, and again when it is rerun
+            selection_seed=f"simulation-{self.config.seed}",
+        )
         parties = []
         for i, idx in enumerate(self.shares):
             rank = cfg.ranks[i % len(cfg.ranks)] if cfg.ranks else cfg.initial_rank
