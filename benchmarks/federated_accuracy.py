@@ -63,6 +63,8 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
             options["server_opt"] = remedy
             if args.server_lr is not None:
                 options["server_lr"] = args.server_lr
+            if remedy == "fedavgm":
+                options["server_momentum"] = args.server_momentum
         else:
             raise SystemExit(f"unknown remedy {remedy!r} (plain, label, prox, scaffold, fedavgm, fedadam, fedyogi)")
     return options
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="local lr (default: simulate's)")
     parser.add_argument("--prox-mu", type=float, default=0.01)
     parser.add_argument("--server-lr", type=float, default=None, help="server optimiser lr (default: its own)")
+    parser.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's momentum")
     parser.add_argument("--test", type=int, default=1000, help="held-out reviews")
     parser.add_argument("--no-baselines", action="store_true", help="skip centralised and best-alone")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/federated_accuracy"))

@@ -859,6 +859,7 @@ def compact(ctx: click.Context, federation: str, round_: int | None) -> None:
     help="The federations' server optimiser on each round's exact update (exact err is then against its step).",
 )
 @click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="With --model: fedavgm's momentum.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
@@ -902,6 +903,7 @@ def simulate(
     personal_heads: bool,
     server_opt: str,
     server_lr: float,
+    server_momentum: float,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -946,6 +948,7 @@ def simulate(
             personal_heads=personal_heads,
             server_opt=server_opt,
             server_lr=server_lr,
+            server_momentum=server_momentum,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,

@@ -124,6 +124,8 @@ class SimConfig:
     #: the server optimiser of every federation and its step size (``federation create --server-opt``)
     server_opt: str = "none"
     server_lr: float = 1.0
+    #: fedavgm's momentum (0: the plain average stepped at ``server_lr``)
+    server_momentum: float = 0.9
 
     @property
     def per_round(self) -> int:
@@ -196,6 +198,7 @@ def run_model_simulation(
     personal_heads: bool = False,
     server_opt: str = "none",
     server_lr: float = 1.0,
+    server_momentum: float = 0.9,
     out_dir: Path | None = None,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
@@ -240,6 +243,7 @@ def run_model_simulation(
         seeds=seeds,
         server_opt=server_opt,
         server_lr=server_lr,
+        server_momentum=server_momentum,
     )
     _check(config)
     show = None if as_json else echo
@@ -587,7 +591,9 @@ class _Runner:
 
         from chorus_mq.aggregation.server_opt import ServerOptConfig, step
 
-        cfg = ServerOptConfig(ServerOptimizer(self.config.server_opt), lr=self.config.server_lr)
+        cfg = ServerOptConfig(
+            ServerOptimizer(self.config.server_opt), lr=self.config.server_lr, momentum=self.config.server_momentum
+        )
         factors, old_heads, _targets = started_from
         stepped, stepped_heads = {}, {}
         for module, update in total.items():
@@ -746,6 +752,10 @@ def _federation_config(
         personal_heads=config.personal_heads,
         server_opt=ServerOptimizer(config.server_opt),
         server_lr=config.server_lr,
+        # only fedavgm has a momentum (the config refuses a setting its optimiser does not use)
+        server_momentum=(
+            config.server_momentum if config.server_opt == ServerOptimizer.FEDAVGM else FederationConfig.server_momentum
+        ),
     )
 
 
