@@ -335,13 +335,13 @@ class ChorusClient:
         """Close a round by hand: aggregate what it has (at least min-quorum deltas)."""
         r = round_ or self.state.current_round(federation)
         t = self.state.close(federation, r, "manual")
-        if t.status == "too_few":
+        if t.status == ScriptStatus.TOO_FEW:
             raise ConfigError(f"round {r} has {t.n} deltas; at least {t.detail} are needed to close it")
-        if t.status == "noop":
+        if t.status == ScriptStatus.NOOP:
             raise RoundClosed(
                 f"round {r} is not open (state {t.detail}); the current round is {self.state.current_round(federation)}"
             )
-        if t.status == "fired":
+        if t.status == ScriptStatus.FIRED:
             self._dispatch(Task.ROUND, federation, r, t.epoch)
         return self.round(federation, r)
 

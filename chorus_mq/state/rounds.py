@@ -16,7 +16,7 @@ from redis import Redis
 
 from ..errors import ConfigError, FederationExists, StateCorrupt, UnknownFederation, UnknownRound
 from ..ids import check_name
-from ..names import INBOX_GROUP, CloseReason, RoundStatus
+from ..names import INBOX_GROUP, CloseReason, RoundStatus, ScriptStatus
 from .clients import ClientRegistry
 from .config import FederationConfig
 from .events import prelude_args
@@ -182,7 +182,7 @@ class RoundState:
         )
         # after the script: a crash in between leaves a federation a re-run of create repairs
         self.redis.sadd(FEDERATIONS, cfg.name)
-        if reply.status == "exists":
+        if reply.status == ScriptStatus.EXISTS:
             stored = self.config(cfg.name)
             same_model = self.modules(cfg.name) == {m: tuple(s) for m, s in decl.modules.items()}
             if stored != cfg or not same_model:
@@ -415,7 +415,7 @@ class RoundState:
         reply = self.scripts.renew_lease(
             keys=[k.round(r), k.leases], args=[*self._args(federation, r, now), int(epoch), repr(now + self.lease_s)]
         )
-        return reply.status == "renewed"
+        return reply.status == ScriptStatus.RENEWED
 
     def extend_lease(self, federation: str, r: int, now: float | None = None) -> Reply:
         """Push an aggregating round's lease on without a new epoch (the sweep, when the fleet is busy).
@@ -442,10 +442,10 @@ class RoundState:
         ``delta_evicted``); an aggregating round keeps it (its quorum was counted with it)."""
         r = self.current_round(federation)
         reply = self.evict(federation, r, client, "client revoked by the operator", now)
-        if reply.status == "evicted":
+        if reply.status == ScriptStatus.EVICTED:
             return RevokedDelta(r, "evicted", reply.detail, reply.n)
         sha = self.registered_sha(federation, r, client)
-        if reply.status == "closed" and sha is not None:
+        if reply.status == ScriptStatus.CLOSED and sha is not None:
             return RevokedDelta(r, "kept", sha, reply.n)
         return RevokedDelta(r, "none", n=reply.n)
 

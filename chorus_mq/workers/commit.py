@@ -17,7 +17,7 @@ from ..adapters.spec import default_targets, fit_spec
 from ..errors import ObjectExists, ObjectMissing
 from ..layout import manifest_key
 from ..manifest import Manifest, ShardEntry
-from ..names import RoundStatus, ServerOptimizer
+from ..names import RoundStatus, ScriptStatus, ServerOptimizer
 from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
@@ -66,7 +66,7 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
         summary["cosine"] = cosines
     outcome = rt.state.finalize(federation, r, epoch, key, sha, summary)
     log.info("round %s/%s epoch %s finalize: %s", federation, r, epoch, outcome.status)
-    if outcome.status == "ok":
+    if outcome.status == ScriptStatus.OK:
         METRICS.rounds.labels(state="complete").inc()
         if info.agg_started:
             METRICS.round_seconds.observe(max(0.0, time.time() - info.agg_started))

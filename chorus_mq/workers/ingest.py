@@ -311,22 +311,22 @@ def _register(
         index = DeltaIndex.from_json(index_bytes)
     record = _record(msg, size, key, ikey, index_bytes, index, modules)
     reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
-    if reply.status == "conflict":
+    if reply.status == ScriptStatus.CONFLICT:
         raise DuplicateDelta(
             f"client {msg.client_id!r} already has a different delta (sha256 {reply.detail[:12]}...) in round {r}"
         )
-    if reply.status == "closed":
+    if reply.status == ScriptStatus.CLOSED:
         raise RoundClosed(_closed_reason(r, reply.detail))
-    if reply.status == "evicted":
+    if reply.status == ScriptStatus.EVICTED:
         raise DeltaEvicted(
             f"the operator evicted this delta (sha256 {msg.sha256[:12]}...) from round {r}; it cannot "
             "come back into this round: upload another delta, or to the next round"
         )
-    if reply.status == "no_round":
+    if reply.status == ScriptStatus.NO_ROUND:
         raise UnknownRound(f"federation {msg.federation!r} has no round {r}")
-    if reply.status == "not_selected":
+    if reply.status == ScriptStatus.NOT_SELECTED:
         raise NotSelected(_not_selected_reason(rt, msg, r))
-    if reply.status == "fired":
+    if reply.status == ScriptStatus.FIRED:
         dispatch.send(Task.ROUND, msg.federation, r, reply.epoch)
     _discard_upload(rt, msg)
     METRICS.deltas.labels(outcome=reply.status, code="ok").inc()

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from ..names import Queue, RoundStatus, ServerOptimizer, Task
+from ..names import Queue, RoundStatus, ScriptStatus, ServerOptimizer, Task
 from .dispatch import Dispatcher
 from .runtime import Runtime
 
@@ -62,12 +62,12 @@ def _sweep_one(
     due, stale = rt.state.due(federation, now)
     for r in due:
         t = rt.state.close(federation, r, "deadline", now)
-        if t.status == "fired":
+        if t.status == ScriptStatus.FIRED:
             dispatch.send(Task.ROUND, federation, r, t.epoch)
             report.fired.append((federation, r))
-        elif t.status == "extended":
+        elif t.status == ScriptStatus.EXTENDED:
             report.extended.append((federation, r))
-        elif t.status == "expired":
+        elif t.status == ScriptStatus.EXPIRED:
             report.expired.append((federation, r))
     for r in stale:
         info = rt.state.round(federation, r)
@@ -81,11 +81,11 @@ def _sweep_one(
             report.busy.append((federation, r))
             continue
         again = rt.state.redispatch(federation, r, now)
-        if again.status == "resend":
+        if again.status == ScriptStatus.RESEND:
             _resend(rt, dispatch, federation, r, again.epoch)
             report.resent.append((federation, r))
             continue
-        if again.status != "stuck":  # another sweep acted, or the round ended meanwhile
+        if again.status != ScriptStatus.STUCK:  # another sweep acted, or the round ended meanwhile
             continue
         attempts = rt.settings.max_aggregation_attempts
         if info.reclaims + 1 >= attempts:
@@ -96,11 +96,11 @@ def _sweep_one(
                 f"aggregation did not finish in {attempts} attempts (workers died or timed out)",
                 now,
             )
-            if t.status == "ok":
+            if t.status == ScriptStatus.OK:
                 report.failed.append((federation, r))
             continue
         t = rt.state.reclaim(federation, r, now)
-        if t.status == "reclaimed":
+        if t.status == ScriptStatus.RECLAIMED:
             dispatch.send(Task.ROUND, federation, r, t.epoch)
             report.reclaimed.append((federation, r))
     _compaction_due(rt, dispatch, federation, report)
