@@ -42,7 +42,7 @@ from .messages import ClientDP, GlobalEval, IngestMessage
 from .names import ENDED_STATES, EventType, RoundStatus, ScriptStatus, Task
 from .progress import byte_bar
 from .settings import Settings
-from .state import EventLog, FederationConfig, FederationKeys, RoundState
+from .state import FederationConfig, FederationKeys, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
@@ -528,7 +528,7 @@ class ChorusClient:
                 f"the upload record is {len(record)} bytes{counts}, over the {self.settings.max_inbox_record_bytes}"
                 "-byte limit on inbox records (CHORUS_MAX_INBOX_RECORD_BYTES)"
             )
-        log = EventLog(self.redis, msg.federation, self.settings.events_maxlen, self.state.scripts)
+        log = self.state.events(msg.federation)
         with _service(self.settings):
             after = log.last_id()
             # a registered (signing) client appends to its own inbox; unsigned development uploads to the shared one
@@ -606,7 +606,7 @@ class ChorusClient:
         with ``until_round`` stop after that round ends."""
         with _service(self.settings):
             self.state.meta(federation)
-            log = EventLog(self.redis, federation, self.settings.events_maxlen, self.state.scripts)
+            log = self.state.events(federation)
             if after is None:
                 replay = from_start or (until_round is not None and self._ended(federation, until_round))
                 after = "0-0" if replay else log.last_id()

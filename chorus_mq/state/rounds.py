@@ -19,7 +19,7 @@ from ..ids import check_name
 from ..names import INBOX_GROUP, CloseReason, RoundStatus, ScriptStatus
 from .clients import ClientRegistry
 from .config import FederationConfig
-from .events import prelude_args
+from .events import EventLog, prelude_args
 from .keys import FEDERATIONS, FederationKeys
 from .protocol import Reply, opt_text, text, text_map
 from .records import DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
@@ -545,6 +545,10 @@ class RoundState:
     def keys(self, federation: str) -> FederationKeys:
         """The key names of ``federation`` (for what the workers lock or inspect directly)."""
         return FederationKeys(federation)
+
+    def events(self, federation: str) -> EventLog:
+        """``federation``'s event log, on this state's connection, stream bound and scripts."""
+        return EventLog(self.redis, federation, self.maxlen, self.scripts)
 
     # -- snapshots ---------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from typing import Any
 from ..layout import snapshot_key
 from ..names import EventType
 from ..results import complete_rounds, fetch_manifest, fold_residuals
-from ..state import EventLog
 from ..state.rounds import SnapshotRecord
 from .metrics import METRICS
 from .runtime import Runtime
@@ -81,7 +80,7 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
         seconds = time.perf_counter() - started
         METRICS.phase_seconds.labels(phase="compact").observe(seconds)
         METRICS.bytes_out.labels(task="compact").inc(size)
-        EventLog(rt.redis, federation, rt.settings.events_maxlen, rt.state.scripts).emit(
+        rt.state.events(federation).emit(
             EventType.SNAPSHOT_READY,
             upto,
             key=stored.key,
