@@ -35,6 +35,17 @@ local function emit(stream, ev)
   return id
 end
 
+-- Push round ROUND's lease on to lease_until, never shortening it: the round hash's lease_until and
+-- the round's entry in the leases zset move together. current: the lease_until the caller read
+-- (nil when none). Returns when the lease ends now.
+local function push_lease(rkey, leases, current, lease_until)
+  current = tonumber(current) or 0
+  if lease_until <= current then return current end
+  redis.call('HSET', rkey, 'lease_until', lease_until)
+  redis.call('ZADD', leases, lease_until, ROUND)
+  return lease_until
+end
+
 -- The clients of round r when the federation samples k of them: the k active (not revoked)
 -- registered clients with the smallest sha1(seed .. ':' .. r .. ':' .. client), sorted by name.
 -- nil (every client may take part) when k is 0 or fewer than k clients are active, e.g. for a

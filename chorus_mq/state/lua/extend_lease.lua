@@ -13,11 +13,6 @@ if r[1] ~= 'aggregating' then
   redis.call('ZREM', KEYS[2], ROUND)
   return reply('noop', r[4], r[2], r[1] or 'missing')
 end
-local current = tonumber(r[3]) or 0
-if lease_until > current then
-  redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-  redis.call('ZADD', KEYS[2], lease_until, ROUND)
-  current = lease_until
-end
+local current = push_lease(KEYS[1], KEYS[2], r[3], lease_until)
 redis.call('HINCRBY', KEYS[1], 'lease_extensions', 1)
 return reply('extended', r[4], r[2], current)

@@ -16,8 +16,7 @@ if r[1] ~= 'aggregating' then
 end
 if (tonumber(r[2]) or 0) > NOW then return reply('not_due', r[4], r[3], '') end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'lease_until', lease_until)
 redis.call('HINCRBY', KEYS[1], 'reclaims', 1)
-redis.call('ZADD', KEYS[2], lease_until, ROUND)
+push_lease(KEYS[1], KEYS[2], r[2], lease_until)  -- it ran out (not_due above): this pushes it on
 emit(KEYS[3], {type = 'round_aggregating', epoch = epoch, reason = 'lease_expired'})
 return reply('reclaimed', r[4], epoch, '')

@@ -24,7 +24,7 @@ if (tonumber(r[2]) or 0) > NOW then return reply('not_due', r[4], r[3], '') end
 local progress = redis.call('EXISTS', KEYS[3]) + redis.call('HLEN', KEYS[4])
 local mark = tostring(r[3]) .. ':' .. progress
 if r[5] == mark then return reply('stuck', r[4], r[3], progress) end
-redis.call('HSET', KEYS[1], 'resend_mark', mark, 'lease_until', lease_until)
+redis.call('HSET', KEYS[1], 'resend_mark', mark)
 redis.call('HINCRBY', KEYS[1], 'resends', 1)
-redis.call('ZADD', KEYS[2], lease_until, ROUND)
+push_lease(KEYS[1], KEYS[2], r[2], lease_until)  -- it ran out (not_due above): this pushes it on
 return reply('resend', r[4], r[3], progress)

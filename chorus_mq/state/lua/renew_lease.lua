@@ -11,10 +11,4 @@ if bad then return bad end
 local r = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'lease_until', 'n')
 if r[1] ~= 'aggregating' then return reply('bad_state', r[4], r[2], r[1] or 'missing') end
 if tonumber(r[2]) ~= epoch then return reply('stale', r[4], r[2], '') end
-local current = tonumber(r[3]) or 0
-if lease_until > current then
-  redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-  redis.call('ZADD', KEYS[2], lease_until, ROUND)
-  current = lease_until
-end
-return reply('renewed', r[4], epoch, current)
+return reply('renewed', r[4], epoch, push_lease(KEYS[1], KEYS[2], r[3], lease_until))
