@@ -21,7 +21,7 @@ from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
 from ..errors import AggregationError, NotFound, StateCorrupt
 from ..manifest import ObjectRef
-from ..names import RoundStatus, ServerOptimizer, Task
+from ..names import MissingModules, RoundStatus, ServerOptimizer, Strategy, Task
 from ..results import fetch_manifest
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
@@ -46,8 +46,8 @@ class Plan:
     items: tuple[str, ...]  # modules present in some delta, and the declared extras, sorted
     extras: tuple[str, ...]  # which items are extras (modules_to_save tensors)
     shards: tuple[tuple[int, int], ...]  # contiguous [start, end) ranges over items
-    strategy: str
-    missing: str
+    strategy: Strategy
+    missing: MissingModules
     out_rank: int
     template: dict[str, Any]  # the first kept client's PEFT config: layout, task, modules_to_save
     excluded: dict[str, str] = field(default_factory=dict)
@@ -74,8 +74,8 @@ class Plan:
             items=tuple(d["items"]),
             extras=tuple(d["extras"]),
             shards=tuple((int(a), int(b)) for a, b in d["shards"]),
-            strategy=d["strategy"],
-            missing=d["missing"],
+            strategy=Strategy(d["strategy"]),
+            missing=MissingModules(d["missing"]),
             out_rank=int(d["out_rank"]),
             template=dict(d["template"]),
             excluded=dict(d["excluded"]),
@@ -157,8 +157,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         items=items,
         extras=declared.extras,
         shards=balanced_ranges(sizes, shard_count),
-        strategy=str(config.strategy),
-        missing=str(config.missing_modules),
+        strategy=config.strategy,
+        missing=config.missing_modules,
         out_rank=config.out_rank,
         template=template,
         excluded=excluded,
