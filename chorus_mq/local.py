@@ -38,7 +38,7 @@ from .names import (
     VARIATE_FORMAT,
 )
 from .progress import byte_bar
-from .results import complete_rounds, fetch_manifest, fold_residuals, merge_objects, write_empty_residual
+from .results import complete_rounds, fetch_manifest, merge_objects, sum_residual_files, write_empty_residual
 
 if TYPE_CHECKING:
     from .client import ChorusClient
@@ -199,7 +199,7 @@ def pull(
     pending = sum(increment_path(out, r).stat().st_size for r in increments)
     if increments and (fold or pending > (out / CUMULATIVE_FILE).stat().st_size):
         folded_path = out / f".{CUMULATIVE_FILE}.folding"
-        fold_residuals([out / CUMULATIVE_FILE, *(increment_path(out, r) for r in increments)], folded_path)
+        sum_residual_files([out / CUMULATIVE_FILE, *(increment_path(out, r) for r in increments)], folded_path)
         os.replace(folded_path, out / CUMULATIVE_FILE)
         for r in increments:
             increment_path(out, r).unlink()

@@ -84,7 +84,7 @@ def write_empty_residual(path: Path) -> None:
     write_residual(path, {})
 
 
-def fold_residuals(parts: list[Path], out: Path, *, dtype: str = "float32") -> str:
+def sum_residual_files(parts: list[Path], out: Path, *, dtype: str = "float32") -> str:
     """``out`` = the sum of the residual files ``parts``, module by module (exact: concatenated factors while
     smaller than dense, else a float64 dense sum), stored as ``dtype`` (float32, or bfloat16 for compact
     snapshots: about 3 significant digits); ``out`` has no module for an empty list. Returns its sha256."""

@@ -21,7 +21,7 @@ from .index import (
 )
 from .merge import MergeSource, merge_safetensors
 from .model import ModelDecl, model_decl_from_adapter, model_decl_from_dir
-from .residual import ResidualReader, fold_residuals, iter_residual, read_residual, write_residual
+from .residual import ResidualReader, fold_into_state_dict, iter_residual, read_residual, write_residual
 from .spec import LoraSpec
 from .writer import StreamingWriter, layout_key, write_safetensors
 
@@ -44,7 +44,7 @@ __all__ = [
     "check_delta",
     "extra_from_bytes",
     "fetch_ranges",
-    "fold_residuals",
+    "fold_into_state_dict",
     "iter_residual",
     "layout_key",
     "load_adapter",

@@ -193,7 +193,7 @@ def read_residual(
     return dict(iter_residual(path, max_header_bytes=max_header_bytes))
 
 
-def fold_residuals(
+def fold_into_state_dict(
     state_dict: Mapping[str, torch.Tensor], residuals: Mapping[str, Residual | None], *, fan_in_fan_out: bool
 ) -> dict[str, torch.Tensor]:
     """Base state dict + residuals, as a new fp32 state dict (``<module path>.weight`` += residual).

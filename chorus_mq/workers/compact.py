@@ -20,7 +20,7 @@ from typing import Any
 
 from ..layout import snapshot_key
 from ..names import EventType
-from ..results import complete_rounds, fetch_manifest, fold_residuals
+from ..results import complete_rounds, fetch_manifest, sum_residual_files
 from ..state.rounds import SnapshotRecord
 from .metrics import METRICS
 from .runtime import Runtime
@@ -64,7 +64,7 @@ def compact(rt: Runtime, federation: str, upto: int) -> str:
             # written once, in place for file:// (the store names it by its hash at the end)
             with rt.store.writer(lambda digest: snapshot_key(federation, upto, digest)) as out:
                 out.file.close()
-                out.trusted_sha256 = fold_residuals(parts, out.path, dtype=config.snapshot_dtype)
+                out.trusted_sha256 = sum_residual_files(parts, out.path, dtype=config.snapshot_dtype)
             key, sha, size = out.result.key, out.result.sha256, out.result.size
         record = SnapshotRecord(
             round=upto,

@@ -7,7 +7,7 @@ from peft import PeftModel
 from chorus_mq.adapters import (
     LoraSpec,
     ResidualReader,
-    fold_residuals,
+    fold_into_state_dict,
     iter_residual,
     load_adapter,
     read_residual,
@@ -171,7 +171,7 @@ def test_base_plus_residual_adapter_plus_global_adapter_is_exact(layout, tmp_pat
     assert not torch.allclose(logits(model), expected, atol=1e-3)
     # folding the residual into the base instead gives the same model
     folded = factory()
-    folded.load_state_dict(fold_residuals(folded.state_dict(), residual, fan_in_fan_out=fan))
+    folded.load_state_dict(fold_into_state_dict(folded.state_dict(), residual, fan_in_fan_out=fan))
     on_folded = PeftModel.from_pretrained(folded, tmp_path / "global")
     torch.testing.assert_close(logits(on_folded), expected, rtol=1e-4, atol=1e-4)
 
@@ -190,7 +190,7 @@ def test_fold_residuals_layouts(layout):
     res = {m: Residual(left=torch.randn(d_out, 2), right=torch.randn(2, d_in)) for m, (d_out, d_in) in shapes.items()}
     first = next(iter(res))
     res[first] = Residual(dense=res[first].left @ res[first].right)
-    out = fold_residuals(sd, res, fan_in_fan_out=fan)
+    out = fold_into_state_dict(sd, res, fan_in_fan_out=fan)
     for m, value in res.items():
         dense = value.dense if value.dense is not None else value.left @ value.right
         key = m.removeprefix(P) + ".weight"
@@ -203,12 +203,12 @@ def test_fold_residuals_layouts(layout):
 def test_fold_upcasts_bf16_and_refuses_to_drop_residuals():
     sd = {"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32, dtype=torch.bfloat16)}
     res = {LLAMA[0]: Residual(dense=torch.full((32, 32), 1e-3))}
-    out = fold_residuals(sd, res, fan_in_fan_out=False)
+    out = fold_into_state_dict(sd, res, fan_in_fan_out=False)
     assert out["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
     with pytest.raises(IncompatibleDelta, match="no base weight"):
-        fold_residuals(sd, {LLAMA[1]: Residual(dense=torch.ones(32, 32))}, fan_in_fan_out=False)
+        fold_into_state_dict(sd, {LLAMA[1]: Residual(dense=torch.ones(32, 32))}, fan_in_fan_out=False)
     with pytest.raises(IncompatibleDelta, match="fan_in_fan_out"):
-        fold_residuals(sd, {LLAMA[0]: Residual(dense=torch.ones(16, 32))}, fan_in_fan_out=True)
+        fold_into_state_dict(sd, {LLAMA[0]: Residual(dense=torch.ones(16, 32))}, fan_in_fan_out=True)
 
 
 def _residual_file(tmp_path, tensors, fmt="chorus-residual/1"):

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from chorus_mq.adapters import fold_residuals
+from chorus_mq.adapters import fold_into_state_dict
 from chorus_mq.local import iter_correction
 
 from .tinyllama import TARGETS, client_adapter, exact_model, logits, tiny_llama
@@ -127,7 +127,7 @@ def test_exact_round_over_cli_worker_and_peft(stack, tmp_path):
     # base + cumulative residual (folded in fp32) + the global adapter through PEFT
     corrected = copy.deepcopy(base)
     corrected.load_state_dict(
-        fold_residuals(corrected.state_dict(), dict(iter_correction(pulled)), fan_in_fan_out=False)
+        fold_into_state_dict(corrected.state_dict(), dict(iter_correction(pulled)), fan_in_fan_out=False)
     )
     got = logits(PeftModel.from_pretrained(corrected, str(pulled)).eval())
     adapter_only = logits(PeftModel.from_pretrained(copy.deepcopy(base), str(pulled)).eval())
