@@ -34,11 +34,12 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias, TypeVar
 
 import torch
 from torch import Tensor
 
+from chorus_mq.aggregation.updates import ClientUpdate
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.names import RobustAggregate
 
@@ -52,9 +53,13 @@ _POINT_TOL = 1e-7
 _CHUNK_RANK = 2048
 CLIP_SCOPES = ("adapter", "module")
 
+#: one client's update of one module: a :class:`ClientUpdate`, or its ``(A, B, scaling)``
+FactoredUpdate: TypeAlias = ClientUpdate | tuple[Tensor, Tensor, float]
+_Update = TypeVar("_Update", ClientUpdate, tuple[Tensor, Tensor, float])
 
-def _factors(u: Any) -> tuple[Tensor, Tensor, float]:
-    """(A, B, scaling) of a ClientUpdate-like object or an (A, B, scaling) tuple."""
+
+def _factors(u: FactoredUpdate) -> tuple[Tensor, Tensor, float]:
+    """(A, B, scaling) of a ClientUpdate or an (A, B, scaling) tuple."""
     A, B, s = (u[0], u[1], u[2]) if isinstance(u, (tuple, list)) else (u.A, u.B, u.scaling)
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ConfigError(
@@ -63,13 +68,13 @@ def _factors(u: Any) -> tuple[Tensor, Tensor, float]:
     return A, B, float(s)
 
 
-def is_finite_update(u: Any) -> bool:
+def is_finite_update(u: FactoredUpdate) -> bool:
     """True when the factors and the scaling hold no NaN/Inf."""
     A, B, s = _factors(u)
     return math.isfinite(s) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
 
 
-def gram_matrix(updates: Sequence[Any]) -> Tensor:
+def gram_matrix(updates: Sequence[FactoredUpdate]) -> Tensor:
     """float64 N x N matrix of ``<U_i, U_j>_F`` for one module, never forming U_i."""
     fs = [_factors(u) for u in updates]
     shapes = {(B.shape[0], A.shape[1]) for A, B, _ in fs}
@@ -111,13 +116,13 @@ def distances_to(gram: Tensor, alpha: Tensor) -> Tensor:
     return (torch.diagonal(gram) - 2 * ga + alpha @ ga).clamp_min(0.0).sqrt()
 
 
-def _sq_norm(u: Any) -> float:
+def _sq_norm(u: FactoredUpdate) -> float:
     A, B, s = _factors(u)
     A, B = A.to(F64), B.to(F64)
     return max(s * s * ((B.T @ B) * (A @ A.T)).sum().item(), 0.0)
 
 
-def update_distance(u: Any, v: Any) -> float:
+def update_distance(u: FactoredUpdate, v: FactoredUpdate) -> float:
     """``||U_u - U_v||_F`` of two (A, B, scaling) updates, from the Gram of [B_u|B_v], [A_u;A_v]."""
     return pairwise_distances(gram_matrix([u, v]))[0, 1].item()
 
@@ -222,11 +227,12 @@ class ScreenResult:
         return [i for i in range(len(self.weights)) if i not in self.excluded]
 
 
-def clip_update(u: Any, factor: float) -> Any:
+def clip_update(u: _Update, factor: float) -> _Update:
     """The same update with B scaled by ``factor``: the update scales linearly."""
-    if isinstance(u, (tuple, list)):
-        return type(u)([u[0], u[1] * factor, *u[2:]])
-    return dataclasses.replace(u, B=u.B * factor)
+    if isinstance(u, ClientUpdate):
+        return dataclasses.replace(u, B=u.B * factor)
+    A, B, s = u
+    return (A, B * factor, s)
 
 
 class GramAccumulator:
@@ -251,7 +257,7 @@ class GramAccumulator:
         self._grams: list[Tensor] = []  # per module, only for per-module clipping
         self._gram = torch.zeros(self.n, self.n, dtype=F64) if self.pairwise and not per_module_clip else None
 
-    def add(self, name: str, updates: Sequence[Any | None]) -> None:
+    def add(self, name: str, updates: Sequence[FactoredUpdate | None]) -> None:
         """Add one module's updates (one per client; None = client lacks the module)."""
         if len(updates) != self.n:
             raise ConfigError(f"module {name!r}: {len(updates)} updates for {self.n} clients")
@@ -274,20 +280,22 @@ class GramAccumulator:
         for i, shp in shapes.items():
             if shp != common[0][0]:
                 self.excluded[i] = f"module {name!r}: shape {shp} differs from the round's {common[0][0]}"
-        ok = [i for i in range(self.n) if i not in self.excluded]
+        # every client not excluded sent the module (a missing one was excluded above)
+        live = {i: u for i, u in enumerate(updates) if u is not None and i not in self.excluded}
+        ok = sorted(live)
         sq = torch.zeros(self.n, dtype=F64)
         if self.pairwise:
             g = torch.zeros(self.n, self.n, dtype=F64)
             if ok:
                 idx = torch.tensor(ok)
-                g[idx[:, None], idx[None, :]] = gram_matrix([updates[i] for i in ok])
+                g[idx[:, None], idx[None, :]] = gram_matrix([live[i] for i in ok])
             sq = torch.diagonal(g).clone()
             if self._per_module:
                 self._grams.append(g)
             elif self._gram is not None:
                 self._gram += g
         elif ok:
-            sq[ok] = torch.tensor([_sq_norm(updates[i]) for i in ok], dtype=F64)
+            sq[ok] = torch.tensor([_sq_norm(live[i]) for i in ok], dtype=F64)
         self.modules.append(name)
         self._sq.append(sq)
 
@@ -327,7 +335,7 @@ class GramAccumulator:
 
 
 def screen(
-    clients: Sequence[Sequence[Any] | Mapping[str, Any]],
+    clients: Sequence[Sequence[FactoredUpdate] | Mapping[str, FactoredUpdate]],
     policy: RobustPolicy | None = None,
     weights: Sequence[float] | None = None,
 ) -> ScreenResult:
