@@ -142,8 +142,8 @@ class FederationKeys:
         return f"{self.round(r)}:deltas"
 
     def verdicts(self, r: int) -> str:
-        """Hash with a TTL: ``client|sha256|size`` -> the verdict on those bytes in round ``r`` (JSON), so an
-        object already judged is never fetched again."""
+        """Hash with a TTL: ``client|sha256`` -> the verdict on those bytes in round ``r`` (JSON: size, code,
+        reason), so an object already judged is never fetched again."""
         return f"{self.round(r)}:verdicts"
 
     def rejections(self, r: int) -> str:
