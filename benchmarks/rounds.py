@@ -15,6 +15,9 @@ quorum, and the round runs as the fleet runs it (plan, shards, commit). Per roun
   written      bytes the round wrote (the adapter and this round's residual)
   pull         a continuing client's pull of this round (a separate process): MB downloaded,
                seconds, peak RSS, and the size of its folded correction on disk
+  disk         everything the continuing client's pulled directory takes on disk (each file once):
+               the correction stays within the adapted modules' dense fp32 size (the summary's
+               bound), plus the round's own adapter and residual
   compact      seconds of the compaction (every --checkpoint-every rounds), off the critical path
   verdict      seconds an upload to another federation waits for its verdict while the round aggregates
 
@@ -100,6 +103,7 @@ class Row:
     pull_s: float = 0.0
     pull_rss_mb: float = 0.0
     correction_mb: float = 0.0
+    disk_mb: float = 0.0
     verdict_s: float | None = None
     compact_s: float | None = None
     shards: int = 0
@@ -313,6 +317,7 @@ def run_federation(
             row.pull_mb, row.pull_s, row.pull_rss_mb = got["bytes"] / 2**20, got["seconds"], got["rss_kb"] / 1024
             parts = [pulled / "cumulative_residual.safetensors", *(pulled / "increments").glob("*.safetensors")]
             row.correction_mb = sum(p.stat().st_size for p in parts) / 2**20
+            row.disk_mb = directory_bytes(pulled) / 2**20
         if args.checkpoint_every and r % args.checkpoint_every == 0:
             row.compact_s = _wait_snapshot(sdk, name, r)
         _forget_inputs(dep, name)
@@ -320,6 +325,17 @@ def run_federation(
         if echo:
             print(_format(row), flush=True)
     return rows
+
+
+def directory_bytes(directory: Path) -> int:
+    """The bytes of every file under ``directory``, each once (``residual.safetensors`` may link an increment)."""
+    sizes = {p.stat().st_ino: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    return sum(sizes.values())
+
+
+def dense_bound_mb(shapes: dict[str, tuple[int, int]]) -> float:
+    """The adapted modules as dense fp32 matrices: what a client's correction may take on disk at most."""
+    return sum(4 * d_out * d_in for d_out, d_in in shapes.values()) / 2**20
 
 
 def _wait_snapshot(sdk: ChorusClient, name: str, r: int, timeout: float = 1800) -> float | None:
@@ -344,7 +360,7 @@ def _forget_inputs(dep: Deployment, name: str) -> None:
 HEADER = (
     f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
     f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
-    f"{'compact':>8} {'verdict':>8}"
+    f"{'disk':>8} {'compact':>8} {'verdict':>8}"
 )
 
 
@@ -355,12 +371,12 @@ def _format(row: Row) -> str:
     return (
         f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
         f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
-        f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.0f}MB {compact} "
-        f"{verdict}"
+        f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
+        f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
     )
 
 
-def summary(rows: list[Row]) -> None:
+def summary(rows: list[Row], shapes: dict[str, tuple[int, int]]) -> None:
     secs = [r.seconds for r in rows]
     rss = [r.rss_mb for r in rows]
     print(
@@ -373,6 +389,11 @@ def summary(rows: list[Row]) -> None:
         print(
             f"continuing client's pull: median {statistics.median(pulls):.0f}MB, "
             f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB"
+        )
+        print(
+            f"continuing client's disk: max {max(r.disk_mb for r in rows):.1f}MB (round "
+            f"{max(rows, key=lambda r: r.disk_mb).round}), correction max {max(r.correction_mb for r in rows):.1f}MB; "
+            f"the adapted modules' dense fp32 size {dense_bound_mb(shapes):.1f}MB"
         )
 
 
@@ -451,7 +472,7 @@ def main() -> None:
                 rows = run_federation(
                     dep, sdk, "bench", args, shapes, pull=not args.no_pull, echo=True, probe=Probe(sdk, workdir)
                 )
-                summary(rows)
+                summary(rows, shapes)
         finally:
             dep.stop()
             redis.stop()

@@ -50,7 +50,9 @@ class LocalState:
 
     The correction is ``cumulative_residual.safetensors`` (every round <= ``folded``) plus one file per
     later round in ``increments/``. Increments are folded into the cumulative file once they outweigh it,
-    so each round's residual is rewritten a bounded number of times: a pull's cost stays flat.
+    so each round's residual is rewritten a bounded number of times: a pull's cost stays flat; and once
+    the files would hold more than the dense size of their modules, so the disk they take stays within it
+    (:func:`should_fold`).
     """
 
     federation: str
@@ -196,8 +198,7 @@ def pull(
         (out / VARIATE_FILE).unlink(missing_ok=True)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
     _atomic_write(out / MANIFEST_FILE, manifest.to_json())
-    pending = sum(increment_path(out, r).stat().st_size for r in increments)
-    if increments and (fold or pending > (out / CUMULATIVE_FILE).stat().st_size):
+    if increments and (fold or should_fold(out / CUMULATIVE_FILE, [increment_path(out, r) for r in increments])):
         folded_path = out / f".{CUMULATIVE_FILE}.folding"
         sum_residual_files([out / CUMULATIVE_FILE, *(increment_path(out, r) for r in increments)], folded_path)
         os.replace(folded_path, out / CUMULATIVE_FILE)
@@ -208,6 +209,35 @@ def pull(
     if exact_adapter or residual_adapter:
         _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
     return manifest
+
+
+def should_fold(cumulative: Path, increments: list[Path]) -> bool:
+    """Whether a pull folds its increments into the cumulative file: once they outweigh it (each round's
+    residual is then rewritten a bounded number of times), or once the files hold more tensor bytes than
+    their modules take as dense fp32 matrices. Folding stores each module in the smaller of its summed
+    factors and its dense form, so between pulls the correction never takes more than that dense size."""
+    pending = sum(p.stat().st_size for p in increments)
+    if pending > cumulative.stat().st_size:
+        return True
+    parts = [cumulative, *increments]
+    return sum(_tensor_bytes(p) for p in parts) > dense_bytes(parts)
+
+
+def dense_bytes(parts: list[Path]) -> int:
+    """The bytes of the residual files' modules as dense fp32 matrices (their union; headers only are read)."""
+    from .adapters import ResidualReader
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for path in parts:
+        with ResidualReader(path, check_values=False) as reader:  # verified by hash when written
+            shapes.update((m, reader.shape(m)) for m in reader.modules)
+    return sum(4 * d_out * d_in for d_out, d_in in shapes.values())
+
+
+def _tensor_bytes(path: Path) -> int:
+    """A safetensors file's tensor data: its size less the 8-byte length and the header."""
+    with path.open("rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
 
 
 def _merge_into(

@@ -132,12 +132,15 @@ def test_client_registry_commands(cli, ref):
     assert cli("client", "list", "--federation", "fed").output.split() == ["alice", "revoked"]
 
 
-def test_pull_keeps_increments_and_folds_them_on_request(cli, tmp_path, ref):
+def test_pull_keeps_increments_and_folds_them_on_request(cli, tmp_path):
+    # 64x12 modules: two rounds' rank-4 residuals stay under the modules' dense size (else a pull folds them)
+    ref = str(write_adapter(tmp_path / "reference.safetensors", random_factors(0, d_out=64)))
     cli("federation", "create", "fed", "--base-model", "m", "--quorum", "2", "--reference-adapter", ref)
     out = tmp_path / "pulled"
     for r in (1, 2):  # round 2's increment does not outweigh round 1's file: it stays an increment
         for c in ("c0", "c1"):  # two clients: a round's residual is not zero
-            delta = write_adapter(tmp_path / f"{c}-{r}.safetensors", random_factors(10 * r + int(c[1])))
+            factors = random_factors(10 * r + int(c[1]), d_out=64)
+            delta = write_adapter(tmp_path / f"{c}-{r}.safetensors", factors)
             cli("upload", "--federation", "fed", "--adapter", str(delta), "--client-id", c)
         assert f"round {r}" in cli("pull", "--federation", "fed", "--output", str(out)).output
     state = LocalState.load(out)

@@ -110,6 +110,42 @@ def test_a_continuing_clients_pull_rewrites_a_bounded_share_of_its_correction(ma
     assert max(written[4:]) <= 3 * min(written[4:]) + 4096
 
 
+def _payload(path) -> int:
+    """A safetensors file's tensor bytes: its size less its header."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def _disk(directory) -> int:
+    """Bytes of the files under ``directory``, each inode once (residual.safetensors may link an increment)."""
+    inodes = {p.stat().st_ino: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    return sum(inodes.values())
+
+
+def test_a_continuing_clients_correction_stays_within_its_modules_dense_size(make_sdk, tmp_path):
+    # 48x48 modules: dense is 9 KiB, a round's residual (rank 4 of 3 clients' 2 each) 1.5 KiB factored. The
+    # correction turns dense after 6 rounds; increments appended after that must not pile up beside it.
+    d = 48
+    sdk = make_sdk()
+    make_federation(sdk, "fed", quorum=3, factors=random_factors(0, modules=MODULES, r=2, d_out=d, d_in=d))
+    dense = len(MODULES) * d * d * 4
+    out = tmp_path / "out"
+    cumulative: dict[str, torch.Tensor] = {}
+    for r in range(1, 19):
+        clients = {f"c{i}": random_factors(100 * r + i, modules=MODULES, r=2, d_out=d, d_in=d) for i in range(3)}
+        for c, f in clients.items():
+            sdk.upload("fed", write_adapter(tmp_path / f"d{r}{c}.safetensors", f), c, dataset_size=10.0)
+        manifest = sdk.pull("fed", out, r)
+        weights = {c.client_id: c.weight for c in manifest.clients}
+        for key, value in _round_update(out, clients, weights).items():
+            cumulative[key] = cumulative.get(key, torch.zeros_like(value)) + value
+        parts = [out / "cumulative_residual.safetensors", *(out / "increments").iterdir()]
+        assert sum(_payload(p) for p in parts) <= dense, (r, [p.name for p in parts])
+        own = sum((out / name).stat().st_size for name in ("adapter_model.safetensors", "residual.safetensors"))
+        assert _disk(out) <= dense + own + 64 * 1024, r  # + the round's own files, headers and JSON
+        _close(_correction(out), cumulative)  # and it stays exact
+
+
 def test_pull_since_needs_the_round_the_directory_holds(make_sdk, tmp_path):
     sdk = make_sdk()
     make_federation(sdk, "fed", quorum=1)
