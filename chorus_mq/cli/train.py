@@ -1,4 +1,4 @@
-"""``chorus-mq train`` and ``chorus-mq export`` (registered on the main group by ``chorus_mq.cli``).
+"""``chorus-mq train`` and ``chorus-mq export``: a client's side of a federation (the code is ``training/``).
 
 Nothing heavy is imported here: torch, transformers and peft load when a command runs, so
 ``chorus-mq --help`` stays fast.
@@ -14,27 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from chorus_mq.cli_base import balance_labels_option, client_of, one_line_errors
-from chorus_mq.errors import ConfigError
-from chorus_mq.names import DPAccountant, ExportDtype, HeadChoice, LocalOptimizer, TaskType
+from ..errors import ConfigError
+from ..names import DPAccountant, ExportDtype, HeadChoice, LocalOptimizer, TaskType
+from .options import balance_labels_option, client_of, csv, federation_option, json_option, one_line_errors
 
 if TYPE_CHECKING:
-    from chorus_mq.client import ChorusClient
-
-    from .driver import RoundRecord
-
-
-_one_line_errors = one_line_errors
-
-
-def _sdk(ctx: click.Context, secret: str | None) -> ChorusClient:
-    return client_of(ctx, secret)
-
-
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+    from ..training.driver import RoundRecord
 
 
 def _print_phases(logger: logging.Logger) -> None:
@@ -61,7 +46,7 @@ def _format(record: RoundRecord) -> str:
 
 
 @click.command("train")
-@click.option("--federation", "-f", required=True, help="Federation to take part in.")
+@federation_option("Federation to take part in.")
 @click.option("--client-id", required=True, help="This client's registered id.")
 @click.option(
     "--secret",
@@ -161,9 +146,9 @@ def _format(record: RoundRecord) -> str:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of batch order and new LoRA rows.")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for a round to open or end.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per round, no progress bars.")
+@json_option("Print one JSON record per round, no progress bars.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def train(
     ctx: click.Context,
     *,
@@ -204,13 +189,13 @@ def train(
     cumulative residual in float32 + global adapter). Killed and restarted with the same
     --workdir, it resumes at the right round; a re-upload is answered 'duplicate'.
     """
-    from .dp import DPConfig
-    from .driver import log as phase_log
-    from .driver import train_federation
+    from ..training.dp import DPConfig
+    from ..training.driver import log as phase_log
+    from ..training.driver import train_federation
 
     _print_phases(phase_log)
     dp = DPConfig(dp_epsilon, dp_delta, dp_clip, DPAccountant(dp_accountant)) if dp_epsilon is not None else None
-    sdk = _sdk(ctx, secret)
+    sdk = client_of(ctx, secret)
     records = train_federation(
         sdk,
         federation=federation,
@@ -231,7 +216,7 @@ def train(
         max_length=max_length,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
-        target_modules=_csv(target_modules),
+        target_modules=csv(target_modules),
         eval_data=eval_data,
         share_stats=share_stats,
         dp=dp,
@@ -245,7 +230,7 @@ def train(
 
 
 @click.command("export")
-@click.option("--federation", "-f", default=None, help="Federation to export a round of (pulls it).")
+@federation_option("Federation to export a round of (pulls it).", required=False)
 @click.option("--round", "round_", type=int, default=None, help="Round to export (default: the latest complete).")
 @click.option(
     "--from",
@@ -299,7 +284,7 @@ def train(
 )
 @click.option("--secret", envvar="CHORUS_CLIENT_SECRET", default=None, help="Client secret, if Redis needs one.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def export(
     ctx: click.Context,
     *,
@@ -322,8 +307,8 @@ def export(
     """
     import tempfile
 
-    from .data import model_of_federation, resolve_model
-    from .export import export_model
+    from ..training.data import model_of_federation, resolve_model
+    from ..training.export import export_model
 
     if (federation is None) == (from_dir is None):
         raise ConfigError("give exactly one of --federation F (to pull a round) and --from PULLED_DIR")
@@ -332,10 +317,10 @@ def export(
     own = _own_head(HeadChoice(head), federation, client_id, workdir)
     if own is not None and round_ is None and from_dir is None:
         round_ = own.round  # the model this client evaluated and trains on next: that round's body, its head
-    label_list = _csv(labels)
+    label_list = csv(labels)
     with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
         if federation is not None:
-            sdk = _sdk(ctx, secret)
+            sdk = client_of(ctx, secret)
             status = sdk.status(federation)
             model_dir = model_of_federation(model, status.base_model)
             pulled = Path(tmp)
@@ -371,7 +356,7 @@ def _own_head(choice: HeadChoice, federation: str | None, client_id: str | None,
         if client_id is not None or workdir is not None:
             raise ConfigError("--client-id and --workdir choose whose head --head own exports; --head is global")
         return None
-    from .heads import own_head
+    from ..training.heads import own_head
 
     if workdir is None:
         if federation is None or client_id is None:
@@ -386,7 +371,7 @@ def _own_head(choice: HeadChoice, federation: str | None, client_id: str | None,
 
 
 def _task_of_adapter(pulled: Path) -> str | None:
-    from chorus_mq.names import ADAPTER_CONFIG, PEFT_TASK_TYPES
+    from ..names import ADAPTER_CONFIG, PEFT_TASK_TYPES
 
     config = json_lib.loads((pulled / ADAPTER_CONFIG).read_text())
     for ours, theirs in PEFT_TASK_TYPES.items():

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import RoundSummary
+    from ..client import RoundSummary
 
 #: a histogram with more labels shows its largest ones and a count of the rest
 _TOP_LABELS = 4

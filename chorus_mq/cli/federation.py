@@ -1,0 +1,310 @@
+"""``chorus-mq federation create|list``: declare a federation's model, build its config, open round 1."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..errors import ConfigError
+from ..names import (
+    ExpirePolicy,
+    MissingModules,
+    RobustAggregate,
+    ServerOptimizer,
+    Strategy,
+    TaskType,
+    WeightPolicy,
+)
+from ..state import FederationConfig
+from .options import choice, client_of, one_line_errors
+
+if TYPE_CHECKING:
+    from ..client import ChorusClient
+
+
+@click.group()
+def federation() -> None:
+    """Create and inspect federations (operators)."""
+
+
+@federation.command("create")
+@click.argument("name")
+@click.option(
+    "--base-model",
+    required=True,
+    help="A local model directory (config.json + safetensors: module shapes are read from the headers) "
+    "or the model's name when --reference-adapter declares the shapes.",
+)
+@click.option("--quorum", type=int, required=True, help="Deltas that close a round.")
+@click.option(
+    "--reference-adapter",
+    type=click.Path(exists=True),
+    default=None,
+    help="A PEFT adapter whose modules, shapes and task head every delta must match.",
+)
+@click.option(
+    "--initial-adapter",
+    type=click.Path(exists=True),
+    default=None,
+    help="Publish this PEFT adapter as round 0: every client's round 1 starts from it.",
+)
+@click.option(
+    "--task",
+    type=choice(TaskType),
+    default=None,
+    help="With a local --base-model: build the initial adapter (LoRA init + task head) from a seed.",
+)
+@click.option("--labels", default=None, help="Comma-separated class labels (seq-cls), in label-id order.")
+@click.option("--target-modules", default=None, help="Comma-separated module names LoRA trains, e.g. q_proj,v_proj.")
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="Rank of the initial adapter.")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="Alpha of the initial adapter.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial adapter.")
+@click.option("--strategy", type=choice(Strategy), default=Strategy.FEDEX_LORA.value, show_default=True)
+@click.option(
+    "--weights",
+    type=choice(WeightPolicy),
+    default=WeightPolicy.DATASET_SIZE.value,
+    show_default=True,
+    help="Client weights: their dataset-size claims, uniform, or what `client add` registered.",
+)
+@click.option(
+    "--max-client-weight",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="No client gets more of a round than this (or 1/N when larger).",
+)
+@click.option(
+    "--missing-modules",
+    type=choice(MissingModules),
+    default=MissingModules.ZERO.value,
+    show_default=True,
+    help="A module a client did not train: a zero update, or renormalise over holders.",
+)
+@click.option(
+    "--max-update-norm",
+    type=float,
+    default=1e4,
+    show_default=True,
+    help="Refuse deltas with a module update ||s·B·A||_F above this.",
+)
+@click.option(
+    "--prox-mu",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="FedProx: every client's local training is pulled toward the round's global model with this weight "
+    "(published with the federation; against drift on skewed client data; 0: off).",
+)
+@click.option(
+    "--scaffold",
+    is_flag=True,
+    help="SCAFFOLD control variates (published with the federation): every client corrects its local steps by "
+    "the server variate each round publishes next to its adapter, against drift on skewed client data. Needs "
+    "an initial adapter (--task ... --lora-rank) and one rank for every client; not with stack or server DP.",
+)
+@click.option(
+    "--personal-heads",
+    is_flag=True,
+    help="seq-cls: every client keeps its own task head, trained on its own data and never uploaded; only "
+    "the LoRA body is aggregated. The published head stays round 0's (`export --head own` takes a client's).",
+)
+@click.option(
+    "--server-opt",
+    type=choice(ServerOptimizer),
+    default=ServerOptimizer.NONE.value,
+    show_default=True,
+    help="Server optimiser on each round's exact update (the aggregate minus the global clients started "
+    "from): momentum (fedavgm) or adaptive steps (fedadam, fedyogi), as in Reddi et al. 2021. Not with stack.",
+)
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="fedavgm's momentum.")
+@click.option("--server-beta1", type=float, default=0.9, show_default=True, help="fedadam/fedyogi's first moment.")
+@click.option("--server-beta2", type=float, default=0.99, show_default=True, help="fedadam/fedyogi's second moment.")
+@click.option("--server-tau", type=float, default=1e-3, show_default=True, help="fedadam/fedyogi's adaptivity floor τ.")
+@click.option(
+    "--relative-clip",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Clip each client's update, per module and as a whole, to K times the round's median client"
+    " norm (the lower median: with two clients, the smaller), so no outlier owns a round; rounds where"
+    " nobody exceeds it are unchanged. 0: off. Not applied with differential privacy.",
+)
+@click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
+@click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
+@click.option(
+    "--expire-policy",
+    type=choice(ExpirePolicy),
+    default=ExpirePolicy.EXTEND.value,
+    show_default=True,
+    help="At the deadline with fewer than min-quorum deltas: wait another period, or expire the round.",
+)
+@click.option(
+    "--clients-per-round",
+    type=int,
+    default=0,
+    help="Client sampling: the workers draw this many of the active clients for each round (0: all); "
+    "needs --round-timeout and --expire-policy expire, so a drawn client that never uploads cannot stall it.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Compact the cumulative correction into a snapshot every C rounds (0: only on demand).",
+)
+@click.option("--snapshot-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--out-rank", type=int, default=0, help="svd strategy output rank (default: largest client rank).")
+@click.option("--clip-norm", type=float, default=0.0, help="Bound each client's update norm ||s·B·A|| (0: off).")
+@click.option("--screen-outliers", is_flag=True, help="Exclude median/MAD outliers before aggregating.")
+@click.option("--outlier-z", type=float, default=3.5, show_default=True)
+@click.option("--robust-aggregate", type=choice(RobustAggregate), default=RobustAggregate.MEAN.value, show_default=True)
+@click.option("--trim", type=int, default=0, help="Clients dropped by --robust-aggregate trimmed.")
+@click.option("--dp-epsilon", type=float, default=None, help="Server-side client-level DP budget over --dp-rounds.")
+@click.option("--dp-rounds", type=int, default=1, show_default=True)
+@click.option("--dp-delta", type=float, default=1e-5, show_default=True)
+@click.option("--dp-noise-multiplier", type=float, default=0.0, help="Set the noise directly instead of --dp-epsilon.")
+@click.pass_context  # type: ignore[arg-type]
+@one_line_errors
+def federation_create(ctx: click.Context, **params: Any) -> None:
+    """Create federation NAME, declare its model and open round 1."""
+    cfg, initial = build_federation(client_of(ctx), **params)
+    click.echo(
+        f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
+        f"{cfg.weights}; round 1 is open"
+    )
+    if cfg.server_opt != ServerOptimizer.NONE:
+        click.echo(f"server optimiser: {server_opt_text(cfg.server_opt_settings())}")
+    if initial:
+        click.echo("round 0 holds the initial adapter: clients start round 1 from it (`chorus-mq pull --round 0`)")
+    if cfg.dp_noise_multiplier:
+        click.echo(
+            f"differential privacy: noise multiplier {cfg.dp_noise_multiplier:.4f}, clip {cfg.clip_norm}, "
+            f"delta {cfg.dp_delta}"
+        )
+
+
+def server_opt_text(settings: dict[str, Any]) -> str:
+    """``fedadam (lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)``: the optimiser and the settings it uses."""
+    rest = ", ".join(f"{k} {v:g}" for k, v in settings.items() if k != "optimizer")
+    return f"{settings['optimizer']} ({rest})"
+
+
+@federation.command("list")
+@click.pass_context
+@one_line_errors
+def federation_list(ctx: click.Context) -> None:
+    """The federations on this Redis."""
+    for name in client_of(ctx).state.federations():
+        click.echo(name)
+
+
+def build_federation(
+    sdk: ChorusClient,
+    *,
+    name: str,
+    base_model: str,
+    quorum: int,
+    reference_adapter: str | None,
+    initial_adapter: str | None,
+    task: str | None,
+    labels: str | None,
+    target_modules: str | None,
+    lora_rank: int,
+    lora_alpha: float,
+    seed: int,
+    dp_epsilon: float | None,
+    dp_rounds: int,
+    **options: Any,
+) -> tuple[FederationConfig, bool]:
+    """Create the federation from ``federation create``'s options (``options``: the FederationConfig
+    fields the CLI passes through as they are); returns its config and whether round 0 holds an
+    initial adapter."""
+    from ..adapters import model_decl_from_adapter, model_decl_from_dir
+    from ..federation import canonical_decl
+
+    if dp_epsilon is not None:
+        from ..aggregation.dp import noise_for_budget
+
+        options["dp_noise_multiplier"] = noise_for_budget(dp_epsilon, options["dp_delta"], dp_rounds)
+    targets = tuple(t.strip() for t in target_modules.split(",") if t.strip()) if target_modules else ()
+    label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
+    task_type = TaskType(task) if task else None
+    model_dir = Path(base_model)
+    if task_type is not None and not model_dir.is_dir():
+        from ..training.data import resolve_model
+
+        model_dir = resolve_model(base_model)  # an embedded model's name (minilm)
+    workdir = None
+    if task_type is not None and initial_adapter is None and reference_adapter is None:
+        if not model_dir.is_dir():
+            raise ConfigError(
+                "--task builds the initial adapter from a local model: --base-model must be a "
+                "model directory (config.json + safetensors)"
+            )
+        if task_type == TaskType.SEQ_CLS and not label_list:
+            raise ConfigError("--task seq-cls needs --labels (comma-separated, in label-id order)")
+        from ..training.model import build_initial_adapter
+
+        workdir = tempfile.TemporaryDirectory(prefix="chorus-init-")
+        initial_adapter = str(
+            build_initial_adapter(
+                model_dir,
+                Path(workdir.name) / "initial",
+                task=task_type,
+                labels=label_list,
+                target_modules=targets,
+                rank=lora_rank,
+                alpha=lora_alpha,
+                seed=seed,
+            )
+        )
+    try:
+        declared_from = reference_adapter or initial_adapter
+        if declared_from:
+            decl = model_decl_from_adapter(Path(declared_from))
+        elif model_dir.is_dir():
+            decl = canonical_decl(
+                model_decl_from_dir(
+                    model_dir, task_type=None if task_type is None else str(task_type), target_modules=targets
+                ),
+                model_dir,
+                task_type,
+            )
+        else:
+            raise ConfigError(
+                f"{base_model!r} is not a local model directory: declare the model's module shapes "
+                "with --base-model DIR (config.json + safetensors headers are read, no weights) or "
+                "--reference-adapter PATH (a PEFT adapter trained for this model)"
+            )
+        if task_type is None and decl.task_type:
+            task_type = _task_from_peft(decl.task_type)
+        options["screen_outliers"] = bool(options.get("screen_outliers"))
+        options["personal_heads"] = bool(options.get("personal_heads"))
+        config = FederationConfig(
+            name=name,
+            base_model=base_model,
+            quorum=quorum,
+            task_type=task_type,
+            labels=label_list,
+            fan_in_fan_out=decl.fan_in_fan_out,
+            **options,
+        )
+        sdk.create_federation(config, model=decl, initial_adapter=initial_adapter)
+        return config, initial_adapter is not None
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
+
+
+def _task_from_peft(peft_task: str) -> TaskType | None:
+    from ..names import PEFT_TASK_TYPES
+
+    for ours, theirs in PEFT_TASK_TYPES.items():
+        if theirs == peft_task:
+            return ours
+    return None
