@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chorus_mq from a
 
 from chorus_mq.names import BEST_ALONE, CENTRALISED
 from chorus_mq.training.data import package_dir
-from chorus_mq.training.simulate import SimRow, run_model_simulation
+from chorus_mq.training.simulate_model import SimRow, run_model_simulation
 
 DEFAULT_ROWS = "fedex-lora,fedex-lora+plain,fedex-lora+prox,fedex-lora+scaffold,fedex-lora+fedadam,fedavg,svd"
 ORGS = "orgs"

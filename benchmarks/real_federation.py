@@ -4,12 +4,12 @@ Run: python benchmarks/real_federation.py [--clients 3 --rounds 2 --steps 25 --t
 
 This used to be ~170 lines of hand-written federation (data split, training loop, a head seeded
 the same way by every party, the round driver, the starting model of round r+1). It is now one
-call of ``chorus_mq.training.simulate.run_model_simulation`` - what ``chorus-mq simulate --model
+call of ``chorus_mq.training.simulate_model.run_model_simulation`` - what ``chorus-mq simulate --model
 minilm`` runs: the operator's initial adapter (LoRA and head, seeded) is round 0; each client
 pulls the latest complete round, starts from the exact global model (base + cumulative residual
 in float32 + global adapter) at its own rank (4, 8, 8, ... in turn), trains, and uploads through
 the SDK; ingest and aggregation run as the Celery tasks, eagerly, on an embedded fakeredis and a
-file:// store. Columns are explained in ``chorus_mq/training/simulate.py``; "exact err" is the
+file:// store. Columns are explained in ``chorus_mq/training/simulate_model.py``; "exact err" is the
 largest logit difference between the pulled global model and the weighted average of the
 round's client models. For the MiniLM x Rotten Tomatoes comparison at scale (Dirichlet skew,
 client sampling, svd and stack) see ``benchmarks/federated_accuracy.py``.
@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chorus_mq from a checkout
 
-from chorus_mq.training.simulate import run_model_simulation
+from chorus_mq.training.simulate_model import run_model_simulation
 
 STRATEGIES = ("fedavg", "fedex-lora")
 

@@ -46,7 +46,7 @@ from .state import FederationConfig, FederationKeys, RoundState
 from .state.clients import ClientRegistry
 from .state.events import Event
 from .state.inbox import Inbox
-from .state.keys import parse_client_username
+from .state.redis_keys import parse_client_username
 from .state.rounds import DeltaRecord, RevokedDelta, RoundInfo
 from .store import Store, open_store
 
@@ -653,9 +653,9 @@ class ChorusClient:
         increments only (``since`` names that round explicitly); a new one starts from the latest snapshot.
 
         The correction is ``cumulative_residual.safetensors`` plus the files in ``increments/``
-        (:func:`chorus_mq.local.iter_correction` sums them); ``fold=True`` folds it into the one file now.
+        (:func:`chorus_mq.pulled.iter_correction` sums them); ``fold=True`` folds it into the one file now.
         """
-        from .local import pull
+        from .pulled import pull
 
         with _service(self.settings):
             return pull(

@@ -30,7 +30,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .state.acl import GATEWAY_COMMANDS
-from .state.keys import CLIENT_USER_PREFIX
+from .state.redis_keys import CLIENT_USER_PREFIX
 
 log = logging.getLogger(__name__)
 

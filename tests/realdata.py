@@ -24,7 +24,7 @@ import torch
 
 from chorus_mq.names import TaskType
 from chorus_mq.training.data import ROTTEN_TOMATOES, Examples, load_examples, resolve_model
-from chorus_mq.training.local import TrainConfig, predict, save_adapter, train_local
+from chorus_mq.training.local_round import TrainConfig, predict, save_adapter, train_local
 from chorus_mq.training.model import (
     PEFT_PREFIX,
     check_adapter_loaded,
@@ -34,7 +34,7 @@ from chorus_mq.training.model import (
     load_tokenizer,
     lora_config,
 )
-from chorus_mq.training.simulate import weighted_average
+from chorus_mq.training.simulate_model import weighted_average
 
 __all__ = ["Examples"]
 
@@ -126,7 +126,7 @@ def train_client(
     batch_size: int = 16,
     init: Path | None = None,
 ) -> Trained:
-    """Train LoRA on query/value plus the head (``chorus_mq.training.local``) and save it to ``out_dir``.
+    """Train LoRA on query/value plus the head (``chorus_mq.training.local_round``) and save it to ``out_dir``.
 
     ``init`` starts from a saved adapter (e.g. the previous round's global one, whose rank and
     alpha then apply instead of ``rank``/``alpha``). ``base`` is never modified. The learning

@@ -14,8 +14,8 @@ import numpy as np
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec
-from chorus_mq.local import iter_correction
 from chorus_mq.names import ServerOptimizer
+from chorus_mq.pulled import iter_correction
 
 PEFT_PREFIX = "base_model.model."
 

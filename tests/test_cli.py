@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from chorus_mq.cli import main
-from chorus_mq.local import LocalState
+from chorus_mq.pulled import LocalState
 
 from .deltas import random_factors, write_adapter
 

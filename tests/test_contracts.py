@@ -20,11 +20,11 @@ import pytest
 
 import chorus_mq
 from chorus_mq import layout
-from chorus_mq.local import LocalState
 from chorus_mq.manifest import Manifest
 from chorus_mq.messages import IngestMessage
-from chorus_mq.state.keys import FEDERATIONS, FederationKeys
+from chorus_mq.pulled import LocalState
 from chorus_mq.state.records import DeltaRecord
+from chorus_mq.state.redis_keys import FEDERATIONS, FederationKeys
 from chorus_mq.workers.plan import Plan
 from chorus_mq.workers.shard import ShardResult
 
@@ -86,8 +86,8 @@ def _code_keys() -> set[str]:
 
 def test_the_redis_key_table_lists_every_key_the_code_builds():
     documented, code = _documented_keys(), _code_keys()
-    assert not code - documented, f"keys.py builds keys CONTRACTS.md does not list: {sorted(code - documented)}"
-    assert not documented - code, f"CONTRACTS.md lists keys keys.py does not build: {sorted(documented - code)}"
+    assert not code - documented, f"redis_keys.py builds keys CONTRACTS.md does not list: {sorted(code - documented)}"
+    assert not documented - code, f"CONTRACTS.md lists keys redis_keys.py does not build: {sorted(documented - code)}"
 
 
 def test_the_object_layout_lists_every_key_layout_builds():

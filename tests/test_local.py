@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, read_residual
 from chorus_mq.errors import ConfigError, ObjectMissing
-from chorus_mq.local import iter_correction
+from chorus_mq.pulled import iter_correction
 from chorus_mq.workers import runtime
 
 from .deltas import make_federation, random_factors, write_adapter

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from chorus_mq.cli import main
-from chorus_mq.simulate import run_simulation
+from chorus_mq.simulate_synthetic import run_simulation
 
 
 def test_compare_on_embedded_defaults():

@@ -126,13 +126,13 @@ def simulate(
     the adapter alone (what dropping the residual costs); aggregate is the workers' seconds from
     quorum to commit; round is the wall time of the round's uploads; residual is its stored size.
     """
-    from ..simulate import run_simulation
+    from ..simulate_synthetic import run_simulation
 
     chosen = strategies.split(",") if strategies else (["fedavg", "fedex-lora"] if compare else [strategy])
     for name in chosen:
         Strategy(name)
     if model:
-        from ..training.simulate import run_model_simulation
+        from ..training.simulate_model import run_model_simulation
 
         run_model_simulation(
             model=model,

@@ -5,9 +5,9 @@ from .clients import ClientRegistry
 from .config import FederationConfig
 from .events import Event, EventLog
 from .inbox import Inbox, InboxEntry, read_group
-from .keys import FEDERATIONS, FederationKeys, client_username
 from .protocol import Reply
 from .records import ClientInfo, DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
+from .redis_keys import FEDERATIONS, FederationKeys, client_username
 from .rounds import ModelShapes, RoundState
 from .selection import next_selected_round
 

@@ -24,8 +24,8 @@ from redis import Redis
 from ..errors import ConfigError
 from ..names import INBOX_APPEND_FUNCTION
 from .clients import ClientRegistry
-from .keys import FederationKeys, client_user_prefix, client_username
 from .protocol import text
+from .redis_keys import FederationKeys, client_user_prefix, client_username
 
 log = logging.getLogger(__name__)
 _warned_no_file = False

@@ -14,9 +14,9 @@ from redis import Redis
 
 from ..errors import AuthError, ConfigError, Conflict, NotFound, StateCorrupt, UnknownFederation
 from ..ids import check_name
-from .keys import FederationKeys
 from .protocol import opt_text, text_map
 from .records import ClientInfo
+from .redis_keys import FederationKeys
 
 
 class _Unchanged:

@@ -13,8 +13,8 @@ from redis import Redis
 
 from ..errors import StateCorrupt
 from ..names import TERMINAL_EVENTS, EventType
-from .keys import FederationKeys
 from .protocol import opt_text, stream_items, text
+from .redis_keys import FederationKeys
 from .scripts import Arg, Scripts
 
 _BASE_FIELDS = ("type", "federation", "round", "ts")

@@ -26,8 +26,8 @@ from ..messages import RECORD_FIELD
 from ..names import INBOX_APPEND_FUNCTION, INBOX_GROUP
 from .events import prelude_args
 from .functions import InboxLimits, load_functions
-from .keys import FederationKeys
 from .protocol import Reply, stream_items, text
+from .redis_keys import FederationKeys
 from .scripts import Scripts
 
 #: XAUTOCLAIM calls one :meth:`Inbox.claim` makes at most (each scans a bounded slice of the pending list)

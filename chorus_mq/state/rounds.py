@@ -20,9 +20,9 @@ from ..names import INBOX_GROUP, CloseReason, RoundStatus, ScriptStatus
 from .clients import ClientRegistry
 from .config import FederationConfig
 from .events import EventLog, prelude_args
-from .keys import FEDERATIONS, FederationKeys
 from .protocol import Reply, opt_text, text, text_map
 from .records import DeltaRecord, ManifestRef, RoundInfo, SnapshotRecord
+from .redis_keys import FEDERATIONS, FederationKeys
 from .scripts import Arg, Scripts
 from .selection import check_progress, next_selected_round
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..settings import Settings
 from .base import Store
-from .keys import InvalidKey, check_bucket, check_key
+from .object_keys import InvalidKey, check_bucket, check_key
 from .objects import Head, LocalObject, ObjectWriter, WrittenObject
 from .policy import S3Credentials
 

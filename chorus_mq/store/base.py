@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, cast
 
 from ..errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectMissing, StoreError, TooLarge
-from .keys import InvalidKey, check_key, check_sha256
+from .object_keys import InvalidKey, check_key, check_sha256
 from .objects import Head, LocalObject, ObjectWriter, WrittenObject
 from .spool import hash_fd, make_temp, unlink, write_temp
 

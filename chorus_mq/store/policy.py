@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import ChorusError, ConfigError, StoreError
 from ..ids import check_name
 from ..layout import client_prefix, rounds_prefix, snapshots_prefix
-from .keys import check_bucket, check_key
+from .object_keys import check_bucket, check_key
 
 #: the inline policy's name on every client user
 POLICY_NAME = "chorus-client"

@@ -41,7 +41,7 @@ from chorus_mq.names import (
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
 from .heads import PersonalHead, head_path
-from .local import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
+from .local_round import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
 
 if TYPE_CHECKING:
     from chorus_mq.client import ChorusClient

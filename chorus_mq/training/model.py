@@ -254,12 +254,12 @@ def fold_cumulative_residual(model: torch.nn.Module, pulled_dir: str | Path) -> 
     """Fold a pulled directory's base correction into ``model``'s weights (float32); return modules folded.
 
     The correction is ``cumulative_residual.safetensors`` plus the later rounds' increments that
-    ``pull`` keeps beside it until they outweigh it (``chorus_mq.local.iter_correction`` sums them).
+    ``pull`` keeps beside it until they outweigh it (``chorus_mq.pulled.iter_correction`` sums them).
     """
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from chorus_mq.local import iter_correction
+    from chorus_mq.pulled import iter_correction
 
     if not (Path(pulled_dir) / CUMULATIVE_FILE).exists():
         return 0

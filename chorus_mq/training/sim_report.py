@@ -30,7 +30,7 @@ _STYLES: dict[str, dict[str, Any]] = {
 
 
 class _Row(Protocol):
-    """What :func:`summarise` reads of a row (``simulate.SimRow``)."""
+    """What :func:`summarise` reads of a row (``simulate_model.SimRow``)."""
 
     @property
     def strategy(self) -> str: ...

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from chorus_mq.adapters import LoraSpec, load_adapter
-from chorus_mq.local import iter_correction
+from chorus_mq.pulled import iter_correction
 
 from ..deltas import random_factors, write_adapter
 from .stack import manifest_of

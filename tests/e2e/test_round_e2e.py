@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chorus_mq.adapters import fold_into_state_dict
-from chorus_mq.local import iter_correction
+from chorus_mq.pulled import iter_correction
 
 from .tinyllama import TARGETS, client_adapter, exact_model, logits, tiny_llama
 

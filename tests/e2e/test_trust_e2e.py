@@ -22,9 +22,9 @@ from botocore.exceptions import ClientError
 from chorus_mq.adapters import LoraSpec, load_adapter, write_safetensors
 from chorus_mq.errors import ChecksumMismatch, Rejected
 from chorus_mq.layout import accepted_key, delta_key, index_key, manifest_key
-from chorus_mq.local import iter_correction
 from chorus_mq.messages import IngestMessage
 from chorus_mq.names import ADAPTER_WEIGHTS, EventType
+from chorus_mq.pulled import iter_correction
 from chorus_mq.state import FederationConfig
 from chorus_mq.state.inbox import Inbox
 

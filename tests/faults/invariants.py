@@ -43,7 +43,6 @@ from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, ModelDecl, read_residual
 from chorus_mq.layout import accepted_key, delta_key, round_prefix
-from chorus_mq.local import iter_correction
 from chorus_mq.manifest import Manifest
 from chorus_mq.messages import IngestMessage
 from chorus_mq.names import (
@@ -57,6 +56,7 @@ from chorus_mq.names import (
     EventType,
     RoundStatus,
 )
+from chorus_mq.pulled import iter_correction
 from chorus_mq.state import ClientRegistry, EventLog, FederationKeys, Inbox, RoundState
 
 #: the files of a pulled directory that name the federation or its manifest's hash (not the result)
@@ -271,7 +271,7 @@ def assert_same_correction(a: Path, b: Path) -> None:
 
 def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[str, bytes]]:
     """The same rounds through the production SDK, inbox pump and tasks, undisturbed, in this process."""
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from chorus_mq.state import (
     client_username,
 )
 from chorus_mq.state.functions import InboxLimits, load_functions, loaded
-from chorus_mq.state.keys import CLIENT_USER_PREFIX
+from chorus_mq.state.redis_keys import CLIENT_USER_PREFIX
 
 from ..services import REDIS_CONF, RedisServer
 from .support import Decl, make_state, record, sha_of

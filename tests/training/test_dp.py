@@ -12,7 +12,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from chorus_mq.errors import ConfigError
 from chorus_mq.names import TaskType
 from chorus_mq.training.dp import DPConfig, PrivacyLedger, make_private
-from chorus_mq.training.local import TrainConfig, encode, example_losses, train_local
+from chorus_mq.training.local_round import TrainConfig, encode, example_losses, train_local
 from chorus_mq.training.model import exact_model
 
 from .common import seq_cls_initial

@@ -30,7 +30,7 @@ EVAL = Examples(tuple(f"honestly {WORDS[i % 3]}" for i in range(12)), tuple(i % 
 
 @pytest.fixture
 def sdk(tmp_path):
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
     yield embedded_sdk(tmp_path / "deployment")

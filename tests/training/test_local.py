@@ -9,7 +9,7 @@ from chorus_mq.adapters import load_adapter
 from chorus_mq.errors import ConfigError
 from chorus_mq.names import TaskType
 from chorus_mq.training.data import Examples
-from chorus_mq.training.local import TrainConfig, evaluate, predict, save_adapter, train_local
+from chorus_mq.training.local_round import TrainConfig, evaluate, predict, save_adapter, train_local
 from chorus_mq.training.model import exact_model, start_model
 
 from .common import LABELS, seq_cls_initial
@@ -66,7 +66,7 @@ def test_train_config_refuses_contradictions():
 
 def test_balanced_labels_learn_the_classes_rather_than_a_skewed_clients_prior(tiny_bert_dir, tokenizer, tmp_path):
     """A client with 16 examples of class 1 and 2 of each other class: logit adjustment does better on balanced data."""
-    from chorus_mq.training.local import label_log_prior
+    from chorus_mq.training.local_round import label_log_prior
 
     initial = seq_cls_initial(tiny_bert_dir, tmp_path / "r0")
     others = [i for i, y in enumerate(DATA.labels) if y != 1]
@@ -112,7 +112,7 @@ def test_fedprox_keeps_local_training_near_the_rounds_start(tiny_bert_dir, token
 
 def test_labels_are_balanced_by_default_only_where_they_are_skewed():
     from chorus_mq.names import LabelBalance
-    from chorus_mq.training.local import label_skew, should_balance
+    from chorus_mq.training.local_round import label_skew, should_balance
 
     assert label_skew([0, 1] * 10, 2) == 0.0
     assert label_skew([1] * 10, 2) == pytest.approx(0.5)

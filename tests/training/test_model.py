@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from chorus_mq.errors import ConfigError, InvalidAdapter
 from chorus_mq.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CUMULATIVE_FILE, TaskType
-from chorus_mq.training.local import save_adapter
+from chorus_mq.training.local_round import save_adapter
 from chorus_mq.training.model import (
     build_initial_adapter,
     exact_model,

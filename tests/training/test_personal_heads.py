@@ -21,7 +21,7 @@ from chorus_mq.training.data import Examples
 from chorus_mq.training.driver import train_federation
 from chorus_mq.training.export import export_model
 from chorus_mq.training.heads import PersonalHead, apply_head, head_state, own_head, split_head
-from chorus_mq.training.local import evaluate, predict
+from chorus_mq.training.local_round import evaluate, predict
 from chorus_mq.training.model import PEFT_PREFIX, exact_model
 
 from .common import seq_cls_initial
@@ -38,7 +38,7 @@ TEXTS = list(DATA.texts[:9])
 
 @pytest.fixture
 def sdk(tmp_path):
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
     yield embedded_sdk(tmp_path / "deployment")
@@ -208,7 +208,7 @@ def test_head_files_are_checked_and_heads_must_fit_the_model(initial, tiny_bert_
 
 def test_a_round_in_many_shards_publishes_the_body_and_round_0s_head(initial, tiny_bert_dir, tokenizer, tmp_path):
     """Shards of one item each: the shard holding the head copies round 0's; the others aggregate the body."""
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
     sdk = embedded_sdk(tmp_path / "deployment", shard_bytes=1, max_shards=16)
@@ -220,7 +220,7 @@ def test_a_round_in_many_shards_publishes_the_body_and_round_0s_head(initial, ti
             for param in model.parameters():
                 if param.requires_grad:
                     param.add_(0.05 * torch.randn_like(param))
-        from chorus_mq.training.local import save_adapter
+        from chorus_mq.training.local_round import save_adapter
 
         save_adapter(model, body)
         split_head(body)

@@ -14,7 +14,7 @@ from chorus_mq.errors import ConfigError
 from chorus_mq.names import CLIENT_VARIATE_FILE, VARIATE_FILE, LocalOptimizer, TaskType
 from chorus_mq.state import FederationConfig
 from chorus_mq.training.driver import train_federation
-from chorus_mq.training.local import TrainConfig, train_local
+from chorus_mq.training.local_round import TrainConfig, train_local
 from chorus_mq.training.model import exact_model
 from chorus_mq.training.scaffold import ScaffoldRound, keep_variate, save_variate, trained_tensors
 
@@ -101,7 +101,7 @@ def test_the_clients_variate_is_kept_newest_first_and_carried_into_a_new_basis(t
 
 
 def test_simulate_refuses_mixed_ranks_with_scaffold():
-    from chorus_mq.training.simulate import run_model_simulation
+    from chorus_mq.training.simulate_model import run_model_simulation
 
     with pytest.raises(ConfigError, match="one rank for every client"):
         run_model_simulation(ranks=[4, 8], scaffold=True, echo=None)
@@ -109,7 +109,7 @@ def test_simulate_refuses_mixed_ranks_with_scaffold():
 
 @pytest.fixture
 def sdk(tmp_path):
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
     yield embedded_sdk(tmp_path / "deployment")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from chorus_mq.names import BEST_ALONE, CENTRALISED
 from chorus_mq.training.sim_report import Baselines, write_results
-from chorus_mq.training.simulate import SimRow
+from chorus_mq.training.simulate_model import SimRow
 
 
 @pytest.mark.e2e
@@ -167,7 +167,7 @@ def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_d
     import pyarrow as pa
     from pyarrow import csv as pa_csv
 
-    from chorus_mq.training.simulate import run_model_simulation
+    from chorus_mq.training.simulate_model import run_model_simulation
 
     from .test_local import DATA, WORDS
 

@@ -15,7 +15,7 @@ from pyarrow import csv, parquet
 
 from chorus_mq.names import TaskType
 from chorus_mq.training.data import Examples, load_examples, resolve_model
-from chorus_mq.training.local import evaluate, predict
+from chorus_mq.training.local_round import evaluate, predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
 from ..topology import wait_for

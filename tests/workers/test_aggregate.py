@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, read_residual
-from chorus_mq.local import iter_correction
 from chorus_mq.names import MissingModules
+from chorus_mq.pulled import iter_correction
 from chorus_mq.workers import runtime
 from chorus_mq.workers.plan import Plan, plan_round
 from chorus_mq.workers.shard import ShardResult, compute_shard

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError
-from chorus_mq.local import LocalState
 from chorus_mq.names import (
     BEST_ALONE,
     CENTRALISED,
@@ -38,11 +37,12 @@ from chorus_mq.names import (
     Strategy,
     TaskType,
 )
+from chorus_mq.pulled import LocalState
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
 from .heads import apply_head, head_state, split_head
-from .local import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
+from .local_round import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
 from .scaffold import ScaffoldRound, save_variate
 from .sim_report import Baselines, summarise, write_results
@@ -108,7 +108,7 @@ class SimConfig:
     text_column: str = "text"
     label_column: str = "label"
     optimizer: str = "adamw"
-    #: auto | on | off, decided per client as ``train`` does (see ``local.should_balance``)
+    #: auto | on | off, decided per client as ``train`` does (see ``local_round.should_balance``)
     balance_labels: str = "auto"
     #: FedProx weight of every federation (``federation create --prox-mu``)
     prox_mu: float = 0.0
@@ -302,7 +302,7 @@ def _check(config: SimConfig) -> None:
 
 
 def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], ChorusClient]:
-    from chorus_mq.simulate import embedded_sdk
+    from chorus_mq.simulate_synthetic import embedded_sdk
 
     def factory(workdir: Path) -> ChorusClient:
         return embedded_sdk(workdir, redis_url=redis_url, store_url=store_url)

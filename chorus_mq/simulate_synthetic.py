@@ -5,7 +5,7 @@ unless ``redis_url`` is given; deltas and results go to a ``file://`` store unle
 is given; clients append signed records to the inbox, and the inbox pump, ingest, planning,
 shards and commit are the Celery tasks, run eagerly. Every round is checked against a float64
 oracle of the true weighted update, with the weights the workers applied (from the manifest).
-``simulate --model`` trains real models instead (``chorus_mq.training.simulate``).
+``simulate --model`` trains real models instead (``chorus_mq.training.simulate_model``).
 """
 
 from __future__ import annotations
