@@ -673,7 +673,8 @@ class ChorusClient:
     # -- training --------------------------------------------------------------------------------
 
     def train(self, **options: Any) -> Iterator[Any]:
-        """Run the federation from this client's side: ``chorus_mq.training.driver.train_federation``."""
+        """Run the federation from this client's side: ``options`` are a ``chorus_mq.training.driver.TrainJob``'s
+        fields."""
         from .training.driver import train_federation
 
         return train_federation(self, **options)

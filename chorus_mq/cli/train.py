@@ -190,14 +190,12 @@ def train(
     --workdir, it resumes at the right round; a re-upload is answered 'duplicate'.
     """
     from ..training.dp import DPConfig
+    from ..training.driver import TrainJob, run_train_job
     from ..training.driver import log as phase_log
-    from ..training.driver import train_federation
 
     _print_phases(phase_log)
     dp = DPConfig(dp_epsilon, dp_delta, dp_clip, DPAccountant(dp_accountant)) if dp_epsilon is not None else None
-    sdk = client_of(ctx, secret)
-    records = train_federation(
-        sdk,
+    job = TrainJob(
         federation=federation,
         client_id=client_id,
         model_dir=model,
@@ -225,6 +223,7 @@ def train(
         workdir=Path(workdir) if workdir else Path("chorus-train") / federation / client_id,
         timeout=timeout,
     )
+    records = run_train_job(client_of(ctx, secret), job)
     for record in records:
         click.echo(json_lib.dumps(record.to_dict(), sort_keys=True) if as_json else _format(record))
 

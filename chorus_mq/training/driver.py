@@ -183,89 +183,104 @@ def _write_json(path: Path, raw: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def train_federation(
-    sdk: ChorusClient,
-    *,
-    federation: str,
-    client_id: str,
-    model_dir: str | Path | None,
-    data: str | Path | Examples,
-    workdir: str | Path,
-    rounds: int = 1,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    task: TaskType | str | None = None,
-    steps_per_round: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    max_length: int = 128,
-    lora_rank: int | None = None,
-    lora_alpha: float | None = None,
-    target_modules: Sequence[str] | None = None,
-    eval_data: str | Path | Examples | None = None,
-    dp: DPConfig | None = None,
-    optimizer: str = "adamw",
-    balance_labels: LabelBalance | str = LabelBalance.AUTO,
-    prox_mu: float | None = None,
-    share_stats: bool | None = None,
-    seed: int = 0,
-    json: bool = False,
-    progress: bool = True,
-    timeout: float | None = None,
-    poll: float = 0.5,
-    dp_seed: int | None = None,
-) -> Iterator[RoundRecord]:
-    """Take part in ``rounds`` complete rounds of ``federation`` as ``client_id``; yield one record per round.
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``train`` run, as ``chorus-mq train`` (or the SDK) asks for it: built once, passed down."""
 
-    ``lora_rank`` None trains the global adapter at its own rank; a rank below it trains its top
+    federation: str
+    client_id: str
+    model_dir: str | Path | None
+    data: str | Path | Examples
+    workdir: str | Path
+    rounds: int = 1
+    text_column: str | None = None
+    label_column: str | None = None
+    task: TaskType | str | None = None
+    steps_per_round: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_length: int = 128
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    target_modules: Sequence[str] | None = None
+    eval_data: str | Path | Examples | None = None
+    dp: DPConfig | None = None
+    optimizer: str = "adamw"
+    balance_labels: LabelBalance | str = LabelBalance.AUTO
+    prox_mu: float | None = None
+    share_stats: bool | None = None
+    seed: int = 0
+    json: bool = False
+    progress: bool = True
+    timeout: float | None = None
+    poll: float = 0.5
+    dp_seed: int | None = None
+
+    def train_config(self, task: TaskType, balance: bool, federation_prox_mu: float) -> TrainConfig:
+        """The local training every round runs (``prox_mu`` None: the federation's)."""
+        return TrainConfig(
+            task=task,
+            steps=self.steps_per_round,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            max_length=self.max_length,
+            seed=self.seed,
+            progress=self.progress and not self.json,
+            optimizer=LocalOptimizer(self.optimizer),
+            balance_labels=balance,
+            prox_mu=federation_prox_mu if self.prox_mu is None else self.prox_mu,
+        )
+
+
+def train_federation(sdk: ChorusClient, **options: Any) -> Iterator[RoundRecord]:
+    """:func:`run_train_job` with the job's fields as keywords (the SDK's ``train``, tests)."""
+    return run_train_job(sdk, TrainJob(**options))
+
+
+def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
+    """Take part in ``job.rounds`` complete rounds of ``job.federation`` as ``job.client_id``; yield a record
+    per round.
+
+    ``job.lora_rank`` None trains the global adapter at its own rank; a rank below it trains its top
     directions and keeps the rest frozen, uploaded with the update, so the start is exact too (stack
     federations drop the rest instead: their rank would multiply; see ``model.start_model``).
-    ``timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
-    ``share_stats`` sends the label counts of ``data`` and this client's evaluation of the global model it
-    starts from (made after the previous round, with ``eval_data``) with each upload; None: unless under DP,
+    ``job.timeout`` bounds each wait (for a round to open or to end); None waits as long as it takes.
+    ``job.share_stats`` sends the label counts of ``job.data`` and this client's evaluation of the global model it
+    starts from (made after the previous round, with ``job.eval_data``) with each upload; None: unless under DP,
     whose guarantee does not cover them.
     """
+
     from .data import model_of_federation
 
-    if rounds < 1:
-        raise ConfigError(f"--rounds must be positive, got {rounds}")
+    federation, client_id, dp, timeout = job.federation, job.client_id, job.dp, job.timeout
+    if job.rounds < 1:
+        raise ConfigError(f"--rounds must be positive, got {job.rounds}")
     sdk.check_identity(federation, client_id)  # a wrong secret or URL fails now, not after a round of training
-    work = Path(workdir)
+    work = Path(job.workdir)
     state = WorkState.open(work, federation, client_id)
     status = sdk.status(federation)
-    model_path = model_of_federation(model_dir, status.base_model)
-    if model_dir is None:
+    model_path = model_of_federation(job.model_dir, status.base_model)
+    if job.model_dir is None:
         log.info("model: the federation's base model %s (%s)", status.base_model, model_path)
-    task_type = _task(task, status.task_type)
+    task_type = _task(job.task, status.task_type)
     labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
     if task_type == TaskType.SEQ_CLS and not labels:
         raise ConfigError(
             f"federation {federation!r} declares no labels: a seq-cls client cannot map its data "
             "onto the head (the operator creates it with --labels)"
         )
-    examples = _examples(data, text_column, label_column, labels)
-    evaluation = _examples(eval_data, text_column, label_column, labels) if eval_data is not None else None
-    balance = _balance(balance_labels, examples, labels, task_type, private=dp is not None)
-    share = dp is None if share_stats is None else share_stats
+    examples = _examples(job.data, job.text_column, job.label_column, labels)
+    evaluation = None if job.eval_data is None else _examples(job.eval_data, job.text_column, job.label_column, labels)
+    balance = _balance(job.balance_labels, examples, labels, task_type, private=dp is not None)
+    share = dp is None if job.share_stats is None else job.share_stats
     label_counts = _label_counts(examples, labels) if share else None
-    config = TrainConfig(
-        task=task_type,
-        steps=steps_per_round,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_length=max_length,
-        seed=seed,
-        progress=progress and not json,
-        optimizer=LocalOptimizer(optimizer),
-        balance_labels=balance,
-        prox_mu=status.prox_mu if prox_mu is None else prox_mu,
-    )
+    config = job.train_config(task_type, balance, status.prox_mu)
     if config.prox_mu:
         log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
     if status.scaffold:
-        if lora_rank is not None or lora_alpha is not None:
+        if job.lora_rank is not None or job.lora_alpha is not None:
             raise ConfigError(
                 f"federation {federation!r} uses SCAFFOLD, whose variates live on the global adapter's tensors: "
                 "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
@@ -280,7 +295,7 @@ def train_federation(
             work / PRIVACY_FILE,
             dp,
             sample_rate=config.sample_rate(len(examples)),
-            planned_steps=rounds * config.planned_steps(len(examples)),
+            planned_steps=job.rounds * config.planned_steps(len(examples)),
         )
     from .model import load_tokenizer
 
@@ -295,18 +310,18 @@ def train_federation(
         config,
         labels,
         ledger,
-        lora_rank,
-        lora_alpha,
-        tuple(target_modules) if target_modules else None,
-        dp_seed,
+        job.lora_rank,
+        job.lora_alpha,
+        tuple(job.target_modules) if job.target_modules else None,
+        job.dp_seed,
         keep_remainder=status.strategy != Strategy.STACK,
         scaffold=status.scaffold,
         client_id=client_id,
         personal_heads=personal,
     )
-    while _reconcile(sdk, federation, client_id, state, session) < rounds:
+    while _reconcile(sdk, federation, client_id, state, session) < job.rounds:
         started = time.monotonic()
-        status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=poll)
+        status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=job.poll)
         r = status.current_round
         if status.selected and client_id not in status.selected:
             log.info("round %d: not drawn (selected: %s); waiting for the next round", r, ", ".join(status.selected))
