@@ -132,21 +132,21 @@ def simulate(
     for name in chosen:
         Strategy(name)
     if model:
-        from ..training.simulate_model import run_model_simulation
+        from ..training.simulate_model import DEFAULT_STEPS_PER_ROUND, SimConfig, run_simulation_job
 
-        run_model_simulation(
+        job = SimConfig(
             model=model,
             dataset=data or dataset,
             clients=clients,
             rounds=n_rounds,
             partition=partition,
             fraction_fit=fraction_fit,
-            ranks=[int(x) for x in ranks.split(",")] if ranks else None,
-            strategies=chosen,
+            ranks=tuple(int(x) for x in ranks.split(",")) if ranks else None,
+            strategies=tuple(chosen),
             centralised=centralised,
             alone=alone,
             dp_epsilon=dp_epsilon,
-            steps_per_round=steps_per_round,
+            steps_per_round=steps_per_round or DEFAULT_STEPS_PER_ROUND,
             balance_labels=balance_labels,
             prox_mu=prox_mu,
             scaffold=scaffold,
@@ -157,9 +157,12 @@ def simulate(
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,
-            out_dir=Path(out_dir) if out_dir else None,
             seed=seed,
-            seeds=_seeds(seeds),
+            seeds=tuple(_seeds(seeds) or ()),
+        )
+        run_simulation_job(
+            job,
+            out_dir=Path(out_dir) if out_dir else None,
             redis_url=sim_redis,
             store_url=sim_store,
             as_json=as_json,

@@ -84,27 +84,32 @@ class SimRow:
     seed: int = 0
 
 
+#: local steps per client round unless ``--steps-per-round`` says otherwise
+DEFAULT_STEPS_PER_ROUND = 10
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    """Everything a model simulation depends on (written next to the results)."""
+    """Everything a model simulation depends on (written next to the results): the job ``simulate --model``
+    builds once; choices are normalised to their names here."""
 
-    model: str
-    dataset: str
-    clients: int
-    rounds: int
-    partition: str
-    fraction_fit: float
-    ranks: tuple[int, ...] | None
-    strategies: tuple[str, ...]
-    centralised: bool
-    dp_epsilon: float | None
-    steps_per_round: int
-    batch_size: int
-    lr: float
-    max_length: int
-    test_examples: int
-    examples_per_client: int | None
-    seed: int
+    model: str = "minilm"
+    dataset: str = "rotten-tomatoes"
+    clients: int = 3
+    rounds: int = 2
+    partition: str = "iid"
+    fraction_fit: float = 1.0
+    ranks: tuple[int, ...] | None = None
+    strategies: tuple[str, ...] = (str(Strategy.FEDEX_LORA),)
+    centralised: bool = False
+    dp_epsilon: float | None = None
+    steps_per_round: int = DEFAULT_STEPS_PER_ROUND
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_length: int = 64
+    test_examples: int = 300
+    examples_per_client: int | None = None
+    seed: int = 0
     text_column: str = "text"
     label_column: str = "label"
     optimizer: str = "adamw"
@@ -126,6 +131,13 @@ class SimConfig:
     server_lr: float = 1.0
     #: fedavgm's momentum (0: the plain average stepped at ``server_lr``)
     server_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranks", tuple(self.ranks) if self.ranks else None)
+        object.__setattr__(self, "strategies", tuple(str(Strategy(s)) for s in self.strategies))
+        object.__setattr__(self, "optimizer", str(LocalOptimizer(self.optimizer)))
+        object.__setattr__(self, "balance_labels", str(LabelBalance(self.balance_labels)))
+        object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else (self.seed,))
 
     @property
     def per_round(self) -> int:
@@ -172,79 +184,45 @@ class _Federation:
 
 def run_model_simulation(
     *,
-    model: str = "minilm",
-    dataset: str = "rotten-tomatoes",
-    clients: int = 3,
-    rounds: int = 2,
-    partition: str = "iid",
-    fraction_fit: float = 1.0,
-    ranks: Sequence[int] | None = None,
-    strategies: Sequence[str] = ("fedex-lora",),
-    centralised: bool = False,
-    dp_epsilon: float | None = None,
-    steps_per_round: int | None = None,
-    batch_size: int = 16,
-    lr: float = 3e-3,
-    max_length: int = 64,
-    test_examples: int = 300,
-    examples_per_client: int | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    optimizer: str = "adamw",
-    balance_labels: str = "auto",
-    prox_mu: float = 0.0,
-    alone: bool = False,
-    scaffold: bool = False,
-    personal_heads: bool = False,
-    server_opt: str = "none",
-    server_lr: float = 1.0,
-    server_momentum: float = 0.9,
     out_dir: Path | None = None,
-    seed: int = 0,
-    seeds: Sequence[int] | None = None,
+    sdk_factory: Callable[[Path], ChorusClient] | None = None,
+    redis_url: str | None = None,
+    store_url: str | None = None,
+    as_json: bool = False,
+    echo: Callable[[str], None] | None = print,
+    **options: Any,
+) -> list[SimRow]:
+    """:func:`run_simulation_job` with the :class:`SimConfig` fields as keywords (benchmarks, tests); a
+    ``steps_per_round`` or ``seeds`` of None takes the default."""
+    for name in ("steps_per_round", "seeds"):
+        if options.get(name, 0) is None:
+            del options[name]
+    return run_simulation_job(
+        SimConfig(**options),
+        out_dir=out_dir,
+        sdk_factory=sdk_factory,
+        redis_url=redis_url,
+        store_url=store_url,
+        as_json=as_json,
+        echo=echo,
+    )
+
+
+def run_simulation_job(
+    config: SimConfig,
+    *,
+    out_dir: Path | None = None,
     sdk_factory: Callable[[Path], ChorusClient] | None = None,
     redis_url: str | None = None,
     store_url: str | None = None,
     as_json: bool = False,
     echo: Callable[[str], None] | None = print,
 ) -> list[SimRow]:
-    """Run one federation per strategy (plus the centralised baseline) for each of ``seeds`` (default:
-    ``seed`` alone); return every row."""
+    """Run one federation per strategy (plus the centralised baseline) for each of ``config.seeds``; return
+    every row."""
     import torch
 
-    seeds = tuple(seeds) if seeds else (seed,)
-
-    config = SimConfig(
-        model=model,
-        dataset=dataset,
-        clients=clients,
-        rounds=rounds,
-        partition=partition,
-        fraction_fit=fraction_fit,
-        ranks=tuple(ranks) if ranks else None,
-        strategies=tuple(str(Strategy(s)) for s in strategies),
-        centralised=centralised,
-        dp_epsilon=dp_epsilon,
-        steps_per_round=steps_per_round or 10,
-        batch_size=batch_size,
-        lr=lr,
-        max_length=max_length,
-        test_examples=test_examples,
-        examples_per_client=examples_per_client,
-        seed=seed,
-        text_column=text_column,
-        label_column=label_column,
-        optimizer=str(LocalOptimizer(optimizer)),
-        balance_labels=str(LabelBalance(balance_labels)),
-        prox_mu=prox_mu,
-        alone=alone,
-        scaffold=scaffold,
-        personal_heads=personal_heads,
-        seeds=seeds,
-        server_opt=server_opt,
-        server_lr=server_lr,
-        server_momentum=server_momentum,
-    )
+    seeds = config.seeds
     _check(config)
     show = None if as_json else echo
     workdir = Path(tempfile.mkdtemp(prefix="chorus-sim-model-"))
