@@ -177,3 +177,26 @@ class DeltaEvicted(Conflict):
     """The operator evicted this very delta from the round: it cannot be registered there again."""
 
     code = "evicted"
+
+
+class SecAggError(ChorusError):
+    """A secure-aggregation round cannot go on as asked (parameters, too few clients, a refused request)."""
+
+    code = "secagg"
+
+
+class PeerMisbehaved(SecAggError):
+    """One named client sent something malformed; the protocol goes on without it where it can."""
+
+    code = "secagg_peer"
+
+    def __init__(self, client: str, reason: str):
+        super().__init__(f"client {client!r}: {reason}")
+        self.client = client
+        self.reason = reason
+
+
+class UnmaskRefused(SecAggError):
+    """An honest client refuses an unmask request that would let the aggregator learn one client's input."""
+
+    code = "secagg_refused"

@@ -327,3 +327,23 @@ class SnapshotDtype(_Choice):
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+
+
+class SecAggPhase(_Choice):
+    """The phases of a secure-aggregation round, in order (the ``phase`` of a ``secagg_phase`` event)."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+class ShareKind(_Choice):
+    """Which Shamir share of a peer an unmask response reveals (never both for one peer)."""
+
+    #: the peer's self-mask seed: revealed for a peer whose masked input is summed
+    SELF_SEED = "self_seed"
+    #: the peer's mask secret key: revealed for a peer that dropped before its input was summed
+    MASK_KEY = "mask_key"
