@@ -160,8 +160,8 @@ class SecAggClient:
             before = self._revealed.get(peer)
             if before is not None and before != kind:
                 raise UnmaskRefused(
-                    f"client {self.client_id!r} already revealed {peer!r}'s {before} share; revealing its {kind} "
-                    "share too would expose its input"
+                    f"client {self.client_id!r} already revealed its {before} share of {peer!r}; revealing the {kind} "
+                    f"share of {peer!r} too would expose that client's input"
                 )
         self._revealed.update(kinds)
         shares = {

@@ -196,7 +196,7 @@ class SecAggServer:
                 self._reject(c, f"revealed a share of {peer!r}, which it did not pair with")
             want = ShareKind.SELF_SEED if peer in self.survivors else ShareKind.MASK_KEY
             if kind != want:
-                self._reject(c, f"revealed {peer!r}'s {kind} share where its {want} share was asked")
+                self._reject(c, f"revealed a {kind} share of {peer!r} where the {want} share was asked")
             if len(raw) != SHARE_BYTES:
                 self._reject(c, f"its share of {peer!r} is {len(raw)} bytes, not {SHARE_BYTES}")
             try:
