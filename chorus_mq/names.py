@@ -93,6 +93,8 @@ class EventType(_Choice):
     ROUND_FAILED = "round_failed"
     ROUND_ABORTED = "round_aborted"
     SNAPSHOT_READY = "snapshot_ready"
+    #: a secure round moved to another phase (``phase``: advertise, share, masked_input, unmask, done, aborted)
+    SECAGG_PHASE = "secagg_phase"
 
 
 #: events after which a round never changes again

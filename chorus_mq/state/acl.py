@@ -88,6 +88,8 @@ def client_rules(federation: str, client: str, secret: str) -> list[str]:
         f"%R~{k.round_pattern}",
         f"%R~{k.events}",
         f"%R~{k.snapshots}",
+        # secure aggregation: the client's own deliveries (its neighbours' keys and sealed shares), no one else's
+        f"%R~{k.secagg_to_pattern(client)}",
         f"&{k.channel}",
         *(f"+{command}" for command in CLIENT_COMMANDS),
         f"({' '.join([f'~{k.client_inbox(client)}', *(f'+{command}' for command in INBOX_COMMANDS)])})",

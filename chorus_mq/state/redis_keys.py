@@ -180,3 +180,28 @@ class FederationKeys:
     def compaction_request(self, r: int) -> str:
         """String with a TTL: the sweep asked for the snapshot of round ``r`` (so it asks once per retry)."""
         return f"{self._base}:compaction:{int(r)}"
+
+    # -- secure aggregation (chorus_mq/state/secagg.py) -------------------------------------------
+
+    def secagg(self, r: int) -> str:
+        """Hash: round ``r``'s secure-aggregation state (phase, epoch, deadline, threshold, survivors): public,
+        under the round pattern every client may read."""
+        return f"{self.round(r)}:secagg"
+
+    def secagg_phase(self, r: int, phase: str) -> str:
+        """Hash: client -> its verified payload for ``phase`` of round ``r`` (workers only: sealed shares of
+        every client are in the share phase's)."""
+        return f"{self._base}:secagg:{int(r)}:{phase}"
+
+    def secagg_members(self, r: int, phase: str) -> str:
+        """Set: the clients who may submit in ``phase`` of round ``r`` (workers only)."""
+        return f"{self._base}:secagg:{int(r)}:members:{phase}"
+
+    def secagg_to(self, r: int, client: str) -> str:
+        """Hash: what ``client`` must read in round ``r`` (``advert:<peer>``, ``share:<peer>``); readable by
+        that client's ACL user alone (:meth:`secagg_to_pattern`)."""
+        return f"{self._base}:secagg:{int(r)}:to:{check_name(client, 'client id')}"
+
+    def secagg_to_pattern(self, client: str) -> str:
+        """ACL glob over ``client``'s own delivery hashes, every round."""
+        return f"{self._base}:secagg:*:to:{check_name(client, 'client id')}"

@@ -50,3 +50,6 @@ class Scripts:
         self.emit = Script(redis, "emit")
         self.judge = Script(redis, "judge")
         self.take_tokens = Script(redis, "take_tokens")
+        self.secagg_open = Script(redis, "secagg_open")
+        self.secagg_submit = Script(redis, "secagg_submit")
+        self.secagg_close = Script(redis, "secagg_close")
