@@ -31,8 +31,9 @@ from chorus_mq.workers.shard import ShardResult
 CONTRACTS = Path(__file__).resolve().parents[1] / "docs" / "CONTRACTS.md"
 #: sample values the code's keys are built from, and the placeholders CONTRACTS writes for them
 FED, CLIENT, NONCE, SHA, ROUND, SHARD = "FEDX", "CLIENTX", "NONCEX", "ab" * 32, 424242, 777
+PHASE = "PHASEX"
 #: names that are not keys: an ACL glob
-NOT_KEYS = {"round_pattern"}
+NOT_KEYS = {"round_pattern", "secagg_to_pattern"}
 
 
 def _sections() -> dict[str, str]:
@@ -62,7 +63,7 @@ def _documented_keys() -> set[str]:
 
 def _code_keys() -> set[str]:
     k = FederationKeys(FED)
-    samples = {"client": CLIENT, "nonce": NONCE, "sha256": SHA, "r": ROUND}
+    samples = {"client": CLIENT, "nonce": NONCE, "sha256": SHA, "r": ROUND, "phase": PHASE}
     keys = {FEDERATIONS}
     for name, member in vars(FederationKeys).items():
         if name.startswith("_") or name in NOT_KEYS:
@@ -80,6 +81,7 @@ def _code_keys() -> set[str]:
         .replace(NONCE, "{N}")
         .replace(SHA, "{sha}")
         .replace(str(ROUND), "{r}")
+        .replace(PHASE, "{phase}")
         for key in keys
     }
 
