@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -199,3 +200,39 @@ def test_a_client_reads_only_its_own_deliveries(tmp_path):
                 c0.hgetall(other) if "members" not in other else c0.smembers(other)
     finally:
         server.stop()
+
+
+def _dump(redis) -> bytes:
+    """Every key's contents, as bytes: all a worker (whose ACL user reads every key) can read from Redis."""
+    out = bytearray()
+    for key in sorted(redis.scan_iter("*")):
+        kind = redis.type(key)
+        if kind == "hash":
+            items = sorted(redis.hgetall(key).items())
+            out += "".join(f + v for f, v in items).encode()
+        elif kind == "set":
+            out += "".join(sorted(redis.smembers(key))).encode()
+        elif kind == "stream":
+            out += "".join(json.dumps(fields) for _, fields in redis.xrange(key)).encode()
+        elif kind == "string":
+            out += redis.get(key).encode()
+    return bytes(out)
+
+
+def test_nothing_a_worker_reads_in_redis_or_the_store_correlates_with_an_input(any_redis):
+    from .test_privacy import as_signed, partial_corr
+
+    d = Driver(any_redis, n=10, length=1 << 17)
+    result = d.run({"masked_input": ["c3"]})
+    assert "c3" not in result.summed
+    published = result.total
+    stream = np.frombuffer(_dump(any_redis), dtype=np.uint8).astype(np.float64)
+    assert stream.size > 20_000
+    objects = {key: as_signed(np.frombuffer(raw, dtype=U64)) for key, raw in d.store.items()}
+    assert len(objects) == 9
+    for c in d.p.cohort:
+        x = d.xs[c].astype(np.float64)
+        for key, view in objects.items():
+            assert abs(partial_corr(view, x, published)) <= 0.01, (c, key)
+        n = min(stream.size, x.size)
+        assert abs(partial_corr(stream[:n], x[:n], published[:n])) <= 3.6 / np.sqrt(n), c
