@@ -8,7 +8,7 @@ deadline by whoever drives the round) and raises :class:`SecAggError` when too f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -215,40 +215,47 @@ class SecAggServer:
                 out.append(shamir.Share.from_bytes(got[1], SEED_BYTES))
         return out
 
-    def finish(self) -> SecAggResult:
-        """Reconstruct the survivors' self seeds and the dropped clients' mask keys; unmask the sum."""
-        self._expect(SecAggPhase.UNMASK, "finishing")
+    def unmask_seeds(self) -> list[tuple[bytes, int]]:
+        """Every mask left in the survivors' sum, as (seed, sign): add each to the sum to unmask it.
+
+        Reconstructs the survivors' self-mask seeds and the dropped clients' mask keys (checked against
+        their commitments and advertised public keys, routing around wrong shares). A sharded unmask
+        hands these to each shard (``unmask_slice``), so the reconstruction runs once.
+        """
+        self._expect(SecAggPhase.UNMASK, "unmasking")
         p = self.params
         t = p.threshold
-        total = np.zeros(p.length, dtype=U64)
-        for w in sorted(self.survivors):
-            np.add(total, self.masked[w].masked, out=total)
+        out: list[tuple[bytes, int]] = []
         try:
             for w in sorted(self.survivors):
-                commitment = self.bundles[w].seed_commitment
                 seed = shamir.reconstruct_verified(
                     self._shares_of(w, ShareKind.SELF_SEED),
                     t,
                     SEED_BYTES,
-                    _seed_check(p, w, commitment),
+                    _seed_check(p, w, self.bundles[w].seed_commitment),
                 )
-                add_mask(total, seed, -1)
+                out.append((seed, -1))
             lost = {d for w in self.survivors for d in self.masked[w].masked_with if d not in self.survivors}
             for d in sorted(lost):
-                public = self.adverts[d].mask_public
                 key = shamir.reconstruct_verified(
                     self._shares_of(d, ShareKind.MASK_KEY),
                     t,
                     KEY_BYTES,
-                    _key_check(public),
+                    _key_check(self.adverts[d].mask_public),
                 )
                 for w in sorted(self.survivors):
                     if d in self.masked[w].masked_with:
-                        seed = pairwise_seed(p, key, self.adverts[w].mask_public, w, d)
-                        add_mask(total, seed, -p.mask_sign(w, d))
+                        out.append((pairwise_seed(p, key, self.adverts[w].mask_public, w, d), -p.mask_sign(w, d)))
         except SecAggError as exc:
             self.phase = SecAggPhase.ABORTED
             raise SecAggError(f"cannot unmask the sum: {exc}") from None
+        return out
+
+    def finish(self) -> SecAggResult:
+        """Reconstruct the survivors' self seeds and the dropped clients' mask keys; unmask the sum."""
+        seeds = self.unmask_seeds()
+        p = self.params
+        total = unmask_slice([self.masked[w].masked for w in sorted(self.survivors)], seeds, 0)
         self.phase = SecAggPhase.DONE
         summed = tuple(sorted(self.survivors))
         return SecAggResult(
@@ -258,3 +265,19 @@ class SecAggServer:
             dropped=dict(self.dropped),
             rejected=dict(self.rejected),
         )
+
+
+def unmask_slice(masked: Sequence[Encoded], seeds: Sequence[tuple[bytes, int]], offset: int) -> Encoded:
+    """Elements ``[offset, offset + n)`` of the unmasked sum, from the same slice of each survivor's masked
+    input and the round's :meth:`SecAggServer.unmask_seeds` (what one shard of a sharded unmask computes)."""
+    if not masked:
+        raise SecAggError("nothing to unmask")
+    n = masked[0].shape[0]
+    total = np.zeros(n, dtype=U64)
+    for y in masked:
+        if y.dtype != U64 or y.shape != (n,):
+            raise SecAggError("every masked slice must be the same length of uint64 words")
+        np.add(total, y, out=total)
+    for seed, sign in seeds:
+        add_mask(total, seed, sign, offset)
+    return total

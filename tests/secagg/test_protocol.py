@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -250,3 +251,20 @@ def test_split_views_never_reach_t_shares_of_both_kinds():
     assert min(len(seeds), len(keys)) < r.p.threshold
     with pytest.raises(SecAggError, match="cannot reconstruct"):
         shamir.reconstruct(keys, r.p.threshold, 32)
+
+
+def test_a_sharded_unmask_equals_the_whole_one():
+    from chorus_mq.secagg.server import unmask_slice
+
+    p = make_params(length=10_007)
+    xs = inputs(p, seed=9)
+    result, server, _ = run_round(p, xs, {"masked_input": ["c02"], "unmask": ["c05"]})
+    server.phase = SecAggPhase.UNMASK  # unmask again, in shards, from the same messages
+    seeds = server.unmask_seeds()
+    survivors = sorted(server.survivors)
+    bounds = [0, 13, 4096, 4101, 8000, 10_007]  # uneven, not on ChaCha20 block boundaries
+    parts = [
+        unmask_slice([server.masked[w].masked[lo:hi] for w in survivors], seeds, lo)
+        for lo, hi in itertools.pairwise(bounds)
+    ]
+    assert np.array_equal(np.concatenate(parts), result.encoded)
