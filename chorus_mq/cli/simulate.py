@@ -63,7 +63,12 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
     show_default=True,
     help="The federations' server optimiser on each round's exact update (exact err is then against its step).",
 )
-@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option(
+    "--server-lr",
+    type=float,
+    default=None,
+    help="The server optimiser's step size.  [default: 1 for fedavgm, 0.01 for fedadam and fedyogi]",
+)
 @click.option("--server-momentum", type=float, default=0.9, show_default=True, help="With --model: fedavgm's momentum.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
@@ -107,7 +112,7 @@ def simulate(
     scaffold: bool,
     personal_heads: bool,
     server_opt: str,
-    server_lr: float,
+    server_lr: float | None,
     server_momentum: float,
     test_examples: int,
     examples_per_client: int | None,

@@ -128,7 +128,8 @@ class SimConfig:
     seeds: tuple[int, ...] = ()
     #: the server optimiser of every federation and its step size (``federation create --server-opt``)
     server_opt: str = "none"
-    server_lr: float = 1.0
+    #: None: the optimiser's own default (``ServerOptimizer.default_lr``)
+    server_lr: float | None = None
     #: fedavgm's momentum (0: the plain average stepped at ``server_lr``)
     server_momentum: float = 0.9
 
@@ -138,6 +139,11 @@ class SimConfig:
         object.__setattr__(self, "optimizer", str(LocalOptimizer(self.optimizer)))
         object.__setattr__(self, "balance_labels", str(LabelBalance(self.balance_labels)))
         object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else (self.seed,))
+
+    @property
+    def server_step_size(self) -> float:
+        """The server optimiser's step size, as the federation resolves ``server_lr``."""
+        return ServerOptimizer(self.server_opt).default_lr if self.server_lr is None else self.server_lr
 
     @property
     def per_round(self) -> int:
@@ -570,7 +576,9 @@ class _Runner:
         from chorus_mq.aggregation.server_opt import ServerOptConfig, step
 
         cfg = ServerOptConfig(
-            ServerOptimizer(self.config.server_opt), lr=self.config.server_lr, momentum=self.config.server_momentum
+            ServerOptimizer(self.config.server_opt),
+            lr=self.config.server_step_size,
+            momentum=self.config.server_momentum,
         )
         factors, old_heads, _targets = started_from
         stepped, stepped_heads = {}, {}
