@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from ..names import ServerOptimizer, Strategy
+from ..names import DEFAULT_LOCAL_LR, ServerOptimizer, Strategy
 from .options import balance_labels_option, choice, echo_json, json_option, one_line_errors
 
 
@@ -72,7 +72,9 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
 @click.option("--server-momentum", type=float, default=0.9, show_default=True, help="With --model: fedavgm's momentum.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
+@click.option(
+    "--lr", type=float, default=DEFAULT_LOCAL_LR, show_default=True, help="With --model: the local learning rate."
+)
 @click.option(
     "--out",
     "out_dir",

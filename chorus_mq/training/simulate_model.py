@@ -29,6 +29,7 @@ from chorus_mq.names import (
     BEST_ALONE,
     CENTRALISED,
     CLIENT_VARIATE_FILE,
+    DEFAULT_LOCAL_LR,
     ExpirePolicy,
     LabelBalance,
     LocalOptimizer,
@@ -105,7 +106,7 @@ class SimConfig:
     dp_epsilon: float | None = None
     steps_per_round: int = DEFAULT_STEPS_PER_ROUND
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = DEFAULT_LOCAL_LR
     max_length: int = 64
     test_examples: int = 300
     examples_per_client: int | None = None
