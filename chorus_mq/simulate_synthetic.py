@@ -77,7 +77,7 @@ def run_simulation(
     store_url: str | None = None,
     seed: int = 0,
     server_opt: str = "none",
-    server_lr: float = 1.0,
+    server_lr: float | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """Run the federation(s); returns one row per (strategy, round). With ``server_opt`` every federation
@@ -144,7 +144,7 @@ class _Oracle:
     def __init__(self, config: FederationConfig):
         from .aggregation.server_opt import ServerOptConfig
 
-        self.cfg = ServerOptConfig(config.server_opt, lr=config.server_lr)
+        self.cfg = ServerOptConfig(config.server_opt, lr=config.server_step_size)
         self.state: dict[str, Any] = {}
 
     def target(self, module: str, exact: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

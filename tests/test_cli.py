@@ -161,6 +161,10 @@ def test_server_optimiser_options_are_published_and_stack_is_refused(cli, ref):
     refused = cli(*base[:2], "st", *base[2:], "--server-opt", "fedavgm", "--strategy", "stack", code=2).output
     assert refused.startswith("error:") and "cannot step --strategy stack" in refused
     assert "does not apply" in cli(*base[:2], "x", *base[2:], "--server-lr", "0.5", code=2).output
+    # without --server-lr each optimiser takes its own step size (adaptive ones at 1, the old default, diverged)
+    for name, optimizer, lr in (("yogi", "fedyogi", 0.01), ("avgm", "fedavgm", 1.0)):
+        cli(*base[:2], name, *base[2:], "--server-opt", optimizer)
+        assert json.loads(cli("status", "--federation", name, "--json").output)["server_opt"]["lr"] == lr
     assert "Invalid value" in cli(*base[:2], "y", *base[2:], "--server-opt", "sgd", code=2).output
     cli(*base[:2], "plain", *base[2:])
     assert json.loads(cli("status", "--federation", "plain", "--json").output)["server_opt"] == {}

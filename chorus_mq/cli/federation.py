@@ -120,7 +120,12 @@ def federation() -> None:
     help="Server optimiser on each round's exact update (the aggregate minus the global clients started "
     "from): momentum (fedavgm) or adaptive steps (fedadam, fedyogi), as in Reddi et al. 2021. Not with stack.",
 )
-@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option(
+    "--server-lr",
+    type=float,
+    default=None,
+    help="The server optimiser's step size.  [default: 1 for fedavgm, 0.01 for fedadam and fedyogi]",
+)
 @click.option("--server-momentum", type=float, default=0.9, show_default=True, help="fedavgm's momentum.")
 @click.option("--server-beta1", type=float, default=0.9, show_default=True, help="fedadam/fedyogi's first moment.")
 @click.option("--server-beta2", type=float, default=0.99, show_default=True, help="fedadam/fedyogi's second moment.")

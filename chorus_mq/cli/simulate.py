@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from ..names import ServerOptimizer, Strategy
+from ..names import DEFAULT_LOCAL_LR, ServerOptimizer, Strategy
 from .options import balance_labels_option, choice, echo_json, json_option, one_line_errors
 
 
@@ -63,11 +63,18 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
     show_default=True,
     help="The federations' server optimiser on each round's exact update (exact err is then against its step).",
 )
-@click.option("--server-lr", type=float, default=1.0, show_default=True, help="The server optimiser's step size.")
+@click.option(
+    "--server-lr",
+    type=float,
+    default=None,
+    help="The server optimiser's step size.  [default: 1 for fedavgm, 0.01 for fedadam and fedyogi]",
+)
 @click.option("--server-momentum", type=float, default=0.9, show_default=True, help="With --model: fedavgm's momentum.")
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="With --model: the local learning rate.")
+@click.option(
+    "--lr", type=float, default=DEFAULT_LOCAL_LR, show_default=True, help="With --model: the local learning rate."
+)
 @click.option(
     "--out",
     "out_dir",
@@ -107,7 +114,7 @@ def simulate(
     scaffold: bool,
     personal_heads: bool,
     server_opt: str,
-    server_lr: float,
+    server_lr: float | None,
     server_momentum: float,
     test_examples: int,
     examples_per_client: int | None,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import ConfigError
-from ..names import DPAccountant, ExportDtype, HeadChoice, LocalOptimizer, TaskType
+from ..names import DEFAULT_LOCAL_LR, DPAccountant, ExportDtype, HeadChoice, LocalOptimizer, TaskType
 from .options import balance_labels_option, client_of, csv, federation_option, json_option, one_line_errors
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _format(record: RoundRecord) -> str:
 @click.option("--steps-per-round", type=int, default=None, help="Optimizer steps per round (or --epochs).")
 @click.option("--epochs", type=float, default=None, help="Passes over the data per round (default: 1).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per step (DP: expected).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--lr", type=float, default=DEFAULT_LOCAL_LR, show_default=True, help="Learning rate.")
 @click.option(
     "--optimizer",
     type=click.Choice(LocalOptimizer.values()),

@@ -73,7 +73,8 @@ class FederationConfig:
     personal_heads: bool = False
     #: the server optimiser stepping each round's exact pseudo-gradient (docs/DESIGN.md section 1)
     server_opt: ServerOptimizer = ServerOptimizer.NONE
-    server_lr: float = 1.0
+    #: None: the optimiser's own default (``ServerOptimizer.default_lr``), fixed at creation
+    server_lr: float | None = None
     server_momentum: float = 0.9  # fedavgm
     server_beta1: float = 0.9  # fedadam, fedyogi
     server_beta2: float = 0.99
@@ -81,6 +82,8 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
+        if self.server_lr is None:
+            object.__setattr__(self, "server_lr", self.server_opt.default_lr)
         check_name(self.name, "federation name")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -151,13 +154,13 @@ class FederationConfig:
 
     def _check_server_opt(self) -> None:
         # the same bounds as aggregation.server_opt.ServerOptConfig, said with the CLI's flags (no torch here)
-        if self.server_lr <= 0 or self.server_tau <= 0:
+        if self.server_step_size <= 0 or self.server_tau <= 0:
             raise ConfigError("--server-lr and --server-tau must be above 0")
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
         used = _SERVER_OPT_SETTINGS[self.server_opt]
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)} | {"server_lr": self.server_opt.default_lr}
         for name in ("lr", "momentum", "beta1", "beta2", "tau"):
             field_name = f"server_{name}"
             if name not in used and getattr(self, field_name) != defaults[field_name]:
@@ -169,6 +172,11 @@ class FederationConfig:
                 f"--server-opt {self.server_opt} cannot step --strategy stack: its clients start from a "
                 "rank-truncated approximation of the global, not from it; use fedex-lora, svd or fedavg"
             )
+
+    @property
+    def server_step_size(self) -> float:
+        """The server optimiser's step size (``server_lr``, resolved to the optimiser's default at creation)."""
+        return self.server_opt.default_lr if self.server_lr is None else self.server_lr
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""

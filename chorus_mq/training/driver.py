@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from chorus_mq.errors import ConfigError, NotSelected, Rejected, RoundClosed, Timeout
 from chorus_mq.names import (
     CLIENT_VARIATE_FILE,
+    DEFAULT_LOCAL_LR,
     ENDED_STATES,
     PRIVACY_FILE,
     PULLED_DIR,
@@ -199,7 +200,7 @@ class TrainJob:
     steps_per_round: int | None = None
     epochs: float | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = DEFAULT_LOCAL_LR
     max_length: int = 128
     lora_rank: int | None = None
     lora_alpha: float | None = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, DataError
-from chorus_mq.names import ADAPTER_CONFIG, SKEWED_LABELS, LabelBalance, LocalOptimizer, TaskType
+from chorus_mq.names import ADAPTER_CONFIG, DEFAULT_LOCAL_LR, SKEWED_LABELS, LabelBalance, LocalOptimizer, TaskType
 
 from .data import Examples
 from .dp import PrivateTraining, make_private
@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = DEFAULT_LOCAL_LR
     max_length: int = 128
     seed: int = 0
     progress: bool = False

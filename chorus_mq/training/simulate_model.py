@@ -29,6 +29,7 @@ from chorus_mq.names import (
     BEST_ALONE,
     CENTRALISED,
     CLIENT_VARIATE_FILE,
+    DEFAULT_LOCAL_LR,
     ExpirePolicy,
     LabelBalance,
     LocalOptimizer,
@@ -105,7 +106,7 @@ class SimConfig:
     dp_epsilon: float | None = None
     steps_per_round: int = DEFAULT_STEPS_PER_ROUND
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = DEFAULT_LOCAL_LR
     max_length: int = 64
     test_examples: int = 300
     examples_per_client: int | None = None
@@ -128,7 +129,8 @@ class SimConfig:
     seeds: tuple[int, ...] = ()
     #: the server optimiser of every federation and its step size (``federation create --server-opt``)
     server_opt: str = "none"
-    server_lr: float = 1.0
+    #: None: the optimiser's own default (``ServerOptimizer.default_lr``)
+    server_lr: float | None = None
     #: fedavgm's momentum (0: the plain average stepped at ``server_lr``)
     server_momentum: float = 0.9
 
@@ -138,6 +140,11 @@ class SimConfig:
         object.__setattr__(self, "optimizer", str(LocalOptimizer(self.optimizer)))
         object.__setattr__(self, "balance_labels", str(LabelBalance(self.balance_labels)))
         object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else (self.seed,))
+
+    @property
+    def server_step_size(self) -> float:
+        """The server optimiser's step size, as the federation resolves ``server_lr``."""
+        return ServerOptimizer(self.server_opt).default_lr if self.server_lr is None else self.server_lr
 
     @property
     def per_round(self) -> int:
@@ -570,7 +577,9 @@ class _Runner:
         from chorus_mq.aggregation.server_opt import ServerOptConfig, step
 
         cfg = ServerOptConfig(
-            ServerOptimizer(self.config.server_opt), lr=self.config.server_lr, momentum=self.config.server_momentum
+            ServerOptimizer(self.config.server_opt),
+            lr=self.config.server_step_size,
+            momentum=self.config.server_momentum,
         )
         factors, old_heads, _targets = started_from
         stepped, stepped_heads = {}, {}

@@ -46,7 +46,7 @@ def server_opt_config(config: FederationConfig) -> ServerOptConfig:
     """The federation's server optimiser as the math takes it."""
     return ServerOptConfig(
         optimizer=config.server_opt,
-        lr=config.server_lr,
+        lr=config.server_step_size,
         momentum=config.server_momentum,
         beta1=config.server_beta1,
         beta2=config.server_beta2,
