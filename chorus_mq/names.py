@@ -38,6 +38,21 @@ class ServerOptimizer(_Choice):
     FEDYOGI = "fedyogi"
 
 
+class FederationMode(_Choice):
+    """Synchronous rounds (a quorum per round) or buffered flushes (FedBuff; DESIGN.md section 1)."""
+
+    SYNC = "sync"
+    BUFFERED = "buffered"
+
+
+class StalenessWeight(_Choice):
+    """How a buffered flush discounts a delta trained ``τ`` versions ago: ``g(τ)`` (``--staleness-weight``)."""
+
+    CONSTANT = "constant"  # g = 1
+    POLY = "poly"  # poly:A, g = (1 + τ)^(-A)
+    HINGE = "hinge"  # hinge:A,B, g = 1 for τ <= B, else 1 / (A (τ - B) + 1)
+
+
 class RobustAggregate(_Choice):
     MEAN = "mean"
     TRIMMED = "trimmed"
