@@ -53,6 +53,10 @@ class StalenessWeight(_Choice):
     HINGE = "hinge"  # hinge:A,B, g = 1 for τ <= B, else 1 / (A (τ - B) + 1)
 
 
+#: the strategies a buffered flush is exact for (DESIGN.md section 1, "Buffered flushes")
+BUFFERED_STRATEGIES = frozenset({Strategy.FEDEX_LORA, Strategy.SVD})
+
+
 class RobustAggregate(_Choice):
     MEAN = "mean"
     TRIMMED = "trimmed"
@@ -325,6 +329,9 @@ class ScriptStatus(_Choice):
     DROPPED = "dropped"
     PUBLISHED = "published"
     COUNTED = "counted"
+    #: register_delta, buffered: the upload names no base version / a version not yet published
+    NO_BASE = "no_base"
+    FUTURE_BASE = "future_base"
     #: a key the script would write holds another Redis type: nothing was changed
     WRONG_TYPE = "wrong_type"
 
