@@ -9,7 +9,9 @@ under the weights ``p``; the residual is what makes the model exact::
 
     R_{v+1} = η R + (η − 1) s B A + s_v B_v A_v − η Σ_b P_b s_b B_b A_b,   P_b = Σ_{i: b_i = b} p_i
 
-every term low-rank, so it is published as one factored product (dense where that is smaller).
+every term low-rank, so it is published as one factored product (dense where that is smaller). The
+current version's adapter and a base's are the same when ``b = v``: one term, coefficient ``1 − η P_v``
+(all fresh at ``η = 1``: zero, and the residual is the strategy's own).
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from chorus_mq.staleness import StalenessRule
 
 _F64 = torch.float64
 
-__all__ = ["BUFFERED_STRATEGIES", "StalenessRule", "base_masses", "check_buffered", "flush_module", "flush_weights"]
+__all__ = [
+    "BUFFERED_STRATEGIES",
+    "StalenessRule",
+    "base_masses",
+    "check_buffered",
+    "flush_module",
+    "flush_residual_form",
+    "flush_weights",
+    "version_coefficients",
+]
 
 
 def flush_weights(weights: Sequence[float], staleness: Sequence[int], rule: StalenessRule) -> tuple[float, ...]:
@@ -54,17 +65,39 @@ def base_masses(bases: Sequence[int], weights: Sequence[float]) -> dict[int, flo
     return dict(sorted(out.items()))
 
 
-def flush_module(
-    result: ModuleResult,
-    current: PreviousFactors | None,
-    bases: Mapping[int, tuple[PreviousFactors | None, float]],
-    lr: float = 1.0,
-) -> ModuleResult:
+def version_coefficients(current: int, masses: Mapping[int, float], lr: float) -> dict[int, float]:
+    """Each version's coefficient in the published residual: ``[b = v] − η P_b`` (``v`` = ``current``)."""
+    out = {b: -float(lr) * float(m) for b, m in masses.items()}
+    out[current] = out.get(current, 0.0) + 1.0
+    return dict(sorted(out.items()))
+
+
+Terms = Sequence[tuple[PreviousFactors, float]]
+
+
+def flush_residual_form(
+    shape: tuple[int, int], strategy_form: str, strategy_k: int, adapter_rank: int, lr: float, terms: Terms
+) -> tuple[str, int]:
+    """The residual :func:`flush_module` publishes, from metadata: ``(form, k)``, ``k`` the factored rank
+    (0 unless factored). ``strategy_form`` / ``strategy_k``: the strategy's own residual layout."""
+    if strategy_form == "dense":
+        return "dense", 0
+    k = strategy_k if strategy_form == "factored" else 0
+    k += adapter_rank if float(lr) != 1.0 else 0
+    k += sum(int(f.A.shape[0]) for f, coeff in terms if coeff != 0.0)
+    if k == 0:
+        return "none", 0
+    if dense_is_smaller(shape[0], shape[1], k):
+        return "dense", 0
+    return "factored", k
+
+
+def flush_module(result: ModuleResult, terms: Terms, lr: float = 1.0) -> ModuleResult:
     """Version ``v + 1`` of one module: ``result`` is the strategy's exact aggregate of the flush's uploads
-    under the flush weights ``p`` (absent mass included), ``current`` version ``v``'s adapter, ``bases``
-    each base version's adapter and mass ``P_b`` (None: that version had none, a zero product). The adapter
-    stays ``result``'s; the residual is that of the module docstring, so adapter + residual is
-    ``s_v B_v A_v + η Σ p_i Δ_i`` (the model's move from ``W_v``)."""
+    under the flush weights ``p`` (absent mass included); ``terms`` each version's adapter with its
+    coefficient from :func:`version_coefficients` (a version without an adapter: leave it out, a zero
+    product). The adapter stays ``result``'s; the residual is that of the module docstring (in the form
+    :func:`flush_residual_form` names), so adapter + residual is ``s_v B_v A_v + η Σ p_i Δ_i``."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise AggregationError(f"the server learning rate must be a finite number > 0, got {lr!r}")
     d_out, d_in = int(result.B.shape[0]), int(result.A.shape[1])
@@ -72,36 +105,36 @@ def flush_module(
     rights: list[Tensor] = []
 
     def add(b: Tensor, a: Tensor, coeff: float) -> None:
-        if coeff == 0.0 or b.shape[1] == 0:
+        if coeff == 0.0:
             return
-        if tuple(b.shape[:1]) + tuple(a.shape[1:]) != (d_out, d_in):
+        if (int(b.shape[0]), int(a.shape[1])) != (d_out, d_in):
             raise AggregationError(f"a version's adapter is {b.shape[0]} x {a.shape[1]}, the flush {d_out} x {d_in}")
         lefts.append(b.to(_F64) * coeff)
         rights.append(a.to(_F64))
 
     res = result.residual
+    strategy_form, strategy_k = "none", 0
     if res is not None and res.dense is None:
         assert res.left is not None and res.right is not None
+        strategy_form, strategy_k = "factored", int(res.left.shape[1])
         add(res.left, res.right, float(lr))
+    elif res is not None:
+        strategy_form = "dense"
     add(result.B, result.A, (float(lr) - 1.0) * float(result.scaling))
-    if current is not None:
-        add(current.B, current.A, float(current.scaling))
-    for factors, mass in bases.values():
-        if factors is not None:
-            add(factors.B, factors.A, -float(lr) * float(mass) * float(factors.scaling))
-    k = sum(int(t.shape[1]) for t in lefts)
-    if (res is not None and res.dense is not None) or dense_is_smaller(d_out, d_in, k):
+    for factors, coeff in terms:
+        add(factors.B, factors.A, float(coeff) * float(factors.scaling))
+    form, _ = flush_residual_form((d_out, d_in), strategy_form, strategy_k, int(result.A.shape[0]), lr, terms)
+    if form == "none":
+        return ModuleResult(result.A, result.B, result.scaling, None)
+    if form == "dense":
         dense = torch.zeros(d_out, d_in, dtype=_F64)
         if res is not None and res.dense is not None:
             dense += res.dense.to(_F64) * float(lr)
         for left, right in zip(lefts, rights, strict=True):
             dense.addmm_(left, right)
         return ModuleResult(result.A, result.B, result.scaling, Residual(dense=dense))
-    if k == 0:
-        return ModuleResult(result.A, result.B, result.scaling, None)
-    return ModuleResult(
-        result.A, result.B, result.scaling, Residual(left=torch.cat(lefts, 1), right=torch.cat(rights, 0))
-    )
+    residual = Residual(left=torch.cat(lefts, 1), right=torch.cat(rights, 0))
+    return ModuleResult(result.A, result.B, result.scaling, residual)
 
 
 def check_buffered(strategy: Strategy | str) -> None:

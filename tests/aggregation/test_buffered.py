@@ -15,7 +15,9 @@ from chorus_mq.aggregation.buffered import (
     base_masses,
     check_buffered,
     flush_module,
+    flush_residual_form,
     flush_weights,
+    version_coefficients,
 )
 from chorus_mq.aggregation.server_opt import PreviousFactors
 from chorus_mq.errors import AggregationError, ConfigError
@@ -57,6 +59,16 @@ def test_only_exact_strategies_are_buffered() -> None:
     for bad in (Strategy.FEDAVG, Strategy.STACK):
         with pytest.raises(ConfigError, match="buffered"):
             check_buffered(bad)
+
+
+def _form(r) -> str:
+    if r.residual is None:
+        return "none"
+    return "dense" if r.residual.dense is not None else "factored"
+
+
+def _k(r) -> int:
+    return int(r.residual.left.shape[1]) if _form(r) == "factored" else 0
 
 
 def _product(f: PreviousFactors | None, shape: tuple[int, int]) -> torch.Tensor:
@@ -104,8 +116,11 @@ def test_flushes_match_the_oracle(strategy: Strategy, lr: float, rule: str, init
         p = flush_weights([u.weight for u in ups], taus, staleness_rule)
         weighted = [ClientUpdate(u.A, u.B, u.scaling, pi) for u, pi in zip(ups, p, strict=True)]
         result = aggregate_module(weighted, strategy)
-        masses = {b: (adapters[b], m) for b, m in base_masses(bases, p).items()}
-        out = flush_module(result, adapters[v], masses, lr)
+        coeffs = version_coefficients(v, base_masses(bases, p), lr)
+        terms = [(adapters[b], c) for b, c in coeffs.items() if adapters[b] is not None]
+        form, k = flush_residual_form((d_out, d_in), _form(result), _k(result), result.A.shape[0], lr, terms)
+        out = flush_module(result, terms, lr)
+        assert _form(out) == form and _k(out) == k
         if out.residual is not None:
             corrections += out.residual.to_dense().to(F64)
         adapters.append(PreviousFactors(out.A, out.B, out.scaling))
@@ -120,10 +135,13 @@ def test_one_fresh_delta_at_lr_one_is_the_strategy_itself() -> None:
     (c,) = make_clients(16, 12, [3], seed=5)
     current = PreviousFactors(c.A, c.B, c.scaling)
     result = aggregate_module(ups, Strategy.FEDEX_LORA)
-    out = flush_module(result, current, {7: (current, 1.0)}, 1.0)
+    terms = [(current, c) for c in version_coefficients(7, {7: 1.0}, 1.0).values()]
+    assert [c for _, c in terms] == [0.0]
+    out = flush_module(result, terms, 1.0)
     assert out.residual is not None and result.residual is not None
-    diff = out.residual.to_dense().to(F64) - result.residual.to_dense().to(F64)
-    assert float(diff.norm()) <= 1e-5 * float(result.residual.to_dense().norm())
+    assert torch.equal(out.residual.left, result.residual.left) and torch.equal(
+        out.residual.right, result.residual.right
+    )
 
 
 def test_flush_module_refuses_bad_input() -> None:
@@ -131,6 +149,6 @@ def test_flush_module_refuses_bad_input() -> None:
     result = aggregate_module(ups, Strategy.SVD)
     (other,) = make_clients(9, 6, [2], seed=2)
     with pytest.raises(AggregationError, match="learning rate"):
-        flush_module(result, None, {}, 0.0)
+        flush_module(result, [], 0.0)
     with pytest.raises(AggregationError, match="9 x 6"):
-        flush_module(result, PreviousFactors(other.A, other.B, other.scaling), {}, 1.0)
+        flush_module(result, [(PreviousFactors(other.A, other.B, other.scaling), 1.0)], 1.0)
