@@ -106,6 +106,10 @@ class Status:
     #: the server optimiser on each round's exact update and the settings it uses (``optimizer``, ``lr``,
     #: ...; empty when there is none)
     server_opt: dict[str, Any] = field(default_factory=dict)
+    #: sync or buffered; buffered: a round is a buffer (version), ``quorum`` its size K, and ``buffered`` the
+    #: flush settings (max_staleness, staleness_weight, server_lr, max_per_client_per_flush)
+    mode: str = "sync"
+    buffered: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +264,8 @@ class ChorusClient:
                 scaffold=cfg.scaffold,
                 personal_heads=cfg.personal_heads,
                 server_opt=cfg.server_opt_settings(),
+                mode=str(cfg.mode),
+                buffered=cfg.buffered_settings(),
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,

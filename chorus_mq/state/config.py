@@ -229,6 +229,20 @@ class FederationConfig:
     def buffered(self) -> bool:
         return self.mode == FederationMode.BUFFERED
 
+    def buffered_settings(self) -> dict[str, Any]:
+        """The flush settings of a buffered federation ({} for synchronous rounds)."""
+        if not self.buffered:
+            return {}
+        return {
+            "buffer": self.quorum,
+            "min_buffer": self.effective_min_quorum,
+            "flush_timeout": self.round_timeout,
+            "max_staleness": self.max_staleness,
+            "staleness_weight": self.staleness_weight,
+            "server_lr": self.server_lr,
+            "max_per_client_per_flush": self.max_per_client_per_flush,
+        }
+
     def check_upload(self, round_: int | None, base_version: int | None) -> None:
         """ConfigError for an upload's round / base version that does not fit the mode: a buffered upload names
         the version it trained from and no round (it joins the open buffer); a sync upload names no version."""
