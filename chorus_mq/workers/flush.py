@@ -26,8 +26,8 @@ from ..aggregation.buffered import (
     version_coefficients,
 )
 from ..aggregation.server_opt import PreviousFactors
-from ..errors import AggregationError, ServiceUnavailable
-from ..names import ENDED_STATES, RoundStatus
+from ..errors import AggregationError
+from ..names import RoundStatus
 from ..state import FederationConfig
 from ..state.rounds import DeltaRecord
 from .plan import Plan
@@ -37,23 +37,6 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 _F64 = torch.float64
-
-
-class FlushWaiting(ServiceUnavailable):
-    """A flush cannot be planned before the flush of the version it moves has ended (retried with backoff)."""
-
-    code = "flush_waiting"
-
-
-def wait_for_previous(rt: Runtime, federation: str, r: int, epoch: int) -> None:
-    """Return once every round before ``r`` has ended; else renew ``r``'s lease (it is waiting, not dead) and
-    raise :class:`FlushWaiting` so the task is retried (the commit of the flush before also re-sends it)."""
-    latest = rt.state.latest_complete(federation) or 0
-    for earlier in range(r - 1, latest, -1):
-        state = rt.state.round(federation, earlier).state
-        if state not in ENDED_STATES:
-            rt.state.renew(federation, r, epoch)
-            raise FlushWaiting(f"flush {r} of {federation!r} waits for flush {earlier} ({state}) to end")
 
 
 def flush_fields(

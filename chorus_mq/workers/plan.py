@@ -108,7 +108,7 @@ def plan_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dispa
     stored = rt.state.plan(federation, r)
     if stored is None:
         if rt.state.config(federation).buffered:
-            from .flush import wait_for_previous
+            from .flush_order import wait_for_previous
 
             wait_for_previous(rt, federation, r, epoch)  # a flush moves the version before it: raises to retry
         with Heartbeat(rt, federation, r, epoch):
