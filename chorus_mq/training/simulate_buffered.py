@@ -66,8 +66,8 @@ class Curve:
     refused_stale: int = 0
 
     def time_to(self, accuracy: float) -> float | None:
-        """The first time this curve reaches ``accuracy`` (None: never)."""
-        return next((t for t, _v, acc, _l in self.points if acc >= accuracy - 1e-12), None)
+        """The first time a trained version (round or version >= 1) reaches ``accuracy`` (None: never)."""
+        return next((t for t, v, acc, _l in self.points if v >= 1 and acc >= accuracy - 1e-12), None)
 
 
 @dataclass
@@ -147,11 +147,16 @@ class _Comparison:
         sync_time = sync.time_to(target)
         buffered = self._buffered(initial, start.accuracy, start.loss, target, sync.points[-1][0])
         report = SpeedReport(sync, buffered, target, sync_time, buffered.time_to(target))
-        ratio = "never reached" if report.ratio is None else f"{report.ratio:.2f}x the synchronous time"
+        reached = (
+            "buffered never reached it"
+            if report.buffered_time is None
+            else f"buffered reached it at t={report.buffered_time:g}"
+            + ("" if report.ratio is None else f", {report.ratio:.2f}x the synchronous time")
+        )
         self.say(
-            f"synchronous final accuracy {target:.4f} at t={sync_time:g}; buffered reached it at "
-            f"t={report.buffered_time}: {ratio} ({buffered.contributions} contributions, "
-            f"{len(buffered.points) - 1} versions, {buffered.refused_stale} stale refusals)"
+            f"synchronous final accuracy {target:.4f}, first reached at t={sync_time:g}; {reached} "
+            f"({buffered.contributions} contributions, {len(buffered.points) - 1} versions, "
+            f"{buffered.refused_stale} stale refusals)"
         )
         return report
 
