@@ -366,6 +366,16 @@ def buffered_round(rt: Runtime, msg: IngestMessage, r: int, config: FederationCo
     problem = staleness_problem(msg, latest, config)
     if problem:
         raise StaleDelta(problem)
+    base = msg.base_version
+    if base > 0 or rt.state.latest_complete(msg.federation) is not None:
+        # a version is a complete round; one that failed or was aborted published nothing to start from (an
+        # ended round never changes state, so this holds until the flush reads it)
+        state = rt.state.round(msg.federation, base).state
+        if state != RoundStatus.COMPLETE:
+            raise StaleDelta(
+                f"version {base} was never published (round {base} is {state}); the current version of "
+                f"{msg.federation!r} is {latest}"
+            )
     if rt.state.round(msg.federation, r).state == RoundStatus.OPEN:
         return r
     return rt.state.current_round(msg.federation)

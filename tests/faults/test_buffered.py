@@ -178,3 +178,18 @@ def test_beat_flushes_at_the_timeout_with_min_buffer(deployment, delta_file, tmp
     assert sdk.state.round("tick", 1).closed_by == "deadline"
     _pull_and_check(sdk, oracle, "tick", 1, [(0, 0), (1, 0)], tmp_path)
     assert sdk.state.round("tick", 2).state == RoundStatus.OPEN
+
+
+def test_a_version_that_was_never_published_cannot_be_a_base(deployment, delta_file, tmp_path):
+    sdk = deployment.sdk()
+    _create(sdk, "gap", tmp_path, quorum=1)
+    deployment.start_worker()
+    _upload_all(sdk, "gap", [(0, 0)], delta_file)
+    assert wait_round(deployment, "gap", 1) == "complete"
+    assert sdk.state.abort("gap", 2, "operator").status == "aborted"  # buffer 2 never becomes a version
+    _upload_all(sdk, "gap", [(1, 1)], delta_file)
+    assert wait_round(deployment, "gap", 3) == "complete" and sdk.state.latest_complete("gap") == 3
+    with pytest.raises(Rejected, match=r"version 2 was never published \(round 2 is aborted\)"):
+        sdk.upload("gap", delta_file(2), "c2", dataset_size=100.0, base_version=2, timeout=60)
+    _upload_all(sdk, "gap", [(3, 3)], delta_file)
+    assert wait_round(deployment, "gap", 4) == "complete"
