@@ -327,8 +327,13 @@ def write_speed_results(out: Path, job: SpeedJob, report: SpeedReport) -> None:
     ax.axhline(report.target, color="grey", linestyle=":", label="synchronous final accuracy")
     ax.set_xlabel("simulated time (a speed-1 client's local step = 1)")
     ax.set_ylabel("held-out accuracy")
-    ratio = "" if report.ratio is None else f": buffered reaches it in {report.ratio:.2f}x the time"
-    ax.set_title(f"{job.sim.model}, speeds {','.join(f'{s:g}' for s in job.speeds)}, buffer {job.buffer}{ratio}")
+    ratio = (
+        ""
+        if report.ratio is None
+        else f"\nbuffered reaches the synchronous final accuracy in {report.ratio:.2f}x the time"
+    )
+    speeds = ",".join(f"{s:g}" for s in job.speeds)
+    ax.set_title(f"{job.sim.model}, client speeds {speeds}, buffer {job.buffer}{ratio}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "buffered.png", dpi=120)
