@@ -106,6 +106,10 @@ class Status:
     #: the server optimiser on each round's exact update and the settings it uses (``optimizer``, ``lr``,
     #: ...; empty when there is none)
     server_opt: dict[str, Any] = field(default_factory=dict)
+    #: sync or buffered; buffered: a round is a buffer (version), ``quorum`` its size K, and ``buffered`` the
+    #: flush settings (max_staleness, staleness_weight, server_lr, max_per_client_per_flush)
+    mode: str = "sync"
+    buffered: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +264,8 @@ class ChorusClient:
                 scaffold=cfg.scaffold,
                 personal_heads=cfg.personal_heads,
                 server_opt=cfg.server_opt_settings(),
+                mode=str(cfg.mode),
+                buffered=cfg.buffered_settings(),
                 selected=rnd.selected,
                 privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
                 client_dp=client_dp,
@@ -463,10 +469,13 @@ class ChorusClient:
         global_eval: GlobalEval | Mapping[str, Any] | None = None,
         progress: bool = False,
         lr_sum: float | None = None,
+        base_version: int | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
         federations): the learning rate summed over the local steps that trained the adapter.
+        ``base_version`` (buffered federations, required there): the version the adapter was trained from;
+        the delta goes into whatever buffer is open.
 
         ``label_counts`` (label -> examples of the training data) and ``global_eval`` (this client's evaluation
         of the global model it started from: round, loss, accuracy, examples) are optional reports that
@@ -480,6 +489,7 @@ class ChorusClient:
             raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")
         with _service(self.settings):
             cfg = FederationConfig.from_hash(self.state.meta(federation))
+        cfg.check_upload(round_, base_version)
         report = _report(
             federation,
             client_id,
@@ -510,6 +520,7 @@ class ChorusClient:
             lr_sum=lr_sum,
             label_counts=report.label_counts,
             global_eval=report.global_eval,
+            base_version=base_version,
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)

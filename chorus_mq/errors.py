@@ -99,6 +99,12 @@ class DuplicateDelta(Conflict):
     code = "conflicting_delta"
 
 
+class StaleDelta(Conflict):
+    """A buffered federation's delta trained from a version too old (or not yet published)."""
+
+    code = "stale_delta"
+
+
 class ObjectExists(Conflict):
     """A write-once object already exists."""
 

@@ -42,6 +42,10 @@ class ClientEntry:
     cosine: float | None = None
     #: the client's evaluation of the global model it started from (round, loss, accuracy, examples)
     global_eval: dict[str, Any] | None = None
+    #: buffered flushes: the version the delta was trained from, and how many versions behind the one the
+    #: flush moved (None in synchronous rounds)
+    base_version: int | None = None
+    staleness: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,9 @@ class Manifest:
     #: the server optimiser's settings and ``previous_round``, the round whose global it stepped from
     #: (None: no server optimiser)
     server_opt: dict[str, Any] | None = None
+    #: buffered flushes: ``previous_version`` (the version the flush moved), ``server_lr`` (η) and
+    #: ``staleness_weight`` (g); None: a synchronous round
+    buffered: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -155,6 +162,12 @@ class Manifest:
         # without a server optimiser a manifest is byte-identical to one written before it existed
         if d["server_opt"] is None:
             del d["server_opt"]
+        if d["buffered"] is None:
+            del d["buffered"]
+        for client in d["clients"]:
+            for name in ("base_version", "staleness"):
+                if client[name] is None:
+                    del client[name]
         for shard in d["shards"]:
             if shard["opt_state"] is None:
                 del shard["opt_state"]
@@ -186,6 +199,7 @@ class Manifest:
                 variate_clipped={k: float(v) for k, v in (d.get("variate_clipped") or {}).items()},
                 global_eval=None if d.get("global_eval") is None else EvalSummary.from_dict(d["global_eval"]),
                 server_opt=None if d.get("server_opt") is None else dict(d["server_opt"]),
+                buffered=None if d.get("buffered") is None else dict(d["buffered"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

@@ -38,7 +38,7 @@ SIGNED_FIELDS = (
     "nonce",
 )
 #: signed only when present, so records from clients that never send them keep their signatures
-OPTIONAL_SIGNED_FIELDS = ("lr_sum", "label_counts", "global_eval")
+OPTIONAL_SIGNED_FIELDS = ("lr_sum", "label_counts", "global_eval", "base_version")
 _TOKEN = r"^[A-Za-z0-9_-]{8,64}$"
 #: a label histogram names at most this many labels, each at most this long; a count is at most this
 MAX_HISTOGRAM_LABELS = 1024
@@ -92,6 +92,8 @@ class IngestMessage(BaseModel):
     label_counts: dict[str, _Count] | None = Field(default=None, max_length=MAX_HISTOGRAM_LABELS)
     #: the client's evaluation of the global model it started this round from
     global_eval: GlobalEval | None = None
+    #: buffered federations: the version (round) the delta was trained from; ingest refuses a stale one
+    base_version: StrictInt | None = Field(default=None, ge=0)
     upload_id: str = Field(default_factory=lambda: secrets.token_hex(12), pattern=_TOKEN)
     ts: float = Field(default_factory=time.time)
     nonce: str = Field(default_factory=lambda: secrets.token_hex(16), pattern=_TOKEN)

@@ -56,6 +56,25 @@ class ServerOptimizer(_Choice):
         return 1e-2 if self in (ServerOptimizer.FEDADAM, ServerOptimizer.FEDYOGI) else 1.0
 
 
+class FederationMode(_Choice):
+    """Synchronous rounds (a quorum per round) or buffered flushes (FedBuff; DESIGN.md section 1)."""
+
+    SYNC = "sync"
+    BUFFERED = "buffered"
+
+
+class StalenessWeight(_Choice):
+    """How a buffered flush discounts a delta trained ``τ`` versions ago: ``g(τ)`` (``--staleness-weight``)."""
+
+    CONSTANT = "constant"  # g = 1
+    POLY = "poly"  # poly:A, g = (1 + τ)^(-A)
+    HINGE = "hinge"  # hinge:A,B, g = 1 for τ <= B, else 1 / (A (τ - B) + 1)
+
+
+#: the strategies a buffered flush is exact for (DESIGN.md section 1, "Buffered flushes")
+BUFFERED_STRATEGIES = frozenset({Strategy.FEDEX_LORA, Strategy.SVD})
+
+
 class RobustAggregate(_Choice):
     MEAN = "mean"
     TRIMMED = "trimmed"
@@ -330,6 +349,9 @@ class ScriptStatus(_Choice):
     DROPPED = "dropped"
     PUBLISHED = "published"
     COUNTED = "counted"
+    #: register_delta, buffered: the upload names no base version / a version not yet published
+    NO_BASE = "no_base"
+    FUTURE_BASE = "future_base"
     #: a key the script would write holds another Redis type: nothing was changed
     WRONG_TYPE = "wrong_type"
 

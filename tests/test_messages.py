@@ -49,6 +49,19 @@ def test_lr_sum_is_signed_when_sent_and_records_without_it_keep_their_signatures
         IngestMessage.parse({**json.loads(signed.model_dump_json()), "lr_sum": "Infinity"})
 
 
+def test_base_version_is_signed_when_sent_and_must_be_a_plain_int():
+    plain = _msg().signed("k")
+    assert b"base_version" not in plain.canonical() and plain.signature_valid("k")
+    assert not plain.model_copy(update={"base_version": 0}).signature_valid("k")
+    signed = _msg(base_version=3).signed("k")
+    assert signed.signature_valid("k")
+    assert not signed.model_copy(update={"base_version": 4}).signature_valid("k")  # a fresher claim on the way
+    body = json.loads(signed.model_dump_json())
+    for bad in (-1, True, 1.5, "3"):
+        with pytest.raises(InvalidAdapter, match="base_version"):
+            IngestMessage.parse({**body, "base_version": bad})
+
+
 def test_a_record_round_trips_through_the_inbox_field():
     msg = _msg().signed("k")
     fields = msg.to_record()

@@ -11,6 +11,7 @@ import click
 from ..errors import ConfigError
 from ..names import (
     ExpirePolicy,
+    FederationMode,
     MissingModules,
     RobustAggregate,
     ServerOptimizer,
@@ -38,7 +39,36 @@ def federation() -> None:
     help="A local model directory (config.json + safetensors: module shapes are read from the headers) "
     "or the model's name when --reference-adapter declares the shapes.",
 )
-@click.option("--quorum", type=int, required=True, help="Deltas that close a round.")
+@click.option("--quorum", type=int, default=None, help="Deltas that close a round (sync mode; required there).")
+@click.option(
+    "--mode",
+    type=choice(FederationMode),
+    default=FederationMode.SYNC.value,
+    show_default=True,
+    help="sync: rounds wait for their quorum; buffered (FedBuff): no round barrier, every --buffer accepted "
+    "deltas flush into the next version, each delta taken relative to the version it trained from.",
+)
+@click.option("--buffer", type=int, default=None, help="buffered: accepted deltas that flush into a new version (K).")
+@click.option("--min-buffer", type=int, default=None, help="buffered: deltas a timeout flush needs (default 1).")
+@click.option("--flush-timeout", type=int, default=None, help="buffered: seconds after which a buffer flushes anyway.")
+@click.option(
+    "--max-staleness",
+    type=int,
+    default=None,
+    help="buffered: refuse a delta trained from a version more than S versions old (default 10).",
+)
+@click.option(
+    "--staleness-weight",
+    default=None,
+    help="buffered: discount g(τ) of a delta τ versions stale: constant, poly:A ((1+τ)^-A; default poly:0.5) "
+    "or hinge:A,B (FedBuff's: 1 up to B, then 1/(A(τ-B)+1)).",
+)
+@click.option(
+    "--max-per-client-per-flush",
+    type=int,
+    default=None,
+    help="buffered: a client's accepted deltas per flush (default 1).",
+)
 @click.option(
     "--reference-adapter",
     type=click.Path(exists=True),
@@ -133,11 +163,11 @@ def federation() -> None:
 @click.option(
     "--relative-clip",
     type=float,
-    default=10.0,
-    show_default=True,
+    default=None,
     help="Clip each client's update, per module and as a whole, to K times the round's median client"
     " norm (the lower median: with two clients, the smaller), so no outlier owns a round; rounds where"
-    " nobody exceeds it are unchanged. 0: off. Not applied with differential privacy.",
+    " nobody exceeds it are unchanged. 0: off. Not applied with differential privacy. Default 10 (sync),"
+    " off in buffered mode (not built there).",
 )
 @click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
 @click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
@@ -178,10 +208,17 @@ def federation() -> None:
 def federation_create(ctx: click.Context, **params: Any) -> None:
     """Create federation NAME, declare its model and open round 1."""
     cfg, initial = build_federation(client_of(ctx), **params)
-    click.echo(
-        f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
-        f"{cfg.weights}; round 1 is open"
-    )
+    if cfg.buffered:
+        click.echo(
+            f"federation {cfg.name} created, buffered: flush every {cfg.quorum} deltas, max staleness "
+            f"{cfg.max_staleness}, staleness weight {cfg.staleness_weight}, server lr {cfg.server_step_size:g}, "
+            f"strategy {cfg.strategy}; buffer 1 is open"
+        )
+    else:
+        click.echo(
+            f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
+            f"{cfg.weights}; round 1 is open"
+        )
     if cfg.server_opt != ServerOptimizer.NONE:
         click.echo(f"server optimiser: {server_opt_text(cfg.server_opt_settings())}")
     if initial:
@@ -213,7 +250,7 @@ def build_federation(
     *,
     name: str,
     base_model: str,
-    quorum: int,
+    quorum: int | None,
     reference_adapter: str | None,
     initial_adapter: str | None,
     task: str | None,
@@ -224,6 +261,10 @@ def build_federation(
     seed: int,
     dp_epsilon: float | None,
     dp_rounds: int,
+    mode: str = FederationMode.SYNC.value,
+    buffer: int | None = None,
+    min_buffer: int | None = None,
+    flush_timeout: int | None = None,
     **options: Any,
 ) -> tuple[FederationConfig, bool]:
     """Create the federation from ``federation create``'s options (``options``: the FederationConfig
@@ -232,6 +273,7 @@ def build_federation(
     from ..adapters import model_decl_from_adapter, model_decl_from_dir
     from ..federation import canonical_decl
 
+    quorum = _buffered_options(options, mode, quorum, buffer, min_buffer, flush_timeout)
     if dp_epsilon is not None:
         from ..aggregation.dp import noise_for_budget
 
@@ -304,6 +346,56 @@ def build_federation(
     finally:
         if workdir is not None:
             workdir.cleanup()
+
+
+def _buffered_options(
+    options: dict[str, Any],
+    mode: str,
+    quorum: int | None,
+    buffer: int | None,
+    min_buffer: int | None,
+    flush_timeout: int | None,
+) -> int:
+    """The quorum, with a buffered federation's flags mapped onto the round machine's fields (a buffer is a
+    round: K is its quorum, --min-buffer its min-quorum, --flush-timeout its deadline); ConfigError for a
+    flag of the other mode."""
+    options["mode"] = FederationMode(mode)
+    if options.get("relative_clip") is None:
+        options["relative_clip"] = 0.0 if options["mode"] == FederationMode.BUFFERED else 10.0
+    buffered_only = {
+        "--buffer": buffer,
+        "--min-buffer": min_buffer,
+        "--flush-timeout": flush_timeout,
+        "--max-staleness": options.get("max_staleness"),
+        "--staleness-weight": options.get("staleness_weight"),
+        "--max-per-client-per-flush": options.get("max_per_client_per_flush"),
+    }
+    if options["mode"] != FederationMode.BUFFERED:
+        given = [flag for flag, value in buffered_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} applies only to --mode buffered")
+        if quorum is None:
+            raise ConfigError("--quorum is required (deltas that close a round)")
+        for name in ("max_staleness", "staleness_weight", "max_per_client_per_flush"):
+            options.pop(name, None)
+        return quorum
+    if buffer is None:
+        raise ConfigError("--mode buffered needs --buffer K (accepted deltas per flush)")
+    if quorum is not None or options.get("min_quorum") or options.get("round_timeout"):
+        raise ConfigError(
+            "--mode buffered takes --buffer, --min-buffer and --flush-timeout instead of --quorum, --min-quorum "
+            "and --round-timeout"
+        )
+    if min_buffer is not None and not 1 <= min_buffer <= buffer:
+        raise ConfigError(f"--min-buffer must be between 1 and --buffer {buffer}")
+    if flush_timeout is not None and flush_timeout < 0:
+        raise ConfigError("--flush-timeout cannot be negative (0: flush only at K deltas)")
+    options["min_quorum"] = 1 if min_buffer is None else min_buffer
+    options["round_timeout"] = flush_timeout or 0
+    for name in ("max_staleness", "staleness_weight", "max_per_client_per_flush"):
+        if options.get(name) is None:
+            options.pop(name, None)
+    return buffer
 
 
 def _task_from_peft(peft_task: str) -> TaskType | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -82,6 +83,22 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
     default=None,
     help="With --model: write CSV, JSON and a PNG plot here.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["sync", "buffered"]),
+    default="sync",
+    show_default=True,
+    help="With --model: buffered compares a buffered federation (FedBuff) with synchronous rounds on a "
+    "simulated clock (needs --client-speeds); writes buffered.png and buffered.json to --out.",
+)
+@click.option(
+    "--client-speeds",
+    default=None,
+    help="buffered: each client's local step time, e.g. 1,1,2,4,8 (one per client; --clients follows).",
+)
+@click.option("--buffer", type=int, default=3, show_default=True, help="buffered: deltas per flush (K).")
+@click.option("--max-staleness", type=int, default=50, show_default=True, help="buffered: refused beyond.")
+@click.option("--staleness-weight", default="poly:0.5", show_default=True, help="buffered: g(τ).")
 @click.option("--redis-url", "sim_redis", default=None, help="Real Redis instead of the embedded one.")
 @click.option("--store", "sim_store", default=None, help="Store URL instead of a temporary file:// store.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -125,6 +142,11 @@ def simulate(
     seed: int,
     seeds: str | None,
     as_json: bool,
+    mode: str = "sync",
+    client_speeds: str | None = None,
+    buffer: int = 3,
+    max_staleness: int = 50,
+    staleness_weight: str = "poly:0.5",
 ) -> None:
     """Run whole federations through the production code paths on embedded defaults.
 
@@ -138,6 +160,12 @@ def simulate(
     chosen = strategies.split(",") if strategies else (["fedavg", "fedex-lora"] if compare else [strategy])
     for name in chosen:
         Strategy(name)
+    if mode == "buffered" and not model:
+        raise ConfigError("--mode buffered compares real training: give --model (e.g. minilm)")
+    speeds = _speeds(client_speeds) if mode == "buffered" else None
+    if speeds is not None:
+        clients = len(speeds)
+        server_lr_flush, server_lr = (1.0 if server_lr is None else server_lr), None  # η of the flushes; sync: plain
     if model:
         from ..training.simulate_model import DEFAULT_STEPS_PER_ROUND, SimConfig, run_simulation_job
 
@@ -167,6 +195,10 @@ def simulate(
             seed=seed,
             seeds=tuple(_seeds(seeds) or ()),
         )
+        if mode == "buffered":
+            assert speeds is not None
+            _buffered(job, speeds, buffer, max_staleness, staleness_weight, server_lr_flush, out_dir, as_json)
+            return
         run_simulation_job(
             job,
             out_dir=Path(out_dir) if out_dir else None,
@@ -188,6 +220,44 @@ def simulate(
     )
     if as_json:
         echo_json(rows)
+
+
+def _speeds(value: str | None) -> tuple[float, ...]:
+    if not value:
+        raise ConfigError("--mode buffered needs --client-speeds, e.g. 1,1,2,4,8 (one per client)")
+    try:
+        return tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--client-speeds takes comma-separated numbers, got {value!r}") from None
+
+
+def _buffered(
+    job: Any,
+    speeds: tuple[float, ...],
+    buffer: int,
+    max_staleness: int,
+    staleness_weight: str,
+    server_lr: float,
+    out_dir: str | None,
+    as_json: bool,
+) -> None:
+    from ..training.simulate_buffered import SpeedJob, run_speed_comparison
+
+    speed_job = SpeedJob(job, speeds, buffer, max_staleness, staleness_weight, server_lr)
+    report = run_speed_comparison(
+        speed_job, out_dir=Path(out_dir) if out_dir else None, echo=None if as_json else click.echo
+    )
+    if as_json:
+        echo_json(
+            {
+                "target_accuracy": report.target,
+                "sync_time": report.sync_time,
+                "buffered_time": report.buffered_time,
+                "ratio": report.ratio,
+                "sync": report.sync.points,
+                "buffered": report.buffered.points,
+            }
+        )
 
 
 def _seeds(value: str | None) -> list[int] | None:

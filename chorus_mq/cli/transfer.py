@@ -19,6 +19,12 @@ from .options import client_of, federation_option, one_line_errors
 @click.option("--client-id", required=True)
 @click.option("--dataset-size", type=float, default=None, help="Examples trained on (the weight's claim).")
 @click.option("--round", "round_", type=int, default=None, help="Round to upload to (default: the open one).")
+@click.option(
+    "--base-version",
+    type=int,
+    default=None,
+    help="Buffered federations (required there): the version (round) the adapter was trained from.",
+)
 @click.option("--lora-alpha", type=float, default=None, help="For a bare .safetensors: lora_alpha (default r).")
 @click.option(
     "--secret",
@@ -37,6 +43,7 @@ def upload(
     client_id: str,
     dataset_size: float | None,
     round_: int | None,
+    base_version: int | None,
     lora_alpha: float | None,
     secret: str | None,
     wait: bool,
@@ -53,6 +60,7 @@ def upload(
         timeout=timeout,
         lora_alpha=lora_alpha,
         progress=True,
+        base_version=base_version,
     )
     if res.status == "queued":
         click.echo(f"queued upload {res.upload_id} (sha256 {res.sha256[:12]})")

@@ -13,7 +13,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..ids import check_name
 from ..names import (
+    BUFFERED_STRATEGIES,
     ExpirePolicy,
+    FederationMode,
     MissingModules,
     RobustAggregate,
     ServerOptimizer,
@@ -22,6 +24,7 @@ from ..names import (
     TaskType,
     WeightPolicy,
 )
+from ..staleness import StalenessRule
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -79,6 +82,15 @@ class FederationConfig:
     server_beta1: float = 0.9  # fedadam, fedyogi
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    #: buffered (FedBuff) mode: the quorum is the buffer size K, min-quorum the --min-buffer a flush
+    #: timeout (round-timeout) needs; a version is a round number (docs/DESIGN.md section 1)
+    mode: FederationMode = FederationMode.SYNC
+    #: buffered: ingest refuses a delta trained from a version more than this many versions old
+    max_staleness: int = 10
+    #: buffered: g(τ), ``constant``, ``poly:A`` or ``hinge:A,B``
+    staleness_weight: str = "poly:0.5"
+    #: buffered: accepted deltas of one client in one flush
+    max_per_client_per_flush: int = 1
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -145,6 +157,7 @@ class FederationConfig:
                 "(--task seq-cls --labels ...)"
             )
         self._check_server_opt()
+        self._check_buffered()
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):
@@ -160,6 +173,8 @@ class FederationConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
         used = _SERVER_OPT_SETTINGS[self.server_opt]
+        if self.mode == FederationMode.BUFFERED:
+            used = (*used, "lr")  # a flush's η
         defaults = {f.name: f.default for f in dataclasses.fields(self)} | {"server_lr": self.server_opt.default_lr}
         for name in ("lr", "momentum", "beta1", "beta2", "tau"):
             field_name = f"server_{name}"
@@ -167,6 +182,11 @@ class FederationConfig:
                 raise ConfigError(f"{_flag(field_name)} does not apply to --server-opt {self.server_opt}")
         if self.server_opt == ServerOptimizer.NONE:
             return
+        if self.mode == FederationMode.BUFFERED:
+            raise ConfigError(
+                f"--server-opt {self.server_opt} is not built for --mode buffered: a flush steps by "
+                "--server-lr alone (use --server-opt none)"
+            )
         if self.strategy == Strategy.STACK:
             raise ConfigError(
                 f"--server-opt {self.server_opt} cannot step --strategy stack: its clients start from a "
@@ -177,6 +197,79 @@ class FederationConfig:
     def server_step_size(self) -> float:
         """The server optimiser's step size (``server_lr``, resolved to the optimiser's default at creation)."""
         return self.server_opt.default_lr if self.server_lr is None else self.server_lr
+
+    def _check_buffered(self) -> None:
+        """The buffered settings, and refusals of what buffered mode does not combine with (yet)."""
+        StalenessRule.parse(self.staleness_weight)  # ConfigError naming the forms
+        if self.max_staleness < 0:
+            raise ConfigError("--max-staleness cannot be negative (0: only deltas of the latest version)")
+        if self.max_per_client_per_flush < 1:
+            raise ConfigError("--max-per-client-per-flush must be at least 1")
+        if self.mode != FederationMode.BUFFERED:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("max_staleness", "staleness_weight", "max_per_client_per_flush"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{_flag(name)} applies only to --mode buffered")
+            return
+        if self.strategy not in BUFFERED_STRATEGIES:
+            allowed = ", ".join(sorted(s.value for s in BUFFERED_STRATEGIES))
+            raise ConfigError(
+                f"--mode buffered is exact per flush only for --strategy {allowed}; {self.strategy} is not "
+                "supported (fedavg has no residual to absorb each base version's adapter; stack's clients train "
+                "from a truncation of the published model)"
+            )
+        if self.max_per_client_per_flush != 1:
+            raise ConfigError("--max-per-client-per-flush above 1 is not built yet: one delta per client per flush")
+        refused = {
+            "--scaffold": self.scaffold,
+            "--personal-heads": self.personal_heads,
+            "server-side differential privacy (--dp-epsilon / --dp-noise-multiplier)": bool(self.dp_noise_multiplier),
+            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening,
+            "--relative-clip (pass --relative-clip 0)": bool(self.relative_clip),
+            "--expire-policy expire": self.expire_policy == ExpirePolicy.EXPIRE,
+            "--clients-per-round": bool(self.clients_per_round),
+        }
+        for what, on in refused.items():
+            if on:
+                raise ConfigError(f"--mode buffered does not combine with {what} yet")
+
+    @property
+    def buffered(self) -> bool:
+        return self.mode == FederationMode.BUFFERED
+
+    def buffered_settings(self) -> dict[str, Any]:
+        """The flush settings of a buffered federation ({} for synchronous rounds)."""
+        if not self.buffered:
+            return {}
+        return {
+            "buffer": self.quorum,
+            "min_buffer": self.effective_min_quorum,
+            "flush_timeout": self.round_timeout,
+            "max_staleness": self.max_staleness,
+            "staleness_weight": self.staleness_weight,
+            "server_lr": self.server_step_size,
+            "max_per_client_per_flush": self.max_per_client_per_flush,
+        }
+
+    def check_upload(self, round_: int | None, base_version: int | None) -> None:
+        """ConfigError for an upload's round / base version that does not fit the mode: a buffered upload names
+        the version it trained from and no round (it joins the open buffer); a sync upload names no version."""
+        if not self.buffered:
+            if base_version is not None:
+                raise ConfigError(
+                    f"federation {self.name!r} has synchronous rounds: --base-version is for buffered ones"
+                )
+            return
+        if round_ is not None:
+            raise ConfigError(
+                f"federation {self.name!r} is buffered: an upload joins the open buffer, so it names the version it "
+                "trained from (--base-version V), not a round"
+            )
+        if base_version is None:
+            raise ConfigError(
+                f"federation {self.name!r} is buffered: name the version the adapter was trained from "
+                "(--base-version V, the round you pulled; `chorus-mq train` fills it)"
+            )
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""

@@ -143,9 +143,15 @@ class DeltaRecord:
     label_counts: Mapping[str, int] | None = None
     #: the client's evaluation of the global model it started from: round, loss, accuracy, examples
     global_eval: Mapping[str, Any] | None = None
+    #: buffered federations: the version the delta was trained from (from the signed message)
+    base_version: int | None = None
 
     def __post_init__(self) -> None:
         check_name(self.client_id, "client id")
+        if self.base_version is not None and (
+            isinstance(self.base_version, bool) or not isinstance(self.base_version, int) or self.base_version < 0
+        ):
+            raise ConfigError(f"base version must be an int >= 0, got {self.base_version!r}")
         _check_sha(self.sha256, "delta sha256")
         _check_sha(self.index_sha256, "index sha256")
         _finite_positive(self.dataset_size, "dataset size")

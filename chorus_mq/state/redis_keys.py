@@ -151,6 +151,12 @@ class FederationKeys:
         published), and ``last:client`` -> its latest rejection (JSON: upload_id, code, reason, count)."""
         return f"{self.round(r)}:rejections"
 
+    @property
+    def ledger(self) -> str:
+        """Hash, buffered federations: ``client|sha256`` -> the round (buffer) that accepted those bytes, so a
+        redelivered or re-sent delta is a duplicate in every later buffer (no delta lands in two flushes)."""
+        return f"{self._base}:buffered_ledger"
+
     def plan(self, r: int) -> str:
         return f"{self.round(r)}:plan"
 

@@ -317,13 +317,26 @@ class RoundState:
         from, retired in the same transition when the verdict accepts it.
 
         Status: accepted | fired (this call fired the quorum; ``epoch`` is the aggregation's) |
-        duplicate | conflict | evicted | closed | not_selected | no_round (see register_delta.lua).
+        duplicate | conflict | evicted | closed | not_selected | no_round, and for a buffered federation
+        stale | future_base | no_base (detail: latest_complete) (see register_delta.lua).
         """
         now = time.time() if now is None else now
         k = FederationKeys(federation)
         stream, entry = inbox or (k.inbox, "")
         return self.scripts.register_delta(
-            keys=[k.round(r), k.deltas(r), k.events, k.deadlines, k.leases, stream],
+            keys=[
+                k.round(r),
+                k.deltas(r),
+                k.events,
+                k.deadlines,
+                k.leases,
+                stream,
+                k.meta,
+                k.round(r + 1),
+                k.clients,
+                k.secrets,
+                k.ledger,
+            ],
             args=[
                 *self._args(federation, r, now),
                 record.client_id,
@@ -333,6 +346,7 @@ class RoundState:
                 repr(now + self.lease_s),
                 entry,
                 INBOX_GROUP,
+                "" if record.base_version is None else record.base_version,
             ],
         )
 

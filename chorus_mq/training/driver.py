@@ -32,6 +32,7 @@ from chorus_mq.names import (
     SKEWED_LABELS,
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
+    FederationMode,
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
@@ -320,6 +321,20 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
         client_id=client_id,
         personal_heads=personal,
     )
+    if status.mode == FederationMode.BUFFERED.value:
+        from .buffered_loop import run_buffered
+
+        yield from run_buffered(
+            sdk,
+            federation,
+            client_id,
+            session,
+            job.rounds,
+            timeout=timeout,
+            poll=job.poll,
+            verdict_wait=_VERDICT_WAIT_S if timeout is None else timeout,
+        )
+        return
     while _reconcile(sdk, federation, client_id, state, session) < job.rounds:
         started = time.monotonic()
         status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=job.poll)

@@ -7,6 +7,7 @@ sha256 goes to Redis with it, so readers verify the manifest before trusting any
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -14,13 +15,14 @@ from typing import Any
 
 from ..adapters import LoraSpec
 from ..adapters.spec import default_targets, fit_spec
-from ..errors import ObjectExists, ObjectMissing
+from ..errors import ObjectExists, ObjectMissing, UnknownRound
 from ..layout import manifest_key
-from ..manifest import Manifest, ShardEntry
-from ..names import RoundStatus, ScriptStatus, ServerOptimizer
+from ..manifest import ClientEntry, Manifest, ShardEntry
+from ..names import RoundStatus, ScriptStatus, ServerOptimizer, Task
 from ..state import FederationConfig, RoundInfo
 from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
+from .flush import manifest_fields
 from .metrics import METRICS
 from .plan import Plan
 from .runtime import Runtime
@@ -74,6 +76,8 @@ def commit_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dis
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
         if config.checkpoint_every and r % config.checkpoint_every == 0:
             request_compaction(rt, dispatch, federation, r)
+        if config.buffered:
+            next_flush(rt, dispatch, federation, r)
         if config.server_opt != ServerOptimizer.NONE:
             try:  # only this round's optimiser state is read again (by the next); the sweep retries the rest
                 collect_states(rt, federation)
@@ -126,7 +130,10 @@ def build_manifest(
         strategy=str(config.strategy),
         base_model=config.base_model,
         adapter_config=adapter_config(plan.template, out, config, plan.extras),
-        clients=client_entries(records, plan.weights, round_cosines(results[k].drift for k in range(len(plan.shards)))),
+        clients=with_bases(
+            client_entries(records, plan.weights, round_cosines(results[k].drift for k in range(len(plan.shards)))),
+            plan,
+        ),
         shards=tuple(shards),
         excluded=plan.excluded,
         clipped=plan.clip,
@@ -139,6 +146,7 @@ def build_manifest(
         variate_clipped={key: f for res in results.values() for key, f in sorted(res.variate_clipped.items())},
         global_eval=reported_eval(records),
         server_opt=_server_opt(config, plan),
+        buffered=manifest_fields(plan, config),
     )
 
 
@@ -159,6 +167,27 @@ def adapter_config(
     return fitted.replace(
         base_model=config.base_model, modules_to_save=spec.modules_to_save if extras else ()
     ).to_peft_config()
+
+
+def with_bases(entries: tuple[ClientEntry, ...], plan: Plan) -> tuple[ClientEntry, ...]:
+    """A flush's clients with their base version and staleness (a synchronous round's as they are)."""
+    if not plan.flush_lr:
+        return entries
+    return tuple(
+        dataclasses.replace(e, base_version=plan.bases.get(e.client_id), staleness=plan.staleness.get(e.client_id))
+        for e in entries
+    )
+
+
+def next_flush(rt: Runtime, dispatch: Dispatcher, federation: str, r: int) -> None:
+    """Re-send the round task of the flush after ``r`` when it fired while ``r`` aggregated (it waits for ``r``
+    with backoff; this starts it now). Idempotent: the plan is set once."""
+    try:
+        info = rt.state.round(federation, r + 1)
+    except UnknownRound:
+        return
+    if info.state == RoundStatus.AGGREGATING and rt.state.plan(federation, r + 1) is None:
+        dispatch.send(Task.ROUND, federation, r + 1, info.epoch)
 
 
 def _server_opt(config: FederationConfig, plan: Plan) -> dict[str, Any] | None:

@@ -35,6 +35,7 @@ from ..errors import (
     ObjectMissing,
     RoundClosed,
     ServiceUnavailable,
+    StaleDelta,
     TooLarge,
     Unauthenticated,
     UnknownFederation,
@@ -47,7 +48,7 @@ from ..messages import IngestMessage
 from ..names import RoundStatus, ScriptStatus, Task
 from ..settings import Settings
 from ..state import FederationConfig, FederationKeys, Inbox
-from ..state.protocol import opt_text
+from ..state.protocol import Reply, opt_text
 from ..state.rounds import DeltaRecord
 from . import auth
 from .declared import Declared, declared_model, present_bitmap, tensor_bytes
@@ -66,6 +67,7 @@ REJECTABLE = (
     NotSelected,
     DuplicateDelta,
     DeltaEvicted,
+    StaleDelta,
     ObjectMissing,
     AuthError,
 )
@@ -225,6 +227,8 @@ def _ingest(rt: Runtime, inbox: Inbox, entry_id: str, msg: IngestMessage, r: int
         remembered = _remembered(rt, msg, r, inbox, entry_id)
         if remembered is not None:
             return remembered
+        if config.buffered:
+            r = buffered_round(rt, msg, r, config)
         _precheck_round(rt, msg, r)
         if config.scaffold:
             _check_lr_sum(msg)  # before any download: the message alone says it
@@ -311,6 +315,19 @@ def _register(
         index = DeltaIndex.from_json(index_bytes)
     record = _record(msg, size, key, ikey, index_bytes, index, modules)
     reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
+    for _ in range(_BUFFER_RETRIES if config.buffered else 0):
+        # the buffer flushed between reading the current round and registering: join the next one
+        if reply.status != ScriptStatus.CLOSED or rt.state.current_round(msg.federation) == r:
+            break
+        r = rt.state.current_round(msg.federation)
+        reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
+    check_buffered_reply(msg, reply, config)
+    if reply.status == ScriptStatus.CONFLICT and config.buffered:
+        raise DuplicateDelta(
+            f"client {msg.client_id!r} already has a delta (sha256 {reply.detail[:12]}...) in the open buffer "
+            f"(round {r}); --max-per-client-per-flush is {config.max_per_client_per_flush}: upload again once "
+            f"round {r} is aggregating"
+        )
     if reply.status == ScriptStatus.CONFLICT:
         raise DuplicateDelta(
             f"client {msg.client_id!r} already has a different delta (sha256 {reply.detail[:12]}...) in round {r}"
@@ -333,6 +350,64 @@ def _register(
     METRICS.phase_seconds.labels(phase="ingest").observe(time.perf_counter() - started)
     log.info("delta %s/%s round %s: %s (%d/%s)", msg.federation, msg.client_id, r, reply.status, reply.n, config.quorum)
     return Verdict(True, msg.federation, r, msg.client_id, msg.upload_id, reply.status, epoch=reply.epoch)
+
+
+#: how often a buffered delta follows the buffers that flush while it is registered
+_BUFFER_RETRIES = 5
+
+
+def buffered_round(rt: Runtime, msg: IngestMessage, r: int, config: FederationConfig) -> int:
+    """A buffered delta's round: the open buffer (the one the nonce pinned, if still open; the ledger keeps a
+    delta out of two flushes wherever it lands). Refuses, before any download, an upload that names a round or
+    no base version, and a base version older than max_staleness or not yet published."""
+    config.check_upload(msg.round, msg.base_version)
+    latest = rt.state.latest_complete(msg.federation) or 0
+    assert msg.base_version is not None  # check_upload
+    problem = staleness_problem(msg, latest, config)
+    if problem:
+        raise StaleDelta(problem)
+    base = msg.base_version
+    if base > 0 or rt.state.latest_complete(msg.federation) is not None:
+        # a version is a complete round; one that failed or was aborted published nothing to start from (an
+        # ended round never changes state, so this holds until the flush reads it)
+        state = rt.state.round(msg.federation, base).state
+        if state != RoundStatus.COMPLETE:
+            raise StaleDelta(
+                f"version {base} was never published (round {base} is {state}); the current version of "
+                f"{msg.federation!r} is {latest}"
+            )
+    if rt.state.round(msg.federation, r).state == RoundStatus.OPEN:
+        return r
+    return rt.state.current_round(msg.federation)
+
+
+def staleness_problem(msg: IngestMessage, latest: int, config: FederationConfig) -> str | None:
+    """Why the base version is refused (not yet published, or more than max_staleness versions behind
+    ``latest``); None when it is fine."""
+    base = msg.base_version
+    if base is None:
+        return None
+    if base > latest:
+        return f"base version {base} is not published yet: the current version of {msg.federation!r} is {latest}"
+    if latest - base > config.max_staleness:
+        return (
+            f"delta trained from version {base} is {latest - base} versions stale: the current version of "
+            f"{msg.federation!r} is {latest} and --max-staleness is {config.max_staleness}; pull version {latest} "
+            "and train again"
+        )
+    return None
+
+
+def check_buffered_reply(msg: IngestMessage, reply: Reply, config: FederationConfig) -> None:
+    """The Lua script's own staleness verdicts (latest_complete moves while a delta is judged)."""
+    if not config.buffered:
+        return
+    if reply.status in (ScriptStatus.STALE, ScriptStatus.FUTURE_BASE):
+        latest = int(reply.detail)
+        problem = staleness_problem(msg, latest, config)
+        raise StaleDelta(problem or f"base version {msg.base_version} does not fit the current version {latest}")
+    if reply.status == ScriptStatus.NO_BASE:
+        config.check_upload(None, msg.base_version)
 
 
 def _check_norms(index: DeltaIndex, config: FederationConfig) -> None:
@@ -404,6 +479,7 @@ def _record(
         lr_sum=msg.lr_sum,
         label_counts=None if msg.label_counts is None else dict(msg.label_counts),
         global_eval=None if msg.global_eval is None else msg.global_eval.model_dump(),
+        base_version=msg.base_version,
     )
 
 

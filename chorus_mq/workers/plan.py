@@ -61,6 +61,11 @@ class Plan:
     #: with a server optimiser: the complete round whose published global (and optimiser state) this round
     #: steps from, the latest complete round when it was planned; None: none (or no optimiser)
     previous: int | None = None
+    #: buffered flushes (``workers/flush.py``): each client's base version and staleness against ``previous``
+    #: (the version the flush moves), and η; ``flush_lr`` 0: a synchronous round
+    bases: dict[str, int] = field(default_factory=dict)
+    staleness: dict[str, int] = field(default_factory=dict)
+    flush_lr: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -84,6 +89,9 @@ class Plan:
             variate_fraction=float(d.get("variate_fraction", 0.0)),
             heads=tuple(ObjectRef.from_dict(h) for h in d.get("heads", ())),
             previous=None if d.get("previous") is None else int(d["previous"]),
+            bases={c: int(v) for c, v in (d.get("bases") or {}).items()},
+            staleness={c: int(v) for c, v in (d.get("staleness") or {}).items()},
+            flush_lr=float(d.get("flush_lr", 0.0)),
         )
 
     def shard_items(self, k: int) -> tuple[str, ...]:
@@ -99,6 +107,10 @@ def plan_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dispa
         return "stale"
     stored = rt.state.plan(federation, r)
     if stored is None:
+        if rt.state.config(federation).buffered:
+            from .flush_order import wait_for_previous
+
+            wait_for_previous(rt, federation, r, epoch)  # a flush moves the version before it: raises to retry
         with Heartbeat(rt, federation, r, epoch):
             try:
                 plan = make_plan(rt, federation, r)
@@ -135,6 +147,11 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         if not weights:
             raise AggregationError(f"screening excluded every client: {excluded}")
     kept = sorted(weights)
+    flush: dict[str, Any] = {}
+    if config.buffered:
+        from .flush import flush_fields
+
+        weights, flush = flush_fields(rt, federation, config, {c: records[c] for c in kept}, weights)
     if config.relative_clip and not config.dp_noise_multiplier:
         # on by default: no client counts for more than k x the round's median (docs/DESIGN.md section 1);
         # never under DP, whose sensitivity bound must not depend on the other clients' updates
@@ -167,8 +184,14 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         variate_fraction=_variate_fraction(rt, federation, kept) if config.scaffold else 0.0,
         heads=heads,
         # fixed here, so every shard run of this round reads the same previous round, whatever completes later
-        previous=rt.state.latest_complete(federation) if config.server_opt != ServerOptimizer.NONE else None,
+        previous=flush.pop("previous", None) if flush else _previous(rt, federation, config),
+        **flush,  # a buffered flush's base versions, staleness and η (workers/flush.py)
     )
+
+
+def _previous(rt: Runtime, federation: str, config: FederationConfig) -> int | None:
+    """The complete round a server optimiser steps from: the latest one when the round is planned."""
+    return rt.state.latest_complete(federation) if config.server_opt != ServerOptimizer.NONE else None
 
 
 def _variate_fraction(rt: Runtime, federation: str, kept: Sequence[str]) -> float:

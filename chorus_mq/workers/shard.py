@@ -51,6 +51,7 @@ from ..state import FederationConfig
 from . import drift
 from .declared import Declared, declared_model
 from .dispatch import Dispatcher
+from .flush import FlushStep
 from .lease import Heartbeat
 from .metrics import METRICS
 from .plan import Plan
@@ -180,6 +181,14 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
         step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack)
+        flush = FlushStep.open(rt, federation, plan, plan.shard_items(k))
+        if flush is not None:  # a buffered flush publishes version v+1 exactly (workers/flush.py)
+            for job in jobs:
+                if not job.extra:
+                    shape = (job.shape[0], job.shape[1])
+                    job.residual, job.residual_rank = flush.residual_form(
+                        job.name, job.holders, job.absent, shape, job.residual, job.rank, job.residual_rank
+                    )
         state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         if step is not None:
             for job in jobs:
@@ -206,7 +215,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             state_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "opt-state", sha)))
             state_out.file.close()
             state_file = StreamingWriter(state_out.path, state_layout, {"format": SERVER_STATE_FORMAT})
-        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds, step):
+        for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds, step, flush):
             seconds["math"] += took
             t0 = time.perf_counter()
             if step is not None:
@@ -357,6 +366,7 @@ def _results(
     rt: Runtime,
     seconds: dict[str, float],
     step: ServerStep | None = None,
+    flush: FlushStep | None = None,
 ) -> Iterator[tuple[_Job, Any, float]]:
     """Each job's result, in order, computed a few at a time (inputs load in this thread); with a server
     ``step``, each result is a pair (the stepped result, its new state)."""
@@ -398,6 +408,12 @@ def _results(
             result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
             if rt.settings.round_cosines:
                 job.alignment = drift.alignment(job.name, loaded, job.absent)
+        if flush is not None:
+            result = (
+                flush.extra(job.name, job.holders, result)
+                if job.extra
+                else flush.module(job.name, job.holders, job.absent, result)
+            )
         if step is not None and job.extra and plan.heads:
             result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
         elif step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)

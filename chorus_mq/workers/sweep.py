@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..names import Queue, RoundStatus, ScriptStatus, ServerOptimizer, Task
 from .dispatch import Dispatcher
+from .flush_order import waiting_flush
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ def _sweep_one(
             # the round's tasks may be waiting behind others in the queue: nobody is running them,
             # but nothing was lost either. Wait instead of duplicating (and counting an attempt).
             rt.state.extend_lease(federation, r, now)
+            report.busy.append((federation, r))
+            continue
+        if waiting_flush(rt, federation, r):
+            # a buffered flush waiting for the one before it: not a dead worker. Keep its lease, and re-send
+            # its round task (its retries may be spent) so it starts as soon as it can
+            rt.state.extend_lease(federation, r, now)
+            dispatch.send(Task.ROUND, federation, r, info.epoch)
             report.busy.append((federation, r))
             continue
         again = rt.state.redispatch(federation, r, now)

@@ -63,6 +63,11 @@ EVERY_FIELD = {
     "server_beta1": 0.8,
     "server_beta2": 0.95,
     "server_tau": 1e-4,
+    # buffered settings apply to --mode buffered only (tests/state/test_buffered.py round-trips those)
+    "mode": "sync",
+    "max_staleness": 10,
+    "staleness_weight": "poly:0.5",
+    "max_per_client_per_flush": 1,
 }
 
 
@@ -231,10 +236,16 @@ def test_delta_record_round_trips_as_the_contract_json():
         "lr_sum",
         "label_counts",
         "global_eval",
+        "base_version",
     }
     assert body["ranks"] == [4, 8] and body["dp"] == {"epsilon": 2.0} and body["lr_sum"] == 0.25
     assert DeltaRecord.from_json(rec.to_json()) == rec
     assert DeltaRecord.from_json(rec.to_json().encode()) == rec
+    versioned = dataclasses.replace(rec, base_version=3)
+    assert DeltaRecord.from_json(versioned.to_json()).base_version == 3
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="base version"):
+            dataclasses.replace(rec, base_version=bad)
 
 
 @pytest.mark.parametrize(

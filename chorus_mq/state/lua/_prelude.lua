@@ -82,8 +82,10 @@ local function draw(meta, secrets, clients, r)
 end
 
 -- Open round r with the clients draw() chose: copy the federation's quorum settings, arm its
--- deadline, make it current.
+-- deadline, make it current. A round that exists already is left as it is: a buffered federation opens
+-- the next buffer when one fires, before the fired one ends (synchronous rounds never meet one).
 local function open_round(meta, rkey, deadlines, stream, r, selected)
+  if redis.call('HEXISTS', rkey, 'state') == 1 then return end
   local q = redis.call('HMGET', meta, 'quorum', 'min_quorum', 'round_timeout')
   local timeout = tonumber(q[3]) or 0
   local deadline = 0

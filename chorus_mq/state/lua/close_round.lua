@@ -25,7 +25,12 @@ if min_quorum <= 0 then min_quorum = tonumber(r[4]) end
 if mode == 'deadline' and (deadline == 0 or deadline > NOW) then return reply('not_due', n, 0, '') end
 
 if n >= min_quorum then
+  local buffered = redis.call('HGET', KEYS[1], 'mode') == 'buffered'
+  local selected = nil
+  if buffered then selected = draw(KEYS[1], KEYS[8], KEYS[7], ROUND + 1) end
   local epoch = fire(KEYS[2], KEYS[5], KEYS[6], KEYS[4], lease_until, n, mode)
+  -- buffered: the next buffer opens as this one flushes (see register_delta.lua)
+  if buffered then open_round(KEYS[1], KEYS[3], KEYS[5], KEYS[4], ROUND + 1, selected) end
   return reply('fired', n, epoch, '')
 end
 if mode == 'manual' then return reply('too_few', n, 0, min_quorum) end

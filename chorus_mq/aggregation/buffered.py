@@ -1,0 +1,147 @@
+"""Buffered (FedBuff) flushes, exact per flush: staleness weights and the published correction.
+
+Pure math on tensors (DESIGN.md section 1, "Buffered flushes"). Version ``v``'s model of a module is
+``W_v + s_v B_v A_v`` with ``W_v`` the base plus every residual up to ``v``; a client that trained
+from version ``b`` uploads ``(B'_i, A'_i, s_i)``, so its update is ``Δ_i = s_i B'_i A'_i − s_b B_b A_b``.
+A flush moves version ``v`` to ``v + 1 = v + η Σ_i p_i Δ_i`` with ``p_i = w_i g(τ_i) / Σ_j w_j g(τ_j)``.
+The adapter of ``v + 1`` is the strategy's exact aggregate ``M = s B A + R`` of the uploaded factors
+under the weights ``p``; the residual is what makes the model exact::
+
+    R_{v+1} = η R + (η − 1) s B A + s_v B_v A_v − η Σ_b P_b s_b B_b A_b,   P_b = Σ_{i: b_i = b} p_i
+
+every term low-rank, so it is published as one factored product (dense where that is smaller). The
+current version's adapter and a base's are the same when ``b = v``: one term, coefficient ``1 − η P_v``
+(all fresh at ``η = 1``: zero, and the residual is the strategy's own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from chorus_mq.aggregation.server_opt import PreviousFactors
+from chorus_mq.aggregation.updates import ModuleResult
+from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.factors import Residual, dense_is_smaller
+from chorus_mq.names import BUFFERED_STRATEGIES, Strategy
+from chorus_mq.staleness import StalenessRule
+
+_F64 = torch.float64
+
+__all__ = [
+    "BUFFERED_STRATEGIES",
+    "StalenessRule",
+    "base_masses",
+    "check_buffered",
+    "flush_module",
+    "flush_residual_form",
+    "flush_weights",
+    "version_coefficients",
+]
+
+
+def flush_weights(weights: Sequence[float], staleness: Sequence[int], rule: StalenessRule) -> tuple[float, ...]:
+    """``p_i = w_i g(τ_i) / Σ_j w_j g(τ_j)``; AggregationError for bad weights or nothing that counts."""
+    if len(weights) != len(staleness) or not weights:
+        raise AggregationError(f"{len(weights)} weights for {len(staleness)} staleness values; need one each, >= 1")
+    for w in weights:
+        if isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise AggregationError(f"weight {w!r}: weights must be finite and >= 0")
+    raw = [float(w) * rule.g(t) for w, t in zip(weights, staleness, strict=True)]
+    total = math.fsum(raw)
+    if total <= 0:
+        raise AggregationError("every weight of the flush is zero; at least one delta must count")
+    return tuple(x / total for x in raw)
+
+
+def base_masses(bases: Sequence[int], weights: Sequence[float]) -> dict[int, float]:
+    """``P_b = Σ_{i: b_i = b} p_i`` by base version (the share of the flush that started from ``b``)."""
+    out: dict[int, float] = {}
+    for b, p in zip(bases, weights, strict=True):
+        out[b] = out.get(b, 0.0) + float(p)
+    return dict(sorted(out.items()))
+
+
+def version_coefficients(current: int, masses: Mapping[int, float], lr: float) -> dict[int, float]:
+    """Each version's coefficient in the published residual: ``[b = v] − η P_b`` (``v`` = ``current``)."""
+    out = {b: -float(lr) * float(m) for b, m in masses.items()}
+    out[current] = out.get(current, 0.0) + 1.0
+    return dict(sorted(out.items()))
+
+
+Terms = Sequence[tuple[PreviousFactors, float]]
+
+
+def flush_residual_form(
+    shape: tuple[int, int], strategy_form: str, strategy_k: int, adapter_rank: int, lr: float, terms: Terms
+) -> tuple[str, int]:
+    """The residual :func:`flush_module` publishes, from metadata: ``(form, k)``, ``k`` the factored rank
+    (0 unless factored). ``strategy_form`` / ``strategy_k``: the strategy's own residual layout."""
+    if strategy_form == "dense":
+        return "dense", 0
+    k = strategy_k if strategy_form == "factored" else 0
+    k += adapter_rank if float(lr) != 1.0 else 0
+    k += sum(int(f.A.shape[0]) for f, coeff in terms if coeff != 0.0)
+    if k == 0:
+        return "none", 0
+    if dense_is_smaller(shape[0], shape[1], k):
+        return "dense", 0
+    return "factored", k
+
+
+def flush_module(result: ModuleResult, terms: Terms, lr: float = 1.0) -> ModuleResult:
+    """Version ``v + 1`` of one module: ``result`` is the strategy's exact aggregate of the flush's uploads
+    under the flush weights ``p`` (absent mass included); ``terms`` each version's adapter with its
+    coefficient from :func:`version_coefficients` (a version without an adapter: leave it out, a zero
+    product). The adapter stays ``result``'s; the residual is that of the module docstring (in the form
+    :func:`flush_residual_form` names), so adapter + residual is ``s_v B_v A_v + η Σ p_i Δ_i``."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise AggregationError(f"the server learning rate must be a finite number > 0, got {lr!r}")
+    d_out, d_in = int(result.B.shape[0]), int(result.A.shape[1])
+    lefts: list[Tensor] = []
+    rights: list[Tensor] = []
+
+    def add(b: Tensor, a: Tensor, coeff: float) -> None:
+        if coeff == 0.0:
+            return
+        if (int(b.shape[0]), int(a.shape[1])) != (d_out, d_in):
+            raise AggregationError(f"a version's adapter is {b.shape[0]} x {a.shape[1]}, the flush {d_out} x {d_in}")
+        lefts.append(b.to(_F64) * coeff)
+        rights.append(a.to(_F64))
+
+    res = result.residual
+    strategy_form, strategy_k = "none", 0
+    if res is not None and res.dense is None:
+        assert res.left is not None and res.right is not None
+        strategy_form, strategy_k = "factored", int(res.left.shape[1])
+        add(res.left, res.right, float(lr))
+    elif res is not None:
+        strategy_form = "dense"
+    add(result.B, result.A, (float(lr) - 1.0) * float(result.scaling))
+    for factors, coeff in terms:
+        add(factors.B, factors.A, float(coeff) * float(factors.scaling))
+    form, _ = flush_residual_form((d_out, d_in), strategy_form, strategy_k, int(result.A.shape[0]), lr, terms)
+    if form == "none":
+        return ModuleResult(result.A, result.B, result.scaling, None)
+    if form == "dense":
+        dense = torch.zeros(d_out, d_in, dtype=_F64)
+        if res is not None and res.dense is not None:
+            dense += res.dense.to(_F64) * float(lr)
+        for left, right in zip(lefts, rights, strict=True):
+            dense.addmm_(left, right)
+        return ModuleResult(result.A, result.B, result.scaling, Residual(dense=dense))
+    residual = Residual(left=torch.cat(lefts, 1), right=torch.cat(rights, 0))
+    return ModuleResult(result.A, result.B, result.scaling, residual)
+
+
+def check_buffered(strategy: Strategy | str) -> None:
+    """ConfigError for a strategy a buffered flush is not exact for (fedavg has no residual to absorb the
+    bases' products; stack's clients train from an approximation of the published model)."""
+    if Strategy(strategy) not in BUFFERED_STRATEGIES:
+        allowed = ", ".join(sorted(s.value for s in BUFFERED_STRATEGIES))
+        raise ConfigError(
+            f"buffered mode is exact per flush only for {allowed}; strategy {Strategy(strategy).value} is not supported"
+        )

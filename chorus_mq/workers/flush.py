@@ -1,0 +1,155 @@
+"""A buffered federation's flush in the workers: its plan fields, its wait, and the exact step per item.
+
+A flush (round ``r``, a frozen buffer) moves the latest complete version ``v`` (``Plan.previous``; every
+earlier flush has ended before it is planned, so versions are published in order). Each delta counts with
+``p_i = w_i g(τ_i) / Σ w_j g(τ_j)``, ``τ_i = v − b_i``, baked into ``Plan.weights``; each shard reads, for its
+own items, the adapters of ``v`` and of every base version, and turns the strategy's aggregate into version
+``v + 1`` (``aggregation.buffered.flush_module``). DESIGN.md section 1, "Buffered flushes".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..aggregation import ModuleResult
+from ..aggregation.buffered import (
+    StalenessRule,
+    flush_module,
+    flush_residual_form,
+    flush_weights,
+    version_coefficients,
+)
+from ..aggregation.server_opt import PreviousFactors
+from ..errors import AggregationError
+from ..names import RoundStatus
+from ..state import FederationConfig
+from ..state.rounds import DeltaRecord
+from .plan import Plan
+from .previous import PreviousGlobal, previous_global
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_F64 = torch.float64
+
+
+def flush_fields(
+    rt: Runtime,
+    federation: str,
+    config: FederationConfig,
+    records: Mapping[str, DeltaRecord],
+    weights: Mapping[str, float],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The flush weights ``p`` (policy weights times ``g(τ)``, normalised) and the Plan's buffered fields."""
+    previous = rt.state.latest_complete(federation) or 0
+    clients = sorted(weights)
+    bases: dict[str, int] = {}
+    for c in clients:
+        base = records[c].base_version
+        if base is None or base > previous:
+            raise AggregationError(
+                f"client {c!r}'s delta names base version {base}; the flush moves version {previous}"
+            )
+        bases[c] = base
+    staleness = {c: previous - bases[c] for c in clients}
+    rule = StalenessRule.parse(config.staleness_weight)
+    p = flush_weights([weights[c] for c in clients], [staleness[c] for c in clients], rule)
+    fields: dict[str, Any] = {
+        "previous": previous,
+        "bases": bases,
+        "staleness": staleness,
+        "flush_lr": config.server_step_size,
+    }
+    return dict(zip(clients, p, strict=True)), fields
+
+
+@dataclass
+class FlushStep:
+    """One shard's flush: the adapters of the version it moves and of every base version, for its items."""
+
+    plan: Plan
+    versions: dict[int, PreviousGlobal] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, rt: Runtime, federation: str, plan: Plan, items: Iterable[str]) -> FlushStep | None:
+        """The step for ``items`` of a flush under ``plan``; None for a synchronous round."""
+        if not plan.flush_lr:
+            return None
+        wanted = sorted(items)
+        step = cls(plan)
+        assert plan.previous is not None  # every flush plan fixes the version it moves
+        for version in sorted({plan.previous, *plan.bases.values()}):
+            # version 0 without an initial adapter published nothing: a zero product
+            exists = version > 0 or rt.state.round(federation, 0).state == RoundStatus.COMPLETE
+            step.versions[version] = previous_global(rt, federation, version if exists else None, wanted)
+        return step
+
+    def _factors(self, version: int, name: str) -> PreviousFactors | None:
+        module = self.versions[version].modules.get(name)
+        return None if module is None else PreviousFactors(module.A, module.B, module.scaling)
+
+    def masses(self, holders: Sequence[str], absent: float) -> dict[int, float]:
+        """``P_b`` over the module's holders, normalised as the strategy normalises them (with the absent mass):
+        a client that did not train the module leaves it as it was (its update is zero there)."""
+        total = sum(self.plan.weights[c] for c in holders) + absent
+        out: dict[int, float] = {}
+        for c in holders:
+            b = self.plan.bases[c]
+            out[b] = out.get(b, 0.0) + self.plan.weights[c] / total
+        return dict(sorted(out.items()))
+
+    def residual_form(
+        self, name: str, holders: Sequence[str], absent: float, shape: tuple[int, int], form: str, rank: int, k: int
+    ) -> tuple[str, int]:
+        """The published residual's form and rank (factored), from metadata: the layout streams it."""
+        return flush_residual_form(
+            shape,
+            form,
+            k,
+            rank,
+            self.plan.flush_lr,
+            self._version_terms(name, holders, absent),
+        )
+
+    def _version_terms(self, name: str, holders: Sequence[str], absent: float) -> list[tuple[PreviousFactors, float]]:
+        """Each version's adapter with its coefficient: ``[b = v] − η P_b``."""
+        assert self.plan.previous is not None
+        coeffs = version_coefficients(self.plan.previous, self.masses(holders, absent), self.plan.flush_lr)
+        terms = []
+        for version, coeff in coeffs.items():
+            factors = self._factors(version, name)
+            if factors is not None:
+                terms.append((factors, coeff))
+        return terms
+
+    def module(self, name: str, holders: Sequence[str], absent: float, result: ModuleResult) -> ModuleResult:
+        """Version ``v + 1`` of module ``name`` from the strategy's aggregate."""
+        return flush_module(result, self._version_terms(name, holders, absent), self.plan.flush_lr)
+
+    def extra(self, name: str, holders: Sequence[str], mean: Tensor) -> Tensor:
+        """A head: ``h_v + η (mean − Σ P_b h_b)`` over the holders; the mean as it is when a version lacks it."""
+        assert self.plan.previous is not None
+        heads = {b: self.versions[b].extras.get(name) for b in self.versions}
+        if any(h is None for h in heads.values()):
+            return mean
+        step = mean.to(_F64).clone()
+        for b, m in self.masses(holders, 0.0).items():
+            head = heads[b]
+            assert head is not None
+            step -= head.to(_F64) * m
+        current = heads[self.plan.previous]
+        assert current is not None
+        return (current.to(_F64) + step * self.plan.flush_lr).to(torch.float32)
+
+
+def manifest_fields(plan: Plan, config: FederationConfig) -> dict[str, Any] | None:
+    """The manifest's ``buffered`` entry: the version the flush moved, η and g (None: a synchronous round)."""
+    if not plan.flush_lr:
+        return None
+    return {"previous_version": plan.previous, "server_lr": plan.flush_lr, "staleness_weight": config.staleness_weight}

@@ -1,0 +1,154 @@
+"""Buffered (FedBuff) flushes against a float64 oracle: several versions, each delta relative to its own base."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from agg_oracle import F64, make_clients
+
+from chorus_mq.aggregation import ClientUpdate, aggregate_module
+from chorus_mq.aggregation.buffered import (
+    StalenessRule,
+    base_masses,
+    check_buffered,
+    flush_module,
+    flush_residual_form,
+    flush_weights,
+    version_coefficients,
+)
+from chorus_mq.aggregation.server_opt import PreviousFactors
+from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.names import StalenessWeight, Strategy
+
+torch.set_num_threads(1)
+
+
+def test_staleness_rules_parse_and_weigh() -> None:
+    assert StalenessRule.parse("constant").g(7) == 1.0
+    poly = StalenessRule.parse("poly:0.5")
+    assert poly.kind == StalenessWeight.POLY
+    assert poly.g(0) == 1.0 and math.isclose(poly.g(3), 0.5)
+    hinge = StalenessRule.parse("hinge:10,4")
+    assert hinge.g(4) == 1.0 and math.isclose(hinge.g(6), 1 / 21)
+    for text in ("poly", "poly:a", "hinge:1", "constant:1", "linear:1", "poly:-1", "poly:nan"):
+        with pytest.raises(ConfigError):
+            StalenessRule.parse(text)
+    assert StalenessRule.parse(str(hinge)) == hinge and str(StalenessRule.parse("poly:0.5")) == "poly:0.5"
+    with pytest.raises(AggregationError):
+        poly.g(-1)
+
+
+def test_flush_weights_are_normalised_and_discounted() -> None:
+    rule = StalenessRule.parse("poly:1")
+    p = flush_weights([1.0, 2.0, 1.0], [0, 1, 3], rule)
+    raw = [1.0, 2.0 / 2, 1.0 / 4]
+    assert all(math.isclose(a, b / sum(raw)) for a, b in zip(p, raw, strict=True))
+    assert base_masses([5, 4, 5], p) == {4: p[1], 5: p[0] + p[2]}
+    with pytest.raises(AggregationError):
+        flush_weights([0.0, 0.0], [0, 1], rule)
+    with pytest.raises(AggregationError):
+        flush_weights([1.0], [0, 1], rule)
+
+
+def test_only_exact_strategies_are_buffered() -> None:
+    check_buffered("fedex-lora")
+    check_buffered(Strategy.SVD)
+    for bad in (Strategy.FEDAVG, Strategy.STACK):
+        with pytest.raises(ConfigError, match="buffered"):
+            check_buffered(bad)
+
+
+def _form(r) -> str:
+    if r.residual is None:
+        return "none"
+    return "dense" if r.residual.dense is not None else "factored"
+
+
+def _k(r) -> int:
+    return int(r.residual.left.shape[1]) if _form(r) == "factored" else 0
+
+
+def _product(f: PreviousFactors | None, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.zeros(shape, dtype=F64) if f is None else f.scaling * (f.B.to(F64) @ f.A.to(F64))
+
+
+@pytest.mark.parametrize("strategy", [Strategy.FEDEX_LORA, Strategy.SVD])
+@pytest.mark.parametrize(
+    ("lr", "rule", "initial"), [(1.0, "constant", True), (0.7, "poly:0.5", False), (1.3, "hinge:2,1", True)]
+)
+def test_flushes_match_the_oracle(strategy: Strategy, lr: float, rule: str, initial: bool) -> None:
+    """Five flushes of 3-5 deltas from random bases up to 3 versions stale: the published model (base
+    correction = every version's residual, plus the latest adapter) equals the oracle's to 1e-6."""
+    d_out, d_in, staleness = 24, 18, 3
+    rng = random.Random(hash((strategy.value, lr, rule)) & 0xFFFF)
+    shape = (d_out, d_in)
+    staleness_rule = StalenessRule.parse(rule)
+    adapters: list[PreviousFactors | None] = []
+    if initial:
+        (c,) = make_clients(d_out, d_in, [4], seed=99)
+        adapters.append(PreviousFactors(c.A, c.B, c.scaling))
+    else:
+        adapters.append(None)
+    corrections = torch.zeros(shape, dtype=F64)  # Σ residuals up to the latest version, as published (fp32)
+    oracle = _product(adapters[0], shape)  # the model's LoRA part of version 0, in float64
+    for flush in range(1, 6):
+        v = len(adapters) - 1
+        n = rng.randint(3, 5)
+        ups = make_clients(
+            d_out,
+            d_in,
+            [rng.choice([2, 3, 4]) for _ in range(n)],
+            seed=100 * flush,
+            weights=[rng.uniform(0.5, 3.0) for _ in range(n)],
+        )
+        bases = [rng.randint(max(0, v - staleness), v) for _ in range(n)]
+        taus = [v - b for b in bases]
+        # the oracle, written out from the issue's formula
+        raw = [u.weight * staleness_rule.g(t) for u, t in zip(ups, taus, strict=True)]
+        step = torch.zeros(shape, dtype=F64)
+        for u, b, w in zip(ups, bases, raw, strict=True):
+            step += w / sum(raw) * (u.scaling * (u.B.to(F64) @ u.A.to(F64)) - _product(adapters[b], shape))
+        oracle = oracle + lr * step
+        # the system
+        p = flush_weights([u.weight for u in ups], taus, staleness_rule)
+        weighted = [ClientUpdate(u.A, u.B, u.scaling, pi) for u, pi in zip(ups, p, strict=True)]
+        result = aggregate_module(weighted, strategy)
+        coeffs = version_coefficients(v, base_masses(bases, p), lr)
+        terms = [(adapters[b], c) for b, c in coeffs.items() if adapters[b] is not None]
+        form, k = flush_residual_form((d_out, d_in), _form(result), _k(result), result.A.shape[0], lr, terms)
+        out = flush_module(result, terms, lr)
+        assert _form(out) == form and _k(out) == k
+        if out.residual is not None:
+            corrections += out.residual.to_dense().to(F64)
+        adapters.append(PreviousFactors(out.A, out.B, out.scaling))
+        published = corrections + _product(adapters[-1], shape)
+        err = float((published - oracle).norm() / oracle.norm())
+        assert err <= 1e-6, (flush, err)
+
+
+def test_one_fresh_delta_at_lr_one_is_the_strategy_itself() -> None:
+    """All deltas from the current version, η = 1: the correction cancels to the strategy's own residual."""
+    ups = make_clients(16, 12, [2, 3], seed=4)
+    (c,) = make_clients(16, 12, [3], seed=5)
+    current = PreviousFactors(c.A, c.B, c.scaling)
+    result = aggregate_module(ups, Strategy.FEDEX_LORA)
+    terms = [(current, c) for c in version_coefficients(7, {7: 1.0}, 1.0).values()]
+    assert [c for _, c in terms] == [0.0]
+    out = flush_module(result, terms, 1.0)
+    assert out.residual is not None and result.residual is not None
+    assert torch.equal(out.residual.left, result.residual.left) and torch.equal(
+        out.residual.right, result.residual.right
+    )
+
+
+def test_flush_module_refuses_bad_input() -> None:
+    ups = make_clients(8, 6, [2], seed=1)
+    result = aggregate_module(ups, Strategy.SVD)
+    (other,) = make_clients(9, 6, [2], seed=2)
+    with pytest.raises(AggregationError, match="learning rate"):
+        flush_module(result, [], 0.0)
+    with pytest.raises(AggregationError, match="9 x 6"):
+        flush_module(result, [(PreviousFactors(other.A, other.B, other.scaling), 1.0)], 1.0)

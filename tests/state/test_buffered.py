@@ -1,0 +1,154 @@
+"""Buffered federations in the round scripts: a buffer fires at K and the next opens in the same
+transition, a delta lands in one flush only, stale and unversioned deltas are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import redis as redis_lib
+
+from chorus_mq.errors import ConfigError
+from chorus_mq.state import FederationConfig, RoundState
+from chorus_mq.state.events import EventLog
+
+from .support import make_state, record, url_of
+
+MANIFEST_SHA = "ab" * 32
+BUFFERED = {"mode": "buffered", "relative_clip": 0.0, "max_staleness": 2}
+
+
+def _rec(client: str, base: int | None = 0, sha: str | None = None):
+    return dataclasses.replace(record(client, sha), base_version=base)
+
+
+def test_a_full_buffer_fires_and_the_next_opens_at_once(either_redis):
+    state = make_state(either_redis, quorum=2, **BUFFERED)
+    assert state.register("fed", 1, _rec("a")).status == "accepted"
+    fired = state.register("fed", 1, _rec("b"))
+    assert fired.status == "fired"
+    assert state.round("fed", 1).state == "aggregating"
+    assert state.round("fed", 2).state == "open" and state.current_round("fed") == 2
+    # the same client uploads again at once: into buffer 2, while flush 1 aggregates
+    assert state.register("fed", 2, _rec("a", sha="c" * 64)).status == "accepted"
+    assert state.register("fed", 2, _rec("c")).status == "fired"
+    assert state.round("fed", 3).state == "open"
+    # flush 1 commits after buffer 2 fired: round 2 stays as it is (aggregating), 3 stays open
+    assert state.finalize("fed", 1, fired.epoch, "k", MANIFEST_SHA).status == "ok"
+    assert state.round("fed", 2).state == "aggregating" and state.round("fed", 3).n == 0
+    assert state.latest_complete("fed") == 1 and state.current_round("fed") == 3
+    opened = [e.round for e in EventLog(either_redis, "fed").read() if e.type == "round_opened"]
+    assert opened == [1, 2, 3]
+
+
+def test_a_delta_never_lands_in_two_buffers(either_redis):
+    state = make_state(either_redis, quorum=2, **BUFFERED)
+    state.register("fed", 1, _rec("a"))
+    state.register("fed", 1, _rec("b"))
+    again = state.register("fed", 2, _rec("a"))  # the very bytes re-sent after buffer 1 fired
+    assert (again.status, again.detail) == ("duplicate", "round 1")
+    assert state.round("fed", 2).n == 0 and state.deltas("fed", 2) == {}
+    # a different delta of a client already in the open buffer: the per-flush allowance (1)
+    state.register("fed", 2, _rec("c"))
+    assert state.register("fed", 2, _rec("c", sha="d" * 64)).status == "conflict"
+
+
+def test_stale_future_and_missing_base_versions_are_refused(either_redis):
+    state = make_state(either_redis, quorum=1, **BUFFERED)
+    for r in (1, 2, 3):
+        fired = state.register("fed", r, _rec(f"c{r}", base=r - 1))
+        assert fired.status == "fired"
+        assert state.finalize("fed", r, fired.epoch, f"k{r}", MANIFEST_SHA).status == "ok"
+    assert state.latest_complete("fed") == 3
+    stale = state.register("fed", 4, _rec("x", base=0))
+    assert (stale.status, stale.detail) == ("stale", "3")
+    future = state.register("fed", 4, _rec("x", base=4))
+    assert (future.status, future.detail) == ("future_base", "3")
+    assert state.register("fed", 4, _rec("x", base=None)).status == "no_base"
+    assert state.round("fed", 4).n == 0
+    assert state.register("fed", 4, _rec("x", base=1)).status == "fired"  # exactly max_staleness behind
+
+
+def test_a_flush_timeout_fires_with_min_buffer_and_opens_the_next(either_redis):
+    state = make_state(either_redis, quorum=5, min_quorum=2, round_timeout=10, **BUFFERED)
+    state.register("fed", 1, _rec("a"), now=1001.0)
+    assert state.close("fed", 1, "deadline", now=1011.0).status == "extended"  # 1 < min-buffer 2
+    state.register("fed", 1, _rec("b"), now=1012.0)
+    assert state.close("fed", 1, "deadline", now=1015.0).status == "not_due"
+    assert state.close("fed", 1, "deadline", now=1030.0).status == "fired"
+    assert state.round("fed", 1).state == "aggregating" and state.round("fed", 2).state == "open"
+    assert state.current_round("fed") == 2
+
+
+def test_sync_rounds_ignore_base_versions(either_redis):
+    state = make_state(either_redis, quorum=1)
+    assert state.register("fed", 1, _rec("a", base=None)).status == "fired"
+    assert state.current_round("fed") == 1  # round 2 opens at commit, as before
+    assert not state.redis.exists(state.keys("fed").round(2)) and not state.redis.exists(state.keys("fed").ledger)
+
+
+@pytest.mark.services
+def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis):
+    """60 clients race into K = 10 buffers, each retrying into the current buffer when its own fired:
+    every delta is in exactly one buffer, every full buffer has exactly K."""
+    state = make_state(real_redis, quorum=10, **BUFFERED)
+    statuses: list[str] = []
+    lock = threading.Lock()
+
+    def go(i: int) -> None:
+        own = RoundState(redis_lib.Redis.from_url(url_of(real_redis), decode_responses=True), lease_s=100)
+        rec = _rec(f"c{i}", sha=f"{i:064x}")
+        for _ in range(20):
+            r = own.current_round("fed")
+            res = own.register("fed", r, rec)
+            if res.status != "closed":
+                break
+        # a re-send of the same bytes anywhere later is a duplicate
+        again = own.register("fed", own.current_round("fed"), rec)
+        with lock:
+            statuses.extend([res.status, again.status])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    owners: dict[str, int] = {}
+    for r in range(1, state.current_round("fed") + 1):
+        for client in state.deltas("fed", r):
+            assert client not in owners, f"{client} in rounds {owners[client]} and {r}"
+            owners[client] = r
+    assert sorted(owners) == sorted(f"c{i}" for i in range(60))
+    assert statuses.count("fired") == 6 and statuses.count("duplicate") == 60
+    for r in range(1, 7):
+        assert state.round("fed", r).state == "aggregating" and state.round("fed", r).n == 10
+    assert state.round("fed", 7).state == "open" and state.round("fed", 7).n == 0
+
+
+def test_buffered_config_refuses_what_it_does_not_build():
+    base = {"name": "f", "base_model": "m", "quorum": 2, **BUFFERED}
+    FederationConfig(**base)
+    FederationConfig(**base, strategy="svd")
+    for bad, match in (
+        ({"strategy": "fedavg"}, "fedex-lora, svd"),
+        ({"strategy": "stack"}, "fedex-lora, svd"),
+        ({"scaffold": True}, "--scaffold"),
+        ({"server_opt": "fedadam"}, "not built for --mode buffered"),
+        ({"relative_clip": 10.0}, "--relative-clip"),
+        ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0}, "differential privacy"),
+        ({"max_per_client_per_flush": 2}, "not built yet"),
+        ({"staleness_weight": "poly"}, "poly:A"),
+        ({"max_staleness": -1}, "--max-staleness"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            FederationConfig(**{**base, **bad})
+    with pytest.raises(ConfigError, match="applies only to --mode buffered"):
+        FederationConfig(name="f", base_model="m", quorum=2, max_staleness=3)
+    cfg = FederationConfig(**base, server_lr=0.5, staleness_weight="hinge:10,4")
+    assert FederationConfig.from_hash(cfg.to_hash()) == cfg
+    with pytest.raises(ConfigError, match="--base-version"):
+        cfg.check_upload(None, None)
+    with pytest.raises(ConfigError, match="not a round"):
+        cfg.check_upload(3, 2)
+    cfg.check_upload(None, 0)
