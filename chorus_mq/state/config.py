@@ -22,6 +22,7 @@ from ..names import (
     TaskType,
     WeightPolicy,
 )
+from ..strategy import strategy_spec
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -120,8 +121,9 @@ class FederationConfig:
             )
         if self.prox_mu < 0:
             raise ConfigError("--prox-mu cannot be negative (0: off)")
+        self._check_strategy()
         if self.scaffold:
-            if self.strategy == Strategy.STACK:
+            if not strategy_spec(self.strategy).scaffold:
                 raise ConfigError(
                     "--scaffold needs a global adapter at the clients' own rank; stack's rank is the sum of "
                     "the uploads': use fedex-lora, fedavg or svd"
@@ -164,11 +166,29 @@ class FederationConfig:
                 raise ConfigError(f"{_flag(field_name)} does not apply to --server-opt {self.server_opt}")
         if self.server_opt == ServerOptimizer.NONE:
             return
-        if self.strategy == Strategy.STACK:
+        if not strategy_spec(self.strategy).server_opt:
             raise ConfigError(
                 f"--server-opt {self.server_opt} cannot step --strategy stack: its clients start from a "
                 "rank-truncated approximation of the global, not from it; use fedex-lora, svd or fedavg"
             )
+
+    def _check_strategy(self) -> None:
+        """Refuse what a strategy does not combine with (each said with its flag; see chorus_mq/strategy.py)."""
+        spec = strategy_spec(self.strategy)
+        if not spec.frozen_shared:
+            return  # the existing strategies' own messages follow (scaffold, server-opt)
+        why = f"--strategy {self.strategy} freezes a shared factor that every client must upload unchanged"
+        refused = {
+            "--scaffold": self.scaffold and not spec.scaffold,
+            "--server-opt": self.server_opt != ServerOptimizer.NONE and not spec.server_opt,
+            "--personal-heads": self.personal_heads and not spec.personal_heads,
+            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp,
+            "--robust-aggregate": self.robust_aggregate != RobustAggregate.MEAN and not spec.robust,
+            "--out-rank": bool(self.out_rank) and not spec.out_rank_option,
+        }
+        for flag, bad in refused.items():
+            if bad:
+                raise ConfigError(f"{why}; it does not support {flag} yet: leave it out or use another strategy")
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""

@@ -34,9 +34,9 @@ from chorus_mq.names import (
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
-    Strategy,
     TaskType,
 )
+from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
@@ -314,7 +314,7 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
         job.lora_alpha,
         tuple(job.target_modules) if job.target_modules else None,
         job.dp_seed,
-        keep_remainder=status.strategy != Strategy.STACK,
+        keep_remainder=strategy_spec(status.strategy).keeps_remainder,
         scaffold=status.scaffold,
         client_id=client_id,
         personal_heads=personal,

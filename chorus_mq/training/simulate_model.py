@@ -38,6 +38,7 @@ from chorus_mq.names import (
     TaskType,
 )
 from chorus_mq.pulled import LocalState
+from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
@@ -442,7 +443,7 @@ class _Runner:
                 alpha=None if self.config.scaffold else 2.0 * client.rank,
                 labels=self.labels,
                 seed=self.config.seed * 7919 + r,
-                keep_remainder=fed.strategy != Strategy.STACK,
+                keep_remainder=strategy_spec(fed.strategy).keeps_remainder,
             )
             model = start_point.model
             own = client.workdir / CLIENT_VARIATE_FILE
