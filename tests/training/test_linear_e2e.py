@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load, load_file, save_file
 
 from chorus_mq.errors import Rejected
-from chorus_mq.names import ADAPTER_WEIGHTS, TaskType
+from chorus_mq.names import ADAPTER_WEIGHTS, CUMULATIVE_FILE, INCREMENTS_DIR, RESIDUAL_FILE, TaskType
 from chorus_mq.training.data import Examples
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
@@ -108,6 +108,11 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
             assert all(torch.equal(u[key], adapters[r - 1][key]) for u in uploads.values())
             trained = f"{m}.{trains[r - 1]}.weight"
             assert not torch.equal(adapters[r][trained], adapters[r - 1][trained])  # it trained
+
+    # a continuing client's disk holds no correction: nothing residual was fetched or kept
+    held = tmp_path / "c0" / "pulled"
+    assert not any((held / INCREMENTS_DIR).iterdir())
+    assert max((held / name).stat().st_size for name in (RESIDUAL_FILE, CUMULATIVE_FILE)) < 1024  # empty files
 
     # export: a plain model with the exact PEFT model's logits
     from transformers import AutoModelForSequenceClassification
