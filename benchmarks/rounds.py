@@ -235,10 +235,22 @@ sys.path.insert(0, {root!r})
 from chorus_mq.client import ChorusClient
 from chorus_mq.settings import Settings
 sdk = ChorusClient(Settings(redis_url={url!r}, store={store!r}))
+down = 0  # the bytes the store hands out: what the pull really fetched
+get_range, stream = sdk.store.get_range, sdk.store.stream
+def counted_range(key, start, end):
+    global down
+    data = get_range(key, start, end)
+    down += len(data)
+    return data
+def counted_stream(key, start=0, end=None):
+    global down
+    for chunk in stream(key, start, end):
+        down += len(chunk)
+        yield chunk
+sdk.store.get_range, sdk.store.stream = counted_range, counted_stream
 t = time.perf_counter()
 m = sdk.pull({fed!r}, {out!r}, {round})
 took = time.perf_counter() - t
-down = sum(s.adapter.size + (s.residual.size if s.residual else 0) for s in m.shards)
 print(json.dumps({{"seconds": took, "bytes": down, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 """
 

@@ -114,6 +114,26 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     assert not any((held / INCREMENTS_DIR).iterdir())
     assert max((held / name).stat().st_size for name in (RESIDUAL_FILE, CUMULATIVE_FILE)) < 1024  # empty files
 
+    # a continuing client's pull fetches what changed only (the frozen factor is its own copy, hash-checked)
+    cont = tmp_path / "continuing"
+    operator.pull(fed, cont, ROUNDS - 1)
+    fetched = _count_reads(operator.store)
+    manifest = operator.pull(fed, cont, ROUNDS)
+    suffix = f".{_frozen(trains[ROUNDS - 1])}.weight"
+    frozen_bytes = sum(t.numel() * 4 for k, t in adapters[ROUNDS].items() if k.endswith(suffix))
+    whole = sum(s.adapter.size for s in manifest.shards)
+    assert frozen_bytes > 0 and fetched[0] == whole - frozen_bytes  # every byte of the adapter objects but those
+    assert (cont / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / f"global-{ROUNDS}" / ADAPTER_WEIGHTS).read_bytes()
+    # a held copy that is not the published one is caught by the object's hash: everything is fetched again
+    stale = tmp_path / "stale"
+    operator.pull(fed, stale, ROUNDS - 1)
+    tensors = load_file(stale / ADAPTER_WEIGHTS)
+    key = next(k for k in sorted(tensors) if k.endswith(f".{_frozen(trains[ROUNDS - 1])}.weight"))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(stale / ADAPTER_WEIGHTS))
+    operator.pull(fed, stale, ROUNDS)
+    assert (stale / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / f"global-{ROUNDS}" / ADAPTER_WEIGHTS).read_bytes()
+
     # export: a plain model with the exact PEFT model's logits
     from transformers import AutoModelForSequenceClassification
 
@@ -151,3 +171,26 @@ def operator_pull(operator, fed: str, r: int, tmp_path):
     out = tmp_path / f"global-{r}"
     operator.pull(fed, out, r)
     return out
+
+
+def _frozen(trained: str) -> str:
+    return "lora_A" if trained == "lora_B" else "lora_B"
+
+
+def _count_reads(store) -> list[int]:
+    """Count the bytes of round adapter objects the store hands out from now on (the real store's two read paths)."""
+    count = [0]
+    get_range, stream = store.get_range, store.stream
+
+    def counted_range(key, start, end):
+        data = get_range(key, start, end)
+        count[0] += len(data) if "-adapter-" in key else 0
+        return data
+
+    def counted_stream(key, start=0, end=None):
+        for chunk in stream(key, start, end):
+            count[0] += len(chunk) if "-adapter-" in key else 0
+            yield chunk
+
+    store.get_range, store.stream = counted_range, counted_stream
+    return count
