@@ -48,8 +48,8 @@ def create(
     if strategy_spec(config.strategy).frozen_shared and initial_adapter is None:
         raise ConfigError(
             f"--strategy {config.strategy} needs an initial adapter (round 0): it publishes the shared factors "
-            "every client keeps frozen (A seeded, B = 0); give --lora-rank (with --target-modules) or "
-            "--initial-adapter"
+            "every client keeps frozen (A seeded, B = 0); give --task (with --lora-rank and --target-modules) "
+            "or --initial-adapter"
         )
     if config.personal_heads:
         if not model.extras:

@@ -97,3 +97,13 @@ def test_specs_say_what_each_strategy_is():
 def test_unsupported_combinations_are_refused_at_create(extra, flag):
     with pytest.raises(ConfigError, match=f"does not support {flag}"):
         FederationConfig(name="f", base_model="m", quorum=2, strategy="ffa-lora", **extra)
+
+
+def test_a_linear_federation_needs_round_0():
+    from chorus_mq.adapters import ModelDecl
+    from chorus_mq.federation import create
+
+    config = FederationConfig(name="f", base_model="m", quorum=2, strategy="rolora")
+    decl = ModelDecl(modules={"base_model.model.layer.q": (8, 8)}, extras={}, task_type="CAUSAL_LM")
+    with pytest.raises(ConfigError, match="--strategy rolora needs an initial adapter \\(round 0\\)"):
+        create(None, config, model=decl)  # refused before anything is written

@@ -53,6 +53,7 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     operator = deployment.sdk()
     status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
     assert status["strategy"] == strategy and status["trainable"] == trains[0]
+    assert f"clients train {trains[0]} this round" in deployment.cli("status", "-f", fed).stdout
     secrets = {c: operator.add_client(fed, c).secret for c in ("c0", "c1")}
     failures: list[BaseException] = []
 
