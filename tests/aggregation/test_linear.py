@@ -107,3 +107,16 @@ def test_a_linear_federation_needs_round_0():
     decl = ModelDecl(modules={"base_model.model.layer.q": (8, 8)}, extras={}, task_type="CAUSAL_LM")
     with pytest.raises(ConfigError, match="--strategy rolora needs an initial adapter \\(round 0\\)"):
         create(None, config, model=decl)  # refused before anything is written
+
+
+def test_the_relative_clip_scales_the_trained_factor_so_the_frozen_one_stays_shared():
+    from chorus_mq.workers.shard import _clipped
+
+    clients = _clients(Factor.LORA_A)
+    clipped = [_clipped(c, 0.25 if i == 1 else None, Factor.LORA_A) for i, c in enumerate(clients)]
+    assert all(torch.equal(c.B, clients[0].B) for c in clipped)  # B (frozen this round) untouched
+    res = aggregate_module(clipped, Strategy.ROLORA, trains=Factor.LORA_A)
+    want = _oracle(clipped)
+    assert rel(res.scaling * (res.B.to(F64) @ res.A.to(F64)), want) < 1e-6
+    assert rel(clipped[1].scaling * clipped[1].B.to(F64) @ clipped[1].A.to(F64),
+               0.25 * clients[1].scaling * clients[1].B.to(F64) @ clients[1].A.to(F64)) < 1e-7  # fmt: skip
