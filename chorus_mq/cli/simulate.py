@@ -8,6 +8,7 @@ import click
 
 from ..errors import ConfigError
 from ..names import ServerOptimizer, Strategy
+from ..strategy import strategy_spec
 from .options import balance_labels_option, choice, echo_json, json_option, one_line_errors
 
 
@@ -130,7 +131,11 @@ def simulate(
 
     chosen = strategies.split(",") if strategies else (["fedavg", "fedex-lora"] if compare else [strategy])
     for name in chosen:
-        Strategy(name)
+        if strategy_spec(name).frozen_shared and not model:
+            raise ConfigError(
+                f"--strategy {name} freezes a published factor that every upload must keep; the synthetic "
+                "simulation uploads random factors: run it with --model (real clients training the round's factor)"
+            )
     if model:
         from ..training.simulate_model import DEFAULT_STEPS_PER_ROUND, SimConfig, run_simulation_job
 

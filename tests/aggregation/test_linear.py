@@ -120,3 +120,13 @@ def test_the_relative_clip_scales_the_trained_factor_so_the_frozen_one_stays_sha
     assert rel(res.scaling * (res.B.to(F64) @ res.A.to(F64)), want) < 1e-6
     assert rel(clipped[1].scaling * clipped[1].B.to(F64) @ clipped[1].A.to(F64),
                0.25 * clients[1].scaling * clients[1].B.to(F64) @ clients[1].A.to(F64)) < 1e-7  # fmt: skip
+
+
+def test_the_synthetic_simulation_refuses_linear_strategies_clearly():
+    from click.testing import CliRunner
+
+    from chorus_mq.cli import main
+
+    result = CliRunner().invoke(main, ["simulate", "--strategies", "fedex-lora,ffa-lora"])
+    assert result.exit_code != 0
+    assert "--strategy ffa-lora freezes a published factor" in result.output and "--model" in result.output
