@@ -22,8 +22,9 @@ from ..strategy import strategy_spec
 from .previous import previous_global
 from .runtime import Runtime
 
-#: (federation, start round, factor) -> {module: (shape, sha256 of the float32 bytes)}; one start per federation
-_CACHE: dict[tuple[str, int, Factor], dict[str, tuple[tuple[int, ...], str]]] = {}
+#: (federation, start round, its manifest's sha256, factor) -> {module: (shape, sha256 of the float32 bytes)};
+#: one start per federation (the manifest's hash: a federation re-created under the same name is another start)
+_CACHE: dict[tuple[str, int, str, Factor], dict[str, tuple[tuple[int, ...], str]]] = {}
 _LOCK = threading.Lock()
 
 
@@ -80,7 +81,7 @@ def _compare(
 
 
 def _published(rt: Runtime, federation: str, start: int, factor: Factor) -> dict[str, tuple[tuple[int, ...], str]]:
-    key = (federation, start, factor)
+    key = (federation, start, rt.state.round(federation, start).manifest_sha256, factor)
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
