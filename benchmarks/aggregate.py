@@ -36,6 +36,8 @@ On llama-3.2-3b it runs one layer and multiplies by 28 (labelled extrapolated).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -61,6 +63,7 @@ from chorus_mq.aggregation import (
 )
 from chorus_mq.aggregation.parallel import default_workers
 from chorus_mq.names import Strategy
+from chorus_mq.strategy import strategy_spec
 from chorus_mq.workers.memory import retain_freed_memory
 
 LLAMA_3B = {
@@ -136,9 +139,12 @@ def _timed_passes(one, jobs: list, reps: int, workers: int) -> tuple[list[float]
 def run_ours(shape: str, strategy: str, reps: int, workers: int, absent: float = 0.0) -> dict:
     layers, modules, _, _ = SHAPES[shape]
     pool = client_pool(shape)
-    jobs = [pool[dims] for _layer in range(layers) for dims in modules.values()]
-
     aggregate = _raw_fedex if strategy == RAW else aggregate_module
+    spec = None if strategy == RAW else strategy_spec(strategy)
+    if spec is not None and spec.frozen_shared:  # ffa-lora, rolora: every client holds the round's frozen A
+        pool = {dims: [dataclasses.replace(u, A=ups[0].A) for u in ups] for dims, ups in pool.items()}
+        aggregate = functools.partial(aggregate_module, trains=spec.trainable(1))
+    jobs = [pool[dims] for _layer in range(layers) for dims in modules.values()]
 
     def one(updates: list[ClientUpdate]) -> int:
         res = aggregate(updates, strategy, absent_weight=absent)

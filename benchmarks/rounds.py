@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,6 +53,7 @@ from chorus_mq.client import ChorusClient
 from chorus_mq.names import Strategy
 from chorus_mq.settings import Settings
 from chorus_mq.state import FederationConfig
+from chorus_mq.strategy import strategy_spec
 from tests.services import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,12 +204,25 @@ def peak_rss_mb(procs: list[subprocess.Popen]) -> float:
     return peak / 1024
 
 
-def make_delta(path: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Path:
+def make_delta(
+    path: Path,
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    seed: int,
+    *,
+    keep: dict[str, torch.Tensor] | None = None,
+    zero_b: bool = False,
+) -> Path:
+    """Random factors; ``keep``: tensors used as they are (a round's frozen shared factor); ``zero_b``: B = 0
+    (a linear strategy's round 0)."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (d_out, d_in) in shapes.items():
         tensors[f"{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-        tensors[f"{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) / rank**0.5
+        tensors[f"{name}.lora_B.weight"] = (
+            torch.zeros(d_out, rank) if zero_b else torch.randn(d_out, rank, generator=gen) / rank**0.5
+        )
+    tensors.update(keep or {})
     targets = tuple(sorted({n.rsplit(".", 1)[1] for n in shapes}))
     spec = LoraSpec(r=rank, lora_alpha=2.0 * rank, target_modules=targets, task_type="CAUSAL_LM")
     write_delta(LocalAdapter(spec, tensors), path)
@@ -220,10 +235,22 @@ sys.path.insert(0, {root!r})
 from chorus_mq.client import ChorusClient
 from chorus_mq.settings import Settings
 sdk = ChorusClient(Settings(redis_url={url!r}, store={store!r}))
+down = 0  # the bytes the store hands out: what the pull really fetched
+get_range, stream = sdk.store.get_range, sdk.store.stream
+def counted_range(key, start, end):
+    global down
+    data = get_range(key, start, end)
+    down += len(data)
+    return data
+def counted_stream(key, start=0, end=None):
+    global down
+    for chunk in stream(key, start, end):
+        down += len(chunk)
+        yield chunk
+sdk.store.get_range, sdk.store.stream = counted_range, counted_stream
 t = time.perf_counter()
 m = sdk.pull({fed!r}, {out!r}, {round})
 took = time.perf_counter() - t
-down = sum(s.adapter.size + (s.residual.size if s.residual else 0) for s in m.shards)
 print(json.dumps({{"seconds": took, "bytes": down, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 """
 
@@ -282,16 +309,25 @@ def run_federation(
         checkpoint_every=args.checkpoint_every,
         max_client_weight=1.0,
     )
-    sdk.create_federation(config, model=ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM"))
-    secrets = [sdk.add_client(name, f"c{i}").secret for i in range(args.clients)]
-    clients = [ChorusClient(sdk.settings, secret=s) for s in secrets]
+    spec = strategy_spec(args.strategy)
+    initial = None
     deltas = dep.workdir / "deltas"
     deltas.mkdir(exist_ok=True)
+    if spec.frozen_shared:  # round 0 publishes the shared factors: A seeded, B = 0
+        initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0, zero_b=True)
+    decl = ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM")
+    sdk.create_federation(config, model=decl, initial_adapter=initial)
+    published = load_file(str(initial)) if initial is not None else {}
+    secrets = [sdk.add_client(name, f"c{i}").secret for i in range(args.clients)]
+    clients = [ChorusClient(sdk.settings, secret=s) for s in secrets]
     pulled = dep.workdir / f"pulled-{name}"
     rows = []
     for r in range(1, args.rounds + 1):
+        frozen = spec.frozen(r)
+        keep = {k: t for k, t in published.items() if frozen is not None and k.endswith(f".{frozen}.weight")}
         paths = [
-            make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i) for i in range(args.clients)
+            make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i, keep=keep)
+            for i in range(args.clients)
         ]
         for i, path in enumerate(paths[:-1]):
             clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600)
@@ -318,6 +354,10 @@ def run_federation(
             parts = [pulled / "cumulative_residual.safetensors", *(pulled / "increments").glob("*.safetensors")]
             row.correction_mb = sum(p.stat().st_size for p in parts) / 2**20
             row.disk_mb = directory_bytes(pulled) / 2**20
+        if spec.frozen_shared:  # the next round's frozen factor is this round's published one
+            if not pull:
+                sdk.pull(name, pulled, r)
+            published = load_file(str(pulled / "adapter_model.safetensors"))
         if args.checkpoint_every and r % args.checkpoint_every == 0:
             row.compact_s = _wait_snapshot(sdk, name, r)
         _forget_inputs(dep, name)

@@ -110,6 +110,9 @@ class Status:
     #: flush settings (max_staleness, staleness_weight, server_lr, max_per_client_per_flush)
     mode: str = "sync"
     buffered: dict[str, Any] = field(default_factory=dict)
+    #: the factor the current round's clients train (``lora_B``, ``lora_A``; ffa-lora, rolora: the other is
+    #: frozen and must be uploaded bit-identical to the one published); None: both
+    trainable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,6 +141,8 @@ class RoundSummary:
     global_eval: EvalSummary | None = None
     #: each client's cosine to the round's aggregate, from its manifest (None: not read, or not complete)
     cosine: dict[str, float | None] | None = None
+    #: the factor this round's clients train (``lora_B``, ``lora_A``; ffa-lora, rolora); None: both
+    trainable: str | None = None
 
     @property
     def waited(self) -> float | None:
@@ -167,6 +172,7 @@ class RoundSummary:
             manifest=info.manifest,
             reason=info.reason,
             selected=info.selected,
+            trainable=info.trainable or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,6 +278,7 @@ class ChorusClient:
                 rejected=self._rejected(federation),
                 recent_rounds=shown,
                 warnings=warnings,
+                trainable=rnd.trainable or None,
             )
 
     def _recent_rounds(

@@ -19,6 +19,7 @@ from .layout import manifest_key, shard_key
 from .manifest import Manifest, ObjectRef, ShardEntry
 from .names import SHARD_FORMAT, TaskType
 from .state import FederationConfig
+from .strategy import strategy_spec
 
 if TYPE_CHECKING:
     from .adapters import ModelDecl
@@ -43,6 +44,12 @@ def create(
             "--scaffold needs an initial adapter (round 0): the server variate is measured from the global "
             "adapter every client starts from; create the federation with --task, --labels, --target-modules "
             "and --lora-rank (or --initial-adapter)"
+        )
+    if strategy_spec(config.strategy).frozen_shared and initial_adapter is None:
+        raise ConfigError(
+            f"--strategy {config.strategy} needs an initial adapter (round 0): it publishes the shared factors "
+            "every client keeps frozen (A seeded, B = 0); give --task (with --lora-rank and --target-modules) "
+            "or --initial-adapter"
         )
     if config.personal_heads:
         if not model.extras:

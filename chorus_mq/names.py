@@ -34,6 +34,17 @@ class Strategy(_Choice):
     FEDAVG = "fedavg"
     SVD = "svd"
     STACK = "stack"
+    #: linear, exact by construction: A frozen at round 0's, clients train B (Sun et al., ICLR 2024)
+    FFA_LORA = "ffa-lora"
+    #: linear, exact by construction: rounds alternate which factor trains, the other frozen and shared
+    ROLORA = "rolora"
+
+
+class Factor(_Choice):
+    """A LoRA factor a round's clients train (``trainable`` in ``round_opened``, ``status``, the SDK)."""
+
+    LORA_A = "lora_A"
+    LORA_B = "lora_B"
 
 
 class ServerOptimizer(_Choice):

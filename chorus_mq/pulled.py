@@ -17,9 +17,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, NotFound
+from .errors import ChecksumMismatch, ConfigError, NotFound
 from .factors import Residual
 from .manifest import Manifest, ObjectRef
 from .names import (
@@ -36,9 +36,11 @@ from .names import (
     RESIDUAL_FORMAT,
     VARIATE_FILE,
     VARIATE_FORMAT,
+    Factor,
 )
 from .progress import byte_bar
 from .results import complete_rounds, fetch_manifest, merge_objects, sum_residual_files, write_empty_residual
+from .strategy import strategy_spec
 
 if TYPE_CHECKING:
     from .client import ChorusClient
@@ -191,7 +193,16 @@ def pull(
         sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE, RESIDUAL_FORMAT, bar
     ):
         write_empty_residual(out / RESIDUAL_FILE)
-    _merge_into(sdk, [s.adapter for s in manifest.shards], out / ADAPTER_WEIGHTS, "pt", bar)
+    unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
+    adapters = [s.adapter for s in manifest.shards]
+    if not unchanged:
+        _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar)
+    else:
+        try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
+            with _HeldFactors(out / ADAPTER_WEIGHTS, unchanged) as held_factors:
+                _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar, reuse=held_factors.get)
+        except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
+            _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar)
     # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
     variates = [s.variate for s in manifest.shards if s.variate is not None]
     if not _merge_into(sdk, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
@@ -241,14 +252,66 @@ def _tensor_bytes(path: Path) -> int:
 
 
 def _merge_into(
-    sdk: ChorusClient, refs: list[ObjectRef], path: Path, fmt: str, progress: Callable[[int], object] | None = None
+    sdk: ChorusClient,
+    refs: list[ObjectRef],
+    path: Path,
+    fmt: str,
+    progress: Callable[[int], object] | None = None,
+    *,
+    reuse: Callable[[str, int], bytes | None] | None = None,
 ) -> bool:
     """Merge the objects into ``path`` (via a temp file beside it); False when there are none."""
     tmp = path.with_name(f".{path.name}.part")
-    if not merge_objects(sdk.store, refs, tmp, {"format": fmt}, progress):
+    if not merge_objects(sdk.store, refs, tmp, {"format": fmt}, progress, reuse=reuse):
         return False
     os.replace(tmp, path)
     return True
+
+
+def _unchanged_factors(
+    strategy: str, held: LocalState | None, federation: str, target: int, out: Path
+) -> tuple[Factor, ...]:
+    """The factors no round after the held one up to ``target`` trained (a linear strategy's frozen ones),
+    when ``out`` holds an earlier round of this federation; () otherwise."""
+    try:
+        spec = strategy_spec(strategy)
+    except ValueError:
+        return ()
+    if not spec.frozen_shared or held is None or held.federation != federation or held.round >= target:
+        return ()
+    if not (out / ADAPTER_WEIGHTS).is_file():
+        return ()
+    trained = {spec.trainable(r) for r in range(held.round + 1, target + 1)}
+    return tuple(f for f in Factor if f not in trained)
+
+
+class _HeldFactors:
+    """The raw float32 bytes of the held adapter's tensors of some factors (what the published ones must equal)."""
+
+    def __init__(self, path: Path, factors: tuple[Factor, ...]):
+        self.path, self.suffixes = path, tuple(f".{f}.weight" for f in factors)
+        self._file: Any = None
+
+    def __enter__(self) -> _HeldFactors:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(self.path), framework="pt")
+        self._names = set(self._file.keys())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+
+    def get(self, name: str, nbytes: int) -> bytes | None:
+        import torch
+
+        if not name.endswith(self.suffixes) or name not in self._names:
+            return None
+        tensor = self._file.get_tensor(name)
+        if tensor.dtype != torch.float32 or tensor.numel() * 4 != nbytes:
+            return None
+        raw: bytes = tensor.contiguous().numpy().tobytes()
+        return raw
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -52,10 +52,17 @@ def merge_objects(
     path: Path,
     metadata: dict[str, str],
     progress: Callable[[int], object] | None = None,
+    *,
+    reuse: Callable[[str, int], bytes | None] | None = None,
 ) -> bool:
     """Stream the objects' tensors into one safetensors file at ``path``, each object checked against its
-    hash; returns False (and writes nothing) when there are none. ``progress`` gets each chunk's size."""
+    hash; returns False (and writes nothing) when there are none. ``progress`` gets each chunk's size.
+
+    ``reuse(name, nbytes)`` may give a tensor's bytes from a local copy instead of the store (a pulled
+    directory's unchanged frozen factor): the object's hash is still checked over every byte, so a wrong
+    local copy raises ChecksumMismatch and ``path`` is left as it was."""
     from .adapters import merge_safetensors
+    from .adapters.header import DEFAULT_MAX_HEADER_BYTES, header_from_prefix, in_file_order
 
     if not refs:
         return False
@@ -66,9 +73,39 @@ def merge_objects(
         if n > ref.size - 8:
             raise ChecksumMismatch(f"{ref.key}: header length {n} does not fit its {ref.size} bytes")
         header = head + store.get_range(ref.key, 8, 8 + n)
-        sources.append((header, _chunks(store, ref.key, 8 + n, ref.size, progress), ref.sha256))
+        if reuse is None:
+            chunks = _chunks(store, ref.key, 8 + n, ref.size, progress)
+        else:
+            order = in_file_order(header_from_prefix(header, max_header_bytes=DEFAULT_MAX_HEADER_BYTES))
+            spans = [(name, 8 + n + info.begin, 8 + n + info.end) for name, info in order]
+            chunks = _reusing(store, ref.key, spans, 8 + n, ref.size, reuse, progress)
+        sources.append((header, chunks, ref.sha256))
     merge_safetensors(sources, path, metadata)
     return True
+
+
+def _reusing(
+    store: Store,
+    key: str,
+    spans: list[tuple[str, int, int]],
+    start: int,
+    end: int,
+    reuse: Callable[[str, int], bytes | None],
+    progress: Callable[[int], object] | None,
+) -> Iterator[bytes]:
+    """The data region of ``key``: each tensor from ``reuse`` when it has it, else fetched (with any gap)."""
+    at = start
+    pending = start  # fetch [pending, at) in one ranged read before the next reused tensor
+    for name, begin, stop in spans:
+        local = reuse(name, stop - begin) if begin == at else None
+        if local is not None and len(local) == stop - begin:
+            if pending < at:
+                yield from _chunks(store, key, pending, at, progress)
+            yield local
+            pending = stop
+        at = stop
+    if pending < end:
+        yield from _chunks(store, key, pending, end, progress)
 
 
 def _chunks(store: Store, key: str, start: int, end: int, progress: Callable[[int], object] | None) -> Iterator[bytes]:

@@ -22,6 +22,7 @@ from chorus_mq.aggregation.updates import ModuleResult
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.factors import Residual
 from chorus_mq.names import ServerOptimizer, Strategy
+from chorus_mq.strategy import strategy_spec
 
 _F64 = torch.float64
 
@@ -71,7 +72,7 @@ class ServerOptConfig:
 def check_strategy(strategy: Strategy | str) -> None:
     """ConfigError for a strategy a server optimiser cannot step: stack publishes every client's factors
     side by side, and its clients start from a rank-truncated approximation, not from the published global."""
-    if Strategy(strategy) == Strategy.STACK:
+    if not strategy_spec(strategy).server_opt:
         raise ConfigError(
             "a server optimiser needs the published global to be what clients train from; stack's clients "
             "start from an approximation of it: use fedex-lora, svd or fedavg"
@@ -81,7 +82,7 @@ def check_strategy(strategy: Strategy | str) -> None:
 def product_space(strategy: Strategy | str, *, dp: bool = False) -> bool:
     """Whether a module steps in product space (with a residual): every strategy but plain fedavg.
     Under DP the release is a product with a residual whatever the strategy."""
-    return dp or Strategy(strategy) != Strategy.FEDAVG
+    return dp or strategy_spec(strategy).exact
 
 
 def step(delta: Tensor, state: Mapping[str, Tensor] | None, cfg: ServerOptConfig) -> tuple[Tensor, State]:

@@ -18,6 +18,9 @@ Residual ranks (``H`` clients that count, ``K = sum r_i``, ``r`` the adapter ran
 * svd: the ``min(K, d_out, d_in) - r`` discarded directions; bf16/fp16: the concatenation.
 * stack: none; bf16/fp16: the cast error ``(B - B') A + B' (A - A')``, ``2 K`` columns.
 * fedavg: none (inexact by design).
+* ffa-lora, rolora (rule ``shared``): none. One factor is frozen and shared, so the weighted average of
+  the trained one is exact; every client has the one rank of the frozen factor, the adapter is float32
+  or float64 (a coarser cast would change the frozen factor clients must match bit for bit).
 
 Any residual is dense when that takes fewer numbers than its factors.
 """
@@ -34,6 +37,7 @@ from chorus_mq.aggregation.updates import ClientMeta
 from chorus_mq.errors import AggregationError
 from chorus_mq.factors import ResidualForm, dense_is_smaller
 from chorus_mq.names import Strategy
+from chorus_mq.strategy import strategy_spec
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EPS32 = torch.finfo(torch.float32).eps
@@ -156,16 +160,29 @@ def output_layout(
     r_max, total = max(ranks), sum(ranks)
     first_max = who.index[ranks.index(r_max)]
     fine = torch.finfo(out_dtype).eps <= _EPS32
-    if rule in (Strategy.FEDAVG, Strategy.FEDEX_LORA):
+    kind = strategy_spec(rule).rule
+    if kind == "shared":
+        if len(set(ranks)) != 1:
+            raise AggregationError(
+                f"{rule} shares one frozen factor, so every client has its rank; got ranks {sorted(set(ranks))}"
+            )
+        if out_rank is not None and out_rank != r_max:
+            raise AggregationError(f"{rule} keeps the frozen factor's rank {r_max}; out_rank={out_rank} is not it")
+        if not fine:
+            raise AggregationError(
+                f"{rule} publishes float32 (the frozen factor is matched bit for bit), not {out_dtype}"
+            )
+        rank, scaling_from, k = r_max, first_max, 0
+    elif kind in ("fedavg", "fedex"):
         rank, scaling_from = natural_rank(rule, r_max, out_rank), first_max
-        if rule == Strategy.FEDAVG:
+        if kind == "fedavg":
             k = 0
         elif fine:
             k = total - min(ranks) if who.whole else total
         else:
             lone = who.whole and len(ranks) == 1 and out_dtype in _EXACT_CASTS[metas[first_max].dtype]
             k = 0 if lone else total + r_max
-    elif rule == Strategy.SVD:
+    elif kind == "svd":
         rank, scaling_from = out_rank or r_max, -1
         directions = min(total, d_out, d_in)
         k = max(directions - rank, 0) if fine else total + min(rank, directions)

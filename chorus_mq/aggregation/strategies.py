@@ -1,4 +1,4 @@
-"""Aggregation strategies for one module: fedavg, fedex-lora, svd and stack.
+"""Aggregation strategies for one module: fedavg, fedex-lora, svd, stack, and the linear ffa-lora and rolora.
 
 All but fedavg are exact: ``scaling * B @ A + residual == sum_i w_i s_i B_i A_i`` with
 ``w`` normalised over the updates' weights plus the absent weight. Inputs of any float
@@ -30,7 +30,8 @@ from chorus_mq.aggregation.updates import (
 )
 from chorus_mq.errors import AggregationError
 from chorus_mq.factors import Residual
-from chorus_mq.names import Strategy
+from chorus_mq.names import Factor, Strategy
+from chorus_mq.strategy import Rule, strategy_spec
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -45,6 +46,8 @@ class Prepared:
     weights: tuple[float, ...]
     whole: bool  # no weight is absent: the weights sum to 1
     layout: OutputLayout
+    #: the factor the clients trained (linear strategies; the other is frozen and shared); None: both
+    trains: Factor | None = None
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -91,6 +94,7 @@ def aggregate_module(
     absent_weight: float = 0.0,
     out_rank: int | None = None,
     out_dtype: torch.dtype = _F32,
+    trains: Factor | str | None = None,
 ) -> ModuleResult:
     """Aggregate one module's client updates into a global adapter and its residual.
 
@@ -100,6 +104,9 @@ def aggregate_module(
     * ``svd``: the best rank-``out_rank`` approximation (default: the largest client
       rank), scaling 1.0, and the discarded directions as the residual.
     * ``stack``: all client factors side by side (rank ``sum r_i``), scaling 1.0.
+    * ``ffa-lora``, ``rolora``: the factor named by ``trains`` (the round's trainable factor) is
+      averaged, ``sum w_i (s_i / s) X_i``; the other must be bit-identical across the clients and is
+      published as it is. Exact with no residual: ``s B (sum ...) = sum w_i s_i B A_i`` and likewise for B.
 
     Factors are first rewritten in a canonical form that depends on each client's product
     only (:mod:`chorus_mq.aggregation.canonical`), so no factorisation a client picks can
@@ -113,10 +120,15 @@ def aggregate_module(
     inputs; a non-finite result raises AggregationError.
     """
     rule = as_strategy(strategy)
+    spec = strategy_spec(rule)
     p = prepare(updates, rule, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype)
+    if spec.frozen_shared:
+        if trains is None:
+            raise AggregationError(f"{rule} needs the round's trainable factor (trains=lora_A or lora_B)")
+        p = dataclasses.replace(p, trains=Factor(trains))
     if _canonicalises(rule, p):
         p = dataclasses.replace(p, updates=canonical_updates(p.updates, p.products))
-    result = _RULES[rule](p)
+    result = _RULES[spec.rule](p)
     return check_finite(_conform(result, p.layout))
 
 
@@ -128,9 +140,12 @@ def _canonicalises(rule: Strategy, p: Prepared) -> bool:
     adapter with no residual because that client's own factors survive the cast; stack and a
     low-precision svd round scaled client factors. A fine svd works on the products in float64.
     """
-    if rule in (Strategy.FEDAVG, Strategy.FEDEX_LORA):
+    spec = strategy_spec(rule)
+    if not spec.canonicalises:  # a frozen shared factor must reach the average as it is
+        return False
+    if spec.rule in ("fedavg", "fedex"):
         return len(p.updates) > 1 or p.fine or p.layout.residual != "none"
-    return rule == Strategy.STACK or not p.fine
+    return spec.rule == "stack" or not p.fine
 
 
 def _fedavg(p: Prepared) -> ModuleResult:
@@ -151,6 +166,31 @@ def _fedex(p: Prepared) -> ModuleResult:
     roots = [math.sqrt(ws) for ws in p.products]
     left, right = _concat(p, roots, extra=(b_out[:, :r_max], a_out[:r_max], -s_out))
     return ModuleResult(a_out, b_out, s_out, _residual(left, right, p.layout))
+
+
+def _shared(p: Prepared) -> ModuleResult:
+    """One factor frozen and shared: the weighted average of the trained one, the frozen one as it is."""
+    first = p.updates[0]
+    train_b = p.trains == Factor.LORA_B
+    frozen = first.A if train_b else first.B
+    for i, u in enumerate(p.updates):
+        other = u.A if train_b else u.B
+        # value identity (exact in float64): any dtype that holds the same numbers shares the factor
+        if other.shape != frozen.shape or not torch.equal(other.to(_F64), frozen.to(_F64)):
+            name = "lora_A" if train_b else "lora_B"
+            raise AggregationError(
+                f"client #{i}: its {name} differs from the other clients'; this round freezes {name} and "
+                f"averages {p.trains} only"
+            )
+    s_out = p.scalings[0]
+    trained = [u.B if train_b else u.A for u in p.updates]
+    acc = torch.zeros(trained[0].shape, dtype=_F64, device=trained[0].device)
+    for t, w, s in zip(trained, p.weights, p.scalings, strict=True):
+        acc.add_(t, alpha=w * s / s_out)  # float64 accumulator: one rounding, at the cast
+    out, kept = _cast(acc, p.layout.dtype), _cast(frozen, p.layout.dtype)
+    if train_b:
+        return ModuleResult(kept, out, s_out, None)
+    return ModuleResult(out, kept, s_out, None)
 
 
 def _means(p: Prepared) -> tuple[Tensor, Tensor, float]:
@@ -320,9 +360,11 @@ def _conform(result: ModuleResult, layout: OutputLayout) -> ModuleResult:
     return result
 
 
-_RULES: dict[Strategy, Callable[[Prepared], ModuleResult]] = {
-    Strategy.FEDAVG: _fedavg,
-    Strategy.FEDEX_LORA: _fedex,
-    Strategy.SVD: _svd,
-    Strategy.STACK: _stack,
+#: the math of each :attr:`StrategySpec.rule <chorus_mq.strategy.StrategySpec.rule>`
+_RULES: dict[Rule, Callable[[Prepared], ModuleResult]] = {
+    "fedavg": _fedavg,
+    "fedex": _fedex,
+    "svd": _svd,
+    "stack": _stack,
+    "shared": _shared,
 }

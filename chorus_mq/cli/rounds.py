@@ -30,6 +30,8 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
     if s.personal_heads:
         click.echo("task heads: each client keeps its own (--personal-heads); the published head is round 0's")
     click.echo(f"round {s.current_round}: {s.state}, {s.deltas}/{s.quorum} deltas")
+    if s.trainable:
+        click.echo(f"clients train {s.trainable} this round; the other factor stays as published (checked bit for bit)")
     if s.selected:
         click.echo(f"selected for this round: {', '.join(s.selected)}")
     if s.deadline:

@@ -9,6 +9,7 @@ import click
 
 from ..errors import ConfigError
 from ..names import DEFAULT_LOCAL_LR, ServerOptimizer, Strategy
+from ..strategy import strategy_spec
 from .options import balance_labels_option, choice, echo_json, json_option, one_line_errors
 
 
@@ -159,7 +160,11 @@ def simulate(
 
     chosen = strategies.split(",") if strategies else (["fedavg", "fedex-lora"] if compare else [strategy])
     for name in chosen:
-        Strategy(name)
+        if strategy_spec(name).frozen_shared and not model:
+            raise ConfigError(
+                f"--strategy {name} freezes a published factor that every upload must keep; the synthetic "
+                "simulation uploads random factors: run it with --model (real clients training the round's factor)"
+            )
     if mode == "buffered" and not model:
         raise ConfigError("--mode buffered compares real training: give --model (e.g. minilm)")
     speeds = _speeds(client_speeds) if mode == "buffered" else None

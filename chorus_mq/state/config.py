@@ -25,6 +25,7 @@ from ..names import (
     WeightPolicy,
 )
 from ..staleness import StalenessRule
+from ..strategy import strategy_spec
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -135,8 +136,9 @@ class FederationConfig:
             )
         if self.prox_mu < 0:
             raise ConfigError("--prox-mu cannot be negative (0: off)")
+        self._check_strategy()
         if self.scaffold:
-            if self.strategy == Strategy.STACK:
+            if not strategy_spec(self.strategy).scaffold:
                 raise ConfigError(
                     "--scaffold needs a global adapter at the clients' own rank; stack's rank is the sum of "
                     "the uploads': use fedex-lora, fedavg or svd"
@@ -187,7 +189,7 @@ class FederationConfig:
                 f"--server-opt {self.server_opt} is not built for --mode buffered: a flush steps by "
                 "--server-lr alone (use --server-opt none)"
             )
-        if self.strategy == Strategy.STACK:
+        if not strategy_spec(self.strategy).server_opt:
             raise ConfigError(
                 f"--server-opt {self.server_opt} cannot step --strategy stack: its clients start from a "
                 "rank-truncated approximation of the global, not from it; use fedex-lora, svd or fedavg"
@@ -270,6 +272,24 @@ class FederationConfig:
                 f"federation {self.name!r} is buffered: name the version the adapter was trained from "
                 "(--base-version V, the round you pulled; `chorus-mq train` fills it)"
             )
+
+    def _check_strategy(self) -> None:
+        """Refuse what a strategy does not combine with (each said with its flag; see chorus_mq/strategy.py)."""
+        spec = strategy_spec(self.strategy)
+        if not spec.frozen_shared:
+            return  # the existing strategies' own messages follow (scaffold, server-opt)
+        why = f"--strategy {self.strategy} freezes a shared factor that every client must upload unchanged"
+        refused = {
+            "--scaffold": self.scaffold and not spec.scaffold,
+            "--server-opt": self.server_opt != ServerOptimizer.NONE and not spec.server_opt,
+            "--personal-heads": self.personal_heads and not spec.personal_heads,
+            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp,
+            "--robust-aggregate": self.robust_aggregate != RobustAggregate.MEAN and not spec.robust,
+            "--out-rank": bool(self.out_rank) and not spec.out_rank_option,
+        }
+        for flag, bad in refused.items():
+            if bad:
+                raise ConfigError(f"{why}; it does not support {flag} yet: leave it out or use another strategy")
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""

@@ -85,6 +85,9 @@ class RoundInfo:
     lease_extensions: int = 0
     #: how often the sweep re-sent an epoch's missing tasks (a lost message) before any reclaim
     resends: int = 0
+    #: the factor this round's clients train (``lora_A``/``lora_B``) under a strategy that freezes a shared
+    #: factor (chorus_mq/strategy.py); "": both
+    trainable: str = ""
     #: client -> sha256 of its registered delta
     shas: Mapping[str, str] = field(default_factory=dict)
     #: client -> sha256 of a delta the operator evicted from this round (it cannot come back)

@@ -17,6 +17,7 @@ from redis import Redis
 from ..errors import ConfigError, FederationExists, StateCorrupt, UnknownFederation, UnknownRound
 from ..ids import check_name
 from ..names import INBOX_GROUP, CloseReason, RoundStatus, ScriptStatus
+from ..strategy import strategy_spec
 from .clients import ClientRegistry
 from .config import FederationConfig
 from .events import EventLog, prelude_args
@@ -150,6 +151,9 @@ class RoundState:
         config: list[Arg] = []
         for field, value in cfg.to_hash().items():
             config += [field, value]
+        cycle = strategy_spec(cfg.strategy).trains
+        if cycle:  # read by open_round (state/lua/_prelude.lua): each round's trainable factor
+            config += ["trainable_cycle", ",".join(str(f) for f in cycle)]
         seed = secrets.token_hex(16) if seed is None else seed
         reply = self.scripts.create_federation(
             keys=[

@@ -36,9 +36,9 @@ from chorus_mq.names import (
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
-    Strategy,
     TaskType,
 )
+from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, load_examples
 from .dp import DPConfig, DPReport, PrivacyLedger
@@ -288,6 +288,14 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
                 "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
             )
         log.info("SCAFFOLD: local steps corrected by the server's and this client's control variates")
+    spec = strategy_spec(status.strategy)
+    if spec.frozen_shared:
+        if job.lora_rank is not None or job.lora_alpha is not None:
+            raise ConfigError(
+                f"federation {federation!r} uses {spec.name}, whose clients keep a published factor frozen: "
+                "train at the global adapter's own rank and alpha (drop --lora-rank / --lora-alpha)"
+            )
+        log.info("%s: each round trains one factor (%s), the other stays frozen", spec.name, status.trainable)
     personal = bool(status.personal_heads) and task_type == TaskType.SEQ_CLS
     if personal:
         log.info("personal heads: this client keeps its own task head in %s (never uploaded)", head_path(work))
@@ -316,8 +324,9 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
         job.lora_alpha,
         tuple(job.target_modules) if job.target_modules else None,
         job.dp_seed,
-        keep_remainder=status.strategy != Strategy.STACK,
+        keep_remainder=strategy_spec(status.strategy).keeps_remainder,
         scaffold=status.scaffold,
+        strategy=str(status.strategy),
         client_id=client_id,
         personal_heads=personal,
     )
@@ -436,6 +445,8 @@ class _Session:
     keep_remainder: bool = True
     #: SCAFFOLD: correct each step by the control variates, and keep this client's own (see .scaffold)
     scaffold: bool = False
+    #: the federation's strategy: one that freezes a shared factor trains only the round's trainable one
+    strategy: str = "fedex-lora"
     client_id: str = ""
     #: ``--personal-heads``: train on this client's own head, upload the body only, keep the head here
     personal_heads: bool = False
@@ -472,6 +483,11 @@ class _Session:
             keep_remainder=self.keep_remainder,
         )
         model = start_point.model
+        frozen = strategy_spec(self.strategy).frozen(r)
+        if frozen is not None:
+            from .model import freeze_factor
+
+            freeze_factor(model, frozen)  # uploaded as published, bit for bit (ingest checks)
         own = self.own_head()
         if own is not None:
             from .heads import apply_head

@@ -329,6 +329,23 @@ def exact_model(
     return model
 
 
+def freeze_factor(model: torch.nn.Module, factor: str) -> int:
+    """Stop gradients to every LoRA ``factor`` (``lora_A`` or ``lora_B``) of ``model``; returns how many.
+
+    The optimiser takes only parameters that require grad, so the frozen factor leaves training with
+    the very bytes it was loaded with (ffa-lora, rolora: ingest checks them against the published ones).
+    """
+    marker = f".{factor}."
+    frozen = 0
+    for name, param in model.named_parameters():
+        if marker in name:
+            param.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ConfigError(f"the model has no {factor} parameters to freeze")
+    return frozen
+
+
 def check_adapter_loaded(model: PeftModel, adapter_dir: Path) -> None:
     """Refuse an adapter whose tensors did not all land in the model (peft only warns, and then does nothing)."""
     from peft.utils import get_peft_model_state_dict

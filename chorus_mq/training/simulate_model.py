@@ -39,6 +39,7 @@ from chorus_mq.names import (
     TaskType,
 )
 from chorus_mq.pulled import LocalState
+from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, embedded_data, load_examples, resolve_model
 from .dp import DPConfig, PrivacyLedger
@@ -427,7 +428,7 @@ class _Runner:
         return start, list(fed.clients)
 
     def _round(self, fed: _Federation, r: int) -> SimRow:
-        from .model import corrected_base, exact_model, read_adapter, start_model
+        from .model import corrected_base, exact_model, freeze_factor, read_adapter, start_model
 
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
@@ -437,6 +438,9 @@ class _Runner:
         up = down = 0
         worst_remainder = 0.0
         epsilon: float | None = None
+        spec = strategy_spec(fed.strategy)
+        # SCAFFOLD and a frozen shared factor train the global adapter's own tensors (its rank and scaling)
+        own_tensors = self.config.scaffold or not spec.own_rank
         for client in chosen:
             pulled = client.workdir / "pulled"
             down += self._pull(fed, client, pulled, start)
@@ -444,14 +448,16 @@ class _Runner:
                 pulled,
                 self.model_dir,
                 task=TaskType.SEQ_CLS,
-                # SCAFFOLD trains the global adapter's own tensors (its rank and scaling: svd's is 1)
-                rank=None if self.config.scaffold else client.rank,
-                alpha=None if self.config.scaffold else 2.0 * client.rank,
+                rank=None if own_tensors else client.rank,
+                alpha=None if own_tensors else 2.0 * client.rank,
                 labels=self.labels,
                 seed=self.config.seed * 7919 + r,
-                keep_remainder=fed.strategy != Strategy.STACK,
+                keep_remainder=strategy_spec(fed.strategy).keeps_remainder,
             )
             model = start_point.model
+            frozen = spec.frozen(r)
+            if frozen is not None:
+                freeze_factor(model, frozen)  # uploaded as published, bit for bit
             own = client.workdir / CLIENT_VARIATE_FILE
             variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
             if client.head is not None:

@@ -53,6 +53,7 @@ from ..state.rounds import DeltaRecord
 from . import auth
 from .declared import Declared, declared_model, present_bitmap, tensor_bytes
 from .dispatch import Dispatcher
+from .frozen import check_frozen
 from .metrics import METRICS
 from .runtime import Runtime
 
@@ -274,6 +275,8 @@ def _fetch_and_check(
                 )  # header only: before any tensor data is read
                 index = build_index(delta)  # reads every tensor once: finite, digests, norms
             _check_norms(index, config)
+            # ffa-lora, rolora: the frozen factor is the round's published one, byte for byte
+            check_frozen(rt, msg.federation, r, str(config.strategy), index, local.path)
         except InvalidAdapter as exc:
             _remember(rt, msg, r, exc)
             raise

@@ -12,6 +12,7 @@ shard to finish (a fenced counter in Redis) enqueues the commit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -42,12 +43,13 @@ from ..names import (
     RESIDUAL_FORMAT,
     SERVER_STATE_FORMAT,
     SHARD_FORMAT,
+    Factor,
     MissingModules,
     RoundStatus,
-    Strategy,
     Task,
 )
 from ..state import FederationConfig
+from ..strategy import strategy_spec
 from . import drift
 from .declared import Declared, declared_model
 from .dispatch import Dispatcher
@@ -313,7 +315,7 @@ def _meta(inputs: RoundInputs, client: str, module: str, weight: float) -> Clien
 
 def _out_rank(plan: Plan) -> int | None:
     # the output rank is a choice only for svd; the others keep the clients' largest rank
-    if plan.strategy != Strategy.SVD:
+    if not strategy_spec(plan.strategy).out_rank_option:
         return None
     return plan.out_rank or None
 
@@ -371,6 +373,7 @@ def _results(
     """Each job's result, in order, computed a few at a time (inputs load in this thread); with a server
     ``step``, each result is a pair (the stepped result, its new state)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
+    trains = strategy_spec(plan.strategy).trainable(r)  # linear strategies: the round's trained factor
 
     def load(job: _Job) -> tuple[_Job, list[Any]]:
         t0 = time.perf_counter()
@@ -383,7 +386,9 @@ def _results(
         else:
             updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
             job.loaded, job.raw = None, updates
-            loaded = [_clipped(u, plan.clip.get(f"{c}|{job.name}")) for c, u in zip(job.holders, updates, strict=True)]
+            loaded = [
+                _clipped(u, plan.clip.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
+            ]
         seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
 
@@ -405,7 +410,9 @@ def _results(
                 frozen_a=job.frozen_a,
             )
         else:
-            result = aggregate_module(loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan))
+            result = aggregate_module(
+                loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan), trains=trains
+            )
             if rt.settings.round_cosines:
                 job.alignment = drift.alignment(job.name, loaded, job.absent)
         if flush is not None:
@@ -423,8 +430,12 @@ def _results(
     yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)
 
 
-def _clipped(update: ClientUpdate, factor: float | None) -> ClientUpdate:
-    return update if factor is None or factor == 1.0 else clip_update(update, factor)
+def _clipped(update: ClientUpdate, factor: float | None, trains: Factor | None = None) -> ClientUpdate:
+    if factor is None or factor == 1.0:
+        return update
+    if trains == Factor.LORA_A:  # B is frozen and shared this round: the update scales through A
+        return dataclasses.replace(update, A=update.A * factor)
+    return clip_update(update, factor)
 
 
 def _check_shape(job: _Job, result: ModuleResult) -> None:

@@ -7,6 +7,8 @@ import math
 import torch
 
 from chorus_mq.aggregation import ClientUpdate, ModuleResult
+from chorus_mq.names import Strategy
+from chorus_mq.strategy import strategy_spec
 
 F64 = torch.float64
 
@@ -57,3 +59,8 @@ def total_delta(res: ModuleResult) -> torch.Tensor:
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.to(F64) - ref).norm() / ref.norm())
+
+
+#: the strategies whose clients train both factors freely (the linear ones freeze a shared factor and
+#: have their own tests: test_linear.py)
+FREE = [s for s in Strategy if not strategy_spec(s).frozen_shared]

@@ -201,3 +201,40 @@ def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_d
             assert row.exact_error is not None and row.exact_error < 1e-4  # the oracle keeps round 0's head
     final = result[-1]
     assert final.personal_accuracy > final.accuracy + 0.2 and final.personal_accuracy > result[0].personal_accuracy
+
+
+def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
+    """ffa-lora and rolora in ``simulate``: the pulled model is the exact average, with no remainder."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    from chorus_mq.training.simulate_model import run_model_simulation
+
+    from .test_local import DATA, WORDS
+
+    rows = [
+        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
+    ]
+    data = tmp_path / "data.csv"
+    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    result = run_model_simulation(
+        model=str(tiny_bert_dir),
+        dataset=str(data),
+        clients=2,
+        rounds=2,
+        strategies=("ffa-lora", "rolora"),
+        ranks=(4, 8),  # ignored: a frozen shared factor has the global adapter's rank
+        steps_per_round=2,
+        batch_size=8,
+        lr=2e-2,
+        max_length=32,
+        test_examples=16,
+        echo=None,
+    )
+    by = {(r.strategy, r.round): r for r in result}
+    assert set(by) == {(s, r) for s in ("ffa-lora", "rolora") for r in (0, 1, 2)}
+    for s in ("ffa-lora", "rolora"):
+        for r in (1, 2):
+            row = by[s, r]
+            assert row.clients == 2 and row.bytes_down > 0 and row.remainder == 0
+            assert row.exact_error is not None and row.exact_error < 1e-4

@@ -83,10 +83,12 @@ end
 
 -- Open round r with the clients draw() chose: copy the federation's quorum settings, arm its
 -- deadline, make it current. A round that exists already is left as it is: a buffered federation opens
--- the next buffer when one fires, before the fired one ends (synchronous rounds never meet one).
+-- the next buffer when one fires, before the fired one ends (synchronous rounds never meet one). A
+-- strategy that freezes a shared factor (meta 'trainable_cycle', the comma-separated factors its rounds
+-- train in turn; see chorus_mq/strategy.py) names the round's trainable factor in the round hash and the event.
 local function open_round(meta, rkey, deadlines, stream, r, selected)
   if redis.call('HEXISTS', rkey, 'state') == 1 then return end
-  local q = redis.call('HMGET', meta, 'quorum', 'min_quorum', 'round_timeout')
+  local q = redis.call('HMGET', meta, 'quorum', 'min_quorum', 'round_timeout', 'trainable_cycle')
   local timeout = tonumber(q[3]) or 0
   local deadline = 0
   if timeout > 0 then
@@ -96,6 +98,12 @@ local function open_round(meta, rkey, deadlines, stream, r, selected)
   redis.call('HSET', rkey, 'state', 'open', 'epoch', 0, 'n', 0, 'quorum', q[1],
     'min_quorum', q[2], 'opened_at', NOW, 'deadline', deadline)
   local ev = {type = 'round_opened', round = r, quorum = tonumber(q[1]), deadline = deadline}
+  if q[4] and q[4] ~= '' then
+    local cycle = {}
+    for factor in string.gmatch(q[4], '[^,]+') do cycle[#cycle + 1] = factor end
+    ev['trainable'] = cycle[((r - 1) % #cycle) + 1]
+    redis.call('HSET', rkey, 'trainable', ev['trainable'])
+  end
   if selected then
     redis.call('HSET', rkey, 'selected', cjson.encode(selected))
     ev['selected'] = selected

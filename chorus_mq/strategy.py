@@ -1,0 +1,137 @@
+"""Each aggregation strategy as one object: what it publishes, what clients train, what it combines with.
+
+Torch-free and below every layer that asks (aggregation's layout and math, the workers' shards and
+ingest, the federation config, training, the CLI), so a strategy's properties are said once here and
+read everywhere else through :func:`strategy_spec`. The math itself lives in
+:mod:`chorus_mq.aggregation.strategies`, keyed by :attr:`StrategySpec.rule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .names import Factor, Strategy
+
+#: how a module's aggregate is computed and laid out (aggregation.strategies / aggregation.shapes)
+Rule = Literal["fedavg", "fedex", "svd", "stack", "shared"]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy's properties (docs/DESIGN.md section 1)."""
+
+    name: Strategy
+    #: how the module math and the output layout are computed
+    rule: Rule
+    #: the published model is the exact weighted average of the clients' products
+    exact: bool
+    #: may publish a residual (a correction outside the adapter) at float32 output
+    residual: bool
+    #: the aggregate is a weighted sum of one uploaded tensor per module, so masking-based secure
+    #: aggregation can compute it without seeing any client's tensor
+    linear: bool
+    #: the rule rewrites each client's factors from its product first (aggregation/canonical.py)
+    canonicalises: bool
+    #: which factor clients train in round r: ``trains[(r - 1) % len(trains)]``; () = both factors
+    trains: tuple[Factor, ...] = ()
+    #: ``--out-rank`` chooses the output rank (only a truncating rule can honour it)
+    out_rank_option: bool = False
+    #: a client may train at its own rank (the global is fitted to it; what does not fit is carried)
+    own_rank: bool = True
+    #: a client starting below the global rank carries the remainder in its base (stack drops it: its
+    #: global rank is the sum of the uploads' and would otherwise multiply every round)
+    keeps_remainder: bool = True
+    #: combinations: server optimiser, SCAFFOLD, personal heads, server-side DP, robust aggregates
+    server_opt: bool = True
+    scaffold: bool = True
+    personal_heads: bool = True
+    dp: bool = True
+    robust: bool = True
+
+    @property
+    def frozen_shared(self) -> bool:
+        """Some factor is frozen every round, shared by every client, and checked bit-identical at ingest."""
+        return bool(self.trains)
+
+    def trainable(self, round_: int) -> Factor | None:
+        """The factor clients train in round ``round_`` (>= 1); None: both."""
+        if not self.trains:
+            return None
+        return self.trains[(max(round_, 1) - 1) % len(self.trains)]
+
+    def frozen(self, round_: int) -> Factor | None:
+        """The factor frozen and shared in round ``round_``; None: none."""
+        trained = self.trainable(round_)
+        if trained is None:
+            return None
+        return Factor.LORA_A if trained == Factor.LORA_B else Factor.LORA_B
+
+
+_SPECS: dict[Strategy, StrategySpec] = {
+    Strategy.FEDEX_LORA: StrategySpec(
+        Strategy.FEDEX_LORA, "fedex", exact=True, residual=True, linear=False, canonicalises=True
+    ),
+    Strategy.FEDAVG: StrategySpec(
+        Strategy.FEDAVG, "fedavg", exact=False, residual=False, linear=False, canonicalises=True
+    ),
+    Strategy.SVD: StrategySpec(
+        Strategy.SVD, "svd", exact=True, residual=True, linear=False, canonicalises=True, out_rank_option=True
+    ),
+    Strategy.STACK: StrategySpec(
+        Strategy.STACK,
+        "stack",
+        exact=True,
+        residual=False,
+        linear=False,
+        canonicalises=True,
+        keeps_remainder=False,
+        server_opt=False,
+        scaffold=False,
+    ),
+    Strategy.FFA_LORA: StrategySpec(
+        Strategy.FFA_LORA,
+        "shared",
+        exact=True,
+        residual=False,
+        linear=True,
+        canonicalises=False,
+        trains=(Factor.LORA_B,),
+        own_rank=False,
+        server_opt=False,
+        scaffold=False,
+        personal_heads=False,
+        dp=False,
+        robust=False,
+    ),
+    Strategy.ROLORA: StrategySpec(
+        Strategy.ROLORA,
+        "shared",
+        exact=True,
+        residual=False,
+        linear=True,
+        canonicalises=False,
+        # B first: round 0's B is zero, so training A against it first would learn nothing
+        trains=(Factor.LORA_B, Factor.LORA_A),
+        own_rank=False,
+        server_opt=False,
+        scaffold=False,
+        personal_heads=False,
+        dp=False,
+        robust=False,
+    ),
+}
+
+
+def strategy_spec(strategy: Strategy | str) -> StrategySpec:
+    """The spec of ``strategy`` (a member or its value); ValueError naming the choices for anything else."""
+    try:
+        member = Strategy(strategy)
+    except ValueError:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(Strategy.values())}") from None
+    return _SPECS[member]
+
+
+def all_specs() -> tuple[StrategySpec, ...]:
+    """Every strategy's spec, in the enum's order."""
+    return tuple(_SPECS[m] for m in Strategy)
