@@ -3,6 +3,7 @@
     python benchmarks/rounds.py                                   # llama-3.2-3b shapes, N=10, r=16, 20 rounds
     python benchmarks/rounds.py --shapes small --rounds 5         # a quick run
     python benchmarks/rounds.py --workers 1,2 --rounds 3          # the shard speed-up of a second worker
+    python benchmarks/rounds.py --mode buffered                   # FedBuff flushes: a version per N deltas
 
 A private redis-server, a file:// store, and real ``chorus-mq worker`` processes (one ingest
 worker, W aggregate workers, each ``--concurrency 1``); N registered clients upload fresh signed
@@ -20,6 +21,10 @@ quorum, and the round runs as the fleet runs it (plan, shards, commit). Per roun
                bound), plus the round's own adapter and residual
   compact      seconds of the compaction (every --checkpoint-every rounds), off the critical path
   verdict      seconds an upload to another federation waits for its verdict while the round aggregates
+
+With ``--mode buffered`` the federation is a buffered one (``--buffer N``, the clients): each round is a
+flush, round 0 publishes an initial adapter, and every other client trained from the version before the
+latest (staleness 1, poly:0.5), so each flush's residual carries two base versions.
 
 Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
 every worker count runs its own federation, each aggregate worker ``--concurrency 1``,
@@ -301,6 +306,7 @@ def run_federation(
     echo: bool,
     probe: Probe | None = None,
 ) -> list[Row]:
+    buffered = args.mode == "buffered"
     config = FederationConfig(
         name=name,
         base_model=args.shapes,
@@ -308,6 +314,7 @@ def run_federation(
         strategy=Strategy(args.strategy),
         checkpoint_every=args.checkpoint_every,
         max_client_weight=1.0,
+        **({"mode": "buffered", "relative_clip": 0.0, "max_staleness": 2} if buffered else {}),
     )
     spec = strategy_spec(args.strategy)
     initial = None
@@ -315,6 +322,8 @@ def run_federation(
     deltas.mkdir(exist_ok=True)
     if spec.frozen_shared:  # round 0 publishes the shared factors: A seeded, B = 0
         initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0, zero_b=True)
+    elif buffered:  # version 0, the first flush's base
+        initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0)
     decl = ModelDecl(modules=shapes, extras={}, task_type="CAUSAL_LM")
     sdk.create_federation(config, model=decl, initial_adapter=initial)
     published = load_file(str(initial)) if initial is not None else {}
@@ -329,10 +338,15 @@ def run_federation(
             make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i, keep=keep)
             for i in range(args.clients)
         ]
+        # buffered: every other client trained from the version before the latest (staleness 1)
+        base = {i: (max(0, r - 1 - i % 2) if buffered else None) for i in range(args.clients)}
         for i, path in enumerate(paths[:-1]):
-            clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600)
+            clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600, base_version=base[i])
         reset_peaks(dep.aggregators)
-        clients[-1].upload(name, paths[-1], f"c{args.clients - 1}", dataset_size=100.0 + args.clients, timeout=600)
+        last = args.clients - 1
+        clients[-1].upload(
+            name, paths[-1], f"c{last}", dataset_size=100.0 + args.clients, timeout=600, base_version=base[last]
+        )
         verdict = probe.upload(r) if probe else None  # another federation's upload while this round aggregates
         sdk.wait_round(name, r, timeout=1800)
         info = sdk.state.round(name, r)
@@ -446,6 +460,9 @@ def main() -> None:
     parser.add_argument("--strategy", choices=Strategy.values(), default="fedex-lora")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument(
+        "--mode", choices=("sync", "buffered"), default="sync", help="buffered: each round is a FedBuff flush"
+    )
+    parser.add_argument(
         "--workers",
         default=None,
         help="Comma-separated aggregate worker counts to compare (each worker --concurrency 1 "
@@ -506,7 +523,8 @@ def main() -> None:
                 time.sleep(8)
                 print(
                     f"{args.shapes}: {len(shapes)} modules, N={args.clients}, r={args.rank}, {args.strategy}, "
-                    "default settings (`chorus-mq worker --role aggregate` and `--role ingest`, default concurrency)"
+                    + ("buffered (a flush per N deltas, half 1 version stale), " if args.mode == "buffered" else "")
+                    + "default settings (`chorus-mq worker --role aggregate` and `--role ingest`, default concurrency)"
                 )
                 print(HEADER)
                 rows = run_federation(
