@@ -38,6 +38,9 @@ class Strategy(_Choice):
     FFA_LORA = "ffa-lora"
     #: linear, exact by construction: rounds alternate which factor trains, the other frozen and shared
     ROLORA = "rolora"
+    #: linear, exact by construction: B and A frozen and shared, clients train the r x r matrix R between
+    #: them (Fed-SB, "Federated LoRA-SB"); the update is ``s B R A``
+    FED_SB = "fed-sb"
 
 
 class Factor(_Choice):
@@ -45,6 +48,8 @@ class Factor(_Choice):
 
     LORA_A = "lora_A"
     LORA_B = "lora_B"
+    #: Fed-SB's r x r matrix between the frozen B and A (``<module>.lora_R.weight`` in uploads and shards)
+    LORA_R = "lora_R"
 
 
 class ServerOptimizer(_Choice):
