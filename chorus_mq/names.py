@@ -228,6 +228,9 @@ VARIATE_FORMAT = "chorus-variate/1"
 # What ``pull`` writes into its output directory.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: a pulled Fed-SB directory's published tensors as they are: the frozen frame (lora_A, lora_B), lora_R and
+#: the head; ``adapter_model.safetensors`` beside it is their PEFT form (lora_B = B R)
+FED_SB_FILE = "fed_sb.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
 CUMULATIVE_FILE = "cumulative_residual.safetensors"
 #: residuals of rounds after the cumulative file's, not folded yet (the correction is their sum)
