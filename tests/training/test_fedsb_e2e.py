@@ -170,3 +170,76 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
         operator.upload(fed, wrong, "c0", dataset_size=10.0, round_=r, timeout=120)
     info = operator.round(fed, r)
     assert (str(info.state), info.n, info.trainable) == ("open", 0, "lora_R")
+
+
+def test_fed_sb_train_two_rounds_exact_with_export(deployment, tiny_bert_dir, tmp_path):
+    """``train`` (the SDK) trains R between the frozen frame; the uploads carry lora_R only; each round is the
+    oracle's average; export gives the exact PEFT model's logits."""
+    import threading
+
+    torch.set_num_threads(1)
+    fed = "sbt"
+    deployment.start_worker(concurrency=1)
+    deployment.cli(
+        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
+        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", str(RANK),
+        "--strategy", "fed-sb",
+    )  # fmt: skip
+    operator = deployment.sdk()
+    secrets = {c: operator.add_client(fed, c).secret for c in ("c0", "c1")}
+    failures: list[BaseException] = []
+
+    def train(client: str) -> None:
+        try:
+            sdk = deployment.sdk(client_secret=secrets[client])
+            for _record in sdk.train(
+                federation=fed, client_id=client, model_dir=tiny_bert_dir, data=_data(int(client[1])),
+                workdir=tmp_path / client, rounds=2, steps_per_round=3, batch_size=6, lr=5e-2,
+                max_length=32, json=True, timeout=300, poll=0.1,
+            ):  # fmt: skip
+                pass
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=train, args=(c,)) for c in secrets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert not failures, failures
+    opened = [e for e in operator.state.events(fed).read() if e.type == "round_opened"]
+    assert [e.get("trainable") for e in opened] == ["lora_R"] * 3
+    assert operator.round(fed, 1).trainable == "lora_R"
+
+    p0 = tmp_path / "g0"
+    operator.pull(fed, p0, 0)
+    frame = load_file(p0 / FED_SB_FILE)
+    prev = frame
+    for r in (1, 2):
+        out = tmp_path / f"g{r}"
+        operator.pull(fed, out, r)
+        pub = load_file(out / FED_SB_FILE)
+        records = operator.state.deltas(fed, r)
+        uploads = {c: load(operator.store.get_bytes(records[c].key)) for c in records}
+        weights = {e["client_id"]: e["weight"] for e in json.loads((out / "manifest.json").read_text())["clients"]}
+        scaling = json.loads((out / "adapter_config.json").read_text())["lora_alpha"] / RANK
+        for m in _modules(pub):
+            assert all(not any(k.startswith(f"{m}.lora_A") or k.startswith(f"{m}.lora_B") for k in u)
+                       for u in uploads.values())  # fmt: skip
+            b, a = frame[f"{m}.lora_B.weight"].to(F64), frame[f"{m}.lora_A.weight"].to(F64)
+            assert torch.equal(pub[f"{m}.lora_B.weight"], frame[f"{m}.lora_B.weight"])
+            want = sum(weights[c] * scaling * (b @ u[f"{m}.lora_R.weight"].to(F64) @ a) for c, u in uploads.items())
+            got = scaling * b @ pub[f"{m}.lora_R.weight"].to(F64) @ a
+            assert float((got - want).norm() / want.norm()) <= 1e-6, (r, m)
+            assert not torch.equal(pub[f"{m}.lora_R.weight"], prev[f"{m}.lora_R.weight"])  # it trained
+        prev = pub
+
+    from transformers import AutoModelForSequenceClassification
+
+    exported = tmp_path / "exported"
+    deployment.cli("export", "-f", fed, "--model", str(tiny_bert_dir), "--output", str(exported))
+    tokenizer = load_tokenizer(tiny_bert_dir)
+    texts = list(_data(1).texts[:8])
+    want_logits = predict(exact_model(tmp_path / "g2", tiny_bert_dir, task=TaskType.SEQ_CLS), tokenizer, texts)
+    got_logits = predict(AutoModelForSequenceClassification.from_pretrained(exported).eval(), tokenizer, texts)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-5)
