@@ -35,7 +35,8 @@ def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> Tensor:
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=_F64))
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return q * signs
+    out: Tensor = q * signs
+    return out
 
 
 def frame(d_out: int, d_in: int, rank: int, *, seed: int, module: str) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,6 @@ trainable LoRA parameter; A stays frozen. :func:`write_r_upload` writes what a F
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ class _InFrame(nn.Module):
         self.register_buffer("frame", b.to(torch.float32).contiguous(), persistent=False)
         self._start = r.to(torch.float32).contiguous()
 
+    frame: Tensor
+
     def forward(self, r: Tensor) -> Tensor:
         return self.frame @ r
 
@@ -54,7 +55,8 @@ class Attached:
 
         out = {}
         for module, layer in self.layers.items():
-            out[module] = layer.parametrizations.weight.original.detach().clone()
+            original: Tensor = layer.parametrizations.weight.original  # type: ignore[union-attr,assignment]
+            out[module] = original.detach().clone()
             with torch.no_grad():
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         return out

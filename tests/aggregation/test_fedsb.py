@@ -29,9 +29,7 @@ def _clients(n: int = 4, r: int = 3, d_out: int = 11, d_in: int = 7, seed: int =
 
 def _oracle(updates, absent: float = 0.0):
     total = sum(u.weight for u in updates) + absent
-    return sum(
-        (u.weight / total) * u.scaling * (u.B.to(F64) @ u.R.to(F64) @ u.A.to(F64)) for u in updates
-    )
+    return sum((u.weight / total) * u.scaling * (u.B.to(F64) @ u.R.to(F64) @ u.A.to(F64)) for u in updates)
 
 
 @pytest.mark.parametrize("absent", [0.0, 2.5])
@@ -71,7 +69,7 @@ def test_an_update_without_r_or_with_the_wrong_shape_is_refused():
     with pytest.raises(AggregationError, match="client #1: fed-sb averages lora_R and this update has none"):
         aggregate_module(clients, Strategy.FED_SB)
     clients[1] = ClientUpdate(A=c.A, B=c.B, R=torch.zeros(4, 4), scaling=c.scaling, weight=c.weight)
-    with pytest.raises(AggregationError, match="client #1: lora_R is torch.float32 \\(4, 4\\)"):
+    with pytest.raises(AggregationError, match=r"client #1: lora_R is torch.float32 \(4, 4\)"):
         aggregate_module(clients, Strategy.FED_SB)
 
 
@@ -84,7 +82,7 @@ def test_mixed_ranks_are_refused():
 
 def test_check_r_names_the_module_and_the_rank():
     check_r("m", torch.zeros(4, 4), 4)
-    with pytest.raises(AggregationError, match="module 'm': lora_R is torch.float32 \\[4, 5\\]; .* \\[4, 4\\]"):
+    with pytest.raises(AggregationError, match=r"module 'm': lora_R is torch.float32 \[4, 5\]; .* \[4, 4\]"):
         check_r("m", torch.zeros(4, 5), 4)
     with pytest.raises(AggregationError, match="NaN or infinite"):
         check_r("m", torch.full((2, 2), float("nan")), 2)

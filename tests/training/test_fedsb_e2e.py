@@ -156,7 +156,7 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
         operator.upload(fed, with_a, "c0", dataset_size=10.0, round_=r, timeout=120)  # refused before it leaves
     with pytest.raises(Rejected, match="has lora_R and lora_A: a Fed-SB upload carries lora_R only"):
         _submit_raw(operator, fed, "c0", r, with_a)  # a hostile client skips the SDK: ingest refuses the same
-    ab = {k: v for k, v in peft0.items()}  # a plain lora_A / lora_B upload
+    ab = dict(peft0)  # a plain lora_A / lora_B upload
     plain = tmp_path / "plain"
     plain.mkdir()
     save_file(ab, str(plain / ADAPTER_WEIGHTS))
@@ -166,7 +166,7 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
     config = json.loads((held[2] / "adapter_config.json").read_text())
     wrong = _r_upload(held[2], tmp_path / "bad-rank", 98, rank=2)
     (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": 2, "lora_alpha": 4}))
-    with pytest.raises(Rejected, match="lora_R is float32 \\[4, 4\\].*the upload's is F32 \\[2, 2\\]"):
+    with pytest.raises(Rejected, match=r"lora_R is float32 \[4, 4\].*the upload's is F32 \[2, 2\]"):
         operator.upload(fed, wrong, "c0", dataset_size=10.0, round_=r, timeout=120)
     info = operator.round(fed, r)
     assert (str(info.state), info.n, info.trainable) == ("open", 0, "lora_R")
@@ -224,8 +224,7 @@ def test_fed_sb_train_two_rounds_exact_with_export(deployment, tiny_bert_dir, tm
         weights = {e["client_id"]: e["weight"] for e in json.loads((out / "manifest.json").read_text())["clients"]}
         scaling = json.loads((out / "adapter_config.json").read_text())["lora_alpha"] / RANK
         for m in _modules(pub):
-            assert all(not any(k.startswith(f"{m}.lora_A") or k.startswith(f"{m}.lora_B") for k in u)
-                       for u in uploads.values())  # fmt: skip
+            assert all(not any(k.startswith((f"{m}.lora_A", f"{m}.lora_B")) for k in u) for u in uploads.values())
             b, a = frame[f"{m}.lora_B.weight"].to(F64), frame[f"{m}.lora_A.weight"].to(F64)
             assert torch.equal(pub[f"{m}.lora_B.weight"], frame[f"{m}.lora_B.weight"])
             want = sum(weights[c] * scaling * (b @ u[f"{m}.lora_R.weight"].to(F64) @ a) for c, u in uploads.items())
