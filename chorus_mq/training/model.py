@@ -190,16 +190,17 @@ def build_initial_adapter(
     model.save_pretrained(str(out), save_embedding_layers=False)
     normalise_adapter_config(out, base_model=base_model or Path(model_dir).name)
     if fed_sb:
-        _write_frame(out / ADAPTER_WEIGHTS, seed)
+        write_fed_sb_frame(out, seed)
     return out
 
 
-def _write_frame(weights: Path, seed: int) -> None:
+def write_fed_sb_frame(adapter_dir: Path, seed: int) -> None:
     """Replace every module's lora_A / lora_B in a saved adapter by Fed-SB's seeded orthonormal frame."""
     from safetensors.torch import load_file, save_file
 
     from chorus_mq.aggregation.sandwich import frame
 
+    weights = adapter_dir / ADAPTER_WEIGHTS
     tensors = load_file(str(weights))
     for key in sorted(tensors):
         if key.endswith(".lora_A.weight"):
