@@ -384,6 +384,11 @@ def run_federation(
     return rows
 
 
+def _mb(value: float) -> str:
+    """Megabytes as a whole number, or to 0.01 below 10 (a fed-sb pull is a fraction of one)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
 def directory_bytes(directory: Path) -> int:
     """The bytes of every file under ``directory``, each once (``residual.safetensors`` may link an increment)."""
     sizes = {p.stat().st_ino: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
@@ -428,7 +433,7 @@ def _format(row: Row) -> str:
     return (
         f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
         f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
-        f"{row.pull_mb:>7.{0 if row.pull_mb >= 10 else 2}f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
+        f"{_mb(row.pull_mb):>7}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
         f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
     )
 
@@ -444,7 +449,7 @@ def summary(rows: list[Row], shapes: dict[str, tuple[int, int]]) -> None:
     if any(r.pull_s for r in rows):
         pulls = [r.pull_mb for r in rows]
         print(
-            f"continuing client's pull: median {statistics.median(pulls):.{0 if statistics.median(pulls) >= 10 else 2}f}MB, "
+            f"continuing client's pull: median {_mb(statistics.median(pulls))}MB, "
             f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB"
         )
         print(
