@@ -81,6 +81,7 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
     operator = deployment.sdk()
     status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
     assert status["strategy"] == "fed-sb" and status["trainable"] == "lora_R"
+    assert "clients train lora_R this round, between the published frame" in deployment.cli("status", "-f", fed).stdout
 
     # round 0: the frame (orthonormal B columns, A rows), R = 0; the PEFT form is a zero update
     g0 = tmp_path / "global-0"
