@@ -53,7 +53,7 @@ def test_an_r_upload_is_parsed_and_indexed_as_r(tmp_path):
                 "base_model.model.layer.k.lora_B.weight": torch.zeros(8, 4),
             },
             "mixes lora_R modules with lora_A/lora_B ones",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_malformed_r_uploads_are_refused(tmp_path, tensors, message):
@@ -66,5 +66,5 @@ def test_the_upload_kind_must_match_the_strategy():
     check_upload_kind("ffa-lora", frozenset(), 1)
     with pytest.raises(IncompatibleDelta, match="this fed-sb federation trains lora_R only"):
         check_upload_kind("fed-sb", frozenset(), 1)
-    with pytest.raises(IncompatibleDelta, match="lora_R \\(module .*\\) is Fed-SB's; this federation uses fedex-lora"):
+    with pytest.raises(IncompatibleDelta, match=r"lora_R \(module .*\) is Fed-SB's; this federation uses fedex-lora"):
         check_upload_kind("fedex-lora", frozenset({M}), 1)
