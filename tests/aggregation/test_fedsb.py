@@ -119,3 +119,15 @@ def test_the_spec_says_fed_sb_trains_r_with_both_factors_frozen():
 def test_unsupported_combinations_are_refused_at_create(extra, flag):
     with pytest.raises(ConfigError, match=f"does not support {flag}"):
         FederationConfig(name="f", base_model="m", quorum=2, strategy="fed-sb", **extra)
+
+
+def test_round_0_needs_a_full_rank_frame_and_starts_r_at_zero():
+    from chorus_mq.errors import IncompatibleDelta
+    from chorus_mq.federation import _fed_sb_start
+
+    b, a = frame(12, 9, 3, seed=0, module="m")
+    r0 = _fed_sb_start("m", {"m.lora_A.weight": a, "m.lora_B.weight": b})
+    assert r0.shape == (3, 3) and r0.dtype == torch.float32 and not r0.any()
+    # PEFT's default init (B = 0) would train nothing between it: refused with the way out
+    with pytest.raises(IncompatibleDelta, match=r"freezes its lora_B as the frame .* has rank below 3"):
+        _fed_sb_start("m", {"m.lora_A.weight": a, "m.lora_B.weight": torch.zeros(12, 3)})
