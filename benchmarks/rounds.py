@@ -217,12 +217,25 @@ def make_delta(
     *,
     keep: dict[str, torch.Tensor] | None = None,
     zero_b: bool = False,
+    frame: bool = False,
+    only_r: bool = False,
 ) -> Path:
     """Random factors; ``keep``: tensors used as they are (a round's frozen shared factor); ``zero_b``: B = 0
-    (a linear strategy's round 0)."""
+    (a linear strategy's round 0); ``frame``: fed-sb's seeded orthonormal frame; ``only_r``: a fed-sb upload
+    (a random r x r ``lora_R`` per module)."""
+    from chorus_mq.aggregation.sandwich import frame as sb_frame
+
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (d_out, d_in) in shapes.items():
+        if only_r:
+            tensors[f"{name}.lora_R.weight"] = torch.randn(rank, rank, generator=gen) / rank
+            continue
+        if frame:
+            tensors[f"{name}.lora_B.weight"], tensors[f"{name}.lora_A.weight"] = sb_frame(
+                d_out, d_in, rank, seed=seed, module=name
+            )
+            continue
         tensors[f"{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
         tensors[f"{name}.lora_B.weight"] = (
             torch.zeros(d_out, rank) if zero_b else torch.randn(d_out, rank, generator=gen) / rank**0.5
@@ -320,7 +333,9 @@ def run_federation(
     initial = None
     deltas = dep.workdir / "deltas"
     deltas.mkdir(exist_ok=True)
-    if spec.frozen_shared:  # round 0 publishes the shared factors: A seeded, B = 0
+    if spec.sandwich:  # fed-sb: round 0 publishes the seeded orthonormal frame (and R = 0)
+        initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0, frame=True)
+    elif spec.frozen_shared:  # round 0 publishes the shared factors: A seeded, B = 0
         initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0, zero_b=True)
     elif buffered:  # version 0, the first flush's base
         initial = make_delta(deltas / "initial.safetensors", shapes, args.rank, seed=0)
@@ -335,7 +350,9 @@ def run_federation(
         frozen = spec.frozen(r)
         keep = {k: t for k, t in published.items() if frozen is not None and k.endswith(f".{frozen}.weight")}
         paths = [
-            make_delta(deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i, keep=keep)
+            make_delta(
+                deltas / f"c{i}.safetensors", shapes, args.rank, seed=1000 * r + i, keep=keep, only_r=spec.sandwich
+            )
             for i in range(args.clients)
         ]
         # buffered: every other client trained from the version before the latest (staleness 1)
@@ -379,6 +396,11 @@ def run_federation(
         if echo:
             print(_format(row), flush=True)
     return rows
+
+
+def _mb(value: float) -> str:
+    """Megabytes as a whole number, or to 0.01 below 10 (a fed-sb pull is a fraction of one)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
 
 
 def directory_bytes(directory: Path) -> int:
@@ -425,7 +447,7 @@ def _format(row: Row) -> str:
     return (
         f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
         f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
-        f"{row.pull_mb:>7.0f}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
+        f"{_mb(row.pull_mb):>7}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
         f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
     )
 
@@ -441,7 +463,7 @@ def summary(rows: list[Row], shapes: dict[str, tuple[int, int]]) -> None:
     if any(r.pull_s for r in rows):
         pulls = [r.pull_mb for r in rows]
         print(
-            f"continuing client's pull: median {statistics.median(pulls):.0f}MB, "
+            f"continuing client's pull: median {_mb(statistics.median(pulls))}MB, "
             f"{statistics.median(r.pull_s for r in rows):.2f}s, peak RSS max {max(r.pull_rss_mb for r in rows):.0f}MB"
         )
         print(

@@ -22,6 +22,8 @@ from .state import FederationConfig
 from .strategy import strategy_spec
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapters import ModelDecl
     from .client import ChorusClient
 
@@ -48,8 +50,8 @@ def create(
     if strategy_spec(config.strategy).frozen_shared and initial_adapter is None:
         raise ConfigError(
             f"--strategy {config.strategy} needs an initial adapter (round 0): it publishes the shared factors "
-            "every client keeps frozen (A seeded, B = 0); give --task (with --lora-rank and --target-modules) "
-            "or --initial-adapter"
+            f"every client keeps frozen ({_round0_factors(config)}); give --task (with --lora-rank and "
+            "--target-modules) or --initial-adapter"
         )
     if config.personal_heads:
         if not model.extras:
@@ -67,6 +69,29 @@ def create(
         initial = _publish_initial(sdk, config, model, Path(initial_adapter))
     sdk.state.create_federation(config, model, initial=initial, seed=selection_seed)
     return config
+
+
+def _round0_factors(config: FederationConfig) -> str:
+    if strategy_spec(config.strategy).sandwich:
+        return "B and A an orthonormal frame seeded per module, R = 0"
+    return "A seeded, B = 0"
+
+
+def _fed_sb_start(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Round 0's R (zeros) for a Fed-SB module, after checking that the initial adapter's B and A are a
+    frame: full rank, so every R is a distinct update (a zero B, PEFT's default, would train nothing)."""
+    import torch
+
+    a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+    rank = int(a.shape[0])
+    for name, factor in (("lora_A", a), ("lora_B", b)):
+        if int(torch.linalg.matrix_rank(factor.to(torch.float64))) < rank:
+            raise IncompatibleDelta(
+                f"initial adapter module {module!r}: fed-sb freezes its {name} as the frame every R is trained "
+                f"in, and this one has rank below {rank} (a zero lora_B, PEFT's default, trains nothing); build "
+                "it with --task (an orthonormal frame) or give full-rank factors"
+            )
+    return torch.zeros(rank, rank, dtype=torch.float32)
 
 
 def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
@@ -92,6 +117,9 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
         keys = [item] if item in model.extras else [f"{item}.{part}.weight" for part in ("lora_A", "lora_B")]
         for key in keys:
             tensors[key] = adapter.tensors[key].to(torch.float32)
+    if strategy_spec(config.strategy).sandwich:
+        for name in modules:
+            tensors[f"{name}.lora_R.weight"] = _fed_sb_start(name, tensors)
     federation = config.name
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "shard.safetensors"

@@ -38,6 +38,9 @@ class Strategy(_Choice):
     FFA_LORA = "ffa-lora"
     #: linear, exact by construction: rounds alternate which factor trains, the other frozen and shared
     ROLORA = "rolora"
+    #: linear, exact by construction: B and A frozen and shared, clients train the r x r matrix R between
+    #: them (Fed-SB, "Federated LoRA-SB"); the update is ``s B R A``
+    FED_SB = "fed-sb"
 
 
 class Factor(_Choice):
@@ -45,6 +48,8 @@ class Factor(_Choice):
 
     LORA_A = "lora_A"
     LORA_B = "lora_B"
+    #: Fed-SB's r x r matrix between the frozen B and A (``<module>.lora_R.weight`` in uploads and shards)
+    LORA_R = "lora_R"
 
 
 class ServerOptimizer(_Choice):
@@ -223,6 +228,9 @@ VARIATE_FORMAT = "chorus-variate/1"
 # What ``pull`` writes into its output directory.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: a pulled Fed-SB directory's published tensors as they are: the frozen frame (lora_A, lora_B), lora_R and
+#: the head; ``adapter_model.safetensors`` beside it is their PEFT form (lora_B = B R)
+FED_SB_FILE = "fed_sb.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
 CUMULATIVE_FILE = "cumulative_residual.safetensors"
 #: residuals of rounds after the cumulative file's, not folded yet (the correction is their sum)

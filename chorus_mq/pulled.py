@@ -27,6 +27,7 @@ from .names import (
     ADAPTER_WEIGHTS,
     CUMULATIVE_FILE,
     EXACT_ADAPTER_DIR,
+    FED_SB_FILE,
     INCREMENTS_DIR,
     LOCAL_FORMAT,
     LOCAL_STATE_FILE,
@@ -157,6 +158,7 @@ def pull(
         held is not None
         and (held.federation, held.round, held.manifest_sha256) == (federation, target, manifest_sha)
         and all((out / name).is_file() for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RESIDUAL_FILE, MANIFEST_FILE))
+        and (not _sandwich(manifest.strategy) or (out / FED_SB_FILE).is_file())
         and not (fold and held.increments)
         and not (exact_adapter or residual_adapter)
     ):
@@ -193,16 +195,21 @@ def pull(
         sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE, RESIDUAL_FORMAT, bar
     ):
         write_empty_residual(out / RESIDUAL_FILE)
+    sandwich = _sandwich(manifest.strategy)
+    # Fed-SB: the published tensors (frame and R) are kept as they are, the PEFT adapter is built from them
+    published = out / (FED_SB_FILE if sandwich else ADAPTER_WEIGHTS)
     unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
     adapters = [s.adapter for s in manifest.shards]
     if not unchanged:
-        _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar)
+        _merge_into(sdk, adapters, published, "pt", bar)
     else:
         try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
-            with _HeldFactors(out / ADAPTER_WEIGHTS, unchanged) as held_factors:
-                _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar, reuse=held_factors.get)
+            with _HeldFactors(published, unchanged) as held_factors:
+                _merge_into(sdk, adapters, published, "pt", bar, reuse=held_factors.get)
         except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
-            _merge_into(sdk, adapters, out / ADAPTER_WEIGHTS, "pt", bar)
+            _merge_into(sdk, adapters, published, "pt", bar)
+    if sandwich:
+        write_fed_sb_peft(published, out / ADAPTER_WEIGHTS)
     # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
     variates = [s.variate for s in manifest.shards if s.variate is not None]
     if not _merge_into(sdk, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
@@ -279,10 +286,40 @@ def _unchanged_factors(
         return ()
     if not spec.frozen_shared or held is None or held.federation != federation or held.round >= target:
         return ()
-    if not (out / ADAPTER_WEIGHTS).is_file():
+    if not (out / (FED_SB_FILE if spec.sandwich else ADAPTER_WEIGHTS)).is_file():
         return ()
     trained = {spec.trainable(r) for r in range(held.round + 1, target + 1)}
     return tuple(f for f in Factor if f not in trained)
+
+
+def _sandwich(strategy: str) -> bool:
+    try:
+        return strategy_spec(strategy).sandwich
+    except ValueError:
+        return False
+
+
+def write_fed_sb_peft(published: Path, out: Path) -> None:
+    """The standard PEFT adapter of a Fed-SB round's published tensors: per module ``lora_A = A`` and
+    ``lora_B = B @ R`` (float64 product, one rounding), the head as it is; written atomically."""
+    from safetensors.torch import load_file, save_file
+
+    from .aggregation.sandwich import check_r, peft_factors
+
+    tensors = load_file(str(published))  # verified against the manifest's hashes when merged
+    peft = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_R.weight"):
+            continue
+        if key.endswith(".lora_B.weight"):
+            module = key.removesuffix(".lora_B.weight")
+            r = check_r(module, tensors[f"{module}.lora_R.weight"], int(tensor.shape[1]))
+            peft[f"{module}.lora_A.weight"], peft[key] = peft_factors(tensor, r, tensors[f"{module}.lora_A.weight"])
+        elif not key.endswith(".lora_A.weight"):
+            peft[key] = tensor
+    tmp = out.with_name(f".{out.name}.part")
+    save_file(peft, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out)
 
 
 class _HeldFactors:

@@ -14,7 +14,7 @@ from typing import Literal
 from .names import Factor, Strategy
 
 #: how a module's aggregate is computed and laid out (aggregation.strategies / aggregation.shapes)
-Rule = Literal["fedavg", "fedex", "svd", "stack", "shared"]
+Rule = Literal["fedavg", "fedex", "svd", "stack", "shared", "sandwich"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,13 @@ class StrategySpec:
 
     @property
     def frozen_shared(self) -> bool:
-        """Some factor is frozen every round, shared by every client, and checked bit-identical at ingest."""
+        """Some factor is frozen every round, shared by every client (never changed by a client)."""
         return bool(self.trains)
+
+    @property
+    def sandwich(self) -> bool:
+        """Both LoRA factors are frozen and shared; clients train and upload only ``lora_R`` (Fed-SB)."""
+        return self.rule == "sandwich"
 
     def trainable(self, round_: int) -> Factor | None:
         """The factor clients train in round ``round_`` (>= 1); None: both."""
@@ -61,9 +66,10 @@ class StrategySpec:
         return self.trains[(max(round_, 1) - 1) % len(self.trains)]
 
     def frozen(self, round_: int) -> Factor | None:
-        """The factor frozen and shared in round ``round_``; None: none."""
+        """The one factor frozen and shared in round ``round_`` whose upload ingest checks bit for bit;
+        None: none, or both (Fed-SB: B and A are never uploaded, see :attr:`sandwich`)."""
         trained = self.trainable(round_)
-        if trained is None:
+        if trained is None or trained == Factor.LORA_R:
             return None
         return Factor.LORA_A if trained == Factor.LORA_B else Factor.LORA_B
 
@@ -113,6 +119,21 @@ _SPECS: dict[Strategy, StrategySpec] = {
         canonicalises=False,
         # B first: round 0's B is zero, so training A against it first would learn nothing
         trains=(Factor.LORA_B, Factor.LORA_A),
+        own_rank=False,
+        server_opt=False,
+        scaffold=False,
+        personal_heads=False,
+        dp=False,
+        robust=False,
+    ),
+    Strategy.FED_SB: StrategySpec(
+        Strategy.FED_SB,
+        "sandwich",
+        exact=True,
+        residual=False,
+        linear=True,
+        canonicalises=False,
+        trains=(Factor.LORA_R,),
         own_rank=False,
         server_opt=False,
         scaffold=False,

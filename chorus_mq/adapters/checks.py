@@ -97,7 +97,9 @@ def _check_modules(delta: DeltaFile, decl: ModelDecl, max_rank: int | None) -> N
         # the one extra leading component resolve() allows, "" when the name is the declared one
         prefixes.add("" if target == module else module.removeprefix(PEFT_PREFIX).split(".", 1)[0])
         d_out, d_in = decl.modules[target]
-        if (shape.d_out, shape.d_in) != (d_out, d_in):
+        if module in delta.structure.sandwich:
+            pass  # Fed-SB's lora_R is (rank, rank): its frame, not the upload, has the module's shape
+        elif (shape.d_out, shape.d_in) != (d_out, d_in):
             hint = " (transposed: is fan_in_fan_out right?)" if (shape.d_in, shape.d_out) == (d_out, d_in) else ""
             raise IncompatibleDelta(
                 f"module {module!r} is {shape.d_out}x{shape.d_in} (d_out x d_in) but the federation declares "

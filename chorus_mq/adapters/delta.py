@@ -30,7 +30,7 @@ from .header import DEFAULT_MAX_HEADER_BYTES, Header, read_header, strict_json
 from .spec import MAX_NAME_LEN, PEFT_PREFIX, LoraSpec, default_targets, pattern_fit
 from .writer import write_safetensors
 
-_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[ABR])\.weight")
 _IN_MEMORY = re.compile(r"\.(lora_[AB]|modules_to_save)\.default\.")
 # key fragments of things peft can save that are not LoRA deltas, with the fix
 _REFUSED = (
@@ -62,7 +62,8 @@ def normalise_key(key: str) -> str:
 
 
 def classify_key(key: str, spec: LoraSpec | None) -> tuple[str, str] | None:
-    """(module, "A"|"B") for a LoRA key, None for a modules_to_save extra; raise for anything else."""
+    """(module, "A"|"B"|"R") for a LoRA key (R: Fed-SB's r x r matrix), None for a modules_to_save extra;
+    raise for anything else."""
     if len(key) > MAX_NAME_LEN:
         raise InvalidAdapter(f"key {key[:60]!r}... is {len(key)} characters, over the {MAX_NAME_LEN} limit")
     if not key.startswith(PEFT_PREFIX):
@@ -153,6 +154,9 @@ class DeltaStructure:
     modules: Mapping[str, tuple[str, str]]  # module -> (raw key of A, raw key of B), sorted by module
     extras: Mapping[str, str]  # normalised key -> raw key
     shapes: Mapping[str, ModuleShape]
+    #: Fed-SB modules: they carry ``lora_R`` (r x r) alone, named twice in :attr:`modules` (as A and as B)
+    #: and shaped ``(r, r, r)`` in :attr:`shapes`; a file holds only these or none of them
+    sandwich: frozenset[str] = frozenset()
 
 
 def delta_structure(header: Header, spec: LoraSpec | None) -> DeltaStructure:
@@ -175,13 +179,30 @@ def delta_structure(header: Header, spec: LoraSpec | None) -> DeltaStructure:
         raise InvalidAdapter("no LoRA tensors in file (expected keys ending in .lora_A.weight / .lora_B.weight)")
     modules: dict[str, tuple[str, str]] = {}
     shapes: dict[str, ModuleShape] = {}
+    sandwich = frozenset(m for m, ab in pairs.items() if "R" in ab)
+    if sandwich and len(sandwich) != len(pairs):
+        raise InvalidAdapter(
+            "the file mixes lora_R modules with lora_A/lora_B ones; a Fed-SB upload carries lora_R only"
+        )
     for module, ab in sorted(pairs.items()):
+        if module in sandwich:
+            if len(ab) != 1:
+                raise InvalidAdapter(
+                    f"module {module!r} has lora_R and lora_{'A' if 'A' in ab else 'B'}: a Fed-SB upload carries "
+                    "lora_R only (B and A are the federation's published frame and are not uploaded)"
+                )
+            shape = tuple(header.tensors[ab["R"]].shape)
+            if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+                raise InvalidAdapter(f"module {module!r}: lora_R has shape {list(shape)}; it is square (rank x rank)")
+            shapes[module] = ModuleShape(r=shape[0], d_out=shape[0], d_in=shape[0])
+            modules[module] = (ab["R"], ab["R"])
+            continue
         for have, lack in (("A", "B"), ("B", "A")):
             if lack not in ab:
                 raise InvalidAdapter(f"module {module!r} has lora_{have} but no lora_{lack}")
         shapes[module] = check_pair(module, header.tensors[ab["A"]].shape, header.tensors[ab["B"]].shape)
         modules[module] = (ab["A"], ab["B"])
-    return DeltaStructure(modules=modules, extras=extras, shapes=shapes)
+    return DeltaStructure(modules=modules, extras=extras, shapes=shapes, sandwich=sandwich)
 
 
 def embedded_spec(header: Header) -> LoraSpec | None:
@@ -286,6 +307,9 @@ class DeltaFile:
         """``(A, B)`` of ``module`` in the file's dtype, checked finite. A: (r, d_in), B: (d_out, r)."""
         handle = self._open()
         key_a, key_b = self.structure.modules[module]
+        if module in self.structure.sandwich:  # Fed-SB's lora_R stands as both
+            r = read_finite(handle, key_a, f"module {module!r} lora_R")
+            return r, r
         return (
             read_finite(handle, key_a, f"module {module!r} lora_A"),
             read_finite(handle, key_b, f"module {module!r} lora_B"),
@@ -402,6 +426,9 @@ def load_adapter(
     with DeltaFile(file, header, spec) as delta:
         tensors: dict[str, torch.Tensor] = {}
         for module in delta.modules:
+            if module in delta.structure.sandwich:  # Fed-SB: lora_R alone (read as both factors)
+                tensors[f"{module}.lora_R.weight"] = delta.factors(module)[0]
+                continue
             tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = delta.factors(module)
         for key in delta.extras:
             tensors[key] = delta.extra(key)

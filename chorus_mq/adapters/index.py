@@ -239,6 +239,8 @@ def build_index(delta: DeltaFile) -> DeltaIndex:
     owner: dict[str, tuple[str, str]] = {}
     for module, (key_a, key_b) in structure.modules.items():
         owner[key_a], owner[key_b] = (module, "A"), (module, "B")
+        if module in structure.sandwich:
+            owner[key_a] = (module, "R")
     for key, raw in structure.extras.items():
         owner[raw] = (key, "")
     base = header.data_begin
@@ -264,6 +266,8 @@ def build_index(delta: DeltaFile) -> DeltaIndex:
             span = TensorSpan(base + info.begin, base + info.end, info.dtype, info.shape)
             if not which:
                 extras[name] = ExtraEntry(span=span, sha256=hashlib.sha256(buf).hexdigest())
+            elif which == "R":
+                modules[name] = _sandwich_entry(name, buf, t, span, spec.scaling(name, int(t.shape[0])))
             elif name not in first:
                 first[name] = info
             else:
@@ -296,6 +300,17 @@ def _module_entry(
     pair = hashlib.sha256(buf_a)
     pair.update(buf_b)
     return ModuleEntry(a=span_a, b=span_b, rank=int(A.shape[0]), scaling=scaling, sha256=pair.hexdigest(), norm=norm)
+
+
+def _sandwich_entry(module: str, buf: bytearray, r: Tensor, span: TensorSpan, scaling: float) -> ModuleEntry:
+    """A Fed-SB module: ``lora_R`` stands as both A and B (the frame is the federation's, not the upload's);
+    the norm is ``||s R||_F``, the update's own under an orthonormal frame (the default)."""
+    _check_scaling(module, scaling)
+    norm = abs(scaling) * float(torch.linalg.vector_norm(r.to(torch.float64)))
+    _check_norm(module, norm)
+    pair = hashlib.sha256(buf)
+    pair.update(buf)
+    return ModuleEntry(a=span, b=span, rank=int(r.shape[0]), scaling=scaling, sha256=pair.hexdigest(), norm=norm)
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ Residual ranks (``H`` clients that count, ``K = sum r_i``, ``r`` the adapter ran
 * ffa-lora, rolora (rule ``shared``): none. One factor is frozen and shared, so the weighted average of
   the trained one is exact; every client has the one rank of the frozen factor, the adapter is float32
   or float64 (a coarser cast would change the frozen factor clients must match bit for bit).
+* fed-sb (rule ``sandwich``): none. B and A are frozen and shared, R (``rank x rank``) is averaged; the
+  layout's adapter shapes are the frozen factors', R's is ``(rank, rank)``.
 
 Any residual is dense when that takes fewer numbers than its factors.
 """
@@ -161,7 +163,7 @@ def output_layout(
     first_max = who.index[ranks.index(r_max)]
     fine = torch.finfo(out_dtype).eps <= _EPS32
     kind = strategy_spec(rule).rule
-    if kind == "shared":
+    if kind in ("shared", "sandwich"):
         if len(set(ranks)) != 1:
             raise AggregationError(
                 f"{rule} shares one frozen factor, so every client has its rank; got ranks {sorted(set(ranks))}"

@@ -107,6 +107,8 @@ def aggregate_module(
     * ``ffa-lora``, ``rolora``: the factor named by ``trains`` (the round's trainable factor) is
       averaged, ``sum w_i (s_i / s) X_i``; the other must be bit-identical across the clients and is
       published as it is. Exact with no residual: ``s B (sum ...) = sum w_i s_i B A_i`` and likewise for B.
+    * ``fed-sb``: B and A must be bit-identical across the clients (the frozen frame); each update's
+      ``R`` is averaged, ``R = sum w_i (s_i / s) R_i``, so ``s B R A = sum w_i s_i B R_i A`` exactly.
 
     Factors are first rewritten in a canonical form that depends on each client's product
     only (:mod:`chorus_mq.aggregation.canonical`), so no factorisation a client picks can
@@ -122,7 +124,9 @@ def aggregate_module(
     rule = as_strategy(strategy)
     spec = strategy_spec(rule)
     p = prepare(updates, rule, absent_weight=absent_weight, out_rank=out_rank, out_dtype=out_dtype)
-    if spec.frozen_shared:
+    if spec.sandwich:
+        p = dataclasses.replace(p, trains=Factor.LORA_R)
+    elif spec.frozen_shared:
         if trains is None:
             raise AggregationError(f"{rule} needs the round's trainable factor (trains=lora_A or lora_B)")
         p = dataclasses.replace(p, trains=Factor(trains))
@@ -191,6 +195,27 @@ def _shared(p: Prepared) -> ModuleResult:
     if train_b:
         return ModuleResult(kept, out, s_out, None)
     return ModuleResult(out, kept, s_out, None)
+
+
+def _sandwich(p: Prepared) -> ModuleResult:
+    """Fed-SB: B and A frozen and shared, the weighted average of the clients' R in float64."""
+    first = p.updates[0]
+    for i, u in enumerate(p.updates):
+        if u.R is None:
+            raise AggregationError(f"client #{i}: fed-sb averages lora_R and this update has none")
+        for name, mine, shared in (("lora_A", u.A, first.A), ("lora_B", u.B, first.B)):
+            if mine.shape != shared.shape or not torch.equal(mine.to(_F64), shared.to(_F64)):
+                raise AggregationError(
+                    f"client #{i}: its {name} differs from the other clients'; fed-sb freezes lora_A and "
+                    "lora_B and averages lora_R only"
+                )
+    s_out = p.scalings[0]
+    acc = torch.zeros(first.A.shape[0], first.A.shape[0], dtype=_F64, device=first.A.device)
+    for u, w, s in zip(p.updates, p.weights, p.scalings, strict=True):
+        assert u.R is not None  # checked above
+        acc.add_(u.R.to(_F64), alpha=w * s / s_out)  # float64 accumulator: one rounding, at the cast
+    dtype = p.layout.dtype
+    return ModuleResult(_cast(first.A, dtype), _cast(first.B, dtype), s_out, None, R=_cast(acc, dtype))
 
 
 def _means(p: Prepared) -> tuple[Tensor, Tensor, float]:
@@ -348,6 +373,8 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _conform(result: ModuleResult, layout: OutputLayout) -> ModuleResult:
     """``result`` if its shapes are the layout's (a broken rule here would corrupt a streamed file)."""
     got = (tuple(result.A.shape), tuple(result.B.shape))
+    if result.R is not None and tuple(result.R.shape) != (layout.rank, layout.rank):
+        raise AggregationError(f"internal error: lora_R is {tuple(result.R.shape)}, the rank is {layout.rank}")
     res = result.residual
     got_res: tuple[tuple[int, ...], ...] = ()
     if res is not None:
@@ -367,4 +394,5 @@ _RULES: dict[Rule, Callable[[Prepared], ModuleResult]] = {
     "svd": _svd,
     "stack": _stack,
     "shared": _shared,
+    "sandwich": _sandwich,
 }

@@ -20,12 +20,14 @@ NOT_FINITE = "the aggregate update is not finite"
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's LoRA factors for one module, PEFT layout (``dW = scaling * B @ A``)."""
+    """One client's LoRA factors for one module, PEFT layout (``dW = scaling * B @ A``; with ``R``,
+    Fed-SB's ``dW = scaling * B @ R @ A``)."""
 
     A: Tensor  # (r_i, d_in), any float dtype
     B: Tensor  # (d_out, r_i)
     scaling: float  # lora_alpha / r_i, or lora_alpha / sqrt(r_i) with rsLoRA
     weight: float = 1.0  # >= 0; normalised over the updates of one call (plus any absent weight)
+    R: Tensor | None = None  # (r_i, r_i): Fed-SB's trained matrix between the frozen B and A
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ModuleResult:
     B: Tensor  # (d_out, r_out), out_dtype
     scaling: float
     residual: Residual | None  # None means exactly zero
+    #: Fed-SB: the (r_out, r_out) matrix between B and A, so the update is ``scaling * B @ R @ A``
+    R: Tensor | None = None
 
 
 def normalize_weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
@@ -98,6 +102,12 @@ def check_factors(i: int, u: object) -> tuple[int, int]:
     scaling = _number(u.scaling, "scaling")
     if not math.isfinite(scaling) or scaling < 0:
         raise AggregationError(f"client #{i}: scaling is {u.scaling!r}; it must be a finite number >= 0")
+    r = u.R
+    if r is not None and (tuple(r.shape) != (a.shape[0], a.shape[0]) or not r.is_floating_point()):
+        raise AggregationError(
+            f"client #{i}: lora_R is {r.dtype} {tuple(r.shape)}; it must be a float ({a.shape[0]} x {a.shape[0]}),"
+            " the rank of the frozen factors"
+        )
     return int(b.shape[0]), int(a.shape[1])
 
 
@@ -121,8 +131,12 @@ def check_finite(result: ModuleResult) -> ModuleResult:
     One min/max pass per tensor: NaN and infinity show in it, and it bounds the products,
     so the exact (Gram) norm is only needed near float32's range.
     """
-    bound_a, bound_b = _frobenius_bound(result.A), _frobenius_bound(result.B)
-    _bounded(result.A, result.B, result.scaling, bound_a * bound_b * abs(result.scaling))
+    b = result.B
+    if result.R is not None:  # Fed-SB: the update is s (B R) A
+        check_finite_tensor(result.R, "lora_R")
+        b = (result.B.to(_F64) @ result.R.to(_F64)).to(result.B.dtype)
+    bound_a, bound_b = _frobenius_bound(result.A), _frobenius_bound(b)
+    _bounded(result.A, b, result.scaling, bound_a * bound_b * abs(result.scaling))
     res = result.residual
     if res is not None:
         if res.dense is not None:

@@ -20,6 +20,7 @@ from ..names import (
     WeightPolicy,
 )
 from ..state import FederationConfig
+from ..strategy import strategy_spec
 from .options import choice, client_of, one_line_errors
 
 if TYPE_CHECKING:
@@ -308,6 +309,7 @@ def build_federation(
                 rank=lora_rank,
                 alpha=lora_alpha,
                 seed=seed,
+                fed_sb=strategy_spec(options.get("strategy", Strategy.FEDEX_LORA)).sandwich,
             )
         )
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import RoundFailed
+from ..names import Factor
 from .drift import drift_block
 from .federation import server_opt_text
 from .options import client_of, echo_json, federation_option, json_option, one_line_errors
@@ -30,7 +31,9 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
     if s.personal_heads:
         click.echo("task heads: each client keeps its own (--personal-heads); the published head is round 0's")
     click.echo(f"round {s.current_round}: {s.state}, {s.deltas}/{s.quorum} deltas")
-    if s.trainable:
+    if s.trainable == Factor.LORA_R:
+        click.echo("clients train lora_R this round, between the published frame (lora_B and lora_A stay as published)")
+    elif s.trainable:
         click.echo(f"clients train {s.trainable} this round; the other factor stays as published (checked bit for bit)")
     if s.selected:
         click.echo(f"selected for this round: {', '.join(s.selected)}")

@@ -295,7 +295,10 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
                 f"federation {federation!r} uses {spec.name}, whose clients keep a published factor frozen: "
                 "train at the global adapter's own rank and alpha (drop --lora-rank / --lora-alpha)"
             )
-        log.info("%s: each round trains one factor (%s), the other stays frozen", spec.name, status.trainable)
+        if spec.sandwich:
+            log.info("%s: each round trains lora_R between the published frame (B, A frozen)", spec.name)
+        else:
+            log.info("%s: each round trains one factor (%s), the other stays frozen", spec.name, status.trainable)
     personal = bool(status.personal_heads) and task_type == TaskType.SEQ_CLS
     if personal:
         log.info("personal heads: this client keeps its own task head in %s (never uploaded)", head_path(work))
@@ -488,6 +491,11 @@ class _Session:
             from .model import freeze_factor
 
             freeze_factor(model, frozen)  # uploaded as published, bit for bit (ingest checks)
+        attached = None
+        if strategy_spec(self.strategy).sandwich:  # Fed-SB: lora_B = B_frozen @ R, R trains, A frozen
+            from .sandwich import attach_r
+
+            attached = attach_r(model, self.pulled)
         own = self.own_head()
         if own is not None:
             from .heads import apply_head
@@ -515,7 +523,12 @@ class _Session:
         staging = round_dir.with_name(round_dir.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)
+        trained_r = attached.finish() if attached is not None else None
         save_adapter(model, staging / "adapter", base_model=self.model_dir.name, remainder=start_point.remainder)
+        if trained_r is not None:
+            from .sandwich import write_r_upload
+
+            write_r_upload(staging / "adapter", trained_r)  # the upload: lora_R per module and the head
         lr_sum = None
         if variates is not None:
             from .scaffold import save_variate

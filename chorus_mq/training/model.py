@@ -164,11 +164,14 @@ def build_initial_adapter(
     alpha: float | None = None,
     seed: int = 0,
     base_model: str | None = None,
+    fed_sb: bool = False,
 ) -> Path:
     """Write the federation's round-0 adapter: PEFT LoRA (B = 0, A seeded) plus, for seq-cls, the task head.
 
     Two builds with the same arguments are byte-identical, so any party can check the
-    federation's initial adapter. ``alpha`` defaults to ``2 * rank``.
+    federation's initial adapter. ``alpha`` defaults to ``2 * rank``. ``fed_sb``: B and A are instead
+    Fed-SB's frozen frame (orthonormal, seeded per module: :func:`chorus_mq.aggregation.sandwich.frame`);
+    round 0 pairs it with ``R = 0``.
     """
     import torch
     from peft import get_peft_model
@@ -186,7 +189,27 @@ def build_initial_adapter(
     out = Path(out_dir)
     model.save_pretrained(str(out), save_embedding_layers=False)
     normalise_adapter_config(out, base_model=base_model or Path(model_dir).name)
+    if fed_sb:
+        write_fed_sb_frame(out, seed)
     return out
+
+
+def write_fed_sb_frame(adapter_dir: Path, seed: int) -> None:
+    """Replace every module's lora_A / lora_B in a saved adapter by Fed-SB's seeded orthonormal frame."""
+    from safetensors.torch import load_file, save_file
+
+    from chorus_mq.aggregation.sandwich import frame
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    tensors = load_file(str(weights))
+    for key in sorted(tensors):
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            a, b = tensors[key], tensors[f"{module}.lora_B.weight"]
+            tensors[f"{module}.lora_B.weight"], tensors[key] = frame(
+                int(b.shape[0]), int(a.shape[1]), int(a.shape[0]), seed=seed, module=module
+            )
+    save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
 def _base_lora_config(

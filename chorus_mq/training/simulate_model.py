@@ -368,6 +368,14 @@ class _Runner:
         cfg = self.config
         name = f"sim-{strategy}-{secrets.token_hex(3)}"
         fed_config = _federation_config(cfg, name, strategy, self.model_dir.name, self.labels)
+        if strategy_spec(strategy).sandwich:  # Fed-SB: the same head, B and A the seeded frame (R = 0)
+            from .model import write_fed_sb_frame
+
+            framed = self.workdir / "initial-fed-sb"
+            shutil.rmtree(framed, ignore_errors=True)
+            shutil.copytree(initial, framed)
+            write_fed_sb_frame(framed, self.config.seed)
+            initial = framed
         self.sdk.create_federation(
             fed_config,
             model=model_decl_from_adapter(initial),
@@ -429,6 +437,7 @@ class _Runner:
 
     def _round(self, fed: _Federation, r: int) -> SimRow:
         from .model import corrected_base, exact_model, freeze_factor, read_adapter, start_model
+        from .sandwich import attach_r, write_r_upload
 
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
@@ -458,6 +467,7 @@ class _Runner:
             frozen = spec.frozen(r)
             if frozen is not None:
                 freeze_factor(model, frozen)  # uploaded as published, bit for bit
+            attached = attach_r(model, pulled) if spec.sandwich else None  # Fed-SB: lora_B = B_frozen @ R
             own = client.workdir / CLIENT_VARIATE_FILE
             variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
             if client.head is not None:
@@ -476,9 +486,16 @@ class _Runner:
                 privacy=privacy,
                 correction=None if variates is None else variates.correction(),
             )
+            trained_r = attached.finish() if attached is not None else None
             adapter = save_adapter(
                 model, client.workdir / f"round-{r}", base_model=self.model_dir.name, remainder=start_point.remainder
             )
+            upload = adapter  # Fed-SB: lora_R goes up; the PEFT form (B R, A) stays for the oracle
+            if trained_r is not None:
+                upload = client.workdir / f"round-{r}-upload"
+                shutil.rmtree(upload, ignore_errors=True)
+                shutil.copytree(adapter, upload)
+                write_r_upload(upload, trained_r)
             lr_sum = None
             if variates is not None:
                 lr_sum = result.steps * train.lr
@@ -490,7 +507,7 @@ class _Runner:
                 epsilon = max(epsilon or 0.0, report.epsilon)
             uploaded = self.sdk.upload(
                 fed.name,
-                adapter,
+                upload,
                 client.name,
                 dataset_size=float(len(client.examples)),
                 round_=r,

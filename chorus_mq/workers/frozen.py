@@ -32,15 +32,37 @@ class FrozenFactorChanged(IncompatibleDelta):
     """An upload's frozen factor is not bit-identical to the one its round started from."""
 
 
+def check_upload_kind(strategy: str, sandwich: frozenset[str], modules: int) -> None:
+    """IncompatibleDelta unless a Fed-SB federation's upload carries ``lora_R`` only and any other's none
+    (``sandwich``: the upload's lora_R modules, of ``modules``); from the header alone."""
+    if strategy_spec(strategy).sandwich:
+        if len(sandwich) != modules:
+            raise IncompatibleDelta(
+                f"this {strategy} federation trains lora_R only: upload '<module>.lora_R.weight' (rank x rank, "
+                "float32) for each module, without lora_A / lora_B (they are the published frame)"
+            )
+    elif sandwich:
+        raise IncompatibleDelta(
+            f"lora_R (module {sorted(sandwich)[0]!r}) is Fed-SB's; this federation uses {strategy}: upload "
+            "lora_A / lora_B"
+        )
+
+
 def check_frozen(rt: Runtime, federation: str, r: int, strategy: str, index: DeltaIndex, path: Path) -> None:
     """IncompatibleDelta unless every module's frozen factor in the delta at ``path`` (indexed as ``index``)
-    is, byte for byte, the one the round's start published; nothing for strategies that freeze nothing."""
-    frozen = strategy_spec(strategy).frozen(r)
-    if frozen is None:
+    is, byte for byte, the one the round's start published; nothing for strategies that freeze nothing.
+    Fed-SB uploads no frozen factor: each module's lora_R must be float32 (rank x rank) at the frame's rank."""
+    spec = strategy_spec(strategy)
+    frozen = spec.frozen(r)
+    if frozen is None and not spec.sandwich:
         return
     start = rt.state.latest_complete(federation)
     if start is None:
         raise InvalidAdapter(f"this {strategy} federation has no published start (round 0) to check the frozen factor")
+    if spec.sandwich:
+        _check_r(_published(rt, federation, start, Factor.LORA_A), index, strategy, start)
+        return
+    assert frozen is not None
     expected = _published(rt, federation, start, frozen)
     with path.open("rb") as f:
         for module, entry in sorted(index.modules.items()):
@@ -52,6 +74,22 @@ def check_frozen(rt: Runtime, federation: str, r: int, strategy: str, index: Del
                 )
             span = entry.a if frozen == Factor.LORA_A else entry.b
             _compare(f, module, span, want, frozen, strategy, r, start)
+
+
+def _check_r(frame: dict[str, tuple[tuple[int, ...], str]], index: DeltaIndex, strategy: str, start: int) -> None:
+    for module, entry in sorted(index.modules.items()):
+        want = frame.get(module)
+        if want is None:
+            raise IncompatibleDelta(
+                f"module {module!r} is not in the adapter round {start} published; a {strategy} round trains "
+                "only the published modules"
+            )
+        rank = want[0][0]
+        if entry.a.dtype != "F32" or entry.a.shape != (rank, rank):
+            raise IncompatibleDelta(
+                f"module {module!r}: this {strategy} federation's lora_R is float32 [{rank}, {rank}] (the rank of "
+                f"the frame round {start} published); the upload's is {entry.a.dtype} {list(entry.a.shape)}"
+            )
 
 
 def _compare(

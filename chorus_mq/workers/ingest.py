@@ -53,7 +53,7 @@ from ..state.rounds import DeltaRecord
 from . import auth
 from .declared import Declared, declared_model, present_bitmap, tensor_bytes
 from .dispatch import Dispatcher
-from .frozen import check_frozen
+from .frozen import check_frozen, check_upload_kind
 from .metrics import METRICS
 from .runtime import Runtime
 
@@ -273,9 +273,10 @@ def _fetch_and_check(
                     max_pattern_entries=rt.settings.max_pattern_entries,
                     max_rank=rt.settings.max_rank,
                 )  # header only: before any tensor data is read
+                check_upload_kind(str(config.strategy), delta.structure.sandwich, len(delta.structure.modules))
                 index = build_index(delta)  # reads every tensor once: finite, digests, norms
             _check_norms(index, config)
-            # ffa-lora, rolora: the frozen factor is the round's published one, byte for byte
+            # ffa-lora, rolora: the frozen factor is the round's published one, byte for byte; fed-sb: R's rank
             check_frozen(rt, msg.federation, r, str(config.strategy), index, local.path)
         except InvalidAdapter as exc:
             _remember(rt, msg, r, exc)

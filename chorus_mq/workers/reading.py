@@ -66,13 +66,15 @@ class RoundInputs:
         entry = self.indexes[client].modules[module]
         key = self.records[client].key
         a, b = entry.a, entry.b
-        if a.end == b.begin:  # one read for the pair (the normal layout of a delta)
+        if a == b:  # Fed-SB: lora_R stands as both factors
+            raw_a = raw_b = self.rt.store.get_range(key, a.begin, a.end)
+        elif a.end == b.begin:  # one read for the pair (the normal layout of a delta)
             raw = self.rt.store.get_range(key, a.begin, b.end)
             raw_a, raw_b = raw[: a.end - a.begin], raw[a.end - a.begin :]
         else:
             raw_a = self.rt.store.get_range(key, a.begin, a.end)
             raw_b = self.rt.store.get_range(key, b.begin, b.end)
-        self.bytes_read += len(raw_a) + len(raw_b)
+        self.bytes_read += len(raw_a) + (len(raw_b) if a != b else 0)
         return module_from_bytes(entry, raw_a, raw_b)
 
     def update(self, client: str, module: str, weight: float) -> ClientUpdate:

@@ -57,6 +57,7 @@ from .flush import FlushStep
 from .lease import Heartbeat
 from .metrics import METRICS
 from .plan import Plan
+from .previous import PreviousModule, previous_global
 from .reading import RoundInputs, carried_heads
 from .runtime import Runtime
 from .server_step import ServerStep
@@ -166,6 +167,8 @@ class _Job:
     #: the holders' inputs as uploaded (before any clip), until the item is written (SCAFFOLD reads them)
     raw: list[Any] | None = None
     alignment: ModuleAlignment | None = None  # this module's part of each holder's cosine to the aggregate
+    #: Fed-SB: the published frame (B, A) each holder's R is trained between
+    frame: PreviousModule | None = None
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -175,6 +178,16 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     inputs = RoundInputs(rt, {c: records[c] for c in plan.clients})
     declared = declared_model(rt, federation, config)
     jobs = [_job(item, plan, inputs, declared) for item in plan.shard_items(k)]
+    sandwich = strategy_spec(plan.strategy).sandwich
+    if sandwich:  # Fed-SB: every round keeps round 0's frame; the latest published round carries it
+        frame = previous_global(
+            rt, federation, rt.state.latest_complete(federation), [j.name for j in jobs if not j.extra]
+        ).modules
+        for job in jobs:
+            if not job.extra:
+                if job.name not in frame:
+                    raise AggregationError(f"module {job.name!r}: no published fed-sb frame (round 0) to train in")
+                job.frame = frame[job.name]
     seconds = {"fetch": 0.0, "math": 0.0, "write": 0.0}
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
@@ -235,6 +248,10 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
                 adapter_file.write(f"{job.name}.lora_A.weight", result.A.to(_F32).contiguous())
                 adapter_file.write(f"{job.name}.lora_B.weight", result.B.to(_F32).contiguous())
                 adapter_bytes += (result.A.numel() + result.B.numel()) * 4
+                if job.frame is not None:
+                    assert result.R is not None  # the sandwich rule returns it
+                    adapter_file.write(f"{job.name}.lora_R.weight", result.R.to(_F32).contiguous())
+                    adapter_bytes += result.R.numel() * 4
                 out[job.name] = (int(result.A.shape[0]), float(result.scaling))
                 res = result.residual
                 if job.residual == "dense":
@@ -350,6 +367,8 @@ def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, 
         d_out, d_in = job.shape
         adapter.append((f"{job.name}.lora_A.weight", _F32, (job.rank, d_in)))
         adapter.append((f"{job.name}.lora_B.weight", _F32, (d_out, job.rank)))
+        if job.frame is not None:  # Fed-SB: the frame as published, then the averaged R
+            adapter.append((f"{job.name}.lora_R.weight", _F32, (job.rank, job.rank)))
         if job.residual == "dense":
             residual.append((f"{job.name}.residual", _F32, (d_out, d_in)))
         elif job.residual == "factored":
@@ -385,6 +404,8 @@ def _results(
             job.raw = loaded
         else:
             updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
+            if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
+                updates = [_in_frame(u, job.frame) for u in updates]
             job.loaded, job.raw = None, updates
             loaded = [
                 _clipped(u, plan.clip.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
@@ -413,7 +434,7 @@ def _results(
             result = aggregate_module(
                 loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan), trains=trains
             )
-            if rt.settings.round_cosines:
+            if rt.settings.round_cosines and job.frame is None:
                 job.alignment = drift.alignment(job.name, loaded, job.absent)
         if flush is not None:
             result = (
@@ -433,9 +454,16 @@ def _results(
 def _clipped(update: ClientUpdate, factor: float | None, trains: Factor | None = None) -> ClientUpdate:
     if factor is None or factor == 1.0:
         return update
+    if trains == Factor.LORA_R and update.R is not None:  # Fed-SB: B and A frozen, the update is linear in R
+        return dataclasses.replace(update, R=update.R * factor)
     if trains == Factor.LORA_A:  # B is frozen and shared this round: the update scales through A
         return dataclasses.replace(update, A=update.A * factor)
     return clip_update(update, factor)
+
+
+def _in_frame(update: ClientUpdate, frame: PreviousModule) -> ClientUpdate:
+    """A Fed-SB upload's R (read as both factors) between the published frame."""
+    return ClientUpdate(A=frame.A, B=frame.B, R=update.A, scaling=update.scaling, weight=update.weight)
 
 
 def _check_shape(job: _Job, result: ModuleResult) -> None:

@@ -81,7 +81,7 @@ def test_specs_say_what_each_strategy_is():
     assert rolora.frozen(2) == Factor.LORA_B and ffa.frozen(5) == Factor.LORA_A
     assert not fedex.linear and fedex.residual and fedex.trainable(1) is None
     # only the linear strategies are maskable by secure aggregation
-    assert {s.name for s in all_specs() if s.linear} == {Strategy.FFA_LORA, Strategy.ROLORA}
+    assert {s.name for s in all_specs() if s.linear} == {Strategy.FFA_LORA, Strategy.ROLORA, Strategy.FED_SB}
 
 
 @pytest.mark.parametrize(

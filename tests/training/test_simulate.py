@@ -204,7 +204,7 @@ def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_d
 
 
 def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
-    """ffa-lora and rolora in ``simulate``: the pulled model is the exact average, with no remainder."""
+    """ffa-lora, rolora and fed-sb in ``simulate``: the pulled model is the exact average, with no remainder."""
     import pyarrow as pa
     from pyarrow import csv as pa_csv
 
@@ -222,7 +222,7 @@ def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
         dataset=str(data),
         clients=2,
         rounds=2,
-        strategies=("ffa-lora", "rolora"),
+        strategies=("ffa-lora", "rolora", "fed-sb"),
         ranks=(4, 8),  # ignored: a frozen shared factor has the global adapter's rank
         steps_per_round=2,
         batch_size=8,
@@ -232,9 +232,11 @@ def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
         echo=None,
     )
     by = {(r.strategy, r.round): r for r in result}
-    assert set(by) == {(s, r) for s in ("ffa-lora", "rolora") for r in (0, 1, 2)}
-    for s in ("ffa-lora", "rolora"):
+    assert set(by) == {(s, r) for s in ("ffa-lora", "rolora", "fed-sb") for r in (0, 1, 2)}
+    for s in ("ffa-lora", "rolora", "fed-sb"):
         for r in (1, 2):
             row = by[s, r]
             assert row.clients == 2 and row.bytes_down > 0 and row.remainder == 0
             assert row.exact_error is not None and row.exact_error < 1e-4
+    # fed-sb uploads r x r per module (and the head): less than the d_out x r factor ffa-lora uploads
+    assert by["fed-sb", 2].bytes_up < by["ffa-lora", 2].bytes_up
