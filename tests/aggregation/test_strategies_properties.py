@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from agg_oracle import FREE, oracle, rel, total_delta
+from agg_oracle import FREE, oracle, total_delta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,7 +54,13 @@ def test_any_federation_is_aggregated_exactly(updates, strategy, out_dtype, abse
     if strategy == "fedavg":
         assert res.residual is None
     else:
-        assert rel(total_delta(res), oracle(updates, absent_weight)) < 1e-5
+        want = oracle(updates, absent_weight)
+        # float32 rounds each client's term, so the error scales with the terms, not with their sum: where
+        # the clients cancel (a 1x1 module of terms near 1 summing to 4e-4) it is relative to the terms
+        total = math.fsum(u.weight for u in updates) + absent_weight
+        terms = math.fsum(float((u.weight / total * u.scaling) * (u.B.double() @ u.A.double()).norm()) for u in updates)
+        err = float((total_delta(res) - want).norm())
+        assert err < 1e-5 * max(float(want.norm()), terms), (err, float(want.norm()), terms)
 
 
 @settings(max_examples=30, deadline=None)
