@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="STRATEGY[+REMEDY...], comma-separated")
     parser.add_argument("--clients", type=int, default=10, help="Dirichlet partitions (orgs: 3)")
     parser.add_argument("--fraction-fit", type=float, default=0.5, help="Dirichlet partitions (orgs: 1)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="local steps per client round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="local lr (default: simulate's)")
