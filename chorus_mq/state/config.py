@@ -92,6 +92,14 @@ class FederationConfig:
     staleness_weight: str = "poly:0.5"
     #: buffered: accepted deltas of one client in one flush
     max_per_client_per_flush: int = 1
+    #: secure aggregation (SecAgg+, chorus_mq/secagg): workers see only the sum of the clients' masked updates
+    secure_aggregation: bool = False
+    #: K, each client's neighbours in the masking graph; 0: min(N - 1, 4 ceil(log2 N)) for the round's cohort
+    secagg_neighbours: int = 0
+    #: T, shares that recover a client's masks; 0: floor(K/2) + 1
+    secagg_threshold: int = 0
+    #: seconds each secure-aggregation phase stays open before its deadline closes it with whoever sent
+    secagg_phase_timeout: int = 300
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -160,6 +168,7 @@ class FederationConfig:
             )
         self._check_server_opt()
         self._check_buffered()
+        self._check_secure()
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):
@@ -290,6 +299,45 @@ class FederationConfig:
         for flag, bad in refused.items():
             if bad:
                 raise ConfigError(f"{why}; it does not support {flag} yet: leave it out or use another strategy")
+
+    def _check_secure(self) -> None:
+        """The secure-aggregation settings, and refusals of what needs a client's update in the clear."""
+        if self.secagg_neighbours < 0 or self.secagg_threshold < 0 or self.secagg_phase_timeout < 1:
+            raise ConfigError(
+                "--secagg-neighbours and --secagg-threshold cannot be negative (0: the default) and "
+                "--secagg-phase-timeout must be at least 1 second"
+            )
+        if self.secagg_neighbours and self.secagg_threshold and not (
+            self.secagg_neighbours / 2 < self.secagg_threshold <= self.secagg_neighbours
+        ):
+            raise ConfigError(
+                f"--secagg-threshold must be above K/2 and at most --secagg-neighbours K = {self.secagg_neighbours}, "
+                f"got {self.secagg_threshold}"
+            )
+        if not self.secure_aggregation:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("secagg_neighbours", "secagg_threshold", "secagg_phase_timeout"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{_flag(name)} applies only with --secure-aggregation")
+            return
+        if not strategy_spec(self.strategy).linear:
+            raise ConfigError(
+                f"--secure-aggregation needs a linear strategy (ffa-lora, rolora): {self.strategy} needs each "
+                "client's factors in the clear, which secure aggregation hides from the workers"
+            )
+        why = "--secure-aggregation hides each client's update from the workers, so it does not combine with"
+        refused = {
+            "--mode buffered (not built yet)": self.buffered,
+            "--clip-norm / --screen-outliers / --robust-aggregate (they need each update in the clear)": self.screening,
+            "--relative-clip (it needs each update's norm; pass --relative-clip 0)": bool(self.relative_clip),
+            "--server-opt (not built yet)": self.server_opt != ServerOptimizer.NONE,
+            "--scaffold (its variate needs each update)": self.scaffold,
+            "--personal-heads (not built yet)": self.personal_heads,
+            "server-side differential privacy (not built yet with secure aggregation)": bool(self.dp_noise_multiplier),
+        }
+        for what, on in refused.items():
+            if on:
+                raise ConfigError(f"{why} {what}")
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""
