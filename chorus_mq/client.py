@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ from .store import Store, open_store
 
 if TYPE_CHECKING:
     from .adapters import ModelDecl
+    from .secure_upload import SecureResult
 
 
 @dataclass(frozen=True)
@@ -497,6 +498,21 @@ class ChorusClient:
         with _service(self.settings):
             cfg = FederationConfig.from_hash(self.state.meta(federation))
         cfg.check_upload(round_, base_version)
+        if cfg.secure_aggregation:
+            local = load_adapter(adapter, lora_alpha=lora_alpha)
+            secure = self.secure_round(
+                federation, client_id, local.tensors, round_=round_, timeout=timeout, secret=secret
+            )
+            return UploadResult(
+                federation,
+                client_id,
+                "",
+                "",
+                secure.masked_key,
+                secure.round,
+                "summed" if client_id in secure.summed else "dropped",
+                len(secure.summed),
+            )
         report = _report(
             federation,
             client_id,
@@ -531,6 +547,40 @@ class ChorusClient:
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
+
+    def secure_round(
+        self,
+        federation: str,
+        client_id: str,
+        tensors: Mapping[str, Any],
+        *,
+        round_: int | None = None,
+        timeout: float = 600.0,
+        poll: float = 0.1,
+        secret: str | None = None,
+        state_dir: str | Path | None = None,
+        on_phase: Callable[[int, str], None] | None = None,
+    ) -> SecureResult:
+        """Take part in a secure round (a ``--secure-aggregation`` federation) with ``tensors`` (the round's trained
+        factor of every module, and the task head if any): every phase, then wait until the round publishes.
+        ``state_dir`` keeps this client's keys between phases, so a restarted client resumes its round."""
+        from .secure_upload import SecureUpload
+
+        check_name(client_id, "client id")
+        key = secret or self.secret
+        if not key:
+            raise ConfigError("secure aggregation needs a registered client's secret: its records are signed")
+        r = round_ if round_ is not None else self.state.current_round(federation)
+        session = SecureUpload(
+            self,
+            federation,
+            client_id,
+            r,
+            secret=key,
+            state_dir=None if state_dir is None else Path(state_dir),
+            on_phase=on_phase,
+        )
+        return session.run(tensors, timeout=timeout, poll=poll)
 
     def submit(
         self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0, secret: str | None = None

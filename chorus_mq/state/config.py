@@ -307,8 +307,10 @@ class FederationConfig:
                 "--secagg-neighbours and --secagg-threshold cannot be negative (0: the default) and "
                 "--secagg-phase-timeout must be at least 1 second"
             )
-        if self.secagg_neighbours and self.secagg_threshold and not (
-            self.secagg_neighbours / 2 < self.secagg_threshold <= self.secagg_neighbours
+        if (
+            self.secagg_neighbours
+            and self.secagg_threshold
+            and not (self.secagg_neighbours / 2 < self.secagg_threshold <= self.secagg_neighbours)
         ):
             raise ConfigError(
                 f"--secagg-threshold must be above K/2 and at most --secagg-neighbours K = {self.secagg_neighbours}, "

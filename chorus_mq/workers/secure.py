@@ -31,10 +31,11 @@ from ..manifest import ClientEntry, Manifest, ShardEntry
 from ..names import SHARD_FORMAT, RoundStatus, SecAggPhase
 from ..results import fetch_manifest
 from ..secagg import wire
-from ..secagg.encoding import U64, Encoded
+from ..secagg.encoding import Encoded
 from ..secagg.params import SecAggParams, default_threshold
 from ..secagg.public import RoundPublic, graph_seed
 from ..secagg.server import SecAggResult
+from ..secagg.stored import parse_masked
 from ..secagg.vector import MaskedLayout
 from ..state.clients import ClientRegistry
 from ..state.inbox import Inbox, InboxEntry
@@ -46,9 +47,6 @@ from .previous import previous_global
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-#: the tensor name inside a masked-input object
-MASKED_TENSOR = "masked"
 
 
 def rounds_of(rt: Runtime, federation: str) -> SecAggRounds:
@@ -106,9 +104,7 @@ def open_secure(rt: Runtime, federation: str, r: int, *, now: float | None = Non
         layout=layout,
         start=start,
     )
-    return rounds.open(
-        r, cohort, pub.threshold, float(config.secagg_phase_timeout), params=pub.to_dict(), now=now
-    )
+    return rounds.open(r, cohort, pub.threshold, float(config.secagg_phase_timeout), params=pub.to_dict(), now=now)
 
 
 def _weights(rt: Runtime, federation: str, config: Any, cohort: list[str]) -> dict[str, float]:
@@ -192,31 +188,6 @@ def _accept_masked(rt: Runtime, federation: str, r: int, params: SecAggParams, r
     except ObjectExists:
         pass  # content-addressed: a redelivered record
     return vector
-
-
-def parse_masked(client: str, raw: bytes, sha256: str, length: int) -> Encoded:
-    """A masked input's bytes: the sha256 the record named, one uint64 tensor of the round's length."""
-    if hashlib.sha256(raw).hexdigest() != sha256:
-        raise PeerMisbehaved(client, "its masked input does not match the sha256 its record names")
-    from safetensors.numpy import load
-
-    try:
-        tensors = load(raw)
-    except Exception as exc:
-        raise PeerMisbehaved(client, f"its masked input is not safetensors: {str(exc)[:100]}") from None
-    t = tensors.get(MASKED_TENSOR)
-    if set(tensors) != {MASKED_TENSOR} or t is None or t.dtype != U64 or t.shape != (length,):
-        raise PeerMisbehaved(
-            client, f"its masked input must hold exactly {MASKED_TENSOR!r}, uint64 of {length} elements"
-        )
-    return np.ascontiguousarray(t)
-
-
-def masked_bytes(vector: Encoded) -> bytes:
-    """What a client uploads as its masked input (the inverse of :func:`parse_masked`)."""
-    from safetensors.numpy import save
-
-    return save({MASKED_TENSOR: np.ascontiguousarray(vector, dtype=U64)})
 
 
 # -- transitions -----------------------------------------------------------------------------------
@@ -317,8 +288,10 @@ def _write_manifest(
     for k, v in trained.items():
         tensors[k] = torch.from_numpy(np.ascontiguousarray(v)).to(torch.float32)
     names = sorted({*published.modules, *published.extras})
-    masked_refs = {c: wire.parse_masked(c, p, params.neighbour_count) for c, p in rounds.submissions(
-        r, SecAggPhase.MASKED_INPUT).items()}
+    masked_refs = {
+        c: wire.parse_masked(c, p, params.neighbour_count)
+        for c, p in rounds.submissions(r, SecAggPhase.MASKED_INPUT).items()
+    }
     with tempfile.TemporaryDirectory(dir=rt.spool) as tmp:
         local = Path(tmp) / "shard.safetensors"
         sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
@@ -384,4 +357,3 @@ def sweep(rt: Runtime, federation: str, *, now: float | None = None) -> str:
     if now >= state.deadline:
         return advance_round(rt, federation, r, "deadline", now=now)
     return "open"
-
