@@ -373,6 +373,8 @@ class CloseReason(_Choice):
     QUORUM = "quorum"
     DEADLINE = "deadline"
     MANUAL = "manual"
+    #: a secure round: its secure aggregation finished (the unmasked sum stands in for the deltas)
+    SECURE_AGGREGATION = "secure_aggregation"
 
 
 class SnapshotDtype(_Choice):
