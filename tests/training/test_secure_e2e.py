@@ -97,8 +97,9 @@ def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
         def run(c: str, r: int = r, updates=updates, phases=phases, failures=failures) -> None:
             try:
                 sdk = deployment.sdk(client_secret=secrets[c])
+                seen = phases[c]
                 res = sdk.secure_round(
-                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, p: phases[c].append(p)
+                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, p: seen.append(p)
                 )
                 assert c in res.summed
             except BaseException as exc:
@@ -116,7 +117,8 @@ def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
         assert operator.state.round(fed, r).state == "complete"
     # every phase change is an event
     events = [e for e in operator.state.events(fed).read() if e.type == "secagg_phase"]
-    assert [e.fields["phase"] for e in events if e.round == 1] == ["advertise", "share", "masked_input", "unmask", "done"]
+    in_round_1 = [e.fields["phase"] for e in events if e.round == 1]
+    assert in_round_1 == ["advertise", "share", "masked_input", "unmask", "done"]
 
 
 def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deployment, tiny_bert_dir):
@@ -164,7 +166,8 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     manifest = _check_exact(operator, fed, 1, pub, updates, summed)
     assert manifest.secure["dropped"] == {"c4": "share"}, manifest.secure
     assert [c.client_id for c in manifest.clients] == summed
-    rejected = [e for e in operator.state.events(fed).read() if e.type == "delta_rejected" and e.fields["client"] == "c4"]
+    events = operator.state.events(fed).read()
+    rejected = [e for e in events if e.type == "delta_rejected" and e.fields["client"] == "c4"]
     # the first rejection is published; the repeat (same client, round and code) is counted, its verdict kept
     assert len(rejected) == 1 and "signature does not verify" in rejected[0].fields["reason"], rejected
     assert rejected[0].fields["code"] == "secagg_peer"
