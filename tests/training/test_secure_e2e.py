@@ -99,7 +99,7 @@ def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
                 sdk = deployment.sdk(client_secret=secrets[c])
                 seen = phases[c]
                 res = sdk.secure_round(
-                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, p: seen.append(p)
+                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, phase: seen.append(phase)
                 )
                 assert c in res.summed
             except BaseException as exc:
