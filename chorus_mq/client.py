@@ -478,6 +478,8 @@ class ChorusClient:
         progress: bool = False,
         lr_sum: float | None = None,
         base_version: int | None = None,
+        secure_state_dir: str | Path | None = None,
+        on_phase: Callable[[int, str], None] | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
@@ -487,7 +489,11 @@ class ChorusClient:
 
         ``label_counts`` (label -> examples of the training data) and ``global_eval`` (this client's evaluation
         of the global model it started from: round, loss, accuracy, examples) are optional reports that
-        ``status`` and the round's manifest show; they are checked here as the workers will check them."""
+        ``status`` and the round's manifest show; they are checked here as the workers will check them.
+
+        On a ``--secure-aggregation`` federation the upload takes part in the round's secure aggregation
+        (:meth:`secure_round`) and returns once the round published: status ``summed`` (this client's input is
+        in the sum) or ``dropped``; ``secure_state_dir`` keeps its keys so a restarted upload resumes."""
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
@@ -501,7 +507,14 @@ class ChorusClient:
         if cfg.secure_aggregation:
             local = load_adapter(adapter, lora_alpha=lora_alpha)
             secure = self.secure_round(
-                federation, client_id, local.tensors, round_=round_, timeout=timeout, secret=secret
+                federation,
+                client_id,
+                local.tensors,
+                round_=round_,
+                timeout=timeout,
+                secret=secret,
+                state_dir=secure_state_dir,
+                on_phase=on_phase,
             )
             return UploadResult(
                 federation,

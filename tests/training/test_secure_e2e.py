@@ -175,3 +175,46 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     assert "is 10 bytes, not" in json.loads(verdicts["last:c4"])["reason"], verdicts
     assert int(verdicts["c4|secagg_peer"]) >= 1
     assert operator.state.round(fed, 2).state == "open"
+
+
+def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
+    """``chorus-mq upload`` processes, one per client, each a PEFT adapter (round 0's, B and head moved): each
+    stays up through the phases, prints them, and ends ``summed``; the round is exact against the files."""
+    from safetensors.torch import load_file, save_file
+
+    from chorus_mq.names import ADAPTER_WEIGHTS
+
+    torch.set_num_threads(1)
+    fed = "seccli"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    start = tmp_path / "start"
+    operator.pull(fed, start, round_=0)
+    updates: dict[str, dict[str, torch.Tensor]] = {}
+    procs = {}
+    for i, c in enumerate(clients):
+        tensors = load_file(str(start / ADAPTER_WEIGHTS))
+        moved = _update(pub, 7 + i)
+        for key in moved:  # the layout's keys are the adapter's own (PEFT names)
+            assert key in tensors, key
+        tensors.update(moved)
+        updates[c] = moved
+        mine = tmp_path / c
+        mine.mkdir()
+        save_file(tensors, str(mine / ADAPTER_WEIGHTS))
+        (mine / "adapter_config.json").write_text((start / "adapter_config.json").read_text())
+        procs[c] = deployment.popen_cli(
+            "upload", "-f", fed, "--adapter", str(mine), "--client-id", c, "--timeout", "120",
+            "--secagg-state-dir", str(tmp_path / f"keys-{c}"),
+            env={"CHORUS_CLIENT_SECRET": secrets[c]},
+        )  # fmt: skip
+    for c, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, (c, out, err)
+        assert f"summed: {c} in secure round 1 (3 inputs summed)" in out, out
+        for phase in ("advertise", "share", "masked_input", "unmask", "done"):
+            assert f"secagg_phase: round 1 {phase}" in out, out
+        assert not list((tmp_path / f"keys-{c}").glob("*.pickle"))  # the round's keys are gone once it published
+    _check_exact(operator, fed, 1, pub, updates, clients)
