@@ -218,3 +218,47 @@ def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
             assert f"secagg_phase: round 1 {phase}" in out, out
         assert not list((tmp_path / f"keys-{c}").glob("*.pickle"))  # the round's keys are gone once it published
     _check_exact(operator, fed, 1, pub, updates, clients)
+
+
+def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, tiny_bert_dir, tmp_path):
+    """A client that stops after sharing its keys (a crash) and runs again with the same state dir sends its
+    masked input with the keys it shared, and the round completes with everyone, exactly."""
+    torch.set_num_threads(1)
+    fed = "secresume"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    updates = {c: _update(pub, 40 + i) for i, c in enumerate(clients)}
+    failures: list[BaseException] = []
+    crashed = threading.Event()
+
+    def run(c: str) -> None:
+        sdk = deployment.sdk(client_secret=secrets[c])
+        keys = tmp_path / f"keys-{c}"
+
+        def crash(_r: int, phase: str) -> None:
+            if c == "c0" and phase == "masked_input" and not crashed.is_set():
+                crashed.set()
+                raise Stop(phase)
+
+        try:
+            try:
+                sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=crash)
+            except Stop:
+                assert list(keys.glob("*.pickle")), "the keys of the phases sent are on disk"
+                again = deployment.sdk(client_secret=secrets[c])  # a new process, as after a restart
+                res = again.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys)
+                assert c in res.summed
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    assert crashed.is_set()
+    manifest = _check_exact(operator, fed, 1, pub, updates, clients)
+    assert manifest.secure["dropped"] == {}
