@@ -75,8 +75,9 @@ def _check_exact(sdk, fed: str, r: int, pub: RoundPublic, updates: dict[str, dic
         want = sum(updates[c][key].to(F64) * pub.weights[c] for c in summed) / total
         err = float((got[key].to(F64) - want).norm() / want.norm())
         assert err <= 1e-5, (key, err)
-    frozen = [k for k in start if k.endswith(".lora_A.weight")]
-    assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # A published bit for bit
+    suffix = ".lora_A.weight" if pub.trainable == "lora_B" else ".lora_B.weight"
+    frozen = [k for k in start if k.endswith(suffix)]
+    assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # the frozen factor, bit for bit
     return manifest
 
 
@@ -262,3 +263,69 @@ def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, 
     assert crashed.is_set()
     manifest = _check_exact(operator, fed, 1, pub, updates, clients)
     assert manifest.secure["dropped"] == {}
+
+
+def test_train_runs_secure_rounds_of_rolora(deployment, tiny_bert_dir, tmp_path):
+    """``train`` (the SDK's driver, as ``chorus-mq train`` runs it) on a secure rolora federation: three clients,
+    two rounds (B, then A); each round publishes its frozen factor bit for bit and the exact weighted mean of the
+    trained one the clients uploaded (their adapters kept in the work dirs)."""
+    from chorus_mq.training.data import Examples
+
+    from .test_local import WORDS
+
+    torch.set_num_threads(1)
+    fed = "sectrain"
+    clients = ["c0", "c1", "c2"]
+    deployment.start_worker(concurrency=1)
+    deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
+    deployment.cli(
+        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
+        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
+        "--strategy", "rolora", "--secure-aggregation",
+    )  # fmt: skip
+    operator = deployment.sdk()
+    secrets = {c: operator.add_client(fed, c).secret for c in clients}
+    failures: list[BaseException] = []
+
+    def data(owner: int) -> Examples:
+        labels = [(owner + i) % 3 for i in range(12)]
+        texts = tuple(f"the film was {WORDS[y]} overall, client {owner} {i}" for i, y in enumerate(labels))
+        return Examples(texts, tuple(labels))
+
+    def train(c: str) -> None:
+        try:
+            sdk = deployment.sdk(client_secret=secrets[c])
+            for record in sdk.train(
+                federation=fed, client_id=c, model_dir=tiny_bert_dir, data=data(int(c[1])), workdir=tmp_path / c,
+                rounds=2, steps_per_round=2, batch_size=6, lr=5e-2, max_length=24, json=True, timeout=300, poll=0.1,
+            ):  # fmt: skip
+                assert record.upload == "summed", record
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=train, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures, failures
+    _, previous = _published(operator, fed, 0)
+    for r, trained in ((1, "lora_B"), (2, "lora_A")):
+        manifest, got = _published(operator, fed, r)
+        assert manifest.secure["summed"] == clients and manifest.secure["trainable"] == trained
+        frozen = "lora_A" if trained == "lora_B" else "lora_B"
+        for key in got:
+            if key.endswith(f".{frozen}.weight"):
+                assert torch.equal(got[key], previous[key]), key
+            elif key.endswith(f".{trained}.weight"):
+                assert not torch.equal(got[key], previous[key]), key
+        previous = got
+    # round 2: exact against the adapters the clients uploaded (kept in their work dirs)
+    from chorus_mq.adapters import load_adapter
+
+    pub = RoundPublic.from_dict(SecAggRounds(operator.redis, fed).public_params(2))
+    uploads = {}
+    for c in clients:
+        (path,) = [p.parent for p in (tmp_path / c / "rounds" / "000002").rglob("adapter_config.json")]
+        uploads[c] = {k: t.to(torch.float32) for k, t in load_adapter(path).tensors.items()}
+    _check_exact(operator, fed, 2, pub, uploads, clients)
