@@ -114,6 +114,10 @@ class Status:
     #: the factor the current round's clients train (``lora_B``, ``lora_A``; ffa-lora, rolora: the other is
     #: frozen and must be uploaded bit-identical to the one published); None: both
     trainable: str | None = None
+    #: ``--secure-aggregation``: K, T and the phase timeout as configured (0: the default for the cohort), and
+    #: the current round's secure aggregation (``phase``, ``epoch``, ``deadline``, ``survivors``, and what
+    #: was published when it opened: ``cohort``, ``neighbours``, ``threshold``, ``weights``, ...); {}: not secure
+    secure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,7 +284,31 @@ class ChorusClient:
                 recent_rounds=shown,
                 warnings=warnings,
                 trainable=rnd.trainable or None,
+                secure=self._secure(federation, cfg, current),
             )
+
+    def _secure(self, federation: str, cfg: FederationConfig, r: int) -> dict[str, Any]:
+        if not cfg.secure_aggregation:
+            return {}
+        from .state.secagg import SecAggRounds
+
+        rounds = SecAggRounds(self.redis, federation)
+        out: dict[str, Any] = {
+            "neighbours": cfg.secagg_neighbours,
+            "threshold": cfg.secagg_threshold,
+            "phase_timeout": cfg.secagg_phase_timeout,
+        }
+        state = rounds.state(r)
+        if state is not None:
+            out["round"] = {
+                "phase": str(state.phase),
+                "epoch": state.epoch,
+                "deadline": state.deadline,
+                "survivors": list(state.survivors),
+                **(rounds.public_params(r) or {}),
+            }
+            out["round"].pop("layout", None)  # one line per tensor: the SDK's RoundPublic has it
+        return out
 
     def _recent_rounds(
         self, federation: str, infos: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]

@@ -120,6 +120,14 @@ def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
     events = [e for e in operator.state.events(fed).read() if e.type == "secagg_phase"]
     in_round_1 = [e.fields["phase"] for e in events if e.round == 1]
     assert in_round_1 == ["advertise", "share", "masked_input", "unmask", "done"]
+    # status says what the open round's secure aggregation is at, and what it published
+    wait_for(lambda: operator.status(fed).secure.get("round"), 30, "round 3's secure aggregation to open")
+    status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
+    assert status["current_round"] == 3 and status["secure"]["phase_timeout"] == 300
+    now = status["secure"]["round"]
+    assert now["phase"] == "advertise" and now["cohort"] == clients and now["neighbours"] == 3
+    assert now["weights"] == dict.fromkeys(clients, 0.25) and now["trainable"] == "lora_B"
+    assert "secure aggregation: phase advertise, cohort 4, K 3, T 2" in deployment.cli("status", "-f", fed).stdout
 
 
 def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deployment, tiny_bert_dir):
