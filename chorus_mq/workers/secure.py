@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,16 @@ def _accept_masked(rt: Runtime, federation: str, r: int, params: SecAggParams, r
 # -- transitions -----------------------------------------------------------------------------------
 
 
+def stored_loader(rt: Runtime, federation: str, params: SecAggParams) -> Callable[[wire.MaskedRef], Encoded]:
+    """Reads a masked input from the workers' accepted copy, checked again (its hash, type and length)."""
+
+    def load(ref: wire.MaskedRef) -> Encoded:
+        raw = rt.store.get_bytes(accepted_key(federation, ref.client, ref.sha256))
+        return parse_masked(ref.client, raw, ref.sha256, params.length)
+
+    return load
+
+
 def advance_round(rt: Runtime, federation: str, r: int, mode: str, *, now: float | None = None) -> str:
     """Close round ``r``'s current phase (``quorum`` or ``deadline``); after the unmask phase, publish."""
     pub = public(rt, federation, r)
@@ -201,10 +212,7 @@ def advance_round(rt: Runtime, federation: str, r: int, mode: str, *, now: float
     params = pub.params(federation, r)
     rounds = rounds_of(rt, federation)
 
-    def load(ref: wire.MaskedRef) -> Encoded:
-        raw = rt.store.get_bytes(accepted_key(federation, ref.client, ref.sha256))
-        return parse_masked(ref.client, raw, ref.sha256, params.length)
-
+    load = stored_loader(rt, federation, params)
     reply, result = advance(rounds, params, mode, load=load, now=now)
     if reply.status == "ok" and reply.detail == SecAggPhase.DONE.value:
         publish(rt, federation, r, result)
@@ -268,10 +276,7 @@ def _write_manifest(
 
     started = time.perf_counter()
 
-    def load(ref: wire.MaskedRef) -> Encoded:
-        raw = rt.store.get_bytes(accepted_key(federation, ref.client, ref.sha256))
-        return parse_masked(ref.client, raw, ref.sha256, params.length)
-
+    load = stored_loader(rt, federation, params)
     if result is None:  # a worker died after the unmask closed: every stored response, as at that close
         result = replay(rounds, r, params, load).finish()
     total_weight = math.fsum(pub.weights[c] for c in result.summed)

@@ -185,6 +185,22 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     assert int(verdicts["c4|secagg_peer"]) >= 1
     assert operator.state.round(fed, 2).state == "open"
 
+    # a worker that died after the unmask phase closed: the sweep's publish re-sums from what Redis and the
+    # store hold (the done state, every stored response) and gets the published bytes again; a repeat is a no-op
+    from chorus_mq.state.secagg_flow import replay
+    from chorus_mq.workers import secure
+    from chorus_mq.workers.runtime import Runtime
+
+    rt = Runtime(deployment.settings(), operator.redis, operator.store)
+    params = pub.params(fed, 1)
+    again = replay(secure.rounds_of(rt, fed), 1, params, secure.stored_loader(rt, fed, params)).finish()
+    assert list(again.summed) == summed
+    _, got = _published(operator, fed, 1)
+    total = sum(pub.weights[c] for c in summed)
+    for key, value in pub.layout.unflatten(again.total / total).items():
+        assert torch.equal(torch.from_numpy(value).to(torch.float32), got[key]), key
+    assert secure.publish(rt, fed, 1) == "already"
+
 
 def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
     """``chorus-mq upload`` processes, one per client, each a PEFT adapter (round 0's, B and head moved): each
