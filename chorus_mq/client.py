@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,7 +278,13 @@ class ChorusClient:
                 mode=str(cfg.mode),
                 buffered=cfg.buffered_settings(),
                 selected=rnd.selected,
-                privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
+                privacy=(
+                    _privacy_spent(
+                        cfg, history, self._participants(federation, cfg, history) if cfg.secure_aggregation else deltas
+                    )
+                    if cfg.dp_noise_multiplier
+                    else {}
+                ),
                 client_dp=client_dp,
                 rejected=self._rejected(federation),
                 recent_rounds=shown,
@@ -341,7 +347,22 @@ class ChorusClient:
         cfg = self.state.config(federation)
         history = self.state.rounds(federation)
         complete = [info for info in history if info.state == RoundStatus.COMPLETE]
-        return _privacy_spent(cfg, history, self._deltas(federation, complete))
+        return _privacy_spent(cfg, history, self._participants(federation, cfg, complete))
+
+    def _participants(
+        self, federation: str, cfg: FederationConfig, rounds: list[RoundInfo]
+    ) -> Mapping[int, Iterable[str]]:
+        """Who is in each round's release: its deltas' clients, or a secure round's summed clients."""
+        if not cfg.secure_aggregation:
+            return self._deltas(federation, rounds)
+        from .state.secagg import SecAggRounds
+
+        secure = SecAggRounds(self.redis, federation)
+        out: dict[int, tuple[str, ...]] = {}
+        for info in rounds:
+            state = secure.state(info.round)
+            out[info.round] = state.survivors if state is not None else ()
+        return out
 
     def _deltas(self, federation: str, rounds: list[RoundInfo]) -> dict[int, dict[str, DeltaRecord]]:
         return {info.round: self.state.deltas(federation, info.round) for info in rounds}
@@ -829,7 +850,7 @@ class ChorusClient:
 
 
 def _privacy_spent(
-    cfg: FederationConfig, history: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
+    cfg: FederationConfig, history: list[RoundInfo], deltas: Mapping[int, Iterable[str]]
 ) -> dict[str, dict[str, float]]:
     """Per client, the accountant's epsilon over the complete rounds of ``history`` it has a delta in."""
     from .aggregation.dp import PrivacyAccountant

@@ -150,7 +150,7 @@ class SecureUpload:
             raise SecAggError(f"client {self.client_id!r} is not in round {self.r}'s secure-aggregation cohort")
         params = pub.params(self.federation, self.r)
         # checked before any key is advertised: a wrong shape fails here, not after the neighbours paired with us
-        x = pub.layout.flatten(tensors) * pub.weights[self.client_id]
+        x = pub.client_input(self.client_id, pub.layout.flatten(tensors))
         saved = self._load() or _Saved(SecAggClient(params, self.client_id))
         client = saved.client
         order = (SecAggPhase.ADVERTISE, SecAggPhase.SHARE, SecAggPhase.MASKED_INPUT, SecAggPhase.UNMASK)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..names import Factor
+from .dp import clip_and_weight, noise_sigma
 from .params import SecAggParams
 from .vector import MaskedLayout
 
@@ -34,6 +35,24 @@ class RoundPublic:
     trainable: Factor
     layout: MaskedLayout
     start: int
+    #: each client clips its flattened input to this L2 norm before weighting it (0: no clipping)
+    clip_norm: float = 0.0
+    #: DP: the workers add N(0, (z * clip_norm * max weight)^2) to each element of the unmasked sum (0: off)
+    noise_multiplier: float = 0.0
+
+    def client_input(self, client: str, flat: Any) -> Any:
+        """What ``client`` masks: its flattened input, clipped to ``clip_norm`` (when set), times its weight."""
+        if self.clip_norm:
+            return clip_and_weight(flat, clip_norm=self.clip_norm, weight=self.weights[client])
+        return flat * self.weights[client]
+
+    def sigma(self) -> float:
+        """The noise the workers add to each element of the sum (0 without DP)."""
+        if not self.noise_multiplier:
+            return 0.0
+        return noise_sigma(
+            clip_norm=self.clip_norm, weights=list(self.weights.values()), noise_multiplier=self.noise_multiplier
+        )
 
     def params(self, federation: str, round_: int) -> SecAggParams:
         return SecAggParams(
@@ -57,6 +76,8 @@ class RoundPublic:
             "layout": self.layout.to_list(),
             "length": self.layout.length,
             "start": self.start,
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
         }
 
     @classmethod
@@ -71,6 +92,8 @@ class RoundPublic:
                 trainable=Factor(d["trainable"]),
                 layout=MaskedLayout.from_list(d["layout"]),
                 start=int(d["start"]),
+                clip_norm=float(d.get("clip_norm", 0.0)),
+                noise_multiplier=float(d.get("noise_multiplier", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"a secure round's published parameters are malformed: {exc}") from None

@@ -292,7 +292,8 @@ class FederationConfig:
             "--scaffold": self.scaffold and not spec.scaffold,
             "--server-opt": self.server_opt != ServerOptimizer.NONE and not spec.server_opt,
             "--personal-heads": self.personal_heads and not spec.personal_heads,
-            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp,
+            # with secure aggregation the clients clip and the workers noise the unmasked sum (secagg/dp.py)
+            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp and not self.secure_aggregation,
             "--robust-aggregate": self.robust_aggregate != RobustAggregate.MEAN and not spec.robust,
             "--out-rank": bool(self.out_rank) and not spec.out_rank_option,
         }
@@ -330,12 +331,13 @@ class FederationConfig:
         why = "--secure-aggregation hides each client's update from the workers, so it does not combine with"
         refused = {
             "--mode buffered (not built yet)": self.buffered,
-            "--clip-norm / --screen-outliers / --robust-aggregate (they need each update in the clear)": self.screening,
+            "--screen-outliers / --robust-aggregate (they need each update in the clear)": (
+                self.screen_outliers or self.robust_aggregate != RobustAggregate.MEAN
+            ),
             "--relative-clip (it needs each update's norm; pass --relative-clip 0)": bool(self.relative_clip),
             "--server-opt (not built yet)": self.server_opt != ServerOptimizer.NONE,
             "--scaffold (its variate needs each update)": self.scaffold,
             "--personal-heads (not built yet)": self.personal_heads,
-            "server-side differential privacy (not built yet with secure aggregation)": bool(self.dp_noise_multiplier),
         }
         for what, on in refused.items():
             if on:

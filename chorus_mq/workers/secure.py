@@ -104,6 +104,8 @@ def open_secure(rt: Runtime, federation: str, r: int, *, now: float | None = Non
         trainable=trained,
         layout=layout,
         start=start,
+        clip_norm=config.clip_norm,
+        noise_multiplier=config.dp_noise_multiplier,
     )
     return rounds.open(r, cohort, pub.threshold, float(config.secagg_phase_timeout), params=pub.to_dict(), now=now)
 
@@ -280,7 +282,24 @@ def _write_manifest(
     if result is None:  # a worker died after the unmask closed: every stored response, as at that close
         result = replay(rounds, r, params, load).finish()
     total_weight = math.fsum(pub.weights[c] for c in result.summed)
-    trained = pub.layout.unflatten(result.total / total_weight)
+    total = result.total
+    dp: dict[str, Any] | None = None
+    if pub.noise_multiplier:
+        from ..aggregation.dp import noise_generator
+        from ..secagg.dp import noise_sum
+
+        config = rt.state.config(federation)
+        sigma = pub.sigma()
+        # secret but deterministic per round: a re-run of this publish releases the same noise
+        total = noise_sum(total, sigma, noise_generator(rt.state.noise_key(federation), federation, r, "secagg"))
+        dp = {
+            "noise_multiplier": pub.noise_multiplier,
+            "clip_norm": pub.clip_norm,
+            "delta": config.dp_delta,
+            "sigma": sigma,
+            "clients": len(pub.cohort),
+        }
+    trained = pub.layout.unflatten(total / total_weight)
     start_manifest, _ = fetch_manifest(rt.state, rt.store, federation, pub.start)
     items = sorted([*rt.state.modules(federation), *rt.state.extras(federation)])
     published = previous_global(rt, federation, pub.start, items)
@@ -320,6 +339,7 @@ def _write_manifest(
         ),
         shards=(ShardEntry(0, names[0], names[-1], len(names), ObjectRef(skey, sha, size), None),),
         selected=pub.cohort,
+        dp=dp,
         modules=len(published.modules),
         adapter_bytes=size,
         timings={"math": time.perf_counter() - started},

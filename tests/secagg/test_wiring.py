@@ -39,8 +39,8 @@ def test_non_linear_strategies_are_refused(strategy):
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        ({"clip_norm": 1.0}, "--clip-norm"),
-        ({"screen_outliers": True}, "--clip-norm / --screen-outliers"),
+        ({"screen_outliers": True}, "--screen-outliers / --robust-aggregate"),
+        ({"robust_aggregate": "geomedian"}, "--robust-aggregate"),
         ({"relative_clip": 10.0}, "pass --relative-clip 0"),
         ({"mode": "buffered", "quorum": 3, "min_quorum": 1}, "--mode buffered"),
     ],
@@ -49,6 +49,25 @@ def test_what_needs_updates_in_the_clear_is_refused(options, says):
     with pytest.raises(ConfigError) as err:  # buffered refuses the linear strategies itself, first
         _cfg(**options)
     assert says in str(err.value)
+
+
+def test_dp_with_secure_aggregation_clips_on_the_clients_and_needs_a_clip_norm():
+    cfg = _cfg(clip_norm=0.5, dp_noise_multiplier=1.1)
+    assert cfg.secure_aggregation and cfg.dp_noise_multiplier == 1.1
+    with pytest.raises(ConfigError, match="needs --clip-norm"):
+        _cfg(dp_noise_multiplier=1.1)
+    with pytest.raises(ConfigError, match="--dp-noise-multiplier"):  # without secure aggregation: not for ffa-lora
+        FederationConfig(
+            name="fed", base_model="m", quorum=3, strategy="ffa-lora", clip_norm=0.5, dp_noise_multiplier=1.1
+        )
+    layout = MaskedLayout((("x.lora_B.weight", (2, 2)),))
+    pub = RoundPublic(
+        ("a", "b", "c"), 2, 2, b"s" * 32, {"a": 0.5, "b": 0.25, "c": 0.25}, Factor.LORA_B, layout, 0, 0.5, 2.0
+    )
+    x = pub.client_input("a", np.array([3.0, 4.0, 0.0, 0.0]))  # norm 5, clipped to 0.5, times 0.5
+    np.testing.assert_allclose(x, [0.15, 0.2, 0.0, 0.0], rtol=1e-6)
+    assert pub.sigma() == pytest.approx(2.0 * 0.5 * 0.5)  # z * C * max w
+    assert RoundPublic.from_dict(pub.to_dict()) == pub
 
 
 def test_secagg_settings_need_secure_aggregation_and_a_threshold_above_half():
