@@ -353,3 +353,42 @@ def test_train_runs_secure_rounds_of_rolora(deployment, tiny_bert_dir, tmp_path)
         (path,) = [p.parent for p in (tmp_path / c / "rounds" / "000002").rglob("adapter_config.json")]
         uploads[c] = {k: t.to(torch.float32) for k, t in load_adapter(path).tensors.items()}
     _check_exact(operator, fed, 2, pub, uploads, clients)
+
+
+def test_dp_secure_round_clips_on_clients_and_noises_the_sum(deployment, tiny_bert_dir):
+    """--clip-norm and --dp-noise-multiplier with secure aggregation: each client clips its flattened input before
+    weighting and masking it; the workers add N(0, (z C max w)^2) to the unmasked sum; status reports epsilon."""
+    import numpy as np
+
+    torch.set_num_threads(1)
+    fed = "secdp"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--clip-norm", "0.05", "--dp-noise-multiplier", "0.5")
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    assert (pub.clip_norm, pub.noise_multiplier) == (0.05, 0.5)
+    updates = {c: _update(pub, 90 + i) for i, c in enumerate(clients)}  # norms far above 0.05: every one clipped
+    failures: list[BaseException] = []
+
+    def run(c: str) -> None:
+        try:
+            deployment.sdk(client_secret=secrets[c]).secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    manifest, got = _published(operator, fed, 1)
+    sigma = 0.5 * 0.05 * max(pub.weights.values())
+    assert manifest.dp is not None and manifest.dp["sigma"] == pytest.approx(sigma)
+    clipped = sum(pub.client_input(c, pub.layout.flatten(updates[c])).astype(np.float64) for c in clients)
+    published = pub.layout.flatten({k: got[k] for k, _ in pub.layout.entries})
+    noise = published - clipped / sum(pub.weights.values())
+    assert noise.shape[0] >= 500 and abs(noise.mean()) < 5 * sigma / noise.shape[0] ** 0.5
+    assert abs(noise.std() / sigma - 1) < 0.15, (noise.std(), sigma)
+    privacy = operator.status(fed).privacy
+    assert set(privacy) == set(clients) and all(p["rounds"] == 1 and p["epsilon"] > 0 for p in privacy.values())
