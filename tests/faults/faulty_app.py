@@ -20,8 +20,8 @@ matter, and refuse to start if those functions moved or changed their signature:
 
 Every arrival at an enabled hook is counted in Redis with the pid of the process (see
 :func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
-arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``, ``secure_publish``), ``round:shard`` (``shard``), or the
-client id (``pump``, ``ingest``). Variables (read only here):
+arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``, ``secure_publish``), ``round:shard``
+(``shard``), or the client id (``pump``, ``ingest``). Variables (read only here):
 
 ``CHORUS_FAULT_PAUSE=point[=S],...``
     The first arrival of each subject at ``point`` pauses up to S seconds (default 120), or
