@@ -159,6 +159,8 @@ class Task(_Choice):
     SHARD = "chorus.shard"
     COMMIT = "chorus.commit"
     COMPACT = "chorus.compact"
+    #: a secure round's last phase: unmask the sum and publish (``workers/secure.py``)
+    SECURE_UNMASK = "chorus.secure_unmask"
 
 
 class Queue(_Choice):
@@ -176,6 +178,7 @@ TASK_QUEUES: dict[Task, Queue] = {
     Task.SHARD: Queue.AGGREGATE,
     Task.COMMIT: Queue.AGGREGATE,
     Task.COMPACT: Queue.COMPACT,
+    Task.SECURE_UNMASK: Queue.AGGREGATE,
 }
 
 

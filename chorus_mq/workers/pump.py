@@ -250,7 +250,7 @@ class InboxPump:
             self._drop(inbox, entry, "malformed", "not one UTF-8 record field within the size limit")
             return 1
         if secure.is_secagg(entry.record):  # a secure round's phase record: verified and judged there
-            secure.handle_record(self.rt, inbox, entry)
+            secure.handle_record(self.rt, inbox, entry, self.dispatch)
             return 1
         try:
             msg = parse_record(entry.federation, entry.client, entry.record, settings.max_inbox_record_bytes)

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import NotFound, ObjectExists, ObjectMissing, PeerMisbehaved, SecAggError
 from ..layout import accepted_key, manifest_key, masked_input_key, shard_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
-from ..names import SHARD_FORMAT, RoundStatus, SecAggPhase
+from ..names import SHARD_FORMAT, RoundStatus, SecAggPhase, Task
 from ..results import fetch_manifest
 from ..secagg import wire
 from ..secagg.encoding import Encoded
@@ -44,6 +44,8 @@ from ..state.protocol import Reply
 from ..state.secagg import SecAggRounds
 from ..state.secagg_flow import advance, ingest, replay
 from ..strategy import strategy_spec
+from .dispatch import Dispatcher
+from .lease import Heartbeat
 from .previous import previous_global
 from .runtime import Runtime
 
@@ -136,7 +138,7 @@ def is_secagg(raw: str) -> bool:
     return '"kind":"secagg"' in raw[:4096] or '"kind": "secagg"' in raw[:4096]
 
 
-def handle_record(rt: Runtime, inbox: Inbox, entry: InboxEntry) -> str:
+def handle_record(rt: Runtime, inbox: Inbox, entry: InboxEntry, dispatch: Dispatcher) -> str:
     """Verify, check and store one phase record, retiring its inbox entry; a hostile one is rejected with
     its reason (``delta_rejected``, code ``secagg_peer``) and changes nothing. Returns the outcome."""
     assert entry.record is not None
@@ -170,7 +172,7 @@ def handle_record(rt: Runtime, inbox: Inbox, entry: InboxEntry) -> str:
         return "rejected"
     inbox.ack_delete([entry.id])
     if reply.status == "fired":
-        advance_round(rt, federation, record.round, "quorum")
+        advance_round(rt, federation, record.round, "quorum", dispatch)
     return reply.status
 
 
@@ -206,21 +208,45 @@ def stored_loader(rt: Runtime, federation: str, params: SecAggParams) -> Callabl
     return load
 
 
-def advance_round(rt: Runtime, federation: str, r: int, mode: str, *, now: float | None = None) -> str:
-    """Close round ``r``'s current phase (``quorum`` or ``deadline``); after the unmask phase, publish."""
+def advance_round(
+    rt: Runtime, federation: str, r: int, mode: str, dispatch: Dispatcher, *, now: float | None = None
+) -> str:
+    """Close round ``r``'s current phase (``quorum`` or ``deadline``). The unmask phase's close (the sum, then the
+    publish) is the aggregate workers' task, never the pump's or the beat's."""
+    state = rounds_of(rt, federation).state(r)
+    if state is None:
+        return "no_round"
+    if state.phase is SecAggPhase.UNMASK:
+        dispatch.send(Task.SECURE_UNMASK, federation, r, mode)
+        return "dispatched"
+    pub = public(rt, federation, r)
+    if pub is None:
+        return "no_round"
+    params = pub.params(federation, r)
+    reply, _ = advance(rounds_of(rt, federation), params, mode, now=now)
+    if reply.status == "aborted":
+        log.warning("round %s/%s: secure aggregation aborted: %s", federation, r, reply.detail)
+    return reply.status
+
+
+def unmask_and_publish(rt: Runtime, federation: str, r: int, mode: str, *, now: float | None = None) -> str:
+    """The aggregate task: close the unmask phase (``quorum`` or ``deadline``), take the sum, publish. Idempotent:
+    a phase another run closed is ``stale`` here, and a done round is published (again, with the same bytes)."""
     pub = public(rt, federation, r)
     if pub is None:
         return "no_round"
     params = pub.params(federation, r)
     rounds = rounds_of(rt, federation)
-
-    load = stored_loader(rt, federation, params)
-    reply, result = advance(rounds, params, mode, load=load, now=now)
-    if reply.status == "ok" and reply.detail == SecAggPhase.DONE.value:
-        publish(rt, federation, r, result)
-    elif reply.status == "aborted":
-        log.warning("round %s/%s: secure aggregation aborted: %s", federation, r, reply.detail)
-    return reply.status
+    state = rounds.state(r)
+    result = None
+    if state is not None and state.phase is SecAggPhase.UNMASK:
+        reply, result = advance(rounds, params, mode, load=stored_loader(rt, federation, params), now=now)
+        if reply.status == "aborted":
+            log.warning("round %s/%s: secure aggregation aborted: %s", federation, r, reply.detail)
+            return reply.status
+        if reply.status == "not_due":
+            return reply.status
+    return publish(rt, federation, r, result)
 
 
 def publish(rt: Runtime, federation: str, r: int, result: SecAggResult | None = None) -> str:
@@ -247,7 +273,8 @@ def publish(rt: Runtime, federation: str, r: int, result: SecAggResult | None = 
     try:
         raw = rt.store.get_bytes(key)
     except ObjectMissing:
-        raw = _write_manifest(rt, federation, r, epoch, pub, params, rounds, result)
+        with Heartbeat(rt, federation, r, epoch):  # the lease sweep does not send the publish again meanwhile
+            raw = _write_manifest(rt, federation, r, epoch, pub, params, rounds, result)
     sha = hashlib.sha256(raw).hexdigest()
     manifest = Manifest.from_json(raw)
     secure = manifest.secure or {}
@@ -365,7 +392,7 @@ def _write_manifest(
 # -- the sweep -------------------------------------------------------------------------------------
 
 
-def sweep(rt: Runtime, federation: str, *, now: float | None = None) -> str:
+def sweep(rt: Runtime, federation: str, dispatch: Dispatcher, *, now: float | None = None) -> str:
     """One beat for a secure federation: open the current round's phases, close a phase past its deadline,
     publish a done round (a worker that died after the unmask closed). Returns what it did."""
     now = time.time() if now is None else now
@@ -376,9 +403,14 @@ def sweep(rt: Runtime, federation: str, *, now: float | None = None) -> str:
         opened = open_secure(rt, federation, r, now=now)
         return "opened" if opened is not None and opened.status == "created" else "waiting"
     if state.phase is SecAggPhase.DONE:
-        return publish(rt, federation, r)
+        # the unmask closed and its task died before firing the round: publish again. Once fired, the round's
+        # lease covers it: the lease sweep sends the task again when the lease runs out (workers/sweep.py)
+        if rt.state.round(federation, r).state == RoundStatus.OPEN:
+            dispatch.send(Task.SECURE_UNMASK, federation, r, "deadline")
+            return "publishing"
+        return "done"
     if state.phase is SecAggPhase.ABORTED:
         return "aborted"
     if now >= state.deadline:
-        return advance_round(rt, federation, r, "deadline", now=now)
+        return advance_round(rt, federation, r, "deadline", dispatch, now=now)
     return "open"

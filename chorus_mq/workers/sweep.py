@@ -66,8 +66,8 @@ def _sweep_one(
         from . import secure as secure_rounds
 
         # the phases' own deadlines; a secure round fires and commits there, never through plan/shards
-        outcome = secure_rounds.sweep(rt, federation, now=now)
-        if outcome not in ("open", "waiting"):
+        outcome = secure_rounds.sweep(rt, federation, dispatch, now=now)
+        if outcome not in ("open", "waiting", "done"):
             report.secure.append((federation, outcome))
     due, stale = rt.state.due(federation, now)
     for r in due:
@@ -84,8 +84,10 @@ def _sweep_one(
         if info.state != RoundStatus.AGGREGATING:
             rt.state.reclaim(federation, r, now)  # drops the stale lease entry
             continue
-        if secure:  # its publish is repeated by the secure sweep above, with the same bytes
+        if secure:  # a publish that died after firing: the aggregate workers publish it again, the same bytes
             rt.state.extend_lease(federation, r, now)
+            dispatch.send(Task.SECURE_UNMASK, federation, r, "deadline")
+            report.resent.append((federation, r))
             continue
         if busy:
             # the round's tasks may be waiting behind others in the queue: nobody is running them,

@@ -1,5 +1,6 @@
 """A worker SIGKILLed in a secure round's publish, after the unmask phase closed and the manifest was written and
-before the round was finalized: the beat's sweep publishes it (adopting the manifest, finalizing once), the
+before the round was finalized: once the round's lease runs out the beat's sweep sends the publish again and a
+fresh worker runs it (adopting the manifest, finalizing once), the
 clients see it complete, and the published adapter is the exact weighted mean of their updates."""
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def test_worker_killed_between_manifest_and_finalize_of_a_secure_round(deploymen
     torch.set_num_threads(1)
     fed = "seckill"
     clients = ["c0", "c1", "c2"]
-    worker = deployment.start_worker(faulty=True, env={"CHORUS_FAULT_PAUSE": "secure_publish=120"})
-    sweep = {"CHORUS_SWEEP_INTERVAL": "0.2"}
+    lease = {"CHORUS_AGGREGATION_LEASE": "4"}  # the lease sweep sends a dead publish again after 4 s
+    worker = deployment.start_worker(faulty=True, env={"CHORUS_FAULT_PAUSE": "secure_publish=120", **lease})
+    sweep = {"CHORUS_SWEEP_INTERVAL": "0.2", **lease}
     beat = deployment.start_beat(env=sweep)
     deployment.cli(
         "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
@@ -52,7 +54,8 @@ def test_worker_killed_between_manifest_and_finalize_of_a_secure_round(deploymen
     deployment.kill(worker)
     info = operator.state.round(fed, 1)
     assert info.state == "aggregating" and info.closed_by == "secure_aggregation"  # fired, not finalized
-    deployment.start_beat(env=sweep)  # its sweep finds the done secure aggregation and publishes
+    deployment.start_worker(env=lease)  # a fresh worker; the beat's lease sweep sends the publish again
+    deployment.start_beat(env=sweep)
     for t in threads:
         t.join(timeout=240)
     assert not failures, failures
