@@ -16,6 +16,7 @@ worker that dies anywhere is repeated by the next sweep with the same bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -134,8 +135,15 @@ def _weights(rt: Runtime, federation: str, config: Any, cohort: list[str]) -> di
 
 
 def is_secagg(raw: str) -> bool:
-    """A cheap look at an inbox record: does it claim to be a secure-aggregation phase record?"""
-    return '"kind":"secagg"' in raw[:4096] or '"kind": "secagg"' in raw[:4096]
+    """Does an inbox record claim to be a secure-aggregation phase record (a JSON object whose ``kind`` is
+    ``secagg``)? Anything else, junk included, goes the delta path and is judged there."""
+    if '"secagg"' not in raw:
+        return False
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("kind") == wire.KIND
 
 
 def handle_record(rt: Runtime, inbox: Inbox, entry: InboxEntry, dispatch: Dispatcher) -> str:

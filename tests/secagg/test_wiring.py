@@ -127,3 +127,12 @@ def test_masked_input_objects_are_checked_whole():
     with pytest.raises(PeerMisbehaved, match="not safetensors"):
         parse_masked("c", junk, hashlib.sha256(junk).hexdigest(), 10)
     assert masked_input_key("fed", "c", 3, sha) == f"fed/deltas/c/secagg-000003-{sha}.safetensors"
+
+
+def test_only_records_of_kind_secagg_take_the_secure_path():
+    from chorus_mq.workers.secure import is_secagg
+
+    assert is_secagg('{"kind": "secagg", "v": 1}')
+    assert not is_secagg('{"label_counts": {"kind": 1}, "note": "secagg"}')  # the word alone is not the kind
+    assert not is_secagg('{"kind": "secagg"')  # junk: the delta path drops it as malformed
+    assert not is_secagg('["kind", "secagg"]')
