@@ -35,6 +35,8 @@ class MaskedLayout:
         trained: Factor,
     ) -> MaskedLayout:
         """From the published global: module -> (A's shape, B's shape), head key -> shape, and the trained factor."""
+        if trained not in (Factor.LORA_A, Factor.LORA_B):
+            raise ConfigError(f"a secure round masks lora_A or lora_B, not {trained}")
         part = 0 if trained == Factor.LORA_A else 1
         entries = [(f"{m}.{trained}.weight", tuple(modules[m][part])) for m in sorted(modules)]
         entries += [(k, tuple(extras[k])) for k in sorted(extras)]

@@ -15,6 +15,7 @@ from ..ids import check_name
 from ..names import (
     BUFFERED_STRATEGIES,
     ExpirePolicy,
+    Factor,
     FederationMode,
     MissingModules,
     RobustAggregate,
@@ -327,6 +328,14 @@ class FederationConfig:
             raise ConfigError(
                 f"--secure-aggregation needs a linear strategy (ffa-lora, rolora): {self.strategy} needs each "
                 "client's factors in the clear, which secure aggregation hides from the workers"
+            )
+        spec = strategy_spec(self.strategy)
+        masked = (Factor.LORA_A, Factor.LORA_B)
+        if any(f not in masked for f in spec.trains):  # e.g. a trained r x r matrix between frozen factors
+            raise ConfigError(
+                f"--secure-aggregation is not built yet for --strategy {self.strategy}: its clients train "
+                f"{', '.join(str(f) for f in spec.trains)}, and a secure round masks lora_A or lora_B; use ffa-lora "
+                "or rolora"
             )
         why = "--secure-aggregation hides each client's update from the workers, so it does not combine with"
         refused = {
