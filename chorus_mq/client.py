@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ from .store import Store, open_store
 
 if TYPE_CHECKING:
     from .adapters import ModelDecl
+    from .secure_upload import SecureResult
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class Status:
     #: the factor the current round's clients train (``lora_B``, ``lora_A``; ffa-lora, rolora: the other is
     #: frozen and must be uploaded bit-identical to the one published); None: both
     trainable: str | None = None
+    #: ``--secure-aggregation``: K, T and the phase timeout as configured (0: the default for the cohort), and
+    #: the current round's secure aggregation (``phase``, ``epoch``, ``deadline``, ``survivors``, and what
+    #: was published when it opened: ``cohort``, ``neighbours``, ``threshold``, ``weights``, ...); {}: not secure
+    secure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,13 +278,43 @@ class ChorusClient:
                 mode=str(cfg.mode),
                 buffered=cfg.buffered_settings(),
                 selected=rnd.selected,
-                privacy=_privacy_spent(cfg, history, deltas) if cfg.dp_noise_multiplier else {},
+                privacy=(
+                    _privacy_spent(
+                        cfg, history, self._participants(federation, cfg, history) if cfg.secure_aggregation else deltas
+                    )
+                    if cfg.dp_noise_multiplier
+                    else {}
+                ),
                 client_dp=client_dp,
                 rejected=self._rejected(federation),
                 recent_rounds=shown,
                 warnings=warnings,
                 trainable=rnd.trainable or None,
+                secure=self._secure(federation, cfg, current),
             )
+
+    def _secure(self, federation: str, cfg: FederationConfig, r: int) -> dict[str, Any]:
+        if not cfg.secure_aggregation:
+            return {}
+        from .state.secagg import SecAggRounds
+
+        rounds = SecAggRounds(self.redis, federation)
+        out: dict[str, Any] = {
+            "neighbours": cfg.secagg_neighbours,
+            "threshold": cfg.secagg_threshold,
+            "phase_timeout": cfg.secagg_phase_timeout,
+        }
+        state = rounds.state(r)
+        if state is not None:
+            out["round"] = {
+                "phase": str(state.phase),
+                "epoch": state.epoch,
+                "deadline": state.deadline,
+                "survivors": list(state.survivors),
+                **(rounds.public_params(r) or {}),
+            }
+            out["round"].pop("layout", None)  # one line per tensor: the SDK's RoundPublic has it
+        return out
 
     def _recent_rounds(
         self, federation: str, infos: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
@@ -312,7 +347,22 @@ class ChorusClient:
         cfg = self.state.config(federation)
         history = self.state.rounds(federation)
         complete = [info for info in history if info.state == RoundStatus.COMPLETE]
-        return _privacy_spent(cfg, history, self._deltas(federation, complete))
+        return _privacy_spent(cfg, history, self._participants(federation, cfg, complete))
+
+    def _participants(
+        self, federation: str, cfg: FederationConfig, rounds: list[RoundInfo]
+    ) -> Mapping[int, Iterable[str]]:
+        """Who is in each round's release: its deltas' clients, or a secure round's summed clients."""
+        if not cfg.secure_aggregation:
+            return self._deltas(federation, rounds)
+        from .state.secagg import SecAggRounds
+
+        secure = SecAggRounds(self.redis, federation)
+        out: dict[int, tuple[str, ...]] = {}
+        for info in rounds:
+            state = secure.state(info.round)
+            out[info.round] = state.survivors if state is not None else ()
+        return out
 
     def _deltas(self, federation: str, rounds: list[RoundInfo]) -> dict[int, dict[str, DeltaRecord]]:
         return {info.round: self.state.deltas(federation, info.round) for info in rounds}
@@ -477,6 +527,8 @@ class ChorusClient:
         progress: bool = False,
         lr_sum: float | None = None,
         base_version: int | None = None,
+        secure_state_dir: str | Path | None = None,
+        on_phase: Callable[[int, str], None] | None = None,
     ) -> UploadResult:
         """Validate locally, store the delta under the client's prefix, append its signed record to the
         federation's inbox, and (by default) wait for the worker's verdict. ``lr_sum`` (SCAFFOLD
@@ -486,7 +538,11 @@ class ChorusClient:
 
         ``label_counts`` (label -> examples of the training data) and ``global_eval`` (this client's evaluation
         of the global model it started from: round, loss, accuracy, examples) are optional reports that
-        ``status`` and the round's manifest show; they are checked here as the workers will check them."""
+        ``status`` and the round's manifest show; they are checked here as the workers will check them.
+
+        On a ``--secure-aggregation`` federation the upload takes part in the round's secure aggregation
+        (:meth:`secure_round`) and returns once the round published: status ``summed`` (this client's input is
+        in the sum) or ``dropped``; ``secure_state_dir`` keeps its keys so a restarted upload resumes."""
         from .adapters import load_adapter, write_delta
 
         check_name(client_id, "client id")
@@ -497,6 +553,28 @@ class ChorusClient:
         with _service(self.settings):
             cfg = FederationConfig.from_hash(self.state.meta(federation))
         cfg.check_upload(round_, base_version)
+        if cfg.secure_aggregation:
+            local = load_adapter(adapter, lora_alpha=lora_alpha)
+            secure = self.secure_round(
+                federation,
+                client_id,
+                local.tensors,
+                round_=round_,
+                timeout=timeout,
+                secret=secret,
+                state_dir=secure_state_dir,
+                on_phase=on_phase,
+            )
+            return UploadResult(
+                federation,
+                client_id,
+                "",
+                "",
+                secure.masked_key,
+                secure.round,
+                "summed" if client_id in secure.summed else "dropped",
+                len(secure.summed),
+            )
         report = _report(
             federation,
             client_id,
@@ -531,6 +609,40 @@ class ChorusClient:
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
+
+    def secure_round(
+        self,
+        federation: str,
+        client_id: str,
+        tensors: Mapping[str, Any],
+        *,
+        round_: int | None = None,
+        timeout: float = 600.0,
+        poll: float = 0.1,
+        secret: str | None = None,
+        state_dir: str | Path | None = None,
+        on_phase: Callable[[int, str], None] | None = None,
+    ) -> SecureResult:
+        """Take part in a secure round (a ``--secure-aggregation`` federation) with ``tensors`` (the round's trained
+        factor of every module, and the task head if any): every phase, then wait until the round publishes.
+        ``state_dir`` keeps this client's keys between phases, so a restarted client resumes its round."""
+        from .secure_upload import SecureUpload
+
+        check_name(client_id, "client id")
+        key = secret or self.secret
+        if not key:
+            raise ConfigError("secure aggregation needs a registered client's secret: its records are signed")
+        r = round_ if round_ is not None else self.state.current_round(federation)
+        session = SecureUpload(
+            self,
+            federation,
+            client_id,
+            r,
+            secret=key,
+            state_dir=None if state_dir is None else Path(state_dir),
+            on_phase=on_phase,
+        )
+        return session.run(tensors, timeout=timeout, poll=poll)
 
     def submit(
         self, msg: IngestMessage, *, wait: bool = True, timeout: float = 300.0, secret: str | None = None
@@ -738,7 +850,7 @@ class ChorusClient:
 
 
 def _privacy_spent(
-    cfg: FederationConfig, history: list[RoundInfo], deltas: dict[int, dict[str, DeltaRecord]]
+    cfg: FederationConfig, history: list[RoundInfo], deltas: Mapping[int, Iterable[str]]
 ) -> dict[str, dict[str, float]]:
     """Per client, the accountant's epsilon over the complete rounds of ``history`` it has a delta in."""
     from .aggregation.dp import PrivacyAccountant

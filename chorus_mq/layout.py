@@ -34,6 +34,11 @@ def delta_key(federation: str, client: str, sha256: str) -> str:
     return f"{client_prefix(federation, client)}{_check_sha(sha256)}.safetensors"
 
 
+def masked_input_key(federation: str, client: str, round_: int, sha256: str) -> str:
+    """A secure round's masked input (uint64 safetensors), under the client's own prefix like its deltas."""
+    return f"{client_prefix(federation, client)}secagg-{int(round_):06d}-{_check_sha(sha256)}.safetensors"
+
+
 def accepted_key(federation: str, client: str, sha256: str) -> str:
     """The worker's own copy of an accepted delta, out of the client's reach."""
     check_name(federation, "federation name")

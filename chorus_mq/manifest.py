@@ -155,6 +155,9 @@ class Manifest:
     #: buffered flushes: ``previous_version`` (the version the flush moved), ``server_lr`` (η) and
     #: ``staleness_weight`` (g); None: a synchronous round
     buffered: dict[str, Any] | None = None
+    #: secure rounds: ``summed`` (the clients whose masked inputs the published sum holds), ``dropped``
+    #: (client -> the phase it fell silent in, or why it was left out), ``weights`` (published at the open)
+    secure: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -164,6 +167,8 @@ class Manifest:
             del d["server_opt"]
         if d["buffered"] is None:
             del d["buffered"]
+        if d["secure"] is None:
+            del d["secure"]
         for client in d["clients"]:
             for name in ("base_version", "staleness"):
                 if client[name] is None:
@@ -200,6 +205,7 @@ class Manifest:
                 global_eval=None if d.get("global_eval") is None else EvalSummary.from_dict(d["global_eval"]),
                 server_opt=None if d.get("server_opt") is None else dict(d["server_opt"]),
                 buffered=None if d.get("buffered") is None else dict(d["buffered"]),
+                secure=None if d.get("secure") is None else dict(d["secure"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

@@ -164,6 +164,8 @@ class Task(_Choice):
     SHARD = "chorus.shard"
     COMMIT = "chorus.commit"
     COMPACT = "chorus.compact"
+    #: a secure round's last phase: unmask the sum and publish (``workers/secure.py``)
+    SECURE_UNMASK = "chorus.secure_unmask"
 
 
 class Queue(_Choice):
@@ -181,6 +183,7 @@ TASK_QUEUES: dict[Task, Queue] = {
     Task.SHARD: Queue.AGGREGATE,
     Task.COMMIT: Queue.AGGREGATE,
     Task.COMPACT: Queue.COMPACT,
+    Task.SECURE_UNMASK: Queue.AGGREGATE,
 }
 
 
@@ -381,6 +384,8 @@ class CloseReason(_Choice):
     QUORUM = "quorum"
     DEADLINE = "deadline"
     MANUAL = "manual"
+    #: a secure round: its secure aggregation finished (the unmasked sum stands in for the deltas)
+    SECURE_AGGREGATION = "secure_aggregation"
 
 
 class SnapshotDtype(_Choice):

@@ -204,6 +204,17 @@ def federation() -> None:
 @click.option("--dp-rounds", type=int, default=1, show_default=True)
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True)
 @click.option("--dp-noise-multiplier", type=float, default=0.0, help="Set the noise directly instead of --dp-epsilon.")
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="Secure aggregation (SecAgg+): clients mask their updates so the workers see only the sum. "
+    "Linear strategies only (ffa-lora, rolora); a round's cohort is fixed when it opens.",
+)
+@click.option("--secagg-neighbours", type=int, default=0, help="K: each client's masking neighbours (0: default).")
+@click.option("--secagg-threshold", type=int, default=0, help="T: shares that recover a client's masks (0: K/2+1).")
+@click.option(
+    "--secagg-phase-timeout", type=int, default=300, show_default=True, help="Seconds each secure phase stays open."
+)
 @click.pass_context  # type: ignore[arg-type]
 @one_line_errors
 def federation_create(ctx: click.Context, **params: Any) -> None:
@@ -219,6 +230,11 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
         click.echo(
             f"federation {cfg.name} created: quorum {cfg.quorum}, strategy {cfg.strategy}, weights "
             f"{cfg.weights}; round 1 is open"
+        )
+    if cfg.secure_aggregation:
+        click.echo(
+            f"secure aggregation: K {cfg.secagg_neighbours or 'default'}, T {cfg.secagg_threshold or 'default'}, "
+            f"{cfg.secagg_phase_timeout}s per phase; clients run `chorus-mq upload`/`train`, which drive the phases"
         )
     if cfg.server_opt != ServerOptimizer.NONE:
         click.echo(f"server optimiser: {server_opt_text(cfg.server_opt_settings())}")
@@ -362,8 +378,11 @@ def _buffered_options(
     round: K is its quorum, --min-buffer its min-quorum, --flush-timeout its deadline); ConfigError for a
     flag of the other mode."""
     options["mode"] = FederationMode(mode)
+    options["secure_aggregation"] = bool(options.get("secure_aggregation"))
     if options.get("relative_clip") is None:
-        options["relative_clip"] = 0.0 if options["mode"] == FederationMode.BUFFERED else 10.0
+        # off where it cannot run: buffered (not built), secure aggregation (no client's norm is seen)
+        off = options["mode"] == FederationMode.BUFFERED or options["secure_aggregation"]
+        options["relative_clip"] = 0.0 if off else 10.0
     buffered_only = {
         "--buffer": buffer,
         "--min-buffer": min_buffer,

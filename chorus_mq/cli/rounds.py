@@ -35,6 +35,17 @@ def status(ctx: click.Context, federation: str, as_json: bool) -> None:
         click.echo("clients train lora_R this round, between the published frame (lora_B and lora_A stay as published)")
     elif s.trainable:
         click.echo(f"clients train {s.trainable} this round; the other factor stays as published (checked bit for bit)")
+    if s.secure:
+        now = s.secure.get("round")
+        click.echo(
+            "secure aggregation: "
+            + (
+                f"phase {now['phase']}, cohort {len(now.get('cohort', []))}, K {now.get('neighbours')}, "
+                f"T {now.get('threshold')}"
+                if now
+                else "the round's cohort is fixed once enough clients are registered"
+            )
+        )
     if s.selected:
         click.echo(f"selected for this round: {', '.join(s.selected)}")
     if s.deadline:

@@ -34,6 +34,13 @@ from .options import client_of, federation_option, one_line_errors
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the worker's verdict.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.option(
+    "--secagg-state-dir",
+    type=click.Path(file_okay=False),
+    default=".chorus-secagg",
+    show_default=True,
+    help="Secure federations: where this client keeps its round keys between phases (run again to resume).",
+)
 @click.pass_context
 @one_line_errors
 def upload(
@@ -48,8 +55,11 @@ def upload(
     secret: str | None,
     wait: bool,
     timeout: float,
+    secagg_state_dir: str,
 ) -> None:
-    """Validate an adapter locally, store it, append its signed record to the inbox, wait for the verdict."""
+    """Validate an adapter locally, store it, append its signed record to the inbox, wait for the verdict.
+
+    On a secure federation: take part in the round's secure aggregation, phase by phase, until it publishes."""
     res = client_of(ctx, secret).upload(
         federation,
         adapter,
@@ -61,8 +71,12 @@ def upload(
         lora_alpha=lora_alpha,
         progress=True,
         base_version=base_version,
+        secure_state_dir=secagg_state_dir,
+        on_phase=lambda r, phase: click.echo(f"secagg_phase: round {r} {phase}"),
     )
-    if res.status == "queued":
+    if res.status in ("summed", "dropped"):
+        click.echo(f"{res.status}: {client_id} in secure round {res.round} ({res.n} inputs summed)")
+    elif res.status == "queued":
         click.echo(f"queued upload {res.upload_id} (sha256 {res.sha256[:12]})")
     else:
         click.echo(f"{res.status}: {client_id} in round {res.round} ({res.n} deltas) sha256 {res.sha256[:12]}")

@@ -15,6 +15,7 @@ from ..ids import check_name
 from ..names import (
     BUFFERED_STRATEGIES,
     ExpirePolicy,
+    Factor,
     FederationMode,
     MissingModules,
     RobustAggregate,
@@ -92,6 +93,14 @@ class FederationConfig:
     staleness_weight: str = "poly:0.5"
     #: buffered: accepted deltas of one client in one flush
     max_per_client_per_flush: int = 1
+    #: secure aggregation (SecAgg+, chorus_mq/secagg): workers see only the sum of the clients' masked updates
+    secure_aggregation: bool = False
+    #: K, each client's neighbours in the masking graph; 0: min(N - 1, 4 ceil(log2 N)) for the round's cohort
+    secagg_neighbours: int = 0
+    #: T, shares that recover a client's masks; 0: floor(K/2) + 1
+    secagg_threshold: int = 0
+    #: seconds each secure-aggregation phase stays open before its deadline closes it with whoever sent
+    secagg_phase_timeout: int = 300
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -160,6 +169,7 @@ class FederationConfig:
             )
         self._check_server_opt()
         self._check_buffered()
+        self._check_secure()
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every cannot be negative (0: compact only on demand)")
         if not isinstance(self.labels, tuple) or not all(isinstance(x, str) and x for x in self.labels):
@@ -283,13 +293,64 @@ class FederationConfig:
             "--scaffold": self.scaffold and not spec.scaffold,
             "--server-opt": self.server_opt != ServerOptimizer.NONE and not spec.server_opt,
             "--personal-heads": self.personal_heads and not spec.personal_heads,
-            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp,
+            # with secure aggregation the clients clip and the workers noise the unmasked sum (secagg/dp.py)
+            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp and not self.secure_aggregation,
             "--robust-aggregate": self.robust_aggregate != RobustAggregate.MEAN and not spec.robust,
             "--out-rank": bool(self.out_rank) and not spec.out_rank_option,
         }
         for flag, bad in refused.items():
             if bad:
                 raise ConfigError(f"{why}; it does not support {flag} yet: leave it out or use another strategy")
+
+    def _check_secure(self) -> None:
+        """The secure-aggregation settings, and refusals of what needs a client's update in the clear."""
+        if self.secagg_neighbours < 0 or self.secagg_threshold < 0 or self.secagg_phase_timeout < 1:
+            raise ConfigError(
+                "--secagg-neighbours and --secagg-threshold cannot be negative (0: the default) and "
+                "--secagg-phase-timeout must be at least 1 second"
+            )
+        if (
+            self.secagg_neighbours
+            and self.secagg_threshold
+            and not (self.secagg_neighbours / 2 < self.secagg_threshold <= self.secagg_neighbours)
+        ):
+            raise ConfigError(
+                f"--secagg-threshold must be above K/2 and at most --secagg-neighbours K = {self.secagg_neighbours}, "
+                f"got {self.secagg_threshold}"
+            )
+        if not self.secure_aggregation:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("secagg_neighbours", "secagg_threshold", "secagg_phase_timeout"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{_flag(name)} applies only with --secure-aggregation")
+            return
+        if not strategy_spec(self.strategy).linear:
+            raise ConfigError(
+                f"--secure-aggregation needs a linear strategy (ffa-lora, rolora): {self.strategy} needs each "
+                "client's factors in the clear, which secure aggregation hides from the workers"
+            )
+        spec = strategy_spec(self.strategy)
+        masked = (Factor.LORA_A, Factor.LORA_B)
+        if any(f not in masked for f in spec.trains):  # e.g. a trained r x r matrix between frozen factors
+            raise ConfigError(
+                f"--secure-aggregation is not built yet for --strategy {self.strategy}: its clients train "
+                f"{', '.join(str(f) for f in spec.trains)}, and a secure round masks lora_A or lora_B; use ffa-lora "
+                "or rolora"
+            )
+        why = "--secure-aggregation hides each client's update from the workers, so it does not combine with"
+        refused = {
+            "--mode buffered (not built yet)": self.buffered,
+            "--screen-outliers / --robust-aggregate (they need each update in the clear)": (
+                self.screen_outliers or self.robust_aggregate != RobustAggregate.MEAN
+            ),
+            "--relative-clip (it needs each update's norm; pass --relative-clip 0)": bool(self.relative_clip),
+            "--server-opt (not built yet)": self.server_opt != ServerOptimizer.NONE,
+            "--scaffold (its variate needs each update)": self.scaffold,
+            "--personal-heads (not built yet)": self.personal_heads,
+        }
+        for what, on in refused.items():
+            if on:
+                raise ConfigError(f"{why} {what}")
 
     def server_opt_settings(self) -> dict[str, Any]:
         """``{"optimizer": ..., "lr": ..., ...}``: the server optimiser and the settings it uses; {} for none."""

@@ -53,3 +53,4 @@ class Scripts:
         self.secagg_open = Script(redis, "secagg_open")
         self.secagg_submit = Script(redis, "secagg_submit")
         self.secagg_close = Script(redis, "secagg_close")
+        self.secagg_fire = Script(redis, "secagg_fire")

@@ -79,13 +79,54 @@ class SecAggRounds:
         return prelude_args(self.federation, r, self.maxlen, time.time() if now is None else now)
 
     def open(
-        self, r: int, cohort: Sequence[str], threshold: int, phase_seconds: float, *, now: float | None = None
+        self,
+        r: int,
+        cohort: Sequence[str],
+        threshold: int,
+        phase_seconds: float,
+        *,
+        params: Mapping[str, Any] | None = None,
+        now: float | None = None,
     ) -> Reply:
-        """Fix round ``r``'s cohort and open its advertise phase (``created``; ``exists`` when done before)."""
+        """Fix round ``r``'s cohort and open its advertise phase (``created``; ``exists`` when done before).
+
+        ``params``: the round's public parameters (JSON-able), stored and published with the phase."""
         k = self.keys
         return self.scripts.secagg_open(
             keys=[k.secagg(r), k.secagg_members(r, SecAggPhase.ADVERTISE), k.events],
-            args=[*self._prelude(r, now), int(threshold), repr(float(phase_seconds)), json.dumps(sorted(cohort))],
+            args=[
+                *self._prelude(r, now),
+                int(threshold),
+                repr(float(phase_seconds)),
+                json.dumps(sorted(cohort)),
+                "" if params is None else json.dumps(dict(params), sort_keys=True),
+            ],
+        )
+
+    def public_params(self, r: int) -> dict[str, Any] | None:
+        """The public parameters stored when round ``r``'s secure aggregation opened (None: none)."""
+        raw = self.redis.hget(self.keys.secagg(r), "params")
+        if raw is None:
+            return None
+        try:
+            out = json.loads(raw)
+        except ValueError:
+            raise StateCorrupt(f"round {r}'s secure-aggregation params are not JSON") from None
+        if not isinstance(out, dict):
+            raise StateCorrupt(f"round {r}'s secure-aggregation params are not an object")
+        return out
+
+    def fire_round(self, r: int, epoch: int, lease_s: float, *, now: float | None = None) -> Reply:
+        """Move open round ``r`` to aggregating once its secure aggregation (at ``epoch``) is done
+        (``lua/secagg_fire.lua``: fired | noop | not_done)."""
+        k = self.keys
+        now = time.time() if now is None else now
+        return self.scripts.secagg_fire(
+            keys=[
+                *(k.meta, k.round(r), k.round(r + 1), k.events, k.deadlines, k.leases, k.clients, k.secrets),
+                k.secagg(r),
+            ],
+            args=[*self._prelude(r, now), repr(now + lease_s), int(epoch)],
         )
 
     def state(self, r: int) -> SecAggState | None:

@@ -39,7 +39,9 @@ def replay(rounds: SecAggRounds, r: int, params: SecAggParams, load: LoadMasked 
     state = rounds.state(r)
     if state is None:
         raise SecAggError(f"round {r} has no secure aggregation")
-    if state.phase not in _ORDER:
+    # done: every stored unmask response, as when the phase closed (a commit that died after it re-sums)
+    upto = SecAggPhase.UNMASK if state.phase is SecAggPhase.DONE else state.phase
+    if upto not in _ORDER:
         raise SecAggError(f"round {r}'s secure aggregation is {state.phase}")
     server = SecAggServer(params)
     k = params.neighbour_count
@@ -56,7 +58,7 @@ def replay(rounds: SecAggRounds, r: int, params: SecAggParams, load: LoadMasked 
                 server.receive_masked(MaskedInput(c, vector, ref.masked_with, ref.refused))
             else:
                 server.receive_unmask(wire.parse_unmask(c, payload, k))
-        if phase == state.phase:
+        if phase == upto:
             return server
         closer = {
             SecAggPhase.ADVERTISE: server.close_advertise,

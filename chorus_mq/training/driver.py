@@ -386,6 +386,8 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
                 progress=config.progress,
                 timeout=_VERDICT_WAIT_S if timeout is None else timeout,
                 lr_sum=trained.lr_sum,
+                secure_state_dir=work / "secagg",  # a secure round's keys: a restarted train resumes its phases
+                on_phase=lambda r, phase: log.info("round %d: secure aggregation, phase %s", r, phase),
             )
         except Rejected as exc:
             if exc.code == NotSelected.code:

@@ -35,7 +35,7 @@ from ..errors import AuthError, InvalidAdapter, Unauthenticated
 from ..names import Task
 from ..state.clients import ClientRegistry
 from ..state.inbox import Inbox, InboxEntry, pending_counts, read_group
-from . import auth
+from . import auth, secure
 from .dispatch import Dispatcher
 from .ingest import parse_record
 from .metrics import METRICS
@@ -248,6 +248,9 @@ class InboxPump:
         scripts = self.rt.state.scripts
         if entry.record is None:
             self._drop(inbox, entry, "malformed", "not one UTF-8 record field within the size limit")
+            return 1
+        if secure.is_secagg(entry.record):  # a secure round's phase record: verified and judged there
+            secure.handle_record(self.rt, inbox, entry, self.dispatch)
             return 1
         try:
             msg = parse_record(entry.federation, entry.client, entry.record, settings.max_inbox_record_bytes)

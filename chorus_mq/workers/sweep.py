@@ -36,6 +36,7 @@ class SweepReport:
     compactions: list[tuple[str, int]] = field(default_factory=list)
     collected: list[tuple[str, int]] = field(default_factory=list)
     states: list[tuple[str, int]] = field(default_factory=list)  # rounds whose server optimiser state went
+    secure: list[tuple[str, str]] = field(default_factory=list)  # secure federations: what their sweep did
     errors: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -60,6 +61,14 @@ def sweep(rt: Runtime, dispatch: Dispatcher, now: float | None = None) -> SweepR
 def _sweep_one(
     rt: Runtime, dispatch: Dispatcher, federation: str, now: float | None, busy: bool, report: SweepReport
 ) -> None:
+    secure = rt.state.config(federation).secure_aggregation
+    if secure:
+        from . import secure as secure_rounds
+
+        # the phases' own deadlines; a secure round fires and commits there, never through plan/shards
+        outcome = secure_rounds.sweep(rt, federation, dispatch, now=now)
+        if outcome not in ("open", "waiting", "done"):
+            report.secure.append((federation, outcome))
     due, stale = rt.state.due(federation, now)
     for r in due:
         t = rt.state.close(federation, r, "deadline", now)
@@ -74,6 +83,11 @@ def _sweep_one(
         info = rt.state.round(federation, r)
         if info.state != RoundStatus.AGGREGATING:
             rt.state.reclaim(federation, r, now)  # drops the stale lease entry
+            continue
+        if secure:  # a publish that died after firing: the aggregate workers publish it again, the same bytes
+            rt.state.extend_lease(federation, r, now)
+            dispatch.send(Task.SECURE_UNMASK, federation, r, "deadline")
+            report.resent.append((federation, r))
             continue
         if busy:
             # the round's tasks may be waiting behind others in the queue: nobody is running them,

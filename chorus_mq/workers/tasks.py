@@ -70,6 +70,12 @@ def register(app: Celery, settings: Settings) -> None:
 
         return compact(runtime.current(), federation, round_)
 
+    @app.task(name=Task.SECURE_UNMASK.value, **retry)  # type: ignore[untyped-decorator]
+    def secure_unmask_task(federation: str, round_: int, mode: str) -> str:
+        from .secure import unmask_and_publish
+
+        return unmask_and_publish(runtime.current(), federation, round_, mode)
+
     app.steps["worker"].add(InboxPumpStep)
 
 

@@ -14,12 +14,14 @@ matter, and refuse to start if those functions moved or changed their signature:
 ``commit``   the commit task has written the manifest and not finalized yet;
 ``finalized`` the commit task has finalized the round and neither dropped its plan and shard
              results nor asked for a checkpoint's compaction yet;
-``compact``  the compaction has written the snapshot object and not recorded it yet.
+``compact``  the compaction has written the snapshot object and not recorded it yet;
+``secure_publish`` a secure round's publish (the unmask phase closed, the sum taken) has written the
+             manifest and not finalized yet.
 
 Every arrival at an enabled hook is counted in Redis with the pid of the process (see
 :func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
-arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``), ``round:shard`` (``shard``), or the
-client id (``pump``, ``ingest``). Variables (read only here):
+arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``, ``secure_publish``), ``round:shard``
+(``shard``), or the client id (``pump``, ``ingest``). Variables (read only here):
 
 ``CHORUS_FAULT_PAUSE=point[=S],...``
     The first arrival of each subject at ``point`` pauses up to S seconds (default 120), or
@@ -71,7 +73,7 @@ from typing import Any
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
 
-POINTS = ("pump", "ingest", "plan", "shard", "commit", "finalized", "compact")
+POINTS = ("pump", "ingest", "plan", "shard", "commit", "finalized", "compact", "secure_publish")
 #: the round-path tasks the redelivery faults apply to by default
 ROUND_TASKS = ("chorus.ingest", "chorus.round", "chorus.shard", "chorus.commit")
 
@@ -291,6 +293,23 @@ def _install_hooks(hooks: Hooks) -> None:
                 return run_compact(rt, federation, upto)
 
         compact.compact = compact_with_hook
+
+    if hooks.enabled("secure_publish"):
+        from chorus_mq.workers import secure
+
+        publish = _target(secure, "publish", ("rt", "federation", "r"))
+
+        def publish_with_hook(rt, federation, r, *args, **kwargs):
+            def before_finalize(fed, r_, *a, **kw):
+                if not rt.store.exists(manifest_key(fed, r_)):
+                    raise RuntimeError("faulty_app: the secure_publish hook runs before the manifest is written")
+                if r_ in hooks.rounds:
+                    hooks.arrive(rt.redis, "secure_publish", fed, r_)
+
+            with _before(rt.state, "finalize", before_finalize):
+                return publish(rt, federation, r, *args, **kwargs)
+
+        secure.publish = publish_with_hook
 
 
 def _patch_redeliver(app, mode: str, names: list[str]) -> None:

@@ -68,6 +68,11 @@ EVERY_FIELD = {
     "max_staleness": 10,
     "staleness_weight": "poly:0.5",
     "max_per_client_per_flush": 1,
+    # secure aggregation refuses screening and SCAFFOLD (set above); tests/secagg/test_wiring.py round-trips it on
+    "secure_aggregation": False,
+    "secagg_neighbours": 0,
+    "secagg_threshold": 0,
+    "secagg_phase_timeout": 300,
 }
 
 

@@ -1,0 +1,394 @@
+"""Secure aggregation in rounds, over real services: redis-server, moto S3, a worker and a beat subprocess;
+the federation created by the CLI (``--secure-aggregation``), clients driven through the SDK
+(``ChorusClient.secure_round``) in threads. The published adapter is the round's frozen A bit for bit and
+the float64 oracle's weighted mean of the summed clients' B (and head) to 1e-5; dropouts before and after
+the masked input leave the exact sum of the others, named in the manifest; a hostile client's unsigned and
+wrong-length shares are refused with their reasons and the round is unharmed."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from chorus_mq.names import SecAggPhase
+from chorus_mq.results import fetch_manifest
+from chorus_mq.secagg import wire
+from chorus_mq.secagg.public import RoundPublic
+from chorus_mq.state import FederationKeys
+from chorus_mq.state.inbox import Inbox
+from chorus_mq.state.secagg import SecAggRounds
+
+from ..services import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
+
+LABELS = ("awful", "great", "okay")
+F64 = torch.float64
+
+
+class Stop(Exception):
+    """Raised from a client's phase callback: the client falls silent there."""
+
+
+def _create(deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str) -> dict[str, str]:
+    deployment.start_worker(concurrency=1)
+    deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
+    deployment.cli(
+        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", str(len(clients)),
+        "--task", "seq-cls", "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
+        "--strategy", "ffa-lora", "--secure-aggregation", *extra,
+    )  # fmt: skip
+    operator = deployment.sdk()
+    return {c: operator.add_client(fed, c).secret for c in clients}
+
+
+def _public(sdk, fed: str, r: int) -> RoundPublic:
+    rounds = SecAggRounds(sdk.redis, fed)
+    raw = wait_for(lambda: rounds.public_params(r), 60, f"round {r}'s secure aggregation to open")
+    return RoundPublic.from_dict(raw)
+
+
+def _update(pub: RoundPublic, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g, dtype=torch.float32) * 0.05 for k, shape in pub.layout.entries}
+
+
+def _published(sdk, fed: str, r: int):
+    manifest, _ = fetch_manifest(sdk.state, sdk.store, fed, r)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in manifest.shards:
+        tensors.update(load(sdk.store.get_bytes(shard.adapter.key)))
+    return manifest, tensors
+
+
+def _check_exact(sdk, fed: str, r: int, pub: RoundPublic, updates: dict[str, dict[str, torch.Tensor]], summed):
+    manifest, got = _published(sdk, fed, r)
+    _, start = _published(sdk, fed, pub.start)
+    assert manifest.secure is not None and manifest.secure["summed"] == sorted(summed)
+    assert manifest.residual_bytes == 0 and all(s.residual is None for s in manifest.shards)
+    total = sum(pub.weights[c] for c in summed)
+    for key, _shape in pub.layout.entries:
+        want = sum(updates[c][key].to(F64) * pub.weights[c] for c in summed) / total
+        err = float((got[key].to(F64) - want).norm() / want.norm())
+        assert err <= 1e-5, (key, err)
+    suffix = ".lora_A.weight" if pub.trainable == "lora_B" else ".lora_B.weight"
+    frozen = [k for k in start if k.endswith(suffix)]
+    assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # the frozen factor, bit for bit
+    return manifest
+
+
+def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
+    torch.set_num_threads(1)
+    fed = "sec"
+    clients = [f"c{i}" for i in range(4)]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    for r in (1, 2):
+        pub = _public(operator, fed, r)
+        assert pub.cohort == tuple(clients) and pub.trainable == "lora_B"
+        assert pub.neighbours == 3 and pub.threshold == 2  # N = 4: every other client, T = K/2 + 1
+        updates = {c: _update(pub, 100 * r + i) for i, c in enumerate(clients)}
+        phases: dict[str, list[str]] = {c: [] for c in clients}
+        failures: list[BaseException] = []
+
+        def run(c: str, r: int = r, updates=updates, phases=phases, failures=failures) -> None:
+            try:
+                sdk = deployment.sdk(client_secret=secrets[c])
+                seen = phases[c]
+                res = sdk.secure_round(
+                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, phase: seen.append(phase)
+                )
+                assert c in res.summed
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert not failures, failures
+        assert all(p == ["advertise", "share", "masked_input", "unmask", "done"] for p in phases.values()), phases
+        manifest = _check_exact(operator, fed, r, pub, updates, clients)
+        assert manifest.secure["dropped"] == {}
+        assert operator.state.round(fed, r).state == "complete"
+    # every phase change is an event
+    events = [e for e in operator.state.events(fed).read() if e.type == "secagg_phase"]
+    in_round_1 = [e.fields["phase"] for e in events if e.round == 1]
+    assert in_round_1 == ["advertise", "share", "masked_input", "unmask", "done"]
+    # status says what the open round's secure aggregation is at, and what it published
+    wait_for(lambda: operator.status(fed).secure.get("round"), 30, "round 3's secure aggregation to open")
+    status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
+    assert status["current_round"] == 3 and status["secure"]["phase_timeout"] == 300
+    now = status["secure"]["round"]
+    assert now["phase"] == "advertise" and now["cohort"] == clients and now["neighbours"] == 3
+    assert now["weights"] == dict.fromkeys(clients, 0.25) and now["trainable"] == "lora_B"
+    assert "secure aggregation: phase advertise, cohort 4, K 3, T 2" in deployment.cli("status", "-f", fed).stdout
+
+
+def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deployment, tiny_bert_dir):
+    torch.set_num_threads(1)
+    fed = "secdrop"
+    clients = [f"c{i}" for i in range(6)]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "4")
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    assert (pub.neighbours, pub.threshold) == (5, 3)  # two of any client's neighbours may drop
+    updates = {c: _update(pub, i) for i, c in enumerate(clients)}
+    # c4 falls silent before its masked input (at the share phase, where it sends two hostile records instead);
+    # c5 after it: it never answers the unmask request, and its input is summed all the same
+    silent_at = {"c4": "share", "c5": "unmask"}
+    failures: list[BaseException] = []
+
+    def run(c: str) -> None:
+        def on_phase(_r: int, phase: str) -> None:
+            if silent_at.get(c) == phase:
+                raise Stop(phase)
+
+        try:
+            sdk = deployment.sdk(client_secret=secrets[c])
+            sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
+        except Stop:
+            if c == "c4":  # the hostile part: an unsigned share and a wrong-length one, both refused
+                redis = deployment.redis()
+                good = {"sealed": {}, "seed_commitment": wire.b64(b"x" * 32)}
+                unsigned = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, good).signed("not-the-secret-0123456789")
+                short = {"sealed": {"c0": wire.b64(b"y" * 10)}, "seed_commitment": wire.b64(b"x" * 32)}
+                wrong = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, short).signed(secrets[c])
+                for rec in (unsigned, wrong):
+                    Inbox(redis, fed, c).append(rec.to_json())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    wait_for(lambda: operator.state.round(fed, 1).state == "complete", 60, "round 1 to complete")
+    summed = ["c0", "c1", "c2", "c3", "c5"]
+    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    assert manifest.secure["dropped"] == {"c4": "share"}, manifest.secure
+    assert [c.client_id for c in manifest.clients] == summed
+    events = operator.state.events(fed).read()
+    rejected = [e for e in events if e.type == "delta_rejected" and e.fields["client"] == "c4"]
+    # the first rejection is published; the repeat (same client, round and code) is counted, its verdict kept
+    assert len(rejected) == 1 and "signature does not verify" in rejected[0].fields["reason"], rejected
+    assert rejected[0].fields["code"] == "secagg_peer"
+    verdicts = operator.redis.hgetall(FederationKeys(fed).rejections(1))
+    assert "is 10 bytes, not" in json.loads(verdicts["last:c4"])["reason"], verdicts
+    assert int(verdicts["c4|secagg_peer"]) >= 1
+    assert operator.state.round(fed, 2).state == "open"
+
+    # a worker that died after the unmask phase closed: the sweep's publish re-sums from what Redis and the
+    # store hold (the done state, every stored response) and gets the published bytes again; a repeat is a no-op
+    from chorus_mq.state.secagg_flow import replay
+    from chorus_mq.workers import secure
+    from chorus_mq.workers.runtime import Runtime
+
+    rt = Runtime(deployment.settings(), operator.redis, operator.store)
+    params = pub.params(fed, 1)
+    again = replay(secure.rounds_of(rt, fed), 1, params, secure.stored_loader(rt, fed, params)).finish()
+    assert list(again.summed) == summed
+    _, got = _published(operator, fed, 1)
+    total = sum(pub.weights[c] for c in summed)
+    for key, value in pub.layout.unflatten(again.total / total).items():
+        assert torch.equal(torch.from_numpy(value).to(torch.float32), got[key]), key
+    assert secure.publish(rt, fed, 1) == "already"
+
+
+def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
+    """``chorus-mq upload`` processes, one per client, each a PEFT adapter (round 0's, B and head moved): each
+    stays up through the phases, prints them, and ends ``summed``; the round is exact against the files."""
+    from safetensors.torch import load_file, save_file
+
+    from chorus_mq.names import ADAPTER_WEIGHTS
+
+    torch.set_num_threads(1)
+    fed = "seccli"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    start = tmp_path / "start"
+    operator.pull(fed, start, round_=0)
+    updates: dict[str, dict[str, torch.Tensor]] = {}
+    procs = {}
+    for i, c in enumerate(clients):
+        tensors = load_file(str(start / ADAPTER_WEIGHTS))
+        moved = _update(pub, 7 + i)
+        for key in moved:  # the layout's keys are the adapter's own (PEFT names)
+            assert key in tensors, key
+        tensors.update(moved)
+        updates[c] = moved
+        mine = tmp_path / c
+        mine.mkdir()
+        save_file(tensors, str(mine / ADAPTER_WEIGHTS))
+        (mine / "adapter_config.json").write_text((start / "adapter_config.json").read_text())
+        procs[c] = deployment.popen_cli(
+            "upload", "-f", fed, "--adapter", str(mine), "--client-id", c, "--timeout", "120",
+            "--secagg-state-dir", str(tmp_path / f"keys-{c}"),
+            env={"CHORUS_CLIENT_SECRET": secrets[c]},
+        )  # fmt: skip
+    for c, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, (c, out, err)
+        assert f"summed: {c} in secure round 1 (3 inputs summed)" in out, out
+        for phase in ("advertise", "share", "masked_input", "unmask", "done"):
+            assert f"secagg_phase: round 1 {phase}" in out, out
+        assert not list((tmp_path / f"keys-{c}").glob("*.pickle"))  # the round's keys are gone once it published
+    _check_exact(operator, fed, 1, pub, updates, clients)
+
+
+def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, tiny_bert_dir, tmp_path):
+    """A client that stops after sharing its keys (a crash) and runs again with the same state dir sends its
+    masked input with the keys it shared, and the round completes with everyone, exactly."""
+    torch.set_num_threads(1)
+    fed = "secresume"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    updates = {c: _update(pub, 40 + i) for i, c in enumerate(clients)}
+    failures: list[BaseException] = []
+    crashed = threading.Event()
+
+    def run(c: str) -> None:
+        sdk = deployment.sdk(client_secret=secrets[c])
+        keys = tmp_path / f"keys-{c}"
+
+        def crash(_r: int, phase: str) -> None:
+            if c == "c0" and phase == "masked_input" and not crashed.is_set():
+                crashed.set()
+                raise Stop(phase)
+
+        try:
+            try:
+                sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=crash)
+            except Stop:
+                assert list(keys.glob("*.pickle")), "the keys of the phases sent are on disk"
+                again = deployment.sdk(client_secret=secrets[c])  # a new process, as after a restart
+                res = again.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys)
+                assert c in res.summed
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    assert crashed.is_set()
+    manifest = _check_exact(operator, fed, 1, pub, updates, clients)
+    assert manifest.secure["dropped"] == {}
+
+
+def test_train_runs_secure_rounds_of_rolora(deployment, tiny_bert_dir, tmp_path):
+    """``train`` (the SDK's driver, as ``chorus-mq train`` runs it) on a secure rolora federation: three clients,
+    two rounds (B, then A); each round publishes its frozen factor bit for bit and the exact weighted mean of the
+    trained one the clients uploaded (their adapters kept in the work dirs)."""
+    from chorus_mq.training.data import Examples
+
+    from .test_local import WORDS
+
+    torch.set_num_threads(1)
+    fed = "sectrain"
+    clients = ["c0", "c1", "c2"]
+    deployment.start_worker(concurrency=1)
+    deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
+    deployment.cli(
+        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
+        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
+        "--strategy", "rolora", "--secure-aggregation",
+    )  # fmt: skip
+    operator = deployment.sdk()
+    secrets = {c: operator.add_client(fed, c).secret for c in clients}
+    failures: list[BaseException] = []
+
+    def data(owner: int) -> Examples:
+        labels = [(owner + i) % 3 for i in range(12)]
+        texts = tuple(f"the film was {WORDS[y]} overall, client {owner} {i}" for i, y in enumerate(labels))
+        return Examples(texts, tuple(labels))
+
+    def train(c: str) -> None:
+        try:
+            sdk = deployment.sdk(client_secret=secrets[c])
+            for record in sdk.train(
+                federation=fed, client_id=c, model_dir=tiny_bert_dir, data=data(int(c[1])), workdir=tmp_path / c,
+                rounds=2, steps_per_round=2, batch_size=6, lr=5e-2, max_length=24, json=True, timeout=300, poll=0.1,
+            ):  # fmt: skip
+                assert record.upload == "summed", record
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=train, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures, failures
+    _, previous = _published(operator, fed, 0)
+    for r, trained in ((1, "lora_B"), (2, "lora_A")):
+        manifest, got = _published(operator, fed, r)
+        assert manifest.secure["summed"] == clients and manifest.secure["trainable"] == trained
+        frozen = "lora_A" if trained == "lora_B" else "lora_B"
+        for key in got:
+            if key.endswith(f".{frozen}.weight"):
+                assert torch.equal(got[key], previous[key]), key
+            elif key.endswith(f".{trained}.weight"):
+                assert not torch.equal(got[key], previous[key]), key
+        previous = got
+    # round 2: exact against the adapters the clients uploaded (kept in their work dirs)
+    from chorus_mq.adapters import load_adapter
+
+    pub = RoundPublic.from_dict(SecAggRounds(operator.redis, fed).public_params(2))
+    uploads = {}
+    for c in clients:
+        (path,) = [p.parent for p in (tmp_path / c / "rounds" / "000002").rglob("adapter_config.json")]
+        uploads[c] = {k: t.to(torch.float32) for k, t in load_adapter(path).tensors.items()}
+    _check_exact(operator, fed, 2, pub, uploads, clients)
+
+
+def test_dp_secure_round_clips_on_clients_and_noises_the_sum(deployment, tiny_bert_dir):
+    """--clip-norm and --dp-noise-multiplier with secure aggregation: each client clips its flattened input before
+    weighting and masking it; the workers add N(0, (z C max w)^2) to the unmasked sum; status reports epsilon."""
+    import numpy as np
+
+    torch.set_num_threads(1)
+    fed = "secdp"
+    clients = ["c0", "c1", "c2"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--clip-norm", "0.05", "--dp-noise-multiplier", "0.5")
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    assert (pub.clip_norm, pub.noise_multiplier) == (0.05, 0.5)
+    updates = {c: _update(pub, 90 + i) for i, c in enumerate(clients)}  # norms far above 0.05: every one clipped
+    failures: list[BaseException] = []
+
+    def run(c: str) -> None:
+        try:
+            deployment.sdk(client_secret=secrets[c]).secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    manifest, got = _published(operator, fed, 1)
+    sigma = 0.5 * 0.05 * max(pub.weights.values())
+    assert manifest.dp is not None and manifest.dp["sigma"] == pytest.approx(sigma)
+    clipped = sum(pub.client_input(c, pub.layout.flatten(updates[c])).astype(np.float64) for c in clients)
+    published = pub.layout.flatten({k: got[k] for k, _ in pub.layout.entries})
+    noise = published - clipped / sum(pub.weights.values())
+    assert noise.shape[0] >= 500 and abs(noise.mean()) < 5 * sigma / noise.shape[0] ** 0.5
+    assert abs(noise.std() / sigma - 1) < 0.15, (noise.std(), sigma)
+    privacy = operator.status(fed).privacy
+    assert set(privacy) == set(clients) and all(p["rounds"] == 1 and p["epsilon"] > 0 for p in privacy.values())
