@@ -222,7 +222,7 @@ def _dump(redis) -> bytes:
 def test_nothing_a_worker_reads_in_redis_or_the_store_correlates_with_an_input(any_redis):
     from .test_privacy import as_signed, partial_corr
 
-    d = Driver(any_redis, n=10, length=1 << 17)
+    d = Driver(any_redis, n=10, length=1 << 18)  # 0.01 is then 5 sd of a null correlation: ~100 comparisons stay quiet
     result = d.run({"masked_input": ["c3"]})
     assert "c3" not in result.summed
     published = result.total
