@@ -119,3 +119,15 @@ def deployment(redis_server, s3_endpoint, s3_bucket, tmp_path):
     dep = Deployment(deployment_env(redis_server.url, s3_endpoint, s3_bucket, tmp_path), tmp_path, redis_server.url)
     yield dep
     dep.stop_workers()
+
+
+#: tests that run a tiny GPT-2 forward (causal-lm, Conv1D LoRA). In the 25-minute CI session two of them
+#: twice read garbage (losses of 2e23 alternating with a sane 10.35) after about 1,600 other tests; alone,
+#: in any subset tried and with the allocator poisoned they never did. Until that read is found (see the
+#: closing note of 2026-12-05), they run first, on a fresh heap.
+_FRESH_HEAP = ("tests/training/test_local.py::test_causal_lm",)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = [it for it in items if "gpt2" in it.nodeid or it.nodeid.startswith(_FRESH_HEAP[0])]
+    items[:] = first + [it for it in items if it not in first]
