@@ -74,6 +74,26 @@ class StrategySpec:
         return Factor.LORA_A if trained == Factor.LORA_B else Factor.LORA_B
 
 
+def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...]) -> StrategySpec:
+    """A linear strategy: a frozen shared frame, one averaged factor, no residual, none of the combinations
+    that need each client's factors (one rank for every client)."""
+    return StrategySpec(
+        strategy,
+        rule,
+        exact=True,
+        residual=False,
+        linear=True,
+        canonicalises=False,
+        trains=trains,
+        own_rank=False,
+        server_opt=False,
+        scaffold=False,
+        personal_heads=False,
+        dp=False,
+        robust=False,
+    )
+
+
 _SPECS: dict[Strategy, StrategySpec] = {
     Strategy.FEDEX_LORA: StrategySpec(
         Strategy.FEDEX_LORA, "fedex", exact=True, residual=True, linear=False, canonicalises=True
@@ -95,52 +115,10 @@ _SPECS: dict[Strategy, StrategySpec] = {
         server_opt=False,
         scaffold=False,
     ),
-    Strategy.FFA_LORA: StrategySpec(
-        Strategy.FFA_LORA,
-        "shared",
-        exact=True,
-        residual=False,
-        linear=True,
-        canonicalises=False,
-        trains=(Factor.LORA_B,),
-        own_rank=False,
-        server_opt=False,
-        scaffold=False,
-        personal_heads=False,
-        dp=False,
-        robust=False,
-    ),
-    Strategy.ROLORA: StrategySpec(
-        Strategy.ROLORA,
-        "shared",
-        exact=True,
-        residual=False,
-        linear=True,
-        canonicalises=False,
-        # B first: round 0's B is zero, so training A against it first would learn nothing
-        trains=(Factor.LORA_B, Factor.LORA_A),
-        own_rank=False,
-        server_opt=False,
-        scaffold=False,
-        personal_heads=False,
-        dp=False,
-        robust=False,
-    ),
-    Strategy.FED_SB: StrategySpec(
-        Strategy.FED_SB,
-        "sandwich",
-        exact=True,
-        residual=False,
-        linear=True,
-        canonicalises=False,
-        trains=(Factor.LORA_R,),
-        own_rank=False,
-        server_opt=False,
-        scaffold=False,
-        personal_heads=False,
-        dp=False,
-        robust=False,
-    ),
+    Strategy.FFA_LORA: _shared(Strategy.FFA_LORA, "shared", (Factor.LORA_B,)),
+    # B first: round 0's B is zero, so training A against it first would learn nothing
+    Strategy.ROLORA: _shared(Strategy.ROLORA, "shared", (Factor.LORA_B, Factor.LORA_A)),
+    Strategy.FED_SB: _shared(Strategy.FED_SB, "sandwich", (Factor.LORA_R,)),
 }
 
 
