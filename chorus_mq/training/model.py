@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ PEFT_PREFIX = "base_model.model."
 HEAD_NAMES = ("classifier", "score")
 #: weights a checkpoint lacks are initialised from this seed, so every party builds the same base
 _BASE_SEED = 0
+#: held around every model load. transformers 5 builds a model inside context managers that swap
+#: process-wide functions (``PreTrainedModel.tie_weights``, ``torch.nn.init.*``, the default dtype)
+#: and restore them on exit; two threads loading at once restore each other's stand-ins, and from
+#: then on every model in the process loads untied (GPT-2's ``lm_head`` left uninitialised: losses
+#: of 2e23). Clients trained in threads of one process (the SDK, our e2e tests) share this lock.
+_LOAD_LOCK = threading.RLock()
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -67,18 +74,19 @@ def load_base(
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
     loader = AutoModelForSequenceClassification if task == TaskType.SEQ_CLS else AutoModelForCausalLM
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # a new head is reported as "MISSING": expected, and seeded below
-    hf_logging.disable_progress_bar()  # a local checkpoint loads in well under a second: no bar per client round
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_BASE_SEED)
-            model: Any = loader.from_pretrained(str(model_dir), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with _LOAD_LOCK:  # the verbosity and the RNG are process-wide too: save and restore them under it
+        verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # a new head is reported as "MISSING": expected, and seeded below
+        hf_logging.disable_progress_bar()  # a local checkpoint loads in well under a second: no bar per round
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_BASE_SEED)
+                model: Any = loader.from_pretrained(str(model_dir), **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:  # seq-cls heads on decoder models find the last token by it
         tokenizer_pad = _pad_token_id(model_dir)
         model.config.pad_token_id = tokenizer_pad
@@ -345,7 +353,8 @@ def exact_model(
 
     task = TaskType(task)
     base = corrected_base(pulled_dir, model_dir, task=task, labels=labels)
-    model = PeftModel.from_pretrained(base, str(pulled_dir), is_trainable=trainable)
+    with _LOAD_LOCK:
+        model = PeftModel.from_pretrained(base, str(pulled_dir), is_trainable=trainable)
     check_adapter_loaded(model, Path(pulled_dir))
     if not trainable:
         model.eval()

@@ -137,3 +137,35 @@ def test_a_client_below_the_global_rank_starts_and_uploads_exactly(tiny_bert_dir
     dropped = start_model(pulled, tiny_bert_dir, task=TaskType.SEQ_CLS, rank=2, alpha=4.0, seed=1, keep_remainder=False)
     assert not dropped.remainder and not dropped.gap.kept
     assert (logits(dropped.model, tokenizer, TEXTS) - exact).abs().max() > 1e-4
+
+
+def test_models_loaded_in_threads_leave_transformers_intact(tiny_gpt2_dir):
+    """Clients trained in threads of one process load at once; transformers' loader swaps process-wide functions.
+
+    Without the load lock one such race left ``PreTrainedModel.tie_weights`` a no-op for the rest of the
+    process, and every later GPT-2 loaded with an uninitialised ``lm_head`` (losses of 2e23 in CI).
+    """
+    import threading
+
+    from transformers import PreTrainedModel
+
+    tie_weights = PreTrainedModel.tie_weights
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for _ in range(15):
+                load_base(tiny_gpt2_dir, TaskType.CAUSAL_LM)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert PreTrainedModel.tie_weights is tie_weights
+    model = load_base(tiny_gpt2_dir, TaskType.CAUSAL_LM)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.isfinite(model.lm_head.weight).all()
