@@ -4,6 +4,7 @@
     python benchmarks/rounds.py --shapes small --rounds 5         # a quick run
     python benchmarks/rounds.py --workers 1,2 --rounds 3          # the shard speed-up of a second worker
     python benchmarks/rounds.py --mode buffered                   # FedBuff flushes: a version per N deltas
+    python benchmarks/rounds.py --strategy ffa-lora --secure-aggregation --drop 3   # SecAgg+, 3 silent at unmask
 
 A private redis-server, a file:// store, and real ``chorus-mq worker`` processes (one ingest
 worker, W aggregate workers, each ``--concurrency 1``); N registered clients upload fresh signed
@@ -26,6 +27,13 @@ With ``--mode buffered`` the federation is a buffered one (``--buffer N``, the c
 flush, round 0 publishes an initial adapter, and every other client trained from the version before the
 latest (staleness 1, poly:0.5), so each flush's residual carries two base versions.
 
+With ``--secure-aggregation`` (ffa-lora, rolora) every client runs its secure round in a thread of its own
+(advertise → share → masked input → unmask) through ``ChorusClient.upload``, ``--drop D`` of them falling
+silent at the unmask phase (after their masked inputs): their inputs are summed all the same. Per round it
+adds the secure phases' wall time (the first client starting → the round complete), the masked-input quorum
+→ complete (the unmask, then the plain round on the sum), and each client's own CPU seconds (its thread's
+time: encoding, masking, key agreement, sealing shares and writing its masked input; torch at 1 thread).
+
 Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
 every worker count runs its own federation, each aggregate worker ``--concurrency 1``,
 ``CHORUS_AGGREGATION_WORKERS=1`` and pinned to a core of its own (``--no-pin`` leaves them free),
@@ -43,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +123,10 @@ class Row:
     verdict_s: float | None = None
     compact_s: float | None = None
     shards: int = 0
+    #: --secure-aggregation: first client starting → round complete; masked-input quorum → complete; client CPU
+    secure_wall_s: float = 0.0
+    unmask_s: float = 0.0
+    client_cpu_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -132,24 +145,17 @@ class Deployment:
         extra_env: dict[str, str] | None = None,
         cpu: int | None = None,
     ) -> subprocess.Popen:
-        """``chorus-mq worker --role ROLE`` (its default concurrency: the cores, unless given), pinned to
+        """``chorus-mq worker --role ROLE`` (``chorus-mq beat`` for ``beat``; a worker: default concurrency), pinned to
         core ``cpu`` when given (its pool children and threads inherit the affinity)."""
         log = open(self.workdir / f"{role}-{len(self.procs)}.log", "w")  # noqa: SIM115 - lives with the process
         extra = ["-c", str(concurrency)] if concurrency else []
+        command = (
+            ["beat", "-l", "WARNING"]  # the sweep: it opens secure rounds' phases and closes them at deadlines
+            if role == "beat"
+            else ["worker", "--role", role, *extra, "-l", "WARNING", "--hostname", f"{role}{len(self.procs)}@%h"]
+        )
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chorus_mq.cli",
-                "worker",
-                "--role",
-                role,
-                *extra,
-                "-l",
-                "WARNING",
-                "--hostname",
-                f"{role}{len(self.procs)}@%h",
-            ],
+            [sys.executable, "-m", "chorus_mq.cli", *command],
             env={**self.env, **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -308,6 +314,53 @@ class Probe:
         return time.perf_counter() - started
 
 
+class _Silent(Exception):
+    """A client falling silent at a phase (--drop)."""
+
+
+class SecureRound:
+    """Every client's secure round ``r`` in a thread of its own; the first ``drop`` fall silent at the unmask."""
+
+    def __init__(self, clients: list[ChorusClient], name: str, r: int, paths: list[Path], *, drop: int):
+        self.started = time.time()
+        self.cpu_s: list[float] = []
+        self.failures: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._run, args=(sdk, name, r, i, path, i < drop))
+            for i, (sdk, path) in enumerate(zip(clients, paths, strict=True))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, sdk: ChorusClient, name: str, r: int, i: int, path: Path, silent: bool) -> None:
+        def on_phase(_r: int, phase: str) -> None:
+            if silent and phase == "unmask":
+                raise _Silent(phase)
+
+        cpu = time.thread_time()
+        try:
+            sdk.upload(name, path, f"c{i}", dataset_size=100.0 + i, round_=r, timeout=1800, on_phase=on_phase)
+        except _Silent:
+            pass
+        except BaseException as exc:
+            self.failures.append(exc)
+        self.cpu_s.append(time.thread_time() - cpu)
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+        if self.failures:
+            raise SystemExit(f"a secure client failed: {self.failures[0]!r}")
+
+
+def _masked_quorum(sdk: ChorusClient, name: str, r: int) -> float:
+    """When round ``r``'s unmask phase began (every masked input in, or the phase's deadline)."""
+    for event in sdk.state.events(name).read():
+        if event.type == "secagg_phase" and event.round == r and event.fields.get("phase") == "unmask":
+            return event.ts
+    raise SystemExit(f"round {r} has no unmask phase event")
+
+
 def run_federation(
     dep: Deployment,
     sdk: ChorusClient,
@@ -328,6 +381,11 @@ def run_federation(
         checkpoint_every=args.checkpoint_every,
         max_client_weight=1.0,
         **({"mode": "buffered", "relative_clip": 0.0, "max_staleness": 2} if buffered else {}),
+        **(
+            {"secure_aggregation": True, "secagg_phase_timeout": args.phase_timeout, "relative_clip": 0.0}
+            if args.secure_aggregation
+            else {}
+        ),
     )
     spec = strategy_spec(args.strategy)
     initial = None
@@ -357,14 +415,21 @@ def run_federation(
         ]
         # buffered: every other client trained from the version before the latest (staleness 1)
         base = {i: (max(0, r - 1 - i % 2) if buffered else None) for i in range(args.clients)}
-        for i, path in enumerate(paths[:-1]):
-            clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600, base_version=base[i])
-        reset_peaks(dep.aggregators)
-        last = args.clients - 1
-        clients[-1].upload(
-            name, paths[-1], f"c{last}", dataset_size=100.0 + args.clients, timeout=600, base_version=base[last]
-        )
-        verdict = probe.upload(r) if probe else None  # another federation's upload while this round aggregates
+        secure: SecureRound | None = None
+        if args.secure_aggregation:
+            reset_peaks(dep.aggregators)  # every client stays up through the phases: one thread each
+            secure = SecureRound(clients, name, r, paths, drop=args.drop)
+            verdict = probe.upload(r) if probe else None
+            secure.join()
+        else:
+            for i, path in enumerate(paths[:-1]):
+                clients[i].upload(name, path, f"c{i}", dataset_size=100.0 + i, timeout=600, base_version=base[i])
+            reset_peaks(dep.aggregators)
+            last = args.clients - 1
+            clients[-1].upload(
+                name, paths[-1], f"c{last}", dataset_size=100.0 + args.clients, timeout=600, base_version=base[last]
+            )
+            verdict = probe.upload(r) if probe else None  # another federation's upload while this round aggregates
         sdk.wait_round(name, r, timeout=1800)
         info = sdk.state.round(name, r)
         if info.state != "complete":
@@ -379,6 +444,10 @@ def run_federation(
             shards=len(manifest["shards"]),
             verdict_s=verdict,
         )
+        if secure is not None:
+            row.secure_wall_s = (info.completed_at or 0) - secure.started
+            row.unmask_s = (info.completed_at or 0) - _masked_quorum(sdk, name, r)
+            row.client_cpu_s = secure.cpu_s
         if pull:
             got = pull_in_subprocess(dep, name, pulled, r)
             row.pull_mb, row.pull_s, row.pull_rss_mb = got["bytes"] / 2**20, got["seconds"], got["rss_kb"] / 1024
@@ -449,6 +518,12 @@ def _format(row: Row) -> str:
         f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
         f"{_mb(row.pull_mb):>7}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
         f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
+        + (
+            f"  secure {row.secure_wall_s:.2f}s, unmask→done {row.unmask_s:.2f}s, "
+            f"client CPU max {max(row.client_cpu_s):.2f}s"
+            if row.client_cpu_s
+            else ""
+        )
     )
 
 
@@ -460,6 +535,14 @@ def summary(rows: list[Row], shapes: dict[str, tuple[int, int]]) -> None:
         f"{secs[-1]:.2f}s, ratio {secs[-1] / secs[0]:.2f}); worker peak RSS median {statistics.median(rss):.0f}MB, "
         f"max {max(rss):.0f}MB (ratio last/first {rss[-1] / rss[0]:.2f})"
     )
+    if any(r.client_cpu_s for r in rows):
+        cpu = [c for r in rows for c in r.client_cpu_s]
+        wall = statistics.median(r.secure_wall_s for r in rows)
+        print(
+            f"secure rounds: first client starting → complete median {wall:.2f}s; "
+            f"unmask phase → complete median {statistics.median(r.unmask_s for r in rows):.2f}s; "
+            f"a client's own CPU median {statistics.median(cpu):.2f}s, max {max(cpu):.2f}s"
+        )
     if any(r.pull_s for r in rows):
         pulls = [r.pull_mb for r in rows]
         print(
@@ -498,7 +581,16 @@ def main() -> None:
         "the other core)",
     )
     parser.add_argument("--no-pull", action="store_true", help="Skip the continuing client's pulls.")
+    parser.add_argument(
+        "--secure-aggregation", action="store_true", help="SecAgg+ rounds (ffa-lora, rolora): clients in threads"
+    )
+    parser.add_argument("--drop", type=int, default=0, help="With --secure-aggregation: clients silent at the unmask")
+    parser.add_argument(
+        "--phase-timeout", type=int, default=20, help="With --secure-aggregation: --secagg-phase-timeout (seconds)"
+    )
     args = parser.parse_args()
+    if args.secure_aggregation:
+        torch.set_num_threads(1)  # a client's CPU seconds are its thread's own
     shapes = modules(args.shapes)
     with tempfile.TemporaryDirectory(prefix="chorus-rounds-", dir=os.environ.get("CHORUS_BENCH_DIR")) as tmp:
         workdir = Path(tmp)
@@ -542,6 +634,8 @@ def main() -> None:
                 dep.start("ingest")
                 dep.start("aggregate")
                 dep.start("compact")
+                if args.secure_aggregation:
+                    dep.start("beat")
                 time.sleep(8)
                 print(
                     f"{args.shapes}: {len(shapes)} modules, N={args.clients}, r={args.rank}, {args.strategy}, "
