@@ -87,10 +87,6 @@ class StalenessWeight(_Choice):
     HINGE = "hinge"  # hinge:A,B, g = 1 for τ <= B, else 1 / (A (τ - B) + 1)
 
 
-#: the strategies a buffered flush is exact for (DESIGN.md section 1, "Buffered flushes")
-BUFFERED_STRATEGIES = frozenset({Strategy.FEDEX_LORA, Strategy.SVD})
-
-
 class RobustAggregate(_Choice):
     MEAN = "mean"
     TRIMMED = "trimmed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import ConfigError
 from .names import Factor, Strategy
 
 #: how a module's aggregate is computed and laid out (aggregation.strategies / aggregation.shapes)
@@ -48,6 +49,14 @@ class StrategySpec:
     personal_heads: bool = True
     dp: bool = True
     robust: bool = True
+    #: why a buffered flush (``--mode buffered``) cannot be exact for this strategy; "": it can
+    #: (aggregation/buffered.py: a residual per base version, or for a frozen shared frame the trained factor)
+    not_buffered: str = ""
+
+    @property
+    def buffered(self) -> bool:
+        """A buffered flush is exact for this strategy (DESIGN.md section 1, "Buffered flushes")."""
+        return not self.not_buffered
 
     @property
     def frozen_shared(self) -> bool:
@@ -74,7 +83,7 @@ class StrategySpec:
         return Factor.LORA_A if trained == Factor.LORA_B else Factor.LORA_B
 
 
-def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...]) -> StrategySpec:
+def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...], not_buffered: str = "") -> StrategySpec:
     """A linear strategy: a frozen shared frame, one averaged factor, no residual, none of the combinations
     that need each client's factors (one rank for every client)."""
     return StrategySpec(
@@ -91,6 +100,7 @@ def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...]) -> Strat
         personal_heads=False,
         dp=False,
         robust=False,
+        not_buffered=not_buffered,
     )
 
 
@@ -99,7 +109,13 @@ _SPECS: dict[Strategy, StrategySpec] = {
         Strategy.FEDEX_LORA, "fedex", exact=True, residual=True, linear=False, canonicalises=True
     ),
     Strategy.FEDAVG: StrategySpec(
-        Strategy.FEDAVG, "fedavg", exact=False, residual=False, linear=False, canonicalises=True
+        Strategy.FEDAVG,
+        "fedavg",
+        exact=False,
+        residual=False,
+        linear=False,
+        canonicalises=True,
+        not_buffered="fedavg has no residual to absorb each base version's adapter",
     ),
     Strategy.SVD: StrategySpec(
         Strategy.SVD, "svd", exact=True, residual=True, linear=False, canonicalises=True, out_rank_option=True
@@ -114,10 +130,23 @@ _SPECS: dict[Strategy, StrategySpec] = {
         keeps_remainder=False,
         server_opt=False,
         scaffold=False,
+        not_buffered="stack's clients train from a truncation of the published model, not from it",
     ),
     Strategy.FFA_LORA: _shared(Strategy.FFA_LORA, "shared", (Factor.LORA_B,)),
     # B first: round 0's B is zero, so training A against it first would learn nothing
-    Strategy.ROLORA: _shared(Strategy.ROLORA, "shared", (Factor.LORA_B, Factor.LORA_A)),
+    Strategy.ROLORA: _shared(
+        Strategy.ROLORA,
+        "shared",
+        (Factor.LORA_B, Factor.LORA_A),
+        # a delta from version b trained the factor of b + 1 against b's other factor, frozen; from a base one
+        # version back it trained the other factor than the flush's, from two or more back against a frozen
+        # factor that has changed since: only fresh deltas fit version v's adapter without a residual
+        not_buffered=(
+            "rolora alternates the trained factor every version, so a delta from an older version either "
+            "trained the other factor or trained against a frozen factor that has changed since; no adapter "
+            "of the published rank holds it, and rolora publishes no residual (use ffa-lora or fed-sb)"
+        ),
+    ),
     Strategy.FED_SB: _shared(Strategy.FED_SB, "sandwich", (Factor.LORA_R,)),
 }
 
@@ -134,3 +163,15 @@ def strategy_spec(strategy: Strategy | str) -> StrategySpec:
 def all_specs() -> tuple[StrategySpec, ...]:
     """Every strategy's spec, in the enum's order."""
     return tuple(_SPECS[m] for m in Strategy)
+
+
+def check_buffered(strategy: Strategy | str) -> None:
+    """ConfigError, saying why, for a strategy a buffered flush (``--mode buffered``) is not exact for."""
+    spec = strategy_spec(strategy)
+    if spec.buffered:
+        return
+    allowed = ", ".join(s.name.value for s in all_specs() if s.buffered)
+    raise ConfigError(
+        f"--mode buffered is exact per flush only for --strategy {allowed}; {spec.name.value} is not supported: "
+        f"{spec.not_buffered}"
+    )

@@ -27,6 +27,16 @@ def write_adapter(path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *
     return path
 
 
+def write_r_adapter(path, rs: dict[str, torch.Tensor], *, alpha: float = 8.0):
+    """A Fed-SB delta file (``<module>.lora_R.weight`` only) with an embedded adapter_config; ``rs`` maps
+    module path -> R (rank x rank)."""
+    rank = int(next(iter(rs.values())).shape[0])
+    spec = LoraSpec(r=rank, lora_alpha=alpha, target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in rs})))
+    tensors = {f"base_model.model.{module}.lora_R.weight": r for module, r in rs.items()}
+    write_safetensors(path, tensors, {"format": "chorus-delta/1", "adapter_config": json.dumps(spec.to_peft_config())})
+    return path
+
+
 def random_factors(seed: int, modules=("layers.0.q", "layers.0.v"), r=4, d_out=16, d_in=12, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return {m: (torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g) * scale) for m in modules}

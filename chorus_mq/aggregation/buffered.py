@@ -12,6 +12,14 @@ under the weights ``p``; the residual is what makes the model exact::
 every term low-rank, so it is published as one factored product (dense where that is smaller). The
 current version's adapter and a base's are the same when ``b = v``: one term, coefficient ``1 − η P_v``
 (all fresh at ``η = 1``: zero, and the residual is the strategy's own).
+
+A linear strategy (a frozen shared frame: ffa-lora's A, fed-sb's B and A) needs no residual: every version
+has the same frozen factor, so a delta's update is the change of the trained factor ``X`` (B, or fed-sb's R)
+relative to its base, ``Δ_i = s (X_i − X_b) F``, and the same coefficients move the trained factor itself::
+
+    X_{v+1} = η X + Σ_b ([b = v] − η P_b) (s_b / s) X_b,   X = Σ_i p_i (s_i / s) X_i (the strategy's average)
+
+so ``s X_{v+1} F = s_v X_v F + η Σ_i p_i Δ_i`` exactly (:func:`flush_trained`).
 """
 
 from __future__ import annotations
@@ -24,20 +32,19 @@ from torch import Tensor
 
 from chorus_mq.aggregation.server_opt import PreviousFactors
 from chorus_mq.aggregation.updates import ModuleResult
-from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.errors import AggregationError
 from chorus_mq.factors import Residual, dense_is_smaller
-from chorus_mq.names import BUFFERED_STRATEGIES, Strategy
+from chorus_mq.names import Factor
 from chorus_mq.staleness import StalenessRule
 
 _F64 = torch.float64
 
 __all__ = [
-    "BUFFERED_STRATEGIES",
     "StalenessRule",
     "base_masses",
-    "check_buffered",
     "flush_module",
     "flush_residual_form",
+    "flush_trained",
     "flush_weights",
     "version_coefficients",
 ]
@@ -98,8 +105,7 @@ def flush_module(result: ModuleResult, terms: Terms, lr: float = 1.0) -> ModuleR
     coefficient from :func:`version_coefficients` (a version without an adapter: leave it out, a zero
     product). The adapter stays ``result``'s; the residual is that of the module docstring (in the form
     :func:`flush_residual_form` names), so adapter + residual is ``s_v B_v A_v + η Σ p_i Δ_i``."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise AggregationError(f"the server learning rate must be a finite number > 0, got {lr!r}")
+    _check_lr(lr)
     d_out, d_in = int(result.B.shape[0]), int(result.A.shape[1])
     lefts: list[Tensor] = []
     rights: list[Tensor] = []
@@ -137,11 +143,54 @@ def flush_module(result: ModuleResult, terms: Terms, lr: float = 1.0) -> ModuleR
     return ModuleResult(result.A, result.B, result.scaling, residual)
 
 
-def check_buffered(strategy: Strategy | str) -> None:
-    """ConfigError for a strategy a buffered flush is not exact for (fedavg has no residual to absorb the
-    bases' products; stack's clients train from an approximation of the published model)."""
-    if Strategy(strategy) not in BUFFERED_STRATEGIES:
-        allowed = ", ".join(sorted(s.value for s in BUFFERED_STRATEGIES))
-        raise ConfigError(
-            f"buffered mode is exact per flush only for {allowed}; strategy {Strategy(strategy).value} is not supported"
-        )
+def flush_trained(result: ModuleResult, terms: Terms, lr: float, trains: Factor) -> ModuleResult:
+    """Version ``v + 1`` of one module of a linear strategy: ``result`` is its average of the flush's uploads
+    under the flush weights ``p`` (absent mass included), ``terms`` each version's adapter with its coefficient
+    from :func:`version_coefficients`; ``trains`` the factor the clients trained (``lora_B``, ``lora_A`` or
+    ``lora_R``). The trained factor moves as the module docstring says, the frozen ones stay ``result``'s
+    (every version's must be the same, value for value), and there is no residual. One rounding, at the cast."""
+    _check_lr(lr)
+    trains = Factor(trains)
+    s_out = float(result.scaling)
+    acc = _trained(result, trains).to(_F64) * float(lr)
+    for factors, coeff in terms:
+        if coeff == 0.0:
+            continue
+        for name, mine, shared in _frozen_pairs(factors, result, trains):
+            if mine.shape != shared.shape or not torch.equal(mine.to(_F64), shared.to(_F64)):
+                raise AggregationError(
+                    f"a base version's {name} differs from the flush's: a buffered flush moves only the trained "
+                    f"factor ({trains}), so every version must share the frozen one"
+                )
+        theirs = _trained(factors, trains)
+        if theirs.shape != acc.shape:
+            raise AggregationError(
+                f"a base version's {trains} is {tuple(theirs.shape)}, the flush's {tuple(acc.shape)}"
+            )
+        acc.add_(theirs.to(_F64), alpha=float(coeff) * float(factors.scaling) / s_out)
+    out = acc.to(_trained(result, trains).dtype)
+    if trains == Factor.LORA_R:
+        return ModuleResult(result.A, result.B, result.scaling, None, R=out)
+    if trains == Factor.LORA_B:
+        return ModuleResult(result.A, out, result.scaling, None)
+    return ModuleResult(out, result.B, result.scaling, None)
+
+
+def _trained(m: ModuleResult | PreviousFactors, trains: Factor) -> Tensor:
+    t = m.R if trains == Factor.LORA_R else m.B if trains == Factor.LORA_B else m.A
+    if t is None:
+        raise AggregationError("a fed-sb version has no lora_R to move")
+    return t
+
+
+def _frozen_pairs(
+    factors: PreviousFactors, result: ModuleResult, trains: Factor
+) -> tuple[tuple[str, Tensor, Tensor], ...]:
+    """(name, a version's frozen factor, the flush's) for each factor the clients did not train."""
+    a, b = ("lora_A", factors.A, result.A), ("lora_B", factors.B, result.B)
+    return {Factor.LORA_R: (a, b), Factor.LORA_B: (a,), Factor.LORA_A: (b,)}[trains]
+
+
+def _check_lr(lr: float) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise AggregationError(f"the server learning rate must be a finite number > 0, got {lr!r}")

@@ -120,14 +120,17 @@ def step(delta: Tensor, state: Mapping[str, Tensor] | None, cfg: ServerOptConfig
 
 @dataclass(frozen=True)
 class PreviousFactors:
-    """A module of the previous published global adapter: ``scaling · B @ A``."""
+    """A module of the previous published global adapter: ``scaling · B @ A`` (Fed-SB: ``scaling · B @ R @ A``)."""
 
     A: Tensor
     B: Tensor
     scaling: float
+    #: Fed-SB: the (r, r) matrix between the frozen frame's B and A; None: a plain LoRA module
+    R: Tensor | None = None
 
     def product(self) -> Tensor:
-        return self.B.to(_F64) @ self.A.to(_F64) * self.scaling
+        left = self.B.to(_F64) if self.R is None else self.B.to(_F64) @ self.R.to(_F64)
+        return left @ self.A.to(_F64) * self.scaling
 
 
 def dense_update(result: ModuleResult) -> Tensor:

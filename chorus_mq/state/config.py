@@ -13,7 +13,6 @@ from typing import Any
 from ..errors import ConfigError
 from ..ids import check_name
 from ..names import (
-    BUFFERED_STRATEGIES,
     ExpirePolicy,
     Factor,
     FederationMode,
@@ -26,7 +25,7 @@ from ..names import (
     WeightPolicy,
 )
 from ..staleness import StalenessRule
-from ..strategy import strategy_spec
+from ..strategy import check_buffered, strategy_spec
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -223,13 +222,7 @@ class FederationConfig:
                 if getattr(self, name) != defaults[name]:
                     raise ConfigError(f"{_flag(name)} applies only to --mode buffered")
             return
-        if self.strategy not in BUFFERED_STRATEGIES:
-            allowed = ", ".join(sorted(s.value for s in BUFFERED_STRATEGIES))
-            raise ConfigError(
-                f"--mode buffered is exact per flush only for --strategy {allowed}; {self.strategy} is not "
-                "supported (fedavg has no residual to absorb each base version's adapter; stack's clients train "
-                "from a truncation of the published model)"
-            )
+        check_buffered(self.strategy)
         if self.max_per_client_per_flush != 1:
             raise ConfigError("--max-per-client-per-flush above 1 is not built yet: one delta per client per flush")
         refused = {

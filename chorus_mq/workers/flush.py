@@ -4,7 +4,8 @@ A flush (round ``r``, a frozen buffer) moves the latest complete version ``v`` (
 earlier flush has ended before it is planned, so versions are published in order). Each delta counts with
 ``p_i = w_i g(τ_i) / Σ w_j g(τ_j)``, ``τ_i = v − b_i``, baked into ``Plan.weights``; each shard reads, for its
 own items, the adapters of ``v`` and of every base version, and turns the strategy's aggregate into version
-``v + 1`` (``aggregation.buffered.flush_module``). DESIGN.md section 1, "Buffered flushes".
+``v + 1`` (``aggregation.buffered.flush_module``; a linear strategy's trained factor alone,
+``flush_trained``). DESIGN.md section 1, "Buffered flushes".
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from ..aggregation.buffered import (
     StalenessRule,
     flush_module,
     flush_residual_form,
+    flush_trained,
     flush_weights,
     version_coefficients,
 )
 from ..aggregation.server_opt import PreviousFactors
 from ..errors import AggregationError
-from ..names import RoundStatus
+from ..names import Factor, RoundStatus
 from ..state import FederationConfig
 from ..state.rounds import DeltaRecord
+from ..strategy import strategy_spec
 from .plan import Plan
 from .previous import PreviousGlobal, previous_global
 from .runtime import Runtime
@@ -92,7 +95,12 @@ class FlushStep:
 
     def _factors(self, version: int, name: str) -> PreviousFactors | None:
         module = self.versions[version].modules.get(name)
-        return None if module is None else PreviousFactors(module.A, module.B, module.scaling)
+        return None if module is None else PreviousFactors(module.A, module.B, module.scaling, module.R)
+
+    @property
+    def linear(self) -> bool:
+        """The strategy keeps a frozen shared frame: the flush moves the trained factor, no residual."""
+        return strategy_spec(self.plan.strategy).frozen_shared
 
     def masses(self, holders: Sequence[str], absent: float) -> dict[int, float]:
         """``P_b`` over the module's holders, normalised as the strategy normalises them (with the absent mass):
@@ -108,6 +116,8 @@ class FlushStep:
         self, name: str, holders: Sequence[str], absent: float, shape: tuple[int, int], form: str, rank: int, k: int
     ) -> tuple[str, int]:
         """The published residual's form and rank (factored), from metadata: the layout streams it."""
+        if self.linear:
+            return form, k  # the strategy's own: none
         return flush_residual_form(
             shape,
             form,
@@ -126,11 +136,20 @@ class FlushStep:
             factors = self._factors(version, name)
             if factors is not None:
                 terms.append((factors, coeff))
+            elif self.linear and coeff != 0.0:  # a zero product is no frame: the trained factor cannot take it
+                raise AggregationError(f"module {name!r}: version {version} published no adapter for it")
         return terms
 
-    def module(self, name: str, holders: Sequence[str], absent: float, result: ModuleResult) -> ModuleResult:
-        """Version ``v + 1`` of module ``name`` from the strategy's aggregate."""
-        return flush_module(result, self._version_terms(name, holders, absent), self.plan.flush_lr)
+    def module(
+        self, name: str, holders: Sequence[str], absent: float, result: ModuleResult, trains: Factor | None = None
+    ) -> ModuleResult:
+        """Version ``v + 1`` of module ``name`` from the strategy's aggregate (``trains``: a linear strategy's
+        trained factor)."""
+        terms = self._version_terms(name, holders, absent)
+        if self.linear:
+            assert trains is not None  # a frozen shared frame always names what its clients train
+            return flush_trained(result, terms, self.plan.flush_lr, trains)
+        return flush_module(result, terms, self.plan.flush_lr)
 
     def extra(self, name: str, holders: Sequence[str], mean: Tensor) -> Tensor:
         """A head: ``h_v + η (mean − Σ P_b h_b)`` over the holders; the mean as it is when a version lacks it."""

@@ -2,10 +2,10 @@
 
 A strategy that freezes a factor (chorus_mq/strategy.py) is exact only if every client's frozen factor
 is the one published by the round it started from (the latest complete round while this round is
-open: rounds open one at a time). The published factors are float32, so an upload must carry the
-frozen factor as float32 with the very same bytes; ingest compares sha256 digests of the raw bytes,
-read from the delta file it has just verified, against digests of the published tensors (computed
-once per worker and start round).
+open: rounds open one at a time; in a buffered federation, the delta's base version). The published
+factors are float32, so an upload must carry the frozen factor as float32 with the very same bytes;
+ingest compares sha256 digests of the raw bytes, read from the delta file it has just verified, against
+digests of the published tensors (computed once per worker and start round).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from .runtime import Runtime
 #: one start per federation (the manifest's hash: a federation re-created under the same name is another start)
 _CACHE: dict[tuple[str, int, str, Factor], dict[str, tuple[tuple[int, ...], str]]] = {}
 _LOCK = threading.Lock()
+#: starts (versions) kept per federation
+_STARTS_KEPT = 4
 
 
 class FrozenFactorChanged(IncompatibleDelta):
@@ -48,15 +50,20 @@ def check_upload_kind(strategy: str, sandwich: frozenset[str], modules: int) -> 
         )
 
 
-def check_frozen(rt: Runtime, federation: str, r: int, strategy: str, index: DeltaIndex, path: Path) -> None:
+def check_frozen(
+    rt: Runtime, federation: str, r: int, strategy: str, index: DeltaIndex, path: Path, start: int | None = None
+) -> None:
     """IncompatibleDelta unless every module's frozen factor in the delta at ``path`` (indexed as ``index``)
     is, byte for byte, the one the round's start published; nothing for strategies that freeze nothing.
-    Fed-SB uploads no frozen factor: each module's lora_R must be float32 (rank x rank) at the frame's rank."""
+    ``start``: the version the delta trained from (a buffered delta's base version, checked published);
+    None: the latest complete round (a synchronous round's start). Fed-SB uploads no frozen factor: each
+    module's lora_R must be float32 (rank x rank) at the frame's rank."""
     spec = strategy_spec(strategy)
     frozen = spec.frozen(r)
     if frozen is None and not spec.sandwich:
         return
-    start = rt.state.latest_complete(federation)
+    if start is None:
+        start = rt.state.latest_complete(federation)
     if start is None:
         raise InvalidAdapter(f"this {strategy} federation has no published start (round 0) to check the frozen factor")
     if spec.sandwich:
@@ -132,7 +139,10 @@ def _published(rt: Runtime, federation: str, start: int, factor: Factor) -> dict
         raw = tensor.float().contiguous().numpy().tobytes()  # the shards are float32: no rounding
         out[name] = (tuple(tensor.shape), hashlib.sha256(raw).hexdigest())
     with _LOCK:
-        for old in [k for k in _CACHE if k[0] == federation]:
-            del _CACHE[old]  # a federation's earlier starts are never asked for again
+        # a synchronous federation never asks for an earlier start again; a buffered one asks for the bases
+        # of deltas still in flight, the latest few versions (most recently added last)
+        mine = [k for k in _CACHE if k[0] == federation]
+        for old in mine[: max(0, len(mine) + 1 - _STARTS_KEPT)]:
+            del _CACHE[old]
         _CACHE[key] = out
     return out

@@ -277,7 +277,8 @@ def _fetch_and_check(
                 index = build_index(delta)  # reads every tensor once: finite, digests, norms
             _check_norms(index, config)
             # ffa-lora, rolora: the frozen factor is the round's published one, byte for byte; fed-sb: R's rank
-            check_frozen(rt, msg.federation, r, str(config.strategy), index, local.path)
+            base = msg.base_version if config.buffered else None  # a buffered delta trained from its base
+            check_frozen(rt, msg.federation, r, str(config.strategy), index, local.path, base)
         except InvalidAdapter as exc:
             _remember(rt, msg, r, exc)
             raise

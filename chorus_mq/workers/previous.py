@@ -26,11 +26,13 @@ from .runtime import Runtime
 
 @dataclass(frozen=True)
 class PreviousModule:
-    """One LoRA module of a published global adapter: ``scaling · B @ A``."""
+    """One LoRA module of a published global adapter: ``scaling · B @ A`` (Fed-SB: ``scaling · B @ R @ A``)."""
 
     A: Tensor
     B: Tensor
     scaling: float
+    #: Fed-SB: the published (r, r) matrix between the frame's B and A; None: none published
+    R: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,16 @@ def previous_global(rt: Runtime, federation: str, round_: int | None, items: Ite
     if round_ is None or not wanted:
         return PreviousGlobal(round_)
     manifest, _ = fetch_manifest(rt.state, rt.store, federation, round_)
-    keys = {key for item in wanted for key in (item, f"{item}.lora_A.weight", f"{item}.lora_B.weight")}
+    suffixes = ("", ".lora_A.weight", ".lora_B.weight", ".lora_R.weight")
+    keys = {f"{item}{suffix}" for item in wanted for suffix in suffixes}
     tensors = read_part(rt, manifest, lambda s: s.adapter, wanted, keys)
     spec = LoraSpec.from_peft_config(manifest.adapter_config)
     out = PreviousGlobal(round_)
     for item in wanted:
         a, b = tensors.get(f"{item}.lora_A.weight"), tensors.get(f"{item}.lora_B.weight")
         if a is not None and b is not None:
-            out.modules[item] = PreviousModule(a, b, spec.scaling(item, int(a.shape[0])))
+            r = tensors.get(f"{item}.lora_R.weight")
+            out.modules[item] = PreviousModule(a, b, spec.scaling(item, int(a.shape[0])), r)
         elif item in tensors:
             out.extras[item] = tensors[item]
     return out

@@ -440,7 +440,7 @@ def _results(
             result = (
                 flush.extra(job.name, job.holders, result)
                 if job.extra
-                else flush.module(job.name, job.holders, job.absent, result)
+                else flush.module(job.name, job.holders, job.absent, result, trains)
             )
         if step is not None and job.extra and plan.heads:
             result = (result, {})  # --personal-heads: the published head is round 0's, never stepped

@@ -13,15 +13,17 @@ from chorus_mq.aggregation import ClientUpdate, aggregate_module
 from chorus_mq.aggregation.buffered import (
     StalenessRule,
     base_masses,
-    check_buffered,
     flush_module,
     flush_residual_form,
+    flush_trained,
     flush_weights,
     version_coefficients,
 )
+from chorus_mq.aggregation.sandwich import frame
 from chorus_mq.aggregation.server_opt import PreviousFactors
 from chorus_mq.errors import AggregationError, ConfigError
-from chorus_mq.names import StalenessWeight, Strategy
+from chorus_mq.names import Factor, StalenessWeight, Strategy
+from chorus_mq.strategy import check_buffered, strategy_spec
 
 torch.set_num_threads(1)
 
@@ -54,10 +56,15 @@ def test_flush_weights_are_normalised_and_discounted() -> None:
 
 
 def test_only_exact_strategies_are_buffered() -> None:
-    check_buffered("fedex-lora")
-    check_buffered(Strategy.SVD)
-    for bad in (Strategy.FEDAVG, Strategy.STACK):
-        with pytest.raises(ConfigError, match="buffered"):
+    for good in ("fedex-lora", Strategy.SVD, Strategy.FFA_LORA, Strategy.FED_SB):
+        check_buffered(good)
+    reasons = {
+        Strategy.FEDAVG: "no residual to absorb",
+        Strategy.STACK: "truncation",
+        Strategy.ROLORA: "alternates the trained factor every version",
+    }
+    for bad, why in reasons.items():
+        with pytest.raises(ConfigError, match=f"only for --strategy fedex-lora, svd, ffa-lora, fed-sb; .*{why}"):
             check_buffered(bad)
 
 
@@ -152,3 +159,97 @@ def test_flush_module_refuses_bad_input() -> None:
         flush_module(result, [], 0.0)
     with pytest.raises(AggregationError, match="9 x 6"):
         flush_module(result, [(PreviousFactors(other.A, other.B, other.scaling), 1.0)], 1.0)
+
+
+def _linear_model(f: PreviousFactors) -> torch.Tensor:
+    """``s B A`` (ffa-lora) or ``s B R A`` (fed-sb) in float64."""
+    return f.product()
+
+
+@pytest.mark.parametrize("strategy", [Strategy.FFA_LORA, Strategy.FED_SB])
+@pytest.mark.parametrize(
+    ("lr", "rule", "absent"), [(1.0, "constant", False), (0.7, "poly:0.5", True), (1.3, "hinge:2,1", False)]
+)
+def test_linear_flushes_move_the_trained_factor_exactly(strategy: Strategy, lr: float, rule: str, absent: bool) -> None:
+    """Five flushes of 3-5 deltas of a linear strategy from random bases up to 3 versions stale (each trained
+    from its base's factor): the trained factor alone moves, the frozen frame is every version's bit for bit,
+    no residual, and ``s X_{v+1} F`` equals the float64 oracle ``x_v + η Σ p_i (s_i X_i F − s_b X_b F)``
+    to 1e-6. ``absent``: one more client of each flush did not send the module (its weight counts, its
+    update there is zero)."""
+    d_out, d_in, r, staleness = 20, 14, 4, 3
+    trains = strategy_spec(strategy).trainable(1)
+    assert trains is not None
+    rng = random.Random(f"{strategy.value} {lr} {rule}")  # a str seed is the same in every process
+    g = torch.Generator().manual_seed(7)
+    rule_ = StalenessRule.parse(rule)
+    b_frame, a_frame = frame(d_out, d_in, r, seed=3, module="m")
+    if strategy == Strategy.FED_SB:
+        versions = [PreviousFactors(a_frame, b_frame, 2.0, torch.randn(r, r, generator=g))]
+    else:
+        versions = [PreviousFactors(a_frame, torch.randn(d_out, r, generator=g), 2.0)]
+
+    def trained_from(base: PreviousFactors, scaling: float, weight: float) -> ClientUpdate:
+        x = (base.R if trains == Factor.LORA_R else base.B).clone()  # type: ignore[union-attr]
+        x += 0.3 * torch.randn(x.shape, generator=g)
+        if trains == Factor.LORA_R:
+            return ClientUpdate(base.A, base.B, scaling, weight, R=x)
+        return ClientUpdate(base.A, x, scaling, weight)
+
+    oracle = _linear_model(versions[0])
+    mixed = 0
+    for flush in range(1, 6):
+        v = len(versions) - 1
+        n = rng.randint(3, 5)
+        bases = [rng.randint(max(0, v - staleness), v) for _ in range(n)]
+        mixed += len(set(bases)) > 1
+        weights = [rng.uniform(0.5, 3.0) for _ in range(n)]
+        scalings = [rng.choice([2.0, 1.5]) for _ in range(n)]  # clients' own alphas: s_i / s weighs them
+        ups = [trained_from(versions[b], s, w) for b, s, w in zip(bases, scalings, weights, strict=True)]
+        taus = [v - b for b in bases] + ([0] if absent else [])
+        p = flush_weights(weights + ([1.0] if absent else []), taus, rule_)
+        held = p[:n]
+        # the oracle, from the issue's formula: each delta against its own base version's model
+        step = torch.zeros(d_out, d_in, dtype=F64)
+        for u, b, pi in zip(ups, bases, held, strict=True):
+            mine = PreviousFactors(u.A, u.B, u.scaling, u.R)
+            step += pi * (_linear_model(mine) - _linear_model(versions[b]))
+        oracle = oracle + lr * step
+        # the system
+        weighted = [ClientUpdate(u.A, u.B, u.scaling, pi, R=u.R) for u, pi in zip(ups, held, strict=True)]
+        result = aggregate_module(weighted, strategy, absent_weight=sum(p[n:]), trains=trains)
+        coeffs = version_coefficients(v, base_masses(bases, held), lr)
+        out = flush_trained(result, [(versions[b], c) for b, c in coeffs.items()], lr, trains)
+        assert out.residual is None
+        assert torch.equal(out.A, a_frame) and (trains == Factor.LORA_B or torch.equal(out.B, b_frame))
+        versions.append(PreviousFactors(out.A, out.B, out.scaling, out.R))
+        err = float((_linear_model(versions[-1]) - oracle).norm() / oracle.norm())
+        assert err <= 1e-6, (flush, err)
+    assert mixed >= 2  # flushes whose deltas trained from different versions (rng-fixed)
+
+
+def test_all_fresh_at_lr_one_is_the_linear_strategy_itself() -> None:
+    """Every delta from the current version and η = 1: the trained factor is the strategy's own average."""
+    b_frame, a_frame = frame(9, 7, 3, seed=1, module="m")
+    g = torch.Generator().manual_seed(2)
+    ups = [ClientUpdate(a_frame, b_frame, 1.0, w, R=torch.randn(3, 3, generator=g)) for w in (0.25, 0.75)]
+    current = PreviousFactors(a_frame, b_frame, 1.0, torch.randn(3, 3, generator=g))
+    result = aggregate_module(ups, Strategy.FED_SB)
+    terms = [(current, c) for c in version_coefficients(4, {4: 1.0}, 1.0).values()]
+    out = flush_trained(result, terms, 1.0, Factor.LORA_R)
+    assert result.R is not None and out.R is not None and torch.equal(out.R, result.R)
+
+
+def test_flush_trained_refuses_a_version_whose_frozen_factor_differs() -> None:
+    _, a_frame = frame(9, 7, 3, seed=1, module="m")
+    g = torch.Generator().manual_seed(3)
+    result = aggregate_module(
+        [ClientUpdate(a_frame, torch.randn(9, 3, generator=g), 1.0, 1.0)], "ffa-lora", trains="lora_B"
+    )
+    moved = a_frame.clone()
+    moved[0, 0] = torch.nextafter(moved[0, 0], torch.tensor(1e9))  # one ulp
+    old = PreviousFactors(moved, torch.randn(9, 3, generator=g), 1.0)
+    with pytest.raises(AggregationError, match="base version's lora_A differs from the flush's"):
+        flush_trained(result, [(old, -0.5)], 1.0, Factor.LORA_B)
+    with pytest.raises(AggregationError, match="learning rate"):
+        flush_trained(result, [], 0.0, Factor.LORA_B)
+    assert flush_trained(result, [(old, 0.0)], 1.0, Factor.LORA_B).B.equal(result.B)  # a zero term is no term

@@ -1,6 +1,7 @@
 """Buffered (FedBuff) federations through worker subprocesses (redis-server, moto S3): flushes exact against a
-float64 oracle that takes each delta relative to its own base version; a stale delta refused; a worker killed
-mid-flush; two flushes' worth of uploads racing; beat flushing at the flush timeout."""
+float64 oracle that takes each delta relative to its own base version (fedex-lora; and the linear ffa-lora and
+fed-sb, whose trained factor alone moves); a stale delta refused; a worker killed mid-flush; two flushes' worth
+of uploads racing; beat flushing at the flush timeout."""
 
 from __future__ import annotations
 
@@ -8,24 +9,33 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from chorus_mq.errors import Rejected
-from chorus_mq.names import RoundStatus
+from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, RoundStatus
 from chorus_mq.staleness import StalenessRule
 from chorus_mq.state import FederationConfig
 
-from ..deltas import declared, random_factors, write_adapter
+from ..deltas import declared, random_factors, write_adapter, write_r_adapter
 from ..server_opt_oracle import PEFT_PREFIX, published
 from .conftest import MARKS, MODULES, in_threads, timing, upload, wait_hook, wait_round
 
 pytestmark = MARKS
 
 
-class BufferedOracle:
-    """``x_v − W_0`` per module in float64, moved by ``η Σ p_i (s_i B_i A_i − s_b B_b A_b)`` each flush."""
+def _random_product(i: int, name: str) -> np.ndarray:
+    """``s_i B_i A_i`` of ``delta_file(i)``'s module ``name`` in float64."""
+    A, B = random_factors(1000 + i, modules=MODULES, r=(2, 4)[i % 2])[name]
+    return 8.0 / A.shape[0] * (B.double().numpy() @ A.double().numpy())
 
-    def __init__(self, start, lr: float, rule: str):
-        self.lr, self.rule = lr, StalenessRule.parse(rule)
+
+class BufferedOracle:
+    """``x_v − W_0`` per module in float64, moved by ``η Σ p_i (s_i B_i A_i − s_b B_b A_b)`` each flush;
+    ``product(i, module)`` is upload ``i``'s ``s_i B_i A_i`` (default: :func:`_random_product`)."""
+
+    def __init__(self, start, lr: float, rule: str, product=_random_product):
+        self.lr, self.rule, self.product = lr, StalenessRule.parse(rule), product
         self.x = published(start)[0]
         self.products = {0: published(start)[1]}  # each version's adapter product
 
@@ -37,9 +47,7 @@ class BufferedOracle:
             module = f"{PEFT_PREFIX}{name}"
             step = np.zeros_like(self.x[module])
             for i, b in uploads:
-                A, B = random_factors(1000 + i, modules=MODULES, r=(2, 4)[i % 2])[name]
-                trained = 8.0 / A.shape[0] * (B.double().numpy() @ A.double().numpy())
-                step += raw[f"c{i}"] / total * (trained - self.products[b][module])
+                step += raw[f"c{i}"] / total * (self.product(i, name) - self.products[b][module])
             self.x[module] = self.x[module] + self.lr * step
         return {c: g / total for c, g in raw.items()}
 
@@ -193,3 +201,75 @@ def test_a_version_that_was_never_published_cannot_be_a_base(deployment, delta_f
         sdk.upload("gap", delta_file(2), "c2", dataset_size=100.0, base_version=2, timeout=60)
     _upload_all(sdk, "gap", [(3, 3)], delta_file)
     assert wait_round(deployment, "gap", 4) == "complete"
+
+
+class LinearClients:
+    """Deltas of a linear strategy trained from a pulled version: its trained factor (ffa-lora's B, fed-sb's R)
+    plus seeded noise, the frozen factor exactly as published (fed-sb uploads R alone); each upload's float64
+    product ``s X_i F`` kept for the oracle."""
+
+    def __init__(self, strategy: str, root):
+        self.sandwich, self.root = strategy == "fed-sb", root
+        self.products: dict[int, dict[str, np.ndarray]] = {}
+
+    def product(self, i: int, name: str) -> np.ndarray:
+        return self.products[i][name]
+
+    def delta(self, i: int, pulled, *, nudge_frozen: bool = False):
+        """Client ``i``'s delta trained from the version pulled into ``pulled``; ``nudge_frozen``: its frozen A
+        one ulp off (ffa-lora)."""
+        tensors = load_file(pulled / (FED_SB_FILE if self.sandwich else ADAPTER_WEIGHTS))
+        g = torch.Generator().manual_seed(2000 + i)
+        self.products[i], out = {}, {}
+        for name in MODULES:
+            key = f"{PEFT_PREFIX}{name}"
+            A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+            if self.sandwich:
+                R = tensors[f"{key}.lora_R.weight"] + 0.3 * torch.randn(4, 4, generator=g)
+                out[name] = R
+                self.products[i][name] = 2.0 * (B.double() @ R.double() @ A.double()).numpy()
+            else:
+                B = B + 0.3 * torch.randn(B.shape, generator=g)
+                self.products[i][name] = 2.0 * (B.double() @ A.double()).numpy()
+                if nudge_frozen:
+                    A = A.clone()
+                    A.view(-1)[0] = torch.nextafter(A.view(-1)[0], torch.tensor(1e9))
+                out[name] = (A, B)
+        path = self.root / f"delta{i}.safetensors"
+        return write_r_adapter(path, out) if self.sandwich else write_adapter(path, out)
+
+
+@pytest.mark.parametrize("strategy", ["ffa-lora", "fed-sb"])
+def test_linear_flushes_move_the_trained_factor_exactly(deployment, tmp_path, strategy):
+    """ffa-lora and fed-sb in buffered mode: three flushes of deltas from different base versions publish the
+    oracle's model with no residual and the frozen frame of version 0 bit for bit; a too stale delta is
+    refused, and so is one checked against its own (older) base version's frame."""
+    name = strategy.replace("-", "")
+    sdk = deployment.sdk()
+    start = _create(sdk, name, tmp_path, strategy=strategy, server_lr=0.8, staleness_weight="poly:0.5")
+    clients = LinearClients(strategy, tmp_path)
+    oracle = BufferedOracle(start, 0.8, "poly:0.5", clients.product)
+    frozen_file = FED_SB_FILE if clients.sandwich else ADAPTER_WEIGHTS
+    frozen = [".lora_A.weight", ".lora_B.weight"] if clients.sandwich else [".lora_A.weight"]
+    frame = {k: t for k, t in load_file(start / frozen_file).items() if k.endswith(tuple(frozen))}
+    deployment.start_worker()
+    plan = {1: [(0, 0), (1, 0), (2, 0)], 2: [(3, 1), (4, 1), (5, 0)], 3: [(6, 2), (7, 0), (8, 1)]}
+    for v, uploads in plan.items():
+        paths = {i: clients.delta(i, tmp_path / f"{name}-{b}") for i, b in uploads}
+        _upload_all(sdk, name, uploads, paths.__getitem__)
+        assert wait_round(deployment, name, v) == "complete"
+        manifest = _pull_and_check(sdk, oracle, name, v, uploads, tmp_path)
+        assert all(shard.residual is None for shard in manifest.shards)  # no residual, ever
+        pub = load_file(tmp_path / f"{name}-{v}" / frozen_file)
+        assert all(torch.equal(pub[k], t) for k, t in frame.items())  # the frame, bit for bit
+    with pytest.raises(Rejected, match=rf"3 versions stale: the current version of '{name}' is 3"):
+        sdk.upload(name, clients.delta(9, tmp_path / f"{name}-0"), "c9", dataset_size=100.0, base_version=0, timeout=60)
+    if clients.sandwich:  # an R of another rank than version 1's frame
+        bad = write_r_adapter(tmp_path / "bad.safetensors", {m: torch.zeros(3, 3) for m in MODULES})
+        match = r"lora_R is float32 \[4, 4\] \(the rank of the frame round 1 published\)"
+    else:  # a frozen A one ulp off the one version 1 published
+        bad = clients.delta(10, tmp_path / f"{name}-1", nudge_frozen=True)
+        match = "not bit-identical to the one round 1 published"
+    with pytest.raises(Rejected, match=match):
+        sdk.upload(name, bad, "c10", dataset_size=100.0, base_version=1, timeout=60)
+    assert sdk.state.round(name, 4).n == 0

@@ -46,7 +46,7 @@ def test_non_linear_strategies_are_refused(strategy):
     ],
 )
 def test_what_needs_updates_in_the_clear_is_refused(options, says):
-    with pytest.raises(ConfigError) as err:  # buffered refuses the linear strategies itself, first
+    with pytest.raises(ConfigError) as err:
         _cfg(**options)
     assert says in str(err.value)
 

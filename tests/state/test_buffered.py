@@ -129,10 +129,12 @@ def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis
 def test_buffered_config_refuses_what_it_does_not_build():
     base = {"name": "f", "base_model": "m", "quorum": 2, **BUFFERED}
     FederationConfig(**base)
-    FederationConfig(**base, strategy="svd")
+    for strategy in ("svd", "ffa-lora", "fed-sb"):
+        FederationConfig(**base, strategy=strategy)
     for bad, match in (
-        ({"strategy": "fedavg"}, "fedex-lora, svd"),
-        ({"strategy": "stack"}, "fedex-lora, svd"),
+        ({"strategy": "fedavg"}, "fedex-lora, svd, ffa-lora, fed-sb; fedavg is not supported: fedavg has no"),
+        ({"strategy": "stack"}, "stack is not supported: stack's clients train from a truncation"),
+        ({"strategy": "rolora"}, "rolora is not supported: rolora alternates the trained factor every version"),
         ({"scaffold": True}, "--scaffold"),
         ({"server_opt": "fedadam"}, "not built for --mode buffered"),
         ({"relative_clip": 10.0}, "--relative-clip"),

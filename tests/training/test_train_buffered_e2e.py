@@ -1,6 +1,7 @@
 """``chorus-mq train`` in a buffered federation: two processes over redis-server, moto S3 and a worker
 subprocess, on MiniLM; one is SIGKILLed after its first upload and restarted. Each makes ``--rounds 2``
-contributions and no delta counts twice."""
+contributions and no delta counts twice. With ffa-lora, each version is the float64 oracle's, every delta
+taken against its own base version, A frozen bit for bit and no residual."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pyarrow as pa
 import pytest
 import torch
 from pyarrow import csv
+from safetensors.torch import load, load_file
 
+from chorus_mq.names import ADAPTER_WEIGHTS
 from chorus_mq.training.data import load_examples, resolve_model
 
 from ..topology import wait_for
@@ -71,7 +74,8 @@ def _train(deployment, client, secret, data_file, workdir):
     )
 
 
-def test_two_clients_train_continuously_and_a_restart_counts_once(deployment, shares, tmp_path):
+@pytest.mark.parametrize("strategy", ["fedex-lora", "ffa-lora"])
+def test_two_clients_train_continuously_and_a_restart_counts_once(deployment, shares, tmp_path, strategy):
     torch.set_num_threads(1)
     deployment.start_worker(concurrency=1)
     created = deployment.cli(
@@ -96,6 +100,8 @@ def test_two_clients_train_continuously_and_a_restart_counts_once(deployment, sh
         "4",
         "--lora-alpha",
         "8",
+        "--strategy",
+        strategy,
     )
     assert "buffered: flush every 2 deltas" in created.stdout
     sdk = deployment.sdk()
@@ -121,3 +127,35 @@ def test_two_clients_train_continuously_and_a_restart_counts_once(deployment, sh
     assert sorted(c for c, _ in owners) == ["c0", "c0", "c1", "c1"]
     status = json.loads(deployment.cli("status", "-f", "buf", "--json").stdout)
     assert status["mode"] == "buffered" and status["latest_complete"] == 2
+    if strategy == "ffa-lora":
+        _check_linear_versions(sdk, tmp_path, 2)
+
+
+def _check_linear_versions(sdk, tmp_path, latest: int) -> None:
+    """ffa-lora: version v+1's s B A is version v's plus Σ p_i s (B_i − B_b) A (η = 1) to 1e-6 relative per module,
+    each delta against the version it trained from (whether any is stale depends on timing here; the fault
+    tests make them so); A is version 0's bit for bit; no residual."""
+    f64 = torch.float64
+    versions, manifests = {}, {}
+    for v in range(latest + 1):
+        manifests[v] = sdk.pull("buf", tmp_path / f"global-{v}", v)
+        versions[v] = load_file(tmp_path / f"global-{v}" / ADAPTER_WEIGHTS)
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in versions[0] if k.endswith(".lora_A.weight"))
+    assert modules
+
+    def model(t, m):
+        return 2.0 * t[f"{m}.lora_B.weight"].to(f64) @ t[f"{m}.lora_A.weight"].to(f64)  # alpha 8 / rank 4
+
+    for v in range(1, latest + 1):
+        assert all(shard.residual is None for shard in manifests[v].shards)
+        records = sdk.state.deltas("buf", v)
+        entries = {e.client_id: e for e in manifests[v].clients}
+        for m in modules:
+            want = model(versions[v - 1], m)
+            for client, rec in records.items():
+                upload = load(sdk.store.get_bytes(rec.key))
+                assert entries[client].base_version == rec.base_version
+                want += entries[client].weight * (model(upload, m) - model(versions[rec.base_version], m))
+            got = model(versions[v], m)
+            assert float((got - want).norm() / want.norm()) <= 1e-6, (v, m)
+            assert torch.equal(versions[v][f"{m}.lora_A.weight"], versions[0][f"{m}.lora_A.weight"])
