@@ -30,8 +30,8 @@ from ..errors import AggregationError
 from ..names import RoundStatus
 from ..state import FederationConfig
 from ..state.rounds import DeltaRecord
-from .plan import Plan
 from .previous import PreviousGlobal, previous_global
+from .round_plan import Plan
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
