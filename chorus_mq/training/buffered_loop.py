@@ -17,15 +17,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, DuplicateDelta, Rejected, StaleDelta, Timeout
 from ..names import ENDED_STATES, RoundStatus
 from ..state import FederationConfig
+from .records import RoundRecord, Trained
 
 if TYPE_CHECKING:
     from ..client import ChorusClient
-    from .driver import RoundRecord, Trained, _Session
+    from .dp import PrivacyLedger
+    from .local_round import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,18 @@ _LOST = _ENDED - {RoundStatus.COMPLETE.value}  # a flush that ended without publ
 
 BUFFERED_STATE_FILE = "buffered_state.json"
 _FORMAT = "chorus-buffered-train/1"
+
+
+class Session(Protocol):
+    """What a contribution needs of the ``train`` run (``driver.py``'s session): train a round, find its dir."""
+
+    work: Path
+    config: TrainConfig
+    ledger: PrivacyLedger | None
+
+    def round_dir(self, r: int) -> Path: ...
+
+    def train(self, r: int, start: int | None) -> Trained: ...
 
 
 @dataclass
@@ -86,7 +100,7 @@ def run_buffered(
     sdk: ChorusClient,
     federation: str,
     client_id: str,
-    session: _Session,
+    session: Session,
     rounds: int,
     *,
     timeout: float | None,
@@ -95,8 +109,6 @@ def run_buffered(
 ) -> Iterator[RoundRecord]:
     """Make ``rounds`` contributions to buffered ``federation`` (continuing a work dir's count); yield a record
     per contribution once its flush has ended."""
-    from .driver import RoundRecord, Trained
-
     if session.ledger is not None:
         raise ConfigError("client-side DP (--dp-epsilon) is not built for buffered federations yet")
     config = FederationConfig.from_hash(sdk.state.meta(federation))
