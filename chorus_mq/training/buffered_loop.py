@@ -25,7 +25,7 @@ from ..state import FederationConfig
 from .records import RoundRecord, Trained
 
 if TYPE_CHECKING:
-    from ..client import ChorusClient
+    from ..sdk.participant import ParticipantSdk
     from .dp import PrivacyLedger
     from .local_round import TrainConfig
 
@@ -97,7 +97,7 @@ class BufferedState:
 
 
 def run_buffered(
-    sdk: ChorusClient,
+    sdk: ParticipantSdk,
     federation: str,
     client_id: str,
     session: Session,
@@ -172,7 +172,7 @@ def _records(state: BufferedState, record: Any, trained: Trained | None = None) 
         yield record(c.round, c.state, c.upload, c.base_version, loss, None, None, 0, 0.0, 0, 0)
 
 
-def _refresh(sdk: ChorusClient, federation: str, client_id: str, state: BufferedState) -> None:
+def _refresh(sdk: ParticipantSdk, federation: str, client_id: str, state: BufferedState) -> None:
     """Each contribution's buffer state (a flush that failed no longer counts)."""
     changed = False
     for c in state.contributions:
@@ -187,7 +187,7 @@ def _refresh(sdk: ChorusClient, federation: str, client_id: str, state: Buffered
 
 
 def _wait_for_own_buffers(
-    sdk: ChorusClient, federation: str, state: BufferedState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: BufferedState, *, timeout: float | None, poll: float
 ) -> None:
     """Until no buffer holding one of this client's deltas is still open (one delta per client per flush)."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -198,7 +198,7 @@ def _wait_for_own_buffers(
             time.sleep(poll)
 
 
-def _locate(sdk: ChorusClient, federation: str, client_id: str, sha: str, base: int) -> int:
+def _locate(sdk: ParticipantSdk, federation: str, client_id: str, sha: str, base: int) -> int:
     """The buffer (round) that holds this client's delta ``sha``: a re-upload after a restart is a duplicate
     of the buffer that took it first, wherever the verdict was given."""
     for r in range(sdk.state.current_round(federation), base, -1):

@@ -47,7 +47,7 @@ from .local_round import Evaluation, TrainConfig, evaluate, label_skew, save_ada
 from .records import ROUND_HEAD_FILE, RoundRecord, Trained, write_json
 
 if TYPE_CHECKING:
-    from chorus_mq.client import ChorusClient
+    from chorus_mq.sdk.participant import ParticipantSdk
 
 #: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
 log = logging.getLogger(__name__)
@@ -162,12 +162,12 @@ class TrainJob:
         )
 
 
-def train_federation(sdk: ChorusClient, **options: Any) -> Iterator[RoundRecord]:
+def train_federation(sdk: ParticipantSdk, **options: Any) -> Iterator[RoundRecord]:
     """:func:`run_train_job` with the job's fields as keywords (the SDK's ``train``, tests)."""
     return run_train_job(sdk, TrainJob(**options))
 
 
-def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
+def run_train_job(sdk: ParticipantSdk, job: TrainJob) -> Iterator[RoundRecord]:
     """Take part in ``job.rounds`` complete rounds of ``job.federation`` as ``job.client_id``; yield a record
     per round.
 
@@ -358,7 +358,7 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
 class _Session:
     """What stays fixed over one ``train`` run: the client's data, model, settings and ledger."""
 
-    sdk: ChorusClient
+    sdk: ParticipantSdk
     federation: str
     model_dir: Path
     work: Path
@@ -533,7 +533,7 @@ def _label_counts(examples: Examples, labels: tuple[str, ...] | None) -> dict[st
     return {name: examples.labels.count(i) for i, name in enumerate(labels)}
 
 
-def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:
+def _waiting(sdk: ParticipantSdk, federation: str, r: int) -> str:
     """What round ``r`` waits for: ``k/n`` deltas and, where the round drew its clients, who is missing."""
     status = sdk.status(federation)
     if status.current_round != r or status.state != RoundStatus.OPEN:
@@ -565,7 +565,7 @@ def _examples(
 
 
 def _wait_for_open_round(
-    sdk: ChorusClient, federation: str, state: WorkState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: WorkState, *, timeout: float | None, poll: float
 ) -> Any:
     """The status once the current round is open and not one this client already finished."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -586,7 +586,7 @@ def _wait_for_open_round(
         time.sleep(poll)  # ended: the workers open the next round
 
 
-def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkState, session: _Session) -> int:
+def _reconcile(sdk: ParticipantSdk, federation: str, client_id: str, state: WorkState, session: _Session) -> int:
     """Mark rounds this client uploaded to that completed unrecorded (it was killed, or restarted while the
     round aggregated), adopting the head it trained there; return how many rounds it has finished."""
     from chorus_mq.errors import NotFound
