@@ -18,24 +18,27 @@ from .errors import ConfigError, IncompatibleDelta, ObjectExists
 from .layout import manifest_key, shard_key
 from .manifest import Manifest, ObjectRef, ShardEntry
 from .names import SHARD_FORMAT, TaskType
-from .state import FederationConfig
+from .state import FederationConfig, RoundState
 from .strategy import strategy_spec
 
 if TYPE_CHECKING:
     import torch
 
     from .adapters import ModelDecl
-    from .client import ChorusClient
+    from .store import Store
 
 
 def create(
-    sdk: ChorusClient,
+    state: RoundState,
+    store: Store,
     config: FederationConfig,
     *,
     model: ModelDecl,
     initial_adapter: str | Path | None = None,
     selection_seed: str | None = None,
 ) -> FederationConfig:
+    """Create ``config``'s federation in ``state``, its initial adapter (if any) published to ``store`` as round 0
+    (see :meth:`chorus_mq.sdk.operator.OperatorSdk.create_federation`)."""
     if not model.modules:
         raise ConfigError(
             "the declared model has no modules: give --base-model DIR (a local model directory) "
@@ -66,8 +69,8 @@ def create(
             )
     initial = None
     if initial_adapter is not None:
-        initial = _publish_initial(sdk, config, model, Path(initial_adapter))
-    sdk.state.create_federation(config, model, initial=initial, seed=selection_seed)
+        initial = _publish_initial(store, config, model, Path(initial_adapter))
+    state.create_federation(config, model, initial=initial, seed=selection_seed)
     return config
 
 
@@ -94,7 +97,7 @@ def _fed_sb_start(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.zeros(rank, rank, dtype=torch.float32)
 
 
-def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
+def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
     """Write the initial adapter as round 0's only shard and its manifest; returns (manifest key, sha256)."""
     import torch
 
@@ -127,7 +130,7 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
         sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
         key = shard_key(federation, 0, 0, "adapter", sha)
         try:
-            sdk.store.put_file(key, local, write_once=True)
+            store.put_file(key, local, write_once=True)
         except ObjectExists:
             pass  # content-addressed
         size = local.stat().st_size
@@ -156,9 +159,9 @@ def _publish_initial(sdk: ChorusClient, config: FederationConfig, model: ModelDe
     raw = manifest.to_json()
     mkey = manifest_key(federation, 0)
     try:
-        sdk.store.put_bytes(mkey, raw, write_once=True)
+        store.put_bytes(mkey, raw, write_once=True)
     except ObjectExists:
-        existing = sdk.store.get_bytes(mkey)
+        existing = store.get_bytes(mkey)
         if existing != raw:
             raise ConfigError(
                 f"the store already holds a different round-0 manifest at {mkey} (an earlier "

@@ -44,7 +44,8 @@ from .results import complete_rounds, fetch_manifest, merge_objects, sum_residua
 from .strategy import strategy_spec
 
 if TYPE_CHECKING:
-    from .client import ChorusClient
+    from .state import RoundState
+    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def iter_correction(out: Path) -> Iterator[tuple[str, Residual]]:
 
 
 def pull(
-    sdk: ChorusClient,
+    state: RoundState,
+    store: Store,
     federation: str,
     out: Path,
     round_: int | None,
@@ -140,12 +142,12 @@ def pull(
     fold: bool = False,
     progress: bool = False,
 ) -> Manifest:
-    """See :meth:`chorus_mq.client.ChorusClient.pull`."""
-    state = sdk.state
+    """Bring ``out`` to round ``round_`` of ``federation`` from ``state`` and ``store`` (see
+    :meth:`chorus_mq.sdk.participant.ParticipantSdk.pull`)."""
     target = round_ if round_ is not None else state.latest_complete(federation)
     if target is None:
         raise NotFound(f"federation {federation!r} has no complete round yet")
-    manifest, manifest_sha = fetch_manifest(sdk.state, sdk.store, federation, target)
+    manifest, manifest_sha = fetch_manifest(state, store, federation, target)
     out.mkdir(parents=True, exist_ok=True)
     held = LocalState.load(out)
     if since is not None:
@@ -170,29 +172,33 @@ def pull(
         # a new directory (or another federation's): the latest snapshot <= target, written once into place
         shutil.rmtree(out / INCREMENTS_DIR, ignore_errors=True)
         (out / INCREMENTS_DIR).mkdir()
-        snapshot = _latest_snapshot(sdk, federation, target)
+        snapshot = _latest_snapshot(state, federation, target)
         if snapshot is not None:
-            sdk.store.download(snapshot.key, out / CUMULATIVE_FILE, expected_sha256=snapshot.sha256)
+            store.download(snapshot.key, out / CUMULATIVE_FILE, expected_sha256=snapshot.sha256)
             folded = snapshot.round
         else:
             write_empty_residual(out / CUMULATIVE_FILE)
             folded = 0
         increments, start = [], folded
-    rounds = complete_rounds(sdk.state, federation, start, target)
-    manifests = {r: manifest if r == target else fetch_manifest(sdk.state, sdk.store, federation, r)[0] for r in rounds}
+    rounds = complete_rounds(state, federation, start, target)
+    manifests = {r: manifest if r == target else fetch_manifest(state, store, federation, r)[0] for r in rounds}
     residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
     total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
         s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in manifest.shards
     )
     bar = byte_bar(progress, total, f"pull round {target}")
     for r in rounds:
-        if _merge_into(sdk, residuals[r], increment_path(out, r), RESIDUAL_FORMAT, bar):
+        if _merge_into(store, residuals[r], increment_path(out, r), RESIDUAL_FORMAT, bar):
             increments.append(r)
     # the round's own files, each written once
     if target in increments:
         _link(increment_path(out, target), out / RESIDUAL_FILE)
     elif not _merge_into(
-        sdk, [s.residual for s in manifest.shards if s.residual is not None], out / RESIDUAL_FILE, RESIDUAL_FORMAT, bar
+        store,
+        [s.residual for s in manifest.shards if s.residual is not None],
+        out / RESIDUAL_FILE,
+        RESIDUAL_FORMAT,
+        bar,
     ):
         write_empty_residual(out / RESIDUAL_FILE)
     sandwich = _sandwich(manifest.strategy)
@@ -201,18 +207,18 @@ def pull(
     unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
     adapters = [s.adapter for s in manifest.shards]
     if not unchanged:
-        _merge_into(sdk, adapters, published, "pt", bar)
+        _merge_into(store, adapters, published, "pt", bar)
     else:
         try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
             with _HeldFactors(published, unchanged) as held_factors:
-                _merge_into(sdk, adapters, published, "pt", bar, reuse=held_factors.get)
+                _merge_into(store, adapters, published, "pt", bar, reuse=held_factors.get)
         except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
-            _merge_into(sdk, adapters, published, "pt", bar)
+            _merge_into(store, adapters, published, "pt", bar)
     if sandwich:
         write_fed_sb_peft(published, out / ADAPTER_WEIGHTS)
     # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
     variates = [s.variate for s in manifest.shards if s.variate is not None]
-    if not _merge_into(sdk, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
+    if not _merge_into(store, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
         (out / VARIATE_FILE).unlink(missing_ok=True)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
     _atomic_write(out / MANIFEST_FILE, manifest.to_json())
@@ -259,7 +265,7 @@ def _tensor_bytes(path: Path) -> int:
 
 
 def _merge_into(
-    sdk: ChorusClient,
+    store: Store,
     refs: list[ObjectRef],
     path: Path,
     fmt: str,
@@ -269,7 +275,7 @@ def _merge_into(
 ) -> bool:
     """Merge the objects into ``path`` (via a temp file beside it); False when there are none."""
     tmp = path.with_name(f".{path.name}.part")
-    if not merge_objects(sdk.store, refs, tmp, {"format": fmt}, progress, reuse=reuse):
+    if not merge_objects(store, refs, tmp, {"format": fmt}, progress, reuse=reuse):
         return False
     os.replace(tmp, path)
     return True
@@ -369,9 +375,9 @@ class _Snapshot:
     sha256: str
 
 
-def _latest_snapshot(sdk: ChorusClient, federation: str, target: int) -> _Snapshot | None:
+def _latest_snapshot(state: RoundState, federation: str, target: int) -> _Snapshot | None:
     best = None
-    for r, rec in sdk.state.snapshots(federation).items():
+    for r, rec in state.snapshots(federation).items():
         if r <= target and (best is None or r > best.round):
             best = _Snapshot(r, rec.key, rec.sha256)
     return best

@@ -33,7 +33,7 @@ from .state.secagg import SecAggRounds
 from .state.secagg_flow import adverts_of, shares_of
 
 if TYPE_CHECKING:
-    from .client import ChorusClient
+    from .sdk.connection import Connection
 
 #: a callback told of every phase this client enters (``secagg_phase`` events on the CLI)
 OnPhase = Callable[[int, str], None]
@@ -62,7 +62,7 @@ class SecureUpload:
 
     def __init__(
         self,
-        sdk: ChorusClient,
+        sdk: Connection,
         federation: str,
         client_id: str,
         r: int,
@@ -114,8 +114,7 @@ class SecureUpload:
     def _send(self, phase: SecAggPhase, payload: Mapping[str, Any]) -> None:
         record = wire.PhaseRecord(self.federation, self.r, self.client_id, phase, payload).signed(self.secret)
         Inbox(self.sdk.redis, self.federation, self.client_id).append(record.to_json())
-        if self.sdk.settings.eager:
-            self.sdk._pump(self.federation)
+        self.sdk.drain_if_eager(self.federation)
 
     def wait_public(self, deadline: float, poll: float) -> RoundPublic:
         """The round's published parameters, once its secure aggregation opened."""

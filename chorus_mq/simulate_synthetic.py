@@ -18,15 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis as redis_lib
 import torch
 
 from .adapters import LoraSpec, ModelDecl, read_residual, write_peft_adapter
 from .client import ChorusClient
 from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESIDUAL_FILE, ServerOptimizer, Strategy
-from .settings import Settings
 from .state import FederationConfig
-from .store import open_store
 from .workers import runtime
 
 #: a small Llama-like model: (module path, d_out, d_in)
@@ -54,18 +51,7 @@ def embedded_sdk(
     workdir: Path, *, redis_url: str | None = None, store_url: str | None = None, **settings: Any
 ) -> ChorusClient:
     """An SDK whose uploads run the real tasks in this process (fakeredis unless ``redis_url``)."""
-    redis = _redis(redis_url)
-    config = Settings(
-        redis_url=redis_url or "redis://embedded",
-        store=store_url or f"file://{workdir}/store",
-        eager=True,
-        spool_dir=str(workdir / "spool"),
-        client_acl="off",
-        **settings,
-    )
-    rt = runtime.Runtime(config, redis, open_store(config.store, config))
-    runtime.install(rt)
-    return ChorusClient(config, redis=redis, store=rt.store)
+    return ChorusClient.embedded(workdir, redis_url=redis_url, store_url=store_url, **settings)
 
 
 def run_simulation(
@@ -113,24 +99,6 @@ def run_simulation(
     finally:
         runtime.install(None)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _redis(url: str | None) -> redis_lib.Redis:
-    if url:
-        return redis_lib.Redis.from_url(url, decode_responses=True)
-    import hashlib
-
-    import fakeredis
-
-    client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
-    # fakeredis lacks Redis's Lua builtin redis.sha1hex, which client sampling uses: give it SHA-1
-    # (tests/state/test_selection.py checks the draws agree with a real redis-server)
-    client.eval("return 1", 0)  # builds the embedded server's Lua runtime
-    server = client.connection_pool.connection_kwargs.get("server")
-    runtime = getattr(server, "_lua_runtime", None)
-    if runtime is not None:
-        runtime.globals()[b"redis"][b"sha1hex"] = lambda s: hashlib.sha1(bytes(s)).hexdigest().encode()
-    return client
 
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -19,7 +19,7 @@ from ..names import DEFAULT_LOCAL_LR, DPAccountant, ExportDtype, HeadChoice, Loc
 from .options import balance_labels_option, client_of, csv, federation_option, json_option, one_line_errors
 
 if TYPE_CHECKING:
-    from ..training.driver import RoundRecord
+    from ..training.records import RoundRecord
 
 
 def _print_phases(logger: logging.Logger) -> None:

@@ -17,15 +17,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, DuplicateDelta, Rejected, StaleDelta, Timeout
 from ..names import ENDED_STATES, RoundStatus
 from ..state import FederationConfig
+from .records import RoundRecord, Trained
 
 if TYPE_CHECKING:
-    from ..client import ChorusClient
-    from .driver import RoundRecord, Trained, _Session
+    from ..sdk.participant import ParticipantSdk
+    from .dp import PrivacyLedger
+    from .local_round import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,18 @@ _LOST = _ENDED - {RoundStatus.COMPLETE.value}  # a flush that ended without publ
 
 BUFFERED_STATE_FILE = "buffered_state.json"
 _FORMAT = "chorus-buffered-train/1"
+
+
+class Session(Protocol):
+    """What a contribution needs of the ``train`` run (``driver.py``'s session): train a round, find its dir."""
+
+    work: Path
+    config: TrainConfig
+    ledger: PrivacyLedger | None
+
+    def round_dir(self, r: int) -> Path: ...
+
+    def train(self, r: int, start: int | None) -> Trained: ...
 
 
 @dataclass
@@ -83,10 +97,10 @@ class BufferedState:
 
 
 def run_buffered(
-    sdk: ChorusClient,
+    sdk: ParticipantSdk,
     federation: str,
     client_id: str,
-    session: _Session,
+    session: Session,
     rounds: int,
     *,
     timeout: float | None,
@@ -95,8 +109,6 @@ def run_buffered(
 ) -> Iterator[RoundRecord]:
     """Make ``rounds`` contributions to buffered ``federation`` (continuing a work dir's count); yield a record
     per contribution once its flush has ended."""
-    from .driver import RoundRecord, Trained
-
     if session.ledger is not None:
         raise ConfigError("client-side DP (--dp-epsilon) is not built for buffered federations yet")
     config = FederationConfig.from_hash(sdk.state.meta(federation))
@@ -160,7 +172,7 @@ def _records(state: BufferedState, record: Any, trained: Trained | None = None) 
         yield record(c.round, c.state, c.upload, c.base_version, loss, None, None, 0, 0.0, 0, 0)
 
 
-def _refresh(sdk: ChorusClient, federation: str, client_id: str, state: BufferedState) -> None:
+def _refresh(sdk: ParticipantSdk, federation: str, client_id: str, state: BufferedState) -> None:
     """Each contribution's buffer state (a flush that failed no longer counts)."""
     changed = False
     for c in state.contributions:
@@ -175,7 +187,7 @@ def _refresh(sdk: ChorusClient, federation: str, client_id: str, state: Buffered
 
 
 def _wait_for_own_buffers(
-    sdk: ChorusClient, federation: str, state: BufferedState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: BufferedState, *, timeout: float | None, poll: float
 ) -> None:
     """Until no buffer holding one of this client's deltas is still open (one delta per client per flush)."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -186,7 +198,7 @@ def _wait_for_own_buffers(
             time.sleep(poll)
 
 
-def _locate(sdk: ChorusClient, federation: str, client_id: str, sha: str, base: int) -> int:
+def _locate(sdk: ParticipantSdk, federation: str, client_id: str, sha: str, base: int) -> int:
     """The buffer (round) that holds this client's delta ``sha``: a re-upload after a restart is a duplicate
     of the buffer that took it first, wherever the verdict was given."""
     for r in range(sdk.state.current_round(federation), base, -1):

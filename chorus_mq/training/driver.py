@@ -41,41 +41,18 @@ from chorus_mq.names import (
 from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, load_examples
-from .dp import DPConfig, DPReport, PrivacyLedger
+from .dp import DPConfig, PrivacyLedger
 from .heads import PersonalHead, head_path
 from .local_round import Evaluation, TrainConfig, evaluate, label_skew, save_adapter, should_balance, train_local
+from .records import ROUND_HEAD_FILE, RoundRecord, Trained, write_json
 
 if TYPE_CHECKING:
-    from chorus_mq.client import ChorusClient
+    from chorus_mq.sdk.participant import ParticipantSdk
 
-_TRAINED_FILE = "trained.json"
-#: a --personal-heads round's trained head, beside its (headless) adapter until the round completes
-_ROUND_HEAD_FILE = "head.safetensors"
 #: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
 log = logging.getLogger(__name__)
 #: how long ``upload`` waits for a verdict when ``timeout`` is None
 _VERDICT_WAIT_S = 300.0
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What ``train`` reports per round it took part in (``--json`` prints one per line)."""
-
-    round: int
-    state: str  # how the round ended: complete | failed | expired | aborted
-    upload: str  # accepted | duplicate | fired
-    start_round: int | None  # the global round this client's training started from
-    local_loss: float
-    eval_accuracy: float | None
-    eval_loss: float | None
-    upload_bytes: int
-    seconds: float
-    steps: int
-    examples: int
-    epsilon: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -131,58 +108,7 @@ class WorkState:
             "done": sorted(self.done),
             "last_eval": self.last_eval,
         }
-        _write_json(self.path, raw)
-
-
-@dataclass(frozen=True)
-class Trained:
-    """A round's trained adapter in the work dir, and what its upload needs to say."""
-
-    round: int
-    start_round: int | None
-    adapter: Path
-    loss: float
-    steps: int
-    examples: int
-    dp: DPReport | None
-    #: SCAFFOLD: the learning rate summed over the round's steps (the upload declares it); None: not SCAFFOLD
-    lr_sum: float | None = None
-
-    @classmethod
-    def load(cls, round_dir: Path) -> Trained | None:
-        path = round_dir / _TRAINED_FILE
-        if not path.exists():
-            return None
-        raw = json.loads(path.read_text())
-        dp = DPReport(**raw["dp"]) if raw.get("dp") else None
-        return cls(
-            raw["round"],
-            raw["start_round"],
-            round_dir / "adapter",
-            raw["loss"],
-            raw["steps"],
-            raw["examples"],
-            dp,
-            raw.get("lr_sum"),
-        )
-
-    def save(self, round_dir: Path) -> None:
-        raw = {
-            "round": self.round,
-            "start_round": self.start_round,
-            "loss": self.loss,
-            "steps": self.steps,
-            "examples": self.examples,
-            "dp": self.dp.to_dict() if self.dp else None,
-            "lr_sum": self.lr_sum,
-        }
-        _write_json(round_dir / _TRAINED_FILE, raw)
-
-
-def _write_json(path: Path, raw: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+        write_json(self.path, raw)
 
 
 @dataclass(frozen=True)
@@ -236,12 +162,12 @@ class TrainJob:
         )
 
 
-def train_federation(sdk: ChorusClient, **options: Any) -> Iterator[RoundRecord]:
+def train_federation(sdk: ParticipantSdk, **options: Any) -> Iterator[RoundRecord]:
     """:func:`run_train_job` with the job's fields as keywords (the SDK's ``train``, tests)."""
     return run_train_job(sdk, TrainJob(**options))
 
 
-def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
+def run_train_job(sdk: ParticipantSdk, job: TrainJob) -> Iterator[RoundRecord]:
     """Take part in ``job.rounds`` complete rounds of ``job.federation`` as ``job.client_id``; yield a record
     per round.
 
@@ -432,7 +358,7 @@ def run_train_job(sdk: ChorusClient, job: TrainJob) -> Iterator[RoundRecord]:
 class _Session:
     """What stays fixed over one ``train`` run: the client's data, model, settings and ledger."""
 
-    sdk: ChorusClient
+    sdk: ParticipantSdk
     federation: str
     model_dir: Path
     work: Path
@@ -543,7 +469,7 @@ class _Session:
             from .heads import split_head
 
             head = split_head(staging / "adapter")  # the upload carries the body only
-            PersonalHead(head, self.federation, self.client_id, r).save(staging / _ROUND_HEAD_FILE)
+            PersonalHead(head, self.federation, self.client_id, r).save(staging / ROUND_HEAD_FILE)
         trained.save(staging)
         os.replace(staging, round_dir)  # the round's adapter appears whole or not at all
         return trained
@@ -559,7 +485,7 @@ class _Session:
         """Round ``r`` completed: the head this client trained in it becomes its own (kept across rounds)."""
         if not self.personal_heads:
             return
-        trained = self.round_dir(r) / _ROUND_HEAD_FILE
+        trained = self.round_dir(r) / ROUND_HEAD_FILE
         current = self.own_head()
         if not trained.exists() or (current is not None and current.round >= r):
             return
@@ -607,7 +533,7 @@ def _label_counts(examples: Examples, labels: tuple[str, ...] | None) -> dict[st
     return {name: examples.labels.count(i) for i, name in enumerate(labels)}
 
 
-def _waiting(sdk: ChorusClient, federation: str, r: int) -> str:
+def _waiting(sdk: ParticipantSdk, federation: str, r: int) -> str:
     """What round ``r`` waits for: ``k/n`` deltas and, where the round drew its clients, who is missing."""
     status = sdk.status(federation)
     if status.current_round != r or status.state != RoundStatus.OPEN:
@@ -639,7 +565,7 @@ def _examples(
 
 
 def _wait_for_open_round(
-    sdk: ChorusClient, federation: str, state: WorkState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: WorkState, *, timeout: float | None, poll: float
 ) -> Any:
     """The status once the current round is open and not one this client already finished."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -660,7 +586,7 @@ def _wait_for_open_round(
         time.sleep(poll)  # ended: the workers open the next round
 
 
-def _reconcile(sdk: ChorusClient, federation: str, client_id: str, state: WorkState, session: _Session) -> int:
+def _reconcile(sdk: ParticipantSdk, federation: str, client_id: str, state: WorkState, session: _Session) -> int:
     """Mark rounds this client uploaded to that completed unrecorded (it was killed, or restarted while the
     round aggregated), adopting the head it trained there; return how many rounds it has finished."""
     from chorus_mq.errors import NotFound

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from chorus_mq.sdk.participant import ParticipantSdk
+
 PEFT_PREFIX = "base_model.model."
 #: task heads peft keeps as ``modules_to_save`` for sequence classification, by architecture
 HEAD_NAMES = ("classifier", "score")
@@ -359,6 +361,33 @@ def exact_model(
     if not trainable:
         model.eval()
     return model
+
+
+def global_model(
+    sdk: ParticipantSdk,
+    federation: str,
+    model_dir: str | Path,
+    round_: int | None = None,
+    *,
+    workdir: str | Path | None = None,
+    trainable: bool = False,
+) -> PeftModel:
+    """The exact global model of a round of ``federation`` (base + cumulative correction in fp32 + global adapter),
+    pulled through ``sdk`` into ``workdir`` (a new temporary directory by default)."""
+    import tempfile
+
+    from chorus_mq.sdk.connection import service
+
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="chorus-model-"))
+    sdk.pull(federation, workdir, round_)
+    with service(sdk.settings):
+        task_type = sdk.state.config(federation).task_type
+    if task_type is None:
+        raise ConfigError(
+            f"federation {federation!r} declares no task (seq-cls or causal-lm); it was created "
+            "without --task or a task-typed adapter"
+        )
+    return exact_model(workdir, Path(model_dir), task=task_type, trainable=trainable)
 
 
 def freeze_factor(model: torch.nn.Module, factor: str) -> int:

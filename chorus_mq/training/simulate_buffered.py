@@ -31,7 +31,7 @@ from .local_round import train_local
 from .simulate_model import SimConfig, _Client, _default_factory, _Runner
 
 if TYPE_CHECKING:
-    from chorus_mq.client import ChorusClient
+    from chorus_mq.sdk.combined import Sdk
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def run_speed_comparison(
     job: SpeedJob,
     *,
     out_dir: Path | None = None,
-    sdk_factory: Callable[[Path], ChorusClient] | None = None,
+    sdk_factory: Callable[[Path], Sdk] | None = None,
     redis_url: str | None = None,
     store_url: str | None = None,
     echo: Callable[[str], None] | None = print,
@@ -118,7 +118,7 @@ def run_speed_comparison(
 
 
 class _Comparison:
-    def __init__(self, job: SpeedJob, sdk: ChorusClient, workdir: Path, echo: Callable[[str], None] | None):
+    def __init__(self, job: SpeedJob, sdk: Sdk, workdir: Path, echo: Callable[[str], None] | None):
         self.job = job
         self.sdk = sdk
         self.echo = echo

@@ -52,7 +52,7 @@ from .sim_report import Baselines, summarise, write_results
 if TYPE_CHECKING:
     import torch
 
-    from chorus_mq.client import ChorusClient
+    from chorus_mq.sdk.combined import Sdk
     from chorus_mq.state import FederationConfig
 
 _PROBE = 64
@@ -193,7 +193,7 @@ class _Federation:
 def run_model_simulation(
     *,
     out_dir: Path | None = None,
-    sdk_factory: Callable[[Path], ChorusClient] | None = None,
+    sdk_factory: Callable[[Path], Sdk] | None = None,
     redis_url: str | None = None,
     store_url: str | None = None,
     as_json: bool = False,
@@ -220,7 +220,7 @@ def run_simulation_job(
     config: SimConfig,
     *,
     out_dir: Path | None = None,
-    sdk_factory: Callable[[Path], ChorusClient] | None = None,
+    sdk_factory: Callable[[Path], Sdk] | None = None,
     redis_url: str | None = None,
     store_url: str | None = None,
     as_json: bool = False,
@@ -287,17 +287,17 @@ def _check(config: SimConfig) -> None:
         _federation_config(config, "check", strategy, "check", ())
 
 
-def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], ChorusClient]:
-    from chorus_mq.simulate_synthetic import embedded_sdk
+def _default_factory(redis_url: str | None, store_url: str | None) -> Callable[[Path], Sdk]:
+    from chorus_mq.sdk.combined import Sdk
 
-    def factory(workdir: Path) -> ChorusClient:
-        return embedded_sdk(workdir, redis_url=redis_url, store_url=store_url)
+    def factory(workdir: Path) -> Sdk:
+        return Sdk.embedded(workdir, redis_url=redis_url, store_url=store_url)
 
     return factory
 
 
 class _Runner:
-    def __init__(self, config: SimConfig, sdk: ChorusClient, workdir: Path, echo: Callable[[str], None] | None):
+    def __init__(self, config: SimConfig, sdk: Sdk, workdir: Path, echo: Callable[[str], None] | None):
         from .model import load_tokenizer
 
         self.config = config

@@ -24,7 +24,7 @@ from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
 from .flush import manifest_fields
 from .metrics import METRICS
-from .plan import Plan
+from .round_plan import Plan
 from .runtime import Runtime
 from .server_step import collect_states
 from .shard import ShardResult

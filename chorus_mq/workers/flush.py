@@ -33,8 +33,8 @@ from ..names import Factor, RoundStatus
 from ..state import FederationConfig
 from ..state.rounds import DeltaRecord
 from ..strategy import strategy_spec
-from .plan import Plan
 from .previous import PreviousGlobal, previous_global
+from .round_plan import Plan
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from ..aggregation.server_opt import (
 from ..names import RoundStatus
 from ..results import fetch_manifest
 from ..state import FederationConfig
-from .plan import Plan
 from .previous import Part, PreviousGlobal, open_part, previous_global
+from .round_plan import Plan
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

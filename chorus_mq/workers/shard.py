@@ -56,9 +56,9 @@ from .dispatch import Dispatcher
 from .flush import FlushStep
 from .lease import Heartbeat
 from .metrics import METRICS
-from .plan import Plan
 from .previous import PreviousModule, previous_global
 from .reading import RoundInputs, carried_heads
+from .round_plan import Plan
 from .runtime import Runtime
 from .server_step import ServerStep
 

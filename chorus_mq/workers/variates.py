@@ -29,7 +29,7 @@ from ..manifest import Manifest, ObjectRef
 from ..names import VARIATE_FORMAT, RoundStatus
 from ..results import fetch_manifest
 from ..state import FederationConfig
-from .plan import Plan
+from .round_plan import Plan
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ def test_a_linear_federation_needs_round_0():
     config = FederationConfig(name="f", base_model="m", quorum=2, strategy="rolora")
     decl = ModelDecl(modules={"base_model.model.layer.q": (8, 8)}, extras={}, task_type="CAUSAL_LM")
     with pytest.raises(ConfigError, match="--strategy rolora needs an initial adapter \\(round 0\\)"):
-        create(None, config, model=decl)  # refused before anything is written
+        create(None, None, config, model=decl)  # refused before anything is written (no state, no store)
 
 
 def test_the_relative_clip_scales_the_trained_factor_so_the_frozen_one_stays_shared():

@@ -17,6 +17,7 @@ from chorus_mq.layout import delta_key
 from chorus_mq.messages import IngestMessage
 from chorus_mq.state import EventLog
 from chorus_mq.state.inbox import Inbox
+from chorus_mq.workers.inprocess import drain_inbox
 
 from ..deltas import make_federation, random_factors, write_adapter
 
@@ -72,7 +73,7 @@ def test_unauthenticated_records_are_counted_never_published(fed, tmp_path, case
     log = EventLog(sdk.redis, "fed")
     before = log.last_id()
     Inbox(sdk.redis, "fed", inbox).append(msg.model_dump_json())
-    sdk._pump("fed")  # eager: the pump and the ingest task run now
+    drain_inbox(sdk.settings, sdk.redis, sdk.store, "fed")  # the pump and the ingest task run now
     assert [e.type for e in log.read(before)] == []  # nothing published
     assert sum(sdk.status("fed").rejected.values()) == 1
     assert sdk.status("fed").deltas == 0
