@@ -12,8 +12,8 @@ client restarted mid-round picks up where it was; a new round starts a new one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from .names import RoundStatus, SecAggPhase
 from .secagg import wire
 from .secagg.client import SecAggClient
 from .secagg.messages import UnmaskRequest
+from .secagg.params import SecAggParams
 from .secagg.public import RoundPublic
 from .secagg.stored import masked_bytes
 from .state.inbox import Inbox
@@ -85,15 +86,14 @@ class SecureUpload:
     def _path(self) -> Path | None:
         if self.state_dir is None:
             return None
-        return self.state_dir / f"secagg-{self.federation}-{self.r:06d}-{self.client_id}.pickle"
+        return self.state_dir / f"secagg-{self.federation}-{self.r:06d}-{self.client_id}.json"
 
-    def _load(self) -> _Saved | None:
+    def _load(self, params: SecAggParams) -> _Saved | None:
         path = self._path
         if path is None or not path.exists():
             return None
-        with path.open("rb") as f:  # this client's own file, written by _save below
-            saved = pickle.load(f)
-        return saved if isinstance(saved, _Saved) else None
+        raw = json.loads(path.read_text())  # this client's own file, written by _save below (JSON: never pickle)
+        return _Saved(SecAggClient.restore(params, raw["client"]), list(raw["sent"]))
 
     def _save(self, saved: _Saved) -> None:
         path = self._path
@@ -101,9 +101,9 @@ class SecureUpload:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(saved, f)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds private keys and seeds
+        with os.fdopen(fd, "w") as f:
+            json.dump({"client": saved.client.state(), "sent": saved.sent}, f)
         tmp.replace(path)
 
     def _forget(self) -> None:
@@ -150,7 +150,7 @@ class SecureUpload:
         params = pub.params(self.federation, self.r)
         # checked before any key is advertised: a wrong shape fails here, not after the neighbours paired with us
         x = pub.client_input(self.client_id, pub.layout.flatten(tensors))
-        saved = self._load() or _Saved(SecAggClient(params, self.client_id))
+        saved = self._load(params) or _Saved(SecAggClient(params, self.client_id))
         client = saved.client
         order = (SecAggPhase.ADVERTISE, SecAggPhase.SHARE, SecAggPhase.MASKED_INPUT, SecAggPhase.UNMASK)
         for phase in order:

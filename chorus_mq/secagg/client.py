@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy.typing as npt
 
@@ -44,6 +45,48 @@ class SecAggClient:
         self.refused: dict[str, str] = {}
         self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}
         self._revealed: dict[str, ShareKind] = {}
+
+    def state(self) -> dict[str, Any]:
+        """Everything this client must keep between phases, as JSON-able data (a restarted client resumes
+        from it; it holds private keys and seeds: the caller keeps it private)."""
+
+        def pair(kp: keys.KeyPair | None) -> list[str] | None:
+            return None if kp is None else [kp.private.hex(), kp.public.hex()]
+
+        return {
+            "client": self.client_id,
+            "phase": self.phase.value,
+            "cipher": pair(self._cipher),
+            "mask": pair(self._mask),
+            "seed": self._seed.hex(),
+            "peers": {c: [a.cipher_public.hex(), a.mask_public.hex()] for c, a in self._peers.items()},
+            "refused": dict(self.refused),
+            "held": {c: [s.to_bytes().hex(), k.to_bytes().hex()] for c, (s, k) in self._held.items()},
+            "revealed": {c: kind.value for c, kind in self._revealed.items()},
+        }
+
+    @classmethod
+    def restore(cls, params: SecAggParams, state: Mapping[str, Any]) -> SecAggClient:
+        """The client :meth:`state` saved, in the round ``params`` describe."""
+
+        def pair(raw: list[str] | None) -> keys.KeyPair | None:
+            return None if raw is None else keys.KeyPair(bytes.fromhex(raw[0]), bytes.fromhex(raw[1]))
+
+        client = cls(params, str(state["client"]))
+        client.phase = SecAggPhase(state["phase"])
+        client._cipher, client._mask = pair(state["cipher"]), pair(state["mask"])
+        client._seed = bytes.fromhex(state["seed"])
+        client._peers = {
+            c: Advertise(c, bytes.fromhex(cipher), bytes.fromhex(mask)) for c, (cipher, mask) in state["peers"].items()
+        }
+        client.refused = dict(state["refused"])
+        share = shamir.Share.from_bytes
+        client._held = {
+            c: (share(bytes.fromhex(s), SEED_BYTES), share(bytes.fromhex(k), KEY_BYTES))
+            for c, (s, k) in state["held"].items()
+        }
+        client._revealed = {c: ShareKind(kind) for c, kind in state["revealed"].items()}
+        return client
 
     def _expect(self, phase: SecAggPhase) -> None:
         if self.phase != phase:

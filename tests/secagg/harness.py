@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -25,31 +26,43 @@ def run_round(
     params: SecAggParams,
     xs: Mapping[str, np.ndarray],
     drop: Mapping[str, Collection[str]] | None = None,
+    *,
+    restart: bool = False,
 ) -> tuple[SecAggResult, SecAggServer, dict[str, SecAggClient]]:
-    """One honest round; ``drop[phase]`` are the clients that fall silent at that phase."""
+    """One honest round; ``drop[phase]`` are the clients that fall silent at that phase. With ``restart`` every
+    client is rebuilt from its saved state (through JSON, as a restarted ``upload`` reads it) before each phase."""
     drop = drop or {}
     gone: set[str] = set()
     clients = {c: SecAggClient(params, c) for c in params.cohort}
     server = SecAggServer(params)
 
+    def resume() -> None:
+        if restart:
+            for c, client in list(clients.items()):
+                clients[c] = SecAggClient.restore(params, json.loads(json.dumps(client.state())))
+
+    resume()
     gone |= set(drop.get("advertise", ()))
     for c in params.cohort:
         if c not in gone:
             server.receive_advert(clients[c].advertise())
     adverts = server.close_advertise()
 
+    resume()
     gone |= set(drop.get("share", ()))
     for c, theirs in adverts.items():
         if c not in gone:
             server.receive_shares(clients[c].share_keys(theirs))
     inbox = server.close_share()
 
+    resume()
     gone |= set(drop.get("masked_input", ()))
     for c, sealed in inbox.items():
         if c not in gone:
             server.receive_masked(clients[c].masked_input(sealed, xs[c]))
     request = server.close_masked()
 
+    resume()
     gone |= set(drop.get("unmask", ()))
     for c in sorted(request.survivors):
         if c not in gone:

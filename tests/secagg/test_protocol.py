@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
 
-from chorus_mq.errors import PeerMisbehaved, SecAggError
+from chorus_mq.errors import PeerMisbehaved, SecAggError, UnmaskRefused
 from chorus_mq.names import SecAggPhase, ShareKind
 from chorus_mq.secagg.client import SecAggClient
 from chorus_mq.secagg.masking import SEALED_BYTES
-from chorus_mq.secagg.messages import MaskedInput, UnmaskResponse
+from chorus_mq.secagg.messages import MaskedInput, UnmaskRequest, UnmaskResponse
 from chorus_mq.secagg.server import SecAggServer
 
 from .harness import inputs, make_params, oracle, rel_err, run_round
@@ -46,6 +47,20 @@ def test_dropouts_at_one_phase(phase):
     _check(result, xs, summed)
     if phase != "unmask":
         assert result.dropped == dict.fromkeys(gone, SecAggPhase(phase))
+
+
+def test_clients_restarted_before_every_phase_resume_from_their_saved_state():
+    p = make_params()
+    xs = inputs(p, seed=5)
+    result, _, clients = run_round(p, xs, {"share": ["c02"], "unmask": ["c06"]}, restart=True)
+    _check(result, xs, [c for c in p.cohort if c != "c02"])
+    # what a client revealed survives a restart: a later request that counts a summed peer as dropped is refused
+    c = sorted(result.summed)[0]
+    again = SecAggClient.restore(p, json.loads(json.dumps(clients[c].state())))
+    assert again.state() == clients[c].state()
+    victim = next(v for v in sorted(again.state()["held"]) if v in result.summed and v != c)
+    with pytest.raises(UnmaskRefused, match="already revealed"):
+        again.unmask(UnmaskRequest(frozenset(result.summed) - {victim}))
 
 
 def test_dropouts_at_every_phase_at_once():

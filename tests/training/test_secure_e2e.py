@@ -241,7 +241,7 @@ def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
         assert f"summed: {c} in secure round 1 (3 inputs summed)" in out, out
         for phase in ("advertise", "share", "masked_input", "unmask", "done"):
             assert f"secagg_phase: round 1 {phase}" in out, out
-        assert not list((tmp_path / f"keys-{c}").glob("*.pickle"))  # the round's keys are gone once it published
+        assert not list((tmp_path / f"keys-{c}").glob("secagg-*.json"))  # the round's keys are gone once it published
     _check_exact(operator, fed, 1, pub, updates, clients)
 
 
@@ -271,7 +271,7 @@ def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, 
             try:
                 sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=crash)
             except Stop:
-                assert list(keys.glob("*.pickle")), "the keys of the phases sent are on disk"
+                assert list(keys.glob("secagg-*.json")), "the keys of the phases sent are on disk"
                 again = deployment.sdk(client_secret=secrets[c])  # a new process, as after a restart
                 res = again.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys)
                 assert c in res.summed
