@@ -3,11 +3,12 @@
 Run: python benchmarks/federated_accuracy.py [--partitions dirichlet:0.1,dirichlet:0.5,dirichlet:1.0,orgs]
      [--seeds 0,1,2] [--rows fedex-lora,fedex-lora+fedadam,...] [--out benchmarks/out/federated_accuracy]
 
-Partitions: Rotten Tomatoes reviews split among 10 clients by a Dirichlet(alpha) draw of labels (half
-of them drawn by the workers each round), and ``orgs``: three organisations built from the full
-Rotten Tomatoes corpus by movie, each holding the reviews of a third of the movies ranked by how
-well critics liked them (about 76 % rotten, 62 % fresh and 87 % fresh: skew in labels and in what
-is reviewed; every client each round). Held-out: ``--test`` random reviews of the same corpus.
+Partitions: Rotten Tomatoes reviews split among 10 clients by a Dirichlet(alpha) draw of labels
+(every client each round, the product's default; ``--fraction-fit 0.5`` draws half), and ``orgs``:
+three organisations built from the full Rotten Tomatoes corpus by movie, each holding the reviews
+of a third of the movies ranked by how well critics liked them (about 76 % rotten, 62 % fresh and
+87 % fresh: skew in labels and in what is reviewed; every client each round).
+Held-out: ``--test`` random reviews of the same corpus.
 
 Rows are ``STRATEGY[+REMEDY...]``; remedies: ``plain`` (no label correction: ``--balance-labels
 off``), ``label`` (logit adjustment on every client), ``prox`` (FedProx, ``--prox-mu``),
@@ -17,7 +18,8 @@ through the production path (uploads, pump, ingest, shards, commit as Celery tas
 pulls). Two baselines per partition and seed: ``centralised`` (one model on the pooled data, the
 same total local steps) and ``best-alone`` (the best client trained alone for all its rounds'
 steps). Prints each run's table, then accuracy and loss as mean ± sd over seeds with the gaps to
-both baselines, and writes ``summary.json`` and ``summary.csv`` under ``--out``.
+both baselines and the megabytes each client uploads and downloads per round, and writes
+``summary.json`` and ``summary.csv`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="STRATEGY[+REMEDY...], comma-separated")
     parser.add_argument("--clients", type=int, default=10, help="Dirichlet partitions (orgs: 3)")
-    parser.add_argument("--fraction-fit", type=float, default=0.5, help="Dirichlet partitions (orgs: 1)")
+    parser.add_argument(
+        "--fraction-fit", type=float, default=1.0, help="Dirichlet partitions (orgs: 1); 1: every client, the default"
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="local steps per client round")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         groups.setdefault("+".join(remedies), []).append(strategy)
     finals: dict[tuple[str, str], list[SimRow]] = defaultdict(list)  # (partition, row) -> last round per seed
     losses: dict[tuple[str, str], list[list[float]]] = defaultdict(list)  # loss per round, per seed
+    traffic: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)  # (MB up, down) per client-round
     for part in args.partitions.split(","):
         orgs = part == ORGS
         for seed in seeds:
@@ -154,13 +159,15 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     if r.round == args.rounds:
                         finals[part, name].append(r)
+                    if r.round >= 1 and r.clients and r.strategy not in (CENTRALISED, BEST_ALONE):
+                        traffic[part, name].append((r.bytes_up / r.clients / 2**20, r.bytes_down / r.clients / 2**20))
                 by_name: dict[str, list[float]] = defaultdict(list)
                 for r in sorted(got, key=lambda r: r.round):
                     by_name[r.strategy].append(r.loss)
                 for strategy in strategies:
                     losses[part, "+".join([strategy, remedy_key]).strip("+")].append(by_name[strategy])
                 baselines = False
-    summary = _summarise(finals, losses)
+    summary = _summarise(finals, losses, traffic)
     _print(summary, seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(
@@ -178,7 +185,9 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _summarise(
-    finals: dict[tuple[str, str], list[SimRow]], losses: dict[tuple[str, str], list[list[float]]]
+    finals: dict[tuple[str, str], list[SimRow]],
+    losses: dict[tuple[str, str], list[list[float]]],
+    traffic: dict[tuple[str, str], list[tuple[float, float]]],
 ) -> list[dict[str, Any]]:
     out = []
     for (part, name), got in finals.items():
@@ -201,24 +210,33 @@ def _summarise(
                 "vs_centralised": round(acc - _stats([r.accuracy for r in central])[0], 4) if central else None,
                 "vs_best_alone": round(acc - _stats([r.accuracy for r in alone])[0], 4) if alone else None,
                 "loss_falls_every_round": falling,
+                "mb_up_per_client_round": _mean_of(traffic.get((part, name)), 0),
+                "mb_down_per_client_round": _mean_of(traffic.get((part, name)), 1),
             }
         )
     return out
+
+
+def _mean_of(pairs: list[tuple[float, float]] | None, i: int) -> float | None:
+    return round(statistics.fmean(p[i] for p in pairs), 3) if pairs else None
 
 
 def _print(summary: list[dict[str, Any]], seeds: list[int]) -> None:
     print(f"\n== last round, held-out accuracy and loss, mean ± sd over seeds {seeds} ==")
     print(
         f"{'partition':<15} {'row':<28} {'accuracy':>15} {'loss':>15} "
-        f"{'vs central':>10} {'vs alone':>9} {'loss falls':>10}"
+        f"{'vs central':>10} {'vs alone':>9} {'loss falls':>10} {'MB up':>7} {'MB down':>7}"
     )
     for s in summary:
         gap = "" if s["vs_centralised"] is None else f"{s['vs_centralised']:+.3f}"
         alone = "" if s["vs_best_alone"] is None else f"{s['vs_best_alone']:+.3f}"
         falls = "" if s["loss_falls_every_round"] is None else ("yes" if s["loss_falls_every_round"] else "no")
+        up, down = (
+            ("" if v is None else f"{v:.2f}") for v in (s["mb_up_per_client_round"], s["mb_down_per_client_round"])
+        )
         print(
             f"{s['partition']:<15} {s['row']:<28} {s['accuracy']:>8.3f} ± {s['accuracy_sd']:.3f} "
-            f"{s['loss']:>8.4f} ± {s['loss_sd']:.3f} {gap:>10} {alone:>9} {falls:>10}"
+            f"{s['loss']:>8.4f} ± {s['loss_sd']:.3f} {gap:>10} {alone:>9} {falls:>10} {up:>7} {down:>7}"
         )
 
 
