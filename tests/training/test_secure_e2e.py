@@ -34,8 +34,12 @@ class Stop(Exception):
     """Raised from a client's phase callback: the client falls silent there."""
 
 
+#: the worker unmasks one tensor a shard (the sharded unmask, as at real shapes)
+SHARDED = {"CHORUS_SHARD_BYTES": "1"}
+
+
 def _create(deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str) -> dict[str, str]:
-    deployment.start_worker(concurrency=1)
+    deployment.start_worker(concurrency=1, env=SHARDED)
     deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
     deployment.cli(
         "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", str(len(clients)),
@@ -185,12 +189,13 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     assert int(verdicts["c4|secagg_peer"]) >= 1
     assert operator.state.round(fed, 2).state == "open"
 
-    # a worker that died after the unmask phase closed: the sweep's publish re-sums from what Redis and the
-    # store hold (the done state, every stored response) and gets the published bytes again; a repeat is a no-op
+    # the sharded unmask equals the whole one: re-summing every stored response and masked input at once (the
+    # done state, as when the phase closed) gives the published bytes; a repeated commit is a no-op
     from chorus_mq.state.secagg_flow import replay
-    from chorus_mq.workers import secure
+    from chorus_mq.workers import secure, secure_sum
     from chorus_mq.workers.runtime import Runtime
 
+    assert len(manifest.shards) > 1, manifest.shards  # CHORUS_SHARD_BYTES: one tensor a shard
     rt = Runtime(deployment.settings(), operator.redis, operator.store)
     params = pub.params(fed, 1)
     again = replay(secure.rounds_of(rt, fed), 1, params, secure.stored_loader(rt, fed, params)).finish()
@@ -199,7 +204,7 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     total = sum(pub.weights[c] for c in summed)
     for key, value in pub.layout.unflatten(again.total / total).items():
         assert torch.equal(torch.from_numpy(value).to(torch.float32), got[key]), key
-    assert secure.publish(rt, fed, 1) == "already"
+    assert secure_sum.commit_secure(rt, fed, 1, operator.state.round(fed, 1).epoch) == "already"
 
 
 def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
