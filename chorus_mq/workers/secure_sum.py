@@ -134,7 +134,12 @@ def plan_unmask(
     stored = rt.state.plan(federation, r)
     if stored is None:
         with Heartbeat(rt, federation, r, epoch):
-            plan = make_secure_plan(rt, federation, r, pub)
+            try:
+                plan = make_secure_plan(rt, federation, r, pub)
+            except SecAggError as exc:  # deterministic: every rerun would fail the same way
+                outcome = rt.state.fail(federation, r, epoch, f"{type(exc).__name__}: {exc}")
+                log.error("secure round %s/%s cannot be planned: %s (%s)", federation, r, exc, outcome.status)
+                return "failed"
         stored = rt.state.set_plan(federation, r, plan.to_json())  # the first plan stored wins
     plan = SecurePlan.from_json(stored)
     done = rt.state.shards(federation, r)
