@@ -3,6 +3,7 @@
     python benchmarks/secagg.py                         # llama-3.2-3b FFA-LoRA r=16 B factors, N=10, 3 dropped
     python benchmarks/secagg.py --quick                 # one layer, for a smoke run
     python benchmarks/secagg.py --clients 20 --neighbours 8 --dropped 2
+    python benchmarks/secagg.py --shards 8              # also the unmask split as the workers shard it
 
 The input is the trained factor of FFA-LoRA: every lora_B (d_out x r) of the 7 projections of
 every layer, flattened into one vector (llama-3.2-3b: hidden 3072, intermediate 8192, kv dim
@@ -25,11 +26,16 @@ Columns (medians over repeats; per-client columns are medians over clients too):
   server s    every aggregator step of the round (checks, routing, summing, unmask)
   rel err     ||sum - float64 oracle|| / ||oracle|| over the inputs summed (target <= 1e-5)
   up MB       what one client uploads: masked input + sealed shares + keys
+  shard s     with --shards S: the slowest of S equal slices, each unmasked as a shard task does it (the
+              seeds reconstructed again, then its slice of every survivor's masked input); checked equal
+              to the whole unmask
+  shards s    the S slices' total (one worker running them all)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -40,9 +46,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from chorus_mq.names import SecAggPhase
 from chorus_mq.secagg.client import SecAggClient
 from chorus_mq.secagg.params import SecAggParams
-from chorus_mq.secagg.server import SecAggServer
+from chorus_mq.secagg.server import SecAggServer, unmask_slice
 
 #: preset -> (layers, rank, [d_out of each adapted projection]); lora_B is d_out x r
 SHAPES = {
@@ -61,7 +68,7 @@ def client_input(i: int, length: int, n: int) -> np.ndarray:
     return (rng.standard_normal(length, dtype=np.float32) * np.float32(1e-3 / n)).astype(np.float32)
 
 
-def one_round(params: SecAggParams, dropped: list[str], phase: str) -> dict[str, float]:
+def one_round(params: SecAggParams, dropped: list[str], phase: str, shards: int = 1) -> dict[str, float]:
     n, length = len(params.cohort), params.length
     clients = {c: SecAggClient(params, c) for c in params.cohort}
     server = SecAggServer(params)
@@ -115,6 +122,18 @@ def one_round(params: SecAggParams, dropped: list[str], phase: str) -> dict[str,
     result, finish_s = timed(server.finish)
     server_s += finish_s
     assert set(result.summed) == summed, (result.summed, summed)
+    shard_s = []
+    if shards > 1:
+        bounds = [length * i // shards for i in range(shards + 1)]
+        survivors = sorted(server.survivors)
+        parts = []
+        for lo, hi in itertools.pairwise(bounds):
+            t = time.perf_counter()
+            server.phase = SecAggPhase.UNMASK  # every shard reconstructs the seeds again, as the shard tasks do
+            seeds = server.unmask_seeds()
+            parts.append(unmask_slice([server.masked[w].masked[lo:hi] for w in survivors], seeds, lo))
+            shard_s.append(time.perf_counter() - t)
+        assert np.array_equal(np.concatenate(parts), result.encoded)
     err = float(np.linalg.norm(result.total - oracle) / np.linalg.norm(oracle))
     working = [c for c in mask_s if c in unmask_s]
     return {
@@ -126,6 +145,8 @@ def one_round(params: SecAggParams, dropped: list[str], phase: str) -> dict[str,
         "server": server_s,
         "err": err,
         "up_mb": (8 * length + up_bytes) / 1e6,
+        "shard": max(shard_s, default=0.0),
+        "shards": sum(shard_s),
     }
 
 
@@ -139,6 +160,7 @@ def main() -> None:
     ap.add_argument("--dropped", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pin", action="store_true", help="run on one CPU (os.sched_setaffinity)")
+    ap.add_argument("--shards", type=int, default=1, help="also time the unmask split in this many shards")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.repeats = "llama-3.2-3b-layer", 1
@@ -162,13 +184,15 @@ def main() -> None:
         f"cpus {len(os.sched_getaffinity(0))}"
     )
     header = f"{'scenario':<14} {'keys s':>7} {'mask s':>7} {'client s':>9} {'max':>6} {'unmask s':>9} {'server s':>9}"
-    print(header + f" {'rel err':>9} {'up MB':>7}")
+    sharded = args.shards > 1
+    print(header + f" {'rel err':>9} {'up MB':>7}" + (f" {'shard s':>8} {'shards s':>9}" if sharded else ""))
     for phase in ("before-masked", "after-masked"):
-        runs = [one_round(params, dropped, phase) for _ in range(args.repeats)]
+        runs = [one_round(params, dropped, phase, args.shards) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"{phase:<14} {med['keys']:7.3f} {med['mask']:7.3f} {med['client']:9.3f} {med['client_max']:6.2f} "
             f"{med['unmask']:9.3f} {med['server']:9.3f} {max(r['err'] for r in runs):9.1e} {med['up_mb']:7.1f}"
+            + (f" {med['shard']:8.3f} {med['shards']:9.3f}" if sharded else "")
         )
 
 

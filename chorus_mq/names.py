@@ -160,8 +160,12 @@ class Task(_Choice):
     SHARD = "chorus.shard"
     COMMIT = "chorus.commit"
     COMPACT = "chorus.compact"
-    #: a secure round's last phase: unmask the sum and publish (``workers/secure.py``)
+    #: a secure round's round task: close its unmask phase, fire, plan the unmask's shards (``workers/secure_sum.py``)
     SECURE_UNMASK = "chorus.secure_unmask"
+    #: one shard of a secure round's unmask: its slice of the sum, unmasked, as a shard object
+    SECURE_SHARD = "chorus.secure_shard"
+    #: a secure round's manifest and fenced finalize, once every unmask shard is done
+    SECURE_COMMIT = "chorus.secure_commit"
 
 
 class Queue(_Choice):
@@ -180,6 +184,8 @@ TASK_QUEUES: dict[Task, Queue] = {
     Task.COMMIT: Queue.AGGREGATE,
     Task.COMPACT: Queue.COMPACT,
     Task.SECURE_UNMASK: Queue.AGGREGATE,
+    Task.SECURE_SHARD: Queue.AGGREGATE,
+    Task.SECURE_COMMIT: Queue.AGGREGATE,
 }
 
 

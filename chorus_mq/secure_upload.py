@@ -5,8 +5,9 @@ What a client reads: the round's public secure-aggregation hash (phase, survivor
 published at the open) and its own delivery hash ``secagg:{r}:to:{C}`` (its neighbours' public
 keys, the shares sealed to it). What it writes: one signed record per phase to its own inbox,
 and its masked input (uint64 safetensors) under its own store prefix. Its keys and seeds stay in
-its :class:`SecAggClient`, which is written to ``state_dir`` (mode 0600) after every phase, so a
-client restarted mid-round picks up where it was; a new round starts a new one.
+its :class:`SecAggClient`, which is written to ``state_dir`` (mode 0600) with each phase's payload
+before that payload is sent, so a client restarted mid-round picks up where it was and sends a
+phase's payload again rather than a new one; a new round starts a new one.
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ OnPhase = Callable[[int, str], None]
 
 @dataclass
 class _Saved:
-    """What a restarted client needs: its protocol state and the phases it has already sent."""
+    """What a restarted client needs: its protocol state, the phases it has already sent, and the payload of
+    each phase as computed, saved before it is sent."""
 
     client: SecAggClient
     sent: list[str] = field(default_factory=list)
+    #: phase -> its payload. A client that dies after sending a phase's record and before noting it sent sends
+    #: that same payload again, never a new one: a new unmask response, to a request a lying worker changed
+    #: meanwhile, could reveal the other share of a peer the first one did
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class SecureUpload:
         if path is None or not path.exists():
             return None
         raw = json.loads(path.read_text())  # this client's own file, written by _save below (JSON: never pickle)
-        return _Saved(SecAggClient.restore(params, raw["client"]), list(raw["sent"]))
+        return _Saved(SecAggClient.restore(params, raw["client"]), list(raw["sent"]), dict(raw.get("pending", {})))
 
     def _save(self, saved: _Saved) -> None:
         path = self._path
@@ -103,7 +109,7 @@ class SecureUpload:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds private keys and seeds
         with os.fdopen(fd, "w") as f:
-            json.dump({"client": saved.client.state(), "sent": saved.sent}, f)
+            json.dump({"client": saved.client.state(), "sent": saved.sent, "pending": saved.pending}, f)
         tmp.replace(path)
 
     def _forget(self) -> None:
@@ -165,7 +171,14 @@ class SecureUpload:
                         "the round goes on without it"
                     )
                 self.on_phase(self.r, phase.value)
-                self._send(phase, self._payload(client, phase, x))
+                payload = saved.pending.get(phase.value)
+                if payload is None:
+                    payload = self._payload(client, phase, x)
+                    saved.pending[phase.value] = payload
+                    self._save(saved)  # on disk before anyone can read it: a restart sends it again, unchanged
+                elif phase is SecAggPhase.MASKED_INPUT:
+                    self.masked_key = str(payload["key"])
+                self._send(phase, payload)
                 saved.sent.append(phase.value)
                 self._save(saved)
             if phase is SecAggPhase.UNMASK:

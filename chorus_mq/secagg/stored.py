@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
-from ..errors import PeerMisbehaved
+from ..errors import PeerMisbehaved, SecAggError
 from .encoding import U64, Encoded
 
 #: the tensor name inside a masked-input object
@@ -36,3 +37,23 @@ def masked_bytes(vector: Encoded) -> bytes:
     from safetensors.numpy import save
 
     return save({MASKED_TENSOR: np.ascontiguousarray(vector, dtype=U64)})
+
+
+def data_begin(prefix: bytes, length: int) -> int:
+    """Where the words of a masked-input object begin, from its first ``8 + n`` bytes (``n``: the header length
+    its first 8 bytes give), checked to describe exactly ``length`` uint64 words: what a shard of a sharded unmask
+    needs to read a slice of the object by range."""
+    if len(prefix) < 8:
+        raise SecAggError("a masked-input object is shorter than its 8-byte header length")
+    n = int.from_bytes(prefix[:8], "little")
+    if len(prefix) != 8 + n:
+        raise SecAggError(f"a masked-input header is {len(prefix) - 8} bytes, its length field says {n}")
+    try:
+        header = json.loads(prefix[8:])
+    except ValueError:
+        raise SecAggError("a masked-input header is not JSON") from None
+    entry = header.get(MASKED_TENSOR) if isinstance(header, dict) else None
+    want = {"dtype": "U64", "shape": [length], "data_offsets": [0, 8 * length]}
+    if set(header) - {MASKED_TENSOR, "__metadata__"} or not isinstance(entry, dict) or entry != want:
+        raise SecAggError(f"a masked-input header must describe exactly {MASKED_TENSOR!r}, uint64 of {length} elements")
+    return 8 + n

@@ -48,6 +48,15 @@ class MaskedLayout:
     def length(self) -> int:
         return sum(math.prod(shape) for _, shape in self.entries)
 
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Tensor key -> its [start, end) in the vector (what one shard of a sharded unmask reads)."""
+        out, at = {}, 0
+        for key, shape in self.entries:
+            n = math.prod(shape)
+            out[key] = (at, at + n)
+            at += n
+        return out
+
     def flatten(self, tensors: Mapping[str, Any]) -> npt.NDArray[np.float64]:
         """The tensors (numpy or torch) as one float64 vector; ConfigError naming a missing or misshapen one."""
         parts = []

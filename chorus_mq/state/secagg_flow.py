@@ -119,8 +119,10 @@ def advance(
     now: float | None = None,
 ) -> tuple[Reply, SecAggResult | None]:
     """Close the round's current phase at ``quorum`` or ``deadline``: compute who goes on and what each
-    must read, and write it in one fenced transition. Closing the unmask phase unmasks the sum (``load``
-    reads the masked inputs) and returns it; too few clients left aborts the secure aggregation."""
+    must read, and write it in one fenced transition. Closing the unmask phase checks that every mask left
+    in the sum can be removed (the shares reconstruct); with ``load`` (reads the masked inputs) it also
+    unmasks the sum and returns it. Too few clients left, or shares that do not reconstruct, abort the
+    secure aggregation."""
     r = params.round
     state = rounds.state(r)
     if state is None or state.phase not in NEXT_PHASE:
@@ -145,7 +147,12 @@ def advance(
         else:
             if mode == "quorum" and len(server.responses) < len(server.survivors):
                 return rounds.close(r, phase, state.epoch, mode, now=now), None
-            result = server.finish()
+            if load is None:
+                # the workers' close: the masks can be removed (else abort); the sum is the shards' work
+                # (workers/secure_sum.py), each reconstructing the same seeds from what is stored here
+                server.unmask_seeds()
+            else:
+                result = server.finish()
             members = sorted(server.responses)
     except SecAggError as exc:
         return rounds.close(r, phase, state.epoch, "abort", reason=str(exc), now=now), None

@@ -1,52 +1,40 @@
-"""Secure rounds in the workers: open the phases, ingest phase records, close phases, publish the unmasked sum.
+"""Secure rounds in the workers: open the phases, ingest phase records, close phases, sweep.
 
 A secure federation's round opens like any round (Lua); the beat's sweep (or any worker, the
 first to call :func:`open_secure`) then fixes its cohort (the round's draw, else every active
 client), the clients' weights and the masked vector's layout, and opens the advertise phase.
 Phase records arrive through the clients' inboxes like delta records; the pump hands records of
 kind ``secagg`` to :func:`handle_record`. A phase closes when every member sent (``fired``) or at
-its deadline (the sweep). When the unmask phase closes the workers hold the sum of the
-survivors' weighted inputs, never one input: :func:`publish` turns it into the round's adapter
-(the frozen factor the round started from, and sum / total weight for the trained factor),
-writes it as one shard and its manifest (naming ``summed`` and ``dropped``), and finalizes the
-round under the epoch of the fenced ``secagg_fire`` transition. Every step is idempotent: a
+its deadline (the sweep). Closing the unmask phase is the aggregate workers' round task
+(``chorus.secure_unmask``): it fires the round and unmasks only the sum, sharded like any round
+(``workers/secure_sum.py``: plan, shards, manifest, fenced finalize). Every step is idempotent: a
 worker that dies anywhere is repeated by the next sweep with the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..errors import NotFound, ObjectExists, ObjectMissing, PeerMisbehaved, SecAggError
-from ..layout import accepted_key, manifest_key, masked_input_key, shard_key
-from ..manifest import ClientEntry, Manifest, ShardEntry
-from ..names import SHARD_FORMAT, RoundStatus, SecAggPhase, Task
-from ..results import fetch_manifest
+from ..errors import NotFound, ObjectExists, PeerMisbehaved, SecAggError
+from ..layout import accepted_key, masked_input_key
+from ..names import RoundStatus, SecAggPhase, Task
 from ..secagg import wire
 from ..secagg.encoding import Encoded
 from ..secagg.params import SecAggParams, default_threshold
 from ..secagg.public import RoundPublic, graph_seed
-from ..secagg.server import SecAggResult
 from ..secagg.stored import parse_masked
 from ..secagg.vector import MaskedLayout
 from ..state.clients import ClientRegistry
 from ..state.inbox import Inbox, InboxEntry
 from ..state.protocol import Reply
 from ..state.secagg import SecAggRounds
-from ..state.secagg_flow import advance, ingest, replay
+from ..state.secagg_flow import advance, ingest
 from ..strategy import strategy_spec
 from .dispatch import Dispatcher
-from .lease import Heartbeat
 from .previous import previous_global
 from .runtime import Runtime
 
@@ -219,8 +207,8 @@ def stored_loader(rt: Runtime, federation: str, params: SecAggParams) -> Callabl
 def advance_round(
     rt: Runtime, federation: str, r: int, mode: str, dispatch: Dispatcher, *, now: float | None = None
 ) -> str:
-    """Close round ``r``'s current phase (``quorum`` or ``deadline``). The unmask phase's close (the sum, then the
-    publish) is the aggregate workers' task, never the pump's or the beat's."""
+    """Close round ``r``'s current phase (``quorum`` or ``deadline``). The unmask phase's close (then the sharded
+    unmask and the publish) is the aggregate workers' round task, never the pump's or the beat's."""
     state = rounds_of(rt, federation).state(r)
     if state is None:
         return "no_round"
@@ -237,166 +225,6 @@ def advance_round(
     return reply.status
 
 
-def unmask_and_publish(rt: Runtime, federation: str, r: int, mode: str, *, now: float | None = None) -> str:
-    """The aggregate task: close the unmask phase (``quorum`` or ``deadline``), take the sum, publish. Idempotent:
-    a phase another run closed is ``stale`` here, and a done round is published (again, with the same bytes)."""
-    pub = public(rt, federation, r)
-    if pub is None:
-        return "no_round"
-    params = pub.params(federation, r)
-    rounds = rounds_of(rt, federation)
-    state = rounds.state(r)
-    result = None
-    if state is not None and state.phase is SecAggPhase.UNMASK:
-        reply, result = advance(rounds, params, mode, load=stored_loader(rt, federation, params), now=now)
-        if reply.status == "aborted":
-            log.warning("round %s/%s: secure aggregation aborted: %s", federation, r, reply.detail)
-            return reply.status
-        if reply.status == "not_due":
-            return reply.status
-    return publish(rt, federation, r, result)
-
-
-def publish(rt: Runtime, federation: str, r: int, result: SecAggResult | None = None) -> str:
-    """Fire round ``r`` (its secure aggregation done), write its adapter and manifest, finalize. Idempotent."""
-    rounds = rounds_of(rt, federation)
-    state = rounds.state(r)
-    if state is None or state.phase is not SecAggPhase.DONE:
-        return "not_done"
-    info = rt.state.round(federation, r)
-    if info.state == RoundStatus.COMPLETE:
-        return "already"
-    if info.state == RoundStatus.OPEN:
-        fired = rounds.fire_round(r, state.epoch, rt.settings.aggregation_lease)
-        if fired.status not in ("fired", "noop"):
-            return fired.status
-        info = rt.state.round(federation, r)
-    if info.state != RoundStatus.AGGREGATING:
-        return str(info.state)
-    epoch = info.epoch
-    pub = public(rt, federation, r)
-    assert pub is not None
-    params = pub.params(federation, r)
-    key = manifest_key(federation, r)
-    try:
-        raw = rt.store.get_bytes(key)
-    except ObjectMissing:
-        with Heartbeat(rt, federation, r, epoch):  # the lease sweep does not send the publish again meanwhile
-            raw = _write_manifest(rt, federation, r, epoch, pub, params, rounds, result)
-    sha = hashlib.sha256(raw).hexdigest()
-    manifest = Manifest.from_json(raw)
-    secure = manifest.secure or {}
-    reply = rt.state.finalize(
-        federation,
-        r,
-        epoch,
-        key,
-        sha,
-        {"clients": list(secure.get("summed", [])), "secure": secure},
-    )
-    return reply.status
-
-
-def _write_manifest(
-    rt: Runtime,
-    federation: str,
-    r: int,
-    epoch: int,
-    pub: RoundPublic,
-    params: SecAggParams,
-    rounds: SecAggRounds,
-    result: SecAggResult | None,
-) -> bytes:
-    import torch
-
-    from ..adapters import write_safetensors
-
-    started = time.perf_counter()
-
-    load = stored_loader(rt, federation, params)
-    if result is None:  # a worker died after the unmask closed: every stored response, as at that close
-        result = replay(rounds, r, params, load).finish()
-    total_weight = math.fsum(pub.weights[c] for c in result.summed)
-    total = result.total
-    dp: dict[str, Any] | None = None
-    if pub.noise_multiplier:
-        from ..aggregation.dp import noise_generator
-        from ..secagg.dp import noise_sum
-
-        config = rt.state.config(federation)
-        sigma = pub.sigma()
-        # secret but deterministic per round: a re-run of this publish releases the same noise
-        total = noise_sum(total, sigma, noise_generator(rt.state.noise_key(federation), federation, r, "secagg"))
-        dp = {
-            "noise_multiplier": pub.noise_multiplier,
-            "clip_norm": pub.clip_norm,
-            "delta": config.dp_delta,
-            "sigma": sigma,
-            "clients": len(pub.cohort),
-        }
-    trained = pub.layout.unflatten(total / total_weight)
-    start_manifest, _ = fetch_manifest(rt.state, rt.store, federation, pub.start)
-    items = sorted([*rt.state.modules(federation), *rt.state.extras(federation)])
-    published = previous_global(rt, federation, pub.start, items)
-    tensors: dict[str, torch.Tensor] = {}
-    for m, mod in published.modules.items():
-        tensors[f"{m}.lora_A.weight"] = mod.A.to(torch.float32)
-        tensors[f"{m}.lora_B.weight"] = mod.B.to(torch.float32)
-    for k, t in published.extras.items():
-        tensors[k] = t.to(torch.float32)
-    for k, v in trained.items():
-        tensors[k] = torch.from_numpy(np.ascontiguousarray(v)).to(torch.float32)
-    names = sorted({*published.modules, *published.extras})
-    masked_refs = {
-        c: wire.parse_masked(c, p, params.neighbour_count)
-        for c, p in rounds.submissions(r, SecAggPhase.MASKED_INPUT).items()
-    }
-    with tempfile.TemporaryDirectory(dir=rt.spool) as tmp:
-        local = Path(tmp) / "shard.safetensors"
-        sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
-        skey = shard_key(federation, r, 0, "adapter", sha)
-        try:
-            rt.store.put_file(skey, local, write_once=True)
-        except ObjectExists:
-            pass
-        size = local.stat().st_size
-    from ..manifest import ObjectRef
-
-    manifest = Manifest(
-        federation=federation,
-        round=r,
-        epoch=epoch,
-        strategy=start_manifest.strategy,
-        base_model=start_manifest.base_model,
-        adapter_config=start_manifest.adapter_config,
-        clients=tuple(
-            ClientEntry(c, masked_refs[c].sha256, None, pub.weights[c] / total_weight) for c in result.summed
-        ),
-        shards=(ShardEntry(0, names[0], names[-1], len(names), ObjectRef(skey, sha, size), None),),
-        selected=pub.cohort,
-        dp=dp,
-        modules=len(published.modules),
-        adapter_bytes=size,
-        timings={"math": time.perf_counter() - started},
-        secure={
-            "summed": list(result.summed),
-            "dropped": {c: str(p) for c, p in sorted(result.dropped.items())},
-            "rejected": dict(sorted(result.rejected.items())),
-            "weights": dict(pub.weights),
-            "trainable": str(pub.trainable),
-            "neighbours": pub.neighbours,
-            "threshold": pub.threshold,
-        },
-    )
-    raw = manifest.to_json()
-    mkey = manifest_key(federation, r)
-    try:
-        rt.store.put_bytes(mkey, raw, write_once=True)
-    except ObjectExists:
-        raw = rt.store.get_bytes(mkey)  # a concurrent publish won: adopt its bytes
-    return raw
-
-
 # -- the sweep -------------------------------------------------------------------------------------
 
 
@@ -411,8 +239,8 @@ def sweep(rt: Runtime, federation: str, dispatch: Dispatcher, *, now: float | No
         opened = open_secure(rt, federation, r, now=now)
         return "opened" if opened is not None and opened.status == "created" else "waiting"
     if state.phase is SecAggPhase.DONE:
-        # the unmask closed and its task died before firing the round: publish again. Once fired, the round's
-        # lease covers it: the lease sweep sends the task again when the lease runs out (workers/sweep.py)
+        # the unmask closed and its task died before firing the round: send the round task again. Once fired, the
+        # round's lease covers it: the lease sweep sends it again when the lease runs out (workers/sweep.py)
         if rt.state.round(federation, r).state == RoundStatus.OPEN:
             dispatch.send(Task.SECURE_UNMASK, federation, r, "deadline")
             return "publishing"

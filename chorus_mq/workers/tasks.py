@@ -72,9 +72,21 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=Task.SECURE_UNMASK.value, **retry)  # type: ignore[untyped-decorator]
     def secure_unmask_task(federation: str, round_: int, mode: str) -> str:
-        from .secure import unmask_and_publish
+        from .secure_sum import plan_unmask
 
-        return unmask_and_publish(runtime.current(), federation, round_, mode)
+        return plan_unmask(runtime.current(), federation, round_, mode, dispatch)
+
+    @app.task(name=Task.SECURE_SHARD.value, **retry)  # type: ignore[untyped-decorator]
+    def secure_shard_task(federation: str, round_: int, epoch: int, shard: int) -> str:
+        from .secure_sum import run_secure_shard
+
+        return run_secure_shard(runtime.current(), federation, round_, epoch, shard, dispatch)
+
+    @app.task(name=Task.SECURE_COMMIT.value, **retry)  # type: ignore[untyped-decorator]
+    def secure_commit_task(federation: str, round_: int, epoch: int) -> str:
+        from .secure_sum import commit_secure
+
+        return commit_secure(runtime.current(), federation, round_, epoch)
 
     app.steps["worker"].add(InboxPumpStep)
 

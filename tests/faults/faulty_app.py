@@ -15,13 +15,15 @@ matter, and refuse to start if those functions moved or changed their signature:
 ``finalized`` the commit task has finalized the round and neither dropped its plan and shard
              results nor asked for a checkpoint's compaction yet;
 ``compact``  the compaction has written the snapshot object and not recorded it yet;
-``secure_publish`` a secure round's publish (the unmask phase closed, the sum taken) has written the
-             manifest and not finalized yet.
+``secure_shard`` a secure round's unmask shard task has written its object and not recorded
+             ``shard_done`` yet;
+``secure_publish`` a secure round's commit (every unmask shard done) has written the manifest and not
+             finalized yet.
 
 Every arrival at an enabled hook is counted in Redis with the pid of the process (see
 :func:`arrivals`; tests wait on Redis, not on log buffering) and logged. The subject of an
 arrival is the round (``plan``, ``commit``, ``finalized``, ``compact``, ``secure_publish``), ``round:shard``
-(``shard``), or the client id (``pump``, ``ingest``). Variables (read only here):
+(``shard``, ``secure_shard``), or the client id (``pump``, ``ingest``). Variables (read only here):
 
 ``CHORUS_FAULT_PAUSE=point[=S],...``
     The first arrival of each subject at ``point`` pauses up to S seconds (default 120), or
@@ -73,7 +75,7 @@ from typing import Any
 log = logging.getLogger("chorus.faults")
 ENV = os.environ.get
 
-POINTS = ("pump", "ingest", "plan", "shard", "commit", "finalized", "compact", "secure_publish")
+POINTS = ("pump", "ingest", "plan", "shard", "commit", "finalized", "compact", "secure_shard", "secure_publish")
 #: the round-path tasks the redelivery faults apply to by default
 ROUND_TASKS = ("chorus.ingest", "chorus.round", "chorus.shard", "chorus.commit")
 
@@ -294,12 +296,28 @@ def _install_hooks(hooks: Hooks) -> None:
 
         compact.compact = compact_with_hook
 
+    if hooks.enabled("secure_shard"):
+        from chorus_mq.workers import secure_sum
+
+        compute_secure = _target(secure_sum, "compute_secure_shard", ("rt", "federation", "r", "k", "plan", "pub"))
+
+        def compute_secure_then_hook(rt, federation, r, k, plan_, pub):
+            result = compute_secure(rt, federation, r, k, plan_, pub)
+            if r in hooks.rounds:
+                if not rt.store.exists(result.adapter.key):
+                    raise RuntimeError("faulty_app: the secure_shard hook runs before the shard's object is written")
+                pausable = hooks.shards is None or k in hooks.shards
+                hooks.arrive(rt.redis, "secure_shard", federation, f"{r}:{k}", pausable=pausable)
+            return result
+
+        secure_sum.compute_secure_shard = compute_secure_then_hook
+
     if hooks.enabled("secure_publish"):
-        from chorus_mq.workers import secure
+        from chorus_mq.workers import secure_sum
 
-        publish = _target(secure, "publish", ("rt", "federation", "r"))
+        commit_secure = _target(secure_sum, "commit_secure", ("rt", "federation", "r", "epoch"))
 
-        def publish_with_hook(rt, federation, r, *args, **kwargs):
+        def commit_secure_with_hook(rt, federation, r, epoch):
             def before_finalize(fed, r_, *a, **kw):
                 if not rt.store.exists(manifest_key(fed, r_)):
                     raise RuntimeError("faulty_app: the secure_publish hook runs before the manifest is written")
@@ -307,9 +325,9 @@ def _install_hooks(hooks: Hooks) -> None:
                     hooks.arrive(rt.redis, "secure_publish", fed, r_)
 
             with _before(rt.state, "finalize", before_finalize):
-                return publish(rt, federation, r, *args, **kwargs)
+                return commit_secure(rt, federation, r, epoch)
 
-        secure.publish = publish_with_hook
+        secure_sum.commit_secure = commit_secure_with_hook
 
 
 def _patch_redeliver(app, mode: str, names: list[str]) -> None:

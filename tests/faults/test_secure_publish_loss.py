@@ -1,7 +1,7 @@
-"""A worker SIGKILLed in a secure round's publish, after the unmask phase closed and the manifest was written and
-before the round was finalized: once the round's lease runs out the beat's sweep sends the publish again and a
-fresh worker runs it (adopting the manifest, finalizing once), the
-clients see it complete, and the published adapter is the exact weighted mean of their updates."""
+"""A worker SIGKILLed in a secure round's commit, after every unmask shard was recorded and the manifest written and
+before the round was finalized: once the round's lease runs out the beat's sweep sends the round task again, which
+sends the commit; a fresh worker runs it (adopting the manifest, finalizing once), the clients see the round
+complete, and the published adapter is the exact weighted mean of their updates."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_worker_killed_between_manifest_and_finalize_of_a_secure_round(deploymen
     torch.set_num_threads(1)
     fed = "seckill"
     clients = ["c0", "c1", "c2"]
-    lease = {"CHORUS_AGGREGATION_LEASE": "4"}  # the lease sweep sends a dead publish again after 4 s
+    lease = {"CHORUS_AGGREGATION_LEASE": "4"}  # the lease sweep sends a dead commit again after 4 s
     worker = deployment.start_worker(faulty=True, env={"CHORUS_FAULT_PAUSE": "secure_publish=120", **lease})
     sweep = {"CHORUS_SWEEP_INTERVAL": "0.2", **lease}
     beat = deployment.start_beat(env=sweep)

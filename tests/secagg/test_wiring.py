@@ -129,6 +129,38 @@ def test_masked_input_objects_are_checked_whole():
     assert masked_input_key("fed", "c", 3, sha) == f"fed/deltas/c/secagg-000003-{sha}.safetensors"
 
 
+def test_a_slice_of_a_masked_input_is_read_by_range_from_its_checked_header():
+    from chorus_mq.errors import SecAggError
+    from chorus_mq.secagg.stored import data_begin
+
+    v = np.arange(1000, 1010, dtype=np.uint64)
+    raw = masked_bytes(v)
+    n = int.from_bytes(raw[:8], "little")
+    begin = data_begin(raw[: 8 + n], 10)
+    assert np.array_equal(np.frombuffer(raw[begin + 3 * 8 : begin + 7 * 8], dtype=np.uint64), v[3:7])
+    with pytest.raises(SecAggError, match="uint64 of 11"):
+        data_begin(raw[: 8 + n], 11)
+    with pytest.raises(SecAggError, match="length field"):
+        data_begin(raw[: 8 + n - 1], 10)
+    from safetensors.numpy import save
+
+    wrong = save({"masked": np.zeros(10, dtype=np.int64)})
+    m = int.from_bytes(wrong[:8], "little")
+    with pytest.raises(SecAggError, match="uint64"):
+        data_begin(wrong[: 8 + m], 10)
+
+
+def test_layout_spans_tile_the_vector_in_order():
+    layout = MaskedLayout.for_round({"m1": ((2, 5), (3, 2)), "m0": ((2, 4), (6, 2))}, {"head": (3,)}, Factor.LORA_B)
+    spans = layout.spans()
+    assert list(spans) == ["m0.lora_B.weight", "m1.lora_B.weight", "head"]
+    assert list(spans.values()) == [(0, 12), (12, 18), (18, 21)] and layout.length == 21
+    v = np.arange(21.0)
+    for key, value in layout.unflatten(v).items():
+        lo, hi = spans[key]
+        assert np.array_equal(value.reshape(-1), v[lo:hi])
+
+
 def test_only_records_of_kind_secagg_take_the_secure_path():
     from chorus_mq.workers.secure import is_secagg
 

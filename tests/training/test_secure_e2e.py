@@ -34,8 +34,12 @@ class Stop(Exception):
     """Raised from a client's phase callback: the client falls silent there."""
 
 
+#: the worker unmasks one tensor a shard (the sharded unmask, as at real shapes)
+SHARDED = {"CHORUS_SHARD_BYTES": "1"}
+
+
 def _create(deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str) -> dict[str, str]:
-    deployment.start_worker(concurrency=1)
+    deployment.start_worker(concurrency=1, env=SHARDED)
     deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
     deployment.cli(
         "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", str(len(clients)),
@@ -185,12 +189,13 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     assert int(verdicts["c4|secagg_peer"]) >= 1
     assert operator.state.round(fed, 2).state == "open"
 
-    # a worker that died after the unmask phase closed: the sweep's publish re-sums from what Redis and the
-    # store hold (the done state, every stored response) and gets the published bytes again; a repeat is a no-op
+    # the sharded unmask equals the whole one: re-summing every stored response and masked input at once (the
+    # done state, as when the phase closed) gives the published bytes; a repeated commit is a no-op
     from chorus_mq.state.secagg_flow import replay
-    from chorus_mq.workers import secure
+    from chorus_mq.workers import secure, secure_sum
     from chorus_mq.workers.runtime import Runtime
 
+    assert len(manifest.shards) > 1, manifest.shards  # CHORUS_SHARD_BYTES: one tensor a shard
     rt = Runtime(deployment.settings(), operator.redis, operator.store)
     params = pub.params(fed, 1)
     again = replay(secure.rounds_of(rt, fed), 1, params, secure.stored_loader(rt, fed, params)).finish()
@@ -199,7 +204,7 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     total = sum(pub.weights[c] for c in summed)
     for key, value in pub.layout.unflatten(again.total / total).items():
         assert torch.equal(torch.from_numpy(value).to(torch.float32), got[key]), key
-    assert secure.publish(rt, fed, 1) == "already"
+    assert secure_sum.commit_secure(rt, fed, 1, operator.state.round(fed, 1).epoch) == "already"
 
 
 def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
@@ -392,3 +397,154 @@ def test_dp_secure_round_clips_on_clients_and_noises_the_sum(deployment, tiny_be
     assert abs(noise.std() / sigma - 1) < 0.15, (noise.std(), sigma)
     privacy = operator.status(fed).privacy
     assert set(privacy) == set(clients) and all(p["rounds"] == 1 and p["epsilon"] > 0 for p in privacy.values())
+
+
+def test_a_client_silent_at_the_advertise_phase_is_left_out_and_named(deployment, tiny_bert_dir):
+    """c3 never advertises keys: the advertise phase closes at its deadline without it, nobody shares with it, and
+    the round publishes the exact sum of the other three, its manifest naming c3 dropped at ``advertise``."""
+    torch.set_num_threads(1)
+    fed = "secadv"
+    clients = ["c0", "c1", "c2", "c3"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3")
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    updates = {c: _update(pub, 60 + i) for i, c in enumerate(clients)}
+    failures: list[BaseException] = []
+
+    def run(c: str) -> None:
+        def on_phase(_r: int, phase: str) -> None:
+            if c == "c3" and phase == "advertise":
+                raise Stop(phase)
+
+        try:
+            sdk = deployment.sdk(client_secret=secrets[c])
+            res = sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
+            assert res.summed == ("c0", "c1", "c2"), res
+        except Stop:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    summed = ["c0", "c1", "c2"]
+    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    assert manifest.secure["dropped"] == {"c3": "advertise"}, manifest.secure
+    assert [c.client_id for c in manifest.clients] == summed and len(manifest.shards) > 1
+    rounds = SecAggRounds(operator.redis, fed)
+    assert rounds.submissions(1, SecAggPhase.ADVERTISE).keys() == set(summed)
+    assert not any(f.startswith("share:c3") for c in summed for f in rounds.delivered(1, c))  # nobody shared with c3
+
+
+def _unmask_records(redis, fed: str, client: str, k: int) -> list:
+    """``client``'s unmask responses as they lie in its inbox (what a worker reading the inbox sees)."""
+    out = []
+    for _id, fields in redis.xrange(Inbox(redis, fed, client).key):
+        record = wire.PhaseRecord.parse(next(iter(fields.values())))
+        if record.phase is SecAggPhase.UNMASK:
+            out.append(wire.parse_unmask(client, dict(record.payload), k))
+    return out
+
+
+def test_a_worker_lying_that_a_live_client_dropped_never_gets_both_of_its_shares(
+    deployment, tiny_bert_dir, tmp_path, monkeypatch
+):
+    """A compromised worker (this test, with the workers' Redis access, once the honest workers are gone) rewrites
+    the unmask request after an honest masked-input close: the live c3 is declared dropped. c1 and c2 reveal
+    their share of c3's mask key and nothing else of c3; c3 itself reveals nothing. c0 dies right after sending
+    its response, before noting it sent; the worker then asks again with c3 summed, to get c3's self-mask seed
+    shares too, and c0, restarted from its keys on disk, sends its first response again: no client ever releases
+    both kinds of share of one peer, so c3's input stays hidden (fewer than T self-seed shares of it exist)."""
+    from chorus_mq.names import ShareKind
+    from chorus_mq.secure_upload import SecureUpload
+
+    torch.set_num_threads(1)
+    fed = "seclie"
+    clients = ["c0", "c1", "c2", "c3"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    updates = {c: _update(pub, 70 + i) for i, c in enumerate(clients)}
+    ask = threading.Event()  # the clients read the unmask request only once the lie is written
+    again = threading.Event()  # c0 restarts only once the second lie is written
+    crashed = threading.Event()
+    outcomes: dict[str, BaseException | None] = {}
+    send = SecureUpload._send
+
+    def send_then_die(self, phase, payload):  # c0's process dies between sending its response and noting it
+        send(self, phase, payload)
+        if self.client_id == "c0" and phase is SecAggPhase.UNMASK and not crashed.is_set():
+            crashed.set()
+            raise Stop(phase)
+
+    monkeypatch.setattr(SecureUpload, "_send", send_then_die)
+
+    def run(c: str) -> None:
+        keys = tmp_path / f"keys-{c}"
+
+        def hold(_r: int, phase: str) -> None:
+            if phase == "unmask":
+                assert ask.wait(60)
+
+        try:
+            try:
+                deployment.sdk(client_secret=secrets[c]).secure_round(
+                    fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=hold
+                )
+            except Stop:
+                assert again.wait(60)
+                deployment.sdk(client_secret=secrets[c]).secure_round(
+                    fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys
+                )
+            outcomes[c] = None
+        except BaseException as exc:
+            outcomes[c] = exc
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    rounds = SecAggRounds(operator.redis, fed)
+    wait_for(lambda: (s := rounds.state(1)) and s.phase is SecAggPhase.UNMASK, 90, "the honest masked-input close")
+    assert rounds.state(1).survivors == tuple(clients)
+    deployment.stop_workers()  # from here the only worker is the compromised one
+    redis = deployment.redis()
+    keys = FederationKeys(fed)
+
+    def lie(survivors: list[str]) -> None:  # what a lying close writes: the request and who may answer it
+        redis.hset(keys.secagg(1), "survivors", json.dumps(survivors))
+        redis.delete(keys.secagg_members(1, SecAggPhase.UNMASK))
+        redis.sadd(keys.secagg_members(1, SecAggPhase.UNMASK), *survivors)
+
+    k = pub.neighbours
+    lie(["c0", "c1", "c2"])
+    ask.set()
+    wait_for(lambda: crashed.is_set() and all(_unmask_records(redis, fed, c, k) for c in ("c1", "c2")), 60, "answers")
+    wait_for(lambda: "c3" in outcomes, 30, "c3 to refuse")
+    assert "counts it as dropped" in str(outcomes["c3"]), outcomes
+    lie(clients)
+    again.set()
+    wait_for(lambda: len(_unmask_records(redis, fed, "c0", k)) == 2, 60, "c0's answer after its restart")
+
+    released: dict[str, list[ShareKind]] = {}  # kinds of c3's shares, over every record of every client
+    for c in clients:
+        records = _unmask_records(redis, fed, c, k)
+        kinds: dict[str, set[ShareKind]] = {}
+        for response in records:
+            for peer, (kind, _raw) in response.shares.items():
+                kinds.setdefault(peer, set()).add(kind)
+        assert all(len(v) == 1 for v in kinds.values()), (c, kinds)  # never both shares of one peer
+        released.update({c: sorted(kinds.get("c3", ()))})
+    assert released == {"c0": [ShareKind.MASK_KEY], "c1": [ShareKind.MASK_KEY], "c2": [ShareKind.MASK_KEY], "c3": []}
+    first, second = _unmask_records(redis, fed, "c0", k)
+    assert first == second  # the restarted c0 sent its first response again, not an answer to the second request
+
+    # the compromised worker gives up: the round aborts and every waiting client stops
+    state = rounds.state(1)
+    assert rounds.close(1, SecAggPhase.UNMASK, state.epoch, "abort", reason="test: done").status == "aborted"
+    for t in threads:
+        t.join(timeout=60)
+    assert all("aborted" in str(outcomes[c]) for c in ("c0", "c1", "c2")), outcomes
