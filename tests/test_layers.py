@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pulled", "federation", "secure_upload"),  # what the SDK drives, on state and store (peers)
     ("sdk",),  # the SDK by role: reader, operator, participant, both
     ("training",),  # client-side training; simulations with real models
+    ("create_request",),  # a federation-create request resolved to its config, model and round 0
     ("client",),  # ChorusClient: both roles and the training entry points
     ("simulate_synthetic",),  # the synthetic simulation
     ("cli",),  # the command line

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from ..errors import ConfigError
+from ..create_request import BufferFlags, ConfigFields, CreateRequest, DpBudget, ModelSource, create_federation
 from ..names import (
     ExpirePolicy,
     FederationMode,
     MissingModules,
     RobustAggregate,
     ServerOptimizer,
+    SnapshotDtype,
     Strategy,
     TaskType,
     WeightPolicy,
 )
-from ..state import FederationConfig
-from ..strategy import strategy_spec
-from .options import choice, client_of, one_line_errors
-
-if TYPE_CHECKING:
-    from ..client import ChorusClient
+from .options import choice, client_of, csv, one_line_errors
 
 
 @click.group()
@@ -215,11 +210,128 @@ def federation() -> None:
 @click.option(
     "--secagg-phase-timeout", type=int, default=300, show_default=True, help="Seconds each secure phase stays open."
 )
-@click.pass_context  # type: ignore[arg-type]
+@click.pass_context
 @one_line_errors
-def federation_create(ctx: click.Context, **params: Any) -> None:
+def federation_create(
+    ctx: click.Context,
+    *,
+    name: str,
+    base_model: str,
+    quorum: int | None,
+    mode: str,
+    buffer: int | None,
+    min_buffer: int | None,
+    flush_timeout: int | None,
+    max_staleness: int | None,
+    staleness_weight: str | None,
+    max_per_client_per_flush: int | None,
+    reference_adapter: str | None,
+    initial_adapter: str | None,
+    task: str | None,
+    labels: str | None,
+    target_modules: str | None,
+    lora_rank: int,
+    lora_alpha: float,
+    seed: int,
+    strategy: str,
+    weights: str,
+    max_client_weight: float,
+    missing_modules: str,
+    max_update_norm: float,
+    prox_mu: float,
+    scaffold: bool,
+    personal_heads: bool,
+    server_opt: str,
+    server_lr: float | None,
+    server_momentum: float,
+    server_beta1: float,
+    server_beta2: float,
+    server_tau: float,
+    relative_clip: float | None,
+    round_timeout: int,
+    min_quorum: int,
+    expire_policy: str,
+    clients_per_round: int,
+    checkpoint_every: int,
+    snapshot_dtype: str,
+    out_rank: int,
+    clip_norm: float,
+    screen_outliers: bool,
+    outlier_z: float,
+    robust_aggregate: str,
+    trim: int,
+    dp_epsilon: float | None,
+    dp_rounds: int,
+    dp_delta: float,
+    dp_noise_multiplier: float,
+    secure_aggregation: bool,
+    secagg_neighbours: int,
+    secagg_threshold: int,
+    secagg_phase_timeout: int,
+) -> None:
     """Create federation NAME, declare its model and open round 1."""
-    cfg, initial = build_federation(client_of(ctx), **params)
+    request = CreateRequest(
+        name=name,
+        model=ModelSource(
+            base_model=base_model,
+            reference_adapter=None if reference_adapter is None else Path(reference_adapter),
+            initial_adapter=None if initial_adapter is None else Path(initial_adapter),
+            task=None if task is None else TaskType(task),
+            labels=csv(labels) or (),
+            target_modules=csv(target_modules) or (),
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            seed=seed,
+        ),
+        quorum=quorum,
+        mode=FederationMode(mode),
+        buffering=BufferFlags(
+            buffer=buffer,
+            min_buffer=min_buffer,
+            flush_timeout=flush_timeout,
+            max_staleness=max_staleness,
+            staleness_weight=staleness_weight,
+            max_per_client_per_flush=max_per_client_per_flush,
+        ),
+        relative_clip=relative_clip,
+        dp_budget=None if dp_epsilon is None else DpBudget(dp_epsilon, dp_rounds),
+        fields=ConfigFields(
+            strategy=Strategy(strategy),
+            weights=WeightPolicy(weights),
+            max_client_weight=max_client_weight,
+            missing_modules=MissingModules(missing_modules),
+            max_update_norm=max_update_norm,
+            prox_mu=prox_mu,
+            scaffold=scaffold,
+            personal_heads=personal_heads,
+            server_opt=ServerOptimizer(server_opt),
+            server_lr=server_lr,
+            server_momentum=server_momentum,
+            server_beta1=server_beta1,
+            server_beta2=server_beta2,
+            server_tau=server_tau,
+            round_timeout=round_timeout,
+            min_quorum=min_quorum,
+            expire_policy=ExpirePolicy(expire_policy),
+            clients_per_round=clients_per_round,
+            checkpoint_every=checkpoint_every,
+            snapshot_dtype=SnapshotDtype(snapshot_dtype),
+            out_rank=out_rank,
+            clip_norm=clip_norm,
+            screen_outliers=screen_outliers,
+            outlier_z=outlier_z,
+            robust_aggregate=RobustAggregate(robust_aggregate),
+            trim=trim,
+            dp_noise_multiplier=dp_noise_multiplier,
+            dp_delta=dp_delta,
+            secure_aggregation=secure_aggregation,
+            secagg_neighbours=secagg_neighbours,
+            secagg_threshold=secagg_threshold,
+            secagg_phase_timeout=secagg_phase_timeout,
+        ),
+    )
+    created = create_federation(client_of(ctx), request)
+    cfg = created.config
     if cfg.buffered:
         click.echo(
             f"federation {cfg.name} created, buffered: flush every {cfg.quorum} deltas, max staleness "
@@ -238,7 +350,7 @@ def federation_create(ctx: click.Context, **params: Any) -> None:
         )
     if cfg.server_opt != ServerOptimizer.NONE:
         click.echo(f"server optimiser: {server_opt_text(cfg.server_opt_settings())}")
-    if initial:
+    if created.initial_adapter:
         click.echo("round 0 holds the initial adapter: clients start round 1 from it (`chorus-mq pull --round 0`)")
     if cfg.dp_noise_multiplier:
         click.echo(
@@ -260,169 +372,3 @@ def federation_list(ctx: click.Context) -> None:
     """The federations on this Redis."""
     for name in client_of(ctx).state.federations():
         click.echo(name)
-
-
-def build_federation(
-    sdk: ChorusClient,
-    *,
-    name: str,
-    base_model: str,
-    quorum: int | None,
-    reference_adapter: str | None,
-    initial_adapter: str | None,
-    task: str | None,
-    labels: str | None,
-    target_modules: str | None,
-    lora_rank: int,
-    lora_alpha: float,
-    seed: int,
-    dp_epsilon: float | None,
-    dp_rounds: int,
-    mode: str = FederationMode.SYNC.value,
-    buffer: int | None = None,
-    min_buffer: int | None = None,
-    flush_timeout: int | None = None,
-    **options: Any,
-) -> tuple[FederationConfig, bool]:
-    """Create the federation from ``federation create``'s options (``options``: the FederationConfig
-    fields the CLI passes through as they are); returns its config and whether round 0 holds an
-    initial adapter."""
-    from ..adapters import model_decl_from_adapter, model_decl_from_dir
-    from ..federation import canonical_decl
-
-    quorum = _buffered_options(options, mode, quorum, buffer, min_buffer, flush_timeout)
-    if dp_epsilon is not None:
-        from ..aggregation.dp import noise_for_budget
-
-        options["dp_noise_multiplier"] = noise_for_budget(dp_epsilon, options["dp_delta"], dp_rounds)
-    targets = tuple(t.strip() for t in target_modules.split(",") if t.strip()) if target_modules else ()
-    label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
-    task_type = TaskType(task) if task else None
-    model_dir = Path(base_model)
-    if task_type is not None and not model_dir.is_dir():
-        from ..training.data import resolve_model
-
-        model_dir = resolve_model(base_model)  # an embedded model's name (minilm)
-    workdir = None
-    if task_type is not None and initial_adapter is None and reference_adapter is None:
-        if not model_dir.is_dir():
-            raise ConfigError(
-                "--task builds the initial adapter from a local model: --base-model must be a "
-                "model directory (config.json + safetensors)"
-            )
-        if task_type == TaskType.SEQ_CLS and not label_list:
-            raise ConfigError("--task seq-cls needs --labels (comma-separated, in label-id order)")
-        from ..training.model import build_initial_adapter
-
-        workdir = tempfile.TemporaryDirectory(prefix="chorus-init-")
-        initial_adapter = str(
-            build_initial_adapter(
-                model_dir,
-                Path(workdir.name) / "initial",
-                task=task_type,
-                labels=label_list,
-                target_modules=targets,
-                rank=lora_rank,
-                alpha=lora_alpha,
-                seed=seed,
-                fed_sb=strategy_spec(options.get("strategy", Strategy.FEDEX_LORA)).sandwich,
-            )
-        )
-    try:
-        declared_from = reference_adapter or initial_adapter
-        if declared_from:
-            decl = model_decl_from_adapter(Path(declared_from))
-        elif model_dir.is_dir():
-            decl = canonical_decl(
-                model_decl_from_dir(
-                    model_dir, task_type=None if task_type is None else str(task_type), target_modules=targets
-                ),
-                model_dir,
-                task_type,
-            )
-        else:
-            raise ConfigError(
-                f"{base_model!r} is not a local model directory: declare the model's module shapes "
-                "with --base-model DIR (config.json + safetensors headers are read, no weights) or "
-                "--reference-adapter PATH (a PEFT adapter trained for this model)"
-            )
-        if task_type is None and decl.task_type:
-            task_type = _task_from_peft(decl.task_type)
-        options["screen_outliers"] = bool(options.get("screen_outliers"))
-        options["personal_heads"] = bool(options.get("personal_heads"))
-        config = FederationConfig(
-            name=name,
-            base_model=base_model,
-            quorum=quorum,
-            task_type=task_type,
-            labels=label_list,
-            fan_in_fan_out=decl.fan_in_fan_out,
-            **options,
-        )
-        sdk.create_federation(config, model=decl, initial_adapter=initial_adapter)
-        return config, initial_adapter is not None
-    finally:
-        if workdir is not None:
-            workdir.cleanup()
-
-
-def _buffered_options(
-    options: dict[str, Any],
-    mode: str,
-    quorum: int | None,
-    buffer: int | None,
-    min_buffer: int | None,
-    flush_timeout: int | None,
-) -> int:
-    """The quorum, with a buffered federation's flags mapped onto the round machine's fields (a buffer is a
-    round: K is its quorum, --min-buffer its min-quorum, --flush-timeout its deadline); ConfigError for a
-    flag of the other mode."""
-    options["mode"] = FederationMode(mode)
-    options["secure_aggregation"] = bool(options.get("secure_aggregation"))
-    if options.get("relative_clip") is None:
-        # off where it cannot run: buffered (not built), secure aggregation (no client's norm is seen)
-        off = options["mode"] == FederationMode.BUFFERED or options["secure_aggregation"]
-        options["relative_clip"] = 0.0 if off else 10.0
-    buffered_only = {
-        "--buffer": buffer,
-        "--min-buffer": min_buffer,
-        "--flush-timeout": flush_timeout,
-        "--max-staleness": options.get("max_staleness"),
-        "--staleness-weight": options.get("staleness_weight"),
-        "--max-per-client-per-flush": options.get("max_per_client_per_flush"),
-    }
-    if options["mode"] != FederationMode.BUFFERED:
-        given = [flag for flag, value in buffered_only.items() if value is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} applies only to --mode buffered")
-        if quorum is None:
-            raise ConfigError("--quorum is required (deltas that close a round)")
-        for name in ("max_staleness", "staleness_weight", "max_per_client_per_flush"):
-            options.pop(name, None)
-        return quorum
-    if buffer is None:
-        raise ConfigError("--mode buffered needs --buffer K (accepted deltas per flush)")
-    if quorum is not None or options.get("min_quorum") or options.get("round_timeout"):
-        raise ConfigError(
-            "--mode buffered takes --buffer, --min-buffer and --flush-timeout instead of --quorum, --min-quorum "
-            "and --round-timeout"
-        )
-    if min_buffer is not None and not 1 <= min_buffer <= buffer:
-        raise ConfigError(f"--min-buffer must be between 1 and --buffer {buffer}")
-    if flush_timeout is not None and flush_timeout < 0:
-        raise ConfigError("--flush-timeout cannot be negative (0: flush only at K deltas)")
-    options["min_quorum"] = 1 if min_buffer is None else min_buffer
-    options["round_timeout"] = flush_timeout or 0
-    for name in ("max_staleness", "staleness_weight", "max_per_client_per_flush"):
-        if options.get(name) is None:
-            options.pop(name, None)
-    return buffer
-
-
-def _task_from_peft(peft_task: str) -> TaskType | None:
-    from ..names import PEFT_TASK_TYPES
-
-    for ours, theirs in PEFT_TASK_TYPES.items():
-        if theirs == peft_task:
-            return ours
-    return None
