@@ -5,6 +5,8 @@
     python benchmarks/rounds.py --workers 1,2 --rounds 3          # the shard speed-up of a second worker
     python benchmarks/rounds.py --mode buffered                   # FedBuff flushes: a version per N deltas
     python benchmarks/rounds.py --strategy ffa-lora --secure-aggregation --drop 3   # SecAgg+, 3 silent at unmask
+    python benchmarks/rounds.py --shapes llama-3.1-70b --layers 2 --clients 100 --strategy ffa-lora --workers 1,2
+                                                                  # 2 of 80 layers, extrapolated to all 80
 
 A private redis-server, a file:// store, and real ``chorus-mq worker`` processes (one ingest
 worker, W aggregate workers, each ``--concurrency 1``); N registered clients upload fresh signed
@@ -86,6 +88,19 @@ SHAPES = {
             ("mlp.down_proj", 3072, 8192),
         ],
     ),
+    # 80 layers, hidden 8192, 64 query heads and 8 key/value heads of 128, MLP 28672
+    "llama-3.1-70b": (
+        80,
+        [
+            ("self_attn.q_proj", 8192, 8192),
+            ("self_attn.k_proj", 1024, 8192),
+            ("self_attn.v_proj", 1024, 8192),
+            ("self_attn.o_proj", 8192, 8192),
+            ("mlp.gate_proj", 28672, 8192),
+            ("mlp.up_proj", 28672, 8192),
+            ("mlp.down_proj", 8192, 28672),
+        ],
+    ),
     "medium": (
         8,
         [
@@ -99,8 +114,11 @@ SHAPES = {
 }
 
 
-def modules(preset: str) -> dict[str, tuple[int, int]]:
-    layers, per_layer = SHAPES[preset]
+def modules(preset: str, layers: int | None = None) -> dict[str, tuple[int, int]]:
+    """The preset's adapted modules, of its first ``layers`` layers only when given (a few layers of a model
+    too large for this machine; ``--workers`` then extrapolates to all of them)."""
+    total, per_layer = SHAPES[preset]
+    layers = total if layers is None else min(layers, total)
     return {
         f"base_model.model.model.layers.{i}.{name}": (d_out, d_in)
         for i in range(layers)
@@ -582,6 +600,12 @@ def main() -> None:
     )
     parser.add_argument("--no-pull", action="store_true", help="Skip the continuing client's pulls.")
     parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="Run the first L layers of --shapes only; with --workers the model extrapolates to all of them",
+    )
+    parser.add_argument(
         "--secure-aggregation", action="store_true", help="SecAgg+ rounds (ffa-lora, rolora): clients in threads"
     )
     parser.add_argument("--drop", type=int, default=0, help="With --secure-aggregation: clients silent at the unmask")
@@ -591,7 +615,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.secure_aggregation:
         torch.set_num_threads(1)  # a client's CPU seconds are its thread's own
-    shapes = modules(args.shapes)
+    shapes = modules(args.shapes, args.layers)
     with tempfile.TemporaryDirectory(prefix="chorus-rounds-", dir=os.environ.get("CHORUS_BENCH_DIR")) as tmp:
         workdir = Path(tmp)
         redis = RedisServer(workdir / "redis", args=("--appendfsync", "everysec")).start()
@@ -629,7 +653,8 @@ def main() -> None:
                 for count in counts:
                     t = statistics.median(r.seconds for r in results[count])
                     print(f"{count:>7} {t:>17.2f}s {base / t:>7.2f}x")
-                _model(results, counts, _write_bandwidth(workdir))
+                scale = SHAPES[args.shapes][0] / min(args.layers, SHAPES[args.shapes][0]) if args.layers else 1.0
+                _model(results, counts, _write_bandwidth(workdir), scale)
             else:
                 dep.start("ingest")
                 dep.start("aggregate")
@@ -667,19 +692,22 @@ def _write_bandwidth(directory: Path, size: int = 512 * 2**20) -> float:
     return size / 2**20 / seconds
 
 
-def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float) -> None:
+def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float, scale: float = 1.0) -> None:
     """Where more workers stop helping: an Amdahl fit of the measured rounds, the shard count, the store.
 
     With T(1) and T(W) measured, the serial part s (plan, commit, dispatch, the slowest shard's
     imbalance) and the parallel shard work w solve T(W) = s + w / W; a round cannot go faster than
-    its shards (one per worker at most) nor than the store can take the bytes it writes.
+    its shards (one per worker at most) nor than the store can take the bytes it writes. ``scale``
+    (``--layers``: the preset's layers / the layers run) extrapolates to the whole model: the serial
+    part, the shard work, the shard count and the bytes written all grow with the modules (the plan,
+    the commit and the manifest are per module), so each is multiplied by it.
     """
     one = statistics.median(r.seconds for r in results[counts[0]])
     many = max(counts)
     if many == counts[0]:
         return
     t_many = statistics.median(r.seconds for r in results[many])
-    work = (one - t_many) * many / (many - 1)
+    work = max((one - t_many) * many / (many - 1), 0.0)  # noise can make a second worker look slower
     serial = max(one - work, 0.0)
     rows = results[counts[0]]
     shards = rows[0].shards
@@ -691,6 +719,11 @@ def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float) -
     for w in (1, 2, 4, 8, 16):
         t = max(serial + work / min(w, shards), floor)
         print(f"  W={w:>2}: {t:6.2f}s ({one / t:4.2f}x)")
+    if scale != 1.0:
+        print(f"extrapolated to the whole model ({scale:g}x the modules run here):")
+        for w in (1, 2, 4, 8, 16):
+            t = max(scale * serial + scale * work / min(w, scale * shards), scale * floor)
+            print(f"  W={w:>2}: {t:7.2f}s")
 
 
 if __name__ == "__main__":
