@@ -216,7 +216,13 @@ def pull(
     unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
     adapters = [s.adapter for s in manifest.shards]
     if manifest.frame is not None:  # the round stored R and the head; its frame lies in round 0's objects
-        _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=held_frame)
+        try:
+            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=held_frame)
+        except ChecksumMismatch:
+            if not held_frame:
+                raise
+            # the held file lacks a module of the frame (someone edited it): fetch the frame after all
+            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=False)
     elif not unchanged:
         _merge_into(store, adapters, published, "pt", bar)
     else:
