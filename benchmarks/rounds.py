@@ -486,7 +486,7 @@ def run_federation(
 
 
 def _mb(value: float) -> str:
-    """Megabytes as a whole number, or to 0.01 below 10 (a fed-sb pull is a fraction of one)."""
+    """Megabytes as a whole number, or to 0.01 below 10 (a fed-sb round writes and pulls a fraction of one)."""
     return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
 
 
@@ -533,7 +533,7 @@ def _format(row: Row) -> str:
     verdict = f"{row.verdict_s:7.2f}s" if row.verdict_s is not None else f"{'-':>8}"
     return (
         f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
-        f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {row.written_mb:>6.0f}MB "
+        f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {_mb(row.written_mb):>6}MB "
         f"{_mb(row.pull_mb):>7}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
         f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
         + (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,8 +98,13 @@ def _fed_sb_start(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.zeros(rank, rank, dtype=torch.float32)
 
 
+#: the size of each part of a Fed-SB frame's round 0 (a round's shard task reads the parts of its modules)
+FRAME_PART_BYTES = 8 * 1024**2
+
+
 def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
-    """Write the initial adapter as round 0's only shard and its manifest; returns (manifest key, sha256)."""
+    """Write the initial adapter as round 0's shard (Fed-SB's frame: parts of about ``FRAME_PART_BYTES``, contiguous
+    runs of the sorted items) and its manifest; returns (manifest key, sha256)."""
     import torch
 
     from .adapters import load_adapter, write_safetensors
@@ -124,16 +130,29 @@ def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, p
         for name in modules:
             tensors[f"{name}.lora_R.weight"] = _fed_sb_start(name, tensors)
     federation = config.name
+    ranges = [(0, len(items))]
+    if strategy_spec(config.strategy).sandwich:
+        from .workers.plan import balanced_ranges
+
+        # every later round refers to this frame rather than writing it again, and each of its shard tasks reads
+        # the frame of its own modules: in parts, so a task reads (and hashes) a few parts, not the whole frame
+        sizes = [sum(t.numel() * 4 for k, t in tensors.items() if k == i or k.startswith(f"{i}.lora_")) for i in items]
+        ranges = list(balanced_ranges(sizes, math.ceil(sum(sizes) / FRAME_PART_BYTES)))
+    shards = []
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "shard.safetensors"
-        # one shard in the canonical order every round's shard objects use (all float32: by name)
-        sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
-        key = shard_key(federation, 0, 0, "adapter", sha)
-        try:
-            store.put_file(key, local, write_once=True)
-        except ObjectExists:
-            pass  # content-addressed
-        size = local.stat().st_size
+        for k, (start, end) in enumerate(ranges):
+            part = items[start:end]
+            mine = {key: t for key, t in tensors.items() if key in part or key.rsplit(".lora_", 1)[0] in part}
+            local = Path(tmp) / f"shard-{k}.safetensors"
+            # each shard in the canonical order every round's shard objects use (all float32: by name)
+            sha = write_safetensors(local, mine, {"format": SHARD_FORMAT})
+            key = shard_key(federation, 0, k, "adapter", sha)
+            try:
+                store.put_file(key, local, write_once=True)
+            except ObjectExists:
+                pass  # content-addressed
+            ref = ObjectRef(key, sha, local.stat().st_size)
+            shards.append(ShardEntry(k, part[0], part[-1], len(part), ref, None))
     peft = spec.replace(base_model=config.base_model).to_peft_config()
     manifest = Manifest(
         federation=federation,
@@ -143,18 +162,9 @@ def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, p
         base_model=config.base_model,
         adapter_config=peft,
         clients=(),
-        shards=(
-            ShardEntry(
-                index=0,
-                first=items[0],
-                last=items[-1],
-                items=len(items),
-                adapter=ObjectRef(key, sha, size),
-                residual=None,
-            ),
-        ),
+        shards=tuple(shards),
         modules=len(modules),
-        adapter_bytes=size,
+        adapter_bytes=sum(s.adapter.size for s in shards),
     )
     raw = manifest.to_json()
     mkey = manifest_key(federation, 0)

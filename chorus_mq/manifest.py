@@ -6,6 +6,7 @@ finalized, so a reader verifies the manifest before trusting the object hashes i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -126,6 +127,26 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class FrameRef:
+    """Fed-SB: where a round's frozen frame (every module's ``lora_B`` and ``lora_A``) lies: the adapter objects
+    of the round that published it (round 0), of which readers take the ``lora_A`` and ``lora_B`` tensors only.
+    A round that refers to it stores only its R (and the head), never the frame again."""
+
+    round: int
+    shards: tuple[ShardEntry, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FrameRef:
+        return cls(round=int(d["round"]), shards=tuple(ShardEntry.from_dict(s) for s in d["shards"]))
+
+    @property
+    def identity(self) -> str:
+        """One name for the frame's bytes (its objects' hashes): equal identities hold the same frame."""
+        joined = "\0".join(s.adapter.sha256 for s in self.shards)
+        return hashlib.sha256(f"fed-sb-frame\0{joined}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class Manifest:
     federation: str
     round: int
@@ -158,7 +179,18 @@ class Manifest:
     #: secure rounds: ``summed`` (the clients whose masked inputs the published sum holds), ``dropped``
     #: (client -> the phase it fell silent in, or why it was left out), ``weights`` (published at the open)
     secure: dict[str, Any] | None = None
+    #: Fed-SB rounds after round 0: the frame this round's R is trained in, in the objects of the round that
+    #: published it (its own shards then hold R and the head only); None: the shards hold everything (every
+    #: other strategy, round 0, and Fed-SB rounds written before rounds referred to their frame)
+    frame: FrameRef | None = None
     format: str = MANIFEST_FORMAT
+
+    def frame_source(self) -> FrameRef:
+        """Fed-SB: where this round's frame lies: the frame it refers to, else its own adapter objects."""
+        if self.frame is not None:
+            return self.frame
+        own = tuple(ShardEntry(s.index, s.first, s.last, s.items, s.adapter, None) for s in self.shards)
+        return FrameRef(self.round, own)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -169,6 +201,12 @@ class Manifest:
             del d["buffered"]
         if d["secure"] is None:
             del d["secure"]
+        if d["frame"] is None:
+            del d["frame"]
+        else:
+            for shard in d["frame"]["shards"]:
+                for name in ("residual", "variate", "opt_state"):
+                    del shard[name]  # the frame is an adapter object's tensors only
         for client in d["clients"]:
             for name in ("base_version", "staleness"):
                 if client[name] is None:
@@ -206,6 +244,7 @@ class Manifest:
                 server_opt=None if d.get("server_opt") is None else dict(d["server_opt"]),
                 buffered=None if d.get("buffered") is None else dict(d["buffered"]),
                 secure=None if d.get("secure") is None else dict(d["secure"]),
+                frame=None if d.get("frame") is None else FrameRef.from_dict(d["frame"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidAdapter(f"malformed manifest: {exc}") from None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ChecksumMismatch, ConfigError, NotFound
 from .factors import Residual
-from .manifest import Manifest, ObjectRef
+from .manifest import Manifest, ObjectRef, ShardEntry
 from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -64,6 +64,8 @@ class LocalState:
     folded: int
     increments: tuple[int, ...]
     manifest_sha256: str
+    #: Fed-SB: the identity of the frame ``fed_sb.safetensors`` holds (``FrameRef.identity``); "": none known
+    frame: str = ""
 
     @classmethod
     def load(cls, out: Path) -> LocalState | None:
@@ -80,6 +82,7 @@ class LocalState:
                 folded=int(d["folded"]),
                 increments=tuple(int(r) for r in d["increments"]),
                 manifest_sha256=str(d["manifest_sha256"]),
+                frame=str(d.get("frame", "")),  # absent from directories pulled before rounds referred to a frame
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -96,6 +99,8 @@ class LocalState:
             "increments": list(self.increments),
             "manifest_sha256": self.manifest_sha256,
         }
+        if self.frame:
+            body["frame"] = self.frame
         _atomic_write(out / LOCAL_STATE_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
 
 
@@ -183,8 +188,15 @@ def pull(
     rounds = complete_rounds(state, federation, start, target)
     manifests = {r: manifest if r == target else fetch_manifest(state, store, federation, r)[0] for r in rounds}
     residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
+    sandwich = _sandwich(manifest.strategy)
+    # Fed-SB: the published tensors (frame and R) are kept as they are, the PEFT adapter is built from them
+    published = out / (FED_SB_FILE if sandwich else ADAPTER_WEIGHTS)
+    frame = manifest.frame_source().identity if sandwich else ""
+    # a round that refers to its frame: a directory holding that frame already fetches R and the head only
+    held_frame = held is not None and held.federation == federation and held.frame == frame and published.is_file()
+    fetch_frame = () if manifest.frame is None or held_frame else manifest.frame.shards
     total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
-        s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in manifest.shards
+        s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in (*manifest.shards, *fetch_frame)
     )
     bar = byte_bar(progress, total, f"pull round {target}")
     for r in rounds:
@@ -201,12 +213,17 @@ def pull(
         bar,
     ):
         write_empty_residual(out / RESIDUAL_FILE)
-    sandwich = _sandwich(manifest.strategy)
-    # Fed-SB: the published tensors (frame and R) are kept as they are, the PEFT adapter is built from them
-    published = out / (FED_SB_FILE if sandwich else ADAPTER_WEIGHTS)
     unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
     adapters = [s.adapter for s in manifest.shards]
-    if not unchanged:
+    if manifest.frame is not None:  # the round stored R and the head; its frame lies in round 0's objects
+        try:
+            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=held_frame)
+        except ChecksumMismatch:
+            if not held_frame:
+                raise
+            # the held file lacks a module of the frame (someone edited it): fetch the frame after all
+            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=False)
+    elif not unchanged:
         _merge_into(store, adapters, published, "pt", bar)
     else:
         try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
@@ -229,7 +246,7 @@ def pull(
         for r in increments:
             increment_path(out, r).unlink()
         folded, increments = max(folded, increments[-1]), []
-    LocalState(federation, target, folded, tuple(increments), manifest_sha).save(out)
+    LocalState(federation, target, folded, tuple(increments), manifest_sha, frame).save(out)
     if exact_adapter or residual_adapter:
         _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
     return manifest
@@ -303,6 +320,47 @@ def _sandwich(strategy: str) -> bool:
         return strategy_spec(strategy).sandwich
     except ValueError:
         return False
+
+
+def _fed_sb_file(
+    store: Store,
+    adapters: list[ObjectRef],
+    frame: tuple[ShardEntry, ...],
+    path: Path,
+    progress: Callable[[int], object] | None,
+    *,
+    held_frame: bool,
+) -> None:
+    """``path`` (``fed_sb.safetensors``) for a Fed-SB round that refers to its frame: the round's objects (R and
+    the head) and every module's ``lora_A`` and ``lora_B`` from the frame's objects, or from ``path`` itself when it
+    already holds that frame (``held_frame``: a continuing client fetches R and the head only). Written once."""
+    from safetensors import safe_open
+
+    from .adapters import StreamingWriter, layout_key
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fed-sb-") as tmp:
+        own = Path(tmp) / "round.safetensors"
+        merge_objects(store, adapters, own, {"format": "pt"}, progress)
+        source = path
+        if not held_frame:
+            source = Path(tmp) / "frame.safetensors"
+            merge_objects(store, [s.adapter for s in frame], source, {"format": "pt"}, progress)
+        with safe_open(str(own), "pt") as mine, safe_open(str(source), "pt") as framed:
+            modules = [k.removesuffix(".lora_R.weight") for k in mine.keys() if k.endswith(".lora_R.weight")]  # noqa: SIM118
+            wanted = {f"{m}.{part}.weight": framed for m in modules for part in ("lora_A", "lora_B")}
+            missing = sorted(set(wanted) - set(framed.keys()))
+            if missing:
+                raise ChecksumMismatch(f"the round's frame holds no {missing[0]!r}")
+            handles = dict.fromkeys(mine.keys(), mine) | wanted
+            layout = sorted(
+                ((k, h.get_slice(k).get_dtype(), h.get_slice(k).get_shape()) for k, h in handles.items()),
+                key=layout_key,
+            )
+            writer = StreamingWriter(Path(tmp) / "fed_sb.safetensors", layout, {"format": "pt"})
+            for key, _dtype, _shape in layout:
+                writer.write(key, handles[key].get_tensor(key))
+            writer.close()
+        os.replace(Path(tmp) / "fed_sb.safetensors", path)
 
 
 def write_fed_sb_peft(published: Path, out: Path) -> None:

@@ -1,9 +1,10 @@
 """The masked vector of a secure round: which tensors, in which order, flattened into one float vector.
 
 A linear strategy's aggregate is the weighted mean of one trained tensor per module (the round's
-trainable factor: ``lora_B`` of shape (d_out, r) or ``lora_A`` of shape (r, d_in)) and of each task
-head tensor. Every party lays them out the same way: module factors by module name, then head
-tensors by key, each flattened row-major. The shapes are the published global's, so a client
+trainable factor: ``lora_B`` of shape (d_out, r), ``lora_A`` of shape (r, d_in), or Fed-SB's ``lora_R``
+of shape (r, r) between the frozen frame, never the frame itself) and of each task head tensor.
+Every party lays them out the same way: module factors by module name, then head tensors by key,
+each flattened row-major. The shapes are the published global's, so a client
 whose trained factor has another shape cannot be masked in (its input has the wrong length).
 """
 
@@ -21,6 +22,18 @@ from ..errors import ConfigError
 from ..names import Factor
 
 
+def _trained_shape(shapes: tuple[tuple[int, ...], tuple[int, ...]], trained: Factor) -> tuple[int, ...]:
+    """The trained tensor's shape from the module's published (A's shape, B's shape): A's, B's, or (r, r) for R."""
+    a, b = shapes
+    if trained == Factor.LORA_A:
+        return tuple(a)
+    if trained == Factor.LORA_B:
+        return tuple(b)
+    if trained == Factor.LORA_R:
+        return (a[0], a[0])
+    raise ConfigError(f"a secure round masks lora_A, lora_B or lora_R, not {trained}")
+
+
 @dataclass(frozen=True)
 class MaskedLayout:
     """``entries``: (tensor key, shape) in vector order."""
@@ -35,10 +48,7 @@ class MaskedLayout:
         trained: Factor,
     ) -> MaskedLayout:
         """From the published global: module -> (A's shape, B's shape), head key -> shape, and the trained factor."""
-        if trained not in (Factor.LORA_A, Factor.LORA_B):
-            raise ConfigError(f"a secure round masks lora_A or lora_B, not {trained}")
-        part = 0 if trained == Factor.LORA_A else 1
-        entries = [(f"{m}.{trained}.weight", tuple(modules[m][part])) for m in sorted(modules)]
+        entries = [(f"{m}.{trained}.weight", _trained_shape(modules[m], trained)) for m in sorted(modules)]
         entries += [(k, tuple(extras[k])) for k in sorted(extras)]
         if not entries:
             raise ConfigError("a secure round needs at least one trained tensor")

@@ -14,7 +14,6 @@ from ..errors import ConfigError
 from ..ids import check_name
 from ..names import (
     ExpirePolicy,
-    Factor,
     FederationMode,
     MissingModules,
     RobustAggregate,
@@ -25,7 +24,7 @@ from ..names import (
     WeightPolicy,
 )
 from ..staleness import StalenessRule
-from ..strategy import check_buffered, strategy_spec
+from ..strategy import all_specs, check_buffered, strategy_spec
 from .protocol import decode_fields, encode_value, field_types
 
 
@@ -318,17 +317,10 @@ class FederationConfig:
                     raise ConfigError(f"{_flag(name)} applies only with --secure-aggregation")
             return
         if not strategy_spec(self.strategy).linear:
+            linear = ", ".join(s.name.value for s in all_specs() if s.linear)
             raise ConfigError(
-                f"--secure-aggregation needs a linear strategy (ffa-lora, rolora): {self.strategy} needs each "
+                f"--secure-aggregation needs a linear strategy ({linear}): {self.strategy} needs each "
                 "client's factors in the clear, which secure aggregation hides from the workers"
-            )
-        spec = strategy_spec(self.strategy)
-        masked = (Factor.LORA_A, Factor.LORA_B)
-        if any(f not in masked for f in spec.trains):  # e.g. a trained r x r matrix between frozen factors
-            raise ConfigError(
-                f"--secure-aggregation is not built yet for --strategy {self.strategy}: its clients train "
-                f"{', '.join(str(f) for f in spec.trains)}, and a secure round masks lora_A or lora_B; use ffa-lora "
-                "or rolora"
             )
         why = "--secure-aggregation hides each client's update from the workers, so it does not combine with"
         refused = {

@@ -20,10 +20,12 @@ from ..layout import manifest_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
 from ..names import RoundStatus, ScriptStatus, ServerOptimizer, Task
 from ..state import FederationConfig, RoundInfo
+from ..strategy import strategy_spec
 from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
 from .flush import manifest_fields
 from .metrics import METRICS
+from .previous import fed_sb_frame
 from .round_plan import Plan
 from .runtime import Runtime
 from .server_step import collect_states
@@ -147,6 +149,8 @@ def build_manifest(
         global_eval=reported_eval(records),
         server_opt=_server_opt(config, plan),
         buffered=manifest_fields(plan, config),
+        # Fed-SB: the shards hold R (and the head); the frame is round 0's, referred to rather than written again
+        frame=fed_sb_frame(rt, federation) if strategy_spec(config.strategy).sandwich else None,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..adapters import LoraSpec
 from ..errors import StateCorrupt
-from ..manifest import Manifest, ObjectRef, ShardEntry
+from ..manifest import FrameRef, Manifest, ObjectRef, ShardEntry
 from ..results import fetch_manifest
 from .runtime import Runtime
 
@@ -55,6 +55,9 @@ def previous_global(rt: Runtime, federation: str, round_: int | None, items: Ite
     suffixes = ("", ".lora_A.weight", ".lora_B.weight", ".lora_R.weight")
     keys = {f"{item}{suffix}" for item in wanted for suffix in suffixes}
     tensors = read_part(rt, manifest, lambda s: s.adapter, wanted, keys)
+    if manifest.frame is not None:  # Fed-SB: the round stored R; its frame lies in the objects that published it
+        frame_keys = {f"{item}.{part}.weight" for item in wanted for part in ("lora_A", "lora_B")}
+        tensors.update(read_part(rt, manifest, lambda s: s.adapter, wanted, frame_keys, manifest.frame.shards))
     spec = LoraSpec.from_peft_config(manifest.adapter_config)
     out = PreviousGlobal(round_)
     for item in wanted:
@@ -67,17 +70,25 @@ def previous_global(rt: Runtime, federation: str, round_: int | None, items: Ite
     return out
 
 
+def fed_sb_frame(rt: Runtime, federation: str) -> FrameRef:
+    """Where a Fed-SB federation's frame lies: the objects of round 0, which published it (every later round
+    refers to them rather than writing the frame again)."""
+    manifest, _ = fetch_manifest(rt.state, rt.store, federation, 0)
+    return manifest.frame_source()
+
+
 def read_part(
     rt: Runtime,
     manifest: Manifest,
     part: Callable[[ShardEntry], ObjectRef | None],
     items: Collection[str],
     keys: Collection[str],
+    shards: Sequence[ShardEntry] | None = None,
 ) -> dict[str, Tensor]:
-    """The tensors named ``keys`` of the objects ``part`` picks from the shards of ``manifest`` that hold
-    any of ``items``, read now."""
+    """The tensors named ``keys`` of the objects ``part`` picks from the shards of ``manifest`` (or ``shards``)
+    that hold any of ``items``, read now."""
     with contextlib.ExitStack() as stack:
-        opened = open_part(rt, manifest, part, items, keys, stack)
+        opened = open_part(rt, manifest, part, items, keys, stack, shards)
         return {key: opened.get(key) for key in opened.names()}
 
 
@@ -113,14 +124,16 @@ def open_part(
     items: Collection[str],
     keys: Collection[str],
     stack: contextlib.ExitStack,
+    shards: Sequence[ShardEntry] | None = None,
 ) -> Part:
-    """Open the objects ``part`` picks from the shards of ``manifest`` that hold any of ``items`` (each checked
-    against its hash before a byte of it is parsed; closed with ``stack``) for their tensors named ``keys``."""
+    """Open the objects ``part`` picks from the shards of ``manifest`` (or ``shards``, e.g. a Fed-SB round's frame)
+    that hold any of ``items`` (each checked against its hash before a byte of it is parsed; closed with
+    ``stack``) for their tensors named ``keys``."""
     from safetensors import safe_open
 
     out = Part()
     ordered = sorted(items)
-    for shard in manifest.shards:
+    for shard in manifest.shards if shards is None else shards:
         ref = part(shard)
         if ref is None or not _covers(shard, ordered):
             continue

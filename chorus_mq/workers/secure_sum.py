@@ -9,9 +9,10 @@ who is summed, and the round's tensors split into contiguous shards by name. Eac
 seeds (the survivors' self-mask seeds and the dropped clients' mask keys, never anything of a
 live client's pairwise masks: ``SecAggServer.unmask_seeds``), reads its slice of each survivor's
 masked input by range, and writes its tensors (the frozen factor as published, the unmasked
-weighted mean of the trained one) to a write-once, content-addressed object; ``shard_done.lua``
-records it once under the epoch, and the last one enqueues the commit (:func:`commit_secure`):
-the manifest, write-once, then the fenced finalize. No step keeps anything in memory between
+weighted mean of the trained one; for Fed-SB the mean R alone, its manifest referring to round 0's
+frame) to a write-once, content-addressed object; ``shard_done.lua`` records it once under the
+epoch, and the last one enqueues the commit (:func:`commit_secure`): the manifest, write-once, then
+the fenced finalize. No step keeps anything in memory between
 tasks and every output depends only on the stored state, so a worker that dies between any two
 steps leaves work that the next run (the sweep re-sends the round task) finishes with the same bytes.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from ..errors import ObjectExists, ObjectMissing, SecAggError
 from ..layout import accepted_key, manifest_key, shard_key
 from ..manifest import ClientEntry, Manifest, ObjectRef, ShardEntry
-from ..names import SHARD_FORMAT, RoundStatus, ScriptStatus, SecAggPhase, Task
+from ..names import SHARD_FORMAT, Factor, RoundStatus, ScriptStatus, SecAggPhase, Task
 from ..results import fetch_manifest
 from ..secagg import wire
 from ..secagg.encoding import U64, Encoded
@@ -44,7 +45,7 @@ from ..state.secagg_flow import advance, replay
 from .dispatch import Dispatcher
 from .lease import Heartbeat
 from .plan import balanced_ranges
-from .previous import previous_global
+from .previous import fed_sb_frame, previous_global
 from .runtime import Runtime
 from .secure import public, rounds_of
 from .shard import ShardResult
@@ -257,14 +258,16 @@ def compute_secure_shard(
             total = noise_sum(total, sigma, noise_generator(noise_key, federation, r, f"secagg|{key}"))
         value = (total / total_weight).reshape(dict(pub.layout.entries)[key])
         trained[key] = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float32)
-    published = previous_global(rt, federation, pub.start, items)
+    # the frozen factor as the start published it; Fed-SB writes R alone (its manifest refers to round 0's frame)
+    carried = [] if pub.trainable == Factor.LORA_R else items
+    published = previous_global(rt, federation, pub.start, carried)
     tensors: dict[str, torch.Tensor] = {}
     for m, mod in published.modules.items():
         tensors[f"{m}.lora_A.weight"] = mod.A.to(torch.float32)
         tensors[f"{m}.lora_B.weight"] = mod.B.to(torch.float32)
     for key, t in published.extras.items():
         tensors[key] = t.to(torch.float32)
-    if set(published.modules) | set(published.extras) != set(items):
+    if set(published.modules) | set(published.extras) != set(carried):
         raise SecAggError(f"round {pub.start} did not publish every item of shard {k}: {items}")
     tensors.update(trained)
     computed = time.perf_counter()
@@ -413,4 +416,5 @@ def _manifest(rt: Runtime, federation: str, r: int, epoch: int, started: float) 
             "neighbours": pub.neighbours,
             "threshold": pub.threshold,
         },
+        frame=fed_sb_frame(rt, federation) if pub.trainable == Factor.LORA_R else None,
     )

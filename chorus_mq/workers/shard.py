@@ -245,13 +245,14 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             else:
                 assert isinstance(result, ModuleResult)
                 _check_shape(job, result)
-                adapter_file.write(f"{job.name}.lora_A.weight", result.A.to(_F32).contiguous())
-                adapter_file.write(f"{job.name}.lora_B.weight", result.B.to(_F32).contiguous())
-                adapter_bytes += (result.A.numel() + result.B.numel()) * 4
-                if job.frame is not None:
+                if job.frame is not None:  # Fed-SB: R alone; the manifest refers to round 0's frame
                     assert result.R is not None  # the sandwich rule returns it
                     adapter_file.write(f"{job.name}.lora_R.weight", result.R.to(_F32).contiguous())
                     adapter_bytes += result.R.numel() * 4
+                else:
+                    adapter_file.write(f"{job.name}.lora_A.weight", result.A.to(_F32).contiguous())
+                    adapter_file.write(f"{job.name}.lora_B.weight", result.B.to(_F32).contiguous())
+                    adapter_bytes += (result.A.numel() + result.B.numel()) * 4
                 out[job.name] = (int(result.A.shape[0]), float(result.scaling))
                 res = result.residual
                 if job.residual == "dense":
@@ -365,10 +366,11 @@ def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, 
             adapter.append((job.name, _F32, job.shape))
             continue
         d_out, d_in = job.shape
-        adapter.append((f"{job.name}.lora_A.weight", _F32, (job.rank, d_in)))
-        adapter.append((f"{job.name}.lora_B.weight", _F32, (d_out, job.rank)))
-        if job.frame is not None:  # Fed-SB: the frame as published, then the averaged R
+        if job.frame is not None:  # Fed-SB: the averaged R only (the frame stays in round 0's objects)
             adapter.append((f"{job.name}.lora_R.weight", _F32, (job.rank, job.rank)))
+        else:
+            adapter.append((f"{job.name}.lora_A.weight", _F32, (job.rank, d_in)))
+            adapter.append((f"{job.name}.lora_B.weight", _F32, (d_out, job.rank)))
         if job.residual == "dense":
             residual.append((f"{job.name}.residual", _F32, (d_out, d_in)))
         elif job.residual == "factored":

@@ -27,12 +27,12 @@ def test_secure_config_round_trips_and_keeps_k_t_timeout():
     cfg = _cfg(secagg_neighbours=4, secagg_threshold=3, secagg_phase_timeout=30)
     again = FederationConfig.from_hash(cfg.to_hash())
     assert again == cfg and again.secure_aggregation and (again.secagg_neighbours, again.secagg_threshold) == (4, 3)
-    assert _cfg(strategy="rolora").secure_aggregation
+    assert _cfg(strategy="rolora").secure_aggregation and _cfg(strategy="fed-sb").secure_aggregation
 
 
 @pytest.mark.parametrize("strategy", ["fedex-lora", "fedavg", "svd", "stack"])
 def test_non_linear_strategies_are_refused(strategy):
-    with pytest.raises(ConfigError, match=f"needs a linear strategy.*{strategy} needs each client's factors"):
+    with pytest.raises(ConfigError, match=f"linear strategy \\(ffa-lora, rolora, fed-sb\\): {strategy} needs each"):
         _cfg(strategy=strategy)
 
 
@@ -86,6 +86,10 @@ def test_layout_orders_modules_then_head_and_round_trips():
     assert layout.length == 12 + 6 + 12
     only_a = MaskedLayout.for_round(modules, {}, Factor.LORA_A)
     assert only_a.entries == (("m.a.lora_A.weight", (2, 4)), ("m.b.lora_A.weight", (2, 5)))
+    # fed-sb: each module's r x r R (r: A's rows), never the frame's B or A
+    only_r = MaskedLayout.for_round(modules, {"head.weight": (3, 4)}, Factor.LORA_R)
+    assert only_r.entries == (("m.a.lora_R.weight", (2, 2)), ("m.b.lora_R.weight", (2, 2)), ("head.weight", (3, 4)))
+    assert only_r.length == 4 + 4 + 12
     g = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(s, generator=g) for k, s in layout.entries}
     back = layout.unflatten(layout.flatten(tensors))

@@ -14,6 +14,7 @@ from safetensors.torch import load, load_file, save_file
 
 from chorus_mq.errors import InvalidAdapter, Rejected
 from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, TaskType
+from chorus_mq.results import fetch_manifest
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
@@ -125,18 +126,30 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
             peft_got = scaling * peft[f"{m}.lora_B.weight"].to(F64) @ peft[f"{m}.lora_A.weight"].to(F64)
             assert float((peft_got - want).norm() / want.norm()) <= 1e-6, (r, m)
 
-    # a continuing client fetches R and the head only: bytes independent of the clients, ~r^2 per module
+    # a round after round 0 stores R and the head only, its manifest referring to round 0's objects for the frame
+    m0, _ = fetch_manifest(operator.state, operator.store, fed, 0)
+    head = {k for k in p0 if ".lora_" not in k}
+    assert head  # a seq-cls federation's task head
+    for r in (1, 2):
+        manifest, _ = fetch_manifest(operator.state, operator.store, fed, r)
+        assert manifest.frame is not None and manifest.frame.round == 0
+        assert [s.adapter for s in manifest.frame.shards] == [s.adapter for s in m0.shards]
+        stored = {k: t for s in manifest.shards for k, t in load(operator.store.get_bytes(s.adapter.key)).items()}
+        assert set(stored) == {f"{m}.lora_R.weight" for m in modules} | head
+        assert manifest.adapter_bytes == sum(t.numel() * 4 for t in stored.values())
+    # a continuing client fetches R and the head only (it holds the frame): bytes independent of the clients
     cont = tmp_path / "continuing"
     operator.pull(fed, cont, 1)
     fetched = _count_reads(operator.store)
     manifest = operator.pull(fed, cont, 2)
     p2 = load_file(held[2] / FED_SB_FILE)
-    frame_bytes = sum(t.numel() * 4 for k, t in p2.items() if k.endswith((".lora_A.weight", ".lora_B.weight")))
     whole = sum(s.adapter.size for s in manifest.shards)
     r_bytes = sum(t.numel() * 4 for k, t in p2.items() if k.endswith(".lora_R.weight"))
-    assert r_bytes == len(modules) * RANK * RANK * 4
-    assert frame_bytes > 0 and fetched[0] == whole - frame_bytes
+    frame_bytes = sum(t.numel() * 4 for k, t in p2.items() if k.endswith((".lora_A.weight", ".lora_B.weight")))
+    assert r_bytes == len(modules) * RANK * RANK * 4 and r_bytes < whole < frame_bytes
+    assert fetched[0] == whole
     assert (cont / ADAPTER_WEIGHTS).read_bytes() == (held[2] / ADAPTER_WEIGHTS).read_bytes()
+    assert (cont / FED_SB_FILE).read_bytes() == (held[2] / FED_SB_FILE).read_bytes()
 
     # export: a plain model with the exact PEFT model's logits
     from transformers import AutoModelForSequenceClassification

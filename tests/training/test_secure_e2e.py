@@ -3,7 +3,8 @@ the federation created by the CLI (``--secure-aggregation``), clients driven thr
 (``ChorusClient.secure_round``) in threads. The published adapter is the round's frozen A bit for bit and
 the float64 oracle's weighted mean of the summed clients' B (and head) to 1e-5; dropouts before and after
 the masked input leave the exact sum of the others, named in the manifest; a hostile client's unsigned and
-wrong-length shares are refused with their reasons and the round is unharmed."""
+wrong-length shares are refused with their reasons and the round is unharmed. Fed-SB's secure rounds mask R (and
+the head) only, publish the exact mean R and refer to round 0's frame."""
 
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ class Stop(Exception):
 SHARDED = {"CHORUS_SHARD_BYTES": "1"}
 
 
-def _create(deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str) -> dict[str, str]:
+def _create(
+    deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str, strategy: str = "ffa-lora"
+) -> dict[str, str]:
     deployment.start_worker(concurrency=1, env=SHARDED)
     deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
     deployment.cli(
         "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", str(len(clients)),
         "--task", "seq-cls", "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", "ffa-lora", "--secure-aggregation", *extra,
+        "--strategy", strategy, "--secure-aggregation", *extra,
     )  # fmt: skip
     operator = deployment.sdk()
     return {c: operator.add_client(fed, c).secret for c in clients}
@@ -61,11 +64,20 @@ def _update(pub: RoundPublic, seed: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(shape, generator=g, dtype=torch.float32) * 0.05 for k, shape in pub.layout.entries}
 
 
+#: the factors a round keeps as published, by what it trains (Fed-SB trains R between both)
+FROZEN = {"lora_B": ("lora_A",), "lora_A": ("lora_B",), "lora_R": ("lora_A", "lora_B")}
+
+
 def _published(sdk, fed: str, r: int):
+    """Round ``r``'s manifest and every tensor it publishes: its shards', and a Fed-SB round's frame from the objects
+    its manifest refers to (round 0's), of which only lora_A and lora_B are the frame."""
     manifest, _ = fetch_manifest(sdk.state, sdk.store, fed, r)
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest.shards:
         tensors.update(load(sdk.store.get_bytes(shard.adapter.key)))
+    for shard in manifest.frame.shards if manifest.frame is not None else ():
+        framed = load(sdk.store.get_bytes(shard.adapter.key))
+        tensors.update({k: t for k, t in framed.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
     return manifest, tensors
 
 
@@ -79,8 +91,8 @@ def _check_exact(sdk, fed: str, r: int, pub: RoundPublic, updates: dict[str, dic
         want = sum(updates[c][key].to(F64) * pub.weights[c] for c in summed) / total
         err = float((got[key].to(F64) - want).norm() / want.norm())
         assert err <= 1e-5, (key, err)
-    suffix = ".lora_A.weight" if pub.trainable == "lora_B" else ".lora_B.weight"
-    frozen = [k for k in start if k.endswith(suffix)]
+    suffixes = tuple(f".{f}.weight" for f in FROZEN[pub.trainable])
+    frozen = [k for k in start if k.endswith(suffixes)]
     assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # the frozen factor, bit for bit
     return manifest
 
@@ -207,6 +219,75 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     assert secure_sum.commit_secure(rt, fed, 1, operator.state.round(fed, 1).epoch) == "already"
 
 
+def test_secure_fed_sb_round_masks_r_only_and_publishes_the_exact_mean_r(deployment, tiny_bert_dir, tmp_path):
+    """A secure fed-sb round: the masked vector is every module's R and the head, never the frozen frame; c3 falls
+    silent before its masked input (its pairwise masks are recovered from the others' shares); the round publishes
+    the exact weighted mean R of the other three (the plain round's average, to the float64 oracle), stores R and
+    the head only, refers to round 0's frame, and pulls as a standard PEFT adapter (lora_B = B R, lora_A = A)."""
+    from safetensors.torch import load_file
+
+    from chorus_mq.names import ADAPTER_WEIGHTS
+
+    torch.set_num_threads(1)
+    fed = "secsb"
+    clients = ["c0", "c1", "c2", "c3"]
+    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3", strategy="fed-sb")
+    operator = deployment.sdk()
+    pub = _public(operator, fed, 1)
+    assert pub.trainable == "lora_R" and pub.start == 0
+    keys = [k for k, _ in pub.layout.entries]
+    r_keys = [k for k in keys if k.endswith(".lora_R.weight")]
+    assert r_keys and all(shape == (4, 4) for k, shape in pub.layout.entries if k in r_keys)
+    assert not any(".lora_A." in k or ".lora_B." in k for k in keys)  # the frame is never masked
+    assert set(keys) - set(r_keys)  # the task head is
+    updates = {c: _update(pub, 80 + i) for i, c in enumerate(clients)}
+    failures: list[BaseException] = []
+
+    def run(c: str) -> None:
+        def on_phase(_r: int, phase: str) -> None:
+            if c == "c3" and phase == "masked_input":
+                raise Stop(phase)
+
+        try:
+            sdk = deployment.sdk(client_secret=secrets[c])
+            res = sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
+            assert res.summed == ("c0", "c1", "c2"), res
+        except Stop:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not failures, failures
+    summed = ["c0", "c1", "c2"]
+    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    assert manifest.secure["dropped"] == {"c3": "masked_input"} and manifest.secure["trainable"] == "lora_R"
+    # the round stored R and the head only; its frame is round 0's objects
+    start, _ = fetch_manifest(operator.state, operator.store, fed, 0)
+    assert manifest.frame is not None and manifest.frame.round == 0
+    assert [s.adapter for s in manifest.frame.shards] == [s.adapter for s in start.shards]
+    stored = {k for s in manifest.shards for k in load(operator.store.get_bytes(s.adapter.key))}
+    assert stored == set(keys) and len(manifest.shards) > 1
+    # pulled: the standard PEFT adapter of the exact update s B R A, R the oracle's weighted mean
+    _, frame = _published(operator, fed, 0)
+    out = tmp_path / "pulled"
+    operator.pull(fed, out, 1)
+    peft = load_file(out / ADAPTER_WEIGHTS)
+    assert not any(k.endswith(".lora_R.weight") for k in peft)
+    total = sum(pub.weights[c] for c in summed)
+    for key in r_keys:
+        m = key.removesuffix(".lora_R.weight")
+        b, a = frame[f"{m}.lora_B.weight"].to(F64), frame[f"{m}.lora_A.weight"].to(F64)
+        want = b @ (sum(updates[c][key].to(F64) * pub.weights[c] for c in summed) / total) @ a
+        got = peft[f"{m}.lora_B.weight"].to(F64) @ peft[f"{m}.lora_A.weight"].to(F64)
+        assert float((got - want).norm() / want.norm()) <= 1e-5, m
+        assert torch.equal(peft[f"{m}.lora_A.weight"], frame[f"{m}.lora_A.weight"])
+
+
 def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
     """``chorus-mq upload`` processes, one per client, each a PEFT adapter (round 0's, B and head moved): each
     stays up through the phases, prints them, and ends ``summed``; the round is exact against the files."""
@@ -294,23 +375,29 @@ def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, 
     assert manifest.secure["dropped"] == {}
 
 
-def test_train_runs_secure_rounds_of_rolora(deployment, tiny_bert_dir, tmp_path):
-    """``train`` (the SDK's driver, as ``chorus-mq train`` runs it) on a secure rolora federation: three clients,
-    two rounds (B, then A); each round publishes its frozen factor bit for bit and the exact weighted mean of the
-    trained one the clients uploaded (their adapters kept in the work dirs)."""
+@pytest.mark.parametrize(
+    ("strategy", "trains"),
+    [("rolora", ("lora_B", "lora_A")), ("fed-sb", ("lora_R", "lora_R"))],
+    ids=["rolora", "fed-sb"],
+)
+def test_train_runs_secure_rounds(deployment, tiny_bert_dir, tmp_path, strategy, trains):
+    """``train`` (the SDK's driver, as ``chorus-mq train`` runs it) on a secure federation: three clients, two
+    rounds (rolora: B, then A; fed-sb: R both times, uploads of lora_R only); each round publishes its frozen
+    factors bit for bit and the exact weighted mean of the trained one the clients uploaded (their adapters kept
+    in the work dirs)."""
     from chorus_mq.training.data import Examples
 
     from .test_local import WORDS
 
     torch.set_num_threads(1)
-    fed = "sectrain"
+    fed = "sectrain" + strategy.replace("-", "")
     clients = ["c0", "c1", "c2"]
     deployment.start_worker(concurrency=1)
     deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
     deployment.cli(
         "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
         "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", "rolora", "--secure-aggregation",
+        "--strategy", strategy, "--secure-aggregation",
     )  # fmt: skip
     operator = deployment.sdk()
     secrets = {c: operator.add_client(fed, c).secret for c in clients}
@@ -339,12 +426,13 @@ def test_train_runs_secure_rounds_of_rolora(deployment, tiny_bert_dir, tmp_path)
         t.join(timeout=600)
     assert not failures, failures
     _, previous = _published(operator, fed, 0)
-    for r, trained in ((1, "lora_B"), (2, "lora_A")):
+    for r, trained in enumerate(trains, start=1):
         manifest, got = _published(operator, fed, r)
         assert manifest.secure["summed"] == clients and manifest.secure["trainable"] == trained
-        frozen = "lora_A" if trained == "lora_B" else "lora_B"
+        frozen = tuple(f".{f}.weight" for f in FROZEN[trained])
+        assert any(key.endswith(frozen) for key in got)
         for key in got:
-            if key.endswith(f".{frozen}.weight"):
+            if key.endswith(frozen):
                 assert torch.equal(got[key], previous[key]), key
             elif key.endswith(f".{trained}.weight"):
                 assert not torch.equal(got[key], previous[key]), key
