@@ -90,7 +90,7 @@ class FederationConfig:
     max_staleness: int = 10
     #: buffered: g(τ), ``constant``, ``poly:A`` or ``hinge:A,B``
     staleness_weight: str = "poly:0.5"
-    #: buffered: accepted deltas of one client in one flush
+    #: buffered: accepted deltas of one client in one flush; its policy weight is split evenly among them
     max_per_client_per_flush: int = 1
     #: secure aggregation (SecAgg+, chorus_mq/secagg): workers see only the sum of the clients' masked updates
     secure_aggregation: bool = False
@@ -223,8 +223,6 @@ class FederationConfig:
                     raise ConfigError(f"{_flag(name)} applies only to --mode buffered")
             return
         check_buffered(self.strategy)
-        if self.max_per_client_per_flush != 1:
-            raise ConfigError("--max-per-client-per-flush above 1 is not built yet: one delta per client per flush")
         refused = {
             "--scaffold": self.scaffold,
             "--personal-heads": self.personal_heads,

@@ -1,7 +1,7 @@
 """``chorus-mq train`` in a buffered federation: no round barrier, one contribution after another.
 
-Each contribution: pull the latest version ``v``, train from it, wait until the buffer this client's last
-delta joined has flushed (one delta per client per flush), upload naming ``--base-version v``, then start
+Each contribution: pull the latest version ``v``, train from it, wait while the open buffer holds
+``--max-per-client-per-flush`` of this client's deltas, upload naming ``--base-version v``, then start
 again at once. ``--rounds`` counts the client's own contributions. The work dir records each contribution
 (``buffered_state.json``: its slot, sha256, the buffer that took it, its base version) as soon as the verdict
 is in, and the trained adapter before it is uploaded, so a restart re-uploads the same bytes (a duplicate the
@@ -126,7 +126,7 @@ def run_buffered(
             trained = session.train(slot, latest)
         else:
             log.info("contribution %d: re-uploading the adapter trained from version %s", slot, trained.start_round)
-        _wait_for_own_buffers(sdk, federation, state, timeout=timeout, poll=poll)
+        _wait_for_own_buffers(sdk, federation, state, config.max_per_client_per_flush, timeout=timeout, poll=poll)
         try:
             result = sdk.upload(
                 federation,
@@ -187,21 +187,34 @@ def _refresh(sdk: ParticipantSdk, federation: str, client_id: str, state: Buffer
 
 
 def _wait_for_own_buffers(
-    sdk: ParticipantSdk, federation: str, state: BufferedState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: BufferedState, allowance: int, *, timeout: float | None, poll: float
 ) -> None:
-    """Until no buffer holding one of this client's deltas is still open (one delta per client per flush)."""
+    """Until no open buffer holds ``allowance`` (``--max-per-client-per-flush``) of this client's deltas."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    for c in state.contributions:
-        while sdk.state.round(federation, c.round).state == RoundStatus.OPEN:
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(f"buffer {c.round} of {federation!r} did not flush within {timeout:.0f}s")
-            time.sleep(poll)
+
+    def full() -> int | None:
+        held: dict[int, int] = {}
+        for c in state.contributions:
+            held[c.round] = held.get(c.round, 0) + 1
+        return next(
+            (
+                r
+                for r, k in sorted(held.items())
+                if k >= allowance and sdk.state.round(federation, r).state == RoundStatus.OPEN
+            ),
+            None,
+        )
+
+    while (r := full()) is not None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"buffer {r} of {federation!r} did not flush within {timeout:.0f}s")
+        time.sleep(poll)
 
 
 def _locate(sdk: ParticipantSdk, federation: str, client_id: str, sha: str, base: int) -> int:
     """The buffer (round) that holds this client's delta ``sha``: a re-upload after a restart is a duplicate
     of the buffer that took it first, wherever the verdict was given."""
     for r in range(sdk.state.current_round(federation), base, -1):
-        if sdk.state.registered_sha(federation, r, client_id) == sha:
+        if sha in sdk.state.registered_shas(federation, r, client_id):
             return r
     raise ConfigError(f"delta {sha[:12]}... was accepted but no buffer after version {base} holds it")

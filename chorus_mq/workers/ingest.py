@@ -328,10 +328,11 @@ def _register(
         reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
     check_buffered_reply(msg, reply, config)
     if reply.status == ScriptStatus.CONFLICT and config.buffered:
+        limit = config.max_per_client_per_flush
+        held = "a delta" if limit == 1 else f"{limit} deltas"
         raise DuplicateDelta(
-            f"client {msg.client_id!r} already has a delta (sha256 {reply.detail[:12]}...) in the open buffer "
-            f"(round {r}); --max-per-client-per-flush is {config.max_per_client_per_flush}: upload again once "
-            f"round {r} is aggregating"
+            f"client {msg.client_id!r} already has {held} (the last sha256 {reply.detail[:12]}...) in the open "
+            f"buffer (round {r}); --max-per-client-per-flush is {limit}: upload again once round {r} is aggregating"
         )
     if reply.status == ScriptStatus.CONFLICT:
         raise DuplicateDelta(
@@ -491,7 +492,7 @@ def _record(
 def _precheck_round(rt: Runtime, msg: IngestMessage, r: int) -> None:
     """Refuse a closed round before downloading anything (the Lua script re-checks atomically)."""
     info = rt.state.round(msg.federation, r)
-    if info.state != RoundStatus.OPEN and rt.state.registered_sha(msg.federation, r, msg.client_id) != msg.sha256:
+    if info.state != RoundStatus.OPEN and msg.sha256 not in info.shas_of(msg.client_id):
         raise RoundClosed(_closed_reason(r, info.state))
     if info.selected and msg.client_id not in info.selected:
         raise NotSelected(_not_selected_reason(rt, msg, r))

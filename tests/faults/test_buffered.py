@@ -39,17 +39,21 @@ class BufferedOracle:
         self.x = published(start)[0]
         self.products = {0: published(start)[1]}  # each version's adapter product
 
-    def flush(self, version: int, uploads: list[tuple[int, int]]) -> dict[str, float]:
-        """Version ``version + 1`` from ``uploads`` [(client i, base version)] (uniform weights); returns p."""
-        raw = {f"c{i}": self.rule.g(version - b) for i, b in uploads}
+    def flush(self, version: int, uploads: list[tuple[int, int]], weights: dict[int, float] | None = None):
+        """Version ``version + 1`` from ``uploads`` [(upload i, base version)]; returns p by client ``c{i}``.
+        ``weights``: each upload's weight before g (default uniform), then p is returned by upload i."""
+        w = weights or dict.fromkeys((i for i, _ in uploads), 1.0)
+        raw = {i: w[i] * self.rule.g(version - b) for i, b in uploads}
         total = math.fsum(raw.values())
         for name in MODULES:
             module = f"{PEFT_PREFIX}{name}"
             step = np.zeros_like(self.x[module])
             for i, b in uploads:
-                step += raw[f"c{i}"] / total * (self.product(i, name) - self.products[b][module])
+                step += raw[i] / total * (self.product(i, name) - self.products[b][module])
             self.x[module] = self.x[module] + self.lr * step
-        return {c: g / total for c, g in raw.items()}
+        if weights is not None:
+            return {i: g / total for i, g in raw.items()}
+        return {f"c{i}": g / total for i, g in raw.items()}
 
     def check(self, out, version: int) -> float:
         total, products, _ = published(out)
@@ -116,6 +120,40 @@ def test_flushes_from_stale_bases_are_exact_and_a_too_stale_delta_is_refused(dep
     with pytest.raises(Rejected, match="not published yet"):
         sdk.upload("buf", delta_file(10), "c10", dataset_size=100.0, base_version=4, timeout=60)
     assert sdk.state.round("buf", 4).n == 0
+
+
+def test_a_fast_client_contributes_twice_to_one_flush_and_shares_its_weight(deployment, delta_file, tmp_path):
+    """--max-per-client-per-flush 2: c0 sends two deltas (from versions 1 and 0) into buffer 2, its third is
+    refused naming the limit; each delta is its own term, exact against the oracle with c0's uniform weight
+    split evenly between its two deltas (then discounted by each one's staleness)."""
+    sdk = deployment.sdk()
+    start = _create(sdk, "fast", tmp_path, max_per_client_per_flush=2, max_client_weight=1.0)
+    oracle = BufferedOracle(start, 1.0, "poly:0.5")
+    deployment.start_worker()
+    _upload_all(sdk, "fast", [(0, 0), (1, 0), (2, 0)], delta_file)  # three clients, once each
+    assert wait_round(deployment, "fast", 1) == "complete"
+    _pull_and_check(sdk, oracle, "fast", 1, [(0, 0), (1, 0), (2, 0)], tmp_path)
+    first = upload(sdk, "fast", "c0", delta_file(3), 100.0, base_version=1)
+    second = upload(sdk, "fast", "c0", delta_file(4), 100.0, base_version=0)
+    assert (first.round, second.round) == (2, 2) and sdk.state.round("fast", 2).n == 2
+    again = sdk.upload("fast", delta_file(4), "c0", dataset_size=100.0, base_version=0, timeout=60)
+    assert (again.status, again.round) == ("duplicate", 2)
+    with pytest.raises(Rejected, match=r"already has 2 deltas .* --max-per-client-per-flush is 2"):
+        sdk.upload("fast", delta_file(6), "c0", dataset_size=100.0, base_version=1, timeout=60)
+    upload(sdk, "fast", "c1", delta_file(5), 100.0, base_version=1)
+    assert wait_round(deployment, "fast", 2) == "complete"
+    assert set(sdk.state.deltas("fast", 2)) == {"c0", "c0#2", "c1"}
+    # uploads 3, 4 (c0, half its weight each) and 5 (c1, all of its own)
+    p = oracle.flush(1, [(3, 1), (4, 0), (5, 1)], weights={3: 0.25, 4: 0.25, 5: 0.5})
+    manifest = sdk.pull("fast", tmp_path / "fast-2", 2)
+    error = oracle.check(tmp_path / "fast-2", 2)
+    assert error < 1e-6, f"version 2: {error:.2e} from the oracle"
+    entries = sorted((c.client_id, c.sha256, c.base_version, c.staleness, c.weight) for c in manifest.clients)
+    sha = {3: first.sha256, 4: second.sha256}
+    c1 = next(c for c in manifest.clients if c.client_id == "c1")
+    assert entries[:2] == sorted(("c0", sha[i], b, 1 - b, p[i]) for i, b in ((3, 1), (4, 0)))
+    assert (c1.base_version, c1.staleness) == (1, 0) and math.isclose(c1.weight, p[5], rel_tol=1e-12)
+    assert math.isclose(p[3] + p[4], 0.25 * (1 + 2**-0.5) / (0.25 * (1 + 2**-0.5) + 0.5), rel_tol=1e-12)
 
 
 def test_two_flushes_of_racing_uploads_lose_nothing_and_share_nothing(deployment, delta_file, tmp_path):

@@ -88,17 +88,75 @@ def test_sync_rounds_ignore_base_versions(either_redis):
     assert not state.redis.exists(state.keys("fed").round(2)) and not state.redis.exists(state.keys("fed").ledger)
 
 
+def test_a_client_holds_up_to_its_allowance_in_one_buffer(either_redis):
+    state = make_state(either_redis, quorum=5, **{**BUFFERED, "max_per_client_per_flush": 3})
+    for k, base in ((1, 0), (2, 0), (3, 0)):
+        assert state.register("fed", 1, _rec("a", base=base, sha=f"{k:064x}")).status == "accepted"
+    assert set(state.deltas("fed", 1)) == {"a", "a#2", "a#3"}
+    assert {rec.sha256 for rec in state.deltas("fed", 1).values()} == {f"{k:064x}" for k in (1, 2, 3)}
+    info = state.round("fed", 1)
+    assert info.n == 3 and info.clients == ["a"] and info.shas_of("a") == [f"{k:064x}" for k in (1, 2, 3)]
+    # the same bytes again are a no-op, whichever term holds them; a fourth delta is over the allowance
+    again = state.register("fed", 1, _rec("a", sha=f"{2:064x}"))
+    assert (again.status, again.n) == ("duplicate", 3)
+    over = state.register("fed", 1, _rec("a", sha=f"{4:064x}"))
+    assert (over.status, over.detail) == ("conflict", f"{3:064x}")
+    assert state.round("fed", 1).n == 3 and len(state.deltas("fed", 1)) == 3
+    assert state.register("fed", 1, _rec("b")).status == "accepted"
+    assert state.register("fed", 1, _rec("b", sha=f"{5:064x}")).status == "fired"
+    # the next buffer gives the client its allowance afresh; a delta of the fired buffer stays a duplicate there
+    assert state.register("fed", 2, _rec("a", sha=f"{4:064x}")).status == "accepted"
+    assert (state.register("fed", 2, _rec("a", sha=f"{1:064x}")).detail) == "round 1"
+    assert set(state.deltas("fed", 2)) == {"a"}
+
+
+def test_eviction_takes_every_delta_of_the_client(either_redis):
+    state = make_state(either_redis, quorum=5, **{**BUFFERED, "max_per_client_per_flush": 2})
+    state.register("fed", 1, _rec("a", sha=f"{1:064x}"))
+    state.register("fed", 1, _rec("b"))
+    state.register("fed", 1, _rec("a", sha=f"{2:064x}"))
+    out = state.evict("fed", 1, "a", "test")
+    assert (out.status, out.n, out.detail) == ("evicted", 1, f"{1:064x},{2:064x}")
+    assert set(state.deltas("fed", 1)) == {"b"} and state.round("fed", 1).clients == ["b"]
+    assert state.register("fed", 1, _rec("a", sha=f"{2:064x}")).status == "evicted"
+    assert state.register("fed", 1, _rec("a", sha=f"{3:064x}")).status == "accepted"
+
+
 @pytest.mark.services
-def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis):
-    """60 clients race into K = 10 buffers, each retrying into the current buffer when its own fired:
-    every delta is in exactly one buffer, every full buffer has exactly K."""
-    state = make_state(real_redis, quorum=10, **BUFFERED)
+def test_racing_deltas_of_one_client_never_exceed_its_allowance(real_redis):
+    """30 different deltas of one client race into one open buffer: exactly its allowance (3) is taken."""
+    state = make_state(real_redis, quorum=50, **{**BUFFERED, "max_per_client_per_flush": 3})
     statuses: list[str] = []
     lock = threading.Lock()
 
     def go(i: int) -> None:
         own = RoundState(redis_lib.Redis.from_url(url_of(real_redis), decode_responses=True), lease_s=100)
-        rec = _rec(f"c{i}", sha=f"{i:064x}")
+        res = own.register("fed", 1, _rec("a", sha=f"{i:064x}"))
+        with lock:
+            statuses.append(res.status)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses.count("accepted") == 3 and statuses.count("conflict") == 27
+    assert state.round("fed", 1).n == 3 and set(state.deltas("fed", 1)) == {"a", "a#2", "a#3"}
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("allowance", [1, 2])
+def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis, allowance):
+    """60 deltas race into K = 10 buffers, each retrying into the current buffer when its own fired: every
+    delta is in exactly one buffer, every full buffer has exactly K. With an allowance of 2, 30 clients send
+    two deltas each (both may land in one buffer)."""
+    state = make_state(real_redis, quorum=10, **{**BUFFERED, "max_per_client_per_flush": allowance})
+    statuses: list[str] = []
+    lock = threading.Lock()
+
+    def go(i: int) -> None:
+        own = RoundState(redis_lib.Redis.from_url(url_of(real_redis), decode_responses=True), lease_s=100)
+        rec = _rec(f"c{i // allowance}", sha=f"{i:064x}")
         for _ in range(20):
             r = own.current_round("fed")
             res = own.register("fed", r, rec)
@@ -116,10 +174,11 @@ def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis
         t.join()
     owners: dict[str, int] = {}
     for r in range(1, state.current_round("fed") + 1):
-        for client in state.deltas("fed", r):
-            assert client not in owners, f"{client} in rounds {owners[client]} and {r}"
-            owners[client] = r
-    assert sorted(owners) == sorted(f"c{i}" for i in range(60))
+        for rec in state.deltas("fed", r).values():
+            assert rec.sha256 not in owners, f"{rec.sha256} in rounds {owners[rec.sha256]} and {r}"
+            owners[rec.sha256] = r
+            assert rec.client_id == f"c{int(rec.sha256, 16) // allowance}"
+    assert sorted(owners) == sorted(f"{i:064x}" for i in range(60))
     assert statuses.count("fired") == 6 and statuses.count("duplicate") == 60
     for r in range(1, 7):
         assert state.round("fed", r).state == "aggregating" and state.round("fed", r).n == 10
@@ -139,7 +198,7 @@ def test_buffered_config_refuses_what_it_does_not_build():
         ({"server_opt": "fedadam"}, "not built for --mode buffered"),
         ({"relative_clip": 10.0}, "--relative-clip"),
         ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0}, "differential privacy"),
-        ({"max_per_client_per_flush": 2}, "not built yet"),
+        ({"max_per_client_per_flush": 0}, "at least 1"),
         ({"staleness_weight": "poly"}, "poly:A"),
         ({"max_staleness": -1}, "--max-staleness"),
     ):
