@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, DuplicateDelta, Rejected, StaleDelta, Timeout
+from ..errors import ConfigError, DuplicateDelta, NotSelected, Rejected, StaleDelta, Timeout
 from ..names import ENDED_STATES, RoundStatus
 from ..state import FederationConfig
 from .records import RoundRecord, Trained
@@ -117,6 +117,7 @@ def run_buffered(
     yield from _records(state, RoundRecord)
     while state.counted() < rounds:
         started = time.monotonic()
+        _wait_until_drawn(sdk, federation, client_id, timeout=timeout, poll=poll)
         slot = state.next_slot()
         latest = sdk.state.latest_complete(federation)
         trained = Trained.load(session.round_dir(slot))
@@ -143,6 +144,9 @@ def run_buffered(
                 shutil.rmtree(session.round_dir(slot), ignore_errors=True)
                 continue
             if exc.code == DuplicateDelta.code:  # its previous delta is still in the open buffer
+                continue
+            if exc.code == NotSelected.code:  # a buffer that did not draw it opened while it trained
+                log.info("contribution %d: %s; waiting for a buffer that draws it", slot, exc.reason)
                 continue
             raise
         r = _locate(sdk, federation, client_id, result.sha256, trained.start_round or 0)
@@ -208,6 +212,22 @@ def _wait_for_own_buffers(
     while (r := full()) is not None:
         if deadline is not None and time.monotonic() > deadline:
             raise Timeout(f"buffer {r} of {federation!r} did not flush within {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def _wait_until_drawn(
+    sdk: ParticipantSdk, federation: str, client_id: str, *, timeout: float | None, poll: float
+) -> None:
+    """Until the open buffer may take this client's delta: with ``--clients-per-round`` each buffer draws its
+    clients when it opens (``round_opened`` lists them), and a client not drawn waits for a later buffer."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        r = sdk.state.current_round(federation)
+        info = sdk.state.round(federation, r)
+        if info.state != RoundStatus.OPEN or not info.selected or client_id in info.selected:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"no buffer of {federation!r} drew client {client_id!r} within {timeout:.0f}s")
         time.sleep(poll)
 
 

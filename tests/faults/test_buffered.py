@@ -156,6 +156,44 @@ def test_a_fast_client_contributes_twice_to_one_flush_and_shares_its_weight(depl
     assert math.isclose(p[3] + p[4], 0.25 * (1 + 2**-0.5) / (0.25 * (1 + 2**-0.5) + 0.5), rel_tol=1e-12)
 
 
+def test_a_sampled_buffer_refuses_an_undrawn_client_and_its_next_draw_takes_it(deployment, delta_file, tmp_path):
+    """--clients-per-round 2 of 4: an undrawn client's upload is refused with the not_selected verdict (nothing
+    downloaded into the buffer), the drawn ones fill it, and a later buffer that draws the refused client
+    takes the same bytes, exact against the oracle."""
+    sdk = deployment.sdk()
+    start = _create(sdk, "pick", tmp_path, quorum=2, clients_per_round=2, round_timeout=600)
+    oracle = BufferedOracle(start, 1.0, "poly:0.5")
+    names = [f"c{i}" for i in range(4)]
+    secrets = {c: sdk.add_client("pick", c).secret for c in names}
+    sdk.state.abort("pick", 1, "clients registered: draw again")  # buffer 2 drawn from all four
+    deployment.start_worker()
+    chosen = sdk.state.round("pick", 2).selected
+    outsider = next(c for c in names if c not in chosen)
+    mine = delta_file(int(outsider[1:]))
+    with pytest.raises(Rejected, match=f"client '{outsider}' was not selected for round 2"):
+        deployment.sdk(client_secret=secrets[outsider]).upload(
+            "pick", mine, outsider, dataset_size=100.0, base_version=0, timeout=60
+        )
+    assert sdk.state.round("pick", 2).n == 0
+    v, version = 2, 0
+
+    def flush(uploads: list[tuple[str, int]]) -> None:  # (client, delta_file index), all from ``version``
+        for c, j in uploads:
+            upload(deployment.sdk(client_secret=secrets[c]), "pick", c, delta_file(j), 100.0, base_version=version)
+        assert wait_round(deployment, "pick", v) == "complete"
+        oracle.flush(version, [(j, version) for _, j in uploads], weights={j: 1.0 for _, j in uploads})
+        sdk.pull("pick", tmp_path / f"pick-{v}", v)
+        assert oracle.check(tmp_path / f"pick-{v}", v) < 1e-6
+
+    while outsider not in sdk.state.round("pick", v).selected:  # buffers of drawn clients, until one draws it
+        flush([(c, 10 * v + int(c[1:])) for c in sdk.state.round("pick", v).selected])
+        version, v = v, v + 1
+        assert v < 12, "no buffer drew the refused client"
+    other = next(c for c in sdk.state.round("pick", v).selected if c != outsider)
+    flush([(outsider, int(outsider[1:])), (other, 10 * v + int(other[1:]))])  # the refused bytes, now taken
+    assert sorted(sdk.state.deltas("pick", v)) == sorted([outsider, other])
+
+
 def test_two_flushes_of_racing_uploads_lose_nothing_and_share_nothing(deployment, delta_file, tmp_path):
     sdk = deployment.sdk()
     start = _create(sdk, "race", tmp_path)

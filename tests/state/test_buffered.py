@@ -10,8 +10,9 @@ import pytest
 import redis as redis_lib
 
 from chorus_mq.errors import ConfigError
-from chorus_mq.state import FederationConfig, RoundState
+from chorus_mq.state import ClientRegistry, FederationConfig, RoundState
 from chorus_mq.state.events import EventLog
+from chorus_mq.state.selection import draw, redraw_label
 
 from .support import make_state, record, url_of
 
@@ -185,6 +186,54 @@ def test_two_buffers_of_racing_uploads_lose_nothing_and_share_nothing(real_redis
     assert state.round("fed", 7).state == "open" and state.round("fed", 7).n == 0
 
 
+SAMPLED = [f"org-{i}" for i in range(6)]
+
+
+def test_a_sampled_buffered_federation_draws_each_buffer_and_redraws_a_short_one(either_redis):
+    """--clients-per-round 3 of 6: each buffer is drawn as it opens (the sync rule, per round number); an
+    undrawn client's delta is not_selected; a buffer its flush timeout finds short of --min-buffer keeps its
+    deltas and is drawn again under 'r.e'."""
+    state = make_state(
+        either_redis, quorum=3, min_quorum=2, round_timeout=10, clients_per_round=3, seed="pinned", **BUFFERED
+    )
+    registry = ClientRegistry(either_redis, "fed")
+    for c in SAMPLED:
+        registry.add(c)
+    state.abort("fed", 1, "clients registered: draw again", now=1000.0)  # buffer 2 drawn from all six
+    drawn = []
+    for r in (2, 3, 4):
+        chosen = state.round("fed", r).selected
+        assert chosen == draw("pinned", r, SAMPLED, 3)
+        drawn.append(chosen)
+        outsider = next(c for c in SAMPLED if c not in chosen)
+        assert state.register("fed", r, _rec(outsider), now=1001.0).status == "not_selected"
+        for c in chosen:
+            reply = state.register("fed", r, _rec(c, sha=f"{r:032x}{SAMPLED.index(c):032x}"), now=1001.0)
+        assert reply.status == "fired" and state.round("fed", r).n == 3
+    assert len(set(drawn)) > 1  # drawn again per buffer
+    # buffer 5: one delta by the flush timeout (min-buffer 2): kept, and the buffer drawn again
+    first = state.round("fed", 5).selected
+    assert state.register("fed", 5, _rec(first[0], sha="e" * 64), now=1002.0).status == "accepted"
+    assert state.close("fed", 5, "deadline", now=1020.0).status == "extended"
+    again = state.round("fed", 5)
+    assert again.selected == draw("pinned", redraw_label(5, 1), SAMPLED, 3) != first
+    assert again.n == 1 and again.state == "open" and set(state.deltas("fed", 5)) == {first[0]}
+    newcomer = next(c for c in again.selected if c not in first)
+    assert state.register("fed", 5, _rec(newcomer, sha="f" * 64), now=1021.0).status == "accepted"
+    extended = [e for e in EventLog(either_redis, "fed").read() if e.type == "round_extended"]
+    assert tuple(extended[-1].get("selected")) == again.selected
+
+
+def test_a_sampled_buffered_federation_needs_a_flush_timeout(either_redis):
+    with pytest.raises(ConfigError, match="needs --flush-timeout SECONDS in a buffered federation"):
+        make_state(either_redis, quorum=2, clients_per_round=3, **BUFFERED)
+    with pytest.raises(ConfigError, match="quorum 7 can never be reached with 3 clients per round sending up to 2"):
+        FederationConfig(
+            name="f", base_model="m", quorum=7, clients_per_round=3, max_per_client_per_flush=2, **BUFFERED
+        )
+    FederationConfig(name="f", base_model="m", quorum=6, clients_per_round=3, max_per_client_per_flush=2, **BUFFERED)
+
+
 def test_buffered_config_refuses_what_it_does_not_build():
     base = {"name": "f", "base_model": "m", "quorum": 2, **BUFFERED}
     FederationConfig(**base)
@@ -199,6 +248,7 @@ def test_buffered_config_refuses_what_it_does_not_build():
         ({"relative_clip": 10.0}, "--relative-clip"),
         ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0}, "differential privacy"),
         ({"max_per_client_per_flush": 0}, "at least 1"),
+        ({"expire_policy": "expire", "round_timeout": 5}, "--expire-policy expire"),
         ({"staleness_weight": "poly"}, "poly:A"),
         ({"max_staleness": -1}, "--max-staleness"),
     ):

@@ -54,7 +54,7 @@ local state, n, selected = r[1], tonumber(r[2]) or 0, r[3]
 if not state then return reply('no_round', 0, 0, '') end
 
 -- the client's terms in this round: the first free one takes the delta (operator-sized: the allowance)
-local term, prev = nil, nil
+local term, prev, evicted = nil, nil, false
 for k = 1, allowance do
   local name = client
   if k > 1 then name = client .. '#' .. k end
@@ -65,10 +65,11 @@ for k = 1, allowance do
     retire()
     return reply('duplicate', n, 0, state)
   end
-  if held[2] == sha then return reply('evicted', n, 0, sha) end
+  if held[2] == sha then evicted = true end
   if held[1] then prev = held[1] elseif not term then term = name end
 end
 if not term then return reply('conflict', n, 0, prev) end
+if evicted then return reply('evicted', n, 0, sha) end
 if buffered then
   local took = redis.call('HGET', KEYS[11], ledger_field)
   if took then
