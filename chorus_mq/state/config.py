@@ -229,8 +229,8 @@ class FederationConfig:
         refused = {
             "--scaffold": self.scaffold,
             "--personal-heads": self.personal_heads,
-            "server-side differential privacy (--dp-epsilon / --dp-noise-multiplier)": bool(self.dp_noise_multiplier),
-            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening,
+            # under DP, --clip-norm is the mechanism's own bound on each delta's update (not screening)
+            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening and not self.dp_noise_multiplier,
             "--relative-clip (pass --relative-clip 0)": bool(self.relative_clip),
             "--expire-policy expire": self.expire_policy == ExpirePolicy.EXPIRE,
         }

@@ -77,7 +77,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     weights = _weights(rt, federation, config, records)
     excluded: dict[str, str] = {}
     clip: dict[str, float] = {}
-    if config.screening:
+    # a buffered DP flush clips each delta's update against its own base version (flush.dp_weights) instead
+    if config.screening and not (config.buffered and config.dp_noise_multiplier):
         from .screening import screen_round
 
         screening = screen_round(rt, records, weights, config)

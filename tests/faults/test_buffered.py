@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chorus_mq.aggregation.dp import PrivacyAccountant, gaussian_noise_dense, noise_generator
 from chorus_mq.errors import Rejected
 from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, RoundStatus
 from chorus_mq.staleness import StalenessRule
@@ -192,6 +193,55 @@ def test_a_sampled_buffer_refuses_an_undrawn_client_and_its_next_draw_takes_it(d
     other = next(c for c in sdk.state.round("pick", v).selected if c != outsider)
     flush([(outsider, int(outsider[1:])), (other, 10 * v + int(other[1:]))])  # the refused bytes, now taken
     assert sorted(sdk.state.deltas("pick", v)) == sorted([outsider, other])
+
+
+def test_dp_flushes_release_the_clipped_update_plus_the_documented_noise(deployment, delta_file, tmp_path):
+    """Server-side DP per flush over real workers (fedex-lora): each delta's update against its own base
+    version clipped adapter-wide to C, fixed weights g(τ) / (K k), dense noise N(0, (z C / K)^2) per module;
+    the published versions equal the float64 oracle with the noise the workers' secret key derives; the
+    ledger counts a client's two deltas in one flush as one participation."""
+    K, C, z, name = 3, 90.0, 0.5, "dp"
+    sdk = deployment.sdk()
+    start = _create(sdk, name, tmp_path, dp_noise_multiplier=z, clip_norm=C, max_per_client_per_flush=2)
+    deployment.start_worker()
+    rule = StalenessRule.parse("poly:0.5")
+    x, products = published(start)[0], {0: published(start)[1]}
+    key = sdk.state.noise_key(name)
+    flushes = {1: [("c0", 0, 0), ("c1", 1, 0), ("c2", 2, 0)], 2: [("c0", 3, 1), ("c0", 4, 0), ("c1", 5, 1)]}
+    clipped = 0
+    for v, uploads in flushes.items():
+        for c, i, b in uploads:
+            upload(sdk, name, c, delta_file(i), 100.0, base_version=b)
+        assert wait_round(deployment, name, v) == "complete"
+        owners = [c for c, _, _ in uploads]
+        for c, i, b in uploads:
+            delta = {m: _random_product(i, m) - products[b][f"{PEFT_PREFIX}{m}"] for m in MODULES}
+            norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
+            clipped += norm > C
+            w = rule.g(v - 1 - b) / (K * owners.count(c)) * min(1.0, C / norm)
+            for m in MODULES:
+                x[f"{PEFT_PREFIX}{m}"] = x[f"{PEFT_PREFIX}{m}"] + w * delta[m]
+        noise = {}
+        for m in MODULES:
+            module = f"{PEFT_PREFIX}{m}"
+            gen = noise_generator(key, name, v, module)
+            noise[module] = gaussian_noise_dense(*x[module].shape, z * C / K, gen).double().numpy()
+            x[module] = x[module] + noise[module]
+        out = tmp_path / f"{name}-{v}"
+        manifest = sdk.pull(name, out, v)
+        total, products[v], _ = published(out)
+        error = max(float(np.linalg.norm(total[m] - x[m]) / np.linalg.norm(x[m])) for m in x)
+        assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
+        drawn = np.concatenate([n.ravel() for n in noise.values()])
+        assert abs(float(drawn.std()) / (z * C / K) - 1.0) < 0.15  # 384 draws: the std's sd is about 4%
+        assert manifest.dp == {"noise_multiplier": z, "clip_norm": C, "delta": 1e-5, "quorum": K}
+    assert 2 <= clipped < 6  # some updates were clipped, some were not (C between them; rng-fixed)
+    privacy = sdk.status(name).privacy
+    for client, flushes_in in (("c0", 2), ("c1", 2), ("c2", 1)):
+        acc = PrivacyAccountant()
+        acc.spend(z, rounds=flushes_in)
+        assert privacy[client]["rounds"] == flushes_in
+        assert math.isclose(privacy[client]["epsilon"], acc.epsilon(1e-5), rel_tol=1e-12)
 
 
 def test_two_flushes_of_racing_uploads_lose_nothing_and_share_nothing(deployment, delta_file, tmp_path):
