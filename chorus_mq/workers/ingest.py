@@ -49,6 +49,7 @@ from ..names import RoundStatus, ScriptStatus, Task
 from ..settings import Settings
 from ..state import FederationConfig, FederationKeys, Inbox
 from ..state.protocol import Reply, opt_text
+from ..state.records import term_client
 from ..state.rounds import DeltaRecord
 from . import auth
 from .declared import Declared, declared_model, present_bitmap, tensor_bytes
@@ -167,7 +168,14 @@ def _remembered(rt: Runtime, msg: IngestMessage, r: int, inbox: Inbox, entry_id:
     """The verdict on this (client, sha256) in round ``r`` when it was judged before: an acceptance is
     registered again (a duplicate, retiring the entry), a rejection raised again; None: judge it."""
     keys = FederationKeys(msg.federation)
-    raw = opt_text(rt.redis.hget(keys.deltas(r), msg.client_id))
+    # the term holding these bytes: the client's own, or ``client#k`` for a buffered client's k-th delta
+    term = msg.client_id
+    for field, sha in rt.redis.hscan_iter(keys.round(r), match=f"sha:{msg.client_id}*"):
+        name = field.decode() if isinstance(field, bytes) else field
+        value = sha.decode() if isinstance(sha, bytes) else sha
+        if value == msg.sha256 and term_client(name[4:]) == msg.client_id:
+            term = name[4:]
+    raw = opt_text(rt.redis.hget(keys.deltas(r), term))
     if raw is not None:
         record = DeltaRecord.from_json(raw)
         if record.sha256 == msg.sha256 and record.size == msg.size:

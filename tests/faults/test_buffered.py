@@ -14,12 +14,15 @@ from safetensors.torch import load_file
 
 from chorus_mq.aggregation.dp import PrivacyAccountant, gaussian_noise_dense, noise_generator
 from chorus_mq.errors import Rejected
+from chorus_mq.layout import delta_key
+from chorus_mq.messages import IngestMessage
 from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, RoundStatus
 from chorus_mq.staleness import StalenessRule
 from chorus_mq.state import FederationConfig
 
 from ..deltas import declared, random_factors, write_adapter, write_r_adapter
 from ..server_opt_oracle import PEFT_PREFIX, published
+from ..topology import wait_for
 from .conftest import MARKS, MODULES, in_threads, timing, upload, wait_hook, wait_round
 
 pytestmark = MARKS
@@ -137,6 +140,15 @@ def test_a_fast_client_contributes_twice_to_one_flush_and_shares_its_weight(depl
     first = upload(sdk, "fast", "c0", delta_file(3), 100.0, base_version=1)
     second = upload(sdk, "fast", "c0", delta_file(4), 100.0, base_version=0)
     assert (first.round, second.round) == (2, 2) and sdk.state.round("fast", 2).n == 2
+    # the second delta's very record again, as a broker redelivery brings it once its upload was deleted:
+    # judged from the workers' copy of its term (c0#2), a duplicate
+    size = delta_file(4).stat().st_size
+    wait_for(lambda: not sdk.store.exists(delta_key("fast", "c0", second.sha256)), 30, "the upload deleted")
+    record = IngestMessage(
+        federation="fast", client_id="c0", sha256=second.sha256, size=size, dataset_size=100.0, base_version=0
+    )
+    redelivered = sdk.submit(record, timeout=60)
+    assert (redelivered.status, redelivered.round) == ("duplicate", 2)
     again = sdk.upload("fast", delta_file(4), "c0", dataset_size=100.0, base_version=0, timeout=60)
     assert (again.status, again.round) == ("duplicate", 2)
     with pytest.raises(Rejected, match=r"already has 2 deltas .* --max-per-client-per-flush is 2"):
