@@ -169,3 +169,17 @@ def test_server_optimiser_options_are_published_and_stack_is_refused(cli, ref):
     cli(*base[:2], "plain", *base[2:])
     assert json.loads(cli("status", "--federation", "plain", "--json").output)["server_opt"] == {}
     assert "server optimiser" not in cli("status", "--federation", "plain").output
+
+
+def test_buffered_create_takes_several_deltas_per_client_and_sampling_with_a_flush_timeout(cli, ref):
+    create = ("federation", "create", "b1", "--base-model", "m", "--mode", "buffered", "--buffer", "4")
+    create = (*create, "--relative-clip", "0", "--reference-adapter", ref)
+    refused = cli(*create, "--clients-per-round", "4", code=2).output
+    assert "--clients-per-round 4 needs --flush-timeout SECONDS in a buffered federation" in refused
+    assert (
+        "quorum 4 can never be reached with 2 clients per round"
+        in cli(*create, "--clients-per-round", "2", "--flush-timeout", "60", code=2).output
+    )
+    cli(*create, "--clients-per-round", "2", "--flush-timeout", "60", "--max-per-client-per-flush", "2")
+    out = cli("status", "--federation", "b1", "--json").output
+    assert json.loads(out)["buffered"]["max_per_client_per_flush"] == 2

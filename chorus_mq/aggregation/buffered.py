@@ -20,6 +20,13 @@ relative to its base, ``Δ_i = s (X_i − X_b) F``, and the same coefficients mo
     X_{v+1} = η X + Σ_b ([b = v] − η P_b) (s_b / s) X_b,   X = Σ_i p_i (s_i / s) X_i (the strategy's average)
 
 so ``s X_{v+1} F = s_v X_v F + η Σ_i p_i Δ_i`` exactly (:func:`flush_trained`).
+
+Server-side DP per flush (``aggregation.dp``'s Gaussian mechanism): ``v + 1 = v + η (Σ_i q_i c_i Δ_i + Z)``
+with each delta's update clipped adapter-wide to ``C`` (``c_i``, from :func:`delta_norm_sq`), fixed public
+weights ``q_i = g(τ_i) / (K k_i)`` (:func:`dp_flush_weights`; ``k_i`` the deltas its client has in the flush,
+``g ≤ 1``) that are not renormalised, so one client's whole contribution has norm at most ``C / K``, and
+``Z ~ N(0, (z C / K)^2)`` dense per module: the same mechanism, sensitivity and noise as a synchronous round
+of quorum K. The same correction then applies with ``P_b = Σ_{i: b_i = b} q_i c_i`` unnormalised.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ _F64 = torch.float64
 __all__ = [
     "StalenessRule",
     "base_masses",
+    "delta_norm_sq",
+    "dp_flush_weights",
     "flush_module",
     "flush_residual_form",
     "flush_trained",
@@ -62,6 +71,42 @@ def flush_weights(weights: Sequence[float], staleness: Sequence[int], rule: Stal
     if total <= 0:
         raise AggregationError("every weight of the flush is zero; at least one delta must count")
     return tuple(x / total for x in raw)
+
+
+def dp_flush_weights(
+    staleness: Sequence[int], terms_of_client: Sequence[int], rule: StalenessRule, quorum: int
+) -> tuple[float, ...]:
+    """A DP flush's fixed public weights ``q_i = g(τ_i) / (K k_i)`` (``terms_of_client``: ``k_i``, how many deltas
+    delta i's client has in the flush). Not renormalised: a client's deltas weigh at most ``1 / K`` together."""
+    if len(staleness) != len(terms_of_client) or not staleness:
+        raise AggregationError(f"{len(staleness)} staleness values for {len(terms_of_client)} counts; need one each")
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+        raise AggregationError(f"quorum must be an int >= 1, got {quorum!r}")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in terms_of_client):
+        raise AggregationError(f"term counts must be ints >= 1, got {list(terms_of_client)!r}")
+    return tuple(rule.g(t) / (quorum * k) for t, k in zip(staleness, terms_of_client, strict=True))
+
+
+def delta_norm_sq(update: PreviousFactors, base: PreviousFactors | None) -> float:
+    """``||s B A − s_b B_b A_b||_F^2`` of one module (Fed-SB: with R), in float64 through r x r products
+    only: ``||P||^2 + ||Q||^2 − 2 <P, Q>`` with ``<s B A, s_b B_b A_b> = s s_b Σ (Bᵀ B_b) ⊙ (A A_bᵀ)``."""
+
+    def left(f: PreviousFactors) -> Tensor:
+        return f.B.to(_F64) if f.R is None else f.B.to(_F64) @ f.R.to(_F64)
+
+    def gram(x: PreviousFactors, y: PreviousFactors) -> float:
+        inner = (left(x).T @ left(y)) * (x.A.to(_F64) @ y.A.to(_F64).T)  # both (r_x, r_y)
+        return float(inner.sum()) * float(x.scaling) * float(y.scaling)
+
+    total = gram(update, update)
+    if base is not None:
+        if base.A.shape[1] != update.A.shape[1] or base.B.shape[0] != update.B.shape[0]:
+            raise AggregationError(
+                f"a delta of {update.B.shape[0]} x {update.A.shape[1]} against a base version's "
+                f"{base.B.shape[0]} x {base.A.shape[1]}"
+            )
+        total += gram(base, base) - 2.0 * gram(update, base)
+    return max(total, 0.0)  # rounding can take a zero difference a hair below 0
 
 
 def base_masses(bases: Sequence[int], weights: Sequence[float]) -> dict[int, float]:

@@ -107,3 +107,29 @@ def _positive(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return math.isfinite(value) and value > 0
+
+
+def split_among_terms(client_weights: Mapping[str, float], owners: Mapping[str, str]) -> dict[str, float]:
+    """Each term's weight: its client's weight shared evenly among that client's terms (``owners``: term ->
+    client). A client that contributes several deltas to one flush (``--max-per-client-per-flush``) weighs as
+    much as one that contributes once: being fast buys no larger share of a version."""
+    counts: dict[str, int] = {}
+    for client in owners.values():
+        counts[client] = counts.get(client, 0) + 1
+    missing = sorted(set(counts) - set(client_weights))
+    if missing:
+        raise AggregationError(f"no weight for client(s) {missing}")
+    return {term: client_weights[client] / counts[client] for term, client in owners.items()}
+
+
+def client_claims(claims: Mapping[str, float | None], owners: Mapping[str, str]) -> dict[str, float | None]:
+    """One dataset-size claim per client from its terms' claims (``owners``: term -> client): their mean, or
+    None when any term claims none."""
+    by_client: dict[str, list[float | None]] = {}
+    for term, client in owners.items():
+        by_client.setdefault(client, []).append(claims[term])
+    out: dict[str, float | None] = {}
+    for client, values in by_client.items():
+        known = [v for v in values if v is not None]
+        out[client] = sum(known) / len(known) if len(known) == len(values) else None
+    return out

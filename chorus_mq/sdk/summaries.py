@@ -160,11 +160,13 @@ def privacy_spent(
 ) -> dict[str, dict[str, float]]:
     """Per client, the accountant's epsilon over the complete rounds of ``history`` it has a delta in."""
     from ..aggregation.dp import PrivacyAccountant
+    from ..state.records import term_client
 
     rounds: dict[str, int] = {}
     for info in history:
         if info.state == RoundStatus.COMPLETE:
-            for client in deltas[info.round]:
+            # a buffered client's several deltas in one flush (its terms) are one participation
+            for client in {term_client(t) for t in deltas[info.round]}:
                 rounds[client] = rounds.get(client, 0) + 1
     out = {}
     for client, k in rounds.items():

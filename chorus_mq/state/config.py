@@ -58,7 +58,7 @@ class FederationConfig:
     #: clip each client's update (per module and adapter-wide) to this many times the round's
     #: lower-median client norm; 0 = off. Off under DP. See docs/DESIGN.md section 1
     relative_clip: float = 10.0
-    #: clients drawn per round; 0 = every registered client may take part
+    #: clients drawn per round (buffered: per buffer, drawn when it opens); 0 = every registered client may take part
     clients_per_round: int = 0
     #: compact the cumulative correction every this many rounds; 0 = only on demand
     checkpoint_every: int = 10
@@ -89,7 +89,7 @@ class FederationConfig:
     max_staleness: int = 10
     #: buffered: g(τ), ``constant``, ``poly:A`` or ``hinge:A,B``
     staleness_weight: str = "poly:0.5"
-    #: buffered: accepted deltas of one client in one flush
+    #: buffered: accepted deltas of one client in one flush; its policy weight is split evenly among them
     max_per_client_per_flush: int = 1
     #: secure aggregation (SecAgg+, chorus_mq/secagg): workers see only the sum of the clients' masked updates
     secure_aggregation: bool = False
@@ -136,10 +136,13 @@ class FederationConfig:
             raise ConfigError("--relative-clip must be 0 (off) or at least 1: it is a multiple of the median norm")
         if self.clients_per_round < 0:
             raise ConfigError("--clients-per-round cannot be negative (0: every client, every round)")
-        if self.clients_per_round and self.quorum > self.clients_per_round:
+        # a buffered client may send up to --max-per-client-per-flush deltas to one buffer
+        per_client = self.max_per_client_per_flush if self.mode == FederationMode.BUFFERED else 1
+        if self.clients_per_round and self.quorum > self.clients_per_round * per_client:
             raise ConfigError(
-                f"quorum {self.quorum} can never be reached with {self.clients_per_round} clients per round: "
-                "lower the quorum or raise --clients-per-round"
+                f"quorum {self.quorum} can never be reached with {self.clients_per_round} clients per round"
+                + (f" sending up to {per_client} deltas each" if per_client > 1 else "")
+                + ": lower the quorum or raise --clients-per-round"
             )
         if self.prox_mu < 0:
             raise ConfigError("--prox-mu cannot be negative (0: off)")
@@ -222,16 +225,13 @@ class FederationConfig:
                     raise ConfigError(f"{_flag(name)} applies only to --mode buffered")
             return
         check_buffered(self.strategy)
-        if self.max_per_client_per_flush != 1:
-            raise ConfigError("--max-per-client-per-flush above 1 is not built yet: one delta per client per flush")
         refused = {
             "--scaffold": self.scaffold,
             "--personal-heads": self.personal_heads,
-            "server-side differential privacy (--dp-epsilon / --dp-noise-multiplier)": bool(self.dp_noise_multiplier),
-            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening,
+            # under DP, --clip-norm is the mechanism's own bound on each delta's update (not screening)
+            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening and not self.dp_noise_multiplier,
             "--relative-clip (pass --relative-clip 0)": bool(self.relative_clip),
             "--expire-policy expire": self.expire_policy == ExpirePolicy.EXPIRE,
-            "--clients-per-round": bool(self.clients_per_round),
         }
         for what, on in refused.items():
             if on:

@@ -17,6 +17,21 @@ from .protocol import decode_fields
 _HEX = frozenset("0123456789abcdef")
 
 
+#: a buffered client's k-th delta in one buffer (k >= 2, ``--max-per-client-per-flush``) is registered under the
+#: term ``client#k`` (its first under ``client``): '#' is in no client id, so a term names its client
+TERM_SEP = "#"
+
+
+def term_key(client: str, k: int) -> str:
+    """The term under which ``client``'s ``k``-th delta of a round is registered (k counts from 1)."""
+    return client if k == 1 else f"{client}{TERM_SEP}{k}"
+
+
+def term_client(term: str) -> str:
+    """The client a registered term (``client`` or ``client#k``) belongs to."""
+    return term.split(TERM_SEP, 1)[0]
+
+
 def _check_sha(value: str, what: str) -> None:
     if len(value) != 64 or not set(value) <= _HEX:
         raise ConfigError(f"{what} must be 64 lowercase hex digits, got {value!r}")
@@ -88,7 +103,7 @@ class RoundInfo:
     #: the factor this round's clients train (``lora_A``/``lora_B``) under a strategy that freezes a shared
     #: factor (chorus_mq/strategy.py); "": both
     trainable: str = ""
-    #: client -> sha256 of its registered delta
+    #: term (the client, or ``client#k`` for its k-th delta in a buffer) -> sha256 of the registered delta
     shas: Mapping[str, str] = field(default_factory=dict)
     #: client -> sha256 of a delta the operator evicted from this round (it cannot come back)
     evicted: Mapping[str, str] = field(default_factory=dict)
@@ -103,8 +118,12 @@ class RoundInfo:
 
     @property
     def clients(self) -> list[str]:
-        """The clients registered in this round, sorted."""
-        return sorted(self.shas)
+        """The clients registered in this round, sorted (each once, however many deltas it has here)."""
+        return sorted({term_client(t) for t in self.shas})
+
+    def shas_of(self, client: str) -> list[str]:
+        """The sha256 of every delta ``client`` has registered in this round (by term)."""
+        return [sha for term, sha in sorted(self.shas.items()) if term_client(term) == client]
 
     @classmethod
     def from_hash(cls, r: int, h: Mapping[str, str]) -> RoundInfo:

@@ -280,8 +280,14 @@ class RoundState:
         """The sha256 of ``client``'s delta in round ``r``, if it registered one."""
         return opt_text(self.redis.hget(FederationKeys(federation).round(r), f"sha:{check_name(client, 'client id')}"))
 
+    def registered_shas(self, federation: str, r: int, client: str) -> list[str]:
+        """The sha256 of every delta ``client`` registered in round ``r`` (a buffered client may hold up to
+        ``--max-per-client-per-flush``)."""
+        return self.round(federation, r).shas_of(check_name(client, "client id"))
+
     def deltas(self, federation: str, r: int) -> dict[str, DeltaRecord]:
-        """The round's registered deltas, by client (sorted)."""
+        """The round's registered deltas, by term (sorted): the client, or ``client#k`` for a buffered
+        client's k-th delta in one buffer (``records.term_key``)."""
         k = FederationKeys(federation)
         with _typed(k.deltas(r)):
             raw = text_map(self.redis.hgetall(k.deltas(r)))
@@ -447,7 +453,9 @@ class RoundState:
         )
 
     def evict(self, federation: str, r: int, client: str, reason: str, now: float | None = None) -> Reply:
-        """Operator: remove ``client``'s delta from open round ``r``. Status: evicted | noop | closed | no_round."""
+        """Operator: remove ``client``'s deltas (each of its terms) from open round ``r``.
+
+        Status: evicted (detail: the sha256s, comma-separated) | noop | closed | no_round."""
         now = time.time() if now is None else now
         k = FederationKeys(federation)
         return self.scripts.evict_delta(

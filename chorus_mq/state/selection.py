@@ -6,7 +6,9 @@ clients a round is open to all of them. The seed is a per-federation secret in t
 ``secrets`` hash: a client learns a draw when its round opens (``round_opened``), never before.
 
 A sampled round waits on the clients it drew, so sampling needs a deadline that ends the round
-and draws again (:func:`check_progress`).
+and draws again (:func:`check_progress`). A buffered federation draws each buffer when it opens; a buffer
+that its flush timeout finds short of ``--min-buffer`` keeps its deltas and is drawn again
+(:func:`redraw_label`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class _Sampling(Protocol):
     @property
     def expire_policy(self) -> ExpirePolicy: ...
 
+    @property
+    def buffered(self) -> bool: ...
+
 
 def check_progress(cfg: _Sampling) -> None:
     """Refuse a configuration under which a round can wait on specific clients forever.
@@ -45,6 +50,15 @@ def check_progress(cfg: _Sampling) -> None:
     ``extend`` would keep waiting on the same draw for ever.
     """
     if cfg.clients_per_round <= 0:
+        return
+    if cfg.buffered:
+        if cfg.round_timeout <= 0:
+            raise ConfigError(
+                f"--clients-per-round {cfg.clients_per_round} needs --flush-timeout SECONDS in a buffered "
+                "federation: a buffer waits on the clients it drew, and without a deadline one of them that never "
+                "uploads stalls the federation for ever (at the deadline a buffer short of --min-buffer is drawn "
+                "again, keeping the deltas it holds)"
+            )
         return
     if cfg.round_timeout <= 0:
         raise ConfigError(
@@ -60,12 +74,20 @@ def check_progress(cfg: _Sampling) -> None:
         )
 
 
-def rank_key(seed: str, round_: int, client: str) -> str:
-    """What the scripts sort by: ``redis.sha1hex(seed .. ":" .. round .. ":" .. client)``."""
-    return hashlib.sha1(f"{seed}:{int(round_)}:{client}".encode()).hexdigest()
+def rank_key(seed: str, round_: int | str, client: str) -> str:
+    """What the scripts sort by: ``redis.sha1hex(seed .. ":" .. round .. ":" .. client)`` (``round_`` a round
+    number, or a buffer's :func:`redraw_label`)."""
+    label = round_ if isinstance(round_, str) else int(round_)
+    return hashlib.sha1(f"{seed}:{label}:{client}".encode()).hexdigest()
 
 
-def draw(seed: str, round_: int, active: Collection[str], k: int) -> tuple[str, ...]:
+def redraw_label(round_: int, redraws: int) -> str:
+    """What a buffered federation's open buffer ``round_`` is drawn under after its ``redraws``-th flush timeout
+    that found it short of ``--min-buffer`` (``close_round.lua``): ``"r.e"``; its first draw is ``r``'s own."""
+    return f"{int(round_)}.{int(redraws)}"
+
+
+def draw(seed: str, round_: int | str, active: Collection[str], k: int) -> tuple[str, ...]:
     """The clients of ``round_``, sorted; empty (everyone may take part) when k is 0 or too few are active."""
     if k <= 0 or len(active) < k:
         return ()

@@ -1,7 +1,7 @@
 """``chorus-mq train`` in a buffered federation: no round barrier, one contribution after another.
 
-Each contribution: pull the latest version ``v``, train from it, wait until the buffer this client's last
-delta joined has flushed (one delta per client per flush), upload naming ``--base-version v``, then start
+Each contribution: pull the latest version ``v``, train from it, wait while the open buffer holds
+``--max-per-client-per-flush`` of this client's deltas, upload naming ``--base-version v``, then start
 again at once. ``--rounds`` counts the client's own contributions. The work dir records each contribution
 (``buffered_state.json``: its slot, sha256, the buffer that took it, its base version) as soon as the verdict
 is in, and the trained adapter before it is uploaded, so a restart re-uploads the same bytes (a duplicate the
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, DuplicateDelta, Rejected, StaleDelta, Timeout
+from ..errors import ConfigError, DuplicateDelta, NotSelected, Rejected, StaleDelta, Timeout
 from ..names import ENDED_STATES, RoundStatus
 from ..state import FederationConfig
 from .records import RoundRecord, Trained
@@ -117,6 +117,7 @@ def run_buffered(
     yield from _records(state, RoundRecord)
     while state.counted() < rounds:
         started = time.monotonic()
+        _wait_until_drawn(sdk, federation, client_id, timeout=timeout, poll=poll)
         slot = state.next_slot()
         latest = sdk.state.latest_complete(federation)
         trained = Trained.load(session.round_dir(slot))
@@ -126,7 +127,7 @@ def run_buffered(
             trained = session.train(slot, latest)
         else:
             log.info("contribution %d: re-uploading the adapter trained from version %s", slot, trained.start_round)
-        _wait_for_own_buffers(sdk, federation, state, timeout=timeout, poll=poll)
+        _wait_for_own_buffers(sdk, federation, state, config.max_per_client_per_flush, timeout=timeout, poll=poll)
         try:
             result = sdk.upload(
                 federation,
@@ -143,6 +144,9 @@ def run_buffered(
                 shutil.rmtree(session.round_dir(slot), ignore_errors=True)
                 continue
             if exc.code == DuplicateDelta.code:  # its previous delta is still in the open buffer
+                continue
+            if exc.code == NotSelected.code:  # a buffer that did not draw it opened while it trained
+                log.info("contribution %d: %s; waiting for a buffer that draws it", slot, exc.reason)
                 continue
             raise
         r = _locate(sdk, federation, client_id, result.sha256, trained.start_round or 0)
@@ -187,21 +191,50 @@ def _refresh(sdk: ParticipantSdk, federation: str, client_id: str, state: Buffer
 
 
 def _wait_for_own_buffers(
-    sdk: ParticipantSdk, federation: str, state: BufferedState, *, timeout: float | None, poll: float
+    sdk: ParticipantSdk, federation: str, state: BufferedState, allowance: int, *, timeout: float | None, poll: float
 ) -> None:
-    """Until no buffer holding one of this client's deltas is still open (one delta per client per flush)."""
+    """Until no open buffer holds ``allowance`` (``--max-per-client-per-flush``) of this client's deltas."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    for c in state.contributions:
-        while sdk.state.round(federation, c.round).state == RoundStatus.OPEN:
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(f"buffer {c.round} of {federation!r} did not flush within {timeout:.0f}s")
-            time.sleep(poll)
+
+    def full() -> int | None:
+        held: dict[int, int] = {}
+        for c in state.contributions:
+            held[c.round] = held.get(c.round, 0) + 1
+        return next(
+            (
+                r
+                for r, k in sorted(held.items())
+                if k >= allowance and sdk.state.round(federation, r).state == RoundStatus.OPEN
+            ),
+            None,
+        )
+
+    while (r := full()) is not None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"buffer {r} of {federation!r} did not flush within {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def _wait_until_drawn(
+    sdk: ParticipantSdk, federation: str, client_id: str, *, timeout: float | None, poll: float
+) -> None:
+    """Until the open buffer may take this client's delta: with ``--clients-per-round`` each buffer draws its
+    clients when it opens (``round_opened`` lists them), and a client not drawn waits for a later buffer."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        r = sdk.state.current_round(federation)
+        info = sdk.state.round(federation, r)
+        if info.state != RoundStatus.OPEN or not info.selected or client_id in info.selected:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"no buffer of {federation!r} drew client {client_id!r} within {timeout:.0f}s")
+        time.sleep(poll)
 
 
 def _locate(sdk: ParticipantSdk, federation: str, client_id: str, sha: str, base: int) -> int:
     """The buffer (round) that holds this client's delta ``sha``: a re-upload after a restart is a duplicate
     of the buffer that took it first, wherever the verdict was given."""
     for r in range(sdk.state.current_round(federation), base, -1):
-        if sdk.state.registered_sha(federation, r, client_id) == sha:
+        if sha in sdk.state.registered_shas(federation, r, client_id):
             return r
     raise ConfigError(f"delta {sha[:12]}... was accepted but no buffer after version {base} holds it")

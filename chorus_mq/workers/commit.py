@@ -134,6 +134,7 @@ def build_manifest(
         adapter_config=adapter_config(plan.template, out, config, plan.extras),
         clients=with_bases(
             client_entries(records, plan.weights, round_cosines(results[k].drift for k in range(len(plan.shards)))),
+            tuple(records),
             plan,
         ),
         shards=tuple(shards),
@@ -173,13 +174,14 @@ def adapter_config(
     ).to_peft_config()
 
 
-def with_bases(entries: tuple[ClientEntry, ...], plan: Plan) -> tuple[ClientEntry, ...]:
-    """A flush's clients with their base version and staleness (a synchronous round's as they are)."""
+def with_bases(entries: tuple[ClientEntry, ...], terms: tuple[str, ...], plan: Plan) -> tuple[ClientEntry, ...]:
+    """A flush's entries (one per term, in ``terms``' order) with their delta's base version and staleness
+    (a synchronous round's as they are)."""
     if not plan.flush_lr:
         return entries
     return tuple(
-        dataclasses.replace(e, base_version=plan.bases.get(e.client_id), staleness=plan.staleness.get(e.client_id))
-        for e in entries
+        dataclasses.replace(e, base_version=plan.bases.get(term), staleness=plan.staleness.get(term))
+        for e, term in zip(entries, terms, strict=True)
     )
 
 

@@ -55,10 +55,11 @@ def round_cosines(shards: Iterable[Mapping[str, Any] | None]) -> dict[str, float
 def client_entries(
     records: Mapping[str, DeltaRecord], weights: Mapping[str, float], cosines: Mapping[str, float | None]
 ) -> tuple[ClientEntry, ...]:
-    """The manifest's clients: who sent what with which weight, and what each reported and how it aligned."""
+    """The manifest's clients: who sent what with which weight, and what each reported and how it aligned; one
+    entry per delta, in ``records``' order (a buffered client with several deltas in a flush has one per term)."""
     return tuple(
         ClientEntry(
-            client_id=c,
+            client_id=rec.client_id,
             sha256=rec.sha256,
             dataset_size=rec.dataset_size,
             weight=weights.get(c, 0.0),

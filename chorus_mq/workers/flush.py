@@ -21,6 +21,8 @@ from torch import Tensor
 from ..aggregation import ModuleResult
 from ..aggregation.buffered import (
     StalenessRule,
+    delta_norm_sq,
+    dp_flush_weights,
     flush_module,
     flush_residual_form,
     flush_trained,
@@ -31,6 +33,7 @@ from ..aggregation.server_opt import PreviousFactors
 from ..errors import AggregationError
 from ..names import Factor, RoundStatus
 from ..state import FederationConfig
+from ..state.records import term_client
 from ..state.rounds import DeltaRecord
 from ..strategy import strategy_spec
 from .previous import PreviousGlobal, previous_global
@@ -62,7 +65,10 @@ def flush_fields(
         bases[c] = base
     staleness = {c: previous - bases[c] for c in clients}
     rule = StalenessRule.parse(config.staleness_weight)
-    p = flush_weights([weights[c] for c in clients], [staleness[c] for c in clients], rule)
+    if config.dp_noise_multiplier:
+        p = dp_weights(rt, federation, config, records, clients, bases, staleness, rule)
+    else:
+        p = flush_weights([weights[c] for c in clients], [staleness[c] for c in clients], rule)
     fields: dict[str, Any] = {
         "previous": previous,
         "bases": bases,
@@ -70,6 +76,45 @@ def flush_fields(
         "flush_lr": config.server_step_size,
     }
     return dict(zip(clients, p, strict=True)), fields
+
+
+def dp_weights(
+    rt: Runtime,
+    federation: str,
+    config: FederationConfig,
+    records: Mapping[str, DeltaRecord],
+    terms: Sequence[str],
+    bases: Mapping[str, int],
+    staleness: Mapping[str, int],
+    rule: StalenessRule,
+) -> tuple[float, ...]:
+    """A DP flush's weight of each term: its fixed public weight ``g(τ) / (K k)`` times its clip factor
+    ``min(1, C / ||Δ||)``, ``Δ`` its update against its own base version over the whole adapter
+    (``aggregation.buffered``, DP). Reads every module of every delta and of every base version once."""
+    from .reading import RoundInputs
+
+    owners = [term_client(t) for t in terms]
+    counts = [owners.count(o) for o in owners]
+    q = dp_flush_weights([staleness[t] for t in terms], counts, rule, config.quorum)
+    inputs = RoundInputs(rt, {t: records[t] for t in terms})
+    modules = sorted({m for t in terms for m in inputs.indexes[t].modules})
+    exists = rt.state.round(federation, 0).state == RoundStatus.COMPLETE
+    versions = {
+        b: previous_global(rt, federation, b if b > 0 or exists else None, modules) for b in sorted(set(bases.values()))
+    }
+    out = []
+    for t, weight in zip(terms, q, strict=True):
+        base = versions[bases[t]].modules
+        total = 0.0
+        for m in sorted(inputs.indexes[t].modules):
+            u = inputs.update(t, m, 1.0)
+            b = base.get(m)
+            total += delta_norm_sq(
+                PreviousFactors(u.A, u.B, u.scaling, u.R), None if b is None else PreviousFactors(b.A, b.B, b.scaling)
+            )
+        norm = total**0.5
+        out.append(weight * (min(1.0, config.clip_norm / norm) if norm > 0 else 1.0))
+    return tuple(out)
 
 
 @dataclass
@@ -104,8 +149,9 @@ class FlushStep:
 
     def masses(self, holders: Sequence[str], absent: float) -> dict[int, float]:
         """``P_b`` over the module's holders, normalised as the strategy normalises them (with the absent mass):
-        a client that did not train the module leaves it as it was (its update is zero there)."""
-        total = sum(self.plan.weights[c] for c in holders) + absent
+        a client that did not train the module leaves it as it was (its update is zero there). A DP flush's
+        weights are fixed and clipped (``dp_weights``): never renormalised."""
+        total = 1.0 if self.plan.dp else sum(self.plan.weights[c] for c in holders) + absent
         out: dict[int, float] = {}
         for c in holders:
             b = self.plan.bases[c]

@@ -49,6 +49,7 @@ from ..names import RoundStatus, ScriptStatus, Task
 from ..settings import Settings
 from ..state import FederationConfig, FederationKeys, Inbox
 from ..state.protocol import Reply, opt_text
+from ..state.records import term_client
 from ..state.rounds import DeltaRecord
 from . import auth
 from .declared import Declared, declared_model, present_bitmap, tensor_bytes
@@ -167,7 +168,14 @@ def _remembered(rt: Runtime, msg: IngestMessage, r: int, inbox: Inbox, entry_id:
     """The verdict on this (client, sha256) in round ``r`` when it was judged before: an acceptance is
     registered again (a duplicate, retiring the entry), a rejection raised again; None: judge it."""
     keys = FederationKeys(msg.federation)
-    raw = opt_text(rt.redis.hget(keys.deltas(r), msg.client_id))
+    # the term holding these bytes: the client's own, or ``client#k`` for a buffered client's k-th delta
+    term = msg.client_id
+    for field, sha in rt.redis.hscan_iter(keys.round(r), match=f"sha:{msg.client_id}*"):
+        name = field.decode() if isinstance(field, bytes) else field
+        value = sha.decode() if isinstance(sha, bytes) else sha
+        if value == msg.sha256 and term_client(name[4:]) == msg.client_id:
+            term = name[4:]
+    raw = opt_text(rt.redis.hget(keys.deltas(r), term))
     if raw is not None:
         record = DeltaRecord.from_json(raw)
         if record.sha256 == msg.sha256 and record.size == msg.size:
@@ -328,10 +336,11 @@ def _register(
         reply = rt.state.register(msg.federation, r, record, inbox=(inbox.key, entry_id))
     check_buffered_reply(msg, reply, config)
     if reply.status == ScriptStatus.CONFLICT and config.buffered:
+        limit = config.max_per_client_per_flush
+        held = "a delta" if limit == 1 else f"{limit} deltas"
         raise DuplicateDelta(
-            f"client {msg.client_id!r} already has a delta (sha256 {reply.detail[:12]}...) in the open buffer "
-            f"(round {r}); --max-per-client-per-flush is {config.max_per_client_per_flush}: upload again once "
-            f"round {r} is aggregating"
+            f"client {msg.client_id!r} already has {held} (the last sha256 {reply.detail[:12]}...) in the open "
+            f"buffer (round {r}); --max-per-client-per-flush is {limit}: upload again once round {r} is aggregating"
         )
     if reply.status == ScriptStatus.CONFLICT:
         raise DuplicateDelta(
@@ -491,7 +500,7 @@ def _record(
 def _precheck_round(rt: Runtime, msg: IngestMessage, r: int) -> None:
     """Refuse a closed round before downloading anything (the Lua script re-checks atomically)."""
     info = rt.state.round(msg.federation, r)
-    if info.state != RoundStatus.OPEN and rt.state.registered_sha(msg.federation, r, msg.client_id) != msg.sha256:
+    if info.state != RoundStatus.OPEN and msg.sha256 not in info.shas_of(msg.client_id):
         raise RoundClosed(_closed_reason(r, info.state))
     if info.selected and msg.client_id not in info.selected:
         raise NotSelected(_not_selected_reason(rt, msg, r))

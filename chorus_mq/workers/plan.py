@@ -17,6 +17,7 @@ from typing import Any
 from ..adapters.delta import embedded_spec
 from ..adapters.header import header_from_prefix
 from ..aggregation import policy_weights
+from ..aggregation.weights import client_claims, split_among_terms
 from ..errors import AggregationError, NotFound, StateCorrupt
 from ..manifest import ObjectRef
 from ..names import RoundStatus, ServerOptimizer, Task
@@ -76,7 +77,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     weights = _weights(rt, federation, config, records)
     excluded: dict[str, str] = {}
     clip: dict[str, float] = {}
-    if config.screening:
+    # a buffered DP flush clips each delta's update against its own base version (flush.dp_weights) instead
+    if config.screening and not (config.buffered and config.dp_noise_multiplier):
         from .screening import screen_round
 
         screening = screen_round(rt, records, weights, config)
@@ -144,9 +146,12 @@ def _weights(
     if config.dp_noise_multiplier:
         # the mechanism fixes public weights 1/quorum itself; these only order the clients
         return {c: 1.0 / len(records) for c in records}
+    # the policy and its cap weigh clients; a buffered client with several deltas here (its terms) shares its
+    # weight evenly among them (aggregation.weights.split_among_terms)
+    owners = {term: rec.client_id for term, rec in records.items()}
     registry = ClientRegistry(rt.redis, federation)
     registered: dict[str, float] = {}
-    for client in records:
+    for client in sorted(set(owners.values())):
         try:
             info = registry.record(client)
         except NotFound:  # development mode: an unregistered, unsigned client
@@ -154,8 +159,9 @@ def _weights(
         value = info.weight if info.weight is not None else info.dataset_size
         if value is not None:
             registered[client] = float(value)
-    claims = {c: rec.dataset_size for c, rec in records.items()}
-    return policy_weights(claims, config.weights, registered=registered, cap=config.max_client_weight)
+    claims = client_claims({t: rec.dataset_size for t, rec in records.items()}, owners)
+    weights = policy_weights(claims, config.weights, registered=registered, cap=config.max_client_weight)
+    return split_among_terms(weights, owners)
 
 
 def _item_bytes(

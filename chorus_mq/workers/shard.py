@@ -346,7 +346,8 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
         if job.extra:
             continue
         updates = [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
-        job.frozen_a = frozen_shared_a(updates)
+        # a buffered flush noises the dense update (its frozen-A form is not built): see workers/flush.py
+        job.frozen_a = not plan.flush_lr and frozen_shared_a(updates)
         job.loaded = updates
         layout = dp_layout(
             [int(u.A.shape[0]) for u in updates],
@@ -409,6 +410,12 @@ def _results(
             if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
                 updates = [_in_frame(u, job.frame) for u in updates]
             job.loaded, job.raw = None, updates
+            if plan.dp and plan.flush_lr:
+                # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
+                updates = [
+                    dataclasses.replace(u, scaling=u.scaling * config.quorum * plan.weights[c])
+                    for c, u in zip(job.holders, updates, strict=True)
+                ]
             loaded = [
                 _clipped(u, plan.clip.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
             ]

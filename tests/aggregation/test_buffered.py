@@ -13,12 +13,15 @@ from chorus_mq.aggregation import ClientUpdate, aggregate_module
 from chorus_mq.aggregation.buffered import (
     StalenessRule,
     base_masses,
+    delta_norm_sq,
+    dp_flush_weights,
     flush_module,
     flush_residual_form,
     flush_trained,
     flush_weights,
     version_coefficients,
 )
+from chorus_mq.aggregation.dp import dp_release, gaussian_noise_dense
 from chorus_mq.aggregation.sandwich import frame
 from chorus_mq.aggregation.server_opt import PreviousFactors
 from chorus_mq.errors import AggregationError, ConfigError
@@ -253,3 +256,62 @@ def test_flush_trained_refuses_a_version_whose_frozen_factor_differs() -> None:
     with pytest.raises(AggregationError, match="learning rate"):
         flush_trained(result, [], 0.0, Factor.LORA_B)
     assert flush_trained(result, [(old, 0.0)], 1.0, Factor.LORA_B).B.equal(result.B)  # a zero term is no term
+
+
+def test_delta_norms_match_the_dense_difference() -> None:
+    ups = make_clients(14, 10, [2, 3, 4], seed=11)
+    base = PreviousFactors(ups[2].A, ups[2].B, ups[2].scaling)
+    for u in ups:
+        mine = PreviousFactors(u.A, u.B, u.scaling)
+        want = float((_product(mine, (14, 10)) - _product(base, (14, 10))).norm() ** 2)
+        assert math.isclose(delta_norm_sq(mine, base), want, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(delta_norm_sq(mine, None), float(_product(mine, (14, 10)).norm() ** 2), rel_tol=1e-9)
+    assert delta_norm_sq(base, base) < 1e-9  # a delta equal to its base moved nothing
+    (wide,) = make_clients(14, 11, [2], seed=12)
+    with pytest.raises(AggregationError, match="14 x 10 against a base version's 14 x 11"):
+        delta_norm_sq(PreviousFactors(ups[0].A, ups[0].B, ups[0].scaling), PreviousFactors(wide.A, wide.B, 1.0))
+
+
+def test_dp_flush_weights_are_fixed_and_a_clients_deltas_share_one_slot() -> None:
+    rule = StalenessRule.parse("poly:1")
+    q = dp_flush_weights([0, 1, 3], [2, 2, 1], rule, 4)
+    assert q == (1 / 8, 0.5 / 8, 0.25 / 4)
+    with pytest.raises(AggregationError, match="quorum"):
+        dp_flush_weights([0], [1], rule, 0)
+    with pytest.raises(AggregationError, match="term counts"):
+        dp_flush_weights([0], [0], rule, 2)
+
+
+def test_a_dp_flush_is_the_clipped_update_plus_the_documented_noise() -> None:
+    """Three deltas from versions 0 and 1 (one client twice): published = x_v + η (Σ q_i c_i Δ_i + Z),
+    c_i clipping each Δ_i to C, q_i = g(τ_i) / (K k_i), Z ~ N(0, (z C / K)^2): the unnoised part exact against
+    the float64 oracle with Z drawn from the same seeded generator, and Z's scale the formula's."""
+    d_out, d_in, K, C, z, lr = 40, 30, 3, 0.5, 0.8, 0.9
+    shape = (d_out, d_in)
+    rule = StalenessRule.parse("poly:0.5")
+    v0, v1 = (PreviousFactors(c.A, c.B, c.scaling) for c in make_clients(d_out, d_in, [4, 4], seed=20))
+    versions = {0: v0, 1: v1}
+    ups = make_clients(d_out, d_in, [2, 3, 4], seed=21)
+    bases, owners = [1, 0, 1], ["a", "a", "b"]
+    taus = [1 - b for b in bases]
+    q = dp_flush_weights(taus, [owners.count(o) for o in owners], rule, K)
+    factors = [PreviousFactors(u.A, u.B, u.scaling) for u in ups]
+    norms = [math.sqrt(delta_norm_sq(f, versions[b])) for f, b in zip(factors, bases, strict=True)]
+    clip = [min(1.0, C / n) for n in norms]
+    assert min(clip) < 1.0  # at least one delta is clipped (seed-fixed)
+    w = [qi * ci for qi, ci in zip(q, clip, strict=True)]
+    scaled = [ClientUpdate(u.A, u.B, u.scaling * K * wi, 1.0) for u, wi in zip(ups, w, strict=True)]
+    released = dp_release(
+        scaled, quorum=K, clip_norm=C, noise_multiplier=z, generator=torch.Generator().manual_seed(5), frozen_a=False
+    )
+    coeffs = version_coefficients(1, base_masses(bases, w), lr)
+    out = flush_module(released, [(versions[b], c) for b, c in coeffs.items()], lr)
+    published = _product(PreviousFactors(out.A, out.B, out.scaling), shape) + out.residual.to_dense().to(F64)
+    noise = gaussian_noise_dense(d_out, d_in, z * C / K, torch.Generator().manual_seed(5)).to(F64)
+    clipped = sum(
+        wi * (_product(f, shape) - _product(versions[b], shape)) for wi, f, b in zip(w, factors, bases, strict=True)
+    )
+    oracle = _product(v1, shape) + lr * (clipped + noise)
+    assert float((published - oracle).norm() / oracle.norm()) <= 1e-6
+    sigma = float(((published - _product(v1, shape) - lr * clipped) / lr).std())
+    assert abs(sigma / (z * C / K) - 1.0) < 0.1  # 1200 draws: the std's sd is about 2%

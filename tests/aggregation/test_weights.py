@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chorus_mq.aggregation import policy_weights
-from chorus_mq.aggregation.weights import capped
+from chorus_mq.aggregation.weights import capped, client_claims, split_among_terms
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.names import WeightPolicy
 
@@ -93,3 +93,14 @@ def test_water_filling_properties(sizes, cap):
     unclamped = [c for c in claims if got[c] < limit * (1 - 1e-9)]
     for a in unclamped:  # and those below the cap keep their proportions
         assert got[a] / got[unclamped[0]] == pytest.approx(claims[a] / claims[unclamped[0]], rel=1e-9)
+
+
+def test_a_client_with_several_deltas_shares_its_weight_among_them() -> None:
+    owners = {"a": "a", "a#2": "a", "a#3": "a", "b": "b"}
+    split = split_among_terms({"a": 0.5, "b": 0.5}, owners)
+    assert split == {"a": 0.5 / 3, "a#2": 0.5 / 3, "a#3": 0.5 / 3, "b": 0.5}
+    assert math.isclose(sum(split.values()), 1.0)
+    with pytest.raises(AggregationError, match=r"no weight for client\(s\) \['b'\]"):
+        split_among_terms({"a": 1.0}, owners)
+    assert client_claims({"a": 10.0, "a#2": 30.0, "b": 5.0}, {"a": "a", "a#2": "a", "b": "b"}) == {"a": 20.0, "b": 5.0}
+    assert client_claims({"a": 10.0, "a#2": None}, {"a": "a", "a#2": "a"}) == {"a": None}

@@ -12,13 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chorus_mq.aggregation.dp import PrivacyAccountant, gaussian_noise_dense, noise_generator
 from chorus_mq.errors import Rejected
+from chorus_mq.layout import delta_key
+from chorus_mq.messages import IngestMessage
 from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, RoundStatus
 from chorus_mq.staleness import StalenessRule
 from chorus_mq.state import FederationConfig
 
 from ..deltas import declared, random_factors, write_adapter, write_r_adapter
 from ..server_opt_oracle import PEFT_PREFIX, published
+from ..topology import wait_for
 from .conftest import MARKS, MODULES, in_threads, timing, upload, wait_hook, wait_round
 
 pytestmark = MARKS
@@ -39,17 +43,21 @@ class BufferedOracle:
         self.x = published(start)[0]
         self.products = {0: published(start)[1]}  # each version's adapter product
 
-    def flush(self, version: int, uploads: list[tuple[int, int]]) -> dict[str, float]:
-        """Version ``version + 1`` from ``uploads`` [(client i, base version)] (uniform weights); returns p."""
-        raw = {f"c{i}": self.rule.g(version - b) for i, b in uploads}
+    def flush(self, version: int, uploads: list[tuple[int, int]], weights: dict[int, float] | None = None):
+        """Version ``version + 1`` from ``uploads`` [(upload i, base version)]; returns p by client ``c{i}``.
+        ``weights``: each upload's weight before g (default uniform), then p is returned by upload i."""
+        w = weights or dict.fromkeys((i for i, _ in uploads), 1.0)
+        raw = {i: w[i] * self.rule.g(version - b) for i, b in uploads}
         total = math.fsum(raw.values())
         for name in MODULES:
             module = f"{PEFT_PREFIX}{name}"
             step = np.zeros_like(self.x[module])
             for i, b in uploads:
-                step += raw[f"c{i}"] / total * (self.product(i, name) - self.products[b][module])
+                step += raw[i] / total * (self.product(i, name) - self.products[b][module])
             self.x[module] = self.x[module] + self.lr * step
-        return {c: g / total for c, g in raw.items()}
+        if weights is not None:
+            return {i: g / total for i, g in raw.items()}
+        return {f"c{i}": g / total for i, g in raw.items()}
 
     def check(self, out, version: int) -> float:
         total, products, _ = published(out)
@@ -116,6 +124,136 @@ def test_flushes_from_stale_bases_are_exact_and_a_too_stale_delta_is_refused(dep
     with pytest.raises(Rejected, match="not published yet"):
         sdk.upload("buf", delta_file(10), "c10", dataset_size=100.0, base_version=4, timeout=60)
     assert sdk.state.round("buf", 4).n == 0
+
+
+def test_a_fast_client_contributes_twice_to_one_flush_and_shares_its_weight(deployment, delta_file, tmp_path):
+    """--max-per-client-per-flush 2: c0 sends two deltas (from versions 1 and 0) into buffer 2, its third is
+    refused naming the limit; each delta is its own term, exact against the oracle with c0's uniform weight
+    split evenly between its two deltas (then discounted by each one's staleness)."""
+    sdk = deployment.sdk()
+    start = _create(sdk, "fast", tmp_path, max_per_client_per_flush=2, max_client_weight=1.0)
+    oracle = BufferedOracle(start, 1.0, "poly:0.5")
+    deployment.start_worker()
+    _upload_all(sdk, "fast", [(0, 0), (1, 0), (2, 0)], delta_file)  # three clients, once each
+    assert wait_round(deployment, "fast", 1) == "complete"
+    _pull_and_check(sdk, oracle, "fast", 1, [(0, 0), (1, 0), (2, 0)], tmp_path)
+    first = upload(sdk, "fast", "c0", delta_file(3), 100.0, base_version=1)
+    second = upload(sdk, "fast", "c0", delta_file(4), 100.0, base_version=0)
+    assert (first.round, second.round) == (2, 2) and sdk.state.round("fast", 2).n == 2
+    # the second delta's very record again, as a broker redelivery brings it once its upload was deleted:
+    # judged from the workers' copy of its term (c0#2), a duplicate
+    size = delta_file(4).stat().st_size
+    wait_for(lambda: not sdk.store.exists(delta_key("fast", "c0", second.sha256)), 30, "the upload deleted")
+    record = IngestMessage(
+        federation="fast", client_id="c0", sha256=second.sha256, size=size, dataset_size=100.0, base_version=0
+    )
+    redelivered = sdk.submit(record, timeout=60)
+    assert (redelivered.status, redelivered.round) == ("duplicate", 2)
+    again = sdk.upload("fast", delta_file(4), "c0", dataset_size=100.0, base_version=0, timeout=60)
+    assert (again.status, again.round) == ("duplicate", 2)
+    with pytest.raises(Rejected, match=r"already has 2 deltas .* --max-per-client-per-flush is 2"):
+        sdk.upload("fast", delta_file(6), "c0", dataset_size=100.0, base_version=1, timeout=60)
+    upload(sdk, "fast", "c1", delta_file(5), 100.0, base_version=1)
+    assert wait_round(deployment, "fast", 2) == "complete"
+    assert set(sdk.state.deltas("fast", 2)) == {"c0", "c0#2", "c1"}
+    # uploads 3, 4 (c0, half its weight each) and 5 (c1, all of its own)
+    p = oracle.flush(1, [(3, 1), (4, 0), (5, 1)], weights={3: 0.25, 4: 0.25, 5: 0.5})
+    manifest = sdk.pull("fast", tmp_path / "fast-2", 2)
+    error = oracle.check(tmp_path / "fast-2", 2)
+    assert error < 1e-6, f"version 2: {error:.2e} from the oracle"
+    entries = sorted((c.client_id, c.sha256, c.base_version, c.staleness, c.weight) for c in manifest.clients)
+    sha = {3: first.sha256, 4: second.sha256}
+    c1 = next(c for c in manifest.clients if c.client_id == "c1")
+    assert entries[:2] == sorted(("c0", sha[i], b, 1 - b, p[i]) for i, b in ((3, 1), (4, 0)))
+    assert (c1.base_version, c1.staleness) == (1, 0) and math.isclose(c1.weight, p[5], rel_tol=1e-12)
+    assert math.isclose(p[3] + p[4], 0.25 * (1 + 2**-0.5) / (0.25 * (1 + 2**-0.5) + 0.5), rel_tol=1e-12)
+
+
+def test_a_sampled_buffer_refuses_an_undrawn_client_and_its_next_draw_takes_it(deployment, delta_file, tmp_path):
+    """--clients-per-round 2 of 4: an undrawn client's upload is refused with the not_selected verdict (nothing
+    downloaded into the buffer), the drawn ones fill it, and a later buffer that draws the refused client
+    takes the same bytes, exact against the oracle."""
+    sdk = deployment.sdk()
+    start = _create(sdk, "pick", tmp_path, quorum=2, clients_per_round=2, round_timeout=600)
+    oracle = BufferedOracle(start, 1.0, "poly:0.5")
+    names = [f"c{i}" for i in range(4)]
+    secrets = {c: sdk.add_client("pick", c).secret for c in names}
+    sdk.state.abort("pick", 1, "clients registered: draw again")  # buffer 2 drawn from all four
+    deployment.start_worker()
+    chosen = sdk.state.round("pick", 2).selected
+    outsider = next(c for c in names if c not in chosen)
+    mine = delta_file(int(outsider[1:]))
+    with pytest.raises(Rejected, match=f"client '{outsider}' was not selected for round 2"):
+        deployment.sdk(client_secret=secrets[outsider]).upload(
+            "pick", mine, outsider, dataset_size=100.0, base_version=0, timeout=60
+        )
+    assert sdk.state.round("pick", 2).n == 0
+    v, version = 2, 0
+
+    def flush(uploads: list[tuple[str, int]]) -> None:  # (client, delta_file index), all from ``version``
+        for c, j in uploads:
+            upload(deployment.sdk(client_secret=secrets[c]), "pick", c, delta_file(j), 100.0, base_version=version)
+        assert wait_round(deployment, "pick", v) == "complete"
+        oracle.flush(version, [(j, version) for _, j in uploads], weights={j: 1.0 for _, j in uploads})
+        sdk.pull("pick", tmp_path / f"pick-{v}", v)
+        assert oracle.check(tmp_path / f"pick-{v}", v) < 1e-6
+
+    while outsider not in sdk.state.round("pick", v).selected:  # buffers of drawn clients, until one draws it
+        flush([(c, 10 * v + int(c[1:])) for c in sdk.state.round("pick", v).selected])
+        version, v = v, v + 1
+        assert v < 12, "no buffer drew the refused client"
+    other = next(c for c in sdk.state.round("pick", v).selected if c != outsider)
+    flush([(outsider, int(outsider[1:])), (other, 10 * v + int(other[1:]))])  # the refused bytes, now taken
+    assert sorted(sdk.state.deltas("pick", v)) == sorted([outsider, other])
+
+
+def test_dp_flushes_release_the_clipped_update_plus_the_documented_noise(deployment, delta_file, tmp_path):
+    """Server-side DP per flush over real workers (fedex-lora): each delta's update against its own base
+    version clipped adapter-wide to C, fixed weights g(τ) / (K k), dense noise N(0, (z C / K)^2) per module;
+    the published versions equal the float64 oracle with the noise the workers' secret key derives; the
+    ledger counts a client's two deltas in one flush as one participation."""
+    K, C, z, name = 3, 90.0, 0.5, "dp"
+    sdk = deployment.sdk()
+    start = _create(sdk, name, tmp_path, dp_noise_multiplier=z, clip_norm=C, max_per_client_per_flush=2)
+    deployment.start_worker()
+    rule = StalenessRule.parse("poly:0.5")
+    x, products = published(start)[0], {0: published(start)[1]}
+    key = sdk.state.noise_key(name)
+    flushes = {1: [("c0", 0, 0), ("c1", 1, 0), ("c2", 2, 0)], 2: [("c0", 3, 1), ("c0", 4, 0), ("c1", 5, 1)]}
+    clipped = 0
+    for v, uploads in flushes.items():
+        for c, i, b in uploads:
+            upload(sdk, name, c, delta_file(i), 100.0, base_version=b)
+        assert wait_round(deployment, name, v) == "complete"
+        owners = [c for c, _, _ in uploads]
+        for c, i, b in uploads:
+            delta = {m: _random_product(i, m) - products[b][f"{PEFT_PREFIX}{m}"] for m in MODULES}
+            norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
+            clipped += norm > C
+            w = rule.g(v - 1 - b) / (K * owners.count(c)) * min(1.0, C / norm)
+            for m in MODULES:
+                x[f"{PEFT_PREFIX}{m}"] = x[f"{PEFT_PREFIX}{m}"] + w * delta[m]
+        noise = {}
+        for m in MODULES:
+            module = f"{PEFT_PREFIX}{m}"
+            gen = noise_generator(key, name, v, module)
+            noise[module] = gaussian_noise_dense(*x[module].shape, z * C / K, gen).double().numpy()
+            x[module] = x[module] + noise[module]
+        out = tmp_path / f"{name}-{v}"
+        manifest = sdk.pull(name, out, v)
+        total, products[v], _ = published(out)
+        error = max(float(np.linalg.norm(total[m] - x[m]) / np.linalg.norm(x[m])) for m in x)
+        assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
+        drawn = np.concatenate([n.ravel() for n in noise.values()])
+        assert abs(float(drawn.std()) / (z * C / K) - 1.0) < 0.15  # 384 draws: the std's sd is about 4%
+        assert manifest.dp == {"noise_multiplier": z, "clip_norm": C, "delta": 1e-5, "quorum": K}
+    assert 2 <= clipped < 6  # some updates were clipped, some were not (C between them; rng-fixed)
+    privacy = sdk.status(name).privacy
+    for client, flushes_in in (("c0", 2), ("c1", 2), ("c2", 1)):
+        acc = PrivacyAccountant()
+        acc.spend(z, rounds=flushes_in)
+        assert privacy[client]["rounds"] == flushes_in
+        assert math.isclose(privacy[client]["epsilon"], acc.epsilon(1e-5), rel_tol=1e-12)
 
 
 def test_two_flushes_of_racing_uploads_lose_nothing_and_share_nothing(deployment, delta_file, tmp_path):

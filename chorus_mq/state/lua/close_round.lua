@@ -8,7 +8,8 @@
 --   not_due   deadline mode, and the deadline has not passed (or the round has none)
 --   noop      the round is not open; detail: its state ('missing' when there is no such round)
 --   too_few   manual mode, fewer than min-quorum deltas; detail: the min-quorum
---   extended  deadline passed with too few deltas, policy 'extend': one more period
+--   extended  deadline passed with too few deltas, policy 'extend': one more period (a sampled buffered
+--             federation's buffer drawn again)
 --   expired   deadline passed with too few deltas, policy 'expire': the next round is open
 local mode, lease_until = ARGV[6], tonumber(ARGV[7])
 local bad = transition_keys_wrong()
@@ -44,11 +45,26 @@ if policy == 'expire' then
   open_round(KEYS[1], KEYS[3], KEYS[5], KEYS[4], ROUND + 1, selected)
   return reply('expired', n, 0, '')
 end
--- 'extend': keep every accepted delta and wait one more period
-local timeout = tonumber(redis.call('HGET', KEYS[1], 'round_timeout')) or 0
+-- 'extend': keep every accepted delta and wait one more period. A buffered federation that samples its
+-- clients draws the buffer again (under 'r.e', e the extension: selection.redraw_label), so drawn clients
+-- that stay away cannot hold it; the deltas it holds stay.
+local m = redis.call('HMGET', KEYS[1], 'round_timeout', 'mode', 'clients_per_round')
+local timeout = tonumber(m[1]) or 0
+local redrawn, redraw = nil, m[2] == 'buffered' and (tonumber(m[3]) or 0) > 0
+local extensions = (tonumber(redis.call('HGET', KEYS[2], 'extensions')) or 0) + 1
+if redraw then
+  redrawn = draw(KEYS[1], KEYS[8], KEYS[7], ROUND .. '.' .. extensions)  -- before the first write
+end
 local new_deadline = NOW + timeout
 redis.call('HSET', KEYS[2], 'deadline', new_deadline)
 redis.call('HINCRBY', KEYS[2], 'extensions', 1)
 redis.call('ZADD', KEYS[5], new_deadline, ROUND)
-emit(KEYS[4], {type = 'round_extended', n = n, min_quorum = min_quorum, deadline = new_deadline})
+local ev = {type = 'round_extended', n = n, min_quorum = min_quorum, deadline = new_deadline}
+if redrawn then
+  redis.call('HSET', KEYS[2], 'selected', cjson.encode(redrawn))
+  ev['selected'] = redrawn
+elseif redraw then
+  redis.call('HDEL', KEYS[2], 'selected')  -- fewer active clients than the sample: open to all of them
+end
+emit(KEYS[4], ev)
 return reply('extended', n, 0, '')
