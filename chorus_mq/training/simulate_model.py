@@ -898,14 +898,16 @@ Columns (per strategy and round):
                (ranks below the global adapter's): kept frozen in the client's model and appended to
                its upload (exact), except for stack, whose rank would multiply: there it is dropped
                and the client starts from the best approximation at its rank
-  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
+  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests); with
+               --secure-aggregation up is the masked inputs (8 bytes an element of the trained factor and head)
   secs         wall time of the round: pulls, training, uploads, aggregation
   eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
   pers acc     with --personal-heads: the mean over clients of each client's own model (the round's
                global body with its own head) on its own held-out examples (a fifth of its share,
                which it does not train on); acc is then the published model, whose head is round 0's
   cos          mean over the round's clients of the cosine between a client's update and the round's
-               exact aggregate (over the whole adapter; low or negative: the clients pull apart)
+               exact aggregate (over the whole adapter; low or negative: the clients pull apart); none with
+               --secure-aggregation, where no worker sees one client's update
 The centralised row trains one LoRA of the initial adapter's rank on every client's data
 pooled, for the same total steps as the round's clients together (no DP). The best-alone row
 (--alone) is the client that scored best on the held-out data after training alone on its own
