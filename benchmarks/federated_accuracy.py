@@ -13,7 +13,9 @@ Held-out: ``--test`` random reviews of the same corpus.
 Rows are ``STRATEGY[+REMEDY...]``; remedies: ``plain`` (no label correction: ``--balance-labels
 off``), ``label`` (logit adjustment on every client), ``prox`` (FedProx, ``--prox-mu``),
 ``scaffold`` (control variates), ``fedavgm``/``fedadam``/``fedyogi`` (server optimisers at
-``--server-lr``). A row without remedies runs the defaults a user gets. Every federation goes
+``--server-lr``), ``secure`` (secure aggregation: the linear strategies ffa-lora, rolora and fed-sb,
+every client of a round in the protocol together; it changes the result only by the fixed-point
+encoding's error). A row without remedies runs the defaults a user gets. Every federation goes
 through the production path (uploads, pump, ingest, shards, commit as Celery tasks run eagerly,
 pulls). Two baselines per partition and seed: ``centralised`` (one model on the pooled data, the
 same total local steps) and ``best-alone`` (the best client trained alone for all its rounds'
@@ -61,6 +63,8 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
             options["prox_mu"] = args.prox_mu
         elif remedy == "scaffold":
             options["scaffold"] = True
+        elif remedy == "secure":
+            options["secure_aggregation"] = True
         elif remedy in ("fedavgm", "fedadam", "fedyogi"):
             options["server_opt"] = remedy
             if args.server_lr is not None:
@@ -68,7 +72,8 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
             if remedy == "fedavgm":
                 options["server_momentum"] = args.server_momentum
         else:
-            raise SystemExit(f"unknown remedy {remedy!r} (plain, label, prox, scaffold, fedavgm, fedadam, fedyogi)")
+            known = "plain, label, prox, scaffold, fedavgm, fedadam, fedyogi, secure"
+            raise SystemExit(f"unknown remedy {remedy!r} ({known})")
     return options
 
 

@@ -61,3 +61,16 @@ def test_exactness_is_against_the_server_optimisers_step(optimizer, lr):
 def test_a_server_optimiser_refuses_stack_before_anything_runs():
     res = CliRunner().invoke(main, ["simulate", "--strategies", "fedex-lora,stack", "--server-opt", "fedyogi"])
     assert res.exit_code == 2 and "cannot step --strategy stack" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        # the flag reaches the model simulation's config: a strategy that needs factors in the clear is refused
+        (["--model", "no-such-model", "--strategies", "ffa-lora,svd"], "svd needs each client's factors in the clear"),
+        (["--strategies", "fedex-lora"], "give --model"),  # the synthetic simulation has no secure path
+    ],
+)
+def test_secure_aggregation_is_refused_before_anything_runs_where_it_cannot(args, says):
+    res = CliRunner().invoke(main, ["simulate", *args, "--secure-aggregation"])
+    assert res.exit_code == 2 and says in res.output, res.output

@@ -72,6 +72,12 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
     help="The server optimiser's step size.  [default: 1 for fedavgm, 0.01 for fedadam and fedyogi]",
 )
 @click.option("--server-momentum", type=float, default=0.9, show_default=True, help="With --model: fedavgm's momentum.")
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="With --model: every federation runs secure aggregation (federation create --secure-aggregation; "
+    "ffa-lora, rolora, fed-sb): each round's clients upload through the real protocol together.",
+)
 @click.option("--test-examples", type=int, default=300, show_default=True, help="With --model: held-out examples.")
 @click.option("--examples-per-client", type=int, default=None, help="With --model: cap each client's examples.")
 @click.option(
@@ -134,6 +140,7 @@ def simulate(
     server_opt: str,
     server_lr: float | None,
     server_momentum: float,
+    secure_aggregation: bool,
     test_examples: int,
     examples_per_client: int | None,
     lr: float,
@@ -165,6 +172,8 @@ def simulate(
                 f"--strategy {name} freezes a published factor that every upload must keep; the synthetic "
                 "simulation uploads random factors: run it with --model (real clients training the round's factor)"
             )
+    if secure_aggregation and not model:
+        raise ConfigError("--secure-aggregation simulates real clients training the round's factor: give --model")
     if mode == "buffered" and not model:
         raise ConfigError("--mode buffered compares real training: give --model (e.g. minilm)")
     speeds = _speeds(client_speeds) if mode == "buffered" else None
@@ -194,6 +203,7 @@ def simulate(
             server_opt=server_opt,
             server_lr=server_lr,
             server_momentum=server_momentum,
+            secure_aggregation=secure_aggregation,
             test_examples=test_examples,
             examples_per_client=examples_per_client,
             lr=lr,

@@ -11,6 +11,9 @@ from ..ids import check_name
 from . import graph
 from .encoding import Encoding
 
+#: the fewest clients a secure round can have: a sum of 2 reveals each to the other
+MIN_COHORT = 3
+
 
 def default_threshold(k: int) -> int:
     """T = floor(K/2) + 1: more than half the neighbours, so no two disjoint groups can both reach T."""
@@ -46,9 +49,10 @@ class SecAggParams:
             raise ConfigError("the secure-aggregation cohort must be sorted and without duplicates")
         object.__setattr__(self, "cohort", cohort)
         n = len(cohort)
-        if n < 3:
+        if n < MIN_COHORT:
             raise ConfigError(
-                f"secure aggregation needs at least 3 clients (a sum of 2 reveals each to the other), got {n}"
+                f"secure aggregation needs at least {MIN_COHORT} clients (a sum of 2 reveals each to the other), "
+                f"got {n}"
             )
         if n > self.encoding.max_inputs:
             raise ConfigError(f"{n} clients exceed the {self.encoding.max_inputs} inputs this encoding can sum")

@@ -54,6 +54,8 @@ class SpeedJob:
             raise ConfigError(f"--buffer must be between 1 and the number of clients, got {self.buffer}")
         if len(self.sim.strategies) != 1:
             raise ConfigError("a buffered comparison runs one strategy (fedex-lora or svd)")
+        if self.sim.secure_aggregation:
+            raise ConfigError("--secure-aggregation does not combine with --mode buffered (not built yet)")
 
 
 @dataclass

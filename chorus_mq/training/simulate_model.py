@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chorus_mq.errors import ConfigError
+from chorus_mq.errors import ConfigError, SecAggError
 from chorus_mq.names import (
     BEST_ALONE,
     CENTRALISED,
@@ -39,6 +39,7 @@ from chorus_mq.names import (
     TaskType,
 )
 from chorus_mq.pulled import LocalState
+from chorus_mq.secagg.params import MIN_COHORT
 from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, embedded_data, load_examples, resolve_model
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     import torch
 
     from chorus_mq.sdk.combined import Sdk
+    from chorus_mq.sdk.summaries import UploadResult
     from chorus_mq.state import FederationConfig
 
 _PROBE = 64
@@ -60,6 +62,10 @@ _PROBE = 64
 PERSONAL_HELD_OUT = 0.2
 #: the deadline of a sampled round (seconds): every drawn client of a simulation uploads well before it
 _SAMPLED_ROUND_TIMEOUT = 3600
+#: --secure-aggregation: how long a client's upload waits for its round to publish, and how often the simulation
+#: runs the beat's sweep meanwhile (seconds)
+_SECURE_UPLOAD_TIMEOUT = 900.0
+_SWEEP_EVERY = 0.05
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,9 @@ class SimConfig:
     server_lr: float | None = None
     #: fedavgm's momentum (0: the plain average stepped at ``server_lr``)
     server_momentum: float = 0.9
+    #: every federation runs secure aggregation (``federation create --secure-aggregation``): each round the
+    #: drawn clients upload through the real protocol together, and the workers see only the masked sum
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks) if self.ranks else None)
@@ -281,6 +290,11 @@ def _check(config: SimConfig) -> None:
             f"--scaffold needs one rank for every client (its variates live on the global adapter's tensors), "
             f"got --ranks {','.join(map(str, config.ranks))}"
         )
+    if config.secure_aggregation and config.per_round < MIN_COHORT:
+        raise ConfigError(
+            f"--secure-aggregation needs at least {MIN_COHORT} clients in every round (a sum of 2 reveals each "
+            f"to the other), got {config.per_round}"
+        )
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"--seeds must be distinct, got {list(config.seeds)}")
     for strategy in config.strategies:  # refused before any training, as federation create would refuse it
@@ -389,7 +403,10 @@ class _Runner:
             client = _Client(i, self.train.subset(idx), rank)
             if self.local_tests[i]:
                 client.held_out = self.train.subset(self.local_tests[i])
-            client.secret = self.sdk.add_client(name, client.name).secret
+            # a secure round's weights are fixed before any input, from what the operator registered: the
+            # dataset sizes a plain upload would claim
+            size = float(len(client.examples)) if cfg.secure_aggregation else None
+            client.secret = self.sdk.add_client(name, client.name, dataset_size=size).secret
             client.workdir = self.workdir / name / client.name
             client.workdir.mkdir(parents=True)
             if cfg.dp_epsilon is not None:
@@ -442,6 +459,7 @@ class _Runner:
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
         updates: list[tuple[str, Path]] = []
+        secure: list[tuple[_Client, Path]] = []  # --secure-aggregation: the uploads, sent together once all trained
         pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # SCAFFOLD: each client's next variate
         trained_heads: dict[str, dict[str, torch.Tensor]] = {}
         up = down = 0
@@ -505,6 +523,10 @@ class _Runner:
             if client.ledger is not None and report is not None:
                 client.ledger.commit(r, train.planned_steps(len(client.examples)))
                 epsilon = max(epsilon or 0.0, report.epsilon)
+            updates.append((client.name, adapter))
+            if self.config.secure_aggregation:  # every drawn client's upload takes part in the phases together
+                secure.append((client, upload))
+                continue
             uploaded = self.sdk.upload(
                 fed.name,
                 upload,
@@ -517,7 +539,8 @@ class _Runner:
                 label_counts=None if report is not None else self._label_counts(client.examples),
             )
             up += uploaded.bytes
-            updates.append((client.name, adapter))
+        if secure:
+            up += self._secure_uploads(fed, r, secure)
         summary = self.sdk.wait_round(fed.name, r, timeout=600)
         if summary.state != RoundStatus.COMPLETE:
             raise ConfigError(f"{fed.name} round {r} ended {summary.state}: {summary.reason}")
@@ -560,6 +583,44 @@ class _Runner:
             cosine=sum(cosines) / len(cosines) if cosines else None,
             seed=self.config.seed,
         )
+
+    def _secure_uploads(self, fed: _Federation, r: int, uploads: Sequence[tuple[_Client, Path]]) -> int:
+        """Round ``r``'s uploads through secure aggregation: each client's ``upload`` (the SDK's, as ``train`` runs
+        it) on its own thread, since every phase waits for the whole cohort, while this thread runs the beat's
+        sweep (it opens the advertise phase and closes a phase at its deadline). The phase records each client
+        sends are pumped, and the tasks they fire run, on that client's thread. Returns the bytes uploaded
+        (the masked inputs)."""
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        from chorus_mq.workers.inprocess import sweep_once
+
+        sdk = self.sdk
+
+        def upload(client: _Client, path: Path) -> UploadResult:
+            import torch
+
+            torch.set_num_threads(1)  # the unmask runs on a client's thread beside the others
+            return sdk.upload(
+                fed.name,
+                path,
+                client.name,
+                round_=r,
+                secret=client.secret,
+                timeout=_SECURE_UPLOAD_TIMEOUT,
+                secure_state_dir=client.workdir / "secagg",
+            )
+
+        with ThreadPoolExecutor(max_workers=len(uploads), thread_name_prefix=f"secure-{r}") as pool:
+            futures = [pool.submit(upload, client, path) for client, path in uploads]
+            waiting = set(futures)
+            while waiting:  # a client that fails is a dropout to the others: its phase closes at its deadline
+                sweep_once(sdk.settings, sdk.redis, sdk.store)
+                _, waiting = wait(waiting, timeout=_SWEEP_EVERY)
+            results = [f.result() for f in futures]
+        missing = [res.client_id for res in results if res.status != "summed"]
+        if missing:
+            raise SecAggError(f"{fed.name} round {r}: the secure sum left out {', '.join(missing)}")
+        return sum(sdk.store.size(res.object_key) or 0 for res in results)
 
     def _personal(self, model: Any, clients: Sequence[_Client]) -> Evaluation:
         """Each client's model (``model``'s body, the client's own head: round 0's until it first trains) on its
@@ -766,6 +827,10 @@ def _federation_config(
         server_momentum=(
             config.server_momentum if config.server_opt == ServerOptimizer.FEDAVGM else FederationConfig.server_momentum
         ),
+        secure_aggregation=config.secure_aggregation,
+        # as `federation create` decides it: relative clipping needs each update's norm, which secure
+        # aggregation hides (off there), and is on by default otherwise
+        relative_clip=0.0 if config.secure_aggregation else FederationConfig.relative_clip,
     )
 
 
@@ -833,14 +898,16 @@ Columns (per strategy and round):
                (ranks below the global adapter's): kept frozen in the client's model and appended to
                its upload (exact), except for stack, whose rank would multiply: there it is dropped
                and the client starts from the best approximation at its rank
-  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests)
+  up, down     bytes the round's clients uploaded, and pulled to start it (from the manifests); with
+               --secure-aggregation up is the masked inputs (8 bytes an element of the trained factor and head)
   secs         wall time of the round: pulls, training, uploads, aggregation
   eps          largest cumulative client-side DP epsilon (with --dp-epsilon)
   pers acc     with --personal-heads: the mean over clients of each client's own model (the round's
                global body with its own head) on its own held-out examples (a fifth of its share,
                which it does not train on); acc is then the published model, whose head is round 0's
   cos          mean over the round's clients of the cosine between a client's update and the round's
-               exact aggregate (over the whole adapter; low or negative: the clients pull apart)
+               exact aggregate (over the whole adapter; low or negative: the clients pull apart); none with
+               --secure-aggregation, where no worker sees one client's update
 The centralised row trains one LoRA of the initial adapter's rank on every client's data
 pooled, for the same total steps as the round's clients together (no DP). The best-alone row
 (--alone) is the client that scored best on the held-out data after training alone on its own

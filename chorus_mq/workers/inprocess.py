@@ -2,7 +2,9 @@
 
 ``embedded_runtime`` builds and installs a runtime over an in-process Redis-compatible server (fakeredis with
 Lua) or a given Redis, with a ``file://`` store, whose tasks run eagerly; ``drain_inbox`` runs the inbox pump
-over one federation now (what an eager SDK does after appending a record).
+over one federation now (what an eager SDK does after appending a record); ``sweep_once`` runs the beat's sweep
+once (deadlines, and a secure round's phases: what ``simulate --secure-aggregation`` calls while its clients
+take part).
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ from ..store import Store, open_store
 from . import runtime
 from .app import get_dispatcher
 from .pump import InboxPump
+from .sweep import SweepReport, sweep
+
+
+def _runtime(settings: Settings, redis: redis_lib.Redis, store: Store) -> runtime.Runtime:
+    return runtime.current() if runtime.installed() else runtime.Runtime(settings, redis, store)
 
 
 def drain_inbox(settings: Settings, redis: redis_lib.Redis, store: Store, federation: str) -> None:
     """Run the inbox pump over ``federation``'s inboxes and the tasks it sends, in this process."""
-    rt = runtime.current() if runtime.installed() else runtime.Runtime(settings, redis, store)
-    InboxPump(rt, get_dispatcher(settings), consumer="sdk").drain(federation)
+    InboxPump(_runtime(settings, redis, store), get_dispatcher(settings), consumer="sdk").drain(federation)
+
+
+def sweep_once(settings: Settings, redis: redis_lib.Redis, store: Store) -> SweepReport:
+    """One pass of the beat's sweep over every federation, and the tasks it sends, in this process."""
+    return sweep(_runtime(settings, redis, store), get_dispatcher(settings))
 
 
 def embedded_runtime(

@@ -24,7 +24,7 @@ from ..layout import accepted_key, masked_input_key
 from ..names import RoundStatus, SecAggPhase, Task
 from ..secagg import wire
 from ..secagg.encoding import Encoded
-from ..secagg.params import SecAggParams, default_threshold
+from ..secagg.params import MIN_COHORT, SecAggParams, default_threshold
 from ..secagg.public import RoundPublic, graph_seed
 from ..secagg.stored import parse_masked
 from ..secagg.vector import MaskedLayout
@@ -52,7 +52,7 @@ def public(rt: Runtime, federation: str, r: int) -> RoundPublic | None:
 
 def open_secure(rt: Runtime, federation: str, r: int, *, now: float | None = None) -> Reply | None:
     """Fix round ``r``'s cohort and parameters and open its advertise phase; None while it cannot open yet
-    (the round is not open, or fewer than max(3, quorum) clients are active)."""
+    (the round is not open, or fewer than max(MIN_COHORT, quorum) clients are active)."""
     config = rt.state.config(federation)
     info = rt.state.round(federation, r)
     if info.state != RoundStatus.OPEN:
@@ -62,7 +62,7 @@ def open_secure(rt: Runtime, federation: str, r: int, *, now: float | None = Non
         return None
     registry = ClientRegistry(rt.redis, federation)
     cohort = sorted(info.selected) if info.selected else registry.active()
-    if len(cohort) < max(3, config.quorum):
+    if len(cohort) < max(MIN_COHORT, config.quorum):
         return None
     start = rt.state.latest_complete(federation)
     if start is None:

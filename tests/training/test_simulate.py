@@ -242,3 +242,83 @@ def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
             assert row.exact_error is not None and row.exact_error < 1e-4
     # fed-sb uploads r x r per module (and the head): less than the d_out x r factor ffa-lora uploads
     assert by["fed-sb", 2].bytes_up < by["ffa-lora", 2].bytes_up
+
+
+def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert_dir, tmp_path):
+    """``--secure-aggregation`` on ffa-lora: the same seed trains the same clients, and only the aggregation path
+    differs (three clients upload through every phase together, the sweep opens them): the published model is
+    the plain one's to within the fixed-point encoding, and exact against the float64 oracle."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    from chorus_mq.names import SecAggPhase
+    from chorus_mq.sdk.combined import Sdk
+    from chorus_mq.state.secagg import SecAggRounds
+    from chorus_mq.training.simulate_model import run_model_simulation
+    from chorus_mq.workers import runtime
+
+    from .test_local import DATA, WORDS
+
+    rows = [
+        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
+    ]
+    data = tmp_path / "data.csv"
+    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    sdks: list[Sdk] = []
+
+    def embedded(workdir):
+        sdks.append(Sdk.embedded(workdir))
+        return sdks[-1]
+
+    runs = {}
+    try:
+        for secure in (False, True):
+            runs[secure] = run_model_simulation(
+                model=str(tiny_bert_dir),
+                dataset=str(data),
+                clients=3,
+                rounds=2,
+                strategies=("ffa-lora",),
+                steps_per_round=2,
+                batch_size=8,
+                lr=2e-2,
+                max_length=32,
+                test_examples=16,
+                secure_aggregation=secure,
+                sdk_factory=embedded,
+                echo=None,
+            )
+    finally:
+        runtime.install(None)
+    plain, secure = runs[False], runs[True]
+    assert [(r.round, r.clients) for r in secure] == [(0, 0), (1, 3), (2, 3)]
+    for a, b in zip(plain[1:], secure[1:], strict=True):
+        assert b.exact_error is not None and b.exact_error <= 1e-5  # the unmasked sum is the clients' average
+        assert b.accuracy == a.accuracy and b.loss == pytest.approx(a.loss, abs=1e-5)
+        assert b.cosine is None and a.cosine is not None  # no worker saw a client's update
+        assert b.bytes_up > 0
+    assert secure[-1].loss != secure[0].loss  # the clients trained: the two runs agree on something that moved
+    # the rounds went through the protocol: each one's secure aggregation finished, with the whole cohort summed
+    sdk = sdks[1]
+    (federation,) = sdk.state.federations()
+    for r in (1, 2):
+        state = SecAggRounds(sdk.redis, federation).state(r)
+        assert state is not None and state.phase is SecAggPhase.DONE and len(state.survivors) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"strategies": ("ffa-lora", "fedex-lora")}, "fedex-lora needs each client's factors in the clear"),
+        ({"strategies": ("ffa-lora",), "clients": 2}, "at least 3 clients in every round"),
+        ({"strategies": ("rolora",), "clients": 6, "fraction_fit": 0.3}, "at least 3 clients in every round"),
+        ({"strategies": ("fed-sb",), "scaffold": True}, "--scaffold"),
+    ],
+)
+def test_simulate_refuses_secure_aggregation_where_it_cannot_run_before_any_work(options, says, tmp_path):
+    from chorus_mq.errors import ConfigError
+    from chorus_mq.training.simulate_model import run_model_simulation
+
+    with pytest.raises(ConfigError, match=says):
+        # a model that does not exist: the refusal comes before anything is loaded
+        run_model_simulation(model=str(tmp_path / "no-model"), secure_aggregation=True, echo=None, **options)
