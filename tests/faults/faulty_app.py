@@ -191,8 +191,37 @@ def _client_of(raw: Any) -> str:
         return "unparsable"
 
 
-def _install_hooks(hooks: Hooks) -> None:
+def _hook_after_shard(hooks: Hooks, point: str, module: Any, name: str, params: tuple[str, ...]) -> None:
+    """Replace ``module.name`` (computing shard ``k`` of round ``r``, its result naming the shard's adapter object)
+    by a function that arrives at ``point`` (subject ``"r:k"``) once the shard's object is written."""
+    compute = _target(module, name, params)
+
+    def compute_then_hook(rt: Any, federation: str, r: int, k: int, *rest: Any) -> Any:
+        result = compute(rt, federation, r, k, *rest)
+        if r in hooks.rounds:
+            if not rt.store.exists(result.adapter.key):
+                raise RuntimeError(f"faulty_app: the {point} hook runs before the shard's objects are written")
+            pausable = hooks.shards is None or k in hooks.shards
+            hooks.arrive(rt.redis, point, federation, f"{r}:{k}", pausable=pausable)
+        return result
+
+    setattr(module, name, compute_then_hook)
+
+
+def _before_finalize(hooks: Hooks, point: str, rt: Any) -> Callable[..., None]:
+    """A hook for ``RoundState.finalize``: arrive at ``point`` (subject the round) once the manifest is written."""
     from chorus_mq.layout import manifest_key
+
+    def before_finalize(fed: str, r: int, *args: Any, **kwargs: Any) -> None:
+        if not rt.store.exists(manifest_key(fed, r)):
+            raise RuntimeError(f"faulty_app: the {point} hook runs before the manifest is written")
+        if r in hooks.rounds:
+            hooks.arrive(rt.redis, point, fed, r)
+
+    return before_finalize
+
+
+def _install_hooks(hooks: Hooks) -> None:
     from chorus_mq.state import RoundState
     from chorus_mq.workers import commit, compact, ingest, plan, pump, shard
 
@@ -237,30 +266,13 @@ def _install_hooks(hooks: Hooks) -> None:
         plan.make_plan = plan_then_hook
 
     if hooks.enabled("shard"):
-        compute = _target(shard, "compute_shard", ("rt", "federation", "r", "k", "plan", "config"))
-
-        def compute_then_hook(rt, federation, r, k, plan_, config):
-            result = compute(rt, federation, r, k, plan_, config)
-            if r in hooks.rounds:
-                if not rt.store.exists(result.adapter.key):
-                    raise RuntimeError("faulty_app: the shard hook runs before the shard's objects are written")
-                pausable = hooks.shards is None or k in hooks.shards
-                hooks.arrive(rt.redis, "shard", federation, f"{r}:{k}", pausable=pausable)
-            return result
-
-        shard.compute_shard = compute_then_hook
+        _hook_after_shard(hooks, "shard", shard, "compute_shard", ("rt", "federation", "r", "k", "plan", "config"))
 
     if hooks.enabled("commit"):
         commit_round = _target(commit, "commit_round", ("rt", "federation", "r", "epoch", "dispatch"))
 
         def commit_with_hook(rt, federation, r, epoch, dispatch):
-            def before_finalize(fed, r_, *args, **kwargs):
-                if not rt.store.exists(manifest_key(fed, r_)):
-                    raise RuntimeError("faulty_app: the commit hook runs before the manifest is written")
-                if r_ in hooks.rounds:
-                    hooks.arrive(rt.redis, "commit", fed, r_)
-
-            with _before(rt.state, "finalize", before_finalize):
+            with _before(rt.state, "finalize", _before_finalize(hooks, "commit", rt)):
                 return commit_round(rt, federation, r, epoch, dispatch)
 
         commit.commit_round = commit_with_hook
@@ -299,18 +311,8 @@ def _install_hooks(hooks: Hooks) -> None:
     if hooks.enabled("secure_shard"):
         from chorus_mq.workers import secure_sum
 
-        compute_secure = _target(secure_sum, "compute_secure_shard", ("rt", "federation", "r", "k", "plan", "pub"))
-
-        def compute_secure_then_hook(rt, federation, r, k, plan_, pub):
-            result = compute_secure(rt, federation, r, k, plan_, pub)
-            if r in hooks.rounds:
-                if not rt.store.exists(result.adapter.key):
-                    raise RuntimeError("faulty_app: the secure_shard hook runs before the shard's object is written")
-                pausable = hooks.shards is None or k in hooks.shards
-                hooks.arrive(rt.redis, "secure_shard", federation, f"{r}:{k}", pausable=pausable)
-            return result
-
-        secure_sum.compute_secure_shard = compute_secure_then_hook
+        params = ("rt", "federation", "r", "k", "plan", "pub")
+        _hook_after_shard(hooks, "secure_shard", secure_sum, "compute_secure_shard", params)
 
     if hooks.enabled("secure_publish"):
         from chorus_mq.workers import secure_sum
@@ -318,13 +320,7 @@ def _install_hooks(hooks: Hooks) -> None:
         commit_secure = _target(secure_sum, "commit_secure", ("rt", "federation", "r", "epoch"))
 
         def commit_secure_with_hook(rt, federation, r, epoch):
-            def before_finalize(fed, r_, *a, **kw):
-                if not rt.store.exists(manifest_key(fed, r_)):
-                    raise RuntimeError("faulty_app: the secure_publish hook runs before the manifest is written")
-                if r_ in hooks.rounds:
-                    hooks.arrive(rt.redis, "secure_publish", fed, r_)
-
-            with _before(rt.state, "finalize", before_finalize):
+            with _before(rt.state, "finalize", _before_finalize(hooks, "secure_publish", rt)):
                 return commit_secure(rt, federation, r, epoch)
 
         secure_sum.commit_secure = commit_secure_with_hook

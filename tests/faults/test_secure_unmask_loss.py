@@ -8,55 +8,28 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-
-import torch
 
 from chorus_mq.layout import round_prefix
 from chorus_mq.names import EventType
 from tests.training.conftest import minilm_dir, tiny_bert_dir, tokenizer  # noqa: F401 (fixtures)
-from tests.training.test_secure_e2e import LABELS, SHARDED, _check_exact, _public, _update
+from tests.training.secure_rounds import SHARDED, check_exact
 
 from ..topology import wait_for
 from .conftest import MARKS, wait_hook
 from .faulty_app import arrivals
+from .secure_round import CLIENTS, start_secure_round
 
 pytestmark = MARKS
 
 
 def test_worker_killed_mid_unmask_of_a_secure_round(deployment, tiny_bert_dir):  # noqa: F811
-    torch.set_num_threads(1)
     fed = "secshard"
-    clients = ["c0", "c1", "c2"]
     env = {"CHORUS_AGGREGATION_LEASE": "4", **SHARDED}  # the lease sweep re-sends a dead round's work after 4 s
     pause = {"CHORUS_FAULT_PAUSE": "secure_shard=120", "CHORUS_FAULT_SHARDS": "1"}
-    worker = deployment.start_worker(faulty=True, env={**pause, **env})
-    sweep = {"CHORUS_SWEEP_INTERVAL": "0.2", **env}
-    beat = deployment.start_beat(env=sweep)
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", "ffa-lora", "--secure-aggregation",
-    )  # fmt: skip
-    operator = deployment.sdk()
-    secrets = {c: operator.add_client(fed, c).secret for c in clients}
-    pub = _public(operator, fed, 1)
-    deployment.kill(beat)  # from here only the worker closes phases (at quorum) and unmasks
-    updates = {c: _update(pub, 30 + i) for i, c in enumerate(clients)}
-    failures: list[BaseException] = []
-
-    def run(c: str) -> None:
-        try:
-            sdk = deployment.sdk(client_secret=secrets[c])
-            assert c in sdk.secure_round(fed, c, updates[c], round_=1, timeout=240, poll=0.05).summed
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
+    run = start_secure_round(deployment, tiny_bert_dir, fed, env=env, pause=pause, seed=30)
+    operator = run.operator
     wait_hook(deployment, "secure_shard", fed, "1:1", timeout=120)  # paused: shard 1's object written, not recorded
-    deployment.kill(worker)
+    deployment.kill(run.worker)
     info = operator.state.round(fed, 1)
     assert info.state == "aggregating" and info.closed_by == "secure_aggregation"
     plan = json.loads(operator.state.plan(fed, 1))
@@ -67,12 +40,11 @@ def test_worker_killed_mid_unmask_of_a_secure_round(deployment, tiny_bert_dir): 
     assert set(written) == {0, 1}, written
     # a fresh worker (counting arrivals at the hook, never pausing) takes the queued shards ...
     deployment.start_worker(faulty=True, env={"CHORUS_FAULT_COUNT": "secure_shard", **env})
-    deployment.start_beat(env=sweep)  # ... and the lease sweep sends the round task again, which sends shard 1
-    for t in threads:
-        t.join(timeout=240)
-    assert not failures, failures
+    deployment.start_beat(env=run.sweep)  # ... and the lease sweep sends the round task again, which sends shard 1
+    results = run.clients.join(timeout=240)
+    assert all(c in res.summed for c, res in results.items()), results
     wait_for(lambda: operator.state.round(fed, 1).state == "complete", 60, "round 1 to complete")
-    manifest = _check_exact(operator, fed, 1, pub, updates, clients)
+    manifest = check_exact(operator, fed, 1, run.pub, run.updates, CLIENTS)
     assert [s.index for s in manifest.shards] == list(range(total))
     objects = _adapter_objects(operator, fed)
     assert all(len(keys) == 1 for keys in objects.values()) and len(objects) == total, objects  # same bytes again

@@ -18,7 +18,8 @@ from chorus_mq.results import fetch_manifest
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
-from .test_linear_e2e import LABELS, _count_reads, _data
+from .clients import create_federation, train_all
+from .test_linear_e2e import LABELS, TRAINING, _client_data, _count_reads, _data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -74,11 +75,7 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
     torch.set_num_threads(1)
     fed = "sb"
     deployment.start_worker(concurrency=1)
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", str(RANK),
-        "--strategy", "fed-sb",
-    )  # fmt: skip
+    create_federation(deployment, fed, tiny_bert_dir, LABELS, "--strategy", "fed-sb", quorum=2, rank=RANK)
     operator = deployment.sdk()
     status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
     assert status["strategy"] == "fed-sb" and status["trainable"] == "lora_R"
@@ -189,38 +186,13 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
 def test_fed_sb_train_two_rounds_exact_with_export(deployment, tiny_bert_dir, tmp_path):
     """``train`` (the SDK) trains R between the frozen frame; the uploads carry lora_R only; each round is the
     oracle's average; export gives the exact PEFT model's logits."""
-    import threading
-
     torch.set_num_threads(1)
     fed = "sbt"
     deployment.start_worker(concurrency=1)
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", str(RANK),
-        "--strategy", "fed-sb",
-    )  # fmt: skip
+    create_federation(deployment, fed, tiny_bert_dir, LABELS, "--strategy", "fed-sb", quorum=2, rank=RANK)
     operator = deployment.sdk()
     secrets = {c: operator.add_client(fed, c).secret for c in ("c0", "c1")}
-    failures: list[BaseException] = []
-
-    def train(client: str) -> None:
-        try:
-            sdk = deployment.sdk(client_secret=secrets[client])
-            for _record in sdk.train(
-                federation=fed, client_id=client, model_dir=tiny_bert_dir, data=_data(int(client[1])),
-                workdir=tmp_path / client, rounds=2, steps_per_round=3, batch_size=6, lr=5e-2,
-                max_length=32, json=True, timeout=300, poll=0.1,
-            ):  # fmt: skip
-                pass
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=train, args=(c,)) for c in secrets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=900)
-    assert not failures, failures
+    train_all(deployment, fed, secrets, _client_data, tmp_path, model_dir=tiny_bert_dir, rounds=2, **TRAINING)
     opened = [e for e in operator.state.events(fed).read() if e.type == "round_opened"]
     assert [e.get("trainable") for e in opened] == ["lora_R"] * 3
     assert operator.round(fed, 1).trainable == "lora_R"

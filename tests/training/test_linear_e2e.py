@@ -7,7 +7,6 @@ an upload whose frozen factor moved by one ulp is refused and the round is unhar
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from chorus_mq.training.data import Examples
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
+from .clients import create_federation, train_all
 from .test_local import WORDS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
@@ -34,6 +34,14 @@ def _data(owner: int) -> Examples:
     return Examples(tuple(texts), tuple(labels))
 
 
+def _client_data(client: str) -> Examples:
+    return _data(int(client[1]))
+
+
+#: the local training of the tests' ``train`` runs (besides the rounds)
+TRAINING = {"steps_per_round": 3, "batch_size": 6, "lr": 5e-2, "max_length": 32}
+
+
 def _modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight"))
 
@@ -45,36 +53,13 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     torch.set_num_threads(1)
     fed = "lin"
     deployment.start_worker(concurrency=1)
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", strategy,
-    )  # fmt: skip
+    create_federation(deployment, fed, tiny_bert_dir, LABELS, "--strategy", strategy, quorum=2)
     operator = deployment.sdk()
     status = json.loads(deployment.cli("status", "-f", fed, "--json").stdout)
     assert status["strategy"] == strategy and status["trainable"] == trains[0]
     assert f"clients train {trains[0]} this round" in deployment.cli("status", "-f", fed).stdout
     secrets = {c: operator.add_client(fed, c).secret for c in ("c0", "c1")}
-    failures: list[BaseException] = []
-
-    def train(client: str) -> None:
-        try:
-            sdk = deployment.sdk(client_secret=secrets[client])
-            for _record in sdk.train(
-                federation=fed, client_id=client, model_dir=tiny_bert_dir, data=_data(int(client[1])),
-                workdir=tmp_path / client, rounds=ROUNDS, steps_per_round=3, batch_size=6, lr=5e-2,
-                max_length=32, json=True, timeout=300, poll=0.1,
-            ):  # fmt: skip
-                pass
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=train, args=(c,)) for c in secrets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=900)
-    assert not failures, failures
+    train_all(deployment, fed, secrets, _client_data, tmp_path, model_dir=tiny_bert_dir, rounds=ROUNDS, **TRAINING)
 
     # every round says what its clients train: the event, the round info, status
     opened = [e for e in operator.state.events(fed).read() if e.type == "round_opened"]

@@ -14,11 +14,12 @@ import pytest
 import torch
 from pyarrow import csv
 
+from .clients import create_federation, train_process, train_records
+
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 LABELS = ("awful", "great", "okay")
 ROUNDS = 3
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 #: federation create options and train options of each remedy; ``plain`` is fedex-lora with no remedy
 REMEDIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "plain": ((), ("--balance-labels", "off")),
@@ -60,26 +61,18 @@ def shares(tmp_path_factory):
 def _start(deployment, name: str, model_dir, shares, held_out) -> list:
     """Create the remedy's federation and start its three ``train`` processes."""
     create, train = REMEDIES[name]
-    # fmt: off
-    deployment.cli(
-        "federation", "create", name, "--base-model", str(model_dir), "--quorum", "3", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4", "--seed", "0",
-        *create,
-    )
+    create_federation(deployment, name, model_dir, LABELS, "--seed", "0", *create, quorum=3)
     sdk = deployment.sdk()
     procs = []
     for i, share in enumerate(shares):
         secret = sdk.add_client(name, f"c{i}").secret
-        procs.append(
-            deployment.popen_cli(
-                "train", "-f", name, "--client-id", f"c{i}", "--model", str(model_dir), "--data", str(share),
-                "--eval-data", str(held_out), "--workdir", str(deployment.workdir / name / f"c{i}"),
-                "--rounds", str(ROUNDS), "--steps-per-round", "6", "--batch-size", "8", "--max-length", "24",
-                "--lr", "1e-2", "--seed", str(i), "--timeout", "600", "--json", *train,
-                env={**ONE_THREAD, "CHORUS_CLIENT_SECRET": secret},
-            )
-        )
-    # fmt: on
+        proc = train_process(
+            deployment, name, f"c{i}", secret, "--model", str(model_dir), "--data", str(share),
+            "--eval-data", str(held_out), "--workdir", str(deployment.workdir / name / f"c{i}"),
+            "--rounds", str(ROUNDS), "--steps-per-round", "6", "--batch-size", "8", "--max-length", "24",
+            "--lr", "1e-2", "--seed", str(i), "--timeout", "600", "--json", *train,
+        )  # fmt: skip
+        procs.append(proc)
     return procs
 
 
@@ -87,10 +80,8 @@ def _final_loss(name: str, procs: list) -> float:
     """The held-out loss every client reported for the global model of the last round."""
     losses = set()
     for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"{name}: train exited {proc.returncode}\n{err[-4000:]}"
-        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), out
+        records, _ = train_records(proc, timeout=900, what=f"{name}: train")
+        assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), records
         losses.add(records[-1]["eval_loss"])
     assert len(losses) == 1, losses  # every client evaluated the same global model
     return losses.pop()

@@ -5,8 +5,6 @@ the restarted client's own variate is option II's over both rounds."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from safetensors.torch import load, load_file
@@ -16,6 +14,7 @@ from chorus_mq.names import ADAPTER_WEIGHTS, CLIENT_VARIATE_FILE, VARIATE_FILE
 from chorus_mq.training.data import Examples
 
 from ..variate_oracle import items, server_step
+from .clients import create_federation, run_clients, train
 from .test_local import WORDS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
@@ -34,64 +33,21 @@ def _skewed(owner: int) -> Examples:
 def test_skewed_clients_with_a_restart_publish_the_oracles_variate(deployment, tiny_bert_dir, tmp_path):
     torch.set_num_threads(1)
     deployment.start_worker(concurrency=1)
-    deployment.cli(
-        "federation",
-        "create",
-        "sc",
-        "--base-model",
-        str(tiny_bert_dir),
-        "--quorum",
-        "3",
-        "--task",
-        "seq-cls",
-        "--labels",
-        ",".join(LABELS),
-        "--target-modules",
-        "query,value",
-        "--lora-rank",
-        "4",
-        "--scaffold",
-    )
+    create_federation(deployment, "sc", tiny_bert_dir, LABELS, "--scaffold", quorum=3)
     operator = deployment.sdk()
     assert operator.status("sc").scaffold
     assert "local training: SCAFFOLD control variates" in deployment.cli("status", "-f", "sc").stdout
     secrets = {f"c{i}": operator.add_client("sc", f"c{i}").secret for i in range(3)}
-    failures: list[BaseException] = []
 
-    def train(client: str, rounds: int) -> None:
-        try:
-            sdk = deployment.sdk(client_secret=secrets[client])
-            for _record in sdk.train(
-                federation="sc",
-                client_id=client,
-                model_dir=tiny_bert_dir,
-                data=_skewed(int(client[1])),
-                workdir=tmp_path / client,
-                rounds=rounds,
-                steps_per_round=4,
-                batch_size=8,
-                lr=1e-2,
-                max_length=32,
-                json=True,
-                timeout=300,
-                poll=0.1,
-            ):
-                pass
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
+    def run(client: str) -> None:
+        sessions = (1, ROUNDS) if client == "c0" else (ROUNDS,)  # c0 stops after round 1, and a new session on
+        for rounds in sessions:  # the same work dir takes part in round 2
+            train(
+                deployment, "sc", client, secrets[client], model_dir=tiny_bert_dir, data=_skewed(int(client[1])),
+                workdir=tmp_path / client, rounds=rounds, steps_per_round=4, batch_size=8, lr=1e-2, max_length=32,
+            )  # fmt: skip
 
-    def restarted() -> None:
-        train("c0", 1)  # c0 stops after round 1 ...
-        train("c0", ROUNDS)  # ... and a new session on the same work dir takes part in round 2
-
-    threads = [threading.Thread(target=restarted)] + [
-        threading.Thread(target=train, args=(c, ROUNDS)) for c in ("c1", "c2")
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=900)
-    assert not failures, failures
+    run_clients(run, secrets, timeout=900)
     assert [operator.round("sc", r).clients for r in range(1, ROUNDS + 1)] == [("c0", "c1", "c2")] * ROUNDS
 
     pulled = {}

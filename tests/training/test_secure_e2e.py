@@ -24,112 +24,43 @@ from chorus_mq.state.inbox import Inbox
 from chorus_mq.state.secagg import SecAggRounds
 
 from ..services import wait_for
+from .clients import Clients, run_clients, train_all
+from .secure_rounds import (
+    F64,
+    FROZEN,
+    Stop,
+    check_exact,
+    create_secure,
+    create_secure_federation,
+    fetch_published,
+    random_update,
+    round_public,
+    secure_clients,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
-
-LABELS = ("awful", "great", "okay")
-F64 = torch.float64
-
-
-class Stop(Exception):
-    """Raised from a client's phase callback: the client falls silent there."""
-
-
-#: the worker unmasks one tensor a shard (the sharded unmask, as at real shapes)
-SHARDED = {"CHORUS_SHARD_BYTES": "1"}
-
-
-def _create(
-    deployment, tiny_bert_dir, fed: str, clients: list[str], *extra: str, strategy: str = "ffa-lora"
-) -> dict[str, str]:
-    deployment.start_worker(concurrency=1, env=SHARDED)
-    deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", str(len(clients)),
-        "--task", "seq-cls", "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", strategy, "--secure-aggregation", *extra,
-    )  # fmt: skip
-    operator = deployment.sdk()
-    return {c: operator.add_client(fed, c).secret for c in clients}
-
-
-def _public(sdk, fed: str, r: int) -> RoundPublic:
-    rounds = SecAggRounds(sdk.redis, fed)
-    raw = wait_for(lambda: rounds.public_params(r), 60, f"round {r}'s secure aggregation to open")
-    return RoundPublic.from_dict(raw)
-
-
-def _update(pub: RoundPublic, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g, dtype=torch.float32) * 0.05 for k, shape in pub.layout.entries}
-
-
-#: the factors a round keeps as published, by what it trains (Fed-SB trains R between both)
-FROZEN = {"lora_B": ("lora_A",), "lora_A": ("lora_B",), "lora_R": ("lora_A", "lora_B")}
-
-
-def _published(sdk, fed: str, r: int):
-    """Round ``r``'s manifest and every tensor it publishes: its shards', and a Fed-SB round's frame from the objects
-    its manifest refers to (round 0's), of which only lora_A and lora_B are the frame."""
-    manifest, _ = fetch_manifest(sdk.state, sdk.store, fed, r)
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in manifest.shards:
-        tensors.update(load(sdk.store.get_bytes(shard.adapter.key)))
-    for shard in manifest.frame.shards if manifest.frame is not None else ():
-        framed = load(sdk.store.get_bytes(shard.adapter.key))
-        tensors.update({k: t for k, t in framed.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
-    return manifest, tensors
-
-
-def _check_exact(sdk, fed: str, r: int, pub: RoundPublic, updates: dict[str, dict[str, torch.Tensor]], summed):
-    manifest, got = _published(sdk, fed, r)
-    _, start = _published(sdk, fed, pub.start)
-    assert manifest.secure is not None and manifest.secure["summed"] == sorted(summed)
-    assert manifest.residual_bytes == 0 and all(s.residual is None for s in manifest.shards)
-    total = sum(pub.weights[c] for c in summed)
-    for key, _shape in pub.layout.entries:
-        want = sum(updates[c][key].to(F64) * pub.weights[c] for c in summed) / total
-        err = float((got[key].to(F64) - want).norm() / want.norm())
-        assert err <= 1e-5, (key, err)
-    suffixes = tuple(f".{f}.weight" for f in FROZEN[pub.trainable])
-    frozen = [k for k in start if k.endswith(suffixes)]
-    assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # the frozen factor, bit for bit
-    return manifest
 
 
 def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
     torch.set_num_threads(1)
     fed = "sec"
     clients = [f"c{i}" for i in range(4)]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients)
     operator = deployment.sdk()
     for r in (1, 2):
-        pub = _public(operator, fed, r)
+        pub = round_public(operator, fed, r)
         assert pub.cohort == tuple(clients) and pub.trainable == "lora_B"
         assert pub.neighbours == 3 and pub.threshold == 2  # N = 4: every other client, T = K/2 + 1
-        updates = {c: _update(pub, 100 * r + i) for i, c in enumerate(clients)}
+        updates = {c: random_update(pub, 100 * r + i) for i, c in enumerate(clients)}
         phases: dict[str, list[str]] = {c: [] for c in clients}
-        failures: list[BaseException] = []
 
-        def run(c: str, r: int = r, updates=updates, phases=phases, failures=failures) -> None:
-            try:
-                sdk = deployment.sdk(client_secret=secrets[c])
-                seen = phases[c]
-                res = sdk.secure_round(
-                    fed, c, updates[c], round_=r, timeout=120, poll=0.05, on_phase=lambda _r, phase: seen.append(phase)
-                )
-                assert c in res.summed
-            except BaseException as exc:
-                failures.append(exc)
+        def on_phase(c: str, phase: str, phases=phases) -> None:
+            phases[c].append(phase)
 
-        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=180)
-        assert not failures, failures
+        results = secure_clients(deployment, fed, secrets, updates, round_=r, on_phase=on_phase).join()
+        assert all(c in res.summed for c, res in results.items()), results
         assert all(p == ["advertise", "share", "masked_input", "unmask", "done"] for p in phases.values()), phases
-        manifest = _check_exact(operator, fed, r, pub, updates, clients)
+        manifest = check_exact(operator, fed, r, pub, updates, clients)
         assert manifest.secure["dropped"] == {}
         assert operator.state.round(fed, r).state == "complete"
     # every phase change is an event
@@ -150,45 +81,29 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     torch.set_num_threads(1)
     fed = "secdrop"
     clients = [f"c{i}" for i in range(6)]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "4")
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "4")
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
+    pub = round_public(operator, fed, 1)
     assert (pub.neighbours, pub.threshold) == (5, 3)  # two of any client's neighbours may drop
-    updates = {c: _update(pub, i) for i, c in enumerate(clients)}
+    updates = {c: random_update(pub, i) for i, c in enumerate(clients)}
     # c4 falls silent before its masked input (at the share phase, where it sends two hostile records instead);
     # c5 after it: it never answers the unmask request, and its input is summed all the same
     silent_at = {"c4": "share", "c5": "unmask"}
-    failures: list[BaseException] = []
 
-    def run(c: str) -> None:
-        def on_phase(_r: int, phase: str) -> None:
-            if silent_at.get(c) == phase:
-                raise Stop(phase)
+    def hostile(c: str) -> None:
+        if c == "c4":  # the hostile part: an unsigned share and a wrong-length one, both refused
+            redis = deployment.redis()
+            good = {"sealed": {}, "seed_commitment": wire.b64(b"x" * 32)}
+            unsigned = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, good).signed("not-the-secret-0123456789")
+            short = {"sealed": {"c0": wire.b64(b"y" * 10)}, "seed_commitment": wire.b64(b"x" * 32)}
+            wrong = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, short).signed(secrets[c])
+            for rec in (unsigned, wrong):
+                Inbox(redis, fed, c).append(rec.to_json())
 
-        try:
-            sdk = deployment.sdk(client_secret=secrets[c])
-            sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
-        except Stop:
-            if c == "c4":  # the hostile part: an unsigned share and a wrong-length one, both refused
-                redis = deployment.redis()
-                good = {"sealed": {}, "seed_commitment": wire.b64(b"x" * 32)}
-                unsigned = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, good).signed("not-the-secret-0123456789")
-                short = {"sealed": {"c0": wire.b64(b"y" * 10)}, "seed_commitment": wire.b64(b"x" * 32)}
-                wrong = wire.PhaseRecord(fed, 1, c, SecAggPhase.SHARE, short).signed(secrets[c])
-                for rec in (unsigned, wrong):
-                    Inbox(redis, fed, c).append(rec.to_json())
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not failures, failures
+    secure_clients(deployment, fed, secrets, updates, silent_at=silent_at, on_stop=hostile).join()
     wait_for(lambda: operator.state.round(fed, 1).state == "complete", 60, "round 1 to complete")
     summed = ["c0", "c1", "c2", "c3", "c5"]
-    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    manifest = check_exact(operator, fed, 1, pub, updates, summed)
     assert manifest.secure["dropped"] == {"c4": "share"}, manifest.secure
     assert [c.client_id for c in manifest.clients] == summed
     events = operator.state.events(fed).read()
@@ -212,7 +127,7 @@ def test_dropouts_and_a_hostile_client_leave_the_exact_sum_of_the_others(deploym
     params = pub.params(fed, 1)
     again = replay(secure.rounds_of(rt, fed), 1, params, secure.stored_loader(rt, fed, params)).finish()
     assert list(again.summed) == summed
-    _, got = _published(operator, fed, 1)
+    _, got = fetch_published(operator, fed, 1)
     total = sum(pub.weights[c] for c in summed)
     for key, value in pub.layout.unflatten(again.total / total).items():
         assert torch.equal(torch.from_numpy(value).to(torch.float32), got[key]), key
@@ -231,40 +146,20 @@ def test_secure_fed_sb_round_masks_r_only_and_publishes_the_exact_mean_r(deploym
     torch.set_num_threads(1)
     fed = "secsb"
     clients = ["c0", "c1", "c2", "c3"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3", strategy="fed-sb")
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3", strategy="fed-sb")
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
+    pub = round_public(operator, fed, 1)
     assert pub.trainable == "lora_R" and pub.start == 0
     keys = [k for k, _ in pub.layout.entries]
     r_keys = [k for k in keys if k.endswith(".lora_R.weight")]
     assert r_keys and all(shape == (4, 4) for k, shape in pub.layout.entries if k in r_keys)
     assert not any(".lora_A." in k or ".lora_B." in k for k in keys)  # the frame is never masked
     assert set(keys) - set(r_keys)  # the task head is
-    updates = {c: _update(pub, 80 + i) for i, c in enumerate(clients)}
-    failures: list[BaseException] = []
-
-    def run(c: str) -> None:
-        def on_phase(_r: int, phase: str) -> None:
-            if c == "c3" and phase == "masked_input":
-                raise Stop(phase)
-
-        try:
-            sdk = deployment.sdk(client_secret=secrets[c])
-            res = sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
-            assert res.summed == ("c0", "c1", "c2"), res
-        except Stop:
-            pass
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not failures, failures
+    updates = {c: random_update(pub, 80 + i) for i, c in enumerate(clients)}
+    results = secure_clients(deployment, fed, secrets, updates, silent_at={"c3": "masked_input"}).join()
     summed = ["c0", "c1", "c2"]
-    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    assert all(results[c].summed == tuple(summed) for c in summed), results
+    manifest = check_exact(operator, fed, 1, pub, updates, summed)
     assert manifest.secure["dropped"] == {"c3": "masked_input"} and manifest.secure["trainable"] == "lora_R"
     # the round stored R and the head only; its frame is round 0's objects
     start, _ = fetch_manifest(operator.state, operator.store, fed, 0)
@@ -273,7 +168,7 @@ def test_secure_fed_sb_round_masks_r_only_and_publishes_the_exact_mean_r(deploym
     stored = {k for s in manifest.shards for k in load(operator.store.get_bytes(s.adapter.key))}
     assert stored == set(keys) and len(manifest.shards) > 1
     # pulled: the standard PEFT adapter of the exact update s B R A, R the oracle's weighted mean
-    _, frame = _published(operator, fed, 0)
+    _, frame = fetch_published(operator, fed, 0)
     out = tmp_path / "pulled"
     operator.pull(fed, out, 1)
     peft = load_file(out / ADAPTER_WEIGHTS)
@@ -298,16 +193,16 @@ def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
     torch.set_num_threads(1)
     fed = "seccli"
     clients = ["c0", "c1", "c2"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients)
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
+    pub = round_public(operator, fed, 1)
     start = tmp_path / "start"
     operator.pull(fed, start, round_=0)
     updates: dict[str, dict[str, torch.Tensor]] = {}
     procs = {}
     for i, c in enumerate(clients):
         tensors = load_file(str(start / ADAPTER_WEIGHTS))
-        moved = _update(pub, 7 + i)
+        moved = random_update(pub, 7 + i)
         for key in moved:  # the layout's keys are the adapter's own (PEFT names)
             assert key in tensors, key
         tensors.update(moved)
@@ -328,7 +223,7 @@ def test_cli_upload_drives_the_phases(deployment, tiny_bert_dir, tmp_path):
         for phase in ("advertise", "share", "masked_input", "unmask", "done"):
             assert f"secagg_phase: round 1 {phase}" in out, out
         assert not list((tmp_path / f"keys-{c}").glob("secagg-*.json"))  # the round's keys are gone once it published
-    _check_exact(operator, fed, 1, pub, updates, clients)
+    check_exact(operator, fed, 1, pub, updates, clients)
 
 
 def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, tiny_bert_dir, tmp_path):
@@ -337,11 +232,10 @@ def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, 
     torch.set_num_threads(1)
     fed = "secresume"
     clients = ["c0", "c1", "c2"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients)
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
-    updates = {c: _update(pub, 40 + i) for i, c in enumerate(clients)}
-    failures: list[BaseException] = []
+    pub = round_public(operator, fed, 1)
+    updates = {c: random_update(pub, 40 + i) for i, c in enumerate(clients)}
     crashed = threading.Event()
 
     def run(c: str) -> None:
@@ -354,24 +248,16 @@ def test_a_restarted_client_resumes_its_round_from_its_keys_on_disk(deployment, 
                 raise Stop(phase)
 
         try:
-            try:
-                sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=crash)
-            except Stop:
-                assert list(keys.glob("secagg-*.json")), "the keys of the phases sent are on disk"
-                again = deployment.sdk(client_secret=secrets[c])  # a new process, as after a restart
-                res = again.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys)
-                assert c in res.summed
-        except BaseException as exc:
-            failures.append(exc)
+            sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys, on_phase=crash)
+        except Stop:
+            assert list(keys.glob("secagg-*.json")), "the keys of the phases sent are on disk"
+            again = deployment.sdk(client_secret=secrets[c])  # a new process, as after a restart
+            res = again.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, state_dir=keys)
+            assert c in res.summed
 
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not failures, failures
+    run_clients(run, clients)
     assert crashed.is_set()
-    manifest = _check_exact(operator, fed, 1, pub, updates, clients)
+    manifest = check_exact(operator, fed, 1, pub, updates, clients)
     assert manifest.secure["dropped"] == {}
 
 
@@ -394,40 +280,24 @@ def test_train_runs_secure_rounds(deployment, tiny_bert_dir, tmp_path, strategy,
     clients = ["c0", "c1", "c2"]
     deployment.start_worker(concurrency=1)
     deployment.start_beat(env={"CHORUS_SWEEP_INTERVAL": "0.2"})
-    deployment.cli(
-        "federation", "create", fed, "--base-model", str(tiny_bert_dir), "--quorum", "3", "--task", "seq-cls",
-        "--labels", ",".join(LABELS), "--target-modules", "query,value", "--lora-rank", "4",
-        "--strategy", strategy, "--secure-aggregation",
-    )  # fmt: skip
+    create_secure_federation(deployment, tiny_bert_dir, fed, quorum=3, strategy=strategy)
     operator = deployment.sdk()
     secrets = {c: operator.add_client(fed, c).secret for c in clients}
-    failures: list[BaseException] = []
 
-    def data(owner: int) -> Examples:
+    def data(c: str) -> Examples:
+        owner = int(c[1])
         labels = [(owner + i) % 3 for i in range(12)]
         texts = tuple(f"the film was {WORDS[y]} overall, client {owner} {i}" for i, y in enumerate(labels))
         return Examples(texts, tuple(labels))
 
-    def train(c: str) -> None:
-        try:
-            sdk = deployment.sdk(client_secret=secrets[c])
-            for record in sdk.train(
-                federation=fed, client_id=c, model_dir=tiny_bert_dir, data=data(int(c[1])), workdir=tmp_path / c,
-                rounds=2, steps_per_round=2, batch_size=6, lr=5e-2, max_length=24, json=True, timeout=300, poll=0.1,
-            ):  # fmt: skip
-                assert record.upload == "summed", record
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=train, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not failures, failures
-    _, previous = _published(operator, fed, 0)
+    records = train_all(
+        deployment, fed, secrets, data, tmp_path, model_dir=tiny_bert_dir,
+        rounds=2, steps_per_round=2, batch_size=6, lr=5e-2, max_length=24,
+    )  # fmt: skip
+    assert all(record.upload == "summed" for c in clients for record in records[c]), records
+    _, previous = fetch_published(operator, fed, 0)
     for r, trained in enumerate(trains, start=1):
-        manifest, got = _published(operator, fed, r)
+        manifest, got = fetch_published(operator, fed, r)
         assert manifest.secure["summed"] == clients and manifest.secure["trainable"] == trained
         frozen = tuple(f".{f}.weight" for f in FROZEN[trained])
         assert any(key.endswith(frozen) for key in got)
@@ -445,7 +315,7 @@ def test_train_runs_secure_rounds(deployment, tiny_bert_dir, tmp_path, strategy,
     for c in clients:
         (path,) = [p.parent for p in (tmp_path / c / "rounds" / "000002").rglob("adapter_config.json")]
         uploads[c] = {k: t.to(torch.float32) for k, t in load_adapter(path).tensors.items()}
-    _check_exact(operator, fed, 2, pub, uploads, clients)
+    check_exact(operator, fed, 2, pub, uploads, clients)
 
 
 def test_dp_secure_round_clips_on_clients_and_noises_the_sum(deployment, tiny_bert_dir):
@@ -456,26 +326,14 @@ def test_dp_secure_round_clips_on_clients_and_noises_the_sum(deployment, tiny_be
     torch.set_num_threads(1)
     fed = "secdp"
     clients = ["c0", "c1", "c2"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--clip-norm", "0.05", "--dp-noise-multiplier", "0.5")
+    dp = ("--clip-norm", "0.05", "--dp-noise-multiplier", "0.5")
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients, *dp)
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
+    pub = round_public(operator, fed, 1)
     assert (pub.clip_norm, pub.noise_multiplier) == (0.05, 0.5)
-    updates = {c: _update(pub, 90 + i) for i, c in enumerate(clients)}  # norms far above 0.05: every one clipped
-    failures: list[BaseException] = []
-
-    def run(c: str) -> None:
-        try:
-            deployment.sdk(client_secret=secrets[c]).secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05)
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not failures, failures
-    manifest, got = _published(operator, fed, 1)
+    updates = {c: random_update(pub, 90 + i) for i, c in enumerate(clients)}  # norms far above 0.05: every one clipped
+    secure_clients(deployment, fed, secrets, updates).join()
+    manifest, got = fetch_published(operator, fed, 1)
     sigma = 0.5 * 0.05 * max(pub.weights.values())
     assert manifest.dp is not None and manifest.dp["sigma"] == pytest.approx(sigma)
     clipped = sum(pub.client_input(c, pub.layout.flatten(updates[c])).astype(np.float64) for c in clients)
@@ -493,34 +351,14 @@ def test_a_client_silent_at_the_advertise_phase_is_left_out_and_named(deployment
     torch.set_num_threads(1)
     fed = "secadv"
     clients = ["c0", "c1", "c2", "c3"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3")
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients, "--secagg-phase-timeout", "3")
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
-    updates = {c: _update(pub, 60 + i) for i, c in enumerate(clients)}
-    failures: list[BaseException] = []
-
-    def run(c: str) -> None:
-        def on_phase(_r: int, phase: str) -> None:
-            if c == "c3" and phase == "advertise":
-                raise Stop(phase)
-
-        try:
-            sdk = deployment.sdk(client_secret=secrets[c])
-            res = sdk.secure_round(fed, c, updates[c], round_=1, timeout=120, poll=0.05, on_phase=on_phase)
-            assert res.summed == ("c0", "c1", "c2"), res
-        except Stop:
-            pass
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not failures, failures
+    pub = round_public(operator, fed, 1)
+    updates = {c: random_update(pub, 60 + i) for i, c in enumerate(clients)}
+    results = secure_clients(deployment, fed, secrets, updates, silent_at={"c3": "advertise"}).join()
     summed = ["c0", "c1", "c2"]
-    manifest = _check_exact(operator, fed, 1, pub, updates, summed)
+    assert all(results[c].summed == tuple(summed) for c in summed), results
+    manifest = check_exact(operator, fed, 1, pub, updates, summed)
     assert manifest.secure["dropped"] == {"c3": "advertise"}, manifest.secure
     assert [c.client_id for c in manifest.clients] == summed and len(manifest.shards) > 1
     rounds = SecAggRounds(operator.redis, fed)
@@ -553,10 +391,10 @@ def test_a_worker_lying_that_a_live_client_dropped_never_gets_both_of_its_shares
     torch.set_num_threads(1)
     fed = "seclie"
     clients = ["c0", "c1", "c2", "c3"]
-    secrets = _create(deployment, tiny_bert_dir, fed, clients)
+    secrets = create_secure(deployment, tiny_bert_dir, fed, clients)
     operator = deployment.sdk()
-    pub = _public(operator, fed, 1)
-    updates = {c: _update(pub, 70 + i) for i, c in enumerate(clients)}
+    pub = round_public(operator, fed, 1)
+    updates = {c: random_update(pub, 70 + i) for i, c in enumerate(clients)}
     ask = threading.Event()  # the clients read the unmask request only once the lie is written
     again = threading.Event()  # c0 restarts only once the second lie is written
     crashed = threading.Event()
@@ -592,9 +430,7 @@ def test_a_worker_lying_that_a_live_client_dropped_never_gets_both_of_its_shares
         except BaseException as exc:
             outcomes[c] = exc
 
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
+    running = Clients(run, clients)
     rounds = SecAggRounds(operator.redis, fed)
     wait_for(lambda: (s := rounds.state(1)) and s.phase is SecAggPhase.UNMASK, 90, "the honest masked-input close")
     assert rounds.state(1).survivors == tuple(clients)
@@ -633,6 +469,5 @@ def test_a_worker_lying_that_a_live_client_dropped_never_gets_both_of_its_shares
     # the compromised worker gives up: the round aborts and every waiting client stops
     state = rounds.state(1)
     assert rounds.close(1, SecAggPhase.UNMASK, state.epoch, "abort", reason="test: done").status == "aborted"
-    for t in threads:
-        t.join(timeout=60)
+    running.join(timeout=60)
     assert all("aborted" in str(outcomes[c]) for c in ("c0", "c1", "c2")), outcomes

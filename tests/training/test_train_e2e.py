@@ -19,6 +19,7 @@ from chorus_mq.training.local_round import evaluate, predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
 from ..topology import wait_for
+from .clients import create_federation, train_process, train_records
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,6 @@ TRAIN_ARGS = (
     "600",
     "--json",
 )
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _table(examples: Examples) -> pa.Table:
@@ -71,57 +71,20 @@ def data(tmp_path_factory):
 
 
 def _create(deployment, name: str, quorum: int, *extra: str) -> None:
-    deployment.cli(
-        "federation",
-        "create",
-        name,
-        "--base-model",
-        str(resolve_model("minilm")),
-        "--quorum",
-        str(quorum),
-        "--task",
-        "seq-cls",
-        "--labels",
-        ",".join(LABELS),
-        "--target-modules",
-        "query,value",
-        "--lora-rank",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--seed",
-        "0",
-        *extra,
+    create_federation(
+        deployment, name, resolve_model("minilm"), LABELS, "--lora-alpha", "8", "--seed", "0", *extra, quorum=quorum
     )
 
 
 def _train(deployment, name: str, client: str, secret: str, data_file, workdir, *extra: str):
-    return deployment.popen_cli(
-        "train",
-        "-f",
-        name,
-        "--client-id",
-        client,
-        "--model",
-        "minilm",
-        "--data",
-        str(data_file),
-        "--text-column",
-        "review",
-        "--label-column",
-        "verdict",
-        "--workdir",
-        str(workdir),
-        *TRAIN_ARGS,
-        *extra,
-        env={**ONE_THREAD, "CHORUS_CLIENT_SECRET": secret},
-    )
+    return train_process(
+        deployment, name, client, secret, "--model", "minilm", "--data", str(data_file), "--text-column", "review",
+        "--label-column", "verdict", "--workdir", str(workdir), *TRAIN_ARGS, *extra,
+    )  # fmt: skip
 
 
 def _records(proc, *phases: str) -> list[dict]:
-    out, err = proc.communicate(timeout=1500)
-    assert proc.returncode == 0, f"train exited {proc.returncode}\n{out}\n{err[-4000:]}"
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records, err = train_records(proc, timeout=1500)
     # never silent outside a terminal: every round it took part in has its phase lines on stderr
     for rec in records:
         assert f"train: round {rec['round']}: uploading" in err, err[-4000:]
@@ -230,10 +193,7 @@ def test_personal_heads_stay_with_each_client_and_export_per_client(deployment, 
     torch.set_num_threads(1)
     deployment.start_worker(concurrency=1)
     labels = ("awful", "great", "okay")
-    deployment.cli(
-        "federation", "create", "ph", "--base-model", str(tiny_bert_dir), "--quorum", "2", "--task", "seq-cls",
-        "--labels", ",".join(labels), "--target-modules", "query,value", "--lora-rank", "4", "--personal-heads",
-    )  # fmt: skip
+    create_federation(deployment, "ph", tiny_bert_dir, labels, "--personal-heads", quorum=2)
     sdk = deployment.sdk()
     assert sdk.status("ph").personal_heads
     assert "each client keeps its own (--personal-heads)" in deployment.cli("status", "-f", "ph").stdout
@@ -249,12 +209,11 @@ def test_personal_heads_stay_with_each_client_and_export_per_client(deployment, 
         share = tmp_path / f"{client}.csv"
         csv.write_csv(table([i for i in range(48) if DATA.labels[i] == majority] + others), share)
         secret = sdk.add_client("ph", client).secret
-        procs[client] = deployment.popen_cli(
-            "train", "-f", "ph", "--client-id", client, "--model", str(tiny_bert_dir), "--data", str(share),
+        procs[client] = train_process(
+            deployment, "ph", client, secret, "--model", str(tiny_bert_dir), "--data", str(share),
             "--eval-data", str(held_out), "--workdir", str(tmp_path / client), "--rounds", "2",
             "--steps-per-round", "10", "--batch-size", "8", "--lr", "2e-2", "--max-length", "32",
             "--balance-labels", "off", "--timeout", "300", "--json",
-            env={**ONE_THREAD, "CHORUS_CLIENT_SECRET": secret},
         )  # fmt: skip
     records = {c: _records(p, "personal heads: this client keeps its own task head") for c, p in procs.items()}
     assert all([r["round"] for r in rec] == [1, 2] for rec in records.values())
