@@ -102,7 +102,9 @@ def open_secure(rt: Runtime, federation: str, r: int, *, now: float | None = Non
 
 
 def _weights(rt: Runtime, federation: str, config: Any, cohort: list[str]) -> dict[str, float]:
-    """Published before any input: the operator's registered weight or dataset size (the policy), else equal."""
+    """Published before any input: the operator's registered weight or dataset size (the policy), else equal,
+    capped at ``--max-client-weight`` over the cohort as a plain round caps its clients (a dropout then lifts the
+    others' shares, which the cap cannot foresee)."""
     from ..aggregation import policy_weights
 
     registry = ClientRegistry(rt.redis, federation)
@@ -116,7 +118,7 @@ def _weights(rt: Runtime, federation: str, config: Any, cohort: list[str]) -> di
         if value is not None:
             registered[c] = float(value)
     claims: dict[str, float | None] = {c: registered.get(c) for c in cohort}
-    return policy_weights(claims, config.weights, registered=registered, cap=1.0)
+    return policy_weights(claims, config.weights, registered=registered, cap=config.max_client_weight)
 
 
 # -- records ---------------------------------------------------------------------------------------
