@@ -9,7 +9,9 @@ import pytest
 import torch
 from agg_oracle import make_clients
 
+from chorus_mq.aggregation import drift
 from chorus_mq.aggregation.drift import AlignmentSums, combine, cosine, module_alignment
+from chorus_mq.aggregation.updates import ClientUpdate
 from chorus_mq.errors import AggregationError
 
 F64 = torch.float64
@@ -130,3 +132,30 @@ def test_bad_inputs_are_clear_errors():
         AlignmentSums().add(["a", "b"], module_alignment([u]))
     with pytest.raises(AggregationError, match="map clients"):
         AlignmentSums.from_dict({"dots": [1.0]})
+
+
+@pytest.mark.parametrize("shared", ["A", "B"])
+def test_a_shared_frozen_factor_takes_the_short_path_and_equals_the_dense_oracle(shared, monkeypatch):
+    """ffa-lora (every A the same) and rolora's A rounds (every B the same): no Gram, the same numbers."""
+    g = torch.Generator().manual_seed(7)
+    d_out, d_in, r = 20, 12, 4
+    frozen = torch.randn(r, d_in, generator=g) if shared == "A" else torch.randn(d_out, r, generator=g)
+    updates = []
+    for i, (weight, scaling) in enumerate([(0.5, 2.0), (0.2, 0.5), (0.3, 1.0)]):
+        trained = torch.randn(d_out, r, generator=g) if shared == "A" else torch.randn(r, d_in, generator=g) * (i + 1)
+        a, b = (frozen, trained) if shared == "A" else (trained, frozen)
+        updates.append(ClientUpdate(A=a, B=b, scaling=scaling, weight=weight))
+    absent = 0.25
+    with monkeypatch.context() as m:  # the short path forms no Gram
+        m.setattr(drift, "gram_matrix", lambda _updates: pytest.fail("the Gram was formed"))
+        got = module_alignment(updates, absent_weight=absent)
+    dense = [u.scaling * u.B.to(F64) @ u.A.to(F64) for u in updates]
+    total = sum(u.weight for u in updates) + absent
+    aggregate = sum(u.weight / total * x for u, x in zip(updates, dense, strict=True))
+    want_dots = [float((x * aggregate).sum()) for x in dense]
+    assert got.dots == pytest.approx(want_dots, rel=1e-12)
+    assert got.norms2 == pytest.approx([float((x * x).sum()) for x in dense], rel=1e-12)
+    assert got.aggregate2 == pytest.approx(float((aggregate * aggregate).sum()), rel=1e-12)
+    # the same updates with the shared factor perturbed by one ulp in one client take the Gram path: same numbers
+    bumped = [dataclasses.replace(updates[0], **{shared: torch.nextafter(frozen, frozen + 1)}), *updates[1:]]
+    assert module_alignment(bumped, absent_weight=absent).dots == pytest.approx(want_dots, rel=1e-5)
