@@ -60,7 +60,11 @@ def test_secure_ffa_federation_two_rounds_exact(deployment, tiny_bert_dir):
 
         results = secure_clients(deployment, fed, secrets, updates, round_=r, on_phase=on_phase).join()
         assert all(c in res.summed for c, res in results.items()), results
-        assert all(p == ["advertise", "share", "masked_input", "unmask", "done"] for p in phases.values()), phases
+        every = ["advertise", "share", "masked_input", "unmask", "done"]
+        closed_by = operator.redis.hget(FederationKeys(fed).secagg(r), "unmask_closed_by")
+        # a slow client may find the unmask phase already closed 'enough' (three answers removed every mask)
+        skipped = [p for p in every if p != "unmask"]
+        assert all(p == every or (p == skipped and closed_by == "enough") for p in phases.values()), phases
         manifest = check_exact(operator, fed, r, pub, updates, clients)
         assert manifest.secure["dropped"] == {}
         assert operator.state.round(fed, r).state == "complete"
