@@ -408,6 +408,20 @@ class SecAggPhase(_Choice):
     ABORTED = "aborted"
 
 
+class SecAggClose(_Choice):
+    """How a secure-aggregation phase closed (``<phase>_closed_by``; ``closed_by`` of a ``secagg_phase`` event)."""
+
+    #: every member of the phase submitted
+    QUORUM = "quorum"
+    #: the phase's deadline passed
+    DEADLINE = "deadline"
+    #: the unmask phase only, before every survivor answered: the stored responses already reconstruct every mask
+    #: left in the sum (each survivor's self-mask seed and each dropped neighbour's mask key has T verified shares)
+    ENOUGH = "enough"
+    #: the caller found the phase cannot go on (the shares do not reconstruct): the secure aggregation aborts
+    ABORT = "abort"
+
+
 class ShareKind(_Choice):
     """Which Shamir share of a peer an unmask response reveals (never both for one peer)."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from redis import Redis
 
 from ..errors import StateCorrupt
-from ..names import SecAggPhase
+from ..names import SecAggClose, SecAggPhase
 from .events import prelude_args
 from .protocol import Reply, text, text_map
 from .redis_keys import FederationKeys
@@ -151,6 +151,10 @@ class SecAggRounds:
         except ValueError as exc:
             raise StateCorrupt(f"a stored {phase} payload of round {r} is not JSON: {exc}") from None
 
+    def count(self, r: int, phase: SecAggPhase) -> int:
+        """How many clients submitted in ``phase`` (one HLEN: nothing parsed)."""
+        return int(self.redis.hlen(self.keys.secagg_phase(r, phase)))
+
     def has_submitted(self, r: int, phase: SecAggPhase, client: str) -> bool:
         return bool(self.redis.hexists(self.keys.secagg_phase(r, phase), client))
 
@@ -169,10 +173,10 @@ class SecAggRounds:
         reason: str = "",
         now: float | None = None,
     ) -> Reply:
-        """Close ``phase`` (mode ``quorum``, ``deadline`` or ``abort``), fenced by ``epoch``; write ``deliveries``
-        (client -> fields) to each client's own hash in the same transition."""
-        if mode not in ("quorum", "deadline", "abort"):
-            raise ValueError(f"close mode must be quorum, deadline or abort, got {mode!r}")
+        """Close ``phase`` (a :class:`SecAggClose` mode), fenced by ``epoch``; write ``deliveries`` (client -> fields)
+        to each client's own hash in the same transition."""
+        if mode not in SecAggClose.values():
+            raise ValueError(f"close mode must be one of {', '.join(SecAggClose.values())}, got {mode!r}")
         k = self.keys
         targets = sorted(deliveries or {})
         nxt = NEXT_PHASE.get(phase, SecAggPhase.ABORTED)

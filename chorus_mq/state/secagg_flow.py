@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import PeerMisbehaved, SecAggError
-from ..names import SecAggPhase
+from ..names import ScriptStatus, SecAggClose, SecAggPhase
 from ..secagg import wire
 from ..secagg.encoding import U64, Encoded
 from ..secagg.messages import Advertise, MaskedInput
@@ -118,11 +118,11 @@ def advance(
     load: LoadMasked | None = None,
     now: float | None = None,
 ) -> tuple[Reply, SecAggResult | None]:
-    """Close the round's current phase at ``quorum`` or ``deadline``: compute who goes on and what each
-    must read, and write it in one fenced transition. Closing the unmask phase checks that every mask left
-    in the sum can be removed (the shares reconstruct); with ``load`` (reads the masked inputs) it also
-    unmasks the sum and returns it. Too few clients left, or shares that do not reconstruct, abort the
-    secure aggregation."""
+    """Close the round's current phase (a :class:`SecAggClose` mode): compute who goes on and what each must read,
+    and write it in one fenced transition. Closing the unmask phase checks that every mask left in the sum can be
+    removed (the shares reconstruct); with ``load`` (reads the masked inputs) it also unmasks the sum and returns
+    it. Too few clients left, or shares that do not reconstruct, abort the secure aggregation, except in mode
+    ``enough`` (the unmask phase before every survivor answered), which then closes nothing (``not_due``)."""
     r = params.round
     state = rounds.state(r)
     if state is None or state.phase not in NEXT_PHASE:
@@ -145,19 +145,51 @@ def advance(
         elif phase is SecAggPhase.MASKED_INPUT:
             members = sorted(server.close_masked().survivors)
         else:
-            if mode == "quorum" and len(server.responses) < len(server.survivors):
+            if mode == SecAggClose.QUORUM and len(server.responses) < len(server.survivors):
                 return rounds.close(r, phase, state.epoch, mode, now=now), None
-            if load is None:
-                # the workers' close: the masks can be removed (else abort); the sum is the shards' work
-                # (workers/secure_sum.py), each reconstructing the same seeds from what is stored here
-                server.unmask_seeds()
-            else:
-                result = server.finish()
+            try:
+                if mode == SecAggClose.ENOUGH and len(server.responses) < params.threshold:
+                    raise SecAggError("fewer than T responses")
+                if load is None:
+                    # the workers' close: the masks can be removed (else abort); the sum is the shards' work
+                    # (workers/secure_sum.py), each reconstructing the same seeds from what is stored here
+                    server.unmask_seeds()
+                else:
+                    result = server.finish()
+            except SecAggError:
+                if mode != SecAggClose.ENOUGH:
+                    raise
+                # not yet: more responses may come before the deadline, which then decides (or aborts)
+                return Reply(ScriptStatus.NOT_DUE, len(server.responses), state.epoch, ""), None
             members = sorted(server.responses)
     except SecAggError as exc:
         return rounds.close(r, phase, state.epoch, "abort", reason=str(exc), now=now), None
     reply = rounds.close(r, phase, state.epoch, mode, members=members, deliveries=deliveries, now=now)
     return reply, (result if reply.status == "ok" else None)
+
+
+def unmask_suffices(rounds: SecAggRounds, params: SecAggParams) -> bool:
+    """Is round ``params.round`` in its unmask phase with stored responses that already reconstruct every mask left
+    in the sum (each survivor's self-mask seed, each dropped neighbour's mask key)? Then the phase may close
+    ``enough`` before every survivor answered. Replays what Redis stores, as the close does; no masked input is read.
+
+    Closing early reveals nothing more: the request (which share of which peer each survivor reveals, the survivors
+    fixed when the masked-input phase closed) is the same whenever the phase closes; an early close only leaves
+    some survivors' answers to it unsent. A response stored between this replay and the close stays stored and
+    is replayed with the rest (more verified shares of the same seeds: the same sum)."""
+    state = rounds.state(params.round)
+    if state is None or state.phase is not SecAggPhase.UNMASK:
+        return False
+    if rounds.count(params.round, SecAggPhase.UNMASK) < state.threshold:
+        return False  # cheap: no replay before T responses are in
+    server = replay(rounds, params.round, params)
+    if len(server.responses) < params.threshold:
+        return False
+    try:
+        server.unmask_seeds()
+    except SecAggError:
+        return False
+    return True
 
 
 def adverts_of(delivered: dict[str, str]) -> dict[str, Advertise]:

@@ -4,8 +4,9 @@ A secure federation's round opens like any round (Lua); the beat's sweep (or any
 first to call :func:`open_secure`) then fixes its cohort (the round's draw, else every active
 client), the clients' weights and the masked vector's layout, and opens the advertise phase.
 Phase records arrive through the clients' inboxes like delta records; the pump hands records of
-kind ``secagg`` to :func:`handle_record`. A phase closes when every member sent (``fired``) or at
-its deadline (the sweep). Closing the unmask phase is the aggregate workers' round task
+kind ``secagg`` to :func:`handle_record`. A phase closes when every member sent (``fired``), the
+unmask phase also as soon as the stored responses reconstruct every mask left in the sum (``enough``),
+or at its deadline (the sweep). Closing the unmask phase is the aggregate workers' round task
 (``chorus.secure_unmask``): it fires the round and unmasks only the sum, sharded like any round
 (``workers/secure_sum.py``: plan, shards, manifest, fenced finalize). Every step is idempotent: a
 worker that dies anywhere is repeated by the next sweep with the same bytes.
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..errors import NotFound, ObjectExists, PeerMisbehaved, SecAggError
 from ..layout import accepted_key, masked_input_key
-from ..names import RoundStatus, SecAggPhase, Task
+from ..names import RoundStatus, SecAggClose, SecAggPhase, Task
 from ..secagg import wire
 from ..secagg.encoding import Encoded
 from ..secagg.params import MIN_COHORT, SecAggParams, default_threshold
@@ -32,7 +33,7 @@ from ..state.clients import ClientRegistry
 from ..state.inbox import Inbox, InboxEntry
 from ..state.protocol import Reply
 from ..state.secagg import SecAggRounds
-from ..state.secagg_flow import advance, ingest
+from ..state.secagg_flow import advance, ingest, unmask_suffices
 from ..strategy import strategy_spec
 from .dispatch import Dispatcher
 from .previous import previous_global
@@ -170,7 +171,17 @@ def handle_record(rt: Runtime, inbox: Inbox, entry: InboxEntry, dispatch: Dispat
         return "rejected"
     inbox.ack_delete([entry.id])
     if reply.status == "fired":
-        advance_round(rt, federation, record.round, "quorum", dispatch)
+        advance_round(rt, federation, record.round, SecAggClose.QUORUM, dispatch)
+    elif (
+        reply.status == "accepted"
+        and record.phase is SecAggPhase.UNMASK
+        and reply.n >= params.threshold
+        and unmask_suffices(rounds_of(rt, federation), params)
+    ):
+        # not everyone answered, yet the responses in hand remove every mask: close now rather than at the
+        # deadline (a survivor silent at unmask would otherwise hold the round for --secagg-phase-timeout)
+        advance_round(rt, federation, record.round, SecAggClose.ENOUGH, dispatch)
+        return "enough"
     return reply.status
 
 
@@ -209,13 +220,14 @@ def stored_loader(rt: Runtime, federation: str, params: SecAggParams) -> Callabl
 def advance_round(
     rt: Runtime, federation: str, r: int, mode: str, dispatch: Dispatcher, *, now: float | None = None
 ) -> str:
-    """Close round ``r``'s current phase (``quorum`` or ``deadline``). The unmask phase's close (then the sharded
-    unmask and the publish) is the aggregate workers' round task, never the pump's or the beat's."""
+    """Close round ``r``'s current phase (a :class:`SecAggClose` mode: ``quorum``, ``deadline``, or ``enough`` for the
+    unmask phase). The unmask phase's close (then the sharded unmask and the publish) is the aggregate workers'
+    round task, never the pump's or the beat's."""
     state = rounds_of(rt, federation).state(r)
     if state is None:
         return "no_round"
     if state.phase is SecAggPhase.UNMASK:
-        dispatch.send(Task.SECURE_UNMASK, federation, r, mode)
+        dispatch.send(Task.SECURE_UNMASK, federation, r, str(mode))
         return "dispatched"
     pub = public(rt, federation, r)
     if pub is None:

@@ -1,6 +1,7 @@
 """A secure round's unmask, sharded like any round: close, fire, plan, shards, commit.
 
-Once every survivor answered the unmask request (or at the phase's deadline) the round task
+Once every survivor answered the unmask request, or the stored answers already reconstruct every mask left in
+the sum (``enough``), or at the phase's deadline, the round task
 (``chorus.secure_unmask``, :func:`plan_unmask`) closes the unmask phase (``secagg_close.lua``: only
 after checking that the stored shares reconstruct every mask left in the sum), fires the round
 (``secagg_fire.lua``: aggregating under a new epoch and lease), and stores a plan with SET NX:
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import ObjectExists, ObjectMissing, SecAggError
 from ..layout import accepted_key, manifest_key, shard_key
 from ..manifest import ClientEntry, Manifest, ObjectRef, ShardEntry
-from ..names import SHARD_FORMAT, Factor, RoundStatus, ScriptStatus, SecAggPhase, Task
+from ..names import SHARD_FORMAT, Factor, RoundStatus, ScriptStatus, SecAggClose, SecAggPhase, Task
 from ..results import fetch_manifest
 from ..secagg import wire
 from ..secagg.encoding import U64, Encoded
@@ -103,8 +104,9 @@ class SecurePlan:
 def plan_unmask(
     rt: Runtime, federation: str, r: int, mode: str, dispatch: Dispatcher, *, now: float | None = None
 ) -> str:
-    """Close round ``r``'s unmask phase (``quorum`` or ``deadline``), fire the round, plan its shards and send
-    what is left to do. Idempotent: every later run (redelivery, the sweep) finds each step done and goes on."""
+    """Close round ``r``'s unmask phase (``quorum``, ``enough`` or ``deadline``), fire the round, plan its shards
+    and send what is left to do. Idempotent: every later run (redelivery, the sweep) finds each step done and goes
+    on; an ``enough`` run that did not close the phase itself stops (the run that closed it goes on)."""
     pub = public(rt, federation, r)
     if pub is None:
         return "no_round"
@@ -118,7 +120,13 @@ def plan_unmask(
             return reply.status
         if reply.status == "not_due":
             return reply.status
+        if mode == SecAggClose.ENOUGH and reply.status != "ok":
+            # several pumps may each see 'enough' and send this task: only the run whose fenced close won goes on
+            # (a closer that dies after its close is covered like any: the sweep re-sends a done round's task)
+            return "stale"
         state = rounds.state(r)  # closed, here or by a concurrent run ('stale')
+    elif mode == SecAggClose.ENOUGH:
+        return "stale"  # closed before this run: its closer (or the sweep) goes on
     if state is None or state.phase is not SecAggPhase.DONE:
         return "not_done"
     info = rt.state.round(federation, r)

@@ -11,7 +11,7 @@ import pytest
 import redis as redis_lib
 
 from chorus_mq.errors import PeerMisbehaved
-from chorus_mq.names import EventType, SecAggPhase
+from chorus_mq.names import EventType, SecAggClose, SecAggPhase
 from chorus_mq.secagg import wire
 from chorus_mq.secagg.client import SecAggClient
 from chorus_mq.secagg.encoding import U64
@@ -19,7 +19,7 @@ from chorus_mq.secagg.messages import UnmaskRequest
 from chorus_mq.secagg.params import SecAggParams
 from chorus_mq.state import Acl, ClientRegistry, EventLog, FederationKeys
 from chorus_mq.state.secagg import SecAggRounds
-from chorus_mq.state.secagg_flow import advance, adverts_of, ingest, shares_of
+from chorus_mq.state.secagg_flow import advance, adverts_of, ingest, shares_of, unmask_suffices
 
 from .harness import oracle, rel_err
 
@@ -119,6 +119,71 @@ def test_no_dropouts_close_at_quorum(any_redis):
     assert result.summed == d.p.cohort and rel_err(result.total, oracle(d.xs, d.p.cohort)) <= 1e-5
     events = [e for e in EventLog(any_redis, "fed").read() if e.type is EventType.SECAGG_PHASE]
     assert {e.get("closed_by") for e in events[1:]} == {"quorum"}
+
+
+def _to_unmask(d, drop_at_masked=()):
+    """Every phase up to the unmask request, everyone sending but ``drop_at_masked`` (silent at the masked input)."""
+    for phase in (SecAggPhase.ADVERTISE, SecAggPhase.SHARE, SecAggPhase.MASKED_INPUT):
+        gone = set(drop_at_masked) if phase is SecAggPhase.MASKED_INPUT else set()
+        for c in sorted(d.rounds.members(1, phase) - gone):
+            assert d.send(c, phase, d.payload(c, phase)).status in ("accepted", "fired")
+        assert d.close(not gone)[0].status == "ok"
+    return sorted(d.rounds.members(1, SecAggPhase.UNMASK))
+
+
+def _answer(d, clients):
+    for c in clients:
+        assert d.send(c, SecAggPhase.UNMASK, d.payload(c, SecAggPhase.UNMASK)).status == "accepted"
+
+
+def test_unmask_closes_enough_once_the_responses_reconstruct_every_mask(any_redis):
+    """c3 drops before its masked input (its mask key is needed), c6..c8 fall silent at unmask. K = 9 (every other
+    client), T = 5: five answers leave each answering client's own self-mask seed with four shares; the sixth makes
+    every seed reconstruct, and the phase closes at once, 'enough', with the exact sum of all nine survivors."""
+    d = Driver(any_redis, n=10)
+    survivors = _to_unmask(d, drop_at_masked=["c3"])
+    assert len(survivors) == 9 and d.p.threshold == 5
+    _answer(d, survivors[:5])
+    assert not unmask_suffices(d.rounds, d.p)
+    reply, result = advance(d.rounds, d.p, SecAggClose.ENOUGH, load=d.load, now=d.now)
+    assert reply.status == "not_due" and result is None and d.rounds.state(1).phase is SecAggPhase.UNMASK
+    _answer(d, survivors[5:6])
+    assert unmask_suffices(d.rounds, d.p)
+    before = d.rounds.state(1)
+    reply, result = advance(d.rounds, d.p, SecAggClose.ENOUGH, load=d.load, now=d.now)  # before the deadline
+    assert reply.status == "ok" and d.now < before.deadline
+    assert result.summed == tuple(survivors) and rel_err(result.total, oracle(d.xs, result.summed)) <= 1e-5
+    state = d.rounds.state(1)
+    assert state.phase is SecAggPhase.DONE and state.survivors == tuple(survivors)
+    assert any_redis.hget(FederationKeys("fed").secagg(1), "unmask_closed_by") == "enough"
+    last = EventLog(any_redis, "fed").read()[-1]
+    assert (last.get("phase"), last.get("closed"), last.get("closed_by")) == ("done", "unmask", "enough")
+    # fenced: a second closer at the old epoch changes nothing; a late answer is refused as out of phase
+    members = survivors[:6]
+    again = d.rounds.close(1, SecAggPhase.UNMASK, before.epoch, SecAggClose.ENOUGH, members=members, now=d.now)
+    assert again.status == "stale" and d.rounds.state(1).epoch == state.epoch
+    late = survivors[6]
+    payload = wire.unmask_payload(d.clients[late].unmask(UnmaskRequest(frozenset(survivors))))
+    assert d.send(late, SecAggPhase.UNMASK, payload).status == "stale"
+    assert late not in d.rounds.submissions(1, SecAggPhase.UNMASK)
+
+
+def test_too_few_answers_keep_the_unmask_phase_open_until_its_deadline(any_redis):
+    """T answers of six (K = 5, every other client) leave each answering client's own self-mask seed with T - 1
+    shares: 'enough' closes nothing, and the deadline decides as before (here: the sum cannot be unmasked)."""
+    d = Driver(any_redis, n=6)  # K = 5, T = 3
+    survivors = _to_unmask(d)
+    _answer(d, survivors[:3])
+    assert not unmask_suffices(d.rounds, d.p)
+    for _ in range(2):  # the close refuses, and a direct close naming fewer than T members is not due either
+        reply, _ = advance(d.rounds, d.p, SecAggClose.ENOUGH, load=d.load, now=d.now)
+        assert reply.status == "not_due" and d.rounds.state(1).phase is SecAggPhase.UNMASK
+    state = d.rounds.state(1)
+    short = d.rounds.close(1, SecAggPhase.UNMASK, state.epoch, SecAggClose.ENOUGH, members=survivors[:2], now=d.now)
+    assert short.status == "not_due" and d.rounds.state(1).phase is SecAggPhase.UNMASK
+    assert not [e for e in EventLog(any_redis, "fed").read() if e.get("phase") == "done"]
+    reply, result = d.close(False)  # at the deadline, as before: these answers cannot unmask the sum
+    assert reply.status == "aborted" and result is None and "cannot unmask" in d.rounds.state(1).reason
 
 
 def test_hostile_records_are_refused_and_nothing_is_stored(any_redis):

@@ -5,7 +5,9 @@
 -- KEYS[3] the closing phase's members set   KEYS[4] the next phase's members set   KEYS[5] events stream
 -- KEYS[6..] the per-client delivery hashes written by this transition (readable by that client only)
 -- ARGV[1..5] prelude convention   ARGV[6] the closing phase   ARGV[7] its epoch (the fence)
--- ARGV[8] mode: 'quorum' (every member submitted), 'deadline' (NOW >= deadline) or 'abort'
+-- ARGV[8] mode: 'quorum' (every member submitted), 'deadline' (NOW >= deadline), 'enough' (the unmask phase
+--   only: the caller checked that the named members' stored responses reconstruct every mask left in the sum;
+--   never aborts: fewer than T named is not_due) or 'abort'
 -- ARGV[9] the next phase's members (JSON list; '' for every client that submitted); each must have submitted
 -- ARGV[10] deliveries (JSON list aligned with KEYS[6..]: an object field -> value for each)
 -- ARGV[11] the next phase's name   ARGV[12] reason (abort mode; recorded and published)
@@ -13,7 +15,8 @@
 --   ok        the next phase is open; n: its members; epoch: its epoch; detail: its name
 --   aborted   the state is 'aborted' (too few left, or mode 'abort'); detail: why
 --   stale     the round is not in that phase and epoch (another worker closed it): nothing was changed
---   not_due   quorum mode before every member submitted, or deadline mode before the deadline
+--   not_due   quorum mode before every member submitted, deadline mode before the deadline, enough mode outside
+--             the unmask phase or with fewer than T members named
 --   conflict  a named next member did not submit in the closing phase: nothing was changed
 --   no_round  no secure aggregation was opened for the round
 local phase, fence, mode, nextphase = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[11]
@@ -28,6 +31,7 @@ if state[1] ~= phase or epoch ~= fence then return reply('stale', 0, epoch, stat
 local n = redis.call('HLEN', KEYS[2])
 if mode == 'quorum' and n < redis.call('SCARD', KEYS[3]) then return reply('not_due', n, epoch, '') end
 if mode == 'deadline' and NOW < tonumber(state[3]) then return reply('not_due', n, epoch, '') end
+if mode == 'enough' and (phase ~= 'unmask' or ARGV[9] == '') then return reply('not_due', n, epoch, '') end
 
 local function abort(why)
   redis.call('HSET', KEYS[1], 'phase', 'aborted', 'epoch', epoch + 1, 'reason', why, 'aborted_at', NOW)
@@ -46,6 +50,7 @@ else
   end
 end
 local threshold = tonumber(state[4])
+if mode == 'enough' and #members < threshold then return reply('not_due', n, epoch, '') end
 if #members < threshold then
   return abort(#members .. ' clients left after ' .. phase .. ', fewer than the threshold ' .. threshold)
 end
