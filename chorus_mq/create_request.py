@@ -261,7 +261,8 @@ def _mode_fields(request: CreateRequest, fields: ConfigFields) -> tuple[int, _Mo
     if request.relative_clip is not None:
         decided["relative_clip"] = request.relative_clip
     elif request.mode == FederationMode.BUFFERED or fields.get("secure_aggregation"):
-        # off where it cannot run: buffered (not built), secure aggregation (no client's norm is seen)
+        # off where it cannot run (secure aggregation: no client's norm is seen) and, by default, in buffered mode,
+        # whose flushes are exact per flush unless the operator asks for a bound (--relative-clip K applies there)
         decided["relative_clip"] = 0.0
     buffered_only = {
         "--buffer": buffering.buffer,

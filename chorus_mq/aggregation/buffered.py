@@ -27,6 +27,12 @@ weights ``q_i = g(τ_i) / (K k_i)`` (:func:`dp_flush_weights`; ``k_i`` the delta
 ``g ≤ 1``) that are not renormalised, so one client's whole contribution has norm at most ``C / K``, and
 ``Z ~ N(0, (z C / K)^2)`` dense per module: the same mechanism, sensitivity and noise as a synchronous round
 of quorum K. The same correction then applies with ``P_b = Σ_{i: b_i = b} q_i c_i`` unnormalised.
+
+Norm bounds outside DP (``--clip-norm``, ``--relative-clip``): ``v + 1 = v + η Σ_i p_i c_i Δ_i``, each ``c_i`` the
+synchronous round's factor taken on the delta's update against its own base version (:func:`delta_clip_factors`,
+per module and adapter-wide). The strategy renormalises its weights over a module's holders, which would cancel
+a common ``c_i``: so each holder weighs ``p_i c_i`` and the clipped-away ``p_i (1 − c_i)`` joins the absent mass
+(an update of zero), leaving the total as it was (:func:`clip_into_absent`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ _F64 = torch.float64
 __all__ = [
     "StalenessRule",
     "base_masses",
+    "clip_into_absent",
+    "delta_clip_factors",
     "delta_norm_sq",
     "dp_flush_weights",
     "flush_module",
@@ -107,6 +115,40 @@ def delta_norm_sq(update: PreviousFactors, base: PreviousFactors | None) -> floa
             )
         total += gram(base, base) - 2.0 * gram(update, base)
     return max(total, 0.0)  # rounding can take a zero difference a hair below 0
+
+
+def delta_clip_factors(module_norms: Tensor, clip_norm: float, relative: float) -> Tensor:
+    """(M, N) clip factors of N deltas' updates against their own base versions, ``module_norms[m, i]`` delta
+    i's ``||Δ_im||_F`` (NaN where it did not send module m): ``min(1, C / ||Δ_i||)`` adapter-wide (``clip_norm``
+    C, 0 = off) times the synchronous round's relative factors (``relative`` k, 0 = off;
+    ``robust.relative_clip_factors``)."""
+    norms = module_norms.to(_F64)
+    if norms.dim() != 2:
+        raise AggregationError(f"module norms must be (modules, deltas), got shape {tuple(norms.shape)}")
+    if not math.isfinite(clip_norm) or clip_norm < 0:
+        raise AggregationError(f"the clip norm must be finite and >= 0, got {clip_norm!r}")
+    factors = torch.ones_like(norms)
+    if clip_norm:
+        whole = torch.where(torch.isnan(norms), torch.zeros_like(norms), norms).square().sum(0).sqrt()
+        cap = torch.where(whole > clip_norm, clip_norm / whole, torch.ones_like(whole))
+        factors = factors * cap[None, :]
+    if relative:
+        from .robust import relative_clip_factors
+
+        factors = factors * relative_clip_factors(norms, relative)
+    return factors
+
+
+def clip_into_absent(weights: Sequence[float], factors: Sequence[float], absent: float) -> tuple[list[float], float]:
+    """A module's holders' weights ``p_i c_i`` and the absent mass plus the clipped-away ``Σ p_i (1 − c_i)``: the
+    strategy's renormalisation over holders and absent mass then keeps every ``c_i`` (the total is unchanged)."""
+    if len(weights) != len(factors):
+        raise AggregationError(f"{len(weights)} weights for {len(factors)} clip factors; need one each")
+    if any(not (0.0 <= float(c) <= 1.0) for c in factors):
+        raise AggregationError(f"clip factors must lie in [0, 1], got {list(factors)!r}")
+    out = [float(w) * float(c) for w, c in zip(weights, factors, strict=True)]
+    away = math.fsum(float(w) * (1.0 - float(c)) for w, c in zip(weights, factors, strict=True))
+    return out, float(absent) + away
 
 
 def base_masses(bases: Sequence[int], weights: Sequence[float]) -> dict[int, float]:

@@ -163,7 +163,7 @@ def federation() -> None:
     help="Clip each client's update, per module and as a whole, to K times the round's median client"
     " norm (the lower median: with two clients, the smaller), so no outlier owns a round; rounds where"
     " nobody exceeds it are unchanged. 0: off. Not applied with differential privacy. Default 10 (sync),"
-    " off in buffered mode (not built there).",
+    " off in buffered mode (where K bounds each delta's update against its own base version).",
 )
 @click.option("--round-timeout", type=int, default=0, help="Seconds until the deadline sweep closes a round.")
 @click.option("--min-quorum", type=int, default=0, help="Deltas a deadline close needs (default: the quorum).")
@@ -190,7 +190,12 @@ def federation() -> None:
 )
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--out-rank", type=int, default=0, help="svd strategy output rank (default: largest client rank).")
-@click.option("--clip-norm", type=float, default=0.0, help="Bound each client's update norm ||s·B·A|| (0: off).")
+@click.option(
+    "--clip-norm",
+    type=float,
+    default=0.0,
+    help="Bound each client's update norm ||s·B·A|| (buffered: each delta's update against its base version; 0: off).",
+)
 @click.option("--screen-outliers", is_flag=True, help="Exclude median/MAD outliers before aggregating.")
 @click.option("--outlier-z", type=float, default=3.5, show_default=True)
 @click.option("--robust-aggregate", type=choice(RobustAggregate), default=RobustAggregate.MEAN.value, show_default=True)

@@ -228,9 +228,9 @@ class FederationConfig:
         refused = {
             "--scaffold": self.scaffold,
             "--personal-heads": self.personal_heads,
-            # under DP, --clip-norm is the mechanism's own bound on each delta's update (not screening)
-            "--clip-norm / --screen-outliers / --robust-aggregate": self.screening and not self.dp_noise_multiplier,
-            "--relative-clip (pass --relative-clip 0)": bool(self.relative_clip),
+            # --clip-norm and --relative-clip bound each delta's update against its own base version (workers/flush.py)
+            "--screen-outliers / --robust-aggregate": self.screen_outliers
+            or self.robust_aggregate != RobustAggregate.MEAN,
             "--expire-policy expire": self.expire_policy == ExpirePolicy.EXPIRE,
         }
         for what, on in refused.items():

@@ -21,6 +21,8 @@ from torch import Tensor
 from ..aggregation import ModuleResult
 from ..aggregation.buffered import (
     StalenessRule,
+    clip_into_absent,
+    delta_clip_factors,
     delta_norm_sq,
     dp_flush_weights,
     flush_module,
@@ -65,17 +67,66 @@ def flush_fields(
         bases[c] = base
     staleness = {c: previous - bases[c] for c in clients}
     rule = StalenessRule.parse(config.staleness_weight)
+    clip: dict[str, float] = {}
     if config.dp_noise_multiplier:
         p = dp_weights(rt, federation, config, records, clients, bases, staleness, rule)
     else:
         p = flush_weights([weights[c] for c in clients], [staleness[c] for c in clients], rule)
+        if config.clip_norm or config.relative_clip:
+            clip = delta_clips(config, delta_norms(rt, federation, records, clients, bases))
     fields: dict[str, Any] = {
         "previous": previous,
         "bases": bases,
         "staleness": staleness,
         "flush_lr": config.server_step_size,
+        "clip": clip,
     }
     return dict(zip(clients, p, strict=True)), fields
+
+
+def delta_norms(
+    rt: Runtime, federation: str, records: Mapping[str, DeltaRecord], terms: Sequence[str], bases: Mapping[str, int]
+) -> dict[str, dict[str, float]]:
+    """Each term's ``||Δ||_F^2`` per module it sent, its update against its own base version
+    (``aggregation.buffered.delta_norm_sq``). Reads every module of every delta and of every base version once."""
+    from .reading import RoundInputs
+
+    inputs = RoundInputs(rt, {t: records[t] for t in terms})
+    modules = sorted({m for t in terms for m in inputs.indexes[t].modules})
+    exists = rt.state.round(federation, 0).state == RoundStatus.COMPLETE
+    versions = {
+        b: previous_global(rt, federation, b if b > 0 or exists else None, modules) for b in sorted(set(bases.values()))
+    }
+    out: dict[str, dict[str, float]] = {}
+    for t in terms:
+        base = versions[bases[t]].modules
+        out[t] = {}
+        for m in sorted(inputs.indexes[t].modules):
+            u = inputs.update(t, m, 1.0)
+            b = base.get(m)
+            out[t][m] = delta_norm_sq(
+                PreviousFactors(u.A, u.B, u.scaling, u.R), None if b is None else PreviousFactors(b.A, b.B, b.scaling)
+            )
+    return out
+
+
+def delta_clips(config: FederationConfig, norms_sq: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``--clip-norm`` / ``--relative-clip`` on each delta's update against its own base version: the factors
+    below 1, keyed ``"term|module"`` like a synchronous round's (``aggregation.buffered.delta_clip_factors``)."""
+    terms = sorted(norms_sq)
+    modules = sorted({m for t in terms for m in norms_sq[t]})
+    norms = torch.full((len(modules), len(terms)), float("nan"), dtype=_F64)
+    for i, t in enumerate(terms):
+        for j, m in enumerate(modules):
+            if m in norms_sq[t]:
+                norms[j, i] = norms_sq[t][m] ** 0.5
+    factors = delta_clip_factors(norms, config.clip_norm, config.relative_clip)
+    return {
+        f"{t}|{m}": float(factors[j, i])
+        for i, t in enumerate(terms)
+        for j, m in enumerate(modules)
+        if m in norms_sq[t] and float(factors[j, i]) != 1.0
+    }
 
 
 def dp_weights(
@@ -90,31 +141,26 @@ def dp_weights(
 ) -> tuple[float, ...]:
     """A DP flush's weight of each term: its fixed public weight ``g(τ) / (K k)`` times its clip factor
     ``min(1, C / ||Δ||)``, ``Δ`` its update against its own base version over the whole adapter
-    (``aggregation.buffered``, DP). Reads every module of every delta and of every base version once."""
-    from .reading import RoundInputs
-
+    (``aggregation.buffered``, DP)."""
     owners = [term_client(t) for t in terms]
     counts = [owners.count(o) for o in owners]
     q = dp_flush_weights([staleness[t] for t in terms], counts, rule, config.quorum)
-    inputs = RoundInputs(rt, {t: records[t] for t in terms})
-    modules = sorted({m for t in terms for m in inputs.indexes[t].modules})
-    exists = rt.state.round(federation, 0).state == RoundStatus.COMPLETE
-    versions = {
-        b: previous_global(rt, federation, b if b > 0 or exists else None, modules) for b in sorted(set(bases.values()))
-    }
+    norms = delta_norms(rt, federation, records, terms, bases)
     out = []
     for t, weight in zip(terms, q, strict=True):
-        base = versions[bases[t]].modules
-        total = 0.0
-        for m in sorted(inputs.indexes[t].modules):
-            u = inputs.update(t, m, 1.0)
-            b = base.get(m)
-            total += delta_norm_sq(
-                PreviousFactors(u.A, u.B, u.scaling, u.R), None if b is None else PreviousFactors(b.A, b.B, b.scaling)
-            )
-        norm = total**0.5
+        norm = sum(norms[t].values()) ** 0.5
         out.append(weight * (min(1.0, config.clip_norm / norm) if norm > 0 else 1.0))
     return tuple(out)
+
+
+def holder_weights(plan: Plan, name: str, holders: Sequence[str], absent: float) -> tuple[list[float], float]:
+    """A flush's module ``name``: each holder's weight and the absent mass, with a norm bound's clip factors kept
+    apart from the strategy's renormalisation (``aggregation.buffered.clip_into_absent``); the plan's as they are
+    otherwise (a synchronous round clips the uploads themselves; a DP flush's weights are already clipped)."""
+    weights = [plan.weights[c] for c in holders]
+    if not plan.flush_lr or plan.dp or not plan.clip:
+        return weights, absent
+    return clip_into_absent(weights, [plan.clip.get(f"{c}|{name}", 1.0) for c in holders], absent)
 
 
 @dataclass
@@ -147,15 +193,17 @@ class FlushStep:
         """The strategy keeps a frozen shared frame: the flush moves the trained factor, no residual."""
         return strategy_spec(self.plan.strategy).frozen_shared
 
-    def masses(self, holders: Sequence[str], absent: float) -> dict[int, float]:
-        """``P_b`` over the module's holders, normalised as the strategy normalises them (with the absent mass):
-        a client that did not train the module leaves it as it was (its update is zero there). A DP flush's
-        weights are fixed and clipped (``dp_weights``): never renormalised."""
-        total = 1.0 if self.plan.dp else sum(self.plan.weights[c] for c in holders) + absent
+    def masses(self, name: str, holders: Sequence[str], absent: float) -> dict[int, float]:
+        """``P_b`` over module ``name``'s holders, normalised as the strategy normalises them (with the absent mass,
+        ``absent`` before any clip: :func:`holder_weights`): a client that did not train the module leaves it as it
+        was (its update is zero there). A DP flush's weights are fixed and clipped (``dp_weights``): never
+        renormalised."""
+        weights, absent = holder_weights(self.plan, name, holders, absent)
+        total = 1.0 if self.plan.dp else sum(weights) + absent
         out: dict[int, float] = {}
-        for c in holders:
+        for c, w in zip(holders, weights, strict=True):
             b = self.plan.bases[c]
-            out[b] = out.get(b, 0.0) + self.plan.weights[c] / total
+            out[b] = out.get(b, 0.0) + w / total
         return dict(sorted(out.items()))
 
     def residual_form(
@@ -176,7 +224,7 @@ class FlushStep:
     def _version_terms(self, name: str, holders: Sequence[str], absent: float) -> list[tuple[PreviousFactors, float]]:
         """Each version's adapter with its coefficient: ``[b = v] − η P_b``."""
         assert self.plan.previous is not None
-        coeffs = version_coefficients(self.plan.previous, self.masses(holders, absent), self.plan.flush_lr)
+        coeffs = version_coefficients(self.plan.previous, self.masses(name, holders, absent), self.plan.flush_lr)
         terms = []
         for version, coeff in coeffs.items():
             factors = self._factors(version, name)
@@ -204,7 +252,7 @@ class FlushStep:
         if any(h is None for h in heads.values()):
             return mean
         step = mean.to(_F64).clone()
-        for b, m in self.masses(holders, 0.0).items():
+        for b, m in self.masses(name, holders, 0.0).items():
             head = heads[b]
             assert head is not None
             step -= head.to(_F64) * m

@@ -77,8 +77,9 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     weights = _weights(rt, federation, config, records)
     excluded: dict[str, str] = {}
     clip: dict[str, float] = {}
-    # a buffered DP flush clips each delta's update against its own base version (flush.dp_weights) instead
-    if config.screening and not (config.buffered and config.dp_noise_multiplier):
+    # a buffered flush bounds each delta's update against its own base version instead (workers/flush.py); the
+    # rest of screening is refused in buffered mode (FederationConfig)
+    if config.screening and not config.buffered:
         from .screening import screen_round
 
         screening = screen_round(rt, records, weights, config)
@@ -91,7 +92,8 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         from .flush import flush_fields
 
         weights, flush = flush_fields(rt, federation, config, {c: records[c] for c in kept}, weights)
-    if config.relative_clip and not config.dp_noise_multiplier:
+        clip = flush.pop("clip")
+    elif config.relative_clip and not config.dp_noise_multiplier:
         # on by default: no client counts for more than k x the round's median (docs/DESIGN.md section 1);
         # never under DP, whose sensitivity bound must not depend on the other clients' updates
         from .screening import relative_clip

@@ -27,7 +27,9 @@ class Plan:
     out_rank: int
     template: dict[str, Any]  # the first kept client's PEFT config: layout, task, modules_to_save
     excluded: dict[str, str] = field(default_factory=dict)
-    clip: dict[str, float] = field(default_factory=dict)  # "client|module" -> factor
+    #: "client|module" -> factor below 1; a buffered flush's are on each delta's update against its own base
+    #: version and live in the weights (``flush.holder_weights``), a synchronous round's scale the upload
+    clip: dict[str, float] = field(default_factory=dict)
     dp: bool = False
     #: SCAFFOLD: |S|/N, the share of the federation's clients this round's variate updates stand for; 0: off
     variate_fraction: float = 0.0

@@ -53,7 +53,7 @@ from ..strategy import strategy_spec
 from . import drift
 from .declared import Declared, declared_model
 from .dispatch import Dispatcher
-from .flush import FlushStep
+from .flush import FlushStep, holder_weights
 from .lease import Heartbeat
 from .metrics import METRICS
 from .previous import PreviousModule, previous_global
@@ -156,6 +156,10 @@ class _Job:
     extra: bool
     holders: list[str]
     absent: float = 0.0
+    #: the holders' weights and the absent mass the strategy aggregates with: ``holders``' plan weights and
+    #: ``absent``, but a flush's norm bound keeps its clip factors in them (``flush.holder_weights``)
+    weights: list[float] = field(default_factory=list)
+    strategy_absent: float = 0.0
     rank: int = 0
     residual: str = "none"
     residual_rank: int = 0
@@ -317,10 +321,13 @@ def _job(item: str, plan: Plan, inputs: RoundInputs, declared: Declared) -> _Job
     if plan.missing == MissingModules.ZERO:
         absent = sum(plan.weights[c] for c in plan.clients if c not in holders)
     d_out, d_in = declared.decl.modules[item]
-    job = _Job(item, False, holders, absent=absent, shape=(d_out, d_in))
+    weights, strategy_absent = holder_weights(plan, item, holders, absent)
+    job = _Job(item, False, holders, absent, weights, strategy_absent, shape=(d_out, d_in))
     if not plan.dp:
-        metas = [_meta(inputs, c, item, plan.weights[c]) for c in holders]
-        layout = output_layout(plan.strategy, metas, d_out, d_in, absent_weight=absent, out_rank=_out_rank(plan))
+        metas = [_meta(inputs, c, item, w) for c, w in zip(holders, weights, strict=True)]
+        layout = output_layout(
+            plan.strategy, metas, d_out, d_in, absent_weight=strategy_absent, out_rank=_out_rank(plan)
+        )
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
     return job
 
@@ -406,7 +413,9 @@ def _results(
             loaded = [inputs.extra(c, job.name) for c in job.holders]
             job.raw = loaded
         else:
-            updates = job.loaded or [inputs.update(c, job.name, plan.weights[c]) for c in job.holders]
+            updates = job.loaded or [
+                inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)
+            ]
             if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
                 updates = [_in_frame(u, job.frame) for u in updates]
             job.loaded, job.raw = None, updates
@@ -416,8 +425,10 @@ def _results(
                     dataclasses.replace(u, scaling=u.scaling * config.quorum * plan.weights[c])
                     for c, u in zip(job.holders, updates, strict=True)
                 ]
+            # a flush's clip factors are in its weights (against each delta's own base), never on the upload
+            clips = {} if plan.flush_lr else plan.clip
             loaded = [
-                _clipped(u, plan.clip.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
+                _clipped(u, clips.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
             ]
         seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
@@ -441,10 +452,10 @@ def _results(
             )
         else:
             result = aggregate_module(
-                loaded, plan.strategy, absent_weight=job.absent, out_rank=_out_rank(plan), trains=trains
+                loaded, plan.strategy, absent_weight=job.strategy_absent, out_rank=_out_rank(plan), trains=trains
             )
             if rt.settings.round_cosines and job.frame is None:
-                job.alignment = drift.alignment(job.name, loaded, job.absent)
+                job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
         if flush is not None:
             result = (
                 flush.extra(job.name, job.holders, result)

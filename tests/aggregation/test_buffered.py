@@ -13,6 +13,8 @@ from chorus_mq.aggregation import ClientUpdate, aggregate_module
 from chorus_mq.aggregation.buffered import (
     StalenessRule,
     base_masses,
+    clip_into_absent,
+    delta_clip_factors,
     delta_norm_sq,
     dp_flush_weights,
     flush_module,
@@ -270,6 +272,79 @@ def test_delta_norms_match_the_dense_difference() -> None:
     (wide,) = make_clients(14, 11, [2], seed=12)
     with pytest.raises(AggregationError, match="14 x 10 against a base version's 14 x 11"):
         delta_norm_sq(PreviousFactors(ups[0].A, ups[0].B, ups[0].scaling), PreviousFactors(wide.A, wide.B, 1.0))
+
+
+@pytest.mark.parametrize("strategy", [Strategy.FEDEX_LORA, Strategy.SVD])
+@pytest.mark.parametrize(("clip_norm", "relative", "lr"), [(3.0, 0.0, 1.0), (0.0, 2.0, 0.8), (5.0, 1.5, 1.2)])
+def test_norm_bounded_flushes_clip_each_delta_against_its_own_base(
+    strategy: Strategy, clip_norm: float, relative: float, lr: float
+) -> None:
+    """Four flushes, one delta per flush blown up 50x and one weight absent (a delta without the module): the
+    published model equals ``v + η Σ p_i c_i Δ_i`` to 1e-6, ``c_i`` the clip of ``Δ_i`` against its own base."""
+    d_out, d_in, shape = 20, 16, (20, 16)
+    rng = random.Random(f"clip-{strategy.value}-{clip_norm}-{relative}-{lr}")
+    (c0,) = make_clients(d_out, d_in, [3], seed=7)
+    adapters: list[PreviousFactors | None] = [PreviousFactors(c0.A, c0.B, c0.scaling)]
+    corrections = torch.zeros(shape, dtype=F64)
+    oracle = _product(adapters[0], shape)
+    clipped_any = 0
+    for flush in range(1, 5):
+        v = len(adapters) - 1
+        n = rng.randint(3, 5)
+        ups = make_clients(d_out, d_in, [rng.choice([2, 3]) for _ in range(n)], seed=300 + flush)
+        big = rng.randrange(n)
+        ups[big] = ClientUpdate(ups[big].A, ups[big].B * 50.0, ups[big].scaling, ups[big].weight)
+        bases = [rng.randint(max(0, v - 2), v) for _ in range(n)]
+        taus = [v - b for b in bases]
+        p = list(flush_weights([u.weight for u in ups] + [2.0], [*taus, 0], StalenessRule.parse("poly:0.5")))
+        absent = p.pop()  # a last delta that did not send this module: its update is zero here
+        mine = [PreviousFactors(u.A, u.B, u.scaling) for u in ups]
+        norms = torch.tensor([[delta_norm_sq(f, adapters[b]) ** 0.5 for f, b in zip(mine, bases, strict=True)]])
+        c = [float(x) for x in delta_clip_factors(norms, clip_norm, relative)[0]]
+        assert c[big] < 1.0 and all(0.0 < x <= 1.0 for x in c)
+        clipped_any += sum(x < 1.0 for x in c)
+        # the oracle, in float64: each delta's update against its own base, clipped, weighed by p (not renormalised)
+        step = torch.zeros(shape, dtype=F64)
+        for f, b, pi, ci in zip(mine, bases, p, c, strict=True):
+            update = _product(f, shape) - _product(adapters[b], shape)
+            bound = min(1.0, clip_norm / float(update.norm())) if clip_norm else 1.0
+            assert ci <= bound * (1 + 1e-6)  # the norm bound on the dense difference, at least
+            if not relative:
+                assert math.isclose(ci, bound, rel_tol=1e-6)  # and exactly it
+            step += pi * ci * update
+        oracle = oracle + lr * step
+        # the system: clip factors in the weights, the clipped-away mass absent (workers/flush.holder_weights)
+        w, strategy_absent = clip_into_absent(p, c, absent)
+        assert math.isclose(sum(w) + strategy_absent, sum(p) + absent, rel_tol=1e-12)
+        weighted = [ClientUpdate(u.A, u.B, u.scaling, wi) for u, wi in zip(ups, w, strict=True)]
+        result = aggregate_module(weighted, strategy, absent_weight=strategy_absent)
+        total = sum(w) + strategy_absent
+        coeffs = version_coefficients(v, base_masses(bases, [wi / total for wi in w]), lr)
+        terms = [(adapters[b], k) for b, k in coeffs.items() if adapters[b] is not None]
+        out = flush_module(result, terms, lr)
+        if out.residual is not None:
+            corrections += out.residual.to_dense().to(F64)
+        adapters.append(PreviousFactors(out.A, out.B, out.scaling))
+        err = float((corrections + _product(adapters[-1], shape) - oracle).norm() / oracle.norm())
+        assert err <= 1e-6, (flush, err)
+    assert clipped_any >= 4
+
+
+def test_delta_clip_factors_are_the_sync_bounds_on_each_delta() -> None:
+    norms = torch.tensor([[3.0, 4.0, float("nan")], [4.0, 3.0, 1.0]], dtype=F64)  # (modules, deltas)
+    whole = [5.0, 5.0, 1.0]
+    got = delta_clip_factors(norms, 2.5, 0.0)
+    assert torch.allclose(got, torch.tensor([[min(1.0, 2.5 / x) for x in whole]] * 2, dtype=F64))
+    assert torch.equal(delta_clip_factors(norms, 0.0, 0.0), torch.ones_like(norms))
+    from chorus_mq.aggregation.robust import relative_clip_factors
+
+    assert torch.equal(delta_clip_factors(norms, 0.0, 1.0), relative_clip_factors(norms, 1.0))
+    with pytest.raises(AggregationError, match="clip norm"):
+        delta_clip_factors(norms, -1.0, 0.0)
+    with pytest.raises(AggregationError, match="clip factors must lie in"):
+        clip_into_absent([0.5], [1.5], 0.0)
+    w, absent = clip_into_absent([0.5, 0.25], [0.5, 1.0], 0.25)
+    assert w == [0.25, 0.25] and absent == 0.5
 
 
 def test_dp_flush_weights_are_fixed_and_a_clients_deltas_share_one_slot() -> None:

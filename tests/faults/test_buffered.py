@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from chorus_mq.aggregation.dp import PrivacyAccountant, gaussian_noise_dense, noise_generator
+from chorus_mq.aggregation.robust import relative_clip_factors
 from chorus_mq.errors import Rejected
 from chorus_mq.layout import delta_key
 from chorus_mq.messages import IngestMessage
@@ -411,3 +412,62 @@ def test_linear_flushes_move_the_trained_factor_exactly(deployment, tmp_path, st
     with pytest.raises(Rejected, match=match):
         sdk.upload(name, bad, "c10", dataset_size=100.0, base_version=1, timeout=60)
     assert sdk.state.round(name, 4).n == 0
+
+
+@pytest.mark.parametrize(("clip_norm", "relative"), [(250.0, 0.0), (0.0, 3.0)])
+def test_norm_bounds_clip_each_deltas_update_against_its_own_base(
+    deployment, delta_file, tmp_path, clip_norm, relative
+):
+    """--clip-norm C / --relative-clip k outside DP (fedex-lora): a delta whose update is 30x the others' is
+    clipped as a synchronous round clips (adapter-wide to C; k x the lower-median norm per module and
+    adapter-wide) against its own base version, the flush weights are not renormalised around the clip, and the
+    published versions equal the float64 oracle ``v + η Σ p_i c_i Δ_i``; the manifest names the clips."""
+    lr, name, huge = 0.8, "clip" if clip_norm else "relclip", 4
+    sdk = deployment.sdk()
+    start = _create(
+        sdk, name, tmp_path, clip_norm=clip_norm, relative_clip=relative, server_lr=lr, staleness_weight="poly:0.5"
+    )
+    big = {m: (a, b * 30.0) for m, (a, b) in random_factors(1000 + huge, modules=MODULES, r=(2, 4)[huge % 2]).items()}
+    files = {huge: write_adapter(tmp_path / f"{name}-huge.safetensors", big)}
+    deployment.start_worker()
+    rule = StalenessRule.parse("poly:0.5")
+    x, products = published(start)[0], {0: published(start)[1]}
+    flushes = {1: [(0, 0), (1, 0), (2, 0)], 2: [(3, 1), (huge, 0), (5, 1)]}
+    for v, uploads in flushes.items():
+        _upload_all(sdk, name, uploads, lambda i: files.get(i) or delta_file(i))
+        assert wait_round(deployment, name, v) == "complete"
+        raw = {i: rule.g(v - 1 - b) for i, b in uploads}
+        deltas = {
+            i: {
+                m: (30.0 if i == huge else 1.0) * _random_product(i, m) - products[b][f"{PEFT_PREFIX}{m}"]
+                for m in MODULES
+            }
+            for i, b in uploads
+        }
+        norms = torch.tensor(
+            [[float(np.linalg.norm(deltas[i][m])) for i, _ in uploads] for m in MODULES], dtype=torch.float64
+        )
+        whole = norms.square().sum(0).sqrt()
+        factors = torch.ones_like(norms)
+        if clip_norm:
+            factors = factors * torch.clamp(clip_norm / whole, max=1.0)[None, :]
+        if relative:
+            factors = factors * relative_clip_factors(norms, relative)  # robust's, tested on its own
+        for k, (i, _) in enumerate(uploads):
+            for j, m in enumerate(MODULES):
+                c = float(factors[j, k])
+                x[f"{PEFT_PREFIX}{m}"] += lr * raw[i] / sum(raw.values()) * c * deltas[i][m]
+        want = {
+            f"c{i}|{PEFT_PREFIX}{m}": float(factors[j, k])
+            for k, (i, _) in enumerate(uploads)
+            for j, m in enumerate(MODULES)
+            if float(factors[j, k]) < 1.0
+        }
+        assert {key.split("|")[0] for key in want} == ({f"c{huge}"} if v == 2 else set())  # the bound between them
+        out = tmp_path / f"{name}-{v}"
+        manifest = sdk.pull(name, out, v)
+        total, products[v], _ = published(out)
+        error = max(float(np.linalg.norm(total[m] - x[m]) / np.linalg.norm(x[m])) for m in x)
+        assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
+        assert sorted(manifest.clipped) == sorted(want)
+        assert all(math.isclose(manifest.clipped[k], f, rel_tol=1e-6) for k, f in want.items())

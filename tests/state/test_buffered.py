@@ -241,15 +241,17 @@ def test_buffered_config_refuses_what_it_does_not_build():
         FederationConfig(**base, strategy=strategy)
     for strategy in ("fedex-lora", "svd"):  # server-side DP per flush: the clip bounds each delta's update
         FederationConfig(**base, strategy=strategy, dp_noise_multiplier=1.0, clip_norm=1.0)
+    for strategy in ("fedex-lora", "svd", "ffa-lora", "fed-sb"):  # norm bounds on each delta's own update
+        FederationConfig(**{**base, "relative_clip": 10.0}, strategy=strategy, clip_norm=1.0)
     for bad, match in (
         ({"strategy": "fedavg"}, "fedex-lora, svd, ffa-lora, fed-sb; fedavg is not supported: fedavg has no"),
         ({"strategy": "stack"}, "stack is not supported: stack's clients train from a truncation"),
         ({"strategy": "rolora"}, "rolora is not supported: rolora alternates the trained factor every version"),
         ({"scaffold": True}, "--scaffold"),
         ({"server_opt": "fedadam"}, "not built for --mode buffered"),
-        ({"relative_clip": 10.0}, "--relative-clip"),
         ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0, "strategy": "ffa-lora"}, "support --dp-noise-multiplier"),
-        ({"clip_norm": 1.0}, "--clip-norm"),
+        ({"screen_outliers": True}, "--screen-outliers"),
+        ({"robust_aggregate": "geomedian"}, "--robust-aggregate"),
         ({"max_per_client_per_flush": 0}, "at least 1"),
         ({"expire_policy": "expire", "round_timeout": 5}, "--expire-policy expire"),
         ({"staleness_weight": "poly"}, "poly:A"),
