@@ -613,6 +613,8 @@ def main() -> None:
         "--phase-timeout", type=int, default=20, help="With --secure-aggregation: --secagg-phase-timeout (seconds)"
     )
     args = parser.parse_args()
+    # a killed benchmark stops its workers and redis-server too (they run in sessions of their own)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.secure_aggregation:
         torch.set_num_threads(1)  # a client's CPU seconds are its thread's own
     shapes = modules(args.shapes, args.layers)
