@@ -106,6 +106,14 @@ from .options import balance_labels_option, choice, echo_json, json_option, one_
 @click.option("--buffer", type=int, default=3, show_default=True, help="buffered: deltas per flush (K).")
 @click.option("--max-staleness", type=int, default=50, show_default=True, help="buffered: refused beyond.")
 @click.option("--staleness-weight", default="poly:0.5", show_default=True, help="buffered: g(τ).")
+@click.option(
+    "--buffered-until",
+    type=click.Choice(["target", "sync-time"]),
+    default="target",
+    show_default=True,
+    help="buffered: stop at the synchronous final accuracy (target), or run on to the synchronous total time "
+    "(sync-time: both final accuracies, contributions and the mean staleness compare).",
+)
 @click.option("--redis-url", "sim_redis", default=None, help="Real Redis instead of the embedded one.")
 @click.option("--store", "sim_store", default=None, help="Store URL instead of a temporary file:// store.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -155,6 +163,7 @@ def simulate(
     buffer: int = 3,
     max_staleness: int = 50,
     staleness_weight: str = "poly:0.5",
+    buffered_until: str = "target",
 ) -> None:
     """Run whole federations through the production code paths on embedded defaults.
 
@@ -212,7 +221,9 @@ def simulate(
         )
         if mode == "buffered":
             assert speeds is not None
-            _buffered(job, speeds, buffer, max_staleness, staleness_weight, server_lr_flush, out_dir, as_json)
+            _buffered(
+                job, speeds, buffer, max_staleness, staleness_weight, server_lr_flush, buffered_until, out_dir, as_json
+            )
             return
         run_simulation_job(
             job,
@@ -253,12 +264,13 @@ def _buffered(
     max_staleness: int,
     staleness_weight: str,
     server_lr: float,
+    until: str,
     out_dir: str | None,
     as_json: bool,
 ) -> None:
-    from ..training.simulate_buffered import SpeedJob, run_speed_comparison
+    from ..training.simulate_buffered import BufferedUntil, SpeedJob, run_speed_comparison
 
-    speed_job = SpeedJob(job, speeds, buffer, max_staleness, staleness_weight, server_lr)
+    speed_job = SpeedJob(job, speeds, buffer, max_staleness, staleness_weight, server_lr, BufferedUntil(until))
     report = run_speed_comparison(
         speed_job, out_dir=Path(out_dir) if out_dir else None, echo=None if as_json else click.echo
     )
@@ -269,6 +281,8 @@ def _buffered(
                 "sync_time": report.sync_time,
                 "buffered_time": report.buffered_time,
                 "ratio": report.ratio,
+                "contributions": {"sync": report.sync.contributions, "buffered": report.buffered.contributions},
+                "mean_staleness": report.buffered.mean_staleness,
                 "sync": report.sync.points,
                 "buffered": report.buffered.points,
             }

@@ -9,7 +9,9 @@ client whose delta waits in the open buffer holds its next one until that buffer
 the production path (SDK, ingest, plan, shards, commit; eager, in this process) with real training; the
 events are processed in simulated-time order, so each client trains from the version published when it
 started. Reported: the time each mode takes to reach the synchronous run's final accuracy, and the curves
-(``buffered.png``, ``buffered.json`` in ``--out``).
+(``buffered.png``, ``buffered.json`` in ``--out``). ``--buffered-until sync-time`` runs the buffered federation on
+to the synchronous run's total time instead of stopping at that accuracy, so the two final accuracies compare
+(what staleness costs, or not, for the same time), with the staleness of every flushed delta from the manifests.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +34,16 @@ from .local_round import train_local
 from .simulate_model import SimConfig, _Client, _default_factory, _Runner
 
 if TYPE_CHECKING:
+    from chorus_mq.manifest import Manifest
     from chorus_mq.sdk.combined import Sdk
+
+
+class BufferedUntil(str, Enum):
+    """When the buffered run stops: at the synchronous final accuracy (``target``; or the synchronous total time,
+    whichever comes first), or only at the synchronous run's total time (``sync-time``)."""
+
+    TARGET = "target"
+    SYNC_TIME = "sync-time"
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,14 @@ class SpeedJob:
     max_staleness: int = 50
     staleness_weight: str = "poly:0.5"
     server_lr: float = 1.0
+    until: BufferedUntil = BufferedUntil.TARGET
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "until", BufferedUntil(self.until))
+        except ValueError:
+            choices = ", ".join(u.value for u in BufferedUntil)
+            raise ConfigError(f"--buffered-until must be one of {choices}, got {self.until!r}") from None
         if len(self.speeds) != self.sim.clients:
             raise ConfigError(f"--client-speeds names {len(self.speeds)} clients, --clients is {self.sim.clients}")
         if not all(s > 0 for s in self.speeds):
@@ -66,6 +84,17 @@ class Curve:
     points: list[tuple[float, int, float, float]] = field(default_factory=list)
     contributions: int = 0
     refused_stale: int = 0
+    #: each flushed delta's staleness in versions, from the manifests (empty in synchronous rounds)
+    staleness: list[int] = field(default_factory=list)
+
+    @property
+    def final(self) -> tuple[float, float]:
+        """The last evaluated version's (accuracy, loss)."""
+        return self.points[-1][2], self.points[-1][3]
+
+    @property
+    def mean_staleness(self) -> float | None:
+        return sum(self.staleness) / len(self.staleness) if self.staleness else None
 
     def time_to(self, accuracy: float) -> float | None:
         """The first time a trained version (round or version >= 1) reaches ``accuracy`` (None: never)."""
@@ -160,6 +189,16 @@ class _Comparison:
             f"({buffered.contributions} contributions, {len(buffered.points) - 1} versions, "
             f"{buffered.refused_stale} stale refusals)"
         )
+        if self.job.until is BufferedUntil.SYNC_TIME:
+            (sa, sl), (ba, bl) = sync.final, buffered.final
+            mean = buffered.mean_staleness
+            self.say(
+                f"at the synchronous total time t={sync.points[-1][0]:g}: synchronous accuracy {sa:.4f} loss "
+                f"{sl:.4f} ({sync.contributions} contributions); buffered accuracy {ba:.4f} loss {bl:.4f} "
+                f"({buffered.contributions} contributions, {len(buffered.staleness)} flushed, mean staleness "
+                + ("-" if mean is None else f"{mean:.2f}")
+                + ")"
+            )
         return report
 
     def _sync(self, initial: Path, accuracy: float, loss: float) -> Curve:
@@ -257,12 +296,14 @@ class _Comparison:
             True once the target accuracy is reached."""
             nonlocal seen, held
             while (latest := self.sdk.state.latest_complete(name) or 0) > seen:
+                for v in range(seen + 1, latest):  # published in one settle (held deltas flushed): not evaluated
+                    curve.staleness += self._staleness(name, v)
                 seen = latest
-                self.sdk.pull(name, view, latest)
+                curve.staleness += _staleness_of(self.sdk.pull(name, view, latest))
                 score = r._evaluate(exact_model(view, r.model_dir, task=TaskType.SEQ_CLS, labels=r.labels))
                 curve.points.append((t, latest, score.accuracy, score.loss))
                 self.say(f"buffered t={t:8.1f} version {latest:3d}: accuracy {score.accuracy:.4f}")
-                if score.accuracy >= target:
+                if score.accuracy >= target and job.until is BufferedUntil.TARGET:
                     return True
                 waiting, held = held, []
                 for i, v, path in waiting:
@@ -280,6 +321,12 @@ class _Comparison:
             if restart:
                 begin(clients[index], t)
         return curve
+
+    def _staleness(self, name: str, version: int) -> list[int]:
+        """The staleness of each delta flushed into ``version``, as its manifest records it."""
+        from chorus_mq.results import fetch_manifest
+
+        return _staleness_of(fetch_manifest(self.sdk.state, self.sdk.store, name, version)[0])
 
     def _upload(self, name: str, client: _Client, version: int, adapter: Path, curve: Curve, held: list[Any]) -> bool:
         """Upload one delta; True when its client may start its next local round now (accepted, or refused as
@@ -305,6 +352,11 @@ class _Comparison:
         return True
 
 
+def _staleness_of(manifest: Manifest) -> list[int]:
+    """Each flushed delta's staleness (a buffered flush's manifest records every one)."""
+    return [c.staleness for c in manifest.clients if c.staleness is not None]
+
+
 def write_speed_results(out: Path, job: SpeedJob, report: SpeedReport) -> None:
     """``buffered.json`` (the job, both curves, the times to the target) and ``buffered.png``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +366,7 @@ def write_speed_results(out: Path, job: SpeedJob, report: SpeedReport) -> None:
         "sync_time": report.sync_time,
         "buffered_time": report.buffered_time,
         "ratio": report.ratio,
+        "mean_staleness": report.buffered.mean_staleness,
         "sync": asdict(report.sync),
         "buffered": asdict(report.buffered),
     }

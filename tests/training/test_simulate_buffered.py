@@ -54,3 +54,61 @@ def test_the_cli_refuses_a_buffered_simulation_without_a_model_or_speeds():
     assert no_model.exit_code != 0 and "--model" in no_model.output
     no_speeds = CliRunner().invoke(main, ["simulate", "--model", "minilm", "--mode", "buffered"])
     assert no_speeds.exit_code != 0 and "--client-speeds" in no_speeds.output
+
+
+def test_buffered_until_sync_time_runs_on_past_the_target_and_reports_staleness(tiny_bert_dir, tmp_path):
+    """The same comparison stopped at the target and run on to the synchronous total time: the longer run starts
+    with the shorter one's versions, ends by that time, and every flushed delta's staleness is from a manifest."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    from chorus_mq.training.simulate_buffered import BufferedUntil, run_speed_comparison
+    from chorus_mq.workers import runtime
+
+    from .test_local import DATA, WORDS
+
+    rows = [
+        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
+    ]
+    data = tmp_path / "data.csv"
+    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    sim = SimConfig(
+        model=str(tiny_bert_dir),
+        dataset=str(data),
+        clients=3,
+        rounds=2,
+        strategies=("fedex-lora",),
+        steps_per_round=4,
+        batch_size=8,
+        lr=5e-2,
+        max_length=32,
+        test_examples=16,
+    )
+    reports, said = {}, []
+    try:
+        for until in BufferedUntil:
+            job = SpeedJob(sim, (1.0, 1.0, 3.0), buffer=2, until=until)
+            reports[until] = run_speed_comparison(job, out_dir=tmp_path / until.value, echo=said.append)
+    finally:
+        runtime.install(None)
+    short, full = reports[BufferedUntil.TARGET], reports[BufferedUntil.SYNC_TIME]
+    horizon = full.sync.points[-1][0]
+    # 2 rounds, each waiting for the speed-3 client
+    assert horizon == sim.rounds * 3.0 * sim.steps_per_round and full.sync.contributions == 6
+    assert full.sync.final == short.sync.final and full.target == short.target
+    # the same run, on past where the target mode stopped (deterministic training: the same versions)
+    assert full.buffered.points[: len(short.buffered.points)] == short.buffered.points
+    assert len(full.buffered.points) > len(short.buffered.points) and full.buffered.points[-1][0] <= horizon
+    assert full.buffered.contributions > short.buffered.contributions > 0
+    assert full.buffered.contributions > full.sync.contributions  # the fast clients did not wait
+    versions = full.buffered.points[-1][1]
+    assert len(full.buffered.staleness) == 2 * versions  # K deltas per flush, each from its manifest
+    assert max(full.buffered.staleness) >= 1  # the speed-3 client trained from an older version
+    mean = full.buffered.mean_staleness
+    assert mean == sum(full.buffered.staleness) / len(full.buffered.staleness)
+    summary = [line for line in said if line.startswith(f"at the synchronous total time t={horizon:g}")]
+    assert len(summary) == 1 and f"mean staleness {mean:.2f}" in summary[0]
+    body = json.loads((tmp_path / "sync-time" / "buffered.json").read_text())
+    assert body["job"]["until"] == "sync-time" and body["mean_staleness"] == mean
+    with pytest.raises(ConfigError, match="--buffered-until must be one of target, sync-time"):
+        SpeedJob(sim, (1.0, 1.0, 3.0), buffer=2, until="forever")  # type: ignore[arg-type]
