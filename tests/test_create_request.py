@@ -47,7 +47,7 @@ def test_a_buffered_request_maps_its_flags_onto_the_round_machine(model):
         config = resolved.config
         assert (config.quorum, config.min_quorum, config.round_timeout) == (4, 2, 30)
         assert (config.max_staleness, config.staleness_weight, config.max_per_client_per_flush) == (3, "constant", 1)
-        assert config.relative_clip == 0.0  # off where it is not built
+        assert config.relative_clip == 0.0  # off by default in buffered mode (--relative-clip K turns it on)
     with resolve(CreateRequest("buf", model, mode=FederationMode.BUFFERED, buffering=BufferFlags(buffer=2))) as r:
         assert (r.config.quorum, r.config.min_quorum, r.config.round_timeout, r.config.max_staleness) == (2, 1, 0, 10)
 
@@ -72,7 +72,7 @@ _BUFFERED = {"mode": FederationMode.BUFFERED, "buffering": BufferFlags(buffer=2)
             "--min-buffer must be between 1 and --buffer 2",
         ),
         ({**_BUFFERED, "buffering": BufferFlags(buffer=2, flush_timeout=-1)}, "--flush-timeout cannot be negative"),
-        ({**_BUFFERED, "relative_clip": 5.0}, "does not combine with --relative-clip"),
+        ({**_BUFFERED, "fields": ConfigFields(screen_outliers=True)}, "does not combine with --screen-outliers"),
     ],
 )
 def test_a_flag_that_does_not_fit_the_mode_is_refused_by_name(model, options, message):
