@@ -58,13 +58,21 @@ def plan_round(rt: Runtime, federation: str, r: int, epoch: int, dispatch: Dispa
                 return "failed"
         stored = rt.state.set_plan(federation, r, plan.to_json())
     plan = Plan.from_json(stored)
+    return send_missing_shards(rt, dispatch, federation, r, epoch, len(plan.shards), Task.SHARD, Task.COMMIT)
+
+
+def send_missing_shards(
+    rt: Runtime, dispatch: Dispatcher, federation: str, r: int, epoch: int, shards: int, shard: Task, commit: Task
+) -> str:
+    """Send the ``shard`` task of every shard not yet recorded, or ``commit`` once all are (a rerun sends only
+    what is missing)."""
     done = rt.state.shards(federation, r)
-    missing = [k for k in range(len(plan.shards)) if k not in done]
+    missing = [k for k in range(shards) if k not in done]
     for k in missing:
-        dispatch.send(Task.SHARD, federation, r, epoch, k)
+        dispatch.send(shard, federation, r, epoch, k)
     if not missing:
-        dispatch.send(Task.COMMIT, federation, r, epoch)
-    return f"dispatched {len(missing)}/{len(plan.shards)} shards"
+        dispatch.send(commit, federation, r, epoch)
+    return f"dispatched {len(missing)}/{shards} shards"
 
 
 def make_plan(rt: Runtime, federation: str, r: int) -> Plan:

@@ -45,7 +45,7 @@ from ..secagg.stored import data_begin
 from ..state.secagg_flow import advance, replay
 from .dispatch import Dispatcher
 from .lease import Heartbeat
-from .plan import balanced_ranges
+from .plan import balanced_ranges, send_missing_shards
 from .previous import fed_sb_frame, previous_global
 from .runtime import Runtime
 from .secure import public, rounds_of
@@ -151,13 +151,8 @@ def plan_unmask(
                 return "failed"
         stored = rt.state.set_plan(federation, r, plan.to_json())  # the first plan stored wins
     plan = SecurePlan.from_json(stored)
-    done = rt.state.shards(federation, r)
-    missing = [k for k in range(len(plan.shards)) if k not in done]
-    for k in missing:
-        dispatch.send(Task.SECURE_SHARD, federation, r, epoch, k)
-    if not missing:
-        dispatch.send(Task.SECURE_COMMIT, federation, r, epoch)
-    return f"dispatched {len(missing)}/{len(plan.shards)} shards"
+    shards = len(plan.shards)
+    return send_missing_shards(rt, dispatch, federation, r, epoch, shards, Task.SECURE_SHARD, Task.SECURE_COMMIT)
 
 
 def make_secure_plan(rt: Runtime, federation: str, r: int, pub: RoundPublic) -> SecurePlan:
