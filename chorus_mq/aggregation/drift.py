@@ -73,22 +73,14 @@ def _shared_alignment(updates: Sequence[ClientUpdate], w: torch.Tensor, shared: 
     """:func:`module_alignment` where every ``U_i = s_i X_i F`` (``F`` = the shared A) or ``s_i F X_i`` (a shared
     B): ``<U_i, U_j> = s_i s_j sum(P_ij ∘ M)`` with ``M`` the shared factor's r×r Gram, in float64."""
     scales = torch.tensor([float(u.scaling) for u in updates], dtype=_F64)
-    if shared == "A":
-        f = updates[0].A.to(_F64)
-        m = f @ f.T
-        xs = [u.B.to(_F64) for u in updates]  # (d_out, r)
-        mean = sum((wi * si * x for wi, si, x in zip(w, scales, xs, strict=True)), torch.zeros_like(xs[0]))
-        dots = [si * float(((x.T @ mean) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-        norms2 = [si * si * float(((x.T @ x) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-        aggregate2 = float(((mean.T @ mean) * m).sum())
-    else:
-        f = updates[0].B.to(_F64)
-        m = f.T @ f
-        xs = [u.A.to(_F64) for u in updates]  # (r, d_in)
-        mean = sum((wi * si * x for wi, si, x in zip(w, scales, xs, strict=True)), torch.zeros_like(xs[0]))
-        dots = [si * float(((x @ mean.T) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-        norms2 = [si * si * float(((x @ x.T) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-        aggregate2 = float(((mean @ mean.T) * m).sum())
+    # a shared B is a shared A of the transposed updates (s_i A_iᵀ Bᵀ): inner products do not change
+    f = (updates[0].A if shared == "A" else updates[0].B.T).to(_F64)  # (r, d): the shared factor
+    xs = [(u.B if shared == "A" else u.A.T).to(_F64) for u in updates]  # (d', r): each client's trained one
+    m = f @ f.T
+    mean = sum((wi * si * x for wi, si, x in zip(w, scales, xs, strict=True)), torch.zeros_like(xs[0]))
+    dots = [si * float(((x.T @ mean) * m).sum()) for si, x in zip(scales, xs, strict=True)]
+    norms2 = [si * si * float(((x.T @ x) * m).sum()) for si, x in zip(scales, xs, strict=True)]
+    aggregate2 = float(((mean.T @ mean) * m).sum())
     return ModuleAlignment(
         dots=tuple(float(d) for d in dots),
         norms2=tuple(max(float(n), 0.0) for n in norms2),
