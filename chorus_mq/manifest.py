@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidAdapter
-from .names import MANIFEST_FORMAT
+from .names import MANIFEST_FORMAT, Factor
 
 
 @dataclass(frozen=True)
@@ -128,20 +128,25 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class FrameRef:
-    """Fed-SB: where a round's frozen frame (every module's ``lora_B`` and ``lora_A``) lies: the adapter objects
-    of the round that published it (round 0), of which readers take the ``lora_A`` and ``lora_B`` tensors only.
-    A round that refers to it stores only its R (and the head), never the frame again."""
+    """Where a round's frozen shared factors lie (``factors``: Fed-SB's ``lora_A`` and ``lora_B``, ffa-lora's
+    ``lora_A``, the one rolora froze this round): the adapter objects of the round that last wrote them, of
+    which readers take those factors' tensors only. A round that refers to them stores only what it trained
+    (and the head), never the frozen factors again."""
 
     round: int
     shards: tuple[ShardEntry, ...]
+    #: the factors (``Factor`` values) readers take from these objects; absent from manifests written before
+    #: other strategies than Fed-SB referred to a frame: both
+    factors: tuple[str, ...] = (Factor.LORA_A.value, Factor.LORA_B.value)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FrameRef:
-        return cls(round=int(d["round"]), shards=tuple(ShardEntry.from_dict(s) for s in d["shards"]))
+        factors = tuple(str(Factor(f)) for f in d.get("factors", (Factor.LORA_A, Factor.LORA_B)))
+        return cls(round=int(d["round"]), shards=tuple(ShardEntry.from_dict(s) for s in d["shards"]), factors=factors)
 
     @property
     def identity(self) -> str:
-        """One name for the frame's bytes (its objects' hashes): equal identities hold the same frame."""
+        """One name for the objects' bytes (their hashes): equal identities hold the same tensors."""
         joined = "\0".join(s.adapter.sha256 for s in self.shards)
         return hashlib.sha256(f"fed-sb-frame\0{joined}".encode()).hexdigest()
 
@@ -179,18 +184,25 @@ class Manifest:
     #: secure rounds: ``summed`` (the clients whose masked inputs the published sum holds), ``dropped``
     #: (client -> the phase it fell silent in, or why it was left out), ``weights`` (published at the open)
     secure: dict[str, Any] | None = None
-    #: Fed-SB rounds after round 0: the frame this round's R is trained in, in the objects of the round that
-    #: published it (its own shards then hold R and the head only); None: the shards hold everything (every
-    #: other strategy, round 0, and Fed-SB rounds written before rounds referred to their frame)
+    #: linear strategies' rounds after round 0: where the factors this round froze lie, in the objects of the
+    #: round that last wrote them (its own shards then hold the trained factor and the head only); None: the
+    #: shards hold everything (the other strategies, round 0, and rounds written before rounds referred to
+    #: their frozen factors)
     frame: FrameRef | None = None
     format: str = MANIFEST_FORMAT
 
-    def frame_source(self) -> FrameRef:
-        """Fed-SB: where this round's frame lies: the frame it refers to, else its own adapter objects."""
-        if self.frame is not None:
-            return self.frame
+    def frame_source(self, factors: Iterable[str] = (Factor.LORA_A, Factor.LORA_B)) -> FrameRef:
+        """Where this round's ``factors`` lie: the frame it refers to when that holds them, else its own adapter
+        objects (InvalidAdapter when the frame holds some of them only)."""
+        wanted = tuple(str(Factor(f)) for f in factors)
+        if self.frame is not None and set(wanted) & set(self.frame.factors):
+            if not set(wanted) <= set(self.frame.factors):
+                raise InvalidAdapter(
+                    f"round {self.round} refers to its {list(self.frame.factors)} only, not to {list(wanted)}"
+                )
+            return FrameRef(self.frame.round, self.frame.shards, wanted)
         own = tuple(ShardEntry(s.index, s.first, s.last, s.items, s.adapter, None) for s in self.shards)
-        return FrameRef(self.round, own)
+        return FrameRef(self.round, own, wanted)
 
     def to_json(self) -> bytes:
         d = asdict(self)

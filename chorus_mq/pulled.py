@@ -15,13 +15,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ChecksumMismatch, ConfigError, NotFound
 from .factors import Residual
-from .manifest import Manifest, ObjectRef, ShardEntry
+from .manifest import FrameRef, Manifest, ObjectRef
 from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -64,8 +64,13 @@ class LocalState:
     folded: int
     increments: tuple[int, ...]
     manifest_sha256: str
-    #: Fed-SB: the identity of the frame ``fed_sb.safetensors`` holds (``FrameRef.identity``); "": none known
-    frame: str = ""
+    #: linear strategies: factor -> the identity (``FrameRef.identity``) of the objects the held adapter's tensors
+    #: of that factor came from, so a round that refers to those objects for a frozen factor is served from the
+    #: held file; empty: none known
+    frames: dict[str, str] = field(default_factory=dict)
+    #: the sha256 of the published file as this pull wrote it: the held factors are used only while it holds
+    #: those very bytes (an edited file is fetched again)
+    published_sha256: str = ""
 
     @classmethod
     def load(cls, out: Path) -> LocalState | None:
@@ -82,7 +87,8 @@ class LocalState:
                 folded=int(d["folded"]),
                 increments=tuple(int(r) for r in d["increments"]),
                 manifest_sha256=str(d["manifest_sha256"]),
-                frame=str(d.get("frame", "")),  # absent from directories pulled before rounds referred to a frame
+                frames=_frames(d),
+                published_sha256=str(d.get("published_sha256", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -99,8 +105,9 @@ class LocalState:
             "increments": list(self.increments),
             "manifest_sha256": self.manifest_sha256,
         }
-        if self.frame:
-            body["frame"] = self.frame
+        if self.frames:
+            body["frames"] = dict(sorted(self.frames.items()))
+            body["published_sha256"] = self.published_sha256
         _atomic_write(out / LOCAL_STATE_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
 
 
@@ -191,9 +198,17 @@ def pull(
     sandwich = _sandwich(manifest.strategy)
     # Fed-SB: the published tensors (frame and R) are kept as they are, the PEFT adapter is built from them
     published = out / (FED_SB_FILE if sandwich else ADAPTER_WEIGHTS)
-    frame = manifest.frame_source().identity if sandwich else ""
-    # a round that refers to its frame: a directory holding that frame already fetches R and the head only
-    held_frame = held is not None and held.federation == federation and held.frame == frame and published.is_file()
+    frames = _sources(manifest)
+    # a round that refers to its frozen factors: a directory holding them from those very objects already
+    # fetches the trained factor and the head only
+    held_frame = (
+        manifest.frame is not None
+        and held is not None
+        and held.federation == federation
+        and published.is_file()
+        and all(held.frames.get(f) == manifest.frame.identity for f in manifest.frame.factors)
+        and held.published_sha256 == _file_sha256(published)
+    )
     fetch_frame = () if manifest.frame is None or held_frame else manifest.frame.shards
     total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
         s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in (*manifest.shards, *fetch_frame)
@@ -215,14 +230,15 @@ def pull(
         write_empty_residual(out / RESIDUAL_FILE)
     unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
     adapters = [s.adapter for s in manifest.shards]
-    if manifest.frame is not None:  # the round stored R and the head; its frame lies in round 0's objects
+    published_sha = ""
+    if manifest.frame is not None:  # the round stored what it trained; its frozen factors lie in earlier objects
         try:
-            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=held_frame)
+            published_sha = _framed_file(store, adapters, manifest.frame, published, bar, held_frame=held_frame)
         except ChecksumMismatch:
             if not held_frame:
                 raise
-            # the held file lacks a module of the frame (someone edited it): fetch the frame after all
-            _fed_sb_file(store, adapters, manifest.frame.shards, published, bar, held_frame=False)
+            # the held file lacks a module of the frame: fetch the frame after all
+            published_sha = _framed_file(store, adapters, manifest.frame, published, bar, held_frame=False)
     elif not unchanged:
         _merge_into(store, adapters, published, "pt", bar)
     else:
@@ -231,6 +247,8 @@ def pull(
                 _merge_into(store, adapters, published, "pt", bar, reuse=held_factors.get)
         except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
             _merge_into(store, adapters, published, "pt", bar)
+    if frames and not published_sha:
+        published_sha = _file_sha256(published)
     if sandwich:
         write_fed_sb_peft(published, out / ADAPTER_WEIGHTS)
     # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
@@ -246,7 +264,7 @@ def pull(
         for r in increments:
             increment_path(out, r).unlink()
         folded, increments = max(folded, increments[-1]), []
-    LocalState(federation, target, folded, tuple(increments), manifest_sha, frame).save(out)
+    LocalState(federation, target, folded, tuple(increments), manifest_sha, frames, published_sha).save(out)
     if exact_adapter or residual_adapter:
         _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
     return manifest
@@ -322,45 +340,79 @@ def _sandwich(strategy: str) -> bool:
         return False
 
 
-def _fed_sb_file(
+def _framed_file(
     store: Store,
     adapters: list[ObjectRef],
-    frame: tuple[ShardEntry, ...],
+    frame: FrameRef,
     path: Path,
     progress: Callable[[int], object] | None,
     *,
     held_frame: bool,
-) -> None:
-    """``path`` (``fed_sb.safetensors``) for a Fed-SB round that refers to its frame: the round's objects (R and
-    the head) and every module's ``lora_A`` and ``lora_B`` from the frame's objects, or from ``path`` itself when it
-    already holds that frame (``held_frame``: a continuing client fetches R and the head only). Written once."""
+) -> str:
+    """``path`` (the adapter, Fed-SB's ``fed_sb.safetensors``) for a round that refers to its frozen factors: the
+    round's objects (the trained factor and the head) and every module's frozen factors from the frame's objects,
+    or from ``path`` itself when it already holds them (``held_frame``: a continuing client fetches the trained
+    factor and the head only). Written once; returns its sha256."""
     from safetensors import safe_open
 
     from .adapters import StreamingWriter, layout_key
 
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fed-sb-") as tmp:
+    suffixes = tuple(f".{f}.weight" for f in Factor)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".framed-") as tmp:
         own = Path(tmp) / "round.safetensors"
         merge_objects(store, adapters, own, {"format": "pt"}, progress)
         source = path
         if not held_frame:
             source = Path(tmp) / "frame.safetensors"
-            merge_objects(store, [s.adapter for s in frame], source, {"format": "pt"}, progress)
+            merge_objects(store, [s.adapter for s in frame.shards], source, {"format": "pt"}, progress)
         with safe_open(str(own), "pt") as mine, safe_open(str(source), "pt") as framed:
-            modules = [k.removesuffix(".lora_R.weight") for k in mine.keys() if k.endswith(".lora_R.weight")]  # noqa: SIM118
-            wanted = {f"{m}.{part}.weight": framed for m in modules for part in ("lora_A", "lora_B")}
+            names = list(mine.keys())
+            modules = sorted({k.rsplit(".lora_", 1)[0] for k in names if k.endswith(suffixes)})
+            wanted = {f"{m}.{part}.weight": framed for m in modules for part in frame.factors}
             missing = sorted(set(wanted) - set(framed.keys()))
             if missing:
                 raise ChecksumMismatch(f"the round's frame holds no {missing[0]!r}")
-            handles = dict.fromkeys(mine.keys(), mine) | wanted
+            handles = dict.fromkeys(names, mine) | wanted
             layout = sorted(
                 ((k, h.get_slice(k).get_dtype(), h.get_slice(k).get_shape()) for k, h in handles.items()),
                 key=layout_key,
             )
-            writer = StreamingWriter(Path(tmp) / "fed_sb.safetensors", layout, {"format": "pt"})
+            writer = StreamingWriter(Path(tmp) / "framed.safetensors", layout, {"format": "pt"})
             for key, _dtype, _shape in layout:
                 writer.write(key, handles[key].get_tensor(key))
-            writer.close()
-        os.replace(Path(tmp) / "fed_sb.safetensors", path)
+            digest = writer.close()
+        os.replace(Path(tmp) / "framed.safetensors", path)
+    return digest
+
+
+def _sources(manifest: Manifest) -> dict[str, str]:
+    """A linear strategy's round: factor -> the identity of the objects its published tensors lie in (its own, or
+    the frame's); empty for the other strategies."""
+    try:
+        if not strategy_spec(manifest.strategy).frozen_shared:
+            return {}
+    except ValueError:
+        return {}
+    return {str(f): manifest.frame_source((f,)).identity for f in (Factor.LORA_A, Factor.LORA_B)}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _frames(d: dict[str, Any]) -> dict[str, str]:
+    """``state.json``'s sources; a Fed-SB directory pulled before other strategies referred to their frozen
+    factors names its frame (both factors) as ``frame``; older ones name none."""
+    if "frames" in d:
+        return {str(k): str(v) for k, v in dict(d["frames"]).items()}
+    frame = str(d.get("frame", ""))
+    return {str(f): frame for f in (Factor.LORA_A, Factor.LORA_B)} if frame else {}
 
 
 def write_fed_sb_peft(published: Path, out: Path) -> None:

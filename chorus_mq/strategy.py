@@ -82,6 +82,15 @@ class StrategySpec:
             return None
         return Factor.LORA_A if trained == Factor.LORA_B else Factor.LORA_B
 
+    def framed(self, round_: int) -> tuple[Factor, ...]:
+        """The factors round ``round_`` (>= 1) freezes and shares, which its output refers to where they were
+        last written instead of writing them again (``Manifest.frame``): Fed-SB's B and A, the others' frozen
+        one; () for strategies that train both."""
+        if self.sandwich:
+            return (Factor.LORA_A, Factor.LORA_B)
+        frozen = self.frozen(round_)
+        return () if frozen is None else (frozen,)
+
 
 def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...], not_buffered: str = "") -> StrategySpec:
     """A linear strategy: a frozen shared frame, one averaged factor, no residual, none of the combinations

@@ -20,12 +20,11 @@ from ..layout import manifest_key
 from ..manifest import ClientEntry, Manifest, ShardEntry
 from ..names import RoundStatus, ScriptStatus, ServerOptimizer, Task
 from ..state import FederationConfig, RoundInfo
-from ..strategy import strategy_spec
 from .dispatch import Dispatcher
 from .drift import client_entries, reported_eval, round_cosines
 from .flush import manifest_fields
 from .metrics import METRICS
-from .previous import fed_sb_frame
+from .previous import round_frame
 from .round_plan import Plan
 from .runtime import Runtime
 from .server_step import collect_states
@@ -150,8 +149,9 @@ def build_manifest(
         global_eval=reported_eval(records),
         server_opt=_server_opt(config, plan),
         buffered=manifest_fields(plan, config),
-        # Fed-SB: the shards hold R (and the head); the frame is round 0's, referred to rather than written again
-        frame=fed_sb_frame(rt, federation) if strategy_spec(config.strategy).sandwich else None,
+        # linear strategies: the shards hold the trained factor (and the head); the frozen ones are referred to
+        # where they were last written rather than written again (the start: the latest complete round)
+        frame=round_frame(rt, federation, config.strategy, r, rt.state.latest_complete(federation)),
     )
 
 

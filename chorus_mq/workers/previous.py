@@ -21,6 +21,7 @@ from ..adapters import LoraSpec
 from ..errors import StateCorrupt
 from ..manifest import FrameRef, Manifest, ObjectRef, ShardEntry
 from ..results import fetch_manifest
+from ..strategy import strategy_spec
 from .runtime import Runtime
 
 
@@ -55,8 +56,8 @@ def previous_global(rt: Runtime, federation: str, round_: int | None, items: Ite
     suffixes = ("", ".lora_A.weight", ".lora_B.weight", ".lora_R.weight")
     keys = {f"{item}{suffix}" for item in wanted for suffix in suffixes}
     tensors = read_part(rt, manifest, lambda s: s.adapter, wanted, keys)
-    if manifest.frame is not None:  # Fed-SB: the round stored R; its frame lies in the objects that published it
-        frame_keys = {f"{item}.{part}.weight" for item in wanted for part in ("lora_A", "lora_B")}
+    if manifest.frame is not None:  # the round stored what it trained; its frozen factors lie where last written
+        frame_keys = {f"{item}.{part}.weight" for item in wanted for part in manifest.frame.factors}
         tensors.update(read_part(rt, manifest, lambda s: s.adapter, wanted, frame_keys, manifest.frame.shards))
     spec = LoraSpec.from_peft_config(manifest.adapter_config)
     out = PreviousGlobal(round_)
@@ -70,11 +71,18 @@ def previous_global(rt: Runtime, federation: str, round_: int | None, items: Ite
     return out
 
 
-def fed_sb_frame(rt: Runtime, federation: str) -> FrameRef:
-    """Where a Fed-SB federation's frame lies: the objects of round 0, which published it (every later round
-    refers to them rather than writing the frame again)."""
-    manifest, _ = fetch_manifest(rt.state, rt.store, federation, 0)
-    return manifest.frame_source()
+def round_frame(rt: Runtime, federation: str, strategy: str, r: int, start: int | None) -> FrameRef | None:
+    """Where the factors round ``r`` freezes (``StrategySpec.framed``) lie: in the objects of the round that last
+    wrote them, found through ``start``, the round ``r`` started from (its own objects, or the frame it refers
+    to); None for strategies that freeze nothing. ffa-lora's and Fed-SB's frame is round 0's for ever; rolora's
+    frozen factor lies in the objects of the round that last trained it."""
+    factors = strategy_spec(strategy).framed(r)
+    if not factors:
+        return None
+    if start is None:
+        raise StateCorrupt(f"round {r} of {federation!r} ({strategy}) has no published start for its frozen factors")
+    manifest, _ = fetch_manifest(rt.state, rt.store, federation, start)
+    return manifest.frame_source(factors)
 
 
 def read_part(

@@ -9,12 +9,11 @@ who is summed, and the round's tensors split into contiguous shards by name. Eac
 (:func:`run_secure_shard`) rebuilds the aggregator from what Redis stores, reconstructs the same
 seeds (the survivors' self-mask seeds and the dropped clients' mask keys, never anything of a
 live client's pairwise masks: ``SecAggServer.unmask_seeds``), reads its slice of each survivor's
-masked input by range, and writes its tensors (the frozen factor as published, the unmasked
-weighted mean of the trained one; for Fed-SB the mean R alone, its manifest referring to round 0's
-frame) to a write-once, content-addressed object; ``shard_done.lua`` records it once under the
-epoch, and the last one enqueues the commit (:func:`commit_secure`): the manifest, write-once, then
-the fenced finalize. No step keeps anything in memory between
-tasks and every output depends only on the stored state, so a worker that dies between any two
+masked input by range, and writes its tensors (the unmasked weighted mean of the trained factor and
+the head; its manifest refers to where the frozen factors lie, ``Manifest.frame``) to a write-once,
+content-addressed object; ``shard_done.lua`` records it once under the epoch, and the last one enqueues
+the commit (:func:`commit_secure`): the manifest, write-once, then the fenced finalize. No step keeps anything in memory
+between tasks and every output depends only on the stored state, so a worker that dies between any two
 steps leaves work that the next run (the sweep re-sends the round task) finishes with the same bytes.
 """
 
@@ -35,7 +34,7 @@ import numpy as np
 from ..errors import ObjectExists, ObjectMissing, SecAggError
 from ..layout import accepted_key, manifest_key, shard_key
 from ..manifest import ClientEntry, Manifest, ObjectRef, ShardEntry
-from ..names import SHARD_FORMAT, Factor, RoundStatus, ScriptStatus, SecAggClose, SecAggPhase, Task
+from ..names import SHARD_FORMAT, RoundStatus, ScriptStatus, SecAggClose, SecAggPhase, Task
 from ..results import fetch_manifest
 from ..secagg import wire
 from ..secagg.encoding import U64, Encoded
@@ -43,10 +42,11 @@ from ..secagg.public import RoundPublic
 from ..secagg.server import unmask_slice
 from ..secagg.stored import data_begin
 from ..state.secagg_flow import advance, replay
+from ..strategy import strategy_spec
 from .dispatch import Dispatcher
 from .lease import Heartbeat
 from .plan import balanced_ranges, send_missing_shards
-from .previous import fed_sb_frame, previous_global
+from .previous import previous_global, round_frame
 from .runtime import Runtime
 from .secure import public, rounds_of
 from .shard import ShardResult
@@ -261,8 +261,9 @@ def compute_secure_shard(
             total = noise_sum(total, sigma, noise_generator(noise_key, federation, r, f"secagg|{key}"))
         value = (total / total_weight).reshape(dict(pub.layout.entries)[key])
         trained[key] = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float32)
-    # the frozen factor as the start published it; Fed-SB writes R alone (its manifest refers to round 0's frame)
-    carried = [] if pub.trainable == Factor.LORA_R else items
+    # the trained factor (and the head) only: the manifest refers to where the frozen factors lie; a strategy that
+    # froze nothing would carry the start's tensors for anything the masked vector does not hold
+    carried = [] if strategy_spec(rt.state.config(federation).strategy).framed(r) else items
     published = previous_global(rt, federation, pub.start, carried)
     tensors: dict[str, torch.Tensor] = {}
     for m, mod in published.modules.items():
@@ -419,5 +420,5 @@ def _manifest(rt: Runtime, federation: str, r: int, epoch: int, started: float) 
             "neighbours": pub.neighbours,
             "threshold": pub.threshold,
         },
-        frame=fed_sb_frame(rt, federation) if pub.trainable == Factor.LORA_R else None,
+        frame=round_frame(rt, federation, start_manifest.strategy, r, pub.start),
     )

@@ -182,6 +182,8 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     inputs = RoundInputs(rt, {c: records[c] for c in plan.clients})
     declared = declared_model(rt, federation, config)
     jobs = [_job(item, plan, inputs, declared) for item in plan.shard_items(k)]
+    # linear strategies write only what the round trained: the commit refers to where the frozen factors lie
+    framed = strategy_spec(plan.strategy).framed(r)
     sandwich = strategy_spec(plan.strategy).sandwich
     if sandwich:  # Fed-SB: every round keeps round 0's frame; the latest published round carries it
         frame = previous_global(
@@ -213,7 +215,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             for job in jobs:
                 job.residual = step.residual_form(job.extra, job.residual)
                 state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
-        adapter_layout, residual_layout = _layouts(jobs, declared)
+        adapter_layout, residual_layout = _layouts(jobs, framed)
         adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
         adapter_out.file.close()  # written through its path by the streaming writer (then fsynced by path)
         adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
@@ -249,14 +251,11 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
             else:
                 assert isinstance(result, ModuleResult)
                 _check_shape(job, result)
-                if job.frame is not None:  # Fed-SB: R alone; the manifest refers to round 0's frame
-                    assert result.R is not None  # the sandwich rule returns it
-                    adapter_file.write(f"{job.name}.lora_R.weight", result.R.to(_F32).contiguous())
-                    adapter_bytes += result.R.numel() * 4
-                else:
-                    adapter_file.write(f"{job.name}.lora_A.weight", result.A.to(_F32).contiguous())
-                    adapter_file.write(f"{job.name}.lora_B.weight", result.B.to(_F32).contiguous())
-                    adapter_bytes += (result.A.numel() + result.B.numel()) * 4
+                for factor, tensor in ((Factor.LORA_A, result.A), (Factor.LORA_B, result.B), (Factor.LORA_R, result.R)):
+                    if factor in framed or tensor is None:
+                        continue  # frozen: the manifest refers to where it lies (Fed-SB's R: the sandwich's only)
+                    adapter_file.write(f"{job.name}.{factor}.weight", tensor.to(_F32).contiguous())
+                    adapter_bytes += tensor.numel() * 4
                 out[job.name] = (int(result.A.shape[0]), float(result.scaling))
                 res = result.residual
                 if job.residual == "dense":
@@ -366,7 +365,10 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
 
 
-def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], ...]:
+def _layouts(
+    jobs: Sequence[_Job], framed: Sequence[Factor] = ()
+) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], ...]:
+    """The shard's adapter and residual layouts; ``framed``: the factors the round refers to, not written."""
     adapter: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     residual: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     for job in jobs:
@@ -374,11 +376,11 @@ def _layouts(jobs: Sequence[_Job], declared: Declared) -> tuple[list[tuple[str, 
             adapter.append((job.name, _F32, job.shape))
             continue
         d_out, d_in = job.shape
-        if job.frame is not None:  # Fed-SB: the averaged R only (the frame stays in round 0's objects)
-            adapter.append((f"{job.name}.lora_R.weight", _F32, (job.rank, job.rank)))
-        else:
-            adapter.append((f"{job.name}.lora_A.weight", _F32, (job.rank, d_in)))
-            adapter.append((f"{job.name}.lora_B.weight", _F32, (d_out, job.rank)))
+        shapes = {Factor.LORA_A: (job.rank, d_in), Factor.LORA_B: (d_out, job.rank)}
+        if job.frame is not None:  # Fed-SB: the averaged R between the frame
+            shapes[Factor.LORA_R] = (job.rank, job.rank)
+        # the canonical order (by name): lora_A, lora_B, lora_R
+        adapter += [(f"{job.name}.{f}.weight", _F32, shape) for f, shape in shapes.items() if f not in framed]
         if job.residual == "dense":
             residual.append((f"{job.name}.residual", _F32, (d_out, d_in)))
         elif job.residual == "factored":
