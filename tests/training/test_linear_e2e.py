@@ -1,8 +1,9 @@
 """The linear strategies (ffa-lora, rolora) over real services: redis-server, moto S3 and a worker subprocess;
 a federation created by the CLI; two clients running ``train`` through the SDK for two rounds. Each round
 says what its clients train; the published model is the float64 oracle's average of the uploads' products
-with no residual, the frozen factor published bit for bit; ``export`` gives the exact PEFT model's logits;
-an upload whose frozen factor moved by one ulp is refused and the round is unharmed."""
+with no residual, the frozen factor published bit for bit and stored once (each round refers to the objects
+that last wrote it; a continuing client fetches the trained factor only); ``export`` gives the exact PEFT
+model's logits; an upload whose frozen factor moved by one ulp is refused and the round is unharmed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from safetensors.torch import load, load_file, save_file
 
 from chorus_mq.errors import Rejected
 from chorus_mq.names import ADAPTER_WEIGHTS, CUMULATIVE_FILE, INCREMENTS_DIR, RESIDUAL_FILE, TaskType
+from chorus_mq.results import fetch_manifest
 from chorus_mq.training.data import Examples
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
@@ -100,7 +102,20 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     assert not any((held / INCREMENTS_DIR).iterdir())
     assert max((held / name).stat().st_size for name in (RESIDUAL_FILE, CUMULATIVE_FILE)) < 1024  # empty files
 
-    # a continuing client's pull fetches what changed only (the frozen factor is its own copy, hash-checked)
+    # a round after round 0 stores the trained factor and the head only, its manifest referring to the objects
+    # that last wrote the frozen one (ffa-lora: round 0; rolora: the round before, which trained it)
+    head = {k for k in a0 if ".lora_" not in k}
+    assert head  # a seq-cls federation's task head
+    for r in range(1, ROUNDS + 1):
+        manifest, _ = fetch_manifest(operator.state, operator.store, fed, r)
+        frozen = _frozen(trains[r - 1])
+        assert manifest.frame is not None and manifest.frame.factors == (frozen,)
+        assert manifest.frame.round == (0 if strategy == "ffa-lora" else r - 1)
+        stored = {k: t for s in manifest.shards for k, t in load(operator.store.get_bytes(s.adapter.key)).items()}
+        assert set(stored) == {f"{m}.{trains[r - 1]}.weight" for m in _modules(a0)} | head
+        assert manifest.adapter_bytes == sum(t.numel() * 4 for t in stored.values())
+
+    # a continuing client's pull fetches the round's objects only: the trained factor and the head
     cont = tmp_path / "continuing"
     operator.pull(fed, cont, ROUNDS - 1)
     fetched = _count_reads(operator.store)
@@ -108,9 +123,9 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     suffix = f".{_frozen(trains[ROUNDS - 1])}.weight"
     frozen_bytes = sum(t.numel() * 4 for k, t in adapters[ROUNDS].items() if k.endswith(suffix))
     whole = sum(s.adapter.size for s in manifest.shards)
-    assert frozen_bytes > 0 and fetched[0] == whole - frozen_bytes  # every byte of the adapter objects but those
+    assert frozen_bytes > 0 and fetched[0] == whole  # none of the frozen factor's bytes
     assert (cont / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / f"global-{ROUNDS}" / ADAPTER_WEIGHTS).read_bytes()
-    # a held copy that is not the published one is caught by the object's hash: everything is fetched again
+    # a held copy that is not the one pulled (the file's hash changed) is not trusted: the frame is fetched again
     stale = tmp_path / "stale"
     operator.pull(fed, stale, ROUNDS - 1)
     tensors = load_file(stale / ADAPTER_WEIGHTS)
