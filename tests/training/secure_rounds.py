@@ -98,15 +98,18 @@ def secure_clients(
 
 
 def fetch_published(sdk, fed: str, r: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Round ``r``'s manifest and every tensor it publishes: its shards', and a Fed-SB round's frame from the objects
-    its manifest refers to (round 0's), of which only lora_A and lora_B are the frame."""
+    """Round ``r``'s manifest and every tensor it publishes: its shards', and its frozen factors from the objects its
+    manifest refers to (``frame``: where they were last written), of which only those factors are taken."""
     manifest, _ = fetch_manifest(sdk.state, sdk.store, fed, r)
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest.shards:
         tensors.update(load(sdk.store.get_bytes(shard.adapter.key)))
-    for shard in manifest.frame.shards if manifest.frame is not None else ():
-        framed = load(sdk.store.get_bytes(shard.adapter.key))
-        tensors.update({k: t for k, t in framed.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
+    if manifest.frame is not None:
+        suffixes = tuple(f".{f}.weight" for f in manifest.frame.factors)
+        assert not any(k.endswith(suffixes) for k in tensors), "a round that refers to its frozen factors stores none"
+        for shard in manifest.frame.shards:
+            framed = load(sdk.store.get_bytes(shard.adapter.key))
+            tensors.update({k: t for k, t in framed.items() if k.endswith(suffixes)})
     return manifest, tensors
 
 
@@ -125,4 +128,8 @@ def check_exact(sdk, fed: str, r: int, pub: RoundPublic, updates: dict[str, dict
     suffixes = tuple(f".{f}.weight" for f in FROZEN[pub.trainable])
     frozen = [k for k in start if k.endswith(suffixes)]
     assert frozen and all(torch.equal(got[k], start[k]) for k in frozen)  # the frozen factor, bit for bit
+    # stored once: the round refers to the objects that last wrote it (its start's, or the frame its start refers to)
+    start_manifest, _ = fetch_manifest(sdk.state, sdk.store, fed, pub.start)
+    assert manifest.frame is not None and manifest.frame.factors == tuple(FROZEN[pub.trainable])
+    assert manifest.frame.shards == start_manifest.frame_source(FROZEN[pub.trainable]).shards
     return manifest
