@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from chorus_mq.adapters import LoraSpec, ModelDecl, read_residual
-from chorus_mq.layout import accepted_key, delta_key, round_prefix
+from chorus_mq.layout import accepted_key, delta_key, manifest_key, round_prefix
 from chorus_mq.manifest import Manifest
 from chorus_mq.messages import IngestMessage
 from chorus_mq.names import (
@@ -238,10 +238,12 @@ def _assert_reference(dep, federation: str, manifests: dict[int, Manifest], size
     rounds = tuple(
         tuple((c.client_id, c.sha256, sizes[c.client_id]) for c in manifests[r].clients) for r in sorted(manifests)
     )
+    # round 0 (an initial adapter: the linear strategies' shared factors) is the reference's round 0 too
+    initial = _initial(sdk, federation)
     # the reference keeps one shard per round and compacts nothing: neither may change what users get
-    key = (dataclasses.replace(config, name="reference", checkpoint_every=0), decl, rounds)
+    key = (dataclasses.replace(config, name="reference", checkpoint_every=0), decl, rounds, initial)
     if key not in _REFERENCE:
-        _REFERENCE[key] = _reference_run(sdk, federation, key[0], decl, rounds)
+        _REFERENCE[key] = _reference_run(sdk, federation, key[0], decl, rounds, initial)
     want = _REFERENCE[key]
     with tempfile.TemporaryDirectory() as tmp:
         continuing = Path(tmp) / "continuing"
@@ -269,8 +271,18 @@ def assert_same_correction(a: Path, b: Path) -> None:
         assert float((x - y).abs().max()) <= 1e-6 * scale, f"{module}: the corrections differ"
 
 
-def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[str, bytes]]:
-    """The same rounds through the production SDK, inbox pump and tasks, undisturbed, in this process."""
+def _initial(sdk, federation: str) -> tuple[tuple[str, bytes], ...]:
+    """Round 0's pulled adapter files (name, bytes) when the federation published an initial adapter; () else."""
+    if sdk.state.latest_complete(federation) is None or not sdk.store.exists(manifest_key(federation, 0)):
+        return ()
+    with tempfile.TemporaryDirectory() as tmp:
+        sdk.pull(federation, Path(tmp), 0)
+        return tuple((name, (Path(tmp) / name).read_bytes()) for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+
+
+def _reference_run(dep_sdk, federation: str, config, decl, rounds, initial=()) -> list[dict[str, bytes]]:
+    """The same rounds through the production SDK, inbox pump and tasks, undisturbed, in this process (round 0
+    from ``initial``, the deployment's round-0 adapter files, when it has one)."""
     from chorus_mq.simulate_synthetic import embedded_sdk
     from chorus_mq.workers import runtime
 
@@ -279,10 +291,17 @@ def _reference_run(dep_sdk, federation: str, config, decl, rounds) -> list[dict[
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sdk = embedded_sdk(work, allow_unsigned=True)
+        adapter = None
+        if initial:
+            adapter = work / "initial"
+            adapter.mkdir()
+            for name, data in initial:
+                (adapter / name).write_bytes(data)
         try:
             sdk.create_federation(
                 dataclasses.replace(config, quorum=10**6, min_quorum=1, round_timeout=0),
                 model=ModelDecl(modules=dict(decl[0]), extras=dict(decl[1])),
+                initial_adapter=adapter,
             )
             for r, clients in enumerate(rounds, start=1):
                 for client, sha, size in clients:
