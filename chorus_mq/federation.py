@@ -98,13 +98,14 @@ def _fed_sb_start(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.zeros(rank, rank, dtype=torch.float32)
 
 
-#: the size of each part of a Fed-SB frame's round 0 (a round's shard task reads the parts of its modules)
+#: the size of each part of round 0 of a strategy with frozen shared factors (a later round's shard task reads
+#: the parts of its modules)
 FRAME_PART_BYTES = 8 * 1024**2
 
 
 def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, path: Path) -> tuple[str, str]:
-    """Write the initial adapter as round 0's shard (Fed-SB's frame: parts of about ``FRAME_PART_BYTES``, contiguous
-    runs of the sorted items) and its manifest; returns (manifest key, sha256)."""
+    """Write the initial adapter as round 0's shard (frozen shared factors: parts of about ``FRAME_PART_BYTES``,
+    contiguous runs of the sorted items) and its manifest; returns (manifest key, sha256)."""
     import torch
 
     from .adapters import load_adapter, write_safetensors
@@ -131,11 +132,11 @@ def _publish_initial(store: Store, config: FederationConfig, model: ModelDecl, p
             tensors[f"{name}.lora_R.weight"] = _fed_sb_start(name, tensors)
     federation = config.name
     ranges = [(0, len(items))]
-    if strategy_spec(config.strategy).sandwich:
+    if strategy_spec(config.strategy).frozen_shared:
         from .workers.plan import balanced_ranges
 
-        # every later round refers to this frame rather than writing it again, and each of its shard tasks reads
-        # the frame of its own modules: in parts, so a task reads (and hashes) a few parts, not the whole frame
+        # later rounds refer to the frozen factors here rather than writing them again, and each of their shard
+        # tasks reads those of its own modules: in parts, so a task reads (and hashes) a few parts, not all
         sizes = [sum(t.numel() * 4 for k, t in tensors.items() if k == i or k.startswith(f"{i}.lora_")) for i in items]
         ranges = list(balanced_ranges(sizes, math.ceil(sum(sizes) / FRAME_PART_BYTES)))
     shards = []

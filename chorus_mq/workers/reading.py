@@ -15,10 +15,11 @@ from collections.abc import Collection, Mapping, Sequence
 
 from torch import Tensor
 
-from ..adapters import DeltaIndex, extra_from_bytes, module_from_bytes
+from ..adapters import DeltaIndex, extra_from_bytes, module_from_bytes, tensors_from_bytes
 from ..aggregation import ClientUpdate
 from ..errors import AggregationError, ChecksumMismatch
 from ..manifest import ObjectRef
+from ..names import Factor
 from ..state.rounds import DeltaRecord
 from .runtime import Runtime
 
@@ -81,6 +82,33 @@ class RoundInputs:
         A, B = self.factors(client, module)
         scaling = self.indexes[client].modules[module].scaling
         return ClientUpdate(A=A, B=B, scaling=scaling, weight=weight)
+
+    def trained_update(
+        self, client: str, module: str, weight: float, frozen: Factor, published: Tensor, raw: bytes
+    ) -> ClientUpdate:
+        """A linear strategy's update read without its frozen factor: only the trained factor's bytes are fetched,
+        and the module's digest (A's bytes then B's) is checked with ``raw``, the ``published`` frozen factor's
+        float32 bytes, in its place. Ingest accepted only uploads whose frozen factor is those very bytes, so a
+        match proves the stored module is the accepted one and its frozen factor the published tensor."""
+        entry = self.indexes[client].modules[module]
+        span = entry.b if frozen == Factor.LORA_A else entry.a
+        other = entry.a if frozen == Factor.LORA_A else entry.b
+        if other.dtype != "F32" or other.nbytes != len(raw) or other.shape != tuple(published.shape):
+            raise ChecksumMismatch(f"{client}'s {module} does not hold the published {frozen} (float32)")
+        got = self.rt.store.get_range(self.records[client].key, span.begin, span.end)
+        self.bytes_read += len(got)
+        if len(got) != span.nbytes:
+            raise ChecksumMismatch(f"{client}'s {module}: {len(got)} bytes of its trained factor, not {span.nbytes}")
+        pair = hashlib.sha256(raw if frozen == Factor.LORA_A else got)
+        pair.update(got if frozen == Factor.LORA_A else raw)
+        if pair.hexdigest() != entry.sha256:
+            raise ChecksumMismatch(
+                f"{client}'s {module}: the module hashes to {pair.hexdigest()} with the published {frozen}, but "
+                f"{entry.sha256} was indexed at ingest"
+            )
+        trained = tensors_from_bytes(span, got)
+        A, B = (published, trained) if frozen == Factor.LORA_A else (trained, published)
+        return ClientUpdate(A=A, B=B, scaling=entry.scaling, weight=weight)
 
     def extra(self, client: str, key: str) -> Tensor:
         entry = self.indexes[client].extras[key]

@@ -173,6 +173,9 @@ class _Job:
     alignment: ModuleAlignment | None = None  # this module's part of each holder's cosine to the aggregate
     #: Fed-SB: the published frame (B, A) each holder's R is trained between
     frame: PreviousModule | None = None
+    #: ffa-lora, rolora: the frozen factor as the round's start published it, and its float32 bytes: the
+    #: holders' trained factor alone is read (``RoundInputs.trained_update``)
+    frozen: tuple[Factor, torch.Tensor, bytes] | None = None
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -194,6 +197,18 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
                 if job.name not in frame:
                     raise AggregationError(f"module {job.name!r}: no published fed-sb frame (round 0) to train in")
                 job.frame = frame[job.name]
+    frozen = strategy_spec(plan.strategy).frozen(r)
+    if frozen is not None and not plan.dp:  # ffa-lora, rolora: read each upload's trained factor only
+        published = previous_global(
+            rt, federation, rt.state.latest_complete(federation), [j.name for j in jobs if not j.extra]
+        ).modules
+        for job in jobs:
+            if not job.extra:
+                if job.name not in published:
+                    raise AggregationError(f"module {job.name!r}: the round's start published no {frozen}")
+                module = published[job.name]
+                shared = (module.A if frozen == Factor.LORA_A else module.B).to(_F32).contiguous()
+                job.frozen = (frozen, shared, shared.numpy().tobytes())
     seconds = {"fetch": 0.0, "math": 0.0, "write": 0.0}
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
@@ -415,9 +430,16 @@ def _results(
             loaded = [inputs.extra(c, job.name) for c in job.holders]
             job.raw = loaded
         else:
-            updates = job.loaded or [
-                inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)
-            ]
+            if job.loaded:
+                updates = job.loaded
+            elif job.frozen is not None:
+                factor, tensor, raw = job.frozen
+                updates = [
+                    inputs.trained_update(c, job.name, w, factor, tensor, raw)
+                    for c, w in zip(job.holders, job.weights, strict=True)
+                ]
+            else:
+                updates = [inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)]
             if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
                 updates = [_in_frame(u, job.frame) for u in updates]
             job.loaded, job.raw = None, updates

@@ -238,3 +238,27 @@ def test_a_manifest_without_factors_reads_as_fed_sbs_frame():
     assert one.frame_source((Factor.LORA_A,)).round == 0 and one.frame_source((Factor.LORA_B,)).round == 1
     with pytest.raises(Exception, match="refers to its"):
         one.frame_source()
+
+
+def test_a_shard_reads_the_trained_factor_alone_and_checks_the_module_with_the_published_one(sdk, tmp_path):
+    """``RoundInputs.trained_update``: only the trained factor's bytes are fetched; the module's indexed digest is
+    checked over the published frozen factor's bytes in place of the upload's, so anything else is refused."""
+    from chorus_mq.errors import ChecksumMismatch
+    from chorus_mq.workers.reading import RoundInputs
+
+    published = _federation(sdk, tmp_path, "ffa-lora")
+    g = torch.Generator().manual_seed(3)
+    factors = {m: (published[_key(m, "lora_A")], torch.randn(16, RANK, generator=g)) for m in MODULES}
+    sdk.upload("fed", write_adapter(tmp_path / "c0.safetensors", factors, alpha=ALPHA), "c0", dataset_size=5.0)
+    inputs = RoundInputs(runtime.current(), sdk.state.deltas("fed", 1))
+    module = f"base_model.model.{MODULES[0]}"
+    a = published[_key(MODULES[0], "lora_A")].contiguous()
+    update = inputs.trained_update("c0", module, 1.0, Factor.LORA_A, a, a.numpy().tobytes())
+    assert update.A is a and torch.equal(update.B, factors[MODULES[0]][1])
+    assert inputs.bytes_read == factors[MODULES[0]][1].numel() * 4  # B's bytes only
+    moved = a.clone()
+    moved.view(-1)[0] = torch.nextafter(moved.view(-1)[0], torch.tensor(1e9))
+    with pytest.raises(ChecksumMismatch, match="indexed at ingest"):
+        inputs.trained_update("c0", module, 1.0, Factor.LORA_A, moved, moved.numpy().tobytes())
+    with pytest.raises(ChecksumMismatch, match="does not hold the published lora_A"):
+        inputs.trained_update("c0", module, 1.0, Factor.LORA_A, a[:2], a[:2].numpy().tobytes())
