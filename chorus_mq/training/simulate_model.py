@@ -26,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, SecAggError
 from chorus_mq.names import (
+    ADAPTER_WEIGHTS,
     BEST_ALONE,
     CENTRALISED,
     CLIENT_VARIATE_FILE,
     DEFAULT_LOCAL_LR,
+    FED_SB_FILE,
     ExpirePolicy,
+    Factor,
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
@@ -459,6 +462,7 @@ class _Runner:
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
         updates: list[tuple[str, Path]] = []
+        sent: dict[str, Path] = {}  # what each client uploaded (Fed-SB: its lora_R, not the PEFT form)
         secure: list[tuple[_Client, Path]] = []  # --secure-aggregation: the uploads, sent together once all trained
         pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # SCAFFOLD: each client's next variate
         trained_heads: dict[str, dict[str, torch.Tensor]] = {}
@@ -524,6 +528,7 @@ class _Runner:
                 client.ledger.commit(r, train.planned_steps(len(client.examples)))
                 epsilon = max(epsilon or 0.0, report.epsilon)
             updates.append((client.name, adapter))
+            sent[client.name] = upload
             if self.config.secure_aggregation:  # every drawn client's upload takes part in the phases together
                 secure.append((client, upload))
                 continue
@@ -551,13 +556,18 @@ class _Runner:
             client.head = trained_heads.get(client.name, client.head)  # the round completed: its heads are theirs
         previous = corrected_base(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         started_from = read_adapter(fed.server_view)  # the global this round's clients trained from
+        frame = _trained_tensors(fed.server_view, spec)  # a linear strategy's factors, as they started
         manifest = self.sdk.pull(fed.name, fed.server_view, r)
         fed.increments[r] = (manifest.adapter_bytes, manifest.residual_bytes)
         seconds = time.perf_counter() - started
         weights = {c.client_id: float(c.weight) for c in manifest.clients}
         total, heads = weighted_updates([(weights[name], adapter) for name, adapter in updates])
         if self.config.server_opt != ServerOptimizer.NONE:
-            total, heads = self._server_step(fed, started_from, total, heads)
+            trained = None
+            if spec.linear:  # its optimiser steps the factor the clients trained (server_opt.step_trained)
+                uploads = [(weights[name], _trained_tensors(sent[name], spec)) for name, _ in updates]
+                trained = (spec.trainable(r), frame, uploads)
+            total, heads = self._server_step(fed, started_from, total, heads, trained)
         if self.config.personal_heads:  # the clients send no head: the published one is round 0's
             heads = {k: v.double() for k, v in read_adapter(fed.server_view)[1].items()}
         oracle = apply_updates(previous, total, heads)
@@ -650,12 +660,19 @@ class _Runner:
         return {name: labels.count(i) for i, name in enumerate(self.labels)}
 
     def _server_step(
-        self, fed: _Federation, started_from: Any, total: dict[str, Any], heads: dict[str, Any]
+        self,
+        fed: _Federation,
+        started_from: Any,
+        total: dict[str, Any],
+        heads: dict[str, Any],
+        trained: tuple[Any, dict[str, Any], list[tuple[float, dict[str, Any]]]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The oracle of a round under a server optimiser: each module's update is the published adapter the
         clients started from plus the optimiser's step on (exact average − that adapter), in float64 with
         the oracle's own state; each head the previous head plus its step (the average as it is when the
-        previous global had none)."""
+        previous global had none). A linear strategy (``trained``: the round's factor, the tensors the clients
+        started from, and each client's weight and uploaded tensors) steps the trained factor instead, the
+        frame as published."""
         import torch
 
         from chorus_mq.aggregation.server_opt import ServerOptConfig, step
@@ -668,6 +685,21 @@ class _Runner:
         factors, old_heads, _targets = started_from
         stepped, stepped_heads = {}, {}
         for module, update in total.items():
+            if trained is not None:
+                factor, start, uploads = trained
+                A, B, scaling = (t.double() if isinstance(t, torch.Tensor) else t for t in factors[module])
+                key = f"{module}.{factor}.weight"
+                old = start[key].double()
+                mean = sum(w * tensors[key].double() for w, tensors in uploads)
+                change, fed.opt_state[key] = step(mean - old, fed.opt_state.get(key), cfg)
+                new = old + change
+                if factor == Factor.LORA_R:  # Fed-SB: the frame's B (in ``start``) @ R @ A
+                    stepped[module] = scaling * (start[f"{module}.lora_B.weight"].double() @ new @ A)
+                elif factor == Factor.LORA_A:
+                    stepped[module] = scaling * (B @ new)
+                else:
+                    stepped[module] = scaling * (new @ A)
+                continue
             old = torch.zeros_like(update)
             if module in factors:
                 A, B, scaling = factors[module]
@@ -766,6 +798,17 @@ def weighted_average(
     if head is not None:
         heads = {k: v.double() for k, v in head.items()}
     return apply_updates(base, total, heads)
+
+
+def _trained_tensors(directory: Path, spec: Any) -> dict[str, Any]:
+    """A directory's tensors a linear strategy trains or keeps as its frame: Fed-SB's own file (frame and R)
+    in a pulled directory, else the adapter weights (an upload's ``lora_R`` lies there); {} for the others."""
+    from safetensors.torch import load_file
+
+    if not spec.linear:
+        return {}
+    own = directory / FED_SB_FILE
+    return load_file(str(own if spec.sandwich and own.is_file() else directory / ADAPTER_WEIGHTS))
 
 
 def weighted_updates(clients: Sequence[tuple[float, Path]]) -> tuple[dict[str, Any], dict[str, Any]]:
