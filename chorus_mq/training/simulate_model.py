@@ -19,7 +19,8 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,17 +241,10 @@ def run_simulation_job(
 ) -> list[SimRow]:
     """Run one federation per strategy (plus the centralised baseline) for each of ``config.seeds``; return
     every row."""
-    import torch
-
     seeds = config.seeds
     _check(config)
     show = None if as_json else echo
-    workdir = Path(tempfile.mkdtemp(prefix="chorus-sim-model-"))
-    threads = torch.get_num_threads()
-    owned = sdk_factory is None
-    try:
-        torch.set_num_threads(1)  # the eager workers aggregate on their own threads; one each avoids oversubscribing
-        sdk = (sdk_factory or _default_factory(redis_url, store_url))(workdir)
+    with simulation_sdk("chorus-sim-model-", sdk_factory, redis_url, store_url) as (sdk, workdir):
         rows: list[SimRow] = []
         baselines: list[Baselines] = []
         for s in seeds:
@@ -270,6 +264,22 @@ def run_simulation_job(
         if as_json and echo:
             echo(json.dumps([asdict(r) for r in rows], indent=2))
         return rows
+
+
+@contextmanager
+def simulation_sdk(
+    prefix: str, sdk_factory: Callable[[Path], Sdk] | None, redis_url: str | None, store_url: str | None
+) -> Iterator[tuple[Sdk, Path]]:
+    """The SDK a simulation runs through (``sdk_factory``'s, else an embedded one: eager workers in this process)
+    over a scratch work dir, with torch on one thread; all undone on exit, the embedded workers uninstalled."""
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    threads = torch.get_num_threads()
+    owned = sdk_factory is None
+    try:
+        torch.set_num_threads(1)  # the eager workers aggregate on their own threads; one each avoids oversubscribing
+        yield (sdk_factory or _default_factory(redis_url, store_url))(workdir), workdir
     finally:
         torch.set_num_threads(threads)
         if owned:
