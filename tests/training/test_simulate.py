@@ -315,18 +315,11 @@ def test_simulate_refuses_secure_aggregation_where_it_cannot_run_before_any_work
 def test_simulate_steps_a_linear_strategys_trained_factor_under_a_server_optimiser(tiny_bert_dir, tmp_path):
     """fedadam on ffa-lora, rolora and fed-sb in ``simulate``: the pulled model is the oracle's step on the
     trained factor (rolora's third round steps B again from the state it kept while A trained)."""
-    import pyarrow as pa
-    from pyarrow import csv as pa_csv
-
     from chorus_mq.training.simulate_model import run_model_simulation
 
-    from .test_local import DATA, WORDS
+    from .test_local import data_csv
 
-    rows = [
-        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
-    ]
-    data = tmp_path / "data.csv"
-    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    data = data_csv(tmp_path / "data.csv")
     result = run_model_simulation(
         model=str(tiny_bert_dir),
         dataset=str(data),
