@@ -73,6 +73,8 @@ class ServerStep:
     #: a linear strategy: the factor this round's clients trained, and every factor it trains in some round
     trained: Factor | None = None
     trains: tuple[Factor, ...] = ()
+    #: ``--personal-heads``: every round publishes round 0's head unchanged, so no head keeps a state
+    fixed_heads: bool = False
 
     @classmethod
     def open(
@@ -99,7 +101,8 @@ class ServerStep:
             keys = {state_key(item, slot) for item in items for slot in _all_slots(cfg)}
             state = open_part(rt, manifest, lambda shard: shard.opt_state, items, keys, stack)
         trains = strategy_spec(plan.strategy).trains if trained is not None else ()
-        return cls(cfg, product_space(plan.strategy, dp=plan.dp), previous, state, trained, trains)
+        product = product_space(plan.strategy, dp=plan.dp)
+        return cls(cfg, product, previous, state, trained, trains, fixed_heads=bool(plan.heads))
 
     def residual_form(self, extra: bool, form: str) -> str:
         """A module stepped in product space publishes a dense residual (``s_p B_p A_p + U − s B A``)."""
@@ -107,6 +110,8 @@ class ServerStep:
 
     def layout(self, item: str, *, extra: bool, shape: tuple[int, ...], rank: int) -> Layout:
         """The state tensors ``item`` writes (float32), in a fixed order."""
+        if extra and self.fixed_heads:
+            return []  # round 0's head, published as it is: nothing steps it
         if extra or self.product:
             shapes = state_shapes(self.cfg, shape)
         else:

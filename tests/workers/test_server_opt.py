@@ -319,3 +319,36 @@ def test_a_linear_strategy_publishes_the_oracles_step_on_its_trained_factor(sdk,
             for frozen in {"lora_A", "lora_B"} - {str(trains)}:  # the frame, bit for bit
                 assert torch.equal(after[f"{key}.{frozen}.weight"], before[f"{key}.{frozen}.weight"])
         previous = out
+
+
+def test_personal_heads_under_a_server_optimiser_publish_round_0s_head_and_step_the_body(sdk, tmp_path):
+    """--personal-heads with fedadam: the clients send bodies only; every round publishes round 0's head as it
+    is (no state kept for it) and the body is the oracle's step, round after round (this combination used to
+    leave the round aggregating: the head's state was declared and never written)."""
+    from chorus_mq.names import TaskType
+
+    options = {"server_lr": 0.02, "server_tau": 1e-2}
+    _create(
+        sdk,
+        tmp_path,
+        "heads",
+        server_opt="fedadam",
+        personal_heads=True,
+        task_type=TaskType.SEQ_CLS,
+        labels=("a", "b", "c"),
+        **options,
+    )
+    start = tmp_path / "heads-start"
+    sdk.pull("heads", start, 0)
+    head0 = load_file(start / ADAPTER_WEIGHTS)[HEAD]
+    oracle = FederationOracle("fedadam", 0.02, start=start, tau=1e-2)
+    previous = start
+    for r in (1, 2):
+        uploads = _round(sdk, tmp_path, "heads", r, heads=False)
+        out = tmp_path / f"heads-{r}"
+        manifest = sdk.pull("heads", out, r)
+        weights = {c.client_id: c.weight for c in manifest.clients}
+        oracle.round([(weights[c], f, h) for c, f, h in uploads], previous, scaling=_scaling)
+        assert oracle.worst_error(out) < 1e-5, f"round {r}"
+        assert torch.equal(load_file(out / ADAPTER_WEIGHTS)[HEAD], head0)  # round 0's head, bit for bit
+        previous = out
