@@ -94,7 +94,8 @@ class StrategySpec:
 
 def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...], not_buffered: str = "") -> StrategySpec:
     """A linear strategy: a frozen shared frame, one averaged factor, no residual, none of the combinations
-    that need each client's factors (one rank for every client)."""
+    that need each client's factors (one rank for every client); a server optimiser steps the trained factor
+    (``aggregation.server_opt.step_trained``)."""
     return StrategySpec(
         strategy,
         rule,
@@ -104,7 +105,6 @@ def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...], not_buff
         canonicalises=False,
         trains=trains,
         own_rank=False,
-        server_opt=False,
         scaffold=False,
         personal_heads=False,
         dp=False,

@@ -11,6 +11,7 @@ elementwise. Everything is computed in float64; the state is a dict of named slo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch import Tensor
 from chorus_mq.aggregation.updates import ModuleResult
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.factors import Residual
-from chorus_mq.names import ServerOptimizer, Strategy
+from chorus_mq.names import Factor, ServerOptimizer, Strategy
 from chorus_mq.strategy import strategy_spec
 
 _F64 = torch.float64
@@ -80,9 +81,10 @@ def check_strategy(strategy: Strategy | str) -> None:
 
 
 def product_space(strategy: Strategy | str, *, dp: bool = False) -> bool:
-    """Whether a module steps in product space (with a residual): every strategy but plain fedavg.
-    Under DP the release is a product with a residual whatever the strategy."""
-    return dp or strategy_spec(strategy).exact
+    """Whether a module steps in product space (with a residual): every strategy with a residual (fedavg steps
+    its factors, a linear strategy its trained factor). Under DP the release is a product with a residual."""
+    spec = strategy_spec(strategy)
+    return dp or (spec.exact and not spec.linear)
 
 
 def step(delta: Tensor, state: Mapping[str, Tensor] | None, cfg: ServerOptConfig) -> tuple[Tensor, State]:
@@ -182,6 +184,61 @@ def step_factors(
     return ModuleResult(parts["lora_A"], parts["lora_B"], result.scaling, None), new_state
 
 
+def step_trained(
+    result: ModuleResult,
+    previous: PreviousFactors | None,
+    state: Mapping[str, Tensor] | None,
+    cfg: ServerOptConfig,
+    trained: Factor,
+    carried: tuple[Factor, ...] = (),
+) -> tuple[ModuleResult, State]:
+    """Step a linear strategy's module (a frozen shared frame: ffa-lora, rolora, fed-sb) on the factor its
+    clients trained this round, ``X = X_p + U(X − X_p)`` elementwise, state slots ``<factor>.<slot>``; every other
+    factor stays the result's, bit for bit the published one, and no residual appears. ``carried``: the other
+    factors the strategy trains in other rounds (rolora), whose slots pass through unchanged.
+
+    With the frame frozen the product is linear in the trained factor, so fedavgm's step on the factor is its
+    step in product space exactly; fedadam and fedyogi adapt per coordinate of the trained factor."""
+    new = _factor(result, trained)
+    if new is None:
+        raise AggregationError(f"the aggregate has no {trained} to step")
+    old = torch.zeros_like(new, dtype=_F64) if previous is None else _factor(previous, trained)
+    if old is None:
+        raise AggregationError(f"the previous global has no {trained} to step from")
+    if tuple(old.shape) != tuple(new.shape):
+        raise AggregationError(
+            f"previous global's {trained} has shape {tuple(old.shape)}, the aggregate's {tuple(new.shape)}"
+        )
+    mine = {k.removeprefix(f"{trained}."): v for k, v in (state or {}).items() if k.startswith(f"{trained}.")}
+    update, slots = step(new.to(_F64) - old.to(_F64), mine, cfg)
+    stepped = (old.to(_F64) + update).to(new.dtype)
+    new_state: State = {f"{trained}.{k}": v for k, v in slots.items()}
+    for factor in carried:  # the writer's layout is sorted by name: callers write sorted(state)
+        if factor != trained:
+            shape = tuple(_factor_shape(result, factor))
+            for slot in cfg.slots:
+                kept = (state or {}).get(f"{factor}.{slot}")
+                new_state[f"{factor}.{slot}"] = torch.zeros(shape, dtype=_F64) if kept is None else kept.to(_F64)
+    if trained == Factor.LORA_A:
+        return dataclasses.replace(result, A=stepped), new_state
+    if trained == Factor.LORA_B:
+        return dataclasses.replace(result, B=stepped), new_state
+    return dataclasses.replace(result, R=stepped), new_state
+
+
+def _factor(factors: ModuleResult | PreviousFactors, which: Factor) -> Tensor | None:
+    return {Factor.LORA_A: factors.A, Factor.LORA_B: factors.B, Factor.LORA_R: factors.R}[which]
+
+
+def _factor_shape(result: ModuleResult, which: Factor) -> tuple[int, ...]:
+    rank = int(result.A.shape[0])
+    return {
+        Factor.LORA_A: tuple(result.A.shape),
+        Factor.LORA_B: tuple(result.B.shape),
+        Factor.LORA_R: (rank, rank),
+    }[which]
+
+
 def step_tensor(
     new: Tensor, previous: Tensor | None, state: Mapping[str, Tensor] | None, cfg: ServerOptConfig
 ) -> tuple[Tensor, State]:
@@ -198,16 +255,20 @@ def step_tensor(
 
 
 def state_shapes(
-    cfg: ServerOptConfig, shape: tuple[int, ...], *, factors: tuple[int, int, int] | None = None
+    cfg: ServerOptConfig,
+    shape: tuple[int, ...],
+    *,
+    factors: tuple[int, int, int] | None = None,
+    trained: tuple[Factor, ...] = (Factor.LORA_A, Factor.LORA_B),
 ) -> dict[str, tuple[int, ...]]:
     """The state slots an item keeps and their shapes: ``shape`` (product space or a tensor), or with
-    ``factors=(rank, d_out, d_in)`` the factor-space slots of :func:`step_factors`."""
+    ``factors=(rank, d_out, d_in)`` the factor-space slots of the ``trained`` factors (:func:`step_factors`:
+    both; :func:`step_trained`: those the strategy trains)."""
     if factors is None:
         return {name: tuple(shape) for name in cfg.slots}
     rank, d_out, d_in = factors
-    out: dict[str, tuple[int, ...]] = {f"lora_A.{name}": (rank, d_in) for name in cfg.slots}
-    out.update({f"lora_B.{name}": (d_out, rank) for name in cfg.slots})
-    return out
+    dims = {Factor.LORA_A: (rank, d_in), Factor.LORA_B: (d_out, rank), Factor.LORA_R: (rank, rank)}
+    return {f"{factor}.{name}": dims[factor] for factor in sorted(trained) for name in cfg.slots}
 
 
 def _fit_rows(t: Tensor, rank: int) -> Tensor:

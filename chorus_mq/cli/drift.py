@@ -63,7 +63,9 @@ def round_lines(summary: RoundSummary, labels: Sequence[str] = (), indent: str =
         counts = summary.label_counts.get(client)
         declared = "-" if counts is None else compact_counts(counts, labels)
         report = _eval(summary.evals.get(client))
-        lines.append(f"{indent}  {client:<{width}}  cosine {cosine:>6}  labels {declared}  eval {report}")
+        several = summary.deltas_per_client.get(client)
+        deltas = f"  ({several} deltas: mean cosine, latest declarations)" if several else ""
+        lines.append(f"{indent}  {client:<{width}}  cosine {cosine:>6}  labels {declared}  eval {report}{deltas}")
     return lines
 
 

@@ -94,37 +94,22 @@ class ParticipantSdk(Reader):
         On a ``--secure-aggregation`` federation the upload takes part in the round's secure aggregation
         (:meth:`secure_round`) and returns once the round published: status ``summed`` (this client's input is
         in the sum) or ``dropped``; ``secure_state_dir`` keeps its keys so a restarted upload resumes."""
-        from ..adapters import load_adapter, write_delta
-
         check_name(client_id, "client id")
-        if dataset_size is not None and not (math.isfinite(dataset_size) and dataset_size > 0):
-            raise ConfigError(f"dataset size must be a finite number above 0, got {dataset_size!r}")
-        if lr_sum is not None and not (math.isfinite(lr_sum) and lr_sum > 0):
-            raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")
+        _check_amounts(dataset_size, lr_sum)
         with service(self.settings):
             cfg = FederationConfig.from_hash(self.state.meta(federation))
         cfg.check_upload(round_, base_version)
         if cfg.secure_aggregation:
-            local = load_adapter(adapter, lora_alpha=lora_alpha)
-            secure = self.secure_round(
+            return self._upload_secure(
                 federation,
+                adapter,
                 client_id,
-                local.tensors,
                 round_=round_,
                 timeout=timeout,
+                lora_alpha=lora_alpha,
                 secret=secret,
-                state_dir=secure_state_dir,
+                secure_state_dir=secure_state_dir,
                 on_phase=on_phase,
-            )
-            return UploadResult(
-                federation,
-                client_id,
-                "",
-                "",
-                secure.masked_key,
-                secure.round,
-                "summed" if client_id in secure.summed else "dropped",
-                len(secure.summed),
             )
         report = _report(
             federation,
@@ -135,16 +120,7 @@ class ParticipantSdk(Reader):
             round_=round_,
             max_examples=self.settings.max_dataset_size,
         )
-        local = load_adapter(adapter, lora_alpha=lora_alpha)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "delta.safetensors"
-            sha = write_delta(local, path)
-            key = delta_key(federation, client_id, sha)
-            size = path.stat().st_size
-            try:
-                self.store.put_file(key, path, write_once=True, progress=byte_bar(progress, size, "upload"))
-            except ObjectExists:
-                pass  # content-addressed: the same bytes are already there
+        sha, size = self._store_delta(federation, adapter, client_id, lora_alpha=lora_alpha, progress=progress)
         msg = IngestMessage(
             federation=federation,
             round=round_,
@@ -160,6 +136,63 @@ class ParticipantSdk(Reader):
         )
         result = self.submit(msg, wait=wait, timeout=timeout, secret=secret)
         return dataclasses.replace(result, bytes=size)
+
+    def _store_delta(
+        self, federation: str, adapter: str | Path, client_id: str, *, lora_alpha: float | None, progress: bool
+    ) -> tuple[str, int]:
+        """Write the adapter as a delta under the client's prefix, named by its sha256; (sha256, size)."""
+        from ..adapters import load_adapter, write_delta
+
+        local = load_adapter(adapter, lora_alpha=lora_alpha)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "delta.safetensors"
+            sha = write_delta(local, path)
+            key = delta_key(federation, client_id, sha)
+            size = path.stat().st_size
+            try:
+                self.store.put_file(key, path, write_once=True, progress=byte_bar(progress, size, "upload"))
+            except ObjectExists:
+                pass  # content-addressed: the same bytes are already there
+        return sha, size
+
+    def _upload_secure(
+        self,
+        federation: str,
+        adapter: str | Path,
+        client_id: str,
+        *,
+        round_: int | None,
+        timeout: float,
+        lora_alpha: float | None,
+        secret: str | None,
+        secure_state_dir: str | Path | None,
+        on_phase: Callable[[int, str], None] | None,
+    ) -> UploadResult:
+        """A ``--secure-aggregation`` federation's upload: take part in the round's secure aggregation; status
+        ``summed`` or ``dropped`` once the round published."""
+        from ..adapters import load_adapter
+
+        local = load_adapter(adapter, lora_alpha=lora_alpha)
+        secure = self.secure_round(
+            federation,
+            client_id,
+            local.tensors,
+            round_=round_,
+            timeout=timeout,
+            secret=secret,
+            state_dir=secure_state_dir,
+            on_phase=on_phase,
+        )
+        return UploadResult(
+            federation,
+            client_id,
+            "",
+            "",
+            secure.masked_key,
+            secure.round,
+            "summed" if client_id in secure.summed else "dropped",
+            len(secure.summed),
+        )
 
     def secure_round(
         self,
@@ -331,3 +364,11 @@ def _report(
         raise InvalidReport(str(exc).replace("malformed ingest message", "upload report")) from None
     msg.check_report(labels, round_, max_examples)
     return msg
+
+
+def _check_amounts(dataset_size: float | None, lr_sum: float | None) -> None:
+    """Refuse a dataset size or an lr_sum that is given but not a finite number above 0."""
+    if dataset_size is not None and not (math.isfinite(dataset_size) and dataset_size > 0):
+        raise ConfigError(f"dataset size must be a finite number above 0, got {dataset_size!r}")
+    if lr_sum is not None and not (math.isfinite(lr_sum) and lr_sum > 0):
+        raise ConfigError(f"lr_sum must be a finite number above 0, got {lr_sum!r}")

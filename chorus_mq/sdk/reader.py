@@ -15,7 +15,7 @@ from ..state import FederationConfig
 from ..state.events import Event
 from ..state.rounds import DeltaRecord, RoundInfo
 from .connection import Connection, service
-from .summaries import RoundSummary, Status, privacy_spent
+from .summaries import RoundSummary, Status, per_client, privacy_spent
 
 
 class Reader(Connection):
@@ -34,7 +34,7 @@ class Reader(Connection):
             deltas = self._deltas(federation, history if cfg.dp_noise_multiplier else recent)
             client_dp = {}
             for info in recent:
-                for client, rec in deltas[info.round].items():
+                for client, rec in per_client(deltas[info.round]).items():
                     if rec.dp:
                         client_dp[client] = {**rec.dp, "round": info.round}
             latest = self.state.latest_complete(federation)

@@ -5,14 +5,18 @@ credentials; and the privacy each client spent (server-side DP).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..manifest import EvalSummary, Manifest, mean_eval
 from ..names import RoundStatus
 from ..state import FederationConfig
+from ..state.records import TERM_SEP, term_client
 from ..state.rounds import DeltaRecord, RoundInfo
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class RoundSummary:
     cosine: dict[str, float | None] | None = None
     #: the factor this round's clients train (``lora_B``, ``lora_A``; ffa-lora, rolora); None: both
     trainable: str | None = None
+    #: buffered, ``--max-per-client-per-flush`` > 1: how many deltas each client with more than one has in the
+    #: buffer (``clients`` names each client once; ``n`` counts deltas)
+    deltas_per_client: dict[str, int] = field(default_factory=dict)
 
     @property
     def waited(self) -> float | None:
@@ -121,16 +128,20 @@ class RoundSummary:
 
     @classmethod
     def of(cls, info: RoundInfo, records: Mapping[str, DeltaRecord], manifest: Manifest | None = None) -> RoundSummary:
-        """The round as its hash and its delta records say, with the cosines of its ``manifest`` when given."""
+        """The round as its hash and its delta records say, with the cosines of its ``manifest`` when given.
+        Keyed by client, never by a buffered client's internal term names: a client with several deltas in one
+        buffer shows its latest delta's declarations and the weight-weighted mean of its deltas' cosines."""
+        latest = per_client(records)
+        counts = Counter(term_client(t) for t in records)
         return cls(
             round=info.round,
             state=RoundStatus(info.state),
             n=info.n,
-            clients=tuple(sorted(records)),
-            label_counts={c: dict(rec.label_counts) for c, rec in sorted(records.items()) if rec.label_counts},
-            evals={c: dict(rec.global_eval) for c, rec in sorted(records.items()) if rec.global_eval},
+            clients=tuple(latest),
+            label_counts={c: dict(rec.label_counts) for c, rec in latest.items() if rec.label_counts},
+            evals={c: dict(rec.global_eval) for c, rec in latest.items() if rec.global_eval},
             global_eval=mean_eval(rec.global_eval for rec in records.values()),
-            cosine=None if manifest is None else {c.client_id: c.cosine for c in manifest.clients},
+            cosine=None if manifest is None else client_cosines(manifest),
             aggregation_started_at=info.agg_started,
             opened_at=info.opened_at,
             completed_at=info.completed_at,
@@ -138,6 +149,7 @@ class RoundSummary:
             reason=info.reason,
             selected=info.selected,
             trainable=info.trainable or None,
+            deltas_per_client={c: k for c, k in sorted(counts.items()) if k > 1},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +172,6 @@ def privacy_spent(
 ) -> dict[str, dict[str, float]]:
     """Per client, the accountant's epsilon over the complete rounds of ``history`` it has a delta in."""
     from ..aggregation.dp import PrivacyAccountant
-    from ..state.records import term_client
 
     rounds: dict[str, int] = {}
     for info in history:
@@ -174,6 +185,31 @@ def privacy_spent(
         acc.spend(cfg.dp_noise_multiplier, rounds=k)
         out[client] = {"epsilon": acc.epsilon(cfg.dp_delta), "delta": cfg.dp_delta, "rounds": float(k)}
     return out
+
+
+def per_client(records: Mapping[str, T]) -> dict[str, T]:
+    """``records`` keyed by registered term (``client``, ``client#k``), re-keyed by client in name order: each
+    client's latest term (highest ``k``)."""
+    latest: dict[str, tuple[int, T]] = {}
+    for term, value in records.items():
+        client, _, k = term.partition(TERM_SEP)
+        order = int(k) if k else 1
+        if client not in latest or order > latest[client][0]:
+            latest[client] = (order, value)
+    return {c: latest[c][1] for c in sorted(latest)}
+
+
+def client_cosines(manifest: Manifest) -> dict[str, float | None]:
+    """Each client's cosine to the round's aggregate: a buffered client with several deltas in the flush (one
+    manifest entry each) gets their weight-weighted mean; None where none of its entries has one."""
+    sums: dict[str, tuple[float, float]] = {}
+    for entry in manifest.clients:
+        total, weight = sums.get(entry.client_id, (0.0, 0.0))
+        if entry.cosine is not None:
+            w = entry.weight if entry.weight > 0 else 1.0
+            total, weight = total + w * entry.cosine, weight + w
+        sums[entry.client_id] = (total, weight)
+    return {c: (total / weight if weight else None) for c, (total, weight) in sums.items()}
 
 
 def _span(start: float | None, end: float | None) -> float | None:

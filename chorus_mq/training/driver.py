@@ -48,6 +48,7 @@ from .records import ROUND_HEAD_FILE, RoundRecord, Trained, write_json
 
 if TYPE_CHECKING:
     from chorus_mq.sdk.participant import ParticipantSdk
+    from chorus_mq.sdk.summaries import RoundSummary, Status, UploadResult
 
 #: one line per phase (training, uploading, waiting, evaluating); ``train`` prints them on stderr
 log = logging.getLogger(__name__)
@@ -180,67 +181,52 @@ def run_train_job(sdk: ParticipantSdk, job: TrainJob) -> Iterator[RoundRecord]:
     whose guarantee does not cover them.
     """
 
-    from .data import model_of_federation
-
-    federation, client_id, dp, timeout = job.federation, job.client_id, job.dp, job.timeout
     if job.rounds < 1:
         raise ConfigError(f"--rounds must be positive, got {job.rounds}")
-    sdk.check_identity(federation, client_id)  # a wrong secret or URL fails now, not after a round of training
+    sdk.check_identity(job.federation, job.client_id)  # a wrong secret or URL fails now, not after a round of training
     work = Path(job.workdir)
-    state = WorkState.open(work, federation, client_id)
-    status = sdk.status(federation)
+    state = WorkState.open(work, job.federation, job.client_id)
+    status = sdk.status(job.federation)
+    session = _open_session(sdk, job, status, work)
+    if status.mode == FederationMode.BUFFERED.value:
+        yield from _run_buffered(sdk, job, session)
+        return
+    rounds = _Rounds(sdk, job, state, session)
+    while _reconcile(sdk, job.federation, job.client_id, state, session) < job.rounds:
+        record = rounds.take_part()
+        if record is not None:
+            yield record
+
+
+def _open_session(sdk: ParticipantSdk, job: TrainJob, status: Status, work: Path) -> _Session:
+    """What stays fixed over the run, from the job and the federation's status: the model, the task and its labels,
+    the data, the local training (checked against the federation's strategy) and the DP ledger."""
+    from .data import model_of_federation
+    from .model import load_tokenizer
+
     model_path = model_of_federation(job.model_dir, status.base_model)
     if job.model_dir is None:
         log.info("model: the federation's base model %s (%s)", status.base_model, model_path)
-    task_type = _task(job.task, status.task_type)
-    labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
-    if task_type == TaskType.SEQ_CLS and not labels:
-        raise ConfigError(
-            f"federation {federation!r} declares no labels: a seq-cls client cannot map its data "
-            "onto the head (the operator creates it with --labels)"
-        )
+    task_type, labels = _task_and_labels(job, status)
     examples = _examples(job.data, job.text_column, job.label_column, labels)
     evaluation = None if job.eval_data is None else _examples(job.eval_data, job.text_column, job.label_column, labels)
-    balance = _balance(job.balance_labels, examples, labels, task_type, private=dp is not None)
-    share = dp is None if job.share_stats is None else job.share_stats
-    label_counts = _label_counts(examples, labels) if share else None
+    balance = _balance(job.balance_labels, examples, labels, task_type, private=job.dp is not None)
     config = job.train_config(task_type, balance, status.prox_mu)
-    if config.prox_mu:
-        log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
-    if status.scaffold:
-        if job.lora_rank is not None or job.lora_alpha is not None:
-            raise ConfigError(
-                f"federation {federation!r} uses SCAFFOLD, whose variates live on the global adapter's tensors: "
-                "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
-            )
-        log.info("SCAFFOLD: local steps corrected by the server's and this client's control variates")
-    spec = strategy_spec(status.strategy)
-    if spec.frozen_shared:
-        if job.lora_rank is not None or job.lora_alpha is not None:
-            raise ConfigError(
-                f"federation {federation!r} uses {spec.name}, whose clients keep a published factor frozen: "
-                "train at the global adapter's own rank and alpha (drop --lora-rank / --lora-alpha)"
-            )
-        if spec.sandwich:
-            log.info("%s: each round trains lora_R between the published frame (B, A frozen)", spec.name)
-        else:
-            log.info("%s: each round trains one factor (%s), the other stays frozen", spec.name, status.trainable)
+    _check_strategy(job, status, config)
     personal = bool(status.personal_heads) and task_type == TaskType.SEQ_CLS
     if personal:
         log.info("personal heads: this client keeps its own task head in %s (never uploaded)", head_path(work))
     ledger = None
-    if dp is not None:
+    if job.dp is not None:
         ledger = PrivacyLedger.open(
             work / PRIVACY_FILE,
-            dp,
+            job.dp,
             sample_rate=config.sample_rate(len(examples)),
             planned_steps=job.rounds * config.planned_steps(len(examples)),
         )
-    from .model import load_tokenizer
-
-    session = _Session(
+    return _Session(
         sdk,
-        federation,
+        job.federation,
         model_path,
         work,
         examples,
@@ -256,89 +242,90 @@ def run_train_job(sdk: ParticipantSdk, job: TrainJob) -> Iterator[RoundRecord]:
         keep_remainder=strategy_spec(status.strategy).keeps_remainder,
         scaffold=status.scaffold,
         strategy=str(status.strategy),
-        client_id=client_id,
+        client_id=job.client_id,
         personal_heads=personal,
     )
-    if status.mode == FederationMode.BUFFERED.value:
-        from .buffered_loop import run_buffered
 
-        yield from run_buffered(
-            sdk,
-            federation,
-            client_id,
-            session,
-            job.rounds,
-            timeout=timeout,
-            poll=job.poll,
-            verdict_wait=_VERDICT_WAIT_S if timeout is None else timeout,
+
+def _task_and_labels(job: TrainJob, status: Status) -> tuple[TaskType, tuple[str, ...] | None]:
+    """The task this client trains (the federation's) and, for seq-cls, the labels its head maps onto."""
+    task_type = _task(job.task, status.task_type)
+    labels = tuple(status.labels) if task_type == TaskType.SEQ_CLS else None
+    if task_type == TaskType.SEQ_CLS and not labels:
+        raise ConfigError(
+            f"federation {job.federation!r} declares no labels: a seq-cls client cannot map its data "
+            "onto the head (the operator creates it with --labels)"
         )
-        return
-    while _reconcile(sdk, federation, client_id, state, session) < job.rounds:
-        started = time.monotonic()
-        status = _wait_for_open_round(sdk, federation, state, timeout=timeout, poll=job.poll)
-        r = status.current_round
-        if status.selected and client_id not in status.selected:
-            log.info("round %d: not drawn (selected: %s); waiting for the next round", r, ", ".join(status.selected))
-            sdk.wait_round(federation, r, timeout=timeout)  # not drawn this round: wait for the next
-            continue
-        start = status.latest_complete
-        trained = Trained.load(session.round_dir(r))
-        if trained is None or trained.start_round != start or (session.scaffold and trained.lr_sum is None):
-            log.info(
-                "round %d: training %d steps on %d examples from %s",
-                r,
-                config.planned_steps(len(examples)),
-                len(examples),
-                "the initial adapter" if start is None else f"round {start}'s global model",
+    return task_type, labels
+
+
+def _check_strategy(job: TrainJob, status: Status, config: TrainConfig) -> None:
+    """Refuse a local rank or alpha the federation's strategy cannot take; say how it shapes local training."""
+    if config.prox_mu:
+        log.info("FedProx: pulled toward each round's global model with mu %g", config.prox_mu)
+    if status.scaffold:
+        if job.lora_rank is not None or job.lora_alpha is not None:
+            raise ConfigError(
+                f"federation {job.federation!r} uses SCAFFOLD, whose variates live on the global adapter's tensors: "
+                "train at its own rank and alpha (drop --lora-rank / --lora-alpha)"
             )
-            trained = session.train(r, start)
+        log.info("SCAFFOLD: local steps corrected by the server's and this client's control variates")
+    spec = strategy_spec(status.strategy)
+    if spec.frozen_shared:
+        if job.lora_rank is not None or job.lora_alpha is not None:
+            raise ConfigError(
+                f"federation {job.federation!r} uses {spec.name}, whose clients keep a published factor frozen: "
+                "train at the global adapter's own rank and alpha (drop --lora-rank / --lora-alpha)"
+            )
+        if spec.sandwich:
+            log.info("%s: each round trains lora_R between the published frame (B, A frozen)", spec.name)
         else:
-            log.info("round %d: re-uploading the adapter trained before a restart", r)
-        if ledger is not None:
-            # counted before the upload: once the bytes are in the store they are released, whatever the
-            # verdict; a re-upload of the same round replaces its entry (no double counting)
-            ledger.commit(r, trained.steps)
-        log.info("round %d: uploading (local loss %.4f)", r, trained.loss)
-        try:
-            result = sdk.upload(
-                federation,
-                trained.adapter,
-                client_id,
-                dataset_size=float(trained.examples),
-                round_=r,
-                dp=trained.dp.to_dict() if trained.dp else None,
-                label_counts=label_counts,
-                global_eval=state.eval_of(start) if share else None,
-                progress=config.progress,
-                timeout=_VERDICT_WAIT_S if timeout is None else timeout,
-                lr_sum=trained.lr_sum,
-                secure_state_dir=work / "secagg",  # a secure round's keys: a restarted train resumes its phases
-                on_phase=lambda r, phase: log.info("round %d: secure aggregation, phase %s", r, phase),
-            )
-        except Rejected as exc:
-            if exc.code == NotSelected.code:
-                sdk.wait_round(federation, r, timeout=timeout)
-                continue
-            if exc.code == RoundClosed.code:
-                log.info("round %d closed while this client trained: training for the next one", r)
-                continue  # the round moved on while this client trained: train again for the current one
-            raise
-        log.info("round %d: %s; %s", r, result.status, _waiting(sdk, federation, r))
-        summary = sdk.wait_round(federation, r, timeout=timeout)
-        score: Evaluation | None = None
-        if summary.state == RoundStatus.COMPLETE:
-            session.adopt_head(r)  # before the round is recorded as done: a restart adopts it again
-            if session.evaluation is not None:
-                what = "the global body with this client's own head" if personal else "the global model"
-                log.info("round %d: complete; evaluating %s on %d examples", r, what, len(session.evaluation))
-            score = session.evaluate(r)
-            if client_id in summary.clients:
-                _keep_variate(work, r)
-            if score is not None:
-                state.remember_eval(r, score)
-            state.finish(r)
-            _prune(work, keep=r)
-        yield RoundRecord(
+            log.info("%s: each round trains one factor (%s), the other stays frozen", spec.name, status.trainable)
+
+
+def _run_buffered(sdk: ParticipantSdk, job: TrainJob, session: _Session) -> Iterator[RoundRecord]:
+    """A buffered federation has no rounds to wait for: one contribution after another (``buffered_loop``)."""
+    from .buffered_loop import run_buffered
+
+    return run_buffered(
+        sdk,
+        job.federation,
+        job.client_id,
+        session,
+        job.rounds,
+        timeout=job.timeout,
+        poll=job.poll,
+        verdict_wait=_VERDICT_WAIT_S if job.timeout is None else job.timeout,
+    )
+
+
+class _Rounds:
+    """The synchronous rounds of one ``train`` run, a method per phase of a round."""
+
+    def __init__(self, sdk: ParticipantSdk, job: TrainJob, state: WorkState, session: _Session):
+        self.sdk = sdk
+        self.job = job
+        self.state = state
+        self.session = session
+        self.share = job.dp is None if job.share_stats is None else job.share_stats
+        self.label_counts = _label_counts(session.examples, session.labels) if self.share else None
+
+    def take_part(self) -> RoundRecord | None:
+        """Wait to be drawn, train, upload and wait for the verdict and the round's end, evaluate, report; None
+        where this client sits the round out (not drawn, or the round moved on while it trained)."""
+        started = time.monotonic()
+        status = self.wait_until_drawn()
+        if status is None:
+            return None
+        r, start = status.current_round, status.latest_complete
+        trained = self.train(r, start)
+        result = self.upload(r, start, trained)
+        if result is None:
+            return None
+        log.info("round %d: %s; %s", r, result.status, _waiting(self.sdk, self.job.federation, r))
+        summary = self.sdk.wait_round(self.job.federation, r, timeout=self.job.timeout)
+        score = self.conclude(r, summary)
+        return RoundRecord(
             r,
             str(summary.state),
             result.status,
@@ -352,6 +339,86 @@ def run_train_job(sdk: ParticipantSdk, job: TrainJob) -> Iterator[RoundRecord]:
             trained.examples,
             None if trained.dp is None else trained.dp.epsilon,
         )
+
+    def wait_until_drawn(self) -> Status | None:
+        """The status of the next open round this client may upload to; None (after that round) where not drawn."""
+        job = self.job
+        status = _wait_for_open_round(self.sdk, job.federation, self.state, timeout=job.timeout, poll=job.poll)
+        r = status.current_round
+        if status.selected and job.client_id not in status.selected:
+            log.info("round %d: not drawn (selected: %s); waiting for the next round", r, ", ".join(status.selected))
+            self.sdk.wait_round(job.federation, r, timeout=job.timeout)  # not drawn this round: wait for the next
+            return None
+        return status
+
+    def train(self, r: int, start: int | None) -> Trained:
+        """Round ``r``'s adapter trained from round ``start``: the one kept before a restart where it still fits."""
+        session = self.session
+        trained = Trained.load(session.round_dir(r))
+        if trained is None or trained.start_round != start or (session.scaffold and trained.lr_sum is None):
+            log.info(
+                "round %d: training %d steps on %d examples from %s",
+                r,
+                session.config.planned_steps(len(session.examples)),
+                len(session.examples),
+                "the initial adapter" if start is None else f"round {start}'s global model",
+            )
+            return session.train(r, start)
+        log.info("round %d: re-uploading the adapter trained before a restart", r)
+        return trained
+
+    def upload(self, r: int, start: int | None, trained: Trained) -> UploadResult | None:
+        """Upload round ``r``'s adapter and wait for the verdict; None where the round was not this client's
+        to upload to after all (not drawn, or closed while it trained)."""
+        job, session = self.job, self.session
+        if session.ledger is not None:
+            # counted before the upload: once the bytes are in the store they are released, whatever the
+            # verdict; a re-upload of the same round replaces its entry (no double counting)
+            session.ledger.commit(r, trained.steps)
+        log.info("round %d: uploading (local loss %.4f)", r, trained.loss)
+        try:
+            return self.sdk.upload(
+                job.federation,
+                trained.adapter,
+                job.client_id,
+                dataset_size=float(trained.examples),
+                round_=r,
+                dp=trained.dp.to_dict() if trained.dp else None,
+                label_counts=self.label_counts,
+                global_eval=self.state.eval_of(start) if self.share else None,
+                progress=session.config.progress,
+                timeout=_VERDICT_WAIT_S if job.timeout is None else job.timeout,
+                lr_sum=trained.lr_sum,
+                secure_state_dir=session.work / "secagg",  # a secure round's keys: a restarted train resumes its phases
+                on_phase=lambda r, phase: log.info("round %d: secure aggregation, phase %s", r, phase),
+            )
+        except Rejected as exc:
+            if exc.code == NotSelected.code:
+                self.sdk.wait_round(job.federation, r, timeout=job.timeout)
+                return None
+            if exc.code == RoundClosed.code:
+                log.info("round %d closed while this client trained: training for the next one", r)
+                return None  # the round moved on while this client trained: train again for the current one
+            raise
+
+    def conclude(self, r: int, summary: RoundSummary) -> Evaluation | None:
+        """Round ``r`` ended: where it completed, adopt this client's head, evaluate the new global model, keep
+        the SCAFFOLD variate, record the round as done and prune the work dir; the evaluation, if any."""
+        if summary.state != RoundStatus.COMPLETE:
+            return None
+        session, work = self.session, self.session.work
+        session.adopt_head(r)  # before the round is recorded as done: a restart adopts it again
+        if session.evaluation is not None:
+            what = "the global body with this client's own head" if session.personal_heads else "the global model"
+            log.info("round %d: complete; evaluating %s on %d examples", r, what, len(session.evaluation))
+        score = session.evaluate(r)
+        if self.job.client_id in summary.clients:
+            _keep_variate(work, r)
+        if score is not None:
+            self.state.remember_eval(r, score)
+        self.state.finish(r)
+        _prune(work, keep=r)
+        return score
 
 
 @dataclass
@@ -566,7 +633,7 @@ def _examples(
 
 def _wait_for_open_round(
     sdk: ParticipantSdk, federation: str, state: WorkState, *, timeout: float | None, poll: float
-) -> Any:
+) -> Status:
     """The status once the current round is open and not one this client already finished."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:

@@ -185,27 +185,7 @@ def train_local(
             "--balance-labels uses this client's exact label counts, which DP-SGD does not protect: "
             "use one or the other"
         )
-    optimizer: torch.optim.Optimizer
-    if config.optimizer == LocalOptimizer.SGD:
-        optimizer = torch.optim.SGD(trainable, lr=config.lr)
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    private: PrivateTraining | None = None
-    forward: Any = model
-    if privacy is None:
-        stream: Iterator[list[int]] = batches(examples, config.batch_size, random.Random(config.seed))
-    else:
-        sigma, clip = privacy
-        private = make_private(
-            model,
-            optimizer,
-            noise_multiplier=sigma,
-            clip=clip,
-            sample_rate=config.sample_rate(len(examples)),
-            n=len(examples),
-            seed=dp_seed,
-        )
-        forward, optimizer, stream = private.module, private.optimizer, private.batches()
+    forward, optimizer, stream, private = _optimiser(model, trainable, examples, config, privacy, dp_seed)
     prior = label_log_prior(examples, model) if config.balance_labels and config.task == TaskType.SEQ_CLS else None
     # FedProx's anchor: where this round started (the global model), for the trainable parameters only
     anchor = [p.detach().clone() for p in trainable] if config.prox_mu else None
@@ -218,14 +198,7 @@ def train_local(
             torch.manual_seed(config.seed)  # dropout masks, without touching the caller's generator
             for idx in islice(stream, steps):
                 if idx:
-                    inputs = encode(tokenizer, [examples.texts[i] for i in idx], config.max_length)
-                    logits = forward(**inputs).logits
-                    if prior is not None:
-                        logits = logits + prior
-                    per_example, _ = example_losses(logits, inputs, _labels(examples, idx, config.task), config.task)
-                    loss = per_example.mean()
-                    torch.autograd.backward(loss)
-                    losses.append(float(loss.detach()))
+                    losses.append(_backward(forward, tokenizer, examples, idx, config, prior))
                 elif private is not None:
                     private.empty_step()
                 optimizer.step()
@@ -246,6 +219,59 @@ def train_local(
     return LocalResult(
         steps, len(examples), sum(losses) / len(losses), losses[0], losses[-1], time.perf_counter() - started
     )
+
+
+def _optimiser(
+    model: PeftModel,
+    trainable: list[torch.nn.Parameter],
+    examples: Examples,
+    config: TrainConfig,
+    privacy: tuple[float, float] | None,
+    dp_seed: int | None,
+) -> tuple[Any, torch.optim.Optimizer, Iterator[list[int]], PrivateTraining | None]:
+    """What the steps run through: the model to call, the optimiser, the batches (lists of example indices)
+    and, under DP-SGD (``privacy``), the private training that wraps all three (Poisson batches)."""
+    import torch
+
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == LocalOptimizer.SGD:
+        optimizer = torch.optim.SGD(trainable, lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    if privacy is None:
+        return model, optimizer, batches(examples, config.batch_size, random.Random(config.seed)), None
+    sigma, clip = privacy
+    private = make_private(
+        model,
+        optimizer,
+        noise_multiplier=sigma,
+        clip=clip,
+        sample_rate=config.sample_rate(len(examples)),
+        n=len(examples),
+        seed=dp_seed,
+    )
+    return private.module, private.optimizer, private.batches(), private
+
+
+def _backward(
+    forward: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Examples,
+    idx: list[int],
+    config: TrainConfig,
+    prior: torch.Tensor | None,
+) -> float:
+    """One batch's mean loss (logits shifted by the label prior when balancing), its gradients accumulated."""
+    import torch
+
+    inputs = encode(tokenizer, [examples.texts[i] for i in idx], config.max_length)
+    logits = forward(**inputs).logits
+    if prior is not None:
+        logits = logits + prior
+    per_example, _ = example_losses(logits, inputs, _labels(examples, idx, config.task), config.task)
+    loss = per_example.mean()
+    torch.autograd.backward(loss)
+    return float(loss.detach())
 
 
 def _proximal_pull(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rate: float) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import heapq
 import json
 import secrets
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -31,7 +29,7 @@ from chorus_mq.errors import ConfigError, DuplicateDelta, Rejected, StaleDelta
 from chorus_mq.names import FederationMode, Strategy, TaskType
 
 from .local_round import train_local
-from .simulate_model import SimConfig, _Client, _default_factory, _Runner
+from .simulate_model import SimConfig, _Client, _Runner, simulation_sdk
 
 if TYPE_CHECKING:
     from chorus_mq.manifest import Manifest
@@ -127,25 +125,11 @@ def run_speed_comparison(
 ) -> SpeedReport:
     """Run the synchronous federation, then the buffered one until it reaches the synchronous final accuracy
     (or the synchronous run's total time has passed); write the curves when ``out_dir`` is given."""
-    import torch
-
-    workdir = Path(tempfile.mkdtemp(prefix="chorus-sim-buffered-"))
-    threads = torch.get_num_threads()
-    owned = sdk_factory is None
-    try:
-        torch.set_num_threads(1)
-        sdk = (sdk_factory or _default_factory(redis_url, store_url))(workdir)
+    with simulation_sdk("chorus-sim-buffered-", sdk_factory, redis_url, store_url) as (sdk, workdir):
         report = _Comparison(job, sdk, workdir, echo).run()
         if out_dir is not None:
             write_speed_results(Path(out_dir), job, report)
         return report
-    finally:
-        torch.set_num_threads(threads)
-        if owned:
-            from chorus_mq.workers import runtime
-
-            runtime.install(None)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class _Comparison:

@@ -19,18 +19,22 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_mq.errors import ConfigError, SecAggError
 from chorus_mq.names import (
+    ADAPTER_WEIGHTS,
     BEST_ALONE,
     CENTRALISED,
     CLIENT_VARIATE_FILE,
     DEFAULT_LOCAL_LR,
+    FED_SB_FILE,
     ExpirePolicy,
+    Factor,
     LabelBalance,
     LocalOptimizer,
     RoundStatus,
@@ -43,7 +47,7 @@ from chorus_mq.secagg.params import MIN_COHORT
 from chorus_mq.strategy import strategy_spec
 
 from .data import Examples, embedded_data, load_examples, resolve_model
-from .dp import DPConfig, PrivacyLedger
+from .dp import DPConfig, DPReport, PrivacyLedger
 from .heads import apply_head, head_state, split_head
 from .local_round import Evaluation, TrainConfig, evaluate, predict, save_adapter, should_balance, train_local
 from .partition import PartitionSpec, partition
@@ -187,6 +191,21 @@ class _Client:
 
 
 @dataclass
+class _ClientRound:
+    """One client's local round in the simulation: what it uploads and what the round's end makes its own."""
+
+    adapter: Path  # the PEFT form, for the oracle
+    upload: Path  # what goes up (Fed-SB: lora_R; otherwise the adapter)
+    gap: float  # the start's relative remainder (a rank below the global's)
+    report: DPReport | None  # its DP spend (--dp-epsilon)
+    lr_sum: float | None = None
+    #: SCAFFOLD: its next variate and the basis it is expressed in
+    variate: tuple[dict[str, Any], dict[str, Any]] | None = None
+    #: --personal-heads: the head it trained (its own once the round completes)
+    head: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
 class _Federation:
     """One strategy's federation as the simulation sees it."""
 
@@ -237,17 +256,10 @@ def run_simulation_job(
 ) -> list[SimRow]:
     """Run one federation per strategy (plus the centralised baseline) for each of ``config.seeds``; return
     every row."""
-    import torch
-
     seeds = config.seeds
     _check(config)
     show = None if as_json else echo
-    workdir = Path(tempfile.mkdtemp(prefix="chorus-sim-model-"))
-    threads = torch.get_num_threads()
-    owned = sdk_factory is None
-    try:
-        torch.set_num_threads(1)  # the eager workers aggregate on their own threads; one each avoids oversubscribing
-        sdk = (sdk_factory or _default_factory(redis_url, store_url))(workdir)
+    with simulation_sdk("chorus-sim-model-", sdk_factory, redis_url, store_url) as (sdk, workdir):
         rows: list[SimRow] = []
         baselines: list[Baselines] = []
         for s in seeds:
@@ -267,6 +279,22 @@ def run_simulation_job(
         if as_json and echo:
             echo(json.dumps([asdict(r) for r in rows], indent=2))
         return rows
+
+
+@contextmanager
+def simulation_sdk(
+    prefix: str, sdk_factory: Callable[[Path], Sdk] | None, redis_url: str | None, store_url: str | None
+) -> Iterator[tuple[Sdk, Path]]:
+    """The SDK a simulation runs through (``sdk_factory``'s, else an embedded one: eager workers in this process)
+    over a scratch work dir, with torch on one thread; all undone on exit, the embedded workers uninstalled."""
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    threads = torch.get_num_threads()
+    owned = sdk_factory is None
+    try:
+        torch.set_num_threads(1)  # the eager workers aggregate on their own threads; one each avoids oversubscribing
+        yield (sdk_factory or _default_factory(redis_url, store_url))(workdir), workdir
     finally:
         torch.set_num_threads(threads)
         if owned:
@@ -453,111 +481,149 @@ class _Runner:
         return start, list(fed.clients)
 
     def _round(self, fed: _Federation, r: int) -> SimRow:
-        from .model import corrected_base, exact_model, freeze_factor, read_adapter, start_model
-        from .sandwich import attach_r, write_r_upload
-
+        """Round ``r`` of ``fed``: each drawn client pulls, trains and uploads; the round completes; the pulled
+        model is checked against the float64 oracle and evaluated."""
         started = time.perf_counter()
         start, chosen = self._selected(fed, r)
-        updates: list[tuple[str, Path]] = []
+        trained: dict[str, _ClientRound] = {}
         secure: list[tuple[_Client, Path]] = []  # --secure-aggregation: the uploads, sent together once all trained
-        pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # SCAFFOLD: each client's next variate
-        trained_heads: dict[str, dict[str, torch.Tensor]] = {}
         up = down = 0
-        worst_remainder = 0.0
-        epsilon: float | None = None
+        for client in chosen:
+            down += self._pull(fed, client, client.workdir / "pulled", start)
+            done = trained[client.name] = self._train_client(fed, client, r)
+            if self.config.secure_aggregation:  # every drawn client's upload takes part in the phases together
+                secure.append((client, done.upload))
+                continue
+            up += self._upload(fed, client, r, done)
+        if secure:
+            up += self._secure_uploads(fed, r, secure)
+        self._complete(fed, r, chosen, trained)
+        return self._check_round(fed, r, chosen, trained, up=up, down=down, started=started)
+
+    def _train_client(self, fed: _Federation, client: _Client, r: int) -> _ClientRound:
+        """``client``'s local round from its pulled directory: the adapter it uploads, kept in its work dir, and
+        what the round's end makes its own (SCAFFOLD variate, personal head); its DP spend is counted here."""
+        from .model import freeze_factor, start_model
+        from .sandwich import attach_r, write_r_upload
+
+        pulled = client.workdir / "pulled"
         spec = strategy_spec(fed.strategy)
         # SCAFFOLD and a frozen shared factor train the global adapter's own tensors (its rank and scaling)
         own_tensors = self.config.scaffold or not spec.own_rank
-        for client in chosen:
-            pulled = client.workdir / "pulled"
-            down += self._pull(fed, client, pulled, start)
-            start_point = start_model(
-                pulled,
-                self.model_dir,
-                task=TaskType.SEQ_CLS,
-                rank=None if own_tensors else client.rank,
-                alpha=None if own_tensors else 2.0 * client.rank,
-                labels=self.labels,
-                seed=self.config.seed * 7919 + r,
-                keep_remainder=strategy_spec(fed.strategy).keeps_remainder,
-            )
-            model = start_point.model
-            frozen = spec.frozen(r)
-            if frozen is not None:
-                freeze_factor(model, frozen)  # uploaded as published, bit for bit
-            attached = attach_r(model, pulled) if spec.sandwich else None  # Fed-SB: lora_B = B_frozen @ R
-            own = client.workdir / CLIENT_VARIATE_FILE
-            variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
-            if client.head is not None:
-                apply_head(model, client.head)  # --personal-heads: the global body, this client's own head
-            worst_remainder = max(worst_remainder, start_point.gap.relative)
-            train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
-            privacy, report = None, None
-            if client.ledger is not None:
-                report = client.ledger.report(r, train.planned_steps(len(client.examples)))
-                privacy = (client.ledger.noise_multiplier, client.ledger.config.clip)
-            result = train_local(
-                model,
-                self.tokenizer,
-                client.examples,
-                train,
-                privacy=privacy,
-                correction=None if variates is None else variates.correction(),
-            )
-            trained_r = attached.finish() if attached is not None else None
-            adapter = save_adapter(
-                model, client.workdir / f"round-{r}", base_model=self.model_dir.name, remainder=start_point.remainder
-            )
-            upload = adapter  # Fed-SB: lora_R goes up; the PEFT form (B R, A) stays for the oracle
-            if trained_r is not None:
-                upload = client.workdir / f"round-{r}-upload"
-                shutil.rmtree(upload, ignore_errors=True)
-                shutil.copytree(adapter, upload)
-                write_r_upload(upload, trained_r)
-            lr_sum = None
-            if variates is not None:
-                lr_sum = result.steps * train.lr
-                pending[client.name] = (variates.finish(model, lr_sum), variates.basis())
-            if self.config.personal_heads:
-                trained_heads[client.name] = split_head(adapter)  # the body goes up; the head stays
-            if client.ledger is not None and report is not None:
-                client.ledger.commit(r, train.planned_steps(len(client.examples)))
-                epsilon = max(epsilon or 0.0, report.epsilon)
-            updates.append((client.name, adapter))
-            if self.config.secure_aggregation:  # every drawn client's upload takes part in the phases together
-                secure.append((client, upload))
-                continue
-            uploaded = self.sdk.upload(
-                fed.name,
-                upload,
-                client.name,
-                dataset_size=float(len(client.examples)),
-                round_=r,
-                secret=client.secret,
-                dp=None if report is None else report.to_dict(),
-                lr_sum=lr_sum,
-                label_counts=None if report is not None else self._label_counts(client.examples),
-            )
-            up += uploaded.bytes
-        if secure:
-            up += self._secure_uploads(fed, r, secure)
+        start_point = start_model(
+            pulled,
+            self.model_dir,
+            task=TaskType.SEQ_CLS,
+            rank=None if own_tensors else client.rank,
+            alpha=None if own_tensors else 2.0 * client.rank,
+            labels=self.labels,
+            seed=self.config.seed * 7919 + r,
+            keep_remainder=spec.keeps_remainder,
+        )
+        model = start_point.model
+        frozen = spec.frozen(r)
+        if frozen is not None:
+            freeze_factor(model, frozen)  # uploaded as published, bit for bit
+        attached = attach_r(model, pulled) if spec.sandwich else None  # Fed-SB: lora_B = B_frozen @ R
+        own = client.workdir / CLIENT_VARIATE_FILE
+        variates = ScaffoldRound.begin(model, pulled, own) if self.config.scaffold else None
+        if client.head is not None:
+            apply_head(model, client.head)  # --personal-heads: the global body, this client's own head
+        train = self._train_config(self.config.seed * 7919 + r * 101 + client.index, client.examples)
+        privacy, report = None, None
+        if client.ledger is not None:
+            report = client.ledger.report(r, train.planned_steps(len(client.examples)))
+            privacy = (client.ledger.noise_multiplier, client.ledger.config.clip)
+        result = train_local(
+            model,
+            self.tokenizer,
+            client.examples,
+            train,
+            privacy=privacy,
+            correction=None if variates is None else variates.correction(),
+        )
+        trained_r = attached.finish() if attached is not None else None
+        adapter = save_adapter(
+            model, client.workdir / f"round-{r}", base_model=self.model_dir.name, remainder=start_point.remainder
+        )
+        upload = adapter  # Fed-SB: lora_R goes up; the PEFT form (B R, A) stays for the oracle
+        if trained_r is not None:
+            upload = client.workdir / f"round-{r}-upload"
+            shutil.rmtree(upload, ignore_errors=True)
+            shutil.copytree(adapter, upload)
+            write_r_upload(upload, trained_r)
+        done = _ClientRound(adapter, upload, start_point.gap.relative, report)
+        if variates is not None:
+            done.lr_sum = result.steps * train.lr
+            done.variate = (variates.finish(model, done.lr_sum), variates.basis())
+        if self.config.personal_heads:
+            done.head = split_head(adapter)  # the body goes up; the head stays
+        if client.ledger is not None and report is not None:
+            client.ledger.commit(r, train.planned_steps(len(client.examples)))
+        return done
+
+    def _upload(self, fed: _Federation, client: _Client, r: int, done: _ClientRound) -> int:
+        """``client``'s plain upload of round ``r`` through the SDK (as ``train`` sends it); the bytes sent."""
+        report = done.report
+        uploaded = self.sdk.upload(
+            fed.name,
+            done.upload,
+            client.name,
+            dataset_size=float(len(client.examples)),
+            round_=r,
+            secret=client.secret,
+            dp=None if report is None else report.to_dict(),
+            lr_sum=done.lr_sum,
+            label_counts=None if report is not None else self._label_counts(client.examples),
+        )
+        return uploaded.bytes
+
+    def _complete(
+        self, fed: _Federation, r: int, chosen: Sequence[_Client], trained: Mapping[str, _ClientRound]
+    ) -> None:
+        """Wait for round ``r`` to complete (anything else ends the simulation); its clients' variates and heads
+        become theirs."""
         summary = self.sdk.wait_round(fed.name, r, timeout=600)
         if summary.state != RoundStatus.COMPLETE:
             raise ConfigError(f"{fed.name} round {r} ended {summary.state}: {summary.reason}")
         for client in chosen:  # the round completed with their updates: their variates move on
-            if client.name in pending:
-                save_variate(client.workdir / CLIENT_VARIATE_FILE, *pending[client.name], r)
-        for client in chosen:
-            client.head = trained_heads.get(client.name, client.head)  # the round completed: its heads are theirs
+            variate = trained[client.name].variate
+            if variate is not None:
+                save_variate(client.workdir / CLIENT_VARIATE_FILE, *variate, r)
+        for client in chosen:  # the round completed: its heads are theirs
+            head = trained[client.name].head
+            client.head = client.head if head is None else head
+
+    def _check_round(
+        self,
+        fed: _Federation,
+        r: int,
+        chosen: Sequence[_Client],
+        trained: Mapping[str, _ClientRound],
+        *,
+        up: int,
+        down: int,
+        started: float,
+    ) -> SimRow:
+        """Pull round ``r`` into the simulation's own view; its row: the pulled model's distance from the float64
+        oracle (the previous global plus the manifest's weighted updates), its evaluation and the round's costs."""
+        from .model import corrected_base, exact_model, read_adapter
+
         previous = corrected_base(fed.server_view, self.model_dir, task=TaskType.SEQ_CLS, labels=self.labels)
         started_from = read_adapter(fed.server_view)  # the global this round's clients trained from
+        spec = strategy_spec(fed.strategy)
+        frame = _trained_tensors(fed.server_view, spec)  # a linear strategy's factors, as they started
         manifest = self.sdk.pull(fed.name, fed.server_view, r)
         fed.increments[r] = (manifest.adapter_bytes, manifest.residual_bytes)
         seconds = time.perf_counter() - started
         weights = {c.client_id: float(c.weight) for c in manifest.clients}
-        total, heads = weighted_updates([(weights[name], adapter) for name, adapter in updates])
+        total, heads = weighted_updates([(weights[name], done.adapter) for name, done in trained.items()])
         if self.config.server_opt != ServerOptimizer.NONE:
-            total, heads = self._server_step(fed, started_from, total, heads)
+            linear = None
+            if spec.linear:  # its optimiser steps the factor the clients trained (server_opt.step_trained)
+                uploads = [(weights[name], _trained_tensors(done.upload, spec)) for name, done in trained.items()]
+                linear = (spec.trainable(r), frame, uploads)
+            total, heads = self._server_step(fed, started_from, total, heads, linear)
         if self.config.personal_heads:  # the clients send no head: the published one is round 0's
             heads = {k: v.double() for k, v in read_adapter(fed.server_view)[1].items()}
         oracle = apply_updates(previous, total, heads)
@@ -566,6 +632,11 @@ class _Runner:
         score = self._evaluate(pulled_model)
         personal = self._personal(pulled_model, fed.clients) if self.config.personal_heads else None
         cosines = [c.cosine for c in manifest.clients if c.cosine is not None]
+        worst_remainder, epsilon = 0.0, None
+        for done in trained.values():
+            worst_remainder = max(worst_remainder, done.gap)
+            if done.report is not None:
+                epsilon = max(epsilon or 0.0, done.report.epsilon)
         return SimRow(
             fed.strategy,
             r,
@@ -650,12 +721,19 @@ class _Runner:
         return {name: labels.count(i) for i, name in enumerate(self.labels)}
 
     def _server_step(
-        self, fed: _Federation, started_from: Any, total: dict[str, Any], heads: dict[str, Any]
+        self,
+        fed: _Federation,
+        started_from: Any,
+        total: dict[str, Any],
+        heads: dict[str, Any],
+        trained: tuple[Any, dict[str, Any], list[tuple[float, dict[str, Any]]]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The oracle of a round under a server optimiser: each module's update is the published adapter the
         clients started from plus the optimiser's step on (exact average − that adapter), in float64 with
         the oracle's own state; each head the previous head plus its step (the average as it is when the
-        previous global had none)."""
+        previous global had none). A linear strategy (``trained``: the round's factor, the tensors the clients
+        started from, and each client's weight and uploaded tensors) steps the trained factor instead, the
+        frame as published."""
         import torch
 
         from chorus_mq.aggregation.server_opt import ServerOptConfig, step
@@ -668,6 +746,21 @@ class _Runner:
         factors, old_heads, _targets = started_from
         stepped, stepped_heads = {}, {}
         for module, update in total.items():
+            if trained is not None:
+                factor, start, uploads = trained
+                A, B, scaling = (t.double() if isinstance(t, torch.Tensor) else t for t in factors[module])
+                key = f"{module}.{factor}.weight"
+                old = start[key].double()
+                mean = sum(w * tensors[key].double() for w, tensors in uploads)
+                change, fed.opt_state[key] = step(mean - old, fed.opt_state.get(key), cfg)
+                new = old + change
+                if factor == Factor.LORA_R:  # Fed-SB: the frame's B (in ``start``) @ R @ A
+                    stepped[module] = scaling * (start[f"{module}.lora_B.weight"].double() @ new @ A)
+                elif factor == Factor.LORA_A:
+                    stepped[module] = scaling * (B @ new)
+                else:
+                    stepped[module] = scaling * (new @ A)
+                continue
             old = torch.zeros_like(update)
             if module in factors:
                 A, B, scaling = factors[module]
@@ -766,6 +859,17 @@ def weighted_average(
     if head is not None:
         heads = {k: v.double() for k, v in head.items()}
     return apply_updates(base, total, heads)
+
+
+def _trained_tensors(directory: Path, spec: Any) -> dict[str, Any]:
+    """A directory's tensors a linear strategy trains or keeps as its frame: Fed-SB's own file (frame and R)
+    in a pulled directory, else the adapter weights (an upload's ``lora_R`` lies there); {} for the others."""
+    from safetensors.torch import load_file
+
+    if not spec.linear:
+        return {}
+    own = directory / FED_SB_FILE
+    return load_file(str(own if spec.sandwich and own.is_file() else directory / ADAPTER_WEIGHTS))
 
 
 def weighted_updates(clients: Sequence[tuple[float, Path]]) -> tuple[dict[str, Any], dict[str, Any]]:

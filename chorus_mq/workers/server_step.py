@@ -28,10 +28,12 @@ from ..aggregation.server_opt import (
     step_factors,
     step_module,
     step_tensor,
+    step_trained,
 )
-from ..names import RoundStatus
+from ..names import Factor, RoundStatus
 from ..results import fetch_manifest
 from ..state import FederationConfig
+from ..strategy import strategy_spec
 from .previous import Part, PreviousGlobal, open_part, previous_global
 from .round_plan import Plan
 from .runtime import Runtime
@@ -61,12 +63,18 @@ def state_key(item: str, slot: str) -> str:
 
 @dataclass
 class ServerStep:
-    """One shard's server step: ``product`` says whether modules step in product space (else fedavg's factors)."""
+    """One shard's server step: ``product`` says whether modules step in product space; else a linear strategy
+    steps the factor its clients trained this round (``trained``), and fedavg both factors."""
 
     cfg: ServerOptConfig
     product: bool
     previous: PreviousGlobal
     state: Part  # the previous state, read item by item (dense: the shard's whole state may be large)
+    #: a linear strategy: the factor this round's clients trained, and every factor it trains in some round
+    trained: Factor | None = None
+    trains: tuple[Factor, ...] = ()
+    #: ``--personal-heads``: every round publishes round 0's head unchanged, so no head keeps a state
+    fixed_heads: bool = False
 
     @classmethod
     def open(
@@ -77,9 +85,11 @@ class ServerStep:
         config: FederationConfig,
         items: Iterable[str],
         stack: contextlib.ExitStack,
+        trained: Factor | None = None,
     ) -> ServerStep | None:
         """The step for ``items`` of a round under ``plan`` (its state objects stay open until ``stack``
-        closes); None without a server optimiser."""
+        closes), in which clients trained ``trained`` (a linear strategy's factor of the round); None without a
+        server optimiser."""
         cfg = server_opt_config(config)
         if not cfg.enabled:
             return None
@@ -90,7 +100,9 @@ class ServerStep:
             manifest, _ = fetch_manifest(rt.state, rt.store, federation, plan.previous)
             keys = {state_key(item, slot) for item in items for slot in _all_slots(cfg)}
             state = open_part(rt, manifest, lambda shard: shard.opt_state, items, keys, stack)
-        return cls(cfg, product_space(plan.strategy, dp=plan.dp), previous, state)
+        trains = strategy_spec(plan.strategy).trains if trained is not None else ()
+        product = product_space(plan.strategy, dp=plan.dp)
+        return cls(cfg, product, previous, state, trained, trains, fixed_heads=bool(plan.heads))
 
     def residual_form(self, extra: bool, form: str) -> str:
         """A module stepped in product space publishes a dense residual (``s_p B_p A_p + U − s B A``)."""
@@ -98,19 +110,25 @@ class ServerStep:
 
     def layout(self, item: str, *, extra: bool, shape: tuple[int, ...], rank: int) -> Layout:
         """The state tensors ``item`` writes (float32), in a fixed order."""
+        if extra and self.fixed_heads:
+            return []  # round 0's head, published as it is: nothing steps it
         if extra or self.product:
             shapes = state_shapes(self.cfg, shape)
         else:
             d_out, d_in = shape
-            shapes = state_shapes(self.cfg, shape, factors=(rank, d_out, d_in))
+            trained = self.trains or (Factor.LORA_A, Factor.LORA_B)
+            shapes = state_shapes(self.cfg, shape, factors=(rank, d_out, d_in), trained=trained)
         return [(state_key(item, slot), _F32, dims) for slot, dims in shapes.items()]
 
     def module(self, name: str, result: ModuleResult) -> tuple[ModuleResult, dict[str, Tensor]]:
         """Step module ``name``'s aggregate; its new state by tensor name."""
         prev = self.previous.modules.get(name)
-        factors = None if prev is None else PreviousFactors(prev.A, prev.B, prev.scaling)
+        factors = None if prev is None else PreviousFactors(prev.A, prev.B, prev.scaling, prev.R)
         mine = self._state(name)
-        stepped, new = (step_module if self.product else step_factors)(result, factors, mine, self.cfg)
+        if self.trained is not None:
+            stepped, new = step_trained(result, factors, mine, self.cfg, self.trained, self.trains)
+        else:
+            stepped, new = (step_module if self.product else step_factors)(result, factors, mine, self.cfg)
         return stepped, self._named(name, new)
 
     def extra(self, name: str, tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -124,12 +142,13 @@ class ServerStep:
 
     @staticmethod
     def _named(item: str, state: State) -> dict[str, Tensor]:
-        return {state_key(item, slot): value.to(_F32).contiguous() for slot, value in state.items()}
+        # in name order, as the shard's layout lists them (``state_shapes``)
+        return {state_key(item, slot): state[slot].to(_F32).contiguous() for slot in sorted(state)}
 
 
 def _all_slots(cfg: ServerOptConfig) -> list[str]:
-    """Every slot name a state may hold: product space or a tensor, and fedavg's factors."""
-    return [*cfg.slots, *(f"{factor}.{slot}" for factor in ("lora_A", "lora_B") for slot in cfg.slots)]
+    """Every slot name a state may hold: product space or a tensor, and each factor's (fedavg, linear)."""
+    return [*cfg.slots, *(f"{factor}.{slot}" for factor in Factor for slot in cfg.slots)]
 
 
 def collect_states(rt: Runtime, federation: str) -> list[int]:

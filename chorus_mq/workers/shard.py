@@ -216,7 +216,8 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     out: dict[str, tuple[int, float]] = {}
     residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
-        step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack)
+        trained = strategy_spec(plan.strategy).trainable(r)  # a linear strategy steps the factor it trained
+        step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack, trained)
         flush = FlushStep.open(rt, federation, plan, plan.shard_items(k))
         if flush is not None:  # a buffered flush publishes version v+1 exactly (workers/flush.py)
             for job in jobs:

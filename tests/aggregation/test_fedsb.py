@@ -114,7 +114,7 @@ def test_the_spec_says_fed_sb_trains_r_with_both_factors_frozen():
 
 @pytest.mark.parametrize(
     ("extra", "flag"),
-    [({"scaffold": True}, "--scaffold"), ({"server_opt": "fedadam"}, "--server-opt"), ({"out_rank": 4}, "--out-rank")],
+    [({"scaffold": True}, "--scaffold"), ({"out_rank": 4}, "--out-rank")],
 )
 def test_unsupported_combinations_are_refused_at_create(extra, flag):
     with pytest.raises(ConfigError, match=f"does not support {flag}"):

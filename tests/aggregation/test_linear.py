@@ -88,7 +88,6 @@ def test_specs_say_what_each_strategy_is():
     ("extra", "flag"),
     [
         ({"scaffold": True}, "--scaffold"),
-        ({"server_opt": "fedadam"}, "--server-opt"),
         ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0}, "--dp-noise-multiplier"),
         ({"robust_aggregate": "trimmed", "trim": 1}, "--robust-aggregate"),
         ({"out_rank": 4}, "--out-rank"),

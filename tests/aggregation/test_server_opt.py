@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from agg_oracle import F64, make_clients, oracle, total_delta
+from agg_oracle import F64, make_clients, oracle, rel, total_delta
 
 from chorus_mq.aggregation import aggregate_module
 from chorus_mq.aggregation.server_opt import (
@@ -18,9 +18,12 @@ from chorus_mq.aggregation.server_opt import (
     step_factors,
     step_module,
     step_tensor,
+    step_trained,
 )
+from chorus_mq.aggregation.updates import ClientUpdate
 from chorus_mq.errors import AggregationError, ConfigError
-from chorus_mq.names import ServerOptimizer, Strategy
+from chorus_mq.names import Factor, ServerOptimizer, Strategy
+from chorus_mq.strategy import strategy_spec
 
 OPTIMISERS = [ServerOptimizer.FEDAVGM, ServerOptimizer.FEDADAM, ServerOptimizer.FEDYOGI]
 
@@ -201,4 +204,91 @@ def test_stack_is_refused_and_fedavg_steps_in_factor_space():
         check_strategy(ok)
     assert not product_space(Strategy.FEDAVG) and product_space(Strategy.FEDAVG, dp=True)
     assert product_space("fedex-lora") and product_space(Strategy.SVD)
+    for linear in (Strategy.FFA_LORA, Strategy.ROLORA, Strategy.FED_SB):  # they step their trained factor
+        check_strategy(linear)
+        assert not product_space(linear)
     assert ServerOptConfig().slots == () and ServerOptConfig(ServerOptimizer.FEDAVGM).slots == ("v",)
+
+
+def _linear_round(trains: Factor, frozen_a, frozen_b, seed: int, r: int = 3):
+    """Three clients of one linear round: the trained factor (or Fed-SB's R) their own, the frame shared."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(3):
+        a = torch.randn(r, frozen_a.shape[1], generator=g) if trains == Factor.LORA_A else frozen_a
+        b = torch.randn(frozen_b.shape[0], r, generator=g) if trains == Factor.LORA_B else frozen_b
+        R = torch.randn(r, r, generator=g) if trains == Factor.LORA_R else None
+        out.append(ClientUpdate(A=a, B=b, R=R, scaling=2.0 / r, weight=float(1 + i)))
+    return out
+
+
+def _trained(x, trains: Factor):
+    return {Factor.LORA_A: x.A, Factor.LORA_B: x.B, Factor.LORA_R: x.R}[trains]
+
+
+@pytest.mark.parametrize("opt", OPTIMISERS)
+@pytest.mark.parametrize(
+    ("strategy", "schedule"),
+    [
+        (Strategy.FFA_LORA, [Factor.LORA_B] * 4),
+        (Strategy.ROLORA, [Factor.LORA_B, Factor.LORA_A] * 2),
+        (Strategy.FED_SB, [Factor.LORA_R] * 4),
+    ],
+)
+def test_a_linear_strategy_steps_its_trained_factor_against_the_float64_oracle(opt, strategy, schedule):
+    """Over four rounds: the trained factor is the previous one plus the optimiser's step on (its exact average
+    minus the previous), with each factor's own state carried through the rounds it is frozen in (rolora); the
+    frozen factors are the result's bit for bit, and no residual appears."""
+    cfg = ServerOptConfig(opt, lr=0.05 if opt != ServerOptimizer.FEDAVGM else 0.8, momentum=0.7, tau=1e-2)
+    oracles = {f: NumpyOracle(cfg) for f in set(schedule)}
+    r, d_out, d_in = 3, 10, 8
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(r, d_in, generator=g), torch.zeros(d_out, r)
+    R = torch.zeros(r, r) if strategy == Strategy.FED_SB else None
+    if strategy == Strategy.FED_SB:
+        b = torch.randn(d_out, r, generator=g)
+    previous, state = PreviousFactors(a, b, 2.0 / r, R), None
+    carried = strategy_spec(strategy).trains
+    for t, trains in enumerate(schedule):
+        clients = _linear_round(trains, previous.A, previous.B, seed=20 + t)
+        result = aggregate_module(clients, strategy, trains=trains)
+        stepped, state = step_trained(result, previous, state, cfg, trains, carried)
+        old = _np(_trained(previous, trains))
+        mean = sum(c.weight * _np(_trained(c, trains)) for c in clients) / sum(c.weight for c in clients)
+        want = old + oracles[trains](mean - old)
+        got = _np(_trained(stepped, trains))
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-6, f"round {t}"
+        for other in {Factor.LORA_A, Factor.LORA_B} - {trains}:
+            assert torch.equal(_trained(stepped, other), _trained(result, other))  # the frame, bit for bit
+        assert stepped.residual is None
+        assert sorted(state) == sorted(f"{f}.{slot}" for f in carried for slot in cfg.slots)
+        previous = PreviousFactors(stepped.A, stepped.B, stepped.scaling, stepped.R)
+
+
+def test_fedavgm_on_a_frozen_frame_is_fedavgm_in_product_space():
+    """With A frozen, the velocity of B mapped through ``s·(·)·A`` is product space's velocity: the same model."""
+    cfg = ServerOptConfig(ServerOptimizer.FEDAVGM, lr=0.7, momentum=0.8)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 8, generator=g)
+    factor_prev = PreviousFactors(a, torch.zeros(10, 3), 2.0 / 3)
+    product_prev, factor_state, product_state = factor_prev, None, None
+    for t in range(3):
+        clients = _linear_round(Factor.LORA_B, a, factor_prev.B, seed=40 + t)
+        result = aggregate_module(clients, Strategy.FFA_LORA, trains=Factor.LORA_B)
+        stepped, factor_state = step_trained(result, factor_prev, factor_state, cfg, Factor.LORA_B)
+        dense, product_state = step_module(result, product_prev, product_state, cfg)
+        assert rel(total_delta(stepped), total_delta(dense)) < 1e-6, f"round {t}"
+        factor_prev = PreviousFactors(stepped.A, stepped.B, stepped.scaling)
+        # product space carries the step in a residual: the next round steps from the whole dense model
+        product_prev = PreviousFactors(torch.eye(8, dtype=F64), total_delta(dense), 1.0)
+
+
+def test_a_linear_step_without_its_factor_is_an_error():
+    cfg = ServerOptConfig(ServerOptimizer.FEDADAM)
+    clients = _linear_round(Factor.LORA_B, torch.randn(3, 8), torch.zeros(10, 3), seed=1)
+    result = aggregate_module(clients, Strategy.FFA_LORA, trains=Factor.LORA_B)
+    with pytest.raises(AggregationError, match="no lora_R to step"):
+        step_trained(result, None, None, cfg, Factor.LORA_R)
+    previous = PreviousFactors(torch.randn(3, 8), torch.zeros(11, 3), 1.0)
+    with pytest.raises(AggregationError, match="previous global's lora_B has shape"):
+        step_trained(result, previous, None, cfg, Factor.LORA_B)

@@ -168,6 +168,11 @@ def test_a_fast_client_contributes_twice_to_one_flush_and_shares_its_weight(depl
     assert entries[:2] == sorted(("c0", sha[i], b, 1 - b, p[i]) for i, b in ((3, 1), (4, 0)))
     assert (c1.base_version, c1.staleness) == (1, 0) and math.isclose(c1.weight, p[5], rel_tol=1e-12)
     assert math.isclose(p[3] + p[4], 0.25 * (1 + 2**-0.5) / (0.25 * (1 + 2**-0.5) + 0.5), rel_tol=1e-12)
+    # what rounds and status show: the client once, with its count of deltas, never the term c0#2
+    summary = sdk.round("fast", 2, cosines=True)
+    assert (summary.clients, summary.n, summary.deltas_per_client) == (("c0", "c1"), 3, {"c0": 2})
+    assert summary.cosine is not None and set(summary.cosine) == {"c0", "c1"}
+    assert all("#" not in c for r in sdk.status("fast").recent_rounds for c in r.clients)
 
 
 def test_a_sampled_buffer_refuses_an_undrawn_client_and_its_next_draw_takes_it(deployment, delta_file, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +22,20 @@ DATA = Examples(
     tuple(f"the film was {WORDS[i % 3]} {'really ' * (i % 4)}overall" for i in range(48)),
     tuple(i % 3 for i in range(48)),
 )
+
+
+def data_csv(path: Path, copies: int = 2) -> Path:
+    """DATA as a ``simulate --dataset`` CSV: ``copies`` copies, each text tagged with its copy, labels as words."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    rows = [
+        {"text": f"{t} #{c}", "label": WORDS[y]}
+        for c in range(copies)
+        for t, y in zip(DATA.texts, DATA.labels, strict=True)
+    ]
+    pa_csv.write_csv(pa.Table.from_pylist(rows), path)
+    return path
 
 
 def test_seq_cls_training_lowers_the_loss_and_saves_an_uploadable_adapter(tiny_bert_dir, tokenizer, tmp_path):

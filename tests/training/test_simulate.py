@@ -207,18 +207,12 @@ def test_simulate_with_personal_heads_reports_each_clients_own_model(tiny_bert_d
 
 def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
     """ffa-lora, rolora and fed-sb in ``simulate``: the pulled model is the exact average, with no remainder."""
-    import pyarrow as pa
-    from pyarrow import csv as pa_csv
 
     from chorus_mq.training.simulate_model import run_model_simulation
 
-    from .test_local import DATA, WORDS
+    from .test_local import data_csv
 
-    rows = [
-        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
-    ]
-    data = tmp_path / "data.csv"
-    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    data = data_csv(tmp_path / "data.csv")
     result = run_model_simulation(
         model=str(tiny_bert_dir),
         dataset=str(data),
@@ -248,8 +242,6 @@ def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert
     """``--secure-aggregation`` on ffa-lora: the same seed trains the same clients, and only the aggregation path
     differs (three clients upload through every phase together, the sweep opens them): the published model is
     the plain one's to within the fixed-point encoding, and exact against the float64 oracle."""
-    import pyarrow as pa
-    from pyarrow import csv as pa_csv
 
     from chorus_mq.names import SecAggPhase
     from chorus_mq.sdk.combined import Sdk
@@ -257,13 +249,9 @@ def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert
     from chorus_mq.training.simulate_model import run_model_simulation
     from chorus_mq.workers import runtime
 
-    from .test_local import DATA, WORDS
+    from .test_local import data_csv
 
-    rows = [
-        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
-    ]
-    data = tmp_path / "data.csv"
-    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    data = data_csv(tmp_path / "data.csv")
     sdks: list[Sdk] = []
 
     def embedded(workdir):
@@ -322,3 +310,32 @@ def test_simulate_refuses_secure_aggregation_where_it_cannot_run_before_any_work
     with pytest.raises(ConfigError, match=says):
         # a model that does not exist: the refusal comes before anything is loaded
         run_model_simulation(model=str(tmp_path / "no-model"), secure_aggregation=True, echo=None, **options)
+
+
+def test_simulate_steps_a_linear_strategys_trained_factor_under_a_server_optimiser(tiny_bert_dir, tmp_path):
+    """fedadam on ffa-lora, rolora and fed-sb in ``simulate``: the pulled model is the oracle's step on the
+    trained factor (rolora's third round steps B again from the state it kept while A trained)."""
+    from chorus_mq.training.simulate_model import run_model_simulation
+
+    from .test_local import data_csv
+
+    data = data_csv(tmp_path / "data.csv")
+    result = run_model_simulation(
+        model=str(tiny_bert_dir),
+        dataset=str(data),
+        clients=2,
+        rounds=3,
+        strategies=("ffa-lora", "rolora", "fed-sb"),
+        steps_per_round=2,
+        batch_size=8,
+        lr=2e-2,
+        max_length=32,
+        test_examples=16,
+        server_opt="fedadam",
+        server_lr=0.05,
+        echo=None,
+    )
+    for row in result:
+        if row.round:
+            assert row.exact_error is not None and row.exact_error < 1e-4, row
+    assert {r.strategy for r in result} == {"ffa-lora", "rolora", "fed-sb"} and len(result) == 12

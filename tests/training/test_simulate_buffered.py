@@ -59,19 +59,12 @@ def test_the_cli_refuses_a_buffered_simulation_without_a_model_or_speeds():
 def test_buffered_until_sync_time_runs_on_past_the_target_and_reports_staleness(tiny_bert_dir, tmp_path):
     """The same comparison stopped at the target and run on to the synchronous total time: the longer run starts
     with the shorter one's versions, ends by that time, and every flushed delta's staleness is from a manifest."""
-    import pyarrow as pa
-    from pyarrow import csv as pa_csv
-
     from chorus_mq.training.simulate_buffered import BufferedUntil, run_speed_comparison
     from chorus_mq.workers import runtime
 
-    from .test_local import DATA, WORDS
+    from .test_local import data_csv
 
-    rows = [
-        {"text": f"{t} #{c}", "label": WORDS[y]} for c in range(2) for t, y in zip(DATA.texts, DATA.labels, strict=True)
-    ]
-    data = tmp_path / "data.csv"
-    pa_csv.write_csv(pa.Table.from_pylist(rows), data)
+    data = data_csv(tmp_path / "data.csv")
     sim = SimConfig(
         model=str(tiny_bert_dir),
         dataset=str(data),

@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 from chorus_mq.aggregation import aggregate_module
 from chorus_mq.aggregation.updates import ClientUpdate
 from chorus_mq.errors import ConfigError
-from chorus_mq.names import ServerOptimizer, Strategy
+from chorus_mq.names import ADAPTER_WEIGHTS, FED_SB_FILE, Factor, ServerOptimizer, Strategy
 from chorus_mq.state import FederationConfig
+from chorus_mq.strategy import strategy_spec
 from chorus_mq.workers import runtime
 from chorus_mq.workers.plan import make_plan
 from chorus_mq.workers.shard import compute_shard
 
-from ..deltas import declared, make_federation, random_factors, write_adapter
-from ..server_opt_oracle import FederationOracle, Steps, published
+from ..deltas import declared, make_federation, random_factors, write_adapter, write_r_adapter
+from ..server_opt_oracle import PEFT_PREFIX, FederationOracle, Steps, published
 
 HEAD = "base_model.model.score.weight"
 MODULES = ("layers.0.q", "layers.0.v")
@@ -250,3 +251,104 @@ def test_the_sweep_collects_states_a_killed_commit_left(sdk, tmp_path, monkeypat
     assert report.states == [("swept", 1)]
     assert not rt.store.exists(states[0].key) and rt.store.exists(states[1].key)
     assert sweep(rt, get_dispatcher(rt.settings)).states == []  # the cursor moved on: nothing to read again
+
+
+@pytest.mark.parametrize("strategy", [Strategy.FFA_LORA, Strategy.ROLORA, Strategy.FED_SB])
+def test_a_linear_strategy_publishes_the_oracles_step_on_its_trained_factor(sdk, tmp_path, strategy):
+    """ffa-lora, rolora and fed-sb under fedadam, three rounds through the worker path: the published trained
+    factor (rolora: B, then A, then B again with the state B kept while A trained) is the previous one plus
+    the float64 oracle's step on (the weighted mean of the uploads minus the previous); the frame is the
+    previous round's bit for bit, and no residual is ever published."""
+    name = str(strategy).replace("-", "")
+    spec = strategy_spec(strategy)
+    g = torch.Generator().manual_seed(11)
+    initial = {
+        m: (torch.randn(4, 12, generator=g), torch.randn(16, 4, generator=g) if spec.sandwich else torch.zeros(16, 4))
+        for m in MODULES
+    }
+    config = FederationConfig(
+        name=name, base_model="m", quorum=3, strategy=strategy, server_opt="fedadam", server_lr=0.02, server_tau=1e-2
+    )
+    path = write_adapter(tmp_path / "initial.safetensors", initial)
+    sdk.create_federation(config, model=declared(initial), initial_adapter=path)
+    steps = {(m, f): Steps("fedadam", 0.02, tau=1e-2) for m in MODULES for f in spec.trains}
+    tensors_file = FED_SB_FILE if spec.sandwich else ADAPTER_WEIGHTS
+    previous = tmp_path / f"{name}-0"
+    sdk.pull(name, previous, 0)
+    for r in (1, 2, 3):
+        trains = spec.trainable(r)
+        suffix = f".{trains}.weight"
+        before = load_file(previous / tensors_file)
+        uploads = []
+        for i in range(3):
+            noise = torch.Generator().manual_seed(100 * r + i)
+            factors = {}
+            for m in MODULES:
+                key = f"{PEFT_PREFIX}{m}"
+                mine = before[key + suffix] + 0.3 * torch.randn(before[key + suffix].shape, generator=noise)
+                if spec.sandwich:
+                    factors[m] = mine
+                else:
+                    a, b = before[f"{key}.lora_A.weight"], before[f"{key}.lora_B.weight"]
+                    factors[m] = (mine, b) if trains == Factor.LORA_A else (a, mine)
+            file = tmp_path / f"{name}-r{r}-c{i}.safetensors"
+            (write_r_adapter if spec.sandwich else write_adapter)(file, factors)
+            sdk.upload(name, file, f"c{i}", dataset_size=100.0 + 37 * i)
+            uploads.append(
+                (
+                    f"c{i}",
+                    {
+                        m: factors[m] if spec.sandwich else factors[m][0 if trains == Factor.LORA_A else 1]
+                        for m in MODULES
+                    },
+                )
+            )
+        out = tmp_path / f"{name}-{r}"
+        manifest = sdk.pull(name, out, r)
+        assert manifest.server_opt["previous_round"] == r - 1
+        assert all(shard.residual is None for shard in manifest.shards)
+        weights = {c.client_id: c.weight for c in manifest.clients}
+        after = load_file(out / tensors_file)
+        for m in MODULES:
+            key = f"{PEFT_PREFIX}{m}"
+            old = before[key + suffix].double().numpy()
+            mean = sum(weights[c] * x[m].double().numpy() for c, x in uploads)
+            want = old + steps[(m, trains)](mean - old)
+            got = after[key + suffix].double().numpy()
+            assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, f"round {r} {m}"
+            for frozen in {"lora_A", "lora_B"} - {str(trains)}:  # the frame, bit for bit
+                assert torch.equal(after[f"{key}.{frozen}.weight"], before[f"{key}.{frozen}.weight"])
+        previous = out
+
+
+def test_personal_heads_under_a_server_optimiser_publish_round_0s_head_and_step_the_body(sdk, tmp_path):
+    """--personal-heads with fedadam: the clients send bodies only; every round publishes round 0's head as it
+    is (no state kept for it) and the body is the oracle's step, round after round (this combination used to
+    leave the round aggregating: the head's state was declared and never written)."""
+    from chorus_mq.names import TaskType
+
+    options = {"server_lr": 0.02, "server_tau": 1e-2}
+    _create(
+        sdk,
+        tmp_path,
+        "heads",
+        server_opt="fedadam",
+        personal_heads=True,
+        task_type=TaskType.SEQ_CLS,
+        labels=("a", "b", "c"),
+        **options,
+    )
+    start = tmp_path / "heads-start"
+    sdk.pull("heads", start, 0)
+    head0 = load_file(start / ADAPTER_WEIGHTS)[HEAD]
+    oracle = FederationOracle("fedadam", 0.02, start=start, tau=1e-2)
+    previous = start
+    for r in (1, 2):
+        uploads = _round(sdk, tmp_path, "heads", r, heads=False)
+        out = tmp_path / f"heads-{r}"
+        manifest = sdk.pull("heads", out, r)
+        weights = {c.client_id: c.weight for c in manifest.clients}
+        oracle.round([(weights[c], f, h) for c, f, h in uploads], previous, scaling=_scaling)
+        assert oracle.worst_error(out) < 1e-5, f"round {r}"
+        assert torch.equal(load_file(out / ADAPTER_WEIGHTS)[HEAD], head0)  # round 0's head, bit for bit
+        previous = out
