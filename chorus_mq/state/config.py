@@ -335,7 +335,6 @@ class FederationConfig:
                 self.screen_outliers or self.robust_aggregate != RobustAggregate.MEAN
             ),
             "--relative-clip (it needs each update's norm; pass --relative-clip 0)": bool(self.relative_clip),
-            "--server-opt (not built yet)": self.server_opt != ServerOptimizer.NONE,
             "--scaffold (its variate needs each update)": self.scaffold,
             "--personal-heads (not built yet)": self.personal_heads,
         }

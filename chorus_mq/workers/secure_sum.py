@@ -34,13 +34,23 @@ import numpy as np
 from ..errors import ObjectExists, ObjectMissing, SecAggError
 from ..layout import accepted_key, manifest_key, shard_key
 from ..manifest import ClientEntry, Manifest, ObjectRef, ShardEntry
-from ..names import SHARD_FORMAT, RoundStatus, ScriptStatus, SecAggClose, SecAggPhase, Task
+from ..names import (
+    SERVER_STATE_FORMAT,
+    SHARD_FORMAT,
+    RoundStatus,
+    ScriptStatus,
+    SecAggClose,
+    SecAggPhase,
+    ServerOptimizer,
+    Task,
+)
 from ..results import fetch_manifest
 from ..secagg import wire
 from ..secagg.encoding import U64, Encoded
 from ..secagg.public import RoundPublic
 from ..secagg.server import unmask_slice
 from ..secagg.stored import data_begin
+from ..state import FederationConfig
 from ..state.secagg_flow import advance, replay
 from ..strategy import strategy_spec
 from .dispatch import Dispatcher
@@ -49,6 +59,7 @@ from .plan import balanced_ranges, send_missing_shards
 from .previous import previous_global, round_frame
 from .runtime import Runtime
 from .secure import public, rounds_of
+from .server_step import collect_states
 from .shard import ShardResult
 
 log = logging.getLogger(__name__)
@@ -261,9 +272,13 @@ def compute_secure_shard(
             total = noise_sum(total, sigma, noise_generator(noise_key, federation, r, f"secagg|{key}"))
         value = (total / total_weight).reshape(dict(pub.layout.entries)[key])
         trained[key] = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float32)
+    config = rt.state.config(federation)
+    state: dict[str, torch.Tensor] = {}
+    if config.server_opt != ServerOptimizer.NONE:  # post-processing of the released average: reveals nothing more
+        trained, state = _server_step(rt, federation, pub, config, trained)
     # the trained factor (and the head) only: the manifest refers to where the frozen factors lie; a strategy that
     # froze nothing would carry the start's tensors for anything the masked vector does not hold
-    carried = [] if strategy_spec(rt.state.config(federation).strategy).framed(r) else items
+    carried = [] if strategy_spec(config.strategy).framed(r) else items
     published = previous_global(rt, federation, pub.start, carried)
     tensors: dict[str, torch.Tensor] = {}
     for m, mod in published.modules.items():
@@ -284,6 +299,7 @@ def compute_secure_shard(
         except ObjectExists:
             pass  # a rerun: the same bytes under the same content-addressed key
         size = local.stat().st_size
+        opt_state = _write_state(rt, federation, r, k, state, Path(tmp)) if state else None
     written = time.perf_counter()
     return ShardResult(
         adapter=ObjectRef(key, sha, size),
@@ -297,7 +313,59 @@ def compute_secure_shard(
             "math": round(computed - started - fetched, 4),
             "write": round(written - computed, 4),
         },
+        opt_state=opt_state,
     )
+
+
+def _server_step(
+    rt: Runtime, federation: str, pub: RoundPublic, config: FederationConfig, average: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--server-opt`` on a secure round: each unmasked average (the trained factor of a module, or a head) is
+    stepped from the global the round started from (``pub.start``) with that round's optimiser state, as a plain
+    round of a linear strategy steps it (``workers/server_step.py``); returns the stepped tensors and the new
+    state by tensor name."""
+    import contextlib
+    import dataclasses
+
+    from ..aggregation import ModuleResult
+    from .server_step import ServerStep
+
+    suffix = f".{pub.trainable}.weight"
+    names = {key: key.removesuffix(suffix) if key.endswith(suffix) else key for key in average}
+    out, state = {}, {}
+    with contextlib.ExitStack() as stack:
+        step = ServerStep.start(
+            rt, federation, pub.start, config, names.values(), stack, product=False, trained=pub.trainable
+        )
+        assert step is not None  # the caller checked that the federation has an optimiser
+        for key, value in average.items():
+            name = names[key]
+            if name == key:  # a head
+                out[key], new = step.extra(key, value)
+            else:
+                prev = step.previous.modules.get(name)
+                if prev is None:
+                    raise SecAggError(f"round {pub.start} published no module {name!r} to step from")
+                start = ModuleResult(prev.A, prev.B, prev.scaling, None, prev.R)
+                replaced = {"lora_A": "A", "lora_B": "B", "lora_R": "R"}[str(pub.trainable)]
+                stepped, new = step.module(name, dataclasses.replace(start, **{replaced: value}))
+                out[key] = getattr(stepped, replaced)
+            state.update(new)
+    return out, state
+
+
+def _write_state(rt: Runtime, federation: str, r: int, k: int, state: dict[str, Any], tmp: Path) -> ObjectRef:
+    """Shard ``k``'s server optimiser state as one write-once object (the next round reads it)."""
+    from ..adapters import write_safetensors
+
+    local = tmp / "opt-state.safetensors"
+    sha = write_safetensors(local, state, {"format": SERVER_STATE_FORMAT})
+    key = shard_key(federation, r, k, "opt-state", sha)
+    try:
+        rt.store.put_file(key, local, write_once=True)
+    except ObjectExists:
+        pass  # a rerun: the same bytes under the same content-addressed key
+    return ObjectRef(key, sha, local.stat().st_size)
 
 
 def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -365,6 +433,11 @@ def commit_secure(rt: Runtime, federation: str, r: int, epoch: int) -> str:
     )
     if reply.status == ScriptStatus.OK:
         rt.state.forget_round_work(federation, r)  # the manifest now holds the plan and the shard results
+        if manifest.server_opt is not None:
+            try:  # only this round's optimiser state is read again (by the next); the sweep retries the rest
+                collect_states(rt, federation)
+            except Exception as exc:
+                log.warning("round %s/%s: older server optimiser states not collected yet: %s", federation, r, exc)
     return str(reply.status)
 
 
@@ -381,7 +454,7 @@ def _manifest(rt: Runtime, federation: str, r: int, epoch: int, started: float) 
     for k in range(len(plan.shards)):
         items = plan.shard_items(k)
         res = results[k]
-        shards.append(ShardEntry(k, items[0], items[-1], len(items), res.adapter, None))
+        shards.append(ShardEntry(k, items[0], items[-1], len(items), res.adapter, None, opt_state=res.opt_state))
         for phase in timings:
             timings[phase] += res.seconds.get(phase, 0.0)
     timings = {p: round(v, 4) for p, v in timings.items()}
@@ -421,4 +494,10 @@ def _manifest(rt: Runtime, federation: str, r: int, epoch: int, started: float) 
             "threshold": pub.threshold,
         },
         frame=round_frame(rt, federation, start_manifest.strategy, r, pub.start),
+        server_opt=_server_opt_settings(rt.state.config(federation), pub.start),
     )
+
+
+def _server_opt_settings(config: FederationConfig, start: int) -> dict[str, Any] | None:
+    settings = config.server_opt_settings()
+    return {**settings, "previous_round": start} if settings else None

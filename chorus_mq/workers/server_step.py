@@ -90,19 +90,46 @@ class ServerStep:
         """The step for ``items`` of a round under ``plan`` (its state objects stay open until ``stack``
         closes), in which clients trained ``trained`` (a linear strategy's factor of the round); None without a
         server optimiser."""
+        return cls.start(
+            rt,
+            federation,
+            plan.previous,
+            config,
+            items,
+            stack,
+            product=product_space(plan.strategy, dp=plan.dp),
+            trained=trained,
+            fixed_heads=bool(plan.heads),
+        )
+
+    @classmethod
+    def start(
+        cls,
+        rt: Runtime,
+        federation: str,
+        previous_round: int | None,
+        config: FederationConfig,
+        items: Iterable[str],
+        stack: contextlib.ExitStack,
+        *,
+        product: bool,
+        trained: Factor | None = None,
+        fixed_heads: bool = False,
+    ) -> ServerStep | None:
+        """The step from the global and optimiser state round ``previous_round`` published (None: none), for
+        ``items``; a plain round's (:meth:`open`) or a secure round's (``workers/secure_sum.py``)."""
         cfg = server_opt_config(config)
         if not cfg.enabled:
             return None
         items = sorted(items)
-        previous = previous_global(rt, federation, plan.previous, items)
+        previous = previous_global(rt, federation, previous_round, items)
         state = Part()
-        if plan.previous is not None:
-            manifest, _ = fetch_manifest(rt.state, rt.store, federation, plan.previous)
+        if previous_round is not None:
+            manifest, _ = fetch_manifest(rt.state, rt.store, federation, previous_round)
             keys = {state_key(item, slot) for item in items for slot in _all_slots(cfg)}
             state = open_part(rt, manifest, lambda shard: shard.opt_state, items, keys, stack)
-        trains = strategy_spec(plan.strategy).trains if trained is not None else ()
-        product = product_space(plan.strategy, dp=plan.dp)
-        return cls(cfg, product, previous, state, trained, trains, fixed_heads=bool(plan.heads))
+        trains = strategy_spec(config.strategy).trains if trained is not None else ()
+        return cls(cfg, product, previous, state, trained, trains, fixed_heads=fixed_heads)
 
     def residual_form(self, extra: bool, form: str) -> str:
         """A module stepped in product space publishes a dense residual (``s_p B_p A_p + U − s B A``)."""

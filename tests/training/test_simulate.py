@@ -339,3 +339,49 @@ def test_simulate_steps_a_linear_strategys_trained_factor_under_a_server_optimis
         if row.round:
             assert row.exact_error is not None and row.exact_error < 1e-4, row
     assert {r.strategy for r in result} == {"ffa-lora", "rolora", "fed-sb"} and len(result) == 12
+
+
+def test_a_secure_round_steps_the_unmasked_average_under_a_server_optimiser(tiny_bert_dir, tmp_path):
+    """``--secure-aggregation`` with fedadam on rolora, three rounds (B, A, then B from the state kept while A
+    trained): the workers step the unmasked average, so the published model is the plain federation's to
+    within the encoding and the float64 oracle's step (round 3's needs the state round 1 stored for B)."""
+    from chorus_mq.sdk.combined import Sdk
+    from chorus_mq.training.simulate_model import run_model_simulation
+    from chorus_mq.workers import runtime
+
+    from .test_local import data_csv
+
+    data = data_csv(tmp_path / "data.csv")
+    sdks: list[Sdk] = []
+
+    def embedded(workdir):
+        sdks.append(Sdk.embedded(workdir))
+        return sdks[-1]
+
+    runs = {}
+    try:
+        for secure in (False, True):
+            runs[secure] = run_model_simulation(
+                model=str(tiny_bert_dir),
+                dataset=str(data),
+                clients=3,
+                rounds=3,
+                strategies=("rolora",),
+                steps_per_round=2,
+                batch_size=8,
+                lr=2e-2,
+                max_length=32,
+                test_examples=16,
+                secure_aggregation=secure,
+                server_opt="fedadam",
+                server_lr=0.05,
+                sdk_factory=embedded,
+                echo=None,
+            )
+    finally:
+        runtime.install(None)
+    plain, secure = runs[False], runs[True]
+    for a, b in zip(plain[1:], secure[1:], strict=True):
+        assert b.exact_error is not None and b.exact_error <= 1e-5, b
+        assert b.loss == pytest.approx(a.loss, abs=1e-4)
+    assert secure[-1].loss != secure[0].loss
