@@ -293,11 +293,7 @@ def compute_secure_shard(
     with tempfile.TemporaryDirectory(dir=rt.spool) as tmp:
         local = Path(tmp) / "shard.safetensors"
         sha = write_safetensors(local, tensors, {"format": SHARD_FORMAT})
-        key = shard_key(federation, r, k, "adapter", sha)
-        try:
-            rt.store.put_file(key, local, write_once=True)
-        except ObjectExists:
-            pass  # a rerun: the same bytes under the same content-addressed key
+        key = _put_once(rt, shard_key(federation, r, k, "adapter", sha), local)
         size = local.stat().st_size
         opt_state = _write_state(rt, federation, r, k, state, Path(tmp)) if state else None
     written = time.perf_counter()
@@ -360,12 +356,17 @@ def _write_state(rt: Runtime, federation: str, r: int, k: int, state: dict[str, 
 
     local = tmp / "opt-state.safetensors"
     sha = write_safetensors(local, state, {"format": SERVER_STATE_FORMAT})
-    key = shard_key(federation, r, k, "opt-state", sha)
+    key = _put_once(rt, shard_key(federation, r, k, "opt-state", sha), local)
+    return ObjectRef(key, sha, local.stat().st_size)
+
+
+def _put_once(rt: Runtime, key: str, local: Path) -> str:
+    """Store ``local`` under content-addressed ``key``, write-once; returns the key."""
     try:
         rt.store.put_file(key, local, write_once=True)
     except ObjectExists:
         pass  # a rerun: the same bytes under the same content-addressed key
-    return ObjectRef(key, sha, local.stat().st_size)
+    return key
 
 
 def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

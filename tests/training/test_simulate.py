@@ -238,14 +238,10 @@ def test_simulate_runs_the_linear_strategies_exactly(tiny_bert_dir, tmp_path):
     assert by["fed-sb", 2].bytes_up < by["ffa-lora", 2].bytes_up
 
 
-def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert_dir, tmp_path):
-    """``--secure-aggregation`` on ffa-lora: the same seed trains the same clients, and only the aggregation path
-    differs (three clients upload through every phase together, the sweep opens them): the published model is
-    the plain one's to within the fixed-point encoding, and exact against the float64 oracle."""
-
-    from chorus_mq.names import SecAggPhase
+def _plain_and_secure(tiny_bert_dir, tmp_path, **options):
+    """The same simulation run plain, then with ``--secure-aggregation`` (three clients, the tiny BERT); the rows
+    of each, and the secure run's SDK (its Redis state outlives the run)."""
     from chorus_mq.sdk.combined import Sdk
-    from chorus_mq.state.secagg import SecAggRounds
     from chorus_mq.training.simulate_model import run_model_simulation
     from chorus_mq.workers import runtime
 
@@ -265,8 +261,6 @@ def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert
                 model=str(tiny_bert_dir),
                 dataset=str(data),
                 clients=3,
-                rounds=2,
-                strategies=("ffa-lora",),
                 steps_per_round=2,
                 batch_size=8,
                 lr=2e-2,
@@ -275,10 +269,22 @@ def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert
                 secure_aggregation=secure,
                 sdk_factory=embedded,
                 echo=None,
+                **options,
             )
     finally:
         runtime.install(None)
-    plain, secure = runs[False], runs[True]
+    return runs[False], runs[True], sdks[1]
+
+
+def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert_dir, tmp_path):
+    """``--secure-aggregation`` on ffa-lora: the same seed trains the same clients, and only the aggregation path
+    differs (three clients upload through every phase together, the sweep opens them): the published model is
+    the plain one's to within the fixed-point encoding, and exact against the float64 oracle."""
+
+    from chorus_mq.names import SecAggPhase
+    from chorus_mq.state.secagg import SecAggRounds
+
+    plain, secure, sdk = _plain_and_secure(tiny_bert_dir, tmp_path, rounds=2, strategies=("ffa-lora",))
     assert [(r.round, r.clients) for r in secure] == [(0, 0), (1, 3), (2, 3)]
     for a, b in zip(plain[1:], secure[1:], strict=True):
         assert b.exact_error is not None and b.exact_error <= 1e-5  # the unmasked sum is the clients' average
@@ -287,7 +293,6 @@ def test_simulate_with_secure_aggregation_matches_the_plain_federation(tiny_bert
         assert b.bytes_up > 0
     assert secure[-1].loss != secure[0].loss  # the clients trained: the two runs agree on something that moved
     # the rounds went through the protocol: each one's secure aggregation finished, with the whole cohort summed
-    sdk = sdks[1]
     (federation,) = sdk.state.federations()
     for r in (1, 2):
         state = SecAggRounds(sdk.redis, federation).state(r)
@@ -345,42 +350,9 @@ def test_a_secure_round_steps_the_unmasked_average_under_a_server_optimiser(tiny
     """``--secure-aggregation`` with fedadam on rolora, three rounds (B, A, then B from the state kept while A
     trained): the workers step the unmasked average, so the published model is the plain federation's to
     within the encoding and the float64 oracle's step (round 3's needs the state round 1 stored for B)."""
-    from chorus_mq.sdk.combined import Sdk
-    from chorus_mq.training.simulate_model import run_model_simulation
-    from chorus_mq.workers import runtime
-
-    from .test_local import data_csv
-
-    data = data_csv(tmp_path / "data.csv")
-    sdks: list[Sdk] = []
-
-    def embedded(workdir):
-        sdks.append(Sdk.embedded(workdir))
-        return sdks[-1]
-
-    runs = {}
-    try:
-        for secure in (False, True):
-            runs[secure] = run_model_simulation(
-                model=str(tiny_bert_dir),
-                dataset=str(data),
-                clients=3,
-                rounds=3,
-                strategies=("rolora",),
-                steps_per_round=2,
-                batch_size=8,
-                lr=2e-2,
-                max_length=32,
-                test_examples=16,
-                secure_aggregation=secure,
-                server_opt="fedadam",
-                server_lr=0.05,
-                sdk_factory=embedded,
-                echo=None,
-            )
-    finally:
-        runtime.install(None)
-    plain, secure = runs[False], runs[True]
+    plain, secure, _sdk = _plain_and_secure(
+        tiny_bert_dir, tmp_path, rounds=3, strategies=("rolora",), server_opt="fedadam", server_lr=0.05
+    )
     for a, b in zip(plain[1:], secure[1:], strict=True):
         assert b.exact_error is not None and b.exact_error <= 1e-5, b
         assert b.loss == pytest.approx(a.loss, abs=1e-4)
