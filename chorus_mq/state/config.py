@@ -232,12 +232,7 @@ class FederationConfig:
             "--screen-outliers / --robust-aggregate": self.screen_outliers
             or self.robust_aggregate != RobustAggregate.MEAN,
             "--expire-policy expire": self.expire_policy == ExpirePolicy.EXPIRE,
-            # a linear strategy's clip is on its trained factor against its base's (fed-sb: R inside the frame);
-            # not built or checked yet
-            f"--clip-norm / --relative-clip for --strategy {self.strategy} (pass --relative-clip 0)": bool(
-                strategy_spec(self.strategy).frozen_shared
-                and (self.relative_clip or (self.clip_norm and not self.dp_noise_multiplier))
-            ),
+            # a linear strategy's norm bounds clip its trained factor's step against its base's (workers/flush.py)
         }
         for what, on in refused.items():
             if on:

@@ -97,6 +97,7 @@ def delta_norms(
     versions = {
         b: previous_global(rt, federation, b if b > 0 or exists else None, modules) for b in sorted(set(bases.values()))
     }
+    sandwich = strategy_spec(rt.state.config(federation).strategy).sandwich
     out: dict[str, dict[str, float]] = {}
     for t in terms:
         base = versions[bases[t]].modules
@@ -104,9 +105,12 @@ def delta_norms(
         for m in sorted(inputs.indexes[t].modules):
             u = inputs.update(t, m, 1.0)
             b = base.get(m)
-            out[t][m] = delta_norm_sq(
-                PreviousFactors(u.A, u.B, u.scaling, u.R), None if b is None else PreviousFactors(b.A, b.B, b.scaling)
-            )
+            update = PreviousFactors(u.A, u.B, u.scaling, u.R)
+            if sandwich:  # Fed-SB: the upload's R (read as both factors) inside its base version's frame
+                if b is None or b.R is None:
+                    raise AggregationError(f"module {m!r}: base version {bases[t]} published no fed-sb frame")
+                update = PreviousFactors(b.A, b.B, u.scaling, u.A)
+            out[t][m] = delta_norm_sq(update, None if b is None else PreviousFactors(b.A, b.B, b.scaling, b.R))
     return out
 
 

@@ -359,9 +359,9 @@ class LinearClients:
     def product(self, i: int, name: str) -> np.ndarray:
         return self.products[i][name]
 
-    def delta(self, i: int, pulled, *, nudge_frozen: bool = False):
-        """Client ``i``'s delta trained from the version pulled into ``pulled``; ``nudge_frozen``: its frozen A
-        one ulp off (ffa-lora)."""
+    def delta(self, i: int, pulled, *, nudge_frozen: bool = False, spread: float = 0.3):
+        """Client ``i``'s delta trained from the version pulled into ``pulled`` (its trained factor moved by
+        ``spread`` times seeded noise); ``nudge_frozen``: its frozen A one ulp off (ffa-lora)."""
         tensors = load_file(pulled / (FED_SB_FILE if self.sandwich else ADAPTER_WEIGHTS))
         g = torch.Generator().manual_seed(2000 + i)
         self.products[i], out = {}, {}
@@ -369,11 +369,11 @@ class LinearClients:
             key = f"{PEFT_PREFIX}{name}"
             A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
             if self.sandwich:
-                R = tensors[f"{key}.lora_R.weight"] + 0.3 * torch.randn(4, 4, generator=g)
+                R = tensors[f"{key}.lora_R.weight"] + spread * torch.randn(4, 4, generator=g)
                 out[name] = R
                 self.products[i][name] = 2.0 * (B.double() @ R.double() @ A.double()).numpy()
             else:
-                B = B + 0.3 * torch.randn(B.shape, generator=g)
+                B = B + spread * torch.randn(B.shape, generator=g)
                 self.products[i][name] = 2.0 * (B.double() @ A.double()).numpy()
                 if nudge_frozen:
                     A = A.clone()
@@ -476,3 +476,46 @@ def test_norm_bounds_clip_each_deltas_update_against_its_own_base(
         assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
         assert sorted(manifest.clipped) == sorted(want)
         assert all(math.isclose(manifest.clipped[k], f, rel_tol=1e-6) for k, f in want.items())
+
+
+@pytest.mark.parametrize("strategy", ["ffa-lora", "fed-sb"])
+def test_linear_norm_bounds_clip_each_deltas_step_against_its_own_base(deployment, tmp_path, strategy):
+    """--relative-clip k on ffa-lora and fed-sb in buffered mode: a delta whose trained factor moved 30x the
+    others' is clipped against its own base version (k x the lower-median norm), and the published versions are
+    the float64 oracle's ``v + η Σ p_i c_i Δ_i`` with the frame unchanged; the manifest names the clip."""
+    name = "clip" + strategy.replace("-", "")
+    lr, k, huge = 0.8, 3.0, 4
+    sdk = deployment.sdk()
+    start = _create(sdk, name, tmp_path, strategy=strategy, relative_clip=k, server_lr=lr, staleness_weight="poly:0.5")
+    clients = LinearClients(strategy, tmp_path)
+    rule = StalenessRule.parse("poly:0.5")
+    x, products = published(start)[0], {0: published(start)[1]}
+    deployment.start_worker()
+    for v, uploads in {1: [(0, 0), (1, 0), (2, 0)], 2: [(3, 1), (huge, 0), (5, 1)]}.items():
+        paths = {i: clients.delta(i, tmp_path / f"{name}-{b}", spread=9.0 if i == huge else 0.3) for i, b in uploads}
+        _upload_all(sdk, name, uploads, paths.__getitem__)
+        assert wait_round(deployment, name, v) == "complete"
+        raw = {i: rule.g(v - 1 - b) for i, b in uploads}
+        deltas = {i: {m: clients.product(i, m) - products[b][f"{PEFT_PREFIX}{m}"] for m in MODULES} for i, b in uploads}
+        norms = torch.tensor(
+            [[float(np.linalg.norm(deltas[i][m])) for i, _ in uploads] for m in MODULES], dtype=torch.float64
+        )
+        factors = relative_clip_factors(norms, k)
+        for j, (i, _) in enumerate(uploads):
+            for row, m in enumerate(MODULES):
+                x[f"{PEFT_PREFIX}{m}"] += lr * raw[i] / sum(raw.values()) * float(factors[row, j]) * deltas[i][m]
+        want = {
+            f"c{i}|{PEFT_PREFIX}{m}": float(factors[row, j])
+            for j, (i, _) in enumerate(uploads)
+            for row, m in enumerate(MODULES)
+            if float(factors[row, j]) < 1.0
+        }
+        assert {key.split("|")[0] for key in want} == ({f"c{huge}"} if v == 2 else set())
+        out = tmp_path / f"{name}-{v}"
+        manifest = sdk.pull(name, out, v)
+        total, products[v], _ = published(out)
+        error = max(float(np.linalg.norm(total[m] - x[m]) / np.linalg.norm(x[m])) for m in x)
+        assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
+        assert all(shard.residual is None for shard in manifest.shards)
+        assert sorted(manifest.clipped) == sorted(want)
+        assert all(math.isclose(manifest.clipped[key], f, rel_tol=1e-6) for key, f in want.items())
