@@ -509,79 +509,109 @@ def _results(
     ``step``, each result is a pair (the stepped result, its new state)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
     trains = strategy_spec(plan.strategy).trainable(r)  # linear strategies: the round's trained factor
+    math = _ShardMath(rt, inputs, plan, config, federation, r, seconds, step, flush, noise_key, trains)
+    yield from map_ordered(math.run, (math.load(job) for job in jobs), workers=rt.settings.aggregation_workers)
 
-    def load(job: _Job) -> tuple[_Job, list[Any]]:
+
+@dataclass
+class _ShardMath:
+    """How a shard's jobs load their inputs and compute their results (``_results``)."""
+
+    rt: Runtime
+    inputs: RoundInputs
+    plan: Plan
+    config: FederationConfig
+    federation: str
+    r: int
+    seconds: dict[str, float]
+    step: ServerStep | None
+    flush: FlushStep | None
+    noise_key: str  # DP: the federation's noise key ("" without DP)
+    trains: Factor | None  # linear strategies: the round's trained factor
+
+    def load(self, job: _Job) -> tuple[_Job, list[Any]]:
+        """``job``'s inputs: the heads carried from round 0, the holders' extras, or their module updates."""
         t0 = time.perf_counter()
+        plan = self.plan
         loaded: list[Any]
         if job.extra and plan.heads:
-            loaded = [carried_heads(rt, plan.heads, plan.extras)[job.name]]
+            loaded = [carried_heads(self.rt, plan.heads, plan.extras)[job.name]]
         elif job.extra:
-            loaded = [inputs.extra(c, job.name) for c in job.holders]
+            loaded = [self.inputs.extra(c, job.name) for c in job.holders]
             job.raw = loaded
         else:
-            if job.loaded:
-                updates = job.loaded
-            elif job.frozen is not None:
-                factor, tensor, raw = job.frozen
-                updates = [
-                    inputs.trained_update(c, job.name, w, factor, tensor, raw)
-                    for c, w in zip(job.holders, job.weights, strict=True)
-                ]
-            else:
-                updates = [inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)]
-            if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
-                updates = [_in_frame(u, job.frame) for u in updates]
-            job.loaded, job.raw = None, updates
-            if plan.dp and plan.flush_lr:
-                # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
-                updates = [
-                    dataclasses.replace(u, scaling=u.scaling * config.quorum * plan.weights[c])
-                    for c, u in zip(job.holders, updates, strict=True)
-                ]
-            # a flush's clip factors are in its weights (against each delta's own base), never on the upload
-            clips = {} if plan.flush_lr else plan.clip
-            loaded = [
-                _clipped(u, clips.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
-            ]
-        seconds["fetch"] += time.perf_counter() - t0
+            loaded = self._updates(job)
+        self.seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
 
-    def run(work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
+    def _updates(self, job: _Job) -> list[ClientUpdate]:
+        """A module's holders' updates as the math takes them (kept as uploaded in ``job.raw``)."""
+        plan, inputs = self.plan, self.inputs
+        if job.loaded:
+            updates = job.loaded
+        elif job.frozen is not None:
+            factor, tensor, raw = job.frozen
+            updates = [
+                inputs.trained_update(c, job.name, w, factor, tensor, raw)
+                for c, w in zip(job.holders, job.weights, strict=True)
+            ]
+        else:
+            updates = [inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)]
+        if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
+            updates = [_in_frame(u, job.frame) for u in updates]
+        job.loaded, job.raw = None, updates
+        if plan.dp and plan.flush_lr:
+            # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
+            updates = [
+                dataclasses.replace(u, scaling=u.scaling * self.config.quorum * plan.weights[c])
+                for c, u in zip(job.holders, updates, strict=True)
+            ]
+        # a flush's clip factors are in its weights (against each delta's own base), never on the upload
+        clips = {} if plan.flush_lr else plan.clip
+        return [
+            _clipped(u, clips.get(f"{c}|{job.name}"), self.trains) for c, u in zip(job.holders, updates, strict=True)
+        ]
+
+    def run(self, work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
+        """``job``'s result from its inputs, then a buffered flush's and a server step's (with the time taken)."""
         job, loaded = work
         t0 = time.perf_counter()
+        result = self._aggregate(job, loaded)
+        if self.flush is not None:
+            result = (
+                self.flush.extra(job.name, job.holders, result)
+                if job.extra
+                else self.flush.module(job.name, job.holders, job.absent, result, self.trains)
+            )
+        if self.step is not None and job.extra and self.plan.heads:
+            result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
+        elif self.step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
+            result = self.step.extra(job.name, result) if job.extra else self.step.module(job.name, result)
+        return job, result, time.perf_counter() - t0
+
+    def _aggregate(self, job: _Job, loaded: list[Any]) -> Any:
+        """The holders' aggregate: an extra's weighted mean, a DP release, or the strategy's module result."""
+        plan, config = self.plan, self.config
         if job.extra and plan.heads:
-            result: Any = weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
-        elif job.extra:
-            result = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
-        elif plan.dp:
-            result = dp_release(
+            return weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
+        if job.extra:
+            return weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
+        if plan.dp:
+            return dp_release(
                 loaded,
                 quorum=config.quorum,
                 clip_norm=config.clip_norm,
                 noise_multiplier=config.dp_noise_multiplier,
-                generator=noise_generator(noise_key, federation, r, job.name),
+                generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
                 out_rank=plan.out_rank or None,
                 frozen_a=job.frozen_a,
             )
-        else:
-            result = aggregate_module(
-                loaded, plan.strategy, absent_weight=job.strategy_absent, out_rank=_out_rank(plan), trains=trains
-            )
-            if rt.settings.round_cosines and job.frame is None:
-                job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
-        if flush is not None:
-            result = (
-                flush.extra(job.name, job.holders, result)
-                if job.extra
-                else flush.module(job.name, job.holders, job.absent, result, trains)
-            )
-        if step is not None and job.extra and plan.heads:
-            result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
-        elif step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
-            result = step.extra(job.name, result) if job.extra else step.module(job.name, result)
-        return job, result, time.perf_counter() - t0
-
-    yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)
+        result = aggregate_module(
+            loaded, plan.strategy, absent_weight=job.strategy_absent, out_rank=_out_rank(plan), trains=self.trains
+        )
+        if self.rt.settings.round_cosines and job.frame is None:
+            job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
+        return result
 
 
 def _clipped(update: ClientUpdate, factor: float | None, trains: Factor | None = None) -> ClientUpdate:
