@@ -10,6 +10,7 @@ is written once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -162,62 +163,133 @@ def pull(
     manifest, manifest_sha = fetch_manifest(state, store, federation, target)
     out.mkdir(parents=True, exist_ok=True)
     held = LocalState.load(out)
-    if since is not None:
-        if held is None or held.federation != federation or held.round != since:
-            have = "nothing" if held is None else f"round {held.round} of {held.federation!r}"
-            raise ConfigError(f"--since {since}: {out} holds {have}; pull without --since to start over")
-        if since > target:
-            raise ConfigError(f"--since {since} is after the round asked for ({target})")
-    if (
+    _check_since(out, held, federation, since, target)
+    asked = (federation, target, manifest_sha)
+    if not (exact_adapter or residual_adapter) and _holds_already(out, held, asked, manifest, fold=fold):
+        return manifest  # this directory holds exactly this round already (a second pull downloads nothing)
+    folded, increments, start = _correction_start(state, store, federation, target, out, held)
+    fetch = _Fetch.plan(state, store, federation, out, held, manifest, (start, target), progress)
+    for r in fetch.rounds:  # each increment the correction lacks, its own file
+        if _merge_into(store, fetch.residuals[r], increment_path(out, r), RESIDUAL_FORMAT, fetch.bar):
+            increments.append(r)
+    published_sha = _write_round(store, out, fetch, manifest, target, increments)
+    local = LocalState(federation, target, folded, tuple(increments), manifest_sha, fetch.frames, published_sha)
+    _fold(out, local, fold=fold).save(out)
+    if exact_adapter or residual_adapter:
+        _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
+    return manifest
+
+
+def _check_since(out: Path, held: LocalState | None, federation: str, since: int | None, target: int) -> None:
+    """``--since``: ``out`` must hold that round of ``federation``, and it must not be after ``target``."""
+    if since is None:
+        return
+    if held is None or held.federation != federation or held.round != since:
+        have = "nothing" if held is None else f"round {held.round} of {held.federation!r}"
+        raise ConfigError(f"--since {since}: {out} holds {have}; pull without --since to start over")
+    if since > target:
+        raise ConfigError(f"--since {since} is after the round asked for ({target})")
+
+
+def _holds_already(
+    out: Path, held: LocalState | None, round_: tuple[str, int, str], manifest: Manifest, *, fold: bool
+) -> bool:
+    """Whether ``out`` holds exactly ``round_`` (federation, round, manifest sha256) with all its files, and
+    a fold asked for has nothing to fold."""
+    return (
         held is not None
-        and (held.federation, held.round, held.manifest_sha256) == (federation, target, manifest_sha)
+        and (held.federation, held.round, held.manifest_sha256) == round_
         and all((out / name).is_file() for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RESIDUAL_FILE, MANIFEST_FILE))
         and (not _sandwich(manifest.strategy) or (out / FED_SB_FILE).is_file())
         and not (fold and held.increments)
-        and not (exact_adapter or residual_adapter)
-    ):
-        return manifest  # this directory holds exactly this round already (a second pull downloads nothing)
+    )
+
+
+def _correction_start(
+    state: RoundState, store: Store, federation: str, target: int, out: Path, held: LocalState | None
+) -> tuple[int, list[int], int]:
+    """Where ``out``'s correction starts: the round folded into its cumulative file, the increments after it, and
+    the round they reach; the held ones, or for a new directory the latest snapshot <= ``target``."""
     (out / INCREMENTS_DIR).mkdir(exist_ok=True)
     if held is not None and held.federation == federation and held.round <= target:
-        folded, increments, start = held.folded, list(held.increments), held.round
+        return held.folded, list(held.increments), held.round
+    # a new directory (or another federation's): the latest snapshot <= target, written once into place
+    shutil.rmtree(out / INCREMENTS_DIR, ignore_errors=True)
+    (out / INCREMENTS_DIR).mkdir()
+    snapshot = _latest_snapshot(state, federation, target)
+    if snapshot is not None:
+        store.download(snapshot.key, out / CUMULATIVE_FILE, expected_sha256=snapshot.sha256)
+        folded = snapshot.round
     else:
-        # a new directory (or another federation's): the latest snapshot <= target, written once into place
-        shutil.rmtree(out / INCREMENTS_DIR, ignore_errors=True)
-        (out / INCREMENTS_DIR).mkdir()
-        snapshot = _latest_snapshot(state, federation, target)
-        if snapshot is not None:
-            store.download(snapshot.key, out / CUMULATIVE_FILE, expected_sha256=snapshot.sha256)
-            folded = snapshot.round
-        else:
-            write_empty_residual(out / CUMULATIVE_FILE)
-            folded = 0
-        increments, start = [], folded
-    rounds = complete_rounds(state, federation, start, target)
-    manifests = {r: manifest if r == target else fetch_manifest(state, store, federation, r)[0] for r in rounds}
-    residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
-    sandwich = _sandwich(manifest.strategy)
-    # Fed-SB: the published tensors (frame and R) are kept as they are, the PEFT adapter is built from them
-    published = out / (FED_SB_FILE if sandwich else ADAPTER_WEIGHTS)
-    frames = _sources(manifest)
-    # a round that refers to its frozen factors: a directory holding them from those very objects already
-    # fetches the trained factor and the head only
-    held_frame = (
-        manifest.frame is not None
-        and held is not None
-        and held.federation == federation
-        and published.is_file()
-        and all(held.frames.get(f) == manifest.frame.identity for f in manifest.frame.factors)
-        and held.published_sha256 == _file_sha256(published)
-    )
-    fetch_frame = () if manifest.frame is None or held_frame else manifest.frame.shards
-    total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
-        s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in (*manifest.shards, *fetch_frame)
-    )
-    bar = byte_bar(progress, total, f"pull round {target}")
-    for r in rounds:
-        if _merge_into(store, residuals[r], increment_path(out, r), RESIDUAL_FORMAT, bar):
-            increments.append(r)
-    # the round's own files, each written once
+        write_empty_residual(out / CUMULATIVE_FILE)
+        folded = 0
+    return folded, [], folded
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    """What a pull downloads beyond the held directory."""
+
+    rounds: list[int]  # the complete rounds whose residuals the correction lacks, oldest first
+    residuals: dict[int, list[ObjectRef]]
+    #: the published adapter's file (Fed-SB: its frame and R, kept as they are; the PEFT adapter is built from them)
+    published: Path
+    frames: dict[str, str]  # linear strategies: ``LocalState.frames`` of the round
+    #: the round refers to its frozen factors and ``published`` holds them from those very objects: fetch the
+    #: trained factor and the head only
+    held_frame: bool
+    #: the factors no round since the held one trained (a linear strategy's frozen ones): served from the held file
+    unchanged: tuple[Factor, ...]
+    bar: Callable[[int], object] | None
+
+    @classmethod
+    def plan(
+        cls,
+        state: RoundState,
+        store: Store,
+        federation: str,
+        out: Path,
+        held: LocalState | None,
+        manifest: Manifest,
+        span: tuple[int, int],
+        progress: bool,
+    ) -> _Fetch:
+        """The increments in ``span`` (after, up to the target) and the round's own objects; a progress bar over
+        their bytes."""
+        start, target = span
+        rounds = complete_rounds(state, federation, start, target)
+        manifests = {r: manifest if r == target else fetch_manifest(state, store, federation, r)[0] for r in rounds}
+        residuals = {r: [s.residual for s in m.shards if s.residual is not None] for r, m in manifests.items()}
+        published = out / (FED_SB_FILE if _sandwich(manifest.strategy) else ADAPTER_WEIGHTS)
+        frames = _sources(manifest)
+        held_frame = (
+            manifest.frame is not None
+            and held is not None
+            and held.federation == federation
+            and published.is_file()
+            and all(held.frames.get(f) == manifest.frame.identity for f in manifest.frame.factors)
+            and held.published_sha256 == _file_sha256(published)
+        )
+        fetch_frame = () if manifest.frame is None or held_frame else manifest.frame.shards
+        total = sum(ref.size for refs in residuals.values() for ref in refs) + sum(
+            s.adapter.size + (s.variate.size if s.variate is not None else 0) for s in (*manifest.shards, *fetch_frame)
+        )
+        unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
+        bar = byte_bar(progress, total, f"pull round {target}")
+        return cls(rounds, residuals, published, frames, held_frame, unchanged, bar)
+
+
+def _write_round(
+    store: Store,
+    out: Path,
+    fetch: _Fetch,
+    manifest: Manifest,
+    target: int,
+    increments: list[int],
+) -> str:
+    """The round's own files, each written once: its residual, its adapter (Fed-SB: and the published tensors),
+    SCAFFOLD's variate, the adapter config and the manifest. The published file's sha256 where a linear
+    strategy keeps it ("" otherwise)."""
     if target in increments:
         _link(increment_path(out, target), out / RESIDUAL_FILE)
     elif not _merge_into(
@@ -225,49 +297,57 @@ def pull(
         [s.residual for s in manifest.shards if s.residual is not None],
         out / RESIDUAL_FILE,
         RESIDUAL_FORMAT,
-        bar,
+        fetch.bar,
     ):
         write_empty_residual(out / RESIDUAL_FILE)
-    unchanged = _unchanged_factors(manifest.strategy, held, federation, target, out)
-    adapters = [s.adapter for s in manifest.shards]
-    published_sha = ""
-    if manifest.frame is not None:  # the round stored what it trained; its frozen factors lie in earlier objects
-        try:
-            published_sha = _framed_file(store, adapters, manifest.frame, published, bar, held_frame=held_frame)
-        except ChecksumMismatch:
-            if not held_frame:
-                raise
-            # the held file lacks a module of the frame: fetch the frame after all
-            published_sha = _framed_file(store, adapters, manifest.frame, published, bar, held_frame=False)
-    elif not unchanged:
-        _merge_into(store, adapters, published, "pt", bar)
-    else:
-        try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
-            with _HeldFactors(published, unchanged) as held_factors:
-                _merge_into(store, adapters, published, "pt", bar, reuse=held_factors.get)
-        except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
-            _merge_into(store, adapters, published, "pt", bar)
-    if frames and not published_sha:
-        published_sha = _file_sha256(published)
-    if sandwich:
-        write_fed_sb_peft(published, out / ADAPTER_WEIGHTS)
+    published_sha = _write_published(store, manifest, fetch)
+    if fetch.frames and not published_sha:
+        published_sha = _file_sha256(fetch.published)
+    if _sandwich(manifest.strategy):
+        write_fed_sb_peft(fetch.published, out / ADAPTER_WEIGHTS)
     # SCAFFOLD: the round's server variate, next to the adapter it belongs to (none: no stale one either)
     variates = [s.variate for s in manifest.shards if s.variate is not None]
-    if not _merge_into(store, variates, out / VARIATE_FILE, VARIATE_FORMAT, bar):
+    if not _merge_into(store, variates, out / VARIATE_FILE, VARIATE_FORMAT, fetch.bar):
         (out / VARIATE_FILE).unlink(missing_ok=True)
     _atomic_write(out / ADAPTER_CONFIG, (json.dumps(manifest.adapter_config, indent=2, sort_keys=True) + "\n").encode())
     _atomic_write(out / MANIFEST_FILE, manifest.to_json())
-    if increments and (fold or should_fold(out / CUMULATIVE_FILE, [increment_path(out, r) for r in increments])):
-        folded_path = out / f".{CUMULATIVE_FILE}.folding"
-        sum_residual_files([out / CUMULATIVE_FILE, *(increment_path(out, r) for r in increments)], folded_path)
-        os.replace(folded_path, out / CUMULATIVE_FILE)
-        for r in increments:
-            increment_path(out, r).unlink()
-        folded, increments = max(folded, increments[-1]), []
-    LocalState(federation, target, folded, tuple(increments), manifest_sha, frames, published_sha).save(out)
-    if exact_adapter or residual_adapter:
-        _extra_adapters(out, exact_adapter=exact_adapter, residual_adapter=residual_adapter)
-    return manifest
+    return published_sha
+
+
+def _write_published(store: Store, manifest: Manifest, fetch: _Fetch) -> str:
+    """The round's published adapter file; its sha256 where it refers to its frozen factors ("" otherwise)."""
+    adapters = [s.adapter for s in manifest.shards]
+    published, bar = fetch.published, fetch.bar
+    if manifest.frame is not None:  # the round stored what it trained; its frozen factors lie in earlier objects
+        try:
+            return _framed_file(store, adapters, manifest.frame, published, bar, held_frame=fetch.held_frame)
+        except ChecksumMismatch:
+            if not fetch.held_frame:
+                raise
+            # the held file lacks a module of the frame: fetch the frame after all
+            return _framed_file(store, adapters, manifest.frame, published, bar, held_frame=False)
+    if not fetch.unchanged:
+        _merge_into(store, adapters, published, "pt", bar)
+        return ""
+    try:  # a linear strategy's frozen factor has not changed since the held round: fetch the rest only
+        with _HeldFactors(published, fetch.unchanged) as held_factors:
+            _merge_into(store, adapters, published, "pt", bar, reuse=held_factors.get)
+    except ChecksumMismatch:  # the held copy is not the published one after all: fetch everything
+        _merge_into(store, adapters, published, "pt", bar)
+    return ""
+
+
+def _fold(out: Path, local: LocalState, *, fold: bool) -> LocalState:
+    """``local`` after folding its increments into the cumulative file, where asked or due (:func:`should_fold`)."""
+    increments = [increment_path(out, r) for r in local.increments]
+    if not increments or not (fold or should_fold(out / CUMULATIVE_FILE, increments)):
+        return local
+    folded_path = out / f".{CUMULATIVE_FILE}.folding"
+    sum_residual_files([out / CUMULATIVE_FILE, *increments], folded_path)
+    os.replace(folded_path, out / CUMULATIVE_FILE)
+    for path in increments:
+        path.unlink()
+    return dataclasses.replace(local, folded=max(local.folded, local.increments[-1]), increments=())
 
 
 def should_fold(cumulative: Path, increments: list[Path]) -> bool:

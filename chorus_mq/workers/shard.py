@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,9 +62,14 @@ from .round_plan import Plan
 from .runtime import Runtime
 from .server_step import ServerStep
 
+if TYPE_CHECKING:
+    from .variates import ShardVariates
+
 log = logging.getLogger(__name__)
 
 _F32 = torch.float32
+#: a streamed object's tensors in order: (name, dtype, shape)
+_Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -181,138 +186,223 @@ class _Job:
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
     """Aggregate shard ``k``'s items and write its two objects; returns what the commit needs."""
     started = time.perf_counter()
-    records = rt.state.deltas(federation, r)
-    inputs = RoundInputs(rt, {c: records[c] for c in plan.clients})
-    declared = declared_model(rt, federation, config)
-    jobs = [_job(item, plan, inputs, declared) for item in plan.shard_items(k)]
-    # linear strategies write only what the round trained: the commit refers to where the frozen factors lie
-    framed = strategy_spec(plan.strategy).framed(r)
-    sandwich = strategy_spec(plan.strategy).sandwich
-    if sandwich:  # Fed-SB: every round keeps round 0's frame; the latest published round carries it
-        frame = previous_global(
-            rt, federation, rt.state.latest_complete(federation), [j.name for j in jobs if not j.extra]
-        ).modules
-        for job in jobs:
-            if not job.extra:
-                if job.name not in frame:
-                    raise AggregationError(f"module {job.name!r}: no published fed-sb frame (round 0) to train in")
-                job.frame = frame[job.name]
-    frozen = strategy_spec(plan.strategy).frozen(r)
-    if frozen is not None and not plan.dp:  # ffa-lora, rolora: read each upload's trained factor only
-        published = previous_global(
-            rt, federation, rt.state.latest_complete(federation), [j.name for j in jobs if not j.extra]
-        ).modules
-        for job in jobs:
-            if not job.extra:
-                if job.name not in published:
-                    raise AggregationError(f"module {job.name!r}: the round's start published no {frozen}")
-                module = published[job.name]
-                shared = (module.A if frozen == Factor.LORA_A else module.B).to(_F32).contiguous()
-                job.frozen = (frozen, shared, shared.numpy().tobytes())
+    inputs, jobs = _plan_jobs(rt, federation, r, k, plan, config)
     seconds = {"fetch": 0.0, "math": 0.0, "write": 0.0}
     seconds["fetch"] += time.perf_counter() - started
     if plan.dp:
         _dp_layouts(jobs, inputs, plan)
-    out: dict[str, tuple[int, float]] = {}
-    residual_bytes = adapter_bytes = 0
     with contextlib.ExitStack() as stack:
         trained = strategy_spec(plan.strategy).trainable(r)  # a linear strategy steps the factor it trained
         step = ServerStep.open(rt, federation, plan, config, plan.shard_items(k), stack, trained)
         flush = FlushStep.open(rt, federation, plan, plan.shard_items(k))
-        if flush is not None:  # a buffered flush publishes version v+1 exactly (workers/flush.py)
-            for job in jobs:
-                if not job.extra:
-                    shape = (job.shape[0], job.shape[1])
-                    job.residual, job.residual_rank = flush.residual_form(
-                        job.name, job.holders, job.absent, shape, job.residual, job.rank, job.residual_rank
-                    )
-        state_layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        if step is not None:
-            for job in jobs:
-                job.residual = step.residual_form(job.extra, job.residual)
-                state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
-        adapter_layout, residual_layout = _layouts(jobs, framed)
-        adapter_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "adapter", sha)))
-        adapter_out.file.close()  # written through its path by the streaming writer (then fsynced by path)
-        adapter_file = StreamingWriter(adapter_out.path, adapter_layout, {"format": SHARD_FORMAT})
-        residual_out = residual_file = None
-        if residual_layout:
-            residual_out = stack.enter_context(
-                rt.store.writer(lambda sha: shard_key(federation, r, k, "residual", sha))
-            )
-            residual_out.file.close()
-            residual_file = StreamingWriter(residual_out.path, residual_layout, {"format": RESIDUAL_FORMAT})
-        variates = None
-        if plan.variate_fraction:
-            from .variates import ShardVariates
-
-            variates = ShardVariates(rt, federation, r, k, plan, config, stack, adapter_layout)
-        state_out = state_file = None
-        if state_layout:
-            state_out = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, "opt-state", sha)))
-            state_out.file.close()
-            state_file = StreamingWriter(state_out.path, state_layout, {"format": SERVER_STATE_FORMAT})
+        state_layout = _output_forms(jobs, step, flush)
+        files = _ShardFiles.open(stack, rt, (federation, r, k), plan, config, jobs, state_layout)
         for job, result, took in _results(jobs, inputs, plan, config, federation, r, rt, seconds, step, flush):
             seconds["math"] += took
             t0 = time.perf_counter()
-            if step is not None:
-                result, state = result
-                assert state_file is not None
-                for name, tensor in state.items():
-                    state_file.write(name, tensor)
-            if job.extra:
-                tensor = result.to(_F32).contiguous()
-                adapter_file.write(job.name, tensor)
-                adapter_bytes += tensor.numel() * 4
-            else:
-                assert isinstance(result, ModuleResult)
-                _check_shape(job, result)
-                for factor, tensor in ((Factor.LORA_A, result.A), (Factor.LORA_B, result.B), (Factor.LORA_R, result.R)):
-                    if factor in framed or tensor is None:
-                        continue  # frozen: the manifest refers to where it lies (Fed-SB's R: the sandwich's only)
-                    adapter_file.write(f"{job.name}.{factor}.weight", tensor.to(_F32).contiguous())
-                    adapter_bytes += tensor.numel() * 4
-                out[job.name] = (int(result.A.shape[0]), float(result.scaling))
-                res = result.residual
-                if job.residual == "dense":
-                    assert res is not None and residual_file is not None
-                    residual_file.write(f"{job.name}.residual", res.to_dense())
-                    residual_bytes += res.nbytes
-                elif job.residual == "factored":
-                    assert res is not None and res.left is not None and res.right is not None
-                    assert residual_file is not None
-                    residual_file.write(f"{job.name}.residual_left", res.left)
-                    residual_file.write(f"{job.name}.residual_right", res.right)
-                    residual_bytes += res.nbytes
-            if variates is not None:
-                variates.add(job.name, job.extra, job.holders, job.raw or [], result)
-            job.raw = None
+            files.write(job, result, stepped=step is not None)
             seconds["write"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        # the streaming writers hashed every byte they wrote: the store need not read them again
-        adapter_out.trusted_sha256 = adapter_file.close()
-        if residual_file is not None and residual_out is not None:
-            residual_out.trusted_sha256 = residual_file.close()
-        if variates is not None:
-            variates.finish()
-        if state_file is not None and state_out is not None:
-            state_out.trusted_sha256 = state_file.close()
+        files.close()
     seconds["write"] += time.perf_counter() - t0
+    return _report(files, jobs, inputs, seconds)
+
+
+def _plan_jobs(
+    rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig
+) -> tuple[RoundInputs, list[_Job]]:
+    """The round's accepted inputs and shard ``k``'s jobs, each with what it reads from the published round
+    (Fed-SB's frame, a linear strategy's frozen factor)."""
+    records = rt.state.deltas(federation, r)
+    inputs = RoundInputs(rt, {c: records[c] for c in plan.clients})
+    declared = declared_model(rt, federation, config)
+    jobs = [_job(item, plan, inputs, declared) for item in plan.shard_items(k)]
+    spec = strategy_spec(plan.strategy)
+    if spec.sandwich:  # Fed-SB: every round keeps round 0's frame; the latest published round carries it
+        _attach_frames(rt, federation, jobs)
+    frozen = spec.frozen(r)
+    if frozen is not None and not plan.dp:  # ffa-lora, rolora: read each upload's trained factor only
+        _attach_frozen(rt, federation, jobs, frozen)
+    return inputs, jobs
+
+
+def _published(rt: Runtime, federation: str, jobs: Sequence[_Job]) -> dict[str, PreviousModule]:
+    """The latest published round's modules among ``jobs``."""
+    latest = rt.state.latest_complete(federation)
+    return previous_global(rt, federation, latest, [j.name for j in jobs if not j.extra]).modules
+
+
+def _attach_frames(rt: Runtime, federation: str, jobs: Sequence[_Job]) -> None:
+    """Fed-SB: each module's frame (B, A), which the latest published round carries from round 0."""
+    frame = _published(rt, federation, jobs)
+    for job in jobs:
+        if not job.extra:
+            if job.name not in frame:
+                raise AggregationError(f"module {job.name!r}: no published fed-sb frame (round 0) to train in")
+            job.frame = frame[job.name]
+
+
+def _attach_frozen(rt: Runtime, federation: str, jobs: Sequence[_Job], frozen: Factor) -> None:
+    """ffa-lora, rolora: each module's ``frozen`` factor as the round's start published it, and its bytes."""
+    published = _published(rt, federation, jobs)
+    for job in jobs:
+        if not job.extra:
+            if job.name not in published:
+                raise AggregationError(f"module {job.name!r}: the round's start published no {frozen}")
+            module = published[job.name]
+            shared = (module.A if frozen == Factor.LORA_A else module.B).to(_F32).contiguous()
+            job.frozen = (frozen, shared, shared.numpy().tobytes())
+
+
+def _output_forms(jobs: Sequence[_Job], step: ServerStep | None, flush: FlushStep | None) -> _Layout:
+    """Set each module's residual form where a buffered flush or a server step decides it; the server step's
+    state layout (empty without one)."""
+    if flush is not None:  # a buffered flush publishes version v+1 exactly (workers/flush.py)
+        for job in jobs:
+            if not job.extra:
+                shape = (job.shape[0], job.shape[1])
+                job.residual, job.residual_rank = flush.residual_form(
+                    job.name, job.holders, job.absent, shape, job.residual, job.rank, job.residual_rank
+                )
+    state_layout: _Layout = []
+    if step is not None:
+        for job in jobs:
+            job.residual = step.residual_form(job.extra, job.residual)
+            state_layout += step.layout(job.name, extra=job.extra, shape=job.shape, rank=job.rank)
+    return state_layout
+
+
+def _stream(
+    stack: contextlib.ExitStack[Any], rt: Runtime, shard: tuple[str, int, int], kind: str, layout: _Layout, fmt: str
+) -> tuple[Any, StreamingWriter]:
+    """One of the shard's write-once objects (``shard``: federation, round, shard), streamed and hashed through
+    its path as its tensors come; stored when ``stack`` closes cleanly."""
+    federation, r, k = shard
+    written = stack.enter_context(rt.store.writer(lambda sha: shard_key(federation, r, k, kind, sha)))
+    written.file.close()  # written through its path by the streaming writer (then fsynced by path)
+    return written, StreamingWriter(written.path, layout, {"format": fmt})
+
+
+@dataclass
+class _ShardFiles:
+    """The shard's write-once objects as their tensors stream in: the adapter part, the residual part (where a
+    module keeps one), SCAFFOLD's variate, the server optimiser's state; and what was written."""
+
+    framed: tuple[Factor, ...]  # the factors the round refers to where they lie, not written
+    adapter_out: Any
+    adapter_file: StreamingWriter
+    residual_out: Any = None
+    residual_file: StreamingWriter | None = None
+    variates: ShardVariates | None = None
+    state_out: Any = None
+    state_file: StreamingWriter | None = None
+    #: module -> [adapter rank, adapter scaling]
+    out: dict[str, tuple[int, float]] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    residual_bytes: int = 0
+
+    @classmethod
+    def open(
+        cls,
+        stack: contextlib.ExitStack[Any],
+        rt: Runtime,
+        shard: tuple[str, int, int],
+        plan: Plan,
+        config: FederationConfig,
+        jobs: Sequence[_Job],
+        state_layout: _Layout,
+    ) -> _ShardFiles:
+        """Lay out and open shard ``shard``'s (federation, round, shard) objects on ``stack``."""
+        federation, r, k = shard
+        framed = strategy_spec(plan.strategy).framed(r)
+        adapter_layout, residual_layout = _layouts(jobs, framed)
+        adapter_out, adapter_file = _stream(stack, rt, shard, "adapter", adapter_layout, SHARD_FORMAT)
+        files = cls(framed, adapter_out, adapter_file)
+        if residual_layout:
+            files.residual_out, files.residual_file = _stream(
+                stack, rt, shard, "residual", residual_layout, RESIDUAL_FORMAT
+            )
+        if plan.variate_fraction:
+            from .variates import ShardVariates
+
+            files.variates = ShardVariates(rt, federation, r, k, plan, config, stack, adapter_layout)
+        if state_layout:
+            files.state_out, files.state_file = _stream(
+                stack, rt, shard, "opt-state", state_layout, SERVER_STATE_FORMAT
+            )
+        return files
+
+    def write(self, job: _Job, result: Any, *, stepped: bool) -> None:
+        """``job``'s result (``stepped``: paired with its new server optimiser state) into the objects."""
+        if stepped:
+            result, state = result
+            assert self.state_file is not None
+            for name, tensor in state.items():
+                self.state_file.write(name, tensor)
+        if job.extra:
+            tensor = result.to(_F32).contiguous()
+            self.adapter_file.write(job.name, tensor)
+            self.adapter_bytes += tensor.numel() * 4
+        else:
+            assert isinstance(result, ModuleResult)
+            _check_shape(job, result)
+            self._write_factors(job, result)
+            self.out[job.name] = (int(result.A.shape[0]), float(result.scaling))
+            self._write_residual(job, result)
+        if self.variates is not None:
+            self.variates.add(job.name, job.extra, job.holders, job.raw or [], result)
+        job.raw = None
+
+    def _write_factors(self, job: _Job, result: ModuleResult) -> None:
+        for factor, tensor in ((Factor.LORA_A, result.A), (Factor.LORA_B, result.B), (Factor.LORA_R, result.R)):
+            if factor in self.framed or tensor is None:
+                continue  # frozen: the manifest refers to where it lies (Fed-SB's R: the sandwich's only)
+            self.adapter_file.write(f"{job.name}.{factor}.weight", tensor.to(_F32).contiguous())
+            self.adapter_bytes += tensor.numel() * 4
+
+    def _write_residual(self, job: _Job, result: ModuleResult) -> None:
+        res = result.residual
+        if job.residual == "dense":
+            assert res is not None and self.residual_file is not None
+            self.residual_file.write(f"{job.name}.residual", res.to_dense())
+            self.residual_bytes += res.nbytes
+        elif job.residual == "factored":
+            assert res is not None and res.left is not None and res.right is not None
+            assert self.residual_file is not None
+            self.residual_file.write(f"{job.name}.residual_left", res.left)
+            self.residual_file.write(f"{job.name}.residual_right", res.right)
+            self.residual_bytes += res.nbytes
+
+    def close(self) -> None:
+        """Finish every object's tensors (stored when the stack closes)."""
+        # the streaming writers hashed every byte they wrote: the store need not read them again
+        self.adapter_out.trusted_sha256 = self.adapter_file.close()
+        if self.residual_file is not None and self.residual_out is not None:
+            self.residual_out.trusted_sha256 = self.residual_file.close()
+        if self.variates is not None:
+            self.variates.finish()
+        if self.state_file is not None and self.state_out is not None:
+            self.state_out.trusted_sha256 = self.state_file.close()
+
+
+def _report(files: _ShardFiles, jobs: Sequence[_Job], inputs: RoundInputs, seconds: dict[str, float]) -> ShardResult:
+    """The shard's metrics, and what it reports to the commit."""
     for phase, value in seconds.items():
         METRICS.phase_seconds.labels(phase=phase).observe(value)
     METRICS.bytes_in.labels(task="shard").inc(inputs.bytes_read)
-    adapter_ref = _ref(adapter_out.result)
-    residual_ref = _ref(residual_out.result) if residual_out is not None else None
-    state_ref = _ref(state_out.result) if state_out is not None else None
+    adapter_ref = _ref(files.adapter_out.result)
+    residual_ref = _ref(files.residual_out.result) if files.residual_out is not None else None
+    state_ref = _ref(files.state_out.result) if files.state_out is not None else None
     METRICS.bytes_out.labels(task="shard").inc(
         adapter_ref.size + sum(ref.size for ref in (residual_ref, state_ref) if ref is not None)
     )
+    variates = files.variates
     return ShardResult(
         adapter=adapter_ref,
         residual=residual_ref,
-        out=out,
-        residual_bytes=residual_bytes,
-        adapter_bytes=adapter_bytes,
+        out=files.out,
+        residual_bytes=files.residual_bytes,
+        adapter_bytes=files.adapter_bytes,
         bytes_in=inputs.bytes_read,
         seconds={k_: round(v, 4) for k_, v in seconds.items()},
         variate=None if variates is None else variates.ref,
@@ -381,12 +471,10 @@ def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
         job.rank, job.residual, job.residual_rank = layout.rank, layout.residual, layout.residual_rank
 
 
-def _layouts(
-    jobs: Sequence[_Job], framed: Sequence[Factor] = ()
-) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], ...]:
+def _layouts(jobs: Sequence[_Job], framed: Sequence[Factor] = ()) -> tuple[_Layout, _Layout]:
     """The shard's adapter and residual layouts; ``framed``: the factors the round refers to, not written."""
-    adapter: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    residual: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    adapter: _Layout = []
+    residual: _Layout = []
     for job in jobs:
         if job.extra:
             adapter.append((job.name, _F32, job.shape))
@@ -421,79 +509,109 @@ def _results(
     ``step``, each result is a pair (the stepped result, its new state)."""
     noise_key = rt.state.noise_key(federation) if plan.dp else ""
     trains = strategy_spec(plan.strategy).trainable(r)  # linear strategies: the round's trained factor
+    math = _ShardMath(rt, inputs, plan, config, federation, r, seconds, step, flush, noise_key, trains)
+    yield from map_ordered(math.run, (math.load(job) for job in jobs), workers=rt.settings.aggregation_workers)
 
-    def load(job: _Job) -> tuple[_Job, list[Any]]:
+
+@dataclass
+class _ShardMath:
+    """How a shard's jobs load their inputs and compute their results (``_results``)."""
+
+    rt: Runtime
+    inputs: RoundInputs
+    plan: Plan
+    config: FederationConfig
+    federation: str
+    r: int
+    seconds: dict[str, float]
+    step: ServerStep | None
+    flush: FlushStep | None
+    noise_key: str  # DP: the federation's noise key ("" without DP)
+    trains: Factor | None  # linear strategies: the round's trained factor
+
+    def load(self, job: _Job) -> tuple[_Job, list[Any]]:
+        """``job``'s inputs: the heads carried from round 0, the holders' extras, or their module updates."""
         t0 = time.perf_counter()
+        plan = self.plan
         loaded: list[Any]
         if job.extra and plan.heads:
-            loaded = [carried_heads(rt, plan.heads, plan.extras)[job.name]]
+            loaded = [carried_heads(self.rt, plan.heads, plan.extras)[job.name]]
         elif job.extra:
-            loaded = [inputs.extra(c, job.name) for c in job.holders]
+            loaded = [self.inputs.extra(c, job.name) for c in job.holders]
             job.raw = loaded
         else:
-            if job.loaded:
-                updates = job.loaded
-            elif job.frozen is not None:
-                factor, tensor, raw = job.frozen
-                updates = [
-                    inputs.trained_update(c, job.name, w, factor, tensor, raw)
-                    for c, w in zip(job.holders, job.weights, strict=True)
-                ]
-            else:
-                updates = [inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)]
-            if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
-                updates = [_in_frame(u, job.frame) for u in updates]
-            job.loaded, job.raw = None, updates
-            if plan.dp and plan.flush_lr:
-                # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
-                updates = [
-                    dataclasses.replace(u, scaling=u.scaling * config.quorum * plan.weights[c])
-                    for c, u in zip(job.holders, updates, strict=True)
-                ]
-            # a flush's clip factors are in its weights (against each delta's own base), never on the upload
-            clips = {} if plan.flush_lr else plan.clip
-            loaded = [
-                _clipped(u, clips.get(f"{c}|{job.name}"), trains) for c, u in zip(job.holders, updates, strict=True)
-            ]
-        seconds["fetch"] += time.perf_counter() - t0
+            loaded = self._updates(job)
+        self.seconds["fetch"] += time.perf_counter() - t0
         return job, loaded
 
-    def run(work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
+    def _updates(self, job: _Job) -> list[ClientUpdate]:
+        """A module's holders' updates as the math takes them (kept as uploaded in ``job.raw``)."""
+        plan, inputs = self.plan, self.inputs
+        if job.loaded:
+            updates = job.loaded
+        elif job.frozen is not None:
+            factor, tensor, raw = job.frozen
+            updates = [
+                inputs.trained_update(c, job.name, w, factor, tensor, raw)
+                for c, w in zip(job.holders, job.weights, strict=True)
+            ]
+        else:
+            updates = [inputs.update(c, job.name, w) for c, w in zip(job.holders, job.weights, strict=True)]
+        if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
+            updates = [_in_frame(u, job.frame) for u in updates]
+        job.loaded, job.raw = None, updates
+        if plan.dp and plan.flush_lr:
+            # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
+            updates = [
+                dataclasses.replace(u, scaling=u.scaling * self.config.quorum * plan.weights[c])
+                for c, u in zip(job.holders, updates, strict=True)
+            ]
+        # a flush's clip factors are in its weights (against each delta's own base), never on the upload
+        clips = {} if plan.flush_lr else plan.clip
+        return [
+            _clipped(u, clips.get(f"{c}|{job.name}"), self.trains) for c, u in zip(job.holders, updates, strict=True)
+        ]
+
+    def run(self, work: tuple[_Job, list[Any]]) -> tuple[_Job, Any, float]:
+        """``job``'s result from its inputs, then a buffered flush's and a server step's (with the time taken)."""
         job, loaded = work
         t0 = time.perf_counter()
+        result = self._aggregate(job, loaded)
+        if self.flush is not None:
+            result = (
+                self.flush.extra(job.name, job.holders, result)
+                if job.extra
+                else self.flush.module(job.name, job.holders, job.absent, result, self.trains)
+            )
+        if self.step is not None and job.extra and self.plan.heads:
+            result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
+        elif self.step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
+            result = self.step.extra(job.name, result) if job.extra else self.step.module(job.name, result)
+        return job, result, time.perf_counter() - t0
+
+    def _aggregate(self, job: _Job, loaded: list[Any]) -> Any:
+        """The holders' aggregate: an extra's weighted mean, a DP release, or the strategy's module result."""
+        plan, config = self.plan, self.config
         if job.extra and plan.heads:
-            result: Any = weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
-        elif job.extra:
-            result = weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
-        elif plan.dp:
-            result = dp_release(
+            return weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
+        if job.extra:
+            return weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
+        if plan.dp:
+            return dp_release(
                 loaded,
                 quorum=config.quorum,
                 clip_norm=config.clip_norm,
                 noise_multiplier=config.dp_noise_multiplier,
-                generator=noise_generator(noise_key, federation, r, job.name),
+                generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
                 out_rank=plan.out_rank or None,
                 frozen_a=job.frozen_a,
             )
-        else:
-            result = aggregate_module(
-                loaded, plan.strategy, absent_weight=job.strategy_absent, out_rank=_out_rank(plan), trains=trains
-            )
-            if rt.settings.round_cosines and job.frame is None:
-                job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
-        if flush is not None:
-            result = (
-                flush.extra(job.name, job.holders, result)
-                if job.extra
-                else flush.module(job.name, job.holders, job.absent, result, trains)
-            )
-        if step is not None and job.extra and plan.heads:
-            result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
-        elif step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
-            result = step.extra(job.name, result) if job.extra else step.module(job.name, result)
-        return job, result, time.perf_counter() - t0
-
-    yield from map_ordered(run, (load(job) for job in jobs), workers=rt.settings.aggregation_workers)
+        result = aggregate_module(
+            loaded, plan.strategy, absent_weight=job.strategy_absent, out_rank=_out_rank(plan), trains=self.trains
+        )
+        if self.rt.settings.round_cosines and job.frame is None:
+            job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
+        return result
 
 
 def _clipped(update: ClientUpdate, factor: float | None, trains: Factor | None = None) -> ClientUpdate:
