@@ -20,6 +20,7 @@ from chorus_mq.training.data import Examples
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
+from ..store_reads import count_adapter_reads
 from .clients import create_federation, train_all
 from .test_local import WORDS
 
@@ -118,7 +119,7 @@ def test_linear_federation_is_exact_with_no_residual(deployment, tiny_bert_dir, 
     # a continuing client's pull fetches the round's objects only: the trained factor and the head
     cont = tmp_path / "continuing"
     operator.pull(fed, cont, ROUNDS - 1)
-    fetched = _count_reads(operator.store)
+    fetched = count_adapter_reads(operator.store)
     manifest = operator.pull(fed, cont, ROUNDS)
     suffix = f".{_frozen(trains[ROUNDS - 1])}.weight"
     frozen_bytes = sum(t.numel() * 4 for k, t in adapters[ROUNDS].items() if k.endswith(suffix))
@@ -176,22 +177,3 @@ def operator_pull(operator, fed: str, r: int, tmp_path):
 
 def _frozen(trained: str) -> str:
     return "lora_A" if trained == "lora_B" else "lora_B"
-
-
-def _count_reads(store) -> list[int]:
-    """Count the bytes of round adapter objects the store hands out from now on (the real store's two read paths)."""
-    count = [0]
-    get_range, stream = store.get_range, store.stream
-
-    def counted_range(key, start, end):
-        data = get_range(key, start, end)
-        count[0] += len(data) if "-adapter-" in key else 0
-        return data
-
-    def counted_stream(key, start=0, end=None):
-        for chunk in stream(key, start, end):
-            count[0] += len(chunk) if "-adapter-" in key else 0
-            yield chunk
-
-    store.get_range, store.stream = counted_range, counted_stream
-    return count

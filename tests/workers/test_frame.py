@@ -25,6 +25,7 @@ from chorus_mq.workers import runtime
 from chorus_mq.workers.compact import compact
 
 from ..deltas import declared, random_factors, write_adapter
+from ..store_reads import count_adapter_reads
 
 F64 = torch.float64
 ROUNDS = 4
@@ -38,25 +39,6 @@ def _key(module: str, factor: str) -> str:
 
 def _round_objects(store_dir: Path, fed: str, r: int) -> list[Path]:
     return sorted((store_dir / rounds_prefix(fed) / f"{r:06d}").glob("*.safetensors"))
-
-
-def _count_reads(store) -> list[int]:
-    """The bytes of round adapter objects the store hands out from now on."""
-    count = [0]
-    get_range, stream = store.get_range, store.stream
-
-    def counted_range(key, start, end):
-        data = get_range(key, start, end)
-        count[0] += len(data) if "-adapter-" in key else 0
-        return data
-
-    def counted_stream(key, start=0, end=None):
-        for chunk in stream(key, start, end):
-            count[0] += len(chunk) if "-adapter-" in key else 0
-            yield chunk
-
-    store.get_range, store.stream = counted_range, counted_stream
-    return count
 
 
 def _federation(sdk, tmp_path, strategy: str) -> dict[str, torch.Tensor]:
@@ -115,7 +97,7 @@ def test_rounds_write_only_the_trained_factor_and_stay_exact(sdk, tmp_path, stra
         last_trained[trains] = r
 
         # a continuing client fetches the round's objects only; a new directory resolves the frame; both agree
-        fetched = _count_reads(sdk.store)
+        fetched = count_adapter_reads(sdk.store)
         sdk.pull("fed", continuing, r)
         assert fetched[0] == sum(s.adapter.size for s in manifest.shards)
         fresh_dir = tmp_path / f"fresh-{r}"
