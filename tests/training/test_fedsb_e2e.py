@@ -18,8 +18,9 @@ from chorus_mq.results import fetch_manifest
 from chorus_mq.training.local_round import predict
 from chorus_mq.training.model import exact_model, load_tokenizer
 
+from ..store_reads import count_adapter_reads
 from .clients import create_federation, train_all
-from .test_linear_e2e import LABELS, TRAINING, _client_data, _count_reads, _data
+from .test_linear_e2e import LABELS, TRAINING, _client_data, _data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -137,7 +138,7 @@ def test_fed_sb_federation_is_exact_and_pulls_r_only(deployment, tiny_bert_dir, 
     # a continuing client fetches R and the head only (it holds the frame): bytes independent of the clients
     cont = tmp_path / "continuing"
     operator.pull(fed, cont, 1)
-    fetched = _count_reads(operator.store)
+    fetched = count_adapter_reads(operator.store)
     manifest = operator.pull(fed, cont, 2)
     p2 = load_file(held[2] / FED_SB_FILE)
     whole = sum(s.adapter.size for s in manifest.shards)
