@@ -199,10 +199,10 @@ def step_trained(
 
     With the frame frozen the product is linear in the trained factor, so fedavgm's step on the factor is its
     step in product space exactly; fedadam and fedyogi adapt per coordinate of the trained factor."""
-    new = _factor(result, trained)
+    new = factor_of(result, trained)
     if new is None:
         raise AggregationError(f"the aggregate has no {trained} to step")
-    old = torch.zeros_like(new, dtype=_F64) if previous is None else _factor(previous, trained)
+    old = torch.zeros_like(new, dtype=_F64) if previous is None else factor_of(previous, trained)
     if old is None:
         raise AggregationError(f"the previous global has no {trained} to step from")
     if tuple(old.shape) != tuple(new.shape):
@@ -219,14 +219,20 @@ def step_trained(
             for slot in cfg.slots:
                 kept = (state or {}).get(f"{factor}.{slot}")
                 new_state[f"{factor}.{slot}"] = torch.zeros(shape, dtype=_F64) if kept is None else kept.to(_F64)
-    if trained == Factor.LORA_A:
-        return dataclasses.replace(result, A=stepped), new_state
-    if trained == Factor.LORA_B:
-        return dataclasses.replace(result, B=stepped), new_state
-    return dataclasses.replace(result, R=stepped), new_state
+    return with_factor(result, trained, stepped), new_state
 
 
-def _factor(factors: ModuleResult | PreviousFactors, which: Factor) -> Tensor | None:
+def with_factor(result: ModuleResult, which: Factor, tensor: Tensor) -> ModuleResult:
+    """``result`` with factor ``which`` (``lora_A``, ``lora_B`` or Fed-SB's ``lora_R``) replaced by ``tensor``."""
+    if which == Factor.LORA_A:
+        return dataclasses.replace(result, A=tensor)
+    if which == Factor.LORA_B:
+        return dataclasses.replace(result, B=tensor)
+    return dataclasses.replace(result, R=tensor)
+
+
+def factor_of(factors: ModuleResult | PreviousFactors, which: Factor) -> Tensor | None:
+    """Factor ``which`` of a module (None: a Fed-SB ``lora_R`` it does not hold)."""
     return {Factor.LORA_A: factors.A, Factor.LORA_B: factors.B, Factor.LORA_R: factors.R}[which]
 
 

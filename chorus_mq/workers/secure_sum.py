@@ -321,9 +321,9 @@ def _server_step(
     round of a linear strategy steps it (``workers/server_step.py``); returns the stepped tensors and the new
     state by tensor name."""
     import contextlib
-    import dataclasses
 
     from ..aggregation import ModuleResult
+    from ..aggregation.server_opt import factor_of, with_factor
     from .server_step import ServerStep
 
     suffix = f".{pub.trainable}.weight"
@@ -343,9 +343,10 @@ def _server_step(
                 if prev is None:
                     raise SecAggError(f"round {pub.start} published no module {name!r} to step from")
                 start = ModuleResult(prev.A, prev.B, prev.scaling, None, prev.R)
-                replaced = {"lora_A": "A", "lora_B": "B", "lora_R": "R"}[str(pub.trainable)]
-                stepped, new = step.module(name, dataclasses.replace(start, **{replaced: value}))
-                out[key] = getattr(stepped, replaced)
+                stepped, new = step.module(name, with_factor(start, pub.trainable, value))
+                moved = factor_of(stepped, pub.trainable)
+                assert moved is not None  # the factor it was just given
+                out[key] = moved
             state.update(new)
     return out, state
 
