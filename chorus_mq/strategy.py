@@ -43,11 +43,11 @@ class StrategySpec:
     #: a client starting below the global rank carries the remainder in its base (stack drops it: its
     #: global rank is the sum of the uploads' and would otherwise multiply every round)
     keeps_remainder: bool = True
-    #: combinations: server optimiser, SCAFFOLD, personal heads, server-side DP, robust aggregates
+    #: combinations: server optimiser, SCAFFOLD, personal heads, robust aggregates (server-side DP combines with
+    #: every strategy: a linear one noises its trained factor alone, aggregation/dp_linear.py)
     server_opt: bool = True
     scaffold: bool = True
     personal_heads: bool = True
-    dp: bool = True
     robust: bool = True
     #: why a buffered flush (``--mode buffered``) cannot be exact for this strategy; "": it can
     #: (aggregation/buffered.py: a residual per base version, or for a frozen shared frame the trained factor)
@@ -107,7 +107,6 @@ def _shared(strategy: Strategy, rule: Rule, trains: tuple[Factor, ...], not_buff
         own_rank=False,
         scaffold=False,
         personal_heads=False,
-        dp=False,
         robust=False,
         not_buffered=not_buffered,
     )

@@ -26,7 +26,8 @@ with each delta's update clipped adapter-wide to ``C`` (``c_i``, from :func:`del
 weights ``q_i = g(τ_i) / (K k_i)`` (:func:`dp_flush_weights`; ``k_i`` the deltas its client has in the flush,
 ``g ≤ 1``) that are not renormalised, so one client's whole contribution has norm at most ``C / K``, and
 ``Z ~ N(0, (z C / K)^2)`` dense per module: the same mechanism, sensitivity and noise as a synchronous round
-of quorum K. The same correction then applies with ``P_b = Σ_{i: b_i = b} q_i c_i`` unnormalised.
+of quorum K. The same correction then applies with ``P_b = Σ_{i: b_i = b} q_i c_i`` unnormalised. A linear
+strategy clips and noises its trained factor's step alone, with the same weights and σ (``aggregation.dp_linear``).
 
 Norm bounds outside DP (``--clip-norm``, ``--relative-clip``): ``v + 1 = v + η Σ_i p_i c_i Δ_i``, each ``c_i`` the
 synchronous round's factor taken on the delta's update against its own base version (:func:`delta_clip_factors`,

@@ -82,9 +82,10 @@ def check_strategy(strategy: Strategy | str) -> None:
 
 def product_space(strategy: Strategy | str, *, dp: bool = False) -> bool:
     """Whether a module steps in product space (with a residual): every strategy with a residual (fedavg steps
-    its factors, a linear strategy its trained factor). Under DP the release is a product with a residual."""
+    its factors, a linear strategy its trained factor). Under DP the release is a product with a residual, but a
+    linear strategy's is still its trained factor (``aggregation.dp_linear``)."""
     spec = strategy_spec(strategy)
-    return dp or (spec.exact and not spec.linear)
+    return not spec.linear and (dp or spec.exact)
 
 
 def step(delta: Tensor, state: Mapping[str, Tensor] | None, cfg: ServerOptConfig) -> tuple[Tensor, State]:

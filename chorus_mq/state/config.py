@@ -286,8 +286,6 @@ class FederationConfig:
             "--scaffold": self.scaffold and not spec.scaffold,
             "--server-opt": self.server_opt != ServerOptimizer.NONE and not spec.server_opt,
             "--personal-heads": self.personal_heads and not spec.personal_heads,
-            # with secure aggregation the clients clip and the workers noise the unmasked sum (secagg/dp.py)
-            "--dp-noise-multiplier": bool(self.dp_noise_multiplier) and not spec.dp and not self.secure_aggregation,
             "--robust-aggregate": self.robust_aggregate != RobustAggregate.MEAN and not spec.robust,
             "--out-rank": bool(self.out_rank) and not spec.out_rank_option,
         }

@@ -31,7 +31,8 @@ from ..aggregation.buffered import (
     flush_weights,
     version_coefficients,
 )
-from ..aggregation.server_opt import PreviousFactors
+from ..aggregation.dp_linear import adapter_clip_factor, trained_step
+from ..aggregation.server_opt import PreviousFactors, factor_of
 from ..errors import AggregationError
 from ..names import Factor, RoundStatus
 from ..state import FederationConfig
@@ -114,6 +115,53 @@ def delta_norms(
     return out
 
 
+def trained_step_norms(
+    rt: Runtime,
+    federation: str,
+    records: Mapping[str, DeltaRecord],
+    bases: Mapping[str, int],
+    current: int,
+    trains: Factor,
+) -> dict[str, dict[str, float]]:
+    """A linear strategy under DP: each term's ``||ΔX||_F^2`` per module it sent, its step of the trained factor
+    ``trains`` against its own base version in the units of version ``current`` (``aggregation.dp_linear``).
+    Reads each delta's modules and the versions' once."""
+    from .reading import RoundInputs
+
+    terms = sorted(bases)
+    inputs = RoundInputs(rt, {t: records[t] for t in terms})
+    modules = sorted({m for t in terms for m in inputs.indexes[t].modules})
+    versions = {b: previous_global(rt, federation, b, modules).modules for b in sorted({current, *bases.values()})}
+    sandwich = strategy_spec(rt.state.config(federation).strategy).sandwich
+    out: dict[str, dict[str, float]] = {}
+    for t in terms:
+        out[t] = {}
+        for m in sorted(inputs.indexes[t].modules):
+            base, now = versions[bases[t]].get(m), versions[current].get(m)
+            if base is None or now is None:
+                raise AggregationError(f"module {m!r}: version {bases[t]} or {current} published no adapter for it")
+            u = inputs.update(t, m, 1.0)
+            # Fed-SB: the index spans the upload's lora_R as both factors
+            mine = u.A if sandwich else factor_of(PreviousFactors(u.A, u.B, u.scaling), trains)
+            theirs = factor_of(PreviousFactors(base.A, base.B, base.scaling, base.R), trains)
+            if mine is None or theirs is None:
+                raise AggregationError(f"module {m!r}: version {bases[t]} published no {trains} to step from")
+            step = trained_step(mine, u.scaling, theirs, base.scaling, now.scaling)
+            out[t][m] = float(step.square().sum())
+    return out
+
+
+def linear_dp_clips(config: FederationConfig, norms_sq: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """A synchronous linear DP round's clip factors ``min(1, C / ||ΔX_i||)`` over each client's whole adapter,
+    keyed ``"client|module"`` for every module it sent (only those below 1)."""
+    out = {}
+    for c in sorted(norms_sq):
+        factor = adapter_clip_factor(norms_sq[c].values(), config.clip_norm)
+        if factor < 1.0:
+            out.update({f"{c}|{m}": factor for m in sorted(norms_sq[c])})
+    return out
+
+
 def delta_clips(config: FederationConfig, norms_sq: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """``--clip-norm`` / ``--relative-clip`` on each delta's update against its own base version: the factors
     below 1, keyed ``"term|module"`` like a synchronous round's (``aggregation.buffered.delta_clip_factors``)."""
@@ -149,12 +197,17 @@ def dp_weights(
     owners = [term_client(t) for t in terms]
     counts = [owners.count(o) for o in owners]
     q = dp_flush_weights([staleness[t] for t in terms], counts, rule, config.quorum)
-    norms = delta_norms(rt, federation, records, terms, bases)
-    out = []
-    for t, weight in zip(terms, q, strict=True):
-        norm = sum(norms[t].values()) ** 0.5
-        out.append(weight * (min(1.0, config.clip_norm / norm) if norm > 0 else 1.0))
-    return tuple(out)
+    spec = strategy_spec(config.strategy)
+    if spec.linear:  # the release is the trained factor: its step is what is clipped (aggregation.dp_linear)
+        trains = spec.trainable(1)
+        assert trains is not None  # a frozen shared frame always names what its clients train
+        current = rt.state.latest_complete(federation) or 0
+        norms = trained_step_norms(rt, federation, records, {t: bases[t] for t in terms}, current, trains)
+    else:
+        norms = delta_norms(rt, federation, records, terms, bases)
+    return tuple(
+        weight * adapter_clip_factor(norms[t].values(), config.clip_norm) for t, weight in zip(terms, q, strict=True)
+    )
 
 
 def holder_weights(plan: Plan, name: str, holders: Sequence[str], absent: float) -> tuple[list[float], float]:

@@ -25,6 +25,7 @@ from ..results import fetch_manifest
 from ..state import FederationConfig
 from ..state.clients import ClientRegistry
 from ..state.rounds import DeltaRecord
+from ..strategy import strategy_spec
 from .declared import Declared, declared_model, present_modules
 from .dispatch import Dispatcher
 from .lease import Heartbeat
@@ -87,7 +88,16 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     clip: dict[str, float] = {}
     # a buffered flush bounds each delta's update against its own base version instead (workers/flush.py); the
     # rest of screening is refused in buffered mode (FederationConfig)
-    if config.screening and not config.buffered:
+    if config.dp_noise_multiplier and strategy_spec(config.strategy).linear and not config.buffered:
+        # the release is the trained factor: each client's step of it is clipped, not its product (dp_linear)
+        from .flush import linear_dp_clips, trained_step_norms
+
+        trains = strategy_spec(config.strategy).trainable(r)
+        assert trains is not None  # a frozen shared frame always names what its clients train
+        start = rt.state.latest_complete(federation) or 0
+        norms = trained_step_norms(rt, federation, records, dict.fromkeys(records, start), start, trains)
+        clip = linear_dp_clips(config, norms)
+    elif config.screening and not config.buffered:
         from .screening import screen_round
 
         screening = screen_round(rt, records, weights, config)

@@ -34,8 +34,10 @@ from ..aggregation import (
     weighted_mean,
 )
 from ..aggregation.dp import dp_release, noise_generator
+from ..aggregation.dp_linear import linear_dp_release, linear_dp_sigma
 from ..aggregation.drift import ModuleAlignment
 from ..aggregation.robust import clip_update
+from ..aggregation.server_opt import PreviousFactors, factor_of
 from ..errors import AggregationError
 from ..layout import shard_key
 from ..manifest import ObjectRef
@@ -181,6 +183,9 @@ class _Job:
     #: ffa-lora, rolora: the frozen factor as the round's start published it, and its float32 bytes: the
     #: holders' trained factor alone is read (``RoundInputs.trained_update``)
     frozen: tuple[Factor, torch.Tensor, bytes] | None = None
+    #: a linear strategy under DP in a synchronous round: the module as the round's start published it (the
+    #: version the release moves, and every client's base)
+    current: PreviousModule | None = None
 
 
 def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, config: FederationConfig) -> ShardResult:
@@ -189,7 +194,7 @@ def compute_shard(rt: Runtime, federation: str, r: int, k: int, plan: Plan, conf
     inputs, jobs = _plan_jobs(rt, federation, r, k, plan, config)
     seconds = {"fetch": 0.0, "math": 0.0, "write": 0.0}
     seconds["fetch"] += time.perf_counter() - started
-    if plan.dp:
+    if plan.dp and not _linear(plan):
         _dp_layouts(jobs, inputs, plan)
     with contextlib.ExitStack() as stack:
         trained = strategy_spec(plan.strategy).trainable(r)  # a linear strategy steps the factor it trained
@@ -221,7 +226,7 @@ def _plan_jobs(
     if spec.sandwich:  # Fed-SB: every round keeps round 0's frame; the latest published round carries it
         _attach_frames(rt, federation, jobs)
     frozen = spec.frozen(r)
-    if frozen is not None and not plan.dp:  # ffa-lora, rolora: read each upload's trained factor only
+    if frozen is not None and (spec.linear or not plan.dp):  # ffa-lora, rolora: read each upload's trained factor
         _attach_frozen(rt, federation, jobs, frozen)
     return inputs, jobs
 
@@ -252,6 +257,7 @@ def _attach_frozen(rt: Runtime, federation: str, jobs: Sequence[_Job], frozen: F
             module = published[job.name]
             shared = (module.A if frozen == Factor.LORA_A else module.B).to(_F32).contiguous()
             job.frozen = (frozen, shared, shared.numpy().tobytes())
+            job.current = module
 
 
 def _output_forms(jobs: Sequence[_Job], step: ServerStep | None, flush: FlushStep | None) -> _Layout:
@@ -428,7 +434,7 @@ def _job(item: str, plan: Plan, inputs: RoundInputs, declared: Declared) -> _Job
     d_out, d_in = declared.decl.modules[item]
     weights, strategy_absent = holder_weights(plan, item, holders, absent)
     job = _Job(item, False, holders, absent, weights, strategy_absent, shape=(d_out, d_in))
-    if not plan.dp:
+    if not plan.dp or _linear(plan):  # a linear strategy's DP release keeps its layout (aggregation.dp_linear)
         metas = [_meta(inputs, c, item, w) for c, w in zip(holders, weights, strict=True)]
         layout = output_layout(
             plan.strategy, metas, d_out, d_in, absent_weight=strategy_absent, out_rank=_out_rank(plan)
@@ -448,6 +454,11 @@ def _out_rank(plan: Plan) -> int | None:
     if not strategy_spec(plan.strategy).out_rank_option:
         return None
     return plan.out_rank or None
+
+
+def _linear(plan: Plan) -> bool:
+    """A linear strategy (a frozen shared frame): under DP its trained factor alone is noised."""
+    return strategy_spec(plan.strategy).linear
 
 
 def _dp_layouts(jobs: list[_Job], inputs: RoundInputs, plan: Plan) -> None:
@@ -560,6 +571,8 @@ class _ShardMath:
         if job.frame is not None:  # Fed-SB: the index spans lora_R as both factors; the frame is published
             updates = [_in_frame(u, job.frame) for u in updates]
         job.loaded, job.raw = None, updates
+        if plan.dp and _linear(plan):  # clipped through the weights, against each client's base (dp_linear)
+            return updates
         if plan.dp and plan.flush_lr:
             # dp_release weighs every update 1/quorum; a DP flush's are its fixed clipped weights (flush.py)
             updates = [
@@ -577,12 +590,10 @@ class _ShardMath:
         job, loaded = work
         t0 = time.perf_counter()
         result = self._aggregate(job, loaded)
-        if self.flush is not None:
-            result = (
-                self.flush.extra(job.name, job.holders, result)
-                if job.extra
-                else self.flush.module(job.name, job.holders, job.absent, result, self.trains)
-            )
+        if self.flush is not None and job.extra:
+            result = self.flush.extra(job.name, job.holders, result)
+        elif self.flush is not None and not (self.plan.dp and _linear(self.plan)):  # a linear DP release flushes
+            result = self.flush.module(job.name, job.holders, job.absent, result, self.trains)
         if self.step is not None and job.extra and self.plan.heads:
             result = (result, {})  # --personal-heads: the published head is round 0's, never stepped
         elif self.step is not None:  # the server optimiser's step on the exact aggregate (workers/server_step.py)
@@ -596,6 +607,8 @@ class _ShardMath:
             return weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
         if job.extra:
             return weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
+        if plan.dp and _linear(plan):
+            return self._linear_dp(job, loaded)
         if plan.dp:
             return dp_release(
                 loaded,
@@ -612,6 +625,48 @@ class _ShardMath:
         if self.rt.settings.round_cosines and job.frame is None:
             job.alignment = drift.alignment(job.name, loaded, job.strategy_absent)
         return result
+
+    def _linear_dp(self, job: _Job, loaded: list[ClientUpdate]) -> ModuleResult:
+        """A linear strategy's DP release of module ``job`` (``aggregation.dp_linear``): each holder's step of the
+        trained factor against its base version, weighted ``c_i / K`` (a round: the clip factor from the plan) or
+        the flush's fixed clipped ``q_i c_i``, plus the noise of the round's key; the frame as published."""
+        plan, config, trains = self.plan, self.config, self.trains
+        assert trains is not None  # a frozen shared frame always names what its clients train
+        if self.flush is not None:
+            assert plan.previous is not None
+            current = _factors(self.flush.versions[plan.previous].modules.get(job.name), job.name, plan.previous)
+            bases = [
+                _factors(self.flush.versions[plan.bases[c]].modules.get(job.name), job.name, plan.bases[c])
+                for c in job.holders
+            ]
+            weights = [plan.weights[c] for c in job.holders]  # q_i c_i (workers/flush.py dp_weights)
+        else:
+            current = _factors(job.frame or job.current, job.name, None)
+            bases = [current] * len(job.holders)
+            weights = [plan.clip.get(f"{c}|{job.name}", 1.0) / config.quorum for c in job.holders]
+        uploads = []
+        for u in loaded:
+            x = factor_of(PreviousFactors(u.A, u.B, u.scaling, u.R), trains)
+            assert x is not None  # Fed-SB's R is set by _in_frame
+            uploads.append((x, float(u.scaling)))
+        return linear_dp_release(
+            current,
+            uploads,
+            bases,
+            weights,
+            trains=trains,
+            sigma=linear_dp_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
+            generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
+            lr=plan.flush_lr or 1.0,
+        )
+
+
+def _factors(module: PreviousModule | None, name: str, version: int | None) -> PreviousFactors:
+    """A published module as the math takes it; AggregationError when the version published none."""
+    if module is None:
+        where = "the round's start" if version is None else f"version {version}"
+        raise AggregationError(f"module {name!r}: {where} published no adapter for it to move under DP")
+    return PreviousFactors(module.A, module.B, module.scaling, module.R)
 
 
 def _clipped(update: ClientUpdate, factor: float | None, trains: Factor | None = None) -> ClientUpdate:

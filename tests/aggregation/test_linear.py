@@ -88,7 +88,6 @@ def test_specs_say_what_each_strategy_is():
     ("extra", "flag"),
     [
         ({"scaffold": True}, "--scaffold"),
-        ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0}, "--dp-noise-multiplier"),
         ({"robust_aggregate": "trimmed", "trim": 1}, "--robust-aggregate"),
         ({"out_rank": 4}, "--out-rank"),
     ],
@@ -96,6 +95,15 @@ def test_specs_say_what_each_strategy_is():
 def test_unsupported_combinations_are_refused_at_create(extra, flag):
     with pytest.raises(ConfigError, match=f"does not support {flag}"):
         FederationConfig(name="f", base_model="m", quorum=2, strategy="ffa-lora", **extra)
+
+
+@pytest.mark.parametrize("strategy", ["ffa-lora", "fed-sb", "rolora"])
+def test_server_side_dp_is_accepted_without_secure_aggregation(strategy):
+    # the workers clip each client's step of the trained factor and noise it (aggregation/dp_linear.py)
+    config = FederationConfig(
+        name="f", base_model="m", quorum=2, strategy=strategy, clip_norm=1.0, dp_noise_multiplier=1.0
+    )
+    assert config.dp_noise_multiplier == 1.0 and not config.secure_aggregation
 
 
 def test_a_linear_federation_needs_round_0():

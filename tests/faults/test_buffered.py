@@ -519,3 +519,57 @@ def test_linear_norm_bounds_clip_each_deltas_step_against_its_own_base(deploymen
         assert all(shard.residual is None for shard in manifest.shards)
         assert sorted(manifest.clipped) == sorted(want)
         assert all(math.isclose(manifest.clipped[key], f, rel_tol=1e-6) for key, f in want.items())
+
+
+@pytest.mark.parametrize("strategy", ["ffa-lora", "fed-sb"])
+def test_linear_dp_flushes_noise_the_trained_factor_alone(deployment, tmp_path, strategy):
+    """Server-side DP per flush on ffa-lora and fed-sb, without secure aggregation: each delta's step of the
+    trained factor against its own base version clipped adapter-wide to C, fixed weights g(τ) / (K k), noise
+    N(0, (z C / K)^2) on the trained factor alone, all times η; the published versions equal the float64 oracle
+    with the noise the workers' secret key derives, the frame is version 0's bit for bit, no residual appears,
+    and the ledger counts each client's flushes."""
+    K, z, lr, huge = 3, 0.5, 0.8, 4
+    name = "dp" + strategy.replace("-", "")
+    sdk = deployment.sdk()
+    clients = LinearClients(strategy, tmp_path)
+    trained = ".lora_R.weight" if clients.sandwich else ".lora_B.weight"
+    size = len(MODULES) * (16 if clients.sandwich else 64)  # elements of the trained factor over the adapter
+    C = 5 * 0.3 * math.sqrt(size)  # above every ordinary step (spread 0.3), far below the huge one's (spread 9)
+    options = {"strategy": strategy, "server_lr": lr, "staleness_weight": "poly:0.5"}
+    start = _create(sdk, name, tmp_path, dp_noise_multiplier=z, clip_norm=C, **options)
+    tensors_file = FED_SB_FILE if clients.sandwich else ADAPTER_WEIGHTS
+    versions = {0: load_file(start / tensors_file)}
+    frame = {k: t for k, t in versions[0].items() if not k.endswith(trained)}
+    key = sdk.state.noise_key(name)
+    rule = StalenessRule.parse("poly:0.5")
+    deployment.start_worker()
+    for v, uploads in {1: [(0, 0), (1, 0), (2, 0)], 2: [(3, 1), (huge, 0), (5, 1)]}.items():
+        paths = {i: clients.delta(i, tmp_path / f"{name}-{b}", spread=9.0 if i == huge else 0.3) for i, b in uploads}
+        _upload_all(sdk, name, uploads, paths.__getitem__)
+        assert wait_round(deployment, name, v) == "complete"
+        x = {f"{PEFT_PREFIX}{m}{trained}": versions[v - 1][f"{PEFT_PREFIX}{m}{trained}"].double() for m in MODULES}
+        for i, b in uploads:
+            sent = load_file(paths[i])
+            step = {k: sent[k].double() - versions[b][k].double() for k in x}
+            c = min(1.0, C / math.sqrt(sum(float(s.square().sum()) for s in step.values())))
+            assert (c < 1.0) == (i == huge)
+            for k, s in step.items():
+                x[k] = x[k] + lr * rule.g(v - 1 - b) / K * c * s
+        for m in MODULES:
+            k = f"{PEFT_PREFIX}{m}{trained}"
+            gen = noise_generator(key, name, v, f"{PEFT_PREFIX}{m}")
+            x[k] = x[k] + lr * gaussian_noise_dense(*x[k].shape, z * C / K, gen, torch.float64)
+        out = tmp_path / f"{name}-{v}"
+        manifest = sdk.pull(name, out, v)
+        versions[v] = load_file(out / tensors_file)
+        error = max(float((versions[v][k].double() - want).norm() / want.norm()) for k, want in x.items())
+        assert error < 1e-6, f"version {v}: {error:.2e} from the oracle"
+        assert all(torch.equal(versions[v][k], t) for k, t in frame.items())  # the frame, bit for bit
+        assert all(shard.residual is None for shard in manifest.shards)
+        assert manifest.dp == {"noise_multiplier": z, "clip_norm": C, "delta": 1e-5, "quorum": K}
+    privacy = sdk.status(name).privacy
+    acc = PrivacyAccountant()
+    acc.spend(z, rounds=1)
+    for client in ("c0", "c1", "c2", "c3", f"c{huge}", "c5"):
+        assert privacy[client]["rounds"] == 1
+        assert math.isclose(privacy[client]["epsilon"], acc.epsilon(1e-5), rel_tol=1e-12)
