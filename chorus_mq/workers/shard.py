@@ -590,8 +590,9 @@ class _ShardMath:
         job, loaded = work
         t0 = time.perf_counter()
         result = self._aggregate(job, loaded)
-        if self.flush is not None and job.extra and not (self.plan.dp and job.holders):  # a DP head is its release
-            result = self.flush.extra(job.name, job.holders, result)
+        if self.flush is not None and job.extra:
+            if not (self.plan.dp and job.holders):  # a DP head's release is already version v + 1's head
+                result = self.flush.extra(job.name, job.holders, result)
         elif self.flush is not None and not (self.plan.dp and _linear(self.plan)):  # a linear DP release flushes
             result = self.flush.module(job.name, job.holders, job.absent, result, self.trains)
         if self.step is not None and job.extra and self.plan.heads:
