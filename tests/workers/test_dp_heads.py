@@ -1,7 +1,7 @@
 """Server-side DP covers the task head (``modules_to_save``) through the worker path (eager tasks, real
 redis-server, file:// store): each client's head step joins its adapter update in one clip factor, and the
 published head is ``h_start + Σ q_i c_i (h_i − h_b) + N(0, (z C / K)^2)`` with the noise the federation's key
-derives for the head tensor; the modules' release carries the same clip factors. Synchronous rounds (fedex-lora,
+derives for the head tensor; the modules' release carries the same clip factors. Synchronous rounds (fedex-lora, svd,
 ffa-lora) and buffered flushes (each delta against its own base version's head); ``--personal-heads`` publishes
 round 0's head as it is."""
 
@@ -58,7 +58,7 @@ def _client_head(start: np.ndarray, seed: int, spread: float) -> torch.Tensor:
     return torch.from_numpy(start).float() + spread * torch.randn(3, 12, generator=g)
 
 
-@pytest.mark.parametrize("strategy", ["fedex-lora", "ffa-lora"])
+@pytest.mark.parametrize("strategy", ["fedex-lora", "svd", "ffa-lora"])
 def test_a_dp_round_clips_the_head_with_the_adapter_and_publishes_it_noised(sdk, tmp_path, strategy):
     """Two rounds: client 2's adapter update is below C but its head step is far above, so its one clip factor
     shrinks both its head step and its module update; round 2's head steps are taken from round 1's head."""
