@@ -9,6 +9,12 @@ present roughly doubles it, and replace-one adjacency doubles it too.
 Outlier exclusion depends on other clients' data and is outside this analysis:
 for a formal guarantee screen with clipping only.
 
+What is clipped and noised is everything a release publishes from the clients' data: a task head
+(``modules_to_save``) is part of the client's contribution. Its step against the head the release
+moves, ``h_i - h_start``, is clipped *jointly* with the adapter update (one factor per client,
+``min(1, C / ||(U_i, h_i - h_start)||)``) and released as ``h_start + sum_i w_i c_i (h_i - h_start) + Z``
+with the modules' sigma (:func:`dp_head_release`): the sensitivity of the whole release stays ``C max w``.
+
 Why not noise the factors: perturbing both A and B with the classic
 ``sqrt(2 ln(1.25/delta)) * Delta / eps`` (a) uses a formula that is only valid
 for eps < 1, (b) takes the sensitivity of the *update* as if it bounded each
@@ -28,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -291,6 +297,88 @@ def noise_generator(noise_key: str, federation: str, round_: int, module: str) -
     so a duplicate aggregation never leaves two independent noisy copies to average."""
     digest = hashlib.sha256(f"{noise_key}|{federation}|{round_}|{module}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def head_step(head: Tensor, base: Tensor | None) -> Tensor:
+    """``h_i - h_base`` in float64: a client's step of a task head tensor (``base`` None: no head was published,
+    the step is the head itself)."""
+    step = head.to(F64)
+    if base is None:
+        return step.clone()
+    if base.shape != head.shape:
+        raise AggregationError(f"a head tensor of shape {tuple(head.shape)} against its base's {tuple(base.shape)}")
+    return step - base.to(F64)
+
+
+def adapter_clip_factor(norms_sq: Iterable[float], clip_norm: float) -> float:
+    """``min(1, C / ||x||)`` with ``||x||^2`` the sum of ``norms_sq``: one factor for everything a client
+    contributes (every module's update and its task head's step), so the whole contribution has norm <= C."""
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(f"the clip norm must be a finite number above 0, got {clip_norm!r}")
+    norm = math.sqrt(math.fsum(float(x) for x in norms_sq))
+    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
+
+
+def dp_step_release(
+    current: Tensor | None,
+    steps: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    sigma: float,
+    generator: torch.Generator,
+    lr: float = 1.0,
+) -> Tensor:
+    """``current + lr (sum_i w_i step_i + Z)``, Z ~ N(0, sigma^2) per element from ``generator``.
+
+    ``steps`` are the clients' steps against their base (float64), ``weights`` their fixed public weights times
+    their clip factors (never renormalised: an absent client is a zero step); ``current`` None is zeros. Summed in
+    float64, one rounding at the cast (float32 at least). The noise is drawn in row-major order, the same stream
+    as :func:`gaussian_noise_dense` for a matrix of this shape.
+    """
+    if len(steps) != len(weights):
+        raise AggregationError(f"{len(steps)} steps and {len(weights)} weights: need one each")
+    if not (math.isfinite(lr) and lr > 0):
+        raise AggregationError(f"the server learning rate must be a finite number > 0, got {lr!r}")
+    if current is None and not steps:
+        raise AggregationError("a DP release needs a tensor to move or at least one step")
+    shape = tuple(current.shape) if current is not None else tuple(steps[0].shape)
+    total = torch.zeros(shape, dtype=F64)
+    for step, w in zip(steps, weights, strict=True):
+        if not (math.isfinite(w) and w >= 0):
+            raise AggregationError(f"weight {w!r}: a DP release's weights must be finite and >= 0")
+        if tuple(step.shape) != shape:
+            raise AggregationError(f"a step of shape {tuple(step.shape)} against the release's {shape}")
+        total.add_(step.to(F64), alpha=float(w))
+    total += gaussian_noise_dense(1, total.numel(), sigma, generator, F64).reshape(shape)
+    out_dtype = torch.float32 if current is None else torch.promote_types(current.dtype, torch.float32)
+    base = torch.zeros(shape, dtype=F64) if current is None else current.to(F64)
+    out = (base + total * float(lr)).to(out_dtype)
+    if not torch.isfinite(out).all():
+        raise AggregationError("the DP release is not finite")
+    return out
+
+
+def dp_head_release(
+    start: Tensor | None,
+    heads: Sequence[Tensor],
+    bases: Sequence[Tensor | None],
+    weights: Sequence[float],
+    *,
+    sigma: float,
+    generator: torch.Generator,
+    lr: float = 1.0,
+) -> Tensor:
+    """A task head tensor's release: ``start + lr (sum_i w_i (h_i - b_i) + Z)``.
+
+    ``start`` is the head the release moves (None: none published, zeros), ``bases`` the head each client
+    trained from (a synchronous round: ``start``; a buffered flush: its delta's base version's), ``weights``
+    ``q_i c_i`` with c_i the client's joint clip factor (:func:`adapter_clip_factor` over its adapter update and
+    this step), sigma the modules' (``z C / K``) and ``generator`` keyed by the head tensor's name
+    (:func:`noise_generator`)."""
+    if len(heads) != len(bases):
+        raise AggregationError(f"{len(heads)} heads and {len(bases)} bases: need one each")
+    steps = [head_step(h, b) for h, b in zip(heads, bases, strict=True)]
+    return dp_step_release(start, steps, weights, sigma=sigma, generator=generator, lr=lr)
 
 
 def frozen_shared_a(updates: Sequence[ClientUpdate]) -> bool:

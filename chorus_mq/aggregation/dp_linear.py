@@ -21,18 +21,20 @@ most 1/K together) and the server learning rate η (1 in synchronous rounds)::
 
 the frame published as it is, bit for bit, and no residual. An absent client is a zero step. Noise comes
 from ``aggregation.dp.gaussian_noise_dense`` under the caller's generator (``aggregation.dp.noise_generator``:
-per federation, round and module, so a rerun of a shard releases the same bytes).
+per federation, round and module, so a rerun of a shard releases the same bytes). A task head published with
+the adapter is a trained tensor like X: its step joins X's in the client's one clip factor and it is released
+the same way (``aggregation.dp.dp_head_release``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.dp import aggregate_sensitivity, gaussian_noise_dense
+from chorus_mq.aggregation.dp import adapter_clip_factor, aggregate_sensitivity, dp_step_release
 from chorus_mq.aggregation.server_opt import PreviousFactors, factor_of
 from chorus_mq.aggregation.updates import ModuleResult, check_finite
 from chorus_mq.errors import AggregationError, ConfigError
@@ -54,14 +56,6 @@ def trained_step(upload: Tensor, upload_scaling: float, base: Tensor, base_scali
         raise AggregationError(f"the published scaling must be finite and nonzero, got {scaling!r}")
     step = upload.to(_F64) * (float(upload_scaling) / scaling)
     return step.sub_(base.to(_F64), alpha=float(base_scaling) / scaling)
-
-
-def adapter_clip_factor(norms_sq: Iterable[float], clip_norm: float) -> float:
-    """``min(1, C / ||ΔX||)`` with ``||ΔX||^2`` the sum of the modules' squared step norms (adapter-wide)."""
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ConfigError(f"the clip norm must be a finite number above 0, got {clip_norm!r}")
-    norm = math.sqrt(math.fsum(float(x) for x in norms_sq))
-    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
 
 
 def linear_dp_sigma(noise_multiplier: float, clip_norm: float, quorum: int) -> float:
@@ -97,18 +91,15 @@ def linear_dp_release(
     if x_v is None:
         raise AggregationError(f"the published version has no {trains} to move")
     s = float(current.scaling)
-    step = torch.zeros(x_v.shape, dtype=_F64)
-    for (x, s_i), base, w in zip(uploads, bases, weights, strict=True):
-        if not (math.isfinite(w) and w >= 0):
-            raise AggregationError(f"weight {w!r}: a DP release's weights must be finite and >= 0")
+    steps = []
+    for (x, s_i), base in zip(uploads, bases, strict=True):
         if base is not current:
             _check_frame(base, current, trains)
         x_b = factor_of(base, trains)
         if x_b is None:
             raise AggregationError(f"a base version has no {trains}")
-        step.add_(trained_step(x, s_i, x_b, base.scaling, s), alpha=float(w))
-    step += gaussian_noise_dense(step.shape[0], step.shape[1], sigma, generator, _F64)
-    out = (x_v.to(_F64) + step * float(lr)).to(torch.promote_types(x_v.dtype, torch.float32))
+        steps.append(trained_step(x, s_i, x_b, base.scaling, s))
+    out = dp_step_release(x_v, steps, [float(w) for w in weights], sigma=sigma, generator=generator, lr=lr)
     if trains == Factor.LORA_R:
         result = ModuleResult(current.A, current.B, s, None, R=out)
     elif trains == Factor.LORA_B:

@@ -31,7 +31,8 @@ from ..aggregation.buffered import (
     flush_weights,
     version_coefficients,
 )
-from ..aggregation.dp_linear import adapter_clip_factor, trained_step
+from ..aggregation.dp import adapter_clip_factor, head_step
+from ..aggregation.dp_linear import trained_step
 from ..aggregation.server_opt import PreviousFactors, factor_of
 from ..errors import AggregationError
 from ..names import Factor, RoundStatus
@@ -151,14 +152,40 @@ def trained_step_norms(
     return out
 
 
-def linear_dp_clips(config: FederationConfig, norms_sq: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """A synchronous linear DP round's clip factors ``min(1, C / ||ΔX_i||)`` over each client's whole adapter,
-    keyed ``"client|module"`` for every module it sent (only those below 1)."""
+def head_step_norms(
+    rt: Runtime,
+    federation: str,
+    records: Mapping[str, DeltaRecord],
+    bases: Mapping[str, int | None],
+    heads: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """DP: each term's ``||h_i − h_b||_F^2`` per task head tensor (``heads``), its head's step against the head of
+    the version it trained from (``bases``: a synchronous round's start, a flush delta's base version; None, or a
+    version that published no head: zeros). Joins the adapter's norms in the term's one clip factor."""
+    from .reading import RoundInputs
+
+    if not heads:
+        return {t: {} for t in bases}
+    inputs = RoundInputs(rt, {t: records[t] for t in bases})
+    used = sorted({b for b in bases.values() if b is not None})
+    versions = {b: previous_global(rt, federation, b, heads).extras for b in used}
+    out: dict[str, dict[str, float]] = {}
+    for t, b in sorted(bases.items()):
+        published = versions[b] if b is not None else {}
+        out[t] = {h: float(head_step(inputs.extra(t, h), published.get(h)).square().sum()) for h in heads}
+    return out
+
+
+def dp_clips(config: FederationConfig, *norms_sq: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """A synchronous DP round's clip factors ``min(1, C / ||x_i||)``, ``x_i`` everything client i contributes
+    (every item of every mapping in ``norms_sq``: its modules' updates, its head's step) together, keyed
+    ``"client|item"`` for every item it sent (only those below 1)."""
     out = {}
-    for c in sorted(norms_sq):
-        factor = adapter_clip_factor(norms_sq[c].values(), config.clip_norm)
+    for c in sorted(norms_sq[0]):
+        items = {item: sq for part in norms_sq for item, sq in part.get(c, {}).items()}
+        factor = adapter_clip_factor(items.values(), config.clip_norm)
         if factor < 1.0:
-            out.update({f"{c}|{m}": factor for m in sorted(norms_sq[c])})
+            out.update({f"{c}|{item}": factor for item in sorted(items)})
     return out
 
 
@@ -205,9 +232,28 @@ def dp_weights(
         norms = trained_step_norms(rt, federation, records, {t: bases[t] for t in terms}, current, trains)
     else:
         norms = delta_norms(rt, federation, records, terms, bases)
+    # the head's step against the delta's own base version's head, in the same one clip factor
+    heads = published_heads(rt, federation, config)
+    steps = head_step_norms(rt, federation, records, {t: _version(rt, federation, bases[t]) for t in terms}, heads)
     return tuple(
-        weight * adapter_clip_factor(norms[t].values(), config.clip_norm) for t, weight in zip(terms, q, strict=True)
+        weight * adapter_clip_factor([*norms[t].values(), *steps[t].values()], config.clip_norm)
+        for t, weight in zip(terms, q, strict=True)
     )
+
+
+def published_heads(rt: Runtime, federation: str, config: FederationConfig) -> tuple[str, ...]:
+    """The task head tensors a release publishes from the clients' data: the declared extras, none where the
+    clients keep their heads (``--personal-heads``: every round publishes round 0's)."""
+    from .declared import declared_model
+
+    declared = declared_model(rt, federation, config)
+    return () if declared.heads_local else declared.extras
+
+
+def _version(rt: Runtime, federation: str, version: int) -> int | None:
+    """``version`` as ``previous_global`` reads it: version 0 without an initial adapter published nothing."""
+    exists = version > 0 or rt.state.round(federation, 0).state == RoundStatus.COMPLETE
+    return version if exists else None
 
 
 def holder_weights(plan: Plan, name: str, holders: Sequence[str], absent: float) -> tuple[list[float], float]:

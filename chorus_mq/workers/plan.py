@@ -90,13 +90,13 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
     # rest of screening is refused in buffered mode (FederationConfig)
     if config.dp_noise_multiplier and strategy_spec(config.strategy).linear and not config.buffered:
         # the release is the trained factor: each client's step of it is clipped, not its product (dp_linear)
-        from .flush import linear_dp_clips, trained_step_norms
+        from .flush import dp_clips, trained_step_norms
 
         trains = strategy_spec(config.strategy).trainable(r)
         assert trains is not None  # a frozen shared frame always names what its clients train
         start = rt.state.latest_complete(federation) or 0
         norms = trained_step_norms(rt, federation, records, dict.fromkeys(records, start), start, trains)
-        clip = linear_dp_clips(config, norms)
+        clip = dp_clips(config, norms, _head_steps(rt, federation, config, records))
     elif config.screening and not config.buffered:
         from .screening import screen_round
 
@@ -104,6 +104,11 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         weights, excluded, clip = screening.weights, screening.excluded, screening.clip
         if not weights:
             raise AggregationError(f"screening excluded every client: {excluded}")
+        if config.dp_noise_multiplier:  # one clip factor over each client's adapter update and head step
+            from .flush import dp_clips
+
+            kept_records = {c: records[c] for c in weights}
+            clip = dp_clips(config, screening.norms_sq, _head_steps(rt, federation, config, kept_records))
     kept = sorted(weights)
     flush: dict[str, Any] = {}
     if config.buffered:
@@ -146,6 +151,18 @@ def make_plan(rt: Runtime, federation: str, r: int) -> Plan:
         previous=flush.pop("previous", None) if flush else _previous(rt, federation, config),
         **flush,  # a buffered flush's base versions, staleness and η (workers/flush.py)
     )
+
+
+def _head_steps(
+    rt: Runtime, federation: str, config: FederationConfig, records: Mapping[str, DeltaRecord]
+) -> dict[str, dict[str, float]]:
+    """DP in a synchronous round: each client's ``||h_i − h_start||^2`` per head tensor, against the head the round
+    starts from (the latest complete round's); none under ``--personal-heads``."""
+    from .flush import head_step_norms, published_heads
+
+    heads = published_heads(rt, federation, config)
+    start = rt.state.latest_complete(federation)
+    return head_step_norms(rt, federation, records, dict.fromkeys(records, start), heads)
 
 
 def _previous(rt: Runtime, federation: str, config: FederationConfig) -> int | None:

@@ -28,6 +28,8 @@ class Screening:
     weights: dict[str, float]
     excluded: dict[str, str] = field(default_factory=dict)
     clip: dict[str, float] = field(default_factory=dict)
+    #: each kept client's squared update norm per module it sent (DP joins its head's step to them: ``plan.py``)
+    norms_sq: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def screen_round(
@@ -53,7 +55,14 @@ def screen_round(
         weights={c: float(res.weights[i]) for i, c in enumerate(clients) if i in kept},
         excluded={clients[i]: reason for i, reason in res.excluded.items()},
     )
+    module_norms = res.stats["module_norm"]  # (clients, modules)
     for i, c in enumerate(clients):
+        if i in kept:
+            screening.norms_sq[c] = {
+                name: float(module_norms[i, m]) ** 2
+                for m, name in enumerate(res.modules)
+                if name in inputs.indexes[c].modules
+            }
         for m, name in enumerate(res.modules):
             factor = float(res.clip_factors[i, m])
             if i in kept and factor != 1.0:

@@ -33,7 +33,7 @@ from ..aggregation import (
     output_layout,
     weighted_mean,
 )
-from ..aggregation.dp import dp_release, noise_generator
+from ..aggregation.dp import dp_head_release, dp_release, noise_generator
 from ..aggregation.dp_linear import linear_dp_release, linear_dp_sigma
 from ..aggregation.drift import ModuleAlignment
 from ..aggregation.robust import clip_update
@@ -591,7 +591,8 @@ class _ShardMath:
         t0 = time.perf_counter()
         result = self._aggregate(job, loaded)
         if self.flush is not None and job.extra:
-            result = self.flush.extra(job.name, job.holders, result)
+            if not (self.plan.dp and job.holders):  # a DP head's release is already version v + 1's head
+                result = self.flush.extra(job.name, job.holders, result)
         elif self.flush is not None and not (self.plan.dp and _linear(self.plan)):  # a linear DP release flushes
             result = self.flush.module(job.name, job.holders, job.absent, result, self.trains)
         if self.step is not None and job.extra and self.plan.heads:
@@ -605,6 +606,8 @@ class _ShardMath:
         plan, config = self.plan, self.config
         if job.extra and plan.heads:
             return weighted_mean(loaded, [1.0])  # round 0's head as it is (checked finite)
+        if job.extra and plan.dp:
+            return self._dp_head(job, loaded)
         if job.extra:
             return weighted_mean(loaded, [plan.weights[c] for c in job.holders])  # checked finite
         if plan.dp and _linear(plan):
@@ -655,6 +658,31 @@ class _ShardMath:
             bases,
             weights,
             trains=trains,
+            sigma=linear_dp_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
+            generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
+            lr=plan.flush_lr or 1.0,
+        )
+
+    def _dp_head(self, job: _Job, heads: list[torch.Tensor]) -> torch.Tensor:
+        """A task head tensor under DP (``aggregation.dp.dp_head_release``): each holder's step against the head it
+        trained from, weighted as the modules are (a round: ``c_i / K`` with the joint clip factor from the plan; a
+        flush: its fixed clipped ``q_i c_i`` and η), plus the noise the round's key derives for this tensor."""
+        plan, config = self.plan, self.config
+        if self.flush is not None:
+            assert plan.previous is not None
+            start = self.flush.versions[plan.previous].extras.get(job.name)
+            bases = [self.flush.versions[plan.bases[c]].extras.get(job.name) for c in job.holders]
+            weights = [plan.weights[c] for c in job.holders]  # q_i c_i (workers/flush.py dp_weights)
+        else:  # every client trained from the head the round starts from
+            latest = self.rt.state.latest_complete(self.federation)
+            start = previous_global(self.rt, self.federation, latest, [job.name]).extras.get(job.name)
+            bases = [start] * len(job.holders)
+            weights = [plan.clip.get(f"{c}|{job.name}", 1.0) / config.quorum for c in job.holders]
+        return dp_head_release(
+            start,
+            heads,
+            bases,
+            weights,
             sigma=linear_dp_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
             generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
             lr=plan.flush_lr or 1.0,

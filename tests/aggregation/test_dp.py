@@ -286,3 +286,46 @@ def test_dp_layout_refuses_what_the_mechanism_cannot_release():
         dp_layout([4], 10, 10, frozen_a=True, out_rank=2)
     with pytest.raises(AggregationError, match="ranks"):
         dp_layout([], 10, 10, frozen_a=False)
+
+
+def test_a_head_is_clipped_jointly_with_the_adapter_and_released_with_the_modules_noise():
+    """Float64 oracle: one clip factor over each client's adapter update and head step, the head released as
+    ``h_start + Σ c_i / K (h_i − h_start) + N(0, (z C / K)^2)``, the noise regenerated from the same key."""
+    from chorus_mq.aggregation.dp import adapter_clip_factor, dp_head_release, head_step
+
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(3, 8, generator=g)
+    heads = [start + s * torch.randn(3, 8, generator=g) for s in (0.01, 0.02, 40.0)]  # the last step is huge
+    adapter_sq = [0.3, 0.5, 0.2]  # each client's adapter-wide ||U||^2, below C^2 alone
+    C, K, z = 1.0, 4, 0.8
+    head_sq = [float(((h.double() - start.double()) ** 2).sum()) for h in heads]
+    clips = [adapter_clip_factor([a, h], C) for a, h in zip(adapter_sq, head_sq, strict=True)]
+    assert clips[:2] == [1.0, 1.0] and clips[2] == pytest.approx(C / math.sqrt(adapter_sq[2] + head_sq[2]))
+    assert adapter_clip_factor([adapter_sq[2]], C) == 1.0  # the adapter alone would not have been clipped
+    sigma = z * C / K
+    out = dp_head_release(
+        start, heads, [start] * 3, [c / K for c in clips], sigma=sigma, generator=noise_generator("k", "f", 1, "h")
+    )
+    noise = gaussian_noise_dense(3, 8, sigma, noise_generator("k", "f", 1, "h"), torch.float64)
+    want = start.double() + sum(c / K * (h.double() - start.double()) for c, h in zip(clips, heads, strict=True))
+    want = want + noise
+    assert out.dtype == torch.float32 and float((out.double() - want).norm() / want.norm()) < 1e-6
+    # the clipped contribution (update, head step) has norm C at most; the whole release's sensitivity is C / K
+    assert math.sqrt(clips[2] ** 2 * (adapter_sq[2] + head_sq[2])) == pytest.approx(C)
+    again = dp_head_release(
+        start, heads, [start] * 3, [c / K for c in clips], sigma=sigma, generator=noise_generator("k", "f", 1, "h")
+    )
+    assert torch.equal(again, out)  # a rerun releases the same bytes
+    # a flush: each step against its own base, the server learning rate on the step and the noise; a 1-d tensor
+    bases = [torch.randn(5, generator=g) for _ in range(2)]
+    mine = [b + torch.randn(5, generator=g) for b in bases]
+    flushed = dp_head_release(
+        bases[1], mine, bases, [0.2, 0.3], sigma=0.1, generator=noise_generator("k", "f", 2, "b"), lr=0.5
+    )
+    step = sum(w * (h.double() - b.double()) for w, h, b in zip((0.2, 0.3), mine, bases, strict=True))
+    drawn = gaussian_noise_dense(1, 5, 0.1, noise_generator("k", "f", 2, "b"), torch.float64).reshape(5)
+    assert torch.allclose(flushed.double(), bases[1].double() + 0.5 * (step + drawn), atol=1e-6)
+    # no published head: the step is the head itself, from zero
+    assert torch.equal(head_step(heads[0], None), heads[0].double())
+    with pytest.raises(AggregationError, match="shape"):
+        head_step(heads[0], torch.zeros(2, 2))
