@@ -742,7 +742,8 @@ def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float, s
         print(
             f"validation, W={count}: predicted {predict(count):.2f}s, measured median {t:.2f}s "
             f"({', '.join(f'{x:.2f}' for x in measured)}; error {100 * (predict(count) - t) / t:+.0f}%); "
-            f"its shard tasks summed {own:.2f}s against {work:.2f}s with 1 worker"
+            f"its shard tasks summed {own:.2f}s against {work:.2f}s with 1 worker, so its serial part was about "
+            f"{t - own / min(count, shards):.2f}s (the round beyond its tasks' sum / W)"
         )
     many = max(counts)
     if many != first:
