@@ -15,6 +15,7 @@ quorum, and the round runs as the fleet runs it (plan, shards, commit). Per roun
 
   quorum→done  seconds from the quorum firing to round_complete (the round hash's timestamps)
   fetch/math/write/commit  the manifest's phase seconds (summed over shards)
+  tasks        the shard tasks' wall time summed (the manifest's timings.shards)
   worker RSS   peak resident memory of the aggregate worker processes during the round
   written      bytes the round wrote (the adapter and this round's residual)
   pull         a continuing client's pull of this round (a separate process): MB downloaded,
@@ -39,8 +40,9 @@ time: encoding, masking, key agreement, sealing shares and writing its masked in
 Medians and the ratio of the last round to the first are printed last. With ``--workers 1,2``
 every worker count runs its own federation, each aggregate worker ``--concurrency 1``,
 ``CHORUS_AGGREGATION_WORKERS=1`` and pinned to a core of its own (``--no-pin`` leaves them free),
-and the table compares their median round times; a model fitted to them (serial part, shard
-work, shard count, the store's measured write bandwidth) says where more workers stop helping.
+and the table compares their median round times; a model measured on 1 worker (the serial part: the round
+beyond its shard tasks; the shard work: those tasks; the shard count; the store's measured write bandwidth)
+predicts the other worker counts, prints its error against them, and says where more workers stop helping.
 """
 
 from __future__ import annotations
@@ -456,7 +458,7 @@ def run_federation(
         row = Row(
             round=r,
             seconds=(info.completed_at or 0) - (info.agg_started or 0),
-            phases={k: manifest["timings"].get(k, 0.0) for k in ("fetch", "math", "write", "commit")},
+            phases={k: manifest["timings"].get(k, 0.0) for k in ("fetch", "math", "write", "commit", "shards")},
             rss_mb=peak_rss_mb(dep.aggregators),
             written_mb=(manifest["adapter_bytes"] + manifest["residual_bytes"]) / 2**20,
             shards=len(manifest["shards"]),
@@ -521,7 +523,7 @@ def _forget_inputs(dep: Deployment, name: str) -> None:
 
 
 HEADER = (
-    f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'shards':>6} "
+    f"{'round':>5} {'quorum→done':>11} {'fetch':>6} {'math':>6} {'write':>6} {'commit':>6} {'tasks':>6} {'shards':>6} "
     f"{'worker RSS':>10} {'written':>8} {'pull MB':>8} {'pull s':>7} {'pull RSS':>8} {'correction':>10} "
     f"{'disk':>8} {'compact':>8} {'verdict':>8}"
 )
@@ -533,7 +535,8 @@ def _format(row: Row) -> str:
     verdict = f"{row.verdict_s:7.2f}s" if row.verdict_s is not None else f"{'-':>8}"
     return (
         f"{row.round:>5} {row.seconds:>10.2f}s {p['fetch']:>5.2f}s {p['math']:>5.2f}s {p['write']:>5.2f}s "
-        f"{p['commit']:>5.2f}s {row.shards:>6} {row.rss_mb:>8.0f}MB {_mb(row.written_mb):>6}MB "
+        f"{p['commit']:>5.2f}s {p.get('shards', 0.0):>5.2f}s {row.shards:>6} "
+        f"{row.rss_mb:>8.0f}MB {_mb(row.written_mb):>6}MB "
         f"{_mb(row.pull_mb):>7}M {row.pull_s:>6.2f}s {row.pull_rss_mb:>6.0f}MB {row.correction_mb:>8.1f}MB "
         f"{row.disk_mb:>6.1f}MB {compact} {verdict}"
         + (
@@ -695,37 +698,67 @@ def _write_bandwidth(directory: Path, size: int = 512 * 2**20) -> float:
 
 
 def _model(results: dict[int, list[Row]], counts: list[int], bandwidth: float, scale: float = 1.0) -> None:
-    """Where more workers stop helping: an Amdahl fit of the measured rounds, the shard count, the store.
+    """Where more workers stop helping: a model measured on the first worker count, checked on the others.
 
-    With T(1) and T(W) measured, the serial part s (plan, commit, dispatch, the slowest shard's
-    imbalance) and the parallel shard work w solve T(W) = s + w / W; a round cannot go faster than
-    its shards (one per worker at most) nor than the store can take the bytes it writes. ``scale``
-    (``--layers``: the preset's layers / the layers run) extrapolates to the whole model: the serial
-    part, the shard work, the shard count and the bytes written all grow with the modules (the plan,
-    the commit and the manifest are per module), so each is multiplied by it.
+    Each round's manifest sums its shard tasks' wall time (``timings.shards``); with ``counts[0]`` workers
+    (1 by default, each running its shards one after another) the round's length beyond that sum is its serial
+    part ``s`` (the plan, the task dispatches, the commit and finalize), and the sum is the shard work ``w``;
+    both are medians over the rounds, measured rather than fitted. The model T(W) = max(s + w / min(W,
+    shards), written / the store's bandwidth) then predicts every other worker count run, and the printed
+    error is its validation. ``scale`` (``--layers``: the preset's layers / the layers run) extrapolates:
+    ``s`` and ``w`` are multiplied by it as if every part of them were per module (the plan's index reads and
+    relative clip are; the dispatches are per shard and the commit mostly per round, so this overstates ``s``),
+    and the shard count is capped at ``max_shards``. The two-point Amdahl fit of the earlier model is printed
+    too: on a shared 2-core machine it folds the second worker's contention into its serial part.
     """
-    one = statistics.median(r.seconds for r in results[counts[0]])
-    many = max(counts)
-    if many == counts[0]:
+    first = counts[0]
+    rows = results[first]
+    if first != 1:
+        print("\nthe model is measured on 1 worker: start --workers with 1")
         return
-    t_many = statistics.median(r.seconds for r in results[many])
-    work = max((one - t_many) * many / (many - 1), 0.0)  # noise can make a second worker look slower
-    serial = max(one - work, 0.0)
-    rows = results[counts[0]]
+    if any(not r.phases.get("shards") for r in rows):
+        print("\nno timings.shards in the manifests: the model needs workers that report their shard tasks' time")
+        return
+    serial = statistics.median(max(r.seconds - r.phases["shards"], 0.0) for r in rows)
+    work = statistics.median(r.phases["shards"] for r in rows)
     shards = rows[0].shards
     floor = statistics.median(r.written_mb for r in rows) / bandwidth
+    commit = statistics.median(r.phases["commit"] for r in rows)
+
+    def predict(w: int, k: float = 1.0, shard_count: float = shards) -> float:
+        return max(k * serial + k * work / min(w, shard_count), k * floor)
+
     print(
-        f"\nmodel (fitted to W=1 and W={many}): T(W) ≈ max(serial {serial:.2f}s + shard work {work:.2f}s / "
-        f"min(W, {shards} shards), written {rows[0].written_mb:.0f}MB / store {bandwidth:.0f}MB/s = {floor:.2f}s)"
+        f"\nmodel (measured with 1 worker, medians of {len(rows)} rounds): T(W) ≈ max(serial {serial:.2f}s "
+        f"+ shard work {work:.2f}s / min(W, {shards} shards), written {rows[0].written_mb:.0f}MB / store "
+        f"{bandwidth:.0f}MB/s = {floor:.2f}s); of the serial part the commit task itself took {commit:.3f}s"
     )
     for w in (1, 2, 4, 8, 16):
-        t = max(serial + work / min(w, shards), floor)
-        print(f"  W={w:>2}: {t:6.2f}s ({one / t:4.2f}x)")
+        print(f"  W={w:>2}: {predict(w):6.2f}s")
+    for count in counts[1:]:
+        measured = [r.seconds for r in results[count]]
+        t = statistics.median(measured)
+        own = statistics.median(r.phases.get("shards", 0.0) for r in results[count])
+        print(
+            f"validation, W={count}: predicted {predict(count):.2f}s, measured median {t:.2f}s "
+            f"({', '.join(f'{x:.2f}' for x in measured)}; error {100 * (predict(count) - t) / t:+.0f}%); "
+            f"its shard tasks summed {own:.2f}s against {work:.2f}s with 1 worker, so its serial part was about "
+            f"{t - own / min(count, shards):.2f}s (the round beyond its tasks' sum / W)"
+        )
+    many = max(counts)
+    if many != first:
+        one, t_many = statistics.median(r.seconds for r in rows), statistics.median(r.seconds for r in results[many])
+        fit_work = max((one - t_many) * many / (many - 1), 0.0)
+        print(
+            f"(the two-point Amdahl fit of W=1 and W={many} would say serial {max(one - fit_work, 0.0):.2f}s + "
+            f"{fit_work:.2f}s / W)"
+        )
     if scale != 1.0:
-        print(f"extrapolated to the whole model ({scale:g}x the modules run here):")
+        capped = min(Settings().max_shards, scale * shards)
+        print(f"extrapolated to the whole model ({scale:g}x the modules run here, at most {capped:g} shards):")
         for w in (1, 2, 4, 8, 16):
-            t = max(scale * serial + scale * work / min(w, scale * shards), scale * floor)
-            print(f"  W={w:>2}: {t:7.2f}s")
+            print(f"  W={w:>2}: {predict(w, scale, capped):7.2f}s")
+        print(f"  and at twice the layers run here, 1 worker: {predict(1, 2.0, 2 * shards):.2f}s")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -116,8 +116,8 @@ def _module_doc(e: ModuleEntry) -> dict[str, Any]:
             "norm": e.norm}  # fmt: skip
 
 
-def _fields(value: Any, names: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != names:
+def _fields(value: Any, names: Set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.keys() != names:
         got = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise InvalidAdapter(f"{what}: expected exactly the fields {sorted(names)}, got {got}")
     return value
@@ -150,15 +150,27 @@ def _sha(value: Any, what: str) -> str:
     return value
 
 
+def _count(value: Any) -> bool:
+    """Whether ``value`` passes :func:`_int` (checked without building its error message: an index of a large
+    model holds hundreds of thousands of these, all parsed on the round's critical path)."""
+    return type(value) is int and value >= 0
+
+
+_SPAN_FIELDS = frozenset({"begin", "end", "dtype", "shape"})
+_MODULE_FIELDS = frozenset({"a", "b", "rank", "scaling", "sha256", "norm"})
+
+
 def _span(value: Any, what: str, size: int) -> TensorSpan:
-    doc = _fields(value, {"begin", "end", "dtype", "shape"}, what)
-    begin, end = _int(doc["begin"], f"{what} begin"), _int(doc["end"], f"{what} end")
+    doc = _fields(value, _SPAN_FIELDS, what)
+    begin, end = doc["begin"], doc["end"]
+    if not (_count(begin) and _count(end)):
+        begin, end = _int(begin, f"{what} begin"), _int(end, f"{what} end")
     dtype, shape = doc["dtype"], doc["shape"]
     if dtype not in DTYPES:
         raise InvalidAdapter(f"{what}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise InvalidAdapter(f"{what}: shape must be a list of at most {MAX_NDIM} integers, got {shape!r}")
-    dims = tuple(_int(d, f"{what} shape") for d in shape)
+    dims = tuple(shape) if all(_count(d) for d in shape) else tuple(_int(d, f"{what} shape") for d in shape)
     if not begin <= end <= size or end - begin != nbytes(dtype, dims):
         raise InvalidAdapter(f"{what}: [{begin}, {end}) does not hold a {dtype} {list(dims)} inside {size} bytes")
     return TensorSpan(begin=begin, end=end, dtype=dtype, shape=dims)
@@ -166,9 +178,9 @@ def _span(value: Any, what: str, size: int) -> TensorSpan:
 
 def _module(name: str, value: Any, size: int) -> ModuleEntry:
     what = f"{_WHAT} module {name!r}"
-    doc = _fields(value, {"a", "b", "rank", "scaling", "sha256", "norm"}, what)
+    doc = _fields(value, _MODULE_FIELDS, what)
     a, b = _span(doc["a"], f"{what} a", size), _span(doc["b"], f"{what} b", size)
-    rank = _int(doc["rank"], f"{what} rank")
+    rank = doc["rank"] if _count(doc["rank"]) else _int(doc["rank"], f"{what} rank")
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank or rank == 0:
         raise InvalidAdapter(f"{what}: A {list(a.shape)} and B {list(b.shape)} are not a rank-{rank} pair")
     return ModuleEntry(

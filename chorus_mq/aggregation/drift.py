@@ -6,7 +6,8 @@ Inner products never form a dense matrix: ``<U_i, U_j>_F = s_i s_j sum((B_iᵀ B
 (``robust.gram_matrix``, float64), so ``<U_i, G> = (Gram w)_i / W`` and ``‖G‖² = wᵀ Gram w / W²``.
 That costs N² r² (d_out + d_in): at N = 100 on 70B shapes, most of a round. Where every client's A
 is the same matrix (ffa-lora; rolora's B rounds), ``G = B̄ A`` with ``B̄ = Σ w_i s_i B_i / W``, and
-``<U_i, G> = s_i sum((B_iᵀ B̄) ∘ (A Aᵀ))``: N r² d_out, the Gram never formed (likewise a shared B).
+``<U_i, G> = s_i <B_i, B̄ A Aᵀ>``: N r d_out for the inner products and N r² d_out for the norms, the Gram never
+formed (likewise a shared B).
 
 Over an adapter the updates are vectors of all their modules, so a client's cosine is the sum
 of its per-module inner products over the product of the summed squared norms; a module a client
@@ -64,28 +65,39 @@ def _shared_factor(updates: Sequence[ClientUpdate]) -> str | None:
         return None
     for name in ("A", "B"):
         first = getattr(updates[0], name)
-        if all(torch.equal(getattr(u, name), first) for u in updates[1:]):
+        # the very tensor (a shard hands every holder the published one) needs no comparison
+        if all(getattr(u, name) is first or torch.equal(getattr(u, name), first) for u in updates[1:]):
             return name
     return None
 
 
 def _shared_alignment(updates: Sequence[ClientUpdate], w: torch.Tensor, shared: str) -> ModuleAlignment:
     """:func:`module_alignment` where every ``U_i = s_i X_i F`` (``F`` = the shared A) or ``s_i F X_i`` (a shared
-    B): ``<U_i, U_j> = s_i s_j sum(P_ij ∘ M)`` with ``M`` the shared factor's r×r Gram, in float64."""
-    scales = torch.tensor([float(u.scaling) for u in updates], dtype=_F64)
-    # a shared B is a shared A of the transposed updates (s_i A_iᵀ Bᵀ): inner products do not change
-    f = (updates[0].A if shared == "A" else updates[0].B.T).to(_F64)  # (r, d): the shared factor
-    xs = [(u.B if shared == "A" else u.A.T).to(_F64) for u in updates]  # (d', r): each client's trained one
+    B): ``<U_i, U_j> = s_i s_j sum(P_ij ∘ M)`` with ``M`` the shared factor's r×r Gram, in float64.
+
+    With ``X̄ = Σ w_i s_i X_i``: ``<U_i, G> = s_i <X_i, X̄ M>`` (one d'×r product, then an inner product of d'·r
+    per client), ``‖U_i‖² = s_i² sum((X_iᵀ X_i) ∘ M)`` and ``‖G‖² = <X̄, X̄ M>``; one client's factor is in
+    float64 at a time."""
+    a_shared = shared == "A"
+
+    def trained(u: ClientUpdate) -> torch.Tensor:
+        # a shared B is a shared A of the transposed updates (s_i A_iᵀ Bᵀ): inner products do not change
+        return u.B if a_shared else u.A.T  # (d', r)
+
+    scales = [float(u.scaling) for u in updates]
+    f = (updates[0].A if a_shared else updates[0].B.T).to(_F64)  # (r, d): the shared factor
     m = f @ f.T
-    mean = sum((wi * si * x for wi, si, x in zip(w, scales, xs, strict=True)), torch.zeros_like(xs[0]))
-    dots = [si * float(((x.T @ mean) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-    norms2 = [si * si * float(((x.T @ x) * m).sum()) for si, x in zip(scales, xs, strict=True)]
-    aggregate2 = float(((mean.T @ mean) * m).sum())
-    return ModuleAlignment(
-        dots=tuple(float(d) for d in dots),
-        norms2=tuple(max(float(n), 0.0) for n in norms2),
-        aggregate2=max(aggregate2, 0.0),
-    )
+    mean = torch.zeros(trained(updates[0]).shape, dtype=_F64)
+    for c, u in zip((w * torch.tensor(scales, dtype=_F64)).tolist(), updates, strict=True):
+        mean.add_(trained(u), alpha=c)  # float64 accumulator
+    projected = mean @ m
+    dots, norms2 = [], []
+    for s, u in zip(scales, updates, strict=True):
+        x = trained(u).to(_F64)
+        dots.append(s * float((x * projected).sum()))
+        norms2.append(max(s * s * float(((x.T @ x) * m).sum()), 0.0))
+    aggregate2 = float((mean * projected).sum())
+    return ModuleAlignment(dots=tuple(dots), norms2=tuple(norms2), aggregate2=max(aggregate2, 0.0))
 
 
 @dataclass

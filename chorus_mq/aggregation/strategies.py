@@ -177,10 +177,13 @@ def _shared(p: Prepared) -> ModuleResult:
     first = p.updates[0]
     train_b = p.trains == Factor.LORA_B
     frozen = first.A if train_b else first.B
+    frozen64 = frozen.to(_F64)
     for i, u in enumerate(p.updates):
         other = u.A if train_b else u.B
+        if other is frozen:  # the very tensor (a shard hands every holder the published one)
+            continue
         # value identity (exact in float64): any dtype that holds the same numbers shares the factor
-        if other.shape != frozen.shape or not torch.equal(other.to(_F64), frozen.to(_F64)):
+        if other.shape != frozen.shape or not torch.equal(other.to(_F64), frozen64):
             name = "lora_A" if train_b else "lora_B"
             raise AggregationError(
                 f"client #{i}: its {name} differs from the other clients'; this round freezes {name} and "

@@ -121,6 +121,9 @@ def build_manifest(
         for phase in timings:
             timings[phase] += res.seconds.get(phase, 0.0)
     timings = {p: round(v, 4) for p, v in timings.items()}
+    walls = [res.seconds["shard"] for res in results.values() if "shard" in res.seconds]
+    if walls:  # the shard tasks' wall time summed: what the round's length beyond it is not parallel over shards
+        timings["shards"] = round(sum(walls), 4)
     timings["commit"] = round(time.perf_counter() - commit_started, 4)
     if agg_started:
         timings["quorum_to_commit"] = round(max(0.0, time.time() - agg_started), 4)

@@ -12,6 +12,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -58,6 +59,9 @@ class RoundInputs:
         self.records = dict(records)
         self.indexes = {client: load_index(rt, rec) for client, rec in self.records.items()}
         self.bytes_read = 0
+        #: a published lora_A's float32 bytes -> the sha256 state after them (a module's digest hashes A first), so
+        #: every holder's check hashes only its own B (keyed by the bytes themselves: equal bytes, equal state)
+        self._prefixes: dict[bytes, Any] = {}
 
     def holders(self, module: str) -> list[str]:
         """Clients (in record order) whose delta carries ``module``."""
@@ -99,8 +103,12 @@ class RoundInputs:
         self.bytes_read += len(got)
         if len(got) != span.nbytes:
             raise ChecksumMismatch(f"{client}'s {module}: {len(got)} bytes of its trained factor, not {span.nbytes}")
-        pair = hashlib.sha256(raw if frozen == Factor.LORA_A else got)
-        pair.update(got if frozen == Factor.LORA_A else raw)
+        if frozen == Factor.LORA_A:
+            pair = self._prefix(raw).copy()
+            pair.update(got)
+        else:
+            pair = hashlib.sha256(got)
+            pair.update(raw)
         if pair.hexdigest() != entry.sha256:
             raise ChecksumMismatch(
                 f"{client}'s {module}: the module hashes to {pair.hexdigest()} with the published {frozen}, but "
@@ -109,6 +117,13 @@ class RoundInputs:
         trained = tensors_from_bytes(span, got)
         A, B = (published, trained) if frozen == Factor.LORA_A else (trained, published)
         return ClientUpdate(A=A, B=B, scaling=entry.scaling, weight=weight)
+
+    def _prefix(self, raw: bytes) -> Any:
+        """The sha256 state after ``raw`` (hashed once per published factor, copied for each holder)."""
+        state = self._prefixes.get(raw)
+        if state is None:
+            state = self._prefixes[raw] = hashlib.sha256(raw)
+        return state
 
     def extra(self, client: str, key: str) -> Tensor:
         entry = self.indexes[client].extras[key]

@@ -118,6 +118,7 @@ class ShardResult:
 
 def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch: Dispatcher) -> str:
     """Compute shard ``k`` of round ``r`` (idempotent); the last shard to finish enqueues the commit."""
+    started = time.perf_counter()
     info = rt.state.round(federation, r)
     if info.state != RoundStatus.AGGREGATING or info.epoch != epoch:
         log.info("skip shard %s/%s/%s epoch %s: state %s epoch %s", federation, r, k, epoch, info.state, info.epoch)
@@ -149,6 +150,8 @@ def run_shard(rt: Runtime, federation: str, r: int, epoch: int, k: int, dispatch
         METRICS.shards_in_flight.dec()
     if beat.lost:
         return "stale"
+    # the task's own wall time, its reads of the round's state included: what a worker spends on the shard
+    result = dataclasses.replace(result, seconds={**result.seconds, "shard": round(time.perf_counter() - started, 4)})
     reply = rt.state.shard_done(federation, r, k, len(plan.shards), result.to_json(), epoch=epoch)
     if reply.detail == "last":
         dispatch.send(Task.COMMIT, federation, r, epoch)

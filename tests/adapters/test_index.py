@@ -110,6 +110,12 @@ def _doc(delta_path):
         (lambda d: d["modules"][Q]["b"].update(begin=d["size"] + 8, end=d["size"] + 520), "inside"),
         (lambda d: d["extras"][HEAD].pop("sha256"), "expected exactly the fields"),
         (lambda d: d.update(modules=[]), "modules must be an object"),
+        # the fields the parser checks without building a message first still get theirs
+        (lambda d: d["modules"][Q]["a"].update(begin=-4), "module '[^']+' a begin must be a non-negative integer"),
+        (lambda d: d["modules"][Q]["b"].update(end=1.5), "module '[^']+' b end must be a non-negative integer"),
+        (lambda d: d["modules"][Q]["a"]["shape"].__setitem__(0, True), "a shape must be a non-negative integer"),
+        (lambda d: d["modules"][Q]["b"]["shape"].__setitem__(1, -2), "b shape must be a non-negative integer"),
+        (lambda d: d["modules"][Q].update(rank="4"), "rank must be a non-negative integer, got '4'"),
     ],
 )
 def test_from_json_is_strict(delta_path, edit, match):

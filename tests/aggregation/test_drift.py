@@ -156,6 +156,11 @@ def test_a_shared_frozen_factor_takes_the_short_path_and_equals_the_dense_oracle
     assert got.dots == pytest.approx(want_dots, rel=1e-12)
     assert got.norms2 == pytest.approx([float((x * x).sum()) for x in dense], rel=1e-12)
     assert got.aggregate2 == pytest.approx(float((aggregate * aggregate).sum()), rel=1e-12)
+    # equal values in distinct tensors (each client's own copy) are shared all the same: the short path, same numbers
+    copies = [dataclasses.replace(u, **{shared: frozen.clone()}) for u in updates]
+    with monkeypatch.context() as m:
+        m.setattr(drift, "gram_matrix", lambda _updates: pytest.fail("the Gram was formed"))
+        assert module_alignment(copies, absent_weight=absent) == got
     # the same updates with the shared factor perturbed by one ulp in one client take the Gram path: same numbers
     bumped = [dataclasses.replace(updates[0], **{shared: torch.nextafter(frozen, frozen + 1)}), *updates[1:]]
     assert module_alignment(bumped, absent_weight=absent).dots == pytest.approx(want_dots, rel=1e-5)

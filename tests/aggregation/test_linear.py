@@ -50,6 +50,10 @@ def test_average_of_the_trained_factor_is_the_exact_average_of_products(strategy
 
 def test_a_client_whose_frozen_factor_differs_is_refused():
     clients = _clients(Factor.LORA_B)
+    # an equal copy (not the very tensor the others hold) is the same factor: compared by value, accepted
+    copied = [ClientUpdate(A=u.A.clone(), B=u.B, scaling=u.scaling, weight=u.weight) for u in clients]
+    same = aggregate_module(clients, Strategy.FFA_LORA, trains=Factor.LORA_B)
+    assert torch.equal(aggregate_module(copied, Strategy.FFA_LORA, trains=Factor.LORA_B).B, same.B)
     bad = clients[2].A.clone()
     bad[0, 0] = torch.nextafter(bad[0, 0], torch.tensor(1e9))  # one ulp
     clients[2] = ClientUpdate(A=bad, B=clients[2].B, scaling=clients[2].scaling, weight=clients[2].weight)

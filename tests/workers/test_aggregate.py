@@ -138,3 +138,14 @@ def test_out_rank_applies_to_svd_only(sdk, tmp_path):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_the_manifest_times_the_shard_tasks_so_the_rest_of_the_round_is_its_serial_part(sdk, tmp_path):
+    """``timings["shards"]``: every shard task's wall time summed (benchmarks/rounds.py takes the round's length
+    beyond it as the part no worker count shortens); it covers the shards' own phases and lies within the round."""
+    make_federation(sdk, "fed", quorum=2)
+    for i in range(2):
+        sdk.upload("fed", write_adapter(tmp_path / f"c{i}.safetensors", random_factors(i)), f"c{i}")
+    manifest = sdk.pull("fed", tmp_path / "out")
+    t = manifest.timings
+    assert t["fetch"] + t["write"] <= t["shards"] <= t["quorum_to_commit"]

@@ -244,3 +244,51 @@ def test_a_shard_reads_the_trained_factor_alone_and_checks_the_module_with_the_p
         inputs.trained_update("c0", module, 1.0, Factor.LORA_A, moved, moved.numpy().tobytes())
     with pytest.raises(ChecksumMismatch, match="does not hold the published lora_A"):
         inputs.trained_update("c0", module, 1.0, Factor.LORA_A, a[:2], a[:2].numpy().tobytes())
+
+
+def test_the_published_lora_a_is_hashed_once_for_every_holder_and_each_holder_is_still_checked(
+    sdk, tmp_path, monkeypatch
+):
+    """``RoundInputs.trained_update`` (lora_A frozen, hashed first in a module's digest): the sha256 state after the
+    published A is computed once and copied for each holder, which gives each holder's own digest: an honest
+    upload read after another passes, and one whose stored B changed after ingest is refused."""
+    import hashlib
+
+    from chorus_mq.errors import ChecksumMismatch
+    from chorus_mq.workers import reading
+
+    published = _federation(sdk, tmp_path, "ffa-lora")
+    g = torch.Generator().manual_seed(4)
+    factors = {}
+    for i in range(2):  # the round's quorum
+        factors[i] = {m: (published[_key(m, "lora_A")], torch.randn(16, RANK, generator=g)) for m in MODULES}
+        path = write_adapter(tmp_path / f"c{i}.safetensors", factors[i], alpha=ALPHA)
+        sdk.upload("fed", path, f"c{i}", dataset_size=5.0 + i)
+    records = sdk.state.deltas("fed", 1)
+    module = f"base_model.model.{MODULES[0]}"
+    a = published[_key(MODULES[0], "lora_A")].contiguous()
+    raw = a.numpy().tobytes()
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"") -> object:
+        hashed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(reading.hashlib, "sha256", counting)
+    inputs = reading.RoundInputs(runtime.current(), records)
+    for i in (0, 1, 0):
+        update = inputs.trained_update(f"c{i}", module, 1.0, Factor.LORA_A, a, raw)
+        assert update.A is a and torch.equal(update.B, factors[i][MODULES[0]][1])
+    assert hashed.count(len(raw)) == 1  # A's bytes hashed once for every read
+    # the stored copy of c1's B changed after ingest: refused, however many holders were checked before it
+    store_dir = Path(str(sdk.settings.store).removeprefix("file://"))
+    stored = store_dir / records["c1"].key
+    entry = inputs.indexes["c1"].modules[module]
+    blob = bytearray(stored.read_bytes())
+    blob[entry.b.begin] ^= 1
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(blob))
+    with pytest.raises(ChecksumMismatch, match="indexed at ingest"):
+        inputs.trained_update("c1", module, 1.0, Factor.LORA_A, a, raw)
+    assert inputs.trained_update("c0", module, 1.0, Factor.LORA_A, a, raw).B.equal(factors[0][MODULES[0]][1])
