@@ -34,15 +34,12 @@ def test_a_round_releases_the_clipped_weighted_steps_plus_the_noise_on_the_train
     weights = [c / K for c in clips]
     sigma = linear_dp_sigma(z, C, K)
     assert sigma == z * aggregate_sensitivity(C, [1.0 / K] * K) == pytest.approx(z * C / K)
-    out = linear_dp_release(
-        current,
-        uploads,
-        [current] * 3,
-        weights,
-        trains=trains,
-        sigma=sigma,
-        generator=noise_generator("k", "f", 1, "m"),
-    )
+
+    def release():  # the noise from the round's key, afresh each call
+        gen = noise_generator("k", "f", 1, "m")
+        return linear_dp_release(current, uploads, [current] * 3, weights, trains=trains, sigma=sigma, generator=gen)
+
+    out = release()
     noise = gaussian_noise_dense(*x_v.shape, sigma, noise_generator("k", "f", 1, "m"), F64)
     want = (
         x_v.double() + sum(w * (x.double() - x_v.double()) for (x, _), w in zip(uploads, weights, strict=True)) + noise
@@ -54,15 +51,7 @@ def test_a_round_releases_the_clipped_weighted_steps_plus_the_noise_on_the_train
         if which != trains:
             assert torch.equal({Factor.LORA_A: out.A, Factor.LORA_B: out.B}[which], frozen)
     assert out.residual is None and out.scaling == 2.0
-    again = linear_dp_release(
-        current,
-        uploads,
-        [current] * 3,
-        weights,
-        trains=trains,
-        sigma=sigma,
-        generator=noise_generator("k", "f", 1, "m"),
-    )
+    again = release()
     assert torch.equal(again.A, out.A) and torch.equal(again.B, out.B)  # a rerun releases the same bytes
 
 
