@@ -404,6 +404,14 @@ def dp_layout(
     return OutputLayout(out_rank or max(ranks), -1, "dense", 0, d_out, d_in)
 
 
+def release_sigma(noise_multiplier: float, clip_norm: float, quorum: int) -> float:
+    """``sigma = z C / K``: the noise of a release (a round or flush of quorum K) whose fixed weights are at most
+    ``1 / K`` (:func:`aggregate_sensitivity`); every server-side DP release (modules, linear factors, heads) uses it."""
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+        raise ConfigError(f"quorum must be a positive int, got {quorum!r}")
+    return _check("noise_multiplier", noise_multiplier) * aggregate_sensitivity(clip_norm, [1.0 / quorum])
+
+
 def dp_release(
     updates: Sequence[ClientUpdate],
     *,
@@ -424,10 +432,8 @@ def dp_release(
     the best rank-``out_rank`` approximation of the noised update, the rest a dense residual.
     The shapes are :func:`dp_layout`'s.
     """
-    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
-        raise ConfigError(f"quorum must be a positive int, got {quorum!r}")
+    sigma = release_sigma(noise_multiplier, clip_norm, quorum)
     d_out, d_in = module_dims(updates)
-    sigma = _check("noise_multiplier", noise_multiplier) * aggregate_sensitivity(clip_norm, [1.0 / quorum] * quorum)
     ffa = frozen_a is not False and frozen_shared_a(updates)  # checked once: it compares every client's A
     if frozen_a and not ffa:
         raise ConfigError("frozen_a=True needs every client to share one A with orthonormal rows (FFA-LoRA)")

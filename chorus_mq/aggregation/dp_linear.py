@@ -34,15 +34,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from chorus_mq.aggregation.dp import adapter_clip_factor, aggregate_sensitivity, dp_step_release
+from chorus_mq.aggregation.dp import adapter_clip_factor, dp_step_release
 from chorus_mq.aggregation.server_opt import PreviousFactors, factor_of
 from chorus_mq.aggregation.updates import ModuleResult, check_finite
-from chorus_mq.errors import AggregationError, ConfigError
+from chorus_mq.errors import AggregationError
 from chorus_mq.names import Factor
 
 _F64 = torch.float64
 
-__all__ = ["adapter_clip_factor", "linear_dp_release", "linear_dp_sigma", "trained_step"]
+__all__ = ["adapter_clip_factor", "linear_dp_release", "trained_step"]
 
 
 def trained_step(upload: Tensor, upload_scaling: float, base: Tensor, base_scaling: float, scaling: float) -> Tensor:
@@ -56,15 +56,6 @@ def trained_step(upload: Tensor, upload_scaling: float, base: Tensor, base_scali
         raise AggregationError(f"the published scaling must be finite and nonzero, got {scaling!r}")
     step = upload.to(_F64) * (float(upload_scaling) / scaling)
     return step.sub_(base.to(_F64), alpha=float(base_scaling) / scaling)
-
-
-def linear_dp_sigma(noise_multiplier: float, clip_norm: float, quorum: int) -> float:
-    """``σ = z C / K``: the noise of a round (or flush) of quorum K (``aggregation.dp.aggregate_sensitivity``)."""
-    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
-        raise ConfigError(f"quorum must be a positive int, got {quorum!r}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ConfigError(f"noise_multiplier must be a finite number above 0, got {noise_multiplier!r}")
-    return noise_multiplier * aggregate_sensitivity(clip_norm, [1.0 / quorum])
 
 
 def linear_dp_release(

@@ -33,8 +33,8 @@ from ..aggregation import (
     output_layout,
     weighted_mean,
 )
-from ..aggregation.dp import dp_head_release, dp_release, noise_generator
-from ..aggregation.dp_linear import linear_dp_release, linear_dp_sigma
+from ..aggregation.dp import dp_head_release, dp_release, noise_generator, release_sigma
+from ..aggregation.dp_linear import linear_dp_release
 from ..aggregation.drift import ModuleAlignment
 from ..aggregation.robust import clip_update
 from ..aggregation.server_opt import PreviousFactors, factor_of
@@ -661,7 +661,7 @@ class _ShardMath:
             bases,
             weights,
             trains=trains,
-            sigma=linear_dp_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
+            sigma=release_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
             generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
             lr=plan.flush_lr or 1.0,
         )
@@ -686,7 +686,7 @@ class _ShardMath:
             heads,
             bases,
             weights,
-            sigma=linear_dp_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
+            sigma=release_sigma(config.dp_noise_multiplier, config.clip_norm, config.quorum),
             generator=noise_generator(self.noise_key, self.federation, self.r, job.name),
             lr=plan.flush_lr or 1.0,
         )

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from chorus_mq.aggregation.dp import aggregate_sensitivity, gaussian_noise_dense, noise_generator
-from chorus_mq.aggregation.dp_linear import adapter_clip_factor, linear_dp_release, linear_dp_sigma, trained_step
+from chorus_mq.aggregation.dp import aggregate_sensitivity, gaussian_noise_dense, noise_generator, release_sigma
+from chorus_mq.aggregation.dp_linear import adapter_clip_factor, linear_dp_release, trained_step
 from chorus_mq.aggregation.server_opt import PreviousFactors
 from chorus_mq.errors import AggregationError, ConfigError
 from chorus_mq.names import Factor
@@ -32,7 +32,7 @@ def test_a_round_releases_the_clipped_weighted_steps_plus_the_noise_on_the_train
     clips = [adapter_clip_factor([float(((x.double() - x_v.double()) ** 2).sum())], C) for x, _ in uploads]
     assert min(clips) < 1.0  # the steps' norms are above C: every one is clipped here
     weights = [c / K for c in clips]
-    sigma = linear_dp_sigma(z, C, K)
+    sigma = release_sigma(z, C, K)
     assert sigma == z * aggregate_sensitivity(C, [1.0 / K] * K) == pytest.approx(z * C / K)
 
     def release():  # the noise from the round's key, afresh each call
@@ -83,6 +83,6 @@ def test_a_step_is_taken_in_the_published_scaling_and_a_changed_frame_is_refused
             current, [(torch.ones(4, 2), 1.0)], [other], [1.0], trains=Factor.LORA_B, sigma=0.1, generator=_gen(3)
         )
     with pytest.raises(ConfigError, match="quorum"):
-        linear_dp_sigma(1.0, 1.0, 0)
+        release_sigma(1.0, 1.0, 0)
     with pytest.raises(ConfigError, match="clip norm"):
         adapter_clip_factor([1.0], math.inf)
