@@ -13,7 +13,8 @@ Held-out: ``--test`` random reviews of the same corpus.
 Rows are ``STRATEGY[+REMEDY...]``; remedies: ``plain`` (no label correction: ``--balance-labels
 off``), ``label`` (logit adjustment on every client), ``prox`` (FedProx, ``--prox-mu``),
 ``scaffold`` (control variates), ``fedavgm``/``fedadam``/``fedyogi`` (server optimisers at
-``--server-lr``), ``secure`` (secure aggregation: the linear strategies ffa-lora, rolora and fed-sb,
+``--server-lr``), ``sgd`` (local SGD instead of AdamW, at ``--lr``: ``train --optimizer sgd``),
+``secure`` (secure aggregation: the linear strategies ffa-lora, rolora and fed-sb,
 every client of a round in the protocol together; it changes the result only by the fixed-point
 encoding's error). A row without remedies runs the defaults a user gets. Every federation goes
 through the production path (uploads, pump, ingest, shards, commit as Celery tasks run eagerly,
@@ -65,6 +66,8 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
             options["scaffold"] = True
         elif remedy == "secure":
             options["secure_aggregation"] = True
+        elif remedy == "sgd":
+            options["optimizer"] = "sgd"
         elif remedy in ("fedavgm", "fedadam", "fedyogi"):
             options["server_opt"] = remedy
             if args.server_lr is not None:
@@ -72,7 +75,7 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
             if remedy == "fedavgm":
                 options["server_momentum"] = args.server_momentum
         else:
-            known = "plain, label, prox, scaffold, fedavgm, fedadam, fedyogi, secure"
+            known = "plain, label, prox, scaffold, fedavgm, fedadam, fedyogi, secure, sgd"
             raise SystemExit(f"unknown remedy {remedy!r} ({known})")
     return options
 
