@@ -44,7 +44,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chorus_mq from a checkout
 
-from chorus_mq.names import BEST_ALONE, CENTRALISED
+from chorus_mq.names import BEST_ALONE, CENTRALISED, LocalOptimizer
 from chorus_mq.training.data import package_dir
 from chorus_mq.training.simulate_model import SimRow, run_model_simulation
 
@@ -67,7 +67,7 @@ def remedy_options(remedies: list[str], args: argparse.Namespace) -> dict[str, A
         elif remedy == "secure":
             options["secure_aggregation"] = True
         elif remedy == "sgd":
-            options["optimizer"] = "sgd"
+            options["optimizer"] = LocalOptimizer.SGD.value
         elif remedy in ("fedavgm", "fedadam", "fedyogi"):
             options["server_opt"] = remedy
             if args.server_lr is not None:
